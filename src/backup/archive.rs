@@ -1,0 +1,554 @@
+//! The WAL archive behind `archive_command = 'reentry wal push %p'` and
+//! `restore_command = 'reentry wal fetch %f %p'`.
+//!
+//! Rules it keeps: a file is published only complete and fsynced, and never
+//! over another (a hard link, not a rename); the same content pushed again
+//! succeeds, different content is refused; the archive belongs to the one
+//! cluster that pushed first.
+
+use std::fmt;
+use std::fs::{self, File};
+use std::io::{self, BufWriter, Read, Write};
+use std::path::{Path, PathBuf};
+use std::time::{Instant, SystemTime};
+
+use serde::{Deserialize, Serialize};
+
+use crate::backup::stored::{self, Compression, Header, ReadError, Sha256Sum};
+use crate::exit::Exit;
+use crate::fsutil::{self, TempGuard};
+use crate::pg::cluster::{self, DataDirIdentity};
+use crate::pg::wal::{BadWalName, LongPageHeader, WalFileName};
+
+/// Directory of the archive inside a repository.
+pub const ARCHIVE_DIR: &str = "archive";
+/// The file that binds an archive to one cluster.
+pub const INFO_FILE: &str = "archive.json";
+const INFO_FORMAT: u32 = 1;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ArchiveError {
+    #[error(transparent)]
+    BadName(#[from] BadWalName),
+    #[error("cannot {op} {}: {source}", path.display())]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error(
+        "{} is {actual} bytes, but its page header says segments are {expected} bytes; \
+         refusing to archive an incomplete segment",
+        path.display()
+    )]
+    SourceSize {
+        path: PathBuf,
+        actual: u64,
+        expected: u64,
+    },
+    #[error("{} does not start with a WAL page header; refusing to archive it as {name}", path.display())]
+    NotWal { path: PathBuf, name: String },
+    #[error(
+        "{} is named {name} but its page header says timeline {timeline}, LSN {lsn}; \
+         refusing to archive it under the wrong name",
+        path.display()
+    )]
+    NameMismatch {
+        path: PathBuf,
+        name: String,
+        timeline: u32,
+        lsn: String,
+    },
+    #[error(
+        "the archive at {} belongs to {archive}, but {name} comes from {pushed}; \
+         each cluster needs its own repository (a restored or upgraded copy must not \
+         archive into its source's archive)",
+        repo.display()
+    )]
+    ClusterMismatch {
+        repo: PathBuf,
+        name: String,
+        archive: String,
+        pushed: String,
+    },
+    #[error(
+        "{name} is already archived with different content (stored sha256 {stored}, pushed sha256 {pushed}); \
+         the stored copy is kept. Find out why the server wrote a different file before moving {} aside",
+        path.display()
+    )]
+    Conflict {
+        name: String,
+        path: PathBuf,
+        stored: Sha256Sum,
+        pushed: Sha256Sum,
+    },
+    #[error(
+        "{name} is already archived, but the stored copy is damaged ({detail}) and its recorded checksum \
+         does not prove it held the pushed content; inspect {} and move it aside to archive again",
+        path.display()
+    )]
+    DamagedConflict {
+        name: String,
+        path: PathBuf,
+        detail: String,
+    },
+    #[error(
+        "cannot tell which cluster {name} belongs to (it has no WAL page header and {} is not a data \
+         directory); run from the data directory, as archive_command does, or pass --pg-data",
+        dir.display()
+    )]
+    UnknownCluster { name: String, dir: PathBuf },
+    #[error("{name} is not in the archive at {}", repo.display())]
+    NotFound { name: String, repo: PathBuf },
+    #[error("{} is corrupt: {detail}; it was not restored. Re-push it from its source if that still exists", path.display())]
+    Corrupt { path: PathBuf, detail: String },
+}
+
+impl ArchiveError {
+    pub fn exit(&self) -> Exit {
+        match self {
+            ArchiveError::NotFound { .. } => Exit::Negative,
+            ArchiveError::BadName(_) => Exit::Usage,
+            ArchiveError::Io { .. } | ArchiveError::Corrupt { .. } => Exit::Failure,
+            ArchiveError::SourceSize { .. }
+            | ArchiveError::NotWal { .. }
+            | ArchiveError::NameMismatch { .. }
+            | ArchiveError::ClusterMismatch { .. }
+            | ArchiveError::Conflict { .. }
+            | ArchiveError::DamagedConflict { .. }
+            | ArchiveError::UnknownCluster { .. } => Exit::Refused,
+        }
+    }
+}
+
+fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> ArchiveError + 'a {
+    move |source| ArchiveError::Io {
+        op,
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// `archive.json`: the cluster this archive belongs to. The system identifier
+/// is a decimal string because it does not fit a JSON number exactly.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ArchiveInfo {
+    pub format: u32,
+    pub system_identifier: String,
+    pub pg_version: Option<u32>,
+    pub wal_page_magic: Option<String>,
+    pub wal_segment_size: Option<u32>,
+    pub created_at: String,
+}
+
+/// Where a pushed file comes from, as far as the file and its data
+/// directory tell.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Origin {
+    system_identifier: u64,
+    pg_major: Option<u32>,
+    magic: Option<u16>,
+    seg_size: Option<u32>,
+}
+
+impl fmt::Display for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        describe(
+            f,
+            &self.system_identifier.to_string(),
+            self.pg_major,
+            self.magic,
+        )
+    }
+}
+
+impl fmt::Display for ArchiveInfo {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let magic = self.wal_page_magic.as_deref().and_then(parse_magic);
+        describe(f, &self.system_identifier, self.pg_version, magic)
+    }
+}
+
+fn describe(
+    f: &mut fmt::Formatter<'_>,
+    sysid: &str,
+    major: Option<u32>,
+    magic: Option<u16>,
+) -> fmt::Result {
+    write!(f, "system identifier {sysid}")?;
+    match (major, magic) {
+        (Some(v), _) => write!(f, " (PostgreSQL {v})"),
+        (None, Some(m)) => write!(f, " (WAL page magic {m:#06X})"),
+        (None, None) => Ok(()),
+    }
+}
+
+fn parse_magic(s: &str) -> Option<u16> {
+    u16::from_str_radix(s.strip_prefix("0x")?, 16).ok()
+}
+
+impl ArchiveInfo {
+    fn from_origin(o: &Origin) -> ArchiveInfo {
+        ArchiveInfo {
+            format: INFO_FORMAT,
+            system_identifier: o.system_identifier.to_string(),
+            pg_version: o.pg_major,
+            wal_page_magic: o.magic.map(|m| format!("{m:#06X}").replace("0X", "0x")),
+            wal_segment_size: o.seg_size,
+            created_at: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
+        }
+    }
+
+    /// Whether a file from `o` may enter this archive: the same system, and
+    /// no disagreement on anything both sides know.
+    fn accepts(&self, o: &Origin) -> bool {
+        let known_differs =
+            |a: Option<u32>, b: Option<u32>| matches!((a, b), (Some(a), Some(b)) if a != b);
+        let magic = self.wal_page_magic.as_deref().and_then(parse_magic);
+        self.system_identifier == o.system_identifier.to_string()
+            && !known_differs(self.pg_version, o.pg_major)
+            && !known_differs(magic.map(u32::from), o.magic.map(u32::from))
+            && !known_differs(self.wal_segment_size, o.seg_size)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PushOutcome {
+    /// Newly stored.
+    Stored,
+    /// The same content was already there (PostgreSQL retried).
+    AlreadyArchived,
+    /// The stored copy was damaged; the pushed file has the checksum it
+    /// recorded and replaced it.
+    Repaired,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct PushReport {
+    pub name: String,
+    pub outcome: PushOutcome,
+    pub sha256: Sha256Sum,
+    pub bytes: u64,
+    pub stored_bytes: u64,
+    pub compression: Compression,
+    pub seconds: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct FetchReport {
+    pub name: String,
+    pub sha256: Sha256Sum,
+    pub bytes: u64,
+    pub compression: Compression,
+    pub seconds: f64,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct PushOptions {
+    pub compression: Compression,
+    pub level: i32,
+    /// Data directory to read the cluster's identity from for files without
+    /// a page header; default: the working directory, as for archive_command.
+    pub pg_data: Option<PathBuf>,
+}
+
+pub struct Archive {
+    repo: PathBuf,
+    dir: PathBuf,
+}
+
+impl Archive {
+    pub fn new(repo: impl Into<PathBuf>) -> Archive {
+        let repo = repo.into();
+        let dir = repo.join(ARCHIVE_DIR);
+        Archive { repo, dir }
+    }
+
+    pub fn repo(&self) -> &Path {
+        &self.repo
+    }
+
+    /// Where `name` is stored: segments and their `.partial`/`.backup` files
+    /// grouped by timeline and log id, history files at the top.
+    pub fn path_of(&self, name: &WalFileName) -> PathBuf {
+        match name {
+            WalFileName::Segment(s) | WalFileName::Partial(s) | WalFileName::Backup(s, _) => {
+                self.dir.join(s.dir_name()).join(name.to_string())
+            }
+            WalFileName::History(_) => self.dir.join(name.to_string()),
+        }
+    }
+
+    /// The cluster this archive is bound to; `None` before the first push.
+    pub fn info(&self) -> Result<Option<ArchiveInfo>, ArchiveError> {
+        let path = self.dir.join(INFO_FILE);
+        let text = match fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(io_err("read", &path)(e)),
+        };
+        serde_json::from_str(&text)
+            .map(Some)
+            .map_err(|e| ArchiveError::Corrupt {
+                path,
+                detail: format!("it is not valid archive info: {e}"),
+            })
+    }
+
+    pub fn push(&self, src: &Path, opts: &PushOptions) -> Result<PushReport, ArchiveError> {
+        let started = Instant::now();
+        let file_name = src.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+        let name = WalFileName::parse(file_name)?;
+        let mut file = File::open(src).map_err(io_err("open", src))?;
+        let mut first = vec![0u8; 8192];
+        let got = stored::read_full(&mut file, &mut first).map_err(io_err("read", src))?;
+        first.truncate(got);
+
+        let origin = self.origin(src, &name, &file, &first, opts)?;
+        self.bind(&name, &origin)?;
+
+        let target = self.path_of(&name);
+        let dir = target.parent().expect("archive paths have a parent");
+        fsutil::create_dir_all_durable(dir).map_err(io_err("create directory", dir))?;
+        let tmp = fsutil::temp_path_beside(&target);
+        let mut guard = TempGuard(Some(tmp.clone()));
+        let out = File::create_new(&tmp).map_err(io_err("create", &tmp))?;
+        let (header, stored_bytes) =
+            stored::write(&first, &mut file, &out, opts.compression, opts.level)
+                .map_err(io_err("write", &tmp))?;
+        out.sync_all().map_err(io_err("fsync", &tmp))?;
+        drop(out);
+
+        let outcome =
+            if fsutil::publish_no_replace(&tmp, &target).map_err(io_err("publish", &target))? {
+                guard.disarm();
+                PushOutcome::Stored
+            } else {
+                self.settle_existing(&name, &target, &tmp, &header)?
+            };
+        let report = PushReport {
+            name: name.to_string(),
+            outcome,
+            sha256: header.sha256,
+            bytes: header.raw_len,
+            stored_bytes,
+            compression: opts.compression,
+            seconds: started.elapsed().as_secs_f64(),
+        };
+        tracing::info!(name = %report.name, outcome = ?outcome, sha256 = %report.sha256, "pushed");
+        Ok(report)
+    }
+
+    /// `target` already exists: decide between success, repair and refusal.
+    /// The stored copy is replaced only when it is damaged and its own header
+    /// records exactly the checksum of what is being pushed.
+    fn settle_existing(
+        &self,
+        name: &WalFileName,
+        target: &Path,
+        tmp: &Path,
+        pushed: &Header,
+    ) -> Result<PushOutcome, ArchiveError> {
+        let stored_file = File::open(target).map_err(io_err("open", target))?;
+        match stored::read(stored_file, &mut io::sink()) {
+            Ok(h) if h.sha256 == pushed.sha256 => Ok(PushOutcome::AlreadyArchived),
+            Ok(h) => Err(ArchiveError::Conflict {
+                name: name.to_string(),
+                path: target.to_owned(),
+                stored: h.sha256,
+                pushed: pushed.sha256,
+            }),
+            Err(ReadError::Io(e)) => Err(io_err("read", target)(e)),
+            Err(ReadError::Corrupt(detail)) => {
+                let recorded = read_header(target);
+                if recorded
+                    .is_some_and(|h| h.sha256 == pushed.sha256 && h.raw_len == pushed.raw_len)
+                {
+                    fs::rename(tmp, target).map_err(io_err("replace", target))?;
+                    let dir = target.parent().expect("archive paths have a parent");
+                    fsutil::sync_dir(dir).map_err(io_err("fsync", dir))?;
+                    tracing::warn!(name = %name, %detail, "stored copy was damaged; replaced it with the pushed file, which has the checksum it recorded");
+                    Ok(PushOutcome::Repaired)
+                } else {
+                    Err(ArchiveError::DamagedConflict {
+                        name: name.to_string(),
+                        path: target.to_owned(),
+                        detail,
+                    })
+                }
+            }
+        }
+    }
+
+    fn origin(
+        &self,
+        src: &Path,
+        name: &WalFileName,
+        file: &File,
+        first: &[u8],
+        opts: &PushOptions,
+    ) -> Result<Origin, ArchiveError> {
+        let data_dir = opts.pg_data.clone().unwrap_or_else(|| PathBuf::from("."));
+        let data_dir_identity = || -> Result<Option<DataDirIdentity>, ArchiveError> {
+            cluster::read_identity(&data_dir)
+                .map_err(io_err("read the cluster identity in", &data_dir))
+        };
+        let Some(seg) = name.segment_with_header() else {
+            let id = data_dir_identity()?.ok_or_else(|| ArchiveError::UnknownCluster {
+                name: name.to_string(),
+                dir: data_dir.clone(),
+            })?;
+            return Ok(Origin {
+                system_identifier: id.system_identifier,
+                pg_major: Some(id.pg_major),
+                magic: None,
+                seg_size: None,
+            });
+        };
+        let h = LongPageHeader::parse(first).ok_or_else(|| ArchiveError::NotWal {
+            path: src.to_owned(),
+            name: name.to_string(),
+        })?;
+        let actual = file.metadata().map_err(io_err("stat", src))?.len();
+        if actual != u64::from(h.seg_size) {
+            return Err(ArchiveError::SourceSize {
+                path: src.to_owned(),
+                actual,
+                expected: h.seg_size.into(),
+            });
+        }
+        if h.timeline != seg.timeline
+            || h.page_addr != seg.segno(h.seg_size) * u64::from(h.seg_size)
+        {
+            return Err(ArchiveError::NameMismatch {
+                path: src.to_owned(),
+                name: name.to_string(),
+                timeline: h.timeline,
+                lsn: format!("{:X}/{:X}", h.page_addr >> 32, h.page_addr as u32),
+            });
+        }
+        // The page magic names the version where we know it; the data
+        // directory, when we run inside one, names it for any version.
+        let pg_major = match h.pg_major() {
+            Some(v) => Some(v),
+            None => data_dir_identity()
+                .ok()
+                .flatten()
+                .filter(|id| id.system_identifier == h.system_identifier)
+                .map(|id| id.pg_major),
+        };
+        Ok(Origin {
+            system_identifier: h.system_identifier,
+            pg_major,
+            magic: Some(h.magic),
+            seg_size: Some(h.seg_size),
+        })
+    }
+
+    /// Binds the archive to `origin` on first use, else checks that it is the
+    /// cluster the archive belongs to.
+    fn bind(&self, name: &WalFileName, origin: &Origin) -> Result<(), ArchiveError> {
+        let info = match self.info()? {
+            Some(info) => info,
+            None => self.create_info(origin)?,
+        };
+        if info.accepts(origin) {
+            Ok(())
+        } else {
+            Err(ArchiveError::ClusterMismatch {
+                repo: self.repo.clone(),
+                name: name.to_string(),
+                archive: info.to_string(),
+                pushed: origin.to_string(),
+            })
+        }
+    }
+
+    fn create_info(&self, origin: &Origin) -> Result<ArchiveInfo, ArchiveError> {
+        fsutil::create_dir_all_durable(&self.dir).map_err(io_err("create directory", &self.dir))?;
+        let info = ArchiveInfo::from_origin(origin);
+        let path = self.dir.join(INFO_FILE);
+        let tmp = fsutil::temp_path_beside(&path);
+        let _guard = TempGuard(Some(tmp.clone()));
+        let mut text = serde_json::to_string_pretty(&info).expect("archive info serializes");
+        text.push('\n');
+        let mut f = File::create_new(&tmp).map_err(io_err("create", &tmp))?;
+        f.write_all(text.as_bytes())
+            .map_err(io_err("write", &tmp))?;
+        f.sync_all().map_err(io_err("fsync", &tmp))?;
+        if fsutil::publish_no_replace(&tmp, &path).map_err(io_err("publish", &path))? {
+            tracing::info!(repo = %self.repo.display(), cluster = %info, "new archive");
+            Ok(info)
+        } else {
+            // A concurrent first push bound it; judge against what it wrote.
+            self.info()?
+                .ok_or_else(|| io_err("read", &path)(io::ErrorKind::NotFound.into()))
+        }
+    }
+
+    /// Restores `name` to `dest` through a temporary file, so PostgreSQL only
+    /// ever sees a complete, verified file.
+    pub fn fetch(&self, name: &str, dest: &Path) -> Result<FetchReport, ArchiveError> {
+        let started = Instant::now();
+        let wal = WalFileName::parse(name)?;
+        let path = self.path_of(&wal);
+        let file = match File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return Err(ArchiveError::NotFound {
+                    name: name.to_owned(),
+                    repo: self.repo.clone(),
+                })
+            }
+            Err(e) => return Err(io_err("open", &path)(e)),
+        };
+        let tmp = fsutil::temp_path_beside(dest);
+        let mut guard = TempGuard(Some(tmp.clone()));
+        let out = File::create(&tmp).map_err(io_err("create", &tmp))?;
+        let mut sink = BufWriter::with_capacity(1 << 20, out);
+        let header = stored::read(file, &mut sink).map_err(|e| match e {
+            ReadError::Corrupt(detail) => ArchiveError::Corrupt {
+                path: path.clone(),
+                detail,
+            },
+            ReadError::Io(e) => io_err("restore", &path)(e),
+        })?;
+        sink.flush().map_err(io_err("write", &tmp))?;
+        drop(sink);
+        // No fsync: recovery re-fetches anything it had not applied before a
+        // crash, and an fsync per segment would slow every restore.
+        fs::rename(&tmp, dest).map_err(io_err("rename into", dest))?;
+        guard.disarm();
+        Ok(FetchReport {
+            name: name.to_owned(),
+            sha256: header.sha256,
+            bytes: header.raw_len,
+            compression: header.compression,
+            seconds: started.elapsed().as_secs_f64(),
+        })
+    }
+
+    /// Reads a stored file end to end and checks it against its checksum.
+    pub fn verify(&self, name: &WalFileName) -> Result<Header, ArchiveError> {
+        let path = self.path_of(name);
+        let file = File::open(&path).map_err(|e| match e.kind() {
+            io::ErrorKind::NotFound => ArchiveError::NotFound {
+                name: name.to_string(),
+                repo: self.repo.clone(),
+            },
+            _ => io_err("open", &path)(e),
+        })?;
+        stored::read(file, &mut io::sink()).map_err(|e| match e {
+            ReadError::Corrupt(detail) => ArchiveError::Corrupt { path, detail },
+            ReadError::Io(e) => io_err("read", &path)(e),
+        })
+    }
+}
+
+fn read_header(path: &Path) -> Option<Header> {
+    let mut b = [0u8; stored::HEADER_LEN];
+    File::open(path).ok()?.read_exact(&mut b).ok()?;
+    Header::decode(&b).ok()
+}

@@ -1,0 +1,66 @@
+use std::path::PathBuf;
+
+use crate::backup::archive::{Archive, PushOptions, PushOutcome};
+use crate::backup::stored::Compression;
+use crate::cli::Context;
+use crate::exit::Exit;
+use crate::Error;
+
+#[derive(Debug, clap::Subcommand)]
+pub enum WalCommand {
+    /// Archive one WAL file: archive_command = 'reentry --repo DIR wal push %p'.
+    Push(PushArgs),
+    /// Restore one WAL file: restore_command = 'reentry --repo DIR wal fetch %f %p'.
+    Fetch(FetchArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct PushArgs {
+    /// The file to archive (%p); its name must be a WAL file name.
+    pub path: PathBuf,
+    /// Compression [default: wal.compress in the config, else none].
+    #[arg(long, value_enum)]
+    pub compress: Option<Compression>,
+    /// zstd level, 1 to 22 [default: wal.compress-level, else 1].
+    #[arg(long, value_parser = clap::value_parser!(i32).range(1..=22))]
+    pub compress_level: Option<i32>,
+    /// Data directory whose identity to use for .history and .backup files
+    /// [default: the working directory, as under archive_command].
+    #[arg(long, value_name = "DIR")]
+    pub pg_data: Option<PathBuf>,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct FetchArgs {
+    /// The WAL file name PostgreSQL asks for (%f).
+    pub name: String,
+    /// Where to write it (%p).
+    pub dest: PathBuf,
+}
+
+pub fn run(ctx: &Context, cmd: WalCommand) -> Result<Exit, Error> {
+    let archive = Archive::new(ctx.repo()?);
+    match cmd {
+        WalCommand::Push(args) => {
+            let opts = PushOptions {
+                compression: args.compress.unwrap_or(ctx.config.wal.compress),
+                level: args.compress_level.unwrap_or(ctx.config.wal.compress_level),
+                pg_data: args.pg_data,
+            };
+            let report = archive.push(&args.path, &opts)?;
+            ctx.emit(&report, || {
+                (report.outcome != PushOutcome::Stored).then(|| match report.outcome {
+                    PushOutcome::AlreadyArchived => {
+                        format!("{} already archived with the same content", report.name)
+                    }
+                    _ => format!("{} replaced a damaged stored copy", report.name),
+                })
+            })?;
+        }
+        WalCommand::Fetch(args) => {
+            let report = archive.fetch(&args.name, &args.dest)?;
+            ctx.emit(&report, || None)?;
+        }
+    }
+    Ok(Exit::Ok)
+}

@@ -1,0 +1,134 @@
+//! `reentry.toml`: defaults for how this host runs the tool. What a re-entry
+//! run does lives in a playbook; how one invocation runs is a flag.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::backup::stored::Compression;
+
+pub const DEFAULT_FILE: &str = "reentry.toml";
+
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Config {
+    /// The repository; relative paths are relative to the config file.
+    pub repo: Option<PathBuf>,
+    #[serde(default)]
+    pub wal: WalConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct WalConfig {
+    #[serde(default)]
+    pub compress: Compression,
+    #[serde(default = "default_level")]
+    pub compress_level: i32,
+}
+
+impl Default for WalConfig {
+    fn default() -> WalConfig {
+        WalConfig {
+            compress: Compression::None,
+            compress_level: default_level(),
+        }
+    }
+}
+
+fn default_level() -> i32 {
+    1
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{}: {message}", path.display())]
+    Parse { path: PathBuf, message: String },
+    #[error(
+        "no repository given: pass --repo DIR, set REENTRY_REPO, or set `repo` in {DEFAULT_FILE}"
+    )]
+    NoRepo,
+}
+
+impl Config {
+    /// Loads `path`. A missing default file is an empty config; a missing
+    /// file named on the command line is an error.
+    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+        let (path, explicit) = match path {
+            Some(p) => (p.to_owned(), true),
+            None => (PathBuf::from(DEFAULT_FILE), false),
+        };
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if !explicit && e.kind() == std::io::ErrorKind::NotFound => {
+                return Ok(Config::default())
+            }
+            Err(source) => return Err(ConfigError::Read { path, source }),
+        };
+        let mut config = Config::parse(&text).map_err(|message| ConfigError::Parse {
+            path: path.clone(),
+            message,
+        })?;
+        if let (Some(repo), Some(dir)) = (&config.repo, path.parent()) {
+            config.repo = Some(dir.join(repo));
+        }
+        Ok(config)
+    }
+
+    pub fn parse(text: &str) -> Result<Config, String> {
+        let config: Config =
+            toml::from_str(text).map_err(|e| e.to_string().trim_end().to_owned())?;
+        if !(1..=22).contains(&config.wal.compress_level) {
+            return Err(format!(
+                "wal.compress-level = {} is out of range: zstd levels are 1 to 22",
+                config.wal.compress_level
+            ));
+        }
+        Ok(config)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_repo_and_wal_settings() {
+        let c =
+            Config::parse("repo = \"/srv/r\"\n[wal]\ncompress = \"zstd\"\ncompress-level = 3\n")
+                .unwrap();
+        assert_eq!(c.repo.as_deref(), Some(Path::new("/srv/r")));
+        assert_eq!(
+            (c.wal.compress, c.wal.compress_level),
+            (Compression::Zstd, 3)
+        );
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_located() {
+        let e = Config::parse("repo = \"/srv/r\"\n[wal]\ncompresion = \"zstd\"\n").unwrap_err();
+        assert!(e.contains("line 3") && e.contains("compresion"), "{e}");
+        let e = Config::parse("[wal]\ncompress = \"lz4\"\n").unwrap_err();
+        assert!(e.contains("line 2") && e.contains("lz4"), "{e}");
+        let e = Config::parse("[wal]\ncompress-level = 40\n").unwrap_err();
+        assert!(e.contains("compress-level"), "{e}");
+    }
+
+    #[test]
+    fn a_relative_repo_is_relative_to_the_config_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("reentry.toml");
+        std::fs::write(&file, "repo = \"repo\"\n").unwrap();
+        let c = Config::load(Some(&file)).unwrap();
+        assert_eq!(c.repo.unwrap(), dir.path().join("repo"));
+        assert!(matches!(
+            Config::load(Some(&dir.path().join("nope.toml"))),
+            Err(ConfigError::Read { .. })
+        ));
+    }
+}

@@ -1,0 +1,90 @@
+//! Durable file-system primitives: everything the repository writes goes
+//! through a temporary file, fsync, an atomic link or rename, and an fsync of
+//! the directory, so that a crash leaves either the old state or the new one.
+
+use std::fs::{self, File};
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// Prefix of every temporary file the tool creates; `wal verify` and friends
+/// skip (and may report) files that carry it.
+pub const TEMP_PREFIX: &str = ".reentry-tmp.";
+
+pub fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+/// Creates `dir` and any missing parents, fsyncing each parent whose entries
+/// changed so the new directories survive a crash.
+pub fn create_dir_all_durable(dir: &Path) -> io::Result<()> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+        create_dir_all_durable(parent)?;
+    }
+    match fs::create_dir(dir) {
+        Ok(()) => {}
+        // Another process won the race; the directory is what we wanted.
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists && dir.is_dir() => return Ok(()),
+        Err(e) => return Err(e),
+    }
+    match dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+        Some(parent) => sync_dir(parent),
+        None => Ok(()),
+    }
+}
+
+/// A name beside `target` that no other process or thread will pick.
+pub fn temp_path_beside(target: &Path) -> PathBuf {
+    static SEQ: AtomicU32 = AtomicU32::new(0);
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    let base = target
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or("file");
+    let name = format!(
+        "{TEMP_PREFIX}{base}.{}.{nanos}.{}",
+        std::process::id(),
+        SEQ.fetch_add(1, Ordering::Relaxed)
+    );
+    target.with_file_name(name)
+}
+
+/// Publishes the fully written and fsynced `tmp` as `target` unless `target`
+/// exists. Returns `false`, leaving `target` untouched, when it does: unlike
+/// `rename`, a hard link never replaces what another writer published.
+pub fn publish_no_replace(tmp: &Path, target: &Path) -> io::Result<bool> {
+    let linked = match fs::hard_link(tmp, target) {
+        Ok(()) => true,
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => false,
+        Err(e) => return Err(e),
+    };
+    fs::remove_file(tmp)?;
+    if let Some(dir) = target.parent() {
+        sync_dir(dir)?;
+    }
+    Ok(linked)
+}
+
+/// Removes a temporary file on drop unless it was published.
+pub struct TempGuard(pub Option<PathBuf>);
+
+impl TempGuard {
+    pub fn disarm(&mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for TempGuard {
+    fn drop(&mut self) {
+        if let Some(p) = self.0.take() {
+            let _ = fs::remove_file(p);
+        }
+    }
+}
