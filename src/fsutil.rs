@@ -57,19 +57,20 @@ pub fn temp_path_beside(target: &Path) -> PathBuf {
 }
 
 /// Publishes the fully written and fsynced `tmp` as `target` unless `target`
-/// exists. Returns `false`, leaving `target` untouched, when it does: unlike
-/// `rename`, a hard link never replaces what another writer published.
+/// exists. Returns `false` when it does, leaving `target` untouched and `tmp`
+/// in place for the caller: unlike `rename`, a hard link never replaces what
+/// another writer published.
 pub fn publish_no_replace(tmp: &Path, target: &Path) -> io::Result<bool> {
-    let linked = match fs::hard_link(tmp, target) {
-        Ok(()) => true,
-        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => false,
+    match fs::hard_link(tmp, target) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => return Ok(false),
         Err(e) => return Err(e),
-    };
+    }
     fs::remove_file(tmp)?;
     if let Some(dir) = target.parent() {
         sync_dir(dir)?;
     }
-    Ok(linked)
+    Ok(true)
 }
 
 /// Removes a temporary file on drop unless it was published.

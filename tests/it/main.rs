@@ -1,1 +1,5 @@
+//! One integration-test binary: linking is the slow part on two cores.
+
 mod common;
+mod services;
+mod wal_archive;

@@ -1,1 +1,130 @@
+//! Test harness: a throwaway PostgreSQL cluster per test, the `reentry`
+//! binary as the server's OS user sees it, and names for the shared Redis and
+//! Kafka servers that `scripts/test` starts.
 
+pub mod pg;
+pub mod services;
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::OnceLock;
+
+/// A name no other test in this run (or a concurrent run) uses.
+pub fn unique(prefix: &str) -> String {
+    static SEQ: AtomicU32 = AtomicU32::new(0);
+    format!(
+        "{prefix}-{}-{}",
+        std::process::id(),
+        SEQ.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// `(uid, gid)` to run PostgreSQL as, when the tests run as root (the server
+/// refuses root). The user comes from `REENTRY_PG_USER`, default `reentry`,
+/// which `scripts/setup` creates.
+pub fn server_user() -> Option<(u32, u32)> {
+    static USER: OnceLock<Option<(u32, u32)>> = OnceLock::new();
+    *USER.get_or_init(|| {
+        let status = std::fs::read_to_string("/proc/self/status").expect("read /proc/self/status");
+        let euid = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Uid:"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .expect("Uid line in /proc/self/status");
+        if euid != "0" {
+            return None;
+        }
+        let name = std::env::var("REENTRY_PG_USER").unwrap_or_else(|_| "reentry".into());
+        let passwd = std::fs::read_to_string("/etc/passwd").expect("read /etc/passwd");
+        let entry = passwd
+            .lines()
+            .map(|l| l.split(':').collect::<Vec<_>>())
+            .find(|f| f.len() > 3 && f[0] == name)
+            .unwrap_or_else(|| {
+                panic!("tests run as root and PostgreSQL refuses root, but OS user {name:?} does not exist: run scripts/setup")
+            });
+        Some((entry[2].parse().unwrap(), entry[3].parse().unwrap()))
+    })
+}
+
+/// Makes `path` belong to the server user, so the server and the archive
+/// command it runs can write there.
+pub fn give_to_server_user(path: &Path) {
+    if let Some((uid, gid)) = server_user() {
+        std::os::unix::fs::chown(path, Some(uid), Some(gid))
+            .unwrap_or_else(|e| panic!("chown {}: {e}", path.display()));
+    }
+}
+
+/// A command that runs as the server user.
+pub fn as_server_user(program: impl AsRef<std::ffi::OsStr>) -> Command {
+    let mut cmd = Command::new(program);
+    if let Some((uid, gid)) = server_user() {
+        use std::os::unix::process::CommandExt;
+        cmd.uid(uid).gid(gid);
+    }
+    cmd
+}
+
+/// The `reentry` binary under test, at a path the server user can execute:
+/// the build directory may sit under a home directory only root can enter.
+pub fn reentry_bin() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let built = PathBuf::from(env!("CARGO_BIN_EXE_reentry"));
+        if server_user().is_none() {
+            return built;
+        }
+        let meta = std::fs::metadata(&built).expect("stat the reentry binary");
+        let dir = std::env::temp_dir().join("reentry-it-bin");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let stamp = meta
+            .modified()
+            .unwrap()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos();
+        let copy = dir.join(format!("reentry-{}-{stamp}", meta.len()));
+        if !copy.exists() {
+            let tmp = dir.join(unique(".copy"));
+            std::fs::copy(&built, &tmp).unwrap();
+            std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755)).unwrap();
+            std::fs::rename(&tmp, &copy).unwrap();
+        }
+        copy
+    })
+}
+
+/// Runs `reentry` with `args` (as the server user when `as_server` is set).
+pub fn reentry(as_server: bool, args: &[&str]) -> Output {
+    let mut cmd = if as_server {
+        as_server_user(reentry_bin())
+    } else {
+        Command::new(reentry_bin())
+    };
+    cmd.args(args).env_remove("REENTRY_REPO");
+    cmd.output().expect("run reentry")
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// Asserts the exit code, showing stderr when it differs.
+#[track_caller]
+pub fn assert_exit(o: &Output, code: i32) {
+    assert_eq!(
+        o.status.code(),
+        Some(code),
+        "exit status {:?}; stderr:\n{}",
+        o.status,
+        stderr(o)
+    );
+}

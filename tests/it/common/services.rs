@@ -1,0 +1,133 @@
+//! The shared Redis and Kafka servers that `scripts/test` starts, and names
+//! that keep each test's keys and topics apart.
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpStream;
+use std::process::Command;
+
+use super::unique;
+
+fn address(var: &str, what: &str) -> String {
+    std::env::var(var).unwrap_or_else(|_| {
+        panic!(
+            "{var} is not set: run the tests through scripts/test, which starts {what} and sets it"
+        )
+    })
+}
+
+pub fn redis_addr() -> String {
+    address("REENTRY_TEST_REDIS", "Redis")
+}
+
+pub fn kafka_bootstrap() -> String {
+    address("REENTRY_TEST_KAFKA", "the tansu Kafka broker")
+}
+
+fn tool(var: &str) -> String {
+    std::env::var(var)
+        .unwrap_or_else(|_| panic!("{var} is not set: run the tests through scripts/test"))
+}
+
+/// kcat, an independent Kafka client, through the wrapper `scripts/setup`
+/// installs (Debian's kcat with a librdkafka that speaks to current brokers).
+pub fn kcat() -> Command {
+    let mut cmd = Command::new(tool("REENTRY_KCAT"));
+    cmd.args(["-b", &kafka_bootstrap()]);
+    cmd
+}
+
+/// Creates `topic` with `partitions` partitions (tansu does not create
+/// topics on first use).
+pub fn create_topic(topic: &str, partitions: u32) {
+    let out = Command::new(tool("REENTRY_TANSU"))
+        .args([
+            "topic",
+            "create",
+            "--broker",
+            &format!("tcp://{}", kafka_bootstrap()),
+        ])
+        .args(["--partitions", &partitions.to_string(), topic])
+        .output()
+        .expect("run tansu topic create");
+    assert!(
+        out.status.success(),
+        "create topic {topic}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A key prefix of this test's own.
+pub fn redis_prefix(test: &str) -> String {
+    format!("{}:", unique(test))
+}
+
+/// A topic name of this test's own.
+pub fn topic(test: &str) -> String {
+    unique(test).replace(['_', ':'], "-")
+}
+
+/// A minimal RESP client, enough to set up and inspect test data.
+pub struct Redis {
+    reader: BufReader<TcpStream>,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum Reply {
+    Simple(String),
+    Bulk(Option<Vec<u8>>),
+    Integer(i64),
+    Array(Vec<Reply>),
+}
+
+impl Redis {
+    pub fn connect() -> Redis {
+        let addr = redis_addr();
+        let stream =
+            TcpStream::connect(&addr).unwrap_or_else(|e| panic!("connect to Redis at {addr}: {e}"));
+        Redis {
+            reader: BufReader::new(stream),
+        }
+    }
+
+    pub fn cmd(&mut self, args: &[&[u8]]) -> Reply {
+        let mut req = format!("*{}\r\n", args.len()).into_bytes();
+        for a in args {
+            req.extend_from_slice(format!("${}\r\n", a.len()).as_bytes());
+            req.extend_from_slice(a);
+            req.extend_from_slice(b"\r\n");
+        }
+        self.reader.get_mut().write_all(&req).unwrap();
+        self.reply()
+    }
+
+    fn line(&mut self) -> String {
+        let mut l = String::new();
+        self.reader.read_line(&mut l).unwrap();
+        l.trim_end_matches("\r\n").to_owned()
+    }
+
+    fn reply(&mut self) -> Reply {
+        let line = self.line();
+        let (kind, rest) = line.split_at(1);
+        match kind {
+            "+" => Reply::Simple(rest.to_owned()),
+            "-" => panic!("Redis error: {rest}"),
+            ":" => Reply::Integer(rest.parse().unwrap()),
+            "$" => {
+                let n: i64 = rest.parse().unwrap();
+                if n < 0 {
+                    return Reply::Bulk(None);
+                }
+                let mut buf = vec![0u8; n as usize + 2];
+                std::io::Read::read_exact(&mut self.reader, &mut buf).unwrap();
+                buf.truncate(n as usize);
+                Reply::Bulk(Some(buf))
+            }
+            "*" => {
+                let n: i64 = rest.parse().unwrap();
+                Reply::Array((0..n.max(0)).map(|_| self.reply()).collect())
+            }
+            _ => panic!("unexpected Redis reply {line:?}"),
+        }
+    }
+}

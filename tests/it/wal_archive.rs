@@ -1,0 +1,592 @@
+//! `reentry wal push` / `wal fetch` as PostgreSQL's archive_command and
+//! restore_command, against real PostgreSQL 18 and 15.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use reentry::backup::archive::Archive;
+use reentry::pg::wal::{LongPageHeader, WalFileName};
+
+use crate::common::pg::{Cluster, Version};
+use crate::common::{assert_exit, reentry, reentry_bin, stderr, stdout};
+
+const FIRST_SEGMENT: &str = "000000010000000000000001";
+
+fn archive_command(repo: &Path, extra: &str) -> String {
+    format!(
+        "'{} --repo {} wal push %p {extra}'",
+        reentry_bin().display(),
+        repo.display()
+    )
+}
+
+fn restore_command(repo: &Path) -> String {
+    format!(
+        "'{} --repo {} wal fetch %f %p'",
+        reentry_bin().display(),
+        repo.display()
+    )
+}
+
+/// A running cluster archiving into `repo` through `reentry wal push`.
+fn archiving(version: Version, extra: &str) -> (Cluster, PathBuf) {
+    let c = Cluster::init(version);
+    let repo = c.dir("repo");
+    c.append_conf(&[
+        ("archive_mode", "on".to_string()),
+        ("archive_command", archive_command(&repo, extra)),
+    ]);
+    let mut c = c;
+    c.start();
+    (c, repo)
+}
+
+/// Switches to a new segment and waits until the one just closed is
+/// archived. Fails at once if the archiver reports a failure.
+fn switch_and_wait_archived(c: &Cluster) -> String {
+    let mut db = c.client();
+    let closed: String = db
+        .query_one("SELECT pg_walfile_name(pg_current_wal_lsn())", &[])
+        .unwrap()
+        .get(0);
+    db.execute("SELECT pg_switch_wal()", &[]).unwrap();
+    wait_archived(c, &closed);
+    closed
+}
+
+fn wait_archived(c: &Cluster, name: &str) {
+    let mut db = c.client();
+    c.wait_for(
+        &format!("{name} to be archived"),
+        Duration::from_secs(120),
+        || {
+            let row = db
+                .query_one(
+                    "SELECT coalesce(last_archived_wal, ''), failed_count FROM pg_stat_archiver",
+                    &[],
+                )
+                .unwrap();
+            let (last, failed): (String, i64) = (row.get(0), row.get(1));
+            assert_eq!(
+                failed,
+                0,
+                "archive_command failed; last failed: see server log\n{}",
+                c.log()
+            );
+            // Compare segments only: after a promotion the last archived file
+            // may be a history file.
+            (last.len() >= 24 && last[..24] >= *name).then_some(())
+        },
+    )
+}
+
+fn segment_name(timeline: u32, segno: u64) -> String {
+    format!("{timeline:08X}{:08X}{:08X}", segno / 256, segno % 256)
+}
+
+fn archives_every_segment_under_pgbench_load(version: Version, extra: &str) {
+    let (c, repo) = archiving(version, extra);
+    c.run_ok(c.cmd("pgbench").args(["-i", "-q", "-s", "10"]));
+    c.run_ok(
+        c.cmd("pgbench")
+            .args(["-n", "-c", "4", "-j", "2", "-t", "400"]),
+    );
+    let last = switch_and_wait_archived(&c);
+
+    let failed: i64 = c
+        .client()
+        .query_one("SELECT failed_count FROM pg_stat_archiver", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(failed, 0);
+    let archive = Archive::new(&repo);
+    let last_segno = WalFileName::parse(&last)
+        .unwrap()
+        .segment_with_header()
+        .unwrap()
+        .segno(16 << 20);
+    assert!(
+        last_segno >= 6,
+        "pgbench wrote only {last_segno} segments: the load is too small to mean anything"
+    );
+    for segno in 1..=last_segno {
+        let name = WalFileName::parse(&segment_name(1, segno)).unwrap();
+        let header = archive
+            .verify(&name)
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(header.raw_len, 16 << 20, "{name}");
+    }
+    let info = archive
+        .info()
+        .unwrap()
+        .expect("archive.json written at the first push");
+    assert_eq!(info.pg_version, Some(version.major()));
+}
+
+#[test]
+fn pg18_archives_every_segment_under_pgbench_load() {
+    archives_every_segment_under_pgbench_load(Version::V18, "");
+}
+
+#[test]
+fn pg15_archives_every_segment_under_pgbench_load_with_zstd() {
+    archives_every_segment_under_pgbench_load(Version::V15, "--compress zstd --compress-level 3");
+}
+
+/// A real segment from a fresh `initdb`, copied to `dir`.
+fn real_segment(c: &Cluster, dir: &Path) -> PathBuf {
+    let dest = dir.join(FIRST_SEGMENT);
+    std::fs::copy(c.data().join("pg_wal").join(FIRST_SEGMENT), &dest).unwrap();
+    dest
+}
+
+fn sha256_of(path: &Path) -> String {
+    use sha2::Digest;
+    let bytes = std::fs::read(path).unwrap();
+    sha2::Sha256::digest(&bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+fn push(repo: &Path, file: &Path) -> std::process::Output {
+    reentry(
+        false,
+        &[
+            "--repo",
+            repo.to_str().unwrap(),
+            "--json",
+            "wal",
+            "push",
+            file.to_str().unwrap(),
+        ],
+    )
+}
+
+fn stored_path(repo: &Path, name: &str) -> PathBuf {
+    Archive::new(repo).path_of(&WalFileName::parse(name).unwrap())
+}
+
+#[test]
+fn the_same_content_pushed_again_succeeds_without_rewriting() {
+    let c = Cluster::init(Version::V18);
+    let tmp = tempfile::tempdir().unwrap();
+    let (seg, repo) = (real_segment(&c, tmp.path()), tmp.path().join("repo"));
+
+    let first = push(&repo, &seg);
+    assert_exit(&first, 0);
+    assert!(
+        stdout(&first).contains(r#""outcome":"stored""#),
+        "{}",
+        stdout(&first)
+    );
+    let stored = stored_path(&repo, FIRST_SEGMENT);
+    let inode = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(&stored).unwrap());
+
+    let again = push(&repo, &seg);
+    assert_exit(&again, 0);
+    assert!(
+        stdout(&again).contains(r#""outcome":"already-archived""#),
+        "{}",
+        stdout(&again)
+    );
+    assert_eq!(
+        std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(&stored).unwrap()),
+        inode
+    );
+}
+
+#[test]
+fn different_content_under_an_archived_name_is_refused_and_the_stored_copy_is_kept() {
+    let c = Cluster::init(Version::V18);
+    let tmp = tempfile::tempdir().unwrap();
+    let (seg, repo) = (real_segment(&c, tmp.path()), tmp.path().join("repo"));
+    assert_exit(&push(&repo, &seg), 0);
+    let stored = stored_path(&repo, FIRST_SEGMENT);
+    let stored_before = std::fs::read(&stored).unwrap();
+    let original = sha256_of(&seg);
+
+    // Same name, same cluster, one byte different past the page header.
+    let mut bytes = std::fs::read(&seg).unwrap();
+    bytes[1 << 20] ^= 0xFF;
+    std::fs::write(&seg, &bytes).unwrap();
+    let changed = sha256_of(&seg);
+
+    let out = push(&repo, &seg);
+    assert_exit(&out, 3);
+    let err = stderr(&out);
+    assert!(
+        err.contains(&original) && err.contains(&changed),
+        "both checksums named: {err}"
+    );
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert_eq!(
+        std::fs::read(&stored).unwrap(),
+        stored_before,
+        "stored copy untouched"
+    );
+    assert!(Archive::new(&repo)
+        .verify(&WalFileName::parse(FIRST_SEGMENT).unwrap())
+        .is_ok());
+}
+
+#[test]
+fn concurrent_pushes_of_one_segment_all_succeed_and_leave_one_intact_copy() {
+    let c = Cluster::init(Version::V18);
+    let tmp = tempfile::tempdir().unwrap();
+    let (seg, repo) = (real_segment(&c, tmp.path()), tmp.path().join("repo"));
+
+    let children: Vec<_> = (0..8)
+        .map(|_| {
+            std::process::Command::new(reentry_bin())
+                .args([
+                    "--repo",
+                    repo.to_str().unwrap(),
+                    "--json",
+                    "wal",
+                    "push",
+                    seg.to_str().unwrap(),
+                ])
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let outputs: Vec<_> = children
+        .into_iter()
+        .map(|c| c.wait_with_output().unwrap())
+        .collect();
+    for o in &outputs {
+        assert_exit(o, 0);
+    }
+    let stored = outputs
+        .iter()
+        .filter(|o| stdout(o).contains(r#""outcome":"stored""#))
+        .count();
+    assert_eq!(
+        stored, 1,
+        "exactly one push stores, the rest find it archived"
+    );
+
+    let header = Archive::new(&repo)
+        .verify(&WalFileName::parse(FIRST_SEGMENT).unwrap())
+        .unwrap();
+    assert_eq!(header.sha256.to_string(), sha256_of(&seg));
+    let dir = stored_path(&repo, FIRST_SEGMENT)
+        .parent()
+        .unwrap()
+        .to_owned();
+    let names: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(
+        names,
+        vec![std::ffi::OsString::from(FIRST_SEGMENT)],
+        "no temporary files left behind"
+    );
+}
+
+#[test]
+fn a_segment_from_another_cluster_is_refused_naming_both_identifiers() {
+    let (a, b) = (Cluster::init(Version::V18), Cluster::init(Version::V18));
+    let tmp = tempfile::tempdir().unwrap();
+    let repo = tmp.path().join("repo");
+    let seg_a = real_segment(&a, &tmp.path().join("a").tap_mkdir());
+    let seg_b = real_segment(&b, &tmp.path().join("b").tap_mkdir());
+    assert_exit(&push(&repo, &seg_a), 0);
+
+    let out = push(&repo, &seg_b);
+    assert_exit(&out, 3);
+    let sysid = |p: &Path| {
+        LongPageHeader::parse(&std::fs::read(p).unwrap()[..64])
+            .unwrap()
+            .system_identifier
+            .to_string()
+    };
+    let err = stderr(&out);
+    assert!(
+        err.contains(&sysid(&seg_a)) && err.contains(&sysid(&seg_b)),
+        "{err}"
+    );
+    assert!(!stored_path(&repo, FIRST_SEGMENT)
+        .parent()
+        .unwrap()
+        .read_dir()
+        .unwrap()
+        .any(|e| {
+            e.unwrap()
+                .file_name()
+                .to_string_lossy()
+                .starts_with(".reentry-tmp")
+        }));
+}
+
+trait MkDir {
+    fn tap_mkdir(self) -> Self;
+}
+
+impl MkDir for PathBuf {
+    fn tap_mkdir(self) -> Self {
+        std::fs::create_dir_all(&self).unwrap();
+        self
+    }
+}
+
+#[test]
+fn a_file_that_is_not_what_its_name_says_is_refused() {
+    let c = Cluster::init(Version::V18);
+    let tmp = tempfile::tempdir().unwrap();
+    let repo = tmp.path().join("repo");
+    let seg = real_segment(&c, tmp.path());
+
+    // Segment 1's bytes under segment 2's name.
+    let renamed = tmp.path().join("000000010000000000000002");
+    std::fs::copy(&seg, &renamed).unwrap();
+    let out = push(&repo, &renamed);
+    assert_exit(&out, 3);
+    assert!(stderr(&out).contains("wrong name"), "{}", stderr(&out));
+
+    // A segment cut short.
+    let short = tmp.path().join("cut").tap_mkdir().join(FIRST_SEGMENT);
+    std::fs::write(&short, &std::fs::read(&seg).unwrap()[..1 << 20]).unwrap();
+    let out = push(&repo, &short);
+    assert_exit(&out, 3);
+    assert!(
+        stderr(&out).contains("incomplete segment"),
+        "{}",
+        stderr(&out)
+    );
+
+    // Not WAL at all.
+    let junk = tmp.path().join("junk").tap_mkdir().join(FIRST_SEGMENT);
+    std::fs::write(&junk, vec![0u8; 16 << 20]).unwrap();
+    assert_exit(&push(&repo, &junk), 3);
+
+    // A name PostgreSQL never archives.
+    let odd = tmp.path().join("pg_control");
+    std::fs::write(&odd, b"x").unwrap();
+    assert_exit(&push(&repo, &odd), 64);
+    assert!(!repo
+        .join("archive")
+        .join("0000000100000000")
+        .join(FIRST_SEGMENT)
+        .exists());
+}
+
+fn fetch(repo: &Path, name: &str, dest: &Path) -> std::process::Output {
+    reentry(
+        false,
+        &[
+            "--repo",
+            repo.to_str().unwrap(),
+            "wal",
+            "fetch",
+            name,
+            dest.to_str().unwrap(),
+        ],
+    )
+}
+
+fn damaged_stored_file_is_refused_on_fetch(damage: impl Fn(&Path)) {
+    let c = Cluster::init(Version::V18);
+    let tmp = tempfile::tempdir().unwrap();
+    let (seg, repo) = (real_segment(&c, tmp.path()), tmp.path().join("repo"));
+    assert_exit(&push(&repo, &seg), 0);
+    damage(&stored_path(&repo, FIRST_SEGMENT));
+
+    let dest_dir = tmp.path().join("pg_wal").tap_mkdir();
+    let dest = dest_dir.join("RECOVERYXLOG");
+    let out = fetch(&repo, FIRST_SEGMENT, &dest);
+    assert_exit(&out, 2);
+    assert!(stderr(&out).contains("corrupt"), "{}", stderr(&out));
+    assert_eq!(
+        std::fs::read_dir(&dest_dir).unwrap().count(),
+        0,
+        "nothing written, no temporary left"
+    );
+}
+
+#[test]
+fn fetch_refuses_a_stored_file_with_a_flipped_byte() {
+    damaged_stored_file_is_refused_on_fetch(|p| {
+        let mut b = std::fs::read(p).unwrap();
+        b[5_000_000] ^= 0x01;
+        std::fs::write(p, b).unwrap();
+    });
+}
+
+#[test]
+fn fetch_refuses_a_truncated_stored_file() {
+    damaged_stored_file_is_refused_on_fetch(|p| {
+        let f = std::fs::OpenOptions::new().write(true).open(p).unwrap();
+        f.set_len(8 << 20).unwrap();
+    });
+}
+
+#[test]
+fn fetch_of_a_missing_file_fails_at_once_with_one_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let repo = tmp.path().join("repo");
+    let dest = tmp.path().join("RECOVERYXLOG");
+    let out = fetch(&repo, "00000002.history", &dest);
+    assert_exit(&out, 1);
+    assert_eq!(stderr(&out).lines().count(), 1, "{}", stderr(&out));
+    assert!(stderr(&out).contains("00000002.history is not in the archive"));
+    assert!(!dest.exists());
+}
+
+#[test]
+fn a_damaged_stored_copy_is_repaired_by_a_push_of_the_content_it_recorded() {
+    let c = Cluster::init(Version::V18);
+    let tmp = tempfile::tempdir().unwrap();
+    let (seg, repo) = (real_segment(&c, tmp.path()), tmp.path().join("repo"));
+    assert_exit(&push(&repo, &seg), 0);
+    let stored = stored_path(&repo, FIRST_SEGMENT);
+    let mut b = std::fs::read(&stored).unwrap();
+    b[9_000_000] ^= 0x10;
+    std::fs::write(&stored, b).unwrap();
+
+    let out = push(&repo, &seg);
+    assert_exit(&out, 0);
+    assert!(
+        stdout(&out).contains(r#""outcome":"repaired""#),
+        "{}",
+        stdout(&out)
+    );
+    let dest = tmp.path().join("back");
+    assert_exit(&fetch(&repo, FIRST_SEGMENT, &dest), 0);
+    assert_eq!(std::fs::read(&dest).unwrap(), std::fs::read(&seg).unwrap());
+}
+
+/// A standby restores through `wal fetch`, is promoted, and archives the new
+/// timeline's history file through `wal push`; fetching that file gives back
+/// exactly what the server wrote.
+#[test]
+fn pg18_history_file_of_a_promotion_is_archived_and_fetched() {
+    let (mut c, repo) = archiving(Version::V18, "");
+    c.client()
+        .batch_execute("CREATE TABLE t AS SELECT generate_series(1, 1000) AS id")
+        .unwrap();
+    switch_and_wait_archived(&c);
+    c.stop();
+    std::fs::write(c.data().join("standby.signal"), "").unwrap();
+    c.append_conf(&[("restore_command", restore_command(&repo))]);
+    c.start();
+    c.run_ok(c.cmd("pg_ctl").args(["promote", "-w", "-D"]).arg(c.data()));
+    c.wait_for(
+        "00000002.history in the archive",
+        Duration::from_secs(60),
+        || {
+            stored_path(&repo, "00000002.history")
+                .exists()
+                .then_some(())
+        },
+    );
+
+    let dest = c.dir("fetched").join("00000002.history");
+    let out = reentry(
+        true,
+        &[
+            "--repo",
+            repo.to_str().unwrap(),
+            "wal",
+            "fetch",
+            "00000002.history",
+            dest.to_str().unwrap(),
+        ],
+    );
+    assert_exit(&out, 0);
+    let written = std::fs::read(c.data().join("pg_wal/00000002.history")).unwrap();
+    assert_eq!(std::fs::read(&dest).unwrap(), written);
+    assert!(
+        String::from_utf8_lossy(&written).starts_with("1\t"),
+        "history names timeline 1 as parent"
+    );
+}
+
+/// A base backup plus the archive, replayed through `wal fetch`, gives back
+/// every row committed after the backup.
+fn a_copy_replays_archived_wal_through_wal_fetch(version: Version) {
+    let (c, repo) = archiving(version, "--compress zstd");
+    let mut db = c.client();
+    db.batch_execute("CREATE TABLE orders (id bigint PRIMARY KEY, note text)")
+        .unwrap();
+    let copy = Cluster::empty(version);
+    c.run_ok(
+        c.cmd("pg_basebackup")
+            .args(["-X", "none", "-c", "fast", "-D"])
+            .arg(copy.data()),
+    );
+    db.batch_execute(
+        "INSERT INTO orders SELECT g, repeat('x', 200) FROM generate_series(1, 50000) g",
+    )
+    .unwrap();
+    switch_and_wait_archived(&c);
+    let expected: i64 = db
+        .query_one("SELECT count(*) FROM orders", &[])
+        .unwrap()
+        .get(0);
+
+    // The backup history file the server archived for pg_basebackup.
+    let backup_file = std::fs::read_dir(repo.join("archive/0000000100000000"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .find(|n| n.ends_with(".backup"))
+        .expect("a .backup file archived");
+    let restored = copy.dir("b").join(&backup_file);
+    let out = reentry(
+        true,
+        &[
+            "--repo",
+            repo.to_str().unwrap(),
+            "wal",
+            "fetch",
+            &backup_file,
+            restored.to_str().unwrap(),
+        ],
+    );
+    assert_exit(&out, 0);
+    assert!(std::fs::read_to_string(&restored)
+        .unwrap()
+        .contains("START WAL LOCATION"));
+
+    let mut copy = copy;
+    copy.append_conf(&copy.local_settings());
+    copy.append_conf(&[
+        ("archive_mode", "off".to_string()),
+        ("restore_command", restore_command(&repo)),
+        ("recovery_target_action", "'promote'".to_string()),
+    ]);
+    std::fs::write(copy.data().join("recovery.signal"), "").unwrap();
+    crate::common::give_to_server_user(&copy.data().join("recovery.signal"));
+    copy.start();
+    let mut restored_db = copy.client();
+    copy.wait_for("recovery to finish", Duration::from_secs(120), || {
+        let in_recovery: bool = restored_db
+            .query_one("SELECT pg_is_in_recovery()", &[])
+            .unwrap()
+            .get(0);
+        (!in_recovery).then_some(())
+    });
+    let got: i64 = restored_db
+        .query_one("SELECT count(*) FROM orders", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(got, expected);
+    assert!(
+        copy.log().contains("restored log file"),
+        "WAL came from the archive"
+    );
+}
+
+#[test]
+fn pg18_a_copy_replays_archived_wal_through_wal_fetch() {
+    a_copy_replays_archived_wal_through_wal_fetch(Version::V18);
+}
+
+#[test]
+fn pg15_a_copy_replays_archived_wal_through_wal_fetch() {
+    a_copy_replays_archived_wal_through_wal_fetch(Version::V15);
+}
