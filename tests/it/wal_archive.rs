@@ -2,9 +2,11 @@
 //! restore_command, against real PostgreSQL 18 and 15.
 
 use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
 use reentry::backup::archive::Archive;
+use reentry::backup::stored::Compression;
 use reentry::pg::wal::{LongPageHeader, WalFileName};
 
 use crate::common::pg::{Cluster, Version};
@@ -133,11 +135,43 @@ fn pg15_archives_every_segment_under_pgbench_load_with_zstd() {
     archives_every_segment_under_pgbench_load(Version::V15, "--compress zstd --compress-level 3");
 }
 
-/// A real segment from a fresh `initdb`, copied to `dir`.
-fn real_segment(c: &Cluster, dir: &Path) -> PathBuf {
-    let dest = dir.join(FIRST_SEGMENT);
-    std::fs::copy(c.data().join("pg_wal").join(FIRST_SEGMENT), &dest).unwrap();
-    dest
+/// The first WAL segment of a fresh `initdb`, copied into a temporary
+/// directory beside an empty repository: what the archive tests push.
+struct Fixture {
+    tmp: tempfile::TempDir,
+    seg: PathBuf,
+    repo: PathBuf,
+}
+
+impl Fixture {
+    fn new() -> Fixture {
+        let c = Cluster::init(Version::V18);
+        let tmp = tempfile::tempdir().unwrap();
+        let seg = tmp.path().join(FIRST_SEGMENT);
+        std::fs::copy(c.data().join("pg_wal").join(FIRST_SEGMENT), &seg).unwrap();
+        Fixture {
+            repo: tmp.path().join("repo"),
+            seg,
+            tmp,
+        }
+    }
+
+    /// With the segment already archived.
+    fn pushed() -> Fixture {
+        let f = Fixture::new();
+        assert_exit(&push(&f.repo, &f.seg), 0);
+        f
+    }
+
+    fn stored(&self) -> PathBuf {
+        stored_path(&self.repo, FIRST_SEGMENT)
+    }
+
+    fn subdir(&self, name: &str) -> PathBuf {
+        let d = self.tmp.path().join(name);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
 }
 
 fn sha256_of(path: &Path) -> String {
@@ -149,7 +183,7 @@ fn sha256_of(path: &Path) -> String {
         .collect()
 }
 
-fn push(repo: &Path, file: &Path) -> std::process::Output {
+fn push(repo: &Path, file: &Path) -> Output {
     reentry(
         false,
         &[
@@ -163,56 +197,60 @@ fn push(repo: &Path, file: &Path) -> std::process::Output {
     )
 }
 
+fn fetch(repo: &Path, name: &str, dest: &Path) -> Output {
+    fetch_as(false, repo, name, dest)
+}
+
+/// `wal fetch`, as the server user when `as_server` (as restore_command runs).
+fn fetch_as(as_server: bool, repo: &Path, name: &str, dest: &Path) -> Output {
+    let (repo, dest) = (repo.to_str().unwrap(), dest.to_str().unwrap());
+    reentry(as_server, &["--repo", repo, "wal", "fetch", name, dest])
+}
+
 fn stored_path(repo: &Path, name: &str) -> PathBuf {
     Archive::new(repo).path_of(&WalFileName::parse(name).unwrap())
 }
 
+#[track_caller]
+fn assert_outcome(o: &Output, outcome: &str) {
+    assert_exit(o, 0);
+    let want = format!(r#""outcome":"{outcome}""#);
+    assert!(
+        stdout(o).contains(&want),
+        "expected {want} in {}",
+        stdout(o)
+    );
+}
+
+fn flip_byte(path: &Path, at: usize) {
+    let mut b = std::fs::read(path).unwrap();
+    b[at] ^= 0x10;
+    std::fs::write(path, b).unwrap();
+}
+
+fn inode(path: &Path) -> u64 {
+    std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(path).unwrap())
+}
+
 #[test]
 fn the_same_content_pushed_again_succeeds_without_rewriting() {
-    let c = Cluster::init(Version::V18);
-    let tmp = tempfile::tempdir().unwrap();
-    let (seg, repo) = (real_segment(&c, tmp.path()), tmp.path().join("repo"));
-
-    let first = push(&repo, &seg);
-    assert_exit(&first, 0);
-    assert!(
-        stdout(&first).contains(r#""outcome":"stored""#),
-        "{}",
-        stdout(&first)
-    );
-    let stored = stored_path(&repo, FIRST_SEGMENT);
-    let inode = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(&stored).unwrap());
-
-    let again = push(&repo, &seg);
-    assert_exit(&again, 0);
-    assert!(
-        stdout(&again).contains(r#""outcome":"already-archived""#),
-        "{}",
-        stdout(&again)
-    );
-    assert_eq!(
-        std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(&stored).unwrap()),
-        inode
-    );
+    let f = Fixture::new();
+    assert_outcome(&push(&f.repo, &f.seg), "stored");
+    let before = inode(&f.stored());
+    assert_outcome(&push(&f.repo, &f.seg), "already-archived");
+    assert_eq!(inode(&f.stored()), before);
 }
 
 #[test]
 fn different_content_under_an_archived_name_is_refused_and_the_stored_copy_is_kept() {
-    let c = Cluster::init(Version::V18);
-    let tmp = tempfile::tempdir().unwrap();
-    let (seg, repo) = (real_segment(&c, tmp.path()), tmp.path().join("repo"));
-    assert_exit(&push(&repo, &seg), 0);
-    let stored = stored_path(&repo, FIRST_SEGMENT);
-    let stored_before = std::fs::read(&stored).unwrap();
-    let original = sha256_of(&seg);
-
+    let f = Fixture::pushed();
+    let stored_before = std::fs::read(f.stored()).unwrap();
+    let original = sha256_of(&f.seg);
     // Same name, same cluster, one byte different past the page header.
-    let mut bytes = std::fs::read(&seg).unwrap();
-    bytes[1 << 20] ^= 0xFF;
-    std::fs::write(&seg, &bytes).unwrap();
-    let changed = sha256_of(&seg);
+    flip_byte(&f.seg, 1 << 20);
+    let changed = sha256_of(&f.seg);
 
-    let out = push(&repo, &seg);
+    let out = push(&f.repo, &f.seg);
     assert_exit(&out, 3);
     let err = stderr(&out);
     assert!(
@@ -221,34 +259,28 @@ fn different_content_under_an_archived_name_is_refused_and_the_stored_copy_is_ke
     );
     assert_eq!(err.lines().count(), 1, "{err}");
     assert_eq!(
-        std::fs::read(&stored).unwrap(),
+        std::fs::read(f.stored()).unwrap(),
         stored_before,
         "stored copy untouched"
     );
-    assert!(Archive::new(&repo)
-        .verify(&WalFileName::parse(FIRST_SEGMENT).unwrap())
-        .is_ok());
 }
 
 #[test]
 fn concurrent_pushes_of_one_segment_all_succeed_and_leave_one_intact_copy() {
-    let c = Cluster::init(Version::V18);
-    let tmp = tempfile::tempdir().unwrap();
-    let (seg, repo) = (real_segment(&c, tmp.path()), tmp.path().join("repo"));
-
+    let f = Fixture::new();
     let children: Vec<_> = (0..8)
         .map(|_| {
-            std::process::Command::new(reentry_bin())
+            Command::new(reentry_bin())
                 .args([
                     "--repo",
-                    repo.to_str().unwrap(),
+                    f.repo.to_str().unwrap(),
                     "--json",
                     "wal",
                     "push",
-                    seg.to_str().unwrap(),
+                    f.seg.to_str().unwrap(),
                 ])
-                .stdout(std::process::Stdio::piped())
-                .stderr(std::process::Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
                 .spawn()
                 .unwrap()
         })
@@ -269,89 +301,57 @@ fn concurrent_pushes_of_one_segment_all_succeed_and_leave_one_intact_copy() {
         "exactly one push stores, the rest find it archived"
     );
 
-    let header = Archive::new(&repo)
+    let header = Archive::new(&f.repo)
         .verify(&WalFileName::parse(FIRST_SEGMENT).unwrap())
         .unwrap();
-    assert_eq!(header.sha256.to_string(), sha256_of(&seg));
-    let dir = stored_path(&repo, FIRST_SEGMENT)
-        .parent()
-        .unwrap()
-        .to_owned();
-    let names: Vec<_> = std::fs::read_dir(&dir)
+    assert_eq!(header.sha256.to_string(), sha256_of(&f.seg));
+    let names: Vec<_> = std::fs::read_dir(f.stored().parent().unwrap())
         .unwrap()
         .map(|e| e.unwrap().file_name())
         .collect();
-    assert_eq!(
-        names,
-        vec![std::ffi::OsString::from(FIRST_SEGMENT)],
-        "no temporary files left behind"
-    );
+    assert_eq!(names, [FIRST_SEGMENT], "no temporary files left behind");
 }
 
 #[test]
 fn a_segment_from_another_cluster_is_refused_naming_both_identifiers() {
-    let (a, b) = (Cluster::init(Version::V18), Cluster::init(Version::V18));
-    let tmp = tempfile::tempdir().unwrap();
-    let repo = tmp.path().join("repo");
-    let seg_a = real_segment(&a, &tmp.path().join("a").tap_mkdir());
-    let seg_b = real_segment(&b, &tmp.path().join("b").tap_mkdir());
-    assert_exit(&push(&repo, &seg_a), 0);
-
-    let out = push(&repo, &seg_b);
+    let (a, b) = (Fixture::pushed(), Fixture::new());
+    let out = push(&a.repo, &b.seg);
     assert_exit(&out, 3);
     let sysid = |p: &Path| {
-        LongPageHeader::parse(&std::fs::read(p).unwrap()[..64])
+        LongPageHeader::parse(&std::fs::read(p).unwrap())
             .unwrap()
             .system_identifier
             .to_string()
     };
     let err = stderr(&out);
     assert!(
-        err.contains(&sysid(&seg_a)) && err.contains(&sysid(&seg_b)),
+        err.contains(&sysid(&a.seg)) && err.contains(&sysid(&b.seg)),
         "{err}"
     );
-    assert!(!stored_path(&repo, FIRST_SEGMENT)
-        .parent()
-        .unwrap()
-        .read_dir()
-        .unwrap()
-        .any(|e| {
-            e.unwrap()
-                .file_name()
-                .to_string_lossy()
-                .starts_with(".reentry-tmp")
-        }));
-}
-
-trait MkDir {
-    fn tap_mkdir(self) -> Self;
-}
-
-impl MkDir for PathBuf {
-    fn tap_mkdir(self) -> Self {
-        std::fs::create_dir_all(&self).unwrap();
-        self
-    }
+    assert_eq!(
+        sha256_of(&a.seg),
+        Archive::new(&a.repo)
+            .verify(&WalFileName::parse(FIRST_SEGMENT).unwrap())
+            .unwrap()
+            .sha256
+            .to_string()
+    );
 }
 
 #[test]
 fn a_file_that_is_not_what_its_name_says_is_refused() {
-    let c = Cluster::init(Version::V18);
-    let tmp = tempfile::tempdir().unwrap();
-    let repo = tmp.path().join("repo");
-    let seg = real_segment(&c, tmp.path());
-
+    let f = Fixture::new();
     // Segment 1's bytes under segment 2's name.
-    let renamed = tmp.path().join("000000010000000000000002");
-    std::fs::copy(&seg, &renamed).unwrap();
-    let out = push(&repo, &renamed);
+    let renamed = f.subdir("renamed").join("000000010000000000000002");
+    std::fs::copy(&f.seg, &renamed).unwrap();
+    let out = push(&f.repo, &renamed);
     assert_exit(&out, 3);
     assert!(stderr(&out).contains("wrong name"), "{}", stderr(&out));
 
     // A segment cut short.
-    let short = tmp.path().join("cut").tap_mkdir().join(FIRST_SEGMENT);
-    std::fs::write(&short, &std::fs::read(&seg).unwrap()[..1 << 20]).unwrap();
-    let out = push(&repo, &short);
+    let short = f.subdir("cut").join(FIRST_SEGMENT);
+    std::fs::write(&short, &std::fs::read(&f.seg).unwrap()[..1 << 20]).unwrap();
+    let out = push(&f.repo, &short);
     assert_exit(&out, 3);
     assert!(
         stderr(&out).contains("incomplete segment"),
@@ -360,45 +360,88 @@ fn a_file_that_is_not_what_its_name_says_is_refused() {
     );
 
     // Not WAL at all.
-    let junk = tmp.path().join("junk").tap_mkdir().join(FIRST_SEGMENT);
+    let junk = f.subdir("junk").join(FIRST_SEGMENT);
     std::fs::write(&junk, vec![0u8; 16 << 20]).unwrap();
-    assert_exit(&push(&repo, &junk), 3);
+    assert_exit(&push(&f.repo, &junk), 3);
 
     // A name PostgreSQL never archives.
-    let odd = tmp.path().join("pg_control");
+    let odd = f.subdir("odd").join("pg_control");
     std::fs::write(&odd, b"x").unwrap();
-    assert_exit(&push(&repo, &odd), 64);
-    assert!(!repo
-        .join("archive")
-        .join("0000000100000000")
-        .join(FIRST_SEGMENT)
-        .exists());
+    assert_exit(&push(&f.repo, &odd), 64);
+    assert!(!f.stored().exists(), "nothing was archived");
 }
 
-fn fetch(repo: &Path, name: &str, dest: &Path) -> std::process::Output {
-    reentry(
-        false,
-        &[
-            "--repo",
-            repo.to_str().unwrap(),
-            "wal",
-            "fetch",
-            name,
-            dest.to_str().unwrap(),
-        ],
+/// Where the repository comes from: --repo, else REENTRY_REPO, else the
+/// config file; with none, a configuration error that says what to set.
+#[test]
+fn the_repository_comes_from_the_flag_the_environment_or_the_config_file() {
+    let f = Fixture::new();
+    let run = |args: &[&str], env: Option<&Path>| {
+        let mut cmd = Command::new(reentry_bin());
+        cmd.args(args)
+            .arg("wal")
+            .arg("push")
+            .arg(&f.seg)
+            .arg("--json")
+            .env_remove("REENTRY_REPO");
+        cmd.current_dir(f.tmp.path());
+        if let Some(repo) = env {
+            cmd.env("REENTRY_REPO", repo);
+        }
+        cmd.output().unwrap()
+    };
+    let out = run(&[], None);
+    assert_exit(&out, 78);
+    assert!(stderr(&out).contains("REENTRY_REPO"), "{}", stderr(&out));
+
+    let from_env = f.subdir("from-env");
+    assert_outcome(&run(&[], Some(&from_env)), "stored");
+    assert!(stored_path(&from_env, FIRST_SEGMENT).exists());
+
+    std::fs::write(
+        f.tmp.path().join("reentry.toml"),
+        "repo = \"from-config\"\n[wal]\ncompress = \"zstd\"\n",
     )
+    .unwrap();
+    assert_outcome(&run(&[], None), "stored");
+    let header = Archive::new(f.tmp.path().join("from-config"))
+        .verify(&WalFileName::parse(FIRST_SEGMENT).unwrap())
+        .unwrap();
+    assert_eq!(
+        header.compression,
+        Compression::Zstd,
+        "settings from the config file apply"
+    );
+
+    let from_flag = f.subdir("from-flag");
+    assert_outcome(
+        &run(&["--repo", from_flag.to_str().unwrap()], Some(&from_env)),
+        "stored",
+    );
+    assert!(
+        stored_path(&from_flag, FIRST_SEGMENT).exists(),
+        "the flag wins over the environment"
+    );
+
+    std::fs::write(
+        f.tmp.path().join("reentry.toml"),
+        "repo = \"x\"\nrepository = \"y\"\n",
+    )
+    .unwrap();
+    let out = run(&[], None);
+    assert_exit(&out, 78);
+    assert!(
+        stderr(&out).contains("reentry.toml") && stderr(&out).contains("line 2"),
+        "{}",
+        stderr(&out)
+    );
 }
 
 fn damaged_stored_file_is_refused_on_fetch(damage: impl Fn(&Path)) {
-    let c = Cluster::init(Version::V18);
-    let tmp = tempfile::tempdir().unwrap();
-    let (seg, repo) = (real_segment(&c, tmp.path()), tmp.path().join("repo"));
-    assert_exit(&push(&repo, &seg), 0);
-    damage(&stored_path(&repo, FIRST_SEGMENT));
-
-    let dest_dir = tmp.path().join("pg_wal").tap_mkdir();
-    let dest = dest_dir.join("RECOVERYXLOG");
-    let out = fetch(&repo, FIRST_SEGMENT, &dest);
+    let f = Fixture::pushed();
+    damage(&f.stored());
+    let dest_dir = f.subdir("pg_wal");
+    let out = fetch(&f.repo, FIRST_SEGMENT, &dest_dir.join("RECOVERYXLOG"));
     assert_exit(&out, 2);
     assert!(stderr(&out).contains("corrupt"), "{}", stderr(&out));
     assert_eq!(
@@ -410,27 +453,26 @@ fn damaged_stored_file_is_refused_on_fetch(damage: impl Fn(&Path)) {
 
 #[test]
 fn fetch_refuses_a_stored_file_with_a_flipped_byte() {
-    damaged_stored_file_is_refused_on_fetch(|p| {
-        let mut b = std::fs::read(p).unwrap();
-        b[5_000_000] ^= 0x01;
-        std::fs::write(p, b).unwrap();
-    });
+    damaged_stored_file_is_refused_on_fetch(|p| flip_byte(p, 5_000_000));
 }
 
 #[test]
 fn fetch_refuses_a_truncated_stored_file() {
     damaged_stored_file_is_refused_on_fetch(|p| {
-        let f = std::fs::OpenOptions::new().write(true).open(p).unwrap();
-        f.set_len(8 << 20).unwrap();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(p)
+            .unwrap()
+            .set_len(8 << 20)
+            .unwrap();
     });
 }
 
 #[test]
 fn fetch_of_a_missing_file_fails_at_once_with_one_line() {
     let tmp = tempfile::tempdir().unwrap();
-    let repo = tmp.path().join("repo");
     let dest = tmp.path().join("RECOVERYXLOG");
-    let out = fetch(&repo, "00000002.history", &dest);
+    let out = fetch(&tmp.path().join("repo"), "00000002.history", &dest);
     assert_exit(&out, 1);
     assert_eq!(stderr(&out).lines().count(), 1, "{}", stderr(&out));
     assert!(stderr(&out).contains("00000002.history is not in the archive"));
@@ -439,25 +481,15 @@ fn fetch_of_a_missing_file_fails_at_once_with_one_line() {
 
 #[test]
 fn a_damaged_stored_copy_is_repaired_by_a_push_of_the_content_it_recorded() {
-    let c = Cluster::init(Version::V18);
-    let tmp = tempfile::tempdir().unwrap();
-    let (seg, repo) = (real_segment(&c, tmp.path()), tmp.path().join("repo"));
-    assert_exit(&push(&repo, &seg), 0);
-    let stored = stored_path(&repo, FIRST_SEGMENT);
-    let mut b = std::fs::read(&stored).unwrap();
-    b[9_000_000] ^= 0x10;
-    std::fs::write(&stored, b).unwrap();
-
-    let out = push(&repo, &seg);
-    assert_exit(&out, 0);
-    assert!(
-        stdout(&out).contains(r#""outcome":"repaired""#),
-        "{}",
-        stdout(&out)
+    let f = Fixture::pushed();
+    flip_byte(&f.stored(), 9_000_000);
+    assert_outcome(&push(&f.repo, &f.seg), "repaired");
+    let dest = f.subdir("back").join(FIRST_SEGMENT);
+    assert_exit(&fetch(&f.repo, FIRST_SEGMENT, &dest), 0);
+    assert_eq!(
+        std::fs::read(&dest).unwrap(),
+        std::fs::read(&f.seg).unwrap()
     );
-    let dest = tmp.path().join("back");
-    assert_exit(&fetch(&repo, FIRST_SEGMENT, &dest), 0);
-    assert_eq!(std::fs::read(&dest).unwrap(), std::fs::read(&seg).unwrap());
 }
 
 /// A standby restores through `wal fetch`, is promoted, and archives the new
@@ -486,17 +518,7 @@ fn pg18_history_file_of_a_promotion_is_archived_and_fetched() {
     );
 
     let dest = c.dir("fetched").join("00000002.history");
-    let out = reentry(
-        true,
-        &[
-            "--repo",
-            repo.to_str().unwrap(),
-            "wal",
-            "fetch",
-            "00000002.history",
-            dest.to_str().unwrap(),
-        ],
-    );
+    let out = fetch_as(true, &repo, "00000002.history", &dest);
     assert_exit(&out, 0);
     let written = std::fs::read(c.data().join("pg_wal/00000002.history")).unwrap();
     assert_eq!(std::fs::read(&dest).unwrap(), written);
@@ -536,17 +558,7 @@ fn a_copy_replays_archived_wal_through_wal_fetch(version: Version) {
         .find(|n| n.ends_with(".backup"))
         .expect("a .backup file archived");
     let restored = copy.dir("b").join(&backup_file);
-    let out = reentry(
-        true,
-        &[
-            "--repo",
-            repo.to_str().unwrap(),
-            "wal",
-            "fetch",
-            &backup_file,
-            restored.to_str().unwrap(),
-        ],
-    );
+    let out = fetch_as(true, &repo, &backup_file, &restored);
     assert_exit(&out, 0);
     assert!(std::fs::read_to_string(&restored)
         .unwrap()
