@@ -89,3 +89,58 @@ impl Drop for TempGuard {
         }
     }
 }
+
+/// Replaces `target` with `bytes` atomically and durably: readers see the
+/// old content or the new, never a mix.
+pub fn write_atomic(target: &Path, bytes: &[u8]) -> io::Result<()> {
+    use std::io::Write;
+    let tmp = temp_path_beside(target);
+    let _guard = TempGuard(Some(tmp.clone()));
+    let mut f = File::create_new(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    fs::rename(&tmp, target)?;
+    match target.parent().filter(|p| !p.as_os_str().is_empty()) {
+        Some(dir) => sync_dir(dir),
+        None => Ok(()),
+    }
+}
+
+/// Sum of file sizes and number of files below `dir`.
+pub fn tree_size(dir: &Path) -> io::Result<(u64, u64)> {
+    let (mut bytes, mut files) = (0, 0);
+    for entry in fs::read_dir(dir)? {
+        let entry = entry?;
+        let meta = entry.metadata()?;
+        if meta.is_dir() {
+            let (b, f) = tree_size(&entry.path())?;
+            bytes += b;
+            files += f;
+        } else {
+            bytes += meta.len();
+            files += 1;
+        }
+    }
+    Ok((bytes, files))
+}
+
+/// A scratch directory, removed with everything in it on drop.
+pub struct ScratchDir(PathBuf);
+
+impl ScratchDir {
+    pub fn new(label: &str) -> io::Result<ScratchDir> {
+        let path = temp_path_beside(&std::env::temp_dir().join(label));
+        fs::create_dir(&path)?;
+        Ok(ScratchDir(path))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}

@@ -17,6 +17,16 @@ pub enum Error {
     Config(#[from] config::ConfigError),
     #[error(transparent)]
     Archive(#[from] backup::archive::ArchiveError),
+    #[error(transparent)]
+    Backup(#[from] backup::basebackup::BackupError),
+    #[error(transparent)]
+    Expire(#[from] backup::expire::ExpireError),
+    #[error(transparent)]
+    Status(#[from] backup::status::StatusError),
+    #[error(transparent)]
+    Repo(#[from] backup::repo::RepoError),
+    #[error(transparent)]
+    Pg(#[from] pg::conn::PgError),
     #[error("cannot write output: {0}")]
     Output(std::io::Error),
 }
@@ -26,7 +36,56 @@ impl Error {
         match self {
             Error::Config(_) => Exit::Config,
             Error::Archive(e) => e.exit(),
+            Error::Backup(e) => backup_exit(e),
+            Error::Expire(backup::expire::ExpireError::NoPolicy) => Exit::Usage,
+            Error::Expire(backup::expire::ExpireError::Repo(e)) | Error::Repo(e) => repo_exit(e),
+            Error::Expire(backup::expire::ExpireError::Archive(e)) => e.exit(),
+            Error::Status(e) => status_exit(e),
+            Error::Pg(e) => pg_exit(e),
             Error::Output(_) => Exit::Failure,
         }
+    }
+}
+
+fn pg_exit(e: &pg::conn::PgError) -> Exit {
+    match e {
+        pg::conn::PgError::BadConninfo(_) => Exit::Config,
+        _ => Exit::Failure,
+    }
+}
+
+fn repo_exit(e: &backup::repo::RepoError) -> Exit {
+    match e {
+        backup::repo::RepoError::UnknownBackup { .. } => Exit::Usage,
+        _ => Exit::Failure,
+    }
+}
+
+fn backup_exit(e: &backup::basebackup::BackupError) -> Exit {
+    use backup::basebackup::BackupError as B;
+    match e {
+        B::Pg(e) => pg_exit(e),
+        B::Repo(e) => repo_exit(e),
+        B::Archive(e) => e.exit(),
+        B::Tool(_) | B::WalTimeout { .. } | B::BadBackupFiles { .. } => Exit::Failure,
+        B::IncrementalUnsupported { .. } | B::SummarizeWalOff { .. } | B::ArchiveOff { .. } => {
+            Exit::Config
+        }
+        B::NoParent { .. }
+        | B::BadParent { .. }
+        | B::WrongCluster { .. }
+        | B::DuplicateRestorePoint { .. } => Exit::Refused,
+        B::BadRestorePointName { .. } => Exit::Usage,
+    }
+}
+
+/// `check` is a check: what it finds wrong is exit 1, not a malfunction.
+fn status_exit(e: &backup::status::StatusError) -> Exit {
+    use backup::status::StatusError as S;
+    match e {
+        S::Pg(e) => pg_exit(e),
+        S::Repo(e) => repo_exit(e),
+        S::Archive(e) => e.exit(),
+        S::ArchiveOff { .. } | S::WrongCluster { .. } | S::NotArchived { .. } => Exit::Negative,
     }
 }

@@ -530,8 +530,8 @@ impl Archive {
         })
     }
 
-    /// Reads a stored file end to end and checks it against its checksum.
-    pub fn verify(&self, name: &WalFileName) -> Result<Header, ArchiveError> {
+    /// Streams the original bytes of a stored file into `sink`, verified.
+    pub fn read(&self, name: &WalFileName, sink: &mut impl Write) -> Result<Header, ArchiveError> {
         let path = self.path_of(name);
         let file = File::open(&path).map_err(|e| match e.kind() {
             io::ErrorKind::NotFound => ArchiveError::NotFound {
@@ -540,10 +540,75 @@ impl Archive {
             },
             _ => io_err("open", &path)(e),
         })?;
-        stored::read(file, &mut io::sink()).map_err(|e| match e {
+        stored::read(file, sink).map_err(|e| match e {
             ReadError::Corrupt(detail) => ArchiveError::Corrupt { path, detail },
             ReadError::Io(e) => io_err("read", &path)(e),
         })
+    }
+
+    /// Reads a stored file end to end and checks it against its checksum.
+    pub fn verify(&self, name: &WalFileName) -> Result<Header, ArchiveError> {
+        self.read(name, &mut io::sink())
+    }
+}
+
+/// What the archive directory holds.
+#[derive(Debug, Default)]
+pub struct Listing {
+    pub files: Vec<WalFileName>,
+    /// Left by a push that died before publishing.
+    pub temp_files: Vec<PathBuf>,
+    /// Anything else: not written by this tool.
+    pub unknown: Vec<PathBuf>,
+}
+
+impl Archive {
+    pub fn list(&self) -> Result<Listing, ArchiveError> {
+        let mut listing = Listing::default();
+        let top = match fs::read_dir(&self.dir) {
+            Ok(t) => t,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(listing),
+            Err(e) => return Err(io_err("list", &self.dir)(e)),
+        };
+        for entry in top {
+            let entry = entry.map_err(io_err("list", &self.dir))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let path = entry.path();
+            if path.is_dir() && name.len() == 16 && name.bytes().all(|b| b.is_ascii_hexdigit()) {
+                for inner in fs::read_dir(&path).map_err(io_err("list", &path))? {
+                    let inner = inner.map_err(io_err("list", &path))?;
+                    let file = inner.file_name().to_string_lossy().into_owned();
+                    self.classify(&file, inner.path(), &mut listing);
+                }
+            } else if name != INFO_FILE {
+                self.classify(&name, path, &mut listing);
+            }
+        }
+        listing.files.sort_by_key(|f| f.to_string());
+        Ok(listing)
+    }
+
+    fn classify(&self, name: &str, path: PathBuf, listing: &mut Listing) {
+        if name.starts_with(fsutil::TEMP_PREFIX) {
+            listing.temp_files.push(path);
+        } else {
+            match WalFileName::parse(name) {
+                Ok(wal) if self.path_of(&wal) == path => listing.files.push(wal),
+                _ => listing.unknown.push(path),
+            }
+        }
+    }
+
+    /// Removes an archived file (retention); the directory is fsynced.
+    pub fn remove(&self, name: &WalFileName) -> Result<(), ArchiveError> {
+        let path = self.path_of(name);
+        match fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(io_err("remove", &path)(e)),
+        }
+        let dir = path.parent().expect("archive paths have a parent");
+        fsutil::sync_dir(dir).map_err(io_err("fsync", dir))
     }
 }
 

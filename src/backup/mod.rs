@@ -1,5 +1,14 @@
-//! The repository: the WAL archive now; base backups, the catalog, retention
-//! and restores build on it.
+//! The repository: the WAL archive, base backups and their labels, the
+//! checks of both, retention, and restore points.
 
 pub mod archive;
+pub mod basebackup;
+pub mod catalog;
+pub mod expire;
+pub mod label;
+pub mod repo;
+pub mod restore_point;
+pub mod status;
 pub mod stored;
+pub mod verify;
+pub mod walchain;

@@ -1,6 +1,8 @@
 //! Command-line interface: argument types and the dispatch to the library.
 //! Each subcommand module owns its `Args` and its `run`.
 
+mod backup;
+mod status;
 mod wal;
 
 use std::io::{self, Write};
@@ -51,6 +53,64 @@ pub enum Command {
     /// The WAL archive: PostgreSQL's archive_command and restore_command.
     #[command(subcommand)]
     Wal(wal::WalCommand),
+    /// Take a base backup (`backup list|verify|expire` manage them).
+    Backup(backup::BackupArgs),
+    /// Create a named restore point and record it in the repository.
+    RestorePoint(status::RestorePointArgs),
+    /// Archiver, WAL, slots, sizes, backups: the health of backup and recovery.
+    Status(status::StatusArgs),
+    /// Force a WAL switch and confirm the segment reaches the archive.
+    Check(status::CheckArgs),
+}
+
+/// Which server to talk to: a conninfo string or URL, else libpq's PGHOST,
+/// PGPORT, PGUSER, PGPASSWORD and PGDATABASE.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ConnectOpts {
+    /// Connection string or URL [default: the PG* environment variables].
+    #[arg(long, value_name = "CONNINFO")]
+    pub db: Option<String>,
+}
+
+/// Where PostgreSQL's own programs are.
+#[derive(Debug, Clone, clap::Args)]
+pub struct PgBinOpts {
+    /// PostgreSQL's bin directory, matching the server's major version [default: PATH].
+    #[arg(long, env = "REENTRY_PG_BIN", value_name = "DIR")]
+    pub pg_bin: Option<PathBuf>,
+}
+
+impl PgBinOpts {
+    pub fn pg_bin(&self) -> crate::pg::tools::PgBin {
+        crate::pg::tools::PgBin::new(self.pg_bin.clone())
+    }
+}
+
+/// `1.5 GiB`.
+pub fn human_bytes(n: f64) -> String {
+    let units = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n;
+    let mut i = 0;
+    while v >= 1024.0 && i + 1 < units.len() {
+        v /= 1024.0;
+        i += 1;
+    }
+    if i == 0 {
+        format!("{v:.0} {}", units[i])
+    } else {
+        format!("{v:.1} {}", units[i])
+    }
+}
+
+/// `3m`, `2h`, `4d`.
+pub fn human_age(seconds: f64) -> String {
+    let s = seconds.max(0.0);
+    match s {
+        s if s < 120.0 => format!("{s:.0}s"),
+        s if s < 7200.0 => format!("{:.0}m", s / 60.0),
+        s if s < 172_800.0 => format!("{:.0}h", s / 3600.0),
+        s => format!("{:.0}d", s / 86_400.0),
+    }
 }
 
 /// What a command needs from the environment it runs in.
@@ -121,5 +181,9 @@ pub fn run(cli: Cli) -> Result<Exit, Error> {
     };
     match cli.command {
         Command::Wal(cmd) => wal::run(&ctx, cmd),
+        Command::Backup(args) => backup::run(&ctx, args),
+        Command::RestorePoint(args) => status::restore_point(&ctx, args),
+        Command::Status(args) => status::status(&ctx, args),
+        Command::Check(args) => status::check(&ctx, args),
     }
 }

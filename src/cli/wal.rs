@@ -1,7 +1,9 @@
 use std::path::PathBuf;
 
 use crate::backup::archive::{Archive, PushOptions, PushOutcome};
+use crate::backup::repo::Repo;
 use crate::backup::stored::Compression;
+use crate::backup::walchain;
 use crate::cli::Context;
 use crate::exit::Exit;
 use crate::Error;
@@ -12,6 +14,8 @@ pub enum WalCommand {
     Push(PushArgs),
     /// Restore one WAL file: restore_command = 'reentry --repo DIR wal fetch %f %p'.
     Fetch(FetchArgs),
+    /// Check every archived file and report ranges, gaps and each backup's PITR window.
+    Verify,
 }
 
 #[derive(Debug, clap::Args)]
@@ -61,6 +65,67 @@ pub fn run(ctx: &Context, cmd: WalCommand) -> Result<Exit, Error> {
             let report = archive.fetch(&args.name, &args.dest)?;
             ctx.emit(&report, || None)?;
         }
+        WalCommand::Verify => return verify(ctx, &archive),
     }
     Ok(Exit::Ok)
+}
+
+fn verify(ctx: &Context, archive: &Archive) -> Result<Exit, Error> {
+    let repo = Repo::new(archive.repo());
+    let report = walchain::verify(archive, &repo.backups()?)?;
+    ctx.emit(&report, || {
+        let mut out = format!("{} archived files checked\n", report.files_checked);
+        for t in &report.timelines {
+            for r in &t.ranges {
+                out.push_str(&format!(
+                    "timeline {}: {} .. {} ({} segments)\n",
+                    t.timeline, r.first, r.last, r.segments
+                ));
+            }
+            for g in &t.gaps {
+                out.push_str(&format!(
+                    "timeline {}: GAP {} .. {} ({} missing)\n",
+                    t.timeline, g.first, g.last, g.segments
+                ));
+            }
+        }
+        if !report.history_files.is_empty() {
+            out.push_str(&format!("history: {}\n", report.history_files.join(", ")));
+        }
+        for c in &report.corrupt {
+            out.push_str(&format!("CORRUPT {}: {}\n", c.name, c.detail));
+        }
+        for t in &report.temp_files {
+            out.push_str(&format!(
+                "leftover temporary file {t} (from a push that died; safe to delete)\n"
+            ));
+        }
+        for u in &report.unknown_files {
+            out.push_str(&format!("unknown file {u}\n"));
+        }
+        for b in &report.backups {
+            if b.missing.is_empty() {
+                let reach: Vec<String> = b
+                    .reachable
+                    .iter()
+                    .map(|r| format!("{} on timeline {}", r.until_lsn, r.timeline))
+                    .collect();
+                out.push_str(&format!(
+                    "backup {}: consistent at {}, recoverable to {}\n",
+                    b.id,
+                    b.consistent_lsn,
+                    reach.join(", ")
+                ));
+            } else {
+                out.push_str(&format!(
+                    "backup {}: UNUSABLE, missing {}\n",
+                    b.id,
+                    b.missing.join(", ")
+                ));
+            }
+        }
+        out.push_str(if report.ok { "ok" } else { "FAILED" });
+        Some(out)
+    })?;
+    Ok(if report.ok { Exit::Ok } else { Exit::Negative })
 }

@@ -1,5 +1,8 @@
-//! PostgreSQL facts the tool reads without a connection: WAL file names, WAL
-//! page headers and the identity of a data directory.
+//! PostgreSQL: connections, LSNs, WAL file names and page headers, the
+//! identity of a data directory, and the server tools the tool drives.
 
 pub mod cluster;
+pub mod conn;
+pub mod lsn;
+pub mod tools;
 pub mod wal;

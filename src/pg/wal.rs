@@ -64,6 +64,15 @@ impl SegmentName {
         format!("{:08X}{:08X}", self.timeline, self.log)
     }
 
+    pub fn from_segno(timeline: u32, segno: u64, seg_size: u32) -> SegmentName {
+        let per_log = 0x1_0000_0000u64 / u64::from(seg_size.max(1));
+        SegmentName {
+            timeline,
+            log: (segno / per_log) as u32,
+            seg: (segno % per_log) as u32,
+        }
+    }
+
     /// Segment number counted from LSN 0 for a given segment size.
     pub fn segno(&self, seg_size: u32) -> u64 {
         let per_log = 0x1_0000_0000u64 / u64::from(seg_size.max(1));

@@ -9,85 +9,18 @@ use reentry::backup::archive::Archive;
 use reentry::backup::stored::Compression;
 use reentry::pg::wal::{LongPageHeader, WalFileName};
 
+use crate::common::archiving::{archiving, restore_command, switch_and_wait_archived};
 use crate::common::pg::{Cluster, Version};
 use crate::common::{assert_exit, reentry, reentry_bin, stderr, stdout};
 
 const FIRST_SEGMENT: &str = "000000010000000000000001";
-
-fn archive_command(repo: &Path, extra: &str) -> String {
-    format!(
-        "'{} --repo {} wal push %p {extra}'",
-        reentry_bin().display(),
-        repo.display()
-    )
-}
-
-fn restore_command(repo: &Path) -> String {
-    format!(
-        "'{} --repo {} wal fetch %f %p'",
-        reentry_bin().display(),
-        repo.display()
-    )
-}
-
-/// A running cluster archiving into `repo` through `reentry wal push`.
-fn archiving(version: Version, extra: &str) -> (Cluster, PathBuf) {
-    let c = Cluster::init(version);
-    let repo = c.dir("repo");
-    c.append_conf(&[
-        ("archive_mode", "on".to_string()),
-        ("archive_command", archive_command(&repo, extra)),
-    ]);
-    let mut c = c;
-    c.start();
-    (c, repo)
-}
-
-/// Switches to a new segment and waits until the one just closed is
-/// archived. Fails at once if the archiver reports a failure.
-fn switch_and_wait_archived(c: &Cluster) -> String {
-    let mut db = c.client();
-    let closed: String = db
-        .query_one("SELECT pg_walfile_name(pg_current_wal_lsn())", &[])
-        .unwrap()
-        .get(0);
-    db.execute("SELECT pg_switch_wal()", &[]).unwrap();
-    wait_archived(c, &closed);
-    closed
-}
-
-fn wait_archived(c: &Cluster, name: &str) {
-    let mut db = c.client();
-    c.wait_for(
-        &format!("{name} to be archived"),
-        Duration::from_secs(120),
-        || {
-            let row = db
-                .query_one(
-                    "SELECT coalesce(last_archived_wal, ''), failed_count FROM pg_stat_archiver",
-                    &[],
-                )
-                .unwrap();
-            let (last, failed): (String, i64) = (row.get(0), row.get(1));
-            assert_eq!(
-                failed,
-                0,
-                "archive_command failed; last failed: see server log\n{}",
-                c.log()
-            );
-            // Compare segments only: after a promotion the last archived file
-            // may be a history file.
-            (last.len() >= 24 && last[..24] >= *name).then_some(())
-        },
-    )
-}
 
 fn segment_name(timeline: u32, segno: u64) -> String {
     format!("{timeline:08X}{:08X}{:08X}", segno / 256, segno % 256)
 }
 
 fn archives_every_segment_under_pgbench_load(version: Version, extra: &str) {
-    let (c, repo) = archiving(version, extra);
+    let (c, repo) = archiving(version, extra, &[]);
     c.run_ok(c.cmd("pgbench").args(["-i", "-q", "-s", "10"]));
     c.run_ok(
         c.cmd("pgbench")
@@ -497,7 +430,7 @@ fn a_damaged_stored_copy_is_repaired_by_a_push_of_the_content_it_recorded() {
 /// exactly what the server wrote.
 #[test]
 fn pg18_history_file_of_a_promotion_is_archived_and_fetched() {
-    let (mut c, repo) = archiving(Version::V18, "");
+    let (mut c, repo) = archiving(Version::V18, "", &[]);
     c.client()
         .batch_execute("CREATE TABLE t AS SELECT generate_series(1, 1000) AS id")
         .unwrap();
@@ -531,7 +464,7 @@ fn pg18_history_file_of_a_promotion_is_archived_and_fetched() {
 /// A base backup plus the archive, replayed through `wal fetch`, gives back
 /// every row committed after the backup.
 fn a_copy_replays_archived_wal_through_wal_fetch(version: Version) {
-    let (c, repo) = archiving(version, "--compress zstd");
+    let (c, repo) = archiving(version, "--compress zstd", &[]);
     let mut db = c.client();
     db.batch_execute("CREATE TABLE orders (id bigint PRIMARY KEY, note text)")
         .unwrap();

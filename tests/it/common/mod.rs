@@ -2,6 +2,7 @@
 //! binary as the server's OS user sees it, and names for the shared Redis and
 //! Kafka servers that `scripts/test` starts.
 
+pub mod archiving;
 pub mod pg;
 pub mod services;
 

@@ -216,11 +216,16 @@ impl Cluster {
         }
     }
 
-    pub fn client(&self) -> postgres::Client {
-        let conninfo = format!(
+    /// A libpq connection string for this server.
+    pub fn conninfo(&self) -> String {
+        format!(
             "host=127.0.0.1 port={} user=postgres dbname=postgres",
             self.port
-        );
+        )
+    }
+
+    pub fn client(&self) -> postgres::Client {
+        let conninfo = self.conninfo();
         postgres::Client::connect(&conninfo, postgres::NoTls)
             .unwrap_or_else(|e| panic!("connect to {conninfo}: {e}\n{}", tail(&self.log(), 20)))
     }

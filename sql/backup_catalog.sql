@@ -1,0 +1,17 @@
+-- The backup catalog (the seed's Task 1), mirrored from the repository by
+-- `reentry backup list --sync-catalog CONNINFO`. The repository is the
+-- source of truth: rows of backups no longer in it are deleted.
+CREATE TABLE IF NOT EXISTS backup_catalog (
+    backup_id text PRIMARY KEY,
+    cluster_name text NOT NULL,
+    backup_type text NOT NULL,
+    started_at timestamptz NOT NULL,
+    finished_at timestamptz NOT NULL,
+    base_lsn pg_lsn,
+    wal_start_lsn pg_lsn,
+    wal_end_lsn pg_lsn,
+    storage_uri text NOT NULL,
+    manifest_uri text,
+    verified_at timestamptz,
+    restore_tested_at timestamptz
+);

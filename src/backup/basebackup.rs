@@ -1,0 +1,410 @@
+//! `reentry backup`: a base backup with pg_basebackup into the repository,
+//! full or incremental (PostgreSQL 17+), labelled, and complete only once the
+//! WAL that makes it consistent is in the archive.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant, SystemTime};
+
+use crate::backup::archive::ArchiveError;
+use crate::backup::label::{BackupLabel, BackupStatus, BackupType, WalRange, LABEL_FORMAT};
+use crate::backup::repo::{Repo, RepoError};
+use crate::fsutil;
+use crate::pg::conn::{Db, PgError};
+use crate::pg::lsn::Lsn;
+use crate::pg::tools::{self, PgBin, ToolError};
+use crate::pg::wal::WalFileName;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BackupError {
+    #[error(transparent)]
+    Pg(#[from] PgError),
+    #[error(transparent)]
+    Repo(#[from] RepoError),
+    #[error(transparent)]
+    Archive(#[from] ArchiveError),
+    #[error(transparent)]
+    Tool(#[from] ToolError),
+    #[error("PostgreSQL {version} cannot take incremental backups (they need 17 or later); take a full backup")]
+    IncrementalUnsupported { version: u32 },
+    #[error(
+        "incremental backups need WAL summaries, and summarize_wal is off on {target}: \
+         set summarize_wal = on, reload, and take a full backup to be the parent"
+    )]
+    SummarizeWalOff { target: String },
+    #[error("no complete backup of system {system} in {} to be the parent of an incremental backup; take a full backup first", repo.display())]
+    NoParent { system: String, repo: PathBuf },
+    #[error("backup {parent} cannot be the parent: {why}")]
+    BadParent { parent: String, why: String },
+    #[error(
+        "archive_mode is off on {target}: a backup without archived WAL cannot be restored. \
+         Set archive_mode = on and archive_command = 'reentry --repo {} wal push %p', then restart",
+        repo.display()
+    )]
+    ArchiveOff { target: String, repo: PathBuf },
+    #[error(
+        "the archive in {} holds WAL of system {archive}, but {target} is system {server}: \
+         back it up into the repository its archive_command writes to",
+        repo.display()
+    )]
+    WrongCluster {
+        repo: PathBuf,
+        target: String,
+        archive: String,
+        server: String,
+    },
+    #[error(
+        "backup {id} failed: WAL segment {segment} did not reach the archive within {secs} s. \
+         Run `reentry check` to test archive_command"
+    )]
+    WalTimeout {
+        id: String,
+        segment: String,
+        secs: u64,
+    },
+    #[error("restore point name {name:?} is {why}")]
+    BadRestorePointName { name: String, why: &'static str },
+    #[error(
+        "restore point {name:?} is already recorded (LSN {lsn}, {time}); recovery stops at the first \
+         point of a name, so choose another"
+    )]
+    DuplicateRestorePoint {
+        name: String,
+        lsn: String,
+        time: String,
+    },
+    #[error("backup {id}: cannot read {} written by pg_basebackup: {detail}", path.display())]
+    BadBackupFiles {
+        id: String,
+        path: PathBuf,
+        detail: String,
+    },
+}
+
+#[derive(Debug, Clone)]
+pub struct BackupOptions {
+    pub conninfo: Option<String>,
+    pub incremental: bool,
+    pub parent: Option<String>,
+    pub cluster_name: Option<String>,
+    pub pg_bin: PgBin,
+    pub archive_timeout: Duration,
+    /// Show pg_basebackup's progress on stderr (a terminal).
+    pub progress: bool,
+}
+
+struct Server {
+    major: u32,
+    cluster_name: String,
+    system_identifier: String,
+    archive_mode: String,
+    seg_size: u32,
+    summarize_wal: Option<String>,
+}
+
+fn server_facts(db: &mut Db) -> Result<Server, PgError> {
+    let row = db.query_one(
+        "read the server's settings",
+        "SELECT current_setting('server_version_num')::int / 10000,
+                current_setting('cluster_name'),
+                (SELECT system_identifier::text FROM pg_control_system()),
+                current_setting('archive_mode'),
+                (SELECT setting::int FROM pg_settings WHERE name = 'wal_segment_size'),
+                current_setting('summarize_wal', true)",
+        &[],
+    )?;
+    Ok(Server {
+        major: row.get::<_, i32>(0) as u32,
+        cluster_name: row.get(1),
+        system_identifier: row.get(2),
+        archive_mode: row.get(3),
+        seg_size: row.get::<_, i32>(4) as u32,
+        summarize_wal: row.get(5),
+    })
+}
+
+pub fn now_rfc3339() -> String {
+    humantime::format_rfc3339_seconds(SystemTime::now()).to_string()
+}
+
+/// `20261125-125301F`: sortable, and says full or incremental at a glance.
+fn new_id(repo: &Repo, kind: BackupType) -> String {
+    loop {
+        let t = now_rfc3339();
+        let digits: String = t.chars().filter(char::is_ascii_digit).collect();
+        let id = format!(
+            "{}-{}{}",
+            &digits[..8],
+            &digits[8..14],
+            if kind == BackupType::Full { 'F' } else { 'I' }
+        );
+        if !repo.backup_dir(&id).exists() {
+            return id;
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+pub fn take(repo: &Repo, opts: &BackupOptions) -> Result<BackupLabel, BackupError> {
+    let mut db = Db::connect(opts.conninfo.as_deref())?;
+    let target = db.target().to_owned();
+    let server = server_facts(&mut db)?;
+    if server.archive_mode == "off" {
+        return Err(BackupError::ArchiveOff {
+            target,
+            repo: repo.root().to_owned(),
+        });
+    }
+    if let Some(info) = repo.archive().info()? {
+        if info.system_identifier != server.system_identifier {
+            return Err(BackupError::WrongCluster {
+                repo: repo.root().to_owned(),
+                target,
+                archive: info.system_identifier,
+                server: server.system_identifier,
+            });
+        }
+    }
+    let kind = if opts.incremental {
+        BackupType::Incremental
+    } else {
+        BackupType::Full
+    };
+    let parent = match kind {
+        BackupType::Full => None,
+        BackupType::Incremental => Some(choose_parent(repo, opts, &server, &target)?),
+    };
+
+    let tool_version = opts.pg_bin.version("pg_basebackup")?;
+    let id = new_id(repo, kind);
+    let mut label = BackupLabel {
+        format: LABEL_FORMAT,
+        id: id.clone(),
+        cluster_name: opts.cluster_name.clone().unwrap_or_else(|| {
+            match server.cluster_name.as_str() {
+                "" => "default".to_owned(),
+                name => name.to_owned(),
+            }
+        }),
+        pg_version: server.major,
+        system_identifier: server.system_identifier.clone(),
+        kind,
+        parent: parent.clone(),
+        status: BackupStatus::Running,
+        failure: None,
+        start_lsn: None,
+        stop_lsn: None,
+        timeline: None,
+        wal_ranges: Vec::new(),
+        wal_segment_size: server.seg_size,
+        start_time: now_rfc3339(),
+        stop_time: None,
+        size_bytes: 0,
+        file_count: 0,
+        tool_version: format!("reentry {}; {tool_version}", env!("CARGO_PKG_VERSION")),
+        verification: None,
+    };
+    repo.save_label(&label)?;
+    tracing::info!(id = %id, kind = ?kind, target = %target, "backup started");
+
+    match copy_and_settle(repo, opts, &mut label, parent.as_deref()) {
+        Ok(()) => {
+            label.status = BackupStatus::Complete;
+            repo.save_label(&label)?;
+            Ok(label)
+        }
+        Err(e) => {
+            label.status = BackupStatus::Failed;
+            label.failure = Some(e.to_string());
+            label.stop_time.get_or_insert_with(now_rfc3339);
+            repo.save_label(&label)?;
+            Err(e)
+        }
+    }
+}
+
+fn choose_parent(
+    repo: &Repo,
+    opts: &BackupOptions,
+    server: &Server,
+    target: &str,
+) -> Result<String, BackupError> {
+    if server.major < 17 {
+        return Err(BackupError::IncrementalUnsupported {
+            version: server.major,
+        });
+    }
+    if server.summarize_wal.as_deref() != Some("on") {
+        return Err(BackupError::SummarizeWalOff {
+            target: target.to_owned(),
+        });
+    }
+    let label = match &opts.parent {
+        Some(id) => repo.label(id)?,
+        None => repo
+            .backups()?
+            .into_iter()
+            .rev()
+            .find(|b| b.is_usable() && b.system_identifier == server.system_identifier)
+            .ok_or_else(|| BackupError::NoParent {
+                system: server.system_identifier.clone(),
+                repo: repo.root().to_owned(),
+            })?,
+    };
+    let bad = |why: String| BackupError::BadParent {
+        parent: label.id.clone(),
+        why,
+    };
+    if !label.is_usable() {
+        return Err(bad(
+            format!("it is {:?}, not complete", label.status).to_lowercase()
+        ));
+    }
+    if label.system_identifier != server.system_identifier {
+        return Err(bad(format!(
+            "it is of system {}, the server is {}",
+            label.system_identifier, server.system_identifier
+        )));
+    }
+    Ok(label.id)
+}
+
+fn copy_and_settle(
+    repo: &Repo,
+    opts: &BackupOptions,
+    label: &mut BackupLabel,
+    parent: Option<&str>,
+) -> Result<(), BackupError> {
+    let data = repo.backup_data(&label.id);
+    let mut cmd = opts.pg_bin.command("pg_basebackup");
+    cmd.arg("-D")
+        .arg(&data)
+        .args([
+            "-X",
+            "none",
+            "-c",
+            "fast",
+            "--manifest-checksums=SHA256",
+            "--no-password",
+        ])
+        .arg(format!("--label=reentry {}", label.id));
+    if let Some(c) = &opts.conninfo {
+        cmd.arg("-d").arg(c);
+    }
+    if let Some(p) = parent {
+        cmd.arg(format!(
+            "--incremental={}",
+            repo.backup_data(p).join("backup_manifest").display()
+        ));
+    }
+    if opts.progress {
+        cmd.arg("--progress").stderr(Stdio::inherit());
+        let status = cmd.status().map_err(|source| ToolError::Spawn {
+            program: opts.pg_bin.program("pg_basebackup"),
+            source,
+        })?;
+        if !status.success() {
+            return Err(tools::failed(
+                Path::new("pg_basebackup"),
+                &status,
+                b"see its messages above",
+            )
+            .into());
+        }
+    } else {
+        tools::run(&mut cmd)?;
+    }
+
+    read_backup_files(label, &data)?;
+    label.stop_time = Some(now_rfc3339());
+    let (bytes, files) =
+        fsutil::tree_size(&data).map_err(crate::backup::repo::io_err("measure", &data))?;
+    (label.size_bytes, label.file_count) = (bytes, files);
+    repo.save_label(label)?;
+    wait_for_wal(repo, label, opts.archive_timeout)?;
+
+    let info = repo.archive().info()?;
+    if let Some(info) = info.filter(|i| i.system_identifier != label.system_identifier) {
+        return Err(BackupError::WrongCluster {
+            repo: repo.root().to_owned(),
+            target: label.cluster_name.clone(),
+            archive: info.system_identifier,
+            server: label.system_identifier.clone(),
+        });
+    }
+    Ok(())
+}
+
+/// Start and stop LSN, timeline and WAL ranges, from `backup_label` and
+/// `backup_manifest`.
+fn read_backup_files(label: &mut BackupLabel, data: &Path) -> Result<(), BackupError> {
+    let bad = |path: PathBuf, detail: String| BackupError::BadBackupFiles {
+        id: label.id.clone(),
+        path,
+        detail,
+    };
+    let label_path = data.join("backup_label");
+    let text =
+        std::fs::read_to_string(&label_path).map_err(|e| bad(label_path.clone(), e.to_string()))?;
+    let field = |key: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(key))
+            .map(str::trim)
+    };
+    let start = field("START WAL LOCATION:")
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse::<Lsn>().ok())
+        .ok_or_else(|| bad(label_path.clone(), "no START WAL LOCATION".into()))?;
+
+    let manifest_path = data.join("backup_manifest");
+    let manifest: serde_json::Value = std::fs::read(&manifest_path)
+        .map_err(|e| e.to_string())
+        .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
+        .map_err(|e| bad(manifest_path.clone(), e))?;
+    let ranges = manifest["WAL-Ranges"]
+        .as_array()
+        .ok_or_else(|| bad(manifest_path.clone(), "no WAL-Ranges".into()))?
+        .iter()
+        .map(|r| {
+            Some(WalRange {
+                timeline: r["Timeline"].as_u64()? as u32,
+                start_lsn: r["Start-LSN"].as_str()?.parse().ok()?,
+                end_lsn: r["End-LSN"].as_str()?.parse().ok()?,
+            })
+        })
+        .collect::<Option<Vec<_>>>()
+        .filter(|r| !r.is_empty())
+        .ok_or_else(|| bad(manifest_path.clone(), "malformed WAL-Ranges".into()))?;
+    let last = *ranges.last().expect("not empty");
+    label.start_lsn = Some(start);
+    label.stop_lsn = Some(last.end_lsn);
+    label.timeline = Some(last.timeline);
+    label.wal_ranges = ranges;
+    Ok(())
+}
+
+/// Waits until every segment from start to stop is archived and intact.
+fn wait_for_wal(repo: &Repo, label: &BackupLabel, timeout: Duration) -> Result<(), BackupError> {
+    let archive = repo.archive();
+    let deadline = Instant::now() + timeout;
+    for seg in label.required_segments() {
+        let name = WalFileName::Segment(seg);
+        loop {
+            match archive.verify(&name) {
+                Ok(_) => break,
+                Err(ArchiveError::NotFound { .. }) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(100))
+                }
+                Err(ArchiveError::NotFound { .. }) => {
+                    return Err(BackupError::WalTimeout {
+                        id: label.id.clone(),
+                        segment: name.to_string(),
+                        secs: timeout.as_secs(),
+                    })
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,53 @@
+//! Mirrors the repository's usable backups into a `backup_catalog` table
+//! (sql/backup_catalog.sql) for teams that query their inventory with SQL.
+
+use crate::backup::label::{BackupLabel, BackupType};
+use crate::backup::repo::Repo;
+use crate::pg::conn::{Db, PgError};
+
+pub const SCHEMA: &str = include_str!("../../sql/backup_catalog.sql");
+
+/// Upserts every usable backup and deletes rows of backups the repository
+/// no longer has, in one transaction. Returns the number of rows written.
+pub fn sync(repo: &Repo, labels: &[BackupLabel], conninfo: &str) -> Result<usize, PgError> {
+    let mut db = Db::connect(Some(conninfo))?;
+    db.batch("create backup_catalog", SCHEMA)?;
+    db.batch("begin", "BEGIN")?;
+    let usable: Vec<&BackupLabel> = labels.iter().filter(|l| l.is_usable()).collect();
+    for l in &usable {
+        let data = repo.backup_data(&l.id);
+        let storage = format!("file://{}", data.display());
+        let manifest = format!("file://{}", data.join("backup_manifest").display());
+        let kind = match l.kind {
+            BackupType::Full => "base_full",
+            BackupType::Incremental => "base_incremental",
+        };
+        let (start, stop) = (
+            l.start_lsn.map(|x| x.to_string()),
+            l.stop_lsn.map(|x| x.to_string()),
+        );
+        let verified = l.verification.as_ref().map(|v| v.at.clone());
+        db.query(
+            "upsert into backup_catalog",
+            "INSERT INTO backup_catalog (backup_id, cluster_name, backup_type, started_at, finished_at,
+                                         base_lsn, wal_start_lsn, wal_end_lsn, storage_uri, manifest_uri, verified_at)
+             VALUES ($1, $2, $3, $4::text::timestamptz, $5::text::timestamptz,
+                     $6::text::pg_lsn, $6::text::pg_lsn, $7::text::pg_lsn, $8, $9, $10::text::timestamptz)
+             ON CONFLICT (backup_id) DO UPDATE SET
+                 cluster_name = excluded.cluster_name, backup_type = excluded.backup_type,
+                 started_at = excluded.started_at, finished_at = excluded.finished_at,
+                 base_lsn = excluded.base_lsn, wal_start_lsn = excluded.wal_start_lsn,
+                 wal_end_lsn = excluded.wal_end_lsn, storage_uri = excluded.storage_uri,
+                 manifest_uri = excluded.manifest_uri, verified_at = excluded.verified_at",
+            &[&l.id, &l.cluster_name, &kind, &l.start_time, &l.stop_time, &start, &stop, &storage, &manifest, &verified],
+        )?;
+    }
+    let ids: Vec<String> = usable.iter().map(|l| l.id.clone()).collect();
+    db.query(
+        "delete expired rows from backup_catalog",
+        "DELETE FROM backup_catalog WHERE NOT backup_id = ANY($1)",
+        &[&ids],
+    )?;
+    db.batch("commit", "COMMIT")?;
+    Ok(usable.len())
+}

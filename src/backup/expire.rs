@@ -1,0 +1,274 @@
+//! `reentry backup expire`: retention by the number of full backups and/or
+//! their age. The plan is a pure function of the labels, the archive listing
+//! and the clock; `--apply` carries out exactly that plan. A backup that a
+//! kept backup depends on is kept, and so is all WAL from the start of the
+//! oldest kept backup on: its consistency and its PITR window need it.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, SystemTime};
+
+use serde::Serialize;
+
+use crate::backup::archive::{Archive, ArchiveError};
+use crate::backup::label::{BackupLabel, BackupStatus, BackupType};
+use crate::backup::repo::{io_err, Repo, RepoError, BACKUP_DIR};
+use crate::fsutil;
+use crate::pg::wal::WalFileName;
+
+#[derive(Debug, Clone, Default)]
+pub struct Policy {
+    pub retain_full: Option<usize>,
+    pub retain_days: Option<f64>,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct Decision {
+    pub id: String,
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ExpirePlan {
+    pub keep: Vec<Decision>,
+    pub expire: Vec<Decision>,
+    /// WAL files to delete, oldest first.
+    pub expire_wal: Vec<String>,
+    /// The first segment kept: the start of the oldest kept backup.
+    pub wal_kept_from: Option<String>,
+    pub applied: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ExpireError {
+    #[error("no retention policy: pass --retain-full N and/or --retain-days D")]
+    NoPolicy,
+    #[error(transparent)]
+    Repo(#[from] RepoError),
+    #[error(transparent)]
+    Archive(#[from] ArchiveError),
+}
+
+fn age_days(label: &BackupLabel, now: SystemTime) -> f64 {
+    let when = label.stop_time.as_deref().unwrap_or(&label.start_time);
+    humantime::parse_rfc3339(when)
+        .ok()
+        .and_then(|t| now.duration_since(t).ok())
+        .unwrap_or(Duration::ZERO)
+        .as_secs_f64()
+        / 86_400.0
+}
+
+/// The full backup at the bottom of `l`'s chain.
+fn root_of(by_id: &BTreeMap<&str, &BackupLabel>, l: &BackupLabel) -> String {
+    let mut cur = l;
+    while let Some(p) = cur.parent.as_deref().and_then(|p| by_id.get(p)) {
+        cur = p;
+    }
+    cur.id.clone()
+}
+
+pub fn plan(
+    labels: &[BackupLabel],
+    wal: &[WalFileName],
+    seg_size: u32,
+    policy: &Policy,
+    now: SystemTime,
+) -> Result<ExpirePlan, ExpireError> {
+    if policy.retain_full.is_none() && policy.retain_days.is_none() {
+        return Err(ExpireError::NoPolicy);
+    }
+    let by_id: BTreeMap<&str, &BackupLabel> = labels.iter().map(|l| (l.id.as_str(), l)).collect();
+    let root = |l: &BackupLabel| root_of(&by_id, l);
+
+    let mut keep: BTreeMap<String, String> = BTreeMap::new();
+    let mut fulls: Vec<&BackupLabel> = labels
+        .iter()
+        .filter(|l| l.is_usable() && l.kind == BackupType::Full)
+        .collect();
+    fulls.sort_by(|a, b| {
+        b.start_time
+            .cmp(&a.start_time)
+            .then_with(|| b.id.cmp(&a.id))
+    });
+    for (i, full) in fulls.iter().enumerate() {
+        let reason = if i == 0 {
+            Some("the newest full backup".to_owned())
+        } else if policy.retain_full.is_some_and(|n| i < n) {
+            Some(format!(
+                "one of the {} newest full backups",
+                policy.retain_full.unwrap()
+            ))
+        } else if policy.retain_days.is_some_and(|d| age_days(full, now) <= d) {
+            Some(format!("younger than {} days", policy.retain_days.unwrap()))
+        } else {
+            None
+        };
+        if let Some(r) = reason {
+            keep.insert(full.id.clone(), r);
+        }
+    }
+    // Anything newer than the oldest kept full backup is kept too: retention
+    // counts full backups, it does not delete what was taken after them.
+    let oldest_kept = fulls
+        .iter()
+        .filter(|f| keep.contains_key(&f.id))
+        .map(|f| f.start_time.as_str())
+        .min();
+    for l in labels
+        .iter()
+        .filter(|l| l.is_usable() && l.kind == BackupType::Incremental)
+    {
+        if oldest_kept.is_some_and(|o| l.start_time.as_str() >= o) {
+            keep.insert(
+                l.id.clone(),
+                "newer than the oldest kept full backup".to_owned(),
+            );
+        }
+    }
+    // Whatever a kept backup depends on stays, however the chain was built.
+    let kept_ids: Vec<String> = keep.keys().cloned().collect();
+    for id in kept_ids {
+        let mut cur = by_id[id.as_str()];
+        while let Some(p) = cur.parent.as_deref().and_then(|p| by_id.get(p)) {
+            keep.entry(p.id.clone())
+                .or_insert_with(|| format!("kept backup {id} depends on it"));
+            cur = p;
+        }
+    }
+    let newest_usable = labels
+        .iter()
+        .filter(|l| l.is_usable())
+        .map(|l| l.start_time.as_str())
+        .max();
+    let mut expire = Vec::new();
+    for l in labels {
+        if keep.contains_key(&l.id) {
+            continue;
+        }
+        let reason = match l.status {
+            BackupStatus::Complete if l.kind == BackupType::Incremental => {
+                format!(
+                    "older than the oldest kept full backup; its chain starts at {}",
+                    root(l)
+                )
+            }
+            BackupStatus::Complete => match (policy.retain_full, policy.retain_days) {
+                (Some(n), Some(d)) => {
+                    format!("not one of the {n} newest full backups, and older than {d} days")
+                }
+                (Some(n), None) => format!("not one of the {n} newest full backups"),
+                (None, Some(d)) => format!("older than {d} days"),
+                (None, None) => unreachable!("checked above"),
+            },
+            // An attempt newer than every usable backup may still be running.
+            _ if newest_usable.is_none_or(|n| l.start_time.as_str() > n) => {
+                keep.insert(
+                    l.id.clone(),
+                    "the newest attempt, maybe still running".into(),
+                );
+                continue;
+            }
+            BackupStatus::Failed => format!(
+                "failed: {}",
+                l.failure.as_deref().unwrap_or("no reason recorded")
+            ),
+            BackupStatus::Running => "never completed, and a newer backup did".to_owned(),
+        };
+        expire.push(Decision {
+            id: l.id.clone(),
+            reason,
+        });
+    }
+
+    let first_kept = labels
+        .iter()
+        .filter(|l| l.is_usable() && keep.contains_key(&l.id))
+        .flat_map(|l| l.wal_ranges.iter().map(|r| r.start_lsn.segno(seg_size)))
+        .min();
+    let segno = |w: &WalFileName| {
+        w.segment_with_header().or(match w {
+            WalFileName::Backup(s, _) => Some(*s),
+            _ => None,
+        })
+    };
+    let expire_wal = match first_kept {
+        // Without a kept backup no WAL is useful, but none is deleted either:
+        // that is a decision for a person.
+        None => Vec::new(),
+        Some(first) => wal
+            .iter()
+            .filter(|w| segno(w).is_some_and(|s| s.segno(seg_size) < first))
+            .map(|w| w.to_string())
+            .collect(),
+    };
+    let wal_kept_from = first_kept.map(|n| {
+        let tli = labels
+            .iter()
+            .filter(|l| keep.contains_key(&l.id))
+            .filter_map(|l| l.timeline)
+            .min()
+            .unwrap_or(1);
+        crate::pg::wal::SegmentName::from_segno(tli, n, seg_size).to_string()
+    });
+    let keep = labels
+        .iter()
+        .filter_map(|l| {
+            keep.get(&l.id).map(|r| Decision {
+                id: l.id.clone(),
+                reason: r.clone(),
+            })
+        })
+        .collect();
+    Ok(ExpirePlan {
+        keep,
+        expire,
+        expire_wal,
+        wal_kept_from,
+        applied: false,
+    })
+}
+
+/// Plans against the repository as it is now.
+pub fn plan_for(repo: &Repo, policy: &Policy) -> Result<ExpirePlan, ExpireError> {
+    let archive = repo.archive();
+    let seg_size = archive
+        .info()?
+        .and_then(|i| i.wal_segment_size)
+        .unwrap_or(16 << 20);
+    plan(
+        &repo.backups()?,
+        &archive.list()?.files,
+        seg_size,
+        policy,
+        SystemTime::now(),
+    )
+}
+
+/// Deletes what `plan` expires. A backup is first renamed aside, so a crash
+/// never leaves a half-deleted backup that looks usable; leftovers of an
+/// earlier crash are removed first.
+pub fn apply(repo: &Repo, plan: &mut ExpirePlan) -> Result<(), ExpireError> {
+    let backups = repo.root().join(BACKUP_DIR);
+    if let Ok(entries) = std::fs::read_dir(&backups) {
+        for e in entries.flatten() {
+            if e.file_name().to_string_lossy().starts_with(".expiring-") {
+                std::fs::remove_dir_all(e.path()).map_err(io_err("remove", &e.path()))?;
+            }
+        }
+    }
+    for d in &plan.expire {
+        let dir = repo.backup_dir(&d.id);
+        let aside = backups.join(format!(".expiring-{}", d.id));
+        std::fs::rename(&dir, &aside).map_err(io_err("rename", &dir))?;
+        fsutil::sync_dir(&backups).map_err(io_err("fsync", &backups))?;
+        std::fs::remove_dir_all(&aside).map_err(io_err("remove", &aside))?;
+        tracing::info!(id = %d.id, reason = %d.reason, "backup expired");
+    }
+    let archive: Archive = repo.archive();
+    for name in &plan.expire_wal {
+        let wal = WalFileName::parse(name).expect("planned from parsed names");
+        archive.remove(&wal)?;
+    }
+    plan.applied = true;
+    Ok(())
+}

@@ -1,0 +1,98 @@
+//! `backup.json`, the label beside each base backup: what it is, where its
+//! WAL starts and stops, and whether it was verified (the seed's 7.2
+//! metadata). The repository is the source of truth; the catalog table is a
+//! mirror.
+
+use serde::{Deserialize, Serialize};
+
+use crate::pg::lsn::Lsn;
+use crate::pg::wal::SegmentName;
+
+pub const LABEL_FILE: &str = "backup.json";
+pub const LABEL_FORMAT: u32 = 1;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackupType {
+    Full,
+    Incremental,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackupStatus {
+    /// pg_basebackup is running, or the process died while it did.
+    Running,
+    /// Copied, and the WAL that makes it consistent is in the archive.
+    Complete,
+    /// Not usable; `failure` says why.
+    Failed,
+}
+
+/// One timeline's stretch of WAL that the backup needs to be consistent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WalRange {
+    pub timeline: u32,
+    pub start_lsn: Lsn,
+    pub end_lsn: Lsn,
+}
+
+impl WalRange {
+    pub fn segments(&self, seg_size: u32) -> impl Iterator<Item = SegmentName> + '_ {
+        let (a, b) = (self.start_lsn.segno(seg_size), self.end_lsn.segno(seg_size));
+        (a..=b).map(move |n| SegmentName::from_segno(self.timeline, n, seg_size))
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VerifyStatus {
+    Ok,
+    Failed,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Verification {
+    pub status: VerifyStatus,
+    pub at: String,
+    pub problems: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BackupLabel {
+    pub format: u32,
+    pub id: String,
+    pub cluster_name: String,
+    pub pg_version: u32,
+    pub system_identifier: String,
+    #[serde(rename = "type")]
+    pub kind: BackupType,
+    pub parent: Option<String>,
+    pub status: BackupStatus,
+    pub failure: Option<String>,
+    pub start_lsn: Option<Lsn>,
+    pub stop_lsn: Option<Lsn>,
+    pub timeline: Option<u32>,
+    pub wal_ranges: Vec<WalRange>,
+    pub wal_segment_size: u32,
+    pub start_time: String,
+    pub stop_time: Option<String>,
+    pub size_bytes: u64,
+    pub file_count: u64,
+    pub tool_version: String,
+    pub verification: Option<Verification>,
+}
+
+impl BackupLabel {
+    pub fn is_usable(&self) -> bool {
+        self.status == BackupStatus::Complete
+    }
+
+    /// Every WAL segment the backup needs to reach consistency.
+    pub fn required_segments(&self) -> Vec<SegmentName> {
+        self.wal_ranges
+            .iter()
+            .flat_map(|r| r.segments(self.wal_segment_size))
+            .collect()
+    }
+}

@@ -1,0 +1,224 @@
+use std::io::IsTerminal;
+use std::time::Duration;
+
+use crate::backup::basebackup::{self, BackupOptions};
+use crate::backup::expire::{self, Policy};
+use crate::backup::label::{BackupLabel, VerifyStatus};
+use crate::backup::repo::Repo;
+use crate::backup::{catalog, verify};
+use crate::cli::{human_bytes, ConnectOpts, Context, PgBinOpts};
+use crate::exit::Exit;
+use crate::Error;
+
+#[derive(Debug, clap::Args)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct BackupArgs {
+    #[command(subcommand)]
+    pub command: Option<BackupCommand>,
+    #[command(flatten)]
+    pub take: TakeArgs,
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum BackupCommand {
+    /// The backups in the repository (the catalog).
+    List(ListArgs),
+    /// pg_verifybackup on a backup and its chain, plus the WAL it needs.
+    Verify(VerifyArgs),
+    /// Retention: what would be deleted and why; --apply deletes.
+    Expire(ExpireArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct TakeArgs {
+    #[command(flatten)]
+    pub connect: ConnectOpts,
+    #[command(flatten)]
+    pub pg_bin: PgBinOpts,
+    /// Incremental on the newest backup (PostgreSQL 17+, summarize_wal = on).
+    #[arg(long)]
+    pub incremental: bool,
+    /// The parent of an incremental backup [default: the newest backup].
+    #[arg(long, value_name = "ID", requires = "incremental")]
+    pub parent: Option<String>,
+    /// Name to record [default: the server's cluster_name, else "default"].
+    #[arg(long, value_name = "NAME")]
+    pub cluster_name: Option<String>,
+    /// How long to wait for the backup's WAL to reach the archive.
+    #[arg(long, value_name = "SECONDS", default_value_t = 60)]
+    pub archive_timeout: u64,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ListArgs {
+    /// Also mirror the list into a backup_catalog table on this server.
+    #[arg(long, value_name = "CONNINFO")]
+    pub sync_catalog: Option<String>,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct VerifyArgs {
+    /// The backup [default: the newest complete one].
+    pub id: Option<String>,
+    #[command(flatten)]
+    pub pg_bin: PgBinOpts,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ExpireArgs {
+    /// Keep this many of the newest full backups (and what depends on them).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    pub retain_full: Option<u64>,
+    /// Keep full backups younger than this many days.
+    #[arg(long, value_name = "DAYS")]
+    pub retain_days: Option<f64>,
+    /// Delete; without it, only print the plan.
+    #[arg(long)]
+    pub apply: bool,
+}
+
+pub fn run(ctx: &Context, args: BackupArgs) -> Result<Exit, Error> {
+    let repo = Repo::new(ctx.repo()?);
+    match args.command {
+        None => take(ctx, &repo, args.take),
+        Some(BackupCommand::List(a)) => list(ctx, &repo, a),
+        Some(BackupCommand::Verify(a)) => verify_cmd(ctx, &repo, a),
+        Some(BackupCommand::Expire(a)) => expire_cmd(ctx, &repo, a),
+    }
+}
+
+fn take(ctx: &Context, repo: &Repo, a: TakeArgs) -> Result<Exit, Error> {
+    let opts = BackupOptions {
+        conninfo: a.connect.db,
+        incremental: a.incremental,
+        parent: a.parent,
+        cluster_name: a.cluster_name,
+        pg_bin: a.pg_bin.pg_bin(),
+        archive_timeout: Duration::from_secs(a.archive_timeout),
+        progress: !ctx.global.json && !ctx.global.quiet && std::io::stderr().is_terminal(),
+    };
+    let label = basebackup::take(repo, &opts)?;
+    ctx.emit(&label, || {
+        Some(format!(
+            "backup {} ({}) complete: {}, WAL {} to {} on timeline {} archived",
+            label.id,
+            kind(&label),
+            human_bytes(label.size_bytes as f64),
+            label.start_lsn.unwrap_or_default(),
+            label.stop_lsn.unwrap_or_default(),
+            label.timeline.unwrap_or_default()
+        ))
+    })?;
+    Ok(Exit::Ok)
+}
+
+fn kind(l: &BackupLabel) -> String {
+    match &l.parent {
+        Some(p) => format!("incremental on {p}"),
+        None => "full".into(),
+    }
+}
+
+fn list(ctx: &Context, repo: &Repo, a: ListArgs) -> Result<Exit, Error> {
+    let labels = repo.backups()?;
+    if let Some(conninfo) = &a.sync_catalog {
+        let n = catalog::sync(repo, &labels, conninfo)?;
+        tracing::info!(rows = n, "backup_catalog synced");
+    }
+    ctx.emit(&labels, || {
+        let mut out = format!(
+            "{:<18} {:<12} {:<9} {:<18} {:<12} {:<12} {:>3} {:>10}  {}",
+            "ID", "TYPE", "STATUS", "PARENT", "START LSN", "STOP LSN", "TL", "SIZE", "VERIFIED"
+        );
+        for l in &labels {
+            let verified = match &l.verification {
+                Some(v) if v.status == VerifyStatus::Ok => format!("ok {}", v.at),
+                Some(v) => format!("FAILED {} ({} problems)", v.at, v.problems.len()),
+                None => "never".into(),
+            };
+            out.push_str(&format!(
+                "\n{:<18} {:<12} {:<9} {:<18} {:<12} {:<12} {:>3} {:>10}  {}",
+                l.id,
+                format!("{:?}", l.kind).to_lowercase(),
+                format!("{:?}", l.status).to_lowercase(),
+                l.parent.as_deref().unwrap_or("-"),
+                l.start_lsn
+                    .map(|x| x.to_string())
+                    .unwrap_or_else(|| "-".into()),
+                l.stop_lsn
+                    .map(|x| x.to_string())
+                    .unwrap_or_else(|| "-".into()),
+                l.timeline
+                    .map(|x| x.to_string())
+                    .unwrap_or_else(|| "-".into()),
+                human_bytes(l.size_bytes as f64),
+                verified
+            ));
+        }
+        if labels.is_empty() {
+            out = format!("no backups in {}", repo.root().display());
+        }
+        Some(out)
+    })?;
+    Ok(Exit::Ok)
+}
+
+fn verify_cmd(ctx: &Context, repo: &Repo, a: VerifyArgs) -> Result<Exit, Error> {
+    let report = verify::verify(repo, a.id.as_deref(), &a.pg_bin.pg_bin())?;
+    ctx.emit(&report, || {
+        let mut out = match report.status {
+            VerifyStatus::Ok => format!(
+                "backup {} verified: {} (with {} WAL segments)",
+                report.id,
+                report.chain.join(" <- "),
+                report.wal_segments
+            ),
+            VerifyStatus::Failed => format!("backup {} FAILED verification:", report.id),
+        };
+        for p in &report.problems {
+            out.push_str(&format!("\n  {p}"));
+        }
+        Some(out)
+    })?;
+    Ok(match report.status {
+        VerifyStatus::Ok => Exit::Ok,
+        VerifyStatus::Failed => Exit::Negative,
+    })
+}
+
+fn expire_cmd(ctx: &Context, repo: &Repo, a: ExpireArgs) -> Result<Exit, Error> {
+    let policy = Policy {
+        retain_full: a.retain_full.map(|n| n as usize),
+        retain_days: a.retain_days,
+    };
+    let mut plan = expire::plan_for(repo, &policy)?;
+    if a.apply {
+        expire::apply(repo, &mut plan)?;
+    }
+    ctx.emit(&plan, || {
+        let mut out = String::new();
+        for d in &plan.keep {
+            out.push_str(&format!("keep    {:<18} {}\n", d.id, d.reason));
+        }
+        for d in &plan.expire {
+            out.push_str(&format!("expire  {:<18} {}\n", d.id, d.reason));
+        }
+        match (plan.expire_wal.first(), plan.expire_wal.last()) {
+            (Some(first), Some(last)) => out.push_str(&format!(
+                "expire  WAL {first} .. {last} ({} files): before {}, the start of the oldest kept backup\n",
+                plan.expire_wal.len(),
+                plan.wal_kept_from.as_deref().unwrap_or("?")
+            )),
+            _ => out.push_str("keep    all WAL\n"),
+        }
+        out.push_str(if plan.applied {
+            "deleted."
+        } else if plan.expire.is_empty() && plan.expire_wal.is_empty() {
+            "nothing to delete."
+        } else {
+            "dry run: nothing deleted; pass --apply to delete."
+        });
+        Some(out)
+    })?;
+    Ok(Exit::Ok)
+}

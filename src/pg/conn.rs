@@ -1,0 +1,191 @@
+//! Connections with libpq's rules (a conninfo string or URL, the PG*
+//! environment variables for what it leaves out), a blocking client over
+//! tokio-postgres for the command line, and errors formatted from the
+//! server's own report.
+
+use std::time::Duration;
+
+use tokio_postgres::config::Host;
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{Client, Config, NoTls, Row};
+
+pub use tokio_postgres::error::SqlState;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PgError {
+    #[error("invalid connection string: {0}")]
+    BadConninfo(String),
+    #[error("cannot connect to PostgreSQL at {target}: {detail}")]
+    Connect { target: String, detail: String },
+    #[error("{context} on {target}: {detail}")]
+    Query {
+        target: String,
+        context: String,
+        detail: String,
+        code: Option<SqlState>,
+    },
+}
+
+impl PgError {
+    pub fn code(&self) -> Option<&SqlState> {
+        match self {
+            PgError::Query { code, .. } => code.as_ref(),
+            _ => None,
+        }
+    }
+}
+
+/// SQLSTATE, message, detail and hint when the server said something;
+/// the client's error chain otherwise.
+pub fn describe(e: &tokio_postgres::Error) -> String {
+    if let Some(db) = e.as_db_error() {
+        let mut s = format!("{} [{}]", db.message(), db.code().code());
+        if let Some(d) = db.detail() {
+            s.push_str(&format!("; detail: {d}"));
+        }
+        if let Some(h) = db.hint() {
+            s.push_str(&format!("; hint: {h}"));
+        }
+        return s;
+    }
+    let mut s = e.to_string();
+    let mut src = std::error::Error::source(e);
+    while let Some(cause) = src {
+        s.push_str(&format!(": {cause}"));
+        src = cause.source();
+    }
+    s
+}
+
+/// Builds the connection settings: `conninfo` when given, with the PG*
+/// variables filling what it does not say, as libpq does.
+pub fn config(conninfo: Option<&str>) -> Result<Config, PgError> {
+    let mut c = match conninfo {
+        Some(s) => s
+            .parse::<Config>()
+            .map_err(|e| PgError::BadConninfo(e.to_string()))?,
+        None => Config::new(),
+    };
+    let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+    if c.get_hosts().is_empty() {
+        match env("PGHOST") {
+            Some(h) if h.starts_with('/') => c.host_path(h),
+            Some(h) => c.host(&h),
+            None => c.host_path("/var/run/postgresql"),
+        };
+    }
+    if c.get_ports().is_empty() {
+        if let Some(p) = env("PGPORT") {
+            c.port(
+                p.parse()
+                    .map_err(|_| PgError::BadConninfo(format!("PGPORT={p} is not a port")))?,
+            );
+        }
+    }
+    if c.get_user().is_none() {
+        if let Some(u) = env("PGUSER").or_else(|| env("USER")) {
+            c.user(&u);
+        }
+    }
+    if c.get_password().is_none() {
+        if let Some(p) = env("PGPASSWORD") {
+            c.password(p);
+        }
+    }
+    if c.get_dbname().is_none() {
+        if let Some(d) = env("PGDATABASE") {
+            c.dbname(&d);
+        }
+    }
+    if c.get_application_name().is_none() {
+        c.application_name("reentry");
+    }
+    c.connect_timeout(Duration::from_secs(10));
+    Ok(c)
+}
+
+/// Where a config points, for messages: never the password.
+pub fn target(c: &Config) -> String {
+    let host = match c.get_hosts().first() {
+        Some(Host::Tcp(h)) => h.clone(),
+        Some(Host::Unix(p)) => p.display().to_string(),
+        None => "localhost".into(),
+    };
+    let port = c.get_ports().first().copied().unwrap_or(5432);
+    let db = c.get_dbname().or(c.get_user()).unwrap_or("postgres");
+    format!("{host}:{port}/{db}")
+}
+
+/// A blocking client: the command line runs one thing at a time.
+pub struct Db {
+    rt: tokio::runtime::Runtime,
+    client: Client,
+    target: String,
+}
+
+impl Db {
+    pub fn connect(conninfo: Option<&str>) -> Result<Db, PgError> {
+        let config = config(conninfo)?;
+        let target = target(&config);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| PgError::Connect {
+                target: target.clone(),
+                detail: e.to_string(),
+            })?;
+        let (client, connection) =
+            rt.block_on(config.connect(NoTls))
+                .map_err(|e| PgError::Connect {
+                    target: target.clone(),
+                    detail: describe(&e),
+                })?;
+        rt.spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(error = %e, "connection closed");
+            }
+        });
+        Ok(Db { rt, client, target })
+    }
+
+    pub fn target(&self) -> &str {
+        &self.target
+    }
+
+    pub fn query(
+        &mut self,
+        context: &str,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Vec<Row>, PgError> {
+        self.rt
+            .block_on(self.client.query(sql, params))
+            .map_err(|e| self.error(context, &e))
+    }
+
+    pub fn query_one(
+        &mut self,
+        context: &str,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Row, PgError> {
+        self.rt
+            .block_on(self.client.query_one(sql, params))
+            .map_err(|e| self.error(context, &e))
+    }
+
+    pub fn batch(&mut self, context: &str, sql: &str) -> Result<(), PgError> {
+        self.rt
+            .block_on(self.client.batch_execute(sql))
+            .map_err(|e| self.error(context, &e))
+    }
+
+    fn error(&self, context: &str, e: &tokio_postgres::Error) -> PgError {
+        PgError::Query {
+            target: self.target.clone(),
+            context: context.to_owned(),
+            detail: describe(e),
+            code: e.code().cloned(),
+        }
+    }
+}
