@@ -279,9 +279,12 @@ fn copy_and_settle(
     let mut cmd = opts.pg_bin.command("pg_basebackup");
     cmd.arg("-D")
         .arg(&data)
+        // Streaming its own WAL makes the server skip waiting for the archive,
+        // which with -X none it does forever when archive_command fails; the
+        // archive is checked here instead, within --archive-timeout.
         .args([
             "-X",
-            "none",
+            "stream",
             "-c",
             "fast",
             "--manifest-checksums=SHA256",

@@ -289,7 +289,8 @@ mod tests {
 
     /// A backup taken `days_ago`, whose WAL starts in segment `segno`.
     fn label(id: &str, parent: Option<&str>, days_ago: u64, segno: u64) -> BackupLabel {
-        let at = humantime::format_rfc3339_seconds(now() - Duration::from_secs(days_ago * DAY)).to_string();
+        let at = humantime::format_rfc3339_seconds(now() - Duration::from_secs(days_ago * DAY))
+            .to_string();
         let start = Lsn(segno * u64::from(SEG) + 40);
         BackupLabel {
             format: LABEL_FORMAT,
@@ -297,14 +298,22 @@ mod tests {
             cluster_name: "c".into(),
             pg_version: 18,
             system_identifier: "1".into(),
-            kind: if parent.is_some() { BackupType::Incremental } else { BackupType::Full },
+            kind: if parent.is_some() {
+                BackupType::Incremental
+            } else {
+                BackupType::Full
+            },
             parent: parent.map(Into::into),
             status: BackupStatus::Complete,
             failure: None,
             start_lsn: Some(start),
             stop_lsn: Some(Lsn(start.0 + 1000)),
             timeline: Some(1),
-            wal_ranges: vec![WalRange { timeline: 1, start_lsn: start, end_lsn: Lsn(start.0 + 1000) }],
+            wal_ranges: vec![WalRange {
+                timeline: 1,
+                start_lsn: start,
+                end_lsn: Lsn(start.0 + 1000),
+            }],
             wal_segment_size: SEG,
             start_time: at.clone(),
             stop_time: Some(at),
@@ -316,7 +325,9 @@ mod tests {
     }
 
     fn wal(segnos: std::ops::Range<u64>) -> Vec<WalFileName> {
-        segnos.map(|n| WalFileName::Segment(SegmentName::from_segno(1, n, SEG))).collect()
+        segnos
+            .map(|n| WalFileName::Segment(SegmentName::from_segno(1, n, SEG)))
+            .collect()
     }
 
     fn ids(d: &[Decision]) -> Vec<&str> {
@@ -324,46 +335,92 @@ mod tests {
     }
 
     fn full(n: usize) -> Policy {
-        Policy { retain_full: Some(n), retain_days: None }
+        Policy {
+            retain_full: Some(n),
+            retain_days: None,
+        }
     }
 
     #[test]
     fn without_a_policy_nothing_is_planned() {
-        assert!(matches!(plan(&[], &[], SEG, &Policy::default(), now()), Err(ExpireError::NoPolicy)));
+        assert!(matches!(
+            plan(&[], &[], SEG, &Policy::default(), now()),
+            Err(ExpireError::NoPolicy)
+        ));
     }
 
     #[test]
     fn keeps_the_newest_full_backups_and_the_wal_from_the_oldest_kept_start() {
-        let labels = [label("F1", None, 30, 2), label("F2", None, 20, 10), label("F3", None, 10, 20)];
+        let labels = [
+            label("F1", None, 30, 2),
+            label("F2", None, 20, 10),
+            label("F3", None, 10, 20),
+        ];
         let p = plan(&labels, &wal(1..30), SEG, &full(2), now()).unwrap();
         assert_eq!(ids(&p.keep), ["F2", "F3"]);
         assert_eq!(ids(&p.expire), ["F1"]);
-        assert_eq!(p.expire_wal, wal(1..10).iter().map(|w| w.to_string()).collect::<Vec<_>>());
+        assert_eq!(
+            p.expire_wal,
+            wal(1..10).iter().map(|w| w.to_string()).collect::<Vec<_>>()
+        );
         assert_eq!(p.wal_kept_from.as_deref(), Some("00000001000000000000000A"));
     }
 
     #[test]
     fn an_incremental_expires_with_its_old_chain_but_a_newer_one_keeps_that_chain() {
-        let mut labels = vec![label("F1", None, 30, 2), label("I1", Some("F1"), 25, 5), label("F2", None, 20, 10)];
+        let mut labels = vec![
+            label("F1", None, 30, 2),
+            label("I1", Some("F1"), 25, 5),
+            label("F2", None, 20, 10),
+        ];
         let p = plan(&labels, &wal(1..30), SEG, &full(1), now()).unwrap();
         assert_eq!(ids(&p.expire), ["F1", "I1"]);
 
         labels.push(label("I2", Some("I1"), 5, 25));
         let p = plan(&labels, &wal(1..30), SEG, &full(1), now()).unwrap();
         assert!(p.expire.is_empty(), "{:?}", p.expire);
-        assert!(p.keep.iter().any(|d| d.id == "F1" && d.reason.contains("depends on it")));
-        assert!(p.expire_wal.iter().all(|w| w.as_str() < "000000010000000000000002"));
+        assert!(p
+            .keep
+            .iter()
+            .any(|d| d.id == "F1" && d.reason.contains("depends on it")));
+        assert!(p
+            .expire_wal
+            .iter()
+            .all(|w| w.as_str() < "000000010000000000000002"));
     }
 
     #[test]
     fn age_keeps_young_full_backups_and_never_the_last_one_away() {
-        let labels = [label("F1", None, 30, 2), label("F2", None, 10, 10), label("F3", None, 3, 20)];
-        let days = Policy { retain_full: None, retain_days: Some(7.0) };
-        assert_eq!(ids(&plan(&labels, &[], SEG, &days, now()).unwrap().expire), ["F1", "F2"]);
-        let zero = Policy { retain_full: None, retain_days: Some(0.0) };
-        assert_eq!(ids(&plan(&labels, &[], SEG, &zero, now()).unwrap().keep), ["F3"], "the newest full stays");
-        let either = Policy { retain_full: Some(2), retain_days: Some(7.0) };
-        assert_eq!(ids(&plan(&labels, &[], SEG, &either, now()).unwrap().keep), ["F2", "F3"]);
+        let labels = [
+            label("F1", None, 30, 2),
+            label("F2", None, 10, 10),
+            label("F3", None, 3, 20),
+        ];
+        let days = Policy {
+            retain_full: None,
+            retain_days: Some(7.0),
+        };
+        assert_eq!(
+            ids(&plan(&labels, &[], SEG, &days, now()).unwrap().expire),
+            ["F1", "F2"]
+        );
+        let zero = Policy {
+            retain_full: None,
+            retain_days: Some(0.0),
+        };
+        assert_eq!(
+            ids(&plan(&labels, &[], SEG, &zero, now()).unwrap().keep),
+            ["F3"],
+            "the newest full stays"
+        );
+        let either = Policy {
+            retain_full: Some(2),
+            retain_days: Some(7.0),
+        };
+        assert_eq!(
+            ids(&plan(&labels, &[], SEG, &either, now()).unwrap().keep),
+            ["F2", "F3"]
+        );
     }
 
     #[test]
@@ -372,9 +429,17 @@ mod tests {
         old_fail.status = BackupStatus::Failed;
         let mut new_try = label("X2", None, 1, 30);
         new_try.status = BackupStatus::Running;
-        let labels = [label("F1", None, 20, 2), old_fail, label("F2", None, 10, 10), new_try];
+        let labels = [
+            label("F1", None, 20, 2),
+            old_fail,
+            label("F2", None, 10, 10),
+            new_try,
+        ];
         let p = plan(&labels, &[], SEG, &full(2), now()).unwrap();
         assert_eq!(ids(&p.expire), ["X1"]);
-        assert!(p.keep.iter().any(|d| d.id == "X2" && d.reason.contains("running")));
+        assert!(p
+            .keep
+            .iter()
+            .any(|d| d.id == "X2" && d.reason.contains("running")));
     }
 }

@@ -195,6 +195,37 @@ fn a_backup_of_a_cluster_that_does_not_archive_is_refused() {
     );
 }
 
+#[test]
+fn a_backup_whose_wal_never_reaches_the_archive_is_marked_failed() {
+    let (c, repo) = archiving(Version::V18, "", &[]);
+    let good = backup(&c, &repo, &[]);
+    let mut db = c.client();
+    db.batch_execute("ALTER SYSTEM SET archive_command = '/bin/false'")
+        .unwrap();
+    db.batch_execute("SELECT pg_reload_conf()").unwrap();
+
+    let out = run(&c, &repo, &["backup", "--archive-timeout", "3"]);
+    assert_exit(&out, 2);
+    assert!(
+        stderr(&out).contains("did not reach the archive within 3 s"),
+        "{}",
+        stderr(&out)
+    );
+    let list = json(&run(&c, &repo, &["backup", "list"]));
+    let failed = &list.as_array().unwrap()[1];
+    assert_eq!(failed["status"], "failed", "{list}");
+    assert!(failed["failure"]
+        .as_str()
+        .unwrap()
+        .contains("did not reach the archive"));
+    let newest = run(&c, &repo, &["backup", "verify"]);
+    assert_eq!(
+        json(&newest)["id"],
+        good["id"],
+        "verify without an id picks the newest usable backup"
+    );
+}
+
 /// A relation file of the backup with some bytes in it.
 fn some_data_file(backup_data: &Path) -> PathBuf {
     let base = backup_data.join("base");
