@@ -14,6 +14,9 @@ use crate::backup::label::BackupLabel;
 use crate::pg::lsn::Lsn;
 use crate::pg::wal::{SegmentName, WalFileName};
 
+/// A temporary file older than this was left by a push that died.
+const STALE_TEMP: std::time::Duration = std::time::Duration::from_secs(600);
+
 #[derive(Debug, Clone, Serialize)]
 pub struct SegRange {
     pub first: String,
@@ -226,13 +229,26 @@ pub fn verify(archive: &Archive, backups: &[BackupLabel]) -> Result<WalReport, A
 
     let ok = corrupt.is_empty() && windows.iter().all(|w| w.missing.is_empty());
     let paths = |v: &[std::path::PathBuf]| v.iter().map(|p| p.display().to_string()).collect();
+    // A push in flight has a temporary file too; only old ones are leftovers.
+    let stale: Vec<std::path::PathBuf> = listing
+        .temp_files
+        .iter()
+        .filter(|p| {
+            std::fs::metadata(p)
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .is_some_and(|age| age > STALE_TEMP)
+        })
+        .cloned()
+        .collect();
     Ok(WalReport {
         ok,
         files_checked: total,
         timelines,
         history_files,
         corrupt,
-        temp_files: paths(&listing.temp_files),
+        temp_files: paths(&stale),
         unknown_files: paths(&listing.unknown),
         backups: windows,
     })
