@@ -123,8 +123,9 @@ fn server_facts(db: &mut Db) -> Result<Server, PgError> {
     })
 }
 
+/// Now, in UTC to the millisecond: labels sort by it.
 pub fn now_rfc3339() -> String {
-    humantime::format_rfc3339_seconds(SystemTime::now()).to_string()
+    humantime::format_rfc3339_millis(SystemTime::now()).to_string()
 }
 
 /// `20261125-125301F`: sortable, and says full or incremental at a glance.

@@ -85,11 +85,8 @@ pub fn plan(
         .iter()
         .filter(|l| l.is_usable() && l.kind == BackupType::Full)
         .collect();
-    fulls.sort_by(|a, b| {
-        b.start_time
-            .cmp(&a.start_time)
-            .then_with(|| b.id.cmp(&a.id))
-    });
+    // Start LSNs order a cluster's backups strictly; clocks do not.
+    fulls.sort_by_key(|f| std::cmp::Reverse(f.start_lsn));
     for (i, full) in fulls.iter().enumerate() {
         let reason = if i == 0 {
             Some("the newest full backup".to_owned())
@@ -112,13 +109,13 @@ pub fn plan(
     let oldest_kept = fulls
         .iter()
         .filter(|f| keep.contains_key(&f.id))
-        .map(|f| f.start_time.as_str())
+        .filter_map(|f| f.start_lsn)
         .min();
     for l in labels
         .iter()
         .filter(|l| l.is_usable() && l.kind == BackupType::Incremental)
     {
-        if oldest_kept.is_some_and(|o| l.start_time.as_str() >= o) {
+        if oldest_kept.is_some_and(|o| l.start_lsn >= Some(o)) {
             keep.insert(
                 l.id.clone(),
                 "newer than the oldest kept full backup".to_owned(),
@@ -387,6 +384,18 @@ mod tests {
             .expire_wal
             .iter()
             .all(|w| w.as_str() < "000000010000000000000002"));
+    }
+
+    #[test]
+    fn backups_taken_in_the_same_second_are_ordered_by_their_start_lsn() {
+        let mut i2 = label("I2", Some("F1"), 1, 25);
+        let mut f3 = label("F3", None, 1, 26);
+        f3.start_time = i2.start_time.clone();
+        i2.stop_time = f3.stop_time.clone();
+        let labels = [label("F1", None, 30, 2), i2, f3];
+        let p = plan(&labels, &[], SEG, &full(1), now()).unwrap();
+        assert_eq!(ids(&p.keep), ["F3"]);
+        assert_eq!(ids(&p.expire), ["F1", "I2"]);
     }
 
     #[test]

@@ -88,6 +88,12 @@ impl BackupLabel {
         self.status == BackupStatus::Complete
     }
 
+    /// The order backups were taken in: start time (to the millisecond),
+    /// then start LSN, which is strict within a cluster.
+    pub fn sort_key(&self) -> (&str, Option<Lsn>, &str) {
+        (&self.start_time, self.start_lsn, &self.id)
+    }
+
     /// Every WAL segment the backup needs to reach consistency.
     pub fn required_segments(&self) -> Vec<SegmentName> {
         self.wal_ranges

@@ -95,11 +95,7 @@ impl Repo {
             }
             labels.push(self.label(&name)?);
         }
-        labels.sort_by(|a, b| {
-            a.start_time
-                .cmp(&b.start_time)
-                .then_with(|| a.id.cmp(&b.id))
-        });
+        labels.sort_by(|a, b| a.sort_key().cmp(&b.sort_key()));
         Ok(labels)
     }
 
