@@ -27,6 +27,10 @@ pub enum Error {
     Repo(#[from] backup::repo::RepoError),
     #[error(transparent)]
     Pg(#[from] pg::conn::PgError),
+    #[error(transparent)]
+    Restore(#[from] backup::restore::RestoreError),
+    #[error(transparent)]
+    Drill(#[from] backup::drill::DrillError),
     #[error("cannot write output: {0}")]
     Output(std::io::Error),
 }
@@ -42,6 +46,12 @@ impl Error {
             Error::Expire(backup::expire::ExpireError::Archive(e)) => e.exit(),
             Error::Status(e) => status_exit(e),
             Error::Pg(e) => pg_exit(e),
+            Error::Restore(e) => restore_exit(e),
+            Error::Drill(backup::drill::DrillError::Restore(e)) => restore_exit(e),
+            Error::Drill(backup::drill::DrillError::Repo(e)) => repo_exit(e),
+            Error::Drill(backup::drill::DrillError::Pg(e)) => pg_exit(e),
+            Error::Drill(backup::drill::DrillError::Archive(e)) => e.exit(),
+            Error::Drill(backup::drill::DrillError::Checks { .. }) => Exit::Config,
             Error::Output(_) => Exit::Failure,
         }
     }
@@ -67,7 +77,10 @@ fn backup_exit(e: &backup::basebackup::BackupError) -> Exit {
         B::Pg(e) => pg_exit(e),
         B::Repo(e) => repo_exit(e),
         B::Archive(e) => e.exit(),
-        B::Tool(_) | B::WalTimeout { .. } | B::BadBackupFiles { .. } => Exit::Failure,
+        B::Tool(_)
+        | B::WalTimeout { .. }
+        | B::BadBackupFiles { .. }
+        | B::RestorePointNotArchived { .. } => Exit::Failure,
         B::IncrementalUnsupported { .. } | B::SummarizeWalOff { .. } | B::ArchiveOff { .. } => {
             Exit::Config
         }
@@ -87,5 +100,21 @@ fn status_exit(e: &backup::status::StatusError) -> Exit {
         S::Repo(e) => repo_exit(e),
         S::Archive(e) => e.exit(),
         S::ArchiveOff { .. } | S::WrongCluster { .. } | S::NotArchived { .. } => Exit::Negative,
+    }
+}
+
+fn restore_exit(e: &backup::restore::RestoreError) -> Exit {
+    use backup::restore::RestoreError as R;
+    match e {
+        R::Repo(e) => repo_exit(e),
+        R::Archive(e) => e.exit(),
+        R::Pg(e) => pg_exit(e),
+        R::Tool(_) | R::RecoveryFailed { .. } | R::Timeout { .. } => Exit::Failure,
+        R::RunningAsRoot | R::NotEmpty { .. } | R::PortInUse { .. } | R::BadTarget { .. } => {
+            Exit::Usage
+        }
+        R::UnknownRestorePoint { .. } | R::NoBackup { .. } | R::Unreachable { .. } => {
+            Exit::Negative
+        }
     }
 }

@@ -62,6 +62,15 @@ pub enum BackupError {
         segment: String,
         secs: u64,
     },
+    #[error(
+        "restore point {name:?} was created, but segment {segment} that holds it did not reach the archive \
+         within {secs} s, so it cannot be restored yet. Run `reentry check` to test archive_command"
+    )]
+    RestorePointNotArchived {
+        name: String,
+        segment: String,
+        secs: u64,
+    },
     #[error("restore point name {name:?} is {why}")]
     BadRestorePointName { name: String, why: &'static str },
     #[error(

@@ -4,9 +4,12 @@
 pub mod archive;
 pub mod basebackup;
 pub mod catalog;
+pub mod drill;
 pub mod expire;
 pub mod label;
+pub mod preflight;
 pub mod repo;
+pub mod restore;
 pub mod restore_point;
 pub mod status;
 pub mod stored;

@@ -2,11 +2,13 @@
 //! repository with its LSN, timeline and time so a restore can target it by
 //! name.
 
-use std::time::{Duration, UNIX_EPOCH};
+use std::time::{Duration, Instant, UNIX_EPOCH};
 
+use crate::backup::archive::ArchiveError;
 use crate::backup::basebackup::BackupError;
 use crate::backup::repo::{Repo, RestorePoint};
 use crate::pg::conn::Db;
+use crate::pg::wal::WalFileName;
 
 /// PostgreSQL keeps restore point names in a 64-byte field.
 const MAX_NAME: usize = 63;
@@ -44,10 +46,6 @@ pub fn create(
            FROM pg_create_restore_point($1) AS lsn",
         &[&name],
     )?;
-    if switch_wal {
-        // Makes the point restorable now rather than at the next segment switch.
-        db.query("switch to a new WAL segment", "SELECT pg_switch_wal()", &[])?;
-    }
     let lsn: String = row.get(0);
     let epoch: f64 = row.get(2);
     let point = RestorePoint {
@@ -60,5 +58,39 @@ pub fn create(
     };
     points.push(point.clone());
     repo.save_restore_points(&points)?;
+    if switch_wal {
+        // Makes the point restorable now rather than at the next segment
+        // switch: the segment that holds it must reach the archive.
+        let segment: String = db
+            .query_one("switch WAL", "SELECT pg_walfile_name(pg_switch_wal())", &[])?
+            .get(0);
+        wait_archived(repo, name, &segment, Duration::from_secs(60))?;
+    }
     Ok(point)
+}
+
+fn wait_archived(
+    repo: &Repo,
+    point: &str,
+    segment: &str,
+    timeout: Duration,
+) -> Result<(), BackupError> {
+    let name = WalFileName::parse(segment).expect("PostgreSQL names its segments");
+    let deadline = Instant::now() + timeout;
+    loop {
+        match repo.archive().verify(&name) {
+            Ok(_) => return Ok(()),
+            Err(ArchiveError::NotFound { .. }) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(100))
+            }
+            Err(ArchiveError::NotFound { .. }) => {
+                return Err(BackupError::RestorePointNotArchived {
+                    name: point.into(),
+                    segment: segment.into(),
+                    secs: timeout.as_secs(),
+                })
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
 }

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant, SystemTime};
 use serde::Serialize;
 
 use crate::backup::archive::ArchiveError;
+use crate::backup::drill::{self, Evidence, Outcome};
 use crate::backup::label::VerifyStatus;
 use crate::backup::repo::{Repo, RepoError};
 use crate::pg::conn::{Db, PgError};
@@ -109,6 +110,35 @@ pub struct BackupsStatus {
 }
 
 #[derive(Debug, Clone, Serialize)]
+pub struct DrillSummary {
+    pub id: String,
+    pub finished_at: String,
+    pub age_seconds: Option<f64>,
+    pub validation_status: Outcome,
+    pub rto_seconds: f64,
+    pub rpo_seconds: Option<f64>,
+}
+
+impl DrillSummary {
+    fn of(e: &Evidence) -> DrillSummary {
+        DrillSummary {
+            id: e.dr_drill_id.clone(),
+            finished_at: e.restore_finished_at.clone(),
+            age_seconds: age_of(Some(&e.restore_finished_at)),
+            validation_status: e.validation_status,
+            rto_seconds: e.rto_observed_seconds,
+            rpo_seconds: e.rpo_observed_seconds,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct DrillsStatus {
+    pub last: Option<DrillSummary>,
+    pub last_passed: Option<DrillSummary>,
+}
+
+#[derive(Debug, Clone, Serialize)]
 pub struct Status {
     pub server: ServerStatus,
     pub archiver: ArchiverStatus,
@@ -117,6 +147,7 @@ pub struct Status {
     pub databases: Vec<DatabaseSize>,
     pub archive: ArchiveStatus,
     pub backups: BackupsStatus,
+    pub drills: DrillsStatus,
 }
 
 fn age_of(rfc3339: Option<&str>) -> Option<f64> {
@@ -248,6 +279,13 @@ pub fn status(repo: &Repo, conninfo: Option<&str>) -> Result<Status, StatusError
             usable: labels.iter().filter(|l| l.is_usable()).count(),
             newest: newest_backup,
         },
+        drills: {
+            let (last, passed) = drill::recorded(repo);
+            DrillsStatus {
+                last: last.as_ref().map(DrillSummary::of),
+                last_passed: passed.as_ref().map(DrillSummary::of),
+            }
+        },
     })
 }
 
@@ -371,6 +409,28 @@ pub fn prometheus(s: &Status) -> String {
         &opt(newest
             .and_then(|n| n.verification)
             .map(|v| f64::from(u8::from(v == VerifyStatus::Ok)))),
+    );
+    let drills = &s.drills;
+    metric(
+        "drill_last_passed_age_seconds",
+        "gauge",
+        "Seconds since the last restore drill that passed.",
+        &opt(drills.last_passed.as_ref().and_then(|d| d.age_seconds)),
+    );
+    metric(
+        "drill_last_ok",
+        "gauge",
+        "1 when the last restore drill passed.",
+        &opt(drills
+            .last
+            .as_ref()
+            .map(|d| f64::from(u8::from(d.validation_status == Outcome::Passed)))),
+    );
+    metric(
+        "drill_last_rto_seconds",
+        "gauge",
+        "Observed RTO of the last restore drill.",
+        &opt(drills.last.as_ref().map(|d| d.rto_seconds)),
     );
     out
 }

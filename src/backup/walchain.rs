@@ -9,7 +9,7 @@ use std::io::IsTerminal;
 
 use serde::Serialize;
 
-use crate::backup::archive::{Archive, ArchiveError};
+use crate::backup::archive::{Archive, ArchiveError, Listing};
 use crate::backup::label::BackupLabel;
 use crate::pg::lsn::Lsn;
 use crate::pg::wal::{SegmentName, WalFileName};
@@ -80,60 +80,139 @@ fn parse_history(text: &str) -> Option<(u32, Lsn)> {
     Some((parent, switch))
 }
 
+/// What the archive holds, indexed for "how far can recovery go from here".
+pub struct ChainIndex {
+    pub seg_size: u32,
+    good: BTreeMap<u32, BTreeSet<u64>>,
+    children: BTreeMap<u32, Vec<(u32, Lsn)>>,
+    pub corrupt: Vec<CorruptFile>,
+    pub history_files: Vec<String>,
+    pub files: usize,
+}
+
+impl ChainIndex {
+    /// Indexes the archive. With `verify`, every file is read and checked,
+    /// and corrupt ones count as missing; without, names are trusted (a
+    /// restore checks each file as it fetches it). History files are always
+    /// read: they say where timelines branch.
+    pub fn build(
+        archive: &Archive,
+        listing: &Listing,
+        verify: bool,
+    ) -> Result<ChainIndex, ArchiveError> {
+        let seg_size = archive
+            .info()?
+            .and_then(|i| i.wal_segment_size)
+            .unwrap_or(16 << 20);
+        let progress = verify && std::io::stderr().is_terminal();
+        let total = listing.files.len();
+        let mut index = ChainIndex {
+            seg_size,
+            good: BTreeMap::new(),
+            children: BTreeMap::new(),
+            corrupt: Vec::new(),
+            history_files: Vec::new(),
+            files: total,
+        };
+        for (i, name) in listing.files.iter().enumerate() {
+            if progress && i % 16 == 0 {
+                eprint!("\rchecking {i}/{total} archived files");
+            }
+            let mut content = Vec::new();
+            let checked = match name {
+                WalFileName::History(_) => archive.read(name, &mut content).map(|_| ()),
+                _ if verify => archive.verify(name).map(|_| ()),
+                _ => Ok(()),
+            };
+            match checked {
+                Ok(()) => {}
+                Err(ArchiveError::Corrupt { detail, .. }) => {
+                    index.corrupt.push(CorruptFile {
+                        name: name.to_string(),
+                        detail,
+                    });
+                    continue;
+                }
+                Err(e) => return Err(e),
+            }
+            match name {
+                WalFileName::Segment(s) => {
+                    index
+                        .good
+                        .entry(s.timeline)
+                        .or_default()
+                        .insert(s.segno(seg_size));
+                }
+                WalFileName::History(tli) => {
+                    index.history_files.push(name.to_string());
+                    if let Some((parent, switch)) =
+                        parse_history(&String::from_utf8_lossy(&content))
+                    {
+                        index
+                            .children
+                            .entry(parent)
+                            .or_default()
+                            .push((*tli, switch));
+                    }
+                }
+                WalFileName::Partial(_) | WalFileName::Backup(..) => {}
+            }
+        }
+        if progress {
+            eprint!("\r\x1b[K");
+        }
+        Ok(index)
+    }
+
+    pub fn has(&self, tli: u32, segno: u64) -> bool {
+        self.good.get(&tli).is_some_and(|s| s.contains(&segno))
+    }
+
+    /// How far contiguous WAL goes from segment `from` on timeline `tli`,
+    /// then on every child timeline that branched off inside that stretch.
+    pub fn reach(&self, tli: u32, from: u64) -> Vec<Reach> {
+        let mut out = Vec::new();
+        self.follow(tli, from, &mut out);
+        out
+    }
+
+    fn follow(&self, tli: u32, from: u64, out: &mut Vec<Reach>) {
+        if !self.has(tli, from) {
+            return;
+        }
+        let mut last = from;
+        while self.has(tli, last + 1) {
+            last += 1;
+        }
+        let until = Lsn((last + 1) * u64::from(self.seg_size));
+        out.push(Reach {
+            timeline: tli,
+            until_lsn: until,
+        });
+        for &(child, switch) in self.children.get(&tli).into_iter().flatten() {
+            if switch.segno(self.seg_size) >= from && switch <= until {
+                self.follow(child, switch.segno(self.seg_size), out);
+            }
+        }
+    }
+
+    /// Required segments of `b` that the archive lacks (or holds corrupt).
+    pub fn missing_for(&self, b: &BackupLabel) -> Vec<String> {
+        b.required_segments()
+            .into_iter()
+            .filter(|s| !self.has(s.timeline, s.segno(self.seg_size)))
+            .map(|s| s.to_string())
+            .collect()
+    }
+}
+
 pub fn verify(archive: &Archive, backups: &[BackupLabel]) -> Result<WalReport, ArchiveError> {
     let listing = archive.list()?;
-    let seg_size = archive
-        .info()?
-        .and_then(|i| i.wal_segment_size)
-        .unwrap_or(16 << 20);
-    let progress = std::io::stderr().is_terminal();
-    let total = listing.files.len();
-
-    let mut good: BTreeMap<u32, BTreeSet<u64>> = BTreeMap::new();
-    let mut children: BTreeMap<u32, Vec<(u32, Lsn)>> = BTreeMap::new();
-    let mut corrupt = Vec::new();
-    let mut history_files = Vec::new();
-    for (i, name) in listing.files.iter().enumerate() {
-        if progress && i % 16 == 0 {
-            eprint!("\rchecking {i}/{total} archived files");
-        }
-        let mut content = Vec::new();
-        let checked = match name {
-            WalFileName::History(_) => archive.read(name, &mut content).map(|_| ()),
-            _ => archive.verify(name).map(|_| ()),
-        };
-        match checked {
-            Ok(()) => {}
-            Err(ArchiveError::Corrupt { detail, .. }) => {
-                corrupt.push(CorruptFile {
-                    name: name.to_string(),
-                    detail,
-                });
-                continue;
-            }
-            Err(e) => return Err(e),
-        }
-        match name {
-            WalFileName::Segment(s) => {
-                good.entry(s.timeline)
-                    .or_default()
-                    .insert(s.segno(seg_size));
-            }
-            WalFileName::History(tli) => {
-                history_files.push(name.to_string());
-                if let Some((parent, switch)) = parse_history(&String::from_utf8_lossy(&content)) {
-                    children.entry(parent).or_default().push((*tli, switch));
-                }
-            }
-            WalFileName::Partial(_) | WalFileName::Backup(..) => {}
-        }
-    }
-    if progress {
-        eprint!("\r\x1b[K");
-    }
-
+    let index = ChainIndex::build(archive, &listing, true)?;
+    let seg_size = index.seg_size;
     let name = |tli: u32, segno: u64| SegmentName::from_segno(tli, segno, seg_size).to_string();
-    let timelines = good
+    let timelines = index
+        .good
         .iter()
         .map(|(&tli, segs)| {
             let mut ranges: Vec<(u64, u64)> = Vec::new();
@@ -167,67 +246,22 @@ pub fn verify(archive: &Archive, backups: &[BackupLabel]) -> Result<WalReport, A
         })
         .collect();
 
-    let has = |tli: u32, segno: u64| good.get(&tli).is_some_and(|s| s.contains(&segno));
-    // The end of the contiguous WAL on `tli` from `segno` on, then onto every
-    // child timeline that branched off inside it.
-    fn follow(
-        tli: u32,
-        from: u64,
-        seg_size: u32,
-        has: &dyn Fn(u32, u64) -> bool,
-        children: &BTreeMap<u32, Vec<(u32, Lsn)>>,
-        out: &mut Vec<Reach>,
-    ) {
-        if !has(tli, from) {
-            return;
-        }
-        let mut last = from;
-        while has(tli, last + 1) {
-            last += 1;
-        }
-        let until = Lsn((last + 1) * u64::from(seg_size));
-        out.push(Reach {
-            timeline: tli,
-            until_lsn: until,
-        });
-        for &(child, switch) in children.get(&tli).into_iter().flatten() {
-            if switch.segno(seg_size) >= from && switch <= until {
-                follow(child, switch.segno(seg_size), seg_size, has, children, out);
-            }
-        }
-    }
-
     let windows: Vec<BackupWindow> = backups
         .iter()
         .filter(|b| b.is_usable())
         .filter_map(|b| {
             let (tli, stop) = (b.timeline?, b.stop_lsn?);
-            let missing = b
-                .required_segments()
-                .into_iter()
-                .filter(|s| !has(s.timeline, s.segno(seg_size)))
-                .map(|s| s.to_string())
-                .collect();
-            let mut reachable = Vec::new();
-            follow(
-                tli,
-                stop.segno(seg_size),
-                seg_size,
-                &has,
-                &children,
-                &mut reachable,
-            );
             Some(BackupWindow {
                 id: b.id.clone(),
                 timeline: tli,
                 consistent_lsn: stop,
-                missing,
-                reachable,
+                missing: index.missing_for(b),
+                reachable: index.reach(tli, stop.segno(seg_size)),
             })
         })
         .collect();
 
-    let ok = corrupt.is_empty() && windows.iter().all(|w| w.missing.is_empty());
+    let ok = index.corrupt.is_empty() && windows.iter().all(|w| w.missing.is_empty());
     let paths = |v: &[std::path::PathBuf]| v.iter().map(|p| p.display().to_string()).collect();
     // A push in flight has a temporary file too; only old ones are leftovers.
     let stale: Vec<std::path::PathBuf> = listing
@@ -244,10 +278,10 @@ pub fn verify(archive: &Archive, backups: &[BackupLabel]) -> Result<WalReport, A
         .collect();
     Ok(WalReport {
         ok,
-        files_checked: total,
+        files_checked: index.files,
         timelines,
-        history_files,
-        corrupt,
+        history_files: index.history_files,
+        corrupt: index.corrupt,
         temp_files: paths(&stale),
         unknown_files: paths(&listing.unknown),
         backups: windows,

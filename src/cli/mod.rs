@@ -2,6 +2,7 @@
 //! Each subcommand module owns its `Args` and its `run`.
 
 mod backup;
+mod restore;
 mod status;
 mod wal;
 
@@ -61,6 +62,12 @@ pub enum Command {
     Status(status::StatusArgs),
     /// Force a WAL switch and confirm the segment reaches the archive.
     Check(status::CheckArgs),
+    /// Point-in-time restore into a new, fenced cluster.
+    Restore(restore::RestoreArgs),
+    /// Restore, validate, measure RTO/RPO, write evidence, tear down.
+    Drill(restore::DrillArgs),
+    /// The gate before a risky migration: healthy archive, verified backup, then a restore point.
+    Preflight(restore::PreflightArgs),
 }
 
 /// Which server to talk to: a conninfo string or URL, else libpq's PGHOST,
@@ -185,5 +192,8 @@ pub fn run(cli: Cli) -> Result<Exit, Error> {
         Command::RestorePoint(args) => status::restore_point(&ctx, args),
         Command::Status(args) => status::status(&ctx, args),
         Command::Check(args) => status::check(&ctx, args),
+        Command::Restore(args) => restore::restore(&ctx, args),
+        Command::Drill(args) => restore::drill(&ctx, args),
+        Command::Preflight(args) => restore::preflight(&ctx, args),
     }
 }

@@ -115,6 +115,19 @@ pub fn status(ctx: &Context, a: StatusArgs) -> Result<Exit, Error> {
             )),
             None => out.push_str("backups   none usable\n"),
         }
+        match (&s.drills.last, &s.drills.last_passed) {
+            (Some(l), p) => out.push_str(&format!(
+                "drills    last {} {} ago ({:?}, RTO {:.0} s); last passed: {}\n",
+                l.id,
+                age(l.age_seconds),
+                l.validation_status,
+                l.rto_seconds,
+                p.as_ref()
+                    .map(|p| format!("{} ago", age(p.age_seconds)))
+                    .unwrap_or_else(|| "never".into())
+            )),
+            (None, _) => out.push_str("drills    never\n"),
+        }
         for slot in &s.replication_slots {
             out.push_str(&format!(
                 "slot      {} ({}, {}) holds {}\n",

@@ -180,6 +180,24 @@ impl Db {
             .map_err(|e| self.error(context, &e))
     }
 
+    /// Runs `sql` with the simple protocol and returns each row's columns
+    /// joined as text; for user-written checks of any shape.
+    pub fn simple_query(&mut self, sql: &str) -> Result<Vec<String>, tokio_postgres::Error> {
+        let messages = self.rt.block_on(self.client.simple_query(sql))?;
+        Ok(messages
+            .into_iter()
+            .filter_map(|m| match m {
+                tokio_postgres::SimpleQueryMessage::Row(r) => Some(
+                    (0..r.len())
+                        .map(|i| r.get(i).unwrap_or("NULL"))
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                ),
+                _ => None,
+            })
+            .collect())
+    }
+
     fn error(&self, context: &str, e: &tokio_postgres::Error) -> PgError {
         PgError::Query {
             target: self.target.clone(),

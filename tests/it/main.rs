@@ -2,5 +2,6 @@
 
 mod backup;
 mod common;
+mod restore;
 mod services;
 mod wal_archive;

@@ -122,6 +122,10 @@ impl Cluster {
         ]
     }
 
+    pub fn root(&self) -> &Path {
+        self.root.path()
+    }
+
     pub fn data(&self) -> PathBuf {
         self.root.path().join("data")
     }

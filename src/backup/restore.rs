@@ -1,0 +1,773 @@
+//! `reentry restore`: a base backup (combined from its chain when it is
+//! incremental) and the archive's WAL, replayed to a target in a new cluster
+//! that cannot touch production: it does not archive, listens on loopback
+//! only, on a port that was free, with its own socket directory. The restore
+//! manifest it writes is what re-entry treats as the recovery target.
+
+use std::fs;
+use std::io;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant, SystemTime};
+
+use serde::{Deserialize, Serialize};
+
+use crate::backup::archive::ArchiveError;
+use crate::backup::basebackup::now_rfc3339;
+use crate::backup::label::BackupLabel;
+use crate::backup::repo::{io_err, Repo, RepoError};
+use crate::backup::walchain::ChainIndex;
+use crate::fsutil;
+use crate::pg::conn::{Db, PgError};
+use crate::pg::lsn::Lsn;
+use crate::pg::tools::{self, PgBin, ToolError};
+use crate::pg::wal::{SegmentName, WalFileName};
+
+pub const MANIFEST_FILE: &str = "reentry-restore.json";
+const LOG_FILE: &str = "reentry-restore.log";
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Target {
+    /// Replay everything the archive has, then promote.
+    Latest,
+    /// Stop as soon as the backup is consistent.
+    Immediate,
+    Time(SystemTime),
+    Lsn(Lsn),
+    Xid(u32),
+    Name(String),
+}
+
+/// How a target is written in manifests and evidence.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TargetSpec {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub value: Option<String>,
+}
+
+impl Target {
+    pub fn spec(&self) -> TargetSpec {
+        let (kind, value) = match self {
+            Target::Latest => ("latest", None),
+            Target::Immediate => ("immediate", None),
+            Target::Time(t) => (
+                "time",
+                Some(humantime::format_rfc3339_millis(*t).to_string()),
+            ),
+            Target::Lsn(l) => ("lsn", Some(l.to_string())),
+            Target::Xid(x) => ("xid", Some(x.to_string())),
+            Target::Name(n) => ("name", Some(n.clone())),
+        };
+        TargetSpec {
+            kind: kind.into(),
+            value,
+        }
+    }
+
+    /// Parses `--target-time`: RFC 3339, or `YYYY-MM-DD HH:MM:SS[.f]` in UTC.
+    pub fn parse_time(s: &str) -> Result<Target, RestoreError> {
+        humantime::parse_rfc3339_weak(s.trim_end_matches('Z').trim_end_matches("+00:00"))
+            .or_else(|_| humantime::parse_rfc3339(s))
+            .map(Target::Time)
+            .map_err(|e| RestoreError::BadTarget {
+                value: s.into(),
+                why: e.to_string(),
+            })
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Action {
+    /// Stay in recovery, read-only, at the target: inspect before deciding.
+    #[default]
+    Pause,
+    /// End recovery at the target and open read-write on a new timeline.
+    Promote,
+    /// Stop the server at the target.
+    Shutdown,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreError {
+    #[error(transparent)]
+    Repo(#[from] RepoError),
+    #[error(transparent)]
+    Archive(#[from] ArchiveError),
+    #[error(transparent)]
+    Pg(#[from] PgError),
+    #[error(transparent)]
+    Tool(#[from] ToolError),
+    #[error("PostgreSQL refuses to run as root: run reentry restore as the OS user that will own the restored cluster")]
+    RunningAsRoot,
+    #[error("{} is not empty: restore into a new or empty directory", dir.display())]
+    NotEmpty { dir: PathBuf },
+    #[error(
+        "port {port} is in use on 127.0.0.1: pick a free one (or leave --port out to get one)"
+    )]
+    PortInUse { port: u16 },
+    #[error("invalid target {value:?}: {why}")]
+    BadTarget { value: String, why: String },
+    #[error("no restore point {name:?} is recorded in {}; recorded: {known}", repo.display())]
+    UnknownRestorePoint {
+        name: String,
+        repo: PathBuf,
+        known: String,
+    },
+    #[error("no usable backup can reach target {target}: {why}")]
+    NoBackup { target: String, why: String },
+    #[error("target {target} cannot be reached from backup {backup}: {why}. Nothing was copied")]
+    Unreachable {
+        target: String,
+        backup: String,
+        why: String,
+    },
+    #[error("recovery in {} failed: {log}", dir.display())]
+    RecoveryFailed { dir: PathBuf, log: String },
+    #[error("recovery in {} did not reach its target within {secs} s; the server was stopped, see {}", dir.display(), dir.join(LOG_FILE).display())]
+    Timeout { dir: PathBuf, secs: u64 },
+}
+
+#[derive(Debug, Clone)]
+pub struct RestoreOptions {
+    pub to: PathBuf,
+    pub target: Target,
+    pub backup: Option<String>,
+    pub port: Option<u16>,
+    pub action: Action,
+    pub pg_bin: PgBin,
+    pub timeout: Duration,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Durations {
+    pub copy_seconds: f64,
+    pub combine_seconds: f64,
+    pub replay_seconds: f64,
+    pub total_seconds: f64,
+}
+
+/// `reentry-restore.json` in the restored data directory.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RestoreManifest {
+    pub format: u32,
+    pub backup_id: String,
+    pub backup_chain: Vec<String>,
+    pub target: TargetSpec,
+    pub action: Action,
+    pub data_dir: String,
+    pub port: u16,
+    pub repo: String,
+    pub pg_version: String,
+    pub system_identifier: String,
+    pub timeline: u32,
+    pub reached_lsn: Lsn,
+    /// Commit time of the last transaction replayed.
+    pub reached_time: Option<String>,
+    pub wal_segments_replayed: usize,
+    pub started_at: String,
+    pub finished_at: String,
+    pub durations: Durations,
+}
+
+fn running_as_root() -> bool {
+    use std::os::unix::fs::MetadataExt;
+    fs::metadata("/proc/self")
+        .map(|m| m.uid() == 0)
+        .unwrap_or(false)
+}
+
+fn is_empty_dir(dir: &Path) -> io::Result<bool> {
+    match fs::read_dir(dir) {
+        Ok(mut d) => Ok(d.next().is_none()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(true),
+        Err(e) => Err(e),
+    }
+}
+
+fn free_port() -> io::Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// Chooses the backup, proves the target reachable, and nothing more: what
+/// `restore` does before it writes anything.
+pub fn plan(
+    repo: &Repo,
+    opts: &RestoreOptions,
+) -> Result<(Vec<BackupLabel>, Target), RestoreError> {
+    let archive = repo.archive();
+    let sysid = archive.info()?.map(|i| i.system_identifier);
+    // A name stands for the LSN recorded when it was created.
+    let (target, target_lsn) = match &opts.target {
+        Target::Name(n) => {
+            let points = repo.restore_points()?;
+            let p = points.iter().find(|p| &p.name == n).ok_or_else(|| {
+                RestoreError::UnknownRestorePoint {
+                    name: n.clone(),
+                    repo: repo.root().to_owned(),
+                    known: if points.is_empty() {
+                        "none".into()
+                    } else {
+                        points
+                            .iter()
+                            .map(|p| p.name.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    },
+                }
+            })?;
+            (opts.target.clone(), Some(p.lsn))
+        }
+        Target::Lsn(l) => (opts.target.clone(), Some(*l)),
+        t => (t.clone(), None),
+    };
+    let shown = format!(
+        "{} {}",
+        target.spec().kind,
+        target.spec().value.unwrap_or_default()
+    )
+    .trim()
+    .to_owned();
+    let labels: Vec<BackupLabel> = repo
+        .backups()?
+        .into_iter()
+        .filter(|b| b.is_usable() && sysid.as_ref().is_none_or(|s| *s == b.system_identifier))
+        .collect();
+    let fits = |b: &BackupLabel| -> Result<bool, RestoreError> {
+        Ok(match (&target, target_lsn) {
+            (_, Some(lsn)) => b.stop_lsn.is_some_and(|s| s <= lsn),
+            (Target::Time(t), _) => b
+                .stop_time
+                .as_deref()
+                .and_then(|s| humantime::parse_rfc3339(s).ok())
+                .is_some_and(|stop| stop < *t),
+            (Target::Xid(x), _) => next_xid(&opts.pg_bin, &repo.backup_data(&b.id))? <= *x,
+            _ => true,
+        })
+    };
+    let chosen = match &opts.backup {
+        Some(id) => {
+            let b = repo.label(id)?;
+            if !b.is_usable() {
+                return Err(RestoreError::NoBackup {
+                    target: shown,
+                    why: format!("backup {id} is not complete"),
+                });
+            }
+            if !fits(&b)? {
+                return Err(RestoreError::Unreachable {
+                    target: shown,
+                    backup: id.clone(),
+                    why: format!(
+                        "the backup is consistent only from {}, after the target",
+                        b.stop_lsn.unwrap_or_default()
+                    ),
+                });
+            }
+            b
+        }
+        None => {
+            let mut found = None;
+            for b in labels.iter().rev() {
+                if fits(b)? {
+                    found = Some(b.clone());
+                    break;
+                }
+            }
+            found.ok_or_else(|| RestoreError::NoBackup {
+                target: shown.clone(),
+                why: match labels.first() {
+                    None => format!("{} has no complete backup", repo.root().display()),
+                    Some(oldest) => format!(
+                        "the oldest backup, {}, is consistent only from {} ({})",
+                        oldest.id,
+                        oldest.stop_lsn.unwrap_or_default(),
+                        oldest.stop_time.as_deref().unwrap_or("?")
+                    ),
+                },
+            })?
+        }
+    };
+
+    let index = ChainIndex::build(&archive, &archive.list()?, false)?;
+    let unreachable = |why: String| RestoreError::Unreachable {
+        target: shown.clone(),
+        backup: chosen.id.clone(),
+        why,
+    };
+    let missing = index.missing_for(&chosen);
+    if !missing.is_empty() {
+        return Err(unreachable(format!(
+            "the archive lacks {} it needs to become consistent",
+            missing.join(", ")
+        )));
+    }
+    let (tli, stop) = (
+        chosen.timeline.unwrap_or(1),
+        chosen.stop_lsn.unwrap_or_default(),
+    );
+    let reach = index.reach(tli, stop.segno(index.seg_size));
+    let furthest = reach
+        .iter()
+        .max_by_key(|r| r.until_lsn)
+        .map(|r| format!("{} on timeline {}", r.until_lsn, r.timeline))
+        .unwrap_or_else(|| stop.to_string());
+    if let Some(lsn) = target_lsn {
+        if !reach.iter().any(|r| lsn < r.until_lsn) {
+            return Err(unreachable(format!(
+                "the archive's contiguous WAL ends at {furthest}"
+            )));
+        }
+    }
+    if let Target::Time(t) = target {
+        // Every record in a segment is older than the moment it was archived.
+        let newest_archived = reach
+            .iter()
+            .filter_map(|r| {
+                let last = SegmentName::from_segno(
+                    r.timeline,
+                    r.until_lsn.segno(index.seg_size) - 1,
+                    index.seg_size,
+                );
+                fs::metadata(archive.path_of(&WalFileName::Segment(last)))
+                    .and_then(|m| m.modified())
+                    .ok()
+            })
+            .max();
+        if newest_archived.is_none_or(|n| n < t) {
+            let when = newest_archived.map(|n| humantime::format_rfc3339_seconds(n).to_string());
+            return Err(unreachable(format!(
+                "the archive's contiguous WAL ends at {furthest}, archived at {}",
+                when.as_deref().unwrap_or("?")
+            )));
+        }
+    }
+    Ok((repo.chain(&chosen.id)?, target))
+}
+
+/// The next transaction id recorded in a backup's control file.
+fn next_xid(pg_bin: &PgBin, data: &Path) -> Result<u32, RestoreError> {
+    let out = tools::run(pg_bin.command("pg_controldata").arg(data))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines()
+        .find_map(|l| l.strip_prefix("Latest checkpoint's NextXID:"))
+        .and_then(|v| v.trim().rsplit(':').next()?.parse().ok())
+        .ok_or_else(|| RestoreError::BadTarget {
+            value: data.display().to_string(),
+            why: "no NextXID in pg_controldata".into(),
+        })
+}
+
+pub fn restore(repo: &Repo, opts: &RestoreOptions) -> Result<RestoreManifest, RestoreError> {
+    let started = Instant::now();
+    let started_at = now_rfc3339();
+    if running_as_root() {
+        return Err(RestoreError::RunningAsRoot);
+    }
+    if !is_empty_dir(&opts.to).map_err(io_err("read", &opts.to))? {
+        return Err(RestoreError::NotEmpty {
+            dir: opts.to.clone(),
+        });
+    }
+    let port = match opts.port {
+        Some(p) => {
+            TcpListener::bind(("127.0.0.1", p)).map_err(|_| RestoreError::PortInUse { port: p })?;
+            p
+        }
+        None => free_port().map_err(io_err("find a free port on", Path::new("127.0.0.1")))?,
+    };
+    let (chain, target) = plan(repo, opts)?;
+    let backup = chain.last().expect("a chain has its backup").clone();
+    let repo_abs = fs::canonicalize(repo.root()).map_err(io_err("resolve", repo.root()))?;
+
+    fsutil::create_dir_all_durable(&opts.to).map_err(io_err("create", &opts.to))?;
+    let to = fs::canonicalize(&opts.to).map_err(io_err("resolve", &opts.to))?;
+    let mut durations = Durations::default();
+    let t = Instant::now();
+    if chain.len() == 1 {
+        copy_tree(&repo.backup_data(&backup.id), &to)
+            .map_err(io_err("copy the backup into", &to))?;
+        durations.copy_seconds = t.elapsed().as_secs_f64();
+    } else {
+        // pg_combinebackup insists on creating the output directory itself.
+        fs::remove_dir(&to).map_err(io_err("prepare", &to))?;
+        let mut cmd = opts.pg_bin.command("pg_combinebackup");
+        cmd.arg("-o").arg(&to);
+        for b in &chain {
+            cmd.arg(repo.backup_data(&b.id));
+        }
+        tools::run(&mut cmd)?;
+        durations.combine_seconds = t.elapsed().as_secs_f64();
+    }
+    set_mode(&to, 0o700).map_err(io_err("set permissions on", &to))?;
+    configure(&to, port, &repo_abs, &target, opts.action).map_err(io_err("configure", &to))?;
+
+    let t = Instant::now();
+    let reached = replay(&to, port, opts)?;
+    durations.replay_seconds = t.elapsed().as_secs_f64();
+    durations.total_seconds = started.elapsed().as_secs_f64();
+    let manifest = RestoreManifest {
+        format: 1,
+        backup_id: backup.id.clone(),
+        backup_chain: chain.iter().map(|b| b.id.clone()).collect(),
+        target: target.spec(),
+        action: opts.action,
+        data_dir: to.display().to_string(),
+        port,
+        repo: repo_abs.display().to_string(),
+        pg_version: reached.pg_version,
+        system_identifier: reached.system_identifier,
+        timeline: reached.timeline,
+        reached_lsn: reached.lsn,
+        reached_time: reached.time,
+        wal_segments_replayed: reached.segments,
+        started_at,
+        finished_at: now_rfc3339(),
+        durations,
+    };
+    let mut text = serde_json::to_string_pretty(&manifest).expect("manifest serializes");
+    text.push('\n');
+    fsutil::write_atomic(&to.join(MANIFEST_FILE), text.as_bytes())
+        .map_err(io_err("write", &to.join(MANIFEST_FILE)))?;
+    Ok(manifest)
+}
+
+fn set_mode(p: &Path, mode: u32) -> io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(p, fs::Permissions::from_mode(mode))
+}
+
+/// Copies a backup directory, file contents through copy_file_range, two
+/// files at a time (the machine's two cores keep two requests in flight).
+fn copy_tree(from: &Path, to: &Path) -> io::Result<()> {
+    let mut files = Vec::new();
+    let mut dirs = vec![(from.to_owned(), to.to_owned())];
+    while let Some((src, dst)) = dirs.pop() {
+        if dst != to {
+            fs::create_dir(&dst)?;
+            fs::set_permissions(&dst, fs::metadata(&src)?.permissions())?;
+        }
+        for entry in fs::read_dir(&src)? {
+            let entry = entry?;
+            let kind = entry.file_type()?;
+            let target = dst.join(entry.file_name());
+            if kind.is_dir() {
+                dirs.push((entry.path(), target));
+            } else if kind.is_symlink() {
+                std::os::unix::fs::symlink(fs::read_link(entry.path())?, target)?;
+            } else {
+                files.push((entry.metadata()?.len(), entry.path(), target));
+            }
+        }
+    }
+    // Largest first, so the two workers finish together.
+    files.sort_by_key(|f| std::cmp::Reverse(f.0));
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    std::thread::scope(|s| {
+        let workers: Vec<_> = (0..2)
+            .map(|_| {
+                s.spawn(|| -> io::Result<()> {
+                    loop {
+                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let Some((_, src, dst)) = files.get(i) else {
+                            return Ok(());
+                        };
+                        fs::copy(src, dst)?;
+                    }
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .try_for_each(|w| w.join().expect("copy worker panicked"))
+    })?;
+    // One sync for the whole tree rather than one per file.
+    fsutil::sync_dir(to)
+}
+
+/// The recovery settings, last in postgresql.auto.conf so they win over
+/// anything the backup carried (ALTER SYSTEM writes there too).
+fn configure(to: &Path, port: u16, repo: &Path, target: &Target, action: Action) -> io::Result<()> {
+    use std::io::Write;
+    let exe = std::env::current_exe()?;
+    let quote = |s: &str| format!("'{}'", s.replace('\'', "''"));
+    let socket_dir = to.display().to_string();
+    // Unix socket paths are limited to about 100 bytes.
+    let socket_dir = if socket_dir.len() < 90 {
+        socket_dir
+    } else {
+        String::new()
+    };
+    let mut lines = vec![
+        "# Written by reentry restore: a fenced copy.".to_owned(),
+        format!("port = {port}"),
+        "listen_addresses = '127.0.0.1'".to_owned(),
+        format!("unix_socket_directories = {}", quote(&socket_dir)),
+        "archive_mode = off".to_owned(),
+        "archive_command = ''".to_owned(),
+        "archive_library = ''".to_owned(),
+        "primary_conninfo = ''".to_owned(),
+        "synchronous_standby_names = ''".to_owned(),
+        "hot_standby = on".to_owned(),
+        format!(
+            "restore_command = {}",
+            quote(&format!(
+                "'{}' --repo '{}' wal fetch %f %p",
+                exe.display(),
+                repo.display()
+            ))
+        ),
+        "recovery_target_timeline = 'latest'".to_owned(),
+    ];
+    match target {
+        Target::Latest => {}
+        Target::Immediate => lines.push("recovery_target = 'immediate'".into()),
+        Target::Time(t) => lines.push(format!(
+            "recovery_target_time = {}",
+            quote(&pg_timestamp(*t))
+        )),
+        Target::Lsn(l) => lines.push(format!("recovery_target_lsn = '{l}'")),
+        Target::Xid(x) => lines.push(format!("recovery_target_xid = '{x}'")),
+        Target::Name(n) => lines.push(format!("recovery_target_name = {}", quote(n))),
+    }
+    if *target != Target::Latest {
+        let a = match action {
+            Action::Pause => "pause",
+            Action::Promote => "promote",
+            Action::Shutdown => "shutdown",
+        };
+        lines.push(format!("recovery_target_action = '{a}'"));
+    }
+    let mut f = fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .open(to.join("postgresql.auto.conf"))?;
+    writeln!(f, "\n{}", lines.join("\n"))?;
+    f.sync_all()?;
+    fs::write(to.join("recovery.signal"), "")?;
+    fs::remove_file(to.join("standby.signal")).or_else(|e| {
+        if e.kind() == io::ErrorKind::NotFound {
+            Ok(())
+        } else {
+            Err(e)
+        }
+    })
+}
+
+/// `2026-11-25 13:23:44.123456+00`: recovery_target_time does not take the
+/// ISO 8601 `T`/`Z` form.
+fn pg_timestamp(t: SystemTime) -> String {
+    let iso = humantime::format_rfc3339_micros(t).to_string();
+    format!("{}+00", iso.trim_end_matches('Z').replacen('T', " ", 1))
+}
+
+struct Reached {
+    lsn: Lsn,
+    time: Option<String>,
+    timeline: u32,
+    segments: usize,
+    system_identifier: String,
+    pg_version: String,
+}
+
+/// Starts the server and waits until recovery reached its target (paused,
+/// promoted or shut down as asked) or failed.
+fn replay(to: &Path, port: u16, opts: &RestoreOptions) -> Result<Reached, RestoreError> {
+    let log = to.join(LOG_FILE);
+    let status = opts
+        .pg_bin
+        .command("pg_ctl")
+        .args(["start", "-W", "-D"])
+        .arg(to)
+        .arg("-l")
+        .arg(&log)
+        .stdout(Stdio::null())
+        .status()
+        .map_err(|source| ToolError::Spawn {
+            program: opts.pg_bin.program("pg_ctl"),
+            source,
+        })?;
+    if !status.success() {
+        return Err(RestoreError::RecoveryFailed {
+            dir: to.to_owned(),
+            log: log_tail(&log),
+        });
+    }
+    let stop = || {
+        let _ = opts
+            .pg_bin
+            .command("pg_ctl")
+            .args(["stop", "-m", "fast", "-D"])
+            .arg(to)
+            .output();
+    };
+    let conninfo = format!(
+        "host={} port={port} dbname=postgres connect_timeout=2",
+        socket_or_tcp(to)
+    );
+    let deadline = Instant::now() + opts.timeout;
+    let wants_open = opts.target == Target::Latest || opts.action == Action::Promote;
+    let launched = Instant::now();
+    let mut seen_running = false;
+    loop {
+        if Instant::now() > deadline {
+            stop();
+            return Err(RestoreError::Timeout {
+                dir: to.to_owned(),
+                secs: opts.timeout.as_secs(),
+            });
+        }
+        // pg_ctl -W returns before the postmaster writes its pid file.
+        let running = to.join("postmaster.pid").exists();
+        seen_running |= running;
+        let text = if running {
+            String::new()
+        } else {
+            fs::read_to_string(&log).unwrap_or_default()
+        };
+        let exited = text.contains("database system is shut down") || text.contains("FATAL");
+        if !running && (seen_running || exited || launched.elapsed() > Duration::from_secs(10)) {
+            if opts.action == Action::Shutdown && text.contains("recovery stopping") {
+                return reached_from_control(&opts.pg_bin, to, &text);
+            }
+            return Err(RestoreError::RecoveryFailed {
+                dir: to.to_owned(),
+                log: log_tail(&log),
+            });
+        }
+        if let Ok(mut db) = Db::connect(Some(&conninfo)) {
+            let row = db.query_one(
+                "read the recovery state",
+                "SELECT pg_is_in_recovery(),
+                        CASE WHEN pg_is_in_recovery() THEN pg_get_wal_replay_pause_state() ELSE '' END",
+                &[],
+            );
+            if let Ok(row) = row {
+                let (in_recovery, pause): (bool, String) = (row.get(0), row.get(1));
+                let done = if wants_open {
+                    !in_recovery
+                } else {
+                    in_recovery && pause == "paused"
+                };
+                if done {
+                    return reached_from_server(&mut db, to);
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn socket_or_tcp(to: &Path) -> String {
+    let s = to.display().to_string();
+    if s.len() < 90 {
+        s
+    } else {
+        "127.0.0.1".into()
+    }
+}
+
+fn count_restored(log: &str) -> (usize, Option<u32>) {
+    let mut n = 0;
+    let mut last_tli = None;
+    for line in log.lines() {
+        if let Some(rest) = line.split("restored log file \"").nth(1) {
+            let name = rest.split('"').next().unwrap_or("");
+            if let Ok(WalFileName::Segment(s)) = WalFileName::parse(name) {
+                n += 1;
+                last_tli = Some(s.timeline);
+            }
+        }
+    }
+    (n, last_tli)
+}
+
+fn reached_from_server(db: &mut Db, to: &Path) -> Result<Reached, RestoreError> {
+    let row = db.query_one(
+        "read where recovery stopped",
+        "SELECT pg_last_wal_replay_lsn()::text, pg_last_xact_replay_timestamp(),
+                (SELECT system_identifier::text FROM pg_control_system()), current_setting('server_version'),
+                CASE WHEN pg_is_in_recovery() THEN 0
+                     ELSE ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int END",
+        &[],
+    )?;
+    let text = fs::read_to_string(to.join(LOG_FILE)).unwrap_or_default();
+    let (segments, last_tli) = count_restored(&text);
+    let open_tli = row.get::<_, i32>(4) as u32;
+    let lsn: Option<String> = row.get(0);
+    let time: Option<SystemTime> = row.get(1);
+    Ok(Reached {
+        lsn: lsn.and_then(|l| l.parse().ok()).unwrap_or_default(),
+        time: time.map(|t| humantime::format_rfc3339_millis(t).to_string()),
+        timeline: if open_tli > 0 {
+            open_tli
+        } else {
+            last_tli.unwrap_or(1)
+        },
+        segments,
+        system_identifier: row.get(2),
+        pg_version: row.get(3),
+    })
+}
+
+/// After `--action shutdown` there is no server to ask: the control file
+/// says where recovery ended.
+fn reached_from_control(pg_bin: &PgBin, to: &Path, log: &str) -> Result<Reached, RestoreError> {
+    let (segments, last_tli) = count_restored(log);
+    let out = tools::run(pg_bin.command("pg_controldata").arg(to))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let field = |key: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(key))
+            .map(str::trim)
+            .unwrap_or_default()
+            .to_owned()
+    };
+    let lsn = field("Minimum recovery ending location:")
+        .parse::<Lsn>()
+        .unwrap_or_default();
+    let lsn = if lsn == Lsn(0) {
+        field("Latest checkpoint location:")
+            .parse()
+            .unwrap_or_default()
+    } else {
+        lsn
+    };
+    Ok(Reached {
+        lsn,
+        time: None,
+        timeline: field("Min recovery ending loc's timeline:")
+            .parse()
+            .ok()
+            .filter(|t| *t > 0)
+            .or(last_tli)
+            .unwrap_or(1),
+        segments,
+        system_identifier: field("Database system identifier:"),
+        pg_version: fs::read_to_string(to.join("PG_VERSION"))
+            .unwrap_or_default()
+            .trim()
+            .to_owned(),
+    })
+}
+
+fn log_tail(log: &Path) -> String {
+    let text = fs::read_to_string(log).unwrap_or_default();
+    let important: Vec<&str> = text
+        .lines()
+        .filter(|l| {
+            ["FATAL", "ERROR", "PANIC", "invalid", "DETAIL", "HINT"]
+                .iter()
+                .any(|k| l.contains(k))
+        })
+        .collect();
+    let lines = if important.is_empty() {
+        text.lines().collect::<Vec<_>>()
+    } else {
+        important
+    };
+    let tail = lines[lines.len().saturating_sub(4)..].join(" / ");
+    format!("{tail} (full log: {})", log.display())
+}

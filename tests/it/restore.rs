@@ -1,0 +1,641 @@
+//! Point-in-time restore, drills and preflight against real PostgreSQL 18
+//! and 15. Everything runs as the server's OS user: PostgreSQL will not run
+//! a restored cluster as root.
+
+use std::path::{Path, PathBuf};
+use std::process::Output;
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::common::archiving::{archiving, switch_and_wait_archived};
+use crate::common::pg::{Cluster, Version};
+use crate::common::{as_server_user, assert_exit, reentry_bin, stderr, stdout};
+
+/// `reentry --repo REPO --json ARGS…` as the server user, pointed at `c`.
+fn run(c: &Cluster, repo: &Path, args: &[&str]) -> Output {
+    as_server_user(reentry_bin())
+        .args(["--repo", repo.to_str().unwrap(), "--json"])
+        .args(args)
+        .env_remove("REENTRY_REPO")
+        .env("REENTRY_PG_BIN", c.version.bin_dir())
+        .env("PGHOST", "127.0.0.1")
+        .env("PGPORT", c.port.to_string())
+        .env("PGUSER", "postgres")
+        .env("PGDATABASE", "postgres")
+        .current_dir(c.dir("work"))
+        .output()
+        .expect("run reentry")
+}
+
+#[track_caller]
+fn ok_json(o: &Output) -> Value {
+    assert_exit(o, 0);
+    serde_json::from_str(&stdout(o)).unwrap_or_else(|e| panic!("not JSON ({e}): {}", stdout(o)))
+}
+
+/// A restored cluster, stopped when the test ends however it ends.
+struct Restored {
+    manifest: Value,
+    dir: PathBuf,
+    bin: PathBuf,
+}
+
+impl Restored {
+    fn client(&self) -> postgres::Client {
+        let conninfo = format!(
+            "host=127.0.0.1 port={} user=postgres dbname=postgres",
+            self.manifest["port"]
+        );
+        postgres::Client::connect(&conninfo, postgres::NoTls).unwrap()
+    }
+
+    fn count(&self, table: &str) -> i64 {
+        self.client()
+            .query_one(&format!("SELECT count(*) FROM {table}"), &[])
+            .unwrap()
+            .get(0)
+    }
+}
+
+impl Drop for Restored {
+    fn drop(&mut self) {
+        let _ = as_server_user(self.bin.join("pg_ctl"))
+            .args(["stop", "-m", "immediate", "-D"])
+            .arg(&self.dir)
+            .output();
+    }
+}
+
+#[track_caller]
+fn restore(c: &Cluster, repo: &Path, name: &str, args: &[&str]) -> Restored {
+    let dir = c.root().join(name);
+    let mut all = vec!["restore", "--to", dir.to_str().unwrap()];
+    all.extend_from_slice(args);
+    let out = run(c, repo, &all);
+    // The guard exists before the result is read, so a server that started
+    // is stopped even when the restore's output is not what the test expects.
+    let mut restored = Restored {
+        manifest: Value::Null,
+        dir,
+        bin: c.version.bin_dir(),
+    };
+    restored.manifest = ok_json(&out);
+    restored
+}
+
+fn sql_one(c: &Cluster, sql: &str) -> String {
+    c.client().query_one(sql, &[]).unwrap().get(0)
+}
+
+fn seed_lab(version: Version) {
+    let (c, repo) = archiving(version, "", &[]);
+    c.client()
+        .batch_execute("CREATE TABLE lab_orders AS SELECT g AS id, 'order ' || g AS note FROM generate_series(1, 10000) g")
+        .unwrap();
+    ok_json(&run(&c, &repo, &["backup"]));
+    ok_json(&run(
+        &c,
+        &repo,
+        &["restore-point", "before_delete", "--switch-wal"],
+    ));
+    c.client().batch_execute("DELETE FROM lab_orders").unwrap();
+    switch_and_wait_archived(&c);
+
+    let r = restore(&c, &repo, "restored", &["--target-name", "before_delete"]);
+    assert_eq!(r.count("lab_orders"), 10000, "the deleted rows are back");
+    let m = &r.manifest;
+    assert_eq!(
+        m["target"],
+        serde_json::json!({"type": "name", "value": "before_delete"})
+    );
+    assert_eq!(m["timeline"], 1);
+    assert_eq!(
+        m["system_identifier"],
+        sql_one(
+            &c,
+            "SELECT system_identifier::text FROM pg_control_system()"
+        )
+        .as_str()
+    );
+    assert!(m["wal_segments_replayed"].as_u64().unwrap() >= 1, "{m}");
+    assert!(m["durations"]["copy_seconds"].as_f64().unwrap() > 0.0);
+    let on_disk: Value =
+        serde_json::from_str(&std::fs::read_to_string(r.dir.join("reentry-restore.json")).unwrap())
+            .unwrap();
+    assert_eq!(&on_disk, m, "the manifest is written beside the data");
+    let in_recovery: bool = r
+        .client()
+        .query_one("SELECT pg_is_in_recovery()", &[])
+        .unwrap()
+        .get(0);
+    assert!(
+        in_recovery,
+        "the default action pauses at the target, read-only"
+    );
+}
+
+#[test]
+fn pg18_seed_lab_restore_to_a_named_point_brings_back_deleted_rows() {
+    seed_lab(Version::V18);
+}
+
+#[test]
+fn pg15_seed_lab_restore_to_a_named_point_brings_back_deleted_rows() {
+    seed_lab(Version::V15);
+}
+
+#[test]
+fn pg18_time_lsn_and_xid_targets_land_where_they_should() {
+    let (c, repo) = archiving(Version::V18, "", &[]);
+    let mut db = c.client();
+    db.batch_execute("CREATE TABLE t (batch text, id int)")
+        .unwrap();
+    ok_json(&run(&c, &repo, &["backup"]));
+    let insert = |db: &mut postgres::Client, batch: &str| {
+        db.batch_execute(&format!(
+            "INSERT INTO t SELECT '{batch}', g FROM generate_series(1, 100) g"
+        ))
+        .unwrap()
+    };
+    insert(&mut db, "a");
+    let t1 = sql_one(
+        &c,
+        "SELECT to_char(clock_timestamp() AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')",
+    );
+    std::thread::sleep(Duration::from_millis(1100));
+    insert(&mut db, "b");
+    let l2 = sql_one(&c, "SELECT pg_current_wal_insert_lsn()::text");
+    let mut tx = db.transaction().unwrap();
+    tx.batch_execute("INSERT INTO t SELECT 'c', g FROM generate_series(1, 100) g")
+        .unwrap();
+    let x3: String = tx
+        .query_one(
+            "SELECT (pg_current_xact_id()::text::bigint % 4294967296)::text",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    tx.commit().unwrap();
+    insert(&mut db, "d");
+    switch_and_wait_archived(&c);
+
+    let by_time = restore(&c, &repo, "by-time", &["--target-time", &t1]);
+    assert_eq!(
+        by_time.count("t"),
+        100,
+        "only batch a committed before {t1}"
+    );
+    let by_lsn = restore(&c, &repo, "by-lsn", &["--target-lsn", &l2]);
+    assert_eq!(by_lsn.count("t"), 200, "a and b are before {l2}");
+    let by_xid = restore(&c, &repo, "by-xid", &["--target-xid", &x3]);
+    assert_eq!(
+        by_xid.count("t"),
+        300,
+        "up to and including transaction {x3}"
+    );
+    assert_eq!(by_xid.manifest["target"]["type"], "xid");
+
+    let stopped = restore(
+        &c,
+        &repo,
+        "stopped",
+        &["--target-lsn", &l2, "--action", "shutdown"],
+    );
+    assert!(
+        !stopped.dir.join("postmaster.pid").exists(),
+        "shut down at the target"
+    );
+    assert!(
+        stopped.manifest["reached_lsn"].as_str().unwrap() != "0/0",
+        "{}",
+        stopped.manifest
+    );
+    assert!(stopped.manifest["wal_segments_replayed"].as_u64().unwrap() >= 1);
+}
+
+fn dumpall(r: &Restored) -> String {
+    let out = as_server_user(r.bin.join("pg_dumpall"))
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &r.manifest["port"].to_string(),
+            "-U",
+            "postgres",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The dump's header names the restrict key, random per run.
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .filter(|l| !l.starts_with("\\restrict") && !l.starts_with("\\unrestrict"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+#[test]
+fn pg18_an_incremental_chain_restores_to_the_same_state_as_the_full_backup() {
+    let (c, repo) = archiving(Version::V18, "", &[("summarize_wal", "on")]);
+    let mut db = c.client();
+    db.batch_execute(
+        "CREATE TABLE t AS SELECT g AS id, md5(g::text) AS v FROM generate_series(1, 20000) g",
+    )
+    .unwrap();
+    let full = ok_json(&run(&c, &repo, &["backup"]));
+    db.batch_execute("UPDATE t SET v = 'one' WHERE id % 7 = 0; CREATE TABLE u AS SELECT 1 AS x")
+        .unwrap();
+    ok_json(&run(&c, &repo, &["backup", "--incremental"]));
+    db.batch_execute("DELETE FROM t WHERE id % 11 = 0; INSERT INTO u VALUES (2)")
+        .unwrap();
+    ok_json(&run(&c, &repo, &["backup", "--incremental"]));
+    db.batch_execute("UPDATE t SET v = 'three' WHERE id % 13 = 0")
+        .unwrap();
+    let lsn = sql_one(&c, "SELECT pg_current_wal_insert_lsn()::text");
+    switch_and_wait_archived(&c);
+
+    let from_full = restore(
+        &c,
+        &repo,
+        "from-full",
+        &[
+            "--target-lsn",
+            &lsn,
+            "--backup",
+            full["id"].as_str().unwrap(),
+        ],
+    );
+    let from_chain = restore(&c, &repo, "from-chain", &["--target-lsn", &lsn]);
+    assert_eq!(
+        from_chain.manifest["backup_chain"]
+            .as_array()
+            .unwrap()
+            .len(),
+        3,
+        "{}",
+        from_chain.manifest
+    );
+    assert!(
+        from_chain.manifest["durations"]["combine_seconds"]
+            .as_f64()
+            .unwrap()
+            > 0.0
+    );
+    assert_eq!(
+        from_full.manifest["reached_lsn"],
+        from_chain.manifest["reached_lsn"]
+    );
+    let (a, b) = (dumpall(&from_full), dumpall(&from_chain));
+    assert!(a.contains("CREATE TABLE public.u"), "the dump has the data");
+    assert!(
+        a == b,
+        "pg_dumpall differs between the full restore and the incremental chain"
+    );
+}
+
+#[test]
+fn an_unreachable_target_is_refused_before_anything_is_copied() {
+    let (c, repo) = archiving(Version::V18, "", &[]);
+    c.client()
+        .batch_execute("CREATE TABLE t AS SELECT 1 AS x")
+        .unwrap();
+    ok_json(&run(&c, &repo, &["backup"]));
+    let mut closed = Vec::new();
+    for _ in 0..3 {
+        c.client()
+            .batch_execute("INSERT INTO t SELECT 1 FROM generate_series(1, 1000)")
+            .unwrap();
+        closed.push(switch_and_wait_archived(&c));
+    }
+    let beyond = sql_one(&c, "SELECT pg_current_wal_insert_lsn()::text");
+    let cut = &closed[1];
+    std::fs::remove_file(repo.join("archive").join(&cut[..16]).join(cut)).unwrap();
+
+    let dir = c.root().join("never");
+    let out = run(
+        &c,
+        &repo,
+        &[
+            "restore",
+            "--to",
+            dir.to_str().unwrap(),
+            "--target-lsn",
+            &beyond,
+        ],
+    );
+    assert_exit(&out, 1);
+    assert!(
+        stderr(&out).contains("contiguous WAL ends at")
+            && stderr(&out).contains("Nothing was copied"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(!dir.exists(), "nothing was created");
+
+    let future = "2099-01-01T00:00:00Z";
+    let out = run(
+        &c,
+        &repo,
+        &[
+            "restore",
+            "--to",
+            dir.to_str().unwrap(),
+            "--target-time",
+            future,
+        ],
+    );
+    assert_exit(&out, 1);
+    assert!(stderr(&out).contains("archived at"), "{}", stderr(&out));
+    assert!(!dir.exists());
+
+    let out = run(
+        &c,
+        &repo,
+        &[
+            "restore",
+            "--to",
+            dir.to_str().unwrap(),
+            "--target-name",
+            "nope",
+        ],
+    );
+    assert_exit(&out, 1);
+    assert!(
+        stderr(&out).contains("no restore point \"nope\""),
+        "{}",
+        stderr(&out)
+    );
+}
+
+fn archive_files(repo: &Path) -> Vec<String> {
+    let mut all = Vec::new();
+    for e in walk(&repo.join("archive")) {
+        all.push(e.strip_prefix(repo).unwrap().display().to_string());
+    }
+    all.sort();
+    all
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
+
+#[test]
+fn a_restored_cluster_is_fenced_from_the_production_archive_and_port() {
+    let (c, repo) = archiving(Version::V18, "", &[]);
+    c.client()
+        .batch_execute("CREATE TABLE t AS SELECT 1 AS x")
+        .unwrap();
+    ok_json(&run(&c, &repo, &["backup"]));
+    switch_and_wait_archived(&c);
+    let before = archive_files(&repo);
+
+    // Refusals first: a port in use, a directory with something in it.
+    let busy = c.root().join("busy");
+    let out = run(
+        &c,
+        &repo,
+        &[
+            "restore",
+            "--to",
+            busy.to_str().unwrap(),
+            "--immediate",
+            "--port",
+            &c.port.to_string(),
+        ],
+    );
+    assert_exit(&out, 64);
+    assert!(stderr(&out).contains("in use"), "{}", stderr(&out));
+    let full = c.dir("occupied");
+    std::fs::write(full.join("keep.me"), "x").unwrap();
+    let out = run(
+        &c,
+        &repo,
+        &["restore", "--to", full.to_str().unwrap(), "--immediate"],
+    );
+    assert_exit(&out, 64);
+    assert!(stderr(&out).contains("not empty"), "{}", stderr(&out));
+    assert_eq!(std::fs::read_dir(&full).unwrap().count(), 1);
+
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let r = restore(
+        &c,
+        &repo,
+        "fenced",
+        &[
+            "--immediate",
+            "--action",
+            "promote",
+            "--port",
+            &port.to_string(),
+        ],
+    );
+    assert_eq!(r.manifest["port"], port);
+    let mut db = r.client();
+    let timeline: i32 = db
+        .query_one("SELECT timeline_id FROM pg_control_checkpoint()", &[])
+        .unwrap()
+        .get(0);
+    db.batch_execute("INSERT INTO t SELECT g FROM generate_series(1, 50000) g; CHECKPOINT")
+        .unwrap();
+    db.query_one("SELECT pg_switch_wal()", &[]).unwrap();
+    let archive_mode: String = db.query_one("SHOW archive_mode", &[]).unwrap().get(0);
+    assert_eq!(archive_mode, "off");
+    let listen: String = db.query_one("SHOW listen_addresses", &[]).unwrap().get(0);
+    assert_eq!(listen, "127.0.0.1");
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        archive_files(&repo),
+        before,
+        "the restored cluster (timeline {timeline}+) wrote nothing into the repository"
+    );
+}
+
+#[test]
+fn drill_writes_evidence_and_a_failing_check_fails_it() {
+    let (c, repo) = archiving(Version::V18, "", &[]);
+    c.client()
+        .batch_execute("CREATE TABLE orders AS SELECT g AS id FROM generate_series(1, 500) g")
+        .unwrap();
+    ok_json(&run(&c, &repo, &["backup"]));
+    c.client()
+        .batch_execute("INSERT INTO orders SELECT g FROM generate_series(501, 600) g")
+        .unwrap();
+    switch_and_wait_archived(&c);
+
+    let work = c.dir("work");
+    std::fs::write(
+        work.join("good.sql"),
+        "-- name: all orders restored\nSELECT 1 WHERE (SELECT count(*) FROM orders) <> 600;\n",
+    )
+    .unwrap();
+    let evidence = work.join("evidence.json");
+    let out = run(
+        &c,
+        &repo,
+        &[
+            "drill",
+            "--evidence",
+            evidence.to_str().unwrap(),
+            "--checks",
+            work.join("good.sql").to_str().unwrap(),
+        ],
+    );
+    let e = ok_json(&out);
+    let on_disk: Value =
+        serde_json::from_str(&std::fs::read_to_string(&evidence).unwrap()).unwrap();
+    assert_eq!(on_disk, e);
+    for field in [
+        "dr_drill_id",
+        "backup_id",
+        "target_time",
+        "restore_started_at",
+        "restore_finished_at",
+        "rto_observed_seconds",
+        "rpo_observed_seconds",
+        "wal_segments_replayed",
+        "validation_status",
+    ] {
+        assert!(e.get(field).is_some(), "evidence lacks {field}: {e}");
+    }
+    assert_eq!(e["validation_status"], "passed");
+    assert!(e["rto_observed_seconds"].as_f64().unwrap() > 0.0);
+    assert!(
+        e["rpo_observed_seconds"].as_f64().is_some(),
+        "a transaction was replayed, so RPO is known"
+    );
+    assert!(e["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|c| c["name"] == "all orders restored" && c["status"] == "passed"));
+    assert!(e["databases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|d| d == "postgres"));
+    let left: Vec<_> = std::fs::read_dir(std::env::temp_dir())
+        .unwrap()
+        .flatten()
+        .filter(|d| {
+            d.file_name()
+                .to_string_lossy()
+                .contains(e["dr_drill_id"].as_str().unwrap())
+        })
+        .collect();
+    assert!(left.is_empty(), "the drill cleaned up");
+
+    let status = ok_json(&run(&c, &repo, &["status"]));
+    assert_eq!(status["drills"]["last_passed"]["id"], e["dr_drill_id"]);
+
+    std::fs::write(
+        work.join("bad.sql"),
+        "-- name: no orders at all\nSELECT id FROM orders ORDER BY id LIMIT 3\n",
+    )
+    .unwrap();
+    let out = run(
+        &c,
+        &repo,
+        &[
+            "drill",
+            "--evidence",
+            work.join("bad.json").to_str().unwrap(),
+            "--checks",
+            work.join("bad.sql").to_str().unwrap(),
+        ],
+    );
+    assert_exit(&out, 1);
+    let bad: Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(bad["validation_status"], "failed");
+    let failed = bad["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "no orders at all")
+        .unwrap()
+        .clone();
+    assert_eq!(
+        (failed["status"].as_str(), failed["rows"].as_u64()),
+        (Some("failed"), Some(3))
+    );
+    assert_eq!(failed["sample"][0], "1");
+
+    std::fs::write(work.join("broken.sql"), "SELECT 1;\n").unwrap();
+    let out = run(
+        &c,
+        &repo,
+        &[
+            "drill",
+            "--evidence",
+            work.join("x.json").to_str().unwrap(),
+            "--checks",
+            work.join("broken.sql").to_str().unwrap(),
+        ],
+    );
+    assert_exit(&out, 78);
+    assert!(stderr(&out).contains("broken.sql:1:"), "{}", stderr(&out));
+    assert!(!work.join("x.json").exists());
+}
+
+#[test]
+fn preflight_creates_the_restore_point_only_when_every_check_passes() {
+    let (c, repo) = archiving(Version::V18, "", &[]);
+    c.client()
+        .batch_execute("CREATE TABLE t AS SELECT 1 AS x")
+        .unwrap();
+    switch_and_wait_archived(&c);
+
+    let out = run(
+        &c,
+        &repo,
+        &["preflight", "--restore-point", "pre-migration-7"],
+    );
+    assert_exit(&out, 1);
+    let report: Value = serde_json::from_str(&stdout(&out)).unwrap();
+    let failed: Vec<_> = report["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["ok"] == false)
+        .map(|c| c["name"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(failed, ["recent verified backup"], "{report}");
+    assert!(
+        !repo.join("restore-points.json").exists(),
+        "nothing created"
+    );
+
+    ok_json(&run(&c, &repo, &["backup"]));
+    ok_json(&run(&c, &repo, &["backup", "verify"]));
+    let report = ok_json(&run(
+        &c,
+        &repo,
+        &["preflight", "--restore-point", "pre-migration-7"],
+    ));
+    assert_eq!(report["restore_point"]["name"], "pre-migration-7");
+    let r = restore(&c, &repo, "at-point", &["--target-name", "pre-migration-7"]);
+    assert_eq!(
+        r.count("t"),
+        1,
+        "the preflight's restore point is restorable at once"
+    );
+}
