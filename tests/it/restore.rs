@@ -470,6 +470,15 @@ fn a_restored_cluster_is_fenced_from_the_production_archive_and_port() {
     );
 }
 
+fn drill(c: &Cluster, repo: &Path, evidence: &Path, checks: &Path) -> Output {
+    let (evidence, checks) = (evidence.to_str().unwrap(), checks.to_str().unwrap());
+    run(
+        c,
+        repo,
+        &["drill", "--evidence", evidence, "--checks", checks],
+    )
+}
+
 #[test]
 fn drill_writes_evidence_and_a_failing_check_fails_it() {
     let (c, repo) = archiving(Version::V18, "", &[]);
@@ -489,17 +498,7 @@ fn drill_writes_evidence_and_a_failing_check_fails_it() {
     )
     .unwrap();
     let evidence = work.join("evidence.json");
-    let out = run(
-        &c,
-        &repo,
-        &[
-            "drill",
-            "--evidence",
-            evidence.to_str().unwrap(),
-            "--checks",
-            work.join("good.sql").to_str().unwrap(),
-        ],
-    );
+    let out = drill(&c, &repo, &evidence, &work.join("good.sql"));
     let e = ok_json(&out);
     let on_disk: Value =
         serde_json::from_str(&std::fs::read_to_string(&evidence).unwrap()).unwrap();
@@ -552,17 +551,7 @@ fn drill_writes_evidence_and_a_failing_check_fails_it() {
         "-- name: no orders at all\nSELECT id FROM orders ORDER BY id LIMIT 3\n",
     )
     .unwrap();
-    let out = run(
-        &c,
-        &repo,
-        &[
-            "drill",
-            "--evidence",
-            work.join("bad.json").to_str().unwrap(),
-            "--checks",
-            work.join("bad.sql").to_str().unwrap(),
-        ],
-    );
+    let out = drill(&c, &repo, &work.join("bad.json"), &work.join("bad.sql"));
     assert_exit(&out, 1);
     let bad: Value = serde_json::from_str(&stdout(&out)).unwrap();
     assert_eq!(bad["validation_status"], "failed");
@@ -580,17 +569,7 @@ fn drill_writes_evidence_and_a_failing_check_fails_it() {
     assert_eq!(failed["sample"][0], "1");
 
     std::fs::write(work.join("broken.sql"), "SELECT 1;\n").unwrap();
-    let out = run(
-        &c,
-        &repo,
-        &[
-            "drill",
-            "--evidence",
-            work.join("x.json").to_str().unwrap(),
-            "--checks",
-            work.join("broken.sql").to_str().unwrap(),
-        ],
-    );
+    let out = drill(&c, &repo, &work.join("x.json"), &work.join("broken.sql"));
     assert_exit(&out, 78);
     assert!(stderr(&out).contains("broken.sql:1:"), "{}", stderr(&out));
     assert!(!work.join("x.json").exists());
