@@ -543,8 +543,31 @@ fn drill_writes_evidence_and_a_failing_check_fails_it() {
         .collect();
     assert!(left.is_empty(), "the drill cleaned up");
 
+    // A random target lands inside the backup's PITR window, and says where.
+    let random = ok_json(&run(
+        &c,
+        &repo,
+        &[
+            "drill",
+            "--random-target",
+            "--evidence",
+            work.join("random.json").to_str().unwrap(),
+        ],
+    ));
+    let target = random["target_time"]
+        .as_str()
+        .expect("a random drill records its target time")
+        .to_owned();
+    let backup = ok_json(&run(&c, &repo, &["backup", "list"]))[0].clone();
+    assert!(
+        target.as_str() > backup["stop_time"].as_str().unwrap(),
+        "{target} after the backup: {backup}"
+    );
+    assert!(target.as_str() <= random["restore_started_at"].as_str().unwrap());
+    assert_eq!(random["restore"]["target"]["type"], "time");
+
     let status = ok_json(&run(&c, &repo, &["status"]));
-    assert_eq!(status["drills"]["last_passed"]["id"], e["dr_drill_id"]);
+    assert_eq!(status["drills"]["last_passed"]["id"], random["dr_drill_id"]);
 
     std::fs::write(
         work.join("bad.sql"),
