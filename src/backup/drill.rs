@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 use crate::backup::basebackup::now_rfc3339;
 use crate::backup::repo::{io_err, Repo, RepoError};
 use crate::backup::restore::{self, Action, RestoreError, RestoreManifest, RestoreOptions, Target};
+use crate::backup::walchain::ChainIndex;
 use crate::fsutil;
 use crate::pg::conn::{describe, Db, PgError};
 use crate::pg::tools::PgBin;
@@ -179,30 +180,31 @@ fn parse_time(s: &str) -> Option<SystemTime> {
     humantime::parse_rfc3339(s).ok()
 }
 
-/// A time uniformly inside (newest backup's stop, newest archived segment).
-fn random_time(repo: &Repo) -> Result<SystemTime, DrillError> {
+/// A time uniformly inside the newest backup's PITR window: after its stop,
+/// before the last transaction the archive holds.
+fn random_time(repo: &Repo, pg_bin: &PgBin) -> Result<SystemTime, DrillError> {
     let labels = repo.backups()?;
     let newest = labels.iter().rev().find(|b| b.is_usable());
-    let from = newest
-        .and_then(|b| b.stop_time.as_deref())
+    let no_window = |why: &str| RestoreError::NoBackup {
+        target: "a random time".into(),
+        why: why.into(),
+    };
+    let backup = newest.ok_or_else(|| no_window("the repository has no complete backup"))?;
+    let from = backup
+        .stop_time
+        .as_deref()
         .and_then(parse_time)
-        .ok_or_else(|| RestoreError::NoBackup {
-            target: "a random time".into(),
-            why: "the repository has no complete backup".into(),
-        })?;
+        .ok_or_else(|| no_window("the newest backup has no stop time"))?;
     let archive = repo.archive();
-    let until = archive
-        .list()?
-        .files
-        .iter()
-        .filter(|f| f.segment_with_header().is_some())
-        .filter_map(|f| {
-            fs::metadata(archive.path_of(f))
-                .and_then(|m| m.modified())
-                .ok()
-        })
-        .max()
-        .unwrap_or(from);
+    let index = ChainIndex::build(&archive, &archive.list()?, false)?;
+    let (tli, stop) = (
+        backup.timeline.unwrap_or(1),
+        backup.stop_lsn.unwrap_or_default(),
+    );
+    let reach = index.reach(tli, stop.segno(index.seg_size));
+    let until = restore::last_commit_time(repo, &index, &reach, pg_bin)?
+        .filter(|u| *u > from)
+        .ok_or_else(|| no_window("no transaction committed after the newest backup"))?;
     let span = until.duration_since(from).unwrap_or(Duration::ZERO);
     // No need for a crate: the clock's nanoseconds are random enough to pick a time.
     let nanos = SystemTime::now()
@@ -210,7 +212,13 @@ fn random_time(repo: &Repo) -> Result<SystemTime, DrillError> {
         .unwrap_or_default()
         .subsec_nanos();
     let fraction = f64::from(nanos.wrapping_mul(2_654_435_761) % 1_000_000) / 1_000_000.0;
-    Ok(from + Duration::from_secs_f64(1.0 + (span.as_secs_f64() - 1.0).max(0.0) * fraction))
+    // Strictly after the backup's stop and strictly before the last commit,
+    // so recovery sees a commit after the target and stops there.
+    let offset = span
+        .mul_f64(fraction)
+        .max(Duration::from_millis(1))
+        .min(span.saturating_sub(Duration::from_millis(1)));
+    Ok(from + offset)
 }
 
 pub fn drill(repo: &Repo, opts: &DrillOptions) -> Result<Evidence, DrillError> {
@@ -227,7 +235,7 @@ pub fn drill(repo: &Repo, opts: &DrillOptions) -> Result<Evidence, DrillError> {
     let target = match &opts.target {
         DrillTarget::Latest => Target::Latest,
         DrillTarget::Time(t) => Target::Time(*t),
-        DrillTarget::Random => Target::Time(random_time(repo)?),
+        DrillTarget::Random => Target::Time(random_time(repo, &opts.pg_bin)?),
     };
     let scratch;
     let dir = match &opts.work_dir {

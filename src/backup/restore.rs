@@ -322,29 +322,74 @@ pub fn plan(
         }
     }
     if let Target::Time(t) = target {
-        // Every record in a segment is older than the moment it was archived.
-        let newest_archived = reach
-            .iter()
-            .filter_map(|r| {
-                let last = SegmentName::from_segno(
-                    r.timeline,
-                    r.until_lsn.segno(index.seg_size) - 1,
-                    index.seg_size,
-                );
-                fs::metadata(archive.path_of(&WalFileName::Segment(last)))
-                    .and_then(|m| m.modified())
-                    .ok()
-            })
-            .max();
-        if newest_archived.is_none_or(|n| n < t) {
-            let when = newest_archived.map(|n| humantime::format_rfc3339_seconds(n).to_string());
+        // Recovery stops at a time only on seeing a commit after it.
+        let last = last_commit_time(repo, &index, &reach, &opts.pg_bin)?;
+        if last.is_none_or(|l| l <= t) {
+            let when = last.map(|l| humantime::format_rfc3339_millis(l).to_string());
             return Err(unreachable(format!(
-                "the archive's contiguous WAL ends at {furthest}, archived at {}",
-                when.as_deref().unwrap_or("?")
+                "the last transaction in the archive's contiguous WAL (which ends at {furthest}) committed at {}",
+                when.as_deref().unwrap_or("? (none found)")
             )));
         }
     }
     Ok((repo.chain(&chosen.id)?, target))
+}
+
+/// The commit time of the last transaction in the contiguous WAL `reach`
+/// describes, read with pg_waldump from its newest segments.
+pub fn last_commit_time(
+    repo: &Repo,
+    index: &ChainIndex,
+    reach: &[crate::backup::walchain::Reach],
+    pg_bin: &PgBin,
+) -> Result<Option<SystemTime>, RestoreError> {
+    let Some(end) = reach.iter().max_by_key(|r| r.until_lsn) else {
+        return Ok(None);
+    };
+    let scratch = fsutil::ScratchDir::new("reentry-waldump").map_err(io_err(
+        "create a scratch directory in",
+        &std::env::temp_dir(),
+    ))?;
+    let archive = repo.archive();
+    let last = end.until_lsn.segno(index.seg_size) - 1;
+    // Walk back a few segments: the newest may hold no commit at all.
+    for segno in (last.saturating_sub(7)..=last).rev() {
+        if !index.has(end.timeline, segno) {
+            break;
+        }
+        let name = SegmentName::from_segno(end.timeline, segno, index.seg_size).to_string();
+        let path = scratch.path().join(&name);
+        archive.fetch(&name, &path)?;
+        // pg_waldump stops with an error at the end of the WAL; what it printed before counts.
+        let out = pg_bin
+            .command("pg_waldump")
+            .arg("--rmgr=Transaction")
+            .arg(&path)
+            .env("TZ", "UTC")
+            .output()
+            .map_err(|source| ToolError::Spawn {
+                program: pg_bin.program("pg_waldump"),
+                source,
+            })?;
+        let _ = fs::remove_file(&path);
+        let text = String::from_utf8_lossy(&out.stdout);
+        let newest = text
+            .lines()
+            .filter_map(|l| l.split("COMMIT ").nth(1))
+            .filter_map(|rest| {
+                let stamp: String = rest
+                    .split_whitespace()
+                    .take(2)
+                    .collect::<Vec<_>>()
+                    .join(" ");
+                humantime::parse_rfc3339_weak(&stamp).ok()
+            })
+            .max();
+        if newest.is_some() {
+            return Ok(newest);
+        }
+    }
+    Ok(None)
 }
 
 /// The next transaction id recorded in a backup's control file.

@@ -351,7 +351,7 @@ fn an_unreachable_target_is_refused_before_anything_is_copied() {
         ],
     );
     assert_exit(&out, 1);
-    assert!(stderr(&out).contains("archived at"), "{}", stderr(&out));
+    assert!(stderr(&out).contains("committed at"), "{}", stderr(&out));
     assert!(!dir.exists());
 
     let out = run(
