@@ -120,6 +120,12 @@ mod tests {
     }
 
     #[test]
+    fn the_example_config_parses() {
+        let c = Config::parse(include_str!("../reentry.example.toml")).unwrap();
+        assert_eq!(c.wal.compress, Compression::Zstd);
+    }
+
+    #[test]
     fn a_relative_repo_is_relative_to_the_config_file() {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("reentry.toml");

@@ -302,7 +302,12 @@ fn copy_and_settle(
         ])
         .arg(format!("--label=reentry {}", label.id));
     if let Some(c) = &opts.conninfo {
-        cmd.arg("-d").arg(c);
+        // The password goes through the environment, not the command line.
+        let (conninfo, password) = crate::pg::conn::split_password(c);
+        cmd.arg("-d").arg(conninfo);
+        if let Some(p) = password {
+            cmd.env("PGPASSWORD", p);
+        }
     }
     if let Some(p) = parent {
         cmd.arg(format!(

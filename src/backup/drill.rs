@@ -174,6 +174,7 @@ pub struct DrillOptions {
     pub work_dir: Option<PathBuf>,
     pub keep: bool,
     pub timeout: Duration,
+    pub progress: bool,
 }
 
 fn parse_time(s: &str) -> Option<SystemTime> {
@@ -256,6 +257,7 @@ pub fn drill(repo: &Repo, opts: &DrillOptions) -> Result<Evidence, DrillError> {
         action: Action::Promote,
         pg_bin: opts.pg_bin.clone(),
         timeout: opts.timeout,
+        progress: opts.progress,
     };
     let manifest = restore::restore(repo, &restore_opts)?;
     let validated = validate(&manifest, &opts.checks);

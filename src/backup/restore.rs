@@ -139,6 +139,8 @@ pub struct RestoreOptions {
     pub action: Action,
     pub pg_bin: PgBin,
     pub timeout: Duration,
+    /// Show the phases and a running count of replayed segments on stderr.
+    pub progress: bool,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -430,6 +432,24 @@ pub fn restore(repo: &Repo, opts: &RestoreOptions) -> Result<RestoreManifest, Re
     fsutil::create_dir_all_durable(&opts.to).map_err(io_err("create", &opts.to))?;
     let to = fs::canonicalize(&opts.to).map_err(io_err("resolve", &opts.to))?;
     let mut durations = Durations::default();
+    if opts.progress {
+        let size: u64 = chain.iter().map(|b| b.size_bytes).sum();
+        eprintln!(
+            "{} backup {} ({} MiB) into {}",
+            if chain.len() == 1 {
+                "copying"
+            } else {
+                "combining"
+            },
+            chain
+                .iter()
+                .map(|b| b.id.as_str())
+                .collect::<Vec<_>>()
+                .join(" + "),
+            size >> 20,
+            to.display()
+        );
+    }
     let t = Instant::now();
     if chain.len() == 1 {
         copy_tree(&repo.backup_data(&backup.id), &to)
@@ -655,6 +675,7 @@ fn replay(to: &Path, port: u16, opts: &RestoreOptions) -> Result<Reached, Restor
     let deadline = Instant::now() + opts.timeout;
     let wants_open = opts.target == Target::Latest || opts.action == Action::Promote;
     let launched = Instant::now();
+    let mut last_report = launched;
     let mut seen_running = false;
     loop {
         if Instant::now() > deadline {
@@ -682,6 +703,14 @@ fn replay(to: &Path, port: u16, opts: &RestoreOptions) -> Result<Reached, Restor
                 log: log_tail(&log),
             });
         }
+        if opts.progress && last_report.elapsed() >= Duration::from_secs(1) {
+            let (n, _) = count_restored(&fs::read_to_string(&log).unwrap_or_default());
+            eprint!(
+                "\rreplaying WAL: {n} segments restored, {:.0} s",
+                launched.elapsed().as_secs_f64()
+            );
+            last_report = Instant::now();
+        }
         if let Ok(mut db) = Db::connect(Some(&conninfo)) {
             let row = db.query_one(
                 "read the recovery state",
@@ -697,6 +726,9 @@ fn replay(to: &Path, port: u16, opts: &RestoreOptions) -> Result<Reached, Restor
                     in_recovery && pause == "paused"
                 };
                 if done {
+                    if opts.progress {
+                        eprint!("\r\x1b[K");
+                    }
                     return reached_from_server(&mut db, to);
                 }
             }

@@ -1,4 +1,3 @@
-use std::io::IsTerminal;
 use std::time::Duration;
 
 use crate::backup::basebackup::{self, BackupOptions};
@@ -95,7 +94,7 @@ fn take(ctx: &Context, repo: &Repo, a: TakeArgs) -> Result<Exit, Error> {
         cluster_name: a.cluster_name,
         pg_bin: a.pg_bin.pg_bin(),
         archive_timeout: Duration::from_secs(a.archive_timeout),
-        progress: !ctx.global.json && !ctx.global.quiet && std::io::stderr().is_terminal(),
+        progress: ctx.progress(),
     };
     let label = basebackup::take(repo, &opts)?;
     ctx.emit(&label, || {

@@ -6,7 +6,7 @@ mod restore;
 mod status;
 mod wal;
 
-use std::io::{self, Write};
+use std::io::{self, IsTerminal, Write};
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
@@ -133,6 +133,11 @@ impl Context {
             .clone()
             .or_else(|| self.config.repo.clone())
             .ok_or(Error::Config(ConfigError::NoRepo))
+    }
+
+    /// Whether to show progress: a person is watching stderr.
+    pub fn progress(&self) -> bool {
+        !self.global.json && !self.global.quiet && io::stderr().is_terminal()
     }
 
     /// Prints a result as JSON when `--json` was given, else the human text.

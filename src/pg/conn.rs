@@ -104,6 +104,73 @@ pub fn config(conninfo: Option<&str>) -> Result<Config, PgError> {
     Ok(c)
 }
 
+/// Splits the password out of a libpq connection string (key/value or
+/// URL), so that a child process gets it through `PGPASSWORD` rather than
+/// its command line, which every local user can read.
+pub fn split_password(conninfo: &str) -> (String, Option<String>) {
+    let s = conninfo.trim();
+    if let Some(rest) = s
+        .strip_prefix("postgresql://")
+        .or_else(|| s.strip_prefix("postgres://"))
+    {
+        let scheme = &s[..s.len() - rest.len()];
+        let (authority, tail) = rest.split_at(rest.find(['/', '?']).unwrap_or(rest.len()));
+        if let Some((userinfo, host)) = authority.rsplit_once('@') {
+            if let Some((user, password)) = userinfo.split_once(':') {
+                return (
+                    format!("{scheme}{user}@{host}{tail}"),
+                    Some(password.to_owned()),
+                );
+            }
+        }
+        return (s.to_owned(), None);
+    }
+    // key = value pairs; values may be single-quoted with \ escapes.
+    let mut kept = Vec::new();
+    let mut password = None;
+    let mut chars = s.chars().peekable();
+    loop {
+        while chars.peek().is_some_and(|c| c.is_whitespace()) {
+            chars.next();
+        }
+        if chars.peek().is_none() {
+            break;
+        }
+        let key: String =
+            std::iter::from_fn(|| chars.next_if(|c| *c != '=' && !c.is_whitespace())).collect();
+        while chars.peek().is_some_and(|c| c.is_whitespace() || *c == '=') {
+            chars.next();
+        }
+        let mut raw = String::new();
+        let mut value = String::new();
+        if chars.peek() == Some(&'\'') {
+            raw.push(chars.next().unwrap());
+            while let Some(c) = chars.next() {
+                raw.push(c);
+                match c {
+                    '\\' => {
+                        if let Some(n) = chars.next() {
+                            raw.push(n);
+                            value.push(n);
+                        }
+                    }
+                    '\'' => break,
+                    c => value.push(c),
+                }
+            }
+        } else {
+            raw = std::iter::from_fn(|| chars.next_if(|c| !c.is_whitespace())).collect();
+            value = raw.clone();
+        }
+        if key == "password" {
+            password = Some(value);
+        } else {
+            kept.push(format!("{key}={raw}"));
+        }
+    }
+    (kept.join(" "), password)
+}
+
 /// Where a config points, for messages: never the password.
 pub fn target(c: &Config) -> String {
     let host = match c.get_hosts().first() {
@@ -204,6 +271,38 @@ impl Db {
             context: context.to_owned(),
             detail: describe(e),
             code: e.code().cloned(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_password_leaves_the_connection_string() {
+        let cases = [
+            (
+                "host=db port=5432 user=app password=s3cret dbname=x",
+                "host=db port=5432 user=app dbname=x",
+                Some("s3cret"),
+            ),
+            (
+                "host=db password = 'a b\\'c' user=a",
+                "host=db user=a",
+                Some("a b'c"),
+            ),
+            ("host=db user=a", "host=db user=a", None),
+            (
+                "postgresql://app:s3cret@db:5432/x?sslmode=require",
+                "postgresql://app@db:5432/x?sslmode=require",
+                Some("s3cret"),
+            ),
+            ("postgres://app@db/x", "postgres://app@db/x", None),
+        ];
+        for (input, kept, password) in cases {
+            let (k, p) = split_password(input);
+            assert_eq!((k.as_str(), p.as_deref()), (kept, password), "{input}");
         }
     }
 }
