@@ -217,7 +217,7 @@ pub fn take(repo: &Repo, opts: &BackupOptions) -> Result<BackupLabel, BackupErro
     repo.save_label(&label)?;
     tracing::info!(id = %id, kind = ?kind, target = %target, "backup started");
 
-    match copy_and_settle(repo, opts, &mut label, parent.as_deref()) {
+    let result = match copy_and_settle(repo, opts, &mut label, parent.as_deref()) {
         Ok(()) => {
             label.status = BackupStatus::Complete;
             repo.save_label(&label)?;
@@ -230,7 +230,15 @@ pub fn take(repo: &Repo, opts: &BackupOptions) -> Result<BackupLabel, BackupErro
             repo.save_label(&label)?;
             Err(e)
         }
+    };
+    // Run as root, pg_basebackup leaves files only root can read; a restore
+    // runs as the server's user, who owns the repository.
+    if fsutil::running_as_root() {
+        let dir = repo.backup_dir(&id);
+        fsutil::chown_tree_like(&dir, repo.root())
+            .map_err(crate::backup::repo::io_err("chown", &dir))?;
     }
+    result
 }
 
 fn choose_parent(

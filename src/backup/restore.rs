@@ -174,13 +174,6 @@ pub struct RestoreManifest {
     pub durations: Durations,
 }
 
-fn running_as_root() -> bool {
-    use std::os::unix::fs::MetadataExt;
-    fs::metadata("/proc/self")
-        .map(|m| m.uid() == 0)
-        .unwrap_or(false)
-}
-
 fn is_empty_dir(dir: &Path) -> io::Result<bool> {
     match fs::read_dir(dir) {
         Ok(mut d) => Ok(d.next().is_none()),
@@ -410,7 +403,7 @@ fn next_xid(pg_bin: &PgBin, data: &Path) -> Result<u32, RestoreError> {
 pub fn restore(repo: &Repo, opts: &RestoreOptions) -> Result<RestoreManifest, RestoreError> {
     let started = Instant::now();
     let started_at = now_rfc3339();
-    if running_as_root() {
+    if fsutil::running_as_root() {
         return Err(RestoreError::RunningAsRoot);
     }
     if !is_empty_dir(&opts.to).map_err(io_err("read", &opts.to))? {

@@ -158,6 +158,26 @@ fn pg15_full_backup_verifies_and_incremental_is_refused_with_what_to_change() {
     write_rows(&c, 5_000);
     let full = backup(&c, &repo, &[]);
     assert_eq!(full["pg_version"], 15);
+    // Taken as root here; the repository's owner (the server user, who
+    // restores) must be able to read every file.
+    use std::os::unix::fs::MetadataExt;
+    let owner = std::fs::metadata(&repo).unwrap().uid();
+    let data = repo
+        .join("backup")
+        .join(full["id"].as_str().unwrap())
+        .join("data");
+    for f in [
+        data.join("PG_VERSION"),
+        data.join("global/pg_control"),
+        data.join("backup_manifest"),
+    ] {
+        assert_eq!(
+            std::fs::metadata(&f).unwrap().uid(),
+            owner,
+            "{}",
+            f.display()
+        );
+    }
     let out = run(&c, &repo, &["backup", "verify"]);
     assert_exit(&out, 0);
     assert_eq!(json(&out)["id"], full["id"]);

@@ -147,7 +147,16 @@ fn pg15_seed_lab_restore_to_a_named_point_brings_back_deleted_rows() {
 
 #[test]
 fn pg18_time_lsn_and_xid_targets_land_where_they_should() {
-    let (c, repo) = archiving(Version::V18, "", &[]);
+    time_lsn_and_xid_targets(Version::V18);
+}
+
+#[test]
+fn pg15_time_lsn_and_xid_targets_land_where_they_should() {
+    time_lsn_and_xid_targets(Version::V15);
+}
+
+fn time_lsn_and_xid_targets(version: Version) {
+    let (c, repo) = archiving(version, "", &[]);
     let mut db = c.client();
     db.batch_execute("CREATE TABLE t (batch text, id int)")
         .unwrap();
