@@ -4,9 +4,11 @@
 pub mod backup;
 pub mod cli;
 pub mod config;
+pub mod diag;
 pub mod exit;
 pub mod fsutil;
 pub mod pg;
+pub mod reentry;
 
 use exit::Exit;
 

@@ -1,0 +1,105 @@
+//! Located errors in files people write (playbooks, checks): every error at
+//! once, each as `file:line:column: message` with the line and a caret, the
+//! way compilers report them.
+
+use std::fmt;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Diagnostic {
+    /// Byte range in the file, when the error has a place.
+    pub span: Option<Range<usize>>,
+    pub message: String,
+}
+
+impl Diagnostic {
+    pub fn at(span: Option<Range<usize>>, message: impl Into<String>) -> Diagnostic {
+        Diagnostic {
+            span,
+            message: message.into(),
+        }
+    }
+}
+
+/// A file's diagnostics, rendered with their locations.
+#[derive(Debug, Clone, thiserror::Error)]
+pub struct Diagnostics {
+    pub path: PathBuf,
+    pub text: String,
+    pub items: Vec<Diagnostic>,
+}
+
+impl Diagnostics {
+    pub fn new(path: &Path, text: &str, items: Vec<Diagnostic>) -> Diagnostics {
+        Diagnostics {
+            path: path.to_owned(),
+            text: text.to_owned(),
+            items,
+        }
+    }
+
+    /// 1-based line and column of a byte offset.
+    pub fn line_col(&self, offset: usize) -> (usize, usize) {
+        let before = &self.text[..offset.min(self.text.len())];
+        let line = before.matches('\n').count() + 1;
+        let col = before
+            .rfind('\n')
+            .map_or(before.len(), |nl| before.len() - nl - 1)
+            + 1;
+        (line, col)
+    }
+}
+
+impl fmt::Display for Diagnostics {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let n = self.items.len();
+        write!(
+            f,
+            "{} has {n} error{}",
+            self.path.display(),
+            if n == 1 { "" } else { "s" }
+        )?;
+        for d in &self.items {
+            match &d.span {
+                Some(span) => {
+                    let (line, col) = self.line_col(span.start);
+                    let source = self.text.lines().nth(line - 1).unwrap_or("");
+                    let width = (span.end.saturating_sub(span.start))
+                        .clamp(1, source.len().saturating_sub(col - 1).max(1));
+                    write!(
+                        f,
+                        "\n{}:{line}:{col}: {}\n{line:>5} | {source}\n      | {}{}",
+                        self.path.display(),
+                        d.message,
+                        " ".repeat(col - 1),
+                        "^".repeat(width)
+                    )?;
+                }
+                None => write!(f, "\n{}: {}", self.path.display(), d.message)?,
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_line_column_and_a_caret_under_the_span() {
+        let text = "a = 1\nbad = \"x\"\n";
+        let d = Diagnostics::new(
+            Path::new("p.toml"),
+            text,
+            vec![Diagnostic::at(Some(6..9), "unknown key `bad`")],
+        );
+        let shown = d.to_string();
+        assert!(shown.contains("p.toml:2:1: unknown key `bad`"), "{shown}");
+        assert!(
+            shown.contains("    2 | bad = \"x\"\n      | ^^^"),
+            "{shown}"
+        );
+    }
+}

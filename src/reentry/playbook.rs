@@ -1,0 +1,958 @@
+//! Playbooks: the declarative file an application team writes for the return
+//! of its services after a restore. Parsed strictly and in stages (syntax,
+//! schema, meaning), every error reported at once with file:line:column.
+//! `${VAR}` reads secrets from the environment; a playbook shows the
+//! template, never the value.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use toml_edit::{ImDocument, Item};
+
+use crate::diag::{Diagnostic, Diagnostics};
+use crate::reentry::schema::{self, opt, req, Field, Kind};
+
+const WAY_BACK: &[&str] = &["cutover", "selective-repair"];
+const OUTBOX_FLAVOURS: &[&str] = &["generic", "spring-modulith", "gruelbox", "debezium"];
+const IDEMPOTENCY_ACTIONS: &[&str] = &["tombstone", "review"];
+const SEARCH_STRATEGIES: &[&str] = &["delete-by-query", "targeted", "rebuild-hook"];
+
+const QUERY: &[Field] = &[
+    req("name", Kind::Str),
+    req("database", Kind::Str),
+    req("sql", Kind::Str),
+];
+const CHECK: &[Field] = &[req("database", Kind::Str), req("sql", Kind::Str)];
+const DATABASE: &[Field] = &[req("conninfo", Kind::Interp)];
+const TARGET: &[Field] = &[
+    opt("manifest", Kind::Str),
+    opt("time", Kind::Str),
+    opt("lsn", Kind::Str),
+];
+const SYSTEM_GATE: &[Field] = &[
+    req("name", Kind::Str),
+    req("databases", Kind::Strs),
+    opt("table", Kind::Str),
+    opt("health-check", Kind::Table(CHECK)),
+];
+const SHEDLOCK: &[Field] = &[
+    req("name", Kind::Str),
+    req("databases", Kind::Strs),
+    opt("table", Kind::Str),
+    opt("locks", Kind::Strs),
+    opt("health-check", Kind::Table(CHECK)),
+];
+const QUARTZ: &[Field] = &[
+    req("name", Kind::Str),
+    req("databases", Kind::Strs),
+    opt("table-prefix", Kind::Str),
+    req("scheduler", Kind::Str),
+    opt("groups", Kind::Strs),
+    opt("health-check", Kind::Table(CHECK)),
+];
+const GATES: &[Field] = &[
+    opt("cache-ttl", Kind::Duration),
+    opt("probe", Kind::Table(CHECK)),
+    req("reopen-order", Kind::Strs),
+    opt("system-gate", Kind::Tables(SYSTEM_GATE)),
+    opt("shedlock", Kind::Tables(SHEDLOCK)),
+    opt("quartz", Kind::Tables(QUARTZ)),
+];
+const VALIDATION: &[Field] = &[
+    opt("invalid-indexes", Kind::Bool),
+    opt("sequences", Kind::Bool),
+    opt("extensions", Kind::Bool),
+    opt("amcheck", Kind::Bool),
+    opt("invariant", Kind::Tables(QUERY)),
+];
+const OUTBOX_COLUMNS: &[Field] = &[
+    opt("id", Kind::Str),
+    opt("topic", Kind::Str),
+    opt("key", Kind::Str),
+    opt("payload", Kind::Str),
+    opt("created-at", Kind::Str),
+    opt("published-at", Kind::Str),
+];
+const EVENT_ID: &[Field] = &[
+    opt("header", Kind::Str),
+    opt("key", Kind::Bool),
+    opt("json-pointer", Kind::Str),
+];
+const OUTBOX: &[Field] = &[
+    req("name", Kind::Str),
+    req("database", Kind::Str),
+    req("flavour", Kind::OneOf(OUTBOX_FLAVOURS)),
+    opt("table", Kind::Str),
+    req("topic", Kind::Str),
+    opt("columns", Kind::Table(OUTBOX_COLUMNS)),
+    opt("event-id", Kind::Table(EVENT_ID)),
+    opt("gate", Kind::Str),
+    opt("compensation-template", Kind::Str),
+];
+const CONSUMER_GROUP: &[Field] = &[
+    req("name", Kind::Str),
+    req("topics", Kind::Strs),
+    opt("idempotent", Kind::Bool),
+];
+const KAFKA: &[Field] = &[
+    req("bootstrap", Kind::Interp),
+    opt("lookback", Kind::Duration),
+    opt("consumer-group", Kind::Tables(CONSUMER_GROUP)),
+];
+const INBOX: &[Field] = &[
+    req("name", Kind::Str),
+    req("database", Kind::Str),
+    req("table", Kind::Str),
+    req("message-id-column", Kind::Str),
+    req("topic", Kind::Str),
+    opt("consumer-group", Kind::Str),
+];
+const CSV_SOURCE: &[Field] = &[
+    req("path", Kind::Str),
+    req("key-column", Kind::Str),
+    opt("time-column", Kind::Str),
+];
+const IDEMPOTENCY: &[Field] = &[
+    req("name", Kind::Str),
+    req("database", Kind::Str),
+    req("table", Kind::Str),
+    req("key-column", Kind::Str),
+    opt("created-at-column", Kind::Str),
+    opt("retention", Kind::Duration),
+    req("action", Kind::OneOf(IDEMPOTENCY_ACTIONS)),
+    opt("from-current", Kind::Bool),
+    opt("from-topic", Kind::Str),
+    opt("from-csv", Kind::Table(CSV_SOURCE)),
+];
+const CACHE: &[Field] = &[
+    req("name", Kind::Str),
+    req("url", Kind::Interp),
+    opt("cluster", Kind::Bool),
+    opt("patterns", Kind::Strs),
+    opt("key-template", Kind::Str),
+];
+const SEARCH: &[Field] = &[
+    req("name", Kind::Str),
+    req("url", Kind::Interp),
+    req("index", Kind::Str),
+    opt("timestamp-field", Kind::Str),
+    req("strategy", Kind::OneOf(SEARCH_STRATEGIES)),
+    opt("rebuild-hook", Kind::Str),
+];
+const REPAIR: &[Field] = &[
+    req("table", Kind::Str),
+    req("key", Kind::Strs),
+    req("updated-at", Kind::Str),
+    opt("where", Kind::Str),
+];
+const PLAYBOOK_META: &[Field] = &[
+    req("name", Kind::Str),
+    req("way-back", Kind::OneOf(WAY_BACK)),
+    opt("description", Kind::Str),
+];
+
+/// The whole file.
+pub const SCHEMA: &[Field] = &[
+    req("playbook", Kind::Table(PLAYBOOK_META)),
+    req("databases", Kind::Map(DATABASE)),
+    req("recovery-target", Kind::Table(TARGET)),
+    req("gates", Kind::Table(GATES)),
+    opt("validation", Kind::Table(VALIDATION)),
+    opt("outbox", Kind::Tables(OUTBOX)),
+    opt("kafka", Kind::Table(KAFKA)),
+    opt("inbox", Kind::Tables(INBOX)),
+    opt("idempotency", Kind::Tables(IDEMPOTENCY)),
+    opt("caches", Kind::Tables(CACHE)),
+    opt("search", Kind::Tables(SEARCH)),
+    opt("repair", Kind::Tables(REPAIR)),
+];
+
+/// A string that may carry secrets from the environment: shown as written
+/// (`password=${DB_PASSWORD}`), used expanded.
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(from = "String")]
+pub struct Interpolated {
+    pub template: String,
+    value: Option<String>,
+}
+
+impl From<String> for Interpolated {
+    fn from(template: String) -> Interpolated {
+        let value = schema::interpolate(&template).ok();
+        Interpolated { template, value }
+    }
+}
+
+impl Interpolated {
+    /// The expanded value: for connecting, never for printing.
+    pub fn expose(&self) -> &str {
+        self.value.as_deref().unwrap_or(&self.template)
+    }
+}
+
+impl fmt::Debug for Interpolated {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}", self.template)
+    }
+}
+
+impl fmt::Display for Interpolated {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.template)
+    }
+}
+
+impl Serialize for Interpolated {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.template)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum WayBack {
+    Cutover,
+    SelectiveRepair,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct Meta {
+    pub name: String,
+    pub way_back: WayBack,
+    pub description: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Database {
+    pub conninfo: Interpolated,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RecoveryTarget {
+    pub manifest: Option<PathBuf>,
+    pub time: Option<String>,
+    pub lsn: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Check {
+    pub database: String,
+    pub sql: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NamedQuery {
+    pub name: String,
+    pub database: String,
+    pub sql: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct SystemGate {
+    pub name: String,
+    pub databases: Vec<String>,
+    pub table: Option<String>,
+    pub health_check: Option<Check>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct ShedLock {
+    pub name: String,
+    pub databases: Vec<String>,
+    pub table: Option<String>,
+    pub locks: Option<Vec<String>>,
+    pub health_check: Option<Check>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct Quartz {
+    pub name: String,
+    pub databases: Vec<String>,
+    pub table_prefix: Option<String>,
+    pub scheduler: String,
+    pub groups: Option<Vec<String>>,
+    pub health_check: Option<Check>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct Gates {
+    pub cache_ttl: Option<String>,
+    pub probe: Option<Check>,
+    pub reopen_order: Vec<String>,
+    #[serde(default)]
+    pub system_gate: Vec<SystemGate>,
+    #[serde(default)]
+    pub shedlock: Vec<ShedLock>,
+    #[serde(default)]
+    pub quartz: Vec<Quartz>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct Validation {
+    pub invalid_indexes: Option<bool>,
+    pub sequences: Option<bool>,
+    pub extensions: Option<bool>,
+    pub amcheck: Option<bool>,
+    #[serde(default)]
+    pub invariant: Vec<NamedQuery>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct OutboxColumns {
+    pub id: Option<String>,
+    pub topic: Option<String>,
+    pub key: Option<String>,
+    pub payload: Option<String>,
+    pub created_at: Option<String>,
+    pub published_at: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct EventId {
+    pub header: Option<String>,
+    pub key: Option<bool>,
+    pub json_pointer: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct Outbox {
+    pub name: String,
+    pub database: String,
+    pub flavour: String,
+    pub table: Option<String>,
+    pub topic: String,
+    pub columns: Option<OutboxColumns>,
+    pub event_id: Option<EventId>,
+    pub gate: Option<String>,
+    pub compensation_template: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ConsumerGroup {
+    pub name: String,
+    pub topics: Vec<String>,
+    pub idempotent: Option<bool>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct Kafka {
+    pub bootstrap: Interpolated,
+    pub lookback: Option<String>,
+    #[serde(default)]
+    pub consumer_group: Vec<ConsumerGroup>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct Inbox {
+    pub name: String,
+    pub database: String,
+    pub table: String,
+    pub message_id_column: String,
+    pub topic: String,
+    pub consumer_group: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct CsvSource {
+    pub path: PathBuf,
+    pub key_column: String,
+    pub time_column: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct Idempotency {
+    pub name: String,
+    pub database: String,
+    pub table: String,
+    pub key_column: String,
+    pub created_at_column: Option<String>,
+    pub retention: Option<String>,
+    pub action: String,
+    pub from_current: Option<bool>,
+    pub from_topic: Option<String>,
+    pub from_csv: Option<CsvSource>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct Cache {
+    pub name: String,
+    pub url: Interpolated,
+    pub cluster: Option<bool>,
+    pub patterns: Option<Vec<String>>,
+    pub key_template: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct Search {
+    pub name: String,
+    pub url: Interpolated,
+    pub index: String,
+    pub timestamp_field: Option<String>,
+    pub strategy: String,
+    pub rebuild_hook: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct Repair {
+    pub table: String,
+    pub key: Vec<String>,
+    pub updated_at: String,
+    #[serde(rename = "where")]
+    pub filter: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct Playbook {
+    pub playbook: Meta,
+    pub databases: BTreeMap<String, Database>,
+    pub recovery_target: RecoveryTarget,
+    pub gates: Gates,
+    #[serde(default)]
+    pub validation: Validation,
+    #[serde(default)]
+    pub outbox: Vec<Outbox>,
+    pub kafka: Option<Kafka>,
+    #[serde(default)]
+    pub inbox: Vec<Inbox>,
+    #[serde(default)]
+    pub idempotency: Vec<Idempotency>,
+    #[serde(default)]
+    pub caches: Vec<Cache>,
+    #[serde(default)]
+    pub search: Vec<Search>,
+    #[serde(default)]
+    pub repair: Vec<Repair>,
+}
+
+/// A step in a path into the document, to locate a semantic error.
+enum Seg<'a> {
+    Key(&'a str),
+    Index(usize),
+}
+
+/// Where `path` points in the document; the deepest place found when the
+/// path goes further than the file (a missing key is located at its table).
+fn span_at(doc: &ImDocument<&str>, path: &[Seg]) -> Option<std::ops::Range<usize>> {
+    let mut item = doc.as_item().clone();
+    let mut span = None;
+    for seg in path {
+        let step = match seg {
+            Seg::Key(k) => {
+                item.as_table_like()
+                    .and_then(|t| t.get_key_value(k))
+                    .map(|(key, next)| {
+                        let s = next.span().or_else(|| key.span());
+                        (next.clone(), s)
+                    })
+            }
+            Seg::Index(i) => match &item {
+                Item::ArrayOfTables(a) => a.get(*i).map(|t| (Item::Table(t.clone()), t.span())),
+                _ => item
+                    .as_array()
+                    .and_then(|a| a.get(*i))
+                    .map(|v| (Item::Value(v.clone()), v.span())),
+            },
+        };
+        let Some((next, s)) = step else { break };
+        span = s.or(span);
+        item = next;
+    }
+    span
+}
+
+impl Playbook {
+    /// Reads, checks and returns a playbook, or every error in it.
+    pub fn load(path: &Path) -> Result<Playbook, Diagnostics> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            Diagnostics::new(
+                path,
+                "",
+                vec![Diagnostic::at(None, format!("cannot read it: {e}"))],
+            )
+        })?;
+        Playbook::parse(path, &text)
+    }
+
+    pub fn parse(path: &Path, text: &str) -> Result<Playbook, Diagnostics> {
+        let fail = |items: Vec<Diagnostic>| Diagnostics::new(path, text, items);
+        let doc = ImDocument::parse(text).map_err(|e| {
+            fail(vec![Diagnostic::at(
+                e.span(),
+                e.message().trim().to_owned(),
+            )])
+        })?;
+        let mut errors = Vec::new();
+        schema::check_table(doc.as_table(), None, SCHEMA, "the playbook", &mut errors);
+        if !errors.is_empty() {
+            return Err(fail(errors));
+        }
+        let playbook: Playbook = toml::from_str(text)
+            .map_err(|e| fail(vec![Diagnostic::at(e.span(), e.message().to_owned())]))?;
+        let errors = playbook.meaning(&doc, path);
+        if errors.is_empty() {
+            Ok(playbook)
+        } else {
+            Err(fail(errors))
+        }
+    }
+
+    /// Every gate, by kind, in declaration order.
+    pub fn gate_names(&self) -> Vec<(&'static str, &str)> {
+        let g = &self.gates;
+        g.system_gate
+            .iter()
+            .map(|x| ("system-gate", x.name.as_str()))
+            .chain(g.shedlock.iter().map(|x| ("shedlock", x.name.as_str())))
+            .chain(g.quartz.iter().map(|x| ("quartz", x.name.as_str())))
+            .collect()
+    }
+
+    /// Checks of meaning: references resolve, names are unique, the way back
+    /// and the sections agree.
+    fn meaning(&self, doc: &ImDocument<&str>, path: &Path) -> Vec<Diagnostic> {
+        let mut errors = Vec::new();
+        let mut err =
+            |segs: &[Seg], msg: String| errors.push(Diagnostic::at(span_at(doc, segs), msg));
+        for required in ["current", "restored"] {
+            if !self.databases.contains_key(required) {
+                err(&[Seg::Key("databases")], format!("[databases] needs `{required}`: re-entry compares the current database with the restored one"));
+            }
+        }
+        let db_known = |name: &str| self.databases.contains_key(name);
+        let known = self
+            .databases
+            .keys()
+            .cloned()
+            .collect::<Vec<_>>()
+            .join(", ");
+        let check_db = |segs: &[Seg], name: &str, err: &mut dyn FnMut(&[Seg], String)| {
+            if !db_known(name) {
+                err(
+                    segs,
+                    format!("no database named `{name}` in [databases] (declared: {known})"),
+                );
+            }
+        };
+
+        let t = &self.recovery_target;
+        let set = [t.manifest.is_some(), t.time.is_some(), t.lsn.is_some()]
+            .iter()
+            .filter(|b| **b)
+            .count();
+        if set != 1 {
+            err(&[Seg::Key("recovery-target")], "[recovery-target] needs exactly one of `manifest` (from reentry restore), `time` or `lsn`".into());
+        }
+        if let Some(l) = &t.lsn {
+            if l.parse::<crate::pg::lsn::Lsn>().is_err() {
+                err(
+                    &[Seg::Key("recovery-target"), Seg::Key("lsn")],
+                    format!("\"{l}\" is not an LSN (like 0/5000120)"),
+                );
+            }
+        }
+        if let Some(tm) = &t.time {
+            if humantime::parse_rfc3339_weak(tm.trim_end_matches('Z')).is_err() {
+                err(
+                    &[Seg::Key("recovery-target"), Seg::Key("time")],
+                    format!("\"{tm}\" is not a time (like 2026-11-25T12:00:00Z)"),
+                );
+            }
+        }
+        if let Some(m) = &t.manifest {
+            let resolved = path
+                .parent()
+                .map(|d| d.join(m))
+                .unwrap_or_else(|| m.clone());
+            if !resolved.exists() {
+                err(&[Seg::Key("recovery-target"), Seg::Key("manifest")], format!("{} does not exist; reentry restore writes it into the restored data directory", resolved.display()));
+            }
+        }
+
+        // Gates: unique names, real databases, and a re-open for each close.
+        let mut seen: BTreeMap<&str, &str> = BTreeMap::new();
+        let mut gate_dbs: Vec<(&'static str, usize, &Vec<String>, Option<&Check>)> = Vec::new();
+        for (i, g) in self.gates.system_gate.iter().enumerate() {
+            gate_dbs.push(("system-gate", i, &g.databases, g.health_check.as_ref()));
+        }
+        for (i, g) in self.gates.shedlock.iter().enumerate() {
+            gate_dbs.push(("shedlock", i, &g.databases, g.health_check.as_ref()));
+        }
+        for (i, g) in self.gates.quartz.iter().enumerate() {
+            gate_dbs.push(("quartz", i, &g.databases, g.health_check.as_ref()));
+        }
+        let mut index_in_kind: BTreeMap<&str, usize> = BTreeMap::new();
+        for (kind, name) in self.gate_names() {
+            let i = index_in_kind.entry(kind).or_default();
+            if let Some(other) = seen.insert(name, kind) {
+                err(
+                    &[
+                        Seg::Key("gates"),
+                        Seg::Key(kind),
+                        Seg::Index(*i),
+                        Seg::Key("name"),
+                    ],
+                    format!(
+                        "gate `{name}` is declared twice ([[gates.{other}]] and [[gates.{kind}]])"
+                    ),
+                );
+            }
+            *i += 1;
+        }
+
+        for (kind, i, dbs, health) in gate_dbs {
+            if dbs.is_empty() {
+                err(
+                    &[
+                        Seg::Key("gates"),
+                        Seg::Key(kind),
+                        Seg::Index(i),
+                        Seg::Key("databases"),
+                    ],
+                    "a gate needs at least one database".into(),
+                );
+            }
+            for (j, d) in dbs.iter().enumerate() {
+                check_db(
+                    &[
+                        Seg::Key("gates"),
+                        Seg::Key(kind),
+                        Seg::Index(i),
+                        Seg::Key("databases"),
+                        Seg::Index(j),
+                    ],
+                    d,
+                    &mut err,
+                );
+            }
+            if let Some(h) = health {
+                check_db(
+                    &[
+                        Seg::Key("gates"),
+                        Seg::Key(kind),
+                        Seg::Index(i),
+                        Seg::Key("health-check"),
+                        Seg::Key("database"),
+                    ],
+                    &h.database,
+                    &mut err,
+                );
+            }
+        }
+        let order = &self.gates.reopen_order;
+        for (i, name) in order.iter().enumerate() {
+            if !seen.contains_key(name.as_str()) {
+                err(
+                    &[Seg::Key("gates"), Seg::Key("reopen-order"), Seg::Index(i)],
+                    format!("`{name}` is re-opened but never closed: no gate of that name"),
+                );
+            } else if order[..i].contains(name) {
+                err(
+                    &[Seg::Key("gates"), Seg::Key("reopen-order"), Seg::Index(i)],
+                    format!("`{name}` is re-opened twice"),
+                );
+            }
+        }
+        for name in seen.keys() {
+            if !order.iter().any(|o| o == name) {
+                err(
+                    &[Seg::Key("gates"), Seg::Key("reopen-order")],
+                    format!("gate `{name}` is closed but never re-opened; add it to reopen-order"),
+                );
+            }
+        }
+        if let Some(p) = &self.gates.probe {
+            check_db(
+                &[Seg::Key("gates"), Seg::Key("probe"), Seg::Key("database")],
+                &p.database,
+                &mut err,
+            );
+        }
+
+        for (i, inv) in self.validation.invariant.iter().enumerate() {
+            check_db(
+                &[
+                    Seg::Key("validation"),
+                    Seg::Key("invariant"),
+                    Seg::Index(i),
+                    Seg::Key("database"),
+                ],
+                &inv.database,
+                &mut err,
+            );
+        }
+        for (i, o) in self.outbox.iter().enumerate() {
+            check_db(
+                &[Seg::Key("outbox"), Seg::Index(i), Seg::Key("database")],
+                &o.database,
+                &mut err,
+            );
+            if let Some(g) = &o.gate {
+                if !seen.contains_key(g.as_str()) {
+                    err(
+                        &[Seg::Key("outbox"), Seg::Index(i), Seg::Key("gate")],
+                        format!("no gate named `{g}` pauses this outbox's relay"),
+                    );
+                }
+            }
+            if o.flavour == "generic" && o.table.is_none() {
+                err(
+                    &[Seg::Key("outbox"), Seg::Index(i)],
+                    format!(
+                        "outbox `{}` is generic: it needs `table` and `columns`",
+                        o.name
+                    ),
+                );
+            }
+            if !self.outbox.is_empty() && self.kafka.is_none() {
+                err(
+                    &[Seg::Key("outbox"), Seg::Index(i)],
+                    "an outbox is compared with its topic: declare [kafka]".into(),
+                );
+            }
+        }
+        for (i, x) in self.inbox.iter().enumerate() {
+            check_db(
+                &[Seg::Key("inbox"), Seg::Index(i), Seg::Key("database")],
+                &x.database,
+                &mut err,
+            );
+        }
+        for (i, x) in self.idempotency.iter().enumerate() {
+            check_db(
+                &[Seg::Key("idempotency"), Seg::Index(i), Seg::Key("database")],
+                &x.database,
+                &mut err,
+            );
+        }
+        match self.playbook.way_back {
+            WayBack::SelectiveRepair if self.repair.is_empty() => err(
+                &[Seg::Key("playbook"), Seg::Key("way-back")],
+                "selective-repair needs at least one [[repair]] table to extract from the restored copy".into(),
+            ),
+            WayBack::Cutover if !self.repair.is_empty() => err(
+                &[Seg::Key("repair")],
+                "[[repair]] tables are for way-back = \"selective-repair\"; a cutover makes the restored copy the primary".into(),
+            ),
+            _ => {}
+        }
+        errors
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Playbook, Diagnostics> {
+        Playbook::parse(Path::new("t.toml"), text)
+    }
+
+    const BASE: &str = r#"[playbook]
+name = "t"
+way-back = "cutover"
+
+[databases.current]
+conninfo = "host=a"
+
+[databases.restored]
+conninfo = "host=b"
+
+[recovery-target]
+lsn = "0/5000120"
+
+[gates]
+reopen-order = ["api"]
+
+[[gates.system-gate]]
+name = "api"
+databases = ["current", "restored"]
+"#;
+
+    /// Each error as (line, message).
+    fn errors(text: &str) -> Vec<(usize, String)> {
+        let d = parse(text).expect_err("the playbook should be rejected");
+        d.items
+            .iter()
+            .map(|i| {
+                (
+                    i.span.clone().map(|s| d.line_col(s.start).0).unwrap_or(0),
+                    i.message.clone(),
+                )
+            })
+            .collect()
+    }
+
+    #[track_caller]
+    fn rejects(text: &str, line: usize, needle: &str) {
+        let errs = errors(text);
+        assert!(
+            errs.iter().any(|(l, m)| *l == line && m.contains(needle)),
+            "expected line {line}: {needle:?}; got {errs:?}"
+        );
+    }
+
+    #[test]
+    fn the_minimal_playbook_parses() {
+        let p = parse(BASE).unwrap_or_else(|d| panic!("{d}"));
+        assert_eq!(p.gate_names(), [("system-gate", "api")]);
+    }
+
+    #[test]
+    fn malformed_playbooks_are_rejected_at_the_place_of_the_error() {
+        // Syntax.
+        rejects(&BASE.replace("name = \"t\"", "name = \"t"), 2, "");
+        // Unknown keys, also near-misses.
+        rejects(
+            &BASE.replace("[playbook]", "[playbok]"),
+            1,
+            "unknown key `playbok`",
+        );
+        rejects(
+            &BASE.replace("reopen-order", "reopen_order"),
+            15,
+            "unknown key `reopen_order` in [gates]",
+        );
+        // Types and values.
+        rejects(
+            &BASE.replace("[gates]", "[gates]\ncache-ttl = 30"),
+            15,
+            "cache-ttl` in [gates] must be a duration",
+        );
+        rejects(
+            &BASE.replace("[gates]", "[gates]\ncache-ttl = \"30 parsecs\""),
+            15,
+            "is not a duration",
+        );
+        rejects(
+            &BASE.replace("\"cutover\"", "\"rollback\""),
+            3,
+            "expected one of \"cutover\", \"selective-repair\"",
+        );
+        rejects(
+            &BASE.replace(
+                "databases = [\"current\", \"restored\"]",
+                "databases = \"current\"",
+            ),
+            19,
+            "must be a list of strings",
+        );
+        // Required parts.
+        rejects(
+            &BASE.replace("[databases.restored]\nconninfo = \"host=b\"", ""),
+            5,
+            "needs `restored`",
+        );
+        rejects(&BASE.replace("name = \"api\"\n", ""), 17, "needs `name`");
+        // References.
+        rejects(
+            &BASE.replace("[\"current\", \"restored\"]", "[\"current\", \"replica\"]"),
+            19,
+            "no database named `replica`",
+        );
+        rejects(
+            &BASE.replace("[\"api\"]", "[\"api\", \"batch\"]"),
+            15,
+            "`batch` is re-opened but never closed",
+        );
+        rejects(
+            &format!("{BASE}\n[[gates.shedlock]]\nname = \"jobs\"\ndatabases = [\"current\"]\n"),
+            15,
+            "`jobs` is closed but never re-opened",
+        );
+        rejects(&format!("{BASE}\n[[gates.quartz]]\nname = \"api\"\ndatabases = [\"current\"]\nscheduler = \"S\"\n"), 22, "gate `api` is declared twice");
+        // The recovery target.
+        rejects(
+            &BASE.replace("lsn = \"0/5000120\"", "lsn = \"5000120\""),
+            12,
+            "is not an LSN",
+        );
+        rejects(
+            &BASE.replace(
+                "lsn = \"0/5000120\"",
+                "lsn = \"0/5000120\"\ntime = \"2026-11-25T12:00:00Z\"",
+            ),
+            11,
+            "exactly one of",
+        );
+        rejects(
+            &BASE.replace(
+                "lsn = \"0/5000120\"",
+                "manifest = \"nowhere/reentry-restore.json\"",
+            ),
+            12,
+            "does not exist",
+        );
+        // Secrets from the environment.
+        rejects(
+            &BASE.replace("host=a", "host=a password=${REENTRY_TEST_NOT_SET_ANYWHERE}"),
+            6,
+            "REENTRY_TEST_NOT_SET_ANYWHERE is not set",
+        );
+        // The way back and the sections agree.
+        rejects(
+            &BASE.replace("\"cutover\"", "\"selective-repair\""),
+            3,
+            "needs at least one [[repair]]",
+        );
+    }
+
+    #[test]
+    fn every_error_is_reported_at_once() {
+        let text = BASE
+            .replace("[playbook]", "[playbook]\ncolour = \"blue\"")
+            .replace("[gates]", "[gates]\ncache-ttl = 5")
+            .replace("[\"current\", \"restored\"]", "[\"current\", 7]");
+        let errs = errors(&text);
+        assert_eq!(errs.len(), 3, "{errs:?}");
+        let rendered = parse(&text).unwrap_err().to_string();
+        assert!(rendered.starts_with("t.toml has 3 errors"), "{rendered}");
+        assert!(
+            rendered.contains("t.toml:2:1: unknown key `colour`"),
+            "{rendered}"
+        );
+    }
+
+    #[test]
+    fn the_reference_playbook_parses_and_shows_secrets_as_written() {
+        std::env::set_var("CASES_DB_PASSWORD", "hunter2-reference");
+        let path = Path::new(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/playbooks/reference.toml"
+        ));
+        let p = Playbook::load(path).unwrap_or_else(|d| panic!("{d}"));
+        assert_eq!(p.playbook.way_back, WayBack::Cutover);
+        assert_eq!(p.gate_names().len(), 4);
+        let conn = &p.databases["current"].conninfo;
+        assert!(conn.expose().contains("hunter2-reference"));
+        for shown in [
+            conn.to_string(),
+            format!("{conn:?}"),
+            serde_json::to_string(&p).unwrap(),
+        ] {
+            assert!(
+                !shown.contains("hunter2-reference"),
+                "a secret leaked into {shown}"
+            );
+            assert!(shown.contains("${CASES_DB_PASSWORD}"));
+        }
+    }
+}

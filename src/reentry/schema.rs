@@ -1,0 +1,305 @@
+//! A small schema for TOML files people write, and a walk that reports
+//! every unknown key, missing key, wrong type and bad value at once, each at
+//! its place in the file. Serde stops at the first error; a person fixing a
+//! playbook during an incident should see them all.
+
+use std::ops::Range;
+
+use toml_edit::{Item, TableLike, Value};
+
+use crate::diag::Diagnostic;
+
+#[derive(Clone, Copy)]
+pub enum Kind {
+    Str,
+    /// A string that may use `${VAR}` from the environment (secrets).
+    Interp,
+    Bool,
+    Int,
+    /// `30s`, `5m`, `24h`.
+    Duration,
+    /// A list of strings.
+    Strs,
+    OneOf(&'static [&'static str]),
+    Table(&'static [Field]),
+    /// `[[name]]` entries (or an inline array of inline tables).
+    Tables(&'static [Field]),
+    /// `[name.ANY]` tables, each with the same fields.
+    Map(&'static [Field]),
+}
+
+#[derive(Clone, Copy)]
+pub struct Field {
+    pub key: &'static str,
+    pub kind: Kind,
+    pub required: bool,
+}
+
+pub const fn req(key: &'static str, kind: Kind) -> Field {
+    Field {
+        key,
+        kind,
+        required: true,
+    }
+}
+
+pub const fn opt(key: &'static str, kind: Kind) -> Field {
+    Field {
+        key,
+        kind,
+        required: false,
+    }
+}
+
+fn describe(kind: Kind) -> String {
+    match kind {
+        Kind::Str | Kind::Interp => "a string".into(),
+        Kind::Bool => "true or false".into(),
+        Kind::Int => "an integer".into(),
+        Kind::Duration => "a duration like \"30s\", \"5m\" or \"24h\"".into(),
+        Kind::Strs => "a list of strings".into(),
+        Kind::OneOf(values) => format!(
+            "one of {}",
+            values
+                .iter()
+                .map(|v| format!("\"{v}\""))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+        Kind::Table(_) | Kind::Map(_) => "a table".into(),
+        Kind::Tables(_) => "an array of tables ([[…]])".into(),
+    }
+}
+
+fn found(item: &Item) -> &'static str {
+    match item {
+        Item::None => "nothing",
+        Item::Table(_) => "a table",
+        Item::ArrayOfTables(_) => "an array of tables",
+        Item::Value(v) => match v {
+            Value::String(_) => "a string",
+            Value::Integer(_) => "an integer",
+            Value::Float(_) => "a float",
+            Value::Boolean(_) => "a boolean",
+            Value::Datetime(_) => "a datetime",
+            Value::Array(_) => "an array",
+            Value::InlineTable(_) => "an inline table",
+        },
+    }
+}
+
+/// Walks `table` against `fields`; `at` names it in messages ("[gates]").
+pub fn check_table(
+    table: &dyn TableLike,
+    span: Option<Range<usize>>,
+    fields: &[Field],
+    at: &str,
+    out: &mut Vec<Diagnostic>,
+) {
+    for (key, item) in table.iter() {
+        let key_span = table.get_key_value(key).and_then(|(k, _)| k.span());
+        match fields.iter().find(|f| f.key == key) {
+            None => {
+                let known: Vec<&str> = fields.iter().map(|f| f.key).collect();
+                out.push(Diagnostic::at(
+                    key_span,
+                    format!(
+                        "unknown key `{key}` in {at}; expected one of: {}",
+                        known.join(", ")
+                    ),
+                ));
+            }
+            Some(field) => check_item(
+                item,
+                key_span,
+                field.kind,
+                &format!("`{key}` in {at}"),
+                &child(at, key),
+                out,
+            ),
+        }
+    }
+    for f in fields.iter().filter(|f| f.required) {
+        if table.get(f.key).is_none() {
+            out.push(Diagnostic::at(
+                span.clone(),
+                format!("{at} needs `{}` ({})", f.key, describe(f.kind)),
+            ));
+        }
+    }
+}
+
+fn child(at: &str, key: &str) -> String {
+    if at == "the playbook" {
+        format!("[{key}]")
+    } else {
+        format!("{}.{key}]", at.trim_end_matches(']'))
+    }
+}
+
+fn check_item(
+    item: &Item,
+    key_span: Option<Range<usize>>,
+    kind: Kind,
+    what: &str,
+    at: &str,
+    out: &mut Vec<Diagnostic>,
+) {
+    let span = item.span().or_else(|| key_span.clone());
+    let wrong = |out: &mut Vec<Diagnostic>| {
+        out.push(Diagnostic::at(
+            span.clone(),
+            format!("{what} must be {}, not {}", describe(kind), found(item)),
+        ))
+    };
+    match kind {
+        Kind::Str | Kind::Interp => match item.as_str() {
+            Some(s) if matches!(kind, Kind::Interp) => {
+                check_interpolation(s, span.clone(), what, out)
+            }
+            Some(_) => {}
+            None => wrong(out),
+        },
+        Kind::Bool => {
+            if item.as_bool().is_none() {
+                wrong(out)
+            }
+        }
+        Kind::Int => {
+            if item.as_integer().is_none() {
+                wrong(out)
+            }
+        }
+        Kind::Duration => match item.as_str() {
+            Some(s) => {
+                if let Err(e) = humantime::parse_duration(s) {
+                    out.push(Diagnostic::at(
+                        span.clone(),
+                        format!("{what} is not a duration ({e}); write e.g. \"30s\" or \"5m\""),
+                    ));
+                }
+            }
+            None => wrong(out),
+        },
+        Kind::Strs => match item.as_array() {
+            Some(a) => {
+                for v in a.iter().filter(|v| v.as_str().is_none()) {
+                    out.push(Diagnostic::at(
+                        v.span(),
+                        format!("{what} must hold strings only"),
+                    ));
+                }
+            }
+            None => wrong(out),
+        },
+        Kind::OneOf(values) => match item.as_str() {
+            Some(s) if values.contains(&s) => {}
+            Some(s) => out.push(Diagnostic::at(
+                span.clone(),
+                format!("{what} is \"{s}\"; expected {}", describe(kind)),
+            )),
+            None => wrong(out),
+        },
+        Kind::Table(fields) => match item.as_table_like() {
+            Some(t) => check_table(t, span.clone().or(key_span), fields, at, out),
+            None => wrong(out),
+        },
+        Kind::Map(fields) => match item.as_table_like() {
+            Some(t) => {
+                for (name, entry) in t.iter() {
+                    let entry_at = format!("{}.{name}]", at.trim_end_matches(']'));
+                    let entry_key = t.get_key_value(name).and_then(|(k, _)| k.span());
+                    match entry.as_table_like() {
+                        Some(e) => {
+                            check_table(e, entry.span().or(entry_key), fields, &entry_at, out)
+                        }
+                        None => out.push(Diagnostic::at(
+                            entry.span().or(entry_key),
+                            format!("{entry_at} must be a table, not {}", found(entry)),
+                        )),
+                    }
+                }
+            }
+            None => wrong(out),
+        },
+        Kind::Tables(fields) => {
+            let at = format!("[{}]", at);
+            if let Some(list) = item.as_array_of_tables() {
+                for (i, t) in list.iter().enumerate() {
+                    check_table(t, t.span(), fields, &format!("{} #{}", at, i + 1), out);
+                }
+            } else if let Some(list) = item.as_array() {
+                for (i, v) in list.iter().enumerate() {
+                    match v.as_inline_table() {
+                        Some(t) => {
+                            check_table(t, v.span(), fields, &format!("{} #{}", at, i + 1), out)
+                        }
+                        None => out.push(Diagnostic::at(
+                            v.span(),
+                            format!("{what} must hold tables only"),
+                        )),
+                    }
+                }
+            } else {
+                wrong(out)
+            }
+        }
+    }
+}
+
+/// `${NAME}` must be well formed and set in the environment; `$$` is a `$`.
+fn check_interpolation(s: &str, span: Option<Range<usize>>, what: &str, out: &mut Vec<Diagnostic>) {
+    if let Err(e) = interpolate(s) {
+        out.push(Diagnostic::at(span, format!("{what}: {e}")));
+    }
+}
+
+/// Expands `${NAME}` from the environment; `$$` stands for `$`.
+pub fn interpolate(s: &str) -> Result<String, String> {
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s;
+    while let Some(i) = rest.find('$') {
+        out.push_str(&rest[..i]);
+        let after = &rest[i + 1..];
+        if let Some(tail) = after.strip_prefix('$') {
+            out.push('$');
+            rest = tail;
+        } else if let Some(tail) = after.strip_prefix('{') {
+            let end = tail.find('}').ok_or_else(|| "unclosed `${`".to_owned())?;
+            let name = &tail[..end];
+            if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+                return Err(format!(
+                    "`${{{name}}}` is not a variable name (letters, digits, _)"
+                ));
+            }
+            let value = std::env::var(name)
+                .map_err(|_| format!("environment variable {name} is not set"))?;
+            out.push_str(&value);
+            rest = &tail[end + 1..];
+        } else {
+            return Err("a `$` must start `${NAME}` (write `$$` for a dollar sign)".into());
+        }
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn interpolates_variables_and_escapes() {
+        std::env::set_var("REENTRY_TEST_SECRET_X", "s3cret");
+        assert_eq!(
+            interpolate("password=${REENTRY_TEST_SECRET_X} cost=$$5").unwrap(),
+            "password=s3cret cost=$5"
+        );
+        assert!(interpolate("${REENTRY_TEST_UNSET_Y}")
+            .unwrap_err()
+            .contains("REENTRY_TEST_UNSET_Y is not set"));
+        assert!(interpolate("${oops").is_err());
+        assert!(interpolate("$5").is_err());
+        assert!(interpolate("${a-b}").is_err());
+    }
+}
