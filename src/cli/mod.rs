@@ -2,6 +2,7 @@
 //! Each subcommand module owns its `Args` and its `run`.
 
 mod backup;
+mod playbook;
 mod restore;
 mod status;
 mod wal;
@@ -68,6 +69,9 @@ pub enum Command {
     Drill(restore::DrillArgs),
     /// The gate before a risky migration: healthy archive, verified backup, then a restore point.
     Preflight(restore::PreflightArgs),
+    /// Re-entry playbooks.
+    #[command(subcommand)]
+    Playbook(playbook::PlaybookCommand),
 }
 
 /// Which server to talk to: a conninfo string or URL, else libpq's PGHOST,
@@ -200,5 +204,6 @@ pub fn run(cli: Cli) -> Result<Exit, Error> {
         Command::Restore(args) => restore::restore(&ctx, args),
         Command::Drill(args) => restore::drill(&ctx, args),
         Command::Preflight(args) => restore::preflight(&ctx, args),
+        Command::Playbook(cmd) => playbook::run(&ctx, cmd),
     }
 }

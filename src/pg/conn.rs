@@ -241,6 +241,14 @@ impl Db {
             .map_err(|e| self.error(context, &e))
     }
 
+    /// Parses and plans `sql` on the server without running it.
+    pub fn prepare(&mut self, context: &str, sql: &str) -> Result<(), PgError> {
+        self.rt
+            .block_on(self.client.prepare(sql))
+            .map(|_| ())
+            .map_err(|e| self.error(context, &e))
+    }
+
     pub fn batch(&mut self, context: &str, sql: &str) -> Result<(), PgError> {
         self.rt
             .block_on(self.client.batch_execute(sql))

@@ -422,6 +422,11 @@ pub struct Repair {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub struct Playbook {
+    /// The file it came from, to locate errors found later (online checks).
+    #[serde(skip)]
+    pub file: PathBuf,
+    #[serde(skip)]
+    pub text: String,
     pub playbook: Meta,
     pub databases: BTreeMap<String, Database>,
     pub recovery_target: RecoveryTarget,
@@ -444,7 +449,7 @@ pub struct Playbook {
 }
 
 /// A step in a path into the document, to locate a semantic error.
-enum Seg<'a> {
+pub enum Seg<'a> {
     Key(&'a str),
     Index(usize),
 }
@@ -480,6 +485,14 @@ fn span_at(doc: &ImDocument<&str>, path: &[Seg]) -> Option<std::ops::Range<usize
 }
 
 impl Playbook {
+    /// A diagnostic at `path` in this playbook's file.
+    pub fn at(&self, path: &[Seg], message: String) -> Diagnostic {
+        let span = ImDocument::parse(self.text.as_str())
+            .ok()
+            .and_then(|doc| span_at(&doc, path));
+        Diagnostic::at(span, message)
+    }
+
     /// Reads, checks and returns a playbook, or every error in it.
     pub fn load(path: &Path) -> Result<Playbook, Diagnostics> {
         let text = std::fs::read_to_string(path).map_err(|e| {
@@ -505,9 +518,11 @@ impl Playbook {
         if !errors.is_empty() {
             return Err(fail(errors));
         }
-        let playbook: Playbook = toml::from_str(text)
+        let mut playbook: Playbook = toml::from_str(text)
             .map_err(|e| fail(vec![Diagnostic::at(e.span(), e.message().to_owned())]))?;
-        let errors = playbook.meaning(&doc, path);
+        playbook.file = path.to_owned();
+        playbook.text = text.to_owned();
+        let errors = playbook.meaning(&doc);
         if errors.is_empty() {
             Ok(playbook)
         } else {
@@ -528,7 +543,9 @@ impl Playbook {
 
     /// Checks of meaning: references resolve, names are unique, the way back
     /// and the sections agree.
-    fn meaning(&self, doc: &ImDocument<&str>, path: &Path) -> Vec<Diagnostic> {
+    /// A manifest named by the recovery target is read when a plan is made:
+    /// a playbook is written before the incident, when it does not exist yet.
+    fn meaning(&self, doc: &ImDocument<&str>) -> Vec<Diagnostic> {
         let mut errors = Vec::new();
         let mut err =
             |segs: &[Seg], msg: String| errors.push(Diagnostic::at(span_at(doc, segs), msg));
@@ -577,16 +594,6 @@ impl Playbook {
                 );
             }
         }
-        if let Some(m) = &t.manifest {
-            let resolved = path
-                .parent()
-                .map(|d| d.join(m))
-                .unwrap_or_else(|| m.clone());
-            if !resolved.exists() {
-                err(&[Seg::Key("recovery-target"), Seg::Key("manifest")], format!("{} does not exist; reentry restore writes it into the restored data directory", resolved.display()));
-            }
-        }
-
         // Gates: unique names, real databases, and a re-open for each close.
         let mut seen: BTreeMap<&str, &str> = BTreeMap::new();
         let mut gate_dbs: Vec<(&'static str, usize, &Vec<String>, Option<&Check>)> = Vec::new();
@@ -766,6 +773,8 @@ mod tests {
         Playbook::parse(Path::new("t.toml"), text)
     }
 
+    const REFERENCE_SECRET: &str = "hunter2-reference";
+
     const BASE: &str = r#"[playbook]
 name = "t"
 way-back = "cutover"
@@ -893,14 +902,6 @@ databases = ["current", "restored"]
             11,
             "exactly one of",
         );
-        rejects(
-            &BASE.replace(
-                "lsn = \"0/5000120\"",
-                "manifest = \"nowhere/reentry-restore.json\"",
-            ),
-            12,
-            "does not exist",
-        );
         // Secrets from the environment.
         rejects(
             &BASE.replace("host=a", "host=a password=${REENTRY_TEST_NOT_SET_ANYWHERE}"),
@@ -932,8 +933,22 @@ databases = ["current", "restored"]
     }
 
     #[test]
+    fn the_example_playbooks_parse() {
+        // Tests share the environment: set the same value everywhere.
+        std::env::set_var("CASES_DB_PASSWORD", REFERENCE_SECRET);
+        std::env::set_var("LEDGER_DB_PASSWORD", REFERENCE_SECRET);
+        for name in ["case-management", "payment-ledger"] {
+            let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+                .join("playbooks")
+                .join(format!("{name}.toml"));
+            let p = Playbook::load(&path).unwrap_or_else(|d| panic!("{d}"));
+            assert_eq!(p.playbook.name, name);
+        }
+    }
+
+    #[test]
     fn the_reference_playbook_parses_and_shows_secrets_as_written() {
-        std::env::set_var("CASES_DB_PASSWORD", "hunter2-reference");
+        std::env::set_var("CASES_DB_PASSWORD", REFERENCE_SECRET);
         let path = Path::new(concat!(
             env!("CARGO_MANIFEST_DIR"),
             "/playbooks/reference.toml"
@@ -942,7 +957,7 @@ databases = ["current", "restored"]
         assert_eq!(p.playbook.way_back, WayBack::Cutover);
         assert_eq!(p.gate_names().len(), 4);
         let conn = &p.databases["current"].conninfo;
-        assert!(conn.expose().contains("hunter2-reference"));
+        assert!(conn.expose().contains(REFERENCE_SECRET));
         for shown in [
             conn.to_string(),
             format!("{conn:?}"),

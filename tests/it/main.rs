@@ -2,6 +2,7 @@
 
 mod backup;
 mod common;
+mod playbook;
 mod restore;
 mod services;
 mod wal_archive;

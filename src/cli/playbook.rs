@@ -1,0 +1,96 @@
+use std::path::PathBuf;
+
+use serde::Serialize;
+
+use crate::cli::Context;
+use crate::diag::Diagnostics;
+use crate::exit::Exit;
+use crate::reentry::check;
+use crate::reentry::playbook::Playbook;
+use crate::Error;
+
+#[derive(Debug, clap::Subcommand)]
+pub enum PlaybookCommand {
+    /// Check a playbook: parse, meaning, then every table and column on its databases.
+    Check(CheckArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct CheckArgs {
+    pub playbook: PathBuf,
+    /// Stop before connecting to the databases.
+    #[arg(long)]
+    pub offline: bool,
+}
+
+#[derive(Serialize)]
+struct Located {
+    line: Option<usize>,
+    column: Option<usize>,
+    message: String,
+}
+
+#[derive(Serialize)]
+struct Report<'a> {
+    ok: bool,
+    playbook: &'a str,
+    stages: Vec<&'static str>,
+    errors: Vec<Located>,
+}
+
+fn located(d: &Diagnostics) -> Vec<Located> {
+    d.items
+        .iter()
+        .map(|i| {
+            let lc = i.span.as_ref().map(|s| d.line_col(s.start));
+            Located {
+                line: lc.map(|x| x.0),
+                column: lc.map(|x| x.1),
+                message: i.message.clone(),
+            }
+        })
+        .collect()
+}
+
+pub fn run(ctx: &Context, cmd: PlaybookCommand) -> Result<Exit, Error> {
+    let PlaybookCommand::Check(a) = cmd;
+    let shown = a.playbook.display().to_string();
+    let mut stages = vec!["parse", "meaning"];
+    let diagnostics = match Playbook::load(&a.playbook) {
+        Err(d) => Some(d),
+        Ok(_) if a.offline => None,
+        Ok(p) => {
+            stages.push("databases");
+            let errors = check::check_online(&p);
+            (!errors.is_empty()).then(|| Diagnostics::new(&p.file, &p.text, errors))
+        }
+    };
+    match diagnostics {
+        None => {
+            let report = Report {
+                ok: true,
+                playbook: &shown,
+                stages: stages.clone(),
+                errors: vec![],
+            };
+            ctx.emit(&report, || {
+                Some(format!("ok: {shown} ({})", stages.join(", ")))
+            })?;
+            Ok(Exit::Ok)
+        }
+        Some(d) => {
+            if ctx.global.json {
+                let report = Report {
+                    ok: false,
+                    playbook: &shown,
+                    stages,
+                    errors: located(&d),
+                };
+                ctx.emit(&report, || None)?;
+            } else {
+                eprintln!("{d}");
+            }
+            Ok(Exit::Config)
+        }
+    }
+}

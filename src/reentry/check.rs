@@ -1,0 +1,259 @@
+//! `reentry playbook check`, its online stage: connect to each database the
+//! playbook names and confirm that every table and column it names exists
+//! there, each missing one reported at the playbook line that named it.
+
+use std::collections::BTreeMap;
+
+use crate::diag::Diagnostic;
+use crate::pg::conn::Db;
+use crate::reentry::playbook::{Playbook, Seg};
+
+/// `quote_ident` for each part of a possibly schema-qualified name: a
+/// playbook's identifiers are always quoted, never spliced in raw.
+pub fn quote_qualified(name: &str) -> String {
+    name.split('.')
+        .map(|p| format!("\"{}\"", p.replace('"', "\"\"")))
+        .collect::<Vec<_>>()
+        .join(".")
+}
+
+/// One thing to look for: a table, and columns of it.
+struct Need<'a> {
+    database: &'a str,
+    table: String,
+    columns: Vec<String>,
+    path: Vec<Seg<'a>>,
+    what: String,
+}
+
+fn needs(p: &Playbook) -> Vec<Need<'_>> {
+    let mut out = Vec::new();
+    let g = &p.gates;
+    for (i, x) in g.system_gate.iter().enumerate() {
+        for d in &x.databases {
+            out.push(Need {
+                database: d,
+                table: x.table.clone().unwrap_or_else(|| "system_gate".into()),
+                columns: vec!["gate_name".into(), "enabled".into()],
+                path: vec![
+                    Seg::Key("gates"),
+                    Seg::Key("system-gate"),
+                    Seg::Index(i),
+                    Seg::Key("name"),
+                ],
+                what: format!("gate `{}`", x.name),
+            });
+        }
+    }
+    for (i, x) in g.shedlock.iter().enumerate() {
+        for d in &x.databases {
+            out.push(Need {
+                database: d,
+                table: x.table.clone().unwrap_or_else(|| "shedlock".into()),
+                columns: vec![
+                    "name".into(),
+                    "lock_until".into(),
+                    "locked_at".into(),
+                    "locked_by".into(),
+                ],
+                path: vec![
+                    Seg::Key("gates"),
+                    Seg::Key("shedlock"),
+                    Seg::Index(i),
+                    Seg::Key("name"),
+                ],
+                what: format!("gate `{}`", x.name),
+            });
+        }
+    }
+    for (i, x) in g.quartz.iter().enumerate() {
+        let prefix = x.table_prefix.clone().unwrap_or_else(|| "qrtz_".into());
+        for d in &x.databases {
+            for (table, columns) in [
+                (
+                    "triggers",
+                    vec!["sched_name", "trigger_group", "trigger_state"],
+                ),
+                ("paused_trigger_grps", vec!["sched_name", "trigger_group"]),
+            ] {
+                out.push(Need {
+                    database: d,
+                    table: format!("{prefix}{table}"),
+                    columns: columns.into_iter().map(Into::into).collect(),
+                    path: vec![
+                        Seg::Key("gates"),
+                        Seg::Key("quartz"),
+                        Seg::Index(i),
+                        Seg::Key("name"),
+                    ],
+                    what: format!("gate `{}`", x.name),
+                });
+            }
+        }
+    }
+    for (i, o) in p.outbox.iter().enumerate() {
+        if let (Some(table), Some(c)) = (&o.table, &o.columns) {
+            let columns = [
+                &c.id,
+                &c.topic,
+                &c.key,
+                &c.payload,
+                &c.created_at,
+                &c.published_at,
+            ]
+            .into_iter()
+            .flatten()
+            .cloned()
+            .collect();
+            out.push(Need {
+                database: &o.database,
+                table: table.clone(),
+                columns,
+                path: vec![Seg::Key("outbox"), Seg::Index(i), Seg::Key("table")],
+                what: format!("outbox `{}`", o.name),
+            });
+        }
+    }
+    for (i, x) in p.inbox.iter().enumerate() {
+        out.push(Need {
+            database: &x.database,
+            table: x.table.clone(),
+            columns: vec![x.message_id_column.clone()],
+            path: vec![Seg::Key("inbox"), Seg::Index(i), Seg::Key("table")],
+            what: format!("inbox `{}`", x.name),
+        });
+    }
+    for (i, x) in p.idempotency.iter().enumerate() {
+        out.push(Need {
+            database: &x.database,
+            table: x.table.clone(),
+            columns: std::iter::once(x.key_column.clone())
+                .chain(x.created_at_column.clone())
+                .collect(),
+            path: vec![Seg::Key("idempotency"), Seg::Index(i), Seg::Key("table")],
+            what: format!("idempotency `{}`", x.name),
+        });
+    }
+    for (i, r) in p.repair.iter().enumerate() {
+        for d in ["current", "restored"] {
+            out.push(Need {
+                database: d,
+                table: r.table.clone(),
+                columns: r
+                    .key
+                    .iter()
+                    .cloned()
+                    .chain(std::iter::once(r.updated_at.clone()))
+                    .collect(),
+                path: vec![Seg::Key("repair"), Seg::Index(i), Seg::Key("table")],
+                what: "repair table".into(),
+            });
+        }
+    }
+    out
+}
+
+/// Connects to every database and looks for every table and column, and
+/// prepares (without running) every query the playbook holds.
+pub fn check_online(p: &Playbook) -> Vec<Diagnostic> {
+    let mut errors = Vec::new();
+    let mut dbs: BTreeMap<&str, Db> = BTreeMap::new();
+    for (name, d) in &p.databases {
+        match Db::connect(Some(d.conninfo.expose())) {
+            Ok(db) => {
+                dbs.insert(name, db);
+            }
+            Err(e) => errors.push(p.at(
+                &[Seg::Key("databases"), Seg::Key(name), Seg::Key("conninfo")],
+                format!("databases.{name}: {e}"),
+            )),
+        }
+    }
+    for need in needs(p) {
+        let Some(db) = dbs.get_mut(need.database) else {
+            continue;
+        };
+        let rows = db.query(
+            "look up a table",
+            "SELECT a.attname::text FROM pg_attribute a
+              WHERE a.attrelid = to_regclass($1) AND a.attnum > 0 AND NOT a.attisdropped",
+            &[&quote_qualified(&need.table)],
+        );
+        match rows {
+            Err(e) => errors.push(p.at(&need.path, format!("{}: {e}", need.what))),
+            Ok(rows) if rows.is_empty() => errors.push(p.at(
+                &need.path,
+                format!(
+                    "{}: table {} does not exist in databases.{}",
+                    need.what, need.table, need.database
+                ),
+            )),
+            Ok(rows) => {
+                let present: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
+                let missing: Vec<&String> = need
+                    .columns
+                    .iter()
+                    .filter(|c| !present.contains(c))
+                    .collect();
+                if !missing.is_empty() {
+                    errors.push(p.at(
+                        &need.path,
+                        format!(
+                            "{}: table {} in databases.{} has no column {}",
+                            need.what,
+                            need.table,
+                            need.database,
+                            missing.iter().map(|c| c.as_str()).collect::<Vec<_>>().join(", ")
+                        ),
+                    ));
+                }
+            }
+        }
+    }
+    let mut queries: Vec<(Vec<Seg>, &str, &str)> = Vec::new();
+    for (i, q) in p.validation.invariant.iter().enumerate() {
+        queries.push((
+            vec![
+                Seg::Key("validation"),
+                Seg::Key("invariant"),
+                Seg::Index(i),
+                Seg::Key("sql"),
+            ],
+            &q.database,
+            &q.sql,
+        ));
+    }
+    if let Some(probe) = &p.gates.probe {
+        queries.push((
+            vec![Seg::Key("gates"), Seg::Key("probe"), Seg::Key("sql")],
+            &probe.database,
+            &probe.sql,
+        ));
+    }
+    for (path, database, sql) in queries {
+        if let Some(db) = dbs.get_mut(database) {
+            if let Err(e) = db.prepare("prepare the query", sql) {
+                errors.push(p.at(
+                    &path,
+                    format!("this query does not run on databases.{database}: {e}"),
+                ));
+            }
+        }
+    }
+    errors
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn identifiers_are_quoted_part_by_part() {
+        assert_eq!(quote_qualified("app.outbox"), "\"app\".\"outbox\"");
+        assert_eq!(quote_qualified("Case Table"), "\"Case Table\"");
+        assert_eq!(
+            quote_qualified("x\"; DROP TABLE t; --"),
+            "\"x\"\"; DROP TABLE t; --\""
+        );
+    }
+}
