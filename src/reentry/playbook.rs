@@ -964,7 +964,7 @@ databases = ["current", "restored"]
             serde_json::to_string(&p).unwrap(),
         ] {
             assert!(
-                !shown.contains("hunter2-reference"),
+                !shown.contains(REFERENCE_SECRET),
                 "a secret leaked into {shown}"
             );
             assert!(shown.contains("${CASES_DB_PASSWORD}"));
