@@ -33,8 +33,26 @@ pub enum Error {
     Restore(#[from] backup::restore::RestoreError),
     #[error(transparent)]
     Drill(#[from] backup::drill::DrillError),
+    #[error(transparent)]
+    Plan(Box<reentry::plan::PlanError>),
+    #[error(transparent)]
+    Run(Box<reentry::run::RunError>),
+    #[error(transparent)]
+    Report(#[from] reentry::report::ReportError),
     #[error("cannot write output: {0}")]
     Output(std::io::Error),
+}
+
+impl From<reentry::plan::PlanError> for Error {
+    fn from(e: reentry::plan::PlanError) -> Error {
+        Error::Plan(Box::new(e))
+    }
+}
+
+impl From<reentry::run::RunError> for Error {
+    fn from(e: reentry::run::RunError) -> Error {
+        Error::Run(Box::new(e))
+    }
 }
 
 impl Error {
@@ -54,6 +72,9 @@ impl Error {
             Error::Drill(backup::drill::DrillError::Pg(e)) => pg_exit(e),
             Error::Drill(backup::drill::DrillError::Archive(e)) => e.exit(),
             Error::Drill(backup::drill::DrillError::Checks { .. }) => Exit::Config,
+            Error::Plan(e) => e.exit(),
+            Error::Run(e) => e.exit(),
+            Error::Report(_) => Exit::Failure,
             Error::Output(_) => Exit::Failure,
         }
     }

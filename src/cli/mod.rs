@@ -2,6 +2,7 @@
 //! Each subcommand module owns its `Args` and its `run`.
 
 mod backup;
+mod engine;
 mod playbook;
 mod restore;
 mod status;
@@ -72,6 +73,12 @@ pub enum Command {
     /// Re-entry playbooks.
     #[command(subcommand)]
     Playbook(playbook::PlaybookCommand),
+    /// What re-entry would do: ordered steps with counts, changing nothing.
+    Plan(engine::PlanArgs),
+    /// Walk the plan, journaled: a dry run unless --apply; --resume continues a run that died.
+    Apply(engine::ApplyArgs),
+    /// Evidence from a run directory: timeline, changes, gates, validation.
+    Report(engine::ReportArgs),
 }
 
 /// Which server to talk to: a conninfo string or URL, else libpq's PGHOST,
@@ -205,5 +212,8 @@ pub fn run(cli: Cli) -> Result<Exit, Error> {
         Command::Drill(args) => restore::drill(&ctx, args),
         Command::Preflight(args) => restore::preflight(&ctx, args),
         Command::Playbook(cmd) => playbook::run(&ctx, cmd),
+        Command::Plan(args) => engine::plan(&ctx, args),
+        Command::Apply(args) => engine::apply(&ctx, args),
+        Command::Report(args) => engine::report(&ctx, args),
     }
 }

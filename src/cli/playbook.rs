@@ -24,7 +24,7 @@ pub struct CheckArgs {
 }
 
 #[derive(Serialize)]
-struct Located {
+pub(super) struct Located {
     line: Option<usize>,
     column: Option<usize>,
     message: String,
@@ -38,7 +38,7 @@ struct Report<'a> {
     errors: Vec<Located>,
 }
 
-fn located(d: &Diagnostics) -> Vec<Located> {
+pub(super) fn located(d: &Diagnostics) -> Vec<Located> {
     d.items
         .iter()
         .map(|i| {

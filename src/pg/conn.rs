@@ -241,6 +241,18 @@ impl Db {
             .map_err(|e| self.error(context, &e))
     }
 
+    /// Runs a statement; the number of rows it touched.
+    pub fn execute(
+        &mut self,
+        context: &str,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<u64, PgError> {
+        self.rt
+            .block_on(self.client.execute(sql, params))
+            .map_err(|e| self.error(context, &e))
+    }
+
     /// Parses and plans `sql` on the server without running it.
     pub fn prepare(&mut self, context: &str, sql: &str) -> Result<(), PgError> {
         self.rt
@@ -253,6 +265,32 @@ impl Db {
         self.rt
             .block_on(self.client.batch_execute(sql))
             .map_err(|e| self.error(context, &e))
+    }
+
+    /// Runs `f` in a transaction: committed when it returns `Ok`, rolled
+    /// back otherwise.
+    pub fn transaction<T, E: From<PgError>>(
+        &mut self,
+        begin: &str,
+        f: impl FnOnce(&mut Db) -> Result<T, E>,
+    ) -> Result<T, E> {
+        self.batch("begin a transaction", begin)?;
+        match f(self) {
+            Ok(v) => {
+                self.batch("commit", "COMMIT")?;
+                Ok(v)
+            }
+            Err(e) => {
+                let _ = self.batch("roll back", "ROLLBACK");
+                Err(e)
+            }
+        }
+    }
+
+    /// Whether the connection is gone (server restarted, network cut): the
+    /// kind of failure worth a retry with a new connection.
+    pub fn is_closed(&self) -> bool {
+        self.client.is_closed()
     }
 
     /// Runs `sql` with the simple protocol and returns each row's columns
@@ -271,6 +309,12 @@ impl Db {
                 _ => None,
             })
             .collect())
+    }
+
+    /// `simple_query` with this connection's error report.
+    pub fn text_rows(&mut self, context: &str, sql: &str) -> Result<Vec<String>, PgError> {
+        let r = self.simple_query(sql);
+        r.map_err(|e| self.error(context, &e))
     }
 
     fn error(&self, context: &str, e: &tokio_postgres::Error) -> PgError {

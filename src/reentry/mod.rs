@@ -1,6 +1,11 @@
-//! Application re-entry after a restore: playbooks, and (next) the plan,
-//! the journaled apply and the report built on them.
+//! Application re-entry after a restore: playbooks, the plan built from
+//! them, the journaled apply that walks it, and the evidence report.
 
 pub mod check;
+pub mod journal;
+pub mod plan;
 pub mod playbook;
+pub mod report;
+pub mod run;
 pub mod schema;
+pub mod steps;

@@ -2,6 +2,7 @@
 
 mod backup;
 mod common;
+mod engine;
 mod playbook;
 mod restore;
 mod services;

@@ -118,14 +118,15 @@ pub fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
-/// Asserts the exit code, showing stderr when it differs.
+/// Asserts the exit code, showing both outputs when it differs.
 #[track_caller]
 pub fn assert_exit(o: &Output, code: i32) {
     assert_eq!(
         o.status.code(),
         Some(code),
-        "exit status {:?}; stderr:\n{}",
+        "exit status {:?}; stderr:\n{}\nstdout:\n{}",
         o.status,
-        stderr(o)
+        stderr(o),
+        stdout(o)
     );
 }

@@ -1,0 +1,627 @@
+//! The plan: a pure function from the playbook (the ordered steps) plus
+//! read-only probes (what each would change, by counts and ids). Every
+//! precondition is checked here, before any side effect: tables and columns
+//! exist, the databases that steps write to accept writes, the restored
+//! database is the cluster the restore manifest describes.
+//!
+//! The way back decides what the plan does at the end: after a cutover the
+//! current database is retired, so its gates stay closed; after a selective
+//! repair the restored copy is the one left closed.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::backup::restore::RestoreManifest;
+use crate::diag::Diagnostics;
+use crate::reentry::check;
+use crate::reentry::playbook::{Playbook, WayBack};
+use crate::reentry::steps::gates::{Closed, Gate, GateAt, Reopen, WaitCache};
+use crate::reentry::steps::validate::{
+    Amcheck, Extensions, InvalidIndexes, Query, Role, Sequences,
+};
+use crate::reentry::steps::{Action, Effect, Env, Nature, OnDatabase, Phase, StepError};
+
+pub const PLAN_FILE: &str = "plan.json";
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PlannedStep {
+    pub id: String,
+    pub phase: Phase,
+    pub title: String,
+    pub action: Action,
+    pub preview: Effect,
+}
+
+impl PlannedStep {
+    pub fn nature(&self) -> Nature {
+        self.action.step().nature()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct PlaybookRef {
+    pub name: String,
+    pub way_back: WayBack,
+    pub file: String,
+    /// Of the file's bytes: a resumed run refuses a playbook that changed.
+    pub sha256: String,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct TargetInfo {
+    /// `manifest` (from `reentry restore`) or `playbook` (time or LSN given).
+    pub source: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub manifest: Option<String>,
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub value: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reached_lsn: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reached_time: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub timeline: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub backup_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub system_identifier: Option<String>,
+}
+
+impl TargetInfo {
+    pub fn describe(&self) -> String {
+        let mut s = format!(
+            "{} {}",
+            self.kind,
+            self.value.as_deref().unwrap_or("(end of WAL)")
+        );
+        if let Some(l) = &self.reached_lsn {
+            s.push_str(&format!(", reached {l}"));
+        }
+        if let Some(t) = &self.reached_time {
+            s.push_str(&format!(" (last commit {t})"));
+        }
+        if let Some(m) = &self.manifest {
+            s.push_str(&format!(", from {m}"));
+        }
+        s
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Plan {
+    pub format: u32,
+    pub playbook: PlaybookRef,
+    pub target: TargetInfo,
+    pub created_at: String,
+    pub steps: Vec<PlannedStep>,
+    /// What this plan does not do that the playbook asks for.
+    pub notes: Vec<String>,
+}
+
+impl Plan {
+    /// Steps that would change something.
+    pub fn changes(&self) -> usize {
+        self.steps
+            .iter()
+            .filter(|s| {
+                s.nature() == Nature::Changes && (s.preview.count > 0 || s.phase == Phase::Reopen)
+            })
+            .count()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PlanError {
+    #[error("{0}")]
+    Playbook(Box<Diagnostics>),
+    #[error("the restore manifest {path}: {why}")]
+    Manifest { path: String, why: String },
+    #[error("databases.{database} is in recovery (read-only), but the plan changes it: promote it first, or take it out of the gates' databases")]
+    InRecovery { database: String },
+    #[error("databases.restored is the cluster with system identifier {found}, but the manifest {manifest} describes {expected}: the playbook points at the wrong server")]
+    WrongCluster {
+        manifest: String,
+        expected: String,
+        found: String,
+    },
+    #[error("planning {step}: {source}")]
+    Step {
+        step: String,
+        #[source]
+        source: Box<StepError>,
+    },
+}
+
+impl PlanError {
+    pub fn exit(&self) -> crate::exit::Exit {
+        use crate::exit::Exit;
+        match self {
+            PlanError::Playbook(_) => Exit::Config,
+            PlanError::Manifest { .. } => Exit::Config,
+            PlanError::InRecovery { .. } | PlanError::WrongCluster { .. } => Exit::Refused,
+            PlanError::Step { .. } => Exit::Failure,
+        }
+    }
+}
+
+/// The database that takes writes after re-entry, and the one retired.
+pub fn survivor(way: WayBack) -> (&'static str, &'static str) {
+    match way {
+        WayBack::Cutover => ("restored", "current"),
+        WayBack::SelectiveRepair => ("current", "restored"),
+    }
+}
+
+fn gates(p: &Playbook) -> Vec<(Gate, Vec<String>, Option<crate::reentry::playbook::Check>)> {
+    let g = &p.gates;
+    let mut out = Vec::new();
+    for x in &g.system_gate {
+        out.push((
+            Gate::SystemGate {
+                name: x.name.clone(),
+                table: x.table.clone().unwrap_or_else(|| "system_gate".into()),
+            },
+            x.databases.clone(),
+            x.health_check.clone(),
+        ));
+    }
+    for x in &g.shedlock {
+        out.push((
+            Gate::Shedlock {
+                name: x.name.clone(),
+                table: x.table.clone().unwrap_or_else(|| "shedlock".into()),
+                locks: x.locks.clone(),
+            },
+            x.databases.clone(),
+            x.health_check.clone(),
+        ));
+    }
+    for x in &g.quartz {
+        out.push((
+            Gate::Quartz {
+                name: x.name.clone(),
+                table_prefix: x.table_prefix.clone().unwrap_or_else(|| "qrtz_".into()),
+                scheduler: x.scheduler.clone(),
+                groups: x.groups.clone(),
+            },
+            x.databases.clone(),
+            x.health_check.clone(),
+        ));
+    }
+    out
+}
+
+fn step(id: String, phase: Phase, title: String, action: Action) -> PlannedStep {
+    PlannedStep {
+        id,
+        phase,
+        title,
+        action,
+        preview: Effect::default(),
+    }
+}
+
+/// The ordered steps, from the playbook alone.
+pub fn steps(p: &Playbook) -> Vec<PlannedStep> {
+    let mut out = Vec::new();
+    let all = gates(p);
+    let mut closed = Vec::new();
+    for (gate, dbs, _) in &all {
+        for d in dbs {
+            let id = format!("close:{}@{d}", gate.name());
+            let at = GateAt {
+                gate: gate.clone(),
+                database: d.clone(),
+            };
+            closed.push(Closed {
+                step: id.clone(),
+                at: at.clone(),
+            });
+            out.push(step(
+                id,
+                Phase::CloseGates,
+                format!("close {} `{}` on {d}", gate.kind(), gate.name()),
+                Action::CloseGate(at),
+            ));
+        }
+    }
+    let ttl = p
+        .gates
+        .cache_ttl
+        .as_deref()
+        .and_then(|t| humantime::parse_duration(t).ok())
+        .unwrap_or_default();
+    if !ttl.is_zero() && !closed.is_empty() {
+        out.push(step(
+            "wait:gate-cache".into(),
+            Phase::Settle,
+            format!(
+                "wait the gate cache TTL ({})",
+                humantime::format_duration(ttl)
+            ),
+            Action::WaitGateCache(WaitCache {
+                ttl_seconds: ttl.as_secs_f64(),
+                after: closed.iter().map(|c| c.step.clone()).collect(),
+            }),
+        ));
+    }
+    if !closed.is_empty() {
+        out.push(step(
+            "verify:gates".into(),
+            Phase::Settle,
+            "confirm every gate is still closed".into(),
+            Action::VerifyGates(crate::reentry::steps::gates::Verify {
+                closed: closed.clone(),
+            }),
+        ));
+    }
+    if let Some(probe) = &p.gates.probe {
+        out.push(step(
+            "probe:gates".into(),
+            Phase::Settle,
+            format!("gate probe on {}", probe.database),
+            Action::Check(Query {
+                role: Role::Probe,
+                name: "gate probe".into(),
+                database: probe.database.clone(),
+                sql: probe.sql.clone(),
+            }),
+        ));
+    }
+
+    let v = &p.validation;
+    let (survivor, retired) = survivor(p.playbook.way_back);
+    for inv in &v.invariant {
+        out.push(step(
+            format!("invariant:{}", inv.name),
+            Phase::Validate,
+            format!("invariant `{}` on {}", inv.name, inv.database),
+            Action::Check(Query {
+                role: Role::Invariant,
+                name: inv.name.clone(),
+                database: inv.database.clone(),
+                sql: inv.sql.clone(),
+            }),
+        ));
+    }
+    if v.invalid_indexes.unwrap_or(true) {
+        out.push(step(
+            format!("indexes@{survivor}"),
+            Phase::Validate,
+            format!("no invalid indexes on {survivor}"),
+            Action::InvalidIndexes(InvalidIndexes {
+                database: survivor.into(),
+            }),
+        ));
+    }
+    if v.sequences.unwrap_or(true) {
+        out.push(step(
+            format!("sequences@{survivor}"),
+            Phase::Validate,
+            format!("sequences ahead of their columns on {survivor}"),
+            Action::Sequences(Sequences {
+                database: survivor.into(),
+            }),
+        ));
+    }
+    if v.extensions.unwrap_or(true) {
+        out.push(step(
+            "extensions".into(),
+            Phase::Validate,
+            "extension inventory: current against restored".into(),
+            Action::Extensions(Extensions {
+                current: "current".into(),
+                restored: "restored".into(),
+            }),
+        ));
+    }
+    if v.amcheck.unwrap_or(false) {
+        out.push(step(
+            format!("amcheck@{survivor}"),
+            Phase::Validate,
+            format!("amcheck bt_index_check on {survivor}"),
+            Action::Amcheck(Amcheck {
+                database: survivor.into(),
+            }),
+        ));
+    }
+
+    for name in &p.gates.reopen_order {
+        let Some((gate, dbs, health)) = all.iter().find(|(g, _, _)| g.name() == name) else {
+            continue;
+        };
+        let reopening: Vec<&String> = dbs.iter().filter(|d| *d != retired).collect();
+        if reopening.is_empty() {
+            continue;
+        }
+        if let Some(h) = health {
+            out.push(step(
+                format!("health:{name}"),
+                Phase::Reopen,
+                format!("health check before `{name}` re-opens"),
+                Action::Check(Query {
+                    role: Role::HealthCheck,
+                    name: format!("health check of `{name}`"),
+                    database: h.database.clone(),
+                    sql: h.sql.clone(),
+                }),
+            ));
+        }
+        for d in reopening {
+            out.push(step(
+                format!("reopen:{name}@{d}"),
+                Phase::Reopen,
+                format!("re-open {} `{name}` on {d}", gate.kind()),
+                Action::ReopenGate(Reopen {
+                    gate: gate.clone(),
+                    database: d.clone(),
+                    close_step: format!("close:{name}@{d}"),
+                }),
+            ));
+        }
+    }
+    out
+}
+
+/// What the playbook asks for that this version does not do yet: said in
+/// every plan, never silently dropped.
+pub fn notes(p: &Playbook) -> Vec<String> {
+    let mut out = Vec::new();
+    let (_, retired) = survivor(p.playbook.way_back);
+    let way = match p.playbook.way_back {
+        WayBack::Cutover => "the cutover retires it",
+        WayBack::SelectiveRepair => "it is only the source of the repair",
+    };
+    let stay: Vec<String> = gates(p)
+        .iter()
+        .filter(|(_, dbs, _)| dbs.iter().any(|d| d == retired))
+        .map(|(g, _, _)| g.name().to_owned())
+        .collect();
+    if !stay.is_empty() {
+        out.push(format!(
+            "gates stay closed on {retired} ({way}): {}",
+            stay.join(", ")
+        ));
+    }
+    let pending = [
+        ("[[outbox]]", p.outbox.len()),
+        ("[kafka]", usize::from(p.kafka.is_some())),
+        ("[[inbox]]", p.inbox.len()),
+        ("[[idempotency]]", p.idempotency.len()),
+        ("[[caches]]", p.caches.len()),
+        ("[[search]]", p.search.len()),
+        ("[[repair]]", p.repair.len()),
+    ];
+    for (section, n) in pending {
+        if n > 0 {
+            out.push(format!(
+                "{section}: not reconciled by this version of reentry; settle it by hand before the gates re-open"
+            ));
+        }
+    }
+    out
+}
+
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+fn target(p: &Playbook) -> Result<TargetInfo, PlanError> {
+    let t = &p.recovery_target;
+    if let Some(m) = &t.manifest {
+        let path = p.file.parent().unwrap_or(Path::new(".")).join(m);
+        let shown = path.display().to_string();
+        let bad = |why: String| PlanError::Manifest {
+            path: shown.clone(),
+            why,
+        };
+        let text =
+            std::fs::read_to_string(&path).map_err(|e| bad(format!("cannot read it: {e}")))?;
+        let man: RestoreManifest = serde_json::from_str(&text)
+            .map_err(|e| bad(format!("not a reentry restore manifest: {e}")))?;
+        return Ok(TargetInfo {
+            source: "manifest".into(),
+            manifest: Some(shown),
+            kind: man.target.kind,
+            value: man.target.value,
+            reached_lsn: Some(man.reached_lsn.to_string()),
+            reached_time: man.reached_time,
+            timeline: Some(man.timeline),
+            backup_id: Some(man.backup_id),
+            system_identifier: Some(man.system_identifier),
+        });
+    }
+    let (kind, value) = match (&t.time, &t.lsn) {
+        (Some(tm), _) => ("time", tm.clone()),
+        (_, Some(l)) => ("lsn", l.clone()),
+        _ => ("latest", String::new()),
+    };
+    Ok(TargetInfo {
+        source: "playbook".into(),
+        kind: kind.into(),
+        value: Some(value).filter(|v| !v.is_empty()),
+        ..TargetInfo::default()
+    })
+}
+
+/// Preconditions that need the databases: every table and column, writable
+/// databases where the plan writes, the right cluster behind `restored`.
+fn preconditions(
+    p: &Playbook,
+    target: &TargetInfo,
+    steps: &[PlannedStep],
+    env: &mut Env,
+) -> Result<(), PlanError> {
+    let errors = check::check_online(p);
+    if !errors.is_empty() {
+        return Err(PlanError::Playbook(Box::new(Diagnostics::new(
+            &p.file, &p.text, errors,
+        ))));
+    }
+    let mut written: Vec<&str> = steps
+        .iter()
+        .filter(|s| s.nature() != Nature::Reads)
+        .filter_map(|s| match &s.action {
+            Action::CloseGate(g) => Some(g.database.as_str()),
+            Action::Sequences(x) => Some(x.database.as_str()),
+            _ => None,
+        })
+        .collect();
+    written.sort_unstable();
+    written.dedup();
+    let step_err = |database: &str, source: StepError| PlanError::Step {
+        step: format!("preconditions on {database}"),
+        source: Box::new(source),
+    };
+    for d in written {
+        let db = env.db(d).map_err(|e| step_err(d, e))?;
+        let row = db
+            .query_one(
+                "ask whether it is in recovery",
+                "SELECT pg_is_in_recovery()",
+                &[],
+            )
+            .on(d)
+            .map_err(|e| step_err(d, e))?;
+        if row.get::<_, bool>(0) {
+            return Err(PlanError::InRecovery {
+                database: d.to_owned(),
+            });
+        }
+    }
+    if let (Some(expected), Some(manifest)) = (&target.system_identifier, &target.manifest) {
+        let db = env.db("restored").map_err(|e| step_err("restored", e))?;
+        // pg_control_system() may be denied to the playbook's role; then the
+        // check cannot be made, and the plan says nothing false.
+        if let Ok(row) = db.query_one(
+            "read the system identifier",
+            "SELECT system_identifier::text FROM pg_control_system()",
+            &[],
+        ) {
+            let found: String = row.get(0);
+            if &found != expected {
+                return Err(PlanError::WrongCluster {
+                    manifest: manifest.clone(),
+                    expected: expected.clone(),
+                    found,
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Builds the plan: the steps, then a read-only preview of each.
+pub fn build(p: &Playbook, env: &mut Env) -> Result<Plan, PlanError> {
+    let target = target(p)?;
+    let mut steps = steps(p);
+    preconditions(p, &target, &steps, env)?;
+    for s in &mut steps {
+        s.preview = s
+            .action
+            .step()
+            .preview(env)
+            .map_err(|source| PlanError::Step {
+                step: s.id.clone(),
+                source: Box::new(source),
+            })?;
+    }
+    Ok(Plan {
+        format: 1,
+        playbook: PlaybookRef {
+            name: p.playbook.name.clone(),
+            way_back: p.playbook.way_back,
+            file: p.file.display().to_string(),
+            sha256: sha256_hex(p.text.as_bytes()),
+        },
+        target,
+        created_at: crate::reentry::journal::now(),
+        steps,
+        notes: notes(p),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn example(name: &str) -> Playbook {
+        // The same value the playbook tests set: tests share the process.
+        std::env::set_var("CASES_DB_PASSWORD", "hunter2-reference");
+        std::env::set_var("LEDGER_DB_PASSWORD", "hunter2-reference");
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("playbooks")
+            .join(name);
+        Playbook::load(&path).unwrap()
+    }
+
+    #[test]
+    fn gates_close_first_and_reopen_last_in_the_declared_order() {
+        let p = example("reference.toml");
+        let s = steps(&p);
+        let phases: Vec<Phase> = s.iter().map(|x| x.phase).collect();
+        let mut sorted = phases.clone();
+        sorted.sort();
+        assert_eq!(phases, sorted, "phases out of order");
+        assert!(s[0].id.starts_with("close:"));
+        let reopened: Vec<&str> = s
+            .iter()
+            .filter_map(|x| x.id.strip_prefix("reopen:"))
+            .collect();
+        assert_eq!(
+            reopened,
+            [
+                "api-writes@restored",
+                "schedulers@restored",
+                "quartz-jobs@restored",
+                "outbox-relay@restored"
+            ]
+        );
+        let ids: Vec<&str> = s.iter().map(|x| x.id.as_str()).collect();
+        let mut unique = ids.clone();
+        unique.sort_unstable();
+        unique.dedup();
+        assert_eq!(unique.len(), ids.len(), "step ids repeat: {ids:?}");
+    }
+
+    #[test]
+    fn the_way_back_decides_which_database_stays_closed() {
+        let p = example("payment-ledger.toml");
+        assert_eq!(p.playbook.way_back, WayBack::SelectiveRepair);
+        let s = steps(&p);
+        assert!(s
+            .iter()
+            .filter(|x| x.phase == Phase::Reopen && x.id.starts_with("reopen:"))
+            .all(|x| x.id.ends_with("@current")));
+        assert!(s.iter().any(|x| x.id == "sequences@current"));
+        assert!(notes(&p).iter().any(|n| n.starts_with("[[repair]]")));
+    }
+
+    #[test]
+    fn a_plan_survives_its_own_file() {
+        let p = example("case-management.toml");
+        let plan = Plan {
+            format: 1,
+            playbook: PlaybookRef {
+                name: "x".into(),
+                way_back: WayBack::Cutover,
+                file: "f".into(),
+                sha256: sha256_hex(b""),
+            },
+            target: TargetInfo::default(),
+            created_at: "now".into(),
+            steps: steps(&p),
+            notes: notes(&p),
+        };
+        let text = serde_json::to_string(&plan).unwrap();
+        assert_eq!(serde_json::from_str::<Plan>(&text).unwrap(), plan);
+    }
+}

@@ -1,0 +1,647 @@
+//! The evidence report, built from a run directory alone (the plan and the
+//! journal): the recovery target, a timeline of the steps, what each one
+//! changed, the gates before and after, and the validation results. As
+//! JSON for scripts, Markdown for tickets, and one self-contained HTML file
+//! with a timeline picture for people.
+
+use std::fmt::Write as _;
+use std::path::Path;
+use std::time::SystemTime;
+
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::reentry::journal::{self, Event, Record};
+use crate::reentry::plan::{Plan, PlaybookRef, TargetInfo, PLAN_FILE};
+use crate::reentry::steps::{Effect, Phase};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReportError {
+    #[error("{}: {source}; is this a run directory from `reentry apply`?", path.display())]
+    Read {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{}: {why}", path.display())]
+    Bad {
+        path: std::path::PathBuf,
+        why: String,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum StepStatus {
+    Done,
+    Failed,
+    Skipped,
+    /// Started, never finished: the run died or was interrupted in it.
+    Unfinished,
+    NotRun,
+}
+
+impl StepStatus {
+    fn label(self) -> &'static str {
+        match self {
+            StepStatus::Done => "done",
+            StepStatus::Failed => "failed",
+            StepStatus::Skipped => "skipped",
+            StepStatus::Unfinished => "unfinished",
+            StepStatus::NotRun => "not run",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct StepEvidence {
+    pub n: usize,
+    pub id: String,
+    pub phase: Phase,
+    pub title: String,
+    pub status: StepStatus,
+    /// How many times the step started (more than one: resumed after a crash).
+    pub attempts: usize,
+    pub started_at: Option<String>,
+    pub finished_at: Option<String>,
+    /// Seconds from the start of the run.
+    pub offset: Option<f64>,
+    pub seconds: Option<f64>,
+    pub summary: String,
+    pub count: u64,
+    pub items: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub findings: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct GateEvidence {
+    pub gate: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub database: String,
+    pub before: String,
+    pub closed: String,
+    pub after: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct Report {
+    pub run_id: String,
+    pub mode: String,
+    pub status: String,
+    pub playbook: PlaybookRef,
+    pub target: TargetInfo,
+    pub started_at: String,
+    pub finished_at: Option<String>,
+    pub seconds: f64,
+    /// Starts of the run: 1, plus one per resume.
+    pub attempts: usize,
+    pub steps: Vec<StepEvidence>,
+    pub gates: Vec<GateEvidence>,
+    pub notes: Vec<String>,
+}
+
+fn secs_between(a: Option<SystemTime>, b: Option<SystemTime>) -> Option<f64> {
+    Some(b?.duration_since(a?).ok()?.as_secs_f64())
+}
+
+/// A gate's rows, said briefly.
+fn describe_state(kind: &str, state: &Value) -> String {
+    match kind {
+        "system-gate" => match state.get("enabled") {
+            None => "no row".into(),
+            Some(v) => format!("enabled = {v}"),
+        },
+        "shedlock" => {
+            let locks = state["locks"].as_object().cloned().unwrap_or_default();
+            if locks.is_empty() {
+                return "no locks".into();
+            }
+            locks
+                .iter()
+                .map(|(name, row)| {
+                    if row.is_null() {
+                        format!("{name}: no row")
+                    } else {
+                        format!(
+                            "{name}: until {} by {}",
+                            row["lock_until"].as_str().unwrap_or("?"),
+                            row["locked_by"].as_str().unwrap_or("?")
+                        )
+                    }
+                })
+                .collect::<Vec<_>>()
+                .join("; ")
+        }
+        "quartz" => {
+            let mut counts: std::collections::BTreeMap<String, usize> = Default::default();
+            for t in state["triggers"].as_array().into_iter().flatten() {
+                *counts
+                    .entry(t["state"].as_str().unwrap_or("?").to_owned())
+                    .or_default() += 1;
+            }
+            let paused = state["paused-groups"]
+                .as_array()
+                .map(|a| a.len())
+                .unwrap_or(0);
+            format!(
+                "{paused} paused group(s); triggers {}",
+                counts
+                    .iter()
+                    .map(|(s, n)| format!("{n} {s}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        }
+        _ => state.to_string(),
+    }
+}
+
+/// Reads a run directory and builds the evidence.
+pub fn build(dir: &Path) -> Result<Report, ReportError> {
+    let plan_path = dir.join(PLAN_FILE);
+    let text = std::fs::read_to_string(&plan_path).map_err(|source| ReportError::Read {
+        path: plan_path.clone(),
+        source,
+    })?;
+    let plan: Plan = serde_json::from_str(&text).map_err(|e| ReportError::Bad {
+        path: plan_path.clone(),
+        why: format!("not a reentry plan: {e}"),
+    })?;
+    let jpath = dir.join(journal::JOURNAL);
+    let (records, _) = journal::read_records(&jpath).map_err(|source| ReportError::Read {
+        path: jpath.clone(),
+        source,
+    })?;
+    Ok(assemble(&plan, &records))
+}
+
+pub fn assemble(plan: &Plan, records: &[Record]) -> Report {
+    let first = records.first();
+    let t0 = first.and_then(Record::time);
+    let run_id = first
+        .and_then(|r| r.data["run-id"].as_str())
+        .unwrap_or("?")
+        .to_owned();
+    let mode = first
+        .and_then(|r| r.data["mode"].as_str())
+        .unwrap_or("?")
+        .to_owned();
+    let last = records.last();
+    let status = match last.map(|r| r.event) {
+        Some(Event::RunFinished) => "finished",
+        Some(Event::Interrupted) => "interrupted",
+        _ if records
+            .iter()
+            .rev()
+            .find(|r| r.step.is_some())
+            .map(|r| r.event)
+            == Some(Event::Failed) =>
+        {
+            "failed"
+        }
+        _ => "incomplete (the run died or is still going; resume it with --resume)",
+    };
+    let mut steps = Vec::new();
+    let mut gates = Vec::new();
+    for (i, s) in plan.steps.iter().enumerate() {
+        let mine: Vec<&Record> = records
+            .iter()
+            .filter(|r| r.step.as_deref() == Some(s.id.as_str()))
+            .collect();
+        let started: Vec<&&Record> = mine.iter().filter(|r| r.event == Event::Started).collect();
+        let end = mine
+            .iter()
+            .rev()
+            .find(|r| matches!(r.event, Event::Done | Event::Failed | Event::Skipped));
+        let start_time = started.last().and_then(|r| r.time());
+        let end_time = end.and_then(|r| r.time());
+        let status = match end.map(|r| r.event) {
+            Some(Event::Done) => StepStatus::Done,
+            Some(Event::Failed) => StepStatus::Failed,
+            Some(Event::Skipped) => StepStatus::Skipped,
+            _ if !started.is_empty() => StepStatus::Unfinished,
+            _ => StepStatus::NotRun,
+        };
+        let effect: Effect = end
+            .filter(|r| r.event == Event::Done)
+            .and_then(|r| serde_json::from_value(r.data["effect"].clone()).ok())
+            .unwrap_or_default();
+        let (summary, count, items) = match status {
+            StepStatus::Done => (effect.summary.clone(), effect.count, effect.items.clone()),
+            StepStatus::Skipped => (
+                end.and_then(|r| r.data["why"].as_str())
+                    .unwrap_or_default()
+                    .to_owned(),
+                s.preview.count,
+                s.preview.items.clone(),
+            ),
+            _ => (s.preview.summary.clone(), 0, Vec::new()),
+        };
+        let error = end
+            .filter(|r| r.event == Event::Failed)
+            .and_then(|r| r.data["error"].as_str())
+            .map(str::to_owned);
+        let findings = end
+            .filter(|r| r.event == Event::Failed)
+            .and_then(|r| r.data["findings"].as_array().cloned())
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|v| v.as_str().map(str::to_owned))
+            .collect();
+        if status == StepStatus::Done && s.id.starts_with("close:") {
+            let d = &effect.detail;
+            let kind = d["type"].as_str().unwrap_or("?");
+            gates.push(GateEvidence {
+                gate: d["gate"].as_str().unwrap_or("?").to_owned(),
+                kind: kind.to_owned(),
+                database: d["database"].as_str().unwrap_or("?").to_owned(),
+                before: describe_state(kind, &d["before"]),
+                closed: describe_state(kind, &d["after"]),
+                after: "stays closed".into(),
+            });
+        }
+        if status == StepStatus::Done && s.id.starts_with("reopen:") {
+            let d = &effect.detail;
+            let (g, db) = (
+                d["gate"].as_str().unwrap_or("?"),
+                d["database"].as_str().unwrap_or("?"),
+            );
+            if let Some(row) = gates.iter_mut().find(|x| x.gate == g && x.database == db) {
+                row.after = describe_state(&row.kind.clone(), &d["after"]);
+            }
+        }
+        steps.push(StepEvidence {
+            n: i + 1,
+            id: s.id.clone(),
+            phase: s.phase,
+            title: s.title.clone(),
+            status,
+            attempts: started.len(),
+            started_at: started.last().map(|r| r.at.clone()),
+            finished_at: end.map(|r| r.at.clone()),
+            offset: secs_between(t0, start_time.or(end_time)),
+            seconds: secs_between(start_time.or(end_time), end_time),
+            summary,
+            count,
+            items,
+            error,
+            findings,
+        });
+    }
+    let end_time = last.and_then(Record::time);
+    Report {
+        run_id,
+        mode,
+        status: status.to_owned(),
+        playbook: plan.playbook.clone(),
+        target: plan.target.clone(),
+        started_at: first.map(|r| r.at.clone()).unwrap_or_default(),
+        finished_at: last
+            .filter(|r| r.event == Event::RunFinished)
+            .map(|r| r.at.clone()),
+        seconds: secs_between(t0, end_time).unwrap_or(0.0),
+        attempts: records
+            .iter()
+            .filter(|r| matches!(r.event, Event::RunStarted | Event::Resumed))
+            .count(),
+        steps,
+        gates,
+        notes: plan.notes.clone(),
+    }
+}
+
+fn md_cell(s: &str) -> String {
+    s.replace('|', "\\|").replace('\n', " ")
+}
+
+pub fn markdown(r: &Report) -> String {
+    let mut o = String::new();
+    let _ = writeln!(o, "# Re-entry report: {}", md_cell(&r.playbook.name));
+    let _ = writeln!(o);
+    let _ = writeln!(o, "- Run: `{}` ({}), **{}**", r.run_id, r.mode, r.status);
+    let _ = writeln!(o, "- Way back: {:?}", r.playbook.way_back);
+    let _ = writeln!(o, "- Recovery target: {}", md_cell(&r.target.describe()));
+    let _ = writeln!(
+        o,
+        "- Started {}, {}; {:.1} s; {} attempt(s)",
+        r.started_at,
+        r.finished_at
+            .as_deref()
+            .map_or("not finished".to_owned(), |f| format!("finished {f}")),
+        r.seconds,
+        r.attempts
+    );
+    let _ = writeln!(
+        o,
+        "- Playbook: `{}` (sha256 {:.12})",
+        r.playbook.file, r.playbook.sha256
+    );
+    let _ = writeln!(o);
+    let _ = writeln!(o, "## Timeline");
+    let _ = writeln!(o);
+    let _ = writeln!(
+        o,
+        "| # | step | phase | status | at (s) | took (s) | changed | what |"
+    );
+    let _ = writeln!(o, "|---|---|---|---|---|---|---|---|");
+    for s in &r.steps {
+        let mut what = md_cell(s.error.as_deref().unwrap_or(&s.summary));
+        if !s.items.is_empty() {
+            what.push_str(&format!(" ({})", md_cell(&s.items.join(", "))));
+        }
+        let _ = writeln!(
+            o,
+            "| {} | `{}` | {} | {}{} | {} | {} | {} | {} |",
+            s.n,
+            md_cell(&s.id),
+            s.phase.label(),
+            s.status.label(),
+            if s.attempts > 1 {
+                format!(" ({} attempts)", s.attempts)
+            } else {
+                String::new()
+            },
+            s.offset.map_or("".into(), |x| format!("{x:.2}")),
+            s.seconds.map_or("".into(), |x| format!("{x:.3}")),
+            s.count,
+            what
+        );
+    }
+    let _ = writeln!(o);
+    let _ = writeln!(o, "## Gates");
+    let _ = writeln!(o);
+    if r.gates.is_empty() {
+        let _ = writeln!(o, "No gate was closed.");
+    } else {
+        let _ = writeln!(o, "| gate | type | database | before | closed | after |");
+        let _ = writeln!(o, "|---|---|---|---|---|---|");
+        for g in &r.gates {
+            let _ = writeln!(
+                o,
+                "| {} | {} | {} | {} | {} | {} |",
+                md_cell(&g.gate),
+                g.kind,
+                g.database,
+                md_cell(&g.before),
+                md_cell(&g.closed),
+                md_cell(&g.after)
+            );
+        }
+    }
+    let _ = writeln!(o);
+    let _ = writeln!(o, "## Validation");
+    let _ = writeln!(o);
+    for s in r.steps.iter().filter(|s| s.phase == Phase::Validate) {
+        let _ = writeln!(
+            o,
+            "- **{}** `{}`: {}",
+            s.status.label(),
+            md_cell(&s.id),
+            md_cell(s.error.as_deref().unwrap_or(&s.summary))
+        );
+        for f in s.findings.iter().take(20) {
+            let _ = writeln!(o, "  - {}", md_cell(f));
+        }
+    }
+    if !r.notes.is_empty() {
+        let _ = writeln!(o);
+        let _ = writeln!(o, "## Notes");
+        let _ = writeln!(o);
+        for n in &r.notes {
+            let _ = writeln!(o, "- {}", md_cell(n));
+        }
+    }
+    o
+}
+
+fn esc(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+        .replace('\'', "&#39;")
+}
+
+fn phase_colour(p: Phase) -> &'static str {
+    match p {
+        Phase::CloseGates => "#c2410c",
+        Phase::Settle => "#a16207",
+        Phase::Validate => "#1d4ed8",
+        Phase::Reconcile => "#7c3aed",
+        Phase::Reopen => "#15803d",
+    }
+}
+
+/// The timeline: one bar per step on a shared time axis, the span with the
+/// gates closed shaded behind them.
+fn timeline_svg(r: &Report) -> String {
+    let rows: Vec<&StepEvidence> = r.steps.iter().filter(|s| s.offset.is_some()).collect();
+    let total = r
+        .steps
+        .iter()
+        .filter_map(|s| Some(s.offset? + s.seconds.unwrap_or(0.0)))
+        .fold(r.seconds, f64::max)
+        .max(0.001);
+    let (label_w, plot_w, row_h, top) = (260.0, 640.0, 22.0, 30.0);
+    let height = top + row_h * rows.len() as f64 + 30.0;
+    let x = |t: f64| label_w + plot_w * (t / total);
+    let mut o = String::new();
+    let _ = write!(
+        o,
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" viewBox=\"0 0 {w} {height}\" width=\"100%\" role=\"img\" aria-label=\"timeline of the run\" font-family=\"system-ui, sans-serif\" font-size=\"12\">",
+        w = label_w + plot_w + 20.0
+    );
+    // Gates closed: from the first close to the last re-open (or the end).
+    let first_close = rows
+        .iter()
+        .filter(|s| s.phase == Phase::CloseGates)
+        .filter_map(|s| s.offset)
+        .fold(f64::INFINITY, f64::min);
+    if first_close.is_finite() {
+        let reopened = rows
+            .iter()
+            .filter(|s| s.phase == Phase::Reopen && s.status == StepStatus::Done)
+            .filter_map(|s| Some(s.offset? + s.seconds.unwrap_or(0.0)))
+            .fold(f64::NEG_INFINITY, f64::max);
+        let end = if reopened.is_finite() {
+            reopened
+        } else {
+            total
+        };
+        let _ = write!(
+            o,
+            "<rect x=\"{:.1}\" y=\"{}\" width=\"{:.1}\" height=\"{:.1}\" fill=\"#fde68a\" opacity=\"0.45\"><title>gates closed: {:.2} s</title></rect><text x=\"{:.1}\" y=\"{}\" fill=\"#92400e\">gates closed ({:.1} s)</text>",
+            x(first_close),
+            top - 6.0,
+            (x(end) - x(first_close)).max(2.0),
+            row_h * rows.len() as f64 + 6.0,
+            end - first_close,
+            x(first_close) + 4.0,
+            top - 10.0,
+            end - first_close
+        );
+    }
+    for (i, s) in rows.iter().enumerate() {
+        let y = top + row_h * i as f64;
+        let start = s.offset.unwrap_or(0.0);
+        let w = (x(start + s.seconds.unwrap_or(0.0)) - x(start)).max(3.0);
+        let fill = match s.status {
+            StepStatus::Failed => "#b91c1c",
+            StepStatus::Unfinished => "#6b7280",
+            StepStatus::Skipped => "#d1d5db",
+            _ => phase_colour(s.phase),
+        };
+        let _ = write!(
+            o,
+            "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"end\">{}</text><rect x=\"{:.1}\" y=\"{:.1}\" width=\"{w:.1}\" height=\"{:.1}\" rx=\"2\" fill=\"{fill}\"><title>{}: {} at {:.2} s, {:.3} s — {}</title></rect>",
+            label_w - 8.0,
+            y + row_h * 0.65,
+            esc(&s.id),
+            x(start),
+            y + 3.0,
+            row_h - 6.0,
+            esc(&s.id),
+            s.status.label(),
+            start,
+            s.seconds.unwrap_or(0.0),
+            esc(s.error.as_deref().unwrap_or(&s.summary))
+        );
+    }
+    let axis_y = top + row_h * rows.len() as f64 + 14.0;
+    for k in 0..=4 {
+        let t = total * k as f64 / 4.0;
+        let _ = write!(
+            o,
+            "<text x=\"{:.1}\" y=\"{axis_y:.1}\" text-anchor=\"middle\" fill=\"#555\">{t:.1} s</text>",
+            x(t)
+        );
+    }
+    o.push_str("</svg>");
+    o
+}
+
+pub fn html(r: &Report) -> String {
+    let mut o = String::new();
+    let badge = match r.status.as_str() {
+        "finished" => "#15803d",
+        "failed" => "#b91c1c",
+        _ => "#a16207",
+    };
+    let _ = write!(
+        o,
+        "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>Re-entry report: {name}</title>\
+<style>body{{font-family:system-ui,sans-serif;max-width:1000px;margin:2em auto;padding:0 1em;color:#111}}\
+table{{border-collapse:collapse;width:100%;margin:1em 0}}td,th{{border-bottom:1px solid #ddd;padding:4px 6px;text-align:left;vertical-align:top;font-size:14px}}\
+.badge{{color:#fff;background:{badge};padding:2px 8px;border-radius:4px}}code{{font-size:13px}}.err{{color:#b91c1c}}\
+dl{{display:grid;grid-template-columns:max-content auto;gap:4px 16px}}dt{{color:#555}}</style></head><body>",
+        name = esc(&r.playbook.name)
+    );
+    let _ = write!(
+        o,
+        "<h1>Re-entry: {} <span class=\"badge\">{}</span></h1><dl><dt>run</dt><dd><code>{}</code> ({})</dd><dt>way back</dt><dd>{:?}</dd><dt>recovery target</dt><dd>{}</dd><dt>started</dt><dd>{}</dd><dt>finished</dt><dd>{}</dd><dt>duration</dt><dd>{:.1} s, {} attempt(s)</dd><dt>playbook</dt><dd><code>{}</code> sha256 {:.12}</dd></dl>",
+        esc(&r.playbook.name),
+        esc(&r.status),
+        esc(&r.run_id),
+        esc(&r.mode),
+        r.playbook.way_back,
+        esc(&r.target.describe()),
+        esc(&r.started_at),
+        esc(r.finished_at.as_deref().unwrap_or("not finished")),
+        r.seconds,
+        r.attempts,
+        esc(&r.playbook.file),
+        esc(&r.playbook.sha256)
+    );
+    o.push_str("<h2>Timeline</h2>");
+    o.push_str(&timeline_svg(r));
+    o.push_str("<table><tr><th>#</th><th>step</th><th>status</th><th>at</th><th>took</th><th>changed</th><th>what</th></tr>");
+    for s in &r.steps {
+        let what = match &s.error {
+            Some(e) => format!("<span class=\"err\">{}</span>", esc(e)),
+            None => esc(&s.summary),
+        };
+        let items = if s.items.is_empty() {
+            String::new()
+        } else {
+            format!("<br><small>{}</small>", esc(&s.items.join(", ")))
+        };
+        let _ = write!(
+            o,
+            "<tr><td>{}</td><td><code>{}</code></td><td>{}{}</td><td>{}</td><td>{}</td><td>{}</td><td>{what}{items}</td></tr>",
+            s.n,
+            esc(&s.id),
+            s.status.label(),
+            if s.attempts > 1 { format!(" ({} attempts)", s.attempts) } else { String::new() },
+            s.offset.map_or(String::new(), |x| format!("{x:.2} s")),
+            s.seconds.map_or(String::new(), |x| format!("{x:.3} s")),
+            s.count
+        );
+    }
+    o.push_str("</table><h2>Gates</h2>");
+    if r.gates.is_empty() {
+        o.push_str("<p>No gate was closed.</p>");
+    } else {
+        o.push_str("<table><tr><th>gate</th><th>database</th><th>before</th><th>closed</th><th>after</th></tr>");
+        for g in &r.gates {
+            let _ = write!(
+                o,
+                "<tr><td>{} <small>{}</small></td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+                esc(&g.gate),
+                esc(&g.kind),
+                esc(&g.database),
+                esc(&g.before),
+                esc(&g.closed),
+                esc(&g.after)
+            );
+        }
+        o.push_str("</table>");
+    }
+    o.push_str("<h2>Validation</h2><ul>");
+    for s in r.steps.iter().filter(|s| s.phase == Phase::Validate) {
+        let _ = write!(
+            o,
+            "<li><b>{}</b> <code>{}</code>: {}",
+            s.status.label(),
+            esc(&s.id),
+            esc(s.error.as_deref().unwrap_or(&s.summary))
+        );
+        if !s.findings.is_empty() {
+            o.push_str("<ul>");
+            for f in s.findings.iter().take(20) {
+                let _ = write!(o, "<li>{}</li>", esc(f));
+            }
+            o.push_str("</ul>");
+        }
+        o.push_str("</li>");
+    }
+    o.push_str("</ul>");
+    if !r.notes.is_empty() {
+        o.push_str("<h2>Notes</h2><ul>");
+        for n in &r.notes {
+            let _ = write!(o, "<li>{}</li>", esc(n));
+        }
+        o.push_str("</ul>");
+    }
+    o.push_str("</body></html>\n");
+    o
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn html_escapes_what_playbooks_and_databases_wrote() {
+        assert_eq!(
+            esc("<script>alert('x')</script> & \"y\""),
+            "&lt;script&gt;alert(&#39;x&#39;)&lt;/script&gt; &amp; &quot;y&quot;"
+        );
+        assert_eq!(md_cell("a|b\nc"), "a\\|b c");
+    }
+}

@@ -1,0 +1,459 @@
+//! Apply: walks the plan step by step, journaling each before and after its
+//! side effect. A dry run is the same loop with the changes skipped (and
+//! every session read-only on the server). `--resume` continues a run that
+//! died from the plan it started with: finished steps are skipped, a step
+//! that started but never finished runs again, which its idempotence makes
+//! safe, against the prior state journaled the first time.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use serde_json::json;
+
+use crate::fsutil;
+use crate::reentry::journal::{self, Event, Journal, Record, State};
+use crate::reentry::plan::{self, Plan, PlanError, PlannedStep, PLAN_FILE};
+use crate::reentry::playbook::Playbook;
+use crate::reentry::steps::{pause_point, Effect, Env, Nature, Recorder, StepError};
+
+pub struct Options {
+    pub run_dir: PathBuf,
+    pub apply: bool,
+    pub resume: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Outcome {
+    Done,
+    /// Finished by an earlier attempt of this run.
+    AlreadyDone,
+    /// Dry run: a change not made, or a step that needs closed gates.
+    Skipped,
+    Failed,
+    /// Dry run: a check that fails now.
+    WouldFail,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct StepLine {
+    pub id: String,
+    pub title: String,
+    pub outcome: Outcome,
+    pub summary: String,
+    pub count: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub seconds: Option<f64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Status {
+    Finished,
+    Failed,
+    Interrupted,
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct RunResult {
+    pub run_id: String,
+    pub run_dir: String,
+    pub mode: &'static str,
+    pub resumed: bool,
+    pub status: Status,
+    pub steps: Vec<StepLine>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl RunResult {
+    pub fn would_fail(&self) -> usize {
+        self.steps
+            .iter()
+            .filter(|s| s.outcome == Outcome::WouldFail)
+            .count()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(
+        "run directory {dir} already holds {what}: use a new directory, or --resume to continue it"
+    )]
+    NotEmpty { dir: String, what: String },
+    #[error("run directory {dir} is in use by another `reentry apply`")]
+    Locked { dir: String },
+    #[error("{dir} holds no run to resume ({why}); start one without --resume")]
+    NothingToResume { dir: String, why: String },
+    #[error("{dir} holds a dry run: there is nothing to resume; start the real run in a new directory with --apply")]
+    DryRun { dir: String },
+    #[error(
+        "{dir} holds a real run: resume it with --apply --resume, a dry run cannot continue it"
+    )]
+    NotDryRun { dir: String },
+    #[error("the playbook changed since this run started (sha256 {then:.12} → {now:.12}): a resumed run walks the plan it started with, so put the playbook back as it was, or start a new run")]
+    PlaybookChanged { then: String, now: String },
+    #[error(transparent)]
+    Plan(#[from] PlanError),
+    #[error("{what} {}: {source}", path.display())]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl RunError {
+    pub fn exit(&self) -> crate::exit::Exit {
+        use crate::exit::Exit;
+        match self {
+            RunError::NotEmpty { .. }
+            | RunError::NothingToResume { .. }
+            | RunError::DryRun { .. }
+            | RunError::NotDryRun { .. } => Exit::Usage,
+            RunError::Locked { .. } | RunError::PlaybookChanged { .. } => Exit::Refused,
+            RunError::Plan(e) => e.exit(),
+            RunError::Io { .. } => Exit::Failure,
+        }
+    }
+}
+
+fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> RunError + 'a {
+    move |source| RunError::Io {
+        what,
+        path: path.to_owned(),
+        source,
+    }
+}
+
+fn new_run_id() -> String {
+    let t = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
+    let compact: String = t.chars().filter(|c| c.is_ascii_alphanumeric()).collect();
+    format!("{compact}-{}", std::process::id())
+}
+
+/// A run about to walk its plan.
+struct Opened {
+    plan: Plan,
+    journal: Journal,
+    records: Vec<Record>,
+    run_id: String,
+    resumed: bool,
+    _lock: fs::File,
+}
+
+fn take_lock(dir: &Path) -> Result<fs::File, RunError> {
+    journal::lock(dir)
+        .map_err(io("cannot lock", dir))?
+        .ok_or_else(|| RunError::Locked {
+            dir: dir.display().to_string(),
+        })
+}
+
+fn start(p: &Playbook, opts: &Options) -> Result<Opened, RunError> {
+    let dir = &opts.run_dir;
+    let shown = dir.display().to_string();
+    if let Ok(mut entries) = fs::read_dir(dir) {
+        if entries.next().is_some() {
+            let what = if dir.join(journal::JOURNAL).exists() {
+                "a run".to_owned()
+            } else {
+                "other files".to_owned()
+            };
+            return Err(RunError::NotEmpty { dir: shown, what });
+        }
+    }
+    fsutil::create_dir_all_durable(dir).map_err(io("cannot create", dir))?;
+    let lock = take_lock(dir)?;
+    let run_id = new_run_id();
+    let plan = {
+        let mut env = Env::new(p, run_id.clone(), true);
+        plan::build(p, &mut env)?
+    };
+    let plan_path = dir.join(PLAN_FILE);
+    fsutil::write_atomic(
+        &plan_path,
+        serde_json::to_string_pretty(&plan)
+            .expect("plans serialize")
+            .as_bytes(),
+    )
+    .map_err(io("cannot write", &plan_path))?;
+    let mut journal = Journal::create(dir).map_err(io("cannot create the journal in", dir))?;
+    let first = journal
+        .append(
+            Event::RunStarted,
+            None,
+            json!({
+                "run-id": run_id,
+                "mode": if opts.apply { "apply" } else { "dry-run" },
+                "playbook": plan.playbook,
+                "pid": std::process::id(),
+            }),
+        )
+        .map_err(io("cannot write", dir))?;
+    Ok(Opened {
+        plan,
+        journal,
+        records: vec![first],
+        run_id,
+        resumed: false,
+        _lock: lock,
+    })
+}
+
+fn resume(p: &Playbook, opts: &Options) -> Result<Opened, RunError> {
+    let dir = &opts.run_dir;
+    let shown = dir.display().to_string();
+    let nothing = |why: &str| RunError::NothingToResume {
+        dir: shown.clone(),
+        why: why.to_owned(),
+    };
+    if !dir.join(journal::JOURNAL).exists() {
+        return Err(nothing("no journal.jsonl"));
+    }
+    let lock = take_lock(dir)?;
+    let plan_path = dir.join(PLAN_FILE);
+    let text = fs::read_to_string(&plan_path).map_err(io("cannot read", &plan_path))?;
+    let plan: Plan = serde_json::from_str(&text).map_err(|e| RunError::Io {
+        what: "cannot parse",
+        path: plan_path.clone(),
+        source: std::io::Error::new(std::io::ErrorKind::InvalidData, e),
+    })?;
+    let now = plan::sha256_hex(p.text.as_bytes());
+    if now != plan.playbook.sha256 {
+        return Err(RunError::PlaybookChanged {
+            then: plan.playbook.sha256.clone(),
+            now,
+        });
+    }
+    let (mut journal, records) =
+        Journal::resume(dir).map_err(io("cannot read the journal in", dir))?;
+    let Some(first) = records.first().filter(|r| r.event == Event::RunStarted) else {
+        return Err(nothing("the journal does not start with run-started"));
+    };
+    let mode = first.data["mode"].as_str().unwrap_or_default();
+    if mode == "dry-run" {
+        return Err(RunError::DryRun { dir: shown });
+    }
+    if !opts.apply {
+        return Err(RunError::NotDryRun { dir: shown });
+    }
+    let run_id = first.data["run-id"].as_str().unwrap_or_default().to_owned();
+    let mut records = records;
+    if records.last().map(|r| r.event) != Some(Event::RunFinished) {
+        let r = journal
+            .append(Event::Resumed, None, json!({"pid": std::process::id()}))
+            .map_err(io("cannot write", dir))?;
+        records.push(r);
+    }
+    Ok(Opened {
+        plan,
+        journal,
+        records,
+        run_id,
+        resumed: true,
+        _lock: lock,
+    })
+}
+
+/// Retries a step once or twice when its connection failed: every step is
+/// idempotent, and a restarted server or a dropped connection is common in
+/// the middle of an incident.
+fn apply_step(
+    s: &PlannedStep,
+    env: &mut Env,
+    journal: &mut Journal,
+    state: &mut State,
+    interrupted: &AtomicBool,
+) -> Result<Effect, StepError> {
+    let mut attempt = 0;
+    loop {
+        let mut rec = Recorder {
+            step: &s.id,
+            journal,
+            state,
+            interrupted,
+        };
+        match s.action.step().apply(env, &mut rec) {
+            Err(e) if e.is_transient() && attempt < 2 => {
+                attempt += 1;
+                tracing::warn!(step = %s.id, attempt, error = %e, "connection failed; retrying");
+                env.reset();
+                std::thread::sleep(Duration::from_secs(attempt));
+            }
+            r => return r,
+        }
+    }
+}
+
+/// Runs (or dry-runs, or resumes) the playbook. `show` sees each step as it
+/// finishes. A failed step ends the run with what was done so far.
+pub fn run(
+    p: &Playbook,
+    opts: &Options,
+    interrupted: &AtomicBool,
+    show: &mut dyn FnMut(&StepLine),
+) -> Result<RunResult, RunError> {
+    let Opened {
+        plan,
+        mut journal,
+        records,
+        run_id,
+        resumed,
+        _lock,
+    } = if opts.resume {
+        resume(p, opts)?
+    } else {
+        start(p, opts)?
+    };
+    let dir = opts.run_dir.clone();
+    let jw = |e| RunError::Io {
+        what: "cannot write the journal in",
+        path: dir.clone(),
+        source: e,
+    };
+    let finished_before = records.last().map(|r| r.event) == Some(Event::RunFinished);
+    let mut state = State::from_records(&records);
+    let mut env = Env::new(p, run_id.clone(), !opts.apply);
+    let mut result = RunResult {
+        run_id: run_id.clone(),
+        run_dir: opts.run_dir.display().to_string(),
+        mode: if opts.apply { "apply" } else { "dry-run" },
+        resumed,
+        status: Status::Finished,
+        steps: Vec::new(),
+        error: None,
+    };
+    let mut push = |result: &mut RunResult, line: StepLine| {
+        show(&line);
+        result.steps.push(line);
+    };
+    for s in &plan.steps {
+        let line = |outcome, summary: String, count, seconds| StepLine {
+            id: s.id.clone(),
+            title: s.title.clone(),
+            outcome,
+            summary,
+            count,
+            seconds,
+        };
+        if let Some(done) = state.done.get(&s.id) {
+            let effect: Effect =
+                serde_json::from_value(done.data["effect"].clone()).unwrap_or_default();
+            push(
+                &mut result,
+                line(Outcome::AlreadyDone, effect.summary, effect.count, None),
+            );
+            continue;
+        }
+        if interrupted.load(Ordering::SeqCst) {
+            journal
+                .append(Event::Interrupted, Some(&s.id), json!({"before": s.id}))
+                .map_err(jw)?;
+            result.status = Status::Interrupted;
+            result.error = Some(format!("interrupted before {}", s.id));
+            break;
+        }
+        if !opts.apply && s.nature() != Nature::Reads {
+            let why = if s.nature() == Nature::Changes {
+                format!("would: {}", s.preview.summary)
+            } else {
+                format!("runs once the gates are closed: {}", s.preview.summary)
+            };
+            journal
+                .append(
+                    Event::Skipped,
+                    Some(&s.id),
+                    json!({"would": s.preview, "why": why}),
+                )
+                .map_err(jw)?;
+            push(
+                &mut result,
+                line(Outcome::Skipped, why, s.preview.count, None),
+            );
+            continue;
+        }
+        let r = journal
+            .append(
+                Event::Started,
+                Some(&s.id),
+                json!({"title": s.title, "action": s.action}),
+            )
+            .map_err(jw)?;
+        state.record(&r);
+        pause_point(&s.id, "started");
+        let t0 = Instant::now();
+        let outcome = apply_step(s, &mut env, &mut journal, &mut state, interrupted);
+        let seconds = t0.elapsed().as_secs_f64();
+        match outcome {
+            Ok(effect) => {
+                pause_point(&s.id, "applied");
+                let r = journal
+                    .append(
+                        Event::Done,
+                        Some(&s.id),
+                        json!({"effect": effect, "seconds": seconds}),
+                    )
+                    .map_err(jw)?;
+                state.record(&r);
+                push(
+                    &mut result,
+                    line(Outcome::Done, effect.summary, effect.count, Some(seconds)),
+                );
+                pause_point(&s.id, "done");
+            }
+            Err(StepError::Interrupted) => {
+                journal
+                    .append(Event::Interrupted, Some(&s.id), json!({"during": s.id}))
+                    .map_err(jw)?;
+                result.status = Status::Interrupted;
+                result.error = Some(format!("interrupted during {}", s.id));
+                break;
+            }
+            Err(e) => {
+                let findings = match &e {
+                    StepError::Check { findings, .. } => findings.clone(),
+                    _ => Vec::new(),
+                };
+                let message = e.to_string();
+                journal
+                    .append(
+                        Event::Failed,
+                        Some(&s.id),
+                        json!({"error": message, "findings": findings, "seconds": seconds}),
+                    )
+                    .map_err(jw)?;
+                // A dry run reports every check that fails, not just the first.
+                if !opts.apply && matches!(e, StepError::Check { .. }) {
+                    push(
+                        &mut result,
+                        line(Outcome::WouldFail, message, 0, Some(seconds)),
+                    );
+                    continue;
+                }
+                push(
+                    &mut result,
+                    line(Outcome::Failed, message.clone(), 0, Some(seconds)),
+                );
+                result.status = Status::Failed;
+                result.error = Some(format!("{}: {message}", s.id));
+                break;
+            }
+        }
+    }
+    if result.status == Status::Finished && !finished_before {
+        journal
+            .append(
+                Event::RunFinished,
+                None,
+                json!({"would-fail": result.would_fail()}),
+            )
+            .map_err(jw)?;
+    }
+    Ok(result)
+}

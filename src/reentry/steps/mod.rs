@@ -1,0 +1,292 @@
+//! Steps: what a plan is made of. Each kind is a serializable `Action` (the
+//! plan on disk holds them, so a resumed run walks exactly the plan it
+//! started with) and implements `Step`: a read-only preview for the plan,
+//! and an idempotent apply that journals the state it is about to change.
+//!
+//! Later kinds (Kafka, outbox, caches, search, repair) are new `Action`
+//! variants with their own `Step` impl; the engine does not change.
+
+pub mod gates;
+pub mod validate;
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, SystemTime};
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::pg::conn::{Db, PgError};
+use crate::reentry::journal::{Event, Journal, State};
+use crate::reentry::playbook::Playbook;
+
+/// Where a step sits; the plan is ordered by phase, and gates close before
+/// anything else touches a database.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Phase {
+    CloseGates,
+    Settle,
+    Validate,
+    Reconcile,
+    Reopen,
+}
+
+impl Phase {
+    pub fn label(self) -> &'static str {
+        match self {
+            Phase::CloseGates => "close gates",
+            Phase::Settle => "settle",
+            Phase::Validate => "validate",
+            Phase::Reconcile => "reconcile",
+            Phase::Reopen => "re-open",
+        }
+    }
+}
+
+/// What a step does to the world, which decides what a dry run does with it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Nature {
+    /// Changes something: a dry run shows the plan's preview instead.
+    Changes,
+    /// Only reads: a dry run runs it.
+    Reads,
+    /// Only meaningful once the gates are closed (waits, probes): a dry run
+    /// skips it.
+    AfterClose,
+}
+
+/// What a step changed, or would change: a count and the ids, for plans,
+/// journals and reports. `detail` is kind-specific (a gate's before and
+/// after, a check's findings).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Effect {
+    pub summary: String,
+    pub count: u64,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub items: Vec<String>,
+    #[serde(default, skip_serializing_if = "Value::is_null")]
+    pub detail: Value,
+}
+
+impl Effect {
+    pub fn said(summary: impl Into<String>) -> Effect {
+        Effect {
+            summary: summary.into(),
+            ..Effect::default()
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StepError {
+    #[error("databases.{database}: {source}")]
+    Db {
+        database: String,
+        #[source]
+        source: PgError,
+    },
+    /// From a transaction's BEGIN or COMMIT; the error names the server.
+    #[error(transparent)]
+    Pg(#[from] PgError),
+    /// A check found problems; `findings` lists them.
+    #[error("{message}")]
+    Check {
+        message: String,
+        findings: Vec<String>,
+    },
+    #[error("{0}")]
+    Invalid(String),
+    #[error("cannot write the journal: {0}")]
+    Journal(#[from] std::io::Error),
+    #[error("interrupted")]
+    Interrupted,
+}
+
+impl StepError {
+    /// Connection refused or lost: worth one more try on a new connection,
+    /// because every step is idempotent.
+    pub fn is_transient(&self) -> bool {
+        matches!(
+            self,
+            StepError::Db {
+                source: PgError::Connect { .. },
+                ..
+            } | StepError::Pg(PgError::Connect { .. })
+        )
+    }
+}
+
+/// Attaches the database's name to errors from its connection.
+pub trait OnDatabase<T> {
+    fn on(self, database: &str) -> Result<T, StepError>;
+}
+
+impl<T> OnDatabase<T> for Result<T, PgError> {
+    fn on(self, database: &str) -> Result<T, StepError> {
+        self.map_err(|source| StepError::Db {
+            database: database.to_owned(),
+            source,
+        })
+    }
+}
+
+/// The connections a run uses, opened on first use and re-opened after a
+/// loss. A read-only environment (plans, dry runs) makes every session
+/// read-only on the server too: a bug cannot turn a plan into a change.
+pub struct Env<'a> {
+    pub playbook: &'a Playbook,
+    pub run_id: String,
+    read_only: bool,
+    dbs: BTreeMap<String, Db>,
+}
+
+impl<'a> Env<'a> {
+    pub fn new(playbook: &'a Playbook, run_id: String, read_only: bool) -> Env<'a> {
+        Env {
+            playbook,
+            run_id,
+            read_only,
+            dbs: BTreeMap::new(),
+        }
+    }
+
+    pub fn db(&mut self, name: &str) -> Result<&mut Db, StepError> {
+        if self.dbs.get(name).is_some_and(Db::is_closed) {
+            self.dbs.remove(name);
+        }
+        if !self.dbs.contains_key(name) {
+            let d = self.playbook.databases.get(name).ok_or_else(|| {
+                StepError::Invalid(format!("no database named `{name}` in the playbook"))
+            })?;
+            let mut db = Db::connect(Some(d.conninfo.expose())).on(name)?;
+            let mut setup = String::from(
+                "SET application_name = 'reentry'; SET lock_timeout = '10s'; SET TIME ZONE 'UTC';",
+            );
+            if self.read_only {
+                setup.push_str(" SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY;");
+            }
+            db.batch("set up the session", &setup).on(name)?;
+            self.dbs.insert(name.to_owned(), db);
+        }
+        Ok(self.dbs.get_mut(name).expect("just inserted"))
+    }
+
+    /// Drops every connection; the next use opens a new one.
+    pub fn reset(&mut self) {
+        self.dbs.clear();
+    }
+
+    /// The value a ShedLock row gets while a run holds it frozen.
+    pub fn marker(&self) -> String {
+        format!("reentry run {}", self.run_id)
+    }
+}
+
+/// A step's view of the journal while it applies.
+pub struct Recorder<'a> {
+    pub step: &'a str,
+    pub journal: &'a mut Journal,
+    pub state: &'a mut State,
+    pub interrupted: &'a AtomicBool,
+}
+
+impl Recorder<'_> {
+    /// The state the side effect is about to change, on disk before the
+    /// change is made. On a resumed step it is the state recorded the first
+    /// time: what the run found, not what a crash left.
+    pub fn prior(
+        &mut self,
+        read: impl FnOnce() -> Result<Value, StepError>,
+    ) -> Result<Value, StepError> {
+        if let Some(v) = self.state.prior.get(self.step) {
+            return Ok(v.clone());
+        }
+        let v = read()?;
+        let r = self
+            .journal
+            .append(Event::Prior, Some(self.step), v.clone())?;
+        self.state.record(&r);
+        pause_point(self.step, "prior");
+        Ok(v)
+    }
+
+    /// The prior state another step recorded (a re-open reads its close's).
+    pub fn prior_of(&self, step: &str) -> Option<&Value> {
+        self.state.prior.get(step)
+    }
+
+    pub fn done_at(&self, step: &str) -> Option<SystemTime> {
+        self.state.done.get(step).and_then(|r| r.time())
+    }
+
+    /// Sleeps until `deadline`, returning early with `Interrupted` on Ctrl-C.
+    pub fn sleep_until(&self, deadline: SystemTime) -> Result<(), StepError> {
+        loop {
+            if self.interrupted.load(Ordering::SeqCst) {
+                return Err(StepError::Interrupted);
+            }
+            let Ok(left) = deadline.duration_since(SystemTime::now()) else {
+                return Ok(());
+            };
+            std::thread::sleep(left.min(Duration::from_millis(100)));
+        }
+    }
+}
+
+/// The interface every step kind implements.
+pub trait Step {
+    fn nature(&self) -> Nature;
+    /// Read-only: what applying would change, with counts from the
+    /// databases as they are now.
+    fn preview(&self, env: &mut Env) -> Result<Effect, StepError>;
+    /// Does it. Idempotent: applied to a state where it already happened,
+    /// it changes nothing. Reads what it changes through `rec.prior` first.
+    fn apply(&self, env: &mut Env, rec: &mut Recorder) -> Result<Effect, StepError>;
+}
+
+/// Every step kind; the plan on disk is a list of these.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum Action {
+    CloseGate(gates::GateAt),
+    WaitGateCache(gates::WaitCache),
+    VerifyGates(gates::Verify),
+    Check(validate::Query),
+    InvalidIndexes(validate::InvalidIndexes),
+    Sequences(validate::Sequences),
+    Extensions(validate::Extensions),
+    Amcheck(validate::Amcheck),
+    ReopenGate(gates::Reopen),
+}
+
+impl Action {
+    pub fn step(&self) -> &dyn Step {
+        match self {
+            Action::CloseGate(s) => s,
+            Action::WaitGateCache(s) => s,
+            Action::VerifyGates(s) => s,
+            Action::Check(s) => s,
+            Action::InvalidIndexes(s) => s,
+            Action::Sequences(s) => s,
+            Action::Extensions(s) => s,
+            Action::Amcheck(s) => s,
+            Action::ReopenGate(s) => s,
+        }
+    }
+}
+
+/// A test hook: `REENTRY_PAUSE_AT=STEP:POINT` makes the run stop dead at
+/// that point (announced on stderr) so a test can `kill -9` it there.
+/// Points: `started`, `prior`, `applied`, `done`.
+pub fn pause_point(step: &str, point: &str) {
+    let Ok(want) = std::env::var("REENTRY_PAUSE_AT") else {
+        return;
+    };
+    if want == format!("{step}:{point}") {
+        eprintln!("reentry: paused at {want} (REENTRY_PAUSE_AT)");
+        loop {
+            std::thread::sleep(Duration::from_secs(3600));
+        }
+    }
+}

@@ -1,0 +1,490 @@
+//! Validation: is the database that will take writes usable? The playbook's
+//! invariants, invalid indexes, sequences behind their columns (the one
+//! finding with a planned fix: `setval`), the extension inventory against
+//! the other database, and amcheck's `bt_index_check` where installed.
+//!
+//! Queries a playbook writes run in a read-only transaction: an invariant
+//! cannot change what it checks.
+
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use super::{Effect, Env, Nature, OnDatabase, Recorder, Step, StepError};
+use crate::pg::conn::{Db, SqlState};
+
+/// How many findings an error message lists before "and N more".
+const SHOWN: usize = 10;
+
+fn listed(findings: &[String]) -> String {
+    let mut s = findings
+        .iter()
+        .take(SHOWN)
+        .cloned()
+        .collect::<Vec<_>>()
+        .join("; ");
+    if findings.len() > SHOWN {
+        s.push_str(&format!("; and {} more", findings.len() - SHOWN));
+    }
+    s
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Role {
+    /// Proves, after the gate cache TTL, that nothing still runs.
+    Probe,
+    Invariant,
+    /// Must pass before a gate re-opens.
+    HealthCheck,
+}
+
+/// A query from the playbook that must return no rows.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Query {
+    pub role: Role,
+    pub name: String,
+    pub database: String,
+    pub sql: String,
+}
+
+fn read_only_rows(db: &mut Db, sql: &str) -> Result<Vec<String>, crate::pg::conn::PgError> {
+    db.transaction("BEGIN READ ONLY", |db| db.text_rows("run the query", sql))
+}
+
+impl Step for Query {
+    fn nature(&self) -> Nature {
+        match self.role {
+            Role::Probe => Nature::AfterClose,
+            Role::Invariant | Role::HealthCheck => Nature::Reads,
+        }
+    }
+
+    fn preview(&self, env: &mut Env) -> Result<Effect, StepError> {
+        if self.role != Role::Invariant {
+            return Ok(Effect::said(format!(
+                "{}: must return no rows on {}",
+                self.name, self.database
+            )));
+        }
+        let rows = read_only_rows(env.db(&self.database)?, &self.sql).on(&self.database)?;
+        Ok(Effect {
+            summary: format!(
+                "invariant `{}` on {}: {} violating row(s) now",
+                self.name,
+                self.database,
+                rows.len()
+            ),
+            count: 0,
+            items: rows.into_iter().take(SHOWN).collect(),
+            detail: serde_json::Value::Null,
+        })
+    }
+
+    fn apply(&self, env: &mut Env, _rec: &mut Recorder) -> Result<Effect, StepError> {
+        let rows = read_only_rows(env.db(&self.database)?, &self.sql).on(&self.database)?;
+        if rows.is_empty() {
+            return Ok(Effect::said(format!(
+                "{}: no rows on {}",
+                self.name, self.database
+            )));
+        }
+        let what = match self.role {
+            Role::Probe => "the gate probe found activity after the close",
+            Role::Invariant => "invariant violated",
+            Role::HealthCheck => "health check failed",
+        };
+        Err(StepError::Check {
+            message: format!(
+                "{what}: `{}` returned {} row(s) on databases.{}: {}",
+                self.name,
+                rows.len(),
+                self.database,
+                listed(&rows)
+            ),
+            findings: rows,
+        })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InvalidIndexes {
+    pub database: String,
+}
+
+fn invalid_indexes(db: &mut Db) -> Result<Vec<String>, crate::pg::conn::PgError> {
+    Ok(db
+        .query(
+            "list invalid indexes",
+            "SELECT format('%I.%I on %I.%I', n.nspname, c.relname, tn.nspname, t.relname)
+               FROM pg_index i
+               JOIN pg_class c ON c.oid = i.indexrelid
+               JOIN pg_namespace n ON n.oid = c.relnamespace
+               JOIN pg_class t ON t.oid = i.indrelid
+               JOIN pg_namespace tn ON tn.oid = t.relnamespace
+              WHERE NOT i.indisvalid OR NOT i.indisready
+              ORDER BY 1",
+            &[],
+        )?
+        .iter()
+        .map(|r| r.get(0))
+        .collect())
+}
+
+impl Step for InvalidIndexes {
+    fn nature(&self) -> Nature {
+        Nature::Reads
+    }
+
+    fn preview(&self, env: &mut Env) -> Result<Effect, StepError> {
+        let found = invalid_indexes(env.db(&self.database)?).on(&self.database)?;
+        Ok(Effect {
+            summary: format!("{} invalid index(es) on {} now", found.len(), self.database),
+            count: 0,
+            items: found,
+            detail: serde_json::Value::Null,
+        })
+    }
+
+    fn apply(&self, env: &mut Env, _rec: &mut Recorder) -> Result<Effect, StepError> {
+        let found = invalid_indexes(env.db(&self.database)?).on(&self.database)?;
+        if found.is_empty() {
+            return Ok(Effect::said(format!(
+                "no invalid indexes on {}",
+                self.database
+            )));
+        }
+        Err(StepError::Check {
+            message: format!(
+                "{} invalid index(es) on databases.{} (an interrupted CREATE INDEX CONCURRENTLY?): {}; rebuild each with REINDEX INDEX CONCURRENTLY, then resume",
+                found.len(),
+                self.database,
+                listed(&found)
+            ),
+            findings: found,
+        })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Sequences {
+    pub database: String,
+}
+
+/// A sequence whose next value is already used by its column.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct Drift {
+    pub sequence: String,
+    pub column: String,
+    pub last_value: i64,
+    pub is_called: bool,
+    pub max: i64,
+}
+
+/// Every ascending sequence owned by an integer column (serial, identity)
+/// whose next value is at or below the column's maximum. Names come quoted
+/// from the server (`format('%I')`).
+fn drifts(db: &mut Db) -> Result<Vec<Drift>, crate::pg::conn::PgError> {
+    let owned = db.query(
+        "list owned sequences",
+        "SELECT format('%I.%I', sn.nspname, s.relname), format('%I.%I', tn.nspname, t.relname), quote_ident(a.attname)
+           FROM pg_depend d
+           JOIN pg_class s ON s.oid = d.objid AND s.relkind = 'S'
+           JOIN pg_namespace sn ON sn.oid = s.relnamespace
+           JOIN pg_sequence ps ON ps.seqrelid = s.oid
+           JOIN pg_class t ON t.oid = d.refobjid AND t.relkind IN ('r', 'p')
+           JOIN pg_namespace tn ON tn.oid = t.relnamespace
+           JOIN pg_attribute a ON a.attrelid = t.oid AND a.attnum = d.refobjsubid
+          WHERE d.classid = 'pg_class'::regclass AND d.refclassid = 'pg_class'::regclass
+            AND d.deptype IN ('a', 'i') AND ps.seqincrement > 0
+            AND a.atttypid IN ('int2'::regtype, 'int4'::regtype, 'int8'::regtype)
+            AND tn.nspname NOT IN ('pg_catalog', 'information_schema')
+          ORDER BY 1",
+        &[],
+    )?;
+    let mut out = Vec::new();
+    for r in owned {
+        let (seq, table, column): (String, String, String) = (r.get(0), r.get(1), r.get(2));
+        let row = db.query_one(
+            "compare a sequence with its column",
+            &format!(
+                "SELECT (SELECT max({column})::bigint FROM {table}), last_value, is_called,
+                        (SELECT seqincrement FROM pg_sequence WHERE seqrelid = '{}'::regclass)
+                   FROM {seq}",
+                seq.replace('\'', "''")
+            ),
+            &[],
+        )?;
+        let Some(max) = row.get::<_, Option<i64>>(0) else {
+            continue;
+        };
+        let (last_value, is_called, inc): (i64, bool, i64) = (row.get(1), row.get(2), row.get(3));
+        let next = if is_called {
+            last_value.saturating_add(inc)
+        } else {
+            last_value
+        };
+        if next <= max {
+            out.push(Drift {
+                sequence: seq,
+                column: format!("{table}.{column}"),
+                last_value,
+                is_called,
+                max,
+            });
+        }
+    }
+    Ok(out)
+}
+
+impl Step for Sequences {
+    fn nature(&self) -> Nature {
+        Nature::Changes
+    }
+
+    fn preview(&self, env: &mut Env) -> Result<Effect, StepError> {
+        let found = drifts(env.db(&self.database)?).on(&self.database)?;
+        Ok(Effect {
+            summary: if found.is_empty() {
+                format!("no sequence behind its column on {}", self.database)
+            } else {
+                format!(
+                    "setval {} sequence(s) behind their column on {}",
+                    found.len(),
+                    self.database
+                )
+            },
+            count: found.len() as u64,
+            items: found
+                .iter()
+                .map(|d| {
+                    format!(
+                        "{}: {} → {} (max of {})",
+                        d.sequence, d.last_value, d.max, d.column
+                    )
+                })
+                .collect(),
+            detail: json!(found),
+        })
+    }
+
+    fn apply(&self, env: &mut Env, rec: &mut Recorder) -> Result<Effect, StepError> {
+        let database = self.database.clone();
+        let db = env.db(&database)?;
+        let prior = rec.prior(|| Ok(json!(drifts(db).on(&database)?)))?;
+        let planned: Vec<Drift> = serde_json::from_value(prior).unwrap_or_default();
+        let mut items = Vec::new();
+        for d in &planned {
+            // setval is not transactional; the condition makes it idempotent.
+            let moved = db
+                .query(
+                    "advance a sequence",
+                    &format!(
+                        "SELECT setval($1::text::regclass, $2::bigint, true) FROM {} AS s, pg_sequence AS ps
+                          WHERE ps.seqrelid = $1::text::regclass
+                            AND CASE WHEN s.is_called THEN s.last_value + ps.seqincrement ELSE s.last_value END <= $2::bigint",
+                        d.sequence
+                    ),
+                    &[&d.sequence, &d.max],
+                )
+                .on(&database)?;
+            if !moved.is_empty() {
+                items.push(format!("{}: {} → {}", d.sequence, d.last_value, d.max));
+            }
+        }
+        Ok(Effect {
+            summary: format!(
+                "advanced {} of {} drifting sequence(s) on {database}",
+                items.len(),
+                planned.len()
+            ),
+            count: items.len() as u64,
+            items,
+            detail: json!(planned),
+        })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Extensions {
+    pub current: String,
+    pub restored: String,
+}
+
+fn extensions(db: &mut Db) -> Result<Vec<(String, String)>, crate::pg::conn::PgError> {
+    Ok(db
+        .query(
+            "list extensions",
+            "SELECT extname::text, extversion FROM pg_extension ORDER BY 1",
+            &[],
+        )?
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect())
+}
+
+impl Extensions {
+    fn differences(&self, env: &mut Env) -> Result<Vec<String>, StepError> {
+        let cur = extensions(env.db(&self.current)?).on(&self.current)?;
+        let res = extensions(env.db(&self.restored)?).on(&self.restored)?;
+        let mut out = Vec::new();
+        for (name, v) in &cur {
+            match res.iter().find(|(n, _)| n == name) {
+                None => out.push(format!("{name} {v} is missing on {}", self.restored)),
+                Some((_, rv)) if rv != v => out.push(format!(
+                    "{name} is {v} on {} but {rv} on {}",
+                    self.current, self.restored
+                )),
+                _ => {}
+            }
+        }
+        for (name, v) in &res {
+            if !cur.iter().any(|(n, _)| n == name) {
+                out.push(format!("{name} {v} is only on {}", self.restored));
+            }
+        }
+        Ok(out)
+    }
+}
+
+impl Step for Extensions {
+    fn nature(&self) -> Nature {
+        Nature::Reads
+    }
+
+    fn preview(&self, env: &mut Env) -> Result<Effect, StepError> {
+        let d = self.differences(env)?;
+        Ok(Effect {
+            summary: format!(
+                "extensions of {} and {}: {} difference(s) now",
+                self.current,
+                self.restored,
+                d.len()
+            ),
+            count: 0,
+            items: d,
+            detail: serde_json::Value::Null,
+        })
+    }
+
+    fn apply(&self, env: &mut Env, _rec: &mut Recorder) -> Result<Effect, StepError> {
+        let d = self.differences(env)?;
+        if d.is_empty() {
+            return Ok(Effect::said(format!(
+                "extensions of {} and {} agree",
+                self.current, self.restored
+            )));
+        }
+        Err(StepError::Check {
+            message: format!("the extension inventories differ: {}", listed(&d)),
+            findings: d,
+        })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Amcheck {
+    pub database: String,
+}
+
+impl Amcheck {
+    /// amcheck's schema, quoted, when the extension is installed.
+    fn schema(db: &mut Db) -> Result<Option<String>, crate::pg::conn::PgError> {
+        Ok(db
+            .query(
+                "look for amcheck",
+                "SELECT quote_ident(n.nspname) FROM pg_extension e
+                   JOIN pg_namespace n ON n.oid = e.extnamespace WHERE e.extname = 'amcheck'",
+                &[],
+            )?
+            .first()
+            .map(|r| r.get(0)))
+    }
+
+    fn indexes(db: &mut Db) -> Result<Vec<String>, crate::pg::conn::PgError> {
+        Ok(db
+            .query(
+                "list B-tree indexes",
+                "SELECT format('%I.%I', n.nspname, c.relname)
+                   FROM pg_index i
+                   JOIN pg_class c ON c.oid = i.indexrelid
+                   JOIN pg_namespace n ON n.oid = c.relnamespace
+                   JOIN pg_am am ON am.oid = c.relam
+                  WHERE am.amname = 'btree' AND i.indisvalid AND i.indisready
+                    AND c.relpersistence <> 't' AND n.nspname <> 'pg_toast'
+                  ORDER BY 1",
+                &[],
+            )?
+            .iter()
+            .map(|r| r.get(0))
+            .collect())
+    }
+}
+
+impl Step for Amcheck {
+    fn nature(&self) -> Nature {
+        Nature::Reads
+    }
+
+    fn preview(&self, env: &mut Env) -> Result<Effect, StepError> {
+        let db = env.db(&self.database)?;
+        let Some(_) = Amcheck::schema(db).on(&self.database)? else {
+            return Ok(Effect::said(format!(
+                "amcheck is not installed on {}: nothing to check (CREATE EXTENSION amcheck to have it)",
+                self.database
+            )));
+        };
+        let n = Amcheck::indexes(db).on(&self.database)?.len();
+        Ok(Effect::said(format!(
+            "bt_index_check on {n} B-tree index(es) of {}",
+            self.database
+        )))
+    }
+
+    fn apply(&self, env: &mut Env, _rec: &mut Recorder) -> Result<Effect, StepError> {
+        let database = self.database.clone();
+        let db = env.db(&database)?;
+        let Some(schema) = Amcheck::schema(db).on(&database)? else {
+            return Ok(Effect::said(format!(
+                "skipped: amcheck is not installed on {database}"
+            )));
+        };
+        let indexes = Amcheck::indexes(db).on(&database)?;
+        let mut bad = Vec::new();
+        for ix in &indexes {
+            let r = db.query(
+                "bt_index_check",
+                &format!("SELECT {schema}.bt_index_check($1::text::regclass)"),
+                &[ix],
+            );
+            match r {
+                Ok(_) => {}
+                // XX001 data_corrupted, XX002 index_corrupted: what amcheck
+                // reports. Anything else is this step failing, not damage.
+                Err(e)
+                    if matches!(
+                        e.code(),
+                        Some(c) if *c == SqlState::DATA_CORRUPTED || *c == SqlState::INDEX_CORRUPTED
+                    ) =>
+                {
+                    bad.push(format!("{ix}: {e}"))
+                }
+                Err(e) => return Err(e).on(&database),
+            }
+        }
+        if bad.is_empty() {
+            return Ok(Effect::said(format!(
+                "bt_index_check passed on {} index(es) of {database}",
+                indexes.len()
+            )));
+        }
+        Err(StepError::Check {
+            message: format!(
+                "amcheck found {} damaged index(es) on databases.{database}: {}",
+                bad.len(),
+                listed(&bad)
+            ),
+            findings: bad,
+        })
+    }
+}

@@ -1,0 +1,794 @@
+//! The re-entry engine against real PostgreSQL 18: a plan and a dry run
+//! change nothing; apply closes system_gate, ShedLock and Quartz gates on
+//! both databases and re-opens the survivor's to exactly what they were; a
+//! run killed with SIGKILL at several points resumes and applies each side
+//! effect once; Ctrl-C stops between steps; identifiers are quoted and
+//! values bound; the password never reaches any output.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::common::pg::{Cluster, Version};
+use crate::common::{assert_exit, reentry_bin, stderr, stdout};
+
+const SECRET: &str = "engine-sekrit-9931";
+const PW_VAR: &str = "ENGINE_DB_PASSWORD";
+
+/// The gate tables (with a minimal Quartz), a trigger that records every
+/// row change to them, and a little of the case-management application.
+const SCHEMA: &str = r#"
+CREATE TABLE qrtz_triggers (
+    sched_name varchar(120) NOT NULL, trigger_name varchar(200) NOT NULL,
+    trigger_group varchar(200) NOT NULL, trigger_state varchar(16) NOT NULL,
+    next_fire_time bigint, PRIMARY KEY (sched_name, trigger_name, trigger_group));
+CREATE TABLE qrtz_paused_trigger_grps (
+    sched_name varchar(120) NOT NULL, trigger_group varchar(200) NOT NULL,
+    PRIMARY KEY (sched_name, trigger_group));
+CREATE TABLE gate_audit (id bigserial PRIMARY KEY, tbl text, op text, old jsonb, new jsonb);
+CREATE FUNCTION audit() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+  INSERT INTO gate_audit (tbl, op, old, new)
+  VALUES (TG_TABLE_NAME, TG_OP,
+          CASE WHEN TG_OP <> 'INSERT' THEN to_jsonb(OLD) END,
+          CASE WHEN TG_OP <> 'DELETE' THEN to_jsonb(NEW) END);
+  RETURN NULL;
+END $$;
+CREATE EXTENSION amcheck;
+"#;
+
+const AUDITED: &[&str] = &[
+    "system_gate",
+    "shedlock",
+    "qrtz_triggers",
+    "qrtz_paused_trigger_grps",
+];
+
+struct Fixture {
+    cluster: Cluster,
+    dir: PathBuf,
+}
+
+impl Fixture {
+    fn new() -> Fixture {
+        let mut cluster = Cluster::init(Version::V18);
+        cluster.start();
+        let mut admin = cluster.client();
+        for db in ["cur", "res"] {
+            admin
+                .batch_execute(&format!("CREATE DATABASE {db}"))
+                .unwrap();
+        }
+        let dir = cluster.dir("work");
+        let f = Fixture { cluster, dir };
+        for db in ["cur", "res"] {
+            let mut c = f.client(db);
+            c.batch_execute(include_str!("../../sql/system_gate.sql"))
+                .unwrap();
+            c.batch_execute(include_str!("../../sql/case-management.sql"))
+                .unwrap();
+            c.batch_execute(SCHEMA).unwrap();
+            c.batch_execute(
+                "INSERT INTO system_gate (gate_name, enabled, updated_at) VALUES ('api-writes', true, '2026-11-20 08:00:00+00');
+                 INSERT INTO shedlock VALUES ('escalate-overdue-cases', '2026-11-25 11:58:30.123456+00', '2026-11-25 11:58:00.654321+00', 'case-app-7f9c');
+                 INSERT INTO qrtz_triggers (sched_name, trigger_name, trigger_group, trigger_state) VALUES
+                   ('CaseScheduler', 'escalate', 'DEFAULT', 'WAITING'),
+                   ('CaseScheduler', 'close-stale', 'DEFAULT', 'BLOCKED'),
+                   ('CaseScheduler', 'archive', 'DEFAULT', 'PAUSED'),
+                   ('CaseScheduler', 'report', 'REPORTS', 'ACQUIRED'),
+                   ('OtherScheduler', 'other', 'DEFAULT', 'WAITING');
+                 INSERT INTO cases (title, owner_id) SELECT 'case ' || g, g FROM generate_series(1, 5) g;",
+            )
+            .unwrap();
+        }
+        // The restored copy lacks a gate row and a lock row (they came after
+        // T), and its case sequence is behind its column.
+        f.client("cur")
+            .batch_execute(
+                "INSERT INTO system_gate (gate_name, enabled) VALUES ('outbox-relay', true);
+                 INSERT INTO shedlock VALUES ('close-stale-cases', '2026-11-25 11:00:00+00', '2026-11-25 10:59:59.5+00', 'case-app-2b1d');",
+            )
+            .unwrap();
+        f.client("res")
+            .batch_execute("SELECT setval('cases_id_seq', 2)")
+            .unwrap();
+        for db in ["cur", "res"] {
+            let mut c = f.client(db);
+            for t in AUDITED {
+                c.batch_execute(&format!(
+                    "CREATE TRIGGER audit AFTER INSERT OR UPDATE OR DELETE ON {t} FOR EACH ROW EXECUTE FUNCTION audit()"
+                ))
+                .unwrap();
+            }
+        }
+        f
+    }
+
+    fn conninfo(&self, db: &str) -> String {
+        format!(
+            "host=127.0.0.1 port={} user=postgres dbname={db}",
+            self.cluster.port
+        )
+    }
+
+    fn client(&self, db: &str) -> postgres::Client {
+        postgres::Client::connect(&self.conninfo(db), postgres::NoTls).unwrap()
+    }
+
+    fn playbook(&self, name: &str, ttl: &str) -> PathBuf {
+        let conn = |db: &str| format!("{} password=${{{PW_VAR}}}", self.conninfo(db));
+        let text = format!(
+            r#"[playbook]
+name = "engine-test"
+way-back = "cutover"
+
+[databases.current]
+conninfo = "{cur}"
+
+[databases.restored]
+conninfo = "{res}"
+
+[recovery-target]
+time = "2026-11-25T12:00:00Z"
+
+[gates]
+cache-ttl = "{ttl}"
+reopen-order = ["api-writes", "case-jobs", "quartz-jobs", "outbox-relay"]
+
+[gates.probe]
+database = "current"
+sql = "SELECT job_name FROM job_run WHERE started_at > now() - interval '1 minute'"
+
+[[gates.system-gate]]
+name = "api-writes"
+databases = ["current", "restored"]
+health-check = {{ database = "restored", sql = "SELECT id FROM cases WHERE title = 'broken'" }}
+
+[[gates.system-gate]]
+name = "outbox-relay"
+databases = ["current", "restored"]
+
+[[gates.shedlock]]
+name = "case-jobs"
+databases = ["current", "restored"]
+locks = ["escalate-overdue-cases", "close-stale-cases"]
+
+[[gates.quartz]]
+name = "quartz-jobs"
+databases = ["current", "restored"]
+scheduler = "CaseScheduler"
+
+[validation]
+amcheck = true
+
+[[validation.invariant]]
+name = "every open case has an owner"
+database = "restored"
+sql = "SELECT id FROM cases WHERE status = 'open' AND owner_id IS NULL"
+"#,
+            cur = conn("cur"),
+            res = conn("res"),
+        );
+        let path = self.dir.join(name);
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    /// Every gate row, as text, in order.
+    fn gates(&self, db: &str) -> Vec<String> {
+        self.client(db)
+            .query(
+                "SELECT 'gate ' || gate_name || ' enabled=' || enabled FROM system_gate
+                 UNION ALL SELECT 'lock ' || name || ' ' || to_jsonb(s)::text FROM shedlock s
+                 UNION ALL SELECT 'trigger ' || sched_name || '.' || trigger_group || '.' || trigger_name || ' ' || trigger_state FROM qrtz_triggers
+                 UNION ALL SELECT 'paused ' || sched_name || '.' || trigger_group FROM qrtz_paused_trigger_grps
+                 ORDER BY 1",
+                &[],
+            )
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect()
+    }
+
+    /// Row changes to the gate tables: (table, operation, count).
+    fn audit(&self, db: &str) -> Vec<(String, String, i64)> {
+        self.client(db)
+            .query(
+                "SELECT tbl, op, count(*) FROM gate_audit GROUP BY 1, 2 ORDER BY 1, 2",
+                &[],
+            )
+            .unwrap()
+            .iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2)))
+            .collect()
+    }
+
+    fn dump(&self, db: &str) -> String {
+        let out = self.cluster.run_ok(self.cluster.cmd("pg_dump").args([
+            "--data-only",
+            "--no-comments",
+            "-d",
+            db,
+        ]));
+        // pg_dump 18 brackets its output with a random \restrict key.
+        String::from_utf8(out.stdout)
+            .unwrap()
+            .lines()
+            .filter(|l| !l.starts_with("\\restrict") && !l.starts_with("\\unrestrict"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+}
+
+fn reentry(args: &[&dyn AsRef<std::ffi::OsStr>]) -> Output {
+    let mut cmd = Command::new(reentry_bin());
+    for a in args {
+        cmd.arg(a);
+    }
+    cmd.env(PW_VAR, SECRET).output().unwrap()
+}
+
+fn apply(pb: &Path, run: &Path, extra: &[&str]) -> Output {
+    let mut cmd = Command::new(reentry_bin());
+    cmd.arg("apply")
+        .arg(pb)
+        .arg("--run-dir")
+        .arg(run)
+        .args(extra)
+        .env(PW_VAR, SECRET);
+    cmd.output().unwrap()
+}
+
+/// Runs apply until it reaches `point`, then kills it with SIGKILL there.
+fn apply_and_kill_at(pb: &Path, run: &Path, extra: &[&str], point: &str) {
+    let mut child = Command::new(reentry_bin())
+        .arg("apply")
+        .arg(pb)
+        .arg("--run-dir")
+        .arg(run)
+        .args(extra)
+        .env(PW_VAR, SECRET)
+        .env("REENTRY_PAUSE_AT", point)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut seen = String::new();
+    for line in BufReader::new(child.stderr.take().unwrap()).lines() {
+        let line = line.unwrap();
+        seen.push_str(&line);
+        seen.push('\n');
+        if line.contains("paused at") {
+            child.kill().unwrap(); // SIGKILL
+            child.wait().unwrap();
+            return;
+        }
+    }
+    let status = child.wait().unwrap();
+    panic!("apply never reached {point} ({status}): {seen}");
+}
+
+fn journal(run: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(run.join("journal.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// What the survivor's gates must be after the run: as they were, except
+/// that a trigger Quartz had ACQUIRED comes back WAITING, as Quartz's own
+/// resume does.
+fn expected_after(before: &[String]) -> Vec<String> {
+    before
+        .iter()
+        .map(|l| l.replace("REPORTS.report ACQUIRED", "REPORTS.report WAITING"))
+        .collect()
+}
+
+fn restored_audit() -> Vec<(String, String, i64)> {
+    [
+        ("qrtz_paused_trigger_grps", "DELETE", 2),
+        ("qrtz_paused_trigger_grps", "INSERT", 2),
+        ("qrtz_triggers", "UPDATE", 6),
+        ("shedlock", "DELETE", 1),
+        ("shedlock", "INSERT", 1),
+        ("shedlock", "UPDATE", 2),
+        ("system_gate", "DELETE", 1),
+        ("system_gate", "INSERT", 1),
+        ("system_gate", "UPDATE", 2),
+    ]
+    .iter()
+    .map(|(t, o, n)| (t.to_string(), o.to_string(), *n))
+    .collect()
+}
+
+fn current_audit() -> Vec<(String, String, i64)> {
+    [
+        ("qrtz_paused_trigger_grps", "INSERT", 2),
+        ("qrtz_triggers", "UPDATE", 3),
+        ("shedlock", "UPDATE", 2),
+        ("system_gate", "UPDATE", 2),
+    ]
+    .iter()
+    .map(|(t, o, n)| (t.to_string(), o.to_string(), *n))
+    .collect()
+}
+
+/// Current is retired by the cutover: its gates stay closed, frozen by this run.
+fn assert_current_closed(f: &Fixture) {
+    let g = f.gates("cur");
+    assert!(
+        g.contains(&"gate api-writes enabled=false".to_owned()),
+        "{g:#?}"
+    );
+    assert!(
+        g.contains(&"gate outbox-relay enabled=false".to_owned()),
+        "{g:#?}"
+    );
+    let frozen = g
+        .iter()
+        .filter(|l| {
+            l.starts_with("lock ")
+                && l.contains("\"locked_by\": \"reentry run ")
+                && l.contains("2999-01-01")
+        })
+        .count();
+    assert_eq!(frozen, 2, "{g:#?}");
+    for t in [
+        "trigger CaseScheduler.DEFAULT.escalate PAUSED",
+        "trigger CaseScheduler.DEFAULT.close-stale PAUSED_BLOCKED",
+        "trigger CaseScheduler.DEFAULT.archive PAUSED",
+        "trigger CaseScheduler.REPORTS.report PAUSED",
+        "trigger OtherScheduler.DEFAULT.other WAITING",
+        "paused CaseScheduler.DEFAULT",
+        "paused CaseScheduler.REPORTS",
+    ] {
+        assert!(g.contains(&t.to_owned()), "missing {t}: {g:#?}");
+    }
+}
+
+fn assert_no_secret(run: &Path, outputs: &[&Output]) {
+    for o in outputs {
+        assert!(
+            !stdout(o).contains(SECRET) && !stderr(o).contains(SECRET),
+            "the password reached the output"
+        );
+    }
+    for e in std::fs::read_dir(run).unwrap() {
+        let p = e.unwrap().path();
+        let text = String::from_utf8_lossy(&std::fs::read(&p).unwrap()).into_owned();
+        assert!(!text.contains(SECRET), "the password is in {}", p.display());
+    }
+}
+
+fn seq_next(f: &Fixture) -> (i64, bool) {
+    let r = f
+        .client("res")
+        .query_one("SELECT last_value, is_called FROM cases_id_seq", &[])
+        .unwrap();
+    (r.get(0), r.get(1))
+}
+
+#[test]
+fn plan_and_dry_run_change_nothing_and_count_what_apply_would_change() {
+    let f = Fixture::new();
+    let pb = f.playbook("pb.toml", "0s");
+    let before = (f.dump("cur"), f.dump("res"));
+
+    let out = reentry(&[&"plan", &pb, &"--json"]);
+    assert_exit(&out, 1); // the plan has changes
+    let plan: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    let step = |id: &str| {
+        plan["steps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["id"] == id)
+            .unwrap_or_else(|| panic!("no step {id} in {plan:#}"))
+            .clone()
+    };
+    assert_eq!(step("close:api-writes@current")["preview"]["count"], 1);
+    assert_eq!(step("close:case-jobs@restored")["preview"]["count"], 2);
+    assert!(step("close:case-jobs@restored")["preview"]["summary"]
+        .as_str()
+        .unwrap()
+        .contains("1 not there yet"));
+    assert_eq!(step("close:quartz-jobs@current")["preview"]["count"], 3);
+    assert_eq!(step("sequences@restored")["preview"]["count"], 1);
+    assert!(step("amcheck@restored")["preview"]["summary"]
+        .as_str()
+        .unwrap()
+        .contains("bt_index_check on"));
+    // Gates close before anything else and re-open last; the cutover leaves current closed.
+    let ids: Vec<&str> = plan["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["id"].as_str().unwrap())
+        .collect();
+    assert!(ids[..8].iter().all(|i| i.starts_with("close:")), "{ids:?}");
+    assert!(!ids
+        .iter()
+        .any(|i| i.starts_with("reopen:") && i.ends_with("@current")));
+    assert_eq!(ids.last(), Some(&"reopen:outbox-relay@restored"));
+
+    let human = reentry(&[&"plan", &pb]);
+    assert_exit(&human, 1);
+    assert!(
+        stdout(&human).contains("gates stay closed on current"),
+        "{}",
+        stdout(&human)
+    );
+
+    let run = f.dir.join("dry");
+    let dry = apply(&pb, &run, &[]);
+    assert_exit(&dry, 0);
+    assert!(
+        stdout(&dry).contains("nothing was changed"),
+        "{}",
+        stdout(&dry)
+    );
+    assert_eq!(
+        (f.dump("cur"), f.dump("res")),
+        before,
+        "plan or dry run changed data"
+    );
+    assert!(f.audit("cur").is_empty() && f.audit("res").is_empty());
+    let records = journal(&run);
+    assert_eq!(records[0]["data"]["mode"], "dry-run");
+    assert_eq!(records.last().unwrap()["event"], "run-finished");
+    // A dry run cannot be resumed into a real one.
+    assert_exit(&apply(&pb, &run, &["--apply", "--resume"]), 64);
+    assert_no_secret(&run, &[&out, &human, &dry]);
+
+    // Bad input changes nothing: a missing table is found before any step.
+    f.client("res")
+        .batch_execute("ALTER TABLE shedlock RENAME TO shedlock_gone")
+        .unwrap();
+    let run = f.dir.join("bad");
+    let bad = apply(&pb, &run, &["--apply"]);
+    assert_exit(&bad, 78);
+    assert!(
+        stderr(&bad).contains("table shedlock does not exist in databases.restored"),
+        "{}",
+        stderr(&bad)
+    );
+    assert!(!run.join("journal.jsonl").exists());
+    assert_eq!(f.dump("cur"), before.0);
+}
+
+#[test]
+fn apply_closes_every_gate_and_reopens_the_survivors_to_exactly_what_they_were() {
+    let f = Fixture::new();
+    let pb = f.playbook("pb.toml", "1s");
+    let before = f.gates("res");
+    let run = f.dir.join("run");
+    let out = apply(&pb, &run, &["--apply"]);
+    assert_exit(&out, 0);
+    let text = stdout(&out);
+    assert!(text.contains("finished"), "{text}");
+
+    assert_eq!(f.gates("res"), expected_after(&before));
+    assert_eq!(f.audit("res"), restored_audit());
+    assert_current_closed(&f);
+    assert_eq!(f.audit("cur"), current_audit());
+    assert_eq!(
+        seq_next(&f),
+        (5, true),
+        "the sequence was not moved past max(id)"
+    );
+
+    // The evidence, in three formats.
+    let md = reentry(&[&"report", &run]);
+    assert_exit(&md, 0);
+    let md_text = stdout(&md);
+    for want in ["# Re-entry report: engine-test", "**finished**", "`close:api-writes@current`", "| api-writes | system-gate | restored | enabled = true | enabled = false | enabled = true |", "stays closed", "time 2026-11-25T12:00:00Z"] {
+        assert!(md_text.contains(want), "missing {want:?} in\n{md_text}");
+    }
+    let html_path = run.join("report.html");
+    let html = reentry(&[
+        &"report",
+        &run,
+        &"--format",
+        &"html",
+        &"--output",
+        &html_path,
+    ]);
+    assert_exit(&html, 0);
+    let page = std::fs::read_to_string(&html_path).unwrap();
+    assert!(
+        page.starts_with("<!doctype html>")
+            && page.contains("<svg")
+            && page.contains("gates closed (")
+    );
+    for outside in ["<script", "src=", "<link", "url("] {
+        assert!(!page.contains(outside), "not self-contained: {outside}");
+    }
+    let json = reentry(&[&"report", &run, &"--format", &"json"]);
+    let r: serde_json::Value = serde_json::from_str(&stdout(&json)).unwrap();
+    assert_eq!(r["status"], "finished");
+    assert_eq!(r["attempts"], 1);
+    let gates = r["gates"].as_array().unwrap();
+    assert_eq!(gates.len(), 8);
+    assert!(r["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|s| s["status"] == "done"));
+    assert_no_secret(&run, &[&out, &md, &html, &json]);
+
+    // A finished run resumed does nothing again.
+    let again = apply(&pb, &run, &["--apply", "--resume"]);
+    assert_exit(&again, 0);
+    assert_eq!(f.audit("res"), restored_audit());
+}
+
+#[test]
+fn a_run_killed_at_any_point_resumes_and_applies_each_change_once() {
+    let f = Fixture::new();
+    let pb = f.playbook("pb.toml", "1s");
+    let before = f.gates("res");
+    let run = f.dir.join("run");
+
+    // 1. A close committed, its `done` not yet written: resuming must not
+    //    take the closed state for the state to restore.
+    apply_and_kill_at(&pb, &run, &["--apply"], "close:api-writes@restored:applied");
+    // 2. Prior state journaled, the close's transaction still open.
+    apply_and_kill_at(
+        &pb,
+        &run,
+        &["--apply", "--resume"],
+        "close:case-jobs@restored:prior",
+    );
+    // 3. setval made, its `done` not yet written.
+    apply_and_kill_at(
+        &pb,
+        &run,
+        &["--apply", "--resume"],
+        "sequences@restored:applied",
+    );
+    // 4. A re-open committed, its `done` not yet written.
+    apply_and_kill_at(
+        &pb,
+        &run,
+        &["--apply", "--resume"],
+        "reopen:case-jobs@restored:applied",
+    );
+    // 5. Between two steps.
+    apply_and_kill_at(
+        &pb,
+        &run,
+        &["--apply", "--resume"],
+        "reopen:quartz-jobs@restored:done",
+    );
+
+    // The playbook may not change under a run.
+    let edited = f.dir.join("edited.toml");
+    std::fs::write(
+        &edited,
+        std::fs::read_to_string(&pb).unwrap() + "\n# edited\n",
+    )
+    .unwrap();
+    assert_exit(&apply(&edited, &run, &["--apply", "--resume"]), 3);
+
+    let out = apply(&pb, &run, &["--apply", "--resume"]);
+    assert_exit(&out, 0);
+    assert_eq!(f.gates("res"), expected_after(&before));
+    assert_eq!(
+        f.audit("res"),
+        restored_audit(),
+        "a change was applied twice"
+    );
+    assert_current_closed(&f);
+    assert_eq!(
+        f.audit("cur"),
+        current_audit(),
+        "a change was applied twice"
+    );
+    assert_eq!(seq_next(&f), (5, true));
+
+    let records = journal(&run);
+    let done = |id: &str| {
+        records
+            .iter()
+            .filter(|r| r["event"] == "done" && r["step"] == id)
+            .cloned()
+            .collect::<Vec<_>>()
+    };
+    // Each step finished once; the ones killed after their change found nothing left to do.
+    assert_eq!(done("sequences@restored").len(), 1);
+    assert_eq!(done("sequences@restored")[0]["data"]["effect"]["count"], 0);
+    assert_eq!(
+        done("reopen:case-jobs@restored")[0]["data"]["effect"]["count"],
+        0
+    );
+    assert_eq!(
+        done("close:case-jobs@restored")[0]["data"]["effect"]["count"],
+        2
+    );
+    assert_eq!(
+        done("close:api-writes@restored")[0]["data"]["effect"]["count"],
+        0
+    );
+    let resumes = records.iter().filter(|r| r["event"] == "resumed").count();
+    assert_eq!(resumes, 5);
+
+    let json = reentry(&[&"report", &run, &"--json"]);
+    let r: serde_json::Value = serde_json::from_str(&stdout(&json)).unwrap();
+    assert_eq!(r["attempts"], 6);
+    let step = r["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["id"] == "close:case-jobs@restored")
+        .unwrap()
+        .clone();
+    assert_eq!(step["attempts"], 2);
+    assert_no_secret(&run, &[&out, &json]);
+}
+
+#[test]
+fn ctrl_c_stops_between_steps_and_the_run_resumes() {
+    let f = Fixture::new();
+    let pb = f.playbook("pb.toml", "6s");
+    let run = f.dir.join("run");
+    let mut child = Command::new(reentry_bin())
+        .arg("apply")
+        .arg(&pb)
+        .arg("--run-dir")
+        .arg(&run)
+        .arg("--apply")
+        .env(PW_VAR, SECRET)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    for line in lines.by_ref() {
+        if line.unwrap().contains("close:quartz-jobs@restored") {
+            break; // the last close is done: the run now waits the cache TTL
+        }
+    }
+    let t0 = Instant::now();
+    let kill = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let rest: Vec<String> = lines.map(|l| l.unwrap()).collect();
+    let status = child.wait().unwrap();
+    assert!(
+        t0.elapsed() < Duration::from_secs(5),
+        "Ctrl-C did not stop the wait"
+    );
+    assert_eq!(status.code(), Some(2));
+    assert!(
+        rest.join("\n")
+            .contains("interrupted during wait:gate-cache"),
+        "{rest:?}"
+    );
+    let records = journal(&run);
+    assert_eq!(records.last().unwrap()["event"], "interrupted");
+    assert!(f
+        .gates("res")
+        .contains(&"gate api-writes enabled=false".to_owned()));
+
+    let out = apply(&pb, &run, &["--apply", "--resume"]);
+    assert_exit(&out, 0);
+    assert!(f
+        .gates("res")
+        .contains(&"gate api-writes enabled=true".to_owned()));
+    assert_eq!(f.audit("res"), restored_audit());
+}
+
+#[test]
+fn identifiers_with_quotes_spaces_and_capitals_are_quoted_and_values_bound() {
+    let f = Fixture::new();
+    for db in ["cur", "res"] {
+        f.client(db)
+            .batch_execute(
+                r#"CREATE SCHEMA "Ops Schema";
+                   CREATE TABLE "Ops Schema"."Gate ""T""" (gate_name text PRIMARY KEY, enabled boolean NOT NULL);
+                   INSERT INTO "Ops Schema"."Gate ""T""" VALUES ('api''; DROP TABLE cases; --', true);
+                   CREATE TABLE "Ops Schema"."Shed Lock" (name varchar(64) PRIMARY KEY, lock_until timestamp(3) NOT NULL,
+                                                          locked_at timestamp(3) NOT NULL, locked_by varchar(255) NOT NULL);
+                   INSERT INTO "Ops Schema"."Shed Lock" VALUES ('x''); DELETE FROM shedlock; --', '2026-11-25 10:00:00.123', '2026-11-25 09:59:00.5', 'Host "A"');
+                   CREATE TABLE "Case Table" ("Case Id" bigserial PRIMARY KEY, v text);
+                   INSERT INTO "Case Table" (v) SELECT 'v' FROM generate_series(1, 7);
+                   SELECT setval(pg_get_serial_sequence('"Case Table"', 'Case Id'), 3);"#,
+            )
+            .unwrap();
+    }
+    let text = format!(
+        r#"[playbook]
+name = "quoting"
+way-back = "selective-repair"
+[databases.current]
+conninfo = "{cur}"
+[databases.restored]
+conninfo = "{res}"
+[recovery-target]
+lsn = "0/5000120"
+[gates]
+reopen-order = ["api'; DROP TABLE cases; --", "Jobs"]
+[[gates.system-gate]]
+name = "api'; DROP TABLE cases; --"
+databases = ["current", "restored"]
+table = 'Ops Schema.Gate "T"'
+[[gates.shedlock]]
+name = "Jobs"
+databases = ["current"]
+table = "Ops Schema.Shed Lock"
+locks = ["x'); DELETE FROM shedlock; --"]
+[validation]
+extensions = true
+[[repair]]
+table = "Case Table"
+key = ["Case Id"]
+updated-at = "v"
+"#,
+        cur = f.conninfo("cur"),
+        res = f.conninfo("res"),
+    );
+    let pb = f.dir.join("quoting.toml");
+    std::fs::write(&pb, text).unwrap();
+    let lock_before: String = f
+        .client("cur")
+        .query_one(
+            r#"SELECT to_jsonb(s)::text FROM "Ops Schema"."Shed Lock" s"#,
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    let run = f.dir.join("run");
+    let out = apply(&pb, &run, &["--apply"]);
+    assert_exit(&out, 0);
+
+    for db in ["cur", "res"] {
+        let mut c = f.client(db);
+        let cases: i64 = c
+            .query_one("SELECT count(*) FROM cases", &[])
+            .unwrap()
+            .get(0);
+        assert_eq!(cases, 5, "cases were touched on {db}");
+        let locks: i64 = c
+            .query_one("SELECT count(*) FROM shedlock", &[])
+            .unwrap()
+            .get(0);
+        assert!(locks >= 1, "shedlock was emptied on {db}");
+    }
+    // Selective repair: current is the survivor and re-opens; restored stays closed.
+    let enabled = |db: &str| -> bool {
+        f.client(db)
+            .query_one(r#"SELECT enabled FROM "Ops Schema"."Gate ""T""""#, &[])
+            .unwrap()
+            .get(0)
+    };
+    assert!(enabled("cur"));
+    assert!(!enabled("res"));
+    let lock_after: String = f
+        .client("cur")
+        .query_one(
+            r#"SELECT to_jsonb(s)::text FROM "Ops Schema"."Shed Lock" s"#,
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        lock_after, lock_before,
+        "timestamp(3) values did not come back exactly"
+    );
+    // The sequence of a quoted table and column was found and advanced.
+    let next: i64 = f
+        .client("cur")
+        .query_one(
+            r#"SELECT nextval(pg_get_serial_sequence('"Case Table"', 'Case Id'))"#,
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(next, 8);
+}
