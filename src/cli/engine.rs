@@ -80,14 +80,20 @@ fn invalid(ctx: &Context, d: &Diagnostics) -> Result<Exit, Error> {
 
 fn render_plan(p: &Plan) -> String {
     let mut o = format!(
-        "plan for {} ({:?}): {} steps, {} change something\nrecovery target: {}\n",
+        "plan for {} ({}): {} steps, {} change something\nrecovery target: {}\n",
         p.playbook.name,
         p.playbook.way_back,
         p.steps.len(),
         p.changes(),
         p.target.describe()
     );
-    let width = p.steps.iter().map(|s| s.id.len()).max().unwrap_or(0);
+    let width = p
+        .steps
+        .iter()
+        .map(|s| s.id.len())
+        .max()
+        .unwrap_or(0)
+        .min(32);
     let mut phase = None;
     for (i, s) in p.steps.iter().enumerate() {
         if phase != Some(s.phase) {

@@ -120,7 +120,7 @@ pub fn restore(ctx: &Context, a: RestoreArgs) -> Result<Exit, Error> {
     ctx.emit(&m, || {
         Some(format!(
             "restored {} from {} to {} (timeline {}, last transaction {}), {} WAL segments replayed in {:.1} s; \
-             {} on 127.0.0.1:{} ({:?})",
+             {} on 127.0.0.1:{} ({})",
             m.data_dir,
             m.backup_chain.join(" + "),
             m.reached_lsn,
@@ -133,7 +133,11 @@ pub fn restore(ctx: &Context, a: RestoreArgs) -> Result<Exit, Error> {
                 _ => "running",
             },
             m.port,
-            m.action
+            match m.action {
+                Action::Pause => "paused at the target, read-only",
+                Action::Promote => "promoted, read-write",
+                Action::Shutdown => "shut down at the target",
+            }
         ))
     })?;
     Ok(Exit::Ok)

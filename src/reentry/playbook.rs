@@ -217,6 +217,15 @@ pub enum WayBack {
     SelectiveRepair,
 }
 
+impl fmt::Display for WayBack {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            WayBack::Cutover => "cutover",
+            WayBack::SelectiveRepair => "selective-repair",
+        })
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub struct Meta {

@@ -325,7 +325,7 @@ pub fn markdown(r: &Report) -> String {
     let _ = writeln!(o, "# Re-entry report: {}", md_cell(&r.playbook.name));
     let _ = writeln!(o);
     let _ = writeln!(o, "- Run: `{}` ({}), **{}**", r.run_id, r.mode, r.status);
-    let _ = writeln!(o, "- Way back: {:?}", r.playbook.way_back);
+    let _ = writeln!(o, "- Way back: {}", r.playbook.way_back);
     let _ = writeln!(o, "- Recovery target: {}", md_cell(&r.target.describe()));
     let _ = writeln!(
         o,
@@ -428,6 +428,16 @@ fn esc(s: &str) -> String {
         .replace('\'', "&#39;")
 }
 
+/// At most `n` characters, with an ellipsis when cut.
+fn short(s: &str, n: usize) -> String {
+    if s.chars().count() <= n {
+        return s.to_owned();
+    }
+    let mut t: String = s.chars().take(n - 1).collect();
+    t.push('…');
+    t
+}
+
 fn phase_colour(p: Phase) -> &'static str {
     match p {
         Phase::CloseGates => "#c2410c",
@@ -449,7 +459,7 @@ fn timeline_svg(r: &Report) -> String {
         .fold(r.seconds, f64::max)
         .max(0.001);
     let (label_w, plot_w, row_h, top) = (260.0, 640.0, 22.0, 30.0);
-    let height = top + row_h * rows.len() as f64 + 30.0;
+    let height = top + row_h * rows.len() as f64 + 52.0;
     let x = |t: f64| label_w + plot_w * (t / total);
     let mut o = String::new();
     let _ = write!(
@@ -502,7 +512,7 @@ fn timeline_svg(r: &Report) -> String {
             "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"end\">{}</text><rect x=\"{:.1}\" y=\"{:.1}\" width=\"{w:.1}\" height=\"{:.1}\" rx=\"2\" fill=\"{fill}\"><title>{}: {} at {:.2} s, {:.3} s — {}</title></rect>",
             label_w - 8.0,
             y + row_h * 0.65,
-            esc(&s.id),
+            esc(&short(&s.id, 40)),
             x(start),
             y + 3.0,
             row_h - 6.0,
@@ -514,6 +524,24 @@ fn timeline_svg(r: &Report) -> String {
         );
     }
     let axis_y = top + row_h * rows.len() as f64 + 14.0;
+    let mut lx = label_w;
+    for (p, name) in [
+        (Phase::CloseGates, "close gates"),
+        (Phase::Settle, "settle"),
+        (Phase::Validate, "validate"),
+        (Phase::Reconcile, "reconcile"),
+        (Phase::Reopen, "re-open"),
+    ] {
+        let _ = write!(
+            o,
+            "<rect x=\"{lx:.1}\" y=\"{:.1}\" width=\"10\" height=\"10\" fill=\"{}\"/><text x=\"{:.1}\" y=\"{:.1}\">{name}</text>",
+            axis_y + 10.0,
+            phase_colour(p),
+            lx + 14.0,
+            axis_y + 19.0
+        );
+        lx += 100.0;
+    }
     for k in 0..=4 {
         let t = total * k as f64 / 4.0;
         let _ = write!(
@@ -544,7 +572,7 @@ dl{{display:grid;grid-template-columns:max-content auto;gap:4px 16px}}dt{{color:
     );
     let _ = write!(
         o,
-        "<h1>Re-entry: {} <span class=\"badge\">{}</span></h1><dl><dt>run</dt><dd><code>{}</code> ({})</dd><dt>way back</dt><dd>{:?}</dd><dt>recovery target</dt><dd>{}</dd><dt>started</dt><dd>{}</dd><dt>finished</dt><dd>{}</dd><dt>duration</dt><dd>{:.1} s, {} attempt(s)</dd><dt>playbook</dt><dd><code>{}</code> sha256 {:.12}</dd></dl>",
+        "<h1>Re-entry: {} <span class=\"badge\">{}</span></h1><dl><dt>run</dt><dd><code>{}</code> ({})</dd><dt>way back</dt><dd>{}</dd><dt>recovery target</dt><dd>{}</dd><dt>started</dt><dd>{}</dd><dt>finished</dt><dd>{}</dd><dt>duration</dt><dd>{:.1} s, {} attempt(s)</dd><dt>playbook</dt><dd><code>{}</code> sha256 {:.12}</dd></dl>",
         esc(&r.playbook.name),
         esc(&r.status),
         esc(&r.run_id),

@@ -293,11 +293,15 @@ impl Step for Sequences {
             }
         }
         Ok(Effect {
-            summary: format!(
-                "advanced {} of {} drifting sequence(s) on {database}",
-                items.len(),
-                planned.len()
-            ),
+            summary: if planned.is_empty() {
+                format!("no sequence behind its column on {database}")
+            } else {
+                format!(
+                    "advanced {} of {} drifting sequence(s) on {database}",
+                    items.len(),
+                    planned.len()
+                )
+            },
             count: items.len() as u64,
             items,
             detail: json!(planned),
