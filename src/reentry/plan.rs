@@ -93,6 +93,7 @@ impl TargetInfo {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub struct Plan {
     pub format: u32,
     pub playbook: PlaybookRef,

@@ -792,3 +792,143 @@ updated-at = "v"
         .get(0);
     assert_eq!(next, 8);
 }
+
+#[test]
+fn a_failed_check_stops_the_run_with_the_gates_still_closed_until_it_is_fixed() {
+    let f = Fixture::new();
+    let pb = f.playbook("pb.toml", "0s");
+    f.client("res")
+        .batch_execute("INSERT INTO cases (id, title) VALUES (100, 'no owner')")
+        .unwrap();
+    let run = f.dir.join("run");
+    let out = apply(&pb, &run, &["--apply"]);
+    assert_exit(&out, 2);
+    let text = stdout(&out);
+    assert!(
+        text.contains("stopped: invariant:every open case has an owner: invariant violated"),
+        "{text}"
+    );
+    assert!(text.contains("--apply --resume"), "{text}");
+    // Nothing after the failed step ran: the copy's gates are still closed.
+    assert!(f
+        .gates("res")
+        .contains(&"gate api-writes enabled=false".to_owned()));
+    let r: serde_json::Value =
+        serde_json::from_str(&stdout(&reentry(&[&"report", &run, &"--json"]))).unwrap();
+    assert_eq!(r["status"], "failed");
+    let inv = r["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["id"] == "invariant:every open case has an owner")
+        .unwrap()
+        .clone();
+    assert_eq!(inv["status"], "failed");
+    assert_eq!(inv["findings"].as_array().unwrap().len(), 1);
+
+    f.client("res")
+        .batch_execute("UPDATE cases SET owner_id = 1 WHERE owner_id IS NULL")
+        .unwrap();
+    let out = apply(&pb, &run, &["--apply", "--resume"]);
+    assert_exit(&out, 0);
+    assert!(f
+        .gates("res")
+        .contains(&"gate api-writes enabled=true".to_owned()));
+    assert_eq!(f.audit("res"), restored_audit());
+}
+
+#[test]
+fn a_restore_manifest_must_exist_and_describe_the_restored_cluster() {
+    let f = Fixture::new();
+    let pb = f.playbook("pb.toml", "0s");
+    let text = std::fs::read_to_string(&pb).unwrap().replace(
+        "time = \"2026-11-25T12:00:00Z\"",
+        "manifest = \"restore/reentry-restore.json\"",
+    );
+    let pb = f.dir.join("with-manifest.toml");
+    std::fs::write(&pb, text).unwrap();
+
+    let out = reentry(&[&"plan", &pb]);
+    assert_exit(&out, 78);
+    assert!(
+        stderr(&out).contains("reentry-restore.json: cannot read it"),
+        "{}",
+        stderr(&out)
+    );
+
+    let sysid: String = f
+        .client("res")
+        .query_one(
+            "SELECT system_identifier::text FROM pg_control_system()",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    let manifest = |sysid: &str| {
+        serde_json::json!({
+            "format": 1, "backup_id": "20261125-120000F", "backup_chain": ["20261125-120000F"],
+            "target": {"type": "time", "value": "2026-11-25T12:00:00.000Z"}, "action": "promote",
+            "data_dir": "/restore", "port": 6543, "repo": "/repo", "pg_version": "18",
+            "system_identifier": sysid, "timeline": 2, "reached_lsn": "0/5000120",
+            "reached_time": "2026-11-25T11:59:59.123Z", "wal_segments_replayed": 3,
+            "started_at": "2026-11-25T12:10:00Z", "finished_at": "2026-11-25T12:11:00Z",
+            "durations": {"copy_seconds": 1.0, "combine_seconds": 0.0, "replay_seconds": 2.0, "total_seconds": 3.0}
+        })
+        .to_string()
+    };
+    std::fs::create_dir_all(f.dir.join("restore")).unwrap();
+    let path = f.dir.join("restore/reentry-restore.json");
+    std::fs::write(&path, manifest("1234567890")).unwrap();
+    let out = reentry(&[&"plan", &pb]);
+    assert_exit(&out, 3);
+    assert!(
+        stderr(&out).contains("the playbook points at the wrong server"),
+        "{}",
+        stderr(&out)
+    );
+
+    std::fs::write(&path, manifest(&sysid)).unwrap();
+    let out = reentry(&[&"plan", &pb, &"--json"]);
+    assert_exit(&out, 1);
+    let plan: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(plan["target"]["reached-lsn"], "0/5000120");
+    assert_eq!(plan["target"]["backup-id"], "20261125-120000F");
+    assert_eq!(plan["target"]["system-identifier"], sysid.as_str());
+}
+
+#[test]
+fn a_lock_released_by_its_holder_during_the_wait_is_closed_again() {
+    let f = Fixture::new();
+    let pb = f.playbook("pb.toml", "3s");
+    let before = f.gates("res");
+    let run = f.dir.join("run");
+    let mut child = Command::new(reentry_bin())
+        .arg("apply")
+        .arg(&pb)
+        .arg("--run-dir")
+        .arg(&run)
+        .arg("--apply")
+        .env(PW_VAR, SECRET)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    for line in lines.by_ref() {
+        if line.unwrap().contains("close:quartz-jobs@restored") {
+            break;
+        }
+    }
+    // What ShedLock's unlock does when a job that held the lock finishes.
+    f.client("res")
+        .batch_execute(
+            "UPDATE shedlock SET lock_until = now() WHERE name = 'escalate-overdue-cases'",
+        )
+        .unwrap();
+    let rest: Vec<String> = lines.map(|l| l.unwrap()).collect();
+    assert!(child.wait().unwrap().success(), "{rest:?}");
+    let verify = rest.iter().find(|l| l.contains("verify:gates")).unwrap();
+    assert!(verify.contains("closed again 1 row(s)"), "{verify}");
+    // The re-open still restores the row the run found.
+    assert_eq!(f.gates("res"), expected_after(&before));
+}
