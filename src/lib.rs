@@ -7,6 +7,7 @@ pub mod config;
 pub mod diag;
 pub mod exit;
 pub mod fsutil;
+pub mod kafka;
 pub mod pg;
 pub mod reentry;
 

@@ -287,6 +287,39 @@ impl Db {
         }
     }
 
+    /// Streams a query's rows in batches of `batch` through a portal, in a
+    /// transaction of its own: memory stays bounded however many rows match.
+    pub fn stream_rows<E: From<PgError>>(
+        &mut self,
+        context: &str,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+        batch: i32,
+        mut f: impl FnMut(&[Row]) -> Result<(), E>,
+    ) -> Result<(), E> {
+        let target = self.target.clone();
+        let wrap = |e: tokio_postgres::Error| PgError::Query {
+            target: target.clone(),
+            context: context.to_owned(),
+            detail: describe(&e),
+            code: e.code().cloned(),
+        };
+        let client = &mut self.client;
+        self.rt.block_on(async {
+            let tx = client.transaction().await.map_err(wrap)?;
+            let portal = tx.bind(sql, params).await.map_err(wrap)?;
+            loop {
+                let rows = tx.query_portal(&portal, batch).await.map_err(wrap)?;
+                if rows.is_empty() {
+                    break;
+                }
+                f(&rows)?;
+            }
+            tx.commit().await.map_err(wrap)?;
+            Ok(())
+        })
+    }
+
     /// Whether the connection is gone (server restarted, network cut): the
     /// kind of failure worth a retry with a new connection.
     pub fn is_closed(&self) -> bool {

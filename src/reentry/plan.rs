@@ -15,9 +15,13 @@ use sha2::{Digest, Sha256};
 
 use crate::backup::restore::RestoreManifest;
 use crate::diag::Diagnostics;
+use crate::kafka::scan::IdFrom;
 use crate::reentry::check;
 use crate::reentry::playbook::{Playbook, WayBack};
+use crate::reentry::steps::consumers::{Inbox, Rewind};
 use crate::reentry::steps::gates::{Closed, Gate, GateAt, Reopen, WaitCache};
+use crate::reentry::steps::idempotency::{CsvFrom, Keys};
+use crate::reentry::steps::outbox::{Layout, Reconcile};
 use crate::reentry::steps::validate::{
     Amcheck, Extensions, InvalidIndexes, Query, Role, Sequences,
 };
@@ -73,6 +77,21 @@ pub struct TargetInfo {
 }
 
 impl TargetInfo {
+    /// T in ms since the epoch: the last commit the restore replayed, else
+    /// the target time.
+    pub fn time_ms(&self) -> Option<i64> {
+        let text = self.reached_time.as_deref().or(if self.kind == "time" {
+            self.value.as_deref()
+        } else {
+            None
+        })?;
+        let t =
+            humantime::parse_rfc3339_weak(text.trim_end_matches('Z').trim_end_matches("+00:00"))
+                .or_else(|_| humantime::parse_rfc3339(text))
+                .ok()?;
+        Some(t.duration_since(std::time::UNIX_EPOCH).ok()?.as_millis() as i64)
+    }
+
     pub fn describe(&self) -> String {
         let mut s = format!(
             "{} {}",
@@ -130,6 +149,8 @@ pub enum PlanError {
         expected: String,
         found: String,
     },
+    #[error("the Kafka, outbox, inbox and idempotency steps compare with T as a time, and the recovery target gives none: name the restore manifest, or give `time`")]
+    NoTime,
     #[error("planning {step}: {source}")]
     Step {
         step: String,
@@ -145,6 +166,10 @@ impl PlanError {
             PlanError::Playbook(_) => Exit::Config,
             PlanError::Manifest { .. } => Exit::Config,
             PlanError::InRecovery { .. } | PlanError::WrongCluster { .. } => Exit::Refused,
+            PlanError::Step { source, .. } if matches!(**source, StepError::Input { .. }) => {
+                Exit::Config
+            }
+            PlanError::NoTime => Exit::Config,
             PlanError::Step { .. } => Exit::Failure,
         }
     }
@@ -208,7 +233,7 @@ fn step(id: String, phase: Phase, title: String, action: Action) -> PlannedStep 
 }
 
 /// The ordered steps, from the playbook alone.
-pub fn steps(p: &Playbook) -> Vec<PlannedStep> {
+pub fn steps(p: &Playbook, t_ms: Option<i64>) -> Vec<PlannedStep> {
     let mut out = Vec::new();
     let all = gates(p);
     let mut closed = Vec::new();
@@ -332,6 +357,10 @@ pub fn steps(p: &Playbook) -> Vec<PlannedStep> {
         ));
     }
 
+    if let Some(t_ms) = t_ms {
+        out.extend(reconcile(p, t_ms));
+    }
+
     for name in &p.gates.reopen_order {
         let Some((gate, dbs, health)) = all.iter().find(|(g, _, _)| g.name() == name) else {
             continue;
@@ -369,6 +398,118 @@ pub fn steps(p: &Playbook) -> Vec<PlannedStep> {
     out
 }
 
+fn needs_time(p: &Playbook) -> bool {
+    !p.outbox.is_empty()
+        || !p.inbox.is_empty()
+        || !p.idempotency.is_empty()
+        || p.kafka
+            .as_ref()
+            .is_some_and(|k| !k.consumer_group.is_empty())
+}
+
+fn id_from(e: Option<&crate::reentry::playbook::EventId>) -> IdFrom {
+    match e {
+        Some(e) if e.header.is_some() => IdFrom::Header(e.header.clone().unwrap_or_default()),
+        Some(e) if e.json_pointer.is_some() => {
+            IdFrom::JsonPointer(e.json_pointer.clone().unwrap_or_default())
+        }
+        _ => IdFrom::Key,
+    }
+}
+
+fn millis(d: Option<&str>, default: &str) -> i64 {
+    humantime::parse_duration(d.unwrap_or(default))
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// Outbox, inbox, consumer groups and idempotency keys, in that order:
+/// the outbox settles what the relay will send before consumers rewind.
+fn reconcile(p: &Playbook, t_ms: i64) -> Vec<PlannedStep> {
+    let mut out = Vec::new();
+    let kafka = p.kafka.as_ref();
+    let lookback = millis(kafka.and_then(|k| k.lookback.as_deref()), "1h");
+    let watch = millis(kafka.and_then(|k| k.watch.as_deref()), "5s") as f64 / 1000.0;
+    for o in &p.outbox {
+        out.push(step(
+            format!("outbox:{}", o.name),
+            Phase::Reconcile,
+            format!("outbox `{}` against topic {}", o.name, o.topic),
+            Action::Outbox(Reconcile {
+                outbox: o.name.clone(),
+                database: o.database.clone(),
+                topic: o.topic.clone(),
+                layout: Layout::of(o),
+                id_from: id_from(o.event_id.as_ref()),
+                t_ms,
+                from_ms: t_ms - lookback,
+                watch_seconds: watch,
+                compensation_template: o.compensation_template.clone(),
+            }),
+        ));
+    }
+    let groups = kafka.map(|k| k.consumer_group.as_slice()).unwrap_or(&[]);
+    for i in &p.inbox {
+        let same_topic = p.outbox.iter().find(|o| o.topic == i.topic);
+        out.push(step(
+            format!("inbox:{}", i.name),
+            Phase::Reconcile,
+            format!("inbox `{}` against topic {}", i.name, i.topic),
+            Action::Inbox(Inbox {
+                inbox: i.name.clone(),
+                database: i.database.clone(),
+                table: i.table.clone(),
+                column: i.message_id_column.clone(),
+                topic: i.topic.clone(),
+                id_from: id_from(same_topic.and_then(|o| o.event_id.as_ref())),
+                group: i.consumer_group.clone(),
+                idempotent: groups.iter().any(|g| {
+                    Some(&g.name) == i.consumer_group.as_ref() && g.idempotent == Some(true)
+                }),
+                t_ms,
+            }),
+        ));
+    }
+    for g in groups {
+        out.push(step(
+            format!("rewind:{}", g.name),
+            Phase::Reconcile,
+            format!("rewind consumer group `{}` to T", g.name),
+            Action::RewindGroup(Rewind {
+                group: g.name.clone(),
+                topics: g.topics.clone(),
+                t_ms,
+                idempotent: g.idempotent == Some(true),
+            }),
+        ));
+    }
+    for k in &p.idempotency {
+        out.push(step(
+            format!("idempotency:{}", k.name),
+            Phase::Reconcile,
+            format!("idempotency keys `{}` on {}", k.name, k.database),
+            Action::IdempotencyKeys(Keys {
+                idempotency: k.name.clone(),
+                database: k.database.clone(),
+                table: k.table.clone(),
+                key_column: k.key_column.clone(),
+                created_column: k.created_at_column.clone(),
+                retention_ms: k.retention.as_deref().map(|r| millis(Some(r), "0s")),
+                action: k.action.clone(),
+                from_current: k.from_current == Some(true),
+                from_topic: k.from_topic.clone(),
+                from_csv: k.from_csv.as_ref().map(|c| CsvFrom {
+                    path: c.path.clone(),
+                    key_column: c.key_column.clone(),
+                    time_column: c.time_column.clone(),
+                }),
+                t_ms,
+            }),
+        ));
+    }
+    out
+}
+
 /// What the playbook asks for that this version does not do yet: said in
 /// every plan, never silently dropped.
 pub fn notes(p: &Playbook) -> Vec<String> {
@@ -390,10 +531,6 @@ pub fn notes(p: &Playbook) -> Vec<String> {
         ));
     }
     let pending = [
-        ("[[outbox]]", p.outbox.len()),
-        ("[kafka]", usize::from(p.kafka.is_some())),
-        ("[[inbox]]", p.inbox.len()),
-        ("[[idempotency]]", p.idempotency.len()),
         ("[[caches]]", p.caches.len()),
         ("[[search]]", p.search.len()),
         ("[[repair]]", p.repair.len()),
@@ -523,7 +660,11 @@ fn preconditions(
 /// Builds the plan: the steps, then a read-only preview of each.
 pub fn build(p: &Playbook, env: &mut Env) -> Result<Plan, PlanError> {
     let target = target(p)?;
-    let mut steps = steps(p);
+    let t_ms = target.time_ms();
+    if t_ms.is_none() && needs_time(p) {
+        return Err(PlanError::NoTime);
+    }
+    let mut steps = steps(p, t_ms);
     preconditions(p, &target, &steps, env)?;
     for s in &mut steps {
         s.preview = s
@@ -567,7 +708,7 @@ mod tests {
     #[test]
     fn gates_close_first_and_reopen_last_in_the_declared_order() {
         let p = example("reference.toml");
-        let s = steps(&p);
+        let s = steps(&p, Some(0));
         let phases: Vec<Phase> = s.iter().map(|x| x.phase).collect();
         let mut sorted = phases.clone();
         sorted.sort();
@@ -597,7 +738,7 @@ mod tests {
     fn the_way_back_decides_which_database_stays_closed() {
         let p = example("payment-ledger.toml");
         assert_eq!(p.playbook.way_back, WayBack::SelectiveRepair);
-        let s = steps(&p);
+        let s = steps(&p, Some(0));
         assert!(s
             .iter()
             .filter(|x| x.phase == Phase::Reopen && x.id.starts_with("reopen:"))
@@ -619,7 +760,7 @@ mod tests {
             },
             target: TargetInfo::default(),
             created_at: "now".into(),
-            steps: steps(&p),
+            steps: steps(&p, Some(0)),
             notes: notes(&p),
         };
         let text = serde_json::to_string(&plan).unwrap();

@@ -99,6 +99,7 @@ const CONSUMER_GROUP: &[Field] = &[
 const KAFKA: &[Field] = &[
     req("bootstrap", Kind::Interp),
     opt("lookback", Kind::Duration),
+    opt("watch", Kind::Duration),
     opt("consumer-group", Kind::Tables(CONSUMER_GROUP)),
 ];
 const INBOX: &[Field] = &[
@@ -359,6 +360,7 @@ pub struct ConsumerGroup {
 pub struct Kafka {
     pub bootstrap: Interpolated,
     pub lookback: Option<String>,
+    pub watch: Option<String>,
     #[serde(default)]
     pub consumer_group: Vec<ConsumerGroup>,
 }

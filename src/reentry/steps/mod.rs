@@ -6,7 +6,10 @@
 //! Later kinds (Kafka, outbox, caches, search, repair) are new `Action`
 //! variants with their own `Step` impl; the engine does not change.
 
+pub mod consumers;
 pub mod gates;
+pub mod idempotency;
+pub mod outbox;
 pub mod validate;
 
 use std::collections::BTreeMap;
@@ -97,6 +100,9 @@ pub enum StepError {
     },
     #[error("{0}")]
     Invalid(String),
+    /// Bad input the step reads (a CSV export): exit 78, nothing changed.
+    #[error("{message}")]
+    Input { message: String },
     #[error("cannot write the journal: {0}")]
     Journal(#[from] std::io::Error),
     #[error("interrupted")]
@@ -258,6 +264,10 @@ pub enum Action {
     Extensions(validate::Extensions),
     Amcheck(validate::Amcheck),
     ReopenGate(gates::Reopen),
+    Outbox(outbox::Reconcile),
+    Inbox(consumers::Inbox),
+    RewindGroup(consumers::Rewind),
+    IdempotencyKeys(idempotency::Keys),
 }
 
 impl Action {
@@ -272,6 +282,10 @@ impl Action {
             Action::Extensions(s) => s,
             Action::Amcheck(s) => s,
             Action::ReopenGate(s) => s,
+            Action::Outbox(s) => s,
+            Action::Inbox(s) => s,
+            Action::RewindGroup(s) => s,
+            Action::IdempotencyKeys(s) => s,
         }
     }
 }

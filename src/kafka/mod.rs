@@ -1,0 +1,368 @@
+//! Kafka, through librdkafka (the `rdkafka` crate): partitions, offsets at a
+//! time, committed offsets and members of a consumer group, commits,
+//! single-message fetches and produces. The topic scan is in `scan`.
+
+pub mod scan;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+use rdkafka::{Offset, TopicPartitionList};
+
+const TIMEOUT: Duration = Duration::from_secs(15);
+
+#[derive(Debug, thiserror::Error)]
+pub enum KafkaError {
+    #[error("Kafka at {bootstrap}: {what}: {source}")]
+    Client {
+        bootstrap: String,
+        what: String,
+        #[source]
+        source: Box<rdkafka::error::KafkaError>,
+    },
+    #[error("Kafka at {bootstrap}: topic {topic} does not exist (or has no partitions)")]
+    NoTopic { bootstrap: String, topic: String },
+    #[error("Kafka at {bootstrap}: {what}")]
+    Other { bootstrap: String, what: String },
+}
+
+/// A message, whole: what an orphan is staged with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fetched {
+    pub partition: i32,
+    pub offset: i64,
+    pub timestamp: Option<i64>,
+    pub key: Option<Vec<u8>>,
+    pub payload: Option<Vec<u8>>,
+    pub headers: Vec<(String, Option<Vec<u8>>)>,
+}
+
+/// A member of a consumer group, as the coordinator describes it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct Member {
+    pub id: String,
+    pub client_id: String,
+    pub host: String,
+}
+
+/// A message to produce: key, payload, headers.
+pub type Outgoing = (Option<Vec<u8>>, Vec<u8>, Vec<(String, Vec<u8>)>);
+
+#[derive(Clone)]
+pub struct Kafka {
+    bootstrap: String,
+}
+
+impl Kafka {
+    pub fn new(bootstrap: &str) -> Kafka {
+        Kafka {
+            bootstrap: bootstrap.to_owned(),
+        }
+    }
+
+    /// The brokers, for messages. (The playbook shows its `${VAR}` template.)
+    pub fn bootstrap(&self) -> &str {
+        &self.bootstrap
+    }
+
+    fn err(
+        &self,
+        what: impl Into<String>,
+    ) -> impl FnOnce(rdkafka::error::KafkaError) -> KafkaError + '_ {
+        let what = what.into();
+        move |source| KafkaError::Client {
+            bootstrap: self.bootstrap.clone(),
+            what,
+            source: Box::new(source),
+        }
+    }
+
+    fn config(&self, group: &str) -> ClientConfig {
+        let mut c = ClientConfig::new();
+        c.set("bootstrap.servers", &self.bootstrap)
+            .set("client.id", "reentry")
+            .set("group.id", group)
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("enable.partition.eof", "true")
+            .set("auto.offset.reset", "earliest")
+            .set("fetch.wait.max.ms", "100")
+            .set("log_level", "3");
+        c
+    }
+
+    /// A consumer that never joins its group: it reads assigned partitions,
+    /// and reads or writes the group's committed offsets.
+    pub fn consumer(&self, group: &str) -> Result<BaseConsumer, KafkaError> {
+        self.config(group)
+            .create()
+            .map_err(self.err("create a consumer"))
+    }
+
+    pub fn partitions(&self, topic: &str) -> Result<Vec<i32>, KafkaError> {
+        let c = self.consumer("reentry-metadata")?;
+        let md = c
+            .fetch_metadata(Some(topic), TIMEOUT)
+            .map_err(self.err(format!("read the metadata of {topic}")))?;
+        let parts: Vec<i32> = md
+            .topics()
+            .iter()
+            .filter(|t| t.name() == topic && t.error().is_none())
+            .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+            .collect();
+        if parts.is_empty() {
+            return Err(KafkaError::NoTopic {
+                bootstrap: self.bootstrap.clone(),
+                topic: topic.to_owned(),
+            });
+        }
+        let mut parts = parts;
+        parts.sort_unstable();
+        Ok(parts)
+    }
+
+    /// The broker's offsets-for-times: per partition, the earliest offset
+    /// whose timestamp is at or after `ms`, or `None` when there is none.
+    /// Some brokers answer coarsely (the partition's start); callers that
+    /// need the exact offset scan from here.
+    pub fn offsets_at(
+        &self,
+        topic: &str,
+        partitions: &[i32],
+        ms: i64,
+    ) -> Result<BTreeMap<i32, Option<i64>>, KafkaError> {
+        let c = self.consumer("reentry-metadata")?;
+        let mut tpl = TopicPartitionList::new();
+        for p in partitions {
+            tpl.add_partition_offset(topic, *p, Offset::Offset(ms))
+                .map_err(self.err("build a partition list"))?;
+        }
+        let got = c
+            .offsets_for_times(tpl, TIMEOUT)
+            .map_err(self.err(format!("ask for the offsets of {topic} at a time")))?;
+        Ok(got
+            .elements()
+            .iter()
+            .map(|e| {
+                let o = match e.offset() {
+                    Offset::Offset(o) => Some(o),
+                    Offset::Beginning => Some(0),
+                    _ => None,
+                };
+                (e.partition(), o)
+            })
+            .collect())
+    }
+
+    /// The earliest offset at or after `start` whose timestamp is at or
+    /// after `ms`; the partition's end when there is none. `start` comes
+    /// from `offsets_at`, which is exact on Kafka and coarse on some brokers.
+    pub fn first_at_or_after(
+        &self,
+        topic: &str,
+        partition: i32,
+        start: i64,
+        ms: i64,
+    ) -> Result<i64, KafkaError> {
+        let c = self.consumer("reentry-scan")?;
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(topic, partition, Offset::Offset(start))
+            .map_err(self.err("build a partition list"))?;
+        c.assign(&tpl).map_err(self.err("assign a partition"))?;
+        let mut end = start;
+        loop {
+            match c.poll(TIMEOUT) {
+                Some(Ok(m)) => {
+                    if m.timestamp().to_millis().unwrap_or(i64::MIN) >= ms {
+                        return Ok(m.offset());
+                    }
+                    end = m.offset() + 1;
+                }
+                Some(Err(rdkafka::error::KafkaError::PartitionEOF(_))) => return Ok(end),
+                Some(Err(e)) => return Err(self.err(format!("read {topic}/{partition}"))(e)),
+                None => {
+                    return Err(KafkaError::Other {
+                        bootstrap: self.bootstrap.clone(),
+                        what: format!("no answer reading {topic}/{partition}"),
+                    })
+                }
+            }
+        }
+    }
+
+    /// Per partition, where a consumer must start to see every message at
+    /// or after `ms`.
+    pub fn offsets_for_time(&self, topic: &str, ms: i64) -> Result<BTreeMap<i32, i64>, KafkaError> {
+        let parts = self.partitions(topic)?;
+        let coarse = self.offsets_at(topic, &parts, ms)?;
+        let ends = self.offsets_at(topic, &parts, -1)?;
+        let mut out = BTreeMap::new();
+        for p in parts {
+            let o = match coarse.get(&p).copied().flatten() {
+                Some(start) => self.first_at_or_after(topic, p, start, ms)?,
+                None => ends.get(&p).copied().flatten().unwrap_or(0),
+            };
+            out.insert(p, o);
+        }
+        Ok(out)
+    }
+
+    /// The group's committed offsets for `topic` (None: nothing committed).
+    pub fn committed(
+        &self,
+        group: &str,
+        topic: &str,
+        partitions: &[i32],
+    ) -> Result<BTreeMap<i32, Option<i64>>, KafkaError> {
+        let c = self.consumer(group)?;
+        let mut tpl = TopicPartitionList::new();
+        for p in partitions {
+            tpl.add_partition(topic, *p);
+        }
+        let got = c
+            .committed_offsets(tpl, TIMEOUT)
+            .map_err(self.err(format!("read the committed offsets of group {group}")))?;
+        Ok(got
+            .elements()
+            .iter()
+            .map(|e| {
+                let o = match e.offset() {
+                    Offset::Offset(o) => Some(o),
+                    _ => None,
+                };
+                (e.partition(), o)
+            })
+            .collect())
+    }
+
+    /// The group's live members: a rewind is refused while there are any.
+    pub fn members(&self, group: &str) -> Result<Vec<Member>, KafkaError> {
+        let c = self.consumer("reentry-metadata")?;
+        let list = c
+            .fetch_group_list(Some(group), TIMEOUT)
+            .map_err(self.err(format!("describe group {group}")))?;
+        Ok(list
+            .groups()
+            .iter()
+            .filter(|g| g.name() == group)
+            .flat_map(|g| {
+                g.members().iter().map(|m| Member {
+                    id: m.id().to_owned(),
+                    client_id: m.client_id().to_owned(),
+                    host: m.client_host().to_owned(),
+                })
+            })
+            .collect())
+    }
+
+    /// Commits offsets for a group that has no live member.
+    pub fn commit(
+        &self,
+        group: &str,
+        topic: &str,
+        offsets: &BTreeMap<i32, i64>,
+    ) -> Result<(), KafkaError> {
+        let c = self.consumer(group)?;
+        let mut tpl = TopicPartitionList::new();
+        for (p, o) in offsets {
+            tpl.add_partition_offset(topic, *p, Offset::Offset(*o))
+                .map_err(self.err("build a partition list"))?;
+        }
+        c.commit(&tpl, CommitMode::Sync)
+            .map_err(self.err(format!("commit offsets for group {group}")))
+    }
+
+    /// One message, by partition and offset.
+    pub fn fetch(
+        &self,
+        topic: &str,
+        partition: i32,
+        offset: i64,
+    ) -> Result<Option<Fetched>, KafkaError> {
+        let c = self.consumer("reentry-fetch")?;
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(topic, partition, Offset::Offset(offset))
+            .map_err(self.err("build a partition list"))?;
+        c.assign(&tpl).map_err(self.err("assign a partition"))?;
+        loop {
+            match c.poll(TIMEOUT) {
+                Some(Ok(m)) if m.offset() == offset => {
+                    return Ok(Some(Fetched {
+                        partition,
+                        offset,
+                        timestamp: m.timestamp().to_millis(),
+                        key: m.key().map(<[u8]>::to_vec),
+                        payload: m.payload().map(<[u8]>::to_vec),
+                        headers: m
+                            .headers()
+                            .map(|h| {
+                                h.iter()
+                                    .map(|x| (x.key.to_owned(), x.value.map(<[u8]>::to_vec)))
+                                    .collect()
+                            })
+                            .unwrap_or_default(),
+                    }))
+                }
+                Some(Ok(m)) if m.offset() > offset => return Ok(None),
+                Some(Ok(_)) => {}
+                Some(Err(rdkafka::error::KafkaError::PartitionEOF(_))) => return Ok(None),
+                Some(Err(e)) => {
+                    return Err(self.err(format!("fetch {topic}/{partition}@{offset}"))(e))
+                }
+                None => {
+                    return Err(KafkaError::Other {
+                        bootstrap: self.bootstrap.clone(),
+                        what: format!("no answer fetching {topic}/{partition}@{offset}"),
+                    })
+                }
+            }
+        }
+    }
+
+    /// Produces messages and waits until every one is acknowledged.
+    pub fn produce(&self, topic: &str, messages: &[Outgoing]) -> Result<(), KafkaError> {
+        let p: BaseProducer = ClientConfig::new()
+            .set("bootstrap.servers", &self.bootstrap)
+            .set("client.id", "reentry")
+            .set("enable.idempotence", "false")
+            .set("log_level", "3")
+            .create()
+            .map_err(self.err("create a producer"))?;
+        for (key, payload, headers) in messages {
+            let mut h = OwnedHeaders::new();
+            for (k, v) in headers {
+                h = h.insert(Header {
+                    key: k,
+                    value: Some(v),
+                });
+            }
+            let mut r: BaseRecord<'_, [u8], [u8]> =
+                BaseRecord::to(topic).payload(payload.as_slice()).headers(h);
+            if let Some(k) = key {
+                r = r.key(k.as_slice());
+            }
+            loop {
+                match p.send(r) {
+                    Ok(()) => break,
+                    Err((
+                        rdkafka::error::KafkaError::MessageProduction(
+                            rdkafka::types::RDKafkaErrorCode::QueueFull,
+                        ),
+                        back,
+                    )) => {
+                        p.poll(Duration::from_millis(50));
+                        r = back;
+                    }
+                    Err((e, _)) => return Err(self.err(format!("produce to {topic}"))(e)),
+                }
+            }
+        }
+        p.flush(TIMEOUT)
+            .map_err(self.err(format!("flush messages to {topic}")))
+    }
+}

@@ -1,0 +1,468 @@
+//! The topic scan: every partition read in parallel from a time to its end
+//! (to partition EOF, not to a high watermark some brokers report late),
+//! each message reduced to its event id, timestamp and position, and the
+//! result sorted by event id so it can be merged with a database stream
+//! ordered the same way. Sorting spills runs of `chunk` events to disk, so
+//! memory stays bounded however long the topic is.
+
+use std::collections::{BTreeMap, BinaryHeap};
+use std::fs::File;
+use std::io::{self, BufReader, BufWriter, IsTerminal, Read, Write};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::Consumer;
+use rdkafka::message::{BorrowedMessage, Headers, Message};
+use rdkafka::{Offset, TopicPartitionList};
+use serde::{Deserialize, Serialize};
+
+use super::{Kafka, KafkaError};
+use crate::fsutil::ScratchDir;
+
+/// Where a message's event id is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum IdFrom {
+    Header(String),
+    Key,
+    JsonPointer(String),
+}
+
+impl IdFrom {
+    pub fn describe(&self) -> String {
+        match self {
+            IdFrom::Header(h) => format!("header {h}"),
+            IdFrom::Key => "the message key".into(),
+            IdFrom::JsonPointer(p) => format!("payload {p}"),
+        }
+    }
+
+    pub fn extract(&self, m: &BorrowedMessage) -> Option<String> {
+        let bytes: Vec<u8> = match self {
+            IdFrom::Key => m.key()?.to_vec(),
+            IdFrom::Header(name) => {
+                let h = m.headers()?;
+                h.iter().find(|x| x.key == name)?.value?.to_vec()
+            }
+            IdFrom::JsonPointer(p) => {
+                let v: serde_json::Value = serde_json::from_slice(m.payload()?).ok()?;
+                return match v.pointer(p)? {
+                    serde_json::Value::String(s) => Some(s.clone()),
+                    serde_json::Value::Null => None,
+                    other => Some(other.to_string()),
+                };
+            }
+        };
+        String::from_utf8(bytes).ok()
+    }
+}
+
+/// A message, reduced to what the comparisons need.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Seen {
+    pub id: String,
+    pub ts: i64,
+    pub partition: i32,
+    pub offset: i64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct PartitionScan {
+    /// Where reading started (the broker's offset for the scan's start time).
+    pub from: i64,
+    /// One past the last message read: the partition's end when the scan ran.
+    pub end: i64,
+    pub messages: u64,
+    /// The earliest offset whose timestamp is at or after T: where a
+    /// consumer group rewinds to. `end` when no message is that new.
+    pub at_t: i64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct ScanStats {
+    pub topic: String,
+    pub from_ms: i64,
+    /// Messages at or after the scan's start time.
+    pub messages: u64,
+    /// Of those, messages without an event id where the playbook says it is.
+    pub without_id: u64,
+    pub partitions: BTreeMap<i32, PartitionScan>,
+    pub seconds: f64,
+}
+
+pub struct ScanOptions<'a> {
+    pub topic: &'a str,
+    /// Read messages with timestamps at or after this (ms since the epoch).
+    pub from_ms: i64,
+    /// T, for each partition's rewind offset.
+    pub t_ms: i64,
+    pub id: &'a IdFrom,
+    /// Events sorted in memory before a run is spilled to disk.
+    pub chunk: usize,
+    pub progress: bool,
+    /// Start at these offsets instead of at `from_ms`.
+    pub start: Option<BTreeMap<i32, i64>>,
+}
+
+impl ScanOptions<'_> {
+    pub fn default_chunk() -> usize {
+        std::env::var("REENTRY_SORT_CHUNK")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(1_000_000)
+    }
+}
+
+/// Reads one partition to its end, sending batches of events.
+fn scan_partition(
+    k: &Kafka,
+    o: &ScanOptions,
+    partition: i32,
+    start: i64,
+    tx: &mpsc::SyncSender<Vec<Seen>>,
+    counter: &AtomicU64,
+) -> Result<(PartitionScan, u64), KafkaError> {
+    let c = k.consumer("reentry-scan")?;
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(o.topic, partition, Offset::Offset(start))
+        .map_err(k.err("build a partition list"))?;
+    c.assign(&tpl).map_err(k.err("assign a partition"))?;
+    let mut stats = PartitionScan {
+        from: start,
+        end: start,
+        messages: 0,
+        at_t: i64::MAX,
+    };
+    let mut without_id = 0;
+    let mut batch = Vec::with_capacity(4096);
+    loop {
+        match c.poll(Duration::from_secs(30)) {
+            Some(Ok(m)) => {
+                stats.end = m.offset() + 1;
+                let ts = m.timestamp().to_millis().unwrap_or(i64::MIN);
+                if ts >= o.t_ms && m.offset() < stats.at_t {
+                    stats.at_t = m.offset();
+                }
+                if ts < o.from_ms {
+                    continue;
+                }
+                stats.messages += 1;
+                match o.id.extract(&m) {
+                    Some(id) => batch.push(Seen {
+                        id,
+                        ts,
+                        partition,
+                        offset: m.offset(),
+                    }),
+                    None => without_id += 1,
+                }
+                if batch.len() == batch.capacity() {
+                    counter.fetch_add(batch.len() as u64, Ordering::Relaxed);
+                    if tx
+                        .send(std::mem::replace(&mut batch, Vec::with_capacity(4096)))
+                        .is_err()
+                    {
+                        break;
+                    }
+                }
+            }
+            Some(Err(rdkafka::error::KafkaError::PartitionEOF(_))) => break,
+            Some(Err(e)) => {
+                return Err(k.err(format!("read {}/{partition}", o.topic))(e));
+            }
+            None => {
+                return Err(KafkaError::Other {
+                    bootstrap: k.bootstrap.clone(),
+                    what: format!(
+                        "no message and no end of partition from {}/{partition} for 30 s",
+                        o.topic
+                    ),
+                })
+            }
+        }
+    }
+    counter.fetch_add(batch.len() as u64, Ordering::Relaxed);
+    let _ = tx.send(batch);
+    if stats.at_t == i64::MAX {
+        stats.at_t = stats.end;
+    }
+    Ok((stats, without_id))
+}
+
+/// Scans the topic and returns its events sorted by id.
+pub fn scan(k: &Kafka, o: &ScanOptions) -> Result<(Sorted, ScanStats), KafkaError> {
+    let t0 = Instant::now();
+    let partitions = k.partitions(o.topic)?;
+    // The broker's answer may be coarse (some return the start): never late.
+    let starts = match &o.start {
+        Some(s) => partitions
+            .iter()
+            .map(|p| (*p, Some(s.get(p).copied().unwrap_or(0))))
+            .collect(),
+        None => k.offsets_at(o.topic, &partitions, o.from_ms.min(o.t_ms))?,
+    };
+    let counter = AtomicU64::new(0);
+    let (tx, rx) = mpsc::sync_channel::<Vec<Seen>>(64);
+    let io_err = |e: io::Error| KafkaError::Other {
+        bootstrap: k.bootstrap.clone(),
+        what: format!("cannot spill the sorted scan to disk: {e}"),
+    };
+    let mut sorter = Sorter::new(o.chunk).map_err(io_err)?;
+    let results = std::thread::scope(|s| {
+        let handles: Vec<_> = partitions
+            .iter()
+            .map(|p| {
+                let tx = tx.clone();
+                let counter = &counter;
+                let start = starts.get(p).copied().flatten();
+                s.spawn(move || match start {
+                    Some(start) => scan_partition(k, o, *p, start, &tx, counter),
+                    // No message at or after the start time: nothing to read.
+                    None => Ok((PartitionScan::default(), 0)),
+                })
+            })
+            .collect();
+        drop(tx);
+        let tty = o.progress && io::stderr().is_terminal();
+        let mut last = Instant::now();
+        let mut sort_err = None;
+        for batch in rx {
+            if let Err(e) = sorter.extend(batch) {
+                sort_err = Some(e);
+                break;
+            }
+            if tty && last.elapsed() > Duration::from_secs(1) {
+                eprint!(
+                    "\rscanning {}: {} events",
+                    o.topic,
+                    counter.load(Ordering::Relaxed)
+                );
+                last = Instant::now();
+            }
+        }
+        if tty {
+            eprint!("\r\x1b[K");
+        }
+        let results: Vec<_> = handles
+            .into_iter()
+            .map(|h| h.join().expect("scan threads do not panic"))
+            .collect();
+        (results, sort_err)
+    });
+    let (results, sort_err) = results;
+    if let Some(e) = sort_err {
+        return Err(io_err(e));
+    }
+    let mut stats = ScanStats {
+        topic: o.topic.to_owned(),
+        from_ms: o.from_ms,
+        ..ScanStats::default()
+    };
+    for (p, r) in partitions.iter().zip(results) {
+        let (mut ps, without) = r?;
+        if ps == PartitionScan::default() {
+            // Nothing at or after the start time: the end is where a rewind goes.
+            let end = k
+                .offsets_at(o.topic, &[*p], -1)
+                .ok()
+                .and_then(|m| m.get(p).copied().flatten())
+                .unwrap_or(0);
+            ps = PartitionScan {
+                from: end,
+                end,
+                messages: 0,
+                at_t: end,
+            };
+        }
+        stats.messages += ps.messages;
+        stats.without_id += without;
+        stats.partitions.insert(*p, ps);
+    }
+    let sorted = sorter.finish().map_err(io_err)?;
+    stats.seconds = t0.elapsed().as_secs_f64();
+    Ok((sorted, stats))
+}
+
+/// External sort of events by id: sorted runs of `chunk` events spilled to
+/// a scratch directory, merged on read.
+pub struct Sorter {
+    chunk: usize,
+    buf: Vec<Seen>,
+    runs: Vec<PathBuf>,
+    dir: Option<ScratchDir>,
+}
+
+impl Sorter {
+    pub fn new(chunk: usize) -> io::Result<Sorter> {
+        Ok(Sorter {
+            chunk: chunk.max(1),
+            buf: Vec::new(),
+            runs: Vec::new(),
+            dir: None,
+        })
+    }
+
+    pub fn extend(&mut self, events: Vec<Seen>) -> io::Result<()> {
+        for e in events {
+            self.buf.push(e);
+            if self.buf.len() >= self.chunk {
+                self.spill()?;
+            }
+        }
+        Ok(())
+    }
+
+    fn spill(&mut self) -> io::Result<()> {
+        if self.dir.is_none() {
+            self.dir = Some(ScratchDir::new("scan")?);
+        }
+        self.buf.sort_unstable();
+        let path = self
+            .dir
+            .as_ref()
+            .expect("created above")
+            .path()
+            .join(format!("run-{}", self.runs.len()));
+        let mut w = BufWriter::new(File::create(&path)?);
+        for e in self.buf.drain(..) {
+            write_seen(&mut w, &e)?;
+        }
+        w.flush()?;
+        self.runs.push(path);
+        Ok(())
+    }
+
+    pub fn finish(mut self) -> io::Result<Sorted> {
+        if self.runs.is_empty() {
+            self.buf.sort_unstable();
+            return Ok(Sorted {
+                memory: self.buf.into_iter(),
+                readers: Vec::new(),
+                heap: BinaryHeap::new(),
+                _dir: None,
+            });
+        }
+        if !self.buf.is_empty() {
+            self.spill()?;
+        }
+        let mut readers = Vec::new();
+        let mut heap = BinaryHeap::new();
+        for (i, p) in self.runs.iter().enumerate() {
+            let mut r = BufReader::new(File::open(p)?);
+            if let Some(e) = read_seen(&mut r)? {
+                heap.push(std::cmp::Reverse((e, i)));
+            }
+            readers.push(r);
+        }
+        Ok(Sorted {
+            memory: Vec::new().into_iter(),
+            readers,
+            heap,
+            _dir: self.dir,
+        })
+    }
+}
+
+fn write_seen(w: &mut impl Write, e: &Seen) -> io::Result<()> {
+    let id = e.id.as_bytes();
+    w.write_all(&(id.len() as u32).to_le_bytes())?;
+    w.write_all(id)?;
+    w.write_all(&e.ts.to_le_bytes())?;
+    w.write_all(&e.partition.to_le_bytes())?;
+    w.write_all(&e.offset.to_le_bytes())
+}
+
+fn read_seen(r: &mut impl Read) -> io::Result<Option<Seen>> {
+    let mut len = [0u8; 4];
+    match r.read_exact(&mut len) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e),
+    }
+    let mut id = vec![0u8; u32::from_le_bytes(len) as usize];
+    r.read_exact(&mut id)?;
+    let mut b8 = [0u8; 8];
+    let mut b4 = [0u8; 4];
+    r.read_exact(&mut b8)?;
+    let ts = i64::from_le_bytes(b8);
+    r.read_exact(&mut b4)?;
+    let partition = i32::from_le_bytes(b4);
+    r.read_exact(&mut b8)?;
+    let offset = i64::from_le_bytes(b8);
+    Ok(Some(Seen {
+        id: String::from_utf8(id).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?,
+        ts,
+        partition,
+        offset,
+    }))
+}
+
+/// Events in id order (ties by time, then position).
+pub struct Sorted {
+    memory: std::vec::IntoIter<Seen>,
+    readers: Vec<BufReader<File>>,
+    heap: BinaryHeap<std::cmp::Reverse<(Seen, usize)>>,
+    _dir: Option<ScratchDir>,
+}
+
+impl Iterator for Sorted {
+    type Item = io::Result<Seen>;
+
+    fn next(&mut self) -> Option<io::Result<Seen>> {
+        if self.readers.is_empty() {
+            return self.memory.next().map(Ok);
+        }
+        let std::cmp::Reverse((e, i)) = self.heap.pop()?;
+        match read_seen(&mut self.readers[i]) {
+            Ok(Some(next)) => self.heap.push(std::cmp::Reverse((next, i))),
+            Ok(None) => {}
+            Err(err) => return Some(Err(err)),
+        }
+        Some(Ok(e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn seen(id: &str, offset: i64) -> Seen {
+        Seen {
+            id: id.into(),
+            ts: 1,
+            partition: 0,
+            offset,
+        }
+    }
+
+    #[test]
+    fn spilled_runs_merge_into_one_order() {
+        let mut s = Sorter::new(3).unwrap();
+        let ids = ["m", "b", "z", "a", "q", "c", "b", "y"];
+        s.extend(
+            ids.iter()
+                .enumerate()
+                .map(|(i, id)| seen(id, i as i64))
+                .collect(),
+        )
+        .unwrap();
+        assert_eq!(s.runs.len(), 2, "two full runs spilled");
+        let out: Vec<String> = s.finish().unwrap().map(|e| e.unwrap().id).collect();
+        let mut want: Vec<String> = ids.iter().map(|s| s.to_string()).collect();
+        want.sort();
+        assert_eq!(out, want);
+    }
+
+    #[test]
+    fn ids_sort_by_bytes_as_collate_c_does() {
+        let mut s = Sorter::new(100).unwrap();
+        s.extend(vec![seen("b", 0), seen("B", 1), seen("a", 2), seen("é", 3)])
+            .unwrap();
+        let out: Vec<String> = s.finish().unwrap().map(|e| e.unwrap().id).collect();
+        assert_eq!(out, ["B", "a", "b", "é"]);
+    }
+}

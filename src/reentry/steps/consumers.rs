@@ -1,0 +1,265 @@
+//! Consumers after a restore to T: their committed offsets are past
+//! messages whose effects the restored database no longer has.
+//!
+//! - A consumer group named in the playbook is rewound to T (the earliest
+//!   offset at or after T, per partition), only while it has no live
+//!   member, with its old offsets journaled so the rewind can be undone.
+//!   A partition is never moved forward.
+//! - An inbox table (processed message ids) is compared with the topic: the
+//!   ids after T that the restored inbox lacks are what will be consumed
+//!   again, and their consumer must be declared idempotent.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use super::{Effect, Env, Nature, OnDatabase, Recorder, Step, StepError};
+use crate::kafka::scan::{self, IdFrom, ScanOptions};
+use crate::kafka::Kafka;
+use crate::reentry::check::quote_qualified;
+
+fn kafka(env: &Env) -> Result<Kafka, StepError> {
+    let k = env
+        .playbook
+        .kafka
+        .as_ref()
+        .ok_or_else(|| StepError::Invalid("the playbook has no [kafka]".into()))?;
+    Ok(Kafka::new(k.bootstrap.expose()))
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct Rewind {
+    pub group: String,
+    pub topics: Vec<String>,
+    pub t_ms: i64,
+    pub idempotent: bool,
+}
+
+/// Per topic and partition: committed offset, and where the rewind puts it.
+type Moves = BTreeMap<String, BTreeMap<i32, (Option<i64>, i64)>>;
+
+impl Rewind {
+    fn moves(&self, k: &Kafka) -> Result<Moves, StepError> {
+        let mut out = Moves::new();
+        for topic in &self.topics {
+            let target = k.offsets_for_time(topic, self.t_ms)?;
+            let parts: Vec<i32> = target.keys().copied().collect();
+            let committed = k.committed(&self.group, topic, &parts)?;
+            let mut m = BTreeMap::new();
+            for (p, t) in target {
+                let old = committed.get(&p).copied().flatten();
+                // Never forward: a group behind T keeps its place.
+                let new = old.map_or(t, |o| o.min(t));
+                m.insert(p, (old, new));
+            }
+            out.insert(topic.clone(), m);
+        }
+        Ok(out)
+    }
+
+    fn describe(&self, moves: &Moves) -> (u64, u64, Vec<String>) {
+        let (mut parts, mut again, mut items) = (0, 0, Vec::new());
+        for (topic, m) in moves {
+            for (p, (old, new)) in m {
+                if *old != Some(*new) {
+                    parts += 1;
+                    again += old.map_or(0, |o| (o - new).max(0)) as u64;
+                    items.push(format!(
+                        "{topic}/{p}: {} → {new}",
+                        old.map_or("none".to_owned(), |o| o.to_string())
+                    ));
+                }
+            }
+        }
+        (parts, again, items)
+    }
+}
+
+impl Step for Rewind {
+    fn nature(&self) -> Nature {
+        Nature::Changes
+    }
+
+    fn preview(&self, env: &mut Env) -> Result<Effect, StepError> {
+        let k = kafka(env)?;
+        let moves = self.moves(&k)?;
+        let (parts, again, items) = self.describe(&moves);
+        let members = k.members(&self.group)?;
+        let mut summary = format!(
+            "rewind group `{}` to T: {parts} partition(s), {again} message(s) to consume again",
+            self.group
+        );
+        if !members.is_empty() {
+            summary.push_str(&format!(
+                "; {} live member(s) now: apply will refuse until they stop",
+                members.len()
+            ));
+        }
+        if !self.idempotent && again > 0 {
+            summary.push_str("; the group is not declared idempotent");
+        }
+        Ok(Effect {
+            summary,
+            count: parts,
+            items,
+            detail: json!({"moves": moves, "members": members}),
+        })
+    }
+
+    fn apply(&self, env: &mut Env, rec: &mut Recorder) -> Result<Effect, StepError> {
+        let k = kafka(env)?;
+        let members = k.members(&self.group)?;
+        if !members.is_empty() {
+            let list: Vec<String> = members
+                .iter()
+                .map(|m| format!("{} ({} on {})", m.id, m.client_id, m.host))
+                .collect();
+            return Err(StepError::Check {
+                message: format!(
+                    "group `{}` has {} live member(s), and a rewind needs it stopped: {}; stop its consumers (the gate should have), then resume",
+                    self.group,
+                    list.len(),
+                    list.join(", ")
+                ),
+                findings: list,
+            });
+        }
+        let moves = self.moves(&k)?;
+        // The offsets before the first attempt: a resume must not record
+        // its own rewind as the state to undo.
+        let prior = rec.prior(|| Ok(json!(moves)))?;
+        let prior: Moves = serde_json::from_value(prior).unwrap_or_default();
+        for (topic, m) in &prior {
+            let offsets: BTreeMap<i32, i64> = m.iter().map(|(p, (_, new))| (*p, *new)).collect();
+            k.commit(&self.group, topic, &offsets)?;
+        }
+        let (parts, again, items) = self.describe(&prior);
+        Ok(Effect {
+            summary: format!(
+                "rewound group `{}`: {parts} partition(s), {again} message(s) will be consumed again",
+                self.group
+            ),
+            count: parts,
+            items,
+            detail: json!({"moves": prior}),
+        })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct Inbox {
+    pub inbox: String,
+    pub database: String,
+    pub table: String,
+    pub column: String,
+    pub topic: String,
+    pub id_from: IdFrom,
+    pub group: Option<String>,
+    pub idempotent: bool,
+    pub t_ms: i64,
+}
+
+impl Inbox {
+    /// The ids after T the restored inbox lacks: how many, and some.
+    fn missing(&self, env: &mut Env) -> Result<(u64, u64, Vec<String>), StepError> {
+        let k = kafka(env)?;
+        let (sorted, stats) = scan::scan(
+            &k,
+            &ScanOptions {
+                topic: &self.topic,
+                from_ms: self.t_ms,
+                t_ms: self.t_ms,
+                id: &self.id_from,
+                chunk: ScanOptions::default_chunk(),
+                progress: false,
+                start: None,
+            },
+        )?;
+        let sql = format!(
+            "SELECT {c}::text FROM {t} WHERE {c}::text = ANY($1)",
+            c = quote_qualified(&self.column),
+            t = quote_qualified(&self.table)
+        );
+        let db = env.db(&self.database)?;
+        let (mut missing, mut sample) = (0u64, Vec::new());
+        let mut batch: Vec<String> = Vec::new();
+        let mut last: Option<String> = None;
+        let mut flush =
+            |batch: &mut Vec<String>, db: &mut crate::pg::conn::Db| -> Result<(), StepError> {
+                let found: Vec<String> = db
+                    .query("look up inbox ids", &sql, &[&*batch])
+                    .on(&self.database)?
+                    .iter()
+                    .map(|r| r.get(0))
+                    .collect();
+                for id in batch.drain(..) {
+                    if !found.contains(&id) {
+                        missing += 1;
+                        if sample.len() < 10 {
+                            sample.push(id);
+                        }
+                    }
+                }
+                Ok(())
+            };
+        for s in sorted {
+            let s =
+                s.map_err(|e| StepError::Invalid(format!("reading the sorted scan back: {e}")))?;
+            if last.as_deref() == Some(s.id.as_str()) {
+                continue;
+            }
+            last = Some(s.id.clone());
+            batch.push(s.id);
+            if batch.len() == 1000 {
+                flush(&mut batch, db)?;
+            }
+        }
+        flush(&mut batch, db)?;
+        Ok((stats.messages, missing, sample))
+    }
+}
+
+impl Step for Inbox {
+    fn nature(&self) -> Nature {
+        Nature::Reads
+    }
+
+    fn preview(&self, env: &mut Env) -> Result<Effect, StepError> {
+        let (scanned, missing, sample) = self.missing(env)?;
+        Ok(Effect {
+            summary: format!(
+                "inbox `{}`: {missing} message(s) after T not in the restored inbox will be consumed again ({scanned} scanned)",
+                self.inbox
+            ),
+            count: 0,
+            items: sample,
+            detail: json!({"re-consumed": missing, "scanned": scanned}),
+        })
+    }
+
+    fn apply(&self, env: &mut Env, _rec: &mut Recorder) -> Result<Effect, StepError> {
+        let (scanned, missing, sample) = self.missing(env)?;
+        if missing > 0 && !self.idempotent {
+            return Err(StepError::Check {
+                message: format!(
+                    "inbox `{}`: {missing} message(s) after T will be consumed again by {}, which the playbook does not declare idempotent; make it idempotent (or declare it so, if it is), then resume",
+                    self.inbox,
+                    self.group.as_deref().map_or("its consumer".to_owned(), |g| format!("group `{g}`"))
+                ),
+                findings: sample,
+            });
+        }
+        Ok(Effect {
+            summary: format!(
+                "inbox `{}`: {missing} message(s) after T will be consumed again, by an idempotent consumer ({scanned} scanned)",
+                self.inbox
+            ),
+            count: 0,
+            items: sample,
+            detail: json!({"re-consumed": missing, "scanned": scanned}),
+        })
+    }
+}

@@ -1,0 +1,511 @@
+//! Idempotency keys recorded after T are gone from the restored copy: a
+//! client's retry would repeat an external side effect (a payment, an
+//! e-mail). The evidence that a key was used comes from the current
+//! database, from the topic (message keys) and from a provider's CSV
+//! export. Missing keys are re-inserted into the restored table as
+//! tombstones (recorded with the run id in `reentry_idempotency_tombstone`)
+//! or staged for a person in `reentry_idempotency_review`. Keys older than
+//! the declared retention would have expired anyway: counted, not inserted.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use super::{Effect, Env, Nature, OnDatabase, Recorder, Step, StepError};
+use crate::kafka::scan::{self, IdFrom, ScanOptions};
+use crate::kafka::Kafka;
+use crate::pg::conn::Db;
+use crate::reentry::check::quote_qualified;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct CsvFrom {
+    pub path: PathBuf,
+    pub key_column: String,
+    pub time_column: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct Keys {
+    pub idempotency: String,
+    pub database: String,
+    pub table: String,
+    pub key_column: String,
+    pub created_column: Option<String>,
+    pub retention_ms: Option<i64>,
+    /// `tombstone` or `review`.
+    pub action: String,
+    pub from_current: bool,
+    pub from_topic: Option<String>,
+    pub from_csv: Option<CsvFrom>,
+    pub t_ms: i64,
+}
+
+/// A key seen after T, with the first time and place it was seen.
+type Seen = BTreeMap<String, (Option<i64>, &'static str)>;
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+fn parse_time(s: &str) -> Option<i64> {
+    let s = s.trim();
+    if let Ok(n) = s.parse::<i64>() {
+        // Epoch seconds or milliseconds.
+        return Some(if n < 100_000_000_000 { n * 1000 } else { n });
+    }
+    let t = humantime::parse_rfc3339_weak(s.trim_end_matches('Z').trim_end_matches("+00:00"))
+        .or_else(|_| humantime::parse_rfc3339(s))
+        .ok()?;
+    Some(t.duration_since(UNIX_EPOCH).ok()?.as_millis() as i64)
+}
+
+/// The export's keys at or after T, or every malformed row as
+/// `FILE:LINE: message`.
+pub fn read_csv(
+    path: &Path,
+    c: &CsvFrom,
+    t_ms: i64,
+) -> Result<Vec<(String, Option<i64>)>, Vec<String>> {
+    let shown = path.display().to_string();
+    let mut rdr = match csv::ReaderBuilder::new().flexible(false).from_path(path) {
+        Ok(r) => r,
+        Err(e) => return Err(vec![format!("{shown}: cannot read it: {e}")]),
+    };
+    let headers = match rdr.headers() {
+        Ok(h) => h.clone(),
+        Err(e) => return Err(vec![format!("{shown}:1: {e}")]),
+    };
+    let find = |name: &str| headers.iter().position(|h| h.trim() == name);
+    let mut errors = Vec::new();
+    let key_at = find(&c.key_column);
+    if key_at.is_none() {
+        errors.push(format!(
+            "{shown}:1: no column `{}` (columns: {})",
+            c.key_column,
+            headers.iter().collect::<Vec<_>>().join(", ")
+        ));
+    }
+    let time_at = match &c.time_column {
+        Some(tc) => match find(tc) {
+            Some(i) => Some(i),
+            None => {
+                errors.push(format!("{shown}:1: no column `{tc}`"));
+                None
+            }
+        },
+        None => None,
+    };
+    if !errors.is_empty() {
+        return Err(errors);
+    }
+    let key_at = key_at.expect("checked");
+    let mut out = Vec::new();
+    for rec in rdr.records() {
+        let rec = match rec {
+            Ok(r) => r,
+            Err(e) => {
+                let line = e.position().map_or(0, |p| p.line());
+                errors.push(format!("{shown}:{line}: {e}"));
+                continue;
+            }
+        };
+        let line = rec.position().map_or(0, |p| p.line());
+        let key = rec.get(key_at).unwrap_or("").trim();
+        if key.is_empty() {
+            errors.push(format!("{shown}:{line}: empty `{}`", c.key_column));
+            continue;
+        }
+        let ts = match time_at {
+            Some(i) => {
+                let raw = rec.get(i).unwrap_or("");
+                match parse_time(raw) {
+                    Some(t) => Some(t),
+                    None => {
+                        errors.push(format!(
+                            "{shown}:{line}: `{raw}` in `{}` is not a time (RFC 3339 or epoch seconds)",
+                            c.time_column.as_deref().unwrap_or("")
+                        ));
+                        continue;
+                    }
+                }
+            }
+            None => None,
+        };
+        if ts.is_none_or(|t| t >= t_ms) {
+            out.push((key.to_owned(), ts));
+        }
+    }
+    if errors.is_empty() {
+        Ok(out)
+    } else {
+        Err(errors)
+    }
+}
+
+fn column_type(db: &mut Db, table: &str, column: &str) -> Result<String, crate::pg::conn::PgError> {
+    Ok(db
+        .query_one(
+            "read a column's type",
+            "SELECT coalesce((SELECT format_type(atttypid, atttypmod) FROM pg_attribute
+                               WHERE attrelid = to_regclass($1) AND attname = $2 AND NOT attisdropped), 'text')",
+            &[&quote_qualified(table), &column],
+        )?
+        .get(0))
+}
+
+/// What the step found: missing keys to act on, and the counts around them.
+struct Found {
+    sources: BTreeMap<&'static str, u64>,
+    missing: Vec<(String, Option<i64>, &'static str)>,
+    expired: u64,
+    staged_before: u64,
+}
+
+impl Keys {
+    fn gather(&self, env: &mut Env) -> Result<Found, StepError> {
+        let mut seen: Seen = BTreeMap::new();
+        let mut sources: BTreeMap<&'static str, u64> = BTreeMap::new();
+        let mut note = |seen: &mut Seen, key: String, ts: Option<i64>, source: &'static str| {
+            *sources.entry(source).or_default() += 1;
+            let e = seen.entry(key).or_insert((ts, source));
+            if let (Some(t), Some(old)) = (ts, e.0) {
+                if t < old {
+                    *e = (Some(t), source);
+                }
+            }
+        };
+        if let Some(c) = &self.from_csv {
+            let base = env.playbook.file.parent().unwrap_or(Path::new("."));
+            let rows =
+                read_csv(&base.join(&c.path), c, self.t_ms).map_err(|errors| StepError::Input {
+                    message: format!(
+                        "idempotency `{}`: the CSV export has {} malformed row(s):\n  {}",
+                        self.idempotency,
+                        errors.len(),
+                        errors.join("\n  ")
+                    ),
+                })?;
+            for (k, t) in rows {
+                note(&mut seen, k, t, "csv");
+            }
+        }
+        if self.from_current {
+            let key = quote_qualified(&self.key_column);
+            let t = quote_qualified(&self.table);
+            let sql = match &self.created_column {
+                Some(c) => {
+                    let c = quote_qualified(c);
+                    format!("SELECT {key}::text, (extract(epoch FROM {c}) * 1000)::int8 FROM {t} WHERE {c} >= to_timestamp($1::int8 / 1000.0)")
+                }
+                None => {
+                    format!("SELECT {key}::text, NULL::int8 FROM {t} WHERE $1::int8 IS NOT NULL")
+                }
+            };
+            let mut rows = Vec::new();
+            env.db("current")?.stream_rows(
+                "read current's keys",
+                &sql,
+                &[&self.t_ms],
+                10_000,
+                |batch| -> Result<(), StepError> {
+                    rows.extend(
+                        batch
+                            .iter()
+                            .map(|r| (r.get::<_, String>(0), r.get::<_, Option<i64>>(1))),
+                    );
+                    Ok(())
+                },
+            )?;
+            for (k, t) in rows {
+                note(&mut seen, k, t, "current");
+            }
+        }
+        if let Some(topic) = &self.from_topic {
+            let bootstrap = env
+                .playbook
+                .kafka
+                .as_ref()
+                .ok_or_else(|| StepError::Invalid("the playbook has no [kafka]".into()))?
+                .bootstrap
+                .expose()
+                .to_owned();
+            let (sorted, _) = scan::scan(
+                &Kafka::new(&bootstrap),
+                &ScanOptions {
+                    topic,
+                    from_ms: self.t_ms,
+                    t_ms: self.t_ms,
+                    id: &IdFrom::Key,
+                    chunk: ScanOptions::default_chunk(),
+                    progress: false,
+                    start: None,
+                },
+            )?;
+            for s in sorted {
+                let s = s.map_err(|e| {
+                    StepError::Invalid(format!("reading the sorted scan back: {e}"))
+                })?;
+                note(&mut seen, s.id, Some(s.ts), "topic");
+            }
+        }
+        // Which of them the restored table has.
+        let key = quote_qualified(&self.key_column);
+        let t = quote_qualified(&self.table);
+        let db = env.db(&self.database)?;
+        let keys: Vec<&String> = seen.keys().collect();
+        let mut present = std::collections::BTreeSet::new();
+        for chunk in keys.chunks(1000) {
+            let ids: Vec<&str> = chunk.iter().map(|s| s.as_str()).collect();
+            for r in db
+                .query(
+                    "look up keys",
+                    &format!("SELECT {key}::text FROM {t} WHERE {key}::text = ANY($1)"),
+                    &[&ids],
+                )
+                .on(&self.database)?
+            {
+                present.insert(r.get::<_, String>(0));
+            }
+        }
+        let now = now_ms();
+        let mut found = Found {
+            sources,
+            missing: Vec::new(),
+            expired: 0,
+            staged_before: 0,
+        };
+        for (k, (ts, source)) in seen {
+            if present.contains(&k) {
+                continue;
+            }
+            match (ts, self.retention_ms) {
+                (Some(t), Some(r)) if t + r < now => found.expired += 1,
+                _ => found.missing.push((k, ts, source)),
+            }
+        }
+        let ledger = if self.action == "review" {
+            "reentry_idempotency_review"
+        } else {
+            "reentry_idempotency_tombstone"
+        };
+        let exists: bool = db
+            .query_one(
+                "look up a table",
+                "SELECT to_regclass($1) IS NOT NULL",
+                &[&ledger],
+            )
+            .on(&self.database)?
+            .get(0);
+        if exists && self.action == "review" {
+            let ids: Vec<&str> = found.missing.iter().map(|m| m.0.as_str()).collect();
+            let staged: std::collections::BTreeSet<String> = db
+                .query(
+                    "look up staged keys",
+                    "SELECT key FROM reentry_idempotency_review WHERE idempotency = $1 AND key = ANY($2)",
+                    &[&self.idempotency, &ids],
+                )
+                .on(&self.database)?
+                .iter()
+                .map(|r| r.get(0))
+                .collect();
+            found.missing.retain(|m| !staged.contains(&m.0));
+            found.staged_before = staged.len() as u64;
+        }
+        Ok(found)
+    }
+
+    fn gap(&self) -> String {
+        let gap = (now_ms() - self.t_ms).max(0);
+        let mut s = format!(
+            "restore gap {}",
+            humantime::format_duration(std::time::Duration::from_secs((gap / 1000) as u64))
+        );
+        if let Some(r) = self.retention_ms {
+            if gap > r {
+                s.push_str(&format!(
+                    " is longer than the key retention ({}): keys from the start of the gap would have expired anyway",
+                    humantime::format_duration(std::time::Duration::from_millis(r as u64))
+                ));
+            }
+        }
+        s
+    }
+
+    fn detail(&self, f: &Found) -> serde_json::Value {
+        json!({"sources": f.sources, "missing": f.missing.len(), "expired": f.expired,
+               "staged-before": f.staged_before, "gap": self.gap(), "action": self.action})
+    }
+}
+
+impl Step for Keys {
+    fn nature(&self) -> Nature {
+        Nature::Changes
+    }
+
+    fn preview(&self, env: &mut Env) -> Result<Effect, StepError> {
+        let f = self.gather(env)?;
+        let verb = if self.action == "review" {
+            "stage for review"
+        } else {
+            "re-insert as tombstones"
+        };
+        Ok(Effect {
+            summary: format!(
+                "idempotency `{}`: {} key(s) used after T are missing on {}: {verb}; {} expired anyway; {}",
+                self.idempotency,
+                f.missing.len(),
+                self.database,
+                f.expired,
+                self.gap()
+            ),
+            count: f.missing.len() as u64,
+            items: f.missing.iter().take(10).map(|m| format!("{} ({})", m.0, m.2)).collect(),
+            detail: self.detail(&f),
+        })
+    }
+
+    fn apply(&self, env: &mut Env, rec: &mut Recorder) -> Result<Effect, StepError> {
+        let f = self.gather(env)?;
+        rec.prior(|| {
+            Ok(json!(f
+                .missing
+                .iter()
+                .map(|m| json!([m.0, m.1, m.2]))
+                .collect::<Vec<_>>()))
+        })?;
+        let run_id = env.run_id.clone();
+        let database = self.database.clone();
+        let db = env.db(&database)?;
+        db.batch(
+            "create the staging tables",
+            include_str!("../../../sql/reentry_staging.sql"),
+        )
+        .on(&database)?;
+        let keys: Vec<&str> = f.missing.iter().map(|m| m.0.as_str()).collect();
+        let times: Vec<Option<i64>> = f.missing.iter().map(|m| m.1).collect();
+        let sources: Vec<&str> = f.missing.iter().map(|m| m.2).collect();
+        let n = db.transaction("BEGIN", |db| -> Result<u64, StepError> {
+            if self.action == "review" {
+                return db
+                    .execute(
+                        "stage keys for review",
+                        "INSERT INTO reentry_idempotency_review (run_id, idempotency, key, source, seen_at)
+                         SELECT $1, $2, v.k, v.s, to_timestamp(v.t / 1000.0)
+                           FROM unnest($3::text[], $4::int8[], $5::text[]) AS v(k, t, s)
+                         ON CONFLICT (idempotency, key) DO NOTHING",
+                        &[&run_id, &self.idempotency, &keys, &times, &sources],
+                    )
+                    .on(&database);
+            }
+            let t = quote_qualified(&self.table);
+            let key = quote_qualified(&self.key_column);
+            let key_type = column_type(db, &self.table, &self.key_column).on(&database)?;
+            let (cols, vals) = match &self.created_column {
+                Some(c) => (
+                    format!("{key}, {}", quote_qualified(c)),
+                    format!("v.k::{key_type}, coalesce(to_timestamp(v.t / 1000.0), now())"),
+                ),
+                None => (key.clone(), format!("v.k::{key_type}")),
+            };
+            let n = db
+                .execute(
+                    "insert tombstone keys",
+                    &format!(
+                        "INSERT INTO {t} ({cols}) SELECT {vals} FROM unnest($1::text[], $2::int8[]) AS v(k, t)
+                          WHERE NOT EXISTS (SELECT FROM {t} WHERE {key}::text = v.k)"
+                    ),
+                    &[&keys, &times],
+                )
+                .on(&database)?;
+            db.execute(
+                "record tombstones",
+                "INSERT INTO reentry_idempotency_tombstone (run_id, idempotency, key, source, seen_at)
+                 SELECT $1, $2, v.k, v.s, to_timestamp(v.t / 1000.0)
+                   FROM unnest($3::text[], $4::int8[], $5::text[]) AS v(k, t, s)
+                 ON CONFLICT (idempotency, key) DO NOTHING",
+                &[&run_id, &self.idempotency, &keys, &times, &sources],
+            )
+            .on(&database)?;
+            Ok(n)
+        })?;
+        let verb = if self.action == "review" {
+            "staged for review"
+        } else {
+            "re-inserted as tombstones"
+        };
+        Ok(Effect {
+            summary: format!(
+                "idempotency `{}`: {n} key(s) {verb} on {database}; {} expired anyway; {}",
+                self.idempotency,
+                f.expired,
+                self.gap()
+            ),
+            count: n,
+            items: f
+                .missing
+                .iter()
+                .take(10)
+                .map(|m| format!("{} ({})", m.0, m.2))
+                .collect(),
+            detail: self.detail(&f),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn malformed_csv_rows_are_located_all_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("export.csv");
+        std::fs::write(
+            &path,
+            "request_id,sent_at,amount\n\
+             r1,2026-11-25T12:00:01Z,10\n\
+             ,2026-11-25T12:00:02Z,10\n\
+             r3,yesterday,10\n\
+             r4,2026-11-25T12:00:04Z\n\
+             r5,2026-11-25T11:00:00Z,10\n",
+        )
+        .unwrap();
+        let c = CsvFrom {
+            path: path.clone(),
+            key_column: "request_id".into(),
+            time_column: Some("sent_at".into()),
+        };
+        let t = parse_time("2026-11-25T12:00:00Z").unwrap();
+        let errors = read_csv(&path, &c, t).unwrap_err();
+        assert_eq!(errors.len(), 3, "{errors:#?}");
+        assert!(
+            errors[0].ends_with(":3: empty `request_id`"),
+            "{}",
+            errors[0]
+        );
+        assert!(errors[1].contains(":4: `yesterday`"), "{}", errors[1]);
+        assert!(errors[2].contains(":5:"), "{}", errors[2]);
+
+        std::fs::write(
+            &path,
+            "request_id,sent_at\nr1,2026-11-25T12:00:01Z\nr5,2026-11-25 11:00:00\n",
+        )
+        .unwrap();
+        let rows = read_csv(&path, &c, t).unwrap();
+        assert_eq!(rows.len(), 1, "r5 is before T");
+        assert_eq!(rows[0].0, "r1");
+        let wrong = CsvFrom {
+            key_column: "id".into(),
+            ..c
+        };
+        assert!(read_csv(&path, &wrong, t).unwrap_err()[0].contains(":1: no column `id`"));
+    }
+}

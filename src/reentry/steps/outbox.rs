@@ -1,0 +1,648 @@
+//! Outbox ↔ topic. After a restore to T the topic is ahead of the outbox.
+//! Every event around T falls in one class:
+//!
+//! - in the topic, unpublished in the restored outbox: **mark published**
+//!   (from the message's timestamp), else the relay sends a duplicate;
+//! - in the topic, not in the restored database: an **orphan** (consumers
+//!   saw a change the database lost), staged in `reentry_orphan_event`, and
+//!   optionally answered with a compensating event from a template;
+//! - published in the restored outbox, absent from the topic: **mark
+//!   unpublished**, so the relay sends it again;
+//! - unpublished and absent: **pending**, sent once the relay's gate opens.
+//!
+//! The topic is scanned from `T - lookback` into an external sort by event
+//! id and merged with the outbox streamed in the same order, so neither side
+//! has to fit in memory. Rows created before `T - lookback + skew` count as
+//! settled: their messages may predate the scan.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use super::{Effect, Env, Nature, OnDatabase, Recorder, Step, StepError};
+use crate::kafka::scan::{self, IdFrom, ScanOptions, ScanStats, Seen};
+use crate::kafka::{Kafka, KafkaError};
+use crate::pg::conn::Db;
+use crate::reentry::check::quote_qualified;
+
+/// Clock skew allowed between the database and the broker.
+pub const SKEW_MS: i64 = 60_000;
+
+impl From<KafkaError> for StepError {
+    fn from(e: KafkaError) -> StepError {
+        StepError::Invalid(e.to_string())
+    }
+}
+
+/// How an outbox records that a row was published.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Published {
+    /// A timestamp column, NULL until published (generic, Spring Modulith).
+    At(String),
+    /// A boolean column (gruelbox `processed`).
+    Flag(String),
+    /// Nowhere but the topic (Debezium's outbox router reads the WAL).
+    InTopicOnly,
+}
+
+/// The outbox's table and columns, from its flavour and the playbook.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct Layout {
+    pub table: String,
+    pub id: String,
+    pub created_at: Option<String>,
+    pub published: Published,
+}
+
+impl Layout {
+    /// The flavour's defaults, with the playbook's `table` and `columns` over them.
+    pub fn of(o: &crate::reentry::playbook::Outbox) -> Layout {
+        let c = o.columns.as_ref();
+        let col = |pick: fn(&crate::reentry::playbook::OutboxColumns) -> &Option<String>,
+                   default: &str| {
+            c.and_then(|c| pick(c).clone())
+                .unwrap_or_else(|| default.to_owned())
+        };
+        let (table, id, created, published) = match o.flavour.as_str() {
+            "spring-modulith" => (
+                "event_publication",
+                col(|c| &c.id, "id"),
+                Some(col(|c| &c.created_at, "publication_date")),
+                Published::At(col(|c| &c.published_at, "completion_date")),
+            ),
+            // gruelbox's TXNO_OUTBOX, folded to lower case by PostgreSQL.
+            "gruelbox" => (
+                "txno_outbox",
+                col(|c| &c.id, "id"),
+                c.and_then(|c| c.created_at.clone()),
+                Published::Flag(col(|c| &c.published_at, "processed")),
+            ),
+            "debezium" => (
+                "outbox",
+                col(|c| &c.id, "id"),
+                c.and_then(|c| c.created_at.clone()),
+                Published::InTopicOnly,
+            ),
+            _ => (
+                "outbox",
+                col(|c| &c.id, "id"),
+                Some(col(|c| &c.created_at, "created_at")),
+                Published::At(col(|c| &c.published_at, "published_at")),
+            ),
+        };
+        Layout {
+            table: o.table.clone().unwrap_or_else(|| table.to_owned()),
+            id,
+            created_at: created,
+            published,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct Reconcile {
+    pub outbox: String,
+    pub database: String,
+    pub topic: String,
+    pub layout: Layout,
+    pub id_from: IdFrom,
+    /// T, and where the scan starts (T - lookback), in ms since the epoch.
+    pub t_ms: i64,
+    pub from_ms: i64,
+    pub watch_seconds: f64,
+    pub compensation_template: Option<String>,
+}
+
+/// The classes, with what the actions need.
+#[derive(Debug, Default)]
+pub struct Classes {
+    pub mark_published: Vec<(String, i64)>,
+    pub orphans: Vec<Seen>,
+    /// Orphans already staged by an earlier run.
+    pub staged_before: u64,
+    pub mark_unpublished: Vec<String>,
+    pub pending: u64,
+    pub in_sync: u64,
+    /// Messages whose event id the topic holds more than once.
+    pub duplicates: u64,
+    pub scan: ScanStats,
+}
+
+impl Classes {
+    fn changes(&self) -> u64 {
+        (self.mark_published.len() + self.orphans.len() + self.mark_unpublished.len()) as u64
+    }
+
+    fn detail(&self) -> serde_json::Value {
+        json!({
+            "mark-published": self.mark_published.len(),
+            "orphans": self.orphans.len(),
+            "orphans-staged-before": self.staged_before,
+            "mark-unpublished": self.mark_unpublished.len(),
+            "pending": self.pending,
+            "in-sync": self.in_sync,
+            "duplicates-in-topic": self.duplicates,
+            "scan": self.scan,
+        })
+    }
+
+    fn items(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        out.extend(
+            self.mark_published
+                .iter()
+                .take(10)
+                .map(|(id, _)| format!("publish {id}")),
+        );
+        out.extend(
+            self.orphans
+                .iter()
+                .take(10)
+                .map(|s| format!("orphan {} ({}/{})", s.id, s.partition, s.offset)),
+        );
+        out.extend(
+            self.mark_unpublished
+                .iter()
+                .take(10)
+                .map(|id| format!("unpublish {id}")),
+        );
+        out
+    }
+
+    fn summary(&self, r: &Reconcile) -> String {
+        format!(
+            "outbox `{}` ↔ {}: {} to mark published, {} orphan(s), {} to mark unpublished, {} pending, {} in sync ({} events scanned)",
+            r.outbox,
+            r.topic,
+            self.mark_published.len(),
+            self.orphans.len(),
+            self.mark_unpublished.len(),
+            self.pending,
+            self.in_sync,
+            self.scan.messages
+        )
+    }
+}
+
+struct Row {
+    id: String,
+    published: bool,
+    published_ms: Option<i64>,
+}
+
+fn exists(db: &mut Db, table: &str) -> Result<bool, crate::pg::conn::PgError> {
+    Ok(db
+        .query_one(
+            "look up a table",
+            "SELECT to_regclass($1) IS NOT NULL",
+            &[&quote_qualified(table)],
+        )?
+        .get(0))
+}
+
+/// Scans the topic and merges it with the restored outbox.
+pub fn classify(env: &mut Env, r: &Reconcile, progress: bool) -> Result<Classes, StepError> {
+    let bootstrap = env
+        .playbook
+        .kafka
+        .as_ref()
+        .ok_or_else(|| StepError::Invalid("the playbook has no [kafka]".into()))?
+        .bootstrap
+        .expose()
+        .to_owned();
+    let kafka = Kafka::new(&bootstrap);
+    let (sorted, stats) = scan::scan(
+        &kafka,
+        &ScanOptions {
+            topic: &r.topic,
+            from_ms: r.from_ms,
+            t_ms: r.t_ms,
+            id: &r.id_from,
+            chunk: ScanOptions::default_chunk(),
+            progress,
+            start: None,
+        },
+    )?;
+    let compare_ms = r.from_ms + SKEW_MS.min((r.t_ms - r.from_ms) / 2);
+    let l = &r.layout;
+    let t = quote_qualified(&l.table);
+    let id = quote_qualified(&l.id);
+    let (published, published_at, window) = match &l.published {
+        Published::At(c) => {
+            let c = quote_qualified(c);
+            let created = l.created_at.as_deref().map(quote_qualified);
+            let w = match created {
+                Some(cr) => format!("{cr} >= to_timestamp($1::int8 / 1000.0) OR {c} >= to_timestamp($1::int8 / 1000.0) OR {c} IS NULL"),
+                None => "true".into(),
+            };
+            (
+                format!("{c} IS NOT NULL"),
+                format!("(extract(epoch FROM {c}) * 1000)::int8"),
+                w,
+            )
+        }
+        Published::Flag(c) => {
+            let c = quote_qualified(c);
+            let w = match l.created_at.as_deref().map(quote_qualified) {
+                Some(cr) => format!("{cr} >= to_timestamp($1::int8 / 1000.0) OR NOT {c}"),
+                None => "$1::int8 IS NOT NULL".into(),
+            };
+            (c, "NULL::int8".into(), w)
+        }
+        Published::InTopicOnly => {
+            let w = match l.created_at.as_deref().map(quote_qualified) {
+                Some(cr) => format!("{cr} >= to_timestamp($1::int8 / 1000.0)"),
+                None => "$1::int8 IS NOT NULL".into(),
+            };
+            ("true".into(), "NULL::int8".into(), w)
+        }
+    };
+    let sql = format!(
+        "SELECT {id}::text, {published}, {published_at} FROM {t} WHERE {window} ORDER BY 1 COLLATE \"C\""
+    );
+    let mut c = Classes {
+        scan: stats,
+        ..Classes::default()
+    };
+    let mut kafka_side = sorted
+        .filter(|e| e.as_ref().map_or(true, |s| s.ts >= compare_ms))
+        .peekable();
+    let mut candidates: Vec<Seen> = Vec::new();
+    let io = |e: std::io::Error| StepError::Invalid(format!("reading the sorted scan back: {e}"));
+    // Takes every message with this id; the first is the one that counts.
+    fn take_same(
+        it: &mut std::iter::Peekable<impl Iterator<Item = std::io::Result<Seen>>>,
+        first: Seen,
+        dups: &mut u64,
+    ) -> Result<Seen, std::io::Error> {
+        while let Some(Ok(next)) = it.peek() {
+            if next.id != first.id {
+                break;
+            }
+            *dups += 1;
+            it.next();
+        }
+        Ok(first)
+    }
+    let mut on_row = |row: Row, c: &mut Classes| -> Result<(), StepError> {
+        loop {
+            match kafka_side.peek() {
+                Some(Err(_)) => return Err(io(kafka_side.next().unwrap().unwrap_err())),
+                Some(Ok(s)) if s.id.as_str() < row.id.as_str() => {
+                    let s = kafka_side.next().unwrap().map_err(io)?;
+                    candidates.push(take_same(&mut kafka_side, s, &mut c.duplicates).map_err(io)?);
+                }
+                Some(Ok(s)) if s.id == row.id => {
+                    let s = kafka_side.next().unwrap().map_err(io)?;
+                    let s = take_same(&mut kafka_side, s, &mut c.duplicates).map_err(io)?;
+                    if row.published || l.published == Published::InTopicOnly {
+                        c.in_sync += 1;
+                    } else {
+                        c.mark_published.push((row.id, s.ts));
+                    }
+                    return Ok(());
+                }
+                _ => break,
+            }
+        }
+        // Not in the topic.
+        match (&l.published, row.published) {
+            (Published::InTopicOnly, _) => c.pending += 1,
+            (_, false) => c.pending += 1,
+            (Published::At(_), true) if row.published_ms.is_some_and(|p| p >= compare_ms) => {
+                c.mark_unpublished.push(row.id)
+            }
+            (Published::Flag(_), true) if l.created_at.is_some() => c.mark_unpublished.push(row.id),
+            // Published before the compared window: its message predates the scan.
+            _ => c.in_sync += 1,
+        }
+        Ok(())
+    };
+    let db = env.db(&r.database)?;
+    db.stream_rows(
+        "read the outbox",
+        &sql,
+        &[&compare_ms],
+        10_000,
+        |rows| -> Result<(), StepError> {
+            for row in rows {
+                on_row(
+                    Row {
+                        id: row.get(0),
+                        published: row.get(1),
+                        published_ms: row.get(2),
+                    },
+                    &mut c,
+                )?;
+            }
+            Ok(())
+        },
+    )?;
+    while let Some(s) = kafka_side.next() {
+        let s = s.map_err(io)?;
+        candidates.push(take_same(&mut kafka_side, s, &mut c.duplicates).map_err(io)?);
+    }
+    // An orphan is confirmed by a lookup: its row may sit outside the window.
+    for chunk in candidates.chunks(1000) {
+        let ids: Vec<&str> = chunk.iter().map(|s| s.id.as_str()).collect();
+        let found: Vec<String> = db
+            .query(
+                "look up orphan candidates",
+                &format!("SELECT {id}::text FROM {t} WHERE {id}::text = ANY($1)"),
+                &[&ids],
+            )
+            .on(&r.database)?
+            .iter()
+            .map(|row| row.get(0))
+            .collect();
+        for s in chunk {
+            if found.contains(&s.id) {
+                c.in_sync += 1;
+            } else {
+                c.orphans.push(s.clone());
+            }
+        }
+    }
+    if !c.orphans.is_empty() && exists(db, "reentry_orphan_event").on(&r.database)? {
+        let ids: Vec<&str> = c.orphans.iter().map(|s| s.id.as_str()).collect();
+        let staged: Vec<String> = db
+            .query(
+                "look up staged orphans",
+                "SELECT event_id FROM reentry_orphan_event WHERE topic = $1 AND event_id = ANY($2)",
+                &[&r.topic, &ids],
+            )
+            .on(&r.database)?
+            .iter()
+            .map(|row| row.get(0))
+            .collect();
+        c.orphans.retain(|s| !staged.contains(&s.id));
+        c.staged_before = staged.len() as u64;
+    }
+    Ok(c)
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+fn fill(template: &str, s: &Seen, key: &str, topic: &str) -> String {
+    template
+        .replace("{{event_id}}", &s.id)
+        .replace("{{key}}", key)
+        .replace("{{topic}}", topic)
+        .replace("{{partition}}", &s.partition.to_string())
+        .replace("{{offset}}", &s.offset.to_string())
+        .replace("{{timestamp}}", &s.ts.to_string())
+}
+
+impl Step for Reconcile {
+    fn nature(&self) -> Nature {
+        Nature::Changes
+    }
+
+    fn preview(&self, env: &mut Env) -> Result<Effect, StepError> {
+        let c = classify(env, self, false)?;
+        Ok(Effect {
+            summary: c.summary(self),
+            count: c.changes(),
+            items: c.items(),
+            detail: c.detail(),
+        })
+    }
+
+    fn apply(&self, env: &mut Env, rec: &mut Recorder) -> Result<Effect, StepError> {
+        let started_ms = now_ms();
+        let c = classify(env, self, true)?;
+        let bootstrap = env
+            .playbook
+            .kafka
+            .as_ref()
+            .map(|k| k.bootstrap.expose().to_owned())
+            .unwrap_or_default();
+        let template = match &self.compensation_template {
+            Some(path) => {
+                let base = env
+                    .playbook
+                    .file
+                    .parent()
+                    .unwrap_or(std::path::Path::new("."));
+                Some(std::fs::read_to_string(base.join(path)).map_err(|e| {
+                    StepError::Invalid(format!("compensation template {path}: {e}"))
+                })?)
+            }
+            None => None,
+        };
+        rec.prior(|| {
+            Ok(json!({
+                "mark-published": c.mark_published.iter().map(|(id, ts)| json!([id, ts])).collect::<Vec<_>>(),
+                "orphans": c.orphans.iter().map(|s| json!([s.id, s.partition, s.offset])).collect::<Vec<_>>(),
+                "mark-unpublished": c.mark_unpublished,
+            }))
+        })?;
+        let kafka = Kafka::new(&bootstrap);
+        // Orphans: fetched whole from the topic before anything is written.
+        let mut fetched = Vec::new();
+        for s in &c.orphans {
+            fetched.push((s.clone(), kafka.fetch(&self.topic, s.partition, s.offset)?));
+        }
+        let l = &self.layout;
+        let t = quote_qualified(&l.table);
+        let id = quote_qualified(&l.id);
+        let run_id = env.run_id.clone();
+        let database = self.database.clone();
+        let db = env.db(&database)?;
+        db.batch(
+            "create the staging tables",
+            include_str!("../../../sql/reentry_staging.sql"),
+        )
+        .on(&database)?;
+        let (published_n, unpublished_n) = db.transaction("BEGIN", |db| -> Result<(u64, u64), StepError> {
+            let ids: Vec<&str> = c.mark_published.iter().map(|(i, _)| i.as_str()).collect();
+            let ts: Vec<i64> = c.mark_published.iter().map(|(_, t)| *t).collect();
+            let un: Vec<&str> = c.mark_unpublished.iter().map(String::as_str).collect();
+            let (p, u) = match &l.published {
+                Published::At(col) => {
+                    let col = quote_qualified(col);
+                    let p = db.execute(
+                        "mark outbox rows published",
+                        &format!(
+                            "UPDATE {t} AS o SET {col} = to_timestamp(v.ts / 1000.0)
+                               FROM unnest($1::text[], $2::int8[]) AS v(id, ts)
+                              WHERE o.{id}::text = v.id AND o.{col} IS NULL"
+                        ),
+                        &[&ids, &ts],
+                    ).on(&database)?;
+                    let u = db.execute(
+                        "mark outbox rows unpublished",
+                        &format!("UPDATE {t} SET {col} = NULL WHERE {id}::text = ANY($1) AND {col} IS NOT NULL"),
+                        &[&un],
+                    ).on(&database)?;
+                    (p, u)
+                }
+                Published::Flag(col) => {
+                    let col = quote_qualified(col);
+                    let p = db.execute(
+                        "mark outbox rows processed",
+                        &format!("UPDATE {t} SET {col} = true WHERE {id}::text = ANY($1) AND NOT {col}"),
+                        &[&ids],
+                    ).on(&database)?;
+                    let u = db.execute(
+                        "mark outbox rows unprocessed",
+                        &format!("UPDATE {t} SET {col} = false WHERE {id}::text = ANY($1) AND {col}"),
+                        &[&un],
+                    ).on(&database)?;
+                    (p, u)
+                }
+                Published::InTopicOnly => (0, 0),
+            };
+            Ok((p, u))
+        })?;
+        let mut staged = 0;
+        for (s, m) in &fetched {
+            let (key, payload, headers) = match m {
+                Some(m) => (
+                    m.key.clone(),
+                    m.payload.clone(),
+                    json!(m
+                        .headers
+                        .iter()
+                        .map(|(k, v)| json!([k, v.as_deref().map(String::from_utf8_lossy)]))
+                        .collect::<Vec<_>>()),
+                ),
+                None => (None, None, json!([])),
+            };
+            staged += db
+                .execute(
+                    "stage an orphan event",
+                    "INSERT INTO reentry_orphan_event (run_id, outbox, event_id, topic, partition, \"offset\", event_time, key, payload, headers)
+                     VALUES ($1, $2, $3, $4, $5, $6, to_timestamp($7::int8 / 1000.0), $8, $9, $10::text::jsonb)
+                     ON CONFLICT (topic, partition, \"offset\") DO NOTHING",
+                    &[&run_id, &self.outbox, &s.id, &self.topic, &s.partition, &s.offset, &s.ts, &key, &payload, &headers.to_string()],
+                )
+                .on(&database)?;
+        }
+        // Compensations: at least once; each carries the orphan's id in a
+        // header, so a consumer can drop a repeat.
+        let mut compensated = 0;
+        if let Some(template) = &template {
+            let rows = db
+                .query(
+                    "find orphans to compensate",
+                    "SELECT event_id, partition, \"offset\", (extract(epoch FROM event_time) * 1000)::int8, key
+                       FROM reentry_orphan_event WHERE topic = $1 AND outbox = $2 AND compensated_at IS NULL",
+                    &[&self.topic, &self.outbox],
+                )
+                .on(&database)?;
+            let mut messages = Vec::new();
+            let mut done = Vec::new();
+            for row in rows {
+                let s = Seen {
+                    id: row.get(0),
+                    partition: row.get(1),
+                    offset: row.get(2),
+                    ts: row.get::<_, Option<i64>>(3).unwrap_or(0),
+                };
+                let key: Option<Vec<u8>> = row.get(4);
+                let key_text = key
+                    .as_deref()
+                    .map(String::from_utf8_lossy)
+                    .unwrap_or_default()
+                    .into_owned();
+                messages.push((
+                    key.clone(),
+                    fill(template, &s, &key_text, &self.topic).into_bytes(),
+                    vec![("reentry-compensates".to_owned(), s.id.clone().into_bytes())],
+                ));
+                done.push((s.partition, s.offset));
+            }
+            kafka.produce(&self.topic, &messages)?;
+            for (p, o) in &done {
+                compensated += db
+                    .execute(
+                        "record a compensation",
+                        "UPDATE reentry_orphan_event SET compensated_at = now() WHERE topic = $1 AND partition = $2 AND \"offset\" = $3",
+                        &[&self.topic, p, o],
+                    )
+                    .on(&database)?;
+            }
+        }
+        // The watch: the relay must stay quiet while its gate is closed.
+        rec.sleep_until(SystemTime::now() + Duration::from_secs_f64(self.watch_seconds))?;
+        let mut alarms = Vec::new();
+        if let Published::At(col) = &l.published {
+            let col = quote_qualified(col);
+            let n: i64 = env
+                .db(&database)?
+                .query_one(
+                    "watch the outbox",
+                    &format!(
+                        "SELECT count(*) FROM {t} WHERE {col} >= to_timestamp($1::int8 / 1000.0)"
+                    ),
+                    &[&started_ms],
+                )
+                .on(&database)?
+                .get(0);
+            if n > 0 {
+                alarms.push(format!("{n} outbox row(s) were published during the step"));
+            }
+        }
+        // Every message past where the scan ended is new: ours (compensations) or the relay's.
+        let ends: BTreeMap<i32, i64> = c.scan.partitions.iter().map(|(p, s)| (*p, s.end)).collect();
+        let (_, watch_stats) = scan::scan(
+            &kafka,
+            &ScanOptions {
+                topic: &self.topic,
+                from_ms: i64::MIN,
+                t_ms: i64::MIN,
+                id: &IdFrom::Key,
+                chunk: ScanOptions::default_chunk(),
+                progress: false,
+                start: Some(ends),
+            },
+        )?;
+        let foreign = watch_stats.messages.saturating_sub(compensated);
+        if foreign > 0 {
+            alarms.push(format!(
+                "{foreign} new message(s) reached {} during the step",
+                self.topic
+            ));
+        }
+        if !alarms.is_empty() {
+            return Err(StepError::Check {
+                message: format!(
+                    "the relay of outbox `{}` is not paused: {}; close its gate properly, then resume",
+                    self.outbox,
+                    alarms.join("; ")
+                ),
+                findings: alarms,
+            });
+        }
+        let mut detail = c.detail();
+        detail["applied"] = json!({
+            "marked-published": published_n,
+            "staged-orphans": staged,
+            "compensated": compensated,
+            "marked-unpublished": unpublished_n,
+        });
+        Ok(Effect {
+            summary: format!(
+                "outbox `{}`: {published_n} marked published, {staged} orphan(s) staged{}, {unpublished_n} marked unpublished; {} pending; the relay stayed quiet for {}s",
+                self.outbox,
+                if template.is_some() { format!(" ({compensated} compensated)") } else { String::new() },
+                c.pending,
+                self.watch_seconds
+            ),
+            count: published_n + staged + unpublished_n,
+            items: c.items(),
+            detail,
+        })
+    }
+}
