@@ -50,8 +50,85 @@ pub struct Member {
     pub host: String,
 }
 
-/// A message to produce: key, payload, headers.
-pub type Outgoing = (Option<Vec<u8>>, Vec<u8>, Vec<(String, Vec<u8>)>);
+/// Reads a partition from an offset. A broker that serves nothing from an
+/// offset inside a record batch (tansu does this) gets a second chance:
+/// reading from the partition's start, skipping forward.
+struct Reader<'a> {
+    k: &'a Kafka,
+    c: &'a BaseConsumer,
+    topic: &'a str,
+    partition: i32,
+    start: i64,
+    restarted: bool,
+    first: bool,
+}
+
+impl<'a> Reader<'a> {
+    fn new(
+        k: &'a Kafka,
+        c: &'a BaseConsumer,
+        topic: &'a str,
+        partition: i32,
+        start: i64,
+    ) -> Result<Reader<'a>, KafkaError> {
+        let r = Reader {
+            k,
+            c,
+            topic,
+            partition,
+            start,
+            restarted: false,
+            first: true,
+        };
+        r.assign(Offset::Offset(start))?;
+        Ok(r)
+    }
+
+    fn assign(&self, o: Offset) -> Result<(), KafkaError> {
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(self.topic, self.partition, o)
+            .map_err(self.k.err("build a partition list"))?;
+        self.c
+            .assign(&tpl)
+            .map_err(self.k.err("assign a partition"))
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn poll(
+        &mut self,
+    ) -> Result<
+        Option<Result<rdkafka::message::BorrowedMessage<'a>, rdkafka::error::KafkaError>>,
+        KafkaError,
+    > {
+        if self.first && self.start > 0 && !self.restarted {
+            let got = self.c.poll(Duration::from_secs(1));
+            if got.is_some() {
+                self.first = false;
+                return Ok(got);
+            }
+            tracing::debug!(
+                topic = self.topic,
+                partition = self.partition,
+                offset = self.start,
+                "nothing served from this offset; reading from the partition's start"
+            );
+            self.restarted = true;
+            self.assign(Offset::Beginning)?;
+        }
+        self.first = false;
+        Ok(self.c.poll(TIMEOUT))
+    }
+}
+
+/// A message to produce.
+#[derive(Debug, Clone, Default)]
+pub struct Outgoing {
+    pub key: Option<Vec<u8>>,
+    pub payload: Vec<u8>,
+    pub headers: Vec<(String, Vec<u8>)>,
+    /// CreateTime in ms since the epoch; now when None.
+    pub timestamp: Option<i64>,
+}
 
 #[derive(Clone)]
 pub struct Kafka {
@@ -170,13 +247,10 @@ impl Kafka {
         ms: i64,
     ) -> Result<i64, KafkaError> {
         let c = self.consumer("reentry-scan")?;
-        let mut tpl = TopicPartitionList::new();
-        tpl.add_partition_offset(topic, partition, Offset::Offset(start))
-            .map_err(self.err("build a partition list"))?;
-        c.assign(&tpl).map_err(self.err("assign a partition"))?;
+        let mut reader = Reader::new(self, &c, topic, partition, start)?;
         let mut end = start;
         loop {
-            match c.poll(TIMEOUT) {
+            match reader.poll()? {
                 Some(Ok(m)) => {
                     if m.timestamp().to_millis().unwrap_or(i64::MIN) >= ms {
                         return Ok(m.offset());
@@ -195,19 +269,48 @@ impl Kafka {
         }
     }
 
+    /// Each partition's end: one past its last message. The broker's answer
+    /// is read forward to the end of the partition, because some brokers
+    /// report it late.
+    pub fn ends(&self, topic: &str, partitions: &[i32]) -> Result<BTreeMap<i32, i64>, KafkaError> {
+        let c = self.consumer("reentry-metadata")?;
+        let mut tpl = TopicPartitionList::new();
+        for p in partitions {
+            tpl.add_partition_offset(topic, *p, Offset::End)
+                .map_err(self.err("build a partition list"))?;
+        }
+        let got = c
+            .offsets_for_times(tpl, TIMEOUT)
+            .map_err(self.err(format!("ask for the end offsets of {topic}")))?;
+        let mut out = BTreeMap::new();
+        for e in got.elements() {
+            let reported = match e.offset() {
+                Offset::Offset(o) => o,
+                _ => 0,
+            };
+            out.insert(
+                e.partition(),
+                self.first_at_or_after(topic, e.partition(), reported, i64::MAX)?,
+            );
+        }
+        Ok(out)
+    }
+
     /// Per partition, where a consumer must start to see every message at
     /// or after `ms`.
     pub fn offsets_for_time(&self, topic: &str, ms: i64) -> Result<BTreeMap<i32, i64>, KafkaError> {
         let parts = self.partitions(topic)?;
+        if ms == i64::MAX {
+            return self.ends(topic, &parts);
+        }
         let coarse = self.offsets_at(topic, &parts, ms)?;
-        let ends = self.offsets_at(topic, &parts, -1)?;
         let mut out = BTreeMap::new();
-        for p in parts {
-            let o = match coarse.get(&p).copied().flatten() {
-                Some(start) => self.first_at_or_after(topic, p, start, ms)?,
-                None => ends.get(&p).copied().flatten().unwrap_or(0),
+        for p in &parts {
+            let o = match coarse.get(p).copied().flatten() {
+                Some(start) => self.first_at_or_after(topic, *p, start, ms)?,
+                None => self.ends(topic, &[*p])?.get(p).copied().unwrap_or(0),
             };
-            out.insert(p, o);
+            out.insert(*p, o);
         }
         Ok(out)
     }
@@ -277,51 +380,63 @@ impl Kafka {
             .map_err(self.err(format!("commit offsets for group {group}")))
     }
 
-    /// One message, by partition and offset.
-    pub fn fetch(
+    /// Many messages by position, reading each partition once.
+    pub fn fetch_many(
         &self,
         topic: &str,
-        partition: i32,
-        offset: i64,
-    ) -> Result<Option<Fetched>, KafkaError> {
-        let c = self.consumer("reentry-fetch")?;
-        let mut tpl = TopicPartitionList::new();
-        tpl.add_partition_offset(topic, partition, Offset::Offset(offset))
-            .map_err(self.err("build a partition list"))?;
-        c.assign(&tpl).map_err(self.err("assign a partition"))?;
-        loop {
-            match c.poll(TIMEOUT) {
-                Some(Ok(m)) if m.offset() == offset => {
-                    return Ok(Some(Fetched {
-                        partition,
-                        offset,
-                        timestamp: m.timestamp().to_millis(),
-                        key: m.key().map(<[u8]>::to_vec),
-                        payload: m.payload().map(<[u8]>::to_vec),
-                        headers: m
-                            .headers()
-                            .map(|h| {
-                                h.iter()
-                                    .map(|x| (x.key.to_owned(), x.value.map(<[u8]>::to_vec)))
-                                    .collect()
-                            })
-                            .unwrap_or_default(),
-                    }))
-                }
-                Some(Ok(m)) if m.offset() > offset => return Ok(None),
-                Some(Ok(_)) => {}
-                Some(Err(rdkafka::error::KafkaError::PartitionEOF(_))) => return Ok(None),
-                Some(Err(e)) => {
-                    return Err(self.err(format!("fetch {topic}/{partition}@{offset}"))(e))
-                }
-                None => {
-                    return Err(KafkaError::Other {
-                        bootstrap: self.bootstrap.clone(),
-                        what: format!("no answer fetching {topic}/{partition}@{offset}"),
-                    })
+        wanted: &[(i32, i64)],
+    ) -> Result<BTreeMap<(i32, i64), Fetched>, KafkaError> {
+        let mut by_partition: BTreeMap<i32, Vec<i64>> = BTreeMap::new();
+        for (p, o) in wanted {
+            by_partition.entry(*p).or_default().push(*o);
+        }
+        let mut out = BTreeMap::new();
+        for (p, mut offsets) in by_partition {
+            offsets.sort_unstable();
+            let (first, last) = (offsets[0], *offsets.last().expect("not empty"));
+            let c = self.consumer("reentry-fetch")?;
+            let mut reader = Reader::new(self, &c, topic, p, first)?;
+            loop {
+                match reader.poll()? {
+                    Some(Ok(m)) => {
+                        if offsets.binary_search(&m.offset()).is_ok() {
+                            out.insert(
+                                (p, m.offset()),
+                                Fetched {
+                                    partition: p,
+                                    offset: m.offset(),
+                                    timestamp: m.timestamp().to_millis(),
+                                    key: m.key().map(<[u8]>::to_vec),
+                                    payload: m.payload().map(<[u8]>::to_vec),
+                                    headers: m
+                                        .headers()
+                                        .map(|h| {
+                                            h.iter()
+                                                .map(|x| {
+                                                    (x.key.to_owned(), x.value.map(<[u8]>::to_vec))
+                                                })
+                                                .collect()
+                                        })
+                                        .unwrap_or_default(),
+                                },
+                            );
+                        }
+                        if m.offset() >= last {
+                            break;
+                        }
+                    }
+                    Some(Err(rdkafka::error::KafkaError::PartitionEOF(_))) => break,
+                    Some(Err(e)) => return Err(self.err(format!("read {topic}/{p}"))(e)),
+                    None => {
+                        return Err(KafkaError::Other {
+                            bootstrap: self.bootstrap.clone(),
+                            what: format!("no answer reading {topic}/{p}"),
+                        })
+                    }
                 }
             }
         }
+        Ok(out)
     }
 
     /// Produces messages and waits until every one is acknowledged.
@@ -333,18 +448,22 @@ impl Kafka {
             .set("log_level", "3")
             .create()
             .map_err(self.err("create a producer"))?;
-        for (key, payload, headers) in messages {
+        for m in messages {
             let mut h = OwnedHeaders::new();
-            for (k, v) in headers {
+            for (k, v) in &m.headers {
                 h = h.insert(Header {
                     key: k,
                     value: Some(v),
                 });
             }
-            let mut r: BaseRecord<'_, [u8], [u8]> =
-                BaseRecord::to(topic).payload(payload.as_slice()).headers(h);
-            if let Some(k) = key {
+            let mut r: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(topic)
+                .payload(m.payload.as_slice())
+                .headers(h);
+            if let Some(k) = &m.key {
                 r = r.key(k.as_slice());
+            }
+            if let Some(t) = m.timestamp {
+                r = r.timestamp(t);
             }
             loop {
                 match p.send(r) {

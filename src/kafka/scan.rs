@@ -266,11 +266,7 @@ pub fn scan(k: &Kafka, o: &ScanOptions) -> Result<(Sorted, ScanStats), KafkaErro
         let (mut ps, without) = r?;
         if ps == PartitionScan::default() {
             // Nothing at or after the start time: the end is where a rewind goes.
-            let end = k
-                .offsets_at(o.topic, &[*p], -1)
-                .ok()
-                .and_then(|m| m.get(p).copied().flatten())
-                .unwrap_or(0);
+            let end = k.ends(o.topic, &[*p])?.get(p).copied().unwrap_or(0);
             ps = PartitionScan {
                 from: end,
                 end,

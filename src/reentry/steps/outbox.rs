@@ -263,7 +263,7 @@ pub fn classify(env: &mut Env, r: &Reconcile, progress: bool) -> Result<Classes,
         }
     };
     let sql = format!(
-        "SELECT {id}::text, {published}, {published_at} FROM {t} WHERE {window} ORDER BY 1 COLLATE \"C\""
+        "SELECT {id}::text, {published}, {published_at} FROM {t} WHERE {window} ORDER BY {id}::text COLLATE \"C\""
     );
     let mut c = Classes {
         scan: stats,
@@ -449,10 +449,13 @@ impl Step for Reconcile {
         })?;
         let kafka = Kafka::new(&bootstrap);
         // Orphans: fetched whole from the topic before anything is written.
-        let mut fetched = Vec::new();
-        for s in &c.orphans {
-            fetched.push((s.clone(), kafka.fetch(&self.topic, s.partition, s.offset)?));
-        }
+        let wanted: Vec<(i32, i64)> = c.orphans.iter().map(|s| (s.partition, s.offset)).collect();
+        let mut whole = kafka.fetch_many(&self.topic, &wanted)?;
+        let fetched: Vec<_> = c
+            .orphans
+            .iter()
+            .map(|s| (s.clone(), whole.remove(&(s.partition, s.offset))))
+            .collect();
         let l = &self.layout;
         let t = quote_qualified(&l.table);
         let id = quote_qualified(&l.id);
@@ -556,11 +559,12 @@ impl Step for Reconcile {
                     .map(String::from_utf8_lossy)
                     .unwrap_or_default()
                     .into_owned();
-                messages.push((
-                    key.clone(),
-                    fill(template, &s, &key_text, &self.topic).into_bytes(),
-                    vec![("reentry-compensates".to_owned(), s.id.clone().into_bytes())],
-                ));
+                messages.push(crate::kafka::Outgoing {
+                    key: key.clone(),
+                    payload: fill(template, &s, &key_text, &self.topic).into_bytes(),
+                    headers: vec![("reentry-compensates".to_owned(), s.id.clone().into_bytes())],
+                    timestamp: None,
+                });
                 done.push((s.partition, s.offset));
             }
             kafka.produce(&self.topic, &messages)?;

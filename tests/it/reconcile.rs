@@ -1,0 +1,557 @@
+//! Kafka, outbox, inbox, consumer groups and idempotency keys after a
+//! restore, against the real broker (tansu) and PostgreSQL 18. A workload
+//! writes outbox rows, a relay publishes them; the restored database is the
+//! same history cut at T. Every class exists with a known count; the plan
+//! finds exactly those, apply settles them, a second apply changes nothing.
+//! kcat, an independent client, confirms what reentry read from the topic.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use reentry::kafka::{Kafka, Outgoing};
+
+use crate::common::pg::{Cluster, Version};
+use crate::common::services::{create_topic, kafka_bootstrap, kcat, topic};
+use crate::common::{assert_exit, reentry_bin, stderr, stdout};
+
+const MIN: i64 = 60_000;
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+}
+
+fn uuid(n: u32) -> String {
+    format!("00000000-0000-4000-8000-{n:012}")
+}
+
+/// An outbox row's history: created, published (if ever), produced (if ever).
+struct Event {
+    id: String,
+    created: i64,
+    published: Option<i64>,
+    produced: Option<i64>,
+}
+
+struct World {
+    cluster: Cluster,
+    dir: PathBuf,
+    topic: String,
+    t: i64,
+    events: Vec<Event>,
+}
+
+fn ts(ms: i64) -> String {
+    humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_millis(ms as u64)).to_string()
+}
+
+impl World {
+    /// The history: 20 events in sync before T; 5 created before T and
+    /// published after it; 3 marked published before T whose messages were
+    /// lost; 4 never published; 7 created and published after T.
+    fn new() -> World {
+        let mut cluster = Cluster::init(Version::V18);
+        cluster.start();
+        let dir = cluster.dir("work");
+        let topic = topic("outbox");
+        create_topic(&topic, 3);
+        let t = now_ms() - 20 * MIN;
+        let b = t - 10 * MIN;
+        let mut events = Vec::new();
+        let mut n = 0;
+        let mut add = |created: i64, published: Option<i64>, produced: Option<i64>| {
+            n += 1;
+            events.push(Event {
+                id: uuid(n),
+                created,
+                published,
+                produced,
+            });
+        };
+        for i in 0..20 {
+            let c = b + i * 1000;
+            add(c, Some(c + 500), Some(c + 500));
+        }
+        for i in 0..5 {
+            let p = t + MIN + i * 1000;
+            add(b + 5 * MIN + i, Some(p), Some(p));
+        }
+        for i in 0..3 {
+            let c = b + 6 * MIN + i * 1000;
+            add(c, Some(c + 500), None);
+        }
+        for i in 0..4 {
+            add(b + 7 * MIN + i * 1000, None, None);
+        }
+        for i in 0..7 {
+            let c = t + 2 * MIN + i * 1000;
+            add(c, Some(c + 500), Some(c + 500));
+        }
+        let w = World {
+            cluster,
+            dir,
+            topic,
+            t,
+            events,
+        };
+        w.relay();
+        let mut admin = w.cluster.client();
+        for db in ["cur", "res"] {
+            admin
+                .batch_execute(&format!("CREATE DATABASE {db}"))
+                .unwrap();
+            let mut c = w.client(db);
+            c.batch_execute(include_str!("../../sql/system_gate.sql"))
+                .unwrap();
+            c.batch_execute(include_str!("../../sql/case-management.sql"))
+                .unwrap();
+            c.batch_execute("INSERT INTO system_gate VALUES ('outbox-relay', true, now())")
+                .unwrap();
+        }
+        // Current holds the whole history; restored holds it as of T.
+        for (db, cut) in [("cur", i64::MAX), ("res", t)] {
+            let mut c = w.client(db);
+            for e in w.events.iter().filter(|e| e.created <= cut) {
+                let published = e.published.filter(|p| *p <= cut).map(ts);
+                c.execute(
+                    "INSERT INTO outbox_event (id, topic, aggregate_id, payload, created_at, published_at)
+                     VALUES ($1::text::uuid, $2, $3, $4::text::jsonb, $5::text::timestamptz, $6::text::timestamptz)",
+                    &[&e.id, &w.topic, &format!("case-{}", &e.id[30..]), &format!("{{\"eventId\":\"{}\"}}", e.id), &ts(e.created), &published],
+                )
+                .unwrap();
+            }
+            // The projector's inbox: every message it consumed before the cut.
+            for e in w
+                .events
+                .iter()
+                .filter(|e| e.produced.is_some_and(|p| p <= cut))
+            {
+                c.execute(
+                    "INSERT INTO inbox_message (message_id) VALUES ($1)",
+                    &[&e.id],
+                )
+                .unwrap();
+            }
+        }
+        // Idempotency keys: k1-k3 before T; k4-k5 just after T (older than
+        // the 15 min retention by now); k6-k9 recent. Only current has those.
+        for db in ["cur", "res"] {
+            let mut c = w.client(db);
+            for k in 1..=3 {
+                c.execute(
+                    "INSERT INTO idempotency_key (idem_key, created_at) VALUES ($1, $2::text::timestamptz)",
+                    &[&format!("k{k}"), &ts(t - 5 * MIN)],
+                )
+                .unwrap();
+            }
+        }
+        let mut c = w.client("cur");
+        for (k, at) in [
+            (4, t + MIN),
+            (5, t + MIN),
+            (6, t + 15 * MIN),
+            (7, t + 15 * MIN),
+            (8, t + 15 * MIN),
+            (9, t + 15 * MIN),
+        ] {
+            c.execute(
+                "INSERT INTO idempotency_key (idem_key, created_at) VALUES ($1, $2::text::timestamptz)",
+                &[&format!("k{k}"), &ts(at)],
+            )
+            .unwrap();
+        }
+        // The payment provider's export: k8, k9 again, k10, k11 only here,
+        // and one from before T.
+        std::fs::write(
+            w.dir.join("provider.csv"),
+            format!(
+                "request_id,sent_at,amount\nk8,{a},10\nk9,{a},10\nk10,{a},10\nk11,{a},12\nk0,{b},5\n",
+                a = ts(t + 16 * MIN),
+                b = ts(t - 30 * MIN)
+            ),
+        )
+        .unwrap();
+        // The projector consumed everything: its offsets are at the end.
+        let k = Kafka::new(&kafka_bootstrap());
+        let ends = k.offsets_for_time(&w.topic, i64::MAX).unwrap();
+        k.commit("projector", &w.topic, &ends).unwrap();
+        w
+    }
+
+    /// The relay: publishes every produced event, in time order.
+    fn relay(&self) {
+        let mut produced: Vec<&Event> = self
+            .events
+            .iter()
+            .filter(|e| e.produced.is_some())
+            .collect();
+        produced.sort_by_key(|e| e.produced);
+        let messages: Vec<Outgoing> = produced
+            .iter()
+            .map(|e| Outgoing {
+                key: Some(format!("case-{}", &e.id[30..]).into_bytes()),
+                payload: format!("{{\"eventId\":\"{}\",\"type\":\"CaseUpdated\"}}", e.id)
+                    .into_bytes(),
+                headers: vec![("event_id".into(), e.id.clone().into_bytes())],
+                timestamp: e.produced,
+            })
+            .collect();
+        Kafka::new(&kafka_bootstrap())
+            .produce(&self.topic, &messages)
+            .unwrap();
+    }
+
+    fn conninfo(&self, db: &str) -> String {
+        format!(
+            "host=127.0.0.1 port={} user=postgres dbname={db}",
+            self.cluster.port
+        )
+    }
+
+    fn client(&self, db: &str) -> postgres::Client {
+        postgres::Client::connect(&self.conninfo(db), postgres::NoTls).unwrap()
+    }
+
+    fn playbook(&self, name: &str, csv: &str) -> PathBuf {
+        let text = format!(
+            r#"[playbook]
+name = "reconcile-test"
+way-back = "cutover"
+
+[databases.current]
+conninfo = "{cur}"
+
+[databases.restored]
+conninfo = "{res}"
+
+[recovery-target]
+time = "{t}"
+
+[gates]
+reopen-order = ["outbox-relay"]
+
+[[gates.system-gate]]
+name = "outbox-relay"
+databases = ["current", "restored"]
+
+[[outbox]]
+name = "case-events"
+database = "restored"
+flavour = "generic"
+table = "outbox_event"
+topic = "{topic}"
+columns = {{ id = "id", created-at = "created_at", published-at = "published_at" }}
+event-id = {{ header = "event_id" }}
+gate = "outbox-relay"
+
+[kafka]
+bootstrap = "{bootstrap}"
+lookback = "1h"
+watch = "1s"
+
+[[kafka.consumer-group]]
+name = "projector"
+topics = ["{topic}"]
+idempotent = true
+
+[[inbox]]
+name = "projector-inbox"
+database = "restored"
+table = "inbox_message"
+message-id-column = "message_id"
+topic = "{topic}"
+consumer-group = "projector"
+
+[[idempotency]]
+name = "notifications"
+database = "restored"
+table = "idempotency_key"
+key-column = "idem_key"
+created-at-column = "created_at"
+retention = "15m"
+action = "tombstone"
+from-current = true
+from-csv = {{ path = "{csv}", key-column = "request_id", time-column = "sent_at" }}
+"#,
+            cur = self.conninfo("cur"),
+            res = self.conninfo("res"),
+            t = ts(self.t),
+            topic = self.topic,
+            bootstrap = kafka_bootstrap(),
+        );
+        let path = self.dir.join(name);
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    fn count(&self, db: &str, sql: &str) -> i64 {
+        self.client(db).query_one(sql, &[]).unwrap().get(0)
+    }
+}
+
+fn run(args: &[&dyn AsRef<std::ffi::OsStr>]) -> Output {
+    let mut cmd = Command::new(reentry_bin());
+    for a in args {
+        cmd.arg(a);
+    }
+    cmd.output().unwrap()
+}
+
+fn step<'a>(plan: &'a serde_json::Value, id: &str) -> &'a serde_json::Value {
+    plan["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["id"] == id)
+        .unwrap_or_else(|| panic!("no step {id}"))
+}
+
+fn plan(pb: &Path) -> serde_json::Value {
+    let out = run(&[&"plan", &pb, &"--json"]);
+    assert!(matches!(out.status.code(), Some(0 | 1)), "{}", stderr(&out));
+    serde_json::from_str(&stdout(&out)).unwrap()
+}
+
+/// Event ids in the topic, read by kcat from the `event_id` header.
+fn kcat_ids(topic: &str) -> Vec<(String, i64)> {
+    let out = kcat()
+        .args([
+            "-C",
+            "-t",
+            topic,
+            "-o",
+            "beginning",
+            "-e",
+            "-q",
+            "-f",
+            "%T %h\n",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| {
+            let (t, h) = l.split_once(' ')?;
+            let id = h.split(',').find_map(|kv| kv.strip_prefix("event_id="))?;
+            Some((id.to_owned(), t.parse().ok()?))
+        })
+        .collect()
+}
+
+#[test]
+fn the_plan_finds_every_class_apply_settles_them_and_a_second_apply_is_a_no_op() {
+    let w = World::new();
+    let pb = w.playbook("pb.toml", "provider.csv");
+
+    let p = plan(&pb);
+    let outbox = &step(&p, "outbox:case-events")["preview"];
+    let d = &outbox["detail"];
+    assert_eq!(d["mark-published"], 5, "{d:#}");
+    assert_eq!(d["orphans"], 7, "{d:#}");
+    assert_eq!(d["mark-unpublished"], 3, "{d:#}");
+    assert_eq!(d["pending"], 4, "{d:#}");
+    assert_eq!(d["in-sync"], 20, "{d:#}");
+    assert_eq!(outbox["count"], 15);
+
+    // What reentry read agrees with an independent client.
+    let seen = kcat_ids(&w.topic);
+    assert_eq!(seen.len(), 32);
+    assert_eq!(d["scan"]["messages"], seen.len());
+    let after_t = seen.iter().filter(|(_, t)| *t >= w.t).count();
+    assert_eq!(after_t, 12);
+    let inbox = &step(&p, "inbox:projector-inbox")["preview"];
+    assert_eq!(inbox["detail"]["re-consumed"], after_t, "{inbox:#}");
+    let rewind = &step(&p, "rewind:projector")["preview"];
+    assert!(
+        rewind["summary"]
+            .as_str()
+            .unwrap()
+            .contains("12 message(s) to consume again"),
+        "{rewind:#}"
+    );
+    let keys = &step(&p, "idempotency:notifications")["preview"];
+    assert_eq!(keys["count"], 6, "{keys:#}");
+    assert_eq!(keys["detail"]["expired"], 2, "{keys:#}");
+    assert!(
+        keys["summary"]
+            .as_str()
+            .unwrap()
+            .contains("longer than the key retention"),
+        "{keys:#}"
+    );
+
+    // Apply is refused while the projector has a live member.
+    let mut member = kcat()
+        .args(["-G", "projector", &w.topic, "-q"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let k = Kafka::new(&kafka_bootstrap());
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while k.members("projector").unwrap().is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "kcat never joined the group"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let run_dir = w.dir.join("run1");
+    let out = run(&[&"apply", &pb, &"--run-dir", &run_dir, &"--apply"]);
+    assert_exit(&out, 2);
+    assert!(
+        stdout(&out).contains("group `projector` has 1 live member(s)"),
+        "{}",
+        stdout(&out)
+    );
+    Command::new("kill")
+        .args(["-INT", &member.id().to_string()])
+        .status()
+        .unwrap();
+    member.wait().unwrap();
+    while !k.members("projector").unwrap().is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "kcat never left the group"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let committed_before = k.committed("projector", &w.topic, &[0, 1, 2]).unwrap();
+
+    let out = run(&[
+        &"apply",
+        &pb,
+        &"--run-dir",
+        &run_dir,
+        &"--apply",
+        &"--resume",
+    ]);
+    assert_exit(&out, 0);
+
+    // Mark published: the five late events carry their message's time.
+    let late_published = w.count(
+        "res",
+        &format!(
+            "SELECT count(*) FROM outbox_event WHERE published_at >= '{}'::timestamptz",
+            ts(w.t)
+        ),
+    );
+    assert_eq!(late_published, 5);
+    assert_eq!(
+        w.count(
+            "res",
+            "SELECT count(*) FROM outbox_event WHERE published_at IS NULL"
+        ),
+        7,
+        "3 unpublished + 4 pending"
+    );
+    assert_eq!(
+        w.count("res", "SELECT count(*) FROM reentry_orphan_event"),
+        7
+    );
+    assert_eq!(
+        w.count(
+            "res",
+            "SELECT count(*) FROM reentry_orphan_event WHERE payload IS NULL OR key IS NULL"
+        ),
+        0
+    );
+    // The rewind: every partition at its first offset at or after T.
+    let committed = k.committed("projector", &w.topic, &[0, 1, 2]).unwrap();
+    let target = k.offsets_for_time(&w.topic, w.t).unwrap();
+    for p in 0..3 {
+        assert_eq!(committed[&p], Some(target[&p]), "partition {p}");
+    }
+    let moved: i64 = (0..3)
+        .map(|p| committed_before[&p].unwrap() - committed[&p].unwrap())
+        .sum();
+    assert_eq!(moved, 12);
+    // The old offsets are in the journal, to undo the rewind.
+    let journal = std::fs::read_to_string(run_dir.join("journal.jsonl")).unwrap();
+    assert!(journal
+        .lines()
+        .any(|l| l.contains("\"prior\"") && l.contains("rewind:projector")));
+    // Tombstones: the six live keys, none of the expired ones.
+    let mut keys: Vec<String> = w
+        .client("res")
+        .query(
+            "SELECT key FROM reentry_idempotency_tombstone ORDER BY 1",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    keys.sort_by_key(|k| k[1..].parse::<u32>().unwrap());
+    assert_eq!(keys, ["k6", "k7", "k8", "k9", "k10", "k11"]);
+    assert_eq!(w.count("res", "SELECT count(*) FROM idempotency_key"), 9);
+
+    // A second run finds nothing left to change.
+    let out = run(&[
+        &"apply",
+        &pb,
+        &"--run-dir",
+        &w.dir.join("run2"),
+        &"--apply",
+        &"--json",
+    ]);
+    assert_exit(&out, 0);
+    let r: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    for id in [
+        "outbox:case-events",
+        "rewind:projector",
+        "idempotency:notifications",
+    ] {
+        let s = r["steps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["id"] == id)
+            .unwrap();
+        assert_eq!(s["count"], 0, "{id} changed something again: {s:#}");
+    }
+    assert_eq!(
+        w.count("res", "SELECT count(*) FROM reentry_orphan_event"),
+        7
+    );
+}
+
+#[test]
+fn a_malformed_provider_export_is_reported_by_line_and_changes_nothing() {
+    let w = World::new();
+    std::fs::write(
+        w.dir.join("bad.csv"),
+        "request_id,sent_at,amount\nk8,2026-11-25T12:00:00Z,1\n,2026-11-25T12:00:00Z,1\nk9,not-a-time,1\nk10,2026-11-25T12:00:00Z\n",
+    )
+    .unwrap();
+    let pb = w.playbook("bad.toml", "bad.csv");
+    let run_dir = w.dir.join("run");
+    let out = run(&[&"apply", &pb, &"--run-dir", &run_dir, &"--apply"]);
+    assert_exit(&out, 78);
+    let err = stderr(&out);
+    for want in [
+        "bad.csv:3: empty `request_id`",
+        "bad.csv:4: `not-a-time`",
+        "bad.csv:5:",
+    ] {
+        assert!(err.contains(want), "missing {want:?} in {err}");
+    }
+    assert!(!run_dir.join("journal.jsonl").exists());
+    assert_eq!(w.count("res", "SELECT count(*) FROM idempotency_key"), 3);
+    assert_eq!(
+        w.count(
+            "res",
+            "SELECT count(*) FROM outbox_event WHERE published_at IS NULL"
+        ),
+        9,
+        "the outbox was touched"
+    );
+}
