@@ -3,6 +3,7 @@
 
 mod backup;
 mod engine;
+mod kafka;
 mod playbook;
 mod restore;
 mod status;
@@ -79,6 +80,12 @@ pub enum Command {
     Apply(engine::ApplyArgs),
     /// Evidence from a run directory: timeline, changes, gates, validation.
     Report(engine::ReportArgs),
+    /// Kafka by hand: offsets at a time, a group's state, a group rewind.
+    #[command(subcommand)]
+    Kafka(kafka::KafkaCommand),
+    /// An outbox against its topic, by hand.
+    #[command(subcommand)]
+    Outbox(kafka::OutboxCommand),
 }
 
 /// Which server to talk to: a conninfo string or URL, else libpq's PGHOST,
@@ -215,5 +222,7 @@ pub fn run(cli: Cli) -> Result<Exit, Error> {
         Command::Plan(args) => engine::plan(&ctx, args),
         Command::Apply(args) => engine::apply(&ctx, args),
         Command::Report(args) => engine::report(&ctx, args),
+        Command::Kafka(cmd) => kafka::kafka(&ctx, cmd),
+        Command::Outbox(cmd) => kafka::outbox(&ctx, cmd),
     }
 }

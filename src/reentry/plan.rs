@@ -552,7 +552,7 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
         .collect()
 }
 
-fn target(p: &Playbook) -> Result<TargetInfo, PlanError> {
+pub fn target(p: &Playbook) -> Result<TargetInfo, PlanError> {
     let t = &p.recovery_target;
     if let Some(m) = &t.manifest {
         let path = p.file.parent().unwrap_or(Path::new(".")).join(m);

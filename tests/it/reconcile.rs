@@ -388,6 +388,49 @@ fn the_plan_finds_every_class_apply_settles_them_and_a_second_apply_is_a_no_op()
         "{keys:#}"
     );
 
+    // The stand-alone commands see the same.
+    let out = run(&[&"outbox", &"diff", &pb, &"--json"]);
+    assert_exit(&out, 1);
+    let diff: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(diff[0]["classes"]["orphans"], 7);
+    assert_eq!(diff[0]["classes"]["mark-published"], 5);
+    let bootstrap = kafka_bootstrap();
+    let at = ts(w.t);
+    let out = run(&[
+        &"kafka",
+        &"offsets-at",
+        &w.topic,
+        &at,
+        &"--bootstrap",
+        &bootstrap,
+        &"--json",
+    ]);
+    assert_exit(&out, 0);
+    let offsets: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    let after: i64 = offsets["partitions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["end"].as_i64().unwrap() - p["offset"].as_i64().unwrap())
+        .sum();
+    assert_eq!(after, 12);
+    let out = run(&[
+        &"kafka",
+        &"rewind",
+        &"projector",
+        &"--topic",
+        &w.topic,
+        &"--to",
+        &at,
+        &"--bootstrap",
+        &bootstrap,
+        &"--json",
+    ]);
+    assert_exit(&out, 1); // a dry run with moves to make
+    let dry: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(dry["messages-again"], 12);
+    assert_eq!(dry["applied"], false);
+
     // Apply is refused while the projector has a live member.
     let mut member = kcat()
         .args(["-G", "projector", &w.topic, "-q"])
@@ -404,6 +447,21 @@ fn the_plan_finds_every_class_apply_settles_them_and_a_second_apply_is_a_no_op()
         );
         std::thread::sleep(Duration::from_millis(200));
     }
+    let out = run(&[
+        &"kafka",
+        &"group",
+        &"projector",
+        &"--topic",
+        &w.topic,
+        &"--bootstrap",
+        &bootstrap,
+    ]);
+    assert_exit(&out, 0);
+    assert!(
+        stdout(&out).contains("1 live member(s)"),
+        "{}",
+        stdout(&out)
+    );
     let run_dir = w.dir.join("run1");
     let out = run(&[&"apply", &pb, &"--run-dir", &run_dir, &"--apply"]);
     assert_exit(&out, 2);

@@ -38,10 +38,10 @@ pub struct Rewind {
 }
 
 /// Per topic and partition: committed offset, and where the rewind puts it.
-type Moves = BTreeMap<String, BTreeMap<i32, (Option<i64>, i64)>>;
+pub type Moves = BTreeMap<String, BTreeMap<i32, (Option<i64>, i64)>>;
 
 impl Rewind {
-    fn moves(&self, k: &Kafka) -> Result<Moves, StepError> {
+    pub fn moves(&self, k: &Kafka) -> Result<Moves, StepError> {
         let mut out = Moves::new();
         for topic in &self.topics {
             let target = k.offsets_for_time(topic, self.t_ms)?;
@@ -59,7 +59,7 @@ impl Rewind {
         Ok(out)
     }
 
-    fn describe(&self, moves: &Moves) -> (u64, u64, Vec<String>) {
+    pub fn describe(&self, moves: &Moves) -> (u64, u64, Vec<String>) {
         let (mut parts, mut again, mut items) = (0, 0, Vec::new());
         for (topic, m) in moves {
             for (p, (old, new)) in m {

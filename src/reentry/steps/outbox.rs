@@ -134,11 +134,11 @@ pub struct Classes {
 }
 
 impl Classes {
-    fn changes(&self) -> u64 {
+    pub fn changes(&self) -> u64 {
         (self.mark_published.len() + self.orphans.len() + self.mark_unpublished.len()) as u64
     }
 
-    fn detail(&self) -> serde_json::Value {
+    pub fn detail(&self) -> serde_json::Value {
         json!({
             "mark-published": self.mark_published.len(),
             "orphans": self.orphans.len(),
@@ -174,7 +174,7 @@ impl Classes {
         out
     }
 
-    fn summary(&self, r: &Reconcile) -> String {
+    pub fn summary(&self, r: &Reconcile) -> String {
         format!(
             "outbox `{}` ↔ {}: {} to mark published, {} orphan(s), {} to mark unpublished, {} pending, {} in sync ({} events scanned)",
             r.outbox,

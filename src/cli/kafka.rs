@@ -1,0 +1,310 @@
+//! Stand-alone Kafka and outbox commands, for ad-hoc use in an incident:
+//! the same code the engine's steps run, without a run directory.
+
+use std::path::PathBuf;
+
+use serde::Serialize;
+
+use crate::cli::Context;
+use crate::exit::Exit;
+use crate::kafka::Kafka;
+use crate::reentry::plan::{self, PlanError};
+use crate::reentry::playbook::Playbook;
+use crate::reentry::steps::consumers::{Moves, Rewind};
+use crate::reentry::steps::outbox;
+use crate::reentry::steps::{Action, Env, StepError};
+use crate::Error;
+
+#[derive(Debug, clap::Args)]
+pub struct KafkaOpts {
+    /// Bootstrap servers, host:port[,host:port…].
+    #[arg(long, env = "REENTRY_KAFKA_BOOTSTRAP", value_name = "SERVERS")]
+    pub bootstrap: String,
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum KafkaCommand {
+    /// Per partition: the first offset at or after TIME, and the end.
+    OffsetsAt(OffsetsAtArgs),
+    /// A consumer group's committed offsets and live members.
+    Group(GroupArgs),
+    /// Rewind a consumer group to TIME (dry run unless --apply); refused while it has live members.
+    Rewind(RewindArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct OffsetsAtArgs {
+    pub topic: String,
+    /// RFC 3339, or `YYYY-MM-DD HH:MM:SS` in UTC.
+    pub time: String,
+    #[command(flatten)]
+    pub kafka: KafkaOpts,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct GroupArgs {
+    pub group: String,
+    #[arg(long = "topic", required = true, value_name = "TOPIC")]
+    pub topics: Vec<String>,
+    #[command(flatten)]
+    pub kafka: KafkaOpts,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct RewindArgs {
+    pub group: String,
+    #[arg(long = "topic", required = true, value_name = "TOPIC")]
+    pub topics: Vec<String>,
+    /// The time to rewind to.
+    #[arg(long, value_name = "TIME")]
+    pub to: String,
+    /// Commit the new offsets. Without it: show them.
+    #[arg(long)]
+    pub apply: bool,
+    #[command(flatten)]
+    pub kafka: KafkaOpts,
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum OutboxCommand {
+    /// Classify an outbox against its topic around T, changing nothing.
+    Diff(DiffArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct DiffArgs {
+    pub playbook: PathBuf,
+    /// Only this outbox [default: every one].
+    #[arg(long, value_name = "NAME")]
+    pub outbox: Option<String>,
+}
+
+fn ms(time: &str) -> Result<i64, Error> {
+    let t = crate::backup::restore::Target::parse_time(time)?;
+    match t {
+        crate::backup::restore::Target::Time(t) => Ok(t
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as i64)
+            .unwrap_or(0)),
+        _ => unreachable!("parse_time returns a time"),
+    }
+}
+
+fn step_err(e: StepError) -> Error {
+    Error::Plan(Box::new(PlanError::Step {
+        step: "kafka".into(),
+        source: Box::new(e),
+    }))
+}
+
+#[derive(Serialize)]
+struct Offsets {
+    topic: String,
+    at: String,
+    partitions: Vec<PartitionAt>,
+}
+
+#[derive(Serialize)]
+struct PartitionAt {
+    partition: i32,
+    offset: i64,
+    end: i64,
+}
+
+#[derive(Serialize)]
+struct GroupState {
+    group: String,
+    members: Vec<crate::kafka::Member>,
+    committed: std::collections::BTreeMap<String, std::collections::BTreeMap<i32, Option<i64>>>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "kebab-case")]
+struct Rewound {
+    group: String,
+    applied: bool,
+    /// Per topic and partition: [committed before, new].
+    moves: Moves,
+    messages_again: u64,
+}
+
+pub fn kafka(ctx: &Context, cmd: KafkaCommand) -> Result<Exit, Error> {
+    match cmd {
+        KafkaCommand::OffsetsAt(a) => {
+            let k = Kafka::new(&a.kafka.bootstrap);
+            let at = k
+                .offsets_for_time(&a.topic, ms(&a.time)?)
+                .map_err(|e| step_err(e.into()))?;
+            let parts: Vec<i32> = at.keys().copied().collect();
+            let ends = k.ends(&a.topic, &parts).map_err(|e| step_err(e.into()))?;
+            let r = Offsets {
+                topic: a.topic.clone(),
+                at: a.time.clone(),
+                partitions: at
+                    .iter()
+                    .map(|(p, o)| PartitionAt {
+                        partition: *p,
+                        offset: *o,
+                        end: ends.get(p).copied().unwrap_or(*o),
+                    })
+                    .collect(),
+            };
+            ctx.emit(&r, || {
+                Some(
+                    r.partitions
+                        .iter()
+                        .map(|p| {
+                            format!(
+                                "{}/{}: offset {} at {} ({} message(s) from there to the end {})",
+                                r.topic,
+                                p.partition,
+                                p.offset,
+                                r.at,
+                                p.end - p.offset,
+                                p.end
+                            )
+                        })
+                        .collect::<Vec<_>>()
+                        .join("\n"),
+                )
+            })?;
+            Ok(Exit::Ok)
+        }
+        KafkaCommand::Group(a) => {
+            let k = Kafka::new(&a.kafka.bootstrap);
+            let members = k.members(&a.group).map_err(|e| step_err(e.into()))?;
+            let mut committed = std::collections::BTreeMap::new();
+            for t in &a.topics {
+                let parts = k.partitions(t).map_err(|e| step_err(e.into()))?;
+                committed.insert(
+                    t.clone(),
+                    k.committed(&a.group, t, &parts)
+                        .map_err(|e| step_err(e.into()))?,
+                );
+            }
+            let r = GroupState {
+                group: a.group.clone(),
+                members,
+                committed,
+            };
+            ctx.emit(&r, || {
+                let mut s = format!("group {}: {} live member(s)", r.group, r.members.len());
+                for m in &r.members {
+                    s.push_str(&format!(
+                        "\n  member {} ({} on {})",
+                        m.id, m.client_id, m.host
+                    ));
+                }
+                for (t, parts) in &r.committed {
+                    for (p, o) in parts {
+                        s.push_str(&format!(
+                            "\n  {t}/{p}: committed {}",
+                            o.map_or("nothing".to_owned(), |o| o.to_string())
+                        ));
+                    }
+                }
+                Some(s)
+            })?;
+            Ok(Exit::Ok)
+        }
+        KafkaCommand::Rewind(a) => {
+            let k = Kafka::new(&a.kafka.bootstrap);
+            let r = Rewind {
+                group: a.group.clone(),
+                topics: a.topics.clone(),
+                t_ms: ms(&a.to)?,
+                idempotent: true,
+            };
+            let moves = r.moves(&k).map_err(step_err)?;
+            let (_, again, items) = r.describe(&moves);
+            if a.apply {
+                let members = k.members(&a.group).map_err(|e| step_err(e.into()))?;
+                if !members.is_empty() {
+                    eprintln!(
+                        "reentry: group {} has {} live member(s): stop them first: {}",
+                        a.group,
+                        members.len(),
+                        members
+                            .iter()
+                            .map(|m| m.id.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    );
+                    return Ok(Exit::Refused);
+                }
+                for (topic, m) in &moves {
+                    let offsets = m.iter().map(|(p, (_, new))| (*p, *new)).collect();
+                    k.commit(&a.group, topic, &offsets)
+                        .map_err(|e| step_err(e.into()))?;
+                }
+            }
+            let out = Rewound {
+                group: a.group.clone(),
+                applied: a.apply,
+                moves,
+                messages_again: again,
+            };
+            ctx.emit(&out, || {
+                let verb = if a.apply { "rewound" } else { "would rewind" };
+                let mut s = format!(
+                    "{verb} group {}: {again} message(s) to consume again; the old offsets, to undo:",
+                    out.group
+                );
+                for i in &items {
+                    s.push_str(&format!("\n  {i}"));
+                }
+                Some(s)
+            })?;
+            Ok(if a.apply || items.is_empty() {
+                Exit::Ok
+            } else {
+                Exit::Negative
+            })
+        }
+    }
+}
+
+pub fn outbox(ctx: &Context, cmd: OutboxCommand) -> Result<Exit, Error> {
+    let OutboxCommand::Diff(a) = cmd;
+    let p = match Playbook::load(&a.playbook) {
+        Ok(p) => p,
+        Err(d) => {
+            eprintln!("{d}");
+            return Ok(Exit::Config);
+        }
+    };
+    let target = plan::target(&p)?;
+    let t_ms = target.time_ms().ok_or(PlanError::NoTime)?;
+    let mut env = Env::new(&p, "diff".into(), true);
+    let mut results = Vec::new();
+    let mut changes = 0;
+    for s in plan::steps(&p, Some(t_ms)) {
+        let Action::Outbox(r) = &s.action else {
+            continue;
+        };
+        if a.outbox.as_ref().is_some_and(|n| n != &r.outbox) {
+            continue;
+        }
+        let c = outbox::classify(&mut env, r, ctx.progress()).map_err(step_err)?;
+        changes += c.changes();
+        results.push(serde_json::json!({"outbox": r.outbox, "topic": r.topic, "summary": c.summary(r), "classes": c.detail()}));
+    }
+    if results.is_empty() {
+        eprintln!("reentry: no outbox to compare in {}", a.playbook.display());
+        return Ok(Exit::Usage);
+    }
+    ctx.emit(&results, || {
+        Some(
+            results
+                .iter()
+                .map(|r| r["summary"].as_str().unwrap_or_default().to_owned())
+                .collect::<Vec<_>>()
+                .join("\n"),
+        )
+    })?;
+    Ok(if changes > 0 {
+        Exit::Negative
+    } else {
+        Exit::Ok
+    })
+}
