@@ -31,7 +31,7 @@ KAFKA_VENV=$REENTRY_CACHE/kafka-venv
 CONFLUENT_KAFKA='confluent-kafka>=2.6,<3'
 export REENTRY_TANSU=${REENTRY_TANSU:-$TANSU}
 export REENTRY_KCAT=${REENTRY_KCAT:-$KCAT}
-DEBIAN_PACKAGES=(postgresql-15 redis-server redis-tools kcat pgbackrest)
+DEBIAN_PACKAGES=(postgresql-15 redis-server redis-tools kcat pgbackrest time)
 
 say() { printf '==> %s\n' "$*" >&2; }
 die() { printf 'error: %s\n' "$*" >&2; exit 1; }

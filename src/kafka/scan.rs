@@ -113,7 +113,7 @@ impl ScanOptions<'_> {
         std::env::var("REENTRY_SORT_CHUNK")
             .ok()
             .and_then(|v| v.parse().ok())
-            .unwrap_or(1_000_000)
+            .unwrap_or(2_000_000)
     }
 }
 
@@ -334,9 +334,10 @@ impl Sorter {
 
     pub fn finish(mut self) -> io::Result<Sorted> {
         if self.runs.is_empty() {
-            self.buf.sort_unstable();
+            // Sorted on first read: a caller that only looks ids up never pays for it.
             return Ok(Sorted {
-                memory: self.buf.into_iter(),
+                memory: Some(self.buf),
+                iter: Vec::new().into_iter(),
                 readers: Vec::new(),
                 heap: BinaryHeap::new(),
                 _dir: None,
@@ -355,7 +356,8 @@ impl Sorter {
             readers.push(r);
         }
         Ok(Sorted {
-            memory: Vec::new().into_iter(),
+            memory: None,
+            iter: Vec::new().into_iter(),
             readers,
             heap,
             _dir: self.dir,
@@ -399,18 +401,34 @@ fn read_seen(r: &mut impl Read) -> io::Result<Option<Seen>> {
 
 /// Events in id order (ties by time, then position).
 pub struct Sorted {
-    memory: std::vec::IntoIter<Seen>,
+    memory: Option<Vec<Seen>>,
+    iter: std::vec::IntoIter<Seen>,
     readers: Vec<BufReader<File>>,
     heap: BinaryHeap<std::cmp::Reverse<(Seen, usize)>>,
     _dir: Option<ScratchDir>,
+}
+
+impl Sorted {
+    /// The events, in no particular order, when they never left memory;
+    /// the merging reader otherwise.
+    pub fn into_memory(mut self) -> Result<Vec<Seen>, Box<Sorted>> {
+        match self.memory.take() {
+            Some(v) => Ok(v),
+            None => Err(Box::new(self)),
+        }
+    }
 }
 
 impl Iterator for Sorted {
     type Item = io::Result<Seen>;
 
     fn next(&mut self) -> Option<io::Result<Seen>> {
+        if let Some(mut v) = self.memory.take() {
+            v.sort_unstable();
+            self.iter = v.into_iter();
+        }
         if self.readers.is_empty() {
-            return self.memory.next().map(Ok);
+            return self.iter.next().map(Ok);
         }
         let std::cmp::Reverse((e, i)) = self.heap.pop()?;
         match read_seen(&mut self.readers[i]) {

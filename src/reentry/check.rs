@@ -2,10 +2,10 @@
 //! playbook names and confirm that every table and column it names exists
 //! there, each missing one reported at the playbook line that named it.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use crate::diag::Diagnostic;
-use crate::pg::conn::Db;
+use crate::pg::conn::{Db, PgError, SqlState};
 use crate::reentry::playbook::{Playbook, Seg};
 
 /// `quote_ident` for each part of a possibly schema-qualified name: a
@@ -15,6 +15,49 @@ pub fn quote_qualified(name: &str) -> String {
         .map(|p| format!("\"{}\"", p.replace('"', "\"\"")))
         .collect::<Vec<_>>()
         .join(".")
+}
+
+/// A column named by a playbook, with its type: lookups compare values of
+/// that type, so the column's index serves them.
+pub struct Column {
+    table: String,
+    column: String,
+    pub ty: String,
+}
+
+impl Column {
+    pub fn of(db: &mut Db, table: &str, column: &str) -> Result<Column, PgError> {
+        let ty: String = db
+            .query_one(
+                "read a column's type",
+                "SELECT coalesce((SELECT format_type(atttypid, atttypmod) FROM pg_attribute
+                                   WHERE attrelid = to_regclass($1) AND attname = $2 AND NOT attisdropped), 'text')",
+                &[&quote_qualified(table), &column],
+            )?
+            .get(0);
+        Ok(Column {
+            table: quote_qualified(table),
+            column: quote_qualified(column),
+            ty,
+        })
+    }
+
+    /// Which of `values` (as text) the column holds. A value that is not
+    /// of the column's type cannot be in it; such a batch is compared as
+    /// text instead.
+    pub fn present(&self, db: &mut Db, values: &[&str]) -> Result<BTreeSet<String>, PgError> {
+        let (t, c, ty) = (&self.table, &self.column, &self.ty);
+        let typed = format!("SELECT {c}::text FROM {t} WHERE {c} = ANY($1::text[]::{ty}[])");
+        let rows = match db.query("look values up", &typed, &[&values]) {
+            Err(e) if e.code() == Some(&SqlState::INVALID_TEXT_REPRESENTATION) => db.query(
+                "look values up",
+                &format!("SELECT {c}::text FROM {t} WHERE {c}::text = ANY($1)"),
+                &[&values],
+            )?,
+            r => r?,
+        };
+        Ok(rows.iter().map(|r| r.get(0)).collect())
+    }
 }
 
 /// One thing to look for: a table, and columns of it.

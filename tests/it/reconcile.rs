@@ -394,6 +394,29 @@ fn the_plan_finds_every_class_apply_settles_them_and_a_second_apply_is_a_no_op()
     let diff: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
     assert_eq!(diff[0]["classes"]["orphans"], 7);
     assert_eq!(diff[0]["classes"]["mark-published"], 5);
+    // Sorting in runs of four events spills to disk and merges with the
+    // outbox streamed in order: the same classes.
+    let spilled = Command::new(reentry_bin())
+        .args(["outbox", "diff", "--json"])
+        .arg(&pb)
+        .env("REENTRY_SORT_CHUNK", "4")
+        .output()
+        .unwrap();
+    assert_exit(&spilled, 1);
+    let spilled: serde_json::Value = serde_json::from_str(&stdout(&spilled)).unwrap();
+    for class in [
+        "mark-published",
+        "orphans",
+        "mark-unpublished",
+        "pending",
+        "in-sync",
+        "duplicates-in-topic",
+    ] {
+        assert_eq!(
+            spilled[0]["classes"][class], diff[0]["classes"][class],
+            "{class}"
+        );
+    }
     let bootstrap = kafka_bootstrap();
     let at = ts(w.t);
     let out = run(&[

@@ -17,7 +17,7 @@ use serde_json::json;
 use super::{Effect, Env, Nature, OnDatabase, Recorder, Step, StepError};
 use crate::kafka::scan::{self, IdFrom, ScanOptions};
 use crate::kafka::Kafka;
-use crate::reentry::check::quote_qualified;
+use crate::reentry::check::Column;
 
 fn kafka(env: &Env) -> Result<Kafka, StepError> {
     let k = env
@@ -178,23 +178,15 @@ impl Inbox {
                 start: None,
             },
         )?;
-        let sql = format!(
-            "SELECT {c}::text FROM {t} WHERE {c}::text = ANY($1)",
-            c = quote_qualified(&self.column),
-            t = quote_qualified(&self.table)
-        );
         let db = env.db(&self.database)?;
+        let col = Column::of(db, &self.table, &self.column).on(&self.database)?;
         let (mut missing, mut sample) = (0u64, Vec::new());
         let mut batch: Vec<String> = Vec::new();
         let mut last: Option<String> = None;
         let mut flush =
             |batch: &mut Vec<String>, db: &mut crate::pg::conn::Db| -> Result<(), StepError> {
-                let found: Vec<String> = db
-                    .query("look up inbox ids", &sql, &[&*batch])
-                    .on(&self.database)?
-                    .iter()
-                    .map(|r| r.get(0))
-                    .collect();
+                let ids: Vec<&str> = batch.iter().map(String::as_str).collect();
+                let found = col.present(db, &ids).on(&self.database)?;
                 for id in batch.drain(..) {
                     if !found.contains(&id) {
                         missing += 1;

@@ -17,8 +17,7 @@ use serde_json::json;
 use super::{Effect, Env, Nature, OnDatabase, Recorder, Step, StepError};
 use crate::kafka::scan::{self, IdFrom, ScanOptions};
 use crate::kafka::Kafka;
-use crate::pg::conn::Db;
-use crate::reentry::check::quote_qualified;
+use crate::reentry::check::{quote_qualified, Column};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -150,17 +149,6 @@ pub fn read_csv(
     }
 }
 
-fn column_type(db: &mut Db, table: &str, column: &str) -> Result<String, crate::pg::conn::PgError> {
-    Ok(db
-        .query_one(
-            "read a column's type",
-            "SELECT coalesce((SELECT format_type(atttypid, atttypmod) FROM pg_attribute
-                               WHERE attrelid = to_regclass($1) AND attname = $2 AND NOT attisdropped), 'text')",
-            &[&quote_qualified(table), &column],
-        )?
-        .get(0))
-}
-
 /// What the step found: missing keys to act on, and the counts around them.
 struct Found {
     sources: BTreeMap<&'static str, u64>,
@@ -257,23 +245,12 @@ impl Keys {
             }
         }
         // Which of them the restored table has.
-        let key = quote_qualified(&self.key_column);
-        let t = quote_qualified(&self.table);
         let db = env.db(&self.database)?;
-        let keys: Vec<&String> = seen.keys().collect();
+        let col = Column::of(db, &self.table, &self.key_column).on(&self.database)?;
+        let keys: Vec<&str> = seen.keys().map(String::as_str).collect();
         let mut present = std::collections::BTreeSet::new();
         for chunk in keys.chunks(1000) {
-            let ids: Vec<&str> = chunk.iter().map(|s| s.as_str()).collect();
-            for r in db
-                .query(
-                    "look up keys",
-                    &format!("SELECT {key}::text FROM {t} WHERE {key}::text = ANY($1)"),
-                    &[&ids],
-                )
-                .on(&self.database)?
-            {
-                present.insert(r.get::<_, String>(0));
-            }
+            present.extend(col.present(db, chunk).on(&self.database)?);
         }
         let now = now_ms();
         let mut found = Found {
@@ -407,7 +384,7 @@ impl Step for Keys {
             }
             let t = quote_qualified(&self.table);
             let key = quote_qualified(&self.key_column);
-            let key_type = column_type(db, &self.table, &self.key_column).on(&database)?;
+            let key_type = Column::of(db, &self.table, &self.key_column).on(&database)?.ty;
             let (cols, vals) = match &self.created_column {
                 Some(c) => (
                     format!("{key}, {}", quote_qualified(c)),
@@ -420,7 +397,7 @@ impl Step for Keys {
                     "insert tombstone keys",
                     &format!(
                         "INSERT INTO {t} ({cols}) SELECT {vals} FROM unnest($1::text[], $2::int8[]) AS v(k, t)
-                          WHERE NOT EXISTS (SELECT FROM {t} WHERE {key}::text = v.k)"
+                          WHERE NOT EXISTS (SELECT FROM {t} WHERE {key} = v.k::{key_type})"
                     ),
                     &[&keys, &times],
                 )

@@ -15,8 +15,10 @@
 //! has to fit in memory. Rows created before `T - lookback + skew` count as
 //! settled: their messages may predate the scan.
 
-use std::collections::BTreeMap;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::collections::hash_map::Entry;
+use std::collections::{BTreeMap, HashMap};
+use std::hash::BuildHasherDefault;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -25,7 +27,7 @@ use super::{Effect, Env, Nature, OnDatabase, Recorder, Step, StepError};
 use crate::kafka::scan::{self, IdFrom, ScanOptions, ScanStats, Seen};
 use crate::kafka::{Kafka, KafkaError};
 use crate::pg::conn::Db;
-use crate::reentry::check::quote_qualified;
+use crate::reentry::check::{quote_qualified, Column};
 
 /// Clock skew allowed between the database and the broker.
 pub const SKEW_MS: i64 = 60_000;
@@ -131,6 +133,8 @@ pub struct Classes {
     /// Messages whose event id the topic holds more than once.
     pub duplicates: u64,
     pub scan: ScanStats,
+    /// Reading the outbox and joining it with the scan.
+    pub database_seconds: f64,
 }
 
 impl Classes {
@@ -148,6 +152,7 @@ impl Classes {
             "in-sync": self.in_sync,
             "duplicates-in-topic": self.duplicates,
             "scan": self.scan,
+            "database-seconds": self.database_seconds,
         })
     }
 
@@ -195,6 +200,62 @@ struct Row {
     published_ms: Option<i64>,
 }
 
+/// The Fx hash (as in rustc): event ids are not chosen by an attacker, and
+/// a million lookups in SipHash cost a third of the join.
+#[derive(Default)]
+struct Fx(u64);
+
+impl std::hash::Hasher for Fx {
+    fn write(&mut self, bytes: &[u8]) {
+        let mut chunks = bytes.chunks_exact(8);
+        for c in &mut chunks {
+            let v = u64::from_le_bytes(c.try_into().expect("8 bytes"));
+            self.0 = (self.0.rotate_left(5) ^ v).wrapping_mul(0x517c_c1b7_2722_0a95);
+        }
+        for b in chunks.remainder() {
+            self.0 = (self.0.rotate_left(5) ^ u64::from(*b)).wrapping_mul(0x517c_c1b7_2722_0a95);
+        }
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+/// Why the concurrent outbox read stopped.
+enum ReadStop {
+    Full,
+    Db(crate::pg::conn::PgError),
+}
+
+impl From<crate::pg::conn::PgError> for ReadStop {
+    fn from(e: crate::pg::conn::PgError) -> ReadStop {
+        ReadStop::Db(e)
+    }
+}
+
+/// A row whose event is in the topic.
+fn matched(row: Row, ts: i64, l: &Layout, c: &mut Classes) {
+    if row.published || l.published == Published::InTopicOnly {
+        c.in_sync += 1;
+    } else {
+        c.mark_published.push((row.id, ts));
+    }
+}
+
+/// A row whose event is not in the topic.
+fn unmatched(row: Row, l: &Layout, compare_ms: i64, c: &mut Classes) {
+    match (&l.published, row.published) {
+        (Published::InTopicOnly, _) | (_, false) => c.pending += 1,
+        (Published::At(_), true) if row.published_ms.is_some_and(|p| p >= compare_ms) => {
+            c.mark_unpublished.push(row.id)
+        }
+        (Published::Flag(_), true) if l.created_at.is_some() => c.mark_unpublished.push(row.id),
+        // Published before the compared window: its message predates the scan.
+        _ => c.in_sync += 1,
+    }
+}
+
 fn exists(db: &mut Db, table: &str) -> Result<bool, crate::pg::conn::PgError> {
     Ok(db
         .query_one(
@@ -216,18 +277,6 @@ pub fn classify(env: &mut Env, r: &Reconcile, progress: bool) -> Result<Classes,
         .expose()
         .to_owned();
     let kafka = Kafka::new(&bootstrap);
-    let (sorted, stats) = scan::scan(
-        &kafka,
-        &ScanOptions {
-            topic: &r.topic,
-            from_ms: r.from_ms,
-            t_ms: r.t_ms,
-            id: &r.id_from,
-            chunk: ScanOptions::default_chunk(),
-            progress,
-            start: None,
-        },
-    )?;
     let compare_ms = r.from_ms + SKEW_MS.min((r.t_ms - r.from_ms) / 2);
     let l = &r.layout;
     let t = quote_qualified(&l.table);
@@ -262,104 +311,186 @@ pub fn classify(env: &mut Env, r: &Reconcile, progress: bool) -> Result<Classes,
             ("true".into(), "NULL::int8".into(), w)
         }
     };
-    let sql = format!(
-        "SELECT {id}::text, {published}, {published_at} FROM {t} WHERE {window} ORDER BY {id}::text COLLATE \"C\""
-    );
+    let select = format!("SELECT {id}::text, {published}, {published_at} FROM {t} WHERE {window}");
+    let row_of = |r: &tokio_postgres::Row| Row {
+        id: r.get(0),
+        published: r.get(1),
+        published_ms: r.get(2),
+    };
+    let limit = ScanOptions::default_chunk();
+    let db = env.db(&r.database)?;
+    // The outbox is read while the topic is scanned, up to as many rows as
+    // the scan keeps in memory; past that the merge below reads it in order.
+    let (scanned, buffered) = std::thread::scope(|s| {
+        let reader = s.spawn(|| -> Result<Option<Vec<Row>>, StepError> {
+            let mut rows = Vec::new();
+            let read = db.stream_rows(
+                "read the outbox",
+                &select,
+                &[&compare_ms],
+                10_000,
+                |batch| -> Result<(), ReadStop> {
+                    if rows.len() + batch.len() > limit {
+                        return Err(ReadStop::Full);
+                    }
+                    rows.extend(batch.iter().map(row_of));
+                    Ok(())
+                },
+            );
+            match read {
+                Ok(()) => Ok(Some(rows)),
+                Err(ReadStop::Full) => Ok(None),
+                Err(ReadStop::Db(e)) => Err(e).on(&r.database),
+            }
+        });
+        let scanned = scan::scan(
+            &kafka,
+            &ScanOptions {
+                topic: &r.topic,
+                from_ms: r.from_ms,
+                t_ms: r.t_ms,
+                id: &r.id_from,
+                chunk: limit,
+                progress,
+                start: None,
+            },
+        );
+        (
+            scanned,
+            reader.join().expect("the outbox reader does not panic"),
+        )
+    });
+    let (sorted, stats) = scanned?;
+    let buffered = buffered?;
     let mut c = Classes {
         scan: stats,
         ..Classes::default()
     };
-    let mut kafka_side = sorted
-        .filter(|e| e.as_ref().map_or(true, |s| s.ts >= compare_ms))
-        .peekable();
-    let mut candidates: Vec<Seen> = Vec::new();
-    let io = |e: std::io::Error| StepError::Invalid(format!("reading the sorted scan back: {e}"));
-    // Takes every message with this id; the first is the one that counts.
-    fn take_same(
-        it: &mut std::iter::Peekable<impl Iterator<Item = std::io::Result<Seen>>>,
-        first: Seen,
-        dups: &mut u64,
-    ) -> Result<Seen, std::io::Error> {
-        while let Some(Ok(next)) = it.peek() {
-            if next.id != first.id {
-                break;
-            }
-            *dups += 1;
-            it.next();
-        }
-        Ok(first)
-    }
-    let mut on_row = |row: Row, c: &mut Classes| -> Result<(), StepError> {
-        loop {
-            match kafka_side.peek() {
-                Some(Err(_)) => return Err(io(kafka_side.next().unwrap().unwrap_err())),
-                Some(Ok(s)) if s.id.as_str() < row.id.as_str() => {
-                    let s = kafka_side.next().unwrap().map_err(io)?;
-                    candidates.push(take_same(&mut kafka_side, s, &mut c.duplicates).map_err(io)?);
-                }
-                Some(Ok(s)) if s.id == row.id => {
-                    let s = kafka_side.next().unwrap().map_err(io)?;
-                    let s = take_same(&mut kafka_side, s, &mut c.duplicates).map_err(io)?;
-                    if row.published || l.published == Published::InTopicOnly {
-                        c.in_sync += 1;
-                    } else {
-                        c.mark_published.push((row.id, s.ts));
-                    }
-                    return Ok(());
-                }
-                _ => break,
-            }
-        }
-        // Not in the topic.
-        match (&l.published, row.published) {
-            (Published::InTopicOnly, _) => c.pending += 1,
-            (_, false) => c.pending += 1,
-            (Published::At(_), true) if row.published_ms.is_some_and(|p| p >= compare_ms) => {
-                c.mark_unpublished.push(row.id)
-            }
-            (Published::Flag(_), true) if l.created_at.is_some() => c.mark_unpublished.push(row.id),
-            // Published before the compared window: its message predates the scan.
-            _ => c.in_sync += 1,
-        }
-        Ok(())
-    };
+    let t_db = Instant::now();
     let db = env.db(&r.database)?;
-    db.stream_rows(
-        "read the outbox",
-        &sql,
-        &[&compare_ms],
-        10_000,
-        |rows| -> Result<(), StepError> {
-            for row in rows {
-                on_row(
-                    Row {
-                        id: row.get(0),
-                        published: row.get(1),
-                        published_ms: row.get(2),
-                    },
-                    &mut c,
-                )?;
+    let candidates: Vec<Seen> = match sorted.into_memory() {
+        // The scan fits in memory: a hash join, in whatever order the
+        // database sends the rows.
+        Ok(events) => {
+            let mut index: HashMap<&str, usize, BuildHasherDefault<Fx>> =
+                HashMap::with_capacity_and_hasher(events.len(), Default::default());
+            for (i, e) in events
+                .iter()
+                .enumerate()
+                .filter(|(_, e)| e.ts >= compare_ms)
+            {
+                match index.entry(e.id.as_str()) {
+                    Entry::Occupied(mut o) => {
+                        c.duplicates += 1;
+                        if e.ts < events[*o.get()].ts {
+                            *o.get_mut() = i;
+                        }
+                    }
+                    Entry::Vacant(v) => {
+                        v.insert(i);
+                    }
+                }
             }
-            Ok(())
-        },
-    )?;
-    while let Some(s) = kafka_side.next() {
-        let s = s.map_err(io)?;
-        candidates.push(take_same(&mut kafka_side, s, &mut c.duplicates).map_err(io)?);
-    }
+            let mut hit = vec![false; events.len()];
+            let mut on_row = |row: Row, c: &mut Classes| match index.get(row.id.as_str()) {
+                Some(&i) => {
+                    hit[i] = true;
+                    matched(row, events[i].ts, l, c);
+                }
+                None => unmatched(row, l, compare_ms, c),
+            };
+            match buffered {
+                Some(rows) => rows.into_iter().for_each(|row| on_row(row, &mut c)),
+                None => db.stream_rows(
+                    "read the outbox",
+                    &select,
+                    &[&compare_ms],
+                    10_000,
+                    |rows| -> Result<(), StepError> {
+                        rows.iter().for_each(|r| on_row(row_of(r), &mut c));
+                        Ok(())
+                    },
+                )?,
+            }
+            let mut left: Vec<Seen> = index
+                .values()
+                .filter(|i| !hit[**i])
+                .map(|i| events[*i].clone())
+                .collect();
+            left.sort_unstable();
+            left
+        }
+        // It spilled: merge it with the outbox streamed in the same order.
+        Err(sorted) => {
+            let io = |e: std::io::Error| {
+                StepError::Invalid(format!("reading the sorted scan back: {e}"))
+            };
+            let mut ks = sorted
+                .filter(|e| e.as_ref().map_or(true, |s| s.ts >= compare_ms))
+                .peekable();
+            let mut candidates = Vec::new();
+            // Takes every message with this id; the first is the one that counts.
+            fn take_same(
+                it: &mut std::iter::Peekable<impl Iterator<Item = std::io::Result<Seen>>>,
+                first: Seen,
+                dups: &mut u64,
+            ) -> Seen {
+                while let Some(Ok(next)) = it.peek() {
+                    if next.id != first.id {
+                        break;
+                    }
+                    *dups += 1;
+                    it.next();
+                }
+                first
+            }
+            let ordered = format!("{select} ORDER BY {id}::text COLLATE \"C\"");
+            db.stream_rows(
+                "read the outbox",
+                &ordered,
+                &[&compare_ms],
+                10_000,
+                |rows| -> Result<(), StepError> {
+                    'rows: for r in rows {
+                        let row = row_of(r);
+                        loop {
+                            match ks.peek() {
+                                Some(Err(_)) => {
+                                    return Err(io(ks
+                                        .next()
+                                        .expect("peeked")
+                                        .expect_err("an error")))
+                                }
+                                Some(Ok(s)) if s.id.as_str() < row.id.as_str() => {
+                                    let s = ks.next().expect("peeked").map_err(io)?;
+                                    candidates.push(take_same(&mut ks, s, &mut c.duplicates));
+                                }
+                                Some(Ok(s)) if s.id == row.id => {
+                                    let s = ks.next().expect("peeked").map_err(io)?;
+                                    let s = take_same(&mut ks, s, &mut c.duplicates);
+                                    matched(row, s.ts, l, &mut c);
+                                    continue 'rows;
+                                }
+                                _ => break,
+                            }
+                        }
+                        unmatched(row, l, compare_ms, &mut c);
+                    }
+                    Ok(())
+                },
+            )?;
+            while let Some(s) = ks.next() {
+                let s = s.map_err(io)?;
+                candidates.push(take_same(&mut ks, s, &mut c.duplicates));
+            }
+            candidates
+        }
+    };
     // An orphan is confirmed by a lookup: its row may sit outside the window.
+    let id_col = Column::of(db, &l.table, &l.id).on(&r.database)?;
     for chunk in candidates.chunks(1000) {
         let ids: Vec<&str> = chunk.iter().map(|s| s.id.as_str()).collect();
-        let found: Vec<String> = db
-            .query(
-                "look up orphan candidates",
-                &format!("SELECT {id}::text FROM {t} WHERE {id}::text = ANY($1)"),
-                &[&ids],
-            )
-            .on(&r.database)?
-            .iter()
-            .map(|row| row.get(0))
-            .collect();
+        let found = id_col.present(db, &ids).on(&r.database)?;
         for s in chunk {
             if found.contains(&s.id) {
                 c.in_sync += 1;
@@ -368,6 +499,7 @@ pub fn classify(env: &mut Env, r: &Reconcile, progress: bool) -> Result<Classes,
             }
         }
     }
+    c.database_seconds = t_db.elapsed().as_secs_f64();
     if !c.orphans.is_empty() && exists(db, "reentry_orphan_event").on(&r.database)? {
         let ids: Vec<&str> = c.orphans.iter().map(|s| s.id.as_str()).collect();
         let staged: Vec<String> = db
@@ -467,6 +599,7 @@ impl Step for Reconcile {
             include_str!("../../../sql/reentry_staging.sql"),
         )
         .on(&database)?;
+        let ty = Column::of(db, &l.table, &l.id).on(&database)?.ty;
         let (published_n, unpublished_n) = db.transaction("BEGIN", |db| -> Result<(u64, u64), StepError> {
             let ids: Vec<&str> = c.mark_published.iter().map(|(i, _)| i.as_str()).collect();
             let ts: Vec<i64> = c.mark_published.iter().map(|(_, t)| *t).collect();
@@ -479,13 +612,13 @@ impl Step for Reconcile {
                         &format!(
                             "UPDATE {t} AS o SET {col} = to_timestamp(v.ts / 1000.0)
                                FROM unnest($1::text[], $2::int8[]) AS v(id, ts)
-                              WHERE o.{id}::text = v.id AND o.{col} IS NULL"
+                              WHERE o.{id} = v.id::{ty} AND o.{col} IS NULL"
                         ),
                         &[&ids, &ts],
                     ).on(&database)?;
                     let u = db.execute(
                         "mark outbox rows unpublished",
-                        &format!("UPDATE {t} SET {col} = NULL WHERE {id}::text = ANY($1) AND {col} IS NOT NULL"),
+                        &format!("UPDATE {t} SET {col} = NULL WHERE {id} = ANY($1::text[]::{ty}[]) AND {col} IS NOT NULL"),
                         &[&un],
                     ).on(&database)?;
                     (p, u)
@@ -494,12 +627,12 @@ impl Step for Reconcile {
                     let col = quote_qualified(col);
                     let p = db.execute(
                         "mark outbox rows processed",
-                        &format!("UPDATE {t} SET {col} = true WHERE {id}::text = ANY($1) AND NOT {col}"),
+                        &format!("UPDATE {t} SET {col} = true WHERE {id} = ANY($1::text[]::{ty}[]) AND NOT {col}"),
                         &[&ids],
                     ).on(&database)?;
                     let u = db.execute(
                         "mark outbox rows unprocessed",
-                        &format!("UPDATE {t} SET {col} = false WHERE {id}::text = ANY($1) AND {col}"),
+                        &format!("UPDATE {t} SET {col} = false WHERE {id} = ANY($1::text[]::{ty}[]) AND {col}"),
                         &[&un],
                     ).on(&database)?;
                     (p, u)
