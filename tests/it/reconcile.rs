@@ -163,6 +163,11 @@ impl World {
             )
             .unwrap();
         }
+        std::fs::write(
+            w.dir.join("compensation.json"),
+            r#"{"type":"CaseChangeLost","compensates":"{{event_id}}","case":"{{key}}"}"#,
+        )
+        .unwrap();
         // The payment provider's export: k8, k9 again, k10, k11 only here,
         // and one from before T.
         std::fs::write(
@@ -246,6 +251,7 @@ topic = "{topic}"
 columns = {{ id = "id", created-at = "created_at", published-at = "published_at" }}
 event-id = {{ header = "event_id" }}
 gate = "outbox-relay"
+compensation-template = "compensation.json"
 
 [kafka]
 bootstrap = "{bootstrap}"
@@ -545,6 +551,35 @@ fn the_plan_finds_every_class_apply_settles_them_and_a_second_apply_is_a_no_op()
         ),
         0
     );
+    // Each orphan answered once by a compensating event, seen by kcat too.
+    assert_eq!(
+        w.count(
+            "res",
+            "SELECT count(*) FROM reentry_orphan_event WHERE compensated_at IS NOT NULL"
+        ),
+        7
+    );
+    let compensations = |topic: &str| {
+        let out = kcat()
+            .args([
+                "-C",
+                "-t",
+                topic,
+                "-o",
+                "beginning",
+                "-e",
+                "-q",
+                "-f",
+                "%h %s\n",
+            ])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| l.contains("reentry-compensates=") && l.contains("CaseChangeLost"))
+            .count()
+    };
+    assert_eq!(compensations(&w.topic), 7);
     // The rewind: every partition at its first offset at or after T.
     let committed = k.committed("projector", &w.topic, &[0, 1, 2]).unwrap();
     let target = k.offsets_for_time(&w.topic, w.t).unwrap();
@@ -554,7 +589,9 @@ fn the_plan_finds_every_class_apply_settles_them_and_a_second_apply_is_a_no_op()
     let moved: i64 = (0..3)
         .map(|p| committed_before[&p].unwrap() - committed[&p].unwrap())
         .sum();
-    assert_eq!(moved, 12);
+    // 12 messages after T, and the 7 compensations the live projector read
+    // while the first attempt was refused.
+    assert_eq!(moved, 12 + 7);
     // The old offsets are in the journal, to undo the rewind.
     let journal = std::fs::read_to_string(run_dir.join("journal.jsonl")).unwrap();
     assert!(journal
@@ -603,6 +640,7 @@ fn the_plan_finds_every_class_apply_settles_them_and_a_second_apply_is_a_no_op()
         w.count("res", "SELECT count(*) FROM reentry_orphan_event"),
         7
     );
+    assert_eq!(compensations(&w.topic), 7, "a compensation was sent twice");
 }
 
 #[test]

@@ -783,3 +783,72 @@ impl Step for Reconcile {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::reentry::playbook::{Outbox, OutboxColumns};
+
+    fn outbox(flavour: &str, table: Option<&str>, columns: Option<OutboxColumns>) -> Outbox {
+        Outbox {
+            name: "o".into(),
+            database: "restored".into(),
+            flavour: flavour.into(),
+            table: table.map(Into::into),
+            topic: "t".into(),
+            columns,
+            event_id: None,
+            gate: None,
+            compensation_template: None,
+        }
+    }
+
+    #[test]
+    fn each_flavour_knows_where_its_outbox_records_publication() {
+        let m = Layout::of(&outbox("spring-modulith", None, None));
+        assert_eq!(m.table, "event_publication");
+        assert_eq!(m.created_at.as_deref(), Some("publication_date"));
+        assert_eq!(m.published, Published::At("completion_date".into()));
+
+        let g = Layout::of(&outbox("gruelbox", None, None));
+        assert_eq!(g.table, "txno_outbox");
+        assert_eq!(g.published, Published::Flag("processed".into()));
+        assert_eq!(g.created_at, None);
+
+        let d = Layout::of(&outbox("debezium", Some("app.outbox"), None));
+        assert_eq!(d.table, "app.outbox");
+        assert_eq!(d.published, Published::InTopicOnly);
+
+        let cols = OutboxColumns {
+            id: Some("event_id".into()),
+            topic: None,
+            key: None,
+            payload: None,
+            created_at: Some("occurred_at".into()),
+            published_at: Some("sent_at".into()),
+        };
+        let generic = Layout::of(&outbox("generic", Some("outbox_event"), Some(cols)));
+        assert_eq!(generic.id, "event_id");
+        assert_eq!(generic.created_at.as_deref(), Some("occurred_at"));
+        assert_eq!(generic.published, Published::At("sent_at".into()));
+    }
+
+    #[test]
+    fn a_template_is_filled_from_the_orphan() {
+        let s = Seen {
+            id: "e1".into(),
+            ts: 5,
+            partition: 2,
+            offset: 9,
+        };
+        assert_eq!(
+            fill(
+                r#"{"undo":"{{event_id}}","at":"{{topic}}/{{partition}}@{{offset}}","k":"{{key}}"}"#,
+                &s,
+                "case-1",
+                "t"
+            ),
+            r#"{"undo":"e1","at":"t/2@9","k":"case-1"}"#
+        );
+    }
+}
