@@ -1,7 +1,10 @@
-//! Benchmark floor: a bare librdkafka consumer that reads every partition
-//! of a topic to its end and counts the messages, nothing else.
+//! Benchmark floor: bare librdkafka consumers that read every partition of
+//! a topic to its end and count the messages, nothing else.
 //!
-//!   bench_count BOOTSTRAP TOPIC
+//!   bench_count BOOTSTRAP TOPIC [parallel]
+//!
+//! One consumer for all partitions, or with `parallel` one per partition
+//! (as `reentry` reads them).
 
 use std::time::Duration;
 
@@ -10,9 +13,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
 use rdkafka::{Offset, TopicPartitionList};
 
-fn main() {
-    let a: Vec<String> = std::env::args().collect();
-    let (bootstrap, topic) = (&a[1], &a[2]);
+fn count(bootstrap: &str, topic: &str, partitions: &[i32]) -> u64 {
     let c: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
         .set("group.id", "bench-count")
@@ -21,18 +22,14 @@ fn main() {
         .set("fetch.wait.max.ms", "100") // as reentry sets it
         .create()
         .unwrap();
-    let md = c
-        .fetch_metadata(Some(topic), Duration::from_secs(10))
-        .unwrap();
-    let parts = md.topics()[0].partitions().len();
     let mut tpl = TopicPartitionList::new();
-    for p in 0..parts as i32 {
-        tpl.add_partition_offset(topic, p, Offset::Beginning)
+    for p in partitions {
+        tpl.add_partition_offset(topic, *p, Offset::Beginning)
             .unwrap();
     }
     c.assign(&tpl).unwrap();
     let (mut n, mut eof) = (0u64, 0);
-    while eof < parts {
+    while eof < partitions.len() {
         match c.poll(Duration::from_secs(30)) {
             Some(Ok(_)) => n += 1,
             Some(Err(KafkaError::PartitionEOF(_))) => eof += 1,
@@ -40,5 +37,31 @@ fn main() {
             None => panic!("no answer for 30 s"),
         }
     }
+    n
+}
+
+fn main() {
+    let a: Vec<String> = std::env::args().collect();
+    let (bootstrap, topic) = (a[1].as_str(), a[2].as_str());
+    let parallel = a.get(3).is_some_and(|x| x == "parallel");
+    let probe: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .create()
+        .unwrap();
+    let md = probe
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .unwrap();
+    let parts: Vec<i32> = md.topics()[0].partitions().iter().map(|p| p.id()).collect();
+    let n: u64 = if parallel {
+        std::thread::scope(|s| {
+            let hs: Vec<_> = parts
+                .iter()
+                .map(|p| s.spawn(move || count(bootstrap, topic, &[*p])))
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).sum()
+        })
+    } else {
+        count(bootstrap, topic, &parts)
+    };
     println!("{n}");
 }

@@ -195,9 +195,116 @@ impl Classes {
 }
 
 struct Row {
-    id: String,
+    id: RowId,
     published: bool,
     published_ms: Option<i64>,
+}
+
+/// An outbox id as read: binary when the column is a uuid (no text
+/// conversion on the server, no string on the client), text otherwise.
+enum RowId {
+    Uuid(u128),
+    Text(String),
+}
+
+impl RowId {
+    fn text(self) -> String {
+        match self {
+            RowId::Uuid(u) => format_uuid(u),
+            RowId::Text(s) => s,
+        }
+    }
+}
+
+/// The join key: a uuid as its 128 bits when the outbox id column is a
+/// uuid, the id's text otherwise.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+enum Key<'a> {
+    U(u128),
+    S(&'a str),
+}
+
+fn key_of(id: &str, uuid: bool) -> Key<'_> {
+    match uuid.then(|| parse_uuid(id)).flatten() {
+        Some(u) => Key::U(u),
+        None => Key::S(id),
+    }
+}
+
+/// `8-4-4-4-12` hex digits, either case, or 32 hex digits.
+fn parse_uuid(s: &str) -> Option<u128> {
+    let b = s.as_bytes();
+    let dashed = match b.len() {
+        36 => {
+            if b[8] != b'-' || b[13] != b'-' || b[18] != b'-' || b[23] != b'-' {
+                return None;
+            }
+            true
+        }
+        32 => false,
+        _ => return None,
+    };
+    let mut v: u128 = 0;
+    for (i, &c) in b.iter().enumerate() {
+        if dashed && (i == 8 || i == 13 || i == 18 || i == 23) {
+            continue;
+        }
+        let d = match c {
+            b'0'..=b'9' => c - b'0',
+            b'a'..=b'f' => c - b'a' + 10,
+            b'A'..=b'F' => c - b'A' + 10,
+            _ => return None,
+        };
+        v = (v << 4) | u128::from(d);
+    }
+    Some(v)
+}
+
+fn format_uuid(u: u128) -> String {
+    let h = format!("{u:032x}");
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..]
+    )
+}
+
+/// A uuid column, in binary.
+struct UuidBits(u128);
+
+impl<'a> tokio_postgres::types::FromSql<'a> for UuidBits {
+    fn from_sql(
+        _: &tokio_postgres::types::Type,
+        raw: &'a [u8],
+    ) -> Result<Self, Box<dyn std::error::Error + Sync + Send>> {
+        Ok(UuidBits(u128::from_be_bytes(raw.try_into()?)))
+    }
+
+    fn accepts(ty: &tokio_postgres::types::Type) -> bool {
+        *ty == tokio_postgres::types::Type::UUID
+    }
+}
+
+/// A timestamp or timestamptz column, in binary, as ms since the epoch.
+struct Millis(i64);
+
+impl<'a> tokio_postgres::types::FromSql<'a> for Millis {
+    fn from_sql(
+        _: &tokio_postgres::types::Type,
+        raw: &'a [u8],
+    ) -> Result<Self, Box<dyn std::error::Error + Sync + Send>> {
+        // Microseconds since 2000-01-01.
+        let us = i64::from_be_bytes(raw.try_into()?);
+        Ok(Millis(us.div_euclid(1000).saturating_add(946_684_800_000)))
+    }
+
+    fn accepts(ty: &tokio_postgres::types::Type) -> bool {
+        use tokio_postgres::types::Type;
+        *ty == Type::TIMESTAMPTZ || *ty == Type::TIMESTAMP
+    }
 }
 
 /// The Fx hash (as in rustc): event ids are not chosen by an attacker, and
@@ -239,7 +346,7 @@ fn matched(row: Row, ts: i64, l: &Layout, c: &mut Classes) {
     if row.published || l.published == Published::InTopicOnly {
         c.in_sync += 1;
     } else {
-        c.mark_published.push((row.id, ts));
+        c.mark_published.push((row.id.text(), ts));
     }
 }
 
@@ -248,9 +355,11 @@ fn unmatched(row: Row, l: &Layout, compare_ms: i64, c: &mut Classes) {
     match (&l.published, row.published) {
         (Published::InTopicOnly, _) | (_, false) => c.pending += 1,
         (Published::At(_), true) if row.published_ms.is_some_and(|p| p >= compare_ms) => {
-            c.mark_unpublished.push(row.id)
+            c.mark_unpublished.push(row.id.text())
         }
-        (Published::Flag(_), true) if l.created_at.is_some() => c.mark_unpublished.push(row.id),
+        (Published::Flag(_), true) if l.created_at.is_some() => {
+            c.mark_unpublished.push(row.id.text())
+        }
         // Published before the compared window: its message predates the scan.
         _ => c.in_sync += 1,
     }
@@ -311,14 +420,35 @@ pub fn classify(env: &mut Env, r: &Reconcile, progress: bool) -> Result<Classes,
             ("true".into(), "NULL::int8".into(), w)
         }
     };
-    let select = format!("SELECT {id}::text, {published}, {published_at} FROM {t} WHERE {window}");
-    let row_of = |r: &tokio_postgres::Row| Row {
-        id: r.get(0),
-        published: r.get(1),
-        published_ms: r.get(2),
-    };
     let limit = ScanOptions::default_chunk();
     let db = env.db(&r.database)?;
+    let id_col = Column::of(db, &l.table, &l.id).on(&r.database)?;
+    // A uuid id and a timestamp marker (the common outbox) travel in binary.
+    let binary = match &l.published {
+        Published::At(c) if id_col.ty == "uuid" => Some(quote_qualified(c)),
+        _ => None,
+    };
+    let select = match &binary {
+        Some(c) => format!("SELECT {id}, {c} FROM {t} WHERE {window}"),
+        None => format!("SELECT {id}::text, {published}, {published_at} FROM {t} WHERE {window}"),
+    };
+    let uuid = binary.is_some();
+    let row_of = |r: &tokio_postgres::Row| {
+        if uuid {
+            let at: Option<Millis> = r.get(1);
+            Row {
+                id: RowId::Uuid(r.get::<_, UuidBits>(0).0),
+                published: at.is_some(),
+                published_ms: at.map(|m| m.0),
+            }
+        } else {
+            Row {
+                id: RowId::Text(r.get(0)),
+                published: r.get(1),
+                published_ms: r.get(2),
+            }
+        }
+    };
     // The outbox is read while the topic is scanned, up to as many rows as
     // the scan keeps in memory; past that the merge below reads it in order.
     let (scanned, buffered) = std::thread::scope(|s| {
@@ -372,14 +502,14 @@ pub fn classify(env: &mut Env, r: &Reconcile, progress: bool) -> Result<Classes,
         // The scan fits in memory: a hash join, in whatever order the
         // database sends the rows.
         Ok(events) => {
-            let mut index: HashMap<&str, usize, BuildHasherDefault<Fx>> =
+            let mut index: HashMap<Key, usize, BuildHasherDefault<Fx>> =
                 HashMap::with_capacity_and_hasher(events.len(), Default::default());
             for (i, e) in events
                 .iter()
                 .enumerate()
                 .filter(|(_, e)| e.ts >= compare_ms)
             {
-                match index.entry(e.id.as_str()) {
+                match index.entry(key_of(&e.id, uuid)) {
                     Entry::Occupied(mut o) => {
                         c.duplicates += 1;
                         if e.ts < events[*o.get()].ts {
@@ -392,12 +522,18 @@ pub fn classify(env: &mut Env, r: &Reconcile, progress: bool) -> Result<Classes,
                 }
             }
             let mut hit = vec![false; events.len()];
-            let mut on_row = |row: Row, c: &mut Classes| match index.get(row.id.as_str()) {
-                Some(&i) => {
-                    hit[i] = true;
-                    matched(row, events[i].ts, l, c);
+            let mut on_row = |row: Row, c: &mut Classes| {
+                let found = match &row.id {
+                    RowId::Uuid(u) => index.get(&Key::U(*u)),
+                    RowId::Text(t) => index.get(&key_of(t, uuid)),
+                };
+                match found.copied() {
+                    Some(i) => {
+                        hit[i] = true;
+                        matched(row, events[i].ts, l, c);
+                    }
+                    None => unmatched(row, l, compare_ms, c),
                 }
-                None => unmatched(row, l, compare_ms, c),
             };
             match buffered {
                 Some(rows) => rows.into_iter().for_each(|row| on_row(row, &mut c)),
@@ -453,6 +589,10 @@ pub fn classify(env: &mut Env, r: &Reconcile, progress: bool) -> Result<Classes,
                 |rows| -> Result<(), StepError> {
                     'rows: for r in rows {
                         let row = row_of(r);
+                        let rid = match &row.id {
+                            RowId::Text(t) => t.clone(),
+                            RowId::Uuid(u) => format_uuid(*u),
+                        };
                         loop {
                             match ks.peek() {
                                 Some(Err(_)) => {
@@ -461,11 +601,11 @@ pub fn classify(env: &mut Env, r: &Reconcile, progress: bool) -> Result<Classes,
                                         .expect("peeked")
                                         .expect_err("an error")))
                                 }
-                                Some(Ok(s)) if s.id.as_str() < row.id.as_str() => {
+                                Some(Ok(s)) if s.id.as_str() < rid.as_str() => {
                                     let s = ks.next().expect("peeked").map_err(io)?;
                                     candidates.push(take_same(&mut ks, s, &mut c.duplicates));
                                 }
-                                Some(Ok(s)) if s.id == row.id => {
+                                Some(Ok(s)) if s.id == rid => {
                                     let s = ks.next().expect("peeked").map_err(io)?;
                                     let s = take_same(&mut ks, s, &mut c.duplicates);
                                     matched(row, s.ts, l, &mut c);
@@ -487,7 +627,6 @@ pub fn classify(env: &mut Env, r: &Reconcile, progress: bool) -> Result<Classes,
         }
     };
     // An orphan is confirmed by a lookup: its row may sit outside the window.
-    let id_col = Column::of(db, &l.table, &l.id).on(&r.database)?;
     for chunk in candidates.chunks(1000) {
         let ids: Vec<&str> = chunk.iter().map(|s| s.id.as_str()).collect();
         let found = id_col.present(db, &ids).on(&r.database)?;
@@ -831,6 +970,25 @@ mod tests {
         assert_eq!(generic.id, "event_id");
         assert_eq!(generic.created_at.as_deref(), Some("occurred_at"));
         assert_eq!(generic.published, Published::At("sent_at".into()));
+    }
+
+    #[test]
+    fn uuids_parse_in_either_case_and_print_canonically() {
+        let u = parse_uuid("0A1B2C3D-0000-4000-8000-00000000002A").unwrap();
+        assert_eq!(format_uuid(u), "0a1b2c3d-0000-4000-8000-00000000002a");
+        assert_eq!(parse_uuid("0a1b2c3d00004000800000000000002a"), Some(u));
+        for bad in [
+            "",
+            "case-1",
+            "0a1b2c3d-0000-4000-8000-00000000002g",
+            "0a1b2c3d+0000-4000-8000-00000000002a",
+        ] {
+            assert_eq!(parse_uuid(bad), None, "{bad}");
+        }
+        assert!(
+            key_of("0a1b2c3d-0000-4000-8000-00000000002a", false)
+                == Key::S("0a1b2c3d-0000-4000-8000-00000000002a")
+        );
     }
 
     #[test]
