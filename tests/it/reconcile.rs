@@ -116,12 +116,22 @@ impl World {
             let mut c = w.client(db);
             for e in w.events.iter().filter(|e| e.created <= cut) {
                 let published = e.published.filter(|p| *p <= cut).map(ts);
-                c.execute(
+                // The domain change and its event, in one transaction.
+                let mut tx = c.transaction().unwrap();
+                let case: i64 = tx
+                    .query_one(
+                        "INSERT INTO cases (title, owner_id, updated_at) VALUES ($1, 1, $2::text::timestamptz) RETURNING id",
+                        &[&format!("case for {}", e.id), &ts(e.created)],
+                    )
+                    .unwrap()
+                    .get(0);
+                tx.execute(
                     "INSERT INTO outbox_event (id, topic, aggregate_id, payload, created_at, published_at)
                      VALUES ($1::text::uuid, $2, $3, $4::text::jsonb, $5::text::timestamptz, $6::text::timestamptz)",
-                    &[&e.id, &w.topic, &format!("case-{}", &e.id[30..]), &format!("{{\"eventId\":\"{}\"}}", e.id), &ts(e.created), &published],
+                    &[&e.id, &w.topic, &format!("case-{case}"), &format!("{{\"eventId\":\"{}\"}}", e.id), &ts(e.created), &published],
                 )
                 .unwrap();
+                tx.commit().unwrap();
             }
             // The projector's inbox: every message it consumed before the cut.
             for e in w
