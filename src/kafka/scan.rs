@@ -117,40 +117,49 @@ impl ScanOptions<'_> {
     }
 }
 
-/// Reads one partition to its end, sending batches of events.
-fn scan_partition(
+/// One consumer's share of the scan: its partitions, each read to its end,
+/// events sent in batches. Per partition: what was read, and how many
+/// messages carried no event id.
+fn scan_partitions(
     k: &Kafka,
     o: &ScanOptions,
-    partition: i32,
-    start: i64,
+    share: &[(i32, i64)],
     tx: &mpsc::SyncSender<Vec<Seen>>,
     counter: &AtomicU64,
-) -> Result<(PartitionScan, u64), KafkaError> {
+) -> Result<BTreeMap<i32, (PartitionScan, u64)>, KafkaError> {
     let c = k.consumer("reentry-scan")?;
     let mut tpl = TopicPartitionList::new();
-    tpl.add_partition_offset(o.topic, partition, Offset::Offset(start))
-        .map_err(k.err("build a partition list"))?;
-    c.assign(&tpl).map_err(k.err("assign a partition"))?;
-    let mut stats = PartitionScan {
-        from: start,
-        end: start,
-        messages: 0,
-        at_t: i64::MAX,
-    };
-    let mut without_id = 0;
+    let mut stats = BTreeMap::new();
+    for (p, start) in share {
+        tpl.add_partition_offset(o.topic, *p, Offset::Offset(*start))
+            .map_err(k.err("build a partition list"))?;
+        let ps = PartitionScan {
+            from: *start,
+            end: *start,
+            messages: 0,
+            at_t: i64::MAX,
+        };
+        stats.insert(*p, (ps, 0u64));
+    }
+    c.assign(&tpl).map_err(k.err("assign partitions"))?;
+    let mut ended = std::collections::BTreeSet::new();
     let mut batch = Vec::with_capacity(4096);
-    loop {
+    while ended.len() < share.len() {
         match c.poll(Duration::from_secs(30)) {
             Some(Ok(m)) => {
-                stats.end = m.offset() + 1;
+                let partition = m.partition();
+                let Some((ps, without)) = stats.get_mut(&partition) else {
+                    continue;
+                };
+                ps.end = m.offset() + 1;
                 let ts = m.timestamp().to_millis().unwrap_or(i64::MIN);
-                if ts >= o.t_ms && m.offset() < stats.at_t {
-                    stats.at_t = m.offset();
+                if ts >= o.t_ms && m.offset() < ps.at_t {
+                    ps.at_t = m.offset();
                 }
                 if ts < o.from_ms {
                     continue;
                 }
-                stats.messages += 1;
+                ps.messages += 1;
                 match o.id.extract(&m) {
                     Some(id) => batch.push(Seen {
                         id,
@@ -158,7 +167,7 @@ fn scan_partition(
                         partition,
                         offset: m.offset(),
                     }),
-                    None => without_id += 1,
+                    None => *without += 1,
                 }
                 if batch.len() == batch.capacity() {
                     counter.fetch_add(batch.len() as u64, Ordering::Relaxed);
@@ -170,15 +179,15 @@ fn scan_partition(
                     }
                 }
             }
-            Some(Err(rdkafka::error::KafkaError::PartitionEOF(_))) => break,
-            Some(Err(e)) => {
-                return Err(k.err(format!("read {}/{partition}", o.topic))(e));
+            Some(Err(rdkafka::error::KafkaError::PartitionEOF(p))) => {
+                ended.insert(p);
             }
+            Some(Err(e)) => return Err(k.err(format!("read {}", o.topic))(e)),
             None => {
                 return Err(KafkaError::Other {
                     bootstrap: k.bootstrap.clone(),
                     what: format!(
-                        "no message and no end of partition from {}/{partition} for 30 s",
+                        "no message and no end of partition from {} for 30 s",
                         o.topic
                     ),
                 })
@@ -187,10 +196,24 @@ fn scan_partition(
     }
     counter.fetch_add(batch.len() as u64, Ordering::Relaxed);
     let _ = tx.send(batch);
-    if stats.at_t == i64::MAX {
-        stats.at_t = stats.end;
+    for (ps, _) in stats.values_mut() {
+        if ps.at_t == i64::MAX {
+            ps.at_t = ps.end;
+        }
     }
-    Ok((stats, without_id))
+    Ok(stats)
+}
+
+/// How many consumers a scan uses: one per partition up to a cap, so a
+/// topic of many partitions does not start a consumer (and its threads and
+/// connections) for each.
+fn consumers(partitions: usize) -> usize {
+    let cap = std::env::var("REENTRY_SCAN_CONSUMERS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(8usize)
+        .max(1);
+    partitions.min(cap).max(1)
 }
 
 /// Scans the topic and returns its events sorted by id.
@@ -212,18 +235,23 @@ pub fn scan(k: &Kafka, o: &ScanOptions) -> Result<(Sorted, ScanStats), KafkaErro
         what: format!("cannot spill the sorted scan to disk: {e}"),
     };
     let mut sorter = Sorter::new(o.chunk).map_err(io_err)?;
+    // Partitions with something to read, dealt round-robin to the consumers.
+    let readable: Vec<(i32, i64)> = partitions
+        .iter()
+        .filter_map(|p| starts.get(p).copied().flatten().map(|s| (*p, s)))
+        .collect();
+    let n = consumers(readable.len());
+    let shares: Vec<Vec<(i32, i64)>> = (0..n)
+        .map(|i| readable.iter().skip(i).step_by(n).copied().collect())
+        .collect();
     let results = std::thread::scope(|s| {
-        let handles: Vec<_> = partitions
+        let handles: Vec<_> = shares
             .iter()
-            .map(|p| {
+            .filter(|share| !share.is_empty())
+            .map(|share| {
                 let tx = tx.clone();
                 let counter = &counter;
-                let start = starts.get(p).copied().flatten();
-                s.spawn(move || match start {
-                    Some(start) => scan_partition(k, o, *p, start, &tx, counter),
-                    // No message at or after the start time: nothing to read.
-                    None => Ok((PartitionScan::default(), 0)),
-                })
+                s.spawn(move || scan_partitions(k, o, share, &tx, counter))
             })
             .collect();
         drop(tx);
@@ -262,18 +290,25 @@ pub fn scan(k: &Kafka, o: &ScanOptions) -> Result<(Sorted, ScanStats), KafkaErro
         from_ms: o.from_ms,
         ..ScanStats::default()
     };
-    for (p, r) in partitions.iter().zip(results) {
-        let (mut ps, without) = r?;
-        if ps == PartitionScan::default() {
-            // Nothing at or after the start time: the end is where a rewind goes.
-            let end = k.ends(o.topic, &[*p])?.get(p).copied().unwrap_or(0);
-            ps = PartitionScan {
-                from: end,
-                end,
-                messages: 0,
-                at_t: end,
-            };
-        }
+    let mut read = BTreeMap::new();
+    for r in results {
+        read.extend(r?);
+    }
+    for p in &partitions {
+        let (ps, without) = match read.remove(p) {
+            Some(x) => x,
+            None => {
+                // Nothing at or after the start time: the end is where a rewind goes.
+                let end = k.ends(o.topic, &[*p])?.get(p).copied().unwrap_or(0);
+                let ps = PartitionScan {
+                    from: end,
+                    end,
+                    messages: 0,
+                    at_t: end,
+                };
+                (ps, 0)
+            }
+        };
         stats.messages += ps.messages;
         stats.without_id += without;
         stats.partitions.insert(*p, ps);

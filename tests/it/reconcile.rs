@@ -411,11 +411,14 @@ fn the_plan_finds_every_class_apply_settles_them_and_a_second_apply_is_a_no_op()
     assert_eq!(diff[0]["classes"]["orphans"], 7);
     assert_eq!(diff[0]["classes"]["mark-published"], 5);
     // Sorting in runs of four events spills to disk and merges with the
-    // outbox streamed in order: the same classes.
+    // outbox streamed in order, one consumer reading every partition: the
+    // same classes.
     let spilled = Command::new(reentry_bin())
         .args(["outbox", "diff", "--json"])
         .arg(&pb)
         .env("REENTRY_SORT_CHUNK", "4")
+        // and one consumer reads all three partitions
+        .env("REENTRY_SCAN_CONSUMERS", "1")
         .output()
         .unwrap();
     assert_exit(&spilled, 1);
