@@ -133,18 +133,24 @@ pub struct Outgoing {
 #[derive(Clone)]
 pub struct Kafka {
     bootstrap: String,
+    /// How errors name the brokers: a playbook's `${VAR}` template, never
+    /// the value it expands to.
+    shown: String,
 }
 
 impl Kafka {
     pub fn new(bootstrap: &str) -> Kafka {
         Kafka {
             bootstrap: bootstrap.to_owned(),
+            shown: bootstrap.to_owned(),
         }
     }
 
-    /// The brokers, for messages. (The playbook shows its `${VAR}` template.)
-    pub fn bootstrap(&self) -> &str {
-        &self.bootstrap
+    pub fn from_playbook(bootstrap: &crate::reentry::playbook::Interpolated) -> Kafka {
+        Kafka {
+            bootstrap: bootstrap.expose().to_owned(),
+            shown: bootstrap.template.clone(),
+        }
     }
 
     fn err(
@@ -153,7 +159,7 @@ impl Kafka {
     ) -> impl FnOnce(rdkafka::error::KafkaError) -> KafkaError + '_ {
         let what = what.into();
         move |source| KafkaError::Client {
-            bootstrap: self.bootstrap.clone(),
+            bootstrap: self.shown.clone(),
             what,
             source: Box::new(source),
         }
@@ -194,7 +200,7 @@ impl Kafka {
             .collect();
         if parts.is_empty() {
             return Err(KafkaError::NoTopic {
-                bootstrap: self.bootstrap.clone(),
+                bootstrap: self.shown.clone(),
                 topic: topic.to_owned(),
             });
         }
@@ -261,7 +267,7 @@ impl Kafka {
                 Some(Err(e)) => return Err(self.err(format!("read {topic}/{partition}"))(e)),
                 None => {
                     return Err(KafkaError::Other {
-                        bootstrap: self.bootstrap.clone(),
+                        bootstrap: self.shown.clone(),
                         what: format!("no answer reading {topic}/{partition}"),
                     })
                 }
@@ -429,7 +435,7 @@ impl Kafka {
                     Some(Err(e)) => return Err(self.err(format!("read {topic}/{p}"))(e)),
                     None => {
                         return Err(KafkaError::Other {
-                            bootstrap: self.bootstrap.clone(),
+                            bootstrap: self.shown.clone(),
                             what: format!("no answer reading {topic}/{p}"),
                         })
                     }

@@ -185,7 +185,7 @@ fn scan_partitions(
             Some(Err(e)) => return Err(k.err(format!("read {}", o.topic))(e)),
             None => {
                 return Err(KafkaError::Other {
-                    bootstrap: k.bootstrap.clone(),
+                    bootstrap: k.shown.clone(),
                     what: format!(
                         "no message and no end of partition from {} for 30 s",
                         o.topic
@@ -231,7 +231,7 @@ pub fn scan(k: &Kafka, o: &ScanOptions) -> Result<(Sorted, ScanStats), KafkaErro
     let counter = AtomicU64::new(0);
     let (tx, rx) = mpsc::sync_channel::<Vec<Seen>>(64);
     let io_err = |e: io::Error| KafkaError::Other {
-        bootstrap: k.bootstrap.clone(),
+        bootstrap: k.shown.clone(),
         what: format!("cannot spill the sorted scan to disk: {e}"),
     };
     let mut sorter = Sorter::new(o.chunk).map_err(io_err)?;

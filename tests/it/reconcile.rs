@@ -687,3 +687,29 @@ fn a_malformed_provider_export_is_reported_by_line_and_changes_nothing() {
         "the outbox was touched"
     );
 }
+
+#[test]
+fn an_unreachable_broker_is_named_by_the_playbooks_template_not_its_value() {
+    let w = World::new();
+    let text = std::fs::read_to_string(w.playbook("pb.toml", "provider.csv"))
+        .unwrap()
+        .replace(
+            &format!("bootstrap = \"{}\"", kafka_bootstrap()),
+            "bootstrap = \"${RECON_KAFKA}\"",
+        );
+    let pb = w.dir.join("unreachable.toml");
+    std::fs::write(&pb, text).unwrap();
+    let out = Command::new(reentry_bin())
+        .arg("plan")
+        .arg(&pb)
+        .env("RECON_KAFKA", "kafka-sekrit-host.invalid:9092")
+        .output()
+        .unwrap();
+    assert_exit(&out, 2);
+    let err = stderr(&out);
+    assert!(err.contains("Kafka at ${RECON_KAFKA}"), "{err}");
+    assert!(
+        !err.contains("sekrit") && !stdout(&out).contains("sekrit"),
+        "{err}"
+    );
+}

@@ -19,15 +19,6 @@ use crate::kafka::scan::{self, IdFrom, ScanOptions};
 use crate::kafka::Kafka;
 use crate::reentry::check::Column;
 
-fn kafka(env: &Env) -> Result<Kafka, StepError> {
-    let k = env
-        .playbook
-        .kafka
-        .as_ref()
-        .ok_or_else(|| StepError::Invalid("the playbook has no [kafka]".into()))?;
-    Ok(Kafka::new(k.bootstrap.expose()))
-}
-
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub struct Rewind {
@@ -83,7 +74,7 @@ impl Step for Rewind {
     }
 
     fn preview(&self, env: &mut Env) -> Result<Effect, StepError> {
-        let k = kafka(env)?;
+        let k = env.kafka()?;
         let moves = self.moves(&k)?;
         let (parts, again, items) = self.describe(&moves);
         let members = k.members(&self.group)?;
@@ -109,7 +100,7 @@ impl Step for Rewind {
     }
 
     fn apply(&self, env: &mut Env, rec: &mut Recorder) -> Result<Effect, StepError> {
-        let k = kafka(env)?;
+        let k = env.kafka()?;
         let members = k.members(&self.group)?;
         if !members.is_empty() {
             let list: Vec<String> = members
@@ -165,7 +156,7 @@ pub struct Inbox {
 impl Inbox {
     /// The ids after T the restored inbox lacks: how many, and some.
     fn missing(&self, env: &mut Env) -> Result<(u64, u64, Vec<String>), StepError> {
-        let k = kafka(env)?;
+        let k = env.kafka()?;
         let (sorted, stats) = scan::scan(
             &k,
             &ScanOptions {

@@ -16,7 +16,6 @@ use serde_json::json;
 
 use super::{Effect, Env, Nature, OnDatabase, Recorder, Step, StepError};
 use crate::kafka::scan::{self, IdFrom, ScanOptions};
-use crate::kafka::Kafka;
 use crate::reentry::check::{quote_qualified, Column};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -217,16 +216,8 @@ impl Keys {
             }
         }
         if let Some(topic) = &self.from_topic {
-            let bootstrap = env
-                .playbook
-                .kafka
-                .as_ref()
-                .ok_or_else(|| StepError::Invalid("the playbook has no [kafka]".into()))?
-                .bootstrap
-                .expose()
-                .to_owned();
             let (sorted, _) = scan::scan(
-                &Kafka::new(&bootstrap),
+                &env.kafka()?,
                 &ScanOptions {
                     topic,
                     from_ms: self.t_ms,

@@ -183,6 +183,16 @@ impl<'a> Env<'a> {
         self.dbs.clear();
     }
 
+    /// The playbook's Kafka cluster.
+    pub fn kafka(&self) -> Result<crate::kafka::Kafka, StepError> {
+        let k = self
+            .playbook
+            .kafka
+            .as_ref()
+            .ok_or_else(|| StepError::Invalid("the playbook has no [kafka]".into()))?;
+        Ok(crate::kafka::Kafka::from_playbook(&k.bootstrap))
+    }
+
     /// The value a ShedLock row gets while a run holds it frozen.
     pub fn marker(&self) -> String {
         format!("reentry run {}", self.run_id)

@@ -25,7 +25,7 @@ use serde_json::json;
 
 use super::{Effect, Env, Nature, OnDatabase, Recorder, Step, StepError};
 use crate::kafka::scan::{self, IdFrom, ScanOptions, ScanStats, Seen};
-use crate::kafka::{Kafka, KafkaError};
+use crate::kafka::KafkaError;
 use crate::pg::conn::Db;
 use crate::reentry::check::{quote_qualified, Column};
 
@@ -377,15 +377,7 @@ fn exists(db: &mut Db, table: &str) -> Result<bool, crate::pg::conn::PgError> {
 
 /// Scans the topic and merges it with the restored outbox.
 pub fn classify(env: &mut Env, r: &Reconcile, progress: bool) -> Result<Classes, StepError> {
-    let bootstrap = env
-        .playbook
-        .kafka
-        .as_ref()
-        .ok_or_else(|| StepError::Invalid("the playbook has no [kafka]".into()))?
-        .bootstrap
-        .expose()
-        .to_owned();
-    let kafka = Kafka::new(&bootstrap);
+    let kafka = env.kafka()?;
     let compare_ms = r.from_ms + SKEW_MS.min((r.t_ms - r.from_ms) / 2);
     let l = &r.layout;
     let t = quote_qualified(&l.table);
@@ -692,12 +684,7 @@ impl Step for Reconcile {
     fn apply(&self, env: &mut Env, rec: &mut Recorder) -> Result<Effect, StepError> {
         let started_ms = now_ms();
         let c = classify(env, self, true)?;
-        let bootstrap = env
-            .playbook
-            .kafka
-            .as_ref()
-            .map(|k| k.bootstrap.expose().to_owned())
-            .unwrap_or_default();
+        let kafka = env.kafka()?;
         let template = match &self.compensation_template {
             Some(path) => {
                 let base = env
@@ -718,7 +705,6 @@ impl Step for Reconcile {
                 "mark-unpublished": c.mark_unpublished,
             }))
         })?;
-        let kafka = Kafka::new(&bootstrap);
         // Orphans: fetched whole from the topic before anything is written.
         let wanted: Vec<(i32, i64)> = c.orphans.iter().map(|s| (s.partition, s.offset)).collect();
         let mut whole = kafka.fetch_many(&self.topic, &wanted)?;
