@@ -120,6 +120,21 @@ impl<'a> Reader<'a> {
     }
 }
 
+/// Each partition's offset in a broker's answer; None where it has none.
+fn by_partition(list: &TopicPartitionList) -> BTreeMap<i32, Option<i64>> {
+    list.elements()
+        .iter()
+        .map(|e| {
+            let o = match e.offset() {
+                Offset::Offset(o) => Some(o),
+                Offset::Beginning => Some(0),
+                _ => None,
+            };
+            (e.partition(), o)
+        })
+        .collect()
+}
+
 /// A message to produce.
 #[derive(Debug, Clone, Default)]
 pub struct Outgoing {
@@ -219,27 +234,26 @@ impl Kafka {
         partitions: &[i32],
         ms: i64,
     ) -> Result<BTreeMap<i32, Option<i64>>, KafkaError> {
+        self.list_offsets(topic, partitions, Offset::Offset(ms))
+    }
+
+    /// ListOffsets for each partition: at a time, or at the end.
+    fn list_offsets(
+        &self,
+        topic: &str,
+        partitions: &[i32],
+        at: Offset,
+    ) -> Result<BTreeMap<i32, Option<i64>>, KafkaError> {
         let c = self.consumer("reentry-metadata")?;
         let mut tpl = TopicPartitionList::new();
         for p in partitions {
-            tpl.add_partition_offset(topic, *p, Offset::Offset(ms))
+            tpl.add_partition_offset(topic, *p, at)
                 .map_err(self.err("build a partition list"))?;
         }
         let got = c
             .offsets_for_times(tpl, TIMEOUT)
-            .map_err(self.err(format!("ask for the offsets of {topic} at a time")))?;
-        Ok(got
-            .elements()
-            .iter()
-            .map(|e| {
-                let o = match e.offset() {
-                    Offset::Offset(o) => Some(o),
-                    Offset::Beginning => Some(0),
-                    _ => None,
-                };
-                (e.partition(), o)
-            })
-            .collect())
+            .map_err(self.err(format!("ask for offsets of {topic}")))?;
+        Ok(by_partition(&got))
     }
 
     /// The earliest offset at or after `start` whose timestamp is at or
@@ -279,25 +293,10 @@ impl Kafka {
     /// is read forward to the end of the partition, because some brokers
     /// report it late.
     pub fn ends(&self, topic: &str, partitions: &[i32]) -> Result<BTreeMap<i32, i64>, KafkaError> {
-        let c = self.consumer("reentry-metadata")?;
-        let mut tpl = TopicPartitionList::new();
-        for p in partitions {
-            tpl.add_partition_offset(topic, *p, Offset::End)
-                .map_err(self.err("build a partition list"))?;
-        }
-        let got = c
-            .offsets_for_times(tpl, TIMEOUT)
-            .map_err(self.err(format!("ask for the end offsets of {topic}")))?;
         let mut out = BTreeMap::new();
-        for e in got.elements() {
-            let reported = match e.offset() {
-                Offset::Offset(o) => o,
-                _ => 0,
-            };
-            out.insert(
-                e.partition(),
-                self.first_at_or_after(topic, e.partition(), reported, i64::MAX)?,
-            );
+        for (p, reported) in self.list_offsets(topic, partitions, Offset::End)? {
+            let end = self.first_at_or_after(topic, p, reported.unwrap_or(0), i64::MAX)?;
+            out.insert(p, end);
         }
         Ok(out)
     }
@@ -336,17 +335,7 @@ impl Kafka {
         let got = c
             .committed_offsets(tpl, TIMEOUT)
             .map_err(self.err(format!("read the committed offsets of group {group}")))?;
-        Ok(got
-            .elements()
-            .iter()
-            .map(|e| {
-                let o = match e.offset() {
-                    Offset::Offset(o) => Some(o),
-                    _ => None,
-                };
-                (e.partition(), o)
-            })
-            .collect())
+        Ok(by_partition(&got))
     }
 
     /// The group's live members: a rewind is refused while there are any.

@@ -31,14 +31,6 @@ pub enum IdFrom {
 }
 
 impl IdFrom {
-    pub fn describe(&self) -> String {
-        match self {
-            IdFrom::Header(h) => format!("header {h}"),
-            IdFrom::Key => "the message key".into(),
-            IdFrom::JsonPointer(p) => format!("payload {p}"),
-        }
-    }
-
     pub fn extract(&self, m: &BorrowedMessage) -> Option<String> {
         let bytes: Vec<u8> = match self {
             IdFrom::Key => m.key()?.to_vec(),
@@ -234,7 +226,7 @@ pub fn scan(k: &Kafka, o: &ScanOptions) -> Result<(Sorted, ScanStats), KafkaErro
         bootstrap: k.shown.clone(),
         what: format!("cannot spill the sorted scan to disk: {e}"),
     };
-    let mut sorter = Sorter::new(o.chunk).map_err(io_err)?;
+    let mut sorter = Sorter::new(o.chunk);
     // Partitions with something to read, dealt round-robin to the consumers.
     let readable: Vec<(i32, i64)> = partitions
         .iter()
@@ -328,13 +320,13 @@ pub struct Sorter {
 }
 
 impl Sorter {
-    pub fn new(chunk: usize) -> io::Result<Sorter> {
-        Ok(Sorter {
+    pub fn new(chunk: usize) -> Sorter {
+        Sorter {
             chunk: chunk.max(1),
             buf: Vec::new(),
             runs: Vec::new(),
             dir: None,
-        })
+        }
     }
 
     pub fn extend(&mut self, events: Vec<Seen>) -> io::Result<()> {
@@ -490,7 +482,7 @@ mod tests {
 
     #[test]
     fn spilled_runs_merge_into_one_order() {
-        let mut s = Sorter::new(3).unwrap();
+        let mut s = Sorter::new(3);
         let ids = ["m", "b", "z", "a", "q", "c", "b", "y"];
         s.extend(
             ids.iter()
@@ -508,7 +500,7 @@ mod tests {
 
     #[test]
     fn ids_sort_by_bytes_as_collate_c_does() {
-        let mut s = Sorter::new(100).unwrap();
+        let mut s = Sorter::new(100);
         s.extend(vec![seen("b", 0), seen("B", 1), seen("a", 2), seen("é", 3)])
             .unwrap();
         let out: Vec<String> = s.finish().unwrap().map(|e| e.unwrap().id).collect();

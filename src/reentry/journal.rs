@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufRead, BufReader, Seek, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
@@ -57,7 +57,6 @@ pub fn now() -> String {
 /// An open journal, appending.
 pub struct Journal {
     file: File,
-    path: PathBuf,
     next_seq: u64,
 }
 
@@ -70,11 +69,7 @@ impl Journal {
             .append(true)
             .open(&path)?;
         fsutil::sync_dir(dir)?;
-        Ok(Journal {
-            file,
-            path,
-            next_seq: 1,
-        })
+        Ok(Journal { file, next_seq: 1 })
     }
 
     /// Opens an existing journal to continue it, with every record in it. A
@@ -82,8 +77,7 @@ impl Journal {
     /// never acknowledged, so nothing that depended on it happened.
     pub fn resume(dir: &Path) -> io::Result<(Journal, Vec<Record>)> {
         let path = dir.join(JOURNAL);
-        let records_and_end = read_records(&path)?;
-        let (records, good_len) = records_and_end;
+        let (records, good_len) = read_records(&path)?;
         let mut file = OpenOptions::new().read(true).write(true).open(&path)?;
         if file.metadata()?.len() != good_len {
             file.set_len(good_len)?;
@@ -91,14 +85,7 @@ impl Journal {
         }
         file.seek(io::SeekFrom::End(0))?;
         let next_seq = records.last().map_or(1, |r| r.seq + 1);
-        Ok((
-            Journal {
-                file,
-                path,
-                next_seq,
-            },
-            records,
-        ))
+        Ok((Journal { file, next_seq }, records))
     }
 
     /// Appends a record and waits until it is on disk.
@@ -116,10 +103,6 @@ impl Journal {
         self.file.sync_data()?;
         self.next_seq += 1;
         Ok(record)
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.path
     }
 }
 

@@ -106,14 +106,11 @@ impl Fixture {
     }
 
     fn conninfo(&self, db: &str) -> String {
-        format!(
-            "host=127.0.0.1 port={} user=postgres dbname={db}",
-            self.cluster.port
-        )
+        self.cluster.db_conninfo(db)
     }
 
     fn client(&self, db: &str) -> postgres::Client {
-        postgres::Client::connect(&self.conninfo(db), postgres::NoTls).unwrap()
+        self.cluster.db_client(db)
     }
 
     fn playbook(&self, name: &str, ttl: &str) -> PathBuf {
@@ -230,7 +227,8 @@ fn reentry(args: &[&dyn AsRef<std::ffi::OsStr>]) -> Output {
     cmd.env(PW_VAR, SECRET).output().unwrap()
 }
 
-fn apply(pb: &Path, run: &Path, extra: &[&str]) -> Output {
+/// `reentry apply PB --run-dir RUN EXTRA…`, with the playbook's password set.
+fn apply_cmd(pb: &Path, run: &Path, extra: &[&str]) -> Command {
     let mut cmd = Command::new(reentry_bin());
     cmd.arg("apply")
         .arg(pb)
@@ -238,18 +236,39 @@ fn apply(pb: &Path, run: &Path, extra: &[&str]) -> Output {
         .arg(run)
         .args(extra)
         .env(PW_VAR, SECRET);
-    cmd.output().unwrap()
+    cmd
+}
+
+fn apply(pb: &Path, run: &Path, extra: &[&str]) -> Output {
+    apply_cmd(pb, run, extra).output().unwrap()
+}
+
+/// Starts `apply --apply` and returns once its last gate closed: the run
+/// then waits the cache TTL. Its remaining stdout lines come with it.
+fn apply_until_gates_closed(
+    pb: &Path,
+    run: &Path,
+) -> (
+    std::process::Child,
+    std::io::Lines<BufReader<std::process::ChildStdout>>,
+) {
+    let mut child = apply_cmd(pb, run, &["--apply"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    for line in lines.by_ref() {
+        if line.unwrap().contains("close:quartz-jobs@restored") {
+            break;
+        }
+    }
+    (child, lines)
 }
 
 /// Runs apply until it reaches `point`, then kills it with SIGKILL there.
 fn apply_and_kill_at(pb: &Path, run: &Path, extra: &[&str], point: &str) {
-    let mut child = Command::new(reentry_bin())
-        .arg("apply")
-        .arg(pb)
-        .arg("--run-dir")
-        .arg(run)
-        .args(extra)
-        .env(PW_VAR, SECRET)
+    let mut child = apply_cmd(pb, run, extra)
         .env("REENTRY_PAUSE_AT", point)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -658,23 +677,7 @@ fn ctrl_c_stops_between_steps_and_the_run_resumes() {
     let f = Fixture::new();
     let pb = f.playbook("pb.toml", "6s");
     let run = f.dir.join("run");
-    let mut child = Command::new(reentry_bin())
-        .arg("apply")
-        .arg(&pb)
-        .arg("--run-dir")
-        .arg(&run)
-        .arg("--apply")
-        .env(PW_VAR, SECRET)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    for line in lines.by_ref() {
-        if line.unwrap().contains("close:quartz-jobs@restored") {
-            break; // the last close is done: the run now waits the cache TTL
-        }
-    }
+    let (mut child, lines) = apply_until_gates_closed(&pb, &run);
     let t0 = Instant::now();
     let kill = Command::new("kill")
         .args(["-INT", &child.id().to_string()])
@@ -925,23 +928,7 @@ fn a_lock_released_by_its_holder_during_the_wait_is_closed_again() {
     let pb = f.playbook("pb.toml", "3s");
     let before = f.gates("res");
     let run = f.dir.join("run");
-    let mut child = Command::new(reentry_bin())
-        .arg("apply")
-        .arg(&pb)
-        .arg("--run-dir")
-        .arg(&run)
-        .arg("--apply")
-        .env(PW_VAR, SECRET)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    for line in lines.by_ref() {
-        if line.unwrap().contains("close:quartz-jobs@restored") {
-            break;
-        }
-    }
+    let (mut child, lines) = apply_until_gates_closed(&pb, &run);
     // What ShedLock's unlock does when a job that held the lock finishes.
     f.client("res")
         .batch_execute(

@@ -220,14 +220,11 @@ impl World {
     }
 
     fn conninfo(&self, db: &str) -> String {
-        format!(
-            "host=127.0.0.1 port={} user=postgres dbname={db}",
-            self.cluster.port
-        )
+        self.cluster.db_conninfo(db)
     }
 
     fn client(&self, db: &str) -> postgres::Client {
-        postgres::Client::connect(&self.conninfo(db), postgres::NoTls).unwrap()
+        self.cluster.db_client(db)
     }
 
     fn playbook(&self, name: &str, csv: &str) -> PathBuf {
@@ -331,8 +328,8 @@ fn plan(pb: &Path) -> serde_json::Value {
     serde_json::from_str(&stdout(&out)).unwrap()
 }
 
-/// Event ids in the topic, read by kcat from the `event_id` header.
-fn kcat_ids(topic: &str) -> Vec<(String, i64)> {
+/// The whole topic as kcat prints it with `format`.
+fn kcat_read(topic: &str, format: &str) -> String {
     let out = kcat()
         .args([
             "-C",
@@ -343,7 +340,7 @@ fn kcat_ids(topic: &str) -> Vec<(String, i64)> {
             "-e",
             "-q",
             "-f",
-            "%T %h\n",
+            format,
         ])
         .output()
         .unwrap();
@@ -352,7 +349,12 @@ fn kcat_ids(topic: &str) -> Vec<(String, i64)> {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    String::from_utf8_lossy(&out.stdout)
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Event ids in the topic, read by kcat from the `event_id` header.
+fn kcat_ids(topic: &str) -> Vec<(String, i64)> {
+    kcat_read(topic, "%T %h\n")
         .lines()
         .filter_map(|l| {
             let (t, h) = l.split_once(' ')?;
@@ -573,21 +575,7 @@ fn the_plan_finds_every_class_apply_settles_them_and_a_second_apply_is_a_no_op()
         7
     );
     let compensations = |topic: &str| {
-        let out = kcat()
-            .args([
-                "-C",
-                "-t",
-                topic,
-                "-o",
-                "beginning",
-                "-e",
-                "-q",
-                "-f",
-                "%h %s\n",
-            ])
-            .output()
-            .unwrap();
-        String::from_utf8_lossy(&out.stdout)
+        kcat_read(topic, "%h %s\n")
             .lines()
             .filter(|l| l.contains("reentry-compensates=") && l.contains("CaseChangeLost"))
             .count()

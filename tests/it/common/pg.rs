@@ -222,14 +222,23 @@ impl Cluster {
 
     /// A libpq connection string for this server.
     pub fn conninfo(&self) -> String {
+        self.db_conninfo("postgres")
+    }
+
+    /// A libpq connection string for database `db` of this server.
+    pub fn db_conninfo(&self, db: &str) -> String {
         format!(
-            "host=127.0.0.1 port={} user=postgres dbname=postgres",
+            "host=127.0.0.1 port={} user=postgres dbname={db}",
             self.port
         )
     }
 
     pub fn client(&self) -> postgres::Client {
-        let conninfo = self.conninfo();
+        self.db_client("postgres")
+    }
+
+    pub fn db_client(&self, db: &str) -> postgres::Client {
+        let conninfo = self.db_conninfo(db);
         postgres::Client::connect(&conninfo, postgres::NoTls)
             .unwrap_or_else(|e| panic!("connect to {conninfo}: {e}\n{}", tail(&self.log(), 20)))
     }
