@@ -40,6 +40,9 @@ struct World {
     cluster: Cluster,
     dir: PathBuf,
     topic: String,
+    /// The projector's consumer group: groups live on the shared broker, so
+    /// each test has its own.
+    group: String,
     t: i64,
     events: Vec<Event>,
 }
@@ -93,6 +96,7 @@ impl World {
         let w = World {
             cluster,
             dir,
+            group: format!("projector-{topic}"),
             topic,
             t,
             events,
@@ -192,7 +196,7 @@ impl World {
         // The projector consumed everything: its offsets are at the end.
         let k = Kafka::new(&kafka_bootstrap());
         let ends = k.offsets_for_time(&w.topic, i64::MAX).unwrap();
-        k.commit("projector", &w.topic, &ends).unwrap();
+        k.commit(&w.group, &w.topic, &ends).unwrap();
         w
     }
 
@@ -266,7 +270,7 @@ lookback = "1h"
 watch = "1s"
 
 [[kafka.consumer-group]]
-name = "projector"
+name = "{group}"
 topics = ["{topic}"]
 idempotent = true
 
@@ -276,7 +280,7 @@ database = "restored"
 table = "inbox_message"
 message-id-column = "message_id"
 topic = "{topic}"
-consumer-group = "projector"
+consumer-group = "{group}"
 
 [[idempotency]]
 name = "notifications"
@@ -293,6 +297,7 @@ from-csv = {{ path = "{csv}", key-column = "request_id", time-column = "sent_at"
             res = self.conninfo("res"),
             t = ts(self.t),
             topic = self.topic,
+            group = self.group,
             bootstrap = kafka_bootstrap(),
         );
         let path = self.dir.join(name);
@@ -326,6 +331,16 @@ fn plan(pb: &Path) -> serde_json::Value {
     let out = run(&[&"plan", &pb, &"--json"]);
     assert!(matches!(out.status.code(), Some(0 | 1)), "{}", stderr(&out));
     serde_json::from_str(&stdout(&out)).unwrap()
+}
+
+/// A group member (kcat) that is stopped if the test fails while it runs.
+struct Member(std::process::Child);
+
+impl Drop for Member {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 /// The whole topic as kcat prints it with `format`.
@@ -387,7 +402,7 @@ fn the_plan_finds_every_class_apply_settles_them_and_a_second_apply_is_a_no_op()
     assert_eq!(after_t, 12);
     let inbox = &step(&p, "inbox:projector-inbox")["preview"];
     assert_eq!(inbox["detail"]["re-consumed"], after_t, "{inbox:#}");
-    let rewind = &step(&p, "rewind:projector")["preview"];
+    let rewind = &step(&p, &format!("rewind:{}", w.group))["preview"];
     assert!(
         rewind["summary"]
             .as_str()
@@ -461,7 +476,7 @@ fn the_plan_finds_every_class_apply_settles_them_and_a_second_apply_is_a_no_op()
     let out = run(&[
         &"kafka",
         &"rewind",
-        &"projector",
+        &w.group,
         &"--topic",
         &w.topic,
         &"--to",
@@ -476,15 +491,17 @@ fn the_plan_finds_every_class_apply_settles_them_and_a_second_apply_is_a_no_op()
     assert_eq!(dry["applied"], false);
 
     // Apply is refused while the projector has a live member.
-    let mut member = kcat()
-        .args(["-G", "projector", &w.topic, "-q"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut member = Member(
+        kcat()
+            .args(["-G", &w.group, &w.topic, "-q"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     let k = Kafka::new(&kafka_bootstrap());
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while k.members("projector").unwrap().is_empty() {
+    while k.members(&w.group).unwrap().is_empty() {
         assert!(
             std::time::Instant::now() < deadline,
             "kcat never joined the group"
@@ -494,7 +511,7 @@ fn the_plan_finds_every_class_apply_settles_them_and_a_second_apply_is_a_no_op()
     let out = run(&[
         &"kafka",
         &"group",
-        &"projector",
+        &w.group,
         &"--topic",
         &w.topic,
         &"--bootstrap",
@@ -510,23 +527,23 @@ fn the_plan_finds_every_class_apply_settles_them_and_a_second_apply_is_a_no_op()
     let out = run(&[&"apply", &pb, &"--run-dir", &run_dir, &"--apply"]);
     assert_exit(&out, 2);
     assert!(
-        stdout(&out).contains("group `projector` has 1 live member(s)"),
+        stdout(&out).contains(&format!("group `{}` has 1 live member(s)", w.group)),
         "{}",
         stdout(&out)
     );
     Command::new("kill")
-        .args(["-INT", &member.id().to_string()])
+        .args(["-INT", &member.0.id().to_string()])
         .status()
         .unwrap();
-    member.wait().unwrap();
-    while !k.members("projector").unwrap().is_empty() {
+    member.0.wait().unwrap();
+    while !k.members(&w.group).unwrap().is_empty() {
         assert!(
             std::time::Instant::now() < deadline,
             "kcat never left the group"
         );
         std::thread::sleep(Duration::from_millis(200));
     }
-    let committed_before = k.committed("projector", &w.topic, &[0, 1, 2]).unwrap();
+    let committed_before = k.committed(&w.group, &w.topic, &[0, 1, 2]).unwrap();
 
     let out = run(&[
         &"apply",
@@ -582,7 +599,7 @@ fn the_plan_finds_every_class_apply_settles_them_and_a_second_apply_is_a_no_op()
     };
     assert_eq!(compensations(&w.topic), 7);
     // The rewind: every partition at its first offset at or after T.
-    let committed = k.committed("projector", &w.topic, &[0, 1, 2]).unwrap();
+    let committed = k.committed(&w.group, &w.topic, &[0, 1, 2]).unwrap();
     let target = k.offsets_for_time(&w.topic, w.t).unwrap();
     for p in 0..3 {
         assert_eq!(committed[&p], Some(target[&p]), "partition {p}");
@@ -597,7 +614,7 @@ fn the_plan_finds_every_class_apply_settles_them_and_a_second_apply_is_a_no_op()
     let journal = std::fs::read_to_string(run_dir.join("journal.jsonl")).unwrap();
     assert!(journal
         .lines()
-        .any(|l| l.contains("\"prior\"") && l.contains("rewind:projector")));
+        .any(|l| l.contains("\"prior\"") && l.contains(&format!("rewind:{}", w.group))));
     // Tombstones: the six live keys, none of the expired ones.
     let mut keys: Vec<String> = w
         .client("res")
@@ -626,7 +643,7 @@ fn the_plan_finds_every_class_apply_settles_them_and_a_second_apply_is_a_no_op()
     let r: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
     for id in [
         "outbox:case-events",
-        "rewind:projector",
+        format!("rewind:{}", w.group).as_str(),
         "idempotency:notifications",
     ] {
         let s = r["steps"]
