@@ -31,7 +31,17 @@ KAFKA_VENV=$REENTRY_CACHE/kafka-venv
 CONFLUENT_KAFKA='confluent-kafka>=2.6,<3'
 export REENTRY_TANSU=${REENTRY_TANSU:-$TANSU}
 export REENTRY_KCAT=${REENTRY_KCAT:-$KCAT}
-DEBIAN_PACKAGES=(postgresql-15 redis-server redis-tools kcat pgbackrest time)
+# Java and the Quartz scheduler the gates are tested against: Debian ships
+# Quartz 2.3 and the JDBC driver; Maven Central cannot be reached.
+DEBIAN_PACKAGES=(postgresql-15 redis-server redis-tools kcat pgbackrest time
+  openjdk-17-jdk-headless libquartz2-java libpostgresql-jdbc-java libhikaricp-java libslf4j-java)
+export REENTRY_QUARTZ_CP=${REENTRY_QUARTZ_CP:-/usr/share/java/quartz2.jar:/usr/share/java/postgresql.jar:/usr/share/java/HikariCP.jar:/usr/share/java/slf4j-api.jar:/usr/share/java/slf4j-nop.jar}
+
+# The Quartz lab (lab/quartz), compiled by setup, keyed by its source so
+# that checkouts with different versions of it do not share classes.
+quartz_lab_dir() {
+  echo "$REENTRY_CACHE/quartz-lab/$(cat "$ROOT"/lab/quartz/*.java | sha256sum | cut -c1-16)"
+}
 
 say() { printf '==> %s\n' "$*" >&2; }
 die() { printf 'error: %s\n' "$*" >&2; exit 1; }

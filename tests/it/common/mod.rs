@@ -4,6 +4,7 @@
 
 pub mod archiving;
 pub mod pg;
+pub mod quartz;
 pub mod services;
 
 use std::os::unix::fs::PermissionsExt;
@@ -74,7 +75,11 @@ pub fn as_server_user(program: impl AsRef<std::ffi::OsStr>) -> Command {
 pub fn reentry_bin() -> &'static Path {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
-        let built = PathBuf::from(env!("CARGO_BIN_EXE_reentry"));
+        // REENTRY_TEST_BIN runs the suite against another build, e.g. an
+        // older one, to measure what a change fixed.
+        let built = std::env::var_os("REENTRY_TEST_BIN")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_reentry")));
         if server_user().is_none() {
             return built;
         }
