@@ -50,10 +50,12 @@ const QUARTZ: &[Field] = &[
     opt("table-prefix", Kind::Str),
     req("scheduler", Kind::Str),
     opt("groups", Kind::Strs),
+    opt("misfire-threshold", Kind::Duration),
     opt("health-check", Kind::Table(CHECK)),
 ];
 const GATES: &[Field] = &[
     opt("cache-ttl", Kind::Duration),
+    opt("drain-timeout", Kind::Duration),
     opt("probe", Kind::Table(CHECK)),
     req("reopen-order", Kind::Strs),
     opt("system-gate", Kind::Tables(SYSTEM_GATE)),
@@ -287,6 +289,7 @@ pub struct Quartz {
     pub table_prefix: Option<String>,
     pub scheduler: String,
     pub groups: Option<Vec<String>>,
+    pub misfire_threshold: Option<String>,
     pub health_check: Option<Check>,
 }
 
@@ -294,6 +297,7 @@ pub struct Quartz {
 #[serde(rename_all = "kebab-case")]
 pub struct Gates {
     pub cache_ttl: Option<String>,
+    pub drain_timeout: Option<String>,
     pub probe: Option<Check>,
     pub reopen_order: Vec<String>,
     #[serde(default)]

@@ -4,6 +4,7 @@ mod backup;
 mod common;
 mod engine;
 mod playbook;
+mod quartz;
 mod reconcile;
 mod restore;
 mod services;

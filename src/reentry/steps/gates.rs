@@ -1,13 +1,21 @@
 //! Gates: the kill switches Java services check. `system_gate` rows,
 //! ShedLock rows and Quartz trigger groups are closed on each database
-//! before anything else happens, and re-opened at the end to exactly the
-//! state the run found, which the close journaled before changing it.
+//! before anything else happens, and re-opened at the end to the state the
+//! run found, which the close journaled before changing it.
 //!
 //! Every statement is conditional on the state it changes, so running it
 //! again after a crash changes nothing: a row already closed is not touched.
+//!
+//! Quartz is written to the way Quartz itself writes to its tables: inside
+//! its `TRIGGER_ACCESS` row lock (`SELECT … FROM qrtz_locks … FOR UPDATE`),
+//! which a clustered scheduler takes before it reads or rewrites a trigger's
+//! state. Without it, a trigger Quartz has `ACQUIRED` is written back to
+//! `WAITING` by the fire in flight, and escapes the closed gate. The re-open
+//! does what Quartz's `resumeTriggerGroup` does, except for what the
+//! application had paused itself before the run.
 
-use std::collections::BTreeMap;
-use std::time::{Duration, SystemTime};
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant, SystemTime};
 
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
@@ -18,6 +26,17 @@ use crate::reentry::check::quote_qualified;
 
 /// `lock_until` of a frozen ShedLock row: far enough that no job takes it.
 pub const FROZEN_UNTIL: &str = "2999-01-01 00:00:00+00";
+
+/// Quartz's marker row in `PAUSED_TRIGGER_GRPS` after `pauseAll`: a trigger
+/// stored in a new group while it is there is stored paused.
+pub const QUARTZ_ALL_GROUPS: &str = "_$_ALL_GROUPS_PAUSED_$_";
+
+/// Quartz's own default `org.quartz.jobStore.misfireThreshold`.
+pub const QUARTZ_MISFIRE_MS: u64 = 60_000;
+
+fn default_misfire_ms() -> u64 {
+    QUARTZ_MISFIRE_MS
+}
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "kebab-case")]
@@ -34,9 +53,14 @@ pub enum Gate {
     #[serde(rename_all = "kebab-case")]
     Quartz {
         name: String,
+        /// As PostgreSQL sees it: Quartz splices the prefix unquoted into
+        /// its SQL, so `QRTZ_` names the tables `qrtz_…`.
         table_prefix: String,
         scheduler: String,
         groups: Option<Vec<String>>,
+        /// The scheduler's `org.quartz.jobStore.misfireThreshold`.
+        #[serde(default = "default_misfire_ms")]
+        misfire_threshold_ms: u64,
     },
 }
 
@@ -56,6 +80,12 @@ impl Gate {
             Gate::Quartz { .. } => "quartz",
         }
     }
+}
+
+/// What PostgreSQL makes of an unquoted identifier: ASCII letters folded to
+/// lower case. Quartz's DDL and its SQL use its table prefix unquoted.
+pub fn fold_unquoted(name: &str) -> String {
+    name.to_ascii_lowercase()
 }
 
 /// A gate on one database.
@@ -89,12 +119,40 @@ pub struct Closed {
     pub at: GateAt,
 }
 
-/// Re-asserts every close after the cache TTL: a ShedLock holder that was
-/// still running at the close releases its lock when it finishes, and an
-/// operator may have flipped a gate by hand.
+fn default_drain_seconds() -> f64 {
+    60.0
+}
+
+/// Re-asserts every close after the cache TTL, and waits for what was
+/// already running at the close: a ShedLock holder releases its lock when
+/// its job finishes (and that release is closed again), a Quartz job fired
+/// before the close is still executing. Anything a job or a person
+/// re-opened is closed again and named.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub struct Verify {
     pub closed: Vec<Closed>,
+    /// How long to wait for running jobs before failing the step.
+    #[serde(default = "default_drain_seconds")]
+    pub drain_seconds: f64,
+}
+
+/// The verify step's id: the re-open also restores the rows it found.
+pub const VERIFY_STEP: &str = "verify:gates";
+
+/// Where the verify step journals a ShedLock row it found taken while the
+/// gate closed by `close_step` was closed.
+fn found_key(close_step: &str, lock: &str) -> String {
+    format!("{VERIFY_STEP}#{close_step}#{lock}")
+}
+
+/// The rows the verify step journaled for `close_step`, by lock name.
+fn found_by_verify(rec: &Recorder, close_step: &str) -> Map<String, Value> {
+    let prefix = found_key(close_step, "");
+    rec.priors_under(&prefix)
+        .into_iter()
+        .map(|(k, v)| (k[prefix.len()..].to_owned(), v))
+        .collect()
 }
 
 fn parse_json(text: Option<String>) -> Value {
@@ -112,15 +170,124 @@ fn has_column(db: &mut Db, table: &str, column: &str) -> Result<bool, PgError> {
     Ok(row.get(0))
 }
 
-fn quartz_tables(prefix: &str) -> (String, String) {
-    (
-        quote_qualified(&format!("{prefix}triggers")),
-        quote_qualified(&format!("{prefix}paused_trigger_grps")),
-    )
+/// Quartz's tables under a (folded) prefix, quoted.
+pub struct QuartzTables {
+    pub triggers: String,
+    pub paused: String,
+    pub locks: String,
+    pub fired: String,
+    pub simple: String,
 }
 
-/// The state of the rows a gate controls. `lock` takes row locks: the
-/// close that follows in the same transaction changes exactly what was read.
+impl QuartzTables {
+    pub fn new(prefix: &str) -> QuartzTables {
+        let t = |name: &str| quote_qualified(&format!("{}{name}", fold_unquoted(prefix)));
+        QuartzTables {
+            triggers: t("triggers"),
+            paused: t("paused_trigger_grps"),
+            locks: t("locks"),
+            fired: t("fired_triggers"),
+            simple: t("simple_triggers"),
+        }
+    }
+
+    /// The tables a Quartz gate reads and writes, unquoted, with the
+    /// columns it uses: for the online checks.
+    pub fn needed(prefix: &str) -> Vec<(String, Vec<&'static str>)> {
+        let p = fold_unquoted(prefix);
+        vec![
+            (
+                format!("{p}triggers"),
+                vec![
+                    "sched_name",
+                    "trigger_name",
+                    "trigger_group",
+                    "trigger_state",
+                    "job_name",
+                    "job_group",
+                    "next_fire_time",
+                    "misfire_instr",
+                    "trigger_type",
+                ],
+            ),
+            (
+                format!("{p}paused_trigger_grps"),
+                vec!["sched_name", "trigger_group"],
+            ),
+            (format!("{p}locks"), vec!["sched_name", "lock_name"]),
+            (
+                format!("{p}fired_triggers"),
+                vec![
+                    "sched_name",
+                    "trigger_name",
+                    "trigger_group",
+                    "job_name",
+                    "job_group",
+                    "state",
+                    "is_nonconcurrent",
+                    "instance_name",
+                    "fired_time",
+                ],
+            ),
+        ]
+    }
+}
+
+/// Takes Quartz's `TRIGGER_ACCESS` row lock for `scheduler`, as Quartz's
+/// `StdRowLockSemaphore` does (inserting the row the first time), and holds
+/// it to the end of the transaction.
+fn lock_quartz(db: &mut Db, t: &QuartzTables, scheduler: &str) -> Result<(), PgError> {
+    let select = format!(
+        "SELECT lock_name FROM {} WHERE sched_name = $1 AND lock_name = 'TRIGGER_ACCESS' FOR UPDATE",
+        t.locks
+    );
+    let ctx = "take Quartz's TRIGGER_ACCESS lock";
+    if db.query(ctx, &select, &[&scheduler])?.is_empty() {
+        db.execute(
+            "insert Quartz's TRIGGER_ACCESS lock row",
+            &format!(
+                "INSERT INTO {} (sched_name, lock_name) VALUES ($1, 'TRIGGER_ACCESS') ON CONFLICT DO NOTHING",
+                t.locks
+            ),
+            &[&scheduler],
+        )?;
+        db.query(ctx, &select, &[&scheduler])?;
+    }
+    Ok(())
+}
+
+/// The trigger groups a Quartz gate covers now: the ones it names, or every
+/// group of the scheduler (triggers and paused groups, without Quartz's
+/// all-groups marker).
+fn quartz_groups(
+    db: &mut Db,
+    t: &QuartzTables,
+    scheduler: &str,
+    named: &Option<Vec<String>>,
+) -> Result<Vec<String>, PgError> {
+    if let Some(g) = named {
+        return Ok(g.clone());
+    }
+    Ok(db
+        .query(
+            "list Quartz trigger groups",
+            &format!(
+                "SELECT trigger_group::text FROM {tr} WHERE sched_name = $1
+                 UNION SELECT trigger_group::text FROM {pg} WHERE sched_name = $1 AND trigger_group <> $2
+                 ORDER BY 1",
+                tr = t.triggers,
+                pg = t.paused
+            ),
+            &[&scheduler, &QUARTZ_ALL_GROUPS],
+        )?
+        .iter()
+        .map(|r| r.get(0))
+        .collect())
+}
+
+/// The state of the rows a gate controls. `lock` takes row locks (and
+/// Quartz's own lock): the close that follows in the same transaction
+/// changes exactly what was read.
 pub fn read_state(db: &mut Db, gate: &Gate, lock: bool) -> Result<Value, PgError> {
     let for_update = if lock { " FOR UPDATE" } else { "" };
     match gate {
@@ -136,31 +303,7 @@ pub fn read_state(db: &mut Db, gate: &Gate, lock: bool) -> Result<Value, PgError
             Ok(parse_json(rows.first().map(|r| r.get(0))))
         }
         Gate::Shedlock { table, locks, .. } => {
-            let t = quote_qualified(table);
-            let rows = match locks {
-                Some(names) => db.query(
-                    "read ShedLock rows",
-                    &format!(
-                        "SELECT s.name::text, to_jsonb(s)::text FROM {t} AS s
-                          WHERE s.name = ANY($1) ORDER BY 1{for_update}"
-                    ),
-                    &[names],
-                )?,
-                None => db.query(
-                    "read ShedLock rows",
-                    &format!(
-                        "SELECT s.name::text, to_jsonb(s)::text FROM {t} AS s ORDER BY 1{for_update}"
-                    ),
-                    &[],
-                )?,
-            };
-            let mut found: BTreeMap<String, Value> = rows
-                .iter()
-                .map(|r| (r.get::<_, String>(0), parse_json(Some(r.get(1)))))
-                .collect();
-            for n in locks.iter().flatten() {
-                found.entry(n.clone()).or_insert(Value::Null);
-            }
+            let found = shedlock_rows(db, table, locks, for_update)?;
             Ok(json!({ "locks": found }))
         }
         Gate::Quartz {
@@ -169,30 +312,21 @@ pub fn read_state(db: &mut Db, gate: &Gate, lock: bool) -> Result<Value, PgError
             groups,
             ..
         } => {
-            let (tr, pg) = quartz_tables(table_prefix);
-            let groups: Vec<String> = match groups {
-                Some(g) => g.clone(),
-                None => db
-                    .query(
-                        "list Quartz trigger groups",
-                        &format!(
-                            "SELECT DISTINCT trigger_group::text FROM {tr} WHERE sched_name = $1
-                             UNION SELECT trigger_group::text FROM {pg} WHERE sched_name = $1 ORDER BY 1"
-                        ),
-                        &[scheduler],
-                    )?
-                    .iter()
-                    .map(|r| r.get(0))
-                    .collect(),
-            };
+            let t = QuartzTables::new(table_prefix);
+            if lock {
+                lock_quartz(db, &t, scheduler)?;
+            }
+            let all = groups.is_none();
+            let groups = quartz_groups(db, &t, scheduler, groups)?;
             let paused: Vec<String> = db
                 .query(
                     "read paused Quartz groups",
                     &format!(
-                        "SELECT trigger_group::text FROM {pg}
-                          WHERE sched_name = $1 AND trigger_group = ANY($2) ORDER BY 1"
+                        "SELECT trigger_group::text FROM {}
+                          WHERE sched_name = $1 AND (trigger_group = ANY($2) OR trigger_group = $3) ORDER BY 1",
+                        t.paused
                     ),
-                    &[scheduler, &groups],
+                    &[scheduler, &groups, &QUARTZ_ALL_GROUPS],
                 )?
                 .iter()
                 .map(|r| r.get(0))
@@ -201,8 +335,9 @@ pub fn read_state(db: &mut Db, gate: &Gate, lock: bool) -> Result<Value, PgError
                 .query(
                     "read Quartz triggers",
                     &format!(
-                        "SELECT trigger_name::text, trigger_group::text, trigger_state::text FROM {tr}
-                          WHERE sched_name = $1 AND trigger_group = ANY($2) ORDER BY 2, 1{for_update}"
+                        "SELECT trigger_name::text, trigger_group::text, trigger_state::text FROM {}
+                          WHERE sched_name = $1 AND trigger_group = ANY($2) ORDER BY 2, 1{for_update}",
+                        t.triggers
                     ),
                     &[scheduler, &groups],
                 )?
@@ -211,9 +346,44 @@ pub fn read_state(db: &mut Db, gate: &Gate, lock: bool) -> Result<Value, PgError
                     json!({"name": r.get::<_, String>(0), "group": r.get::<_, String>(1), "state": r.get::<_, String>(2)})
                 })
                 .collect();
-            Ok(json!({"groups": groups, "paused-groups": paused, "triggers": triggers}))
+            Ok(
+                json!({"groups": groups, "all-groups": all, "paused-groups": paused, "triggers": triggers}),
+            )
         }
     }
+}
+
+/// ShedLock rows by name: the named ones (`null` where missing), or all.
+fn shedlock_rows(
+    db: &mut Db,
+    table: &str,
+    locks: &Option<Vec<String>>,
+    for_update: &str,
+) -> Result<BTreeMap<String, Value>, PgError> {
+    let t = quote_qualified(table);
+    let rows = match locks {
+        Some(names) => db.query(
+            "read ShedLock rows",
+            &format!(
+                "SELECT s.name::text, to_jsonb(s)::text FROM {t} AS s
+                  WHERE s.name = ANY($1) ORDER BY 1{for_update}"
+            ),
+            &[names],
+        )?,
+        None => db.query(
+            "read ShedLock rows",
+            &format!("SELECT s.name::text, to_jsonb(s)::text FROM {t} AS s ORDER BY 1{for_update}"),
+            &[],
+        )?,
+    };
+    let mut found: BTreeMap<String, Value> = rows
+        .iter()
+        .map(|r| (r.get::<_, String>(0), parse_json(Some(r.get(1)))))
+        .collect();
+    for n in locks.iter().flatten() {
+        found.entry(n.clone()).or_insert(Value::Null);
+    }
+    Ok(found)
 }
 
 fn strings(v: &Value) -> Vec<String> {
@@ -234,14 +404,77 @@ fn lock_rows(prior: &Value) -> Map<String, Value> {
         .unwrap_or_default()
 }
 
-/// Quartz states a pause moves, and what a resume restores them to
-/// (ACQUIRED comes back WAITING, as Quartz's own resume does).
-fn resumed_state(prior: &str) -> Option<&'static str> {
-    match prior {
-        "WAITING" | "ACQUIRED" => Some("WAITING"),
-        "BLOCKED" => Some("BLOCKED"),
-        _ => None,
+/// Quartz states a pause moves (as Quartz's own `pauseTriggerGroup`).
+fn pausable(state: &str) -> bool {
+    matches!(state, "WAITING" | "ACQUIRED" | "BLOCKED")
+}
+
+/// Freezes ShedLock rows `names` of `table`; the ones that changed.
+fn freeze(
+    db: &mut Db,
+    table: &str,
+    names: &[String],
+    marker: &str,
+) -> Result<Vec<String>, PgError> {
+    let t = quote_qualified(table);
+    let mut changed = Vec::new();
+    for name in names {
+        let c = db.execute(
+            "freeze a ShedLock row",
+            &format!(
+                "UPDATE {t} SET lock_until = $2::text::timestamptz, locked_at = now(), locked_by = $3
+                  WHERE name = $1 AND NOT (locked_by = $3 AND lock_until = $2::text::timestamptz)"
+            ),
+            &[name, &FROZEN_UNTIL, &marker],
+        )? + db.execute(
+            "insert a frozen ShedLock row",
+            &format!(
+                "INSERT INTO {t} (name, lock_until, locked_at, locked_by)
+                 SELECT $1::text, $2::text::timestamptz, now(), $3::text
+                  WHERE NOT EXISTS (SELECT FROM {t} WHERE name = $1::text)"
+            ),
+            &[name, &FROZEN_UNTIL, &marker],
+        )?;
+        if c > 0 {
+            changed.push(name.clone());
+        }
     }
+    Ok(changed)
+}
+
+/// Pauses Quartz `groups` the way `pauseTriggerGroup` does (and, for a gate
+/// over every group, `pauseAll`'s marker); the triggers that moved.
+fn pause_quartz(
+    db: &mut Db,
+    t: &QuartzTables,
+    scheduler: &str,
+    groups: &[String],
+    all: bool,
+) -> Result<Vec<String>, PgError> {
+    let mut marked: Vec<String> = groups.to_vec();
+    if all {
+        marked.push(QUARTZ_ALL_GROUPS.to_owned());
+    }
+    db.execute(
+        "pause Quartz groups",
+        &format!(
+            "INSERT INTO {pg} (sched_name, trigger_group) SELECT $1::text, g FROM unnest($2::text[]) AS g
+              WHERE NOT EXISTS (SELECT FROM {pg} p WHERE p.sched_name = $1::text AND p.trigger_group = g)",
+            pg = t.paused
+        ),
+        &[&scheduler, &marked],
+    )?;
+    let rows = db.query(
+        "pause Quartz triggers",
+        &format!(
+            "UPDATE {} SET trigger_state = CASE trigger_state WHEN 'BLOCKED' THEN 'PAUSED_BLOCKED' ELSE 'PAUSED' END
+              WHERE sched_name = $1 AND trigger_group = ANY($2) AND trigger_state IN ('WAITING', 'ACQUIRED', 'BLOCKED')
+              RETURNING trigger_group::text || '.' || trigger_name::text",
+            t.triggers
+        ),
+        &[&scheduler, &groups],
+    )?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
 }
 
 /// Closes the gate. Conditional on every row's state: the count is what
@@ -273,70 +506,161 @@ fn close(
             Ok((n, if n > 0 { vec![name.clone()] } else { vec![] }))
         }
         Gate::Shedlock { table, .. } => {
-            let t = quote_qualified(table);
-            let (mut n, mut ids) = (0, Vec::new());
-            for name in lock_rows(prior).keys() {
-                let c = db.execute(
-                    "freeze a ShedLock row",
-                    &format!(
-                        "UPDATE {t} SET lock_until = $2::text::timestamptz, locked_at = now(), locked_by = $3
-                          WHERE name = $1 AND NOT (locked_by = $3 AND lock_until = $2::text::timestamptz)"
-                    ),
-                    &[name, &FROZEN_UNTIL, &marker],
-                )? + db.execute(
-                    "insert a frozen ShedLock row",
-                    &format!(
-                        "INSERT INTO {t} (name, lock_until, locked_at, locked_by)
-                         SELECT $1::text, $2::text::timestamptz, now(), $3::text
-                          WHERE NOT EXISTS (SELECT FROM {t} WHERE name = $1::text)"
-                    ),
-                    &[name, &FROZEN_UNTIL, &marker],
-                )?;
-                if c > 0 {
-                    ids.push(name.clone());
-                }
-                n += c;
-            }
-            Ok((n, ids))
+            let names: Vec<String> = lock_rows(prior).keys().cloned().collect();
+            let ids = freeze(db, table, &names, marker)?;
+            Ok((ids.len() as u64, ids))
         }
         Gate::Quartz {
             table_prefix,
             scheduler,
             ..
         } => {
-            let (tr, pg) = quartz_tables(table_prefix);
+            let t = QuartzTables::new(table_prefix);
+            // On a resumed close the prior state comes from the journal, so
+            // the lock is taken here, not only by the read.
+            lock_quartz(db, &t, scheduler)?;
             let groups = strings(&prior["groups"]);
-            db.execute(
-                "pause Quartz groups",
-                &format!(
-                    "INSERT INTO {pg} (sched_name, trigger_group) SELECT $1::text, g FROM unnest($2::text[]) AS g
-                      WHERE NOT EXISTS (SELECT FROM {pg} p WHERE p.sched_name = $1::text AND p.trigger_group = g)"
-                ),
-                &[scheduler, &groups],
-            )?;
-            let rows = db.query(
-                "pause Quartz triggers",
-                &format!(
-                    "UPDATE {tr} SET trigger_state = CASE trigger_state WHEN 'BLOCKED' THEN 'PAUSED_BLOCKED' ELSE 'PAUSED' END
-                      WHERE sched_name = $1 AND trigger_group = ANY($2) AND trigger_state IN ('WAITING', 'ACQUIRED', 'BLOCKED')
-                      RETURNING trigger_group::text || '.' || trigger_name::text"
-                ),
-                &[scheduler, &groups],
-            )?;
-            let ids: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
+            let all = prior["all-groups"].as_bool().unwrap_or(false);
+            let ids = pause_quartz(db, &t, scheduler, &groups, all)?;
             Ok((ids.len() as u64, ids))
         }
     }
 }
 
+/// Quartz's misfire instruction, by trigger type, as its documentation
+/// names it (`smart policy` resolved as Quartz resolves it).
+fn misfire_instruction(kind: &str, instr: i32, repeat_count: Option<i64>) -> String {
+    let simple = kind == "SIMPLE";
+    let name = match (instr, simple) {
+        (-1, _) => "ignore misfire policy",
+        (0, true) => match repeat_count {
+            Some(0) => "smart policy: fire now",
+            Some(-1) => "smart policy: reschedule next with remaining count",
+            _ => "smart policy: reschedule now with existing repeat count",
+        },
+        (0, false) => "smart policy: fire once now",
+        (1, true) => "fire now",
+        (2, true) => "reschedule now with existing repeat count",
+        (3, true) => "reschedule now with remaining repeat count",
+        (4, true) => "reschedule next with remaining count",
+        (5, true) => "reschedule next with existing count",
+        (1, false) => "fire once now",
+        (2, false) => "do nothing",
+        _ => "an instruction of its own",
+    };
+    name.to_owned()
+}
+
+fn millis_utc(ms: i64) -> String {
+    let t = SystemTime::UNIX_EPOCH + Duration::from_millis(ms.max(0) as u64);
+    humantime::format_rfc3339_millis(t).to_string()
+}
+
+/// Resumes a Quartz gate the way Quartz's `resumeTriggerGroup` (and, for a
+/// gate over every group, `resumeAll`) does, except for the groups and
+/// triggers the application had paused itself before the run (the close's
+/// prior state says which): each paused trigger with a next fire time goes
+/// back to `WAITING`, or `BLOCKED` while a non-concurrent run of its job is
+/// executing. Quartz's own resume also applies the misfire instruction of a
+/// trigger whose next fire time is older than the misfire threshold; here
+/// those triggers are reported instead, with the time by which Quartz's
+/// misfire handler, which looks at least once per threshold, applies it.
+fn resume_quartz(
+    db: &mut Db,
+    t: &QuartzTables,
+    scheduler: &str,
+    named: &Option<Vec<String>>,
+    prior: &Value,
+    misfire_ms: u64,
+) -> Result<(Vec<String>, Vec<Value>), PgError> {
+    let app_groups: BTreeSet<String> = strings(&prior["paused-groups"]).into_iter().collect();
+    let (mut app_g, mut app_n) = (Vec::new(), Vec::new());
+    for tr in prior["triggers"].as_array().into_iter().flatten() {
+        if matches!(tr["state"].as_str(), Some("PAUSED" | "PAUSED_BLOCKED")) {
+            app_g.push(tr["group"].as_str().unwrap_or_default().to_owned());
+            app_n.push(tr["name"].as_str().unwrap_or_default().to_owned());
+        }
+    }
+    let all = prior["all-groups"].as_bool().unwrap_or(named.is_none());
+    let groups: Vec<String> = quartz_groups(db, t, scheduler, named)?
+        .into_iter()
+        .filter(|g| !app_groups.contains(g))
+        .collect();
+    let mut unmark = groups.clone();
+    if all && !app_groups.contains(QUARTZ_ALL_GROUPS) {
+        unmark.push(QUARTZ_ALL_GROUPS.to_owned());
+    }
+    db.execute(
+        "resume Quartz groups",
+        &format!(
+            "DELETE FROM {} WHERE sched_name = $1 AND trigger_group = ANY($2)",
+            t.paused
+        ),
+        &[&scheduler, &unmark],
+    )?;
+    let rows = db.query(
+        "resume Quartz triggers",
+        &format!(
+            "UPDATE {tr} AS t
+                SET trigger_state = CASE WHEN EXISTS (
+                        SELECT FROM {ft} f WHERE f.sched_name = t.sched_name AND f.job_name = t.job_name
+                           AND f.job_group = t.job_group AND f.is_nonconcurrent)
+                    THEN 'BLOCKED' ELSE 'WAITING' END
+              WHERE t.sched_name = $1 AND t.trigger_group = ANY($2)
+                AND t.trigger_state IN ('PAUSED', 'PAUSED_BLOCKED') AND t.next_fire_time IS NOT NULL
+                AND NOT EXISTS (SELECT FROM unnest($3::text[], $4::text[]) AS a(g, n)
+                                 WHERE a.g = t.trigger_group AND a.n = t.trigger_name)
+              RETURNING t.trigger_group::text || '.' || t.trigger_name::text",
+            tr = t.triggers,
+            ft = t.fired
+        ),
+        &[&scheduler, &groups, &app_g, &app_n],
+    )?;
+    let resumed: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
+    let misfired = db
+        .query(
+            "find resumed Quartz triggers past their misfire threshold",
+            &format!(
+                "SELECT t.trigger_group::text || '.' || t.trigger_name::text, t.next_fire_time,
+                        coalesce(t.misfire_instr, 0)::int, t.trigger_type::text,
+                        (SELECT s.repeat_count FROM {st} s WHERE s.sched_name = t.sched_name
+                            AND s.trigger_name = t.trigger_name AND s.trigger_group = t.trigger_group),
+                        (extract(epoch FROM clock_timestamp()) * 1000)::bigint
+                   FROM {tr} t
+                  WHERE t.sched_name = $1 AND t.trigger_group || '.' || t.trigger_name = ANY($2)
+                    AND t.trigger_state = 'WAITING' AND coalesce(t.misfire_instr, 0) <> -1
+                    AND t.next_fire_time < (extract(epoch FROM clock_timestamp()) * 1000)::bigint - $3
+                  ORDER BY 1",
+                st = t.simple,
+                tr = t.triggers
+            ),
+            &[&scheduler, &resumed, &(misfire_ms as i64)],
+        )?
+        .iter()
+        .map(|r| {
+            let (next, now): (i64, i64) = (r.get(1), r.get(5));
+            json!({
+                "trigger": r.get::<_, String>(0),
+                "next-fire-time": millis_utc(next),
+                "missed-by-seconds": (now - next) as f64 / 1000.0,
+                "instruction": misfire_instruction(&r.get::<_, String>(3), r.get(2), r.get(4)),
+                "handled-by": millis_utc(now + misfire_ms as i64),
+            })
+        })
+        .collect();
+    Ok((resumed, misfired))
+}
+
 /// Puts back what the close found, only where the close's state is still
-/// there: running it twice restores once.
+/// there: running it twice restores once. `found` adds ShedLock rows the
+/// verify step found taken while the gate was closed.
 fn reopen(
     db: &mut Db,
     gate: &Gate,
     prior: &Value,
+    found: &Map<String, Value>,
     marker: &str,
-) -> Result<(u64, Vec<String>), PgError> {
+) -> Result<(u64, Vec<String>, Value), PgError> {
     match gate {
         Gate::SystemGate { name, table } => {
             let t = quote_qualified(table);
@@ -362,12 +686,20 @@ fn reopen(
                     &[name, &prior.to_string()],
                 )?
             };
-            Ok((n, if n > 0 { vec![name.clone()] } else { vec![] }))
+            Ok((
+                n,
+                if n > 0 { vec![name.clone()] } else { vec![] },
+                Value::Null,
+            ))
         }
         Gate::Shedlock { table, .. } => {
             let t = quote_qualified(table);
             let (mut n, mut ids) = (0, Vec::new());
-            for (name, row) in lock_rows(prior) {
+            let mut rows = lock_rows(prior);
+            for (k, v) in found {
+                rows.entry(k.clone()).or_insert_with(|| v.clone());
+            }
+            for (name, row) in rows {
                 let c = if row.is_null() {
                     db.execute(
                         "remove the ShedLock row the close inserted",
@@ -390,45 +722,20 @@ fn reopen(
                 }
                 n += c;
             }
-            Ok((n, ids))
+            Ok((n, ids, Value::Null))
         }
         Gate::Quartz {
             table_prefix,
             scheduler,
+            groups,
+            misfire_threshold_ms,
             ..
         } => {
-            let (tr, pg) = quartz_tables(table_prefix);
-            let was_paused = strings(&prior["paused-groups"]);
-            let added: Vec<String> = strings(&prior["groups"])
-                .into_iter()
-                .filter(|g| !was_paused.contains(g))
-                .collect();
-            db.execute(
-                "resume Quartz groups",
-                &format!("DELETE FROM {pg} WHERE sched_name = $1 AND trigger_group = ANY($2)"),
-                &[scheduler, &added],
-            )?;
-            let (mut names, mut groups, mut states) = (Vec::new(), Vec::new(), Vec::new());
-            for t in prior["triggers"].as_array().into_iter().flatten() {
-                if let Some(s) = t["state"].as_str().and_then(resumed_state) {
-                    names.push(t["name"].as_str().unwrap_or_default().to_owned());
-                    groups.push(t["group"].as_str().unwrap_or_default().to_owned());
-                    states.push(s.to_owned());
-                }
-            }
-            let rows = db.query(
-                "resume Quartz triggers",
-                &format!(
-                    "UPDATE {tr} AS t SET trigger_state = v.state
-                       FROM unnest($2::text[], $3::text[], $4::text[]) AS v(name, grp, state)
-                      WHERE t.sched_name = $1 AND t.trigger_name = v.name AND t.trigger_group = v.grp
-                        AND t.trigger_state IN ('PAUSED', 'PAUSED_BLOCKED')
-                      RETURNING t.trigger_group::text || '.' || t.trigger_name::text"
-                ),
-                &[scheduler, &names, &groups, &states],
-            )?;
-            let ids: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
-            Ok((ids.len() as u64, ids))
+            let t = QuartzTables::new(table_prefix);
+            lock_quartz(db, &t, scheduler)?;
+            let (ids, misfired) =
+                resume_quartz(db, &t, scheduler, groups, prior, *misfire_threshold_ms)?;
+            Ok((ids.len() as u64, ids, Value::Array(misfired)))
         }
     }
 }
@@ -467,7 +774,7 @@ fn would_close(gate: &Gate, state: &Value, database: &str) -> Effect {
                 .as_array()
                 .into_iter()
                 .flatten()
-                .filter(|t| t["state"].as_str().and_then(resumed_state).is_some())
+                .filter(|t| t["state"].as_str().is_some_and(pausable))
                 .map(|t| {
                     format!(
                         "{}.{}",
@@ -481,7 +788,7 @@ fn would_close(gate: &Gate, state: &Value, database: &str) -> Effect {
                 moving.len() as u64,
                 moving.clone(),
                 format!(
-                    "Quartz {scheduler}: pause group(s) {}; {} trigger(s) to PAUSED",
+                    "Quartz {scheduler}: pause group(s) {} under its TRIGGER_ACCESS lock; {} trigger(s) to PAUSED",
                     groups.join(", "),
                     moving.len()
                 ),
@@ -525,14 +832,30 @@ impl Step for GateAt {
     }
 }
 
+/// What a re-open does not put back as it was: a `system_gate` row's
+/// `updated_at` takes the re-open time, as every gate flip stamps it.
+fn not_restored(gate: &Gate) -> Vec<&'static str> {
+    match gate {
+        Gate::SystemGate { .. } => vec!["updated_at: the re-open time, as every gate flip stamps it"],
+        Gate::Shedlock { .. } => vec![],
+        Gate::Quartz { .. } => vec![
+            "trigger states: resumed as Quartz's resumeTriggerGroup does (WAITING, or BLOCKED while a non-concurrent run of the job executes); what the application had paused stays paused",
+        ],
+    }
+}
+
 impl Step for Reopen {
     fn nature(&self) -> Nature {
         Nature::Changes
     }
 
     fn preview(&self, _env: &mut Env) -> Result<Effect, StepError> {
+        let how = match &self.gate {
+            Gate::Quartz { .. } => "resume it as Quartz's resumeTriggerGroup does, keeping paused what the application had paused before",
+            _ => "restore it to the state journaled by",
+        };
         Ok(Effect::said(format!(
-            "restore {} `{}` on {} to the state {} journals",
+            "{} `{}` on {}: {how} {}",
             self.gate.kind(),
             self.gate.name(),
             self.database,
@@ -547,18 +870,35 @@ impl Step for Reopen {
                 self.close_step
             )));
         };
+        let found = found_by_verify(rec, &self.close_step);
         let marker = env.marker();
         let database = self.database.clone();
         let gate = &self.gate;
         env.db(&database)?.transaction("BEGIN", |db| {
             let before = rec.prior(|| read_state(db, gate, true).on(&database))?;
-            let (count, items) = reopen(db, gate, &prior, &marker).on(&database)?;
+            let (count, items, misfired) = reopen(db, gate, &prior, &found, &marker).on(&database)?;
             let after = read_state(db, gate, false).on(&database)?;
+            let mut summary = format!(
+                "re-opened {} `{}` on {database}: {count} row(s) restored",
+                gate.kind(),
+                gate.name()
+            );
+            if let (Some(m), Gate::Quartz { misfire_threshold_ms, .. }) = (misfired.as_array(), gate) {
+                if !m.is_empty() {
+                    summary.push_str(&format!(
+                        "; {} trigger(s) missed their fire time by more than the misfire threshold ({}): Quartz's misfire handler applies their misfire instruction by {}",
+                        m.len(),
+                        humantime::format_duration(Duration::from_millis(*misfire_threshold_ms)),
+                        m.iter().filter_map(|x| x["handled-by"].as_str()).max().unwrap_or("?")
+                    ));
+                }
+            }
             Ok(Effect {
-                summary: format!("re-opened {} `{}` on {database}: {count} row(s) restored", gate.kind(), gate.name()),
+                summary,
                 count,
                 items,
-                detail: json!({"gate": gate.name(), "type": gate.kind(), "database": database, "before": before, "after": after, "restored-to": prior}),
+                detail: json!({"gate": gate.name(), "type": gate.kind(), "database": database, "before": before, "after": after,
+                               "restored-to": prior, "not-restored": not_restored(gate), "misfired": misfired}),
             })
         })
     }
@@ -594,6 +934,148 @@ impl Step for WaitCache {
     }
 }
 
+/// What one pass of the verify step found on one gate.
+#[derive(Default)]
+struct Pass {
+    /// Closed again: released or re-opened since the close.
+    reclosed: Vec<String>,
+    /// Taken while the gate was closed: a job the gate did not stop ran.
+    ran: Vec<String>,
+    /// Still running, from before the close.
+    running: Vec<String>,
+}
+
+/// ShedLock rows held at the close by a job that had not released them yet.
+fn held_at_close(
+    db: &mut Db,
+    table: &str,
+    prior: &Value,
+    marker: &str,
+) -> Result<Vec<(String, String)>, PgError> {
+    let t = quote_qualified(table);
+    let mut held = Vec::new();
+    for (name, row) in lock_rows(prior) {
+        if row.is_null() {
+            continue;
+        }
+        let r = db.query_one(
+            "ask whether a ShedLock holder may still run",
+            &format!(
+                "SELECT r.lock_until > now() AND r.locked_by IS DISTINCT FROM $2
+                   FROM jsonb_populate_record(NULL::{t}, $1::text::jsonb) AS r"
+            ),
+            &[&row.to_string(), &marker],
+        )?;
+        if r.get::<_, Option<bool>>(0) == Some(true) {
+            let what = format!(
+                "{name} (held by {} until {})",
+                row["locked_by"].as_str().unwrap_or("?"),
+                row["lock_until"].as_str().unwrap_or("?")
+            );
+            held.push((name, what));
+        }
+    }
+    Ok(held)
+}
+
+impl Verify {
+    fn pass(
+        &self,
+        c: &Closed,
+        db: &mut Db,
+        prior: &Value,
+        found: &mut Map<String, Value>,
+        released: &mut BTreeSet<String>,
+        marker: &str,
+    ) -> Result<Pass, PgError> {
+        let mut p = Pass::default();
+        match &c.at.gate {
+            Gate::SystemGate { .. } => {
+                let (_, ids) = close(db, &c.at.gate, prior, marker)?;
+                p.reclosed = ids
+                    .into_iter()
+                    .map(|i| format!("{i}: re-opened since the close"))
+                    .collect();
+            }
+            Gate::Shedlock { table, locks, .. } => {
+                let now = shedlock_rows(db, table, locks, " FOR UPDATE")?;
+                let known = lock_rows(prior);
+                // Rows that appeared while the gate was closed: a new job
+                // took its lock (ShedLock's INSERT … ON CONFLICT DO NOTHING).
+                for (name, row) in &now {
+                    if !known.contains_key(name) && !found.contains_key(name) && !row.is_null() {
+                        p.ran.push(format!(
+                            "{name}: taken by {} at {} while the gate was closed",
+                            row["locked_by"].as_str().unwrap_or("?"),
+                            row["locked_at"].as_str().unwrap_or("?")
+                        ));
+                        found.insert(name.clone(), row.clone());
+                    }
+                }
+                let names: Vec<String> = now
+                    .keys()
+                    .cloned()
+                    .chain(known.keys().cloned())
+                    .collect::<BTreeSet<_>>()
+                    .into_iter()
+                    .collect();
+                for name in freeze(db, table, &names, marker)? {
+                    if known.contains_key(&name) {
+                        released.insert(name.clone());
+                        p.reclosed.push(format!(
+                            "{name}: released since the close (its holder finished, or a person)"
+                        ));
+                    }
+                }
+                p.running = held_at_close(db, table, prior, marker)?
+                    .into_iter()
+                    .filter(|(name, _)| !released.contains(name))
+                    .map(|(_, what)| what)
+                    .collect();
+            }
+            Gate::Quartz {
+                table_prefix,
+                scheduler,
+                groups,
+                ..
+            } => {
+                let t = QuartzTables::new(table_prefix);
+                lock_quartz(db, &t, scheduler)?;
+                let all = groups.is_none();
+                let now = quartz_groups(db, &t, scheduler, groups)?;
+                p.reclosed = pause_quartz(db, &t, scheduler, &now, all)?
+                    .into_iter()
+                    .map(|i| format!("{i}: not paused (resumed since the close)"))
+                    .collect();
+                p.running = db
+                    .query(
+                        "list Quartz jobs still executing",
+                        &format!(
+                            "SELECT trigger_group::text || '.' || trigger_name::text, job_group::text || '.' || job_name::text,
+                                    instance_name::text, fired_time
+                               FROM {} WHERE sched_name = $1 AND trigger_group = ANY($2) AND state = 'EXECUTING'
+                              ORDER BY fired_time",
+                            t.fired
+                        ),
+                        &[scheduler, &now],
+                    )?
+                    .iter()
+                    .map(|r| {
+                        format!(
+                            "{} (job {} on {}, fired {})",
+                            r.get::<_, String>(0),
+                            r.get::<_, String>(1),
+                            r.get::<_, String>(2),
+                            millis_utc(r.get(3))
+                        )
+                    })
+                    .collect();
+            }
+        }
+        Ok(p)
+    }
+}
+
 impl Step for Verify {
     fn nature(&self) -> Nature {
         Nature::AfterClose
@@ -601,40 +1083,90 @@ impl Step for Verify {
 
     fn preview(&self, _env: &mut Env) -> Result<Effect, StepError> {
         Ok(Effect::said(format!(
-            "check that all {} close(s) still hold; close again any a holder released",
-            self.closed.len()
+            "check that all {} close(s) still hold and close again what was re-opened; wait up to {} for jobs running since before the close",
+            self.closed.len(),
+            humantime::format_duration(Duration::from_secs(self.drain_seconds as u64))
         )))
     }
 
     fn apply(&self, env: &mut Env, rec: &mut Recorder) -> Result<Effect, StepError> {
         let marker = env.marker();
-        let (mut count, mut items) = (0, Vec::new());
-        for c in &self.closed {
-            let prior = rec.prior_of(&c.step).cloned().ok_or_else(|| {
-                StepError::Invalid(format!("the journal holds no prior state from {}", c.step))
-            })?;
-            let database = c.at.database.clone();
-            let (n, ids) = env.db(&database)?.transaction("BEGIN", |db| {
-                close(db, &c.at.gate, &prior, &marker).on(&database)
-            })?;
-            if n > 0 {
-                items.extend(
-                    ids.into_iter()
-                        .map(|i| format!("{}@{database}: {i}", c.at.gate.name())),
-                );
+        let started = Instant::now();
+        let deadline = started + Duration::from_secs_f64(self.drain_seconds);
+        let (mut reclosed, mut ran) = (Vec::new(), Vec::new());
+        let mut released: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+        let mut waited_for: BTreeSet<String> = BTreeSet::new();
+        loop {
+            let mut running = Vec::new();
+            for c in &self.closed {
+                let prior = rec.prior_of(&c.step).cloned().ok_or_else(|| {
+                    StepError::Invalid(format!("the journal holds no prior state from {}", c.step))
+                })?;
+                let database = c.at.database.clone();
+                let mut found = found_by_verify(rec, &c.step);
+                let known: BTreeSet<String> = found.keys().cloned().collect();
+                let rel = released.entry(c.step.clone()).or_default();
+                let p = env.db(&database)?.transaction("BEGIN", |db| {
+                    let p = self
+                        .pass(c, db, &prior, &mut found, rel, &marker)
+                        .on(&database)?;
+                    // Journaled before the commit that freezes them: the
+                    // re-open restores what the job had written.
+                    for (name, row) in found.iter().filter(|(n, _)| !known.contains(*n)) {
+                        rec.prior_keyed(&found_key(&c.step, name), row.clone())?;
+                    }
+                    Ok::<_, StepError>(p)
+                })?;
+                let at = |s: String| format!("{}@{database}: {s}", c.at.gate.name());
+                reclosed.extend(p.reclosed.into_iter().map(at));
+                ran.extend(p.ran.into_iter().map(at));
+                running.extend(p.running.into_iter().map(at));
             }
-            count += n;
+            waited_for.extend(running.iter().cloned());
+            if running.is_empty() {
+                break;
+            }
+            if Instant::now() >= deadline {
+                return Err(StepError::Check {
+                    message: format!(
+                        "{} job(s) that started before the gates closed are still running after {}: the gates stay closed; wait for them (or stop them), then resume",
+                        running.len(),
+                        humantime::format_duration(Duration::from_secs(self.drain_seconds as u64))
+                    ),
+                    findings: running,
+                });
+            }
+            rec.sleep_until(SystemTime::now() + Duration::from_millis(200))?;
         }
-        let summary = if count == 0 {
-            format!("all {} close(s) still hold", self.closed.len())
-        } else {
-            format!("closed again {count} row(s) released since the close: a job or a person reopened them; the probe shows whether anything ran")
-        };
+        let mut parts = Vec::new();
+        if reclosed.is_empty() && ran.is_empty() {
+            parts.push(format!("all {} close(s) still hold", self.closed.len()));
+        }
+        if !reclosed.is_empty() {
+            parts.push(format!(
+                "closed again {} row(s) re-opened since the close",
+                reclosed.len()
+            ));
+        }
+        if !ran.is_empty() {
+            parts.push(format!(
+                "{} lock(s) taken while the gates were closed: a job the gate does not cover ran; now frozen, and restored at re-open",
+                ran.len()
+            ));
+        }
+        if !waited_for.is_empty() {
+            parts.push(format!(
+                "waited {:.1}s for {} job(s) running since before the close",
+                started.elapsed().as_secs_f64(),
+                waited_for.len()
+            ));
+        }
+        let items: Vec<String> = ran.iter().chain(reclosed.iter()).cloned().collect();
         Ok(Effect {
-            summary,
-            count,
+            summary: parts.join("; "),
+            count: items.len() as u64,
             items,
-            detail: Value::Null,
+            detail: json!({"reclosed": reclosed, "ran-while-closed": ran, "waited-for": waited_for.into_iter().collect::<Vec<_>>()}),
         })
     }
 }

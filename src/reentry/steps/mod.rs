@@ -25,8 +25,11 @@ use crate::reentry::playbook::Playbook;
 
 /// Where a step sits; the plan is ordered by phase, and gates close before
 /// anything else touches a database.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, clap::ValueEnum,
+)]
 #[serde(rename_all = "kebab-case")]
+#[value(rename_all = "kebab-case")]
 pub enum Phase {
     CloseGates,
     Settle,
@@ -225,6 +228,27 @@ impl Recorder<'_> {
         self.state.record(&r);
         pause_point(self.step, "prior");
         Ok(v)
+    }
+
+    /// Journals `value` as the prior state under `key` (a step that finds
+    /// more to change while it runs: one key each); the first one stays.
+    pub fn prior_keyed(&mut self, key: &str, value: Value) -> Result<(), StepError> {
+        if self.state.prior.contains_key(key) {
+            return Ok(());
+        }
+        let r = self.journal.append(Event::Prior, Some(key), value)?;
+        self.state.record(&r);
+        Ok(())
+    }
+
+    /// Every prior state journaled under a key that starts with `prefix`.
+    pub fn priors_under(&self, prefix: &str) -> Vec<(String, Value)> {
+        self.state
+            .prior
+            .range(prefix.to_owned()..)
+            .take_while(|(k, _)| k.starts_with(prefix))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
     }
 
     /// The prior state another step recorded (a re-open reads its close's).

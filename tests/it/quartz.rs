@@ -1,0 +1,495 @@
+//! The Quartz gate against a real Quartz 2.3.2 scheduler (Debian's
+//! libquartz2-java, JDBCJobStoreTX with PostgreSQLDelegate, clustered) on
+//! PostgreSQL 18, under a load of 20 triggers firing every 200 ms. Every
+//! claim is counted in the job's own run log: no trigger of a gated group
+//! fires between the close and the re-open; what the application paused
+//! stays paused; triggers the application adds while the gate is closed run
+//! after the re-open; misfires are reported as Quartz will handle them.
+
+use std::collections::BTreeSet;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use crate::common::pg::{Cluster, Version};
+use crate::common::quartz::{self, Run, Scheduler};
+use crate::common::{assert_exit, reentry_bin, stdout};
+
+const LOAD: usize = 20;
+const INTERVAL_MS: u64 = 200;
+
+struct Lab {
+    cluster: Cluster,
+    dir: PathBuf,
+}
+
+impl Lab {
+    /// Two databases with Quartz's own tables; the scheduler runs on `res`,
+    /// the survivor of a cutover.
+    fn new() -> Lab {
+        let mut cluster = Cluster::init(Version::V18);
+        cluster.append_conf(&[("max_connections", "60")]);
+        cluster.start();
+        let mut admin = cluster.client();
+        for db in ["cur", "res"] {
+            admin
+                .batch_execute(&format!("CREATE DATABASE {db}"))
+                .unwrap();
+        }
+        let ddl = quartz::schema();
+        for db in ["cur", "res"] {
+            cluster.db_client(db).batch_execute(&ddl).unwrap();
+        }
+        let dir = cluster.dir("work");
+        Lab { cluster, dir }
+    }
+
+    fn scheduler(&self, misfire_ms: u64) -> Scheduler {
+        let url = format!(
+            "jdbc:postgresql://127.0.0.1:{}/res?user=postgres",
+            self.cluster.port
+        );
+        Scheduler::start(
+            &url,
+            "CaseScheduler",
+            misfire_ms,
+            &self.dir.join("runs.log"),
+        )
+    }
+
+    fn playbook(&self, ttl: &str, extra: &str) -> PathBuf {
+        let text = format!(
+            r#"[playbook]
+name = "quartz-lab"
+way-back = "cutover"
+
+[databases.current]
+conninfo = "{cur}"
+
+[databases.restored]
+conninfo = "{res}"
+
+[recovery-target]
+time = "2026-11-25T12:00:00Z"
+
+[gates]
+cache-ttl = "{ttl}"
+reopen-order = ["quartz-jobs"]
+
+[[gates.quartz]]
+name = "quartz-jobs"
+databases = ["restored"]
+scheduler = "CaseScheduler"
+groups = ["Billing", "Archive"]
+{extra}
+
+[validation]
+invalid-indexes = false
+sequences = false
+extensions = false
+"#,
+            cur = self.cluster.db_conninfo("cur"),
+            res = self.cluster.db_conninfo("res"),
+        );
+        let path = self.dir.join("quartz.toml");
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    fn trigger_state(&self, group: &str, name: &str) -> String {
+        self.cluster
+            .db_client("res")
+            .query_one(
+                "SELECT trigger_state FROM qrtz_triggers WHERE trigger_group = $1 AND trigger_name = $2",
+                &[&group, &name],
+            )
+            .unwrap()
+            .get(0)
+    }
+}
+
+fn ms(rfc3339: &str) -> i64 {
+    humantime::parse_rfc3339(rfc3339)
+        .unwrap()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+}
+
+/// The journal's record `event` of `step`, as ms since the epoch.
+fn at(run: &Path, event: &str, step: &str) -> i64 {
+    let text = std::fs::read_to_string(run.join("journal.jsonl")).unwrap();
+    let r: serde_json::Value = text
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .find(|r| r["event"] == event && r["step"] == step)
+        .unwrap_or_else(|| panic!("no {event} of {step} in {text}"));
+    ms(r["at"].as_str().unwrap())
+}
+
+/// A closed window: from the close's commit to the start of the re-open.
+struct Window {
+    closed_ms: i64,
+    reopened_ms: i64,
+}
+
+fn gated(r: &Run) -> bool {
+    matches!(r.group(), "Billing" | "Archive")
+}
+
+/// Runs in gated groups that Quartz fired while the gate was closed.
+fn escapes<'a>(runs: &'a [Run], w: &Window) -> Vec<&'a Run> {
+    runs.iter()
+        .filter(|r| gated(r) && r.fired_ms > w.closed_ms && r.fired_ms < w.reopened_ms)
+        .collect()
+}
+
+const CLOSE: &str = "close:quartz-jobs@restored";
+const REOPEN: &str = "reopen:quartz-jobs@restored";
+
+#[test]
+fn a_quartz_gate_holds_under_load_and_reopens_as_quartz_resumes() {
+    let lab = Lab::new();
+    let mut s = lab.scheduler(60_000);
+    for i in 0..LOAD {
+        let kind = if i % 4 == 0 { "serial" } else { "t" };
+        s.cmd(&format!("simple Billing {kind}{i:02} {INTERVAL_MS}"));
+    }
+    // What the application itself paused before the incident.
+    s.cmd(&format!("simple Billing paused-by-app {INTERVAL_MS}"));
+    s.cmd("pause-trigger Billing paused-by-app");
+    s.cmd(&format!("simple Archive archive {INTERVAL_MS}"));
+    s.cmd("pause-group Archive");
+    // Not gated: keeps running, which shows the scheduler was alive.
+    s.cmd(&format!("simple Ops heartbeat {INTERVAL_MS}"));
+    std::thread::sleep(Duration::from_secs(1));
+
+    let pb = lab.playbook("300ms", "");
+    let mut windows = Vec::new();
+    for cycle in 0..20 {
+        let run = lab.dir.join(format!("run-{cycle}"));
+        let mut child = Command::new(reentry_bin())
+            .args(["apply", "--apply", "--run-dir"])
+            .arg(&run)
+            .arg(&pb)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut out = String::new();
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        for line in lines.by_ref() {
+            let line = line.unwrap();
+            out.push_str(&line);
+            out.push('\n');
+            if line.contains(CLOSE) {
+                break;
+            }
+        }
+        // The application adds a trigger to a gated group while it is
+        // closed: Quartz stores it PAUSED, since its group is paused.
+        let state = s.cmd(&format!("simple Billing added{cycle:02} 1000"));
+        assert_eq!(state, "PAUSED", "cycle {cycle}");
+        for line in lines {
+            out.push_str(&line.unwrap());
+            out.push('\n');
+        }
+        let status = child.wait().unwrap();
+        let mut err = String::new();
+        std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+        assert!(status.success(), "cycle {cycle}: {status}\n{out}\n{err}");
+        windows.push(Window {
+            closed_ms: at(&run, "done", CLOSE),
+            reopened_ms: at(&run, "started", REOPEN),
+        });
+        std::thread::sleep(Duration::from_millis(1000));
+    }
+    std::thread::sleep(Duration::from_millis(1500));
+    let last = windows.last().unwrap().reopened_ms;
+    let runs = s.stop();
+
+    let escaped: Vec<(usize, &Run)> = windows
+        .iter()
+        .enumerate()
+        .flat_map(|(i, w)| escapes(&runs, w).into_iter().map(move |r| (i, r)))
+        .collect();
+    let cycles: BTreeSet<usize> = escaped.iter().map(|(i, _)| *i).collect();
+    eprintln!(
+        "quartz gate: {} run(s) escaped the closed gate in {} of {} cycles ({} runs logged)",
+        escaped.len(),
+        cycles.len(),
+        windows.len(),
+        runs.len()
+    );
+    assert!(
+        escaped.is_empty(),
+        "{} run(s) fired while the gate was closed, in {} of 20 cycles; first: {:?}",
+        escaped.len(),
+        cycles.len(),
+        &escaped[..escaped.len().min(5)]
+    );
+
+    // The load was real: the gated triggers ran between the cycles, and the
+    // ungated one ran while the gate was closed.
+    let open_runs = runs
+        .iter()
+        .filter(|r| r.group() == "Billing" && r.fired_ms > last)
+        .count();
+    assert!(
+        open_runs >= LOAD,
+        "only {open_runs} Billing run(s) after the last re-open"
+    );
+    let heartbeats_closed: usize = windows
+        .iter()
+        .map(|w| {
+            runs.iter()
+                .filter(|r| {
+                    r.trigger == "Ops.heartbeat"
+                        && r.fired_ms > w.closed_ms
+                        && r.fired_ms < w.reopened_ms
+                })
+                .count()
+        })
+        .sum();
+    assert!(
+        heartbeats_closed >= 20,
+        "the ungated trigger ran only {heartbeats_closed} times while the gate was closed"
+    );
+
+    // What the application paused stays paused.
+    for t in ["Billing.paused-by-app", "Archive.archive"] {
+        assert!(!runs.iter().any(|r| r.trigger == t), "{t} ran");
+    }
+    assert_eq!(lab.trigger_state("Billing", "paused-by-app"), "PAUSED");
+    assert_eq!(lab.trigger_state("Archive", "archive"), "PAUSED");
+    let paused_groups: Vec<String> = lab
+        .cluster
+        .db_client("res")
+        .query(
+            "SELECT trigger_group FROM qrtz_paused_trigger_grps ORDER BY 1",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(paused_groups, ["Archive"]);
+
+    // Triggers added while the gate was closed run after its re-open.
+    for (cycle, w) in windows.iter().enumerate() {
+        let name = format!("Billing.added{cycle:02}");
+        assert!(
+            runs.iter().any(|r| r.trigger == name && r.fired_ms > w.reopened_ms),
+            "{name}, added while the gate was closed, never ran after the re-open ({}); its runs: {:?}",
+            lab.trigger_state("Billing", &name["Billing.".len()..]),
+            runs.iter().filter(|r| r.trigger == name).map(|r| r.fired_ms - w.reopened_ms).collect::<Vec<_>>()
+        );
+    }
+}
+
+fn reentry(args: &[&dyn AsRef<std::ffi::OsStr>]) -> std::process::Output {
+    let mut cmd = Command::new(reentry_bin());
+    for a in args {
+        cmd.arg(a);
+    }
+    cmd.output().unwrap()
+}
+
+#[test]
+fn misfires_after_a_long_closure_are_named_and_quartz_handles_them_by_the_time_reported() {
+    let lab = Lab::new();
+    // Quartz's misfire threshold, short so the closure can outlast it.
+    let mut s = lab.scheduler(1500);
+    for i in 0..LOAD {
+        s.cmd(&format!("simple Billing t{i:02} {INTERVAL_MS}"));
+    }
+    s.cmd("cron Billing every-second 0/1 * * * * ?");
+    // Its first fire is an hour away: nothing to miss.
+    s.cmd("simple Billing hourly 3600000 3600000");
+    s.cmd("simple Archive archive 3600000 3600000");
+    std::thread::sleep(Duration::from_secs(1));
+
+    let pb = lab.playbook("0s", "misfire-threshold = \"1500ms\"");
+    let run = lab.dir.join("run");
+    // Close, settle, and hold the gate closed on purpose.
+    let out = reentry(&[
+        &"apply",
+        &pb,
+        &"--run-dir",
+        &run,
+        &"--apply",
+        &"--until",
+        &"settle",
+    ]);
+    assert_exit(&out, 0);
+    assert!(
+        stdout(&out).contains("as asked (--until)"),
+        "{}",
+        stdout(&out)
+    );
+    let closed = at(&run, "done", CLOSE);
+    std::thread::sleep(Duration::from_secs(4));
+    let out = reentry(&[&"apply", &pb, &"--run-dir", &run, &"--apply", &"--resume"]);
+    assert_exit(&out, 0);
+    let reopened = at(&run, "started", REOPEN);
+
+    let text = std::fs::read_to_string(run.join("journal.jsonl")).unwrap();
+    let done: serde_json::Value = text
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .find(|r| r["event"] == "done" && r["step"] == REOPEN)
+        .unwrap();
+    let misfired = done["data"]["effect"]["detail"]["misfired"]
+        .as_array()
+        .unwrap()
+        .clone();
+    let named: BTreeSet<String> = misfired
+        .iter()
+        .map(|m| m["trigger"].as_str().unwrap().to_owned())
+        .collect();
+    let mut expected: BTreeSet<String> = (0..LOAD).map(|i| format!("Billing.t{i:02}")).collect();
+    expected.insert("Billing.every-second".into());
+    assert_eq!(named, expected, "the triggers named as misfired");
+    let cron = misfired
+        .iter()
+        .find(|m| m["trigger"] == "Billing.every-second")
+        .unwrap();
+    assert_eq!(cron["instruction"], "smart policy: fire once now");
+    let simple = misfired
+        .iter()
+        .find(|m| m["trigger"] == "Billing.t00")
+        .unwrap();
+    assert_eq!(
+        simple["instruction"],
+        "smart policy: reschedule next with remaining count"
+    );
+    assert!(
+        done["data"]["effect"]["summary"]
+            .as_str()
+            .unwrap()
+            .contains("21 trigger(s) missed their fire time"),
+        "{done}"
+    );
+
+    // Wait past the latest time reported, then read the run log.
+    let by = misfired
+        .iter()
+        .map(|m| ms(m["handled-by"].as_str().unwrap()))
+        .max()
+        .unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    std::thread::sleep(Duration::from_millis((by - now).max(0) as u64 + 1500));
+    let runs = s.stop();
+    let w = Window {
+        closed_ms: closed,
+        reopened_ms: reopened,
+    };
+    assert!(escapes(&runs, &w).is_empty(), "{:?}", escapes(&runs, &w));
+    for m in &misfired {
+        let t = m["trigger"].as_str().unwrap();
+        let handled = ms(m["handled-by"].as_str().unwrap());
+        let first = runs
+            .iter()
+            .filter(|r| r.trigger == t && r.fired_ms > reopened)
+            .map(|r| r.fired_ms)
+            .min()
+            .unwrap_or_else(|| panic!("{t} never ran after the re-open"));
+        // Quartz's misfire handler runs at least once per threshold; allow
+        // it one polling interval of slack past the time reported.
+        assert!(
+            first <= handled + 1000,
+            "{t} first ran {} ms after the time reported ({})",
+            first - handled,
+            m["handled-by"]
+        );
+    }
+    assert!(!runs.iter().any(|r| r.trigger == "Billing.hourly"));
+
+    let report = stdout(&reentry(&[&"report", &run]));
+    assert!(
+        report.contains("- Paused: held after the settle phase from"),
+        "{report}"
+    );
+    assert!(report.contains("1 attempt(s)"), "{report}");
+    assert!(report.contains("past their misfire threshold"), "{report}");
+}
+
+#[test]
+fn a_quartz_gate_that_would_gate_nothing_is_refused_naming_what_exists() {
+    let lab = Lab::new();
+    let mut s = lab.scheduler(60_000);
+    s.cmd("simple Billing t 60000 60000");
+    s.cmd("simple Archive a 60000 60000");
+    let check = |extra: &str, scheduler: &str| {
+        let text = std::fs::read_to_string(lab.playbook("0s", extra))
+            .unwrap()
+            .replace(
+                "scheduler = \"CaseScheduler\"",
+                &format!("scheduler = \"{scheduler}\""),
+            );
+        let pb = lab.dir.join("check.toml");
+        std::fs::write(&pb, &text).unwrap();
+        let out = reentry(&[&"playbook", &"check", &pb]);
+        (out, text)
+    };
+    let line_of =
+        |text: &str, needle: &str| text.lines().position(|l| l.contains(needle)).unwrap() + 1;
+
+    let (out, text) = check("", "caseScheduler");
+    assert_exit(&out, 78);
+    let err = crate::common::stderr(&out);
+    assert!(
+        err.contains(&format!("check.toml:{}:", line_of(&text, "scheduler ="))),
+        "{err}"
+    );
+    assert!(
+        err.contains(
+            "Quartz scheduler `caseScheduler` has no triggers or locks in databases.restored"
+        ),
+        "{err}"
+    );
+    assert!(err.contains("schedulers there: CaseScheduler"), "{err}");
+
+    let (out, text) = check("", "CaseScheduler");
+    assert_exit(&out, 0);
+    let _ = text;
+    let text = std::fs::read_to_string(lab.playbook("0s", ""))
+        .unwrap()
+        .replace("[\"Billing\", \"Archive\"]", "[\"Billing\", \"archive\"]");
+    let pb = lab.dir.join("groups.toml");
+    std::fs::write(&pb, &text).unwrap();
+    let out = reentry(&[&"playbook", &"check", &pb]);
+    assert_exit(&out, 78);
+    let err = crate::common::stderr(&out);
+    assert!(
+        err.contains(&format!("groups.toml:{}:", line_of(&text, "groups ="))),
+        "{err}"
+    );
+    assert!(
+        err.contains(
+            "has no trigger group `archive` in databases.restored; groups there: Archive, Billing"
+        ),
+        "{err}"
+    );
+
+    // Quartz's own default property spelling, folded as PostgreSQL folds
+    // the unquoted names in Quartz's DDL.
+    let (out, _) = check("table-prefix = \"QRTZ_\"", "CaseScheduler");
+    assert_exit(&out, 0);
+    let (out, text) = check("table-prefix = \"QRTZ2_\"", "CaseScheduler");
+    assert_exit(&out, 78);
+    let err = crate::common::stderr(&out);
+    assert!(
+        err.contains(&format!("check.toml:{}:", line_of(&text, "table-prefix ="))),
+        "{err}"
+    );
+    assert!(
+        err.contains("table qrtz2_triggers does not exist in databases.restored"),
+        "{err}"
+    );
+    drop(s);
+}
