@@ -14,7 +14,7 @@ use crate::reentry::plan::{self, Plan, PlanError};
 use crate::reentry::playbook::Playbook;
 use crate::reentry::report;
 use crate::reentry::run::{self, Outcome, RunError, Status, StepLine};
-use crate::reentry::steps::Env;
+use crate::reentry::steps::{Env, Phase};
 use crate::Error;
 
 #[derive(Debug, clap::Args)]
@@ -34,6 +34,10 @@ pub struct ApplyArgs {
     /// Continue the run in --run-dir where it stopped.
     #[arg(long)]
     pub resume: bool,
+    /// Stop (exit 0) once PHASE is done, e.g. `settle` to hold the gates
+    /// closed and look around; `--resume` goes on from there.
+    #[arg(long, value_enum, value_name = "PHASE")]
+    pub until: Option<Phase>,
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -204,6 +208,7 @@ pub fn apply(ctx: &Context, a: ApplyArgs) -> Result<Exit, Error> {
         run_dir: a.run_dir.clone(),
         apply: a.apply,
         resume: a.resume,
+        until: a.until,
     };
     let human = !ctx.global.json;
     if human {
@@ -247,6 +252,14 @@ pub fn apply(ctx: &Context, a: ApplyArgs) -> Result<Exit, Error> {
                 result.steps.iter().filter(|s| s.outcome == Outcome::AlreadyDone).count(),
                 a.run_dir.display()
             ),
+            Status::Paused if result.mode == "dry-run" => format!(
+                "dry run {}, as asked (--until); nothing was changed",
+                result.error.as_deref().unwrap_or("paused")
+            ),
+            Status::Paused => format!(
+                "{}, as asked (--until); continue: {resume_hint}",
+                result.error.as_deref().unwrap_or("paused")
+            ),
             Status::Failed => format!(
                 "stopped: {}\nfix the cause, then continue: {resume_hint}",
                 result.error.as_deref().unwrap_or("a step failed")
@@ -259,7 +272,7 @@ pub fn apply(ctx: &Context, a: ApplyArgs) -> Result<Exit, Error> {
     })?;
     Ok(match result.status {
         Status::Finished if result.would_fail() > 0 => Exit::Negative,
-        Status::Finished => Exit::Ok,
+        Status::Finished | Status::Paused => Exit::Ok,
         Status::Failed | Status::Interrupted => Exit::Failure,
     })
 }

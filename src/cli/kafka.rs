@@ -126,6 +126,8 @@ struct Rewound {
     /// Per topic and partition: [committed before, new].
     moves: Moves,
     messages_again: u64,
+    /// A rewind is refused while any are live.
+    live_members: Vec<crate::kafka::Member>,
 }
 
 pub fn kafka(ctx: &Context, cmd: KafkaCommand) -> Result<Exit, Error> {
@@ -190,10 +192,7 @@ pub fn kafka(ctx: &Context, cmd: KafkaCommand) -> Result<Exit, Error> {
             ctx.emit(&r, || {
                 let mut s = format!("group {}: {} live member(s)", r.group, r.members.len());
                 for m in &r.members {
-                    s.push_str(&format!(
-                        "\n  member {} ({} on {})",
-                        m.id, m.client_id, m.host
-                    ));
+                    s.push_str(&format!("\n  member {}", m.describe()));
                 }
                 for (t, parts) in &r.committed {
                     for (p, o) in parts {
@@ -217,18 +216,18 @@ pub fn kafka(ctx: &Context, cmd: KafkaCommand) -> Result<Exit, Error> {
             };
             let moves = r.moves(&k).map_err(step_err)?;
             let (_, again, items) = r.describe(&moves);
+            let members = k.members(&a.group).map_err(|e| step_err(e.into()))?;
+            let live = members
+                .iter()
+                .map(|m| m.describe())
+                .collect::<Vec<_>>()
+                .join(", ");
             if a.apply {
-                let members = k.members(&a.group).map_err(|e| step_err(e.into()))?;
                 if !members.is_empty() {
                     eprintln!(
-                        "reentry: group {} has {} live member(s): stop them first: {}",
+                        "reentry: group {} has {} live member(s): stop them first: {live}",
                         a.group,
                         members.len(),
-                        members
-                            .iter()
-                            .map(|m| m.id.as_str())
-                            .collect::<Vec<_>>()
-                            .join(", ")
                     );
                     return Ok(Exit::Refused);
                 }
@@ -243,6 +242,7 @@ pub fn kafka(ctx: &Context, cmd: KafkaCommand) -> Result<Exit, Error> {
                 applied: a.apply,
                 moves,
                 messages_again: again,
+                live_members: members,
             };
             ctx.emit(&out, || {
                 let verb = if a.apply { "rewound" } else { "would rewind" };
@@ -252,6 +252,12 @@ pub fn kafka(ctx: &Context, cmd: KafkaCommand) -> Result<Exit, Error> {
                 );
                 for i in &items {
                     s.push_str(&format!("\n  {i}"));
+                }
+                if !a.apply && !out.live_members.is_empty() {
+                    s.push_str(&format!(
+                        "\nan apply would be refused now: the group has {} live member(s): {live}; stop them first",
+                        out.live_members.len()
+                    ));
                 }
                 Some(s)
             })?;

@@ -50,6 +50,21 @@ pub struct Member {
     pub host: String,
 }
 
+impl Member {
+    /// `ID (CLIENT on HOST)`, leaving out what the broker left empty.
+    pub fn describe(&self) -> String {
+        match (
+            self.client_id.is_empty(),
+            self.host.trim_start_matches('/').is_empty(),
+        ) {
+            (true, true) => self.id.clone(),
+            (false, true) => format!("{} ({})", self.id, self.client_id),
+            (true, false) => format!("{} (on {})", self.id, self.host),
+            (false, false) => format!("{} ({} on {})", self.id, self.client_id, self.host),
+        }
+    }
+}
+
 /// Reads a partition from an offset. A broker that serves nothing from an
 /// offset inside a record batch (tansu does this) gets a second chance:
 /// reading from the partition's start, skipping forward.
@@ -478,5 +493,30 @@ impl Kafka {
         }
         p.flush(TIMEOUT)
             .map_err(self.err(format!("flush messages to {topic}")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Member;
+
+    #[test]
+    fn a_member_is_named_by_what_the_broker_gives() {
+        let m = |client: &str, host: &str| Member {
+            id: "rdkafka-1a2b".into(),
+            client_id: client.into(),
+            host: host.into(),
+        };
+        assert_eq!(
+            m("rdkafka", "/127.0.0.1").describe(),
+            "rdkafka-1a2b (rdkafka on /127.0.0.1)"
+        );
+        assert_eq!(m("", "").describe(), "rdkafka-1a2b");
+        assert_eq!(m("", "/").describe(), "rdkafka-1a2b");
+        assert_eq!(
+            m("case-projector", "").describe(),
+            "rdkafka-1a2b (case-projector)"
+        );
+        assert_eq!(m("", "/10.0.0.7").describe(), "rdkafka-1a2b (on /10.0.0.7)");
     }
 }

@@ -29,6 +29,8 @@ pub enum Event {
     Skipped,
     Failed,
     Interrupted,
+    /// Stopped on purpose after a phase (`apply --until`), to be resumed.
+    Paused,
     RunFinished,
 }
 

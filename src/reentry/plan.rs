@@ -16,10 +16,11 @@ use sha2::{Digest, Sha256};
 use crate::backup::restore::RestoreManifest;
 use crate::diag::Diagnostics;
 use crate::kafka::scan::IdFrom;
+use crate::pg::lsn::Lsn;
 use crate::reentry::check;
 use crate::reentry::playbook::{Playbook, WayBack};
 use crate::reentry::steps::consumers::{Inbox, Rewind};
-use crate::reentry::steps::gates::{Closed, Gate, GateAt, Reopen, WaitCache};
+use crate::reentry::steps::gates::{fold_unquoted, Closed, Gate, GateAt, Reopen, WaitCache};
 use crate::reentry::steps::idempotency::{CsvFrom, Keys};
 use crate::reentry::steps::outbox::{Layout, Reconcile};
 use crate::reentry::steps::validate::{
@@ -74,6 +75,12 @@ pub struct TargetInfo {
     pub backup_id: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub system_identifier: Option<String>,
+    /// Where the restore left the restored cluster: its port and data
+    /// directory, to tell it from the current one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data_dir: Option<String>,
 }
 
 impl TargetInfo {
@@ -149,6 +156,12 @@ pub enum PlanError {
         expected: String,
         found: String,
     },
+    #[error("databases.current and databases.restored are the same database ({what}): re-entry compares two databases and retires one; point `restored` at the restored copy")]
+    SameDatabase { what: String },
+    #[error(
+        "databases.restored is not the cluster the restore manifest {manifest} describes: {why}"
+    )]
+    NotRestored { manifest: String, why: String },
     #[error("the Kafka, outbox, inbox and idempotency steps compare with T as a time, and the recovery target gives none: name the restore manifest, or give `time`")]
     NoTime,
     #[error("planning {step}: {source}")]
@@ -165,7 +178,10 @@ impl PlanError {
         match self {
             PlanError::Playbook(_) => Exit::Config,
             PlanError::Manifest { .. } => Exit::Config,
-            PlanError::InRecovery { .. } | PlanError::WrongCluster { .. } => Exit::Refused,
+            PlanError::InRecovery { .. }
+            | PlanError::WrongCluster { .. }
+            | PlanError::SameDatabase { .. }
+            | PlanError::NotRestored { .. } => Exit::Refused,
             PlanError::Step { source, .. } if matches!(**source, StepError::Input { .. }) => {
                 Exit::Config
             }
@@ -211,9 +227,10 @@ fn gates(p: &Playbook) -> Vec<(Gate, Vec<String>, Option<crate::reentry::playboo
         out.push((
             Gate::Quartz {
                 name: x.name.clone(),
-                table_prefix: x.table_prefix.clone().unwrap_or_else(|| "qrtz_".into()),
+                table_prefix: fold_unquoted(x.table_prefix.as_deref().unwrap_or("qrtz_")),
                 scheduler: x.scheduler.clone(),
                 groups: x.groups.clone(),
+                misfire_threshold_ms: millis(x.misfire_threshold.as_deref(), "60s") as u64,
             },
             x.databases.clone(),
             x.health_check.clone(),
@@ -278,11 +295,12 @@ pub fn steps(p: &Playbook, t_ms: Option<i64>) -> Vec<PlannedStep> {
     }
     if !closed.is_empty() {
         out.push(step(
-            "verify:gates".into(),
+            crate::reentry::steps::gates::VERIFY_STEP.into(),
             Phase::Settle,
             "confirm every gate is still closed".into(),
             Action::VerifyGates(crate::reentry::steps::gates::Verify {
                 closed: closed.clone(),
+                drain_seconds: millis(p.gates.drain_timeout.as_deref(), "60s") as f64 / 1000.0,
             }),
         ));
     }
@@ -575,6 +593,8 @@ pub fn target(p: &Playbook) -> Result<TargetInfo, PlanError> {
             timeline: Some(man.timeline),
             backup_id: Some(man.backup_id),
             system_identifier: Some(man.system_identifier),
+            port: Some(man.port),
+            data_dir: Some(man.data_dir),
         });
     }
     let (kind, value) = match (&t.time, &t.lsn) {
@@ -635,26 +655,186 @@ fn preconditions(
             });
         }
     }
+    let cur = Identity::read(env, "current").map_err(|e| step_err("current", e))?;
+    let res = Identity::read(env, "restored").map_err(|e| step_err("restored", e))?;
+    if cur.same_database(&res) {
+        return Err(PlanError::SameDatabase {
+            what: res.describe(),
+        });
+    }
     if let (Some(expected), Some(manifest)) = (&target.system_identifier, &target.manifest) {
-        let db = env.db("restored").map_err(|e| step_err("restored", e))?;
         // pg_control_system() may be denied to the playbook's role; then the
         // check cannot be made, and the plan says nothing false.
-        if let Ok(row) = db.query_one(
-            "read the system identifier",
-            "SELECT system_identifier::text FROM pg_control_system()",
-            &[],
-        ) {
-            let found: String = row.get(0);
-            if &found != expected {
+        if let Some(found) = &res.system_identifier {
+            if found != expected {
                 return Err(PlanError::WrongCluster {
                     manifest: manifest.clone(),
                     expected: expected.clone(),
-                    found,
+                    found: found.clone(),
                 });
             }
         }
+        if let Some(why) = not_the_restored(target, &cur, &res) {
+            return Err(PlanError::NotRestored {
+                manifest: manifest.clone(),
+                why,
+            });
+        }
     }
     Ok(())
+}
+
+/// What tells two PostgreSQL databases apart, as far as the playbook's
+/// role may read it.
+#[derive(Debug)]
+struct Identity {
+    system_identifier: Option<String>,
+    started: String,
+    database: String,
+    port: Option<i32>,
+    data_dir: Option<String>,
+    in_recovery: bool,
+    /// The timeline it writes on (None in recovery).
+    timeline: Option<u32>,
+    /// Where it writes, or where replay stands in recovery.
+    lsn: Option<Lsn>,
+}
+
+impl Identity {
+    fn read(env: &mut Env, name: &str) -> Result<Identity, StepError> {
+        let db = env.db(name)?;
+        let row = db
+            .query_one(
+                "read what identifies the server",
+                "SELECT pg_postmaster_start_time()::text, current_database()::text, inet_server_port(),
+                        (SELECT setting FROM pg_settings WHERE name = 'data_directory'), pg_is_in_recovery()",
+                &[],
+            )
+            .on(name)?;
+        let in_recovery: bool = row.get(4);
+        let system_identifier = db
+            .query_one(
+                "read the system identifier",
+                "SELECT system_identifier::text FROM pg_control_system()",
+                &[],
+            )
+            .ok()
+            .map(|r| r.get(0));
+        let wal = db
+            .query_one(
+                "read the timeline and LSN",
+                "SELECT CASE WHEN pg_is_in_recovery() THEN NULL
+                             ELSE ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int END,
+                        (CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_lsn() END)::text",
+                &[],
+            )
+            .ok();
+        Ok(Identity {
+            system_identifier,
+            started: row.get(0),
+            database: row.get(1),
+            port: row.get(2),
+            data_dir: row.get(3),
+            in_recovery,
+            timeline: wal
+                .as_ref()
+                .and_then(|r| r.get::<_, Option<i32>>(0))
+                .map(|t| t as u32),
+            lsn: wal
+                .as_ref()
+                .and_then(|r| r.get::<_, Option<String>>(1))
+                .and_then(|l| l.parse().ok()),
+        })
+    }
+
+    /// The same database of the same running server: the start time of a
+    /// postmaster does not repeat.
+    fn same_database(&self, other: &Identity) -> bool {
+        self.started == other.started
+            && self.database == other.database
+            && self.port == other.port
+            && (self.system_identifier.is_none()
+                || other.system_identifier.is_none()
+                || self.system_identifier == other.system_identifier)
+    }
+
+    fn describe(&self) -> String {
+        let mut s = format!("database {}", self.database);
+        if let Some(p) = self.port {
+            s.push_str(&format!(" on port {p}"));
+        }
+        if let Some(d) = &self.data_dir {
+            s.push_str(&format!(" ({d})"));
+        }
+        if let Some(id) = &self.system_identifier {
+            s.push_str(&format!(", system identifier {id}"));
+        }
+        s.push_str(&format!(", up since {}", self.started));
+        s
+    }
+
+    fn position(&self) -> String {
+        let lsn = self.lsn.map_or("?".to_owned(), |l| l.to_string());
+        match (self.in_recovery, self.timeline) {
+            (true, _) => format!("in recovery, replayed to {lsn}"),
+            (false, Some(t)) => format!("on timeline {t} at {lsn}"),
+            (false, None) => format!("at {lsn}"),
+        }
+    }
+}
+
+/// Why `res` is not the cluster the restore manifest describes, if it is
+/// not: a PITR copy shares the system identifier of the cluster it came
+/// from, so the timeline the restore opened and the LSN it reached tell
+/// them apart, and `current` must not sit where the restore put the copy.
+fn not_the_restored(target: &TargetInfo, cur: &Identity, res: &Identity) -> Option<String> {
+    let tli = target.timeline?;
+    let reached: Lsn = target.reached_lsn.as_deref()?.parse().ok()?;
+    let mut why = Vec::new();
+    if let Some(t) = res.timeline.filter(|t| *t < tli) {
+        why.push(format!(
+            "it is on timeline {t}, older than timeline {tli} that the restore opened"
+        ));
+    }
+    if let Some(l) = res.lsn.filter(|l| *l < reached) {
+        why.push(format!(
+            "it stands at {l}, before {reached} where the restore stopped"
+        ));
+    }
+    let on_its_port = target.port.is_some() && cur.port == target.port.map(i32::from);
+    let in_its_dir = match (&cur.data_dir, &target.data_dir) {
+        (Some(a), Some(b)) => a == b,
+        _ => true,
+    };
+    let cur_past = cur.timeline.is_none_or(|t| t >= tli) && cur.lsn.is_none_or(|l| l >= reached);
+    let current_is_it = on_its_port && in_its_dir && cur_past;
+    if why.is_empty() && !current_is_it {
+        return None;
+    }
+    let mut s = format!(
+        "databases.restored is {} ({})",
+        res.position(),
+        res.describe()
+    );
+    if !why.is_empty() {
+        s.push_str(&format!(": {}", why.join("; ")));
+    }
+    if current_is_it || (cur_past && !why.is_empty()) {
+        s.push_str(&format!(
+            "; databases.current is {} ({}), {}: current and restored look swapped in the playbook",
+            cur.position(),
+            cur.describe(),
+            if current_is_it {
+                format!(
+                    "where the manifest put the restored cluster (port {})",
+                    target.port.unwrap_or(0)
+                )
+            } else {
+                "as the restored cluster should be".to_owned()
+            }
+        ));
+    }
+    Some(s)
 }
 
 /// Builds the plan: the steps, then a read-only preview of each.

@@ -78,6 +78,15 @@ pub struct StepEvidence {
 }
 
 #[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct PauseEvidence {
+    pub after: Phase,
+    pub at: String,
+    pub resumed_at: Option<String>,
+    pub seconds: Option<f64>,
+}
+
+#[derive(Debug, Clone, Serialize)]
 pub struct GateEvidence {
     pub gate: String,
     #[serde(rename = "type")]
@@ -99,8 +108,11 @@ pub struct Report {
     pub started_at: String,
     pub finished_at: Option<String>,
     pub seconds: f64,
-    /// Starts of the run: 1, plus one per resume.
+    /// Starts of the run: 1, plus one per resume after a failure or a
+    /// crash (a resume after a pause is the same attempt going on).
     pub attempts: usize,
+    /// Holds asked for with `apply --until`.
+    pub pauses: Vec<PauseEvidence>,
     pub steps: Vec<StepEvidence>,
     pub gates: Vec<GateEvidence>,
     pub notes: Vec<String>,
@@ -195,6 +207,7 @@ pub fn assemble(plan: &Plan, records: &[Record]) -> Report {
     let last = records.last();
     let status = match last.map(|r| r.event) {
         Some(Event::RunFinished) => "finished",
+        Some(Event::Paused) => "paused (as asked; continue with --resume)",
         Some(Event::Interrupted) => "interrupted",
         _ if records
             .iter()
@@ -274,6 +287,12 @@ pub fn assemble(plan: &Plan, records: &[Record]) -> Report {
             );
             if let Some(row) = gates.iter_mut().find(|x| x.gate == g && x.database == db) {
                 row.after = describe_state(&row.kind.clone(), &d["after"]);
+                let misfired = d["misfired"].as_array().map_or(0, Vec::len);
+                if misfired > 0 {
+                    row.after.push_str(&format!(
+                        "; {misfired} trigger(s) past their misfire threshold, for Quartz's misfire handler"
+                    ));
+                }
             }
         }
         steps.push(StepEvidence {
@@ -308,11 +327,56 @@ pub fn assemble(plan: &Plan, records: &[Record]) -> Report {
         seconds: secs_between(t0, end_time).unwrap_or(0.0),
         attempts: records
             .iter()
-            .filter(|r| matches!(r.event, Event::RunStarted | Event::Resumed))
+            .filter(|r| {
+                r.event == Event::RunStarted
+                    || (r.event == Event::Resumed && r.data["after-pause"] != true)
+            })
             .count(),
+        pauses: pauses(records),
         steps,
         gates,
         notes: plan.notes.clone(),
+    }
+}
+
+fn pauses(records: &[Record]) -> Vec<PauseEvidence> {
+    let mut out: Vec<PauseEvidence> = Vec::new();
+    for r in records {
+        match r.event {
+            Event::Paused => {
+                if let Ok(after) = serde_json::from_value(r.data["after"].clone()) {
+                    out.push(PauseEvidence {
+                        after,
+                        at: r.at.clone(),
+                        resumed_at: None,
+                        seconds: None,
+                    });
+                }
+            }
+            Event::Resumed => {
+                if let Some(p) = out.last_mut().filter(|p| p.resumed_at.is_none()) {
+                    p.seconds = secs_between(humantime::parse_rfc3339(&p.at).ok(), r.time());
+                    p.resumed_at = Some(r.at.clone());
+                }
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
+fn describe_pause(p: &PauseEvidence) -> String {
+    match (&p.resumed_at, p.seconds) {
+        (Some(at), Some(s)) => format!(
+            "held after the {} phase from {} to {at} ({s:.1} s), as asked with --until",
+            p.after.label(),
+            p.at
+        ),
+        _ => format!(
+            "held after the {} phase since {}, as asked with --until; not resumed yet",
+            p.after.label(),
+            p.at
+        ),
     }
 }
 
@@ -337,6 +401,9 @@ pub fn markdown(r: &Report) -> String {
         r.seconds,
         r.attempts
     );
+    for p in &r.pauses {
+        let _ = writeln!(o, "- Paused: {}", describe_pause(p));
+    }
     let _ = writeln!(
         o,
         "- Playbook: `{}` (sha256 {:.12})",
@@ -586,6 +653,9 @@ dl{{display:grid;grid-template-columns:max-content auto;gap:4px 16px}}dt{{color:
         esc(&r.playbook.file),
         esc(&r.playbook.sha256)
     );
+    for p in &r.pauses {
+        let _ = write!(o, "<p><b>Paused:</b> {}</p>", esc(&describe_pause(p)));
+    }
     o.push_str("<h2>Timeline</h2>");
     o.push_str(&timeline_svg(r));
     o.push_str("<table><tr><th>#</th><th>step</th><th>status</th><th>at</th><th>took</th><th>changed</th><th>what</th></tr>");

@@ -17,12 +17,14 @@ use crate::fsutil;
 use crate::reentry::journal::{self, Event, Journal, Record, State};
 use crate::reentry::plan::{self, Plan, PlanError, PlannedStep, PLAN_FILE};
 use crate::reentry::playbook::Playbook;
-use crate::reentry::steps::{pause_point, Effect, Env, Nature, Recorder, StepError};
+use crate::reentry::steps::{pause_point, Effect, Env, Nature, Phase, Recorder, StepError};
 
 pub struct Options {
     pub run_dir: PathBuf,
     pub apply: bool,
     pub resume: bool,
+    /// Stop after this phase (journaled as a pause); `resume` goes on.
+    pub until: Option<Phase>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -53,6 +55,8 @@ pub struct StepLine {
 #[serde(rename_all = "kebab-case")]
 pub enum Status {
     Finished,
+    /// Stopped on purpose after `until`: resume to go on.
+    Paused,
     Failed,
     Interrupted,
 }
@@ -245,9 +249,19 @@ fn resume(p: &Playbook, opts: &Options) -> Result<Opened, RunError> {
     }
     let run_id = first.data["run-id"].as_str().unwrap_or_default().to_owned();
     let mut records = records;
+    let last = records
+        .iter()
+        .rev()
+        .find(|r| r.step.is_none())
+        .map(|r| r.event);
     if records.last().map(|r| r.event) != Some(Event::RunFinished) {
+        // After a pause the run goes on as planned: not a second attempt.
         let r = journal
-            .append(Event::Resumed, None, json!({"pid": std::process::id()}))
+            .append(
+                Event::Resumed,
+                None,
+                json!({"pid": std::process::id(), "after-pause": last == Some(Event::Paused)}),
+            )
             .map_err(io("cannot write", dir))?;
         records.push(r);
     }
@@ -350,6 +364,18 @@ pub fn run(
                 line(Outcome::AlreadyDone, effect.summary, effect.count, None),
             );
             continue;
+        }
+        if let Some(until) = opts.until.filter(|u| s.phase > *u) {
+            journal
+                .append(Event::Paused, None, json!({"after": until, "before": s.id}))
+                .map_err(jw)?;
+            result.status = Status::Paused;
+            result.error = Some(format!(
+                "paused after the {} phase, before {}",
+                until.label(),
+                s.id
+            ));
+            break;
         }
         if interrupted.load(Ordering::SeqCst) {
             journal

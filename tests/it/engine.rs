@@ -16,16 +16,10 @@ use crate::common::{assert_exit, reentry_bin, stderr, stdout};
 const SECRET: &str = "engine-sekrit-9931";
 const PW_VAR: &str = "ENGINE_DB_PASSWORD";
 
-/// The gate tables (with a minimal Quartz), a trigger that records every
-/// row change to them, and a little of the case-management application.
+/// A trigger that records every row change to the gate tables (Quartz's
+/// own, from its jar, and ours), and a little of the case-management
+/// application.
 const SCHEMA: &str = r#"
-CREATE TABLE qrtz_triggers (
-    sched_name varchar(120) NOT NULL, trigger_name varchar(200) NOT NULL,
-    trigger_group varchar(200) NOT NULL, trigger_state varchar(16) NOT NULL,
-    next_fire_time bigint, PRIMARY KEY (sched_name, trigger_name, trigger_group));
-CREATE TABLE qrtz_paused_trigger_grps (
-    sched_name varchar(120) NOT NULL, trigger_group varchar(200) NOT NULL,
-    PRIMARY KEY (sched_name, trigger_group));
 CREATE TABLE gate_audit (id bigserial PRIMARY KEY, tbl text, op text, old jsonb, new jsonb);
 CREATE FUNCTION audit() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
@@ -68,16 +62,25 @@ impl Fixture {
                 .unwrap();
             c.batch_execute(include_str!("../../sql/case-management.sql"))
                 .unwrap();
+            c.batch_execute(&crate::common::quartz::schema()).unwrap();
             c.batch_execute(SCHEMA).unwrap();
             c.batch_execute(
                 "INSERT INTO system_gate (gate_name, enabled, updated_at) VALUES ('api-writes', true, '2026-11-20 08:00:00+00');
                  INSERT INTO shedlock VALUES ('escalate-overdue-cases', '2026-11-25 11:58:30.123456+00', '2026-11-25 11:58:00.654321+00', 'case-app-7f9c');
-                 INSERT INTO qrtz_triggers (sched_name, trigger_name, trigger_group, trigger_state) VALUES
+                 INSERT INTO qrtz_job_details (sched_name, job_name, job_group, job_class_name, is_durable,
+                                               is_nonconcurrent, is_update_data, requests_recovery)
+                 SELECT s, j, g, 'CaseJob', false, false, false, false FROM (VALUES
+                   ('CaseScheduler', 'escalate', 'DEFAULT'), ('CaseScheduler', 'close-stale', 'DEFAULT'),
+                   ('CaseScheduler', 'archive', 'DEFAULT'), ('CaseScheduler', 'report', 'REPORTS'),
+                   ('OtherScheduler', 'other', 'DEFAULT')) AS v(s, j, g);
+                 INSERT INTO qrtz_triggers (sched_name, trigger_name, trigger_group, job_name, job_group,
+                                            trigger_state, trigger_type, start_time, next_fire_time, misfire_instr)
+                 SELECT s, n, g, n, g, st, 'SIMPLE', 0, 4102444800000, 0 FROM (VALUES
                    ('CaseScheduler', 'escalate', 'DEFAULT', 'WAITING'),
                    ('CaseScheduler', 'close-stale', 'DEFAULT', 'BLOCKED'),
                    ('CaseScheduler', 'archive', 'DEFAULT', 'PAUSED'),
                    ('CaseScheduler', 'report', 'REPORTS', 'ACQUIRED'),
-                   ('OtherScheduler', 'other', 'DEFAULT', 'WAITING');
+                   ('OtherScheduler', 'other', 'DEFAULT', 'WAITING')) AS v(s, n, g, st);
                  INSERT INTO cases (title, owner_id) SELECT 'case ' || g, g FROM generate_series(1, 5) g;",
             )
             .unwrap();
@@ -298,19 +301,23 @@ fn journal(run: &Path) -> Vec<serde_json::Value> {
 }
 
 /// What the survivor's gates must be after the run: as they were, except
-/// that a trigger Quartz had ACQUIRED comes back WAITING, as Quartz's own
-/// resume does.
+/// that Quartz triggers come back as Quartz's own resume leaves them: an
+/// ACQUIRED one WAITING, a BLOCKED one WAITING once no run of its job is
+/// executing. The trigger the application had paused stays paused.
 fn expected_after(before: &[String]) -> Vec<String> {
     before
         .iter()
-        .map(|l| l.replace("REPORTS.report ACQUIRED", "REPORTS.report WAITING"))
+        .map(|l| {
+            l.replace("REPORTS.report ACQUIRED", "REPORTS.report WAITING")
+                .replace("DEFAULT.close-stale BLOCKED", "DEFAULT.close-stale WAITING")
+        })
         .collect()
 }
 
 fn restored_audit() -> Vec<(String, String, i64)> {
     [
-        ("qrtz_paused_trigger_grps", "DELETE", 2),
-        ("qrtz_paused_trigger_grps", "INSERT", 2),
+        ("qrtz_paused_trigger_grps", "DELETE", 3),
+        ("qrtz_paused_trigger_grps", "INSERT", 3),
         ("qrtz_triggers", "UPDATE", 6),
         ("shedlock", "DELETE", 1),
         ("shedlock", "INSERT", 1),
@@ -326,7 +333,7 @@ fn restored_audit() -> Vec<(String, String, i64)> {
 
 fn current_audit() -> Vec<(String, String, i64)> {
     [
-        ("qrtz_paused_trigger_grps", "INSERT", 2),
+        ("qrtz_paused_trigger_grps", "INSERT", 3),
         ("qrtz_triggers", "UPDATE", 3),
         ("shedlock", "UPDATE", 2),
         ("system_gate", "UPDATE", 2),
@@ -890,12 +897,12 @@ fn a_restore_manifest_must_exist_and_describe_the_restored_cluster() {
         )
         .unwrap()
         .get(0);
-    let manifest = |sysid: &str| {
+    let manifest = |sysid: &str, timeline: u32| {
         serde_json::json!({
             "format": 1, "backup_id": "20261125-120000F", "backup_chain": ["20261125-120000F"],
             "target": {"type": "time", "value": "2026-11-25T12:00:00.000Z"}, "action": "promote",
             "data_dir": "/restore", "port": 6543, "repo": "/repo", "pg_version": "18",
-            "system_identifier": sysid, "timeline": 2, "reached_lsn": "0/5000120",
+            "system_identifier": sysid, "timeline": timeline, "reached_lsn": "0/1000028",
             "reached_time": "2026-11-25T11:59:59.123Z", "wal_segments_replayed": 3,
             "started_at": "2026-11-25T12:10:00Z", "finished_at": "2026-11-25T12:11:00Z",
             "durations": {"copy_seconds": 1.0, "combine_seconds": 0.0, "replay_seconds": 2.0, "total_seconds": 3.0}
@@ -904,7 +911,7 @@ fn a_restore_manifest_must_exist_and_describe_the_restored_cluster() {
     };
     std::fs::create_dir_all(f.dir.join("restore")).unwrap();
     let path = f.dir.join("restore/reentry-restore.json");
-    std::fs::write(&path, manifest("1234567890")).unwrap();
+    std::fs::write(&path, manifest("1234567890", 1)).unwrap();
     let out = reentry(&[&"plan", &pb]);
     assert_exit(&out, 3);
     assert!(
@@ -913,11 +920,22 @@ fn a_restore_manifest_must_exist_and_describe_the_restored_cluster() {
         stderr(&out)
     );
 
-    std::fs::write(&path, manifest(&sysid)).unwrap();
+    // The right cluster, but not the copy the restore opened on timeline 2:
+    // a PITR copy shares its system identifier with the cluster it came from.
+    std::fs::write(&path, manifest(&sysid, 2)).unwrap();
+    let out = reentry(&[&"plan", &pb]);
+    assert_exit(&out, 3);
+    assert!(
+        stderr(&out).contains("older than timeline 2 that the restore opened"),
+        "{}",
+        stderr(&out)
+    );
+
+    std::fs::write(&path, manifest(&sysid, 1)).unwrap();
     let out = reentry(&[&"plan", &pb, &"--json"]);
     assert_exit(&out, 1);
     let plan: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
-    assert_eq!(plan["target"]["reached-lsn"], "0/5000120");
+    assert_eq!(plan["target"]["reached-lsn"], "0/1000028");
     assert_eq!(plan["target"]["backup-id"], "20261125-120000F");
     assert_eq!(plan["target"]["system-identifier"], sysid.as_str());
 }
@@ -941,4 +959,198 @@ fn a_lock_released_by_its_holder_during_the_wait_is_closed_again() {
     assert!(verify.contains("closed again 1 row(s)"), "{verify}");
     // The re-open still restores the row the run found.
     assert_eq!(f.gates("res"), expected_after(&before));
+}
+
+/// ShedLock cannot be installed here; its JDBC provider's statements on
+/// PostgreSQL are short and documented, and these are they (from
+/// `SqlStatementsSource` / `PostgresSqlStatementsSource`).
+const SHEDLOCK_INSERT: &str = "INSERT INTO shedlock(name, lock_until, locked_at, locked_by) VALUES($1, $2, $3, $4) ON CONFLICT (name) DO NOTHING";
+const SHEDLOCK_UPDATE: &str = "UPDATE shedlock SET lock_until = $1, locked_at = $2, locked_by = $3 WHERE name = $4 AND lock_until <= $2";
+const SHEDLOCK_UNLOCK: &str = "UPDATE shedlock SET lock_until = $1 WHERE name = $2";
+
+/// ShedLock's acquisition, as its JDBC provider runs it: insert, else the
+/// conditional update. The number of rows it took.
+fn shedlock_lock(c: &mut postgres::Client, name: &str, by: &str) -> u64 {
+    let now = std::time::SystemTime::now();
+    let until = now + Duration::from_secs(300);
+    let inserted = c
+        .execute(SHEDLOCK_INSERT, &[&name, &until, &now, &by])
+        .unwrap();
+    if inserted > 0 {
+        return inserted;
+    }
+    c.execute(SHEDLOCK_UPDATE, &[&until, &now, &by, &name])
+        .unwrap()
+}
+
+#[test]
+fn a_shedlock_freeze_holds_against_shedlocks_own_statements() {
+    let f = Fixture::new();
+    // A job holds its lock at the close: it is running, and will unlock.
+    f.client("res")
+        .batch_execute("UPDATE shedlock SET lock_until = now() + interval '60 seconds', locked_by = 'case-app-7f9c' WHERE name = 'escalate-overdue-cases'")
+        .unwrap();
+    let held = f.gates("res");
+    let text = format!(
+        r#"[playbook]
+name = "shedlock"
+way-back = "cutover"
+[databases.current]
+conninfo = "{cur}"
+[databases.restored]
+conninfo = "{res}"
+[recovery-target]
+time = "2026-11-25T12:00:00Z"
+[gates]
+cache-ttl = "1s"
+drain-timeout = "30s"
+reopen-order = ["jobs"]
+[[gates.shedlock]]
+name = "jobs"
+databases = ["restored"]
+[validation]
+sequences = false
+extensions = false
+invalid-indexes = false
+"#,
+        cur = f.conninfo("cur"),
+        res = f.conninfo("res"),
+    );
+    let pb = f.dir.join("shedlock.toml");
+    std::fs::write(&pb, text).unwrap();
+    let run = f.dir.join("run");
+    let mut child = apply_cmd(&pb, &run, &["--apply"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    for line in lines.by_ref() {
+        if line.unwrap().contains("close:jobs@restored") {
+            break;
+        }
+    }
+    let mut app = f.client("res");
+    // Another node's scheduler tries to take the frozen lock: refused.
+    assert_eq!(
+        shedlock_lock(&mut app, "escalate-overdue-cases", "node-2"),
+        0
+    );
+    // A job the gate does not name starts: its new lock row goes in.
+    assert_eq!(shedlock_lock(&mut app, "nightly-report", "node-3"), 1);
+    let nightly: String = app
+        .query_one(
+            "SELECT to_jsonb(s)::text FROM shedlock s WHERE name = 'nightly-report'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    // The job that held its lock at the close finishes after the cache
+    // TTL, while verify waits for it, and unlocks.
+    std::thread::sleep(Duration::from_secs(3));
+    app.execute(
+        SHEDLOCK_UNLOCK,
+        &[&std::time::SystemTime::now(), &"escalate-overdue-cases"],
+    )
+    .unwrap();
+    let rest: Vec<String> = lines.map(|l| l.unwrap()).collect();
+    assert!(child.wait().unwrap().success(), "{rest:#?}");
+    let verify = rest.iter().find(|l| l.contains("verify:gates")).unwrap();
+    assert!(verify.contains("closed again 1 row(s)"), "{verify}");
+    assert!(
+        verify.contains("1 lock(s) taken while the gates were closed"),
+        "{verify}"
+    );
+    assert!(
+        verify.contains("for 1 job(s) running since before the close"),
+        "{verify}"
+    );
+    let report = reentry(&[&"report", &run, &"--format", &"json"]);
+    let report: serde_json::Value = serde_json::from_str(&stdout(&report)).unwrap();
+    let items = report["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["id"] == "verify:gates")
+        .unwrap()["items"]
+        .to_string();
+    assert!(items.contains("nightly-report: taken by node-3"), "{items}");
+    assert!(
+        items.contains("escalate-overdue-cases: released since the close"),
+        "{items}"
+    );
+
+    // After the re-open: the lock the run found is back as it was, and so
+    // is the row the new job wrote; nothing is left frozen.
+    let mut expected = held.clone();
+    expected.push(format!("lock nightly-report {nightly}"));
+    expected.sort();
+    assert_eq!(f.gates("res"), expected);
+}
+
+#[test]
+fn the_same_database_as_current_and_restored_is_refused() {
+    let f = Fixture::new();
+    let pb = f.playbook("pb.toml", "0s");
+    let text = std::fs::read_to_string(&pb)
+        .unwrap()
+        .replace(&f.conninfo("cur"), &f.conninfo("res"));
+    let pb = f.dir.join("same.toml");
+    std::fs::write(&pb, text).unwrap();
+    let before = f.dump("res");
+    let out = reentry(&[&"plan", &pb]);
+    assert_exit(&out, 3);
+    assert!(
+        stderr(&out).contains(
+            "databases.current and databases.restored are the same database (database res on port"
+        ),
+        "{}",
+        stderr(&out)
+    );
+    let run = f.dir.join("run");
+    assert_exit(&apply(&pb, &run, &["--apply"]), 3);
+    assert_eq!(f.dump("res"), before);
+    assert!(f.audit("res").is_empty());
+}
+
+#[test]
+fn apply_until_holds_the_gates_closed_and_resume_goes_on() {
+    let f = Fixture::new();
+    let pb = f.playbook("pb.toml", "0s");
+    let before = f.gates("res");
+    let run = f.dir.join("run");
+    let out = apply(&pb, &run, &["--apply", "--until", "settle"]);
+    assert_exit(&out, 0);
+    assert!(
+        stdout(&out).contains("paused after the settle phase, before invariant:every open case has an owner, as asked (--until); continue: reentry apply"),
+        "{}",
+        stdout(&out)
+    );
+    assert!(
+        stdout(&out).contains("--apply --resume"),
+        "{}",
+        stdout(&out)
+    );
+    // Held closed: nothing re-opened yet.
+    assert!(f
+        .gates("res")
+        .contains(&"gate api-writes enabled=false".to_owned()));
+    let report = reentry(&[&"report", &run]);
+    assert!(stdout(&report).contains("**paused"), "{}", stdout(&report));
+
+    let out = apply(&pb, &run, &["--apply", "--resume"]);
+    assert_exit(&out, 0);
+    assert_eq!(f.gates("res"), expected_after(&before));
+    let report = reentry(&[&"report", &run, &"--format", &"json"]);
+    let report: serde_json::Value = serde_json::from_str(&stdout(&report)).unwrap();
+    assert_eq!(report["status"], "finished");
+    assert_eq!(report["attempts"], 1, "a pause is not a second attempt");
+    assert_eq!(report["pauses"][0]["after"], "settle");
+    assert!(report["pauses"][0]["seconds"].as_f64().is_some());
+    let md = stdout(&reentry(&[&"report", &run]));
+    assert!(
+        md.contains("- Paused: held after the settle phase from"),
+        "{md}"
+    );
+    assert!(md.contains("1 attempt(s)"), "{md}");
 }

@@ -523,6 +523,42 @@ fn the_plan_finds_every_class_apply_settles_them_and_a_second_apply_is_a_no_op()
         "{}",
         stdout(&out)
     );
+    // A dry run says that an apply would be refused, and names the member
+    // by what the broker gives, leaving out what it leaves empty.
+    let rewind = |extra: &[&dyn AsRef<std::ffi::OsStr>]| {
+        let mut args: Vec<&dyn AsRef<std::ffi::OsStr>> = vec![
+            &"kafka",
+            &"rewind",
+            &w.group,
+            &"--topic",
+            &w.topic,
+            &"--to",
+            &at,
+            &"--bootstrap",
+            &bootstrap,
+        ];
+        args.extend_from_slice(extra);
+        run(&args)
+    };
+    let out = rewind(&[]);
+    assert_exit(&out, 1);
+    let text = stdout(&out);
+    assert!(
+        text.contains("an apply would be refused now: the group has 1 live member(s): "),
+        "{text}"
+    );
+    assert!(
+        !text.contains("( on )") && !text.contains("(on )"),
+        "{text}"
+    );
+    let out = rewind(&[&"--apply"]);
+    assert_exit(&out, 3);
+    let member_id = k.members(&w.group).unwrap()[0].describe();
+    assert!(
+        stderr(&out).contains(&member_id),
+        "{}: {member_id}",
+        stderr(&out)
+    );
     let run_dir = w.dir.join("run1");
     let out = run(&[&"apply", &pb, &"--run-dir", &run_dir, &"--apply"]);
     assert_exit(&out, 2);

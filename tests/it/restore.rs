@@ -3,7 +3,7 @@
 //! a restored cluster as root.
 
 use std::path::{Path, PathBuf};
-use std::process::Output;
+use std::process::{Command, Output};
 use std::time::Duration;
 
 use serde_json::Value;
@@ -648,5 +648,98 @@ fn preflight_creates_the_restore_point_only_when_every_check_passes() {
         r.count("t"),
         1,
         "the preflight's restore point is restorable at once"
+    );
+}
+
+/// A PITR copy shares its system identifier with the cluster it came from:
+/// a playbook with `current` and `restored` swapped must be told apart by
+/// the timeline the restore opened, the LSN it reached and the port it
+/// used, and refused before anything is planned.
+#[test]
+fn a_playbook_with_current_and_restored_swapped_is_refused() {
+    let (c, repo) = archiving(Version::V18, "", &[]);
+    c.client()
+        .batch_execute(include_str!("../../sql/system_gate.sql"))
+        .unwrap();
+    c.client()
+        .batch_execute("INSERT INTO system_gate (gate_name, enabled) VALUES ('api-writes', true)")
+        .unwrap();
+    ok_json(&run(&c, &repo, &["backup"]));
+    ok_json(&run(
+        &c,
+        &repo,
+        &["restore-point", "before_incident", "--switch-wal"],
+    ));
+    c.client()
+        .batch_execute("UPDATE system_gate SET updated_at = now()")
+        .unwrap();
+    switch_and_wait_archived(&c);
+    let r = restore(
+        &c,
+        &repo,
+        "restored",
+        &["--target-name", "before_incident", "--action", "promote"],
+    );
+    let restored = format!(
+        "host=127.0.0.1 port={} user=postgres dbname=postgres",
+        r.manifest["port"]
+    );
+    let playbook = |current: &str, restored: &str| {
+        let text = format!(
+            r#"[playbook]
+name = "swap"
+way-back = "cutover"
+[databases.current]
+conninfo = "{current}"
+[databases.restored]
+conninfo = "{restored}"
+[recovery-target]
+manifest = "{}"
+[gates]
+reopen-order = ["api-writes"]
+[[gates.system-gate]]
+name = "api-writes"
+databases = ["current", "restored"]
+"#,
+            r.dir.join("reentry-restore.json").display()
+        );
+        let path = c.dir("work").join("swap.toml");
+        std::fs::write(&path, text).unwrap();
+        path
+    };
+    let plan = |pb: &Path| {
+        Command::new(reentry_bin())
+            .arg("plan")
+            .arg(pb)
+            .output()
+            .unwrap()
+    };
+
+    let right = playbook(&c.conninfo(), &restored);
+    assert_exit(&plan(&right), 1);
+
+    let swapped = playbook(&restored, &c.conninfo());
+    let out = plan(&swapped);
+    assert_exit(&out, 3);
+    let err = stderr(&out);
+    assert!(
+        err.contains("databases.restored is not the cluster the restore manifest"),
+        "{err}"
+    );
+    assert!(err.contains("databases.restored is on timeline 1"), "{err}");
+    assert!(
+        err.contains("older than timeline 2 that the restore opened"),
+        "{err}"
+    );
+    assert!(
+        err.contains("current and restored look swapped in the playbook"),
+        "{err}"
+    );
+    assert!(
+        err.contains(&format!(
+            "where the manifest put the restored cluster (port {})",
+            r.manifest["port"]
+        )),
+        "{err}"
     );
 }

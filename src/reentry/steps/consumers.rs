@@ -103,10 +103,7 @@ impl Step for Rewind {
         let k = env.kafka()?;
         let members = k.members(&self.group)?;
         if !members.is_empty() {
-            let list: Vec<String> = members
-                .iter()
-                .map(|m| format!("{} ({} on {})", m.id, m.client_id, m.host))
-                .collect();
+            let list: Vec<String> = members.iter().map(|m| m.describe()).collect();
             return Err(StepError::Check {
                 message: format!(
                     "group `{}` has {} live member(s), and a rewind needs it stopped: {}; stop its consumers (the gate should have), then resume",
