@@ -493,3 +493,57 @@ fn a_quartz_gate_that_would_gate_nothing_is_refused_naming_what_exists() {
     );
     drop(s);
 }
+
+#[test]
+fn verify_waits_for_a_gated_job_still_executing_and_names_it_when_it_outlasts_the_drain() {
+    let lab = Lab::new();
+    let mut s = lab.scheduler_with(60_000, 6000);
+    s.cmd("simple Archive archive 3600000 3600000");
+    // Fires at once and runs for 6 s: still executing when the gate closes.
+    s.cmd("simple Billing slow 3600000");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !quartz::runs(&s.log)
+        .iter()
+        .any(|r| r.trigger == "Billing.slow")
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "Billing.slow never started"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let text = std::fs::read_to_string(lab.playbook("0s", ""))
+        .unwrap()
+        .replace(
+            "cache-ttl = \"0s\"",
+            "cache-ttl = \"0s\"\ndrain-timeout = \"1s\"",
+        );
+    let pb = lab.dir.join("drain.toml");
+    std::fs::write(&pb, text).unwrap();
+    let run = lab.dir.join("run");
+    let out = reentry(&[&"apply", &pb, &"--run-dir", &run, &"--apply"]);
+    assert_exit(&out, 2);
+    assert!(
+        stdout(&out)
+            .contains("1 job(s) that started before the gates closed are still running after 1s"),
+        "{}",
+        stdout(&out)
+    );
+    let report = stdout(&reentry(&[&"report", &run]));
+    assert!(
+        report.contains("Billing.slow (job Billing.slow on lab-1, fired "),
+        "{report}"
+    );
+    assert_eq!(
+        lab.trigger_state("Billing", "slow"),
+        "PAUSED",
+        "the gate stays closed"
+    );
+
+    // Once the job is done, the run goes on.
+    std::thread::sleep(Duration::from_secs(6));
+    let out = reentry(&[&"apply", &pb, &"--run-dir", &run, &"--apply", &"--resume"]);
+    assert_exit(&out, 0);
+    assert_eq!(lab.trigger_state("Billing", "slow"), "WAITING");
+    drop(s);
+}

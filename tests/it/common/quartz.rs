@@ -72,6 +72,17 @@ impl Scheduler {
     /// Starts scheduler `name` against `jdbc_url`, with Quartz's misfire
     /// threshold `misfire_ms`, logging runs to `log`.
     pub fn start(jdbc_url: &str, name: &str, misfire_ms: u64, log: &Path) -> Scheduler {
+        Scheduler::start_with(jdbc_url, name, misfire_ms, 20, log)
+    }
+
+    /// The same, with each job running `job_ms`.
+    pub fn start_with(
+        jdbc_url: &str,
+        name: &str,
+        misfire_ms: u64,
+        job_ms: u64,
+        log: &Path,
+    ) -> Scheduler {
         let mut child = Command::new("java")
             .arg("-cp")
             .arg(classpath())
@@ -81,6 +92,7 @@ impl Scheduler {
             .arg(format!("scheduler={name}"))
             .arg("instance=lab-1")
             .arg(format!("misfire-threshold={misfire_ms}"))
+            .arg(format!("job-ms={job_ms}"))
             .arg(format!("log={}", log.display()))
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
