@@ -440,6 +440,20 @@ pub fn markdown(r: &Report) -> String {
             what
         );
     }
+    // What a failed step outside validation found (validation has its own
+    // section below): a gate that does not hold, jobs still running.
+    for st in r
+        .steps
+        .iter()
+        .filter(|x| x.phase != Phase::Validate && !x.findings.is_empty())
+    {
+        let _ = writeln!(o);
+        let _ = writeln!(o, "`{}` found:", md_cell(&st.id));
+        let _ = writeln!(o);
+        for f in st.findings.iter().take(20) {
+            let _ = writeln!(o, "- {}", md_cell(f));
+        }
+    }
     let _ = writeln!(o);
     let _ = writeln!(o, "## Gates");
     let _ = writeln!(o);
@@ -681,7 +695,19 @@ dl{{display:grid;grid-template-columns:max-content auto;gap:4px 16px}}dt{{color:
             s.count
         );
     }
-    o.push_str("</table><h2>Gates</h2>");
+    o.push_str("</table>");
+    for st in r
+        .steps
+        .iter()
+        .filter(|x| x.phase != Phase::Validate && !x.findings.is_empty())
+    {
+        let _ = write!(o, "<p><code>{}</code> found:</p><ul>", esc(&st.id));
+        for f in st.findings.iter().take(20) {
+            let _ = write!(o, "<li>{}</li>", esc(f));
+        }
+        o.push_str("</ul>");
+    }
+    o.push_str("<h2>Gates</h2>");
     if r.gates.is_empty() {
         o.push_str("<p>No gate was closed.</p>");
     } else {

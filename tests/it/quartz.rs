@@ -46,14 +46,20 @@ impl Lab {
     }
 
     fn scheduler(&self, misfire_ms: u64) -> Scheduler {
+        self.scheduler_with(misfire_ms, 20)
+    }
+
+    /// A scheduler whose jobs each run `job_ms`.
+    fn scheduler_with(&self, misfire_ms: u64, job_ms: u64) -> Scheduler {
         let url = format!(
             "jdbc:postgresql://127.0.0.1:{}/res?user=postgres",
             self.cluster.port
         );
-        Scheduler::start(
+        Scheduler::start_with(
             &url,
             "CaseScheduler",
             misfire_ms,
+            job_ms,
             &self.dir.join("runs.log"),
         )
     }

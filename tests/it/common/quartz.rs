@@ -70,12 +70,8 @@ pub struct Scheduler {
 
 impl Scheduler {
     /// Starts scheduler `name` against `jdbc_url`, with Quartz's misfire
-    /// threshold `misfire_ms`, logging runs to `log`.
-    pub fn start(jdbc_url: &str, name: &str, misfire_ms: u64, log: &Path) -> Scheduler {
-        Scheduler::start_with(jdbc_url, name, misfire_ms, 20, log)
-    }
-
-    /// The same, with each job running `job_ms`.
+    /// threshold `misfire_ms` and each job running `job_ms`, logging runs
+    /// to `log`.
     pub fn start_with(
         jdbc_url: &str,
         name: &str,
