@@ -10,6 +10,7 @@ pub mod fsutil;
 pub mod kafka;
 pub mod pg;
 pub mod reentry;
+pub mod time;
 
 use exit::Exit;
 

@@ -66,11 +66,11 @@ impl Target {
         }
     }
 
-    /// Parses `--target-time`: RFC 3339, or `YYYY-MM-DD HH:MM:SS[.f]` in UTC.
+    /// Parses `--target-time` in any form PostgreSQL's
+    /// `recovery_target_time` takes (see `crate::time`).
     pub fn parse_time(s: &str) -> Result<Target, RestoreError> {
-        humantime::parse_rfc3339_weak(s.trim_end_matches('Z').trim_end_matches("+00:00"))
-            .or_else(|_| humantime::parse_rfc3339(s))
-            .map(Target::Time)
+        crate::time::parse(s)
+            .map(|t| Target::Time(crate::time::to_system(t)))
             .map_err(|e| RestoreError::BadTarget {
                 value: s.into(),
                 why: e.to_string(),
@@ -377,7 +377,10 @@ pub fn last_commit_time(
                     .take(2)
                     .collect::<Vec<_>>()
                     .join(" ");
-                humantime::parse_rfc3339_weak(&stamp).ok()
+                // pg_waldump runs under TZ=UTC (PgBin::command).
+                crate::time::parse_utc(&stamp)
+                    .ok()
+                    .map(crate::time::to_system)
             })
             .max();
         if newest.is_some() {
@@ -569,6 +572,9 @@ fn configure(to: &Path, port: u16, repo: &Path, target: &Target, action: Action)
         "primary_conninfo = ''".to_owned(),
         "synchronous_standby_names = ''".to_owned(),
         "hot_standby = on".to_owned(),
+        // reentry reads the server log ("restored log file", FATAL, ...):
+        // untranslated, whatever the primary's lc_messages was.
+        "lc_messages = 'C'".to_owned(),
         format!(
             "restore_command = {}",
             quote(&format!(
@@ -617,8 +623,7 @@ fn configure(to: &Path, port: u16, repo: &Path, target: &Target, action: Action)
 /// `2026-11-25 13:23:44.123456+00`: recovery_target_time does not take the
 /// ISO 8601 `T`/`Z` form.
 fn pg_timestamp(t: SystemTime) -> String {
-    let iso = humantime::format_rfc3339_micros(t).to_string();
-    format!("{}+00", iso.trim_end_matches('Z').replacen('T', " ", 1))
+    crate::time::postgres(crate::time::from_system(t))
 }
 
 struct Reached {

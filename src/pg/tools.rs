@@ -37,8 +37,16 @@ impl PgBin {
         }
     }
 
+    /// A PostgreSQL program, run in the C locale and UTC: reentry reads
+    /// what they print (pg_controldata's labels, pg_waldump's times), and
+    /// a translated or local-time line would not parse.
     pub fn command(&self, name: &str) -> Command {
-        Command::new(self.program(name))
+        let mut cmd = Command::new(self.program(name));
+        cmd.env("LC_ALL", "C")
+            .env("LC_MESSAGES", "C")
+            .env("LANG", "C")
+            .env("TZ", "UTC");
+        cmd
     }
 
     /// `NAME --version`, e.g. "pg_basebackup (PostgreSQL) 18.6".

@@ -92,11 +92,7 @@ impl TargetInfo {
         } else {
             None
         })?;
-        let t =
-            humantime::parse_rfc3339_weak(text.trim_end_matches('Z').trim_end_matches("+00:00"))
-                .or_else(|_| humantime::parse_rfc3339(text))
-                .ok()?;
-        Some(t.duration_since(std::time::UNIX_EPOCH).ok()?.as_millis() as i64)
+        crate::time::parse(text).ok().map(crate::time::millis)
     }
 
     pub fn describe(&self) -> String {

@@ -602,10 +602,10 @@ impl Playbook {
             }
         }
         if let Some(tm) = &t.time {
-            if humantime::parse_rfc3339_weak(tm.trim_end_matches('Z')).is_err() {
+            if let Err(e) = crate::time::parse(tm) {
                 err(
                     &[Seg::Key("recovery-target"), Seg::Key("time")],
-                    format!("\"{tm}\" is not a time (like 2026-11-25T12:00:00Z)"),
+                    e.to_string(),
                 );
             }
         }

@@ -743,3 +743,133 @@ databases = ["current", "restored"]
         "{err}"
     );
 }
+
+/// `reentry` with `args` as the server user, with a German locale in its
+/// environment: every PostgreSQL program it runs and every server log it
+/// reads must still parse.
+fn run_german(c: &Cluster, repo: &Path, args: &[&str]) -> Output {
+    let out = as_server_user(reentry_bin())
+        .args(["--repo", repo.to_str().unwrap(), "--json"])
+        .args(args)
+        .env_remove("REENTRY_REPO")
+        .env("REENTRY_PG_BIN", c.version.bin_dir())
+        .env("PGHOST", "127.0.0.1")
+        .env("PGPORT", c.port.to_string())
+        .env("PGUSER", "postgres")
+        .env("PGDATABASE", "postgres")
+        .env("LANG", "de_DE.UTF-8")
+        .env("LC_ALL", "de_DE.UTF-8")
+        .current_dir(c.dir("work"))
+        .output()
+        .expect("run reentry");
+    out
+}
+
+/// The seed's own `recovery_target_time` form, `2026-07-01 14:36:00+00`,
+/// and a cluster whose server and tools speak German (PostgreSQL 15 from
+/// Debian ships the translations; `scripts/setup` generates the locale).
+#[test]
+fn a_restore_and_a_drill_work_in_german_with_the_seeds_time_form() {
+    let locales = Command::new("locale").arg("-a").output().unwrap();
+    assert!(
+        String::from_utf8_lossy(&locales.stdout)
+            .lines()
+            .any(|l| l.eq_ignore_ascii_case("de_DE.utf8")),
+        "the de_DE.UTF-8 locale is missing: run scripts/setup"
+    );
+    let (c, repo) = archiving(
+        Version::V15,
+        "",
+        &[
+            ("lc_messages", "'de_DE.UTF-8'"),
+            ("log_min_messages", "'info'"),
+        ],
+    );
+    c.client()
+        .batch_execute("CREATE TABLE cases AS SELECT g AS id, 'open' AS status FROM generate_series(1, 1000) g")
+        .unwrap();
+    ok_json(&run_german(&c, &repo, &["backup"]));
+    c.client()
+        .batch_execute("INSERT INTO cases SELECT g, 'open' FROM generate_series(1001, 1100) g")
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1100));
+    // The seed's form: a space, whole seconds, the offset as +00.
+    let t: String = c
+        .client()
+        .query_one(
+            "SELECT to_char(date_trunc('second', now() AT TIME ZONE 'UTC'), 'YYYY-MM-DD HH24:MI:SS') || '+00'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    std::thread::sleep(Duration::from_millis(1100));
+    c.client()
+        .batch_execute("UPDATE cases SET status = 'closed'")
+        .unwrap();
+    switch_and_wait_archived(&c);
+
+    let dir = c.root().join("restored");
+    let out = run_german(
+        &c,
+        &repo,
+        &[
+            "restore",
+            "--to",
+            dir.to_str().unwrap(),
+            "--target-time",
+            &t,
+        ],
+    );
+    let mut restored = Restored {
+        manifest: Value::Null,
+        dir,
+        bin: c.version.bin_dir(),
+    };
+    let m = ok_json(&out);
+    restored.manifest = m.clone();
+    assert_eq!(m["target"]["type"], "time");
+    assert_eq!(
+        m["target"]["value"].as_str().unwrap(),
+        format!("{}.000Z", t.trim_end_matches("+00").replacen(' ', "T", 1))
+    );
+    assert!(
+        m["wal_segments_replayed"].as_u64().unwrap() >= 1,
+        "the German server log was read: {m}"
+    );
+    assert_eq!(restored.count("cases WHERE status = 'open'"), 1100);
+    drop(restored);
+
+    // A drill, with an offset other than Z in the target.
+    let work = c.dir("work");
+    std::fs::write(
+        work.join("checks.sql"),
+        "-- name: every case is open\nSELECT 1 WHERE EXISTS (SELECT FROM cases WHERE status <> 'open');\n",
+    )
+    .unwrap();
+    let seven: String = c
+        .client()
+        .query_one(
+            &format!(
+                "SELECT to_char(('{t}'::timestamptz AT TIME ZONE 'UTC') + interval '7 hours', 'YYYY-MM-DD\"T\"HH24:MI:SS') || '+07:00'"
+            ),
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    let evidence = work.join("evidence.json");
+    let e = ok_json(&run_german(
+        &c,
+        &repo,
+        &[
+            "drill",
+            "--evidence",
+            evidence.to_str().unwrap(),
+            "--checks",
+            work.join("checks.sql").to_str().unwrap(),
+            "--target-time",
+            &seven,
+        ],
+    ));
+    assert_eq!(e["validation_status"], "passed", "{e}");
+    assert!(e["wal_segments_replayed"].as_u64().unwrap() >= 1, "{e}");
+}

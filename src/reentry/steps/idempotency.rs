@@ -59,10 +59,7 @@ fn parse_time(s: &str) -> Option<i64> {
         // Epoch seconds or milliseconds.
         return Some(if n < 100_000_000_000 { n * 1000 } else { n });
     }
-    let t = humantime::parse_rfc3339_weak(s.trim_end_matches('Z').trim_end_matches("+00:00"))
-        .or_else(|_| humantime::parse_rfc3339(s))
-        .ok()?;
-    Some(t.duration_since(UNIX_EPOCH).ok()?.as_millis() as i64)
+    crate::time::parse(s).ok().map(crate::time::millis)
 }
 
 /// The export's keys at or after T, or every malformed row as
