@@ -11,6 +11,9 @@ pub struct Diagnostic {
     /// Byte range in the file, when the error has a place.
     pub span: Option<Range<usize>>,
     pub message: String,
+    /// The environment variable whose absence this reports: an error only
+    /// where its value is needed (connecting), a note for an offline lint.
+    pub unset_var: Option<String>,
 }
 
 impl Diagnostic {
@@ -18,6 +21,15 @@ impl Diagnostic {
         Diagnostic {
             span,
             message: message.into(),
+            unset_var: None,
+        }
+    }
+
+    pub fn unset(span: Option<Range<usize>>, var: &str, message: impl Into<String>) -> Diagnostic {
+        Diagnostic {
+            span,
+            message: message.into(),
+            unset_var: Some(var.to_owned()),
         }
     }
 }
@@ -48,6 +60,24 @@ impl Diagnostics {
             .map_or(before.len(), |nl| before.len() - nl - 1)
             + 1;
         (line, col)
+    }
+}
+
+impl Diagnostics {
+    /// `file:line:col: note: message`, one line each: what an offline
+    /// check leaves for later.
+    pub fn notes(&self) -> String {
+        self.items
+            .iter()
+            .map(|d| match &d.span {
+                Some(s) => {
+                    let (line, col) = self.line_col(s.start);
+                    format!("{}:{line}:{col}: note: {}", self.path.display(), d.message)
+                }
+                None => format!("{}: note: {}", self.path.display(), d.message),
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
     }
 }
 

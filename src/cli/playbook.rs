@@ -36,6 +36,9 @@ struct Report<'a> {
     playbook: &'a str,
     stages: Vec<&'static str>,
     errors: Vec<Located>,
+    /// Offline: what only connecting needs (unset `${VAR}`s).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    notes: Vec<Located>,
 }
 
 pub(super) fn located(d: &Diagnostics) -> Vec<Located> {
@@ -56,10 +59,15 @@ pub fn run(ctx: &Context, cmd: PlaybookCommand) -> Result<Exit, Error> {
     let PlaybookCommand::Check(a) = cmd;
     let shown = a.playbook.display().to_string();
     let mut stages = vec!["parse", "meaning"];
-    let diagnostics = match Playbook::load(&a.playbook) {
+    let mut notes = None;
+    let diagnostics = match Playbook::load_offline(&a.playbook) {
         Err(d) => Some(d),
-        Ok(_) if a.offline => None,
-        Ok(p) => {
+        Ok((_, unset)) if a.offline => {
+            notes = Some(unset).filter(|u| !u.items.is_empty());
+            None
+        }
+        Ok((_, unset)) if !unset.items.is_empty() => Some(unset),
+        Ok((p, _)) => {
             stages.push("databases");
             let errors = check::check_online(&p);
             (!errors.is_empty()).then(|| Diagnostics::new(&p.file, &p.text, errors))
@@ -72,9 +80,17 @@ pub fn run(ctx: &Context, cmd: PlaybookCommand) -> Result<Exit, Error> {
                 playbook: &shown,
                 stages: stages.clone(),
                 errors: vec![],
+                notes: notes.as_ref().map(located).unwrap_or_default(),
             };
             ctx.emit(&report, || {
-                Some(format!("ok: {shown} ({})", stages.join(", ")))
+                let mut s = format!("ok: {shown} ({})", stages.join(", "));
+                if let Some(n) = &notes {
+                    s.push_str(&format!(
+                        "\n{}\n(set them where the plan runs: plan, apply and the online check connect with them)",
+                        n.notes()
+                    ));
+                }
+                Some(s)
             })?;
             Ok(Exit::Ok)
         }
@@ -85,6 +101,7 @@ pub fn run(ctx: &Context, cmd: PlaybookCommand) -> Result<Exit, Error> {
                     playbook: &shown,
                     stages,
                     errors: located(&d),
+                    notes: vec![],
                 };
                 ctx.emit(&report, || None)?;
             } else {

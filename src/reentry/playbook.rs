@@ -508,8 +508,21 @@ impl Playbook {
         Diagnostic::at(span, message)
     }
 
-    /// Reads, checks and returns a playbook, or every error in it.
+    /// Reads, checks and returns a playbook, or every error in it. Every
+    /// `${VAR}` it uses must be set: whoever loads it this way connects.
     pub fn load(path: &Path) -> Result<Playbook, Diagnostics> {
+        let (p, unset) = Playbook::load_offline(path)?;
+        if unset.items.is_empty() {
+            Ok(p)
+        } else {
+            Err(unset)
+        }
+    }
+
+    /// For linting without the secrets (`playbook check --offline`, an
+    /// application team's CI): the playbook, and a note for each `${VAR}`
+    /// not set, which only connecting needs.
+    pub fn load_offline(path: &Path) -> Result<(Playbook, Diagnostics), Diagnostics> {
         let text = std::fs::read_to_string(path).map_err(|e| {
             Diagnostics::new(
                 path,
@@ -517,10 +530,20 @@ impl Playbook {
                 vec![Diagnostic::at(None, format!("cannot read it: {e}"))],
             )
         })?;
-        Playbook::parse(path, &text)
+        Playbook::parse_offline(path, &text)
     }
 
+    /// `parse_offline`, with an unset `${VAR}` an error.
     pub fn parse(path: &Path, text: &str) -> Result<Playbook, Diagnostics> {
+        let (p, unset) = Playbook::parse_offline(path, text)?;
+        if unset.items.is_empty() {
+            Ok(p)
+        } else {
+            Err(unset)
+        }
+    }
+
+    pub fn parse_offline(path: &Path, text: &str) -> Result<(Playbook, Diagnostics), Diagnostics> {
         let fail = |items: Vec<Diagnostic>| Diagnostics::new(path, text, items);
         let doc = ImDocument::parse(text).map_err(|e| {
             fail(vec![Diagnostic::at(
@@ -528,8 +551,10 @@ impl Playbook {
                 e.message().trim().to_owned(),
             )])
         })?;
-        let mut errors = Vec::new();
-        schema::check_table(doc.as_table(), None, SCHEMA, "the playbook", &mut errors);
+        let mut found = Vec::new();
+        schema::check_table(doc.as_table(), None, SCHEMA, "the playbook", &mut found);
+        let (unset, errors): (Vec<Diagnostic>, Vec<Diagnostic>) =
+            found.into_iter().partition(|d| d.unset_var.is_some());
         if !errors.is_empty() {
             return Err(fail(errors));
         }
@@ -539,7 +564,7 @@ impl Playbook {
         playbook.text = text.to_owned();
         let errors = playbook.meaning(&doc);
         if errors.is_empty() {
-            Ok(playbook)
+            Ok((playbook, fail(unset)))
         } else {
             Err(fail(errors))
         }

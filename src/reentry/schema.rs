@@ -247,15 +247,30 @@ fn check_item(
     }
 }
 
-/// `${NAME}` must be well formed and set in the environment; `$$` is a `$`.
+/// `${NAME}` must be well formed; an unset variable is reported apart, as
+/// it only matters where the value is needed. `$$` is a `$`.
 fn check_interpolation(s: &str, span: Option<Range<usize>>, what: &str, out: &mut Vec<Diagnostic>) {
-    if let Err(e) = interpolate(s) {
-        out.push(Diagnostic::at(span, format!("{what}: {e}")));
+    match interpolate(s) {
+        Ok(_) => {}
+        Err(InterpError::Unset(var)) => out.push(Diagnostic::unset(
+            span,
+            &var,
+            format!("{what}: environment variable {var} is not set"),
+        )),
+        Err(e) => out.push(Diagnostic::at(span, format!("{what}: {e}"))),
     }
 }
 
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InterpError {
+    #[error("{0}")]
+    Syntax(String),
+    #[error("environment variable {0} is not set")]
+    Unset(String),
+}
+
 /// Expands `${NAME}` from the environment; `$$` stands for `$`.
-pub fn interpolate(s: &str) -> Result<String, String> {
+pub fn interpolate(s: &str) -> Result<String, InterpError> {
     let mut out = String::with_capacity(s.len());
     let mut rest = s;
     while let Some(i) = rest.find('$') {
@@ -265,19 +280,22 @@ pub fn interpolate(s: &str) -> Result<String, String> {
             out.push('$');
             rest = tail;
         } else if let Some(tail) = after.strip_prefix('{') {
-            let end = tail.find('}').ok_or_else(|| "unclosed `${`".to_owned())?;
+            let end = tail
+                .find('}')
+                .ok_or_else(|| InterpError::Syntax("unclosed `${`".to_owned()))?;
             let name = &tail[..end];
             if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
-                return Err(format!(
+                return Err(InterpError::Syntax(format!(
                     "`${{{name}}}` is not a variable name (letters, digits, _)"
-                ));
+                )));
             }
-            let value = std::env::var(name)
-                .map_err(|_| format!("environment variable {name} is not set"))?;
+            let value = std::env::var(name).map_err(|_| InterpError::Unset(name.to_owned()))?;
             out.push_str(&value);
             rest = &tail[end + 1..];
         } else {
-            return Err("a `$` must start `${NAME}` (write `$$` for a dollar sign)".into());
+            return Err(InterpError::Syntax(
+                "a `$` must start `${NAME}` (write `$$` for a dollar sign)".into(),
+            ));
         }
     }
     out.push_str(rest);
@@ -295,9 +313,10 @@ mod tests {
             interpolate("password=${REENTRY_TEST_SECRET_X} cost=$$5").unwrap(),
             "password=s3cret cost=$5"
         );
-        assert!(interpolate("${REENTRY_TEST_UNSET_Y}")
-            .unwrap_err()
-            .contains("REENTRY_TEST_UNSET_Y is not set"));
+        assert_eq!(
+            interpolate("${REENTRY_TEST_UNSET_Y}").unwrap_err(),
+            InterpError::Unset("REENTRY_TEST_UNSET_Y".into())
+        );
         assert!(interpolate("${oops").is_err());
         assert!(interpolate("$5").is_err());
         assert!(interpolate("${a-b}").is_err());

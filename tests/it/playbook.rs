@@ -133,3 +133,51 @@ fn playbook_check_finds_every_table_and_reports_what_is_missing_where_it_was_nam
     // --offline stops before connecting: the same file passes.
     assert_exit(&check(&path, &["--offline"]), 0);
 }
+
+/// Application teams lint playbooks in their own CI, before an incident,
+/// where no production secret is set: offline, an unset `${VAR}` is a note;
+/// wherever the value is needed it is an error, at its place.
+#[test]
+fn the_example_playbooks_lint_offline_without_their_secrets() {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/playbooks");
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        let lint = |extra: &[&str]| {
+            Command::new(reentry_bin())
+                .args(["playbook", "check"])
+                .arg(&path)
+                .args(extra)
+                .env_remove("CASES_DB_PASSWORD")
+                .env_remove("LEDGER_DB_PASSWORD")
+                .output()
+                .unwrap()
+        };
+        let out = lint(&["--offline"]);
+        assert_exit(&out, 0);
+        let text = stdout(&out);
+        assert!(text.starts_with("ok: "), "{}: {text}", path.display());
+        assert!(
+            text.contains(": note: `conninfo` in [databases.current]: environment variable")
+                && text.contains("is not set"),
+            "{}: {text}",
+            path.display()
+        );
+        let json: serde_json::Value =
+            serde_json::from_str(&stdout(&lint(&["--offline", "--json"]))).unwrap();
+        assert_eq!(json["ok"], true);
+        assert!(json["notes"][0]["line"].as_u64().is_some(), "{json}");
+
+        // Online, and for plan and apply, the value is needed: exit 78.
+        let out = lint(&[]);
+        assert_exit(&out, 78);
+        assert!(stderr(&out).contains("is not set"), "{}", stderr(&out));
+        let out = Command::new(reentry_bin())
+            .arg("plan")
+            .arg(&path)
+            .env_remove("CASES_DB_PASSWORD")
+            .env_remove("LEDGER_DB_PASSWORD")
+            .output()
+            .unwrap();
+        assert_exit(&out, 78);
+    }
+}

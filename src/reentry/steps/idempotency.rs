@@ -59,7 +59,12 @@ fn parse_time(s: &str) -> Option<i64> {
         // Epoch seconds or milliseconds.
         return Some(if n < 100_000_000_000 { n * 1000 } else { n });
     }
-    crate::time::parse(s).ok().map(crate::time::millis)
+    // A provider's export often carries no offset: its times are UTC.
+    match crate::time::parse(s) {
+        Err(crate::time::TimeError::NoOffset(_)) => crate::time::parse_utc(s).ok(),
+        r => r.ok(),
+    }
+    .map(crate::time::millis)
 }
 
 /// The export's keys at or after T, or every malformed row as
@@ -125,7 +130,7 @@ pub fn read_csv(
                     Some(t) => Some(t),
                     None => {
                         errors.push(format!(
-                            "{shown}:{line}: `{raw}` in `{}` is not a time (RFC 3339 or epoch seconds)",
+                            "{shown}:{line}: `{raw}` in `{}` is not a time (like 2026-07-01 14:36:00+00, UTC when it has no offset, or epoch seconds)",
                             c.time_column.as_deref().unwrap_or("")
                         ));
                         continue;
