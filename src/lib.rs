@@ -9,6 +9,7 @@ pub mod exit;
 pub mod fsutil;
 pub mod kafka;
 pub mod pg;
+pub mod progress;
 pub mod reentry;
 pub mod time;
 

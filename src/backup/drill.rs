@@ -174,7 +174,7 @@ pub struct DrillOptions {
     pub work_dir: Option<PathBuf>,
     pub keep: bool,
     pub timeout: Duration,
-    pub progress: bool,
+    pub progress: crate::progress::Reporter,
 }
 
 fn parse_time(s: &str) -> Option<SystemTime> {
@@ -197,7 +197,8 @@ fn random_time(repo: &Repo, pg_bin: &PgBin) -> Result<SystemTime, DrillError> {
         .and_then(parse_time)
         .ok_or_else(|| no_window("the newest backup has no stop time"))?;
     let archive = repo.archive();
-    let index = ChainIndex::build(&archive, &archive.list()?, false)?;
+    let quiet = crate::progress::Reporter::silent();
+    let index = ChainIndex::build(&archive, &archive.list()?, false, &*quiet)?;
     let (tli, stop) = (
         backup.timeline.unwrap_or(1),
         backup.stop_lsn.unwrap_or_default(),
@@ -257,7 +258,7 @@ pub fn drill(repo: &Repo, opts: &DrillOptions) -> Result<Evidence, DrillError> {
         action: Action::Promote,
         pg_bin: opts.pg_bin.clone(),
         timeout: opts.timeout,
-        progress: opts.progress,
+        progress: opts.progress.clone(),
     };
     let manifest = restore::restore(repo, &restore_opts)?;
     let validated = validate(&manifest, &opts.checks);

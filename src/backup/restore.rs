@@ -23,6 +23,7 @@ use crate::pg::conn::{Db, PgError};
 use crate::pg::lsn::Lsn;
 use crate::pg::tools::{self, PgBin, ToolError};
 use crate::pg::wal::{SegmentName, WalFileName};
+use crate::progress::Reporter;
 
 pub const MANIFEST_FILE: &str = "reentry-restore.json";
 const LOG_FILE: &str = "reentry-restore.log";
@@ -139,8 +140,8 @@ pub struct RestoreOptions {
     pub action: Action,
     pub pg_bin: PgBin,
     pub timeout: Duration,
-    /// Show the phases and a running count of replayed segments on stderr.
-    pub progress: bool,
+    /// The phases and a running count of replayed segments.
+    pub progress: Reporter,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -286,7 +287,7 @@ pub fn plan(
         }
     };
 
-    let index = ChainIndex::build(&archive, &archive.list()?, false)?;
+    let index = ChainIndex::build(&archive, &archive.list()?, false, &*opts.progress)?;
     let unreachable = |why: String| RestoreError::Unreachable {
         target: shown.clone(),
         backup: chosen.id.clone(),
@@ -428,9 +429,9 @@ pub fn restore(repo: &Repo, opts: &RestoreOptions) -> Result<RestoreManifest, Re
     fsutil::create_dir_all_durable(&opts.to).map_err(io_err("create", &opts.to))?;
     let to = fs::canonicalize(&opts.to).map_err(io_err("resolve", &opts.to))?;
     let mut durations = Durations::default();
-    if opts.progress {
+    {
         let size: u64 = chain.iter().map(|b| b.size_bytes).sum();
-        eprintln!(
+        opts.progress.note(&format!(
             "{} backup {} ({} MiB) into {}",
             if chain.len() == 1 {
                 "copying"
@@ -444,7 +445,7 @@ pub fn restore(repo: &Repo, opts: &RestoreOptions) -> Result<RestoreManifest, Re
                 .join(" + "),
             size >> 20,
             to.display()
-        );
+        ));
     }
     let t = Instant::now();
     if chain.len() == 1 {
@@ -639,6 +640,7 @@ struct Reached {
 /// promoted or shut down as asked) or failed.
 fn replay(to: &Path, port: u16, opts: &RestoreOptions) -> Result<Reached, RestoreError> {
     let log = to.join(LOG_FILE);
+    opts.progress.stage("replaying WAL", None);
     let status = opts
         .pg_bin
         .command("pg_ctl")
@@ -701,11 +703,14 @@ fn replay(to: &Path, port: u16, opts: &RestoreOptions) -> Result<Reached, Restor
                 log: log_tail(&log),
             });
         }
-        if opts.progress && last_report.elapsed() >= Duration::from_secs(1) {
+        if last_report.elapsed() >= Duration::from_secs(1) {
             let (n, _) = count_restored(&fs::read_to_string(&log).unwrap_or_default());
-            eprint!(
-                "\rreplaying WAL: {n} segments restored, {:.0} s",
-                launched.elapsed().as_secs_f64()
+            opts.progress.advance(
+                n as u64,
+                &format!(
+                    "{n} segments restored, {:.0} s",
+                    launched.elapsed().as_secs_f64()
+                ),
             );
             last_report = Instant::now();
         }
@@ -724,9 +729,7 @@ fn replay(to: &Path, port: u16, opts: &RestoreOptions) -> Result<Reached, Restor
                     in_recovery && pause == "paused"
                 };
                 if done {
-                    if opts.progress {
-                        eprint!("\r\x1b[K");
-                    }
+                    opts.progress.finish();
                     return reached_from_server(&mut db, to);
                 }
             }

@@ -4,8 +4,8 @@
 //! consistency point recovery can go, following timeline switches recorded
 //! in history files. Every file's checksum is read, not only its name.
 
+use crate::progress::Progress;
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::IsTerminal;
 
 use serde::Serialize;
 
@@ -99,13 +99,16 @@ impl ChainIndex {
         archive: &Archive,
         listing: &Listing,
         verify: bool,
+        progress: &dyn Progress,
     ) -> Result<ChainIndex, ArchiveError> {
         let seg_size = archive
             .info()?
             .and_then(|i| i.wal_segment_size)
             .unwrap_or(16 << 20);
-        let progress = verify && std::io::stderr().is_terminal();
         let total = listing.files.len();
+        if verify {
+            progress.stage("checking archived files", Some(total as u64));
+        }
         let mut index = ChainIndex {
             seg_size,
             good: BTreeMap::new(),
@@ -115,8 +118,8 @@ impl ChainIndex {
             files: total,
         };
         for (i, name) in listing.files.iter().enumerate() {
-            if progress && i % 16 == 0 {
-                eprint!("\rchecking {i}/{total} archived files");
+            if verify && i % 16 == 0 {
+                progress.advance(i as u64, &format!("{i}/{total} archived files"));
             }
             let mut content = Vec::new();
             let checked = match name {
@@ -158,8 +161,8 @@ impl ChainIndex {
                 WalFileName::Partial(_) | WalFileName::Backup(..) => {}
             }
         }
-        if progress {
-            eprint!("\r\x1b[K");
+        if verify {
+            progress.finish();
         }
         Ok(index)
     }
@@ -206,9 +209,13 @@ impl ChainIndex {
     }
 }
 
-pub fn verify(archive: &Archive, backups: &[BackupLabel]) -> Result<WalReport, ArchiveError> {
+pub fn verify(
+    archive: &Archive,
+    backups: &[BackupLabel],
+    progress: &dyn Progress,
+) -> Result<WalReport, ArchiveError> {
     let listing = archive.list()?;
-    let index = ChainIndex::build(archive, &listing, true)?;
+    let index = ChainIndex::build(archive, &listing, true, progress)?;
     let seg_size = index.seg_size;
     let name = |tli: u32, segno: u64| SegmentName::from_segno(tli, segno, seg_size).to_string();
     let timelines = index

@@ -291,7 +291,7 @@ pub fn outbox(ctx: &Context, cmd: OutboxCommand) -> Result<Exit, Error> {
         if a.outbox.as_ref().is_some_and(|n| n != &r.outbox) {
             continue;
         }
-        let c = outbox::classify(&mut env, r, ctx.progress()).map_err(step_err)?;
+        let c = outbox::classify(&mut env, r, ctx.reporter()).map_err(step_err)?;
         changes += c.changes();
         results.push(serde_json::json!({"outbox": r.outbox, "topic": r.topic, "summary": c.summary(r), "classes": c.detail()}));
     }

@@ -158,6 +158,16 @@ impl Context {
         !self.global.json && !self.global.quiet && io::stderr().is_terminal()
     }
 
+    /// Where the library reports progress: a bar on a terminal, nothing
+    /// when stderr is not one, with `-q`, or with `--json`.
+    pub fn reporter(&self) -> crate::progress::Reporter {
+        if self.progress() {
+            crate::progress::Reporter::new(Bar::new())
+        } else {
+            crate::progress::Reporter::silent()
+        }
+    }
+
     /// Prints a result as JSON when `--json` was given, else the human text.
     pub fn emit<T: Serialize>(
         &self,
@@ -224,5 +234,52 @@ pub fn run(cli: Cli) -> Result<Exit, Error> {
         Command::Report(args) => engine::report(&ctx, args),
         Command::Kafka(cmd) => kafka::kafka(&ctx, cmd),
         Command::Outbox(cmd) => kafka::outbox(&ctx, cmd),
+    }
+}
+
+/// Progress drawn on stderr with indicatif.
+struct Bar(indicatif::ProgressBar);
+
+impl Bar {
+    fn new() -> Bar {
+        let bar =
+            indicatif::ProgressBar::with_draw_target(None, indicatif::ProgressDrawTarget::stderr());
+        Bar(bar)
+    }
+}
+
+impl crate::progress::Progress for Bar {
+    fn stage(&self, what: &str, total: Option<u64>) {
+        let style = match total {
+            Some(n) => {
+                self.0.set_length(n);
+                indicatif::ProgressStyle::with_template(
+                    "{prefix}: {bar:30} {pos}/{len} {msg} ({elapsed})",
+                )
+            }
+            None => {
+                indicatif::ProgressStyle::with_template("{spinner} {prefix}: {msg} ({elapsed})")
+            }
+        };
+        if let Ok(style) = style {
+            self.0.set_style(style);
+        }
+        self.0.set_prefix(what.to_owned());
+        self.0.set_position(0);
+        self.0
+            .enable_steady_tick(std::time::Duration::from_millis(250));
+    }
+
+    fn advance(&self, done: u64, status: &str) {
+        self.0.set_position(done);
+        self.0.set_message(status.to_owned());
+    }
+
+    fn note(&self, line: &str) {
+        self.0.println(line);
+    }
+
+    fn finish(&self) {
+        self.0.finish_and_clear();
     }
 }

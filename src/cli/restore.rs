@@ -114,7 +114,7 @@ pub fn restore(ctx: &Context, a: RestoreArgs) -> Result<Exit, Error> {
         action: a.action,
         pg_bin: a.pg_bin.pg_bin(),
         timeout: Duration::from_secs(a.timeout),
-        progress: ctx.progress(),
+        progress: ctx.reporter(),
     };
     let m = restore::restore(&repo, &opts)?;
     ctx.emit(&m, || {
@@ -165,7 +165,7 @@ pub fn drill(ctx: &Context, a: DrillArgs) -> Result<Exit, Error> {
         work_dir: a.work_dir,
         keep: a.keep,
         timeout: Duration::from_secs(a.timeout),
-        progress: ctx.progress(),
+        progress: ctx.reporter(),
     };
     let e = drill::drill(&repo, &opts)?;
     ctx.emit(&e, || {

@@ -72,7 +72,7 @@ pub fn run(ctx: &Context, cmd: WalCommand) -> Result<Exit, Error> {
 
 fn verify(ctx: &Context, archive: &Archive) -> Result<Exit, Error> {
     let repo = Repo::new(archive.repo());
-    let report = walchain::verify(archive, &repo.backups()?)?;
+    let report = walchain::verify(archive, &repo.backups()?, &*ctx.reporter())?;
     ctx.emit(&report, || {
         let mut out = format!("{} archived files checked\n", report.files_checked);
         for t in &report.timelines {

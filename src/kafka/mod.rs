@@ -166,6 +166,40 @@ pub struct Kafka {
     /// How errors name the brokers: a playbook's `${VAR}` template, never
     /// the value it expands to.
     shown: String,
+    pub tuning: Tuning,
+}
+
+/// How topic scans use the machine: the playbook's `[kafka]` settings,
+/// else the environment (`REENTRY_SCAN_CONSUMERS`, `REENTRY_SORT_CHUNK`),
+/// else the defaults.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Tuning {
+    /// Consumers reading a topic's partitions in parallel, at most.
+    pub scan_consumers: usize,
+    /// Events sorted in memory before a run is spilled to disk.
+    pub sort_chunk: usize,
+}
+
+impl Tuning {
+    pub fn new(scan_consumers: Option<usize>, sort_chunk: Option<usize>) -> Tuning {
+        let env = |var: &str| std::env::var(var).ok().and_then(|v| v.parse().ok());
+        Tuning {
+            scan_consumers: scan_consumers
+                .or_else(|| env("REENTRY_SCAN_CONSUMERS"))
+                .unwrap_or(8)
+                .max(1),
+            sort_chunk: sort_chunk
+                .or_else(|| env("REENTRY_SORT_CHUNK"))
+                .unwrap_or(2_000_000)
+                .max(1),
+        }
+    }
+}
+
+impl Default for Tuning {
+    fn default() -> Tuning {
+        Tuning::new(None, None)
+    }
 }
 
 impl Kafka {
@@ -173,13 +207,18 @@ impl Kafka {
         Kafka {
             bootstrap: bootstrap.to_owned(),
             shown: bootstrap.to_owned(),
+            tuning: Tuning::default(),
         }
     }
 
-    pub fn from_playbook(bootstrap: &crate::reentry::playbook::Interpolated) -> Kafka {
+    pub fn from_playbook(k: &crate::reentry::playbook::Kafka) -> Kafka {
         Kafka {
-            bootstrap: bootstrap.expose().to_owned(),
-            shown: bootstrap.template.clone(),
+            bootstrap: k.bootstrap.expose().to_owned(),
+            shown: k.bootstrap.template.clone(),
+            tuning: Tuning::new(
+                k.scan_consumers.map(|n| n as usize),
+                k.sort_chunk.map(|n| n as usize),
+            ),
         }
     }
 

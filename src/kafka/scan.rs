@@ -7,7 +7,7 @@
 
 use std::collections::{BTreeMap, BinaryHeap};
 use std::fs::File;
-use std::io::{self, BufReader, BufWriter, IsTerminal, Read, Write};
+use std::io::{self, BufReader, BufWriter, Read, Write};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
@@ -93,20 +93,9 @@ pub struct ScanOptions<'a> {
     /// T, for each partition's rewind offset.
     pub t_ms: i64,
     pub id: &'a IdFrom,
-    /// Events sorted in memory before a run is spilled to disk.
-    pub chunk: usize,
-    pub progress: bool,
+    pub progress: crate::progress::Reporter,
     /// Start at these offsets instead of at `from_ms`.
     pub start: Option<BTreeMap<i32, i64>>,
-}
-
-impl ScanOptions<'_> {
-    pub fn default_chunk() -> usize {
-        std::env::var("REENTRY_SORT_CHUNK")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(2_000_000)
-    }
 }
 
 /// One consumer's share of the scan: its partitions, each read to its end,
@@ -199,12 +188,7 @@ fn scan_partitions(
 /// How many consumers a scan uses: one per partition up to a cap, so a
 /// topic of many partitions does not start a consumer (and its threads and
 /// connections) for each.
-fn consumers(partitions: usize) -> usize {
-    let cap = std::env::var("REENTRY_SCAN_CONSUMERS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(8usize)
-        .max(1);
+fn consumers(partitions: usize, cap: usize) -> usize {
     partitions.min(cap).max(1)
 }
 
@@ -226,13 +210,13 @@ pub fn scan(k: &Kafka, o: &ScanOptions) -> Result<(Sorted, ScanStats), KafkaErro
         bootstrap: k.shown.clone(),
         what: format!("cannot spill the sorted scan to disk: {e}"),
     };
-    let mut sorter = Sorter::new(o.chunk);
+    let mut sorter = Sorter::new(k.tuning.sort_chunk);
     // Partitions with something to read, dealt round-robin to the consumers.
     let readable: Vec<(i32, i64)> = partitions
         .iter()
         .filter_map(|p| starts.get(p).copied().flatten().map(|s| (*p, s)))
         .collect();
-    let n = consumers(readable.len());
+    let n = consumers(readable.len(), k.tuning.scan_consumers);
     let shares: Vec<Vec<(i32, i64)>> = (0..n)
         .map(|i| readable.iter().skip(i).step_by(n).copied().collect())
         .collect();
@@ -247,7 +231,7 @@ pub fn scan(k: &Kafka, o: &ScanOptions) -> Result<(Sorted, ScanStats), KafkaErro
             })
             .collect();
         drop(tx);
-        let tty = o.progress && io::stderr().is_terminal();
+        o.progress.stage(&format!("scanning {}", o.topic), None);
         let mut last = Instant::now();
         let mut sort_err = None;
         for batch in rx {
@@ -255,18 +239,13 @@ pub fn scan(k: &Kafka, o: &ScanOptions) -> Result<(Sorted, ScanStats), KafkaErro
                 sort_err = Some(e);
                 break;
             }
-            if tty && last.elapsed() > Duration::from_secs(1) {
-                eprint!(
-                    "\rscanning {}: {} events",
-                    o.topic,
-                    counter.load(Ordering::Relaxed)
-                );
+            if last.elapsed() > Duration::from_secs(1) {
+                let n = counter.load(Ordering::Relaxed);
+                o.progress.advance(n, &format!("{n} events"));
                 last = Instant::now();
             }
         }
-        if tty {
-            eprint!("\r\x1b[K");
-        }
+        o.progress.finish();
         let results: Vec<_> = handles
             .into_iter()
             .map(|h| h.join().expect("scan threads do not panic"))

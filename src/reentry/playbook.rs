@@ -102,6 +102,8 @@ const KAFKA: &[Field] = &[
     req("bootstrap", Kind::Interp),
     opt("lookback", Kind::Duration),
     opt("watch", Kind::Duration),
+    opt("scan-consumers", Kind::Int),
+    opt("sort-chunk", Kind::Int),
     opt("consumer-group", Kind::Tables(CONSUMER_GROUP)),
 ];
 const INBOX: &[Field] = &[
@@ -365,6 +367,8 @@ pub struct Kafka {
     pub bootstrap: Interpolated,
     pub lookback: Option<String>,
     pub watch: Option<String>,
+    pub scan_consumers: Option<u32>,
+    pub sort_chunk: Option<u64>,
     #[serde(default)]
     pub consumer_group: Vec<ConsumerGroup>,
 }

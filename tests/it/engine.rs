@@ -273,6 +273,7 @@ fn apply_until_gates_closed(
 fn apply_and_kill_at(pb: &Path, run: &Path, extra: &[&str], point: &str) {
     let mut child = apply_cmd(pb, run, extra)
         .env("REENTRY_PAUSE_AT", point)
+        .env("REENTRY_TEST_HOOKS", "hang-at-pause-points")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -1153,4 +1154,21 @@ fn apply_until_holds_the_gates_closed_and_resume_goes_on() {
         "{md}"
     );
     assert!(md.contains("1 attempt(s)"), "{md}");
+}
+
+#[test]
+fn a_stray_pause_hook_does_not_hang_a_run() {
+    let f = Fixture::new();
+    let pb = f.playbook("pb.toml", "0s");
+    let run = f.dir.join("run");
+    let out = apply_cmd(&pb, &run, &["--apply"])
+        .env("REENTRY_PAUSE_AT", "close:api-writes@current:started")
+        .output()
+        .unwrap();
+    assert_exit(&out, 0);
+    assert!(
+        stderr(&out).contains("REENTRY_PAUSE_AT is set but ignored"),
+        "{}",
+        stderr(&out)
+    );
 }

@@ -430,12 +430,21 @@ fn the_plan_finds_every_class_apply_settles_them_and_a_second_apply_is_a_no_op()
     // Sorting in runs of four events spills to disk and merges with the
     // outbox streamed in order, one consumer reading every partition: the
     // same classes.
+    let tuned = pb.with_file_name("tuned.toml");
+    let text = std::fs::read_to_string(&pb).unwrap();
+    assert!(text.contains("\n[kafka]\n"));
+    std::fs::write(
+        &tuned,
+        // and one consumer reads all three partitions
+        text.replace(
+            "\n[kafka]\n",
+            "\n[kafka]\nsort-chunk = 4\nscan-consumers = 1\n",
+        ),
+    )
+    .unwrap();
     let spilled = Command::new(reentry_bin())
         .args(["outbox", "diff", "--json"])
-        .arg(&pb)
-        .env("REENTRY_SORT_CHUNK", "4")
-        // and one consumer reads all three partitions
-        .env("REENTRY_SCAN_CONSUMERS", "1")
+        .arg(&tuned)
         .output()
         .unwrap();
     assert_exit(&spilled, 1);

@@ -161,8 +161,7 @@ impl Inbox {
                 from_ms: self.t_ms,
                 t_ms: self.t_ms,
                 id: &self.id_from,
-                chunk: ScanOptions::default_chunk(),
-                progress: false,
+                progress: crate::progress::Reporter::silent(),
                 start: None,
             },
         )?;

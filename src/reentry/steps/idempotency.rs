@@ -225,8 +225,7 @@ impl Keys {
                     from_ms: self.t_ms,
                     t_ms: self.t_ms,
                     id: &IdFrom::Key,
-                    chunk: ScanOptions::default_chunk(),
-                    progress: false,
+                    progress: crate::progress::Reporter::silent(),
                     start: None,
                 },
             )?;

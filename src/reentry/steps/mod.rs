@@ -193,7 +193,7 @@ impl<'a> Env<'a> {
             .kafka
             .as_ref()
             .ok_or_else(|| StepError::Invalid("the playbook has no [kafka]".into()))?;
-        Ok(crate::kafka::Kafka::from_playbook(&k.bootstrap))
+        Ok(crate::kafka::Kafka::from_playbook(k))
     }
 
     /// The value a ShedLock row gets while a run holds it frozen.
@@ -331,8 +331,17 @@ pub fn pause_point(step: &str, point: &str) {
     let Ok(want) = std::env::var("REENTRY_PAUSE_AT") else {
         return;
     };
+    // A second variable, with a value no one types by accident: a stray
+    // REENTRY_PAUSE_AT must not hang a production run.
+    if std::env::var("REENTRY_TEST_HOOKS").as_deref() != Ok("hang-at-pause-points") {
+        static WARNED: std::sync::Once = std::sync::Once::new();
+        WARNED.call_once(|| {
+            tracing::warn!("REENTRY_PAUSE_AT is set but ignored: it is a test hook, armed only with REENTRY_TEST_HOOKS=hang-at-pause-points");
+        });
+        return;
+    }
     if want == format!("{step}:{point}") {
-        eprintln!("reentry: paused at {want} (REENTRY_PAUSE_AT)");
+        tracing::warn!("paused at {want} (REENTRY_PAUSE_AT)");
         loop {
             std::thread::sleep(Duration::from_secs(3600));
         }

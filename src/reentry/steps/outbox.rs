@@ -376,7 +376,11 @@ fn exists(db: &mut Db, table: &str) -> Result<bool, crate::pg::conn::PgError> {
 }
 
 /// Scans the topic and merges it with the restored outbox.
-pub fn classify(env: &mut Env, r: &Reconcile, progress: bool) -> Result<Classes, StepError> {
+pub fn classify(
+    env: &mut Env,
+    r: &Reconcile,
+    progress: crate::progress::Reporter,
+) -> Result<Classes, StepError> {
     let kafka = env.kafka()?;
     let compare_ms = r.from_ms + SKEW_MS.min((r.t_ms - r.from_ms) / 2);
     let l = &r.layout;
@@ -412,7 +416,7 @@ pub fn classify(env: &mut Env, r: &Reconcile, progress: bool) -> Result<Classes,
             ("true".into(), "NULL::int8".into(), w)
         }
     };
-    let limit = ScanOptions::default_chunk();
+    let limit = kafka.tuning.sort_chunk;
     let db = env.db(&r.database)?;
     let id_col = Column::of(db, &l.table, &l.id).on(&r.database)?;
     // A uuid id and a timestamp marker (the common outbox) travel in binary.
@@ -472,7 +476,6 @@ pub fn classify(env: &mut Env, r: &Reconcile, progress: bool) -> Result<Classes,
                 from_ms: r.from_ms,
                 t_ms: r.t_ms,
                 id: &r.id_from,
-                chunk: limit,
                 progress,
                 start: None,
             },
@@ -672,7 +675,7 @@ impl Step for Reconcile {
     }
 
     fn preview(&self, env: &mut Env) -> Result<Effect, StepError> {
-        let c = classify(env, self, false)?;
+        let c = classify(env, self, crate::progress::Reporter::silent())?;
         Ok(Effect {
             summary: c.summary(self),
             count: c.changes(),
@@ -683,7 +686,7 @@ impl Step for Reconcile {
 
     fn apply(&self, env: &mut Env, rec: &mut Recorder) -> Result<Effect, StepError> {
         let started_ms = now_ms();
-        let c = classify(env, self, true)?;
+        let c = classify(env, self, crate::progress::Reporter::silent())?;
         let kafka = env.kafka()?;
         let template = match &self.compensation_template {
             Some(path) => {
@@ -865,8 +868,7 @@ impl Step for Reconcile {
                 from_ms: i64::MIN,
                 t_ms: i64::MIN,
                 id: &IdFrom::Key,
-                chunk: ScanOptions::default_chunk(),
-                progress: false,
+                progress: crate::progress::Reporter::silent(),
                 start: Some(ends),
             },
         )?;
