@@ -42,7 +42,7 @@ fn default_level() -> i32 {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read config file {}: {source}", path.display())]
+    #[error("cannot read config file {}", path.display())]
     Read {
         path: PathBuf,
         source: std::io::Error,

@@ -34,6 +34,19 @@ impl Diagnostic {
     }
 }
 
+/// An error and each of its causes, once, joined by `: `. Error messages
+/// never repeat their cause; whoever prints an error prints its chain.
+pub fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cause = c.source();
+    }
+    s
+}
+
 /// A file's diagnostics, rendered with their locations.
 #[derive(Debug, Clone, thiserror::Error)]
 pub struct Diagnostics {
@@ -116,6 +129,16 @@ impl fmt::Display for Diagnostics {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_chain_says_each_cause_once() {
+        let e = crate::reentry::run::RunError::Io {
+            what: "cannot write",
+            path: "/run/x".into(),
+            source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such file"),
+        };
+        assert_eq!(chain(&e), "cannot write /run/x: no such file");
+    }
 
     #[test]
     fn renders_line_column_and_a_caret_under_the_span() {

@@ -1,4 +1,3 @@
-use std::error::Error as _;
 use std::process::ExitCode;
 
 use clap::Parser;
@@ -22,18 +21,8 @@ fn main() -> ExitCode {
     match cli::run(cli) {
         Ok(exit) => exit.into(),
         Err(e) => {
-            // One line per cause, each said once.
-            let mut message = e.to_string();
-            let mut source = e.source();
-            while let Some(cause) = source {
-                let text = cause.to_string();
-                if !message.contains(&text) {
-                    message.push_str(": ");
-                    message.push_str(&text);
-                }
-                source = cause.source();
-            }
-            eprintln!("reentry: {message}");
+            // The error and each cause, once: messages do not repeat their causes.
+            eprintln!("reentry: {}", reentry::diag::chain(&e));
             e.exit().into()
         }
     }

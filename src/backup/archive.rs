@@ -30,7 +30,7 @@ const INFO_FORMAT: u32 = 1;
 pub enum ArchiveError {
     #[error(transparent)]
     BadName(#[from] BadWalName),
-    #[error("cannot {op} {}: {source}", path.display())]
+    #[error("cannot {op} {}", path.display())]
     Io {
         op: &'static str,
         path: PathBuf,

@@ -23,7 +23,7 @@ pub const RESTORE_POINTS_FILE: &str = "restore-points.json";
 
 #[derive(Debug, thiserror::Error)]
 pub enum RepoError {
-    #[error("cannot {op} {}: {source}", path.display())]
+    #[error("cannot {op} {}", path.display())]
     Io {
         op: &'static str,
         path: PathBuf,

@@ -296,8 +296,17 @@ pub fn outbox(ctx: &Context, cmd: OutboxCommand) -> Result<Exit, Error> {
         results.push(serde_json::json!({"outbox": r.outbox, "topic": r.topic, "summary": c.summary(r), "classes": c.detail()}));
     }
     if results.is_empty() {
-        eprintln!("reentry: no outbox to compare in {}", a.playbook.display());
-        return Ok(Exit::Usage);
+        let what = match &a.outbox {
+            Some(n) => format!("has no [[outbox]] named `{n}`"),
+            None => "has no [[outbox]]: `outbox diff` compares an outbox with its topic".into(),
+        };
+        let d = crate::diag::Diagnostics::new(
+            &p.file,
+            &p.text,
+            vec![crate::diag::Diagnostic::at(Some(0..0), what)],
+        );
+        eprintln!("{d}");
+        return Ok(Exit::Config);
     }
     ctx.emit(&results, || {
         Some(

@@ -17,12 +17,13 @@ const TIMEOUT: Duration = Duration::from_secs(15);
 
 #[derive(Debug, thiserror::Error)]
 pub enum KafkaError {
-    #[error("Kafka at {bootstrap}: {what}: {source}")]
+    /// rdkafka's error is shown in the message, not chained: its own
+    /// Display already names its code, which it also gives as its source.
+    #[error("Kafka at {bootstrap}: {what}: {error}")]
     Client {
         bootstrap: String,
         what: String,
-        #[source]
-        source: Box<rdkafka::error::KafkaError>,
+        error: Box<rdkafka::error::KafkaError>,
     },
     #[error("Kafka at {bootstrap}: topic {topic} does not exist (or has no partitions)")]
     NoTopic { bootstrap: String, topic: String },
@@ -48,6 +49,33 @@ pub struct Member {
     pub id: String,
     pub client_id: String,
     pub host: String,
+}
+
+impl KafkaError {
+    /// A broker down, a timeout, a coordinator or leader moving: worth
+    /// another try, as a lost database connection is.
+    pub fn is_transient(&self) -> bool {
+        use rdkafka::types::RDKafkaErrorCode as C;
+        let KafkaError::Client { error, .. } = self else {
+            return false;
+        };
+        matches!(
+            error.rdkafka_error_code(),
+            Some(
+                C::BrokerTransportFailure
+                    | C::AllBrokersDown
+                    | C::OperationTimedOut
+                    | C::RequestTimedOut
+                    | C::NetworkException
+                    | C::LeaderNotAvailable
+                    | C::NotLeaderForPartition
+                    | C::BrokerNotAvailable
+                    | C::CoordinatorLoadInProgress
+                    | C::CoordinatorNotAvailable
+                    | C::NotCoordinator
+            )
+        )
+    }
 }
 
 impl Member {
@@ -227,10 +255,10 @@ impl Kafka {
         what: impl Into<String>,
     ) -> impl FnOnce(rdkafka::error::KafkaError) -> KafkaError + '_ {
         let what = what.into();
-        move |source| KafkaError::Client {
+        move |e| KafkaError::Client {
             bootstrap: self.shown.clone(),
             what,
-            source: Box::new(source),
+            error: Box::new(e),
         }
     }
 
@@ -538,6 +566,32 @@ impl Kafka {
 #[cfg(test)]
 mod tests {
     use super::Member;
+
+    #[test]
+    fn broker_outages_and_timeouts_are_transient_and_bad_requests_are_not() {
+        use rdkafka::types::RDKafkaErrorCode as C;
+        let e = |code| super::KafkaError::Client {
+            bootstrap: "${KAFKA}".into(),
+            what: "list offsets".into(),
+            error: Box::new(rdkafka::error::KafkaError::MetadataFetch(code)),
+        };
+        assert!(e(C::AllBrokersDown).is_transient());
+        assert!(e(C::RequestTimedOut).is_transient());
+        assert!(e(C::NotCoordinator).is_transient());
+        assert!(!e(C::UnknownTopicOrPartition).is_transient());
+        assert!(!e(C::GroupAuthorizationFailed).is_transient());
+        // The chain names the brokers by template, and the cause once.
+        let shown = crate::diag::chain(&e(C::AllBrokersDown));
+        assert_eq!(
+            shown.matches("brokers are down").count() + shown.matches("AllBrokersDown").count(),
+            1,
+            "{shown}"
+        );
+        assert!(
+            shown.starts_with("Kafka at ${KAFKA}: list offsets: "),
+            "{shown}"
+        );
+    }
 
     #[test]
     fn a_member_is_named_by_what_the_broker_gives() {

@@ -12,7 +12,7 @@ pub struct PgBin {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ToolError {
-    #[error("cannot run {}: {source} (pass --pg-bin DIR or set REENTRY_PG_BIN to PostgreSQL's bin directory)", program.display())]
+    #[error("cannot run {} (pass --pg-bin DIR or set REENTRY_PG_BIN to PostgreSQL's bin directory)", program.display())]
     Spawn {
         program: PathBuf,
         source: std::io::Error,

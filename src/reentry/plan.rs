@@ -160,7 +160,7 @@ pub enum PlanError {
     NotRestored { manifest: String, why: String },
     #[error("the Kafka, outbox, inbox and idempotency steps compare with T as a time, and the recovery target gives none: name the restore manifest, or give `time`")]
     NoTime,
-    #[error("planning {step}: {source}")]
+    #[error("planning {step}")]
     Step {
         step: String,
         #[source]
@@ -178,7 +178,9 @@ impl PlanError {
             | PlanError::WrongCluster { .. }
             | PlanError::SameDatabase { .. }
             | PlanError::NotRestored { .. } => Exit::Refused,
-            PlanError::Step { source, .. } if matches!(**source, StepError::Input { .. }) => {
+            PlanError::Step { source, .. }
+                if matches!(**source, StepError::Input { .. } | StepError::Config(_)) =>
+            {
                 Exit::Config
             }
             PlanError::NoTime => Exit::Config,

@@ -17,7 +17,7 @@ use crate::reentry::steps::{Effect, Phase};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReportError {
-    #[error("{}: {source}; is this a run directory from `reentry apply`?", path.display())]
+    #[error("cannot read {} (is this a run directory from `reentry apply`?)", path.display())]
     Read {
         path: std::path::PathBuf,
         #[source]

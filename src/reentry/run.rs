@@ -103,7 +103,7 @@ pub enum RunError {
     PlaybookChanged { then: String, now: String },
     #[error(transparent)]
     Plan(#[from] PlanError),
-    #[error("{what} {}: {source}", path.display())]
+    #[error("{what} {}", path.display())]
     Io {
         what: &'static str,
         path: PathBuf,
@@ -296,7 +296,7 @@ fn apply_step(
         match s.action.step().apply(env, &mut rec) {
             Err(e) if e.is_transient() && attempt < 2 => {
                 attempt += 1;
-                tracing::warn!(step = %s.id, attempt, error = %e, "connection failed; retrying");
+                tracing::warn!(step = %s.id, attempt, error = %crate::diag::chain(&e), "a server is not answering; retrying");
                 env.reset();
                 std::thread::sleep(Duration::from_secs(attempt));
             }
@@ -446,7 +446,7 @@ pub fn run(
                     StepError::Check { findings, .. } => findings.clone(),
                     _ => Vec::new(),
                 };
-                let message = e.to_string();
+                let message = crate::diag::chain(&e);
                 journal
                     .append(
                         Event::Failed,

@@ -181,3 +181,25 @@ fn the_example_playbooks_lint_offline_without_their_secrets() {
         assert_exit(&out, 78);
     }
 }
+
+#[test]
+fn a_command_given_a_playbook_without_the_section_it_needs_says_where_with_exit_78() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("gates-only.toml");
+    std::fs::write(
+        &path,
+        "[playbook]\nname = \"g\"\nway-back = \"cutover\"\n[databases.current]\nconninfo = \"host=a\"\n[databases.restored]\nconninfo = \"host=b\"\n[recovery-target]\ntime = \"2026-11-25 12:00:00+00\"\n[gates]\nreopen-order = []\n",
+    )
+    .unwrap();
+    let out = Command::new(reentry_bin())
+        .args(["outbox", "diff"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_exit(&out, 78);
+    assert!(
+        stderr(&out).contains("gates-only.toml:1:1: has no [[outbox]]"),
+        "{}",
+        stderr(&out)
+    );
+}

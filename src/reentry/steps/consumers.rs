@@ -185,8 +185,10 @@ impl Inbox {
                 Ok(())
             };
         for s in sorted {
-            let s =
-                s.map_err(|e| StepError::Invalid(format!("reading the sorted scan back: {e}")))?;
+            let s = s.map_err(|source| StepError::Io {
+                what: "read the sorted scan back",
+                source,
+            })?;
             if last.as_deref() == Some(s.id.as_str()) {
                 continue;
             }

@@ -865,7 +865,7 @@ impl Step for Reopen {
 
     fn apply(&self, env: &mut Env, rec: &mut Recorder) -> Result<Effect, StepError> {
         let Some(prior) = rec.prior_of(&self.close_step).cloned() else {
-            return Err(StepError::Invalid(format!(
+            return Err(StepError::State(format!(
                 "the journal holds no prior state from {}: this run did not close the gate, so it will not re-open it",
                 self.close_step
             )));
@@ -1100,7 +1100,7 @@ impl Step for Verify {
             let mut running = Vec::new();
             for c in &self.closed {
                 let prior = rec.prior_of(&c.step).cloned().ok_or_else(|| {
-                    StepError::Invalid(format!("the journal holds no prior state from {}", c.step))
+                    StepError::State(format!("the journal holds no prior state from {}", c.step))
                 })?;
                 let database = c.at.database.clone();
                 let mut found = found_by_verify(rec, &c.step);

@@ -230,8 +230,9 @@ impl Keys {
                 },
             )?;
             for s in sorted {
-                let s = s.map_err(|e| {
-                    StepError::Invalid(format!("reading the sorted scan back: {e}"))
+                let s = s.map_err(|source| StepError::Io {
+                    what: "read the sorted scan back",
+                    source,
                 })?;
                 note(&mut seen, s.id, Some(s.ts), "topic");
             }

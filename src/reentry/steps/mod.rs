@@ -86,7 +86,7 @@ impl Effect {
 
 #[derive(Debug, thiserror::Error)]
 pub enum StepError {
-    #[error("databases.{database}: {source}")]
+    #[error("databases.{database}")]
     Db {
         database: String,
         #[source]
@@ -95,18 +95,33 @@ pub enum StepError {
     /// From a transaction's BEGIN or COMMIT; the error names the server.
     #[error(transparent)]
     Pg(#[from] PgError),
+    /// A broker's error, naming the brokers by the playbook's template.
+    #[error(transparent)]
+    Kafka(#[from] crate::kafka::KafkaError),
     /// A check found problems; `findings` lists them.
     #[error("{message}")]
     Check {
         message: String,
         findings: Vec<String>,
     },
+    /// What the playbook lacks for this step (a section, a database): exit
+    /// 78 when found while planning.
     #[error("{0}")]
-    Invalid(String),
+    Config(String),
+    /// The journal lacks what this step relies on (a prior state).
+    #[error("{0}")]
+    State(String),
+    /// Local I/O other than the journal's (a scan spilled to disk).
+    #[error("cannot {what}")]
+    Io {
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
     /// Bad input the step reads (a CSV export): exit 78, nothing changed.
     #[error("{message}")]
     Input { message: String },
-    #[error("cannot write the journal: {0}")]
+    #[error("cannot write the journal")]
     Journal(#[from] std::io::Error),
     #[error("interrupted")]
     Interrupted,
@@ -116,13 +131,15 @@ impl StepError {
     /// Connection refused or lost: worth one more try on a new connection,
     /// because every step is idempotent.
     pub fn is_transient(&self) -> bool {
-        matches!(
-            self,
+        match self {
             StepError::Db {
                 source: PgError::Connect { .. },
                 ..
-            } | StepError::Pg(PgError::Connect { .. })
-        )
+            }
+            | StepError::Pg(PgError::Connect { .. }) => true,
+            StepError::Kafka(k) => k.is_transient(),
+            _ => false,
+        }
     }
 }
 
@@ -166,7 +183,7 @@ impl<'a> Env<'a> {
         }
         if !self.dbs.contains_key(name) {
             let d = self.playbook.databases.get(name).ok_or_else(|| {
-                StepError::Invalid(format!("no database named `{name}` in the playbook"))
+                StepError::Config(format!("no database named `{name}` in the playbook"))
             })?;
             let mut db = Db::connect(Some(d.conninfo.expose())).on(name)?;
             let mut setup = String::from(
@@ -192,7 +209,12 @@ impl<'a> Env<'a> {
             .playbook
             .kafka
             .as_ref()
-            .ok_or_else(|| StepError::Invalid("the playbook has no [kafka]".into()))?;
+            .ok_or_else(|| {
+                StepError::Config(
+                    "the playbook has no [kafka], which this step needs: add it (see playbooks/reference.toml)"
+                        .into(),
+                )
+            })?;
         Ok(crate::kafka::Kafka::from_playbook(k))
     }
 

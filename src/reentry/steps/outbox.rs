@@ -25,18 +25,11 @@ use serde_json::json;
 
 use super::{Effect, Env, Nature, OnDatabase, Recorder, Step, StepError};
 use crate::kafka::scan::{self, IdFrom, ScanOptions, ScanStats, Seen};
-use crate::kafka::KafkaError;
 use crate::pg::conn::Db;
 use crate::reentry::check::{quote_qualified, Column};
 
 /// Clock skew allowed between the database and the broker.
 pub const SKEW_MS: i64 = 60_000;
-
-impl From<KafkaError> for StepError {
-    fn from(e: KafkaError) -> StepError {
-        StepError::Invalid(e.to_string())
-    }
-}
 
 /// How an outbox records that a row was published.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -553,8 +546,9 @@ pub fn classify(
         }
         // It spilled: merge it with the outbox streamed in the same order.
         Err(sorted) => {
-            let io = |e: std::io::Error| {
-                StepError::Invalid(format!("reading the sorted scan back: {e}"))
+            let io = |source: std::io::Error| StepError::Io {
+                what: "read the sorted scan back",
+                source,
             };
             let mut ks = sorted
                 .filter(|e| e.as_ref().map_or(true, |s| s.ts >= compare_ms))
@@ -695,9 +689,11 @@ impl Step for Reconcile {
                     .file
                     .parent()
                     .unwrap_or(std::path::Path::new("."));
-                Some(std::fs::read_to_string(base.join(path)).map_err(|e| {
-                    StepError::Invalid(format!("compensation template {path}: {e}"))
-                })?)
+                Some(
+                    std::fs::read_to_string(base.join(path)).map_err(|e| StepError::Input {
+                        message: format!("compensation template {path}: {e}"),
+                    })?,
+                )
             }
             None => None,
         };
