@@ -18,7 +18,7 @@ use crate::diag::Diagnostics;
 use crate::kafka::scan::IdFrom;
 use crate::pg::lsn::Lsn;
 use crate::reentry::check;
-use crate::reentry::playbook::{Playbook, WayBack};
+use crate::reentry::playbook::{Playbook, Seg, WayBack};
 use crate::reentry::steps::consumers::{Inbox, Rewind};
 use crate::reentry::steps::gates::{fold_unquoted, Closed, Gate, GateAt, Reopen, WaitCache};
 use crate::reentry::steps::idempotency::{CsvFrom, Keys};
@@ -26,7 +26,7 @@ use crate::reentry::steps::outbox::{Layout, Reconcile};
 use crate::reentry::steps::validate::{
     Amcheck, Extensions, InvalidIndexes, Query, Role, Sequences,
 };
-use crate::reentry::steps::{Action, Effect, Env, Nature, OnDatabase, Phase, StepError};
+use crate::reentry::steps::{Action, Effect, Env, Nature, OnDatabase, Phase, Pinned, StepError};
 
 pub const PLAN_FILE: &str = "plan.json";
 
@@ -446,7 +446,7 @@ fn reconcile(p: &Playbook, t_ms: i64) -> Vec<PlannedStep> {
     let kafka = p.kafka.as_ref();
     let lookback = millis(kafka.and_then(|k| k.lookback.as_deref()), "1h");
     let watch = millis(kafka.and_then(|k| k.watch.as_deref()), "5s") as f64 / 1000.0;
-    for o in &p.outbox {
+    for (n, o) in p.outbox.iter().enumerate() {
         out.push(step(
             format!("outbox:{}", o.name),
             Phase::Reconcile,
@@ -460,7 +460,9 @@ fn reconcile(p: &Playbook, t_ms: i64) -> Vec<PlannedStep> {
                 t_ms,
                 from_ms: t_ms - lookback,
                 watch_seconds: watch,
-                compensation_template: o.compensation_template.clone(),
+                compensation: o.compensation_template.as_deref().map(|path| {
+                    Pinned::named(path, &["outbox", &n.to_string(), "compensation-template"])
+                }),
             }),
         ));
     }
@@ -499,7 +501,7 @@ fn reconcile(p: &Playbook, t_ms: i64) -> Vec<PlannedStep> {
             }),
         ));
     }
-    for k in &p.idempotency {
+    for (n, k) in p.idempotency.iter().enumerate() {
         out.push(step(
             format!("idempotency:{}", k.name),
             Phase::Reconcile,
@@ -518,6 +520,10 @@ fn reconcile(p: &Playbook, t_ms: i64) -> Vec<PlannedStep> {
                     path: c.path.clone(),
                     key_column: c.key_column.clone(),
                     time_column: c.time_column.clone(),
+                    pinned: Some(Pinned::named(
+                        &c.path.display().to_string(),
+                        &["idempotency", &n.to_string(), "from-csv", "path"],
+                    )),
                 }),
                 t_ms,
             }),
@@ -835,6 +841,32 @@ fn not_the_restored(target: &TargetInfo, cur: &Identity, res: &Identity) -> Opti
     Some(s)
 }
 
+/// Reads and checks every file the steps read from outside, pinning each
+/// in the plan: every problem at once, located in the playbook (exit 78),
+/// before anything touches a database.
+fn pin(p: &Playbook, steps: &mut [PlannedStep]) -> Result<(), PlanError> {
+    let mut errors = Vec::new();
+    for s in steps.iter_mut() {
+        for (at, message) in s.action.step_mut().pin(&p.file) {
+            let path: Vec<Seg> = at
+                .iter()
+                .map(|k| match k.parse::<usize>() {
+                    Ok(i) => Seg::Index(i),
+                    Err(_) => Seg::Key(k),
+                })
+                .collect();
+            errors.push(p.at(&path, format!("{}: {message}", s.id)));
+        }
+    }
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(PlanError::Playbook(Box::new(Diagnostics::new(
+            &p.file, &p.text, errors,
+        ))))
+    }
+}
+
 /// Builds the plan: the steps, then a read-only preview of each.
 pub fn build(p: &Playbook, env: &mut Env) -> Result<Plan, PlanError> {
     let target = target(p)?;
@@ -843,6 +875,7 @@ pub fn build(p: &Playbook, env: &mut Env) -> Result<Plan, PlanError> {
         return Err(PlanError::NoTime);
     }
     let mut steps = steps(p, t_ms);
+    pin(p, &mut steps)?;
     preconditions(p, &target, &steps, env)?;
     for s in &mut steps {
         s.preview = s

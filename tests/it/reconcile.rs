@@ -763,3 +763,92 @@ fn an_unreachable_broker_is_named_by_the_playbooks_template_not_its_value() {
         "{err}"
     );
 }
+
+/// Templates and exports are read when the plan is made: a missing or
+/// malformed one stops the run before any gate closes, located in the
+/// playbook; one changed after the plan read it is refused at apply.
+#[test]
+fn files_from_outside_are_read_and_pinned_by_the_plan() {
+    let w = World::new();
+    let pb = w.playbook("pb.toml", "provider.csv");
+    let line = |needle: &str| {
+        std::fs::read_to_string(&pb)
+            .unwrap()
+            .lines()
+            .position(|l| l.contains(needle))
+            .unwrap()
+            + 1
+    };
+    let gates = |db: &str| w.count(db, "SELECT count(*) FROM system_gate WHERE enabled = false");
+    let closed = (gates("cur"), gates("res"));
+    let template = w.dir.join("compensation.json");
+    let good = std::fs::read_to_string(&template).unwrap();
+
+    std::fs::remove_file(&template).unwrap();
+    let run_dir = w.dir.join("missing");
+    let out = run(&[&"apply", &pb, &"--run-dir", &run_dir, &"--apply"]);
+    assert_exit(&out, 78);
+    let err = stderr(&out);
+    assert!(
+        err.contains(&format!("pb.toml:{}:", line("compensation-template")))
+            && err.contains("compensation.json: No such file"),
+        "{err}"
+    );
+    assert!(!run_dir.join("journal.jsonl").exists());
+
+    std::fs::write(&template, good.replace("{{key}}", "{{aggregate}}")).unwrap();
+    let out = run(&[&"plan", &pb]);
+    assert_exit(&out, 78);
+    assert!(
+        stderr(&out).contains("unknown placeholder {{aggregate}}"),
+        "{}",
+        stderr(&out)
+    );
+    std::fs::write(&template, good.replace("\"case\"", "case")).unwrap();
+    let out = run(&[&"plan", &pb]);
+    assert_exit(&out, 78);
+    assert!(
+        stderr(&out).contains("not JSON once filled in"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!((gates("cur"), gates("res")), closed, "a gate moved");
+
+    // Pinned: the plan keeps the template's content and sha256.
+    std::fs::write(&template, &good).unwrap();
+    let out = run(&[&"plan", &pb, &"--json"]);
+    assert_exit(&out, 1);
+    let plan: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    let pinned = &step(&plan, "outbox:case-events")["action"]["compensation"];
+    assert_eq!(pinned["content"], good.as_str());
+    assert_eq!(pinned["sha256"].as_str().unwrap().len(), 64);
+
+    // Changed between the plan and its use: refused, the gates stay closed.
+    let run_dir = w.dir.join("changed");
+    let out = run(&[
+        &"apply",
+        &pb,
+        &"--run-dir",
+        &run_dir,
+        &"--apply",
+        &"--until",
+        &"validate",
+    ]);
+    assert_exit(&out, 0);
+    std::fs::write(&template, good.replace("CaseChangeLost", "Other")).unwrap();
+    let out = run(&[
+        &"apply",
+        &pb,
+        &"--run-dir",
+        &run_dir,
+        &"--apply",
+        &"--resume",
+    ]);
+    assert_exit(&out, 2);
+    assert!(
+        stdout(&out).contains("compensation.json changed since the plan read it"),
+        "{}",
+        stdout(&out)
+    );
+    assert_eq!(gates("res"), 1, "the restored gate stays closed");
+}

@@ -14,7 +14,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use super::{Effect, Env, Nature, OnDatabase, Recorder, Step, StepError};
+use super::{Effect, Env, Nature, OnDatabase, PinErrors, Pinned, Recorder, Step, StepError};
 use crate::kafka::scan::{self, IdFrom, ScanOptions};
 use crate::reentry::check::{quote_qualified, Column};
 
@@ -24,6 +24,9 @@ pub struct CsvFrom {
     pub path: PathBuf,
     pub key_column: String,
     pub time_column: Option<String>,
+    /// The export, pinned by sha256 when the plan is made.
+    #[serde(default)]
+    pub pinned: Option<Pinned>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -75,10 +78,20 @@ pub fn read_csv(
     t_ms: i64,
 ) -> Result<Vec<(String, Option<i64>)>, Vec<String>> {
     let shown = path.display().to_string();
-    let mut rdr = match csv::ReaderBuilder::new().flexible(false).from_path(path) {
-        Ok(r) => r,
-        Err(e) => return Err(vec![format!("{shown}: cannot read it: {e}")]),
-    };
+    match std::fs::read(path) {
+        Ok(bytes) => parse_csv(&shown, &bytes, c, t_ms),
+        Err(e) => Err(vec![format!("{shown}: cannot read it: {e}")]),
+    }
+}
+
+/// `read_csv` of bytes already read (and pinned).
+pub fn parse_csv(
+    shown: &str,
+    bytes: &[u8],
+    c: &CsvFrom,
+    t_ms: i64,
+) -> Result<Vec<(String, Option<i64>)>, Vec<String>> {
+    let mut rdr = csv::ReaderBuilder::new().flexible(false).from_reader(bytes);
     let headers = match rdr.headers() {
         Ok(h) => h.clone(),
         Err(e) => return Err(vec![format!("{shown}:1: {e}")]),
@@ -173,14 +186,23 @@ impl Keys {
         };
         if let Some(c) = &self.from_csv {
             let base = env.playbook.file.parent().unwrap_or(Path::new("."));
+            let path = base.join(&c.path);
+            let bytes = match &c.pinned {
+                Some(p) => p.read_checked(&env.playbook.file)?,
+                None => std::fs::read(&path).map_err(|e| StepError::Input {
+                    message: format!("cannot read {}: {e}", path.display()),
+                })?,
+            };
             let rows =
-                read_csv(&base.join(&c.path), c, self.t_ms).map_err(|errors| StepError::Input {
-                    message: format!(
-                        "idempotency `{}`: the CSV export has {} malformed row(s):\n  {}",
-                        self.idempotency,
-                        errors.len(),
-                        errors.join("\n  ")
-                    ),
+                parse_csv(&path.display().to_string(), &bytes, c, self.t_ms).map_err(|errors| {
+                    StepError::Input {
+                        message: format!(
+                            "idempotency `{}`: the CSV export has {} malformed row(s):\n  {}",
+                            self.idempotency,
+                            errors.len(),
+                            errors.join("\n  ")
+                        ),
+                    }
                 })?;
             for (k, t) in rows {
                 note(&mut seen, k, t, "csv");
@@ -320,6 +342,28 @@ impl Step for Keys {
         Nature::Changes
     }
 
+    fn pin(&mut self, playbook: &Path) -> PinErrors {
+        let t_ms = self.t_ms;
+        let Some(c) = &mut self.from_csv else {
+            return Vec::new();
+        };
+        let mut pinned = c
+            .pinned
+            .take()
+            .unwrap_or_else(|| Pinned::named(&c.path.display().to_string(), &[]));
+        let errors = match pinned.pin(playbook, false) {
+            Err(e) => vec![(pinned.at.clone(), e)],
+            Ok(bytes) => parse_csv(&pinned.path, &bytes, c, t_ms)
+                .err()
+                .unwrap_or_default()
+                .into_iter()
+                .map(|e| (pinned.at.clone(), e))
+                .collect(),
+        };
+        c.pinned = Some(pinned);
+        errors
+    }
+
     fn preview(&self, env: &mut Env) -> Result<Effect, StepError> {
         let f = self.gather(env)?;
         let verb = if self.action == "review" {
@@ -452,6 +496,7 @@ mod tests {
             path: path.clone(),
             key_column: "request_id".into(),
             time_column: Some("sent_at".into()),
+            pinned: None,
         };
         let t = parse_time("2026-11-25T12:00:00Z").unwrap();
         let errors = read_csv(&path, &c, t).unwrap_err();

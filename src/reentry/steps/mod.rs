@@ -296,9 +296,92 @@ impl Recorder<'_> {
     }
 }
 
+/// A file a step reads from outside the databases (a template, a
+/// provider's export), pinned when the plan is made: read and checked
+/// then, its sha256 (and, for a small file used whole, its content) kept in
+/// the plan, and checked again before apply uses it. A missing or malformed
+/// file stops the plan, located in the playbook, before any gate closes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct Pinned {
+    /// As the playbook names it, relative to the playbook.
+    pub path: String,
+    /// Where the playbook names it: keys, and indexes as numbers.
+    #[serde(default)]
+    pub at: Vec<String>,
+    /// Empty in a plan an older build made: then nothing was pinned.
+    #[serde(default)]
+    pub sha256: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content: Option<String>,
+}
+
+impl Pinned {
+    pub fn named(path: &str, at: &[&str]) -> Pinned {
+        Pinned {
+            path: path.to_owned(),
+            at: at.iter().map(|s| (*s).to_owned()).collect(),
+            sha256: String::new(),
+            content: None,
+        }
+    }
+
+    fn resolve(&self, playbook: &std::path::Path) -> std::path::PathBuf {
+        playbook
+            .parent()
+            .unwrap_or(std::path::Path::new("."))
+            .join(&self.path)
+    }
+
+    /// Reads it for the plan, pins its sha256 (and its content when
+    /// `keep`), and returns its bytes to be checked.
+    pub fn pin(&mut self, playbook: &std::path::Path, keep: bool) -> Result<Vec<u8>, String> {
+        let path = self.resolve(playbook);
+        let bytes =
+            std::fs::read(&path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        self.sha256 = crate::reentry::plan::sha256_hex(&bytes);
+        if keep {
+            self.content = Some(
+                String::from_utf8(bytes.clone())
+                    .map_err(|_| format!("{} is not UTF-8 text", path.display()))?,
+            );
+        }
+        Ok(bytes)
+    }
+
+    /// Its bytes at apply: refused when the file is gone or changed since
+    /// the plan pinned it (make a new plan to use the new one).
+    pub fn read_checked(&self, playbook: &std::path::Path) -> Result<Vec<u8>, StepError> {
+        let path = self.resolve(playbook);
+        let bytes = std::fs::read(&path).map_err(|e| StepError::Input {
+            message: format!("cannot read {}: {e}", path.display()),
+        })?;
+        let now = crate::reentry::plan::sha256_hex(&bytes);
+        if !self.sha256.is_empty() && now != self.sha256 {
+            return Err(StepError::Input {
+                message: format!(
+                    "{} changed since the plan read it (sha256 {:.12} → {:.12}): put it back, or start a new run to use the new file",
+                    path.display(),
+                    self.sha256,
+                    now
+                ),
+            });
+        }
+        Ok(bytes)
+    }
+}
+
+/// What a step's `pin` found wrong: where in the playbook, and what.
+pub type PinErrors = Vec<(Vec<String>, String)>;
+
 /// The interface every step kind implements.
 pub trait Step {
     fn nature(&self) -> Nature;
+    /// Reads and checks, when the plan is made, every file the step will
+    /// read from outside (see `Pinned`). `playbook` is the playbook's path.
+    fn pin(&mut self, _playbook: &std::path::Path) -> PinErrors {
+        Vec::new()
+    }
     /// Read-only: what applying would change, with counts from the
     /// databases as they are now.
     fn preview(&self, env: &mut Env) -> Result<Effect, StepError>;
@@ -307,10 +390,35 @@ pub trait Step {
     fn apply(&self, env: &mut Env, rec: &mut Recorder) -> Result<Effect, StepError>;
 }
 
-/// Every step kind; the plan on disk is a list of these.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "kebab-case")]
-pub enum Action {
+/// The registry of step kinds: one line each. The plan on disk is a list
+/// of `Action`s (tagged by `kind`), so a resumed run walks exactly the plan
+/// it started with; the engine reaches each through the `Step` trait.
+macro_rules! registry {
+    ($($variant:ident($ty:ty)),* $(,)?) => {
+        /// Every step kind; the plan on disk is a list of these.
+        #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+        #[serde(tag = "kind", rename_all = "kebab-case")]
+        pub enum Action {
+            $($variant($ty)),*
+        }
+
+        impl Action {
+            pub fn step(&self) -> &dyn Step {
+                match self {
+                    $(Action::$variant(s) => s),*
+                }
+            }
+
+            pub fn step_mut(&mut self) -> &mut dyn Step {
+                match self {
+                    $(Action::$variant(s) => s),*
+                }
+            }
+        }
+    };
+}
+
+registry! {
     CloseGate(gates::GateAt),
     WaitGateCache(gates::WaitCache),
     VerifyGates(gates::Verify),
@@ -324,26 +432,6 @@ pub enum Action {
     Inbox(consumers::Inbox),
     RewindGroup(consumers::Rewind),
     IdempotencyKeys(idempotency::Keys),
-}
-
-impl Action {
-    pub fn step(&self) -> &dyn Step {
-        match self {
-            Action::CloseGate(s) => s,
-            Action::WaitGateCache(s) => s,
-            Action::VerifyGates(s) => s,
-            Action::Check(s) => s,
-            Action::InvalidIndexes(s) => s,
-            Action::Sequences(s) => s,
-            Action::Extensions(s) => s,
-            Action::Amcheck(s) => s,
-            Action::ReopenGate(s) => s,
-            Action::Outbox(s) => s,
-            Action::Inbox(s) => s,
-            Action::RewindGroup(s) => s,
-            Action::IdempotencyKeys(s) => s,
-        }
-    }
 }
 
 /// A test hook: `REENTRY_PAUSE_AT=STEP:POINT` makes the run stop dead at

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use super::{Effect, Env, Nature, OnDatabase, Recorder, Step, StepError};
+use super::{Effect, Env, Nature, OnDatabase, PinErrors, Pinned, Recorder, Step, StepError};
 use crate::kafka::scan::{self, IdFrom, ScanOptions, ScanStats, Seen};
 use crate::pg::conn::Db;
 use crate::reentry::check::{quote_qualified, Column};
@@ -110,7 +110,60 @@ pub struct Reconcile {
     pub t_ms: i64,
     pub from_ms: i64,
     pub watch_seconds: f64,
-    pub compensation_template: Option<String>,
+    /// The compensating event's template, pinned (content and sha256)
+    /// when the plan is made.
+    #[serde(default)]
+    pub compensation: Option<Pinned>,
+}
+
+/// The placeholders a compensation template may use.
+const PLACEHOLDERS: &[&str] = &[
+    "event_id",
+    "key",
+    "topic",
+    "partition",
+    "offset",
+    "timestamp",
+];
+
+/// What is wrong with a template: placeholders it does not know, and, for a
+/// `.json` template, JSON that a filled-in copy would not be.
+fn check_template(path: &str, text: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut rest = text;
+    while let Some(i) = rest.find("{{") {
+        let after = &rest[i + 2..];
+        let Some(end) = after.find("}}") else {
+            out.push(format!("{path}: a `{{{{` is never closed"));
+            break;
+        };
+        let name = after[..end].trim();
+        if !PLACEHOLDERS.contains(&name) {
+            out.push(format!(
+                "{path}: unknown placeholder {{{{{name}}}}}; known: {}",
+                PLACEHOLDERS
+                    .iter()
+                    .map(|p| format!("{{{{{p}}}}}"))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            ));
+        }
+        rest = &after[end + 2..];
+    }
+    if out.is_empty() && path.ends_with(".json") {
+        let sample = Seen {
+            id: "00000000-0000-0000-0000-000000000000".into(),
+            partition: 0,
+            offset: 0,
+            ts: 0,
+        };
+        if let Err(e) =
+            serde_json::from_str::<serde_json::Value>(&fill(text, &sample, "key", "topic"))
+        {
+            out.push(format!("{path}: not JSON once filled in: {e}"));
+        }
+    }
+    out
 }
 
 /// The classes, with what the actions need.
@@ -668,6 +721,19 @@ impl Step for Reconcile {
         Nature::Changes
     }
 
+    fn pin(&mut self, playbook: &std::path::Path) -> PinErrors {
+        let Some(p) = &mut self.compensation else {
+            return Vec::new();
+        };
+        match p.pin(playbook, true) {
+            Err(e) => vec![(p.at.clone(), e)],
+            Ok(bytes) => check_template(&p.path, &String::from_utf8_lossy(&bytes))
+                .into_iter()
+                .map(|e| (p.at.clone(), e))
+                .collect(),
+        }
+    }
+
     fn preview(&self, env: &mut Env) -> Result<Effect, StepError> {
         let c = classify(env, self, crate::progress::Reporter::silent())?;
         Ok(Effect {
@@ -682,18 +748,14 @@ impl Step for Reconcile {
         let started_ms = now_ms();
         let c = classify(env, self, crate::progress::Reporter::silent())?;
         let kafka = env.kafka()?;
-        let template = match &self.compensation_template {
-            Some(path) => {
-                let base = env
-                    .playbook
-                    .file
-                    .parent()
-                    .unwrap_or(std::path::Path::new("."));
-                Some(
-                    std::fs::read_to_string(base.join(path)).map_err(|e| StepError::Input {
-                        message: format!("compensation template {path}: {e}"),
-                    })?,
-                )
+        let template = match &self.compensation {
+            Some(pinned) => {
+                let bytes = pinned.read_checked(&env.playbook.file)?;
+                // The plan's copy: what was checked is what is sent.
+                Some(match &pinned.content {
+                    Some(text) => text.clone(),
+                    None => String::from_utf8_lossy(&bytes).into_owned(),
+                })
             }
             None => None,
         };
