@@ -2,6 +2,7 @@
 
 mod backup;
 mod common;
+mod crash;
 mod engine;
 mod playbook;
 mod quartz;

@@ -36,18 +36,18 @@ struct Event {
     produced: Option<i64>,
 }
 
-struct World {
-    cluster: Cluster,
-    dir: PathBuf,
-    topic: String,
+pub(crate) struct World {
+    pub(crate) cluster: Cluster,
+    pub(crate) dir: PathBuf,
+    pub(crate) topic: String,
     /// The projector's consumer group: groups live on the shared broker, so
     /// each test has its own.
-    group: String,
-    t: i64,
+    pub(crate) group: String,
+    pub(crate) t: i64,
     events: Vec<Event>,
 }
 
-fn ts(ms: i64) -> String {
+pub(crate) fn ts(ms: i64) -> String {
     humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_millis(ms as u64)).to_string()
 }
 
@@ -56,12 +56,17 @@ impl World {
     /// published after it; 3 marked published before T whose messages were
     /// lost; 4 never published; 7 created and published after T.
     fn new() -> World {
+        World::at(now_ms() - 20 * MIN)
+    }
+
+    /// The same history around a given T: worlds built at the same T are
+    /// alike row for row and message for message.
+    pub(crate) fn at(t: i64) -> World {
         let mut cluster = Cluster::init(Version::V18);
         cluster.start();
         let dir = cluster.dir("work");
         let topic = topic("outbox");
         create_topic(&topic, 3);
-        let t = now_ms() - 20 * MIN;
         let b = t - 10 * MIN;
         let mut events = Vec::new();
         let mut n = 0;
@@ -223,11 +228,11 @@ impl World {
             .unwrap();
     }
 
-    fn conninfo(&self, db: &str) -> String {
+    pub(crate) fn conninfo(&self, db: &str) -> String {
         self.cluster.db_conninfo(db)
     }
 
-    fn client(&self, db: &str) -> postgres::Client {
+    pub(crate) fn client(&self, db: &str) -> postgres::Client {
         self.cluster.db_client(db)
     }
 
@@ -344,7 +349,7 @@ impl Drop for Member {
 }
 
 /// The whole topic as kcat prints it with `format`.
-fn kcat_read(topic: &str, format: &str) -> String {
+pub(crate) fn kcat_read(topic: &str, format: &str) -> String {
     let out = kcat()
         .args([
             "-C",

@@ -403,6 +403,11 @@ macro_rules! registry {
         }
 
         impl Action {
+            /// Every kind, as the plan names it (`close-gate`, …).
+            pub fn kinds() -> Vec<String> {
+                [$(stringify!($variant)),*].iter().map(|v| kebab(v)).collect()
+            }
+
             pub fn step(&self) -> &dyn Step {
                 match self {
                     $(Action::$variant(s) => s),*
@@ -416,6 +421,18 @@ macro_rules! registry {
             }
         }
     };
+}
+
+/// `CloseGate` → `close-gate`, as serde's kebab-case names a variant.
+fn kebab(camel: &str) -> String {
+    let mut out = String::new();
+    for (i, c) in camel.chars().enumerate() {
+        if c.is_ascii_uppercase() && i > 0 {
+            out.push('-');
+        }
+        out.push(c.to_ascii_lowercase());
+    }
+    out
 }
 
 registry! {
@@ -455,5 +472,23 @@ pub fn pause_point(step: &str, point: &str) {
         loop {
             std::thread::sleep(Duration::from_secs(3600));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_registry_names_kinds_as_the_plan_does() {
+        let kinds = Action::kinds();
+        assert!(kinds.contains(&"close-gate".to_owned()), "{kinds:?}");
+        assert!(kinds.contains(&"idempotency-keys".to_owned()), "{kinds:?}");
+        let a = Action::WaitGateCache(gates::WaitCache {
+            ttl_seconds: 1.0,
+            after: vec![],
+        });
+        let json = serde_json::to_value(&a).unwrap();
+        assert!(kinds.contains(&json["kind"].as_str().unwrap().to_owned()));
     }
 }
