@@ -628,14 +628,12 @@ fn preconditions(
             &p.file, &p.text, errors,
         ))));
     }
+    // Every database a step writes to, as each kind says: none may be in
+    // recovery (a paused hot standby takes no writes).
     let mut written: Vec<&str> = steps
         .iter()
         .filter(|s| s.nature() != Nature::Reads)
-        .filter_map(|s| match &s.action {
-            Action::CloseGate(g) => Some(g.database.as_str()),
-            Action::Sequences(x) => Some(x.database.as_str()),
-            _ => None,
-        })
+        .flat_map(|s| s.action.step().writes())
         .collect();
     written.sort_unstable();
     written.dedup();

@@ -9,11 +9,10 @@ use std::path::Path;
 use std::time::SystemTime;
 
 use serde::Serialize;
-use serde_json::Value;
 
-use crate::reentry::journal::{self, Event, Record};
+use crate::reentry::journal::{self, Entry, Event, Record};
 use crate::reentry::plan::{Plan, PlaybookRef, TargetInfo, PLAN_FILE};
-use crate::reentry::steps::{Effect, Phase};
+use crate::reentry::steps::{GateRow, Phase};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReportError {
@@ -86,16 +85,7 @@ pub struct PauseEvidence {
     pub seconds: Option<f64>,
 }
 
-#[derive(Debug, Clone, Serialize)]
-pub struct GateEvidence {
-    pub gate: String,
-    #[serde(rename = "type")]
-    pub kind: String,
-    pub database: String,
-    pub before: String,
-    pub closed: String,
-    pub after: String,
-}
+pub use crate::reentry::steps::GateEvidence;
 
 #[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -122,58 +112,6 @@ fn secs_between(a: Option<SystemTime>, b: Option<SystemTime>) -> Option<f64> {
     Some(b?.duration_since(a?).ok()?.as_secs_f64())
 }
 
-/// A gate's rows, said briefly.
-fn describe_state(kind: &str, state: &Value) -> String {
-    match kind {
-        "system-gate" => match state.get("enabled") {
-            None => "no row".into(),
-            Some(v) => format!("enabled = {v}"),
-        },
-        "shedlock" => {
-            let locks = state["locks"].as_object().cloned().unwrap_or_default();
-            if locks.is_empty() {
-                return "no locks".into();
-            }
-            locks
-                .iter()
-                .map(|(name, row)| {
-                    if row.is_null() {
-                        format!("{name}: no row")
-                    } else {
-                        format!(
-                            "{name}: until {} by {}",
-                            row["lock_until"].as_str().unwrap_or("?"),
-                            row["locked_by"].as_str().unwrap_or("?")
-                        )
-                    }
-                })
-                .collect::<Vec<_>>()
-                .join("; ")
-        }
-        "quartz" => {
-            let mut counts: std::collections::BTreeMap<String, usize> = Default::default();
-            for t in state["triggers"].as_array().into_iter().flatten() {
-                *counts
-                    .entry(t["state"].as_str().unwrap_or("?").to_owned())
-                    .or_default() += 1;
-            }
-            let paused = state["paused-groups"]
-                .as_array()
-                .map(|a| a.len())
-                .unwrap_or(0);
-            format!(
-                "{paused} paused group(s); triggers {}",
-                counts
-                    .iter()
-                    .map(|(s, n)| format!("{n} {s}"))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            )
-        }
-        _ => state.to_string(),
-    }
-}
-
 /// Reads a run directory and builds the evidence.
 pub fn build(dir: &Path) -> Result<Report, ReportError> {
     let plan_path = dir.join(PLAN_FILE);
@@ -196,16 +134,12 @@ pub fn build(dir: &Path) -> Result<Report, ReportError> {
 pub fn assemble(plan: &Plan, records: &[Record]) -> Report {
     let first = records.first();
     let t0 = first.and_then(Record::time);
-    let run_id = first
-        .and_then(|r| r.data["run-id"].as_str())
-        .unwrap_or("?")
-        .to_owned();
-    let mode = first
-        .and_then(|r| r.data["mode"].as_str())
-        .unwrap_or("?")
-        .to_owned();
+    let (run_id, mode) = match first.map(|r| &r.entry) {
+        Some(Entry::RunStarted(r)) => (r.run_id.clone(), r.mode.clone()),
+        _ => ("?".into(), "?".into()),
+    };
     let last = records.last();
-    let status = match last.map(|r| r.event) {
+    let status = match last.map(Record::event) {
         Some(Event::RunFinished) => "finished",
         Some(Event::Paused) => "paused (as asked; continue with --resume)",
         Some(Event::Interrupted) => "interrupted",
@@ -213,7 +147,7 @@ pub fn assemble(plan: &Plan, records: &[Record]) -> Report {
             .iter()
             .rev()
             .find(|r| r.step.is_some())
-            .map(|r| r.event)
+            .map(Record::event)
             == Some(Event::Failed) =>
         {
             "failed"
@@ -221,79 +155,64 @@ pub fn assemble(plan: &Plan, records: &[Record]) -> Report {
         _ => "incomplete (the run died or is still going; resume it with --resume)",
     };
     let mut steps = Vec::new();
-    let mut gates = Vec::new();
+    let mut gates: Vec<GateEvidence> = Vec::new();
     for (i, s) in plan.steps.iter().enumerate() {
         let mine: Vec<&Record> = records
             .iter()
             .filter(|r| r.step.as_deref() == Some(s.id.as_str()))
             .collect();
-        let started: Vec<&&Record> = mine.iter().filter(|r| r.event == Event::Started).collect();
+        let started: Vec<&&Record> = mine
+            .iter()
+            .filter(|r| r.event() == Event::Started)
+            .collect();
         let end = mine
             .iter()
             .rev()
-            .find(|r| matches!(r.event, Event::Done | Event::Failed | Event::Skipped));
+            .find(|r| matches!(r.event(), Event::Done | Event::Failed | Event::Skipped));
         let start_time = started.last().and_then(|r| r.time());
         let end_time = end.and_then(|r| r.time());
-        let status = match end.map(|r| r.event) {
+        let status = match end.map(|r| r.event()) {
             Some(Event::Done) => StepStatus::Done,
             Some(Event::Failed) => StepStatus::Failed,
             Some(Event::Skipped) => StepStatus::Skipped,
             _ if !started.is_empty() => StepStatus::Unfinished,
             _ => StepStatus::NotRun,
         };
-        let effect: Effect = end
-            .filter(|r| r.event == Event::Done)
-            .and_then(|r| serde_json::from_value(r.data["effect"].clone()).ok())
-            .unwrap_or_default();
-        let (summary, count, items) = match status {
-            StepStatus::Done => (effect.summary.clone(), effect.count, effect.items.clone()),
-            StepStatus::Skipped => (
-                end.and_then(|r| r.data["why"].as_str())
-                    .unwrap_or_default()
-                    .to_owned(),
-                s.preview.count,
-                s.preview.items.clone(),
-            ),
-            _ => (s.preview.summary.clone(), 0, Vec::new()),
-        };
-        let error = end
-            .filter(|r| r.event == Event::Failed)
-            .and_then(|r| r.data["error"].as_str())
-            .map(str::to_owned);
-        let findings = end
-            .filter(|r| r.event == Event::Failed)
-            .and_then(|r| r.data["findings"].as_array().cloned())
-            .unwrap_or_default()
-            .iter()
-            .filter_map(|v| v.as_str().map(str::to_owned))
-            .collect();
-        if status == StepStatus::Done && s.id.starts_with("close:") {
-            let d = &effect.detail;
-            let kind = d["type"].as_str().unwrap_or("?");
-            gates.push(GateEvidence {
-                gate: d["gate"].as_str().unwrap_or("?").to_owned(),
-                kind: kind.to_owned(),
-                database: d["database"].as_str().unwrap_or("?").to_owned(),
-                before: describe_state(kind, &d["before"]),
-                closed: describe_state(kind, &d["after"]),
-                after: "stays closed".into(),
-            });
-        }
-        if status == StepStatus::Done && s.id.starts_with("reopen:") {
-            let d = &effect.detail;
-            let (g, db) = (
-                d["gate"].as_str().unwrap_or("?"),
-                d["database"].as_str().unwrap_or("?"),
-            );
-            if let Some(row) = gates.iter_mut().find(|x| x.gate == g && x.database == db) {
-                row.after = describe_state(&row.kind.clone(), &d["after"]);
-                let misfired = d["misfired"].as_array().map_or(0, Vec::len);
-                if misfired > 0 {
-                    row.after.push_str(&format!(
-                        "; {misfired} trigger(s) past their misfire threshold, for Quartz's misfire handler"
-                    ));
+        let (mut summary, mut count, mut items) = (s.preview.summary.clone(), 0, Vec::new());
+        let (mut error, mut findings) = (None, Vec::new());
+        match end.map(|r| &r.entry) {
+            Some(Entry::Done(d)) => {
+                (summary, count, items) = (
+                    d.effect.summary.clone(),
+                    d.effect.count,
+                    d.effect.items.clone(),
+                );
+                // The kind says what its effect means for a gate.
+                match s.action.step().gate_evidence(&d.effect) {
+                    Some(GateRow::Closed(row)) => gates.push(row),
+                    Some(GateRow::Reopened {
+                        gate,
+                        database,
+                        after,
+                    }) => {
+                        if let Some(row) = gates
+                            .iter_mut()
+                            .find(|x| x.gate == gate && x.database == database)
+                        {
+                            row.after = after;
+                        }
+                    }
+                    None => {}
                 }
             }
+            Some(Entry::Skipped(k)) => {
+                (summary, count, items) = (k.why.clone(), s.preview.count, s.preview.items.clone());
+            }
+            Some(Entry::Failed(f)) => {
+                error = Some(f.error.clone());
+                findings = f.findings.clone();
+            }
+            _ => {}
         }
         steps.push(StepEvidence {
             n: i + 1,
@@ -322,14 +241,15 @@ pub fn assemble(plan: &Plan, records: &[Record]) -> Report {
         target: plan.target.clone(),
         started_at: first.map(|r| r.at.clone()).unwrap_or_default(),
         finished_at: last
-            .filter(|r| r.event == Event::RunFinished)
+            .filter(|r| r.event() == Event::RunFinished)
             .map(|r| r.at.clone()),
         seconds: secs_between(t0, end_time).unwrap_or(0.0),
         attempts: records
             .iter()
-            .filter(|r| {
-                r.event == Event::RunStarted
-                    || (r.event == Event::Resumed && r.data["after-pause"] != true)
+            .filter(|r| match &r.entry {
+                Entry::RunStarted(_) => true,
+                Entry::Resumed(x) => !x.after_pause,
+                _ => false,
             })
             .count(),
         pauses: pauses(records),
@@ -342,18 +262,16 @@ pub fn assemble(plan: &Plan, records: &[Record]) -> Report {
 fn pauses(records: &[Record]) -> Vec<PauseEvidence> {
     let mut out: Vec<PauseEvidence> = Vec::new();
     for r in records {
-        match r.event {
-            Event::Paused => {
-                if let Ok(after) = serde_json::from_value(r.data["after"].clone()) {
-                    out.push(PauseEvidence {
-                        after,
-                        at: r.at.clone(),
-                        resumed_at: None,
-                        seconds: None,
-                    });
-                }
+        match &r.entry {
+            Entry::Paused(p) => {
+                out.push(PauseEvidence {
+                    after: p.after,
+                    at: r.at.clone(),
+                    resumed_at: None,
+                    seconds: None,
+                });
             }
-            Event::Resumed => {
+            Entry::Resumed(_) => {
                 if let Some(p) = out.last_mut().filter(|p| p.resumed_at.is_none()) {
                     p.seconds = secs_between(humantime::parse_rfc3339(&p.at).ok(), r.time());
                     p.resumed_at = Some(r.at.clone());

@@ -11,10 +11,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
-use serde_json::json;
 
 use crate::fsutil;
-use crate::reentry::journal::{self, Event, Journal, Record, State};
+use crate::reentry::journal::{self, Entry, Event, Journal, Record, State};
 use crate::reentry::plan::{self, Plan, PlanError, PlannedStep, PLAN_FILE};
 use crate::reentry::playbook::Playbook;
 use crate::reentry::steps::{pause_point, Effect, Env, Nature, Phase, Recorder, StepError};
@@ -190,13 +189,12 @@ fn start(p: &Playbook, opts: &Options) -> Result<Opened, RunError> {
     let mut journal = Journal::create(dir).map_err(io("cannot create the journal in", dir))?;
     let first = journal
         .append(
-            Event::RunStarted,
             None,
-            json!({
-                "run-id": run_id,
-                "mode": if opts.apply { "apply" } else { "dry-run" },
-                "playbook": plan.playbook,
-                "pid": std::process::id(),
+            Entry::RunStarted(journal::RunStarted {
+                run_id: run_id.clone(),
+                mode: if opts.apply { "apply" } else { "dry-run" }.into(),
+                playbook: plan.playbook.clone(),
+                pid: std::process::id(),
             }),
         )
         .map_err(io("cannot write", dir))?;
@@ -237,30 +235,31 @@ fn resume(p: &Playbook, opts: &Options) -> Result<Opened, RunError> {
     }
     let (mut journal, records) =
         Journal::resume(dir).map_err(io("cannot read the journal in", dir))?;
-    let Some(first) = records.first().filter(|r| r.event == Event::RunStarted) else {
+    let Some(Entry::RunStarted(first)) = records.first().map(|r| &r.entry) else {
         return Err(nothing("the journal does not start with run-started"));
     };
-    let mode = first.data["mode"].as_str().unwrap_or_default();
-    if mode == "dry-run" {
+    if first.mode == "dry-run" {
         return Err(RunError::DryRun { dir: shown });
     }
     if !opts.apply {
         return Err(RunError::NotDryRun { dir: shown });
     }
-    let run_id = first.data["run-id"].as_str().unwrap_or_default().to_owned();
+    let run_id = first.run_id.clone();
     let mut records = records;
     let last = records
         .iter()
         .rev()
         .find(|r| r.step.is_none())
-        .map(|r| r.event);
-    if records.last().map(|r| r.event) != Some(Event::RunFinished) {
+        .map(Record::event);
+    if records.last().map(Record::event) != Some(Event::RunFinished) {
         // After a pause the run goes on as planned: not a second attempt.
         let r = journal
             .append(
-                Event::Resumed,
                 None,
-                json!({"pid": std::process::id(), "after-pause": last == Some(Event::Paused)}),
+                Entry::Resumed(journal::Resumed {
+                    pid: std::process::id(),
+                    after_pause: last == Some(Event::Paused),
+                }),
             )
             .map_err(io("cannot write", dir))?;
         records.push(r);
@@ -331,7 +330,7 @@ pub fn run(
         path: dir.clone(),
         source: e,
     };
-    let finished_before = records.last().map(|r| r.event) == Some(Event::RunFinished);
+    let finished_before = records.last().map(Record::event) == Some(Event::RunFinished);
     let mut state = State::from_records(&records);
     let mut env = Env::new(p, run_id.clone(), !opts.apply);
     let mut result = RunResult {
@@ -357,8 +356,10 @@ pub fn run(
             seconds,
         };
         if let Some(done) = state.done.get(&s.id) {
-            let effect: Effect =
-                serde_json::from_value(done.data["effect"].clone()).unwrap_or_default();
+            let effect = match &done.entry {
+                Entry::Done(d) => d.effect.clone(),
+                _ => Effect::default(),
+            };
             push(
                 &mut result,
                 line(Outcome::AlreadyDone, effect.summary, effect.count, None),
@@ -367,7 +368,13 @@ pub fn run(
         }
         if let Some(until) = opts.until.filter(|u| s.phase > *u) {
             journal
-                .append(Event::Paused, None, json!({"after": until, "before": s.id}))
+                .append(
+                    None,
+                    Entry::Paused(journal::Paused {
+                        after: until,
+                        before: s.id.clone(),
+                    }),
+                )
                 .map_err(jw)?;
             result.status = Status::Paused;
             result.error = Some(format!(
@@ -379,7 +386,13 @@ pub fn run(
         }
         if interrupted.load(Ordering::SeqCst) {
             journal
-                .append(Event::Interrupted, Some(&s.id), json!({"before": s.id}))
+                .append(
+                    Some(&s.id),
+                    Entry::Interrupted(journal::Interrupted {
+                        before: Some(s.id.clone()),
+                        during: None,
+                    }),
+                )
                 .map_err(jw)?;
             result.status = Status::Interrupted;
             result.error = Some(format!("interrupted before {}", s.id));
@@ -393,9 +406,11 @@ pub fn run(
             };
             journal
                 .append(
-                    Event::Skipped,
                     Some(&s.id),
-                    json!({"would": s.preview, "why": why}),
+                    Entry::Skipped(journal::Skipped {
+                        would: s.preview.clone(),
+                        why: why.clone(),
+                    }),
                 )
                 .map_err(jw)?;
             push(
@@ -406,9 +421,11 @@ pub fn run(
         }
         let r = journal
             .append(
-                Event::Started,
                 Some(&s.id),
-                json!({"title": s.title, "action": s.action}),
+                Entry::Started(journal::Started {
+                    title: s.title.clone(),
+                    action: serde_json::to_value(&s.action).expect("actions serialize"),
+                }),
             )
             .map_err(jw)?;
         state.record(&r);
@@ -421,9 +438,11 @@ pub fn run(
                 pause_point(&s.id, "applied");
                 let r = journal
                     .append(
-                        Event::Done,
                         Some(&s.id),
-                        json!({"effect": effect, "seconds": seconds}),
+                        Entry::Done(journal::Done {
+                            effect: effect.clone(),
+                            seconds,
+                        }),
                     )
                     .map_err(jw)?;
                 state.record(&r);
@@ -435,7 +454,13 @@ pub fn run(
             }
             Err(StepError::Interrupted) => {
                 journal
-                    .append(Event::Interrupted, Some(&s.id), json!({"during": s.id}))
+                    .append(
+                        Some(&s.id),
+                        Entry::Interrupted(journal::Interrupted {
+                            before: None,
+                            during: Some(s.id.clone()),
+                        }),
+                    )
                     .map_err(jw)?;
                 result.status = Status::Interrupted;
                 result.error = Some(format!("interrupted during {}", s.id));
@@ -449,9 +474,12 @@ pub fn run(
                 let message = crate::diag::chain(&e);
                 journal
                     .append(
-                        Event::Failed,
                         Some(&s.id),
-                        json!({"error": message, "findings": findings, "seconds": seconds}),
+                        Entry::Failed(journal::Failed {
+                            error: message.clone(),
+                            findings,
+                            seconds,
+                        }),
                     )
                     .map_err(jw)?;
                 // A dry run reports every check that fails, not just the first.
@@ -475,9 +503,10 @@ pub fn run(
     if result.status == Status::Finished && !finished_before {
         journal
             .append(
-                Event::RunFinished,
                 None,
-                json!({"would-fail": result.would_fail()}),
+                Entry::RunFinished(journal::RunFinished {
+                    would_fail: result.would_fail(),
+                }),
             )
             .map_err(jw)?;
     }

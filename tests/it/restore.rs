@@ -786,7 +786,8 @@ fn a_restore_and_a_drill_work_in_german_with_the_seeds_time_form() {
         ],
     );
     c.client()
-        .batch_execute("CREATE TABLE cases AS SELECT g AS id, 'open' AS status FROM generate_series(1, 1000) g")
+        .batch_execute("CREATE TABLE cases AS SELECT g AS id, 'open' AS status FROM generate_series(1, 1000) g;
+                        CREATE TABLE idempotency_key (idem_key text PRIMARY KEY, created_at timestamptz NOT NULL DEFAULT now())")
         .unwrap();
     ok_json(&run_german(&c, &repo, &["backup"]));
     c.client()
@@ -837,6 +838,50 @@ fn a_restore_and_a_drill_work_in_german_with_the_seeds_time_form() {
         "the German server log was read: {m}"
     );
     assert_eq!(restored.count("cases WHERE status = 'open'"), 1100);
+
+    // The copy is paused in recovery: a plan whose idempotency step would
+    // write tombstones there is refused up front, before any step.
+    let pb = c.dir("work").join("in-recovery.toml");
+    std::fs::write(
+        &pb,
+        format!(
+            r#"[playbook]
+name = "paused"
+way-back = "cutover"
+[databases.current]
+conninfo = "{}"
+[databases.restored]
+conninfo = "host=127.0.0.1 port={} user=postgres dbname=postgres"
+[recovery-target]
+time = "{t}"
+[gates]
+reopen-order = []
+[[idempotency]]
+name = "keys"
+database = "restored"
+table = "idempotency_key"
+key-column = "idem_key"
+created-at-column = "created_at"
+action = "tombstone"
+from-current = true
+"#,
+            c.conninfo(),
+            restored.manifest["port"]
+        ),
+    )
+    .unwrap();
+    let out = Command::new(reentry_bin())
+        .arg("plan")
+        .arg(&pb)
+        .output()
+        .unwrap();
+    assert_exit(&out, 3);
+    assert!(
+        stderr(&out)
+            .contains("databases.restored is in recovery (read-only), but the plan changes it"),
+        "{}",
+        stderr(&out)
+    );
     drop(restored);
 
     // A drill, with an offset other than Z in the target.

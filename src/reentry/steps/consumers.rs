@@ -117,8 +117,7 @@ impl Step for Rewind {
         let moves = self.moves(&k)?;
         // The offsets before the first attempt: a resume must not record
         // its own rewind as the state to undo.
-        let prior = rec.prior(|| Ok(json!(moves)))?;
-        let prior: Moves = serde_json::from_value(prior).unwrap_or_default();
+        let prior: Moves = rec.prior(|| Ok(moves))?;
         for (topic, m) in &prior {
             let offsets: BTreeMap<i32, i64> = m.iter().map(|(p, (_, new))| (*p, *new)).collect();
             k.commit(&self.group, topic, &offsets)?;

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant, SystemTime};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
-use super::{Effect, Env, Nature, OnDatabase, Recorder, Step, StepError};
+use super::{Effect, Env, GateEvidence, GateRow, Nature, OnDatabase, Recorder, Step, StepError};
 use crate::pg::conn::{Db, PgError};
 use crate::reentry::check::quote_qualified;
 
@@ -740,6 +740,86 @@ fn reopen(
     }
 }
 
+/// What a close or a re-open journals as its effect's detail: one type,
+/// written and read here.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct GateDetail {
+    pub gate: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub database: String,
+    pub before: Value,
+    pub after: Value,
+    /// A re-open: the state the close found, which it restored.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restored_to: Option<Value>,
+    /// A re-open: what it does not put back as it was, and why.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub not_restored: Vec<String>,
+    /// A Quartz re-open: triggers past the misfire threshold.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub misfired: Vec<Value>,
+}
+
+impl GateDetail {
+    fn of(effect: &Effect) -> Option<GateDetail> {
+        serde_json::from_value(effect.detail.clone()).ok()
+    }
+}
+
+/// A gate's rows, said briefly.
+fn describe_state(kind: &str, state: &Value) -> String {
+    match kind {
+        "system-gate" => match state.get("enabled") {
+            None => "no row".into(),
+            Some(v) => format!("enabled = {v}"),
+        },
+        "shedlock" => {
+            let locks = state["locks"].as_object().cloned().unwrap_or_default();
+            if locks.is_empty() {
+                return "no locks".into();
+            }
+            locks
+                .iter()
+                .map(|(name, row)| {
+                    if row.is_null() {
+                        format!("{name}: no row")
+                    } else {
+                        format!(
+                            "{name}: until {} by {}",
+                            row["lock_until"].as_str().unwrap_or("?"),
+                            row["locked_by"].as_str().unwrap_or("?")
+                        )
+                    }
+                })
+                .collect::<Vec<_>>()
+                .join("; ")
+        }
+        "quartz" => {
+            let mut counts: std::collections::BTreeMap<String, usize> = Default::default();
+            for t in state["triggers"].as_array().into_iter().flatten() {
+                *counts
+                    .entry(t["state"].as_str().unwrap_or("?").to_owned())
+                    .or_default() += 1;
+            }
+            let paused = state["paused-groups"]
+                .as_array()
+                .map(|a| a.len())
+                .unwrap_or(0);
+            format!(
+                "{paused} paused group(s); triggers {}",
+                counts
+                    .iter()
+                    .map(|(s, n)| format!("{n} {s}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        }
+        _ => state.to_string(),
+    }
+}
+
 /// What a close would change, from the state as it is.
 fn would_close(gate: &Gate, state: &Value, database: &str) -> Effect {
     let (count, items, what) = match gate {
@@ -808,6 +888,10 @@ impl Step for GateAt {
         Nature::Changes
     }
 
+    fn writes(&self) -> Vec<&str> {
+        vec![self.database.as_str()]
+    }
+
     fn preview(&self, env: &mut Env) -> Result<Effect, StepError> {
         let db = env.db(&self.database)?;
         let state = read_state(db, &self.gate, false).on(&self.database)?;
@@ -822,13 +906,39 @@ impl Step for GateAt {
             let prior = rec.prior(|| read_state(db, gate, true).on(&database))?;
             let (count, items) = close(db, gate, &prior, &marker).on(&database)?;
             let after = read_state(db, gate, false).on(&database)?;
+            let detail = GateDetail {
+                gate: gate.name().to_owned(),
+                kind: gate.kind().to_owned(),
+                database: database.clone(),
+                before: prior,
+                after,
+                restored_to: None,
+                not_restored: Vec::new(),
+                misfired: Vec::new(),
+            };
             Ok(Effect {
-                summary: format!("closed {} `{}` on {database}: {count} row(s) changed", gate.kind(), gate.name()),
+                summary: format!(
+                    "closed {} `{}` on {database}: {count} row(s) changed",
+                    gate.kind(),
+                    gate.name()
+                ),
                 count,
                 items,
-                detail: json!({"gate": gate.name(), "type": gate.kind(), "database": database, "before": prior, "after": after}),
+                detail: serde_json::to_value(detail).expect("gate details serialize"),
             })
         })
+    }
+
+    fn gate_evidence(&self, effect: &Effect) -> Option<GateRow> {
+        let d = GateDetail::of(effect)?;
+        Some(GateRow::Closed(GateEvidence {
+            before: describe_state(&d.kind, &d.before),
+            closed: describe_state(&d.kind, &d.after),
+            after: "stays closed".into(),
+            gate: d.gate,
+            kind: d.kind,
+            database: d.database,
+        }))
     }
 }
 
@@ -847,6 +957,10 @@ fn not_restored(gate: &Gate) -> Vec<&'static str> {
 impl Step for Reopen {
     fn nature(&self) -> Nature {
         Nature::Changes
+    }
+
+    fn writes(&self) -> Vec<&str> {
+        vec![self.database.as_str()]
     }
 
     fn preview(&self, _env: &mut Env) -> Result<Effect, StepError> {
@@ -893,13 +1007,38 @@ impl Step for Reopen {
                     ));
                 }
             }
+            let detail = GateDetail {
+                gate: gate.name().to_owned(),
+                kind: gate.kind().to_owned(),
+                database: database.clone(),
+                before,
+                after,
+                restored_to: Some(prior),
+                not_restored: not_restored(gate).into_iter().map(str::to_owned).collect(),
+                misfired: misfired.as_array().cloned().unwrap_or_default(),
+            };
             Ok(Effect {
                 summary,
                 count,
                 items,
-                detail: json!({"gate": gate.name(), "type": gate.kind(), "database": database, "before": before, "after": after,
-                               "restored-to": prior, "not-restored": not_restored(gate), "misfired": misfired}),
+                detail: serde_json::to_value(detail).expect("gate details serialize"),
             })
+        })
+    }
+
+    fn gate_evidence(&self, effect: &Effect) -> Option<GateRow> {
+        let d = GateDetail::of(effect)?;
+        let mut after = describe_state(&d.kind, &d.after);
+        if !d.misfired.is_empty() {
+            after.push_str(&format!(
+                "; {} trigger(s) past their misfire threshold, for Quartz's misfire handler",
+                d.misfired.len()
+            ));
+        }
+        Some(GateRow::Reopened {
+            gate: d.gate,
+            database: d.database,
+            after,
         })
     }
 }
@@ -1079,6 +1218,10 @@ impl Verify {
 impl Step for Verify {
     fn nature(&self) -> Nature {
         Nature::AfterClose
+    }
+
+    fn writes(&self) -> Vec<&str> {
+        self.closed.iter().map(|c| c.at.database.as_str()).collect()
     }
 
     fn preview(&self, _env: &mut Env) -> Result<Effect, StepError> {

@@ -342,6 +342,10 @@ impl Step for Keys {
         Nature::Changes
     }
 
+    fn writes(&self) -> Vec<&str> {
+        vec![self.database.as_str()]
+    }
+
     fn pin(&mut self, playbook: &Path) -> PinErrors {
         let t_ms = self.t_ms;
         let Some(c) = &mut self.from_csv else {
@@ -388,12 +392,12 @@ impl Step for Keys {
 
     fn apply(&self, env: &mut Env, rec: &mut Recorder) -> Result<Effect, StepError> {
         let f = self.gather(env)?;
+        // The keys to insert: (key, first seen, where).
         rec.prior(|| {
-            Ok(json!(f
-                .missing
+            Ok(f.missing
                 .iter()
-                .map(|m| json!([m.0, m.1, m.2]))
-                .collect::<Vec<_>>()))
+                .map(|m| (m.0.clone(), m.1, m.2.to_owned()))
+                .collect::<Vec<(String, Option<i64>, String)>>())
         })?;
         let run_id = env.run_id.clone();
         let database = self.database.clone();

@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::pg::conn::{Db, PgError};
-use crate::reentry::journal::{Event, Journal, State};
+use crate::reentry::journal::{Entry, Journal, State};
 use crate::reentry::playbook::Playbook;
 
 /// Where a step sits; the plan is ordered by phase, and gates close before
@@ -236,17 +236,21 @@ impl Recorder<'_> {
     /// The state the side effect is about to change, on disk before the
     /// change is made. On a resumed step it is the state recorded the first
     /// time: what the run found, not what a crash left.
-    pub fn prior(
+    pub fn prior<T: Serialize + serde::de::DeserializeOwned>(
         &mut self,
-        read: impl FnOnce() -> Result<Value, StepError>,
-    ) -> Result<Value, StepError> {
+        read: impl FnOnce() -> Result<T, StepError>,
+    ) -> Result<T, StepError> {
         if let Some(v) = self.state.prior.get(self.step) {
-            return Ok(v.clone());
+            return serde_json::from_value(v.clone()).map_err(|e| {
+                StepError::State(format!(
+                    "the prior state {} journaled does not read as this build's ({e}): finish the run with the build that started it",
+                    self.step
+                ))
+            });
         }
         let v = read()?;
-        let r = self
-            .journal
-            .append(Event::Prior, Some(self.step), v.clone())?;
+        let value = serde_json::to_value(&v).expect("prior states serialize");
+        let r = self.journal.append(Some(self.step), Entry::Prior(value))?;
         self.state.record(&r);
         pause_point(self.step, "prior");
         Ok(v)
@@ -258,7 +262,7 @@ impl Recorder<'_> {
         if self.state.prior.contains_key(key) {
             return Ok(());
         }
-        let r = self.journal.append(Event::Prior, Some(key), value)?;
+        let r = self.journal.append(Some(key), Entry::Prior(value))?;
         self.state.record(&r);
         Ok(())
     }
@@ -294,6 +298,30 @@ impl Recorder<'_> {
             std::thread::sleep(left.min(Duration::from_millis(100)));
         }
     }
+}
+
+/// A gate's row in the evidence report: before, closed, and after.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct GateEvidence {
+    pub gate: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub database: String,
+    pub before: String,
+    pub closed: String,
+    pub after: String,
+}
+
+/// What a finished step says about a gate, for the report.
+#[derive(Debug, Clone, PartialEq)]
+pub enum GateRow {
+    /// A close: a new row, "stays closed" until a re-open says otherwise.
+    Closed(GateEvidence),
+    Reopened {
+        gate: String,
+        database: String,
+        after: String,
+    },
 }
 
 /// A file a step reads from outside the databases (a template, a
@@ -377,6 +405,18 @@ pub type PinErrors = Vec<(Vec<String>, String)>;
 /// The interface every step kind implements.
 pub trait Step {
     fn nature(&self) -> Nature;
+    /// The playbook's databases this step writes to: a plan refuses up
+    /// front to write to one still in recovery.
+    fn writes(&self) -> Vec<&str> {
+        Vec::new()
+    }
+
+    /// What this step's effect (as it journaled it) says about a gate, for
+    /// the report's gate table: its own detail, read by its own type.
+    fn gate_evidence(&self, _effect: &Effect) -> Option<GateRow> {
+        None
+    }
+
     /// Reads and checks, when the plan is made, every file the step will
     /// read from outside (see `Pinned`). `playbook` is the playbook's path.
     fn pin(&mut self, _playbook: &std::path::Path) -> PinErrors {

@@ -116,6 +116,17 @@ pub struct Reconcile {
     pub compensation: Option<Pinned>,
 }
 
+/// What the outbox step is about to change, journaled before it does:
+/// rows to mark published (id, message time), orphans (id, partition,
+/// offset), rows to mark unpublished.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+struct Prior {
+    mark_published: Vec<(String, i64)>,
+    orphans: Vec<(String, i32, i64)>,
+    mark_unpublished: Vec<String>,
+}
+
 /// The placeholders a compensation template may use.
 const PLACEHOLDERS: &[&str] = &[
     "event_id",
@@ -721,6 +732,10 @@ impl Step for Reconcile {
         Nature::Changes
     }
 
+    fn writes(&self) -> Vec<&str> {
+        vec![self.database.as_str()]
+    }
+
     fn pin(&mut self, playbook: &std::path::Path) -> PinErrors {
         let Some(p) = &mut self.compensation else {
             return Vec::new();
@@ -760,11 +775,15 @@ impl Step for Reconcile {
             None => None,
         };
         rec.prior(|| {
-            Ok(json!({
-                "mark-published": c.mark_published.iter().map(|(id, ts)| json!([id, ts])).collect::<Vec<_>>(),
-                "orphans": c.orphans.iter().map(|s| json!([s.id, s.partition, s.offset])).collect::<Vec<_>>(),
-                "mark-unpublished": c.mark_unpublished,
-            }))
+            Ok(Prior {
+                mark_published: c.mark_published.clone(),
+                orphans: c
+                    .orphans
+                    .iter()
+                    .map(|s| (s.id.clone(), s.partition, s.offset))
+                    .collect(),
+                mark_unpublished: c.mark_unpublished.clone(),
+            })
         })?;
         // Orphans: fetched whole from the topic before anything is written.
         let wanted: Vec<(i32, i64)> = c.orphans.iter().map(|s| (s.partition, s.offset)).collect();

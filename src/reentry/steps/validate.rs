@@ -242,6 +242,10 @@ impl Step for Sequences {
         Nature::Changes
     }
 
+    fn writes(&self) -> Vec<&str> {
+        vec![self.database.as_str()]
+    }
+
     fn preview(&self, env: &mut Env) -> Result<Effect, StepError> {
         let found = drifts(env.db(&self.database)?).on(&self.database)?;
         Ok(Effect {
@@ -271,8 +275,7 @@ impl Step for Sequences {
     fn apply(&self, env: &mut Env, rec: &mut Recorder) -> Result<Effect, StepError> {
         let database = self.database.clone();
         let db = env.db(&database)?;
-        let prior = rec.prior(|| Ok(json!(drifts(db).on(&database)?)))?;
-        let planned: Vec<Drift> = serde_json::from_value(prior).unwrap_or_default();
+        let planned: Vec<Drift> = rec.prior(|| drifts(db).on(&database))?;
         let mut items = Vec::new();
         for d in &planned {
             // setval is not transactional; the condition makes it idempotent.
