@@ -7,7 +7,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use crate::diag::Diagnostic;
 use crate::pg::conn::{Db, PgError, SqlState};
 use crate::reentry::playbook::{Playbook, Seg};
-use crate::reentry::steps::gates::{fold_unquoted, QuartzTables, QUARTZ_ALL_GROUPS};
+use crate::reentry::steps::gates::{fold_unquoted, QUARTZ_ALL_GROUPS};
+use crate::reentry::steps::KINDS;
 
 /// `quote_ident` for each part of a possibly schema-qualified name: a
 /// playbook's identifiers are always quoted, never spliced in raw.
@@ -61,123 +62,27 @@ impl Column {
     }
 }
 
-/// One thing to look for: a table, and columns of it.
-struct Need<'a> {
-    database: &'a str,
-    table: String,
-    columns: Vec<String>,
-    path: Vec<Seg<'a>>,
-    what: String,
+/// One thing to look for: a table, and columns of it, and where the
+/// playbook names it.
+pub struct Need<'a> {
+    pub database: &'a str,
+    pub table: String,
+    pub columns: Vec<String>,
+    pub path: Vec<Seg<'a>>,
+    pub what: String,
 }
 
+/// A query the playbook holds, prepared (never run) on its database.
+pub struct Prepared<'a> {
+    pub path: Vec<Seg<'a>>,
+    pub database: &'a str,
+    pub sql: &'a str,
+}
+
+/// Tables and columns the playbook names: each kind's, and the sections
+/// no kind acts on yet (`[[repair]]`).
 fn needs(p: &Playbook) -> Vec<Need<'_>> {
-    let mut out = Vec::new();
-    let g = &p.gates;
-    for (i, x) in g.system_gate.iter().enumerate() {
-        for d in &x.databases {
-            out.push(Need {
-                database: d,
-                table: x.table.clone().unwrap_or_else(|| "system_gate".into()),
-                columns: vec!["gate_name".into(), "enabled".into()],
-                path: vec![
-                    Seg::Key("gates"),
-                    Seg::Key("system-gate"),
-                    Seg::Index(i),
-                    Seg::Key("name"),
-                ],
-                what: format!("gate `{}`", x.name),
-            });
-        }
-    }
-    for (i, x) in g.shedlock.iter().enumerate() {
-        for d in &x.databases {
-            out.push(Need {
-                database: d,
-                table: x.table.clone().unwrap_or_else(|| "shedlock".into()),
-                columns: vec![
-                    "name".into(),
-                    "lock_until".into(),
-                    "locked_at".into(),
-                    "locked_by".into(),
-                ],
-                path: vec![
-                    Seg::Key("gates"),
-                    Seg::Key("shedlock"),
-                    Seg::Index(i),
-                    Seg::Key("name"),
-                ],
-                what: format!("gate `{}`", x.name),
-            });
-        }
-    }
-    for (i, x) in g.quartz.iter().enumerate() {
-        let prefix = x.table_prefix.as_deref().unwrap_or("qrtz_");
-        // A missing table is most likely a wrong prefix: point at it.
-        let key = if x.table_prefix.is_some() {
-            "table-prefix"
-        } else {
-            "name"
-        };
-        for d in &x.databases {
-            for (table, columns) in QuartzTables::needed(prefix) {
-                out.push(Need {
-                    database: d,
-                    table,
-                    columns: columns.into_iter().map(Into::into).collect(),
-                    path: vec![
-                        Seg::Key("gates"),
-                        Seg::Key("quartz"),
-                        Seg::Index(i),
-                        Seg::Key(key),
-                    ],
-                    what: format!("gate `{}`", x.name),
-                });
-            }
-        }
-    }
-    for (i, o) in p.outbox.iter().enumerate() {
-        if let (Some(table), Some(c)) = (&o.table, &o.columns) {
-            let columns = [
-                &c.id,
-                &c.topic,
-                &c.key,
-                &c.payload,
-                &c.created_at,
-                &c.published_at,
-            ]
-            .into_iter()
-            .flatten()
-            .cloned()
-            .collect();
-            out.push(Need {
-                database: &o.database,
-                table: table.clone(),
-                columns,
-                path: vec![Seg::Key("outbox"), Seg::Index(i), Seg::Key("table")],
-                what: format!("outbox `{}`", o.name),
-            });
-        }
-    }
-    for (i, x) in p.inbox.iter().enumerate() {
-        out.push(Need {
-            database: &x.database,
-            table: x.table.clone(),
-            columns: vec![x.message_id_column.clone()],
-            path: vec![Seg::Key("inbox"), Seg::Index(i), Seg::Key("table")],
-            what: format!("inbox `{}`", x.name),
-        });
-    }
-    for (i, x) in p.idempotency.iter().enumerate() {
-        out.push(Need {
-            database: &x.database,
-            table: x.table.clone(),
-            columns: std::iter::once(x.key_column.clone())
-                .chain(x.created_at_column.clone())
-                .collect(),
-            path: vec![Seg::Key("idempotency"), Seg::Index(i), Seg::Key("table")],
-            what: format!("idempotency `{}`", x.name),
-        });
-    }
+    let mut out: Vec<Need> = KINDS.iter().flat_map(|k| (k.needs)(p)).collect();
     for (i, r) in p.repair.iter().enumerate() {
         for d in ["current", "restored"] {
             out.push(Need {
@@ -271,27 +176,13 @@ pub fn check_online(p: &Playbook) -> Vec<Diagnostic> {
             }
         }
     }
-    let mut queries: Vec<(Vec<Seg>, &str, &str)> = Vec::new();
-    for (i, q) in p.validation.invariant.iter().enumerate() {
-        queries.push((
-            vec![
-                Seg::Key("validation"),
-                Seg::Key("invariant"),
-                Seg::Index(i),
-                Seg::Key("sql"),
-            ],
-            &q.database,
-            &q.sql,
-        ));
-    }
-    if let Some(probe) = &p.gates.probe {
-        queries.push((
-            vec![Seg::Key("gates"), Seg::Key("probe"), Seg::Key("sql")],
-            &probe.database,
-            &probe.sql,
-        ));
-    }
-    for (path, database, sql) in queries {
+    let queries: Vec<Prepared> = KINDS.iter().flat_map(|k| (k.queries)(p)).collect();
+    for Prepared {
+        path,
+        database,
+        sql,
+    } in queries
+    {
         if let Some(db) = dbs.get_mut(database) {
             if let Err(e) = db.prepare("prepare the query", sql) {
                 errors.push(p.at(

@@ -15,18 +15,12 @@ use sha2::{Digest, Sha256};
 
 use crate::backup::restore::RestoreManifest;
 use crate::diag::Diagnostics;
-use crate::kafka::scan::IdFrom;
 use crate::pg::lsn::Lsn;
 use crate::reentry::check;
 use crate::reentry::playbook::{Playbook, Seg, WayBack};
-use crate::reentry::steps::consumers::{Inbox, Rewind};
-use crate::reentry::steps::gates::{fold_unquoted, Closed, Gate, GateAt, Reopen, WaitCache};
-use crate::reentry::steps::idempotency::{CsvFrom, Keys};
-use crate::reentry::steps::outbox::{Layout, Reconcile};
-use crate::reentry::steps::validate::{
-    Amcheck, Extensions, InvalidIndexes, Query, Role, Sequences,
+use crate::reentry::steps::{
+    Action, Effect, Env, Nature, OnDatabase, Phase, PlanCtx, StepError, KINDS,
 };
-use crate::reentry::steps::{Action, Effect, Env, Nature, OnDatabase, Phase, Pinned, StepError};
 
 pub const PLAN_FILE: &str = "plan.json";
 
@@ -197,47 +191,8 @@ pub fn survivor(way: WayBack) -> (&'static str, &'static str) {
     }
 }
 
-fn gates(p: &Playbook) -> Vec<(Gate, Vec<String>, Option<crate::reentry::playbook::Check>)> {
-    let g = &p.gates;
-    let mut out = Vec::new();
-    for x in &g.system_gate {
-        out.push((
-            Gate::SystemGate {
-                name: x.name.clone(),
-                table: x.table.clone().unwrap_or_else(|| "system_gate".into()),
-            },
-            x.databases.clone(),
-            x.health_check.clone(),
-        ));
-    }
-    for x in &g.shedlock {
-        out.push((
-            Gate::Shedlock {
-                name: x.name.clone(),
-                table: x.table.clone().unwrap_or_else(|| "shedlock".into()),
-                locks: x.locks.clone(),
-            },
-            x.databases.clone(),
-            x.health_check.clone(),
-        ));
-    }
-    for x in &g.quartz {
-        out.push((
-            Gate::Quartz {
-                name: x.name.clone(),
-                table_prefix: fold_unquoted(x.table_prefix.as_deref().unwrap_or("qrtz_")),
-                scheduler: x.scheduler.clone(),
-                groups: x.groups.clone(),
-                misfire_threshold_ms: millis(x.misfire_threshold.as_deref(), "60s") as u64,
-            },
-            x.databases.clone(),
-            x.health_check.clone(),
-        ));
-    }
-    out
-}
-
-fn step(id: String, phase: Phase, title: String, action: Action) -> PlannedStep {
+/// A step with its preview still to come.
+pub fn step(id: String, phase: Phase, title: String, action: Action) -> PlannedStep {
     PlannedStep {
         id,
         phase,
@@ -247,311 +202,34 @@ fn step(id: String, phase: Phase, title: String, action: Action) -> PlannedStep 
     }
 }
 
-/// The ordered steps, from the playbook alone.
+/// The ordered steps, from the playbook alone: each kind's, in the
+/// registry's order within a phase, phases in order.
 pub fn steps(p: &Playbook, t_ms: Option<i64>) -> Vec<PlannedStep> {
-    let mut out = Vec::new();
-    let all = gates(p);
-    let mut closed = Vec::new();
-    for (gate, dbs, _) in &all {
-        for d in dbs {
-            let id = format!("close:{}@{d}", gate.name());
-            let at = GateAt {
-                gate: gate.clone(),
-                database: d.clone(),
-            };
-            closed.push(Closed {
-                step: id.clone(),
-                at: at.clone(),
-            });
-            out.push(step(
-                id,
-                Phase::CloseGates,
-                format!("close {} `{}` on {d}", gate.kind(), gate.name()),
-                Action::CloseGate(at),
-            ));
-        }
-    }
-    let ttl = p
-        .gates
-        .cache_ttl
-        .as_deref()
-        .and_then(|t| humantime::parse_duration(t).ok())
-        .unwrap_or_default();
-    if !ttl.is_zero() && !closed.is_empty() {
-        out.push(step(
-            "wait:gate-cache".into(),
-            Phase::Settle,
-            format!(
-                "wait the gate cache TTL ({})",
-                humantime::format_duration(ttl)
-            ),
-            Action::WaitGateCache(WaitCache {
-                ttl_seconds: ttl.as_secs_f64(),
-                after: closed.iter().map(|c| c.step.clone()).collect(),
-            }),
-        ));
-    }
-    if !closed.is_empty() {
-        out.push(step(
-            crate::reentry::steps::gates::VERIFY_STEP.into(),
-            Phase::Settle,
-            "confirm every gate is still closed".into(),
-            Action::VerifyGates(crate::reentry::steps::gates::Verify {
-                closed: closed.clone(),
-                drain_seconds: millis(p.gates.drain_timeout.as_deref(), "60s") as f64 / 1000.0,
-            }),
-        ));
-    }
-    if let Some(probe) = &p.gates.probe {
-        out.push(step(
-            "probe:gates".into(),
-            Phase::Settle,
-            format!("gate probe on {}", probe.database),
-            Action::Check(Query {
-                role: Role::Probe,
-                name: "gate probe".into(),
-                database: probe.database.clone(),
-                sql: probe.sql.clone(),
-            }),
-        ));
-    }
-
-    let v = &p.validation;
     let (survivor, retired) = survivor(p.playbook.way_back);
-    for inv in &v.invariant {
-        out.push(step(
-            format!("invariant:{}", inv.name),
-            Phase::Validate,
-            format!("invariant `{}` on {}", inv.name, inv.database),
-            Action::Check(Query {
-                role: Role::Invariant,
-                name: inv.name.clone(),
-                database: inv.database.clone(),
-                sql: inv.sql.clone(),
-            }),
-        ));
-    }
-    if v.invalid_indexes.unwrap_or(true) {
-        out.push(step(
-            format!("indexes@{survivor}"),
-            Phase::Validate,
-            format!("no invalid indexes on {survivor}"),
-            Action::InvalidIndexes(InvalidIndexes {
-                database: survivor.into(),
-            }),
-        ));
-    }
-    if v.sequences.unwrap_or(true) {
-        out.push(step(
-            format!("sequences@{survivor}"),
-            Phase::Validate,
-            format!("sequences ahead of their columns on {survivor}"),
-            Action::Sequences(Sequences {
-                database: survivor.into(),
-            }),
-        ));
-    }
-    if v.extensions.unwrap_or(true) {
-        out.push(step(
-            "extensions".into(),
-            Phase::Validate,
-            "extension inventory: current against restored".into(),
-            Action::Extensions(Extensions {
-                current: "current".into(),
-                restored: "restored".into(),
-            }),
-        ));
-    }
-    if v.amcheck.unwrap_or(false) {
-        out.push(step(
-            format!("amcheck@{survivor}"),
-            Phase::Validate,
-            format!("amcheck bt_index_check on {survivor}"),
-            Action::Amcheck(Amcheck {
-                database: survivor.into(),
-            }),
-        ));
-    }
-
-    if let Some(t_ms) = t_ms {
-        out.extend(reconcile(p, t_ms));
-    }
-
-    for name in &p.gates.reopen_order {
-        let Some((gate, dbs, health)) = all.iter().find(|(g, _, _)| g.name() == name) else {
-            continue;
-        };
-        let reopening: Vec<&String> = dbs.iter().filter(|d| *d != retired).collect();
-        if reopening.is_empty() {
-            continue;
-        }
-        if let Some(h) = health {
-            out.push(step(
-                format!("health:{name}"),
-                Phase::Reopen,
-                format!("health check before `{name}` re-opens"),
-                Action::Check(Query {
-                    role: Role::HealthCheck,
-                    name: format!("health check of `{name}`"),
-                    database: h.database.clone(),
-                    sql: h.sql.clone(),
-                }),
-            ));
-        }
-        for d in reopening {
-            out.push(step(
-                format!("reopen:{name}@{d}"),
-                Phase::Reopen,
-                format!("re-open {} `{name}` on {d}", gate.kind()),
-                Action::ReopenGate(Reopen {
-                    gate: gate.clone(),
-                    database: d.clone(),
-                    close_step: format!("close:{name}@{d}"),
-                }),
-            ));
-        }
-    }
+    let ctx = PlanCtx {
+        t_ms,
+        survivor,
+        retired,
+    };
+    let mut out: Vec<PlannedStep> = KINDS.iter().flat_map(|k| (k.steps)(p, &ctx)).collect();
+    out.sort_by_key(|s| s.phase);
     out
 }
 
 fn needs_time(p: &Playbook) -> bool {
-    !p.outbox.is_empty()
-        || !p.inbox.is_empty()
-        || !p.idempotency.is_empty()
-        || p.kafka
-            .as_ref()
-            .is_some_and(|k| !k.consumer_group.is_empty())
-}
-
-fn id_from(e: Option<&crate::reentry::playbook::EventId>) -> IdFrom {
-    match e {
-        Some(e) if e.header.is_some() => IdFrom::Header(e.header.clone().unwrap_or_default()),
-        Some(e) if e.json_pointer.is_some() => {
-            IdFrom::JsonPointer(e.json_pointer.clone().unwrap_or_default())
-        }
-        _ => IdFrom::Key,
-    }
-}
-
-fn millis(d: Option<&str>, default: &str) -> i64 {
-    humantime::parse_duration(d.unwrap_or(default))
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
-
-/// Outbox, inbox, consumer groups and idempotency keys, in that order:
-/// the outbox settles what the relay will send before consumers rewind.
-fn reconcile(p: &Playbook, t_ms: i64) -> Vec<PlannedStep> {
-    let mut out = Vec::new();
-    let kafka = p.kafka.as_ref();
-    let lookback = millis(kafka.and_then(|k| k.lookback.as_deref()), "1h");
-    let watch = millis(kafka.and_then(|k| k.watch.as_deref()), "5s") as f64 / 1000.0;
-    for (n, o) in p.outbox.iter().enumerate() {
-        out.push(step(
-            format!("outbox:{}", o.name),
-            Phase::Reconcile,
-            format!("outbox `{}` against topic {}", o.name, o.topic),
-            Action::Outbox(Reconcile {
-                outbox: o.name.clone(),
-                database: o.database.clone(),
-                topic: o.topic.clone(),
-                layout: Layout::of(o),
-                id_from: id_from(o.event_id.as_ref()),
-                t_ms,
-                from_ms: t_ms - lookback,
-                watch_seconds: watch,
-                compensation: o.compensation_template.as_deref().map(|path| {
-                    Pinned::named(path, &["outbox", &n.to_string(), "compensation-template"])
-                }),
-            }),
-        ));
-    }
-    let groups = kafka.map(|k| k.consumer_group.as_slice()).unwrap_or(&[]);
-    for i in &p.inbox {
-        let same_topic = p.outbox.iter().find(|o| o.topic == i.topic);
-        out.push(step(
-            format!("inbox:{}", i.name),
-            Phase::Reconcile,
-            format!("inbox `{}` against topic {}", i.name, i.topic),
-            Action::Inbox(Inbox {
-                inbox: i.name.clone(),
-                database: i.database.clone(),
-                table: i.table.clone(),
-                column: i.message_id_column.clone(),
-                topic: i.topic.clone(),
-                id_from: id_from(same_topic.and_then(|o| o.event_id.as_ref())),
-                group: i.consumer_group.clone(),
-                idempotent: groups.iter().any(|g| {
-                    Some(&g.name) == i.consumer_group.as_ref() && g.idempotent == Some(true)
-                }),
-                t_ms,
-            }),
-        ));
-    }
-    for g in groups {
-        out.push(step(
-            format!("rewind:{}", g.name),
-            Phase::Reconcile,
-            format!("rewind consumer group `{}` to T", g.name),
-            Action::RewindGroup(Rewind {
-                group: g.name.clone(),
-                topics: g.topics.clone(),
-                t_ms,
-                idempotent: g.idempotent == Some(true),
-            }),
-        ));
-    }
-    for (n, k) in p.idempotency.iter().enumerate() {
-        out.push(step(
-            format!("idempotency:{}", k.name),
-            Phase::Reconcile,
-            format!("idempotency keys `{}` on {}", k.name, k.database),
-            Action::IdempotencyKeys(Keys {
-                idempotency: k.name.clone(),
-                database: k.database.clone(),
-                table: k.table.clone(),
-                key_column: k.key_column.clone(),
-                created_column: k.created_at_column.clone(),
-                retention_ms: k.retention.as_deref().map(|r| millis(Some(r), "0s")),
-                action: k.action.clone(),
-                from_current: k.from_current == Some(true),
-                from_topic: k.from_topic.clone(),
-                from_csv: k.from_csv.as_ref().map(|c| CsvFrom {
-                    path: c.path.clone(),
-                    key_column: c.key_column.clone(),
-                    time_column: c.time_column.clone(),
-                    pinned: Some(Pinned::named(
-                        &c.path.display().to_string(),
-                        &["idempotency", &n.to_string(), "from-csv", "path"],
-                    )),
-                }),
-                t_ms,
-            }),
-        ));
-    }
-    out
+    KINDS.iter().any(|k| (k.needs_time)(p))
 }
 
 /// What the playbook asks for that this version does not do yet: said in
 /// every plan, never silently dropped.
 pub fn notes(p: &Playbook) -> Vec<String> {
-    let mut out = Vec::new();
-    let (_, retired) = survivor(p.playbook.way_back);
-    let way = match p.playbook.way_back {
-        WayBack::Cutover => "the cutover retires it",
-        WayBack::SelectiveRepair => "it is only the source of the repair",
+    let (survivor, retired) = survivor(p.playbook.way_back);
+    let ctx = PlanCtx {
+        t_ms: None,
+        survivor,
+        retired,
     };
-    let stay: Vec<String> = gates(p)
-        .iter()
-        .filter(|(_, dbs, _)| dbs.iter().any(|d| d == retired))
-        .map(|(g, _, _)| g.name().to_owned())
-        .collect();
-    if !stay.is_empty() {
-        out.push(format!(
-            "gates stay closed on {retired} ({way}): {}",
-            stay.join(", ")
-        ));
-    }
+    let mut out: Vec<String> = KINDS.iter().flat_map(|k| (k.notes)(p, &ctx)).collect();
     let pending = [
         ("[[caches]]", p.caches.len()),
         ("[[search]]", p.search.len()),

@@ -13,9 +13,9 @@ use crate::common::pg::{Cluster, Version};
 use crate::common::{as_server_user, assert_exit, reentry_bin, stderr, stdout};
 
 /// `reentry --repo REPO --json ARGS…` as the server user, pointed at `c`.
-fn run(c: &Cluster, repo: &Path, args: &[&str]) -> Output {
-    as_server_user(reentry_bin())
-        .args(["--repo", repo.to_str().unwrap(), "--json"])
+fn command(c: &Cluster, repo: &Path, args: &[&str]) -> Command {
+    let mut cmd = as_server_user(reentry_bin());
+    cmd.args(["--repo", repo.to_str().unwrap(), "--json"])
         .args(args)
         .env_remove("REENTRY_REPO")
         .env("REENTRY_PG_BIN", c.version.bin_dir())
@@ -23,9 +23,12 @@ fn run(c: &Cluster, repo: &Path, args: &[&str]) -> Output {
         .env("PGPORT", c.port.to_string())
         .env("PGUSER", "postgres")
         .env("PGDATABASE", "postgres")
-        .current_dir(c.dir("work"))
-        .output()
-        .expect("run reentry")
+        .current_dir(c.dir("work"));
+    cmd
+}
+
+fn run(c: &Cluster, repo: &Path, args: &[&str]) -> Output {
+    command(c, repo, args).output().expect("run reentry")
 }
 
 #[track_caller]
@@ -748,21 +751,11 @@ databases = ["current", "restored"]
 /// environment: every PostgreSQL program it runs and every server log it
 /// reads must still parse.
 fn run_german(c: &Cluster, repo: &Path, args: &[&str]) -> Output {
-    let out = as_server_user(reentry_bin())
-        .args(["--repo", repo.to_str().unwrap(), "--json"])
-        .args(args)
-        .env_remove("REENTRY_REPO")
-        .env("REENTRY_PG_BIN", c.version.bin_dir())
-        .env("PGHOST", "127.0.0.1")
-        .env("PGPORT", c.port.to_string())
-        .env("PGUSER", "postgres")
-        .env("PGDATABASE", "postgres")
+    command(c, repo, args)
         .env("LANG", "de_DE.UTF-8")
         .env("LC_ALL", "de_DE.UTF-8")
-        .current_dir(c.dir("work"))
         .output()
-        .expect("run reentry");
-    out
+        .expect("run reentry")
 }
 
 /// The seed's own `recovery_target_time` form, `2026-07-01 14:36:00+00`,

@@ -14,10 +14,15 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use super::{Effect, Env, Nature, OnDatabase, Recorder, Step, StepError};
+use super::{Effect, Env, Kind, Nature, OnDatabase, PlanCtx, Recorder, Step, StepError};
 use crate::kafka::scan::{self, IdFrom, ScanOptions};
 use crate::kafka::Kafka;
 use crate::reentry::check::Column;
+use crate::reentry::check::Need;
+use crate::reentry::plan::{step, PlannedStep};
+use crate::reentry::playbook::Playbook;
+use crate::reentry::playbook::Seg;
+use crate::reentry::steps::Phase;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -243,3 +248,79 @@ impl Step for Inbox {
         })
     }
 }
+
+/// Each inbox against its topic, then each consumer group's rewind: after
+/// the outbox steps, which settle what the relay will send.
+fn plan(p: &Playbook, ctx: &PlanCtx) -> Vec<PlannedStep> {
+    let Some(t_ms) = ctx.t_ms else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    let kafka = p.kafka.as_ref();
+    let groups = kafka.map(|k| k.consumer_group.as_slice()).unwrap_or(&[]);
+    for i in &p.inbox {
+        let same_topic = p.outbox.iter().find(|o| o.topic == i.topic);
+        out.push(step(
+            format!("inbox:{}", i.name),
+            Phase::Reconcile,
+            format!("inbox `{}` against topic {}", i.name, i.topic),
+            super::Action::Inbox(Inbox {
+                inbox: i.name.clone(),
+                database: i.database.clone(),
+                table: i.table.clone(),
+                column: i.message_id_column.clone(),
+                topic: i.topic.clone(),
+                id_from: super::outbox::id_from(same_topic.and_then(|o| o.event_id.as_ref())),
+                group: i.consumer_group.clone(),
+                idempotent: groups.iter().any(|g| {
+                    Some(&g.name) == i.consumer_group.as_ref() && g.idempotent == Some(true)
+                }),
+                t_ms,
+            }),
+        ));
+    }
+    for g in groups {
+        out.push(step(
+            format!("rewind:{}", g.name),
+            Phase::Reconcile,
+            format!("rewind consumer group `{}` to T", g.name),
+            super::Action::RewindGroup(Rewind {
+                group: g.name.clone(),
+                topics: g.topics.clone(),
+                t_ms,
+                idempotent: g.idempotent == Some(true),
+            }),
+        ));
+    }
+    out
+}
+
+fn needs_time(p: &Playbook) -> bool {
+    !p.inbox.is_empty()
+        || p.kafka
+            .as_ref()
+            .is_some_and(|k| !k.consumer_group.is_empty())
+}
+
+/// Each inbox's table and message id column.
+fn needs(p: &Playbook) -> Vec<Need<'_>> {
+    let mut out = Vec::new();
+    for (i, x) in p.inbox.iter().enumerate() {
+        out.push(Need {
+            database: &x.database,
+            table: x.table.clone(),
+            columns: vec![x.message_id_column.clone()],
+            path: vec![Seg::Key("inbox"), Seg::Index(i), Seg::Key("table")],
+            what: format!("inbox `{}`", x.name),
+        });
+    }
+    out
+}
+
+pub const KIND: Kind = Kind {
+    steps: plan,
+    needs_time,
+    notes: super::no_notes,
+    needs,
+    queries: super::no_queries,
+};

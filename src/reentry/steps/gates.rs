@@ -20,9 +20,18 @@ use std::time::{Duration, Instant, SystemTime};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
-use super::{Effect, Env, GateEvidence, GateRow, Nature, OnDatabase, Recorder, Step, StepError};
+use super::validate::{Query, Role};
+use super::{
+    duration_ms, Effect, Env, GateEvidence, GateRow, Kind, Nature, OnDatabase, PlanCtx, Recorder,
+    Step, StepError,
+};
 use crate::pg::conn::{Db, PgError};
 use crate::reentry::check::quote_qualified;
+use crate::reentry::check::{Need, Prepared};
+use crate::reentry::plan::{step, PlannedStep};
+use crate::reentry::playbook::Playbook;
+use crate::reentry::playbook::Seg;
+use crate::reentry::steps::Phase;
 
 /// `lock_until` of a frozen ShedLock row: far enough that no job takes it.
 pub const FROZEN_UNTIL: &str = "2999-01-01 00:00:00+00";
@@ -1313,3 +1322,270 @@ impl Step for Verify {
         })
     }
 }
+
+// ---- Planning: the gates' steps.
+
+fn declared(p: &Playbook) -> Vec<(Gate, Vec<String>, Option<crate::reentry::playbook::Check>)> {
+    let g = &p.gates;
+    let mut out = Vec::new();
+    for x in &g.system_gate {
+        out.push((
+            Gate::SystemGate {
+                name: x.name.clone(),
+                table: x.table.clone().unwrap_or_else(|| "system_gate".into()),
+            },
+            x.databases.clone(),
+            x.health_check.clone(),
+        ));
+    }
+    for x in &g.shedlock {
+        out.push((
+            Gate::Shedlock {
+                name: x.name.clone(),
+                table: x.table.clone().unwrap_or_else(|| "shedlock".into()),
+                locks: x.locks.clone(),
+            },
+            x.databases.clone(),
+            x.health_check.clone(),
+        ));
+    }
+    for x in &g.quartz {
+        out.push((
+            Gate::Quartz {
+                name: x.name.clone(),
+                table_prefix: fold_unquoted(x.table_prefix.as_deref().unwrap_or("qrtz_")),
+                scheduler: x.scheduler.clone(),
+                groups: x.groups.clone(),
+                misfire_threshold_ms: duration_ms(x.misfire_threshold.as_deref(), "60s") as u64,
+            },
+            x.databases.clone(),
+            x.health_check.clone(),
+        ));
+    }
+    out
+}
+
+/// Every gate closes first (on each of its databases), then the cache
+/// wait, the verify step and the probe; at the end, in `reopen-order`,
+/// each gate's health check and re-open on the databases the way back
+/// keeps.
+fn plan(p: &Playbook, ctx: &PlanCtx) -> Vec<PlannedStep> {
+    let retired = ctx.retired;
+    let mut out = Vec::new();
+    let all = declared(p);
+    let mut closed = Vec::new();
+    for (gate, dbs, _) in &all {
+        for d in dbs {
+            let id = format!("close:{}@{d}", gate.name());
+            let at = GateAt {
+                gate: gate.clone(),
+                database: d.clone(),
+            };
+            closed.push(Closed {
+                step: id.clone(),
+                at: at.clone(),
+            });
+            out.push(step(
+                id,
+                Phase::CloseGates,
+                format!("close {} `{}` on {d}", gate.kind(), gate.name()),
+                super::Action::CloseGate(at),
+            ));
+        }
+    }
+    let ttl = p
+        .gates
+        .cache_ttl
+        .as_deref()
+        .and_then(|t| humantime::parse_duration(t).ok())
+        .unwrap_or_default();
+    if !ttl.is_zero() && !closed.is_empty() {
+        out.push(step(
+            "wait:gate-cache".into(),
+            Phase::Settle,
+            format!(
+                "wait the gate cache TTL ({})",
+                humantime::format_duration(ttl)
+            ),
+            super::Action::WaitGateCache(WaitCache {
+                ttl_seconds: ttl.as_secs_f64(),
+                after: closed.iter().map(|c| c.step.clone()).collect(),
+            }),
+        ));
+    }
+    if !closed.is_empty() {
+        out.push(step(
+            VERIFY_STEP.into(),
+            Phase::Settle,
+            "confirm every gate is still closed".into(),
+            super::Action::VerifyGates(Verify {
+                closed: closed.clone(),
+                drain_seconds: duration_ms(p.gates.drain_timeout.as_deref(), "60s") as f64 / 1000.0,
+            }),
+        ));
+    }
+    if let Some(probe) = &p.gates.probe {
+        out.push(step(
+            "probe:gates".into(),
+            Phase::Settle,
+            format!("gate probe on {}", probe.database),
+            super::Action::Check(Query {
+                role: Role::Probe,
+                name: "gate probe".into(),
+                database: probe.database.clone(),
+                sql: probe.sql.clone(),
+            }),
+        ));
+    }
+
+    for name in &p.gates.reopen_order {
+        let Some((gate, dbs, health)) = all.iter().find(|(g, _, _)| g.name() == name) else {
+            continue;
+        };
+        let reopening: Vec<&String> = dbs.iter().filter(|d| *d != retired).collect();
+        if reopening.is_empty() {
+            continue;
+        }
+        if let Some(h) = health {
+            out.push(step(
+                format!("health:{name}"),
+                Phase::Reopen,
+                format!("health check before `{name}` re-opens"),
+                super::Action::Check(Query {
+                    role: Role::HealthCheck,
+                    name: format!("health check of `{name}`"),
+                    database: h.database.clone(),
+                    sql: h.sql.clone(),
+                }),
+            ));
+        }
+        for d in reopening {
+            out.push(step(
+                format!("reopen:{name}@{d}"),
+                Phase::Reopen,
+                format!("re-open {} `{name}` on {d}", gate.kind()),
+                super::Action::ReopenGate(Reopen {
+                    gate: gate.clone(),
+                    database: d.clone(),
+                    close_step: format!("close:{name}@{d}"),
+                }),
+            ));
+        }
+    }
+    out
+}
+
+fn no_time(_: &Playbook) -> bool {
+    false
+}
+
+/// The gates that stay closed on the retired database, said in every plan.
+fn notes(p: &Playbook, ctx: &PlanCtx) -> Vec<String> {
+    let way = match p.playbook.way_back {
+        crate::reentry::playbook::WayBack::Cutover => "the cutover retires it",
+        crate::reentry::playbook::WayBack::SelectiveRepair => "it is only the source of the repair",
+    };
+    let retired = ctx.retired;
+    let stay: Vec<String> = declared(p)
+        .iter()
+        .filter(|(_, dbs, _)| dbs.iter().any(|d| d == retired))
+        .map(|(g, _, _)| g.name().to_owned())
+        .collect();
+    if stay.is_empty() {
+        return Vec::new();
+    }
+    vec![format!(
+        "gates stay closed on {retired} ({way}): {}",
+        stay.join(", ")
+    )]
+}
+
+/// The tables each gate needs on each of its databases.
+fn needs(p: &Playbook) -> Vec<Need<'_>> {
+    let mut out = Vec::new();
+    let g = &p.gates;
+    for (i, x) in g.system_gate.iter().enumerate() {
+        for d in &x.databases {
+            out.push(Need {
+                database: d,
+                table: x.table.clone().unwrap_or_else(|| "system_gate".into()),
+                columns: vec!["gate_name".into(), "enabled".into()],
+                path: vec![
+                    Seg::Key("gates"),
+                    Seg::Key("system-gate"),
+                    Seg::Index(i),
+                    Seg::Key("name"),
+                ],
+                what: format!("gate `{}`", x.name),
+            });
+        }
+    }
+    for (i, x) in g.shedlock.iter().enumerate() {
+        for d in &x.databases {
+            out.push(Need {
+                database: d,
+                table: x.table.clone().unwrap_or_else(|| "shedlock".into()),
+                columns: vec![
+                    "name".into(),
+                    "lock_until".into(),
+                    "locked_at".into(),
+                    "locked_by".into(),
+                ],
+                path: vec![
+                    Seg::Key("gates"),
+                    Seg::Key("shedlock"),
+                    Seg::Index(i),
+                    Seg::Key("name"),
+                ],
+                what: format!("gate `{}`", x.name),
+            });
+        }
+    }
+    for (i, x) in g.quartz.iter().enumerate() {
+        let prefix = x.table_prefix.as_deref().unwrap_or("qrtz_");
+        // A missing table is most likely a wrong prefix: point at it.
+        let key = if x.table_prefix.is_some() {
+            "table-prefix"
+        } else {
+            "name"
+        };
+        for d in &x.databases {
+            for (table, columns) in QuartzTables::needed(prefix) {
+                out.push(Need {
+                    database: d,
+                    table,
+                    columns: columns.into_iter().map(Into::into).collect(),
+                    path: vec![
+                        Seg::Key("gates"),
+                        Seg::Key("quartz"),
+                        Seg::Index(i),
+                        Seg::Key(key),
+                    ],
+                    what: format!("gate `{}`", x.name),
+                });
+            }
+        }
+    }
+    out
+}
+
+/// The gate probe, prepared by the online checks.
+fn queries(p: &Playbook) -> Vec<Prepared<'_>> {
+    p.gates
+        .probe
+        .iter()
+        .map(|probe| Prepared {
+            path: vec![Seg::Key("gates"), Seg::Key("probe"), Seg::Key("sql")],
+            database: &probe.database,
+            sql: &probe.sql,
+        })
+        .collect()
+}
+
+pub const KIND: Kind = Kind {
+    steps: plan,
+    needs_time: no_time,
+    notes,
+    needs,
+    queries,
+};

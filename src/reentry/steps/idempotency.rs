@@ -14,9 +14,17 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use super::{Effect, Env, Nature, OnDatabase, PinErrors, Pinned, Recorder, Step, StepError};
+use super::{
+    duration_ms, Effect, Env, Kind, Nature, OnDatabase, PinErrors, Pinned, PlanCtx, Recorder, Step,
+    StepError,
+};
 use crate::kafka::scan::{self, IdFrom, ScanOptions};
+use crate::reentry::check::Need;
 use crate::reentry::check::{quote_qualified, Column};
+use crate::reentry::plan::{step, PlannedStep};
+use crate::reentry::playbook::Playbook;
+use crate::reentry::playbook::Seg;
+use crate::reentry::steps::Phase;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -477,6 +485,72 @@ impl Step for Keys {
         })
     }
 }
+
+/// Each idempotency table's keys used after T that the restored copy lacks.
+fn plan(p: &Playbook, ctx: &PlanCtx) -> Vec<PlannedStep> {
+    let Some(t_ms) = ctx.t_ms else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for (n, k) in p.idempotency.iter().enumerate() {
+        out.push(step(
+            format!("idempotency:{}", k.name),
+            Phase::Reconcile,
+            format!("idempotency keys `{}` on {}", k.name, k.database),
+            super::Action::IdempotencyKeys(Keys {
+                idempotency: k.name.clone(),
+                database: k.database.clone(),
+                table: k.table.clone(),
+                key_column: k.key_column.clone(),
+                created_column: k.created_at_column.clone(),
+                retention_ms: k.retention.as_deref().map(|r| duration_ms(Some(r), "0s")),
+                action: k.action.clone(),
+                from_current: k.from_current == Some(true),
+                from_topic: k.from_topic.clone(),
+                from_csv: k.from_csv.as_ref().map(|c| CsvFrom {
+                    path: c.path.clone(),
+                    key_column: c.key_column.clone(),
+                    time_column: c.time_column.clone(),
+                    pinned: Some(Pinned::named(
+                        &c.path.display().to_string(),
+                        &["idempotency", &n.to_string(), "from-csv", "path"],
+                    )),
+                }),
+                t_ms,
+            }),
+        ));
+    }
+    out
+}
+
+fn needs_time(p: &Playbook) -> bool {
+    !p.idempotency.is_empty()
+}
+
+/// Each idempotency table and its key (and creation time) column.
+fn needs(p: &Playbook) -> Vec<Need<'_>> {
+    let mut out = Vec::new();
+    for (i, x) in p.idempotency.iter().enumerate() {
+        out.push(Need {
+            database: &x.database,
+            table: x.table.clone(),
+            columns: std::iter::once(x.key_column.clone())
+                .chain(x.created_at_column.clone())
+                .collect(),
+            path: vec![Seg::Key("idempotency"), Seg::Index(i), Seg::Key("table")],
+            what: format!("idempotency `{}`", x.name),
+        });
+    }
+    out
+}
+
+pub const KIND: Kind = Kind {
+    steps: plan,
+    needs_time,
+    notes: super::no_notes,
+    needs,
+    queries: super::no_queries,
+};
 
 #[cfg(test)]
 mod tests {

@@ -430,6 +430,65 @@ pub trait Step {
     fn apply(&self, env: &mut Env, rec: &mut Recorder) -> Result<Effect, StepError>;
 }
 
+/// What a kind's planner needs to know besides the playbook.
+pub struct PlanCtx {
+    /// T in ms since the epoch, when the recovery target gives a time.
+    pub t_ms: Option<i64>,
+    /// The database that takes writes after re-entry, and the one retired.
+    pub survivor: &'static str,
+    pub retired: &'static str,
+}
+
+/// A step kind, as the engine reaches it: what it needs to find online,
+/// and the steps it adds to a plan. The engine (plan, check, run, journal,
+/// report) names no kind; each module registers here with one line.
+pub struct Kind {
+    /// Its steps, from the playbook alone; the plan orders them by phase,
+    /// keeping `KINDS`' order within one.
+    pub steps: fn(&Playbook, &PlanCtx) -> Vec<crate::reentry::plan::PlannedStep>,
+    /// Whether its steps compare with T as a time (an LSN is not enough).
+    pub needs_time: fn(&Playbook) -> bool,
+    /// What every plan should say about it (what it leaves undone).
+    pub notes: fn(&Playbook, &PlanCtx) -> Vec<String>,
+    /// The tables and columns it needs, checked online before any plan.
+    pub needs: fn(&Playbook) -> Vec<crate::reentry::check::Need<'_>>,
+    /// The queries from the playbook it runs, prepared online.
+    pub queries: fn(&Playbook) -> Vec<crate::reentry::check::Prepared<'_>>,
+}
+
+/// A kind's `needs` when it needs no table.
+pub fn no_needs(_: &Playbook) -> Vec<crate::reentry::check::Need<'_>> {
+    Vec::new()
+}
+
+/// A kind's `queries` when it holds no query.
+pub fn no_queries(_: &Playbook) -> Vec<crate::reentry::check::Prepared<'_>> {
+    Vec::new()
+}
+
+/// A planner's `notes` when it has none.
+pub fn no_notes(_: &Playbook, _: &PlanCtx) -> Vec<String> {
+    Vec::new()
+}
+
+/// The kinds: one line each, in the order their steps run within a phase
+/// (the outbox settles what the relay sends before the consumers rewind).
+pub const KINDS: &[Kind] = &[
+    gates::KIND,
+    validate::KIND,
+    outbox::KIND,
+    consumers::KIND,
+    idempotency::KIND,
+];
+
+/// A playbook duration in milliseconds (`default` when absent; checked
+/// when the playbook was parsed).
+pub fn duration_ms(d: Option<&str>, default: &str) -> i64 {
+    humantime::parse_duration(d.unwrap_or(default))
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
 /// The registry of step kinds: one line each. The plan on disk is a list
 /// of `Action`s (tagged by `kind`), so a resumed run walks exactly the plan
 /// it started with; the engine reaches each through the `Step` trait.

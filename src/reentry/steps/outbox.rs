@@ -23,10 +23,18 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use super::{Effect, Env, Nature, OnDatabase, PinErrors, Pinned, Recorder, Step, StepError};
+use super::{
+    duration_ms, Effect, Env, Kind, Nature, OnDatabase, PinErrors, Pinned, PlanCtx, Recorder, Step,
+    StepError,
+};
 use crate::kafka::scan::{self, IdFrom, ScanOptions, ScanStats, Seen};
 use crate::pg::conn::Db;
+use crate::reentry::check::Need;
 use crate::reentry::check::{quote_qualified, Column};
+use crate::reentry::plan::{step, PlannedStep};
+use crate::reentry::playbook::Playbook;
+use crate::reentry::playbook::Seg;
+use crate::reentry::steps::Phase;
 
 /// Clock skew allowed between the database and the broker.
 pub const SKEW_MS: i64 = 60_000;
@@ -987,6 +995,90 @@ impl Step for Reconcile {
         })
     }
 }
+
+/// The event id of an outbox's messages, as its playbook section says.
+pub fn id_from(e: Option<&crate::reentry::playbook::EventId>) -> IdFrom {
+    match e {
+        Some(e) if e.header.is_some() => IdFrom::Header(e.header.clone().unwrap_or_default()),
+        Some(e) if e.json_pointer.is_some() => {
+            IdFrom::JsonPointer(e.json_pointer.clone().unwrap_or_default())
+        }
+        _ => IdFrom::Key,
+    }
+}
+
+/// Each outbox against its topic, from T minus `[kafka] lookback`.
+fn plan(p: &Playbook, ctx: &PlanCtx) -> Vec<PlannedStep> {
+    let Some(t_ms) = ctx.t_ms else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    let kafka = p.kafka.as_ref();
+    let lookback = duration_ms(kafka.and_then(|k| k.lookback.as_deref()), "1h");
+    let watch = duration_ms(kafka.and_then(|k| k.watch.as_deref()), "5s") as f64 / 1000.0;
+    for (n, o) in p.outbox.iter().enumerate() {
+        out.push(step(
+            format!("outbox:{}", o.name),
+            Phase::Reconcile,
+            format!("outbox `{}` against topic {}", o.name, o.topic),
+            super::Action::Outbox(Reconcile {
+                outbox: o.name.clone(),
+                database: o.database.clone(),
+                topic: o.topic.clone(),
+                layout: Layout::of(o),
+                id_from: id_from(o.event_id.as_ref()),
+                t_ms,
+                from_ms: t_ms - lookback,
+                watch_seconds: watch,
+                compensation: o.compensation_template.as_deref().map(|path| {
+                    Pinned::named(path, &["outbox", &n.to_string(), "compensation-template"])
+                }),
+            }),
+        ));
+    }
+    out
+}
+
+fn needs_time(p: &Playbook) -> bool {
+    !p.outbox.is_empty()
+}
+
+/// A generic outbox's table and the columns it names.
+fn needs(p: &Playbook) -> Vec<Need<'_>> {
+    let mut out = Vec::new();
+    for (i, o) in p.outbox.iter().enumerate() {
+        if let (Some(table), Some(c)) = (&o.table, &o.columns) {
+            let columns = [
+                &c.id,
+                &c.topic,
+                &c.key,
+                &c.payload,
+                &c.created_at,
+                &c.published_at,
+            ]
+            .into_iter()
+            .flatten()
+            .cloned()
+            .collect();
+            out.push(Need {
+                database: &o.database,
+                table: table.clone(),
+                columns,
+                path: vec![Seg::Key("outbox"), Seg::Index(i), Seg::Key("table")],
+                what: format!("outbox `{}`", o.name),
+            });
+        }
+    }
+    out
+}
+
+pub const KIND: Kind = Kind {
+    steps: plan,
+    needs_time,
+    notes: super::no_notes,
+    needs,
+    queries: super::no_queries,
+};
 
 #[cfg(test)]
 mod tests {

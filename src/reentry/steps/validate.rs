@@ -9,8 +9,14 @@
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use super::{Effect, Env, Nature, OnDatabase, Recorder, Step, StepError};
+use super::PlanCtx;
+use super::{Effect, Env, Kind, Nature, OnDatabase, Recorder, Step, StepError};
 use crate::pg::conn::{Db, SqlState};
+use crate::reentry::check::Prepared;
+use crate::reentry::plan::{step, PlannedStep};
+use crate::reentry::playbook::Playbook;
+use crate::reentry::playbook::Seg;
+use crate::reentry::steps::Phase;
 
 /// How many findings an error message lists before "and N more".
 const SHOWN: usize = 10;
@@ -495,3 +501,98 @@ impl Step for Amcheck {
         })
     }
 }
+
+/// Invariants, then the survivor's indexes, sequences, the extension
+/// inventory and amcheck, as `[validation]` asks.
+fn plan(p: &Playbook, ctx: &PlanCtx) -> Vec<PlannedStep> {
+    let mut out = Vec::new();
+    let survivor = ctx.survivor;
+    let v = &p.validation;
+    for inv in &v.invariant {
+        out.push(step(
+            format!("invariant:{}", inv.name),
+            Phase::Validate,
+            format!("invariant `{}` on {}", inv.name, inv.database),
+            super::Action::Check(Query {
+                role: Role::Invariant,
+                name: inv.name.clone(),
+                database: inv.database.clone(),
+                sql: inv.sql.clone(),
+            }),
+        ));
+    }
+    if v.invalid_indexes.unwrap_or(true) {
+        out.push(step(
+            format!("indexes@{survivor}"),
+            Phase::Validate,
+            format!("no invalid indexes on {survivor}"),
+            super::Action::InvalidIndexes(InvalidIndexes {
+                database: survivor.into(),
+            }),
+        ));
+    }
+    if v.sequences.unwrap_or(true) {
+        out.push(step(
+            format!("sequences@{survivor}"),
+            Phase::Validate,
+            format!("sequences ahead of their columns on {survivor}"),
+            super::Action::Sequences(Sequences {
+                database: survivor.into(),
+            }),
+        ));
+    }
+    if v.extensions.unwrap_or(true) {
+        out.push(step(
+            "extensions".into(),
+            Phase::Validate,
+            "extension inventory: current against restored".into(),
+            super::Action::Extensions(Extensions {
+                current: "current".into(),
+                restored: "restored".into(),
+            }),
+        ));
+    }
+    if v.amcheck.unwrap_or(false) {
+        out.push(step(
+            format!("amcheck@{survivor}"),
+            Phase::Validate,
+            format!("amcheck bt_index_check on {survivor}"),
+            super::Action::Amcheck(Amcheck {
+                database: survivor.into(),
+            }),
+        ));
+    }
+
+    out
+}
+
+fn no_time(_: &Playbook) -> bool {
+    false
+}
+
+/// Every invariant, prepared by the online checks.
+fn queries(p: &Playbook) -> Vec<Prepared<'_>> {
+    p.validation
+        .invariant
+        .iter()
+        .enumerate()
+        .map(|(i, q)| Prepared {
+            path: vec![
+                Seg::Key("validation"),
+                Seg::Key("invariant"),
+                Seg::Index(i),
+                Seg::Key("sql"),
+            ],
+            database: &q.database,
+            sql: &q.sql,
+        })
+        .collect()
+}
+
+pub const KIND: Kind = Kind {
+    steps: plan,
+    needs_time: no_time,
+    notes: super::no_notes,
+    needs: super::no_needs,
+    queries,
+};
