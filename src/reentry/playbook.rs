@@ -15,164 +15,47 @@ use crate::diag::{Diagnostic, Diagnostics};
 use crate::reentry::schema::{self, opt, req, Field, Kind};
 
 const WAY_BACK: &[&str] = &["cutover", "selective-repair"];
-const OUTBOX_FLAVOURS: &[&str] = &["generic", "spring-modulith", "gruelbox", "debezium"];
-const IDEMPOTENCY_ACTIONS: &[&str] = &["tombstone", "review"];
 const SEARCH_STRATEGIES: &[&str] = &["delete-by-query", "targeted", "rebuild-hook"];
 
-const QUERY: &[Field] = &[
-    req("name", Kind::Str),
-    req("database", Kind::Str),
-    req("sql", Kind::Str),
-];
-const CHECK: &[Field] = &[req("database", Kind::Str), req("sql", Kind::Str)];
-const DATABASE: &[Field] = &[req("conninfo", Kind::Interp)];
-const TARGET: &[Field] = &[
-    opt("manifest", Kind::Str),
-    opt("time", Kind::Str),
-    opt("lsn", Kind::Str),
-];
-const SYSTEM_GATE: &[Field] = &[
-    req("name", Kind::Str),
-    req("databases", Kind::Strs),
-    opt("table", Kind::Str),
-    opt("health-check", Kind::Table(CHECK)),
-];
-const SHEDLOCK: &[Field] = &[
-    req("name", Kind::Str),
-    req("databases", Kind::Strs),
-    opt("table", Kind::Str),
-    opt("locks", Kind::Strs),
-    opt("health-check", Kind::Table(CHECK)),
-];
-const QUARTZ: &[Field] = &[
-    req("name", Kind::Str),
-    req("databases", Kind::Strs),
-    opt("table-prefix", Kind::Str),
-    req("scheduler", Kind::Str),
-    opt("groups", Kind::Strs),
-    opt("misfire-threshold", Kind::Duration),
-    opt("health-check", Kind::Table(CHECK)),
-];
-const GATES: &[Field] = &[
-    opt("cache-ttl", Kind::Duration),
-    opt("drain-timeout", Kind::Duration),
-    opt("probe", Kind::Table(CHECK)),
-    req("reopen-order", Kind::Strs),
-    opt("system-gate", Kind::Tables(SYSTEM_GATE)),
-    opt("shedlock", Kind::Tables(SHEDLOCK)),
-    opt("quartz", Kind::Tables(QUARTZ)),
-];
-const VALIDATION: &[Field] = &[
-    opt("invalid-indexes", Kind::Bool),
-    opt("sequences", Kind::Bool),
-    opt("extensions", Kind::Bool),
-    opt("amcheck", Kind::Bool),
-    opt("invariant", Kind::Tables(QUERY)),
-];
-const OUTBOX_COLUMNS: &[Field] = &[
-    opt("id", Kind::Str),
-    opt("topic", Kind::Str),
-    opt("key", Kind::Str),
-    opt("payload", Kind::Str),
-    opt("created-at", Kind::Str),
-    opt("published-at", Kind::Str),
-];
-const EVENT_ID: &[Field] = &[
-    opt("header", Kind::Str),
-    opt("key", Kind::Bool),
-    opt("json-pointer", Kind::Str),
-];
-const OUTBOX: &[Field] = &[
-    req("name", Kind::Str),
-    req("database", Kind::Str),
-    req("flavour", Kind::OneOf(OUTBOX_FLAVOURS)),
-    opt("table", Kind::Str),
-    req("topic", Kind::Str),
-    opt("columns", Kind::Table(OUTBOX_COLUMNS)),
-    opt("event-id", Kind::Table(EVENT_ID)),
-    opt("gate", Kind::Str),
-    opt("compensation-template", Kind::Str),
-];
-const CONSUMER_GROUP: &[Field] = &[
-    req("name", Kind::Str),
-    req("topics", Kind::Strs),
-    opt("idempotent", Kind::Bool),
-];
-const KAFKA: &[Field] = &[
-    req("bootstrap", Kind::Interp),
-    opt("lookback", Kind::Duration),
-    opt("watch", Kind::Duration),
-    opt("scan-consumers", Kind::Int),
-    opt("sort-chunk", Kind::Int),
-    opt("consumer-group", Kind::Tables(CONSUMER_GROUP)),
-];
-const INBOX: &[Field] = &[
-    req("name", Kind::Str),
-    req("database", Kind::Str),
-    req("table", Kind::Str),
-    req("message-id-column", Kind::Str),
-    req("topic", Kind::Str),
-    opt("consumer-group", Kind::Str),
-];
-const CSV_SOURCE: &[Field] = &[
-    req("path", Kind::Str),
-    req("key-column", Kind::Str),
-    opt("time-column", Kind::Str),
-];
-const IDEMPOTENCY: &[Field] = &[
-    req("name", Kind::Str),
-    req("database", Kind::Str),
-    req("table", Kind::Str),
-    req("key-column", Kind::Str),
-    opt("created-at-column", Kind::Str),
-    opt("retention", Kind::Duration),
-    req("action", Kind::OneOf(IDEMPOTENCY_ACTIONS)),
-    opt("from-current", Kind::Bool),
-    opt("from-topic", Kind::Str),
-    opt("from-csv", Kind::Table(CSV_SOURCE)),
-];
-const CACHE: &[Field] = &[
-    req("name", Kind::Str),
-    req("url", Kind::Interp),
-    opt("cluster", Kind::Bool),
-    opt("patterns", Kind::Strs),
-    opt("key-template", Kind::Str),
-];
-const SEARCH: &[Field] = &[
-    req("name", Kind::Str),
-    req("url", Kind::Interp),
-    req("index", Kind::Str),
-    opt("timestamp-field", Kind::Str),
-    req("strategy", Kind::OneOf(SEARCH_STRATEGIES)),
-    opt("rebuild-hook", Kind::Str),
-];
-const REPAIR: &[Field] = &[
-    req("table", Kind::Str),
-    req("key", Kind::Strs),
-    req("updated-at", Kind::Str),
-    opt("where", Kind::Str),
-];
-const PLAYBOOK_META: &[Field] = &[
-    req("name", Kind::Str),
-    req("way-back", Kind::OneOf(WAY_BACK)),
-    opt("description", Kind::Str),
-];
+/// A playbook section: one typed model, from which both serde's parse and
+/// the located checks (`schema::check_table`: unknown, missing and
+/// ill-typed keys, all at once) come. Each field names its key once.
+macro_rules! section {
+    (
+        $(#[$m:meta])*
+        pub struct $name:ident {
+            $(extra { $($(#[$em:meta])* pub $efield:ident : $ety:ty),* $(,)? })?
+            $( $(#[$fm:meta])* pub $field:ident : $ty:ty => $req:ident($key:literal, $kind:expr) ),* $(,)?
+        }
+    ) => {
+        $(#[$m])*
+        #[derive(Debug, Clone, Serialize, Deserialize)]
+        pub struct $name {
+            $($( $(#[$em])* pub $efield: $ety, )*)?
+            $( $(#[$fm])* #[serde(rename = $key)] pub $field: $ty, )*
+        }
+
+        impl $name {
+            /// Its keys, for the located checks.
+            pub const FIELDS: &'static [Field] = &[ $( $req($key, $kind) ),* ];
+        }
+    };
+}
+pub(crate) use section;
+
+// Each kind owns its section; the playbook holds them.
+pub use crate::reentry::steps::consumers::{
+    ConsumerGroup, InboxSection as Inbox, KafkaSection as Kafka,
+};
+pub use crate::reentry::steps::gates::{Gates, Quartz, ShedLock, SystemGate};
+pub use crate::reentry::steps::idempotency::IDEMPOTENCY_ACTIONS;
+pub use crate::reentry::steps::idempotency::{CsvSource, Idempotency};
+pub use crate::reentry::steps::outbox::OUTBOX_FLAVOURS;
+pub use crate::reentry::steps::outbox::{EventId, Outbox, OutboxColumns};
+pub use crate::reentry::steps::validate::{NamedQuery, Validation};
 
 /// The whole file.
-pub const SCHEMA: &[Field] = &[
-    req("playbook", Kind::Table(PLAYBOOK_META)),
-    req("databases", Kind::Map(DATABASE)),
-    req("recovery-target", Kind::Table(TARGET)),
-    req("gates", Kind::Table(GATES)),
-    opt("validation", Kind::Table(VALIDATION)),
-    opt("outbox", Kind::Tables(OUTBOX)),
-    opt("kafka", Kind::Table(KAFKA)),
-    opt("inbox", Kind::Tables(INBOX)),
-    opt("idempotency", Kind::Tables(IDEMPOTENCY)),
-    opt("caches", Kind::Tables(CACHE)),
-    opt("search", Kind::Tables(SEARCH)),
-    opt("repair", Kind::Tables(REPAIR)),
-];
+pub const SCHEMA: &[Field] = Playbook::FIELDS;
 
 /// A string that may carry secrets from the environment: shown as written
 /// (`password=${DB_PASSWORD}`), used expanded.
@@ -231,240 +114,94 @@ impl fmt::Display for WayBack {
     }
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub struct Meta {
-    pub name: String,
-    pub way_back: WayBack,
-    pub description: Option<String>,
+section! {
+    pub struct Meta {
+        pub name: String => req("name", Kind::Str),
+        pub way_back: WayBack => req("way-back", Kind::OneOf(WAY_BACK)),
+        pub description: Option<String> => opt("description", Kind::Str),
+    }
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Database {
-    pub conninfo: Interpolated,
+section! {
+    pub struct Database {
+        pub conninfo: Interpolated => req("conninfo", Kind::Interp),
+    }
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct RecoveryTarget {
-    pub manifest: Option<PathBuf>,
-    pub time: Option<String>,
-    pub lsn: Option<String>,
+section! {
+    pub struct RecoveryTarget {
+        pub manifest: Option<PathBuf> => opt("manifest", Kind::Str),
+        pub time: Option<String> => opt("time", Kind::Str),
+        pub lsn: Option<String> => opt("lsn", Kind::Str),
+    }
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Check {
-    pub database: String,
-    pub sql: String,
+section! {
+    pub struct Check {
+        pub database: String => req("database", Kind::Str),
+        pub sql: String => req("sql", Kind::Str),
+    }
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct NamedQuery {
-    pub name: String,
-    pub database: String,
-    pub sql: String,
+section! {
+    pub struct Cache {
+        pub name: String => req("name", Kind::Str),
+        pub url: Interpolated => req("url", Kind::Interp),
+        pub cluster: Option<bool> => opt("cluster", Kind::Bool),
+        pub patterns: Option<Vec<String>> => opt("patterns", Kind::Strs),
+        pub key_template: Option<String> => opt("key-template", Kind::Str),
+    }
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub struct SystemGate {
-    pub name: String,
-    pub databases: Vec<String>,
-    pub table: Option<String>,
-    pub health_check: Option<Check>,
+section! {
+    pub struct Search {
+        pub name: String => req("name", Kind::Str),
+        pub url: Interpolated => req("url", Kind::Interp),
+        pub index: String => req("index", Kind::Str),
+        pub timestamp_field: Option<String> => opt("timestamp-field", Kind::Str),
+        pub strategy: String => req("strategy", Kind::OneOf(SEARCH_STRATEGIES)),
+        pub rebuild_hook: Option<String> => opt("rebuild-hook", Kind::Str),
+    }
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub struct ShedLock {
-    pub name: String,
-    pub databases: Vec<String>,
-    pub table: Option<String>,
-    pub locks: Option<Vec<String>>,
-    pub health_check: Option<Check>,
+section! {
+    pub struct Repair {
+        pub table: String => req("table", Kind::Str),
+        pub key: Vec<String> => req("key", Kind::Strs),
+        pub updated_at: String => req("updated-at", Kind::Str),
+        pub filter: Option<String> => opt("where", Kind::Str),
+    }
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub struct Quartz {
-    pub name: String,
-    pub databases: Vec<String>,
-    pub table_prefix: Option<String>,
-    pub scheduler: String,
-    pub groups: Option<Vec<String>>,
-    pub misfire_threshold: Option<String>,
-    pub health_check: Option<Check>,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub struct Gates {
-    pub cache_ttl: Option<String>,
-    pub drain_timeout: Option<String>,
-    pub probe: Option<Check>,
-    pub reopen_order: Vec<String>,
-    #[serde(default)]
-    pub system_gate: Vec<SystemGate>,
-    #[serde(default)]
-    pub shedlock: Vec<ShedLock>,
-    #[serde(default)]
-    pub quartz: Vec<Quartz>,
-}
-
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub struct Validation {
-    pub invalid_indexes: Option<bool>,
-    pub sequences: Option<bool>,
-    pub extensions: Option<bool>,
-    pub amcheck: Option<bool>,
-    #[serde(default)]
-    pub invariant: Vec<NamedQuery>,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub struct OutboxColumns {
-    pub id: Option<String>,
-    pub topic: Option<String>,
-    pub key: Option<String>,
-    pub payload: Option<String>,
-    pub created_at: Option<String>,
-    pub published_at: Option<String>,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub struct EventId {
-    pub header: Option<String>,
-    pub key: Option<bool>,
-    pub json_pointer: Option<String>,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub struct Outbox {
-    pub name: String,
-    pub database: String,
-    pub flavour: String,
-    pub table: Option<String>,
-    pub topic: String,
-    pub columns: Option<OutboxColumns>,
-    pub event_id: Option<EventId>,
-    pub gate: Option<String>,
-    pub compensation_template: Option<String>,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct ConsumerGroup {
-    pub name: String,
-    pub topics: Vec<String>,
-    pub idempotent: Option<bool>,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub struct Kafka {
-    pub bootstrap: Interpolated,
-    pub lookback: Option<String>,
-    pub watch: Option<String>,
-    pub scan_consumers: Option<u32>,
-    pub sort_chunk: Option<u64>,
-    #[serde(default)]
-    pub consumer_group: Vec<ConsumerGroup>,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub struct Inbox {
-    pub name: String,
-    pub database: String,
-    pub table: String,
-    pub message_id_column: String,
-    pub topic: String,
-    pub consumer_group: Option<String>,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub struct CsvSource {
-    pub path: PathBuf,
-    pub key_column: String,
-    pub time_column: Option<String>,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub struct Idempotency {
-    pub name: String,
-    pub database: String,
-    pub table: String,
-    pub key_column: String,
-    pub created_at_column: Option<String>,
-    pub retention: Option<String>,
-    pub action: String,
-    pub from_current: Option<bool>,
-    pub from_topic: Option<String>,
-    pub from_csv: Option<CsvSource>,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub struct Cache {
-    pub name: String,
-    pub url: Interpolated,
-    pub cluster: Option<bool>,
-    pub patterns: Option<Vec<String>>,
-    pub key_template: Option<String>,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub struct Search {
-    pub name: String,
-    pub url: Interpolated,
-    pub index: String,
-    pub timestamp_field: Option<String>,
-    pub strategy: String,
-    pub rebuild_hook: Option<String>,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub struct Repair {
-    pub table: String,
-    pub key: Vec<String>,
-    pub updated_at: String,
-    #[serde(rename = "where")]
-    pub filter: Option<String>,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub struct Playbook {
-    /// The file it came from, to locate errors found later (online checks).
-    #[serde(skip)]
-    pub file: PathBuf,
-    #[serde(skip)]
-    pub text: String,
-    pub playbook: Meta,
-    pub databases: BTreeMap<String, Database>,
-    pub recovery_target: RecoveryTarget,
-    pub gates: Gates,
-    #[serde(default)]
-    pub validation: Validation,
-    #[serde(default)]
-    pub outbox: Vec<Outbox>,
-    pub kafka: Option<Kafka>,
-    #[serde(default)]
-    pub inbox: Vec<Inbox>,
-    #[serde(default)]
-    pub idempotency: Vec<Idempotency>,
-    #[serde(default)]
-    pub caches: Vec<Cache>,
-    #[serde(default)]
-    pub search: Vec<Search>,
-    #[serde(default)]
-    pub repair: Vec<Repair>,
+section! {
+    pub struct Playbook {
+        extra {
+            /// The file it came from, to locate errors found later (online checks).
+            #[serde(skip)]
+            pub file: PathBuf,
+            #[serde(skip)]
+            pub text: String,
+        }
+        pub playbook: Meta => req("playbook", Kind::Table(Meta::FIELDS)),
+        pub databases: BTreeMap<String, Database> => req("databases", Kind::Map(Database::FIELDS)),
+        pub recovery_target: RecoveryTarget => req("recovery-target", Kind::Table(RecoveryTarget::FIELDS)),
+        pub gates: Gates => req("gates", Kind::Table(Gates::FIELDS)),
+        #[serde(default)]
+        pub validation: Validation => opt("validation", Kind::Table(Validation::FIELDS)),
+        #[serde(default)]
+        pub outbox: Vec<Outbox> => opt("outbox", Kind::Tables(Outbox::FIELDS)),
+        pub kafka: Option<Kafka> => opt("kafka", Kind::Table(Kafka::FIELDS)),
+        #[serde(default)]
+        pub inbox: Vec<Inbox> => opt("inbox", Kind::Tables(Inbox::FIELDS)),
+        #[serde(default)]
+        pub idempotency: Vec<Idempotency> => opt("idempotency", Kind::Tables(Idempotency::FIELDS)),
+        #[serde(default)]
+        pub caches: Vec<Cache> => opt("caches", Kind::Tables(Cache::FIELDS)),
+        #[serde(default)]
+        pub search: Vec<Search> => opt("search", Kind::Tables(Search::FIELDS)),
+        #[serde(default)]
+        pub repair: Vec<Repair> => opt("repair", Kind::Tables(Repair::FIELDS)),
+    }
 }
 
 /// A step in a path into the document, to locate a semantic error.

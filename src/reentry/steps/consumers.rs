@@ -14,7 +14,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use super::{Effect, Env, Kind, Nature, OnDatabase, PlanCtx, Recorder, Step, StepError};
+use super::{Effect, Env, Nature, OnDatabase, PlanCtx, Recorder, Step, StepError, StepKind};
 use crate::kafka::scan::{self, IdFrom, ScanOptions};
 use crate::kafka::Kafka;
 use crate::reentry::check::Column;
@@ -22,7 +22,42 @@ use crate::reentry::check::Need;
 use crate::reentry::plan::{step, PlannedStep};
 use crate::reentry::playbook::Playbook;
 use crate::reentry::playbook::Seg;
+use crate::reentry::playbook::{section, Interpolated};
+use crate::reentry::schema::{opt, req, Field, Kind};
 use crate::reentry::steps::Phase;
+
+// ---- Its playbook section: one typed model; its keys and checks come from it.
+
+section! {
+    pub struct ConsumerGroup {
+        pub name: String => req("name", Kind::Str),
+        pub topics: Vec<String> => req("topics", Kind::Strs),
+        pub idempotent: Option<bool> => opt("idempotent", Kind::Bool),
+    }
+}
+
+section! {
+    pub struct KafkaSection {
+        pub bootstrap: Interpolated => req("bootstrap", Kind::Interp),
+        pub lookback: Option<String> => opt("lookback", Kind::Duration),
+        pub watch: Option<String> => opt("watch", Kind::Duration),
+        pub scan_consumers: Option<u32> => opt("scan-consumers", Kind::Int),
+        pub sort_chunk: Option<u64> => opt("sort-chunk", Kind::Int),
+        #[serde(default)]
+        pub consumer_group: Vec<ConsumerGroup> => opt("consumer-group", Kind::Tables(ConsumerGroup::FIELDS)),
+    }
+}
+
+section! {
+    pub struct InboxSection {
+        pub name: String => req("name", Kind::Str),
+        pub database: String => req("database", Kind::Str),
+        pub table: String => req("table", Kind::Str),
+        pub message_id_column: String => req("message-id-column", Kind::Str),
+        pub topic: String => req("topic", Kind::Str),
+        pub consumer_group: Option<String> => opt("consumer-group", Kind::Str),
+    }
+}
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -317,7 +352,7 @@ fn needs(p: &Playbook) -> Vec<Need<'_>> {
     out
 }
 
-pub const KIND: Kind = Kind {
+pub const KIND: StepKind = StepKind {
     steps: plan,
     needs_time,
     notes: super::no_notes,

@@ -22,8 +22,8 @@ use serde_json::{json, Map, Value};
 
 use super::validate::{Query, Role};
 use super::{
-    duration_ms, Effect, Env, GateEvidence, GateRow, Kind, Nature, OnDatabase, PlanCtx, Recorder,
-    Step, StepError,
+    duration_ms, Effect, Env, GateEvidence, GateRow, Nature, OnDatabase, PlanCtx, Recorder, Step,
+    StepError, StepKind,
 };
 use crate::pg::conn::{Db, PgError};
 use crate::reentry::check::quote_qualified;
@@ -31,7 +31,57 @@ use crate::reentry::check::{Need, Prepared};
 use crate::reentry::plan::{step, PlannedStep};
 use crate::reentry::playbook::Playbook;
 use crate::reentry::playbook::Seg;
+use crate::reentry::playbook::{section, Check};
+use crate::reentry::schema::{opt, req, Field, Kind};
 use crate::reentry::steps::Phase;
+
+// ---- Its playbook section: one typed model; its keys and checks come from it.
+
+section! {
+    pub struct SystemGate {
+        pub name: String => req("name", Kind::Str),
+        pub databases: Vec<String> => req("databases", Kind::Strs),
+        pub table: Option<String> => opt("table", Kind::Str),
+        pub health_check: Option<Check> => opt("health-check", Kind::Table(Check::FIELDS)),
+    }
+}
+
+section! {
+    pub struct ShedLock {
+        pub name: String => req("name", Kind::Str),
+        pub databases: Vec<String> => req("databases", Kind::Strs),
+        pub table: Option<String> => opt("table", Kind::Str),
+        pub locks: Option<Vec<String>> => opt("locks", Kind::Strs),
+        pub health_check: Option<Check> => opt("health-check", Kind::Table(Check::FIELDS)),
+    }
+}
+
+section! {
+    pub struct Quartz {
+        pub name: String => req("name", Kind::Str),
+        pub databases: Vec<String> => req("databases", Kind::Strs),
+        pub table_prefix: Option<String> => opt("table-prefix", Kind::Str),
+        pub scheduler: String => req("scheduler", Kind::Str),
+        pub groups: Option<Vec<String>> => opt("groups", Kind::Strs),
+        pub misfire_threshold: Option<String> => opt("misfire-threshold", Kind::Duration),
+        pub health_check: Option<Check> => opt("health-check", Kind::Table(Check::FIELDS)),
+    }
+}
+
+section! {
+    pub struct Gates {
+        pub cache_ttl: Option<String> => opt("cache-ttl", Kind::Duration),
+        pub drain_timeout: Option<String> => opt("drain-timeout", Kind::Duration),
+        pub probe: Option<Check> => opt("probe", Kind::Table(Check::FIELDS)),
+        pub reopen_order: Vec<String> => req("reopen-order", Kind::Strs),
+        #[serde(default)]
+        pub system_gate: Vec<SystemGate> => opt("system-gate", Kind::Tables(SystemGate::FIELDS)),
+        #[serde(default)]
+        pub shedlock: Vec<ShedLock> => opt("shedlock", Kind::Tables(ShedLock::FIELDS)),
+        #[serde(default)]
+        pub quartz: Vec<Quartz> => opt("quartz", Kind::Tables(Quartz::FIELDS)),
+    }
+}
 
 /// `lock_until` of a frozen ShedLock row: far enough that no job takes it.
 pub const FROZEN_UNTIL: &str = "2999-01-01 00:00:00+00";
@@ -1582,7 +1632,7 @@ fn queries(p: &Playbook) -> Vec<Prepared<'_>> {
         .collect()
 }
 
-pub const KIND: Kind = Kind {
+pub const KIND: StepKind = StepKind {
     steps: plan,
     needs_time: no_time,
     notes,

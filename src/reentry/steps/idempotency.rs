@@ -15,16 +15,45 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use super::{
-    duration_ms, Effect, Env, Kind, Nature, OnDatabase, PinErrors, Pinned, PlanCtx, Recorder, Step,
-    StepError,
+    duration_ms, Effect, Env, Nature, OnDatabase, PinErrors, Pinned, PlanCtx, Recorder, Step,
+    StepError, StepKind,
 };
 use crate::kafka::scan::{self, IdFrom, ScanOptions};
 use crate::reentry::check::Need;
 use crate::reentry::check::{quote_qualified, Column};
 use crate::reentry::plan::{step, PlannedStep};
+use crate::reentry::playbook::section;
 use crate::reentry::playbook::Playbook;
 use crate::reentry::playbook::Seg;
+use crate::reentry::schema::{opt, req, Field, Kind};
 use crate::reentry::steps::Phase;
+
+// ---- Its playbook section: one typed model; its keys and checks come from it.
+
+pub const IDEMPOTENCY_ACTIONS: &[&str] = &["tombstone", "review"];
+
+section! {
+    pub struct CsvSource {
+        pub path: PathBuf => req("path", Kind::Str),
+        pub key_column: String => req("key-column", Kind::Str),
+        pub time_column: Option<String> => opt("time-column", Kind::Str),
+    }
+}
+
+section! {
+    pub struct Idempotency {
+        pub name: String => req("name", Kind::Str),
+        pub database: String => req("database", Kind::Str),
+        pub table: String => req("table", Kind::Str),
+        pub key_column: String => req("key-column", Kind::Str),
+        pub created_at_column: Option<String> => opt("created-at-column", Kind::Str),
+        pub retention: Option<String> => opt("retention", Kind::Duration),
+        pub action: String => req("action", Kind::OneOf(IDEMPOTENCY_ACTIONS)),
+        pub from_current: Option<bool> => opt("from-current", Kind::Bool),
+        pub from_topic: Option<String> => opt("from-topic", Kind::Str),
+        pub from_csv: Option<CsvSource> => opt("from-csv", Kind::Table(CsvSource::FIELDS)),
+    }
+}
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -544,7 +573,7 @@ fn needs(p: &Playbook) -> Vec<Need<'_>> {
     out
 }
 
-pub const KIND: Kind = Kind {
+pub const KIND: StepKind = StepKind {
     steps: plan,
     needs_time,
     notes: super::no_notes,

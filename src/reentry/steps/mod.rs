@@ -442,7 +442,7 @@ pub struct PlanCtx {
 /// A step kind, as the engine reaches it: what it needs to find online,
 /// and the steps it adds to a plan. The engine (plan, check, run, journal,
 /// report) names no kind; each module registers here with one line.
-pub struct Kind {
+pub struct StepKind {
     /// Its steps, from the playbook alone; the plan orders them by phase,
     /// keeping `KINDS`' order within one.
     pub steps: fn(&Playbook, &PlanCtx) -> Vec<crate::reentry::plan::PlannedStep>,
@@ -473,7 +473,7 @@ pub fn no_notes(_: &Playbook, _: &PlanCtx) -> Vec<String> {
 
 /// The kinds: one line each, in the order their steps run within a phase
 /// (the outbox settles what the relay sends before the consumers rewind).
-pub const KINDS: &[Kind] = &[
+pub const KINDS: &[StepKind] = &[
     gates::KIND,
     validate::KIND,
     outbox::KIND,

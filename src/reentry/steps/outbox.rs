@@ -24,17 +24,56 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use super::{
-    duration_ms, Effect, Env, Kind, Nature, OnDatabase, PinErrors, Pinned, PlanCtx, Recorder, Step,
-    StepError,
+    duration_ms, Effect, Env, Nature, OnDatabase, PinErrors, Pinned, PlanCtx, Recorder, Step,
+    StepError, StepKind,
 };
 use crate::kafka::scan::{self, IdFrom, ScanOptions, ScanStats, Seen};
 use crate::pg::conn::Db;
 use crate::reentry::check::Need;
 use crate::reentry::check::{quote_qualified, Column};
 use crate::reentry::plan::{step, PlannedStep};
+use crate::reentry::playbook::section;
 use crate::reentry::playbook::Playbook;
 use crate::reentry::playbook::Seg;
+use crate::reentry::schema::{opt, req, Field, Kind};
 use crate::reentry::steps::Phase;
+
+// ---- Its playbook section: one typed model; its keys and checks come from it.
+
+pub const OUTBOX_FLAVOURS: &[&str] = &["generic", "spring-modulith", "gruelbox", "debezium"];
+
+section! {
+    pub struct OutboxColumns {
+        pub id: Option<String> => opt("id", Kind::Str),
+        pub topic: Option<String> => opt("topic", Kind::Str),
+        pub key: Option<String> => opt("key", Kind::Str),
+        pub payload: Option<String> => opt("payload", Kind::Str),
+        pub created_at: Option<String> => opt("created-at", Kind::Str),
+        pub published_at: Option<String> => opt("published-at", Kind::Str),
+    }
+}
+
+section! {
+    pub struct EventId {
+        pub header: Option<String> => opt("header", Kind::Str),
+        pub key: Option<bool> => opt("key", Kind::Bool),
+        pub json_pointer: Option<String> => opt("json-pointer", Kind::Str),
+    }
+}
+
+section! {
+    pub struct Outbox {
+        pub name: String => req("name", Kind::Str),
+        pub database: String => req("database", Kind::Str),
+        pub flavour: String => req("flavour", Kind::OneOf(OUTBOX_FLAVOURS)),
+        pub table: Option<String> => opt("table", Kind::Str),
+        pub topic: String => req("topic", Kind::Str),
+        pub columns: Option<OutboxColumns> => opt("columns", Kind::Table(OutboxColumns::FIELDS)),
+        pub event_id: Option<EventId> => opt("event-id", Kind::Table(EventId::FIELDS)),
+        pub gate: Option<String> => opt("gate", Kind::Str),
+        pub compensation_template: Option<String> => opt("compensation-template", Kind::Str),
+    }
+}
 
 /// Clock skew allowed between the database and the broker.
 pub const SKEW_MS: i64 = 60_000;
@@ -1072,7 +1111,7 @@ fn needs(p: &Playbook) -> Vec<Need<'_>> {
     out
 }
 
-pub const KIND: Kind = Kind {
+pub const KIND: StepKind = StepKind {
     steps: plan,
     needs_time,
     notes: super::no_notes,

@@ -10,13 +10,37 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use super::PlanCtx;
-use super::{Effect, Env, Kind, Nature, OnDatabase, Recorder, Step, StepError};
+use super::{Effect, Env, Nature, OnDatabase, Recorder, Step, StepError, StepKind};
 use crate::pg::conn::{Db, SqlState};
 use crate::reentry::check::Prepared;
 use crate::reentry::plan::{step, PlannedStep};
+use crate::reentry::playbook::section;
 use crate::reentry::playbook::Playbook;
 use crate::reentry::playbook::Seg;
+use crate::reentry::schema::{opt, req, Field, Kind};
 use crate::reentry::steps::Phase;
+
+// ---- Its playbook section: one typed model; its keys and checks come from it.
+
+section! {
+    pub struct NamedQuery {
+        pub name: String => req("name", Kind::Str),
+        pub database: String => req("database", Kind::Str),
+        pub sql: String => req("sql", Kind::Str),
+    }
+}
+
+section! {
+    #[derive(Default)]
+    pub struct Validation {
+        pub invalid_indexes: Option<bool> => opt("invalid-indexes", Kind::Bool),
+        pub sequences: Option<bool> => opt("sequences", Kind::Bool),
+        pub extensions: Option<bool> => opt("extensions", Kind::Bool),
+        pub amcheck: Option<bool> => opt("amcheck", Kind::Bool),
+        #[serde(default)]
+        pub invariant: Vec<NamedQuery> => opt("invariant", Kind::Tables(NamedQuery::FIELDS)),
+    }
+}
 
 /// How many findings an error message lists before "and N more".
 const SHOWN: usize = 10;
@@ -589,7 +613,7 @@ fn queries(p: &Playbook) -> Vec<Prepared<'_>> {
         .collect()
 }
 
-pub const KIND: Kind = Kind {
+pub const KIND: StepKind = StepKind {
     steps: plan,
     needs_time: no_time,
     notes: super::no_notes,
