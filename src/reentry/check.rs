@@ -7,7 +7,6 @@ use std::collections::{BTreeMap, BTreeSet};
 use crate::diag::Diagnostic;
 use crate::pg::conn::{Db, PgError, SqlState};
 use crate::reentry::playbook::{Playbook, Seg};
-use crate::reentry::steps::gates::{fold_unquoted, QUARTZ_ALL_GROUPS};
 use crate::reentry::steps::KINDS;
 
 /// `quote_ident` for each part of a possibly schema-qualified name: a
@@ -166,15 +165,9 @@ pub fn check_online(p: &Playbook) -> Vec<Diagnostic> {
             broken.insert((need.what.clone(), need.database.to_owned()));
         }
     }
-    for (i, x) in p.gates.quartz.iter().enumerate() {
-        for d in &x.databases {
-            if broken.contains(&(format!("gate `{}`", x.name), d.clone())) {
-                continue;
-            }
-            if let Some(db) = dbs.get_mut(d.as_str()) {
-                errors.extend(quartz_gates_something(p, i, x, d, db));
-            }
-        }
+    // What only a kind knows to look for once its tables are there.
+    for k in KINDS {
+        errors.extend((k.online)(p, &mut dbs, &broken));
     }
     let queries: Vec<Prepared> = KINDS.iter().flat_map(|k| (k.queries)(p)).collect();
     for Prepared {
@@ -193,99 +186,6 @@ pub fn check_online(p: &Playbook) -> Vec<Diagnostic> {
         }
     }
     errors
-}
-
-/// A Quartz gate must gate something: its scheduler has state in the
-/// database, and each group it names exists there. Names are compared as
-/// Quartz compares them, exactly; the message lists what does exist.
-fn quartz_gates_something(
-    p: &Playbook,
-    i: usize,
-    x: &crate::reentry::playbook::Quartz,
-    database: &str,
-    db: &mut Db,
-) -> Vec<Diagnostic> {
-    let prefix = fold_unquoted(x.table_prefix.as_deref().unwrap_or("qrtz_"));
-    let t = |name: &str| quote_qualified(&format!("{prefix}{name}"));
-    let at = |key: &'static str, j: Option<usize>| {
-        let mut path = vec![
-            Seg::Key("gates"),
-            Seg::Key("quartz"),
-            Seg::Index(i),
-            Seg::Key(key),
-        ];
-        if let Some(j) = j {
-            path.push(Seg::Index(j));
-        }
-        path
-    };
-    let mut out = Vec::new();
-    let schedulers = db.query(
-        "list Quartz schedulers",
-        &format!(
-            "SELECT sched_name::text FROM {} UNION SELECT sched_name::text FROM {}
-              UNION SELECT sched_name::text FROM {} ORDER BY 1",
-            t("triggers"),
-            t("locks"),
-            t("paused_trigger_grps")
-        ),
-        &[],
-    );
-    let schedulers: Vec<String> = match schedulers {
-        Ok(rows) => rows.iter().map(|r| r.get(0)).collect(),
-        Err(e) => {
-            out.push(p.at(&at("scheduler", None), format!("gate `{}`: {e}", x.name)));
-            return out;
-        }
-    };
-    if !schedulers.contains(&x.scheduler) {
-        let there = if schedulers.is_empty() {
-            "none has any trigger or lock there".to_owned()
-        } else {
-            format!("schedulers there: {}", schedulers.join(", "))
-        };
-        out.push(p.at(
-            &at("scheduler", None),
-            format!(
-                "gate `{}`: Quartz scheduler `{}` has no triggers or locks in databases.{database} ({prefix}*), so the gate would pause nothing; {there}",
-                x.name, x.scheduler
-            ),
-        ));
-        return out;
-    }
-    let Some(groups) = &x.groups else {
-        return out;
-    };
-    let existing: Vec<String> = match db.query(
-        "list Quartz trigger groups",
-        &format!(
-            "SELECT trigger_group::text FROM {} WHERE sched_name = $1
-              UNION SELECT trigger_group::text FROM {} WHERE sched_name = $1 AND trigger_group <> $2 ORDER BY 1",
-            t("triggers"),
-            t("paused_trigger_grps")
-        ),
-        &[&x.scheduler, &QUARTZ_ALL_GROUPS],
-    ) {
-        Ok(rows) => rows.iter().map(|r| r.get(0)).collect(),
-        Err(e) => {
-            out.push(p.at(&at("groups", None), format!("gate `{}`: {e}", x.name)));
-            return out;
-        }
-    };
-    for (j, g) in groups.iter().enumerate() {
-        if !existing.contains(g) {
-            out.push(p.at(
-                &at("groups", Some(j)),
-                format!(
-                    "gate `{}`: scheduler `{}` has no trigger group `{g}` in databases.{database}; groups there: {}",
-                    x.name,
-                    x.scheduler,
-                    if existing.is_empty() { "none".to_owned() } else { existing.join(", ") }
-                ),
-            ));
-        }
-    }
-    out
 }
 
 #[cfg(test)]

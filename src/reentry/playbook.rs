@@ -13,6 +13,7 @@ use toml_edit::{ImDocument, Item};
 
 use crate::diag::{Diagnostic, Diagnostics};
 use crate::reentry::schema::{self, opt, req, Field, Kind};
+use crate::reentry::steps::KINDS;
 
 const WAY_BACK: &[&str] = &["cutover", "selective-repair"];
 const SEARCH_STRATEGIES: &[&str] = &["delete-by-query", "targeted", "rebuild-hook"];
@@ -204,6 +205,30 @@ section! {
     }
 }
 
+/// What a kind's meaning checks report into: errors located in the file.
+pub struct Meaning<'a> {
+    pub p: &'a Playbook,
+    err: &'a mut dyn FnMut(&[Seg], String),
+    known: &'a str,
+}
+
+impl Meaning<'_> {
+    pub fn error(&mut self, at: &[Seg], message: String) {
+        (self.err)(at, message);
+    }
+
+    /// `name`, at `at`, must be a database the playbook declares.
+    pub fn database(&mut self, at: &[Seg], name: &str) {
+        if !self.p.databases.contains_key(name) {
+            let known = self.known.to_owned();
+            self.error(
+                at,
+                format!("no database named `{name}` in [databases] (declared: {known})"),
+            );
+        }
+    }
+}
+
 /// A step in a path into the document, to locate a semantic error.
 pub enum Seg<'a> {
     Key(&'a str),
@@ -335,21 +360,12 @@ impl Playbook {
                 err(&[Seg::Key("databases")], format!("[databases] needs `{required}`: re-entry compares the current database with the restored one"));
             }
         }
-        let db_known = |name: &str| self.databases.contains_key(name);
         let known = self
             .databases
             .keys()
             .cloned()
             .collect::<Vec<_>>()
             .join(", ");
-        let check_db = |segs: &[Seg], name: &str, err: &mut dyn FnMut(&[Seg], String)| {
-            if !db_known(name) {
-                err(
-                    segs,
-                    format!("no database named `{name}` in [databases] (declared: {known})"),
-                );
-            }
-        };
 
         let t = &self.recovery_target;
         let set = [t.manifest.is_some(), t.time.is_some(), t.lsn.is_some()]
@@ -375,161 +391,16 @@ impl Playbook {
                 );
             }
         }
-        // Gates: unique names, real databases, and a re-open for each close.
-        let mut seen: BTreeMap<&str, &str> = BTreeMap::new();
-        let mut gate_dbs: Vec<(&'static str, usize, &Vec<String>, Option<&Check>)> = Vec::new();
-        for (i, g) in self.gates.system_gate.iter().enumerate() {
-            gate_dbs.push(("system-gate", i, &g.databases, g.health_check.as_ref()));
-        }
-        for (i, g) in self.gates.shedlock.iter().enumerate() {
-            gate_dbs.push(("shedlock", i, &g.databases, g.health_check.as_ref()));
-        }
-        for (i, g) in self.gates.quartz.iter().enumerate() {
-            gate_dbs.push(("quartz", i, &g.databases, g.health_check.as_ref()));
-        }
-        let mut index_in_kind: BTreeMap<&str, usize> = BTreeMap::new();
-        for (kind, name) in self.gate_names() {
-            let i = index_in_kind.entry(kind).or_default();
-            if let Some(other) = seen.insert(name, kind) {
-                err(
-                    &[
-                        Seg::Key("gates"),
-                        Seg::Key(kind),
-                        Seg::Index(*i),
-                        Seg::Key("name"),
-                    ],
-                    format!(
-                        "gate `{name}` is declared twice ([[gates.{other}]] and [[gates.{kind}]])"
-                    ),
-                );
+        // Each kind checks its own section.
+        {
+            let mut m = Meaning {
+                p: self,
+                err: &mut err,
+                known: &known,
+            };
+            for k in KINDS {
+                (k.meaning)(&mut m);
             }
-            *i += 1;
-        }
-
-        for (kind, i, dbs, health) in gate_dbs {
-            if dbs.is_empty() {
-                err(
-                    &[
-                        Seg::Key("gates"),
-                        Seg::Key(kind),
-                        Seg::Index(i),
-                        Seg::Key("databases"),
-                    ],
-                    "a gate needs at least one database".into(),
-                );
-            }
-            for (j, d) in dbs.iter().enumerate() {
-                check_db(
-                    &[
-                        Seg::Key("gates"),
-                        Seg::Key(kind),
-                        Seg::Index(i),
-                        Seg::Key("databases"),
-                        Seg::Index(j),
-                    ],
-                    d,
-                    &mut err,
-                );
-            }
-            if let Some(h) = health {
-                check_db(
-                    &[
-                        Seg::Key("gates"),
-                        Seg::Key(kind),
-                        Seg::Index(i),
-                        Seg::Key("health-check"),
-                        Seg::Key("database"),
-                    ],
-                    &h.database,
-                    &mut err,
-                );
-            }
-        }
-        let order = &self.gates.reopen_order;
-        for (i, name) in order.iter().enumerate() {
-            if !seen.contains_key(name.as_str()) {
-                err(
-                    &[Seg::Key("gates"), Seg::Key("reopen-order"), Seg::Index(i)],
-                    format!("`{name}` is re-opened but never closed: no gate of that name"),
-                );
-            } else if order[..i].contains(name) {
-                err(
-                    &[Seg::Key("gates"), Seg::Key("reopen-order"), Seg::Index(i)],
-                    format!("`{name}` is re-opened twice"),
-                );
-            }
-        }
-        for name in seen.keys() {
-            if !order.iter().any(|o| o == name) {
-                err(
-                    &[Seg::Key("gates"), Seg::Key("reopen-order")],
-                    format!("gate `{name}` is closed but never re-opened; add it to reopen-order"),
-                );
-            }
-        }
-        if let Some(p) = &self.gates.probe {
-            check_db(
-                &[Seg::Key("gates"), Seg::Key("probe"), Seg::Key("database")],
-                &p.database,
-                &mut err,
-            );
-        }
-
-        for (i, inv) in self.validation.invariant.iter().enumerate() {
-            check_db(
-                &[
-                    Seg::Key("validation"),
-                    Seg::Key("invariant"),
-                    Seg::Index(i),
-                    Seg::Key("database"),
-                ],
-                &inv.database,
-                &mut err,
-            );
-        }
-        for (i, o) in self.outbox.iter().enumerate() {
-            check_db(
-                &[Seg::Key("outbox"), Seg::Index(i), Seg::Key("database")],
-                &o.database,
-                &mut err,
-            );
-            if let Some(g) = &o.gate {
-                if !seen.contains_key(g.as_str()) {
-                    err(
-                        &[Seg::Key("outbox"), Seg::Index(i), Seg::Key("gate")],
-                        format!("no gate named `{g}` pauses this outbox's relay"),
-                    );
-                }
-            }
-            if o.flavour == "generic" && o.table.is_none() {
-                err(
-                    &[Seg::Key("outbox"), Seg::Index(i)],
-                    format!(
-                        "outbox `{}` is generic: it needs `table` and `columns`",
-                        o.name
-                    ),
-                );
-            }
-            if !self.outbox.is_empty() && self.kafka.is_none() {
-                err(
-                    &[Seg::Key("outbox"), Seg::Index(i)],
-                    "an outbox is compared with its topic: declare [kafka]".into(),
-                );
-            }
-        }
-        for (i, x) in self.inbox.iter().enumerate() {
-            check_db(
-                &[Seg::Key("inbox"), Seg::Index(i), Seg::Key("database")],
-                &x.database,
-                &mut err,
-            );
-        }
-        for (i, x) in self.idempotency.iter().enumerate() {
-            check_db(
-                &[Seg::Key("idempotency"), Seg::Index(i), Seg::Key("database")],
-                &x.database,
-                &mut err,
-            );
         }
         match self.playbook.way_back {
             WayBack::SelectiveRepair if self.repair.is_empty() => err(

@@ -21,8 +21,8 @@ use crate::reentry::check::Column;
 use crate::reentry::check::Need;
 use crate::reentry::plan::{step, PlannedStep};
 use crate::reentry::playbook::Playbook;
-use crate::reentry::playbook::Seg;
 use crate::reentry::playbook::{section, Interpolated};
+use crate::reentry::playbook::{Meaning, Seg};
 use crate::reentry::schema::{opt, req, Field, Kind};
 use crate::reentry::steps::Phase;
 
@@ -352,7 +352,19 @@ fn needs(p: &Playbook) -> Vec<Need<'_>> {
     out
 }
 
+/// Every inbox is on a declared database.
+fn meaning(m: &mut Meaning) {
+    for (i, x) in m.p.inbox.iter().enumerate() {
+        m.database(
+            &[Seg::Key("inbox"), Seg::Index(i), Seg::Key("database")],
+            &x.database,
+        );
+    }
+}
+
 pub const KIND: StepKind = StepKind {
+    online: super::no_online,
+    meaning,
     steps: plan,
     needs_time,
     notes: super::no_notes,

@@ -25,13 +25,14 @@ use super::{
     duration_ms, Effect, Env, GateEvidence, GateRow, Nature, OnDatabase, PlanCtx, Recorder, Step,
     StepError, StepKind,
 };
+use crate::diag::Diagnostic;
 use crate::pg::conn::{Db, PgError};
 use crate::reentry::check::quote_qualified;
 use crate::reentry::check::{Need, Prepared};
 use crate::reentry::plan::{step, PlannedStep};
 use crate::reentry::playbook::Playbook;
-use crate::reentry::playbook::Seg;
 use crate::reentry::playbook::{section, Check};
+use crate::reentry::playbook::{Meaning, Seg};
 use crate::reentry::schema::{opt, req, Field, Kind};
 use crate::reentry::steps::Phase;
 
@@ -1632,7 +1633,222 @@ fn queries(p: &Playbook) -> Vec<Prepared<'_>> {
         .collect()
 }
 
+/// Gates: unique names, declared databases, a re-open for each close.
+fn meaning(m: &mut Meaning) {
+    // Gates: unique names, real databases, and a re-open for each close.
+    let mut seen: BTreeMap<&str, &str> = BTreeMap::new();
+    let mut gate_dbs: Vec<(&'static str, usize, &Vec<String>, Option<&Check>)> = Vec::new();
+    for (i, g) in m.p.gates.system_gate.iter().enumerate() {
+        gate_dbs.push(("system-gate", i, &g.databases, g.health_check.as_ref()));
+    }
+    for (i, g) in m.p.gates.shedlock.iter().enumerate() {
+        gate_dbs.push(("shedlock", i, &g.databases, g.health_check.as_ref()));
+    }
+    for (i, g) in m.p.gates.quartz.iter().enumerate() {
+        gate_dbs.push(("quartz", i, &g.databases, g.health_check.as_ref()));
+    }
+    let mut index_in_kind: BTreeMap<&str, usize> = BTreeMap::new();
+    for (kind, name) in m.p.gate_names() {
+        let i = index_in_kind.entry(kind).or_default();
+        if let Some(other) = seen.insert(name, kind) {
+            m.error(
+                &[
+                    Seg::Key("gates"),
+                    Seg::Key(kind),
+                    Seg::Index(*i),
+                    Seg::Key("name"),
+                ],
+                format!("gate `{name}` is declared twice ([[gates.{other}]] and [[gates.{kind}]])"),
+            );
+        }
+        *i += 1;
+    }
+
+    for (kind, i, dbs, health) in gate_dbs {
+        if dbs.is_empty() {
+            m.error(
+                &[
+                    Seg::Key("gates"),
+                    Seg::Key(kind),
+                    Seg::Index(i),
+                    Seg::Key("databases"),
+                ],
+                "a gate needs at least one database".into(),
+            );
+        }
+        for (j, d) in dbs.iter().enumerate() {
+            m.database(
+                &[
+                    Seg::Key("gates"),
+                    Seg::Key(kind),
+                    Seg::Index(i),
+                    Seg::Key("databases"),
+                    Seg::Index(j),
+                ],
+                d,
+            );
+        }
+        if let Some(h) = health {
+            m.database(
+                &[
+                    Seg::Key("gates"),
+                    Seg::Key(kind),
+                    Seg::Index(i),
+                    Seg::Key("health-check"),
+                    Seg::Key("database"),
+                ],
+                &h.database,
+            );
+        }
+    }
+    let order = &m.p.gates.reopen_order;
+    for (i, name) in order.iter().enumerate() {
+        if !seen.contains_key(name.as_str()) {
+            m.error(
+                &[Seg::Key("gates"), Seg::Key("reopen-order"), Seg::Index(i)],
+                format!("`{name}` is re-opened but never closed: no gate of that name"),
+            );
+        } else if order[..i].contains(name) {
+            m.error(
+                &[Seg::Key("gates"), Seg::Key("reopen-order"), Seg::Index(i)],
+                format!("`{name}` is re-opened twice"),
+            );
+        }
+    }
+    for name in seen.keys() {
+        if !order.iter().any(|o| o == name) {
+            m.error(
+                &[Seg::Key("gates"), Seg::Key("reopen-order")],
+                format!("gate `{name}` is closed but never re-opened; add it to reopen-order"),
+            );
+        }
+    }
+    if let Some(p) = &m.p.gates.probe {
+        m.database(
+            &[Seg::Key("gates"), Seg::Key("probe"), Seg::Key("database")],
+            &p.database,
+        );
+    }
+}
+
+/// A Quartz gate must gate something: its scheduler has state in each of
+/// its databases (where its tables were found), and each group it names
+/// exists there.
+fn online(
+    p: &Playbook,
+    dbs: &mut BTreeMap<&str, Db>,
+    broken: &BTreeSet<(String, String)>,
+) -> Vec<Diagnostic> {
+    let mut errors = Vec::new();
+    for (i, x) in p.gates.quartz.iter().enumerate() {
+        for d in &x.databases {
+            if broken.contains(&(format!("gate `{}`", x.name), d.clone())) {
+                continue;
+            }
+            if let Some(db) = dbs.get_mut(d.as_str()) {
+                errors.extend(quartz_gates_something(p, i, x, d, db));
+            }
+        }
+    }
+    errors
+}
+
+/// A Quartz gate must gate something: its scheduler has state in the
+/// database, and each group it names exists there. Names are compared as
+/// Quartz compares them, exactly; the message lists what does exist.
+fn quartz_gates_something(
+    p: &Playbook,
+    i: usize,
+    x: &crate::reentry::playbook::Quartz,
+    database: &str,
+    db: &mut Db,
+) -> Vec<Diagnostic> {
+    let prefix = fold_unquoted(x.table_prefix.as_deref().unwrap_or("qrtz_"));
+    let t = |name: &str| quote_qualified(&format!("{prefix}{name}"));
+    let at = |key: &'static str, j: Option<usize>| {
+        let mut path = vec![
+            Seg::Key("gates"),
+            Seg::Key("quartz"),
+            Seg::Index(i),
+            Seg::Key(key),
+        ];
+        if let Some(j) = j {
+            path.push(Seg::Index(j));
+        }
+        path
+    };
+    let mut out = Vec::new();
+    let schedulers = db.query(
+        "list Quartz schedulers",
+        &format!(
+            "SELECT sched_name::text FROM {} UNION SELECT sched_name::text FROM {}
+              UNION SELECT sched_name::text FROM {} ORDER BY 1",
+            t("triggers"),
+            t("locks"),
+            t("paused_trigger_grps")
+        ),
+        &[],
+    );
+    let schedulers: Vec<String> = match schedulers {
+        Ok(rows) => rows.iter().map(|r| r.get(0)).collect(),
+        Err(e) => {
+            out.push(p.at(&at("scheduler", None), format!("gate `{}`: {e}", x.name)));
+            return out;
+        }
+    };
+    if !schedulers.contains(&x.scheduler) {
+        let there = if schedulers.is_empty() {
+            "none has any trigger or lock there".to_owned()
+        } else {
+            format!("schedulers there: {}", schedulers.join(", "))
+        };
+        out.push(p.at(
+            &at("scheduler", None),
+            format!(
+                "gate `{}`: Quartz scheduler `{}` has no triggers or locks in databases.{database} ({prefix}*), so the gate would pause nothing; {there}",
+                x.name, x.scheduler
+            ),
+        ));
+        return out;
+    }
+    let Some(groups) = &x.groups else {
+        return out;
+    };
+    let existing: Vec<String> = match db.query(
+        "list Quartz trigger groups",
+        &format!(
+            "SELECT trigger_group::text FROM {} WHERE sched_name = $1
+              UNION SELECT trigger_group::text FROM {} WHERE sched_name = $1 AND trigger_group <> $2 ORDER BY 1",
+            t("triggers"),
+            t("paused_trigger_grps")
+        ),
+        &[&x.scheduler, &QUARTZ_ALL_GROUPS],
+    ) {
+        Ok(rows) => rows.iter().map(|r| r.get(0)).collect(),
+        Err(e) => {
+            out.push(p.at(&at("groups", None), format!("gate `{}`: {e}", x.name)));
+            return out;
+        }
+    };
+    for (j, g) in groups.iter().enumerate() {
+        if !existing.contains(g) {
+            out.push(p.at(
+                &at("groups", Some(j)),
+                format!(
+                    "gate `{}`: scheduler `{}` has no trigger group `{g}` in databases.{database}; groups there: {}",
+                    x.name,
+                    x.scheduler,
+                    if existing.is_empty() { "none".to_owned() } else { existing.join(", ") }
+                ),
+            ));
+        }
+    }
+    out
+}
+
 pub const KIND: StepKind = StepKind {
+    online,
+    meaning,
     steps: plan,
     needs_time: no_time,
     notes,

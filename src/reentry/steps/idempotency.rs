@@ -24,7 +24,7 @@ use crate::reentry::check::{quote_qualified, Column};
 use crate::reentry::plan::{step, PlannedStep};
 use crate::reentry::playbook::section;
 use crate::reentry::playbook::Playbook;
-use crate::reentry::playbook::Seg;
+use crate::reentry::playbook::{Meaning, Seg};
 use crate::reentry::schema::{opt, req, Field, Kind};
 use crate::reentry::steps::Phase;
 
@@ -573,7 +573,19 @@ fn needs(p: &Playbook) -> Vec<Need<'_>> {
     out
 }
 
+/// Every idempotency table is on a declared database.
+fn meaning(m: &mut Meaning) {
+    for (i, x) in m.p.idempotency.iter().enumerate() {
+        m.database(
+            &[Seg::Key("idempotency"), Seg::Index(i), Seg::Key("database")],
+            &x.database,
+        );
+    }
+}
+
 pub const KIND: StepKind = StepKind {
+    online: super::no_online,
+    meaning,
     steps: plan,
     needs_time,
     notes: super::no_notes,

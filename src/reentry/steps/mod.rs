@@ -452,8 +452,31 @@ pub struct StepKind {
     pub notes: fn(&Playbook, &PlanCtx) -> Vec<String>,
     /// The tables and columns it needs, checked online before any plan.
     pub needs: fn(&Playbook) -> Vec<crate::reentry::check::Need<'_>>,
+    /// Its meaning checks on the parsed playbook (references, names),
+    /// each error located.
+    pub meaning: fn(&mut crate::reentry::playbook::Meaning),
+    /// What only it knows to look for online, once its tables are found
+    /// (`broken` holds the (what, database) whose tables are missing).
+    pub online: OnlineCheck,
     /// The queries from the playbook it runs, prepared online.
     pub queries: fn(&Playbook) -> Vec<crate::reentry::check::Prepared<'_>>,
+}
+
+/// A kind's own online check: the playbook, a connection to each of its
+/// databases, and the (what, database) pairs whose tables are missing.
+pub type OnlineCheck = fn(
+    &Playbook,
+    &mut BTreeMap<&str, Db>,
+    &std::collections::BTreeSet<(String, String)>,
+) -> Vec<crate::diag::Diagnostic>;
+
+/// A kind's `online` when it has nothing more to look for.
+pub fn no_online(
+    _: &Playbook,
+    _: &mut BTreeMap<&str, Db>,
+    _: &std::collections::BTreeSet<(String, String)>,
+) -> Vec<crate::diag::Diagnostic> {
+    Vec::new()
 }
 
 /// A kind's `needs` when it needs no table.

@@ -34,7 +34,7 @@ use crate::reentry::check::{quote_qualified, Column};
 use crate::reentry::plan::{step, PlannedStep};
 use crate::reentry::playbook::section;
 use crate::reentry::playbook::Playbook;
-use crate::reentry::playbook::Seg;
+use crate::reentry::playbook::{Meaning, Seg};
 use crate::reentry::schema::{opt, req, Field, Kind};
 use crate::reentry::steps::Phase;
 
@@ -1111,7 +1111,43 @@ fn needs(p: &Playbook) -> Vec<Need<'_>> {
     out
 }
 
+/// An outbox: a declared database, a real gate, a table when generic, and [kafka].
+fn meaning(m: &mut Meaning) {
+    let gates: Vec<&str> = m.p.gate_names().into_iter().map(|(_, n)| n).collect();
+    for (i, o) in m.p.outbox.iter().enumerate() {
+        m.database(
+            &[Seg::Key("outbox"), Seg::Index(i), Seg::Key("database")],
+            &o.database,
+        );
+        if let Some(g) = &o.gate {
+            if !gates.contains(&g.as_str()) {
+                m.error(
+                    &[Seg::Key("outbox"), Seg::Index(i), Seg::Key("gate")],
+                    format!("no gate named `{g}` pauses this outbox's relay"),
+                );
+            }
+        }
+        if o.flavour == "generic" && o.table.is_none() {
+            m.error(
+                &[Seg::Key("outbox"), Seg::Index(i)],
+                format!(
+                    "outbox `{}` is generic: it needs `table` and `columns`",
+                    o.name
+                ),
+            );
+        }
+        if !m.p.outbox.is_empty() && m.p.kafka.is_none() {
+            m.error(
+                &[Seg::Key("outbox"), Seg::Index(i)],
+                "an outbox is compared with its topic: declare [kafka]".into(),
+            );
+        }
+    }
+}
+
 pub const KIND: StepKind = StepKind {
+    online: super::no_online,
+    meaning,
     steps: plan,
     needs_time,
     notes: super::no_notes,

@@ -16,7 +16,7 @@ use crate::reentry::check::Prepared;
 use crate::reentry::plan::{step, PlannedStep};
 use crate::reentry::playbook::section;
 use crate::reentry::playbook::Playbook;
-use crate::reentry::playbook::Seg;
+use crate::reentry::playbook::{Meaning, Seg};
 use crate::reentry::schema::{opt, req, Field, Kind};
 use crate::reentry::steps::Phase;
 
@@ -613,7 +613,24 @@ fn queries(p: &Playbook) -> Vec<Prepared<'_>> {
         .collect()
 }
 
+/// Every invariant runs on a declared database.
+fn meaning(m: &mut Meaning) {
+    for (i, inv) in m.p.validation.invariant.iter().enumerate() {
+        m.database(
+            &[
+                Seg::Key("validation"),
+                Seg::Key("invariant"),
+                Seg::Index(i),
+                Seg::Key("database"),
+            ],
+            &inv.database,
+        );
+    }
+}
+
 pub const KIND: StepKind = StepKind {
+    online: super::no_online,
+    meaning,
     steps: plan,
     needs_time: no_time,
     notes: super::no_notes,
