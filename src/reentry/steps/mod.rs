@@ -399,6 +399,21 @@ impl Pinned {
     }
 }
 
+/// A `Pinned`, or the bare path a plan from an older build holds where it
+/// now has one (that build read the file at apply, and so does this one).
+pub fn pinned_or_path<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Pinned>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Either {
+        Pinned(Pinned),
+        Path(String),
+    }
+    Ok(Option::<Either>::deserialize(d)?.map(|e| match e {
+        Either::Pinned(p) => p,
+        Either::Path(path) => Pinned::named(&path, &[]),
+    }))
+}
+
 /// What a step's `pin` found wrong: where in the playbook, and what.
 pub type PinErrors = Vec<(Vec<String>, String)>;
 
@@ -600,6 +615,33 @@ pub fn pause_point(step: &str, point: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_outbox_step_from_an_older_builds_plan_keeps_its_template() {
+        // The value the other playbook tests set: tests share the process.
+        std::env::set_var("CASES_DB_PASSWORD", "hunter2-reference");
+        let path =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("playbooks/reference.toml");
+        let p = crate::reentry::playbook::Playbook::load(&path).unwrap();
+        let step = crate::reentry::plan::steps(&p, Some(0))
+            .into_iter()
+            .find(|s| matches!(s.action, Action::Outbox(_)))
+            .unwrap();
+        // As the build before pinning wrote it: the path alone.
+        let mut old = serde_json::to_value(&step.action).unwrap();
+        let o = old.as_object_mut().unwrap();
+        o.remove("compensation");
+        o.insert("compensation-template".into(), "templates/c.json".into());
+        let Action::Outbox(r) = serde_json::from_value::<Action>(old).unwrap() else {
+            panic!("not an outbox step");
+        };
+        let p = r.compensation.expect("the template is kept");
+        assert_eq!(p.path, "templates/c.json");
+        assert!(
+            p.sha256.is_empty(),
+            "not pinned: read at apply, as that build did"
+        );
+    }
 
     #[test]
     fn the_registry_names_kinds_as_the_plan_does() {

@@ -158,8 +158,13 @@ pub struct Reconcile {
     pub from_ms: i64,
     pub watch_seconds: f64,
     /// The compensating event's template, pinned (content and sha256)
-    /// when the plan is made.
-    #[serde(default)]
+    /// when the plan is made. A plan an older build wrote names only its
+    /// path (`compensation-template`): read then, unpinned, as it was.
+    #[serde(
+        default,
+        alias = "compensation-template",
+        deserialize_with = "super::pinned_or_path"
+    )]
     pub compensation: Option<Pinned>,
 }
 
