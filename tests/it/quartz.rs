@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use crate::common::pg::{Cluster, Version};
 use crate::common::quartz::{self, Run, Scheduler};
-use crate::common::{assert_exit, reentry_bin, stdout};
+use crate::common::{assert_exit, reentry_bin, run_reentry, stdout};
 
 const LOAD: usize = 20;
 const INTERVAL_MS: u64 = 200;
@@ -294,14 +294,6 @@ fn a_quartz_gate_holds_under_load_and_reopens_as_quartz_resumes() {
     }
 }
 
-fn reentry(args: &[&dyn AsRef<std::ffi::OsStr>]) -> std::process::Output {
-    let mut cmd = Command::new(reentry_bin());
-    for a in args {
-        cmd.arg(a);
-    }
-    cmd.output().unwrap()
-}
-
 #[test]
 fn misfires_after_a_long_closure_are_named_and_quartz_handles_them_by_the_time_reported() {
     let lab = Lab::new();
@@ -319,7 +311,7 @@ fn misfires_after_a_long_closure_are_named_and_quartz_handles_them_by_the_time_r
     let pb = lab.playbook("0s", "misfire-threshold = \"1500ms\"");
     let run = lab.dir.join("run");
     // Close, settle, and hold the gate closed on purpose.
-    let out = reentry(&[
+    let out = run_reentry(&[
         &"apply",
         &pb,
         &"--run-dir",
@@ -336,7 +328,7 @@ fn misfires_after_a_long_closure_are_named_and_quartz_handles_them_by_the_time_r
     );
     let closed = at(&run, "done", CLOSE);
     std::thread::sleep(Duration::from_secs(4));
-    let out = reentry(&[&"apply", &pb, &"--run-dir", &run, &"--apply", &"--resume"]);
+    let out = run_reentry(&[&"apply", &pb, &"--run-dir", &run, &"--apply", &"--resume"]);
     assert_exit(&out, 0);
     let reopened = at(&run, "started", REOPEN);
 
@@ -416,7 +408,7 @@ fn misfires_after_a_long_closure_are_named_and_quartz_handles_them_by_the_time_r
     }
     assert!(!runs.iter().any(|r| r.trigger == "Billing.hourly"));
 
-    let report = stdout(&reentry(&[&"report", &run]));
+    let report = stdout(&run_reentry(&[&"report", &run]));
     assert!(
         report.contains("- Paused: held after the settle phase from"),
         "{report}"
@@ -440,7 +432,7 @@ fn a_quartz_gate_that_would_gate_nothing_is_refused_naming_what_exists() {
             );
         let pb = lab.dir.join("check.toml");
         std::fs::write(&pb, &text).unwrap();
-        let out = reentry(&[&"playbook", &"check", &pb]);
+        let out = run_reentry(&[&"playbook", &"check", &pb]);
         (out, text)
     };
     let line_of =
@@ -469,7 +461,7 @@ fn a_quartz_gate_that_would_gate_nothing_is_refused_naming_what_exists() {
         .replace("[\"Billing\", \"Archive\"]", "[\"Billing\", \"archive\"]");
     let pb = lab.dir.join("groups.toml");
     std::fs::write(&pb, &text).unwrap();
-    let out = reentry(&[&"playbook", &"check", &pb]);
+    let out = run_reentry(&[&"playbook", &"check", &pb]);
     assert_exit(&out, 78);
     let err = crate::common::stderr(&out);
     assert!(
@@ -528,7 +520,7 @@ fn verify_waits_for_a_gated_job_still_executing_and_names_it_when_it_outlasts_th
     let pb = lab.dir.join("drain.toml");
     std::fs::write(&pb, text).unwrap();
     let run = lab.dir.join("run");
-    let out = reentry(&[&"apply", &pb, &"--run-dir", &run, &"--apply"]);
+    let out = run_reentry(&[&"apply", &pb, &"--run-dir", &run, &"--apply"]);
     assert_exit(&out, 2);
     assert!(
         stdout(&out)
@@ -536,7 +528,7 @@ fn verify_waits_for_a_gated_job_still_executing_and_names_it_when_it_outlasts_th
         "{}",
         stdout(&out)
     );
-    let report = stdout(&reentry(&[&"report", &run]));
+    let report = stdout(&run_reentry(&[&"report", &run]));
     assert!(
         report.contains("Billing.slow (job Billing.slow on lab-1, fired "),
         "{report}"
@@ -549,7 +541,7 @@ fn verify_waits_for_a_gated_job_still_executing_and_names_it_when_it_outlasts_th
 
     // Once the job is done, the run goes on.
     std::thread::sleep(Duration::from_secs(6));
-    let out = reentry(&[&"apply", &pb, &"--run-dir", &run, &"--apply", &"--resume"]);
+    let out = run_reentry(&[&"apply", &pb, &"--run-dir", &run, &"--apply", &"--resume"]);
     assert_exit(&out, 0);
     assert_eq!(lab.trigger_state("Billing", "slow"), "WAITING");
     drop(s);

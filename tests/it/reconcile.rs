@@ -6,14 +6,14 @@
 //! kcat, an independent client, confirms what reentry read from the topic.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use reentry::kafka::{Kafka, Outgoing};
 
 use crate::common::pg::{Cluster, Version};
 use crate::common::services::{create_topic, kafka_bootstrap, kcat, topic};
-use crate::common::{assert_exit, reentry_bin, stderr, stdout};
+use crate::common::{assert_exit, reentry_bin, run_reentry as run, stderr, stdout};
 
 const MIN: i64 = 60_000;
 
@@ -313,14 +313,6 @@ from-csv = {{ path = "{csv}", key-column = "request_id", time-column = "sent_at"
     fn count(&self, db: &str, sql: &str) -> i64 {
         self.client(db).query_one(sql, &[]).unwrap().get(0)
     }
-}
-
-fn run(args: &[&dyn AsRef<std::ffi::OsStr>]) -> Output {
-    let mut cmd = Command::new(reentry_bin());
-    for a in args {
-        cmd.arg(a);
-    }
-    cmd.output().unwrap()
 }
 
 fn step<'a>(plan: &'a serde_json::Value, id: &str) -> &'a serde_json::Value {

@@ -115,6 +115,15 @@ pub fn reentry(as_server: bool, args: &[&str]) -> Output {
     cmd.output().expect("run reentry")
 }
 
+/// Runs `reentry` with `args` (paths or strings), as this process's user.
+pub fn run_reentry(args: &[&dyn AsRef<std::ffi::OsStr>]) -> Output {
+    let mut cmd = Command::new(reentry_bin());
+    for a in args {
+        cmd.arg(a);
+    }
+    cmd.output().expect("run reentry")
+}
+
 pub fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
