@@ -55,8 +55,33 @@ pub use crate::reentry::steps::outbox::OUTBOX_FLAVOURS;
 pub use crate::reentry::steps::outbox::{EventId, Outbox, OutboxColumns};
 pub use crate::reentry::steps::validate::{NamedQuery, Validation};
 
-/// The whole file.
-pub const SCHEMA: &[Field] = Playbook::FIELDS;
+/// The whole file: the playbook's own sections, with the keys each kind
+/// adds (a top-level section, or keys in a shared table such as
+/// `[validation]`), so that a kind's keys live in its module.
+pub fn schema() -> &'static [Field] {
+    static SCHEMA: std::sync::OnceLock<Vec<Field>> = std::sync::OnceLock::new();
+    SCHEMA.get_or_init(|| {
+        let mut top: Vec<Field> = Playbook::FIELDS.to_vec();
+        for k in KINDS {
+            for (table, fields) in k.keys {
+                match table {
+                    None => top.extend_from_slice(fields),
+                    Some(t) => {
+                        let f = top.iter_mut().find(|f| f.key == *t).unwrap_or_else(|| {
+                            panic!("a kind adds keys to [{t}], which the playbook does not have")
+                        });
+                        let Kind::Table(own) = f.kind else {
+                            panic!("a kind adds keys to `{t}`, which is not a table");
+                        };
+                        let both: Vec<Field> = own.iter().chain(fields.iter()).copied().collect();
+                        f.kind = Kind::Table(Box::leak(both.into_boxed_slice()));
+                    }
+                }
+            }
+        }
+        top
+    })
+}
 
 /// A string that may carry secrets from the environment: shown as written
 /// (`password=${DB_PASSWORD}`), used expanded.
@@ -182,6 +207,9 @@ section! {
             pub file: PathBuf,
             #[serde(skip)]
             pub text: String,
+            /// The file as parsed, for the keys kinds own (`part`).
+            #[serde(skip)]
+            pub raw: toml::Table,
         }
         pub playbook: Meta => req("playbook", Kind::Table(Meta::FIELDS)),
         pub databases: BTreeMap<String, Database> => req("databases", Kind::Map(Database::FIELDS)),
@@ -318,7 +346,7 @@ impl Playbook {
             )])
         })?;
         let mut found = Vec::new();
-        schema::check_table(doc.as_table(), None, SCHEMA, "the playbook", &mut found);
+        schema::check_table(doc.as_table(), None, schema(), "the playbook", &mut found);
         let (unset, errors): (Vec<Diagnostic>, Vec<Diagnostic>) =
             found.into_iter().partition(|d| d.unset_var.is_some());
         if !errors.is_empty() {
@@ -328,12 +356,37 @@ impl Playbook {
             .map_err(|e| fail(vec![Diagnostic::at(e.span(), e.message().to_owned())]))?;
         playbook.file = path.to_owned();
         playbook.text = text.to_owned();
+        playbook.raw = toml::from_str(text)
+            .map_err(|e| fail(vec![Diagnostic::at(e.span(), e.message().to_owned())]))?;
         let errors = playbook.meaning(&doc);
         if errors.is_empty() {
             Ok((playbook, fail(unset)))
         } else {
             Err(fail(errors))
         }
+    }
+
+    /// The keys a kind owns, typed: at the top level (`table` None), or
+    /// within a shared table such as `[validation]`. `T` comes from the
+    /// kind's `section!`, whose `FIELDS` the schema checked when the
+    /// playbook was parsed: it reads.
+    pub fn part<T: serde::de::DeserializeOwned>(&self, table: Option<&str>) -> T {
+        let t = match table {
+            None => self.raw.clone(),
+            Some(name) => match self.raw.get(name) {
+                Some(toml::Value::Table(t)) => t.clone(),
+                _ => toml::Table::new(),
+            },
+        };
+        toml::Value::Table(t)
+            .try_into()
+            .unwrap_or_else(|e: toml::de::Error| {
+                panic!(
+                    "{} does not read as the type its FIELDS describe: {}",
+                    std::any::type_name::<T>(),
+                    e.message()
+                )
+            })
     }
 
     /// Every gate, by kind, in declaration order.
@@ -426,6 +479,20 @@ mod tests {
     }
 
     const REFERENCE_SECRET: &str = "hunter2-reference";
+
+    #[test]
+    fn no_key_is_owned_twice_once_the_kinds_add_theirs() {
+        fn unique(fields: &[Field], at: &str) {
+            let mut seen = std::collections::BTreeSet::new();
+            for f in fields {
+                assert!(seen.insert(f.key), "`{}` is owned twice in {at}", f.key);
+                if let Kind::Table(inner) | Kind::Tables(inner) | Kind::Map(inner) = f.kind {
+                    unique(inner, f.key);
+                }
+            }
+        }
+        unique(schema(), "the playbook");
+    }
 
     const BASE: &str = r#"[playbook]
 name = "t"

@@ -370,4 +370,5 @@ pub const KIND: StepKind = StepKind {
     notes: super::no_notes,
     needs,
     queries: super::no_queries,
+    keys: &[],
 };

@@ -1854,4 +1854,5 @@ pub const KIND: StepKind = StepKind {
     notes,
     needs,
     queries,
+    keys: &[],
 };

@@ -475,6 +475,13 @@ pub struct StepKind {
     pub online: OnlineCheck,
     /// The queries from the playbook it runs, prepared online.
     pub queries: fn(&Playbook) -> Vec<crate::reentry::check::Prepared<'_>>,
+    /// The playbook keys it owns beyond the playbook's own sections: at the
+    /// top level (`None`), or in a shared table (`Some("validation")`).
+    /// It reads them with `Playbook::part`, typed by the same `section!`.
+    pub keys: &'static [(
+        Option<&'static str>,
+        &'static [crate::reentry::schema::Field],
+    )],
 }
 
 /// A kind's own online check: the playbook, a connection to each of its
@@ -509,16 +516,6 @@ pub fn no_notes(_: &Playbook, _: &PlanCtx) -> Vec<String> {
     Vec::new()
 }
 
-/// The kinds: one line each, in the order their steps run within a phase
-/// (the outbox settles what the relay sends before the consumers rewind).
-pub const KINDS: &[StepKind] = &[
-    gates::KIND,
-    validate::KIND,
-    outbox::KIND,
-    consumers::KIND,
-    idempotency::KIND,
-];
-
 /// A playbook duration in milliseconds (`default` when absent; checked
 /// when the playbook was parsed).
 pub fn duration_ms(d: Option<&str>, default: &str) -> i64 {
@@ -527,33 +524,39 @@ pub fn duration_ms(d: Option<&str>, default: &str) -> i64 {
         .unwrap_or(0)
 }
 
-/// The registry of step kinds: one line each. The plan on disk is a list
-/// of `Action`s (tagged by `kind`), so a resumed run walks exactly the plan
-/// it started with; the engine reaches each through the `Step` trait.
-macro_rules! registry {
-    ($($variant:ident($ty:ty)),* $(,)?) => {
+/// The registry of step kinds: one line per module, listing the actions
+/// it adds to a plan. The plan on disk is a list of `Action`s (tagged by
+/// `kind`), so a resumed run walks exactly the plan it started with; the
+/// engine reaches each through the `Step` trait, and each module's `KIND`
+/// through `KINDS`, in the order written here (the order of their steps
+/// within a phase).
+macro_rules! kinds {
+    ($($module:ident: $($variant:ident($ty:ident)),+;)*) => {
+        /// Every kind's module, in the order their steps run within a phase.
+        pub const KINDS: &[StepKind] = &[$($module::KIND),*];
+
         /// Every step kind; the plan on disk is a list of these.
         #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
         #[serde(tag = "kind", rename_all = "kebab-case")]
         pub enum Action {
-            $($variant($ty)),*
+            $($($variant($module::$ty)),+),*
         }
 
         impl Action {
             /// Every kind, as the plan names it (`close-gate`, …).
             pub fn kinds() -> Vec<String> {
-                [$(stringify!($variant)),*].iter().map(|v| kebab(v)).collect()
+                [$($(stringify!($variant)),+),*].iter().map(|v| kebab(v)).collect()
             }
 
             pub fn step(&self) -> &dyn Step {
                 match self {
-                    $(Action::$variant(s) => s),*
+                    $($(Action::$variant(s) => s),+),*
                 }
             }
 
             pub fn step_mut(&mut self) -> &mut dyn Step {
                 match self {
-                    $(Action::$variant(s) => s),*
+                    $($(Action::$variant(s) => s),+),*
                 }
             }
         }
@@ -572,20 +575,13 @@ fn kebab(camel: &str) -> String {
     out
 }
 
-registry! {
-    CloseGate(gates::GateAt),
-    WaitGateCache(gates::WaitCache),
-    VerifyGates(gates::Verify),
-    Check(validate::Query),
-    InvalidIndexes(validate::InvalidIndexes),
-    Sequences(validate::Sequences),
-    Extensions(validate::Extensions),
-    Amcheck(validate::Amcheck),
-    ReopenGate(gates::Reopen),
-    Outbox(outbox::Reconcile),
-    Inbox(consumers::Inbox),
-    RewindGroup(consumers::Rewind),
-    IdempotencyKeys(idempotency::Keys),
+// The outbox settles what the relay sends before the consumers rewind.
+kinds! {
+    gates: CloseGate(GateAt), WaitGateCache(WaitCache), VerifyGates(Verify), ReopenGate(Reopen);
+    validate: Check(Query), InvalidIndexes(InvalidIndexes), Sequences(Sequences), Extensions(Extensions), Amcheck(Amcheck);
+    outbox: Outbox(Reconcile);
+    consumers: Inbox(Inbox), RewindGroup(Rewind);
+    idempotency: IdempotencyKeys(Keys);
 }
 
 /// A test hook: `REENTRY_PAUSE_AT=STEP:POINT` makes the run stop dead at

@@ -1158,6 +1158,7 @@ pub const KIND: StepKind = StepKind {
     notes: super::no_notes,
     needs,
     queries: super::no_queries,
+    keys: &[],
 };
 
 #[cfg(test)]

@@ -636,4 +636,5 @@ pub const KIND: StepKind = StepKind {
     notes: super::no_notes,
     needs: super::no_needs,
     queries,
+    keys: &[],
 };
