@@ -10,6 +10,7 @@ pub mod consumers;
 pub mod gates;
 pub mod idempotency;
 pub mod outbox;
+pub mod sequences;
 pub mod validate;
 
 use std::collections::BTreeMap;
@@ -578,7 +579,8 @@ fn kebab(camel: &str) -> String {
 // The outbox settles what the relay sends before the consumers rewind.
 kinds! {
     gates: CloseGate(GateAt), WaitGateCache(WaitCache), VerifyGates(Verify), ReopenGate(Reopen);
-    validate: Check(Query), InvalidIndexes(InvalidIndexes), Sequences(Sequences), Extensions(Extensions), Amcheck(Amcheck);
+    validate: Check(Query), InvalidIndexes(InvalidIndexes), Extensions(Extensions), Amcheck(Amcheck);
+    sequences: Sequences(Sequences);
     outbox: Outbox(Reconcile);
     consumers: Inbox(Inbox), RewindGroup(Rewind);
     idempotency: IdempotencyKeys(Keys);

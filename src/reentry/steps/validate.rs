@@ -1,13 +1,12 @@
 //! Validation: is the database that will take writes usable? The playbook's
-//! invariants, invalid indexes, sequences behind their columns (the one
-//! finding with a planned fix: `setval`), the extension inventory against
-//! the other database, and amcheck's `bt_index_check` where installed.
+//! invariants, invalid indexes, the extension inventory against the other
+//! database, and amcheck's `bt_index_check` where installed. (Sequences
+//! behind their columns, the one finding with a fix, are `sequences`.)
 //!
 //! Queries a playbook writes run in a read-only transaction: an invariant
 //! cannot change what it checks.
 
 use serde::{Deserialize, Serialize};
-use serde_json::json;
 
 use super::PlanCtx;
 use super::{Effect, Env, Nature, OnDatabase, Recorder, Step, StepError, StepKind};
@@ -34,7 +33,6 @@ section! {
     #[derive(Default)]
     pub struct Validation {
         pub invalid_indexes: Option<bool> => opt("invalid-indexes", Kind::Bool),
-        pub sequences: Option<bool> => opt("sequences", Kind::Bool),
         pub extensions: Option<bool> => opt("extensions", Kind::Bool),
         pub amcheck: Option<bool> => opt("amcheck", Kind::Bool),
         #[serde(default)]
@@ -191,153 +189,6 @@ impl Step for InvalidIndexes {
                 listed(&found)
             ),
             findings: found,
-        })
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Sequences {
-    pub database: String,
-}
-
-/// A sequence whose next value is already used by its column.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub struct Drift {
-    pub sequence: String,
-    pub column: String,
-    pub last_value: i64,
-    pub is_called: bool,
-    pub max: i64,
-}
-
-/// Every ascending sequence owned by an integer column (serial, identity)
-/// whose next value is at or below the column's maximum. Names come quoted
-/// from the server (`format('%I')`).
-fn drifts(db: &mut Db) -> Result<Vec<Drift>, crate::pg::conn::PgError> {
-    let owned = db.query(
-        "list owned sequences",
-        "SELECT format('%I.%I', sn.nspname, s.relname), format('%I.%I', tn.nspname, t.relname), quote_ident(a.attname)
-           FROM pg_depend d
-           JOIN pg_class s ON s.oid = d.objid AND s.relkind = 'S'
-           JOIN pg_namespace sn ON sn.oid = s.relnamespace
-           JOIN pg_sequence ps ON ps.seqrelid = s.oid
-           JOIN pg_class t ON t.oid = d.refobjid AND t.relkind IN ('r', 'p')
-           JOIN pg_namespace tn ON tn.oid = t.relnamespace
-           JOIN pg_attribute a ON a.attrelid = t.oid AND a.attnum = d.refobjsubid
-          WHERE d.classid = 'pg_class'::regclass AND d.refclassid = 'pg_class'::regclass
-            AND d.deptype IN ('a', 'i') AND ps.seqincrement > 0
-            AND a.atttypid IN ('int2'::regtype, 'int4'::regtype, 'int8'::regtype)
-            AND tn.nspname NOT IN ('pg_catalog', 'information_schema')
-          ORDER BY 1",
-        &[],
-    )?;
-    let mut out = Vec::new();
-    for r in owned {
-        let (seq, table, column): (String, String, String) = (r.get(0), r.get(1), r.get(2));
-        let row = db.query_one(
-            "compare a sequence with its column",
-            &format!(
-                "SELECT (SELECT max({column})::bigint FROM {table}), last_value, is_called,
-                        (SELECT seqincrement FROM pg_sequence WHERE seqrelid = '{}'::regclass)
-                   FROM {seq}",
-                seq.replace('\'', "''")
-            ),
-            &[],
-        )?;
-        let Some(max) = row.get::<_, Option<i64>>(0) else {
-            continue;
-        };
-        let (last_value, is_called, inc): (i64, bool, i64) = (row.get(1), row.get(2), row.get(3));
-        let next = if is_called {
-            last_value.saturating_add(inc)
-        } else {
-            last_value
-        };
-        if next <= max {
-            out.push(Drift {
-                sequence: seq,
-                column: format!("{table}.{column}"),
-                last_value,
-                is_called,
-                max,
-            });
-        }
-    }
-    Ok(out)
-}
-
-impl Step for Sequences {
-    fn nature(&self) -> Nature {
-        Nature::Changes
-    }
-
-    fn writes(&self) -> Vec<&str> {
-        vec![self.database.as_str()]
-    }
-
-    fn preview(&self, env: &mut Env) -> Result<Effect, StepError> {
-        let found = drifts(env.db(&self.database)?).on(&self.database)?;
-        Ok(Effect {
-            summary: if found.is_empty() {
-                format!("no sequence behind its column on {}", self.database)
-            } else {
-                format!(
-                    "setval {} sequence(s) behind their column on {}",
-                    found.len(),
-                    self.database
-                )
-            },
-            count: found.len() as u64,
-            items: found
-                .iter()
-                .map(|d| {
-                    format!(
-                        "{}: {} → {} (max of {})",
-                        d.sequence, d.last_value, d.max, d.column
-                    )
-                })
-                .collect(),
-            detail: json!(found),
-        })
-    }
-
-    fn apply(&self, env: &mut Env, rec: &mut Recorder) -> Result<Effect, StepError> {
-        let database = self.database.clone();
-        let db = env.db(&database)?;
-        let planned: Vec<Drift> = rec.prior(|| drifts(db).on(&database))?;
-        let mut items = Vec::new();
-        for d in &planned {
-            // setval is not transactional; the condition makes it idempotent.
-            let moved = db
-                .query(
-                    "advance a sequence",
-                    &format!(
-                        "SELECT setval($1::text::regclass, $2::bigint, true) FROM {} AS s, pg_sequence AS ps
-                          WHERE ps.seqrelid = $1::text::regclass
-                            AND CASE WHEN s.is_called THEN s.last_value + ps.seqincrement ELSE s.last_value END <= $2::bigint",
-                        d.sequence
-                    ),
-                    &[&d.sequence, &d.max],
-                )
-                .on(&database)?;
-            if !moved.is_empty() {
-                items.push(format!("{}: {} → {}", d.sequence, d.last_value, d.max));
-            }
-        }
-        Ok(Effect {
-            summary: if planned.is_empty() {
-                format!("no sequence behind its column on {database}")
-            } else {
-                format!(
-                    "advanced {} of {} drifting sequence(s) on {database}",
-                    items.len(),
-                    planned.len()
-                )
-            },
-            count: items.len() as u64,
-            items,
-            detail: json!(planned),
         })
     }
 }
@@ -526,7 +377,7 @@ impl Step for Amcheck {
     }
 }
 
-/// Invariants, then the survivor's indexes, sequences, the extension
+/// Invariants, then the survivor's indexes, the extension
 /// inventory and amcheck, as `[validation]` asks.
 fn plan(p: &Playbook, ctx: &PlanCtx) -> Vec<PlannedStep> {
     let mut out = Vec::new();
@@ -551,16 +402,6 @@ fn plan(p: &Playbook, ctx: &PlanCtx) -> Vec<PlannedStep> {
             Phase::Validate,
             format!("no invalid indexes on {survivor}"),
             super::Action::InvalidIndexes(InvalidIndexes {
-                database: survivor.into(),
-            }),
-        ));
-    }
-    if v.sequences.unwrap_or(true) {
-        out.push(step(
-            format!("sequences@{survivor}"),
-            Phase::Validate,
-            format!("sequences ahead of their columns on {survivor}"),
-            super::Action::Sequences(Sequences {
                 database: survivor.into(),
             }),
         ));
