@@ -12,7 +12,6 @@
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
-use serde_json::json;
 
 use super::{Effect, Env, Nature, OnDatabase, PlanCtx, Recorder, Step, StepError, StepKind};
 use crate::kafka::scan::{self, IdFrom, ScanOptions};
@@ -108,6 +107,25 @@ impl Rewind {
     }
 }
 
+/// What a rewind journals as its effect's detail.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct RewindDetail {
+    pub moves: Moves,
+    /// Live members a preview found (apply refuses while there are any).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub members: Vec<String>,
+}
+
+/// What an inbox step journals as its effect's detail.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct InboxDetail {
+    /// Messages after T the restored inbox lacks: consumed again.
+    pub re_consumed: u64,
+    pub scanned: u64,
+}
+
 impl Step for Rewind {
     fn nature(&self) -> Nature {
         Nature::Changes
@@ -135,7 +153,10 @@ impl Step for Rewind {
             summary,
             count: parts,
             items,
-            detail: json!({"moves": moves, "members": members}),
+            detail: super::detail(&RewindDetail {
+                moves,
+                members: members.iter().map(|m| m.describe()).collect(),
+            }),
         })
     }
 
@@ -170,7 +191,10 @@ impl Step for Rewind {
             ),
             count: parts,
             items,
-            detail: json!({"moves": prior}),
+            detail: super::detail(&RewindDetail {
+                moves: prior,
+                members: Vec::new(),
+            }),
         })
     }
 }
@@ -256,7 +280,10 @@ impl Step for Inbox {
             ),
             count: 0,
             items: sample,
-            detail: json!({"re-consumed": missing, "scanned": scanned}),
+            detail: super::detail(&InboxDetail {
+                re_consumed: missing,
+                scanned,
+            }),
         })
     }
 
@@ -279,7 +306,10 @@ impl Step for Inbox {
             ),
             count: 0,
             items: sample,
-            detail: json!({"re-consumed": missing, "scanned": scanned}),
+            detail: super::detail(&InboxDetail {
+                re_consumed: missing,
+                scanned,
+            }),
         })
     }
 }

@@ -18,7 +18,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant, SystemTime};
 
 use serde::{Deserialize, Serialize};
-use serde_json::{json, Map, Value};
+use serde_json::{Map, Value};
 
 use super::validate::{Query, Role};
 use super::{
@@ -197,6 +197,120 @@ pub struct Verify {
     pub drain_seconds: f64,
 }
 
+// ---- What a gate's rows held: the close's prior state, journaled.
+
+/// A row as `to_jsonb` gives it, from a table the application owns: put
+/// back column by column with `jsonb_populate_record`.
+pub type Row = Map<String, Value>;
+
+/// A ShedLock row: the columns ShedLock's schema has, and any other the
+/// table has, kept to be put back.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LockRow {
+    #[serde(default)]
+    pub lock_until: Option<String>,
+    #[serde(default)]
+    pub locked_at: Option<String>,
+    #[serde(default)]
+    pub locked_by: Option<String>,
+    #[serde(flatten)]
+    pub other: Row,
+}
+
+impl LockRow {
+    fn by(&self) -> &str {
+        self.locked_by.as_deref().unwrap_or("nobody")
+    }
+}
+
+/// A Quartz trigger's row, as the close found it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Trigger {
+    pub name: String,
+    pub group: String,
+    pub state: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct QuartzState {
+    /// The groups the gate covers, as they were.
+    pub groups: Vec<String>,
+    /// A gate over every group (Quartz's `pauseAll` marker).
+    pub all_groups: bool,
+    /// Groups the application had paused itself: they stay paused.
+    pub paused_groups: Vec<String>,
+    pub triggers: Vec<Trigger>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ShedlockState {
+    /// By lock name; `None` where the table had no row.
+    pub locks: BTreeMap<String, Option<LockRow>>,
+}
+
+/// What a gate's rows held. Journaled untagged, as builds before the type
+/// wrote it; `fits` says whether it is the state of a given gate.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum GateState {
+    Quartz(QuartzState),
+    Shedlock(ShedlockState),
+    /// The system_gate row; `None` when the table has none.
+    SystemGate(Option<Row>),
+}
+
+impl GateState {
+    fn fits(&self, gate: &Gate) -> bool {
+        matches!(
+            (self, gate),
+            (GateState::Quartz(_), Gate::Quartz { .. })
+                | (GateState::Shedlock(_), Gate::Shedlock { .. })
+                | (GateState::SystemGate(_), Gate::SystemGate { .. })
+        )
+    }
+
+    /// The ShedLock rows; none for another gate.
+    fn locks(&self) -> BTreeMap<String, Option<LockRow>> {
+        match self {
+            GateState::Shedlock(s) => s.locks.clone(),
+            _ => BTreeMap::new(),
+        }
+    }
+
+    /// `enabled` of a system_gate row; `None` when there is no row.
+    fn enabled(&self) -> Option<&Value> {
+        match self {
+            GateState::SystemGate(Some(row)) => row.get("enabled"),
+            _ => None,
+        }
+    }
+}
+
+/// A journaled state of `gate`, refused when it is another gate's.
+fn state_of(gate: &Gate, state: GateState, step: &str) -> Result<GateState, StepError> {
+    if state.fits(gate) {
+        Ok(state)
+    } else {
+        Err(StepError::State(format!(
+            "the prior state {step} journaled is not a {}'s: the journal does not belong to this plan",
+            gate.kind()
+        )))
+    }
+}
+
+/// A resumed Quartz trigger past its misfire threshold.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct Misfire {
+    pub trigger: String,
+    pub next_fire_time: String,
+    pub missed_by_seconds: f64,
+    pub instruction: String,
+    /// When Quartz's misfire handler applies the instruction, at the latest.
+    pub handled_by: String,
+}
+
 /// The verify step's id: the re-open also restores the rows it found.
 pub const VERIFY_STEP: &str = "verify:gates";
 
@@ -207,17 +321,22 @@ fn found_key(close_step: &str, lock: &str) -> String {
 }
 
 /// The rows the verify step journaled for `close_step`, by lock name.
-fn found_by_verify(rec: &Recorder, close_step: &str) -> Map<String, Value> {
-    let prefix = found_key(close_step, "");
-    rec.priors_under(&prefix)
-        .into_iter()
-        .map(|(k, v)| (k[prefix.len()..].to_owned(), v))
-        .collect()
+fn found_by_verify(
+    rec: &Recorder,
+    close_step: &str,
+) -> Result<BTreeMap<String, LockRow>, StepError> {
+    rec.priors_under(&found_key(close_step, ""))
 }
 
-fn parse_json(text: Option<String>) -> Value {
-    text.and_then(|t| serde_json::from_str(&t).ok())
-        .unwrap_or(Value::Null)
+/// A row as JSON text, for `jsonb_populate_record`.
+fn json_text<T: Serialize>(row: &T) -> String {
+    serde_json::to_string(row).expect("rows serialize")
+}
+
+/// A row from `to_jsonb(row)::text`: always a JSON object, which both
+/// `Row` and `LockRow` read.
+fn parse_row<T: serde::de::DeserializeOwned>(text: &str) -> T {
+    serde_json::from_str(text).expect("to_jsonb of a row is a JSON object")
 }
 
 fn has_column(db: &mut Db, table: &str, column: &str) -> Result<bool, PgError> {
@@ -348,7 +467,7 @@ fn quartz_groups(
 /// The state of the rows a gate controls. `lock` takes row locks (and
 /// Quartz's own lock): the close that follows in the same transaction
 /// changes exactly what was read.
-pub fn read_state(db: &mut Db, gate: &Gate, lock: bool) -> Result<Value, PgError> {
+pub fn read_state(db: &mut Db, gate: &Gate, lock: bool) -> Result<GateState, PgError> {
     let for_update = if lock { " FOR UPDATE" } else { "" };
     match gate {
         Gate::SystemGate { name, table } => {
@@ -360,12 +479,13 @@ pub fn read_state(db: &mut Db, gate: &Gate, lock: bool) -> Result<Value, PgError
                 ),
                 &[name],
             )?;
-            Ok(parse_json(rows.first().map(|r| r.get(0))))
+            Ok(GateState::SystemGate(
+                rows.first().map(|r| parse_row(&r.get::<_, String>(0))),
+            ))
         }
-        Gate::Shedlock { table, locks, .. } => {
-            let found = shedlock_rows(db, table, locks, for_update)?;
-            Ok(json!({ "locks": found }))
-        }
+        Gate::Shedlock { table, locks, .. } => Ok(GateState::Shedlock(ShedlockState {
+            locks: shedlock_rows(db, table, locks, for_update)?,
+        })),
         Gate::Quartz {
             table_prefix,
             scheduler,
@@ -391,7 +511,7 @@ pub fn read_state(db: &mut Db, gate: &Gate, lock: bool) -> Result<Value, PgError
                 .iter()
                 .map(|r| r.get(0))
                 .collect();
-            let triggers: Vec<Value> = db
+            let triggers: Vec<Trigger> = db
                 .query(
                     "read Quartz triggers",
                     &format!(
@@ -402,13 +522,18 @@ pub fn read_state(db: &mut Db, gate: &Gate, lock: bool) -> Result<Value, PgError
                     &[scheduler, &groups],
                 )?
                 .iter()
-                .map(|r| {
-                    json!({"name": r.get::<_, String>(0), "group": r.get::<_, String>(1), "state": r.get::<_, String>(2)})
+                .map(|r| Trigger {
+                    name: r.get(0),
+                    group: r.get(1),
+                    state: r.get(2),
                 })
                 .collect();
-            Ok(
-                json!({"groups": groups, "all-groups": all, "paused-groups": paused, "triggers": triggers}),
-            )
+            Ok(GateState::Quartz(QuartzState {
+                groups,
+                all_groups: all,
+                paused_groups: paused,
+                triggers,
+            }))
         }
     }
 }
@@ -419,7 +544,7 @@ fn shedlock_rows(
     table: &str,
     locks: &Option<Vec<String>>,
     for_update: &str,
-) -> Result<BTreeMap<String, Value>, PgError> {
+) -> Result<BTreeMap<String, Option<LockRow>>, PgError> {
     let t = quote_qualified(table);
     let rows = match locks {
         Some(names) => db.query(
@@ -436,32 +561,19 @@ fn shedlock_rows(
             &[],
         )?,
     };
-    let mut found: BTreeMap<String, Value> = rows
+    let mut found: BTreeMap<String, Option<LockRow>> = rows
         .iter()
-        .map(|r| (r.get::<_, String>(0), parse_json(Some(r.get(1)))))
+        .map(|r| {
+            (
+                r.get::<_, String>(0),
+                Some(parse_row(&r.get::<_, String>(1))),
+            )
+        })
         .collect();
     for n in locks.iter().flatten() {
-        found.entry(n.clone()).or_insert(Value::Null);
+        found.entry(n.clone()).or_insert(None);
     }
     Ok(found)
-}
-
-fn strings(v: &Value) -> Vec<String> {
-    v.as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(|x| x.as_str().map(str::to_owned))
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
-fn lock_rows(prior: &Value) -> Map<String, Value> {
-    prior
-        .get("locks")
-        .and_then(Value::as_object)
-        .cloned()
-        .unwrap_or_default()
 }
 
 /// Quartz states a pause moves (as Quartz's own `pauseTriggerGroup`).
@@ -542,7 +654,7 @@ fn pause_quartz(
 fn close(
     db: &mut Db,
     gate: &Gate,
-    prior: &Value,
+    prior: &GateState,
     marker: &str,
 ) -> Result<(u64, Vec<String>), PgError> {
     match gate {
@@ -566,7 +678,7 @@ fn close(
             Ok((n, if n > 0 { vec![name.clone()] } else { vec![] }))
         }
         Gate::Shedlock { table, .. } => {
-            let names: Vec<String> = lock_rows(prior).keys().cloned().collect();
+            let names: Vec<String> = prior.locks().into_keys().collect();
             let ids = freeze(db, table, &names, marker)?;
             Ok((ids.len() as u64, ids))
         }
@@ -579,9 +691,10 @@ fn close(
             // On a resumed close the prior state comes from the journal, so
             // the lock is taken here, not only by the read.
             lock_quartz(db, &t, scheduler)?;
-            let groups = strings(&prior["groups"]);
-            let all = prior["all-groups"].as_bool().unwrap_or(false);
-            let ids = pause_quartz(db, &t, scheduler, &groups, all)?;
+            let GateState::Quartz(q) = prior else {
+                return Ok((0, Vec::new()));
+            };
+            let ids = pause_quartz(db, &t, scheduler, &q.groups, q.all_groups)?;
             Ok((ids.len() as u64, ids))
         }
     }
@@ -630,18 +743,18 @@ fn resume_quartz(
     t: &QuartzTables,
     scheduler: &str,
     named: &Option<Vec<String>>,
-    prior: &Value,
+    prior: &QuartzState,
     misfire_ms: u64,
-) -> Result<(Vec<String>, Vec<Value>), PgError> {
-    let app_groups: BTreeSet<String> = strings(&prior["paused-groups"]).into_iter().collect();
+) -> Result<(Vec<String>, Vec<Misfire>), PgError> {
+    let app_groups: BTreeSet<String> = prior.paused_groups.iter().cloned().collect();
     let (mut app_g, mut app_n) = (Vec::new(), Vec::new());
-    for tr in prior["triggers"].as_array().into_iter().flatten() {
-        if matches!(tr["state"].as_str(), Some("PAUSED" | "PAUSED_BLOCKED")) {
-            app_g.push(tr["group"].as_str().unwrap_or_default().to_owned());
-            app_n.push(tr["name"].as_str().unwrap_or_default().to_owned());
+    for tr in &prior.triggers {
+        if matches!(tr.state.as_str(), "PAUSED" | "PAUSED_BLOCKED") {
+            app_g.push(tr.group.clone());
+            app_n.push(tr.name.clone());
         }
     }
-    let all = prior["all-groups"].as_bool().unwrap_or(named.is_none());
+    let all = prior.all_groups;
     let groups: Vec<String> = quartz_groups(db, t, scheduler, named)?
         .into_iter()
         .filter(|g| !app_groups.contains(g))
@@ -699,13 +812,13 @@ fn resume_quartz(
         .iter()
         .map(|r| {
             let (next, now): (i64, i64) = (r.get(1), r.get(5));
-            json!({
-                "trigger": r.get::<_, String>(0),
-                "next-fire-time": millis_utc(next),
-                "missed-by-seconds": (now - next) as f64 / 1000.0,
-                "instruction": misfire_instruction(&r.get::<_, String>(3), r.get(2), r.get(4)),
-                "handled-by": millis_utc(now + misfire_ms as i64),
-            })
+            Misfire {
+                trigger: r.get(0),
+                next_fire_time: millis_utc(next),
+                missed_by_seconds: (now - next) as f64 / 1000.0,
+                instruction: misfire_instruction(&r.get::<_, String>(3), r.get(2), r.get(4)),
+                handled_by: millis_utc(now + misfire_ms as i64),
+            }
         })
         .collect();
     Ok((resumed, misfired))
@@ -717,20 +830,14 @@ fn resume_quartz(
 fn reopen(
     db: &mut Db,
     gate: &Gate,
-    prior: &Value,
-    found: &Map<String, Value>,
+    prior: &GateState,
+    found: &BTreeMap<String, LockRow>,
     marker: &str,
-) -> Result<(u64, Vec<String>, Value), PgError> {
+) -> Result<(u64, Vec<String>, Vec<Misfire>), PgError> {
     match gate {
         Gate::SystemGate { name, table } => {
             let t = quote_qualified(table);
-            let n = if prior.is_null() {
-                db.execute(
-                    "remove the system_gate row the close inserted",
-                    &format!("DELETE FROM {t} WHERE gate_name = $1 AND enabled = false"),
-                    &[name],
-                )?
-            } else {
+            let n = if let GateState::SystemGate(Some(row)) = prior {
                 let stamp = if has_column(db, table, "updated_at")? {
                     ", updated_at = now()"
                 } else {
@@ -743,30 +850,30 @@ fn reopen(
                            FROM jsonb_populate_record(NULL::{t}, $2::text::jsonb) AS r
                           WHERE g.gate_name = $1 AND g.enabled = false AND r.enabled IS DISTINCT FROM false"
                     ),
-                    &[name, &prior.to_string()],
+                    &[name, &Value::Object(row.clone()).to_string()],
+                )?
+            } else {
+                db.execute(
+                    "remove the system_gate row the close inserted",
+                    &format!("DELETE FROM {t} WHERE gate_name = $1 AND enabled = false"),
+                    &[name],
                 )?
             };
             Ok((
                 n,
                 if n > 0 { vec![name.clone()] } else { vec![] },
-                Value::Null,
+                Vec::new(),
             ))
         }
         Gate::Shedlock { table, .. } => {
             let t = quote_qualified(table);
             let (mut n, mut ids) = (0, Vec::new());
-            let mut rows = lock_rows(prior);
+            let mut rows = prior.locks();
             for (k, v) in found {
-                rows.entry(k.clone()).or_insert_with(|| v.clone());
+                rows.entry(k.clone()).or_insert_with(|| Some(v.clone()));
             }
             for (name, row) in rows {
-                let c = if row.is_null() {
-                    db.execute(
-                        "remove the ShedLock row the close inserted",
-                        &format!("DELETE FROM {t} WHERE name = $1 AND locked_by = $2"),
-                        &[&name, &marker],
-                    )?
-                } else {
+                let c = if let Some(row) = row {
                     db.execute(
                         "restore a ShedLock row",
                         &format!(
@@ -774,7 +881,13 @@ fn reopen(
                                FROM jsonb_populate_record(NULL::{t}, $2::text::jsonb) AS r
                               WHERE s.name = $1 AND s.locked_by = $3"
                         ),
-                        &[&name, &row.to_string(), &marker],
+                        &[&name, &json_text(&row), &marker],
+                    )?
+                } else {
+                    db.execute(
+                        "remove the ShedLock row the close inserted",
+                        &format!("DELETE FROM {t} WHERE name = $1 AND locked_by = $2"),
+                        &[&name, &marker],
                     )?
                 };
                 if c > 0 {
@@ -782,7 +895,7 @@ fn reopen(
                 }
                 n += c;
             }
-            Ok((n, ids, Value::Null))
+            Ok((n, ids, Vec::new()))
         }
         Gate::Quartz {
             table_prefix,
@@ -793,9 +906,12 @@ fn reopen(
         } => {
             let t = QuartzTables::new(table_prefix);
             lock_quartz(db, &t, scheduler)?;
+            let GateState::Quartz(q) = prior else {
+                return Ok((0, Vec::new(), Vec::new()));
+            };
             let (ids, misfired) =
-                resume_quartz(db, &t, scheduler, groups, prior, *misfire_threshold_ms)?;
-            Ok((ids.len() as u64, ids, Value::Array(misfired)))
+                resume_quartz(db, &t, scheduler, groups, q, *misfire_threshold_ms)?;
+            Ok((ids.len() as u64, ids, misfired))
         }
     }
 }
@@ -809,17 +925,17 @@ pub struct GateDetail {
     #[serde(rename = "type")]
     pub kind: String,
     pub database: String,
-    pub before: Value,
-    pub after: Value,
+    pub before: GateState,
+    pub after: GateState,
     /// A re-open: the state the close found, which it restored.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub restored_to: Option<Value>,
+    pub restored_to: Option<GateState>,
     /// A re-open: what it does not put back as it was, and why.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub not_restored: Vec<String>,
     /// A Quartz re-open: triggers past the misfire threshold.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub misfired: Vec<Value>,
+    pub misfired: Vec<Misfire>,
 }
 
 impl GateDetail {
@@ -829,46 +945,37 @@ impl GateDetail {
 }
 
 /// A gate's rows, said briefly.
-fn describe_state(kind: &str, state: &Value) -> String {
-    match kind {
-        "system-gate" => match state.get("enabled") {
+fn describe_state(state: &GateState) -> String {
+    match state {
+        GateState::SystemGate(_) => match state.enabled() {
             None => "no row".into(),
             Some(v) => format!("enabled = {v}"),
         },
-        "shedlock" => {
-            let locks = state["locks"].as_object().cloned().unwrap_or_default();
-            if locks.is_empty() {
+        GateState::Shedlock(s) => {
+            if s.locks.is_empty() {
                 return "no locks".into();
             }
-            locks
+            s.locks
                 .iter()
-                .map(|(name, row)| {
-                    if row.is_null() {
-                        format!("{name}: no row")
-                    } else {
-                        format!(
-                            "{name}: until {} by {}",
-                            row["lock_until"].as_str().unwrap_or("?"),
-                            row["locked_by"].as_str().unwrap_or("?")
-                        )
-                    }
+                .map(|(name, row)| match row {
+                    None => format!("{name}: no row"),
+                    Some(row) => format!(
+                        "{name}: until {} by {}",
+                        row.lock_until.as_deref().unwrap_or("(none)"),
+                        row.by()
+                    ),
                 })
                 .collect::<Vec<_>>()
                 .join("; ")
         }
-        "quartz" => {
-            let mut counts: std::collections::BTreeMap<String, usize> = Default::default();
-            for t in state["triggers"].as_array().into_iter().flatten() {
-                *counts
-                    .entry(t["state"].as_str().unwrap_or("?").to_owned())
-                    .or_default() += 1;
+        GateState::Quartz(q) => {
+            let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
+            for t in &q.triggers {
+                *counts.entry(t.state.as_str()).or_default() += 1;
             }
-            let paused = state["paused-groups"]
-                .as_array()
-                .map(|a| a.len())
-                .unwrap_or(0);
             format!(
-                "{paused} paused group(s); triggers {}",
+                "{} paused group(s); triggers {}",
+                q.paused_groups.len(),
                 counts
                     .iter()
                     .map(|(s, n)| format!("{n} {s}"))
@@ -876,14 +983,19 @@ fn describe_state(kind: &str, state: &Value) -> String {
                     .join(", ")
             )
         }
-        _ => state.to_string(),
     }
 }
 
+/// A close's preview: the rows as they are.
+#[derive(Serialize)]
+struct Preview<'a> {
+    before: &'a GateState,
+}
+
 /// What a close would change, from the state as it is.
-fn would_close(gate: &Gate, state: &Value, database: &str) -> Effect {
+fn would_close(gate: &Gate, state: &GateState, database: &str) -> Effect {
     let (count, items, what) = match gate {
-        Gate::SystemGate { name, table } => match state.get("enabled") {
+        Gate::SystemGate { name, table } => match state.enabled() {
             None => (
                 1,
                 vec![name.clone()],
@@ -897,9 +1009,9 @@ fn would_close(gate: &Gate, state: &Value, database: &str) -> Effect {
             ),
         },
         Gate::Shedlock { table, .. } => {
-            let locks = lock_rows(state);
+            let locks = state.locks();
             let names: Vec<String> = locks.keys().cloned().collect();
-            let missing = locks.values().filter(|v| v.is_null()).count();
+            let missing = locks.values().filter(|v| v.is_none()).count();
             let mut what = format!(
                 "{table}: freeze {} lock(s) until {FROZEN_UNTIL}",
                 names.len()
@@ -910,20 +1022,17 @@ fn would_close(gate: &Gate, state: &Value, database: &str) -> Effect {
             (names.len() as u64, names, what)
         }
         Gate::Quartz { scheduler, .. } => {
-            let moving: Vec<String> = state["triggers"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter(|t| t["state"].as_str().is_some_and(pausable))
-                .map(|t| {
-                    format!(
-                        "{}.{}",
-                        t["group"].as_str().unwrap_or(""),
-                        t["name"].as_str().unwrap_or("")
-                    )
-                })
-                .collect();
-            let groups = strings(&state["groups"]);
+            let (moving, groups): (Vec<String>, &[String]) = match state {
+                GateState::Quartz(q) => (
+                    q.triggers
+                        .iter()
+                        .filter(|t| pausable(&t.state))
+                        .map(|t| format!("{}.{}", t.group, t.name))
+                        .collect(),
+                    &q.groups,
+                ),
+                _ => (Vec::new(), &[]),
+            };
             (
                 moving.len() as u64,
                 moving.clone(),
@@ -939,7 +1048,7 @@ fn would_close(gate: &Gate, state: &Value, database: &str) -> Effect {
         summary: format!("{what} on {database}"),
         count,
         items,
-        detail: json!({"before": state}),
+        detail: serde_json::to_value(Preview { before: state }).expect("gate states serialize"),
     }
 }
 
@@ -964,6 +1073,7 @@ impl Step for GateAt {
         let gate = &self.gate;
         env.db(&database)?.transaction("BEGIN", |db| {
             let prior = rec.prior(|| read_state(db, gate, true).on(&database))?;
+            let prior = state_of(gate, prior, rec.step)?;
             let (count, items) = close(db, gate, &prior, &marker).on(&database)?;
             let after = read_state(db, gate, false).on(&database)?;
             let detail = GateDetail {
@@ -992,8 +1102,8 @@ impl Step for GateAt {
     fn gate_evidence(&self, effect: &Effect) -> Option<GateRow> {
         let d = GateDetail::of(effect)?;
         Some(GateRow::Closed(GateEvidence {
-            before: describe_state(&d.kind, &d.before),
-            closed: describe_state(&d.kind, &d.after),
+            before: describe_state(&d.before),
+            closed: describe_state(&d.after),
             after: "stays closed".into(),
             gate: d.gate,
             kind: d.kind,
@@ -1038,13 +1148,14 @@ impl Step for Reopen {
     }
 
     fn apply(&self, env: &mut Env, rec: &mut Recorder) -> Result<Effect, StepError> {
-        let Some(prior) = rec.prior_of(&self.close_step).cloned() else {
+        let Some(prior) = rec.prior_of::<GateState>(&self.close_step)? else {
             return Err(StepError::State(format!(
                 "the journal holds no prior state from {}: this run did not close the gate, so it will not re-open it",
                 self.close_step
             )));
         };
-        let found = found_by_verify(rec, &self.close_step);
+        let prior = state_of(&self.gate, prior, &self.close_step)?;
+        let found = found_by_verify(rec, &self.close_step)?;
         let marker = env.marker();
         let database = self.database.clone();
         let gate = &self.gate;
@@ -1057,13 +1168,13 @@ impl Step for Reopen {
                 gate.kind(),
                 gate.name()
             );
-            if let (Some(m), Gate::Quartz { misfire_threshold_ms, .. }) = (misfired.as_array(), gate) {
+            if let (m, Gate::Quartz { misfire_threshold_ms, .. }) = (&misfired, gate) {
                 if !m.is_empty() {
                     summary.push_str(&format!(
                         "; {} trigger(s) missed their fire time by more than the misfire threshold ({}): Quartz's misfire handler applies their misfire instruction by {}",
                         m.len(),
                         humantime::format_duration(Duration::from_millis(*misfire_threshold_ms)),
-                        m.iter().filter_map(|x| x["handled-by"].as_str()).max().unwrap_or("?")
+                        m.iter().map(|x| x.handled_by.as_str()).max().unwrap_or_default()
                     ));
                 }
             }
@@ -1075,7 +1186,7 @@ impl Step for Reopen {
                 after,
                 restored_to: Some(prior),
                 not_restored: not_restored(gate).into_iter().map(str::to_owned).collect(),
-                misfired: misfired.as_array().cloned().unwrap_or_default(),
+                misfired,
             };
             Ok(Effect {
                 summary,
@@ -1088,7 +1199,7 @@ impl Step for Reopen {
 
     fn gate_evidence(&self, effect: &Effect) -> Option<GateRow> {
         let d = GateDetail::of(effect)?;
-        let mut after = describe_state(&d.kind, &d.after);
+        let mut after = describe_state(&d.after);
         if !d.misfired.is_empty() {
             after.push_str(&format!(
                 "; {} trigger(s) past their misfire threshold, for Quartz's misfire handler",
@@ -1148,28 +1259,26 @@ struct Pass {
 fn held_at_close(
     db: &mut Db,
     table: &str,
-    prior: &Value,
+    prior: &GateState,
     marker: &str,
 ) -> Result<Vec<(String, String)>, PgError> {
     let t = quote_qualified(table);
     let mut held = Vec::new();
-    for (name, row) in lock_rows(prior) {
-        if row.is_null() {
-            continue;
-        }
+    for (name, row) in prior.locks() {
+        let Some(row) = row else { continue };
         let r = db.query_one(
             "ask whether a ShedLock holder may still run",
             &format!(
                 "SELECT r.lock_until > now() AND r.locked_by IS DISTINCT FROM $2
                    FROM jsonb_populate_record(NULL::{t}, $1::text::jsonb) AS r"
             ),
-            &[&row.to_string(), &marker],
+            &[&json_text(&row), &marker],
         )?;
         if r.get::<_, Option<bool>>(0) == Some(true) {
             let what = format!(
                 "{name} (held by {} until {})",
-                row["locked_by"].as_str().unwrap_or("?"),
-                row["lock_until"].as_str().unwrap_or("?")
+                row.by(),
+                row.lock_until.as_deref().unwrap_or("(none)")
             );
             held.push((name, what));
         }
@@ -1182,8 +1291,8 @@ impl Verify {
         &self,
         c: &Closed,
         db: &mut Db,
-        prior: &Value,
-        found: &mut Map<String, Value>,
+        prior: &GateState,
+        found: &mut BTreeMap<String, LockRow>,
         released: &mut BTreeSet<String>,
         marker: &str,
     ) -> Result<Pass, PgError> {
@@ -1198,15 +1307,16 @@ impl Verify {
             }
             Gate::Shedlock { table, locks, .. } => {
                 let now = shedlock_rows(db, table, locks, " FOR UPDATE")?;
-                let known = lock_rows(prior);
+                let known = prior.locks();
                 // Rows that appeared while the gate was closed: a new job
                 // took its lock (ShedLock's INSERT … ON CONFLICT DO NOTHING).
                 for (name, row) in &now {
-                    if !known.contains_key(name) && !found.contains_key(name) && !row.is_null() {
+                    let Some(row) = row else { continue };
+                    if !known.contains_key(name) && !found.contains_key(name) {
                         p.ran.push(format!(
                             "{name}: taken by {} at {} while the gate was closed",
-                            row["locked_by"].as_str().unwrap_or("?"),
-                            row["locked_at"].as_str().unwrap_or("?")
+                            row.by(),
+                            row.locked_at.as_deref().unwrap_or("(none)")
                         ));
                         found.insert(name.clone(), row.clone());
                     }
@@ -1275,6 +1385,18 @@ impl Verify {
     }
 }
 
+/// What the verify step journals as its effect's detail.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct VerifyDetail {
+    /// Rows re-opened since the close, closed again.
+    pub reclosed: Vec<String>,
+    /// Locks taken while the gates were closed.
+    pub ran_while_closed: Vec<String>,
+    /// Jobs from before the close it waited for.
+    pub waited_for: Vec<String>,
+}
+
 impl Step for Verify {
     fn nature(&self) -> Nature {
         Nature::AfterClose
@@ -1302,11 +1424,12 @@ impl Step for Verify {
         loop {
             let mut running = Vec::new();
             for c in &self.closed {
-                let prior = rec.prior_of(&c.step).cloned().ok_or_else(|| {
+                let prior = rec.prior_of::<GateState>(&c.step)?.ok_or_else(|| {
                     StepError::State(format!("the journal holds no prior state from {}", c.step))
                 })?;
+                let prior = state_of(&c.at.gate, prior, &c.step)?;
                 let database = c.at.database.clone();
-                let mut found = found_by_verify(rec, &c.step);
+                let mut found = found_by_verify(rec, &c.step)?;
                 let known: BTreeSet<String> = found.keys().cloned().collect();
                 let rel = released.entry(c.step.clone()).or_default();
                 let p = env.db(&database)?.transaction("BEGIN", |db| {
@@ -1316,7 +1439,7 @@ impl Step for Verify {
                     // Journaled before the commit that freezes them: the
                     // re-open restores what the job had written.
                     for (name, row) in found.iter().filter(|(n, _)| !known.contains(*n)) {
-                        rec.prior_keyed(&found_key(&c.step, name), row.clone())?;
+                        rec.prior_keyed(&found_key(&c.step, name), row)?;
                     }
                     Ok::<_, StepError>(p)
                 })?;
@@ -1369,7 +1492,12 @@ impl Step for Verify {
             summary: parts.join("; "),
             count: items.len() as u64,
             items,
-            detail: json!({"reclosed": reclosed, "ran-while-closed": ran, "waited-for": waited_for.into_iter().collect::<Vec<_>>()}),
+            detail: serde_json::to_value(VerifyDetail {
+                reclosed,
+                ran_while_closed: ran,
+                waited_for: waited_for.into_iter().collect(),
+            })
+            .expect("verify details serialize"),
         })
     }
 }
@@ -1856,3 +1984,52 @@ pub const KIND: StepKind = StepKind {
     queries,
     keys: &[],
 };
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Prior states as the build before typed states journaled them.
+    const OLD: [&str; 4] = [
+        r#"{"gate_name":"api-writes","enabled":true,"updated_at":"2026-11-28T18:40:00+00:00"}"#,
+        r#"null"#,
+        r#"{"locks":{"escalate":{"name":"escalate","lock_until":"2026-11-28T18:40:00+00:00","locked_at":"2026-11-28T18:39:00+00:00","locked_by":"app-1"},"report":null}}"#,
+        r#"{"groups":["billing"],"all-groups":false,"paused-groups":[],"triggers":[{"name":"t1","group":"billing","state":"WAITING"}]}"#,
+    ];
+
+    #[test]
+    fn an_older_builds_prior_states_read_typed_and_write_back_unchanged() {
+        let states: Vec<GateState> = OLD
+            .iter()
+            .map(|s| serde_json::from_str(s).unwrap())
+            .collect();
+        assert!(matches!(&states[0], GateState::SystemGate(Some(_))));
+        assert_eq!(states[0].enabled(), Some(&Value::Bool(true)));
+        assert!(matches!(&states[1], GateState::SystemGate(None)));
+        let GateState::Shedlock(s) = &states[2] else {
+            panic!("not a ShedLock state: {:?}", states[2]);
+        };
+        assert_eq!(s.locks["escalate"].as_ref().unwrap().by(), "app-1");
+        assert!(s.locks["report"].is_none());
+        let GateState::Quartz(q) = &states[3] else {
+            panic!("not a Quartz state: {:?}", states[3]);
+        };
+        assert_eq!(q.triggers[0].state, "WAITING");
+        // What jsonb_populate_record gets back is the row as it was read.
+        for (old, typed) in OLD.iter().zip(&states) {
+            let again: Value = serde_json::to_value(typed).unwrap();
+            assert_eq!(again, serde_json::from_str::<Value>(old).unwrap());
+        }
+    }
+
+    #[test]
+    fn a_prior_state_of_another_gate_kind_is_refused() {
+        let quartz: GateState = serde_json::from_str(OLD[3]).unwrap();
+        let gate = Gate::SystemGate {
+            name: "api-writes".into(),
+            table: "system_gate".into(),
+        };
+        let e = state_of(&gate, quartz, "close:api-writes@restored").unwrap_err();
+        assert!(e.to_string().contains("not a system-gate's"), "{e}");
+    }
+}

@@ -12,7 +12,6 @@ use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
-use serde_json::json;
 
 use super::{
     duration_ms, Effect, Env, Nature, OnDatabase, PinErrors, Pinned, PlanCtx, Recorder, Step,
@@ -201,6 +200,22 @@ pub fn parse_csv(
 }
 
 /// What the step found: missing keys to act on, and the counts around them.
+/// What an idempotency step journals as its effect's detail.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct Detail {
+    /// Keys seen, by where they came from (the provider's exports, …).
+    pub sources: BTreeMap<String, u64>,
+    /// Keys the restore took back.
+    pub missing: usize,
+    /// Of those, keys past their retention.
+    pub expired: u64,
+    pub staged_before: u64,
+    /// T to the end of the scan, said.
+    pub gap: String,
+    pub action: String,
+}
+
 struct Found {
     sources: BTreeMap<&'static str, u64>,
     missing: Vec<(String, Option<i64>, &'static str)>,
@@ -369,8 +384,18 @@ impl Keys {
     }
 
     fn detail(&self, f: &Found) -> serde_json::Value {
-        json!({"sources": f.sources, "missing": f.missing.len(), "expired": f.expired,
-               "staged-before": f.staged_before, "gap": self.gap(), "action": self.action})
+        super::detail(&Detail {
+            sources: f
+                .sources
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), *v))
+                .collect(),
+            missing: f.missing.len(),
+            expired: f.expired,
+            staged_before: f.staged_before,
+            gap: self.gap(),
+            action: self.action.clone(),
+        })
     }
 }
 

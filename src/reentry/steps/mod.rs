@@ -76,6 +76,11 @@ pub struct Effect {
     pub detail: Value,
 }
 
+/// A kind's typed detail, as an effect holds it.
+pub fn detail<T: Serialize>(d: &T) -> Value {
+    serde_json::to_value(d).expect("step details serialize")
+}
+
 impl Effect {
     pub fn said(summary: impl Into<String>) -> Effect {
         Effect {
@@ -242,12 +247,7 @@ impl Recorder<'_> {
         read: impl FnOnce() -> Result<T, StepError>,
     ) -> Result<T, StepError> {
         if let Some(v) = self.state.prior.get(self.step) {
-            return serde_json::from_value(v.clone()).map_err(|e| {
-                StepError::State(format!(
-                    "the prior state {} journaled does not read as this build's ({e}): finish the run with the build that started it",
-                    self.step
-                ))
-            });
+            return typed(self.step, v);
         }
         let v = read()?;
         let value = serde_json::to_value(&v).expect("prior states serialize");
@@ -259,28 +259,40 @@ impl Recorder<'_> {
 
     /// Journals `value` as the prior state under `key` (a step that finds
     /// more to change while it runs: one key each); the first one stays.
-    pub fn prior_keyed(&mut self, key: &str, value: Value) -> Result<(), StepError> {
+    pub fn prior_keyed<T: Serialize>(&mut self, key: &str, value: &T) -> Result<(), StepError> {
         if self.state.prior.contains_key(key) {
             return Ok(());
         }
+        let value = serde_json::to_value(value).expect("prior states serialize");
         let r = self.journal.append(Some(key), Entry::Prior(value))?;
         self.state.record(&r);
         Ok(())
     }
 
-    /// Every prior state journaled under a key that starts with `prefix`.
-    pub fn priors_under(&self, prefix: &str) -> Vec<(String, Value)> {
+    /// Every prior state journaled under a key that starts with `prefix`,
+    /// by the rest of its key.
+    pub fn priors_under<T: serde::de::DeserializeOwned>(
+        &self,
+        prefix: &str,
+    ) -> Result<BTreeMap<String, T>, StepError> {
         self.state
             .prior
             .range(prefix.to_owned()..)
             .take_while(|(k, _)| k.starts_with(prefix))
-            .map(|(k, v)| (k.clone(), v.clone()))
+            .map(|(k, v)| Ok((k[prefix.len()..].to_owned(), typed(k, v)?)))
             .collect()
     }
 
     /// The prior state another step recorded (a re-open reads its close's).
-    pub fn prior_of(&self, step: &str) -> Option<&Value> {
-        self.state.prior.get(step)
+    pub fn prior_of<T: serde::de::DeserializeOwned>(
+        &self,
+        step: &str,
+    ) -> Result<Option<T>, StepError> {
+        self.state
+            .prior
+            .get(step)
+            .map(|v| typed(step, v))
+            .transpose()
     }
 
     pub fn done_at(&self, step: &str) -> Option<SystemTime> {
@@ -299,6 +311,15 @@ impl Recorder<'_> {
             std::thread::sleep(left.min(Duration::from_millis(100)));
         }
     }
+}
+
+/// A journaled prior state, read as its kind's type.
+fn typed<T: serde::de::DeserializeOwned>(key: &str, v: &Value) -> Result<T, StepError> {
+    serde_json::from_value(v.clone()).map_err(|e| {
+        StepError::State(format!(
+            "the prior state {key} journaled does not read as this build's ({e}): finish the run with the build that started it"
+        ))
+    })
 }
 
 /// A gate's row in the evidence report: before, closed, and after.

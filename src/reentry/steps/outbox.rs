@@ -246,23 +246,51 @@ pub struct Classes {
     pub database_seconds: f64,
 }
 
+/// What an outbox step journals as its effect's detail: the classes'
+/// sizes, and what apply did with them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct Detail {
+    pub mark_published: usize,
+    pub orphans: usize,
+    pub orphans_staged_before: u64,
+    pub mark_unpublished: usize,
+    pub pending: u64,
+    pub in_sync: u64,
+    pub duplicates_in_topic: u64,
+    pub scan: ScanStats,
+    pub database_seconds: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub applied: Option<Applied>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct Applied {
+    pub marked_published: u64,
+    pub staged_orphans: u64,
+    pub compensated: u64,
+    pub marked_unpublished: u64,
+}
+
 impl Classes {
     pub fn changes(&self) -> u64 {
         (self.mark_published.len() + self.orphans.len() + self.mark_unpublished.len()) as u64
     }
 
-    pub fn detail(&self) -> serde_json::Value {
-        json!({
-            "mark-published": self.mark_published.len(),
-            "orphans": self.orphans.len(),
-            "orphans-staged-before": self.staged_before,
-            "mark-unpublished": self.mark_unpublished.len(),
-            "pending": self.pending,
-            "in-sync": self.in_sync,
-            "duplicates-in-topic": self.duplicates,
-            "scan": self.scan,
-            "database-seconds": self.database_seconds,
-        })
+    pub fn detail(&self) -> Detail {
+        Detail {
+            mark_published: self.mark_published.len(),
+            orphans: self.orphans.len(),
+            orphans_staged_before: self.staged_before,
+            mark_unpublished: self.mark_unpublished.len(),
+            pending: self.pending,
+            in_sync: self.in_sync,
+            duplicates_in_topic: self.duplicates,
+            scan: self.scan.clone(),
+            database_seconds: self.database_seconds,
+            applied: None,
+        }
     }
 
     fn items(&self) -> Vec<String> {
@@ -807,7 +835,7 @@ impl Step for Reconcile {
             summary: c.summary(self),
             count: c.changes(),
             items: c.items(),
-            detail: c.detail(),
+            detail: super::detail(&c.detail()),
         })
     }
 
@@ -1019,11 +1047,11 @@ impl Step for Reconcile {
             });
         }
         let mut detail = c.detail();
-        detail["applied"] = json!({
-            "marked-published": published_n,
-            "staged-orphans": staged,
-            "compensated": compensated,
-            "marked-unpublished": unpublished_n,
+        detail.applied = Some(Applied {
+            marked_published: published_n,
+            staged_orphans: staged,
+            compensated,
+            marked_unpublished: unpublished_n,
         });
         Ok(Effect {
             summary: format!(
@@ -1035,7 +1063,7 @@ impl Step for Reconcile {
             ),
             count: published_n + staged + unpublished_n,
             items: c.items(),
-            detail,
+            detail: super::detail(&detail),
         })
     }
 }
