@@ -280,7 +280,9 @@ pub fn outbox(ctx: &Context, cmd: OutboxCommand) -> Result<Exit, Error> {
         }
     };
     let target = plan::target(&p)?;
-    let t_ms = target.time_ms().ok_or(PlanError::NoTime)?;
+    let t_ms = target.time_ms().ok_or(PlanError::NoTime {
+        kinds: "outbox".into(),
+    })?;
     let mut env = Env::new(&p, "diff".into(), true);
     let mut results = Vec::new();
     let mut changes = 0;

@@ -19,7 +19,7 @@ use crate::pg::lsn::Lsn;
 use crate::reentry::check;
 use crate::reentry::playbook::{Playbook, Seg, WayBack};
 use crate::reentry::steps::{
-    Action, Effect, Env, Nature, OnDatabase, Phase, PlanCtx, StepError, KINDS,
+    Action, Effect, Env, Nature, OnDatabase, Phase, PlanCtx, StepError, KINDS, KIND_NAMES,
 };
 
 pub const PLAN_FILE: &str = "plan.json";
@@ -152,8 +152,8 @@ pub enum PlanError {
         "databases.restored is not the cluster the restore manifest {manifest} describes: {why}"
     )]
     NotRestored { manifest: String, why: String },
-    #[error("the Kafka, outbox, inbox and idempotency steps compare with T as a time, and the recovery target gives none: name the restore manifest, or give `time`")]
-    NoTime,
+    #[error("the {kinds} steps compare with T as a time, and the recovery target gives none: name the restore manifest, or give `time`")]
+    NoTime { kinds: String },
     #[error("planning {step}")]
     Step {
         step: String,
@@ -177,7 +177,7 @@ impl PlanError {
             {
                 Exit::Config
             }
-            PlanError::NoTime => Exit::Config,
+            PlanError::NoTime { .. } => Exit::Config,
             PlanError::Step { .. } => Exit::Failure,
         }
     }
@@ -216,8 +216,14 @@ pub fn steps(p: &Playbook, t_ms: Option<i64>) -> Vec<PlannedStep> {
     out
 }
 
-fn needs_time(p: &Playbook) -> bool {
-    KINDS.iter().any(|k| (k.needs_time)(p))
+/// The kinds (by module) whose steps compare with T as a time.
+fn needs_time(p: &Playbook) -> Vec<&'static str> {
+    KINDS
+        .iter()
+        .zip(KIND_NAMES)
+        .filter(|(k, _)| (k.needs_time)(p))
+        .map(|(_, n)| *n)
+        .collect()
 }
 
 /// What the playbook asks for that this version does not do yet: said in
@@ -547,8 +553,11 @@ fn pin(p: &Playbook, steps: &mut [PlannedStep]) -> Result<(), PlanError> {
 pub fn build(p: &Playbook, env: &mut Env) -> Result<Plan, PlanError> {
     let target = target(p)?;
     let t_ms = target.time_ms();
-    if t_ms.is_none() && needs_time(p) {
-        return Err(PlanError::NoTime);
+    let timed = needs_time(p);
+    if t_ms.is_none() && !timed.is_empty() {
+        return Err(PlanError::NoTime {
+            kinds: timed.join(", "),
+        });
     }
     let mut steps = steps(p, t_ms);
     pin(p, &mut steps)?;

@@ -557,6 +557,9 @@ macro_rules! kinds {
         /// Every kind's module, in the order their steps run within a phase.
         pub const KINDS: &[StepKind] = &[$($module::KIND),*];
 
+        /// Each kind's name (its module's), in `KINDS`' order.
+        pub const KIND_NAMES: &[&str] = &[$(stringify!($module)),*];
+
         /// Every step kind; the plan on disk is a list of these.
         #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
         #[serde(tag = "kind", rename_all = "kebab-case")]
