@@ -162,10 +162,12 @@ fn a_quartz_gate_holds_under_load_and_reopens_as_quartz_resumes() {
         let kind = if i % 4 == 0 { "serial" } else { "t" };
         s.cmd(&format!("simple Billing {kind}{i:02} {INTERVAL_MS}"));
     }
-    // What the application itself paused before the incident.
-    s.cmd(&format!("simple Billing paused-by-app {INTERVAL_MS}"));
+    // What the application itself paused before the incident. They start
+    // a few seconds out, so that the pause lands before a first fire even
+    // on a busy machine.
+    s.cmd(&format!("simple Billing paused-by-app {INTERVAL_MS} 5000"));
     s.cmd("pause-trigger Billing paused-by-app");
-    s.cmd(&format!("simple Archive archive {INTERVAL_MS}"));
+    s.cmd(&format!("simple Archive archive {INTERVAL_MS} 5000"));
     s.cmd("pause-group Archive");
     // Not gated: keeps running, which shows the scheduler was alive.
     s.cmd(&format!("simple Ops heartbeat {INTERVAL_MS}"));
