@@ -762,6 +762,18 @@ fn count_restored(log: &str) -> (usize, Option<u32>) {
     (n, last_tli)
 }
 
+/// The time of the restore point recovery stopped at, from the server's
+/// log (`recovery stopping at restore point "x", time 2026-…+00`; servers
+/// run with lc_messages = 'C').
+fn restore_point_time(log: &str) -> Option<SystemTime> {
+    let line = log
+        .lines()
+        .rev()
+        .find(|l| l.contains("recovery stopping at restore point"))?;
+    let stamp = line.rsplit(", time ").next()?.trim();
+    crate::time::parse(stamp).ok().map(crate::time::to_system)
+}
+
 fn reached_from_server(db: &mut Db, to: &Path) -> Result<Reached, RestoreError> {
     let row = db.query_one(
         "read where recovery stopped",
@@ -776,6 +788,9 @@ fn reached_from_server(db: &mut Db, to: &Path) -> Result<Reached, RestoreError> 
     let open_tli = row.get::<_, i32>(4) as u32;
     let lsn: Option<String> = row.get(0);
     let time: Option<SystemTime> = row.get(1);
+    // Stopped at a named restore point: its own time is T (the last
+    // transaction replayed may be long before it, or absent).
+    let time = restore_point_time(&text).or(time);
     Ok(Reached {
         lsn: lsn.and_then(|l| l.parse().ok()).unwrap_or_default(),
         time: time.map(|t| humantime::format_rfc3339_millis(t).to_string()),
@@ -848,4 +863,22 @@ fn log_tail(log: &Path) -> String {
     };
     let tail = lines[lines.len().saturating_sub(4)..].join(" / ");
     format!("{tail} (full log: {})", log.display())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_time_of_the_restore_point_recovery_stopped_at_is_read_from_the_log() {
+        let log = "2026-11-28 21:40:13.001 UTC [9] LOG:  restored log file \"000000010000000000000003\" from archive
+2026-11-28 21:40:13.002 UTC [9] LOG:  recovery stopping at restore point \"before_incident\", time 2026-11-28 21:40:12.123456+01
+2026-11-28 21:40:13.003 UTC [9] LOG:  pausing at the end of recovery";
+        let t = restore_point_time(log).unwrap();
+        assert_eq!(
+            humantime::format_rfc3339_millis(t).to_string(),
+            "2026-11-28T20:40:12.123Z"
+        );
+        assert_eq!(restore_point_time("LOG:  recovery stopping before commit of transaction 7, time 2026-11-28 21:40:12+00"), None);
+    }
 }

@@ -6,6 +6,7 @@ mod engine;
 mod kafka;
 mod playbook;
 mod restore;
+mod rows;
 mod status;
 mod wal;
 
@@ -86,6 +87,9 @@ pub enum Command {
     /// An outbox against its topic, by hand.
     #[command(subcommand)]
     Outbox(kafka::OutboxCommand),
+    /// Rows by hand: a playbook's repair tables compared across the two databases.
+    #[command(subcommand)]
+    Rows(rows::RowsCommand),
 }
 
 /// Which server to talk to: a conninfo string or URL, else libpq's PGHOST,
@@ -234,6 +238,7 @@ pub fn run(cli: Cli) -> Result<Exit, Error> {
         Command::Report(args) => engine::report(&ctx, args),
         Command::Kafka(cmd) => kafka::kafka(&ctx, cmd),
         Command::Outbox(cmd) => kafka::outbox(&ctx, cmd),
+        Command::Rows(cmd) => rows::run(&ctx, cmd),
     }
 }
 

@@ -320,6 +320,48 @@ impl Db {
         })
     }
 
+    /// `COPY … TO STDOUT`: the bytes it sends, whole (callers bound its
+    /// size by what they ask for).
+    pub fn copy_out(&mut self, context: &str, sql: &str) -> Result<Vec<u8>, PgError> {
+        use futures_util::StreamExt;
+        let target = self.target.clone();
+        let wrap = |e: tokio_postgres::Error| PgError::Query {
+            target: target.clone(),
+            context: context.to_owned(),
+            detail: describe(&e),
+            code: e.code().cloned(),
+        };
+        let client = &self.client;
+        self.rt.block_on(async {
+            let stream = client.copy_out(sql).await.map_err(wrap)?;
+            futures_util::pin_mut!(stream);
+            let mut out = Vec::new();
+            while let Some(chunk) = stream.next().await {
+                out.extend_from_slice(&chunk.map_err(wrap)?);
+            }
+            Ok(out)
+        })
+    }
+
+    /// `COPY … FROM STDIN` with `data`; the rows it loaded.
+    pub fn copy_in(&mut self, context: &str, sql: &str, data: Vec<u8>) -> Result<u64, PgError> {
+        use futures_util::SinkExt;
+        let target = self.target.clone();
+        let wrap = |e: tokio_postgres::Error| PgError::Query {
+            target: target.clone(),
+            context: context.to_owned(),
+            detail: describe(&e),
+            code: e.code().cloned(),
+        };
+        let client = &self.client;
+        self.rt.block_on(async {
+            let sink = client.copy_in(sql).await.map_err(wrap)?;
+            futures_util::pin_mut!(sink);
+            sink.send(bytes::Bytes::from(data)).await.map_err(wrap)?;
+            sink.finish().await.map_err(wrap)
+        })
+    }
+
     /// Whether the connection is gone (server restarted, network cut): the
     /// kind of failure worth a retry with a new connection.
     pub fn is_closed(&self) -> bool {

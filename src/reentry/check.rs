@@ -75,30 +75,12 @@ pub struct Need<'a> {
 pub struct Prepared<'a> {
     pub path: Vec<Seg<'a>>,
     pub database: &'a str,
-    pub sql: &'a str,
+    pub sql: std::borrow::Cow<'a, str>,
 }
 
-/// Tables and columns the playbook names: each kind's, and the sections
-/// no kind acts on yet (`[[repair]]`).
+/// Tables and columns the playbook names: each kind's.
 fn needs(p: &Playbook) -> Vec<Need<'_>> {
-    let mut out: Vec<Need> = KINDS.iter().flat_map(|k| (k.needs)(p)).collect();
-    for (i, r) in p.repair.iter().enumerate() {
-        for d in ["current", "restored"] {
-            out.push(Need {
-                database: d,
-                table: r.table.clone(),
-                columns: r
-                    .key
-                    .iter()
-                    .cloned()
-                    .chain(std::iter::once(r.updated_at.clone()))
-                    .collect(),
-                path: vec![Seg::Key("repair"), Seg::Index(i), Seg::Key("table")],
-                what: "repair table".into(),
-            });
-        }
-    }
-    out
+    KINDS.iter().flat_map(|k| (k.needs)(p)).collect()
 }
 
 /// Connects to every database and looks for every table and column, and
@@ -177,7 +159,7 @@ pub fn check_online(p: &Playbook) -> Vec<Diagnostic> {
     } in queries
     {
         if let Some(db) = dbs.get_mut(database) {
-            if let Err(e) = db.prepare("prepare the query", sql) {
+            if let Err(e) = db.prepare("prepare the query", &sql) {
                 errors.push(p.at(
                     &path,
                     format!("this query does not run on databases.{database}: {e}"),

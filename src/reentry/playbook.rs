@@ -191,15 +191,6 @@ section! {
 }
 
 section! {
-    pub struct Repair {
-        pub table: String => req("table", Kind::Str),
-        pub key: Vec<String> => req("key", Kind::Strs),
-        pub updated_at: String => req("updated-at", Kind::Str),
-        pub filter: Option<String> => opt("where", Kind::Str),
-    }
-}
-
-section! {
     pub struct Playbook {
         extra {
             /// The file it came from, to locate errors found later (online checks).
@@ -228,8 +219,6 @@ section! {
         pub caches: Vec<Cache> => opt("caches", Kind::Tables(Cache::FIELDS)),
         #[serde(default)]
         pub search: Vec<Search> => opt("search", Kind::Tables(Search::FIELDS)),
-        #[serde(default)]
-        pub repair: Vec<Repair> => opt("repair", Kind::Tables(Repair::FIELDS)),
     }
 }
 
@@ -454,17 +443,6 @@ impl Playbook {
             for k in KINDS {
                 (k.meaning)(&mut m);
             }
-        }
-        match self.playbook.way_back {
-            WayBack::SelectiveRepair if self.repair.is_empty() => err(
-                &[Seg::Key("playbook"), Seg::Key("way-back")],
-                "selective-repair needs at least one [[repair]] table to extract from the restored copy".into(),
-            ),
-            WayBack::Cutover if !self.repair.is_empty() => err(
-                &[Seg::Key("repair")],
-                "[[repair]] tables are for way-back = \"selective-repair\"; a cutover makes the restored copy the primary".into(),
-            ),
-            _ => {}
         }
         errors
     }

@@ -441,6 +441,7 @@ fn phase_colour(p: Phase) -> &'static str {
     match p {
         Phase::CloseGates => "#c2410c",
         Phase::Settle => "#a16207",
+        Phase::Repair => "#be185d",
         Phase::Validate => "#1d4ed8",
         Phase::Reconcile => "#7c3aed",
         Phase::Reopen => "#15803d",
@@ -527,6 +528,7 @@ fn timeline_svg(r: &Report) -> String {
     for (p, name) in [
         (Phase::CloseGates, "close gates"),
         (Phase::Settle, "settle"),
+        (Phase::Repair, "repair rows"),
         (Phase::Validate, "validate"),
         (Phase::Reconcile, "reconcile"),
         (Phase::Reopen, "re-open"),

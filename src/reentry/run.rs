@@ -333,6 +333,7 @@ pub fn run(
     let finished_before = records.last().map(Record::event) == Some(Event::RunFinished);
     let mut state = State::from_records(&records);
     let mut env = Env::new(p, run_id.clone(), !opts.apply);
+    env.run_dir = Some(opts.run_dir.clone());
     let mut result = RunResult {
         run_id: run_id.clone(),
         run_dir: opts.run_dir.display().to_string(),

@@ -8,5 +8,6 @@ mod playbook;
 mod quartz;
 mod reconcile;
 mod restore;
+mod rows;
 mod services;
 mod wal_archive;

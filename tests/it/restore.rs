@@ -10,82 +10,8 @@ use serde_json::Value;
 
 use crate::common::archiving::{archiving, switch_and_wait_archived};
 use crate::common::pg::{Cluster, Version};
+use crate::common::restored::{command, ok_json, restore, run, Restored};
 use crate::common::{as_server_user, assert_exit, reentry_bin, stderr, stdout};
-
-/// `reentry --repo REPO --json ARGS…` as the server user, pointed at `c`.
-fn command(c: &Cluster, repo: &Path, args: &[&str]) -> Command {
-    let mut cmd = as_server_user(reentry_bin());
-    cmd.args(["--repo", repo.to_str().unwrap(), "--json"])
-        .args(args)
-        .env_remove("REENTRY_REPO")
-        .env("REENTRY_PG_BIN", c.version.bin_dir())
-        .env("PGHOST", "127.0.0.1")
-        .env("PGPORT", c.port.to_string())
-        .env("PGUSER", "postgres")
-        .env("PGDATABASE", "postgres")
-        .current_dir(c.dir("work"));
-    cmd
-}
-
-fn run(c: &Cluster, repo: &Path, args: &[&str]) -> Output {
-    command(c, repo, args).output().expect("run reentry")
-}
-
-#[track_caller]
-fn ok_json(o: &Output) -> Value {
-    assert_exit(o, 0);
-    serde_json::from_str(&stdout(o)).unwrap_or_else(|e| panic!("not JSON ({e}): {}", stdout(o)))
-}
-
-/// A restored cluster, stopped when the test ends however it ends.
-struct Restored {
-    manifest: Value,
-    dir: PathBuf,
-    bin: PathBuf,
-}
-
-impl Restored {
-    fn client(&self) -> postgres::Client {
-        let conninfo = format!(
-            "host=127.0.0.1 port={} user=postgres dbname=postgres",
-            self.manifest["port"]
-        );
-        postgres::Client::connect(&conninfo, postgres::NoTls).unwrap()
-    }
-
-    fn count(&self, table: &str) -> i64 {
-        self.client()
-            .query_one(&format!("SELECT count(*) FROM {table}"), &[])
-            .unwrap()
-            .get(0)
-    }
-}
-
-impl Drop for Restored {
-    fn drop(&mut self) {
-        let _ = as_server_user(self.bin.join("pg_ctl"))
-            .args(["stop", "-m", "immediate", "-D"])
-            .arg(&self.dir)
-            .output();
-    }
-}
-
-#[track_caller]
-fn restore(c: &Cluster, repo: &Path, name: &str, args: &[&str]) -> Restored {
-    let dir = c.root().join(name);
-    let mut all = vec!["restore", "--to", dir.to_str().unwrap()];
-    all.extend_from_slice(args);
-    let out = run(c, repo, &all);
-    // The guard exists before the result is read, so a server that started
-    // is stopped even when the restore's output is not what the test expects.
-    let mut restored = Restored {
-        manifest: Value::Null,
-        dir,
-        bin: c.version.bin_dir(),
-    };
-    restored.manifest = ok_json(&out);
-    restored
-}
 
 fn sql_one(c: &Cluster, sql: &str) -> String {
     c.client().query_one(sql, &[]).unwrap().get(0)

@@ -1756,7 +1756,7 @@ fn queries(p: &Playbook) -> Vec<Prepared<'_>> {
         .map(|probe| Prepared {
             path: vec![Seg::Key("gates"), Seg::Key("probe"), Seg::Key("sql")],
             database: &probe.database,
-            sql: &probe.sql,
+            sql: probe.sql.as_str().into(),
         })
         .collect()
 }

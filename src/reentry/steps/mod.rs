@@ -10,6 +10,7 @@ pub mod consumers;
 pub mod gates;
 pub mod idempotency;
 pub mod outbox;
+pub mod rows;
 pub mod sequences;
 pub mod validate;
 
@@ -34,6 +35,8 @@ use crate::reentry::playbook::Playbook;
 pub enum Phase {
     CloseGates,
     Settle,
+    /// Rows: stage and apply a repair, or carry later writes forward.
+    Repair,
     Validate,
     Reconcile,
     Reopen,
@@ -44,6 +47,7 @@ impl Phase {
         match self {
             Phase::CloseGates => "close gates",
             Phase::Settle => "settle",
+            Phase::Repair => "repair rows",
             Phase::Validate => "validate",
             Phase::Reconcile => "reconcile",
             Phase::Reopen => "re-open",
@@ -169,6 +173,9 @@ impl<T> OnDatabase<T> for Result<T, PgError> {
 pub struct Env<'a> {
     pub playbook: &'a Playbook,
     pub run_id: String,
+    /// Where the run keeps its files (`changed-entities.jsonl`); none for
+    /// a plan.
+    pub run_dir: Option<std::path::PathBuf>,
     read_only: bool,
     dbs: BTreeMap<String, Db>,
 }
@@ -178,6 +185,7 @@ impl<'a> Env<'a> {
         Env {
             playbook,
             run_id,
+            run_dir: None,
             read_only,
             dbs: BTreeMap::new(),
         }
@@ -603,6 +611,7 @@ fn kebab(camel: &str) -> String {
 // The outbox settles what the relay sends before the consumers rewind.
 kinds! {
     gates: CloseGate(GateAt), WaitGateCache(WaitCache), VerifyGates(Verify), ReopenGate(Reopen);
+    rows: RowsStage(Stage), RowsApply(Apply), RowsDelete(Apply);
     validate: Check(Query), InvalidIndexes(InvalidIndexes), Extensions(Extensions), Amcheck(Amcheck);
     sequences: Sequences(Sequences);
     outbox: Outbox(Reconcile);

@@ -449,7 +449,7 @@ fn queries(p: &Playbook) -> Vec<Prepared<'_>> {
                 Seg::Key("sql"),
             ],
             database: &q.database,
-            sql: &q.sql,
+            sql: q.sql.as_str().into(),
         })
         .collect()
 }

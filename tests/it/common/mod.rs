@@ -144,3 +144,4 @@ pub fn assert_exit(o: &Output, code: i32) {
         stdout(o)
     );
 }
+pub mod restored;

@@ -1,0 +1,786 @@
+//! The row diff: one table on two servers, compared inside a scope, each
+//! differing row classed.
+//!
+//! The work happens in PostgreSQL. Without a scope, each server sums a
+//! hash of every row per key segment (both servers at once, one scan
+//! each), and only the rows of segments whose count or sum differ are
+//! fetched, as a key and two hashes. With a scope (`where`, `ids`), the
+//! source's rows in scope are streamed and the target's rows with the
+//! same keys fetched by key. Either way only read-only queries run: the
+//! source may be a hot standby paused at its target.
+//!
+//! Values are compared by their text under fixed session settings (UTC,
+//! ISO dates, hex bytea, shortest exact floats): NULL is not '', 1.0 is
+//! not 1.00, jsonb and arrays as PostgreSQL prints them, text byte for
+//! byte whatever the collation. Keys are matched by their text too, so
+//! no ordering of either server is relied on.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+
+use crate::pg::conn::{Db, PgError};
+use crate::reentry::check::quote_qualified;
+
+/// Set on every connection the diff uses: a value prints the same on
+/// either server, and nothing can be written.
+pub const SESSION: &str = "SET application_name = 'reentry rows'; SET TIME ZONE 'UTC'; \
+     SET DateStyle = 'ISO, YMD'; SET IntervalStyle = 'postgres'; SET extra_float_digits = 1; \
+     SET bytea_output = 'hex'; SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY;";
+
+/// Opens a connection for the diff.
+pub fn connect(conninfo: &str) -> Result<Db, PgError> {
+    let mut db = Db::connect(Some(conninfo))?;
+    db.batch("set up the session", SESSION)?;
+    Ok(db)
+}
+
+/// A column and its type as the catalog spells it (`numeric(12,2)`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Column {
+    pub name: String,
+    #[serde(rename = "type")]
+    pub ty: String,
+}
+
+impl Column {
+    pub fn quoted(&self) -> String {
+        quote_ident(&self.name)
+    }
+}
+
+pub fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// A string as an SQL literal (standard_conforming_strings is on since
+/// PostgreSQL 9.1).
+pub fn literal(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "''"))
+}
+
+/// A table as one server's catalog has it.
+#[derive(Debug, Clone)]
+pub struct Described {
+    pub columns: Vec<Column>,
+    pub primary_key: Vec<String>,
+}
+
+/// The table's columns and primary key; `None` when there is no such table.
+pub fn describe(db: &mut Db, table: &str) -> Result<Option<Described>, PgError> {
+    let q = quote_qualified(table);
+    let exists = db.query_one(
+        "look up the table",
+        "SELECT to_regclass($1::text) IS NOT NULL",
+        &[&q],
+    )?;
+    if !exists.get::<_, bool>(0) {
+        return Ok(None);
+    }
+    let columns = db
+        .query(
+            "read the table's columns",
+            "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod)
+               FROM pg_attribute a
+              WHERE a.attrelid = to_regclass($1::text) AND a.attnum > 0 AND NOT a.attisdropped
+              ORDER BY a.attnum",
+            &[&q],
+        )?
+        .iter()
+        .map(|r| Column {
+            name: r.get(0),
+            ty: r.get(1),
+        })
+        .collect();
+    let primary_key = db
+        .query(
+            "read the table's primary key",
+            "SELECT a.attname::text
+               FROM pg_index i
+               CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord)
+               JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+              WHERE i.indrelid = to_regclass($1::text) AND i.indisprimary
+              ORDER BY k.ord",
+            &[&q],
+        )?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    Ok(Some(Described {
+        columns,
+        primary_key,
+    }))
+}
+
+/// What to compare, resolved against both catalogs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct Spec {
+    /// As the playbook names it.
+    pub table: String,
+    pub key: Vec<Column>,
+    /// Compared: on both sides, neither key nor `updated-at`.
+    pub columns: Vec<Column>,
+    /// Only on the source (a bad migration dropped them): staged, and
+    /// applied once they exist on the target again.
+    pub source_only: Vec<String>,
+    /// Every source column, as staged.
+    pub source_columns: Vec<Column>,
+    pub updated_at: Option<String>,
+    /// The scope on the source side.
+    pub filter: Option<String>,
+    /// SQL returning keys, and the database it runs on.
+    pub ids: Option<(String, String)>,
+    /// For a table without `updated-at`: SQL on the target returning the
+    /// keys of rows changed after T.
+    pub changed_after_t: Option<String>,
+    /// T, ms since the epoch: a target row changed after it is a conflict.
+    pub t_ms: Option<i64>,
+}
+
+impl Spec {
+    fn table_sql(&self) -> String {
+        quote_qualified(&self.table)
+    }
+
+    /// `t.k1::text, t.k2::text`.
+    fn key_text(&self) -> String {
+        self.key
+            .iter()
+            .map(|c| format!("t.{}::text", c.quoted()))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    /// The hash compared: the compared columns' text as a row.
+    fn row_hash(&self) -> String {
+        if self.columns.is_empty() {
+            return "md5('')".into();
+        }
+        format!(
+            "md5(ROW({})::text)",
+            self.columns
+                .iter()
+                .map(|c| format!("t.{}", c.quoted()))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+    }
+
+    /// Whether the target row changed after T, by `updated-at`.
+    fn changed(&self) -> String {
+        match (&self.updated_at, self.t_ms) {
+            (Some(u), Some(t)) => format!(
+                "coalesce(t.{} > to_timestamp({t}::float8 / 1000), false)",
+                quote_ident(u)
+            ),
+            _ => "false".into(),
+        }
+    }
+
+    /// The query for rows: key text, compared hash, the whole row's hash
+    /// (the guard a repair checks), changed after T.
+    fn rows_sql(&self, source: bool, cond: &str) -> String {
+        let mut wh = vec![cond.to_owned()];
+        if source {
+            if let Some(f) = &self.filter {
+                wh.push(format!("({f})"));
+            }
+        }
+        format!(
+            "SELECT {keys}, {h}, md5(t::text), {changed} FROM {table} AS t WHERE {wh}",
+            keys = self.key_text(),
+            h = self.row_hash(),
+            changed = self.changed(),
+            table = self.table_sql(),
+            wh = wh.join(" AND ")
+        )
+    }
+
+    /// `(t.k1, t.k2) IN (SELECT v1::ty1, v2::ty2 FROM (VALUES …))`, with
+    /// the keys' text as literals (COPY takes no parameters).
+    pub fn keys_in(&self, keys: &[Vec<String>]) -> String {
+        if keys.is_empty() {
+            return "false".into();
+        }
+        let cols: Vec<String> = self
+            .key
+            .iter()
+            .map(|c| format!("t.{}", c.quoted()))
+            .collect();
+        let casts: Vec<String> = self
+            .key
+            .iter()
+            .enumerate()
+            .map(|(i, c)| format!("v.v{i}::{}", c.ty))
+            .collect();
+        let names: Vec<String> = (0..self.key.len()).map(|i| format!("v{i}")).collect();
+        let values: Vec<String> = keys
+            .iter()
+            .map(|k| {
+                format!(
+                    "({})",
+                    k.iter().map(|s| literal(s)).collect::<Vec<_>>().join(", ")
+                )
+            })
+            .collect();
+        format!(
+            "({}) IN (SELECT {} FROM (VALUES {}) AS v({}))",
+            cols.join(", "),
+            casts.join(", "),
+            values.join(", "),
+            names.join(", ")
+        )
+    }
+
+    /// A single integer key: segments are key ranges.
+    fn int_key(&self) -> bool {
+        self.key.len() == 1 && matches!(self.key[0].ty.as_str(), "smallint" | "integer" | "bigint")
+    }
+}
+
+/// What a row is to the repair.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Class {
+    /// Only in the source.
+    Insert,
+    /// In both, different.
+    Update,
+    /// Only in the target: applied only with `allow-delete`.
+    Delete,
+    /// The target row also changed after T: `on-conflict` decides.
+    Conflict,
+}
+
+impl Class {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Class::Insert => "insert",
+            Class::Update => "update",
+            Class::Delete => "delete",
+            Class::Conflict => "conflict",
+        }
+    }
+}
+
+/// A differing row.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct Found {
+    /// The key's columns as text.
+    pub key: Vec<String>,
+    pub class: Class,
+    /// For a conflict, what the source side would do.
+    pub would: Class,
+    /// md5 of the target row's text as the diff saw it; none when absent.
+    pub target_hash: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct Stats {
+    /// `segments` (checksums of key ranges or key-hash buckets) or `keys`.
+    pub mode: String,
+    pub source_rows: u64,
+    pub target_rows: u64,
+    pub segments: u64,
+    pub segments_differing: u64,
+    /// Rows fetched as (key, hash) from both servers together.
+    pub rows_fetched: u64,
+    /// Rows whose key is NULL: not compared.
+    pub null_keys: u64,
+    pub seconds: f64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Diff {
+    pub rows: Vec<Found>,
+    pub stats: Stats,
+}
+
+impl Diff {
+    pub fn counts(&self) -> BTreeMap<Class, u64> {
+        let mut c = BTreeMap::new();
+        for r in &self.rows {
+            *c.entry(r.class).or_default() += 1;
+        }
+        c
+    }
+}
+
+/// A row as fetched: compared hash, guard hash, changed after T.
+struct Fetched {
+    hash: String,
+    guard: String,
+    changed: bool,
+}
+
+type Rows = HashMap<Vec<String>, Fetched>;
+
+/// Rows per range fetched at once, from each side.
+const FETCH_BATCH: i32 = 5000;
+/// Keys per lookup on the target in a scoped diff.
+const KEY_BATCH: usize = 2000;
+
+fn fetch(
+    db: &mut Db,
+    sql: &str,
+    nkeys: usize,
+    out: &mut Rows,
+    nulls: &mut u64,
+) -> Result<(), PgError> {
+    db.stream_rows("fetch rows to compare", sql, &[], FETCH_BATCH, |rows| {
+        for r in rows {
+            let key: Option<Vec<String>> =
+                (0..nkeys).map(|i| r.get::<_, Option<String>>(i)).collect();
+            let Some(key) = key else {
+                *nulls += 1;
+                continue;
+            };
+            out.insert(
+                key,
+                Fetched {
+                    hash: r.get(nkeys),
+                    guard: r.get(nkeys + 1),
+                    changed: r.get(nkeys + 2),
+                },
+            );
+        }
+        Ok::<_, PgError>(())
+    })
+}
+
+/// Classes the rows of one comparable set: every key of either side.
+fn classify(src: &Rows, tgt: &Rows, changed_set: &HashSet<Vec<String>>, out: &mut Vec<Found>) {
+    let changed = |k: &Vec<String>, t: &Fetched| t.changed || changed_set.contains(k);
+    for (k, s) in src {
+        match tgt.get(k) {
+            None => out.push(Found {
+                key: k.clone(),
+                class: Class::Insert,
+                would: Class::Insert,
+                target_hash: None,
+            }),
+            Some(t) if t.hash != s.hash => {
+                let class = if changed(k, t) {
+                    Class::Conflict
+                } else {
+                    Class::Update
+                };
+                out.push(Found {
+                    key: k.clone(),
+                    class,
+                    would: Class::Update,
+                    target_hash: Some(t.guard.clone()),
+                });
+            }
+            Some(_) => {}
+        }
+    }
+    for (k, t) in tgt {
+        if !src.contains_key(k) {
+            out.push(Found {
+                key: k.clone(),
+                class: if changed(k, t) {
+                    Class::Conflict
+                } else {
+                    Class::Delete
+                },
+                would: Class::Delete,
+                target_hash: Some(t.guard.clone()),
+            });
+        }
+    }
+}
+
+/// Runs `a` on the source and `b` on the target at once.
+fn both<A: Send, B: Send>(
+    src: &mut Db,
+    tgt: &mut Db,
+    a: impl FnOnce(&mut Db) -> Result<A, PgError> + Send,
+    b: impl FnOnce(&mut Db) -> Result<B, PgError> + Send,
+) -> Result<(A, B), PgError> {
+    std::thread::scope(|s| {
+        let ha = s.spawn(|| a(src));
+        let rb = b(tgt);
+        let ra = ha.join().expect("the source's half of the diff panicked");
+        Ok((ra?, rb?))
+    })
+}
+
+/// Per segment: row count and the sum of 60 bits of each row's hash.
+type Sums = BTreeMap<i64, (i64, String)>;
+
+fn sums(db: &mut Db, spec: &Spec, seg: &str) -> Result<Sums, PgError> {
+    let sql = format!(
+        "SELECT {seg} AS seg, count(*), sum(('x' || substr({h}, 18))::bit(60)::bigint)::text
+           FROM {table} AS t GROUP BY 1",
+        h = spec.row_hash(),
+        table = spec.table_sql()
+    );
+    Ok(db
+        .query("sum the hashes of key segments", &sql, &[])?
+        .iter()
+        .map(|r| {
+            (
+                r.get::<_, Option<i64>>(0).unwrap_or(-1),
+                (r.get(1), r.get(2)),
+            )
+        })
+        .collect())
+}
+
+/// Keys of target rows changed after T by the playbook's SQL.
+fn changed_after_t(db: &mut Db, spec: &Spec) -> Result<HashSet<Vec<String>>, PgError> {
+    let Some(sql) = &spec.changed_after_t else {
+        return Ok(HashSet::new());
+    };
+    let n = spec.key.len();
+    let wrapped = format!(
+        "SELECT {} FROM ({sql}) AS c",
+        (1..=n)
+            .map(|i| format!("c.{}::text", quote_ident(&spec.key[i - 1].name)))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    Ok(db
+        .query("list rows changed after T", &wrapped, &[])?
+        .iter()
+        .filter_map(|r| (0..n).map(|i| r.get::<_, Option<String>>(i)).collect())
+        .collect())
+}
+
+/// Compares `spec`'s table on `src` (the good side) and `tgt`.
+/// `ids_db` runs the `ids` SQL when the spec has one.
+pub fn diff(
+    spec: &Spec,
+    src: &mut Db,
+    tgt: &mut Db,
+    ids_db: Option<&mut Db>,
+    progress: &crate::progress::Reporter,
+) -> Result<Diff, PgError> {
+    let started = Instant::now();
+    let changed_set = changed_after_t(tgt, spec)?;
+    let mut d = if spec.filter.is_none() && spec.ids.is_none() {
+        by_segments(spec, src, tgt, &changed_set, progress)?
+    } else {
+        by_keys(spec, src, tgt, ids_db, &changed_set, progress)?
+    };
+    d.rows.sort_by(|a, b| key_order(&a.key, &b.key));
+    d.stats.seconds = started.elapsed().as_secs_f64();
+    Ok(d)
+}
+
+/// Keys in order: numerically where both are integers, else byte-wise;
+/// the same on any machine whatever the databases' collations.
+pub fn key_order(a: &[String], b: &[String]) -> std::cmp::Ordering {
+    for (x, y) in a.iter().zip(b) {
+        let o = match (x.parse::<i128>(), y.parse::<i128>()) {
+            (Ok(i), Ok(j)) => i.cmp(&j),
+            _ => x.as_bytes().cmp(y.as_bytes()),
+        };
+        if o.is_ne() {
+            return o;
+        }
+    }
+    a.len().cmp(&b.len())
+}
+
+/// Rows per segment aimed at: small enough that one differing row costs
+/// little to fetch, large enough that the segments' sums stay few.
+const SEGMENT_ROWS: i64 = 1000;
+
+fn by_segments(
+    spec: &Spec,
+    src: &mut Db,
+    tgt: &mut Db,
+    changed_set: &HashSet<Vec<String>>,
+    progress: &crate::progress::Reporter,
+) -> Result<Diff, PgError> {
+    let table = spec.table_sql();
+    // Segments: key ranges of an integer key, else buckets of a hash of
+    // the key; either is the same on both servers.
+    let (seg, range): (String, Option<(i64, i64)>) = if spec.int_key() {
+        let k = spec.key[0].quoted();
+        let bounds = format!(
+            "SELECT min(t.{k})::bigint, max(t.{k})::bigint, (SELECT reltuples::bigint FROM pg_class WHERE oid = to_regclass({}))
+               FROM {table} AS t",
+            literal(&table)
+        );
+        let (a, b) = both(
+            src,
+            tgt,
+            |db| db.query_one("read the key's bounds", &bounds, &[]),
+            |db| db.query_one("read the key's bounds", &bounds, &[]),
+        )?;
+        let lo = [a.get::<_, Option<i64>>(0), b.get::<_, Option<i64>>(0)]
+            .into_iter()
+            .flatten()
+            .min()
+            .unwrap_or(0);
+        let hi = [a.get::<_, Option<i64>>(1), b.get::<_, Option<i64>>(1)]
+            .into_iter()
+            .flatten()
+            .max()
+            .unwrap_or(0);
+        let rows = a
+            .get::<_, Option<i64>>(2)
+            .unwrap_or(0)
+            .max(b.get::<_, Option<i64>>(2).unwrap_or(0))
+            .max(1);
+        let span = (hi as i128 - lo as i128 + 1).max(1);
+        let density = (rows as f64 / span as f64).clamp(1e-9, 1.0);
+        let width = ((SEGMENT_ROWS as f64 / density).ceil() as i64).max(1);
+        (
+            format!("((t.{k}::bigint - ({lo})::bigint) / {width})"),
+            Some((lo, width)),
+        )
+    } else {
+        let keys = spec
+            .key
+            .iter()
+            .map(|c| format!("t.{}", c.quoted()))
+            .collect::<Vec<_>>()
+            .join(", ");
+        (
+            format!("(('x' || substr(md5(ROW({keys})::text), 1, 8))::bit(32)::bigint & 4095)"),
+            None,
+        )
+    };
+    progress.stage("sum key segments on both servers", None);
+    let (ss, ts) = both(
+        src,
+        tgt,
+        |db| sums(db, spec, &seg),
+        |db| sums(db, spec, &seg),
+    )?;
+    let mut stats = Stats {
+        mode: if range.is_some() {
+            "segments (key ranges)".into()
+        } else {
+            "segments (key hashes)".into()
+        },
+        source_rows: ss.values().map(|v| v.0 as u64).sum(),
+        target_rows: ts.values().map(|v| v.0 as u64).sum(),
+        ..Stats::default()
+    };
+    let all: std::collections::BTreeSet<i64> = ss.keys().chain(ts.keys()).copied().collect();
+    stats.segments = all.len() as u64;
+    let differing: Vec<i64> = all.into_iter().filter(|s| ss.get(s) != ts.get(s)).collect();
+    stats.segments_differing = differing.len() as u64;
+    let mut out = Vec::new();
+    // Fetch the differing segments' rows in groups, both sides at once.
+    let groups: Vec<Vec<i64>> = match range {
+        // Neighbouring segments make one key range.
+        Some(_) => {
+            let mut g: Vec<Vec<i64>> = Vec::new();
+            for s in &differing {
+                match g.last_mut() {
+                    Some(last) if *last.last().unwrap() + 1 == *s && last.len() < 50 => {
+                        last.push(*s)
+                    }
+                    _ => g.push(vec![*s]),
+                }
+            }
+            g
+        }
+        None => differing.chunks(256).map(<[i64]>::to_vec).collect(),
+    };
+    let n = spec.key.len();
+    let total = groups.len() as u64;
+    for (i, g) in groups.iter().enumerate() {
+        if i == 0 {
+            progress.stage("fetch the rows of differing segments", Some(total));
+        }
+        progress.advance(i as u64, "segments");
+        let cond = match range {
+            Some((lo, width)) => {
+                let k = spec.key[0].quoted();
+                let a = lo as i128 + g[0] as i128 * width as i128;
+                let b = lo as i128 + (g[g.len() - 1] as i128 + 1) * width as i128;
+                format!("t.{k} >= {a} AND t.{k} < {b}")
+            }
+            None => format!(
+                "{seg} IN ({})",
+                g.iter().map(i64::to_string).collect::<Vec<_>>().join(", ")
+            ),
+        };
+        let (s_sql, t_sql) = (spec.rows_sql(true, &cond), spec.rows_sql(false, &cond));
+        let ((sr, sn), (tr, tn)) = both(
+            src,
+            tgt,
+            |db| {
+                let (mut r, mut nulls) = (Rows::new(), 0);
+                fetch(db, &s_sql, n, &mut r, &mut nulls)?;
+                Ok((r, nulls))
+            },
+            |db| {
+                let (mut r, mut nulls) = (Rows::new(), 0);
+                fetch(db, &t_sql, n, &mut r, &mut nulls)?;
+                Ok((r, nulls))
+            },
+        )?;
+        stats.rows_fetched += (sr.len() + tr.len()) as u64;
+        stats.null_keys += sn + tn;
+        classify(&sr, &tr, changed_set, &mut out);
+    }
+    Ok(Diff { rows: out, stats })
+}
+
+/// Keys from the `ids` SQL, as text.
+fn ids(db: &mut Db, spec: &Spec) -> Result<Vec<Vec<String>>, PgError> {
+    let Some((_, sql)) = &spec.ids else {
+        return Ok(Vec::new());
+    };
+    let n = spec.key.len();
+    let wrapped = format!(
+        "SELECT DISTINCT {} FROM ({sql}) AS c",
+        spec.key
+            .iter()
+            .map(|c| format!("c.{}::text", c.quoted()))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    Ok(db
+        .query("run the repair's ids query", &wrapped, &[])?
+        .iter()
+        .filter_map(|r| (0..n).map(|i| r.get::<_, Option<String>>(i)).collect())
+        .collect())
+}
+
+fn by_keys(
+    spec: &Spec,
+    src: &mut Db,
+    tgt: &mut Db,
+    ids_db: Option<&mut Db>,
+    changed_set: &HashSet<Vec<String>>,
+    progress: &crate::progress::Reporter,
+) -> Result<Diff, PgError> {
+    let n = spec.key.len();
+    let mut stats = Stats {
+        mode: "keys".into(),
+        ..Stats::default()
+    };
+    let mut out = Vec::new();
+    let mut compare = |keys: &[Vec<String>], src: &mut Db, tgt: &mut Db, stats: &mut Stats| {
+        let cond = spec.keys_in(keys);
+        let (s_sql, t_sql) = (spec.rows_sql(true, &cond), spec.rows_sql(false, &cond));
+        let ((sr, sn), (tr, tn)) = both(
+            src,
+            tgt,
+            |db| {
+                let (mut r, mut nulls) = (Rows::new(), 0);
+                fetch(db, &s_sql, n, &mut r, &mut nulls)?;
+                Ok((r, nulls))
+            },
+            |db| {
+                let (mut r, mut nulls) = (Rows::new(), 0);
+                fetch(db, &t_sql, n, &mut r, &mut nulls)?;
+                Ok((r, nulls))
+            },
+        )?;
+        stats.source_rows += sr.len() as u64;
+        stats.target_rows += tr.len() as u64;
+        stats.rows_fetched += (sr.len() + tr.len()) as u64;
+        stats.null_keys += sn + tn;
+        classify(&sr, &tr, changed_set, &mut out);
+        Ok::<_, PgError>(())
+    };
+    if spec.ids.is_some() {
+        let keys = match ids_db {
+            Some(db) => ids(db, spec)?,
+            None => ids(tgt, spec)?,
+        };
+        progress.stage("compare rows by key", Some(keys.len() as u64));
+        for (i, chunk) in keys.chunks(KEY_BATCH).enumerate() {
+            progress.advance((i * KEY_BATCH) as u64, "keys");
+            compare(chunk, src, tgt, &mut stats)?;
+        }
+    } else {
+        // The source's rows in scope, a batch of keys at a time; the
+        // target's rows with those keys.
+        let filter = spec.filter.clone().unwrap_or_else(|| "true".into());
+        let sql = format!(
+            "SELECT {} FROM {} AS t WHERE ({filter})",
+            spec.key_text(),
+            spec.table_sql()
+        );
+        let mut keys: Vec<Vec<String>> = Vec::new();
+        src.stream_rows(
+            "list the source's rows in scope",
+            &sql,
+            &[],
+            FETCH_BATCH,
+            |rows| {
+                for r in rows {
+                    if let Some(k) = (0..n).map(|i| r.get::<_, Option<String>>(i)).collect() {
+                        keys.push(k);
+                    }
+                }
+                Ok::<_, PgError>(())
+            },
+        )?;
+        progress.stage("compare rows by key", Some(keys.len() as u64));
+        for (i, chunk) in keys.chunks(KEY_BATCH).enumerate() {
+            progress.advance((i * KEY_BATCH) as u64, "keys");
+            compare(chunk, src, tgt, &mut stats)?;
+        }
+    }
+    Ok(Diff { rows: out, stats })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_order_numerically_then_bytewise_whatever_the_collation() {
+        let mut k = vec![
+            vec!["10".to_owned()],
+            vec!["9".to_owned()],
+            vec!["-3".to_owned()],
+        ];
+        k.sort_by(|a, b| key_order(a, b));
+        assert_eq!(k, [["-3"], ["9"], ["10"]]);
+        let mut t = vec![
+            vec!["b".to_owned()],
+            vec!["B".to_owned()],
+            vec!["a".to_owned()],
+        ];
+        t.sort_by(|a, b| key_order(a, b));
+        assert_eq!(t, [["B"], ["a"], ["b"]]);
+    }
+
+    #[test]
+    fn literals_and_key_lists_are_quoted() {
+        assert_eq!(literal("it's"), "'it''s'");
+        let spec = Spec {
+            table: "app.case".into(),
+            key: vec![
+                Column {
+                    name: "tenant".into(),
+                    ty: "text".into(),
+                },
+                Column {
+                    name: "id".into(),
+                    ty: "bigint".into(),
+                },
+            ],
+            columns: vec![],
+            source_only: vec![],
+            source_columns: vec![],
+            updated_at: None,
+            filter: None,
+            ids: None,
+            changed_after_t: None,
+            t_ms: None,
+        };
+        assert_eq!(
+            spec.keys_in(&[vec!["a'b".into(), "7".into()]]),
+            "(t.\"tenant\", t.\"id\") IN (SELECT v.v0::text, v.v1::bigint FROM (VALUES ('a''b', '7')) AS v(v0, v1))"
+        );
+        assert_eq!(spec.keys_in(&[]), "false");
+    }
+}

@@ -1,0 +1,335 @@
+//! Rows: the restored copy against the current primary, table by table,
+//! for both ways back.
+//!
+//! - selective repair: good rows flow from restored to current, only
+//!   inside the damage's scope;
+//! - cutover: the legitimate writes made on current after T flow to the
+//!   restored copy before it takes traffic (by default the rows whose
+//!   `updated-at` is after T).
+//!
+//! `rows-stage:<table>` diffs the table (`diff`), and stages every
+//! differing row, with its class and the hash of the target row as the
+//! diff saw it, in `reentry_repair."<table>"` on the target.
+//! `rows-apply:<table>` writes them in batches, one transaction each, only
+//! where the target row still has that hash; `rows-delete:<table>` removes
+//! delete candidates when the playbook allows it, children first.
+
+pub mod diff;
+mod repair;
+
+use serde::{Deserialize, Serialize};
+
+use super::{PlanCtx, StepKind};
+use crate::reentry::check::{Need, Prepared};
+use crate::reentry::plan::{step, PlannedStep};
+use crate::reentry::playbook::{section, Meaning, Playbook, Seg, WayBack};
+use crate::reentry::schema::{opt, req, Field, Kind};
+use crate::reentry::steps::Phase;
+
+pub use repair::{run_diff, Apply, Stage, CHANGED_FILE};
+
+pub const ON_CONFLICT: &[&str] = &["review", "source-wins", "target-wins"];
+pub const TRIGGERS: &[&str] = &["keep", "disable"];
+
+section! {
+    /// One `[[repair]]` table.
+    #[derive(PartialEq)]
+    pub struct Repair {
+        pub table: String => req("table", Kind::Str),
+        pub key: Option<Vec<String>> => opt("key", Kind::Strs),
+        pub columns: Option<Vec<String>> => opt("columns", Kind::Strs),
+        pub filter: Option<String> => opt("where", Kind::Str),
+        pub ids: Option<String> => opt("ids", Kind::Str),
+        pub ids_database: Option<String> => opt("ids-database", Kind::Str),
+        pub updated_at: Option<String> => opt("updated-at", Kind::Str),
+        pub changed_after_t: Option<String> => opt("changed-after-t", Kind::Str),
+        pub on_conflict: Option<String> => opt("on-conflict", Kind::OneOf(ON_CONFLICT)),
+        pub allow_delete: Option<bool> => opt("allow-delete", Kind::Bool),
+        pub triggers: Option<String> => opt("triggers", Kind::OneOf(TRIGGERS)),
+        pub batch_size: Option<i64> => opt("batch-size", Kind::Int),
+    }
+}
+
+section! {
+    /// Its top-level key.
+    #[derive(Default)]
+    pub struct Keys {
+        #[serde(default)]
+        pub repair: Vec<Repair> => opt("repair", Kind::Tables(Repair::FIELDS)),
+    }
+}
+
+/// The playbook's `[[repair]]` tables.
+pub fn repairs(p: &Playbook) -> Vec<Repair> {
+    p.part::<Keys>(None).repair
+}
+
+/// Which way rows flow: (source, target).
+pub fn direction(way: WayBack) -> (&'static str, &'static str) {
+    match way {
+        WayBack::SelectiveRepair => ("restored", "current"),
+        WayBack::Cutover => ("current", "restored"),
+    }
+}
+
+fn at(i: usize, key: &'static str) -> Vec<Seg<'static>> {
+    vec![Seg::Key("repair"), Seg::Index(i), Seg::Key(key)]
+}
+
+/// Stage each table in the declared order, apply them in that order
+/// (parents first, which the online check holds the playbook to), then
+/// delete candidates, where allowed, children first.
+fn plan(p: &Playbook, ctx: &PlanCtx) -> Vec<PlannedStep> {
+    let (source, target) = direction(p.playbook.way_back);
+    let rs = repairs(p);
+    let mut out = Vec::new();
+    for r in &rs {
+        out.push(step(
+            format!("rows-stage:{}", r.table),
+            Phase::Repair,
+            format!(
+                "diff `{}` ({source} → {target}) and stage what differs",
+                r.table
+            ),
+            super::Action::RowsStage(Stage {
+                repair: r.clone(),
+                source: source.into(),
+                target: target.into(),
+                t_ms: ctx.t_ms,
+                carry_forward: p.playbook.way_back == WayBack::Cutover,
+            }),
+        ));
+    }
+    for r in &rs {
+        out.push(step(
+            format!("rows-apply:{}", r.table),
+            Phase::Repair,
+            format!("apply the staged rows of `{}` to {target}", r.table),
+            super::Action::RowsApply(Apply::new(r, target, false, p.playbook.way_back)),
+        ));
+    }
+    for r in rs.iter().rev().filter(|r| r.allow_delete == Some(true)) {
+        out.push(step(
+            format!("rows-delete:{}", r.table),
+            Phase::Repair,
+            format!(
+                "delete the staged delete candidates of `{}` on {target}",
+                r.table
+            ),
+            super::Action::RowsDelete(Apply::new(r, target, true, p.playbook.way_back)),
+        ));
+    }
+    out
+}
+
+/// A cutover carries forward what changed after T: it needs T as a time.
+fn needs_time(p: &Playbook) -> bool {
+    !repairs(p).is_empty()
+}
+
+fn meaning(m: &mut Meaning) {
+    let rs = repairs(m.p);
+    let way = m.p.playbook.way_back;
+    if way == WayBack::SelectiveRepair && rs.is_empty() {
+        m.error(
+            &[Seg::Key("playbook"), Seg::Key("way-back")],
+            "selective-repair needs at least one [[repair]] table to take good rows from the restored copy".into(),
+        );
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    for (i, r) in rs.iter().enumerate() {
+        if !seen.insert(r.table.clone()) {
+            m.error(
+                &at(i, "table"),
+                format!(
+                    "`{}` is repaired twice: merge its [[repair]] entries",
+                    r.table
+                ),
+            );
+        }
+        if r.key.as_ref().is_some_and(Vec::is_empty) {
+            m.error(
+                &at(i, "key"),
+                "`key` names no column: leave it out to use the primary key".into(),
+            );
+        }
+        if r.columns.as_ref().is_some_and(Vec::is_empty) {
+            m.error(
+                &at(i, "columns"),
+                "`columns` names no column: leave it out to compare every column both sides share"
+                    .into(),
+            );
+        }
+        if let Some(d) = &r.ids_database {
+            m.database(&at(i, "ids-database"), d);
+        }
+        if r.ids_database.is_some() && r.ids.is_none() {
+            m.error(
+                &at(i, "ids-database"),
+                "`ids-database` without `ids`: give the SQL that returns the keys".into(),
+            );
+        }
+        if way == WayBack::Cutover
+            && r.updated_at.is_none()
+            && r.filter.is_none()
+            && r.ids.is_none()
+        {
+            m.error(
+                &at(i, "table"),
+                format!("carrying `{}` forward needs a scope: `updated-at` (rows changed after T, the default), `where` or `ids`", r.table),
+            );
+        }
+        if r.batch_size.is_some_and(|b| b < 1) {
+            m.error(
+                &at(i, "batch-size"),
+                "`batch-size` must be at least 1".into(),
+            );
+        }
+    }
+}
+
+/// Each table, on both databases, with its key and `updated-at`.
+fn needs(p: &Playbook) -> Vec<Need<'_>> {
+    let mut out = Vec::new();
+    for (i, r) in repairs(p).iter().enumerate() {
+        for d in ["current", "restored"] {
+            out.push(Need {
+                database: d,
+                table: r.table.clone(),
+                columns: r
+                    .key
+                    .iter()
+                    .flatten()
+                    .cloned()
+                    .chain(r.updated_at.clone())
+                    .collect(),
+                path: at(i, "table"),
+                what: format!("repair table `{}`", r.table),
+            });
+        }
+    }
+    out
+}
+
+/// Its SQL, prepared where it runs: `where` on the source, `ids` on its
+/// database, `changed-after-t` on the target.
+fn queries(p: &Playbook) -> Vec<Prepared<'_>> {
+    let (source, target) = direction(p.playbook.way_back);
+    let mut out = Vec::new();
+    for (i, r) in repairs(p).into_iter().enumerate() {
+        let table = crate::reentry::check::quote_qualified(&r.table);
+        if let Some(w) = &r.filter {
+            out.push(Prepared {
+                path: at(i, "where"),
+                database: source,
+                sql: format!("SELECT FROM {table} WHERE ({w})").into(),
+            });
+        }
+        if let Some(sql) = r.ids {
+            let db = match r.ids_database.as_deref() {
+                Some("restored") => "restored",
+                Some("current") | None => "current",
+                // Another declared database: its name lives as long as the playbook.
+                Some(other) => p
+                    .databases
+                    .keys()
+                    .find(|k| k.as_str() == other)
+                    .map_or("current", String::as_str),
+            };
+            out.push(Prepared {
+                path: at(i, "ids"),
+                database: db,
+                sql: sql.into(),
+            });
+        }
+        if let Some(sql) = r.changed_after_t {
+            out.push(Prepared {
+                path: at(i, "changed-after-t"),
+                database: target,
+                sql: sql.into(),
+            });
+        }
+    }
+    out
+}
+
+pub const KIND: StepKind = StepKind {
+    online: repair::online,
+    meaning,
+    steps: plan,
+    needs_time,
+    notes: super::no_notes,
+    needs,
+    queries,
+    keys: &[(None, Keys::FIELDS)],
+};
+
+/// What the diff found for one table, as `rows diff` and the stage step
+/// report it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct TableDiff {
+    pub table: String,
+    pub source: String,
+    pub target: String,
+    pub counts: std::collections::BTreeMap<diff::Class, u64>,
+    /// A few keys of each class.
+    pub sample: std::collections::BTreeMap<diff::Class, Vec<Vec<String>>>,
+    /// Columns only the source has: staged, not applied.
+    pub source_only: Vec<String>,
+    pub stats: diff::Stats,
+}
+
+impl TableDiff {
+    pub fn of(spec: &diff::Spec, source: &str, target: &str, d: &diff::Diff) -> TableDiff {
+        let mut sample: std::collections::BTreeMap<diff::Class, Vec<Vec<String>>> =
+            Default::default();
+        for r in &d.rows {
+            let s = sample.entry(r.class).or_default();
+            if s.len() < 5 {
+                s.push(r.key.clone());
+            }
+        }
+        TableDiff {
+            table: spec.table.clone(),
+            source: source.into(),
+            target: target.into(),
+            counts: d.counts(),
+            sample,
+            source_only: spec.source_only.clone(),
+            stats: d.stats.clone(),
+        }
+    }
+
+    pub fn differences(&self) -> u64 {
+        self.counts.values().sum()
+    }
+
+    /// `cases: 3 insert, 100 update (of 5000 in scope)`.
+    pub fn summary(&self) -> String {
+        let classes: Vec<String> = self
+            .counts
+            .iter()
+            .map(|(c, n)| format!("{n} {}", c.as_str()))
+            .collect();
+        let mut s = format!(
+            "{}: {} ({} source row(s) compared, {:.2}s)",
+            self.table,
+            if classes.is_empty() {
+                "no differences".to_owned()
+            } else {
+                classes.join(", ")
+            },
+            self.stats.source_rows,
+            self.stats.seconds
+        );
+        if !self.source_only.is_empty() {
+            s.push_str(&format!(
+                "; column(s) missing on {}: {} (staged, not applied)",
+                self.target,
+                self.source_only.join(", ")
+            ));
+        }
+        s
+    }
+}

@@ -1,0 +1,983 @@
+//! Staging and applying a table's repair.
+//!
+//! The stage is one transaction on the target: the schema
+//! `reentry_repair`, a table per repaired table holding the source's
+//! columns and `_run_id`, `_class`, `_would`, `_target_hash`, `_status`,
+//! `_note`, then the rows, copied with binary `COPY` from the source. A
+//! killed stage rolls back and is made again on resume.
+//!
+//! The apply walks the staged rows in key order, a batch per transaction:
+//! it writes a row only where the target row still has the hash the diff
+//! saw, marks each staged row `applied` or `conflict` in the same
+//! transaction, and appends the batch's counts to
+//! `reentry_repair.repair_audit_log`. A killed apply resumes at the next
+//! batch: what committed is marked, what did not rolled back.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::{Deserialize, Serialize};
+
+use super::diff::{self, quote_ident, Class, Column, Spec};
+use super::{direction, repairs, Repair, TableDiff};
+use crate::pg::conn::{Db, PgError};
+use crate::reentry::check::quote_qualified;
+use crate::reentry::playbook::{Playbook, Seg, WayBack};
+use crate::reentry::steps::{
+    pause_point, Effect, Env, Nature, OnDatabase, Recorder, Step, StepError,
+};
+
+pub const SCHEMA: &str = "reentry_repair";
+
+/// The staging table of `table` on the target.
+pub fn staging(table: &str) -> String {
+    format!("{SCHEMA}.{}", quote_ident(table))
+}
+
+const AUDIT: &str = "reentry_repair.repair_audit_log";
+
+/// Settings under which the target prints values as the diff did, for the
+/// guard hash.
+const CANONICAL_LOCAL: &str = "SET LOCAL TIME ZONE 'UTC'; SET LOCAL DateStyle = 'ISO, YMD'; \
+     SET LOCAL IntervalStyle = 'postgres'; SET LOCAL extra_float_digits = 1; SET LOCAL bytea_output = 'hex';";
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct Stage {
+    pub repair: Repair,
+    pub source: String,
+    pub target: String,
+    pub t_ms: Option<i64>,
+    /// A cutover: the default scope is the rows changed after T.
+    pub carry_forward: bool,
+}
+
+fn conninfo<'a>(env: &'a Env, name: &str) -> Result<&'a str, StepError> {
+    env.playbook
+        .databases
+        .get(name)
+        .map(|d| d.conninfo.expose())
+        .ok_or_else(|| StepError::Config(format!("no database named `{name}` in the playbook")))
+}
+
+/// The repair's columns and scope, against both catalogs.
+pub fn resolve(
+    r: &Repair,
+    src: &mut Db,
+    tgt: &mut Db,
+    names: (&str, &str),
+    t_ms: Option<i64>,
+    carry_forward: bool,
+) -> Result<Spec, StepError> {
+    let (sname, tname) = names;
+    let s = diff::describe(src, &r.table).on(sname)?.ok_or_else(|| {
+        StepError::Config(format!(
+            "[[repair]] `{}`: no such table on databases.{sname}",
+            r.table
+        ))
+    })?;
+    let t = diff::describe(tgt, &r.table).on(tname)?.ok_or_else(|| {
+        StepError::Config(format!(
+            "[[repair]] `{}`: no such table on databases.{tname}",
+            r.table
+        ))
+    })?;
+    let key_names: Vec<String> = match &r.key {
+        Some(k) => k.clone(),
+        None if !t.primary_key.is_empty() => t.primary_key.clone(),
+        None if !s.primary_key.is_empty() => s.primary_key.clone(),
+        None => {
+            return Err(StepError::Config(format!(
+                "[[repair]] `{}` has no primary key: name its key with `key`",
+                r.table
+            )))
+        }
+    };
+    let find = |cols: &[Column], n: &str| cols.iter().find(|c| c.name == n).cloned();
+    let mut key = Vec::new();
+    for k in &key_names {
+        let (Some(sc), Some(_)) = (find(&s.columns, k), find(&t.columns, k)) else {
+            return Err(StepError::Config(format!(
+                "[[repair]] `{}`: key column `{k}` is not on both databases",
+                r.table
+            )));
+        };
+        key.push(sc);
+    }
+    if let Some(u) = &r.updated_at {
+        if find(&t.columns, u).is_none() {
+            return Err(StepError::Config(format!(
+                "[[repair]] `{}`: `updated-at` column `{u}` is not on databases.{tname}",
+                r.table
+            )));
+        }
+    }
+    let skip = |n: &str| key_names.iter().any(|k| k == n) || r.updated_at.as_deref() == Some(n);
+    let columns: Vec<Column> = match &r.columns {
+        Some(named) => {
+            let mut out = Vec::new();
+            for n in named {
+                match (find(&s.columns, n), find(&t.columns, n)) {
+                    (Some(c), Some(_)) => out.push(c),
+                    _ => {
+                        return Err(StepError::Config(format!(
+                            "[[repair]] `{}`: column `{n}` is not on both databases",
+                            r.table
+                        )))
+                    }
+                }
+            }
+            out.retain(|c| !skip(&c.name));
+            out
+        }
+        None => s
+            .columns
+            .iter()
+            .filter(|c| !skip(&c.name) && find(&t.columns, &c.name).is_some())
+            .cloned()
+            .collect(),
+    };
+    let source_only: Vec<String> = s
+        .columns
+        .iter()
+        .filter(|c| find(&t.columns, &c.name).is_none())
+        .map(|c| c.name.clone())
+        .collect();
+    let mut filter = r.filter.clone();
+    if carry_forward && filter.is_none() && r.ids.is_none() {
+        if let (Some(u), Some(t)) = (&r.updated_at, t_ms) {
+            filter = Some(format!(
+                "t.{} > to_timestamp({t}::float8 / 1000)",
+                quote_ident(u)
+            ));
+        }
+    }
+    Ok(Spec {
+        table: r.table.clone(),
+        key,
+        columns,
+        source_only,
+        source_columns: s.columns,
+        updated_at: r.updated_at.clone(),
+        filter,
+        ids: r.ids.clone().map(|sql| {
+            (
+                r.ids_database.clone().unwrap_or_else(|| "current".into()),
+                sql,
+            )
+        }),
+        changed_after_t: r.changed_after_t.clone(),
+        t_ms,
+    })
+}
+
+/// Resolves and diffs `r` on dedicated read-only connections.
+pub fn run_diff(
+    env: &Env,
+    r: &Repair,
+    (source, target): (&str, &str),
+    t_ms: Option<i64>,
+    carry_forward: bool,
+    progress: &crate::progress::Reporter,
+) -> Result<(Spec, diff::Diff), StepError> {
+    let mut src = diff::connect(conninfo(env, source)?).on(source)?;
+    let mut tgt = diff::connect(conninfo(env, target)?).on(target)?;
+    let spec = resolve(r, &mut src, &mut tgt, (source, target), t_ms, carry_forward)?;
+    let mut ids_db = match &spec.ids {
+        Some((db, _)) if db != target => Some(diff::connect(conninfo(env, db)?).on(db)?),
+        _ => None,
+    };
+    let d = diff::diff(&spec, &mut src, &mut tgt, ids_db.as_mut(), progress).map_err(|e| {
+        StepError::Db {
+            database: format!("{source}/{target}"),
+            source: e,
+        }
+    })?;
+    Ok((spec, d))
+}
+
+/// What a stage journals as its effect's detail.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct StageDetail {
+    pub diff: TableDiff,
+    pub staged: u64,
+    pub staging_table: String,
+}
+
+fn effect_of(d: &TableDiff, verb: &str) -> Effect {
+    let items = d
+        .sample
+        .iter()
+        .flat_map(|(c, keys)| {
+            keys.iter()
+                .map(move |k| format!("{} {}", c.as_str(), k.join(",")))
+        })
+        .collect();
+    Effect {
+        summary: format!("{verb} {}", d.summary()),
+        count: d.differences(),
+        items,
+        detail: serde_json::Value::Null,
+    }
+}
+
+impl Stage {
+    fn stage_rows(
+        &self,
+        db: &mut Db,
+        src: &mut Db,
+        spec: &Spec,
+        d: &diff::Diff,
+        run_id: &str,
+    ) -> Result<u64, StepError> {
+        let target = self.target.as_str();
+        let st = staging(&spec.table);
+        let cols: Vec<String> = spec.source_columns.iter().map(Column::quoted).collect();
+        let mut ddl = format!(
+            "SET LOCAL lock_timeout = '10s'; CREATE SCHEMA IF NOT EXISTS {SCHEMA};
+             CREATE TABLE IF NOT EXISTS {AUDIT} (repair_id text NOT NULL, table_name text NOT NULL,
+                 class text NOT NULL, row_count bigint NOT NULL, executed_at timestamptz NOT NULL DEFAULT clock_timestamp());
+             CREATE TABLE IF NOT EXISTS {st} (_run_id text, _class text, _would text, _target_hash text,
+                 _status text, _note text, _staged_at timestamptz DEFAULT now());"
+        );
+        for c in &spec.source_columns {
+            ddl.push_str(&format!(
+                " ALTER TABLE {st} ADD COLUMN IF NOT EXISTS {} {};",
+                c.quoted(),
+                c.ty
+            ));
+        }
+        db.batch("create the staging table", &ddl).on(target)?;
+        db.batch("set up the session", CANONICAL_LOCAL).on(target)?;
+        // A stage killed before its commit left nothing; one that
+        // committed is not run again. Rows of this run are made afresh.
+        db.execute(
+            "clear this run's staged rows",
+            &format!("DELETE FROM {st} WHERE _run_id = $1 OR _run_id IS NULL"),
+            &[&run_id],
+        )
+        .on(target)?;
+        let n = spec.key.len();
+        let key_match = spec
+            .key
+            .iter()
+            .enumerate()
+            .map(|(i, c)| format!("s.{}::text = v.k{i}", c.quoted()))
+            .collect::<Vec<_>>()
+            .join(" AND ");
+        let key_arrays: String = (0..n).map(|i| format!(", ${}::text[]", i + 5)).collect();
+        let key_names: String = (0..n).map(|i| format!(", k{i}")).collect();
+        let mut staged = 0;
+        // Rows with a source side: copied whole, then tagged.
+        let with_source: Vec<&diff::Found> =
+            d.rows.iter().filter(|f| f.would != Class::Delete).collect();
+        for chunk in with_source.chunks(2000) {
+            let keys: Vec<Vec<String>> = chunk.iter().map(|f| f.key.clone()).collect();
+            let data = src
+                .copy_out(
+                    "copy the source's rows",
+                    &format!(
+                        "COPY (SELECT {} FROM {} AS t WHERE {}) TO STDOUT (FORMAT binary)",
+                        cols.iter()
+                            .map(|c| format!("t.{c}"))
+                            .collect::<Vec<_>>()
+                            .join(", "),
+                        quote_qualified(&spec.table),
+                        spec.keys_in(&keys)
+                    ),
+                )
+                .on(&self.source)?;
+            db.copy_in(
+                "stage the source's rows",
+                &format!("COPY {st} ({}) FROM STDIN (FORMAT binary)", cols.join(", ")),
+                data,
+            )
+            .on(target)?;
+            staged += tag(
+                db,
+                &st,
+                chunk,
+                run_id,
+                &key_match,
+                &key_arrays,
+                &key_names,
+                n,
+            )
+            .on(target)?;
+        }
+        // Delete candidates: the key alone.
+        let deletes: Vec<&diff::Found> =
+            d.rows.iter().filter(|f| f.would == Class::Delete).collect();
+        for chunk in deletes.chunks(2000) {
+            let insert_keys = format!(
+                "INSERT INTO {st} ({}) SELECT {} FROM unnest({}) AS v({})",
+                spec.key
+                    .iter()
+                    .map(Column::quoted)
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                spec.key
+                    .iter()
+                    .enumerate()
+                    .map(|(i, c)| format!("v.k{i}::{}", c.ty))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                (0..n)
+                    .map(|i| format!("${}::text[]", i + 1))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                (0..n)
+                    .map(|i| format!("k{i}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+            let arrays: Vec<Vec<String>> = (0..n)
+                .map(|i| chunk.iter().map(|f| f.key[i].clone()).collect())
+                .collect();
+            let params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
+                arrays.iter().map(|a| a as _).collect();
+            db.execute("stage delete candidates", &insert_keys, &params)
+                .on(target)?;
+            staged += tag(
+                db,
+                &st,
+                chunk,
+                run_id,
+                &key_match,
+                &key_arrays,
+                &key_names,
+                n,
+            )
+            .on(target)?;
+        }
+        Ok(staged)
+    }
+}
+
+/// Tags the untagged staged rows of `chunk` with this run, their class,
+/// and the target's hash.
+#[allow(clippy::too_many_arguments)]
+fn tag(
+    db: &mut Db,
+    st: &str,
+    chunk: &[&diff::Found],
+    run_id: &str,
+    key_match: &str,
+    key_arrays: &str,
+    key_names: &str,
+    n: usize,
+) -> Result<u64, PgError> {
+    let classes: Vec<&str> = chunk.iter().map(|f| f.class.as_str()).collect();
+    let woulds: Vec<&str> = chunk.iter().map(|f| f.would.as_str()).collect();
+    let hashes: Vec<Option<String>> = chunk.iter().map(|f| f.target_hash.clone()).collect();
+    let arrays: Vec<Vec<String>> = (0..n)
+        .map(|i| chunk.iter().map(|f| f.key[i].clone()).collect())
+        .collect();
+    let mut params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
+        vec![&run_id, &classes, &woulds, &hashes];
+    for a in &arrays {
+        params.push(a);
+    }
+    db.execute(
+        "tag the staged rows",
+        &format!(
+            "UPDATE {st} AS s SET _run_id = $1, _class = v.c, _would = v.w, _target_hash = v.h, _status = 'staged'
+               FROM unnest($2::text[], $3::text[], $4::text[]{key_arrays}) AS v(c, w, h{key_names})
+              WHERE s._run_id IS NULL AND {key_match}"
+        ),
+        &params,
+    )
+}
+
+impl Step for Stage {
+    fn nature(&self) -> Nature {
+        Nature::Changes
+    }
+
+    fn writes(&self) -> Vec<&str> {
+        vec![self.target.as_str()]
+    }
+
+    fn preview(&self, env: &mut Env) -> Result<Effect, StepError> {
+        let (spec, d) = run_diff(
+            env,
+            &self.repair,
+            (&self.source, &self.target),
+            self.t_ms,
+            self.carry_forward,
+            &crate::progress::Reporter::silent(),
+        )?;
+        let td = TableDiff::of(&spec, &self.source, &self.target, &d);
+        let mut e = effect_of(&td, "stage");
+        e.detail = crate::reentry::steps::detail(&td);
+        Ok(e)
+    }
+
+    fn apply(&self, env: &mut Env, _rec: &mut Recorder) -> Result<Effect, StepError> {
+        let (spec, d) = run_diff(
+            env,
+            &self.repair,
+            (&self.source, &self.target),
+            self.t_ms,
+            self.carry_forward,
+            &crate::progress::Reporter::silent(),
+        )?;
+        let td = TableDiff::of(&spec, &self.source, &self.target, &d);
+        let run_id = env.run_id.clone();
+        let mut src = diff::connect(conninfo(env, &self.source)?).on(&self.source)?;
+        if let Some(dir) = env.run_dir.clone() {
+            write_changed(&dir, &spec.table, "rows", &d)?;
+        }
+        let target = self.target.clone();
+        let staged = env.db(&target)?.transaction("BEGIN", |db| {
+            self.stage_rows(db, &mut src, &spec, &d, &run_id)
+        })?;
+        let mut e = effect_of(&td, "staged");
+        e.count = staged;
+        e.detail = crate::reentry::steps::detail(&StageDetail {
+            diff: td,
+            staged,
+            staging_table: staging(&spec.table),
+        });
+        Ok(e)
+    }
+}
+
+/// The file in the run directory where steps record the entities that
+/// changed around T, one JSON object per line:
+/// `{"table": "cases", "key": ["42"], "class": "update", "by": "rows"}`.
+/// The cache and search steps read it.
+pub const CHANGED_FILE: &str = "changed-entities.jsonl";
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Changed {
+    pub table: String,
+    pub key: Vec<String>,
+    pub class: String,
+    pub by: String,
+}
+
+/// Replaces what `by` recorded for `table` with the keys of `d`.
+fn write_changed(
+    dir: &std::path::Path,
+    table: &str,
+    by: &str,
+    d: &diff::Diff,
+) -> Result<(), StepError> {
+    let path = dir.join(CHANGED_FILE);
+    let mut lines: Vec<String> = match std::fs::read_to_string(&path) {
+        Ok(t) => t
+            .lines()
+            .filter(|l| {
+                serde_json::from_str::<Changed>(l)
+                    .map(|c| !(c.table == table && c.by == by))
+                    .unwrap_or(false)
+            })
+            .map(str::to_owned)
+            .collect(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        Err(source) => {
+            return Err(StepError::Io {
+                what: "read the changed entities",
+                source,
+            })
+        }
+    };
+    for f in &d.rows {
+        lines.push(
+            serde_json::to_string(&Changed {
+                table: table.into(),
+                key: f.key.clone(),
+                class: f.would.as_str().into(),
+                by: by.into(),
+            })
+            .expect("changed entities serialize"),
+        );
+    }
+    let mut text = lines.join("\n");
+    if !text.is_empty() {
+        text.push('\n');
+    }
+    crate::fsutil::write_atomic(&path, text.as_bytes()).map_err(|source| StepError::Io {
+        what: "write the changed entities",
+        source,
+    })
+}
+
+/// Applies a table's staged rows (or, for `rows-delete`, its delete
+/// candidates) to the target.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct Apply {
+    pub table: String,
+    pub target: String,
+    pub key: Option<Vec<String>>,
+    pub updated_at: Option<String>,
+    /// `review`, `source-wins` or `target-wins`.
+    pub on_conflict: String,
+    pub allow_delete: bool,
+    /// `session_replication_role = replica` in each batch.
+    pub disable_triggers: bool,
+    pub batch_size: i64,
+    /// This step deletes candidates; else it inserts and updates.
+    pub deletes: bool,
+    /// Selective repair stamps `updated-at` with the repair's time, as the
+    /// seed's repair does; a carried-forward row keeps its own.
+    pub stamp_updated_at: bool,
+}
+
+impl Apply {
+    pub fn new(r: &Repair, target: &str, deletes: bool, way: WayBack) -> Apply {
+        Apply {
+            table: r.table.clone(),
+            target: target.into(),
+            key: r.key.clone(),
+            updated_at: r.updated_at.clone(),
+            on_conflict: r.on_conflict.clone().unwrap_or_else(|| "review".into()),
+            allow_delete: r.allow_delete.unwrap_or(false),
+            disable_triggers: r.triggers.as_deref() == Some("disable"),
+            batch_size: r.batch_size.unwrap_or(1000),
+            deletes,
+            stamp_updated_at: way == WayBack::SelectiveRepair,
+        }
+    }
+
+    fn source_wins(&self) -> bool {
+        self.on_conflict == "source-wins"
+    }
+
+    /// The staged rows this step writes: by class, and for a conflict by
+    /// what the source would do, when the source wins.
+    fn mine(&self) -> String {
+        let want = if self.deletes {
+            "delete"
+        } else {
+            "insert', 'update"
+        };
+        let mut c = format!("(s._class IN ('{want}')");
+        if self.source_wins() {
+            c.push_str(&format!(
+                " OR (s._class = 'conflict' AND s._would IN ('{want}'))"
+            ));
+        }
+        c.push(')');
+        c
+    }
+}
+
+/// What an apply journals as its effect's detail.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct ApplyDetail {
+    /// Staged rows of this run by status (`applied`, `conflict`, `review`,
+    /// `kept`, `not-applied`), for this step's classes.
+    pub status: BTreeMap<String, u64>,
+    pub batches: u64,
+    /// Columns staged but missing on the target: not applied.
+    pub not_applied_columns: Vec<String>,
+    pub audit_table: String,
+}
+
+impl Step for Apply {
+    fn nature(&self) -> Nature {
+        Nature::Changes
+    }
+
+    fn writes(&self) -> Vec<&str> {
+        vec![self.target.as_str()]
+    }
+
+    fn preview(&self, _env: &mut Env) -> Result<Effect, StepError> {
+        let what = if self.deletes {
+            "delete the candidates staged for"
+        } else {
+            "insert and update the rows staged for"
+        };
+        let mut s = format!(
+            "{what} `{}` on {}, in batches of {}, each only where the row still has the hash the diff saw",
+            self.table, self.target, self.batch_size
+        );
+        if self.disable_triggers {
+            s.push_str("; triggers disabled (session_replication_role = replica)");
+        }
+        s.push_str(&format!("; conflicts: {}", self.on_conflict));
+        Ok(Effect::said(s))
+    }
+
+    fn apply(&self, env: &mut Env, rec: &mut Recorder) -> Result<Effect, StepError> {
+        let run_id = env.run_id.clone();
+        let target = self.target.clone();
+        let st = staging(&self.table);
+        let table = quote_qualified(&self.table);
+        let db = env.db(&target)?;
+        let described = diff::describe(db, &self.table)
+            .on(&target)?
+            .ok_or_else(|| {
+                StepError::Config(format!(
+                    "[[repair]] `{}`: no such table on databases.{target}",
+                    self.table
+                ))
+            })?;
+        let staged_cols: Vec<String> = db
+            .query(
+                "read the staging table's columns",
+                "SELECT a.attname::text FROM pg_attribute a
+                  WHERE a.attrelid = to_regclass($1::text) AND a.attnum > 0 AND NOT a.attisdropped
+                    AND a.attname NOT LIKE '\\_%' ORDER BY a.attnum",
+                &[&st],
+            )
+            .on(&target)?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        if staged_cols.is_empty() {
+            return Err(StepError::State(format!(
+                "nothing is staged for `{}` on {target}: its rows-stage step has not run",
+                self.table
+            )));
+        }
+        let key: Vec<Column> = match &self.key {
+            Some(k) => k
+                .iter()
+                .map(|n| {
+                    described
+                        .columns
+                        .iter()
+                        .find(|c| &c.name == n)
+                        .cloned()
+                        .ok_or_else(|| {
+                            StepError::Config(format!("key column `{n}` is not on {target}"))
+                        })
+                })
+                .collect::<Result<_, _>>()?,
+            None => described
+                .primary_key
+                .iter()
+                .filter_map(|n| described.columns.iter().find(|c| &c.name == n).cloned())
+                .collect(),
+        };
+        let on_target: BTreeSet<&str> = described.columns.iter().map(|c| c.name.as_str()).collect();
+        let not_applied: Vec<String> = staged_cols
+            .iter()
+            .filter(|c| !on_target.contains(c.as_str()))
+            .cloned()
+            .collect();
+        let is_key = |n: &str| key.iter().any(|k| k.name == n);
+        let stamp = self.updated_at.as_deref().filter(|_| self.stamp_updated_at);
+        let writable: Vec<&String> = staged_cols
+            .iter()
+            .filter(|c| on_target.contains(c.as_str()))
+            .collect();
+        let set: Vec<String> = writable
+            .iter()
+            .filter(|c| !is_key(c))
+            .map(|c| {
+                if Some(c.as_str()) == stamp {
+                    format!("{} = clock_timestamp()", quote_ident(c))
+                } else {
+                    format!("{0} = s.{0}", quote_ident(c))
+                }
+            })
+            .collect();
+        let ins_cols: Vec<String> = writable.iter().map(|c| quote_ident(c)).collect();
+        let ins_vals: Vec<String> = writable
+            .iter()
+            .map(|c| {
+                if Some(c.as_str()) == stamp {
+                    "clock_timestamp()".to_owned()
+                } else {
+                    format!("s.{}", quote_ident(c))
+                }
+            })
+            .collect();
+        let t_key_eq = key
+            .iter()
+            .map(|c| format!("t.{0} = s.{0}", c.quoted()))
+            .collect::<Vec<_>>()
+            .join(" AND ");
+        let s_key_text = key
+            .iter()
+            .map(|c| format!("s.{}::text", c.quoted()))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let order = key
+            .iter()
+            .map(|c| format!("s.{}", c.quoted()))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let n = key.len();
+        let in_batch = format!(
+            "({s_key_text}) IN (SELECT * FROM unnest({}))",
+            (0..n)
+                .map(|i| format!("${}::text[]", i + 2))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        let mine = self.mine();
+        // What this step will not write is marked once, up front.
+        let want = if self.deletes {
+            "delete"
+        } else {
+            "insert', 'update"
+        };
+        let conflict_status = match self.on_conflict.as_str() {
+            "target-wins" => "kept",
+            "source-wins" => "staged",
+            _ => "review",
+        };
+        db.execute(
+            "mark the conflicts the playbook leaves alone",
+            &format!(
+                "UPDATE {st} AS s SET _status = $2 WHERE s._run_id = $1 AND s._status = 'staged'
+                   AND s._class = 'conflict' AND s._would IN ('{want}') AND $2 <> 'staged'"
+            ),
+            &[&run_id, &conflict_status],
+        )
+        .on(&target)?;
+        if self.deletes && !self.allow_delete {
+            return Err(StepError::Config(
+                "rows-delete without allow-delete: the plan is not this build's".into(),
+            ));
+        }
+        let mut batches = 0u64;
+        loop {
+            if rec.interrupted.load(std::sync::atomic::Ordering::SeqCst) {
+                return Err(StepError::Interrupted);
+            }
+            let db = env.db(&target)?;
+            let keys: Vec<Vec<String>> = db
+                .query(
+                    "read the next batch of staged rows",
+                    &format!(
+                        "SELECT {s_key_text} FROM {st} AS s WHERE s._run_id = $1 AND s._status = 'staged' AND {mine}
+                          ORDER BY {order} LIMIT {}",
+                        self.batch_size
+                    ),
+                    &[&run_id],
+                )
+                .on(&target)?
+                .iter()
+                .map(|r| (0..n).map(|i| r.get::<_, String>(i)).collect())
+                .collect();
+            if keys.is_empty() {
+                break;
+            }
+            let arrays: Vec<Vec<String>> = (0..n)
+                .map(|i| keys.iter().map(|k| k[i].clone()).collect())
+                .collect();
+            let mut params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = vec![&run_id];
+            for a in &arrays {
+                params.push(a);
+            }
+            let step_id = rec.step.to_owned();
+            let first = batches == 0;
+            let counts = db.transaction("BEGIN", |db| {
+                let mut setup = CANONICAL_LOCAL.to_owned();
+                if self.disable_triggers {
+                    setup.push_str(" SET LOCAL session_replication_role = replica;");
+                }
+                db.batch("set up the batch", &setup)?;
+                let mut done: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+                let returning = key
+                    .iter()
+                    .map(|c| format!("t.{}::text", c.quoted()))
+                    .collect::<Vec<_>>()
+                    .join(" || chr(31) || ");
+                let staged_rows = format!(
+                    "s._run_id = $1 AND s._status = 'staged' AND {mine} AND {in_batch}"
+                );
+                if self.deletes {
+                    let rows = db.query(
+                        "delete candidates",
+                        &format!(
+                            "DELETE FROM {table} AS t USING {st} AS s
+                              WHERE {staged_rows} AND {t_key_eq} AND md5(t::text) = s._target_hash
+                             RETURNING {returning}"
+                        ),
+                        &params,
+                    )?;
+                    done.insert("delete", rows.iter().map(|r| r.get(0)).collect());
+                } else {
+                    if !set.is_empty() {
+                        let rows = db.query(
+                            "update rows",
+                            &format!(
+                                "UPDATE {table} AS t SET {} FROM {st} AS s
+                                  WHERE {staged_rows} AND s._would = 'update' AND {t_key_eq}
+                                    AND md5(t::text) = s._target_hash
+                                 RETURNING {returning}",
+                                set.join(", ")
+                            ),
+                            &params,
+                        )?;
+                        done.insert("update", rows.iter().map(|r| r.get(0)).collect());
+                    }
+                    let rows = db.query(
+                        "insert rows",
+                        &format!(
+                            "INSERT INTO {table} AS t ({}) SELECT {} FROM {st} AS s
+                              WHERE {staged_rows} AND s._would = 'insert'
+                                AND NOT EXISTS (SELECT FROM {table} AS t WHERE {t_key_eq})
+                             RETURNING {returning}",
+                            ins_cols.join(", "),
+                            ins_vals.join(", ")
+                        ),
+                        &params,
+                    )?;
+                    done.insert("insert", rows.iter().map(|r| r.get(0)).collect());
+                }
+                let applied: Vec<String> = done.values().flatten().cloned().collect();
+                let s_joined = key
+                    .iter()
+                    .map(|c| format!("s.{}::text", c.quoted()))
+                    .collect::<Vec<_>>()
+                    .join(" || chr(31) || ");
+                let mut with_applied = params.clone();
+                with_applied.push(&applied);
+                db.execute(
+                    "mark applied rows",
+                    &format!(
+                        "UPDATE {st} AS s SET _status = 'applied'
+                          WHERE {staged_rows} AND ({s_joined}) = ANY(${}::text[])",
+                        n + 2
+                    ),
+                    &with_applied,
+                )?;
+                let conflicts = db.execute(
+                    "mark rows changed since the diff",
+                    &format!(
+                        "UPDATE {st} AS s SET _status = 'conflict', _note = 'changed on the target since the diff'
+                          WHERE {staged_rows}"
+                    ),
+                    &params,
+                )?;
+                for (class, rows) in &done {
+                    if rows.is_empty() {
+                        continue;
+                    }
+                    db.execute(
+                        "write the repair audit log",
+                        &format!(
+                            "INSERT INTO {AUDIT} (repair_id, table_name, class, row_count, executed_at)
+                             VALUES ($1, $2, $3, $4, clock_timestamp())"
+                        ),
+                        &[&run_id, &self.table, class, &(rows.len() as i64)],
+                    )?;
+                }
+                if first {
+                    pause_point(&step_id, "batch");
+                }
+                let mut c: BTreeMap<String, u64> = done
+                    .into_iter()
+                    .map(|(k, v)| (k.to_owned(), v.len() as u64))
+                    .collect();
+                c.insert("conflict".into(), conflicts);
+                Ok::<_, PgError>(c)
+            });
+            let counts = counts.on(&target)?;
+            batches += 1;
+            rec.prior_keyed(&format!("{}#batch-{batches}", rec.step), &counts)?;
+        }
+        // The outcome, from the staging table: right after a resume too.
+        let db = env.db(&target)?;
+        let status: BTreeMap<String, u64> = db
+            .query(
+                "count the staged rows by status",
+                &format!(
+                    "SELECT s._status, count(*) FROM {st} AS s WHERE s._run_id = $1
+                       AND (s._class IN ('{want}') OR (s._class = 'conflict' AND s._would IN ('{want}')))
+                     GROUP BY 1 ORDER BY 1"
+                ),
+                &[&run_id],
+            )
+            .on(&target)?
+            .iter()
+            .map(|r| (r.get::<_, String>(0), r.get::<_, i64>(1) as u64))
+            .collect();
+        let applied = status.get("applied").copied().unwrap_or(0);
+        let mut summary = format!(
+            "{} `{}` on {target}: {applied} row(s) applied",
+            if self.deletes {
+                "deleted from"
+            } else {
+                "repaired"
+            },
+            self.table
+        );
+        for (s, what) in [
+            (
+                "conflict",
+                "changed on the target since the diff, not overwritten",
+            ),
+            ("review", "conflicts left for review"),
+            ("kept", "conflicts where the target's row was kept"),
+        ] {
+            if let Some(n) = status.get(s) {
+                summary.push_str(&format!("; {n} {what}"));
+            }
+        }
+        if !not_applied.is_empty() {
+            summary.push_str(&format!(
+                "; staged, not applied: column missing on target: {}",
+                not_applied.join(", ")
+            ));
+        }
+        Ok(Effect {
+            summary,
+            count: applied,
+            items: Vec::new(),
+            detail: crate::reentry::steps::detail(&ApplyDetail {
+                status,
+                batches,
+                not_applied_columns: not_applied,
+                audit_table: AUDIT.into(),
+            }),
+        })
+    }
+}
+
+/// The declared order must put parents first: a table listed before a
+/// table it references would get rows whose parent is not there yet.
+pub fn online(
+    p: &Playbook,
+    dbs: &mut BTreeMap<&str, Db>,
+    broken: &BTreeSet<(String, String)>,
+) -> Vec<crate::diag::Diagnostic> {
+    let rs = repairs(p);
+    if rs.len() < 2 {
+        return Vec::new();
+    }
+    let (_, target) = direction(p.playbook.way_back);
+    if broken.iter().any(|(_, d)| d == target) {
+        return Vec::new();
+    }
+    let Some(db) = dbs.get_mut(target) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for (i, child) in rs.iter().enumerate() {
+        for parent in rs.iter().skip(i + 1) {
+            let refs = db.query_one(
+                "look up foreign keys",
+                "SELECT EXISTS (SELECT FROM pg_constraint WHERE contype = 'f'
+                    AND conrelid = to_regclass($1::text) AND confrelid = to_regclass($2::text))",
+                &[
+                    &quote_qualified(&child.table),
+                    &quote_qualified(&parent.table),
+                ],
+            );
+            if let Ok(r) = refs {
+                if r.get::<_, bool>(0) {
+                    out.push(p.at(
+                        &[Seg::Key("repair"), Seg::Index(i), Seg::Key("table")],
+                        format!(
+                            "`{}` references `{}`, which is listed after it: list [[repair]] tables parents first",
+                            child.table, parent.table
+                        ),
+                    ));
+                }
+            }
+        }
+    }
+    out
+}
