@@ -1,6 +1,7 @@
 //! The crash-point harness. One playbook uses every step kind there is
 //! (gates of each type, the cache wait, verify, probe, health checks,
-//! validation, outbox, inbox, consumer-group rewind, idempotency keys). Its
+//! validation, outbox, inbox, consumer-group rewind, idempotency keys, row
+//! stage, apply and delete). Its
 //! plan is enumerated, and for every step at every pause point it reaches
 //! (`started`, `prior`, `applied`, `done`) a run is killed there with
 //! SIGKILL and resumed with `--resume`. Each resumed world must equal the
@@ -46,6 +47,10 @@ const VOLATILE: &[&str] = &[
     "locked_at",
     "locked_by",
     "updated_at",
+    "_run_id",
+    "_staged_at",
+    "repair_id",
+    "executed_at",
 ];
 
 const POINTS: &[&str] = &["started", "prior", "applied", "done"];
@@ -184,6 +189,13 @@ retention = "15m"
 action = "tombstone"
 from-current = true
 from-csv = {{ path = "provider.csv", key-column = "request_id", time-column = "sent_at" }}
+
+[[repair]]
+table = "cases"
+updated-at = "updated_at"
+on-conflict = "source-wins"
+allow-delete = true
+batch-size = 2
 "#,
         cur = w.conninfo("cur"),
         res = w.conninfo("res"),
@@ -217,7 +229,8 @@ fn snapshot(w: &World) -> Snapshot {
         let mut c = w.client(db);
         let names: Vec<String> = c
             .query(
-                "SELECT tablename::text FROM pg_tables WHERE schemaname = 'public' AND tablename <> 'gate_audit' ORDER BY 1",
+                "SELECT format('%I.%I', schemaname, tablename) FROM pg_tables
+                  WHERE schemaname IN ('public', 'reentry_repair') AND tablename <> 'gate_audit' ORDER BY 1",
                 &[],
             )
             .unwrap()
