@@ -233,3 +233,369 @@ fn task_4_corrupt_100_rows_pitr_stage_repair_and_an_audit_row_says_100() {
     let (_, v) = diff_json(&pb);
     assert_eq!(v[0]["counts"], serde_json::json!({"conflict": 1}), "{v}");
 }
+
+/// The bad migration of seed 16.2: a column dropped on current after T.
+/// Every row's lost values are staged; none can be applied while the
+/// column is missing; once it is back, a new run applies them.
+#[test]
+fn a_dropped_column_is_staged_not_applied_and_applied_once_it_exists_again() {
+    let lab = Lab::new(
+        ACCOUNTS,
+        "ALTER TABLE accounts DROP COLUMN owner; UPDATE accounts SET balance = 0 WHERE id <= 10;",
+        false,
+    );
+    let pb = lab.playbook(
+        "migration",
+        "selective-repair",
+        "[[repair]]\ntable = \"accounts\"\n",
+    );
+    let (out, v) = diff_json(&pb);
+    assert_exit(&out, 1);
+    assert_eq!(v[0]["source-only"], serde_json::json!(["owner"]), "{v}");
+    assert_eq!(
+        v[0]["counts"]["update"], 1000,
+        "every row's owner is lost: {v}"
+    );
+    assert!(stdout(
+        &Command::new(reentry_bin())
+            .args(["rows", "diff"])
+            .arg(&pb)
+            .output()
+            .unwrap()
+    )
+    .contains("column(s) missing on current: owner (staged, not applied)"));
+
+    let out = lab.apply(&pb, "run1", &[]);
+    assert_exit(&out, 0);
+    let text = stdout(&out) + &stderr(&out);
+    let mut cur = lab.current();
+    assert_eq!(
+        one_i64(&mut cur, "SELECT count(*) FROM accounts WHERE balance = 0"),
+        0,
+        "the balances are repaired"
+    );
+    assert_eq!(
+        one_i64(&mut cur, "SELECT count(*) FROM reentry_repair.accounts WHERE owner IS NOT NULL AND _status = 'not-applied'"),
+        990,
+        "the lost owners are kept in staging: {text}"
+    );
+    let note: String = cur
+        .query_one(
+            "SELECT DISTINCT _note FROM reentry_repair.accounts WHERE _status = 'not-applied'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(note, "staged, not applied: column missing on target: owner");
+
+    cur.batch_execute("ALTER TABLE accounts ADD COLUMN owner text")
+        .unwrap();
+    let out = lab.apply(&pb, "run2", &[]);
+    assert_exit(&out, 0);
+    assert_eq!(
+        one_i64(
+            &mut cur,
+            "SELECT count(*) FROM accounts WHERE owner = 'owner ' || id"
+        ),
+        1000,
+        "every owner is back once the column is"
+    );
+}
+
+/// A cutover: the restored copy (promoted) takes traffic, and the writes
+/// made on current after T are carried to it first.
+#[test]
+fn a_cutover_carries_the_writes_made_after_t_forward() {
+    let lab = Lab::new(
+        ACCOUNTS,
+        "UPDATE accounts SET balance = balance + 1, updated_at = now() WHERE id IN (7, 8, 9);
+         INSERT INTO accounts VALUES (1001, 'new', 1, now()), (1002, 'new', 2, now());
+         UPDATE accounts SET balance = -1 WHERE id = 20;",
+        true,
+    );
+    let pb = lab.playbook(
+        "cutover",
+        "cutover",
+        "[[repair]]\ntable = \"accounts\"\nupdated-at = \"updated_at\"\n",
+    );
+    let (out, v) = diff_json(&pb);
+    assert_exit(&out, 1);
+    assert_eq!(v[0]["source"], "current");
+    assert_eq!(v[0]["target"], "restored");
+    assert_eq!(
+        v[0]["counts"],
+        serde_json::json!({"insert": 2, "update": 3}),
+        "{v}"
+    );
+    let out = lab.apply(&pb, "run1", &[]);
+    assert_exit(&out, 0);
+    let mut res = lab.restored();
+    assert_eq!(
+        one_i64(&mut res, "SELECT count(*) FROM accounts WHERE id > 1000"),
+        2
+    );
+    assert_eq!(
+        one_i64(
+            &mut res,
+            "SELECT sum(balance - id * 10.5)::bigint FROM accounts WHERE id IN (7, 8, 9)"
+        ),
+        3
+    );
+    assert_eq!(
+        one_i64(
+            &mut res,
+            "SELECT balance::bigint FROM accounts WHERE id = 20"
+        ),
+        210,
+        "a change on current without a newer updated_at is not carried"
+    );
+    let carried: String = res
+        .query_one("SELECT updated_at::text FROM accounts WHERE id = 1001", &[])
+        .unwrap()
+        .get(0);
+    let on_current: String = lab
+        .current()
+        .query_one("SELECT updated_at::text FROM accounts WHERE id = 1001", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(carried, on_current, "a carried row keeps its own time");
+    let (out, v) = diff_json(&pb);
+    assert_exit(&out, 0);
+    assert_eq!(v[0]["counts"], serde_json::json!({}));
+}
+
+/// A writer changes 10 staged rows on the target between the stage and
+/// the apply: those 10 are conflicts, not overwritten. The run is killed
+/// while paused there and resumed.
+#[test]
+fn rows_changed_between_stage_and_apply_are_conflicts_not_overwritten() {
+    let lab = Lab::new(
+        ACCOUNTS,
+        "UPDATE accounts SET balance = 0 WHERE id <= 100;",
+        false,
+    );
+    let pb = lab.playbook(
+        "race",
+        "selective-repair",
+        "[[repair]]\ntable = \"accounts\"\nupdated-at = \"updated_at\"\n",
+    );
+    let run = lab.dir.join("run");
+    let mut child = Command::new(reentry_bin())
+        .arg("apply")
+        .arg(&pb)
+        .arg("--run-dir")
+        .arg(&run)
+        .arg("--apply")
+        .env("REENTRY_PAUSE_AT", "rows-apply:accounts:started")
+        .env("REENTRY_TEST_HOOKS", "hang-at-pause-points")
+        .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    use std::io::BufRead;
+    for line in std::io::BufReader::new(child.stderr.take().unwrap()).lines() {
+        if line.unwrap().contains("paused at") {
+            break;
+        }
+    }
+    lab.current()
+        .batch_execute("UPDATE accounts SET balance = 99 WHERE id BETWEEN 41 AND 50")
+        .unwrap();
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let out = lab.apply(&pb, "run", &["--resume"]);
+    assert_exit(&out, 0);
+    let mut cur = lab.current();
+    assert_eq!(
+        one_i64(&mut cur, "SELECT count(*) FROM accounts WHERE balance = 99"),
+        10,
+        "the racing writes stand"
+    );
+    assert_eq!(
+        one_i64(
+            &mut cur,
+            "SELECT count(*) FROM accounts WHERE id <= 100 AND balance = id * 10.5"
+        ),
+        90
+    );
+    assert_eq!(
+        one_i64(
+            &mut cur,
+            "SELECT count(*) FROM reentry_repair.accounts WHERE _status = 'conflict'"
+        ),
+        10
+    );
+    assert_eq!(
+        one_i64(
+            &mut cur,
+            "SELECT sum(row_count)::bigint FROM reentry_repair.repair_audit_log"
+        ),
+        90
+    );
+    let summary = stdout(&out);
+    assert!(
+        summary.contains("10 changed on the target since the diff, not overwritten"),
+        "{summary}"
+    );
+}
+
+/// Killed inside a batch (after its writes, before its commit): the
+/// resumed run applies every row once.
+#[test]
+fn a_run_killed_inside_a_batch_resumes_and_applies_each_row_once() {
+    let lab = Lab::new(
+        ACCOUNTS,
+        "UPDATE accounts SET balance = 0 WHERE id <= 100;",
+        false,
+    );
+    let pb = lab.playbook(
+        "killed",
+        "selective-repair",
+        "[[repair]]\ntable = \"accounts\"\nbatch-size = 10\n",
+    );
+    let run = lab.dir.join("run");
+    let mut child = Command::new(reentry_bin())
+        .arg("apply")
+        .arg(&pb)
+        .arg("--run-dir")
+        .arg(&run)
+        .arg("--apply")
+        .env("REENTRY_PAUSE_AT", "rows-apply:accounts:batch")
+        .env("REENTRY_TEST_HOOKS", "hang-at-pause-points")
+        .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    use std::io::BufRead;
+    let mut paused = false;
+    for line in std::io::BufReader::new(child.stderr.take().unwrap()).lines() {
+        if line.unwrap().contains("paused at") {
+            paused = true;
+            break;
+        }
+    }
+    assert!(paused, "the run never reached its first batch");
+    // Inside the batch: its writes are not visible.
+    assert_eq!(
+        one_i64(
+            &mut lab.current(),
+            "SELECT count(*) FROM accounts WHERE balance = 0"
+        ),
+        100
+    );
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let out = lab.apply(&pb, "run", &["--resume"]);
+    assert_exit(&out, 0);
+    let mut cur = lab.current();
+    assert_eq!(
+        one_i64(&mut cur, "SELECT count(*) FROM accounts WHERE balance = 0"),
+        0
+    );
+    let audit: Vec<i64> = cur
+        .query(
+            "SELECT row_count FROM reentry_repair.repair_audit_log ORDER BY executed_at",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(audit, vec![10; 10], "ten batches of ten, none twice");
+}
+
+/// A parent and its child under a foreign key, both deleted on current
+/// after T: inserts go parents first. Listed children first, the playbook
+/// is refused at the child's line.
+#[test]
+fn parents_are_repaired_before_children_and_a_child_listed_first_is_refused() {
+    let lab = Lab::new(
+        "CREATE TABLE owners (id int PRIMARY KEY, name text);
+         CREATE TABLE cars (id int PRIMARY KEY, owner_id int NOT NULL REFERENCES owners (id), plate text);
+         INSERT INTO owners SELECT g, 'o' || g FROM generate_series(1, 20) g;
+         INSERT INTO cars SELECT g, g, 'P-' || g FROM generate_series(1, 20) g;",
+        "DELETE FROM cars WHERE owner_id <= 5; DELETE FROM owners WHERE id <= 5;",
+        true,
+    );
+    let wrong = lab.playbook(
+        "fk-wrong",
+        "selective-repair",
+        "[[repair]]\ntable = \"cars\"\n\n[[repair]]\ntable = \"owners\"\n",
+    );
+    let out = Command::new(reentry_bin())
+        .args(["playbook", "check"])
+        .arg(&wrong)
+        .output()
+        .unwrap();
+    assert_exit(&out, 78);
+    let err = stderr(&out);
+    assert!(
+        err.contains("`cars` references `owners`, which is listed after it"),
+        "{err}"
+    );
+    assert!(
+        err.contains("fk-wrong.toml:16:"),
+        "located at the child's table: {err}"
+    );
+
+    let pb = lab.playbook(
+        "fk",
+        "selective-repair",
+        "[[repair]]\ntable = \"owners\"\n\n[[repair]]\ntable = \"cars\"\n",
+    );
+    let out = lab.apply(&pb, "run", &[]);
+    assert_exit(&out, 0);
+    let mut cur = lab.current();
+    assert_eq!(one_i64(&mut cur, "SELECT count(*) FROM owners"), 20);
+    assert_eq!(one_i64(&mut cur, "SELECT count(*) FROM cars"), 20);
+}
+
+/// A composite key, text first, and values PostgreSQL prints in ways that
+/// are easy to confuse: each damaged row found, the rest left alone, and
+/// every value back exactly.
+#[test]
+fn composite_keys_and_awkward_types_compare_exactly() {
+    let lab = Lab::new(
+        "CREATE TABLE things (tenant text, id int, n numeric, j jsonb, b bytea, a int[], ts timestamptz,
+                              t text, z text, PRIMARY KEY (tenant, id));
+         INSERT INTO things SELECT 'T' || (g % 3), g, 1.0, '{\"a\": 1}', '\\x00', '{1,2}',
+                                   '2026-11-01 10:00:00.123456+00', 'a', '' FROM generate_series(1, 30) g;",
+        "UPDATE things SET n = 1.00 WHERE id = 1;
+         UPDATE things SET j = '{\"a\": 1.0}' WHERE id = 2;
+         UPDATE things SET b = '\\x0000' WHERE id = 3;
+         UPDATE things SET a = '{1,2,NULL}' WHERE id = 4;
+         UPDATE things SET ts = ts + interval '1 microsecond' WHERE id = 5;
+         UPDATE things SET t = 'A' WHERE id = 6;
+         UPDATE things SET z = NULL WHERE id = 7;
+         UPDATE things SET t = 'a ' WHERE id = 8;
+         INSERT INTO things VALUES ('t0', 100, 1, '{}', '', '{}', now(), 'x', 'x');",
+        false,
+    );
+    let pb = lab.playbook(
+        "types",
+        "selective-repair",
+        "[[repair]]\ntable = \"things\"\nallow-delete = true\n",
+    );
+    let (out, v) = diff_json(&pb);
+    assert_exit(&out, 1);
+    assert_eq!(
+        v[0]["counts"],
+        serde_json::json!({"update": 8, "delete": 1}),
+        "{v}"
+    );
+    assert_eq!(v[0]["stats"]["mode"], "segments (key hashes)", "{v}");
+    let out = lab.apply(&pb, "run", &[]);
+    assert_exit(&out, 0);
+    let dump = |c: &mut postgres::Client| -> String {
+        c.query_one(
+            "SELECT string_agg(ROW(t.*)::text, E'\\n' ORDER BY tenant COLLATE \"C\", id) FROM things t",
+            &[],
+        )
+        .unwrap()
+        .get(0)
+    };
+    assert_eq!(dump(&mut lab.current()), dump(&mut lab.restored()));
+    let (out, v) = diff_json(&pb);
+    assert_eq!(v[0]["counts"], serde_json::json!({}), "{v}");
+    assert_exit(&out, 0);
+}

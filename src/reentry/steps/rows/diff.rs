@@ -153,19 +153,26 @@ impl Spec {
             .join(", ")
     }
 
-    /// The hash compared: the compared columns' text as a row.
-    fn row_hash(&self) -> String {
-        if self.columns.is_empty() {
+    /// The hash compared: the compared columns' text as a row. On the
+    /// source it also covers the columns the target lacks, so that every
+    /// row in scope differs and is staged: their values exist nowhere else.
+    fn row_hash(&self, source: bool) -> String {
+        let mut cols: Vec<String> = self
+            .columns
+            .iter()
+            .map(|c| format!("t.{}", c.quoted()))
+            .collect();
+        if source {
+            cols.extend(
+                self.source_only
+                    .iter()
+                    .map(|c| format!("t.{}", quote_ident(c))),
+            );
+        }
+        if cols.is_empty() {
             return "md5('')".into();
         }
-        format!(
-            "md5(ROW({})::text)",
-            self.columns
-                .iter()
-                .map(|c| format!("t.{}", c.quoted()))
-                .collect::<Vec<_>>()
-                .join(", ")
-        )
+        format!("md5(ROW({})::text)", cols.join(", "))
     }
 
     /// Whether the target row changed after T, by `updated-at`.
@@ -189,9 +196,9 @@ impl Spec {
             }
         }
         format!(
-            "SELECT {keys}, {h}, md5(t::text), {changed} FROM {table} AS t WHERE {wh}",
+            "SELECT {keys}, {h}, md5(ROW(t.*)::text), {changed} FROM {table} AS t WHERE {wh}",
             keys = self.key_text(),
-            h = self.row_hash(),
+            h = self.row_hash(source),
             changed = self.changed(),
             table = self.table_sql(),
             wh = wh.join(" AND ")
@@ -413,11 +420,11 @@ fn both<A: Send, B: Send>(
 /// Per segment: row count and the sum of 60 bits of each row's hash.
 type Sums = BTreeMap<i64, (i64, String)>;
 
-fn sums(db: &mut Db, spec: &Spec, seg: &str) -> Result<Sums, PgError> {
+fn sums(db: &mut Db, spec: &Spec, seg: &str, source: bool) -> Result<Sums, PgError> {
     let sql = format!(
         "SELECT {seg} AS seg, count(*), sum(('x' || substr({h}, 18))::bit(60)::bigint)::text
            FROM {table} AS t GROUP BY 1",
-        h = spec.row_hash(),
+        h = spec.row_hash(source),
         table = spec.table_sql()
     );
     Ok(db
@@ -553,8 +560,8 @@ fn by_segments(
     let (ss, ts) = both(
         src,
         tgt,
-        |db| sums(db, spec, &seg),
-        |db| sums(db, spec, &seg),
+        |db| sums(db, spec, &seg, true),
+        |db| sums(db, spec, &seg, false),
     )?;
     let mut stats = Stats {
         mode: if range.is_some() {

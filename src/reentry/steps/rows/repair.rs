@@ -680,6 +680,30 @@ impl Step for Apply {
             })
             .collect();
         let ins_cols: Vec<String> = writable.iter().map(|c| quote_ident(c)).collect();
+        // What an update compares: the writable columns but the stamp.
+        let cmp: Vec<&&String> = writable
+            .iter()
+            .filter(|c| !is_key(c) && Some(c.as_str()) != stamp)
+            .collect();
+        let listed = |alias: &str| {
+            if cmp.is_empty() {
+                "NULL".to_owned()
+            } else {
+                cmp.iter()
+                    .map(|c| format!("{alias}.{}", quote_ident(c)))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            }
+        };
+        let (t_cmp, s_cmp) = (listed("t"), listed("s"));
+        let not_applied_note = if not_applied.is_empty() {
+            "equal on the target already".to_owned()
+        } else {
+            format!(
+                "staged, not applied: column missing on target: {}",
+                not_applied.join(", ")
+            )
+        };
         let ins_vals: Vec<String> = writable
             .iter()
             .map(|c| {
@@ -791,7 +815,7 @@ impl Step for Apply {
                         "delete candidates",
                         &format!(
                             "DELETE FROM {table} AS t USING {st} AS s
-                              WHERE {staged_rows} AND {t_key_eq} AND md5(t::text) = s._target_hash
+                              WHERE {staged_rows} AND {t_key_eq} AND md5(ROW(t.*)::text) = s._target_hash
                              RETURNING {returning}"
                         ),
                         &params,
@@ -799,12 +823,17 @@ impl Step for Apply {
                     done.insert("delete", rows.iter().map(|r| r.get(0)).collect());
                 } else {
                     if !set.is_empty() {
+                        // Only rows that differ in what can be written (as
+                        // text: 1.0 and 1.00 are equal numbers, not equal
+                        // values): a row staged for a column the target
+                        // lacks is left as it is.
                         let rows = db.query(
                             "update rows",
                             &format!(
                                 "UPDATE {table} AS t SET {} FROM {st} AS s
                                   WHERE {staged_rows} AND s._would = 'update' AND {t_key_eq}
-                                    AND md5(t::text) = s._target_hash
+                                    AND md5(ROW(t.*)::text) = s._target_hash
+                                    AND ROW({t_cmp})::text IS DISTINCT FROM ROW({s_cmp})::text
                                  RETURNING {returning}",
                                 set.join(", ")
                             ),
@@ -843,13 +872,29 @@ impl Step for Apply {
                     ),
                     &with_applied,
                 )?;
+                // A row the write skipped changed on the target since the
+                // diff (or, for an insert, appeared there); else it was
+                // equal in every column the target has.
                 let conflicts = db.execute(
                     "mark rows changed since the diff",
                     &format!(
                         "UPDATE {st} AS s SET _status = 'conflict', _note = 'changed on the target since the diff'
-                          WHERE {staged_rows}"
+                          WHERE {staged_rows} AND CASE WHEN s._would = 'insert'
+                                THEN EXISTS (SELECT FROM {table} AS t WHERE {t_key_eq})
+                                ELSE NOT EXISTS (SELECT FROM {table} AS t WHERE {t_key_eq} AND md5(ROW(t.*)::text) = s._target_hash) END"
                     ),
                     &params,
+                )?;
+                let mut with_note = params.clone();
+                with_note.push(&not_applied_note);
+                db.execute(
+                    "mark rows with nothing to write",
+                    &format!(
+                        "UPDATE {st} AS s SET _status = 'not-applied', _note = ${}
+                          WHERE {staged_rows}",
+                        n + 2
+                    ),
+                    &with_note,
                 )?;
                 for (class, rows) in &done {
                     if rows.is_empty() {
@@ -911,6 +956,7 @@ impl Step for Apply {
             ),
             ("review", "conflicts left for review"),
             ("kept", "conflicts where the target's row was kept"),
+            ("not-applied", "equal in every column the target has"),
         ] {
             if let Some(n) = status.get(s) {
                 summary.push_str(&format!("; {n} {what}"));
