@@ -105,7 +105,18 @@ pub struct Report {
     pub pauses: Vec<PauseEvidence>,
     pub steps: Vec<StepEvidence>,
     pub gates: Vec<GateEvidence>,
+    /// The kinds' own tables (rows repaired, …), in plan order.
+    pub sections: Vec<Section>,
     pub notes: Vec<String>,
+}
+
+/// A kind's own table in the report.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Section {
+    pub title: String,
+    pub columns: Vec<String>,
+    pub rows: Vec<Vec<String>>,
+    pub lines: Vec<String>,
 }
 
 fn secs_between(a: Option<SystemTime>, b: Option<SystemTime>) -> Option<f64> {
@@ -156,6 +167,7 @@ pub fn assemble(plan: &Plan, records: &[Record]) -> Report {
     };
     let mut steps = Vec::new();
     let mut gates: Vec<GateEvidence> = Vec::new();
+    let mut sections: Vec<Section> = Vec::new();
     for (i, s) in plan.steps.iter().enumerate() {
         let mine: Vec<&Record> = records
             .iter()
@@ -187,6 +199,23 @@ pub fn assemble(plan: &Plan, records: &[Record]) -> Report {
                     d.effect.count,
                     d.effect.items.clone(),
                 );
+                if let Some(e) = s.action.step().evidence(&d.effect) {
+                    match sections
+                        .iter_mut()
+                        .find(|x: &&mut Section| x.title == e.section)
+                    {
+                        Some(sec) => {
+                            sec.rows.push(e.row);
+                            sec.lines.extend(e.lines);
+                        }
+                        None => sections.push(Section {
+                            title: e.section,
+                            columns: e.columns,
+                            rows: vec![e.row],
+                            lines: e.lines,
+                        }),
+                    }
+                }
                 // The kind says what its effect means for a gate.
                 match s.action.step().gate_evidence(&d.effect) {
                     Some(GateRow::Closed(row)) => gates.push(row),
@@ -255,6 +284,7 @@ pub fn assemble(plan: &Plan, records: &[Record]) -> Report {
         pauses: pauses(records),
         steps,
         gates,
+        sections,
         notes: plan.notes.clone(),
     }
 }
@@ -391,6 +421,23 @@ pub fn markdown(r: &Report) -> String {
                 md_cell(&g.closed),
                 md_cell(&g.after)
             );
+        }
+    }
+    for sec in &r.sections {
+        let _ = writeln!(o);
+        let _ = writeln!(o, "## {}", sec.title);
+        let _ = writeln!(o);
+        let _ = writeln!(o, "| {} |", sec.columns.join(" | "));
+        let _ = writeln!(o, "|{}", "---|".repeat(sec.columns.len()));
+        for row in &sec.rows {
+            let cells: Vec<String> = row.iter().map(|c| md_cell(c)).collect();
+            let _ = writeln!(o, "| {} |", cells.join(" | "));
+        }
+        if !sec.lines.is_empty() {
+            let _ = writeln!(o);
+            for l in &sec.lines {
+                let _ = writeln!(o, "- {}", md_cell(l));
+            }
         }
     }
     let _ = writeln!(o);
@@ -645,6 +692,28 @@ dl{{display:grid;grid-template-columns:max-content auto;gap:4px 16px}}dt{{color:
             );
         }
         o.push_str("</table>");
+    }
+    for sec in &r.sections {
+        let _ = write!(o, "<h2>{}</h2><table><tr>", esc(&sec.title));
+        for c in &sec.columns {
+            let _ = write!(o, "<th>{}</th>", esc(c));
+        }
+        o.push_str("</tr>");
+        for row in &sec.rows {
+            o.push_str("<tr>");
+            for c in row {
+                let _ = write!(o, "<td>{}</td>", esc(c));
+            }
+            o.push_str("</tr>");
+        }
+        o.push_str("</table>");
+        if !sec.lines.is_empty() {
+            o.push_str("<ul>");
+            for l in &sec.lines {
+                let _ = write!(o, "<li>{}</li>", esc(l));
+            }
+            o.push_str("</ul>");
+        }
     }
     o.push_str("<h2>Validation</h2><ul>");
     for s in r.steps.iter().filter(|s| s.phase == Phase::Validate) {

@@ -200,6 +200,24 @@ fn task_4_corrupt_100_rows_pitr_stage_repair_and_an_audit_row_says_100() {
         conflict, "review",
         "left for a person, in the staging table"
     );
+    // The report shows the table's counts and its audit rows.
+    let report = Command::new(reentry_bin())
+        .arg("report")
+        .arg(lab.dir.join("run1"))
+        .output()
+        .unwrap();
+    assert_exit(&report, 0);
+    let md = stdout(&report);
+    assert!(md.contains("## Rows staged"), "{md}");
+    assert!(
+        md.contains("| accounts | restored → current | 1000 | 0 | 100 | 0 | 1 |"),
+        "{md}"
+    );
+    assert!(
+        md.contains("| accounts | current | 100 | 0 | 1 | 0 | 0 | 1 |"),
+        "{md}"
+    );
+    assert!(md.contains("- accounts: update 100 row(s) at "), "{md}");
 
     // Again: nothing left to do but the conflict, and nothing changes.
     let before = one_i64(

@@ -342,6 +342,17 @@ pub struct GateEvidence {
     pub after: String,
 }
 
+/// A row of a kind's own table in the evidence report: the section's
+/// heading and columns, this step's cells, and lines to list under the
+/// table (audit rows).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Evidence {
+    pub section: String,
+    pub columns: Vec<String>,
+    pub row: Vec<String>,
+    pub lines: Vec<String>,
+}
+
 /// What a finished step says about a gate, for the report.
 #[derive(Debug, Clone, PartialEq)]
 pub enum GateRow {
@@ -459,6 +470,12 @@ pub trait Step {
     /// What this step's effect (as it journaled it) says about a gate, for
     /// the report's gate table: its own detail, read by its own type.
     fn gate_evidence(&self, _effect: &Effect) -> Option<GateRow> {
+        None
+    }
+
+    /// A row (and lines) its effect adds to a section of the report of
+    /// its own, such as the rows a repair wrote.
+    fn evidence(&self, _effect: &Effect) -> Option<Evidence> {
         None
     }
 

@@ -23,7 +23,7 @@ use crate::pg::conn::{Db, PgError};
 use crate::reentry::check::quote_qualified;
 use crate::reentry::playbook::{Playbook, Seg, WayBack};
 use crate::reentry::steps::{
-    pause_point, Effect, Env, Nature, OnDatabase, Recorder, Step, StepError,
+    pause_point, Effect, Env, Evidence, Nature, OnDatabase, Recorder, Step, StepError,
 };
 
 pub const SCHEMA: &str = "reentry_repair";
@@ -394,6 +394,39 @@ impl Step for Stage {
         Nature::Changes
     }
 
+    fn evidence(&self, effect: &Effect) -> Option<Evidence> {
+        let d: StageDetail = serde_json::from_value(effect.detail.clone()).ok()?;
+        let n = |c: Class| d.diff.counts.get(&c).copied().unwrap_or(0).to_string();
+        Some(Evidence {
+            section: "Rows staged".into(),
+            columns: [
+                "table",
+                "from → to",
+                "compared",
+                "insert",
+                "update",
+                "delete",
+                "conflict",
+                "missing on target",
+                "staged in",
+            ]
+            .map(String::from)
+            .to_vec(),
+            row: vec![
+                d.diff.table.clone(),
+                format!("{} → {}", d.diff.source, d.diff.target),
+                d.diff.stats.source_rows.to_string(),
+                n(Class::Insert),
+                n(Class::Update),
+                n(Class::Delete),
+                n(Class::Conflict),
+                d.diff.source_only.join(", "),
+                d.staging_table,
+            ],
+            lines: Vec::new(),
+        })
+    }
+
     fn writes(&self) -> Vec<&str> {
         vec![self.target.as_str()]
     }
@@ -576,11 +609,87 @@ pub struct ApplyDetail {
     /// Columns staged but missing on the target: not applied.
     pub not_applied_columns: Vec<String>,
     pub audit_table: String,
+    /// This run's audit rows for the table, as the database holds them.
+    #[serde(default)]
+    pub audit: Vec<AuditRow>,
 }
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct AuditRow {
+    pub class: String,
+    pub row_count: i64,
+    pub executed_at: String,
+}
+
+/// How many audit rows the report lists before "and N more".
+const AUDIT_SHOWN: usize = 20;
 
 impl Step for Apply {
     fn nature(&self) -> Nature {
         Nature::Changes
+    }
+
+    fn evidence(&self, effect: &Effect) -> Option<Evidence> {
+        let d: ApplyDetail = serde_json::from_value(effect.detail.clone()).ok()?;
+        let n = |s: &str| d.status.get(s).copied().unwrap_or(0).to_string();
+        let mut lines: Vec<String> = d
+            .audit
+            .iter()
+            .take(AUDIT_SHOWN)
+            .map(|a| {
+                format!(
+                    "{}: {} {} row(s) at {}",
+                    self.table, a.class, a.row_count, a.executed_at
+                )
+            })
+            .collect();
+        if d.audit.len() > AUDIT_SHOWN {
+            lines.push(format!(
+                "{}: and {} more audit row(s) in {}",
+                self.table,
+                d.audit.len() - AUDIT_SHOWN,
+                d.audit_table
+            ));
+        }
+        Some(Evidence {
+            section: "Rows".into(),
+            columns: [
+                "table",
+                "on",
+                "applied",
+                "changed since the diff",
+                "for review",
+                "target kept",
+                "not applied",
+                "batches",
+            ]
+            .map(String::from)
+            .to_vec(),
+            row: vec![
+                format!(
+                    "{}{}",
+                    self.table,
+                    if self.deletes { " (deletes)" } else { "" }
+                ),
+                self.target.clone(),
+                n("applied"),
+                n("conflict"),
+                n("review"),
+                n("kept"),
+                if d.not_applied_columns.is_empty() {
+                    n("not-applied")
+                } else {
+                    format!(
+                        "{} (missing: {})",
+                        n("not-applied"),
+                        d.not_applied_columns.join(", ")
+                    )
+                },
+                d.batches.to_string(),
+            ],
+            lines,
+        })
     }
 
     fn writes(&self) -> Vec<&str> {
@@ -939,6 +1048,25 @@ impl Step for Apply {
             .iter()
             .map(|r| (r.get::<_, String>(0), r.get::<_, i64>(1) as u64))
             .collect();
+        let audit: Vec<AuditRow> = db
+            .query(
+                "read the repair audit log",
+                &format!(
+                    "SELECT class, row_count, to_char(executed_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"')
+                       FROM {AUDIT} WHERE repair_id = $1 AND table_name = $2
+                        AND class IN ('{}') ORDER BY executed_at",
+                    if self.deletes { "delete" } else { "insert', 'update" }
+                ),
+                &[&run_id, &self.table],
+            )
+            .on(&target)?
+            .iter()
+            .map(|r| AuditRow {
+                class: r.get(0),
+                row_count: r.get(1),
+                executed_at: r.get(2),
+            })
+            .collect();
         let applied = status.get("applied").copied().unwrap_or(0);
         let mut summary = format!(
             "{} `{}` on {target}: {applied} row(s) applied",
@@ -977,6 +1105,7 @@ impl Step for Apply {
                 batches,
                 not_applied_columns: not_applied,
                 audit_table: AUDIT.into(),
+                audit,
             }),
         })
     }
