@@ -657,6 +657,19 @@ fn the_plan_finds_every_class_apply_settles_them_and_a_second_apply_is_a_no_op()
     assert!(journal
         .lines()
         .any(|l| l.contains("\"prior\"") && l.contains(&format!("rewind:{}", w.group))));
+    // The orphans' aggregates are recorded as changed around T, once
+    // each, for the cache and search steps.
+    let changed: Vec<reentry::reentry::steps::rows::Changed> =
+        std::fs::read_to_string(run_dir.join(reentry::reentry::steps::rows::CHANGED_FILE))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+    let orphans: Vec<_> = changed.iter().filter(|c| c.by == "outbox").collect();
+    assert_eq!(orphans.len(), 7, "{changed:?}");
+    assert!(orphans
+        .iter()
+        .all(|c| c.table == "case-events" && c.class == "orphan" && c.key.len() == 1));
     // Tombstones: the six live keys, none of the expired ones.
     let mut keys: Vec<String> = w
         .client("res")

@@ -200,6 +200,14 @@ fn task_4_corrupt_100_rows_pitr_stage_repair_and_an_audit_row_says_100() {
         conflict, "review",
         "left for a person, in the staging table"
     );
+    // Every key the diff found is recorded as changed around T.
+    let changed =
+        std::fs::read_to_string(lab.dir.join("run1").join("changed-entities.jsonl")).unwrap();
+    assert_eq!(changed.lines().count(), 101, "{changed}");
+    assert!(
+        changed.contains(r#"{"table":"accounts","key":["500"],"class":"update","by":"rows"}"#),
+        "{changed}"
+    );
     // The report shows the table's counts and its audit rows.
     let report = Command::new(reentry_bin())
         .arg("report")

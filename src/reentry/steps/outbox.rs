@@ -873,6 +873,23 @@ impl Step for Reconcile {
             .iter()
             .map(|s| (s.clone(), whole.remove(&(s.partition, s.offset))))
             .collect();
+        // The orphans' aggregates changed around T: their keys (the
+        // message key, else the event id) join the run's changed entities
+        // under the outbox's name, for the cache and search steps.
+        if let Some(dir) = env.run_dir.clone() {
+            let entries = fetched
+                .iter()
+                .map(|(s, m)| {
+                    let key = m
+                        .as_ref()
+                        .and_then(|m| m.key.as_deref())
+                        .map(|k| String::from_utf8_lossy(k).into_owned())
+                        .unwrap_or_else(|| s.id.clone());
+                    (vec![key], "orphan".to_owned())
+                })
+                .collect();
+            super::rows::record_changed(&dir, &self.outbox, "outbox", entries)?;
+        }
         let l = &self.layout;
         let t = quote_qualified(&l.table);
         let id = quote_qualified(&l.id);

@@ -26,7 +26,7 @@ use crate::reentry::playbook::{section, Meaning, Playbook, Seg, WayBack};
 use crate::reentry::schema::{opt, req, Field, Kind};
 use crate::reentry::steps::Phase;
 
-pub use repair::{run_diff, Apply, Stage, CHANGED_FILE};
+pub use repair::{record_changed, run_diff, Apply, Changed, Stage, CHANGED_FILE};
 
 pub const ON_CONFLICT: &[&str] = &["review", "source-wins", "target-wins"];
 pub const TRIGGERS: &[&str] = &["keep", "disable"];

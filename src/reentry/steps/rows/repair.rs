@@ -497,6 +497,22 @@ fn write_changed(
     by: &str,
     d: &diff::Diff,
 ) -> Result<(), StepError> {
+    let entries = d
+        .rows
+        .iter()
+        .map(|f| (f.key.clone(), f.would.as_str().to_owned()))
+        .collect();
+    record_changed(dir, table, by, entries)
+}
+
+/// Replaces what `by` recorded for `table` in the run's changed entities
+/// with `entries` (key, class): a resumed step records once.
+pub fn record_changed(
+    dir: &std::path::Path,
+    table: &str,
+    by: &str,
+    entries: Vec<(Vec<String>, String)>,
+) -> Result<(), StepError> {
     let path = dir.join(CHANGED_FILE);
     let mut lines: Vec<String> = match std::fs::read_to_string(&path) {
         Ok(t) => t
@@ -516,12 +532,12 @@ fn write_changed(
             })
         }
     };
-    for f in &d.rows {
+    for (key, class) in entries {
         lines.push(
             serde_json::to_string(&Changed {
                 table: table.into(),
-                key: f.key.clone(),
-                class: f.would.as_str().into(),
+                key,
+                class,
                 by: by.into(),
             })
             .expect("changed entities serialize"),
