@@ -28,6 +28,9 @@ TANSU=$REENTRY_CACHE/tansu/bin/tansu
 # in the confluent-kafka wheel, through this wrapper.
 KCAT=$REENTRY_CACHE/bin/kcat
 KAFKA_VENV=$REENTRY_CACHE/kafka-venv
+# The row benchmark's peer: reladiff (PyPI), with psycopg2 for PostgreSQL.
+RELADIFF_VENV=$REENTRY_CACHE/reladiff-venv
+RELADIFF=reladiff[postgresql]==0.6.0
 CONFLUENT_KAFKA='confluent-kafka>=2.6,<3'
 export REENTRY_TANSU=${REENTRY_TANSU:-$TANSU}
 export REENTRY_KCAT=${REENTRY_KCAT:-$KCAT}

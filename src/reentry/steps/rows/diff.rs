@@ -186,8 +186,9 @@ impl Spec {
         }
     }
 
-    /// The query for rows: key text, compared hash, the whole row's hash
-    /// (the guard a repair checks), changed after T.
+    /// The rows to compare, as `COPY` text: the key's text and the
+    /// compared hash. (The whole row's hash, the guard a repair checks, is
+    /// read afterwards for the rows that differ.)
     fn rows_sql(&self, source: bool, cond: &str) -> String {
         let mut wh = vec![cond.to_owned()];
         if source {
@@ -196,10 +197,9 @@ impl Spec {
             }
         }
         format!(
-            "SELECT {keys}, {h}, md5(ROW(t.*)::text), {changed} FROM {table} AS t WHERE {wh}",
+            "COPY (SELECT {keys}, {h} FROM {table} AS t WHERE {wh}) TO STDOUT",
             keys = self.key_text(),
             h = self.row_hash(source),
-            changed = self.changed(),
             table = self.table_sql(),
             wh = wh.join(" AND ")
         )
@@ -317,20 +317,45 @@ impl Diff {
     }
 }
 
-/// A row as fetched: compared hash, guard hash, changed after T.
-struct Fetched {
-    hash: String,
-    guard: String,
-    changed: bool,
-}
-
-type Rows = HashMap<Vec<String>, Fetched>;
+/// Rows as fetched: key text → the compared hash.
+type Rows = HashMap<Vec<String>, u128>;
 
 /// Rows per range fetched at once, from each side.
 const FETCH_BATCH: i32 = 5000;
 /// Keys per lookup on the target in a scoped diff.
 const KEY_BATCH: usize = 2000;
 
+/// One field of `COPY` text: `\N` is NULL, backslash escapes undone.
+fn copy_field(f: &[u8]) -> Option<String> {
+    if f == b"\\N" {
+        return None;
+    }
+    if !f.contains(&b'\\') {
+        return Some(String::from_utf8_lossy(f).into_owned());
+    }
+    let mut out = Vec::with_capacity(f.len());
+    let mut it = f.iter().copied();
+    while let Some(c) = it.next() {
+        if c != b'\\' {
+            out.push(c);
+            continue;
+        }
+        match it.next() {
+            Some(b'n') => out.push(b'\n'),
+            Some(b'r') => out.push(b'\r'),
+            Some(b't') => out.push(b'\t'),
+            Some(b'b') => out.push(8),
+            Some(b'f') => out.push(12),
+            Some(b'v') => out.push(11),
+            Some(o) => out.push(o),
+            None => out.push(b'\\'),
+        }
+    }
+    Some(String::from_utf8_lossy(&out).into_owned())
+}
+
+/// Runs a `rows_sql` COPY and reads its lines: `nkeys` key fields, then
+/// the md5 in hex.
 fn fetch(
     db: &mut Db,
     sql: &str,
@@ -338,68 +363,90 @@ fn fetch(
     out: &mut Rows,
     nulls: &mut u64,
 ) -> Result<(), PgError> {
-    db.stream_rows("fetch rows to compare", sql, &[], FETCH_BATCH, |rows| {
-        for r in rows {
-            let key: Option<Vec<String>> =
-                (0..nkeys).map(|i| r.get::<_, Option<String>>(i)).collect();
-            let Some(key) = key else {
-                *nulls += 1;
-                continue;
-            };
-            out.insert(
-                key,
-                Fetched {
-                    hash: r.get(nkeys),
-                    guard: r.get(nkeys + 1),
-                    changed: r.get(nkeys + 2),
-                },
-            );
+    let data = db.copy_out("fetch rows to compare", sql)?;
+    for line in data.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
+        let mut fields = line.split(|b| *b == b'\t');
+        let key: Option<Vec<String>> = (0..nkeys)
+            .map(|_| fields.next().and_then(copy_field))
+            .collect();
+        let hash = fields
+            .next()
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u128::from_str_radix(h, 16).ok())
+            .unwrap_or_default();
+        match key {
+            Some(key) => {
+                out.insert(key, hash);
+            }
+            None => *nulls += 1,
         }
-        Ok::<_, PgError>(())
-    })
+    }
+    Ok(())
 }
 
-/// Classes the rows of one comparable set: every key of either side.
-fn classify(src: &Rows, tgt: &Rows, changed_set: &HashSet<Vec<String>>, out: &mut Vec<Found>) {
-    let changed = |k: &Vec<String>, t: &Fetched| t.changed || changed_set.contains(k);
+/// Classes the rows of one comparable set by presence and hash; the
+/// target's side (its guard hash, a change after T) comes later, in
+/// `settle`, for the rows that differ only.
+fn classify(src: &Rows, tgt: &Rows, out: &mut Vec<Found>) {
+    let found = |k: &Vec<String>, would: Class| Found {
+        key: k.clone(),
+        class: would,
+        would,
+        target_hash: None,
+    };
     for (k, s) in src {
         match tgt.get(k) {
-            None => out.push(Found {
-                key: k.clone(),
-                class: Class::Insert,
-                would: Class::Insert,
-                target_hash: None,
-            }),
-            Some(t) if t.hash != s.hash => {
-                let class = if changed(k, t) {
-                    Class::Conflict
-                } else {
-                    Class::Update
-                };
-                out.push(Found {
-                    key: k.clone(),
-                    class,
-                    would: Class::Update,
-                    target_hash: Some(t.guard.clone()),
-                });
-            }
+            None => out.push(found(k, Class::Insert)),
+            Some(t) if t != s => out.push(found(k, Class::Update)),
             Some(_) => {}
         }
     }
-    for (k, t) in tgt {
+    for k in tgt.keys() {
         if !src.contains_key(k) {
-            out.push(Found {
-                key: k.clone(),
-                class: if changed(k, t) {
-                    Class::Conflict
-                } else {
-                    Class::Delete
-                },
-                would: Class::Delete,
-                target_hash: Some(t.guard.clone()),
-            });
+            out.push(found(k, Class::Delete));
         }
     }
+}
+
+/// For the differing rows the target has: the whole row's hash (the
+/// guard a repair checks) and whether it changed after T (a conflict).
+fn settle(
+    spec: &Spec,
+    tgt: &mut Db,
+    rows: &mut [Found],
+    changed_set: &HashSet<Vec<String>>,
+) -> Result<(), PgError> {
+    let on_target: Vec<usize> = (0..rows.len())
+        .filter(|i| rows[*i].would != Class::Insert)
+        .collect();
+    let n = spec.key.len();
+    for chunk in on_target.chunks(KEY_BATCH) {
+        let keys: Vec<Vec<String>> = chunk.iter().map(|i| rows[*i].key.clone()).collect();
+        let sql = format!(
+            "SELECT {}, md5(ROW(t.*)::text), {} FROM {} AS t WHERE {}",
+            spec.key_text(),
+            spec.changed(),
+            spec.table_sql(),
+            spec.keys_in(&keys)
+        );
+        let mut seen: HashMap<Vec<String>, (String, bool)> = HashMap::new();
+        for r in tgt.query("read the differing rows' hashes", &sql, &[])? {
+            let key: Option<Vec<String>> = (0..n).map(|i| r.get::<_, Option<String>>(i)).collect();
+            if let Some(k) = key {
+                seen.insert(k, (r.get(n), r.get(n + 1)));
+            }
+        }
+        for i in chunk {
+            let f = &mut rows[*i];
+            if let Some((guard, changed)) = seen.remove(&f.key) {
+                f.target_hash = Some(guard);
+                if changed || changed_set.contains(&f.key) {
+                    f.class = Class::Conflict;
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Runs `a` on the source and `b` on the target at once.
@@ -471,10 +518,11 @@ pub fn diff(
     let started = Instant::now();
     let changed_set = changed_after_t(tgt, spec)?;
     let mut d = if spec.filter.is_none() && spec.ids.is_none() {
-        by_segments(spec, src, tgt, &changed_set, progress)?
+        by_segments(spec, src, tgt, progress)?
     } else {
-        by_keys(spec, src, tgt, ids_db, &changed_set, progress)?
+        by_keys(spec, src, tgt, ids_db, progress)?
     };
+    settle(spec, tgt, &mut d.rows, &changed_set)?;
     d.rows.sort_by(|a, b| key_order(&a.key, &b.key));
     d.stats.seconds = started.elapsed().as_secs_f64();
     Ok(d)
@@ -497,13 +545,14 @@ pub fn key_order(a: &[String], b: &[String]) -> std::cmp::Ordering {
 
 /// Rows per segment aimed at: small enough that one differing row costs
 /// little to fetch, large enough that the segments' sums stay few.
-const SEGMENT_ROWS: i64 = 1000;
+const SEGMENT_ROWS: i64 = 100;
+/// Segments fetched at once: a bounded number of rows in memory.
+const GROUP_SEGMENTS: usize = 500;
 
 fn by_segments(
     spec: &Spec,
     src: &mut Db,
     tgt: &mut Db,
-    changed_set: &HashSet<Vec<String>>,
     progress: &crate::progress::Reporter,
 ) -> Result<Diff, PgError> {
     let table = spec.table_sql();
@@ -551,8 +600,21 @@ fn by_segments(
             .map(|c| format!("t.{}", c.quoted()))
             .collect::<Vec<_>>()
             .join(", ");
+        let est = format!(
+            "SELECT greatest(reltuples, 0)::bigint FROM pg_class WHERE oid = to_regclass({})",
+            literal(&table)
+        );
+        let rows = src
+            .query_one("estimate the table's rows", &est, &[])?
+            .get::<_, i64>(0);
+        let buckets = ((rows / SEGMENT_ROWS).max(64) as u64)
+            .next_power_of_two()
+            .min(1 << 20);
         (
-            format!("(('x' || substr(md5(ROW({keys})::text), 1, 8))::bit(32)::bigint & 4095)"),
+            format!(
+                "(('x' || substr(md5(ROW({keys})::text), 1, 8))::bit(32)::bigint & {})",
+                buckets - 1
+            ),
             None,
         )
     };
@@ -585,7 +647,9 @@ fn by_segments(
             let mut g: Vec<Vec<i64>> = Vec::new();
             for s in &differing {
                 match g.last_mut() {
-                    Some(last) if *last.last().unwrap() + 1 == *s && last.len() < 50 => {
+                    Some(last)
+                        if *last.last().unwrap() + 1 == *s && last.len() < GROUP_SEGMENTS =>
+                    {
                         last.push(*s)
                     }
                     _ => g.push(vec![*s]),
@@ -593,7 +657,11 @@ fn by_segments(
             }
             g
         }
-        None => differing.chunks(256).map(<[i64]>::to_vec).collect(),
+        // Each group is a scan of the table: as few as memory allows.
+        None => differing
+            .chunks(GROUP_SEGMENTS * 4)
+            .map(<[i64]>::to_vec)
+            .collect(),
     };
     let n = spec.key.len();
     let total = groups.len() as u64;
@@ -631,7 +699,7 @@ fn by_segments(
         )?;
         stats.rows_fetched += (sr.len() + tr.len()) as u64;
         stats.null_keys += sn + tn;
-        classify(&sr, &tr, changed_set, &mut out);
+        classify(&sr, &tr, &mut out);
     }
     Ok(Diff { rows: out, stats })
 }
@@ -662,7 +730,6 @@ fn by_keys(
     src: &mut Db,
     tgt: &mut Db,
     ids_db: Option<&mut Db>,
-    changed_set: &HashSet<Vec<String>>,
     progress: &crate::progress::Reporter,
 ) -> Result<Diff, PgError> {
     let n = spec.key.len();
@@ -692,7 +759,7 @@ fn by_keys(
         stats.target_rows += tr.len() as u64;
         stats.rows_fetched += (sr.len() + tr.len()) as u64;
         stats.null_keys += sn + tn;
-        classify(&sr, &tr, changed_set, &mut out);
+        classify(&sr, &tr, &mut out);
         Ok::<_, PgError>(())
     };
     if spec.ids.is_some() {
@@ -758,6 +825,16 @@ mod tests {
         ];
         t.sort_by(|a, b| key_order(a, b));
         assert_eq!(t, [["B"], ["a"], ["b"]]);
+    }
+
+    #[test]
+    fn copy_text_fields_read_back_exactly() {
+        // COPY's text format: \N is NULL, a backslash escapes itself and
+        // control characters.
+        assert_eq!(copy_field(br"\N"), None);
+        assert_eq!(copy_field(br"\\N"), Some(r"\N".to_owned()));
+        assert_eq!(copy_field(br"a\tb\\c\nd"), Some("a\tb\\c\nd".to_owned()));
+        assert_eq!(copy_field("é".as_bytes()), Some("é".to_owned()));
     }
 
     #[test]
