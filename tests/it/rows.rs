@@ -625,3 +625,86 @@ fn composite_keys_and_awkward_types_compare_exactly() {
     assert_eq!(v[0]["counts"], serde_json::json!({}), "{v}");
     assert_exit(&out, 0);
 }
+
+/// The damage's scope: `ids` (keys from current, where the damage shows)
+/// and `where` (on the restored side). Rows outside it are not compared,
+/// and with triggers disabled the table's own trigger does not fire.
+#[test]
+fn a_scope_by_ids_or_where_compares_only_its_rows_and_triggers_can_be_disabled() {
+    let lab = Lab::new(
+        &format!(
+            "{ACCOUNTS}
+             CREATE TABLE touched (id bigint);
+             CREATE FUNCTION touch() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN INSERT INTO touched VALUES (NEW.id); RETURN NEW; END $$;
+             CREATE TRIGGER touch AFTER UPDATE ON accounts FOR EACH ROW EXECUTE FUNCTION touch();"
+        ),
+        "UPDATE accounts SET balance = 0 WHERE id <= 100;
+         UPDATE accounts SET owner = 'elsewhere' WHERE id BETWEEN 901 AND 910;
+         DELETE FROM touched;",
+        false,
+    );
+    let ids = lab.playbook(
+        "ids",
+        "selective-repair",
+        "[[repair]]\ntable = \"accounts\"\nids = \"SELECT id FROM accounts WHERE balance = 0\"\ntriggers = \"disable\"\n",
+    );
+    let (out, v) = diff_json(&ids);
+    assert_exit(&out, 1);
+    assert_eq!(v[0]["counts"], serde_json::json!({"update": 100}), "{v}");
+    assert_eq!(v[0]["stats"]["mode"], "keys");
+    assert_eq!(v[0]["stats"]["source-rows"], 100, "{v}");
+    let plan = Command::new(reentry_bin())
+        .arg("plan")
+        .arg(&ids)
+        .output()
+        .unwrap();
+    assert!(
+        stdout(&plan).contains("triggers disabled (session_replication_role = replica)"),
+        "{}",
+        stdout(&plan)
+    );
+    let out = lab.apply(&ids, "run", &[]);
+    assert_exit(&out, 0);
+    let mut cur = lab.current();
+    assert_eq!(
+        one_i64(&mut cur, "SELECT count(*) FROM accounts WHERE balance = 0"),
+        0
+    );
+    assert_eq!(
+        one_i64(
+            &mut cur,
+            "SELECT count(*) FROM accounts WHERE owner = 'elsewhere'"
+        ),
+        10,
+        "outside the scope: left alone"
+    );
+    assert_eq!(
+        one_i64(&mut cur, "SELECT count(*) FROM touched"),
+        0,
+        "the repair's writes did not fire the table's trigger"
+    );
+
+    let scoped = lab.playbook(
+        "where",
+        "selective-repair",
+        "[[repair]]\ntable = \"accounts\"\nwhere = \"id BETWEEN 901 AND 905\"\n",
+    );
+    let (out, v) = diff_json(&scoped);
+    assert_exit(&out, 1);
+    assert_eq!(v[0]["counts"], serde_json::json!({"update": 5}), "{v}");
+    let out = lab.apply(&scoped, "run2", &[]);
+    assert_exit(&out, 0);
+    assert_eq!(
+        one_i64(
+            &mut cur,
+            "SELECT count(*) FROM accounts WHERE owner = 'elsewhere'"
+        ),
+        5
+    );
+    assert_eq!(
+        one_i64(&mut cur, "SELECT count(*) FROM touched"),
+        5,
+        "triggers are kept by default"
+    );
+}

@@ -24,10 +24,14 @@ use crate::pg::conn::{Db, PgError};
 use crate::reentry::check::quote_qualified;
 
 /// Set on every connection the diff uses: a value prints the same on
-/// either server, and nothing can be written.
+/// either server, and nothing can be written. The segments' sums are a
+/// hash aggregate: sorting the table's rows by segment first (which the
+/// planner picks for a parallel plan) spills them to disk and costs more
+/// than the hashing itself.
 pub const SESSION: &str = "SET application_name = 'reentry rows'; SET TIME ZONE 'UTC'; \
      SET DateStyle = 'ISO, YMD'; SET IntervalStyle = 'postgres'; SET extra_float_digits = 1; \
-     SET bytea_output = 'hex'; SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY;";
+     SET bytea_output = 'hex'; SET enable_sort = off; SET work_mem = '128MB'; \
+     SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY;";
 
 /// Opens a connection for the diff.
 pub fn connect(conninfo: &str) -> Result<Db, PgError> {
