@@ -762,7 +762,6 @@ extensions = true
 [[repair]]
 table = "Case Table"
 key = ["Case Id"]
-updated-at = "v"
 "#,
         cur = f.conninfo("cur"),
         res = f.conninfo("res"),

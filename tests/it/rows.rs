@@ -333,16 +333,21 @@ fn a_dropped_column_is_staged_not_applied_and_applied_once_it_exists_again() {
 #[test]
 fn a_cutover_carries_the_writes_made_after_t_forward() {
     let lab = Lab::new(
-        ACCOUNTS,
+        &format!(
+            "{ACCOUNTS}
+             CREATE TABLE notes (id bigserial PRIMARY KEY, body text, updated_at timestamptz NOT NULL DEFAULT now());
+             INSERT INTO notes (body) SELECT 'note ' || g FROM generate_series(1, 20) g;"
+        ),
         "UPDATE accounts SET balance = balance + 1, updated_at = now() WHERE id IN (7, 8, 9);
          INSERT INTO accounts VALUES (1001, 'new', 1, now()), (1002, 'new', 2, now());
-         UPDATE accounts SET balance = -1 WHERE id = 20;",
+         UPDATE accounts SET balance = -1 WHERE id = 20;
+         INSERT INTO notes (body) SELECT 'later ' || g FROM generate_series(1, 5) g;",
         true,
     );
     let pb = lab.playbook(
         "cutover",
         "cutover",
-        "[[repair]]\ntable = \"accounts\"\nupdated-at = \"updated_at\"\n",
+        "[[repair]]\ntable = \"accounts\"\nupdated-at = \"updated_at\"\n\n[[repair]]\ntable = \"notes\"\nupdated-at = \"updated_at\"\n",
     );
     let (out, v) = diff_json(&pb);
     assert_exit(&out, 1);
@@ -385,9 +390,15 @@ fn a_cutover_carries_the_writes_made_after_t_forward() {
         .unwrap()
         .get(0);
     assert_eq!(carried, on_current, "a carried row keeps its own time");
+    // The restored copy's sequence was behind the carried ids: the
+    // validation step, after the repair, advanced it.
+    assert_eq!(one_i64(&mut res, "SELECT max(id) FROM notes"), 25);
+    let next = one_i64(&mut res, "SELECT nextval('notes_id_seq')");
+    assert!(next > 25, "the next note would collide: {next}");
     let (out, v) = diff_json(&pb);
     assert_exit(&out, 0);
     assert_eq!(v[0]["counts"], serde_json::json!({}));
+    assert_eq!(v[1]["counts"], serde_json::json!({}));
 }
 
 /// A writer changes 10 staged rows on the target between the stage and

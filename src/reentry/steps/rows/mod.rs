@@ -122,9 +122,12 @@ fn plan(p: &Playbook, ctx: &PlanCtx) -> Vec<PlannedStep> {
     out
 }
 
-/// A cutover carries forward what changed after T: it needs T as a time.
+/// A cutover carries forward what changed after T, and `updated-at`
+/// tells a conflict by a change after T: either needs T as a time.
 fn needs_time(p: &Playbook) -> bool {
-    !repairs(p).is_empty()
+    let rs = repairs(p);
+    (p.playbook.way_back == WayBack::Cutover && !rs.is_empty())
+        || rs.iter().any(|r| r.updated_at.is_some())
 }
 
 fn meaning(m: &mut Meaning) {

@@ -234,11 +234,10 @@ impl Stage {
         let st = staging(&spec.table);
         let cols: Vec<String> = spec.source_columns.iter().map(Column::quoted).collect();
         let mut ddl = format!(
-            "SET LOCAL lock_timeout = '10s'; CREATE SCHEMA IF NOT EXISTS {SCHEMA};
-             CREATE TABLE IF NOT EXISTS {AUDIT} (repair_id text NOT NULL, table_name text NOT NULL,
-                 class text NOT NULL, row_count bigint NOT NULL, executed_at timestamptz NOT NULL DEFAULT clock_timestamp());
+            "SET LOCAL lock_timeout = '10s'; {}
              CREATE TABLE IF NOT EXISTS {st} (_run_id text, _class text, _would text, _target_hash text,
-                 _status text, _note text, _staged_at timestamptz DEFAULT now());"
+                 _status text, _note text, _staged_at timestamptz DEFAULT now());",
+            include_str!("../../../../sql/reentry_repair.sql")
         );
         for c in &spec.source_columns {
             ddl.push_str(&format!(
