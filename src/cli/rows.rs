@@ -64,7 +64,7 @@ pub fn run(ctx: &Context, cmd: RowsCommand) -> Result<Exit, Error> {
     let env = Env::new(&p, "diff".into(), true);
     let mut results: Vec<TableDiff> = Vec::new();
     for r in &repairs {
-        let (spec, d) = rows::run_diff(
+        let (_, td) = rows::run_diff(
             &env,
             r,
             (source, target),
@@ -73,7 +73,7 @@ pub fn run(ctx: &Context, cmd: RowsCommand) -> Result<Exit, Error> {
             &ctx.reporter(),
         )
         .map_err(|e| step_err(&r.table, e))?;
-        results.push(TableDiff::of(&spec, source, target, &d));
+        results.push(td);
     }
     let differ: u64 = results.iter().map(TableDiff::differences).sum();
     ctx.emit(&results, || {

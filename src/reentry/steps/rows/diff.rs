@@ -200,8 +200,14 @@ impl Spec {
                 wh.push(format!("({f})"));
             }
         }
+        // The target's rows say whether they changed after T (a conflict).
+        let changed = if source {
+            String::new()
+        } else {
+            format!(", {}", self.changed())
+        };
         format!(
-            "COPY (SELECT {keys}, {h} FROM {table} AS t WHERE {wh}) TO STDOUT",
+            "COPY (SELECT {keys}, {h}{changed} FROM {table} AS t WHERE {wh}) TO STDOUT",
             keys = self.key_text(),
             h = self.row_hash(source),
             table = self.table_sql(),
@@ -305,24 +311,9 @@ pub struct Stats {
     pub seconds: f64,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct Diff {
-    pub rows: Vec<Found>,
-    pub stats: Stats,
-}
-
-impl Diff {
-    pub fn counts(&self) -> BTreeMap<Class, u64> {
-        let mut c = BTreeMap::new();
-        for r in &self.rows {
-            *c.entry(r.class).or_default() += 1;
-        }
-        c
-    }
-}
-
-/// Rows as fetched: key text → the compared hash.
-type Rows = HashMap<Vec<String>, u128>;
+/// Rows as fetched: key text → the compared hash, and (on the target)
+/// whether the row changed after T.
+type Rows = HashMap<Vec<String>, (u128, bool)>;
 
 /// Rows per range fetched at once, from each side.
 const FETCH_BATCH: i32 = 5000;
@@ -378,9 +369,10 @@ fn fetch(
             .and_then(|h| std::str::from_utf8(h).ok())
             .and_then(|h| u128::from_str_radix(h, 16).ok())
             .unwrap_or_default();
+        let changed = fields.next() == Some(b"t");
         match key {
             Some(key) => {
-                out.insert(key, hash);
+                out.insert(key, (hash, changed));
             }
             None => *nulls += 1,
         }
@@ -388,38 +380,41 @@ fn fetch(
     Ok(())
 }
 
-/// Classes the rows of one comparable set by presence and hash; the
-/// target's side (its guard hash, a change after T) comes later, in
-/// `settle`, for the rows that differ only.
-fn classify(src: &Rows, tgt: &Rows, out: &mut Vec<Found>) {
-    let found = |k: &Vec<String>, would: Class| Found {
+/// Classes the rows of one comparable set: every key of either side. A
+/// row the target also changed after T is a conflict.
+fn classify(src: &Rows, tgt: &Rows, changed_set: &HashSet<Vec<String>>) -> Vec<Found> {
+    let mut out = Vec::new();
+    let found = |k: &Vec<String>, would: Class, changed: bool| Found {
         key: k.clone(),
-        class: would,
+        class: if changed && would != Class::Insert {
+            Class::Conflict
+        } else {
+            would
+        },
         would,
         target_hash: None,
     };
+    let changed = |k: &Vec<String>, t: &(u128, bool)| t.1 || changed_set.contains(k);
     for (k, s) in src {
         match tgt.get(k) {
-            None => out.push(found(k, Class::Insert)),
-            Some(t) if t != s => out.push(found(k, Class::Update)),
+            None => out.push(found(k, Class::Insert, false)),
+            Some(t) if t.0 != s.0 => out.push(found(k, Class::Update, changed(k, t))),
             Some(_) => {}
         }
     }
-    for k in tgt.keys() {
+    for (k, t) in tgt {
         if !src.contains_key(k) {
-            out.push(found(k, Class::Delete));
+            out.push(found(k, Class::Delete, changed(k, t)));
         }
     }
+    out.sort_by(|a, b| key_order(&a.key, &b.key));
+    out
 }
 
-/// For the differing rows the target has: the whole row's hash (the
-/// guard a repair checks) and whether it changed after T (a conflict).
-fn settle(
-    spec: &Spec,
-    tgt: &mut Db,
-    rows: &mut [Found],
-    changed_set: &HashSet<Vec<String>>,
-) -> Result<(), PgError> {
+/// The whole row's hash on the target (the guard a repair checks), for
+/// the differing rows it has, read through `db` (the stage's own
+/// transaction, under the same settings as the apply).
+pub fn settle(spec: &Spec, db: &mut Db, rows: &mut [Found]) -> Result<(), PgError> {
     let on_target: Vec<usize> = (0..rows.len())
         .filter(|i| rows[*i].would != Class::Insert)
         .collect();
@@ -427,27 +422,21 @@ fn settle(
     for chunk in on_target.chunks(KEY_BATCH) {
         let keys: Vec<Vec<String>> = chunk.iter().map(|i| rows[*i].key.clone()).collect();
         let sql = format!(
-            "SELECT {}, md5(ROW(t.*)::text), {} FROM {} AS t WHERE {}",
+            "SELECT {}, md5(ROW(t.*)::text) FROM {} AS t WHERE {}",
             spec.key_text(),
-            spec.changed(),
             spec.table_sql(),
             spec.keys_in(&keys)
         );
-        let mut seen: HashMap<Vec<String>, (String, bool)> = HashMap::new();
-        for r in tgt.query("read the differing rows' hashes", &sql, &[])? {
+        let mut seen: HashMap<Vec<String>, String> = HashMap::new();
+        for r in db.query("read the differing rows' hashes", &sql, &[])? {
             let key: Option<Vec<String>> = (0..n).map(|i| r.get::<_, Option<String>>(i)).collect();
             if let Some(k) = key {
-                seen.insert(k, (r.get(n), r.get(n + 1)));
+                seen.insert(k, r.get(n));
             }
         }
         for i in chunk {
             let f = &mut rows[*i];
-            if let Some((guard, changed)) = seen.remove(&f.key) {
-                f.target_hash = Some(guard);
-                if changed || changed_set.contains(&f.key) {
-                    f.class = Class::Conflict;
-                }
-            }
+            f.target_hash = seen.remove(&f.key);
         }
     }
     Ok(())
@@ -510,26 +499,30 @@ fn changed_after_t(db: &mut Db, spec: &Spec) -> Result<HashSet<Vec<String>>, PgE
         .collect())
 }
 
-/// Compares `spec`'s table on `src` (the good side) and `tgt`.
-/// `ids_db` runs the `ids` SQL when the spec has one.
-pub fn diff(
+/// What receives the differing rows, a group at a time (each group in key
+/// order): memory holds one group, however many rows differ.
+pub type Sink<'a, E> = &'a mut dyn FnMut(Vec<Found>) -> Result<(), E>;
+
+/// Compares `spec`'s table on `src` (the good side) and `tgt`, handing
+/// the differing rows to `sink`. `ids_db` runs the `ids` SQL when the spec
+/// has one.
+pub fn diff<E: From<PgError>>(
     spec: &Spec,
     src: &mut Db,
     tgt: &mut Db,
     ids_db: Option<&mut Db>,
     progress: &crate::progress::Reporter,
-) -> Result<Diff, PgError> {
+    sink: Sink<'_, E>,
+) -> Result<Stats, E> {
     let started = Instant::now();
     let changed_set = changed_after_t(tgt, spec)?;
-    let mut d = if spec.filter.is_none() && spec.ids.is_none() {
-        by_segments(spec, src, tgt, progress)?
+    let mut stats = if spec.filter.is_none() && spec.ids.is_none() {
+        by_segments(spec, src, tgt, &changed_set, progress, sink)?
     } else {
-        by_keys(spec, src, tgt, ids_db, progress)?
+        by_keys(spec, src, tgt, ids_db, &changed_set, progress, sink)?
     };
-    settle(spec, tgt, &mut d.rows, &changed_set)?;
-    d.rows.sort_by(|a, b| key_order(&a.key, &b.key));
-    d.stats.seconds = started.elapsed().as_secs_f64();
-    Ok(d)
+    stats.seconds = started.elapsed().as_secs_f64();
+    Ok(stats)
 }
 
 /// Keys in order: numerically where both are integers, else byte-wise;
@@ -553,12 +546,14 @@ const SEGMENT_ROWS: i64 = 100;
 /// Segments fetched at once: a bounded number of rows in memory.
 const GROUP_SEGMENTS: usize = 500;
 
-fn by_segments(
+fn by_segments<E: From<PgError>>(
     spec: &Spec,
     src: &mut Db,
     tgt: &mut Db,
+    changed_set: &HashSet<Vec<String>>,
     progress: &crate::progress::Reporter,
-) -> Result<Diff, PgError> {
+    sink: Sink<'_, E>,
+) -> Result<Stats, E> {
     let table = spec.table_sql();
     // Segments: key ranges of an integer key, else buckets of a hash of
     // the key; either is the same on both servers.
@@ -643,7 +638,6 @@ fn by_segments(
     stats.segments = all.len() as u64;
     let differing: Vec<i64> = all.into_iter().filter(|s| ss.get(s) != ts.get(s)).collect();
     stats.segments_differing = differing.len() as u64;
-    let mut out = Vec::new();
     // Fetch the differing segments' rows in groups, both sides at once.
     let groups: Vec<Vec<i64>> = match range {
         // Neighbouring segments make one key range.
@@ -703,9 +697,9 @@ fn by_segments(
         )?;
         stats.rows_fetched += (sr.len() + tr.len()) as u64;
         stats.null_keys += sn + tn;
-        classify(&sr, &tr, &mut out);
+        sink(classify(&sr, &tr, changed_set))?;
     }
-    Ok(Diff { rows: out, stats })
+    Ok(stats)
 }
 
 /// Keys from the `ids` SQL, as text.
@@ -729,19 +723,20 @@ fn ids(db: &mut Db, spec: &Spec) -> Result<Vec<Vec<String>>, PgError> {
         .collect())
 }
 
-fn by_keys(
+fn by_keys<E: From<PgError>>(
     spec: &Spec,
     src: &mut Db,
     tgt: &mut Db,
     ids_db: Option<&mut Db>,
+    changed_set: &HashSet<Vec<String>>,
     progress: &crate::progress::Reporter,
-) -> Result<Diff, PgError> {
+    sink: Sink<'_, E>,
+) -> Result<Stats, E> {
     let n = spec.key.len();
     let mut stats = Stats {
         mode: "keys".into(),
         ..Stats::default()
     };
-    let mut out = Vec::new();
     let mut compare = |keys: &[Vec<String>], src: &mut Db, tgt: &mut Db, stats: &mut Stats| {
         let cond = spec.keys_in(keys);
         let (s_sql, t_sql) = (spec.rows_sql(true, &cond), spec.rows_sql(false, &cond));
@@ -763,8 +758,8 @@ fn by_keys(
         stats.target_rows += tr.len() as u64;
         stats.rows_fetched += (sr.len() + tr.len()) as u64;
         stats.null_keys += sn + tn;
-        classify(&sr, &tr, &mut out);
-        Ok::<_, PgError>(())
+        sink(classify(&sr, &tr, changed_set))?;
+        Ok::<_, E>(())
     };
     if spec.ids.is_some() {
         let keys = match ids_db {
@@ -806,7 +801,7 @@ fn by_keys(
             compare(chunk, src, tgt, &mut stats)?;
         }
     }
-    Ok(Diff { rows: out, stats })
+    Ok(stats)
 }
 
 #[cfg(test)]

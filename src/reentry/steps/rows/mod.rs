@@ -267,6 +267,9 @@ pub const KIND: StepKind = StepKind {
     keys: &[(None, Keys::FIELDS)],
 };
 
+/// Keys of each class `rows diff` and the report show.
+const SAMPLE: usize = 5;
+
 /// What the diff found for one table, as `rows diff` and the stage step
 /// report it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -284,23 +287,29 @@ pub struct TableDiff {
 }
 
 impl TableDiff {
-    pub fn of(spec: &diff::Spec, source: &str, target: &str, d: &diff::Diff) -> TableDiff {
-        let mut sample: std::collections::BTreeMap<diff::Class, Vec<Vec<String>>> =
-            Default::default();
-        for r in &d.rows {
-            let s = sample.entry(r.class).or_default();
-            if s.len() < 5 {
-                s.push(r.key.clone());
-            }
-        }
+    pub fn new(spec: &diff::Spec, source: &str, target: &str) -> TableDiff {
         TableDiff {
             table: spec.table.clone(),
             source: source.into(),
             target: target.into(),
-            counts: d.counts(),
-            sample,
+            counts: Default::default(),
+            sample: Default::default(),
             source_only: spec.source_only.clone(),
-            stats: d.stats.clone(),
+            stats: diff::Stats::default(),
+        }
+    }
+
+    /// Counts a group of differing rows, and keeps the first keys of each
+    /// class in key order as the sample.
+    pub fn add(&mut self, rows: &[diff::Found]) {
+        for r in rows {
+            *self.counts.entry(r.class).or_default() += 1;
+            let s = self.sample.entry(r.class).or_default();
+            let at = s.partition_point(|k| diff::key_order(k, &r.key).is_lt());
+            if at < SAMPLE {
+                s.insert(at, r.key.clone());
+                s.truncate(SAMPLE);
+            }
         }
     }
 

@@ -170,7 +170,33 @@ pub fn resolve(
     })
 }
 
-/// Resolves and diffs `r` on dedicated read-only connections.
+/// The diff's own read-only connections: the source, the target, and
+/// the database `ids` runs on when it is neither.
+pub struct Conns {
+    src: Db,
+    tgt: Db,
+    ids: Option<Db>,
+}
+
+/// Resolves `r` against both catalogs, on the diff's own connections.
+fn open(
+    env: &Env,
+    r: &Repair,
+    (source, target): (&str, &str),
+    t_ms: Option<i64>,
+    carry_forward: bool,
+) -> Result<(Spec, Conns), StepError> {
+    let mut src = diff::connect(conninfo(env, source)?).on(source)?;
+    let mut tgt = diff::connect(conninfo(env, target)?).on(target)?;
+    let spec = resolve(r, &mut src, &mut tgt, (source, target), t_ms, carry_forward)?;
+    let ids = match &spec.ids {
+        Some((db, _)) if db != target => Some(diff::connect(conninfo(env, db)?).on(db)?),
+        _ => None,
+    };
+    Ok((spec, Conns { src, tgt, ids }))
+}
+
+/// Resolves and diffs `r`, counting: what `rows diff` and a plan show.
 pub fn run_diff(
     env: &Env,
     r: &Repair,
@@ -178,21 +204,22 @@ pub fn run_diff(
     t_ms: Option<i64>,
     carry_forward: bool,
     progress: &crate::progress::Reporter,
-) -> Result<(Spec, diff::Diff), StepError> {
-    let mut src = diff::connect(conninfo(env, source)?).on(source)?;
-    let mut tgt = diff::connect(conninfo(env, target)?).on(target)?;
-    let spec = resolve(r, &mut src, &mut tgt, (source, target), t_ms, carry_forward)?;
-    let mut ids_db = match &spec.ids {
-        Some((db, _)) if db != target => Some(diff::connect(conninfo(env, db)?).on(db)?),
-        _ => None,
-    };
-    let d = diff::diff(&spec, &mut src, &mut tgt, ids_db.as_mut(), progress).map_err(|e| {
-        StepError::Db {
-            database: format!("{source}/{target}"),
-            source: e,
-        }
-    })?;
-    Ok((spec, d))
+) -> Result<(Spec, TableDiff), StepError> {
+    let (spec, mut c) = open(env, r, (source, target), t_ms, carry_forward)?;
+    let mut td = TableDiff::new(&spec, source, target);
+    let stats = diff::diff(
+        &spec,
+        &mut c.src,
+        &mut c.tgt,
+        c.ids.as_mut(),
+        progress,
+        &mut |rows: Vec<diff::Found>| {
+            td.add(&rows);
+            Ok::<(), StepError>(())
+        },
+    )?;
+    td.stats = stats;
+    Ok((spec, td))
 }
 
 /// What a stage journals as its effect's detail.
@@ -222,17 +249,12 @@ fn effect_of(d: &TableDiff, verb: &str) -> Effect {
 }
 
 impl Stage {
-    fn stage_rows(
-        &self,
-        db: &mut Db,
-        src: &mut Db,
-        spec: &Spec,
-        d: &diff::Diff,
-        run_id: &str,
-    ) -> Result<u64, StepError> {
+    /// The schema, the staging table, and none of this run's rows yet (a
+    /// stage killed before its commit left nothing; rows of this run are
+    /// made afresh).
+    fn prepare(&self, db: &mut Db, spec: &Spec, run_id: &str) -> Result<(), StepError> {
         let target = self.target.as_str();
         let st = staging(&spec.table);
-        let cols: Vec<String> = spec.source_columns.iter().map(Column::quoted).collect();
         let mut ddl = format!(
             "SET LOCAL lock_timeout = '10s'; {}
              CREATE TABLE IF NOT EXISTS {st} (_run_id text, _class text, _would text, _target_hash text,
@@ -256,6 +278,22 @@ impl Stage {
             &[&run_id],
         )
         .on(target)?;
+        Ok(())
+    }
+
+    /// Stages a group of differing rows: those with a source side copied
+    /// whole with binary COPY, delete candidates by key; then tagged.
+    fn stage_chunk(
+        &self,
+        db: &mut Db,
+        src: &mut Db,
+        spec: &Spec,
+        rows: &[diff::Found],
+        run_id: &str,
+    ) -> Result<u64, StepError> {
+        let target = self.target.as_str();
+        let st = staging(&spec.table);
+        let cols: Vec<String> = spec.source_columns.iter().map(Column::quoted).collect();
         let n = spec.key.len();
         let key_match = spec
             .key
@@ -269,7 +307,7 @@ impl Stage {
         let mut staged = 0;
         // Rows with a source side: copied whole, then tagged.
         let with_source: Vec<&diff::Found> =
-            d.rows.iter().filter(|f| f.would != Class::Delete).collect();
+            rows.iter().filter(|f| f.would != Class::Delete).collect();
         for chunk in with_source.chunks(2000) {
             let keys: Vec<Vec<String>> = chunk.iter().map(|f| f.key.clone()).collect();
             let data = src
@@ -305,8 +343,7 @@ impl Stage {
             .on(target)?;
         }
         // Delete candidates: the key alone.
-        let deletes: Vec<&diff::Found> =
-            d.rows.iter().filter(|f| f.would == Class::Delete).collect();
+        let deletes: Vec<&diff::Found> = rows.iter().filter(|f| f.would == Class::Delete).collect();
         for chunk in deletes.chunks(2000) {
             let insert_keys = format!(
                 "INSERT INTO {st} ({}) SELECT {} FROM unnest({}) AS v({})",
@@ -431,7 +468,7 @@ impl Step for Stage {
     }
 
     fn preview(&self, env: &mut Env) -> Result<Effect, StepError> {
-        let (spec, d) = run_diff(
+        let (_, td) = run_diff(
             env,
             &self.repair,
             (&self.source, &self.target),
@@ -439,31 +476,55 @@ impl Step for Stage {
             self.carry_forward,
             &crate::progress::Reporter::silent(),
         )?;
-        let td = TableDiff::of(&spec, &self.source, &self.target, &d);
         let mut e = effect_of(&td, "stage");
         e.detail = crate::reentry::steps::detail(&td);
         Ok(e)
     }
 
     fn apply(&self, env: &mut Env, _rec: &mut Recorder) -> Result<Effect, StepError> {
-        let (spec, d) = run_diff(
+        let (spec, mut c) = open(
             env,
             &self.repair,
             (&self.source, &self.target),
             self.t_ms,
             self.carry_forward,
-            &crate::progress::Reporter::silent(),
         )?;
-        let td = TableDiff::of(&spec, &self.source, &self.target, &d);
         let run_id = env.run_id.clone();
-        let mut src = diff::connect(conninfo(env, &self.source)?).on(&self.source)?;
-        if let Some(dir) = env.run_dir.clone() {
-            write_changed(&dir, &spec.table, "rows", &d)?;
-        }
+        // COPY from the source runs beside the diff's own reads.
+        let mut copy_src = diff::connect(conninfo(env, &self.source)?).on(&self.source)?;
+        let mut changed = match env.run_dir.clone() {
+            Some(dir) => Some(ChangedFile::start(&dir, &spec.table, "rows")?),
+            None => None,
+        };
+        let mut td = TableDiff::new(&spec, &self.source, &self.target);
         let target = self.target.clone();
-        let staged = env.db(&target)?.transaction("BEGIN", |db| {
-            self.stage_rows(db, &mut src, &spec, &d, &run_id)
+        // One transaction: the diff streams its groups of differing rows
+        // into the staging table, each with the target's hash read here.
+        let (staged, stats) = env.db(&target)?.transaction("BEGIN", |db| {
+            self.prepare(db, &spec, &run_id)?;
+            let mut staged = 0u64;
+            let stats = diff::diff(
+                &spec,
+                &mut c.src,
+                &mut c.tgt,
+                c.ids.as_mut(),
+                &crate::progress::Reporter::silent(),
+                &mut |mut rows: Vec<diff::Found>| {
+                    diff::settle(&spec, db, &mut rows).on(&target)?;
+                    staged += self.stage_chunk(db, &mut copy_src, &spec, &rows, &run_id)?;
+                    if let Some(w) = changed.as_mut() {
+                        w.add(&rows)?;
+                    }
+                    td.add(&rows);
+                    Ok::<(), StepError>(())
+                },
+            )?;
+            Ok::<_, StepError>((staged, stats))
         })?;
+        if let Some(w) = changed {
+            w.finish()?;
+        }
+        td.stats = stats;
         let mut e = effect_of(&td, "staged");
         e.count = staged;
         e.detail = crate::reentry::steps::detail(&StageDetail {
@@ -489,19 +550,94 @@ pub struct Changed {
     pub by: String,
 }
 
-/// Replaces what `by` recorded for `table` with the keys of `d`.
-fn write_changed(
-    dir: &std::path::Path,
-    table: &str,
-    by: &str,
-    d: &diff::Diff,
-) -> Result<(), StepError> {
-    let entries = d
-        .rows
-        .iter()
-        .map(|f| (f.key.clone(), f.would.as_str().to_owned()))
-        .collect();
-    record_changed(dir, table, by, entries)
+/// The changed entities as a step writes its own: the lines other steps
+/// (or other tables) recorded are kept, this step's are replaced, and
+/// the file is published whole when the step is done with it.
+struct ChangedFile {
+    path: std::path::PathBuf,
+    tmp: std::path::PathBuf,
+    out: std::io::BufWriter<std::fs::File>,
+    table: String,
+    by: String,
+}
+
+fn io_err(what: &'static str) -> impl FnOnce(std::io::Error) -> StepError {
+    move |source| StepError::Io { what, source }
+}
+
+impl ChangedFile {
+    fn start(dir: &std::path::Path, table: &str, by: &str) -> Result<ChangedFile, StepError> {
+        use std::io::Write;
+        let path = dir.join(CHANGED_FILE);
+        let tmp = crate::fsutil::temp_path_beside(&path);
+        let mut out = std::io::BufWriter::new(
+            std::fs::File::create(&tmp).map_err(io_err("write the changed entities"))?,
+        );
+        match std::fs::read_to_string(&path) {
+            Ok(t) => {
+                for l in t.lines().filter(|l| {
+                    serde_json::from_str::<Changed>(l)
+                        .map(|c| !(c.table == table && c.by == by))
+                        .unwrap_or(false)
+                }) {
+                    writeln!(out, "{l}").map_err(io_err("write the changed entities"))?;
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(source) => {
+                return Err(StepError::Io {
+                    what: "read the changed entities",
+                    source,
+                })
+            }
+        }
+        Ok(ChangedFile {
+            path,
+            tmp,
+            out,
+            table: table.into(),
+            by: by.into(),
+        })
+    }
+
+    fn add(&mut self, rows: &[diff::Found]) -> Result<(), StepError> {
+        self.add_keys(
+            rows.iter()
+                .map(|f| (f.key.clone(), f.would.as_str().to_owned())),
+        )
+    }
+
+    fn add_keys(
+        &mut self,
+        entries: impl IntoIterator<Item = (Vec<String>, String)>,
+    ) -> Result<(), StepError> {
+        use std::io::Write;
+        for (key, class) in entries {
+            let line = serde_json::to_string(&Changed {
+                table: self.table.clone(),
+                key,
+                class,
+                by: self.by.clone(),
+            })
+            .expect("changed entities serialize");
+            writeln!(self.out, "{line}").map_err(io_err("write the changed entities"))?;
+        }
+        Ok(())
+    }
+
+    fn finish(self) -> Result<(), StepError> {
+        let file = self.out.into_inner().map_err(|e| StepError::Io {
+            what: "write the changed entities",
+            source: e.into_error(),
+        })?;
+        file.sync_all()
+            .map_err(io_err("write the changed entities"))?;
+        std::fs::rename(&self.tmp, &self.path).map_err(io_err("write the changed entities"))?;
+        if let Some(dir) = self.path.parent() {
+            crate::fsutil::sync_dir(dir).map_err(io_err("write the changed entities"))?;
+        }
+        Ok(())
+    }
 }
 
 /// Replaces what `by` recorded for `table` in the run's changed entities
@@ -512,44 +648,9 @@ pub fn record_changed(
     by: &str,
     entries: Vec<(Vec<String>, String)>,
 ) -> Result<(), StepError> {
-    let path = dir.join(CHANGED_FILE);
-    let mut lines: Vec<String> = match std::fs::read_to_string(&path) {
-        Ok(t) => t
-            .lines()
-            .filter(|l| {
-                serde_json::from_str::<Changed>(l)
-                    .map(|c| !(c.table == table && c.by == by))
-                    .unwrap_or(false)
-            })
-            .map(str::to_owned)
-            .collect(),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
-        Err(source) => {
-            return Err(StepError::Io {
-                what: "read the changed entities",
-                source,
-            })
-        }
-    };
-    for (key, class) in entries {
-        lines.push(
-            serde_json::to_string(&Changed {
-                table: table.into(),
-                key,
-                class,
-                by: by.into(),
-            })
-            .expect("changed entities serialize"),
-        );
-    }
-    let mut text = lines.join("\n");
-    if !text.is_empty() {
-        text.push('\n');
-    }
-    crate::fsutil::write_atomic(&path, text.as_bytes()).map_err(|source| StepError::Io {
-        what: "write the changed entities",
-        source,
-    })
+    let mut w = ChangedFile::start(dir, table, by)?;
+    w.add_keys(entries)?;
+    w.finish()
 }
 
 /// Applies a table's staged rows (or, for `rows-delete`, its delete
