@@ -639,28 +639,17 @@ fn by_segments<E: From<PgError>>(
     let differing: Vec<i64> = all.into_iter().filter(|s| ss.get(s) != ts.get(s)).collect();
     stats.segments_differing = differing.len() as u64;
     // Fetch the differing segments' rows in groups, both sides at once.
-    let groups: Vec<Vec<i64>> = match range {
-        // Neighbouring segments make one key range.
-        Some(_) => {
-            let mut g: Vec<Vec<i64>> = Vec::new();
-            for s in &differing {
-                match g.last_mut() {
-                    Some(last)
-                        if *last.last().unwrap() + 1 == *s && last.len() < GROUP_SEGMENTS =>
-                    {
-                        last.push(*s)
-                    }
-                    _ => g.push(vec![*s]),
-                }
-            }
-            g
-        }
-        // Each group is a scan of the table: as few as memory allows.
-        None => differing
-            .chunks(GROUP_SEGMENTS * 4)
-            .map(<[i64]>::to_vec)
-            .collect(),
-    };
+    // Fetch the differing segments' rows in groups of up to
+    // GROUP_SEGMENTS segments, both sides at once: one query per group,
+    // not one per segment (a round trip each costs more than its rows).
+    let groups: Vec<Vec<i64>> = differing
+        .chunks(match range {
+            Some(_) => GROUP_SEGMENTS,
+            // Each group is a scan of the table: as few as memory allows.
+            None => GROUP_SEGMENTS * 4,
+        })
+        .map(<[i64]>::to_vec)
+        .collect();
     let n = spec.key.len();
     let total = groups.len() as u64;
     for (i, g) in groups.iter().enumerate() {
@@ -669,11 +658,26 @@ fn by_segments<E: From<PgError>>(
         }
         progress.advance(i as u64, "segments");
         let cond = match range {
+            // Neighbouring segments make one key range; the ranges are
+            // read by the key's index.
             Some((lo, width)) => {
                 let k = spec.key[0].quoted();
-                let a = lo as i128 + g[0] as i128 * width as i128;
-                let b = lo as i128 + (g[g.len() - 1] as i128 + 1) * width as i128;
-                format!("t.{k} >= {a} AND t.{k} < {b}")
+                let mut ranges: Vec<(i64, i64)> = Vec::new();
+                for s in g {
+                    match ranges.last_mut() {
+                        Some(r) if r.1 + 1 == *s => r.1 = *s,
+                        _ => ranges.push((*s, *s)),
+                    }
+                }
+                let parts: Vec<String> = ranges
+                    .iter()
+                    .map(|(first, last)| {
+                        let a = lo as i128 + *first as i128 * width as i128;
+                        let b = lo as i128 + (*last as i128 + 1) * width as i128;
+                        format!("(t.{k} >= {a} AND t.{k} < {b})")
+                    })
+                    .collect();
+                format!("({})", parts.join(" OR "))
             }
             None => format!(
                 "{seg} IN ({})",
