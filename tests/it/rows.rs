@@ -111,6 +111,32 @@ databases = ["{gated}"]
     }
 }
 
+impl Lab {
+    /// An apply that stops dead at `point` (the test hook), once it says
+    /// so; the caller kills it.
+    #[track_caller]
+    fn paused_at(&self, pb: &Path, run: &str, point: &str) -> std::process::Child {
+        use std::io::BufRead;
+        let mut child = Command::new(reentry_bin())
+            .arg("apply")
+            .arg(pb)
+            .arg("--run-dir")
+            .arg(self.dir.join(run))
+            .arg("--apply")
+            .env("REENTRY_PAUSE_AT", point)
+            .env("REENTRY_TEST_HOOKS", "hang-at-pause-points")
+            .stderr(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let paused = std::io::BufReader::new(child.stderr.take().unwrap())
+            .lines()
+            .any(|l| l.unwrap().contains("paused at"));
+        assert!(paused, "the run never reached {point}");
+        child
+    }
+}
+
 fn diff_json(pb: &Path) -> (Output, Value) {
     let out = Command::new(reentry_bin())
         .args(["--json", "rows", "diff"])
@@ -416,25 +442,7 @@ fn rows_changed_between_stage_and_apply_are_conflicts_not_overwritten() {
         "selective-repair",
         "[[repair]]\ntable = \"accounts\"\nupdated-at = \"updated_at\"\n",
     );
-    let run = lab.dir.join("run");
-    let mut child = Command::new(reentry_bin())
-        .arg("apply")
-        .arg(&pb)
-        .arg("--run-dir")
-        .arg(&run)
-        .arg("--apply")
-        .env("REENTRY_PAUSE_AT", "rows-apply:accounts:started")
-        .env("REENTRY_TEST_HOOKS", "hang-at-pause-points")
-        .stderr(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    use std::io::BufRead;
-    for line in std::io::BufReader::new(child.stderr.take().unwrap()).lines() {
-        if line.unwrap().contains("paused at") {
-            break;
-        }
-    }
+    let mut child = lab.paused_at(&pb, "run", "rows-apply:accounts:started");
     lab.current()
         .batch_execute("UPDATE accounts SET balance = 99 WHERE id BETWEEN 41 AND 50")
         .unwrap();
@@ -490,28 +498,7 @@ fn a_run_killed_inside_a_batch_resumes_and_applies_each_row_once() {
         "selective-repair",
         "[[repair]]\ntable = \"accounts\"\nbatch-size = 10\n",
     );
-    let run = lab.dir.join("run");
-    let mut child = Command::new(reentry_bin())
-        .arg("apply")
-        .arg(&pb)
-        .arg("--run-dir")
-        .arg(&run)
-        .arg("--apply")
-        .env("REENTRY_PAUSE_AT", "rows-apply:accounts:batch")
-        .env("REENTRY_TEST_HOOKS", "hang-at-pause-points")
-        .stderr(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    use std::io::BufRead;
-    let mut paused = false;
-    for line in std::io::BufReader::new(child.stderr.take().unwrap()).lines() {
-        if line.unwrap().contains("paused at") {
-            paused = true;
-            break;
-        }
-    }
-    assert!(paused, "the run never reached its first batch");
+    let mut child = lab.paused_at(&pb, "run", "rows-apply:accounts:batch");
     // Inside the batch: its writes are not visible.
     assert_eq!(
         one_i64(

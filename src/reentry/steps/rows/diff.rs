@@ -650,7 +650,6 @@ fn by_segments<E: From<PgError>>(
         })
         .map(<[i64]>::to_vec)
         .collect();
-    let n = spec.key.len();
     let total = groups.len() as u64;
     for (i, g) in groups.iter().enumerate() {
         if i == 0 {
@@ -684,26 +683,37 @@ fn by_segments<E: From<PgError>>(
                 g.iter().map(i64::to_string).collect::<Vec<_>>().join(", ")
             ),
         };
-        let (s_sql, t_sql) = (spec.rows_sql(true, &cond), spec.rows_sql(false, &cond));
-        let ((sr, sn), (tr, tn)) = both(
-            src,
-            tgt,
-            |db| {
-                let (mut r, mut nulls) = (Rows::new(), 0);
-                fetch(db, &s_sql, n, &mut r, &mut nulls)?;
-                Ok((r, nulls))
-            },
-            |db| {
-                let (mut r, mut nulls) = (Rows::new(), 0);
-                fetch(db, &t_sql, n, &mut r, &mut nulls)?;
-                Ok((r, nulls))
-            },
-        )?;
-        stats.rows_fetched += (sr.len() + tr.len()) as u64;
-        stats.null_keys += sn + tn;
-        sink(classify(&sr, &tr, changed_set))?;
+        let (found, _, _) = compare(spec, src, tgt, &cond, changed_set, &mut stats)?;
+        sink(found)?;
     }
     Ok(stats)
+}
+
+/// Both sides' rows under `cond`, fetched at once and classed; the
+/// fetch counted in `stats`. The differing rows, and each side's rows.
+fn compare(
+    spec: &Spec,
+    src: &mut Db,
+    tgt: &mut Db,
+    cond: &str,
+    changed_set: &HashSet<Vec<String>>,
+    stats: &mut Stats,
+) -> Result<(Vec<Found>, u64, u64), PgError> {
+    let n = spec.key.len();
+    let (s_sql, t_sql) = (spec.rows_sql(true, cond), spec.rows_sql(false, cond));
+    let side = |sql: &str, db: &mut Db| {
+        let (mut r, mut nulls) = (Rows::new(), 0);
+        fetch(db, sql, n, &mut r, &mut nulls)?;
+        Ok((r, nulls))
+    };
+    let ((sr, sn), (tr, tn)) = both(src, tgt, |db| side(&s_sql, db), |db| side(&t_sql, db))?;
+    stats.rows_fetched += (sr.len() + tr.len()) as u64;
+    stats.null_keys += sn + tn;
+    Ok((
+        classify(&sr, &tr, changed_set),
+        sr.len() as u64,
+        tr.len() as u64,
+    ))
 }
 
 /// Keys from the `ids` SQL, as text.
@@ -743,26 +753,10 @@ fn by_keys<E: From<PgError>>(
     };
     let mut compare = |keys: &[Vec<String>], src: &mut Db, tgt: &mut Db, stats: &mut Stats| {
         let cond = spec.keys_in(keys);
-        let (s_sql, t_sql) = (spec.rows_sql(true, &cond), spec.rows_sql(false, &cond));
-        let ((sr, sn), (tr, tn)) = both(
-            src,
-            tgt,
-            |db| {
-                let (mut r, mut nulls) = (Rows::new(), 0);
-                fetch(db, &s_sql, n, &mut r, &mut nulls)?;
-                Ok((r, nulls))
-            },
-            |db| {
-                let (mut r, mut nulls) = (Rows::new(), 0);
-                fetch(db, &t_sql, n, &mut r, &mut nulls)?;
-                Ok((r, nulls))
-            },
-        )?;
-        stats.source_rows += sr.len() as u64;
-        stats.target_rows += tr.len() as u64;
-        stats.rows_fetched += (sr.len() + tr.len()) as u64;
-        stats.null_keys += sn + tn;
-        sink(classify(&sr, &tr, changed_set))?;
+        let (found, s_rows, t_rows) = compare(spec, src, tgt, &cond, changed_set, stats)?;
+        stats.source_rows += s_rows;
+        stats.target_rows += t_rows;
+        sink(found)?;
         Ok::<_, E>(())
     };
     if spec.ids.is_some() {
