@@ -2,6 +2,7 @@
 //! capability, and the return of the applications around it after a restore.
 
 pub mod backup;
+pub mod cache;
 pub mod cli;
 pub mod config;
 pub mod diag;

@@ -236,10 +236,7 @@ pub fn notes(p: &Playbook) -> Vec<String> {
         retired,
     };
     let mut out: Vec<String> = KINDS.iter().flat_map(|k| (k.notes)(p, &ctx)).collect();
-    let pending = [
-        ("[[caches]]", p.caches.len()),
-        ("[[search]]", p.search.len()),
-    ];
+    let pending = [("[[search]]", p.search.len())];
     for (section, n) in pending {
         if n > 0 {
             out.push(format!(

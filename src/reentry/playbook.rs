@@ -170,16 +170,6 @@ section! {
 }
 
 section! {
-    pub struct Cache {
-        pub name: String => req("name", Kind::Str),
-        pub url: Interpolated => req("url", Kind::Interp),
-        pub cluster: Option<bool> => opt("cluster", Kind::Bool),
-        pub patterns: Option<Vec<String>> => opt("patterns", Kind::Strs),
-        pub key_template: Option<String> => opt("key-template", Kind::Str),
-    }
-}
-
-section! {
     pub struct Search {
         pub name: String => req("name", Kind::Str),
         pub url: Interpolated => req("url", Kind::Interp),
@@ -215,8 +205,6 @@ section! {
         pub inbox: Vec<Inbox> => opt("inbox", Kind::Tables(Inbox::FIELDS)),
         #[serde(default)]
         pub idempotency: Vec<Idempotency> => opt("idempotency", Kind::Tables(Idempotency::FIELDS)),
-        #[serde(default)]
-        pub caches: Vec<Cache> => opt("caches", Kind::Tables(Cache::FIELDS)),
         #[serde(default)]
         pub search: Vec<Search> => opt("search", Kind::Tables(Search::FIELDS)),
     }

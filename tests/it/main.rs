@@ -1,6 +1,7 @@
 //! One integration-test binary: linking is the slow part on two cores.
 
 mod backup;
+mod caches;
 mod common;
 mod crash;
 mod engine;

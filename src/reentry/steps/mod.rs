@@ -6,6 +6,7 @@
 //! Later kinds (Kafka, outbox, caches, search, repair) are new `Action`
 //! variants with their own `Step` impl; the engine does not change.
 
+pub mod caches;
 pub mod consumers;
 pub mod gates;
 pub mod idempotency;
@@ -131,6 +132,9 @@ pub enum StepError {
     /// Bad input the step reads (a CSV export): exit 78, nothing changed.
     #[error("{message}")]
     Input { message: String },
+    /// A Redis server's error, naming the server (or the cluster's node).
+    #[error(transparent)]
+    Cache(#[from] crate::cache::CacheError),
     #[error("cannot write the journal")]
     Journal(#[from] std::io::Error),
     #[error("interrupted")]
@@ -148,6 +152,7 @@ impl StepError {
             }
             | StepError::Pg(PgError::Connect { .. }) => true,
             StepError::Kafka(k) => k.is_transient(),
+            StepError::Cache(c) => c.is_transient(),
             _ => false,
         }
     }
@@ -634,6 +639,7 @@ kinds! {
     outbox: Outbox(Reconcile);
     consumers: Inbox(Inbox), RewindGroup(Rewind);
     idempotency: IdempotencyKeys(Keys);
+    caches: CacheKeys(KeysStep), CachePatterns(PatternsStep), CacheGeneration(GenerationStep);
 }
 
 /// A test hook: `REENTRY_PAUSE_AT=STEP:POINT` makes the run stop dead at

@@ -5,6 +5,7 @@
 pub mod archiving;
 pub mod pg;
 pub mod quartz;
+pub mod redis;
 pub mod services;
 
 use std::os::unix::fs::PermissionsExt;

@@ -60,7 +60,7 @@ pub fn cache_dir() -> PathBuf {
     home.join("reentry")
 }
 
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()

@@ -7,7 +7,7 @@ use std::process::Command;
 
 use super::unique;
 
-fn address(var: &str, what: &str) -> String {
+pub fn address(var: &str, what: &str) -> String {
     std::env::var(var).unwrap_or_else(|_| {
         panic!(
             "{var} is not set: run the tests through scripts/test, which starts {what} and sets it"

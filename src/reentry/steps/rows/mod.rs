@@ -345,3 +345,103 @@ impl TableDiff {
         s
     }
 }
+
+/// Where a cache or an index finds the entities changed around T: the
+/// run's `changed-entities.jsonl` (what the rows steps staged, and the
+/// orphans of the named outboxes), and the rows of `table` on current
+/// whose `updated-at` is after T.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct Entities {
+    pub table: String,
+    /// Empty: the table's primary key, read when the step runs.
+    #[serde(default)]
+    pub key: Vec<String>,
+    #[serde(default)]
+    pub updated_at: Option<String>,
+    #[serde(default)]
+    pub outboxes: Vec<String>,
+    pub t_ms: Option<i64>,
+}
+
+/// The entities found, each its key's values as text in key order,
+/// sorted and without repeats, with the key's columns.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Found {
+    pub key: Vec<String>,
+    pub entities: Vec<Vec<String>>,
+    /// How many came from the run's file, and from `updated-at`.
+    pub from_file: u64,
+    pub from_updated_at: u64,
+}
+
+impl Entities {
+    /// Reads both sources. `current` is the database whose rows were
+    /// written after T (the one the caches were filled from).
+    pub fn find(&self, env: &mut super::Env, current: &str) -> Result<Found, super::StepError> {
+        use super::OnDatabase;
+        let mut set = std::collections::BTreeSet::new();
+        let mut found = Found::default();
+        if let Some(dir) = &env.run_dir {
+            match std::fs::read_to_string(dir.join(CHANGED_FILE)) {
+                Ok(text) => {
+                    for l in text.lines() {
+                        let Ok(c) = serde_json::from_str::<Changed>(l) else {
+                            continue;
+                        };
+                        if c.table == self.table || self.outboxes.contains(&c.table) {
+                            found.from_file += u64::from(set.insert(c.key));
+                        }
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(source) => {
+                    return Err(super::StepError::Io {
+                        what: "read the changed entities",
+                        source,
+                    })
+                }
+            }
+        }
+        let db = env.db(current)?;
+        found.key = if self.key.is_empty() {
+            let d = diff::describe(db, &self.table)
+                .on(current)?
+                .ok_or_else(|| {
+                    super::StepError::Config(format!("no table `{}` on {current}", self.table))
+                })?;
+            if d.primary_key.is_empty() {
+                return Err(super::StepError::Config(format!(
+                    "`{}` has no primary key on {current}: name its `key`",
+                    self.table
+                )));
+            }
+            d.primary_key
+        } else {
+            self.key.clone()
+        };
+        if let (Some(col), Some(t)) = (&self.updated_at, self.t_ms) {
+            let cols: Vec<String> = found
+                .key
+                .iter()
+                .map(|k| format!("{}::text", diff::quote_ident(k)))
+                .collect();
+            let sql = format!(
+                "SELECT ARRAY[{}] FROM {} WHERE {} > to_timestamp($1::float8 / 1000)",
+                cols.join(", "),
+                crate::reentry::check::quote_qualified(&self.table),
+                diff::quote_ident(col)
+            );
+            let rows = db
+                .query("read the rows changed after T", &sql, &[&(t as f64)])
+                .on(current)?;
+            for r in rows {
+                let key: Vec<Option<String>> = r.get(0);
+                let key: Vec<String> = key.into_iter().map(Option::unwrap_or_default).collect();
+                found.from_updated_at += u64::from(set.insert(key));
+            }
+        }
+        found.entities = set.into_iter().collect();
+        Ok(found)
+    }
+}

@@ -1,0 +1,512 @@
+//! Redis, a single server or a cluster, through the `redis` crate: what a
+//! cache invalidation needs and nothing more. Keys are routed by hash slot
+//! here rather than by the crate's cluster connection, so that every
+//! command goes to a primary this module knows by name, and every error
+//! names the node that failed: a step that reached two primaries of three
+//! must not look like a success.
+//!
+//! - `exists` and `unlink` take keys, group them by slot (one multi-key
+//!   command per slot: never CROSSSLOT), and pipeline them per primary.
+//!   A MOVED answer refreshes the slot map and sends the batch again; an
+//!   ASK answer sends that command to the named node after `ASKING`.
+//! - `scan` is one `SCAN cursor MATCH p COUNT n` on one primary, so that a
+//!   caller can journal the cursor and resume from it.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use redis::{ConnectionAddr, ConnectionInfo, IntoConnectionInfo, Value};
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+const READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// Redis Cluster's number of hash slots.
+pub const SLOTS: u16 = 16384;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CacheError {
+    #[error("Redis at {server}: {what}: {error}")]
+    Server {
+        server: String,
+        what: String,
+        #[source]
+        error: redis::RedisError,
+    },
+    #[error("Redis at {server}: {what}")]
+    Other { server: String, what: String },
+}
+
+impl CacheError {
+    /// A server gone or not answering: another try on a new connection
+    /// may succeed (every caller is idempotent).
+    pub fn is_transient(&self) -> bool {
+        match self {
+            CacheError::Server { error, .. } => {
+                error.is_io_error() || error.is_connection_refusal() || error.is_timeout()
+            }
+            CacheError::Other { .. } => false,
+        }
+    }
+}
+
+/// A URL as it may be shown: a password in it replaced by `***`.
+pub fn redact_url(url: &str) -> String {
+    let Some(scheme_end) = url.find("://") else {
+        return url.to_owned();
+    };
+    let rest = &url[scheme_end + 3..];
+    let host_end = rest.find('/').unwrap_or(rest.len());
+    let Some(at) = rest[..host_end].rfind('@') else {
+        return url.to_owned();
+    };
+    let userinfo = &rest[..at];
+    let user = userinfo.split(':').next().unwrap_or("");
+    let shown = if userinfo.contains(':') {
+        format!("{user}:***")
+    } else {
+        user.to_owned()
+    };
+    format!("{}{shown}{}", &url[..scheme_end + 3], &rest[at..])
+}
+
+struct Node {
+    /// `host:port`, as the cluster names it.
+    addr: String,
+    conn: Option<redis::Connection>,
+}
+
+/// A connected Redis: one server, or every primary of a cluster.
+pub struct Redis {
+    /// The URL as it may be shown.
+    shown: String,
+    info: ConnectionInfo,
+    cluster: bool,
+    nodes: Vec<Node>,
+    /// For a cluster, the primary (index into `nodes`) of each slot.
+    slots: Vec<usize>,
+}
+
+fn addr_of(info: &ConnectionInfo) -> String {
+    match info.addr() {
+        ConnectionAddr::Tcp(h, p)
+        | ConnectionAddr::TcpTls {
+            host: h, port: p, ..
+        } => {
+            format!("{h}:{p}")
+        }
+        ConnectionAddr::Unix(p) => p.display().to_string(),
+        other => format!("{other:?}"),
+    }
+}
+
+fn with_addr(info: &ConnectionInfo, host: &str, port: u16) -> ConnectionInfo {
+    let addr = match info.addr() {
+        ConnectionAddr::TcpTls {
+            insecure,
+            tls_params,
+            ..
+        } => ConnectionAddr::TcpTls {
+            host: host.to_owned(),
+            port,
+            insecure: *insecure,
+            tls_params: tls_params.clone(),
+        },
+        _ => ConnectionAddr::Tcp(host.to_owned(), port),
+    };
+    info.clone().set_addr(addr)
+}
+
+/// The hash slot of `key`, as Redis Cluster computes it: CRC16 (XMODEM)
+/// of the key, or of its `{hash tag}` when it has a non-empty one.
+pub fn slot(key: &[u8]) -> u16 {
+    let tagged = key
+        .iter()
+        .position(|&b| b == b'{')
+        .and_then(|open| {
+            let close = key[open + 1..].iter().position(|&b| b == b'}')?;
+            (close > 0).then(|| &key[open + 1..open + 1 + close])
+        })
+        .unwrap_or(key);
+    let mut crc: u16 = 0;
+    for &b in tagged {
+        crc ^= u16::from(b) << 8;
+        for _ in 0..8 {
+            crc = if crc & 0x8000 != 0 {
+                (crc << 1) ^ 0x1021
+            } else {
+                crc << 1
+            };
+        }
+    }
+    crc % SLOTS
+}
+
+impl Redis {
+    /// Connects to `url` (a `redis://` or `rediss://` URL, expanded);
+    /// `shown` is how errors name it. A cluster is found from that one
+    /// node: its slot map names every primary, and each is connected to
+    /// now, so that one refusing fails here, named.
+    pub fn connect(url: &str, shown: &str, cluster: bool) -> Result<Redis, CacheError> {
+        let shown = redact_url(shown);
+        let info = url
+            .into_connection_info()
+            .map_err(|error| CacheError::Server {
+                server: shown.clone(),
+                what: "the URL does not read".into(),
+                error,
+            })?;
+        let mut r = Redis {
+            nodes: vec![Node {
+                addr: addr_of(&info),
+                conn: None,
+            }],
+            shown,
+            info,
+            cluster,
+            slots: Vec::new(),
+        };
+        r.conn(0)?;
+        if cluster {
+            r.refresh_slots()?;
+            for i in 0..r.nodes.len() {
+                r.conn(i)?;
+            }
+        }
+        Ok(r)
+    }
+
+    /// How errors and reports name this Redis.
+    pub fn shown(&self) -> &str {
+        &self.shown
+    }
+
+    /// The primaries, as `host:port`: one for a single server.
+    pub fn primaries(&self) -> Vec<String> {
+        self.nodes.iter().map(|n| n.addr.clone()).collect()
+    }
+
+    fn server(&self, node: usize) -> String {
+        if self.cluster {
+            format!("{} (cluster {})", self.nodes[node].addr, self.shown)
+        } else {
+            self.shown.clone()
+        }
+    }
+
+    fn err(&self, node: usize, what: &str, error: redis::RedisError) -> CacheError {
+        CacheError::Server {
+            server: self.server(node),
+            what: what.to_owned(),
+            error,
+        }
+    }
+
+    fn conn(&mut self, node: usize) -> Result<&mut redis::Connection, CacheError> {
+        if self.nodes[node].conn.is_none() {
+            let info = match self.nodes[node].addr.rsplit_once(':') {
+                Some((h, p)) if self.cluster => with_addr(&self.info, h, p.parse().unwrap_or(6379)),
+                _ => self.info.clone(),
+            };
+            let c = redis::Client::open(info)
+                .and_then(|c| c.get_connection_with_timeout(CONNECT_TIMEOUT))
+                .and_then(|c| {
+                    c.set_read_timeout(Some(READ_TIMEOUT))?;
+                    Ok(c)
+                })
+                .map_err(|e| self.err(node, "cannot connect", e))?;
+            self.nodes[node].conn = Some(c);
+        }
+        Ok(self.nodes[node].conn.as_mut().expect("just connected"))
+    }
+
+    /// Runs `f` on the node's connection; an I/O error drops the
+    /// connection so that the next call opens a new one.
+    fn on<T>(
+        &mut self,
+        node: usize,
+        what: &str,
+        f: impl FnOnce(&mut redis::Connection) -> redis::RedisResult<T>,
+    ) -> Result<T, CacheError> {
+        let c = self.conn(node)?;
+        match f(c) {
+            Ok(v) => Ok(v),
+            Err(e) => {
+                if e.is_io_error() || e.is_connection_dropped() || e.is_timeout() {
+                    self.nodes[node].conn = None;
+                }
+                Err(self.err(node, what, e))
+            }
+        }
+    }
+
+    /// Reads the cluster's slot map (`CLUSTER SLOTS`) from any node that
+    /// answers, keeping the connections of primaries still in it.
+    fn refresh_slots(&mut self) -> Result<(), CacheError> {
+        let mut last = None;
+        for i in 0..self.nodes.len() {
+            match self.on(i, "CLUSTER SLOTS", |c| {
+                redis::cmd("CLUSTER").arg("SLOTS").query::<Value>(c)
+            }) {
+                Ok(v) => return self.install_slots(i, v),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.expect("at least one node"))
+    }
+
+    fn install_slots(&mut self, from: usize, v: Value) -> Result<(), CacheError> {
+        let server = self.server(from);
+        let bad = |what: &str| CacheError::Other {
+            server: server.clone(),
+            what: format!("CLUSTER SLOTS answered {what}"),
+        };
+        let Value::Array(ranges) = v else {
+            return Err(bad("something other than a list"));
+        };
+        let seed_host = match self.nodes[from].addr.rsplit_once(':') {
+            Some((h, _)) => h.to_owned(),
+            None => String::new(),
+        };
+        let mut old: BTreeMap<String, Option<redis::Connection>> =
+            self.nodes.drain(..).map(|n| (n.addr, n.conn)).collect();
+        let mut slots = vec![usize::MAX; usize::from(SLOTS)];
+        for r in ranges {
+            let Value::Array(parts) = r else {
+                return Err(bad("a range that is not a list"));
+            };
+            let (Some(Value::Int(start)), Some(Value::Int(end)), Some(Value::Array(primary))) =
+                (parts.first(), parts.get(1), parts.get(2))
+            else {
+                return Err(bad("a range without its primary"));
+            };
+            let host = match primary.first() {
+                Some(Value::BulkString(h)) if !h.is_empty() => {
+                    String::from_utf8_lossy(h).into_owned()
+                }
+                _ => seed_host.clone(),
+            };
+            let Some(Value::Int(port)) = primary.get(1) else {
+                return Err(bad("a primary without a port"));
+            };
+            let addr = format!("{host}:{port}");
+            let i = match self.nodes.iter().position(|n| n.addr == addr) {
+                Some(i) => i,
+                None => {
+                    let conn = old.remove(&addr).flatten();
+                    self.nodes.push(Node { addr, conn });
+                    self.nodes.len() - 1
+                }
+            };
+            for s in *start..=*end {
+                if let Some(x) = slots.get_mut(s as usize) {
+                    *x = i;
+                }
+            }
+        }
+        if let Some(s) = slots.iter().position(|&n| n == usize::MAX) {
+            return Err(CacheError::Other {
+                server: self.shown.clone(),
+                what: format!("hash slot {s} has no primary: the cluster is not whole"),
+            });
+        }
+        self.slots = slots;
+        Ok(())
+    }
+
+    fn node_of(&self, key: &[u8]) -> usize {
+        if self.cluster {
+            self.slots[usize::from(slot(key))]
+        } else {
+            0
+        }
+    }
+
+    /// How many of `keys` exist (`EXISTS`, per slot, pipelined).
+    pub fn exists(&mut self, keys: &[String]) -> Result<u64, CacheError> {
+        self.per_slot("EXISTS", keys)
+    }
+
+    /// Unlinks `keys` (`UNLINK`, per slot, pipelined): how many existed.
+    pub fn unlink(&mut self, keys: &[String]) -> Result<u64, CacheError> {
+        self.per_slot("UNLINK", keys)
+    }
+
+    /// `command` over keys grouped by slot, one command per slot, one
+    /// pipeline per primary; the sum of their integer answers.
+    fn per_slot(&mut self, command: &str, keys: &[String]) -> Result<u64, CacheError> {
+        let mut groups: BTreeMap<u16, Vec<&str>> = BTreeMap::new();
+        for k in keys {
+            let s = if self.cluster { slot(k.as_bytes()) } else { 0 };
+            groups.entry(s).or_default().push(k);
+        }
+        let mut total = 0u64;
+        // A MOVED answer means the map is stale: refresh it and send what
+        // was refused again (the commands are idempotent). A few rounds
+        // at most: slots move one by one.
+        let mut pending: Vec<(u16, Vec<&str>)> = groups.into_iter().collect();
+        for round in 0..5 {
+            let mut by_node: BTreeMap<usize, Vec<(u16, Vec<&str>)>> = BTreeMap::new();
+            for (s, ks) in pending.drain(..) {
+                let n = if self.cluster {
+                    self.slots[usize::from(s)]
+                } else {
+                    0
+                };
+                by_node.entry(n).or_default().push((s, ks));
+            }
+            let mut moved = false;
+            for (node, batch) in by_node {
+                let mut pipe = redis::pipe();
+                pipe.ignore_errors();
+                for (_, ks) in &batch {
+                    pipe.cmd(command).arg(ks);
+                }
+                let answers: Vec<redis::RedisResult<u64>> =
+                    self.on(node, command, |c| pipe.query(c))?;
+                for ((s, ks), a) in batch.into_iter().zip(answers) {
+                    match a {
+                        Ok(n) => total += n,
+                        Err(e)
+                            if e.kind()
+                                == redis::ErrorKind::Server(redis::ServerErrorKind::Moved) =>
+                        {
+                            moved = true;
+                            pending.push((s, ks));
+                        }
+                        Err(e)
+                            if e.kind()
+                                == redis::ErrorKind::Server(redis::ServerErrorKind::Ask) =>
+                        {
+                            total += self.asking(node, command, &ks, &e)?;
+                        }
+                        Err(e) => return Err(self.err(node, command, e)),
+                    }
+                }
+            }
+            if !moved {
+                return Ok(total);
+            }
+            if round == 4 {
+                break;
+            }
+            self.refresh_slots()?;
+        }
+        Err(CacheError::Other {
+            server: self.shown.clone(),
+            what: format!("{command}: slots kept moving (MOVED after 5 slot-map refreshes)"),
+        })
+    }
+
+    /// A slot being migrated: `ASKING`, then the command, on the node the
+    /// ASK answer names.
+    fn asking(
+        &mut self,
+        from: usize,
+        command: &str,
+        keys: &[&str],
+        e: &redis::RedisError,
+    ) -> Result<u64, CacheError> {
+        let Some((addr, _)) = e.redirect_node() else {
+            return Err(self.err(from, command, e.clone()));
+        };
+        let addr = addr.to_owned();
+        let node = match self.nodes.iter().position(|n| n.addr == addr) {
+            Some(i) => i,
+            None => {
+                self.nodes.push(Node { addr, conn: None });
+                self.nodes.len() - 1
+            }
+        };
+        self.on(node, command, |c| {
+            let mut pipe = redis::pipe();
+            pipe.cmd("ASKING").ignore().cmd(command).arg(keys);
+            let (n,): (u64,) = pipe.query(c)?;
+            Ok(n)
+        })
+    }
+
+    /// One `SCAN cursor MATCH pattern COUNT count` on primary `node`: the
+    /// next cursor (0 when the scan is over) and the keys found.
+    pub fn scan(
+        &mut self,
+        node: usize,
+        cursor: u64,
+        pattern: &str,
+        count: usize,
+    ) -> Result<(u64, Vec<String>), CacheError> {
+        self.on(node, "SCAN", |c| {
+            redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(pattern)
+                .arg("COUNT")
+                .arg(count)
+                .query(c)
+        })
+    }
+
+    /// Unlinks keys a scan of primary `node` found there.
+    pub fn unlink_on(&mut self, node: usize, keys: &[String]) -> Result<u64, CacheError> {
+        if keys.is_empty() {
+            return Ok(0);
+        }
+        if !self.cluster {
+            return self.on(node, "UNLINK", |c| redis::cmd("UNLINK").arg(keys).query(c));
+        }
+        // Keys of one node may be of many slots: per slot, and a key whose
+        // slot moved away since the scan is routed where it is now.
+        self.unlink(keys)
+    }
+
+    /// `GET key` as an integer (absent: none).
+    pub fn get_int(&mut self, key: &str) -> Result<Option<i64>, CacheError> {
+        let node = self.node_of(key.as_bytes());
+        self.on(node, "GET", |c| redis::cmd("GET").arg(key).query(c))
+    }
+
+    /// `INCR key`, only while it still holds `expected` (absent: none):
+    /// the new value, or none when it holds something else (a resumed
+    /// run that already bumped it).
+    pub fn incr_if(&mut self, key: &str, expected: Option<i64>) -> Result<Option<i64>, CacheError> {
+        let node = self.node_of(key.as_bytes());
+        let script = redis::Script::new(
+            r"local v = redis.call('GET', KEYS[1])
+              if (v or '') == ARGV[1] then return redis.call('INCR', KEYS[1]) end
+              return false",
+        );
+        let want = expected.map(|e| e.to_string()).unwrap_or_default();
+        self.on(node, "INCR", |c| script.key(key).arg(want).invoke(c))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slots_are_redis_clusters() {
+        // Values from `CLUSTER KEYSLOT` on Redis 7.
+        assert_eq!(slot(b"foo"), 12182);
+        assert_eq!(slot(b"bar"), 5061);
+        assert_eq!(slot(b"{user1000}.following"), slot(b"user1000"));
+        // An empty tag is no tag: the whole key is hashed.
+        assert_eq!(slot(b"foo{}{bar}"), 8363);
+        assert_eq!(slot(b"foo{{bar}}zap"), slot(b"{bar"));
+    }
+
+    #[test]
+    fn a_password_in_a_url_is_never_shown() {
+        assert_eq!(
+            redact_url("redis://:s3cret@cache:6379/0"),
+            "redis://:***@cache:6379/0"
+        );
+        assert_eq!(
+            redact_url("rediss://app:s3cret@cache:6380"),
+            "rediss://app:***@cache:6380"
+        );
+        assert_eq!(redact_url("redis://cache:6379"), "redis://cache:6379");
+        assert_eq!(
+            redact_url("redis://:${REDIS_PASSWORD}@cache"),
+            "redis://:***@cache"
+        );
+    }
+}

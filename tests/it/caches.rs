@@ -1,0 +1,446 @@
+//! Cache invalidation against real Redis: a single server and a 3-primary
+//! Redis Cluster (Debian's redis-server). What went and what stayed is read
+//! with `redis-cli`, not taken from reentry's word.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+use serde_json::Value;
+
+use crate::common::pg::{Cluster, Version};
+use crate::common::redis::{cli, cluster_nodes, keys, OwnCluster, OwnRedis};
+use crate::common::services::redis_addr;
+use crate::common::{assert_exit, reentry_bin, stderr, stdout, unique};
+use crate::reconcile::ts;
+
+const MIN: i64 = 60_000;
+
+/// Two databases around T: 50 cases as of T; on current, cases 1-10
+/// written after T (legitimate writes a cache holds) and cases 20-22
+/// damaged by a bad job that left `updated_at` alone, which the repair's
+/// `where` scopes. The caches' keys are this test's own (`prefix`).
+pub(crate) struct CacheWorld {
+    pub(crate) cluster: Cluster,
+    pub(crate) dir: PathBuf,
+    pub(crate) t: i64,
+    pub(crate) prefix: String,
+}
+
+impl CacheWorld {
+    pub(crate) fn new(test: &str) -> CacheWorld {
+        let mut cluster = Cluster::init(Version::V18);
+        cluster.start();
+        let dir = cluster.dir("work");
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as i64;
+        let t = (now - 30 * MIN) / 1000 * 1000;
+        let mut admin = cluster.client();
+        for db in ["cur", "res"] {
+            admin
+                .batch_execute(&format!("CREATE DATABASE {db}"))
+                .unwrap();
+            let mut c = cluster.db_client(db);
+            c.batch_execute(include_str!("../../sql/system_gate.sql"))
+                .unwrap();
+            c.batch_execute(include_str!("../../sql/case-management.sql"))
+                .unwrap();
+            c.batch_execute(&format!(
+                "INSERT INTO system_gate VALUES ('api-writes', true, now());
+                 INSERT INTO cases (id, title, owner_id, updated_at)
+                 SELECT g, 'case ' || g, 1, '{}'::timestamptz FROM generate_series(1, 50) g;",
+                ts(t - 60 * MIN)
+            ))
+            .unwrap();
+        }
+        cluster
+            .db_client("cur")
+            .batch_execute(&format!(
+                "UPDATE cases SET title = title || ' (after T)', updated_at = '{}' WHERE id <= 10;
+                 UPDATE cases SET status = 'closed' WHERE id BETWEEN 20 AND 22;",
+                ts(t + 5 * MIN)
+            ))
+            .unwrap();
+        CacheWorld {
+            cluster,
+            dir,
+            t,
+            prefix: format!("{}:", unique(test)),
+        }
+    }
+
+    pub(crate) fn conninfo(&self, db: &str) -> String {
+        self.cluster.db_conninfo(db)
+    }
+
+    /// The playbook: a selective repair of cases 20-22, and `caches`.
+    pub(crate) fn playbook(&self, caches: &str) -> PathBuf {
+        let text = format!(
+            r#"[playbook]
+name = "caches"
+way-back = "selective-repair"
+
+[databases.current]
+conninfo = "{cur}"
+
+[databases.restored]
+conninfo = "{res}"
+
+[recovery-target]
+time = "{t}"
+
+[gates]
+reopen-order = ["api-writes"]
+
+[[gates.system-gate]]
+name = "api-writes"
+databases = ["current", "restored"]
+
+[[repair]]
+table = "cases"
+where = "id BETWEEN 20 AND 22"
+
+{caches}
+"#,
+            cur = self.conninfo("cur"),
+            res = self.conninfo("res"),
+            t = ts(self.t),
+        );
+        let pb = self.dir.join(format!("{}.toml", unique("caches")));
+        std::fs::write(&pb, text).unwrap();
+        pb
+    }
+
+    /// Every case's two keys, another entity's keys, 300 query-cache keys
+    /// (the pattern), 20 keys of another namespace, and the version key.
+    pub(crate) fn seed(&self, addr: &str, cluster: bool) {
+        let p = &self.prefix;
+        let mut cmds = String::new();
+        for id in 1..=50 {
+            cmds.push_str(&format!(
+                "SET {p}case:{id} v\nSET {p}case:{id}:summary v\nSET {p}user:{id} v\n"
+            ));
+        }
+        for n in 0..300 {
+            cmds.push_str(&format!("SET {p}search:q{n} v\n"));
+        }
+        for n in 0..20 {
+            cmds.push_str(&format!("SET {p}report:{n} v\n"));
+        }
+        cmds.push_str(&format!("SET {p}case:ns 7\n"));
+        cli(addr, cluster, &cmds);
+    }
+
+    pub(crate) fn cache_toml(&self, url: &str, cluster: bool, batch: usize) -> String {
+        let p = &self.prefix;
+        format!(
+            r#"[[caches]]
+name = "cases"
+url = "{url}"
+cluster = {cluster}
+table = "cases"
+updated-at = "updated_at"
+keys = ["{p}case:{{id}}", "{p}case:{{id}}:summary"]
+patterns = ["{p}search:*"]
+generation = "{p}case:ns"
+scan-count = 50
+batch-size = {batch}
+"#
+        )
+    }
+
+    /// What must remain after the invalidation: cases 11-19 and 23-50
+    /// (both keys), every user, every report, and the version key.
+    pub(crate) fn expected_left(&self) -> Vec<String> {
+        let p = &self.prefix;
+        let mut left = Vec::new();
+        for id in (11..=19).chain(23..=50) {
+            left.push(format!("{p}case:{id}"));
+            left.push(format!("{p}case:{id}:summary"));
+        }
+        for id in 1..=50 {
+            left.push(format!("{p}user:{id}"));
+        }
+        for n in 0..20 {
+            left.push(format!("{p}report:{n}"));
+        }
+        left.push(format!("{p}case:ns"));
+        left.sort();
+        left
+    }
+}
+
+fn reentry(args: &[&dyn AsRef<std::ffi::OsStr>]) -> Output {
+    let mut cmd = Command::new(reentry_bin());
+    for a in args {
+        cmd.arg(a);
+    }
+    cmd.output().unwrap()
+}
+
+fn apply_cmd(pb: &Path, run: &Path, extra: &[&str]) -> Command {
+    let mut cmd = Command::new(reentry_bin());
+    cmd.arg("apply")
+        .arg(pb)
+        .arg("--run-dir")
+        .arg(run)
+        .arg("--apply")
+        .args(extra);
+    cmd
+}
+
+fn plan_steps(pb: &Path) -> Value {
+    let out = reentry(&[&"plan", &pb, &"--json"]);
+    assert_exit(&out, 1);
+    serde_json::from_str(&stdout(&out)).unwrap()
+}
+
+fn step<'a>(plan: &'a Value, id: &str) -> &'a Value {
+    plan["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["id"] == id)
+        .unwrap_or_else(|| panic!("no step {id} in {plan:#}"))
+}
+
+/// The effect a finished run journaled for `step`.
+fn done_effect(run: &Path, step: &str) -> Value {
+    let text = std::fs::read_to_string(run.join("journal.jsonl")).unwrap();
+    text.lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter(|r| r["event"] == "done" && r["step"] == step)
+        .map(|r| r["data"]["effect"].clone())
+        .next_back()
+        .unwrap_or_else(|| panic!("{step} is not done in {text}"))
+}
+
+fn get(addr: &str, cluster: bool, key: &str) -> String {
+    // redis-cli -c says where it was redirected first: the answer is last.
+    cli(addr, cluster, &format!("GET {key}\n"))
+        .lines()
+        .last()
+        .unwrap_or("")
+        .to_owned()
+}
+
+/// The whole story on one Redis: plan counts, apply removes exactly the
+/// changed entities' keys and the pattern's, bumps the version once, and a
+/// second run finds nothing to remove.
+fn invalidates_only_what_changed(addr: &str, nodes: &[String], cluster: bool) {
+    let w = CacheWorld::new("caches");
+    w.seed(addr, cluster);
+    let pb = w.playbook(&w.cache_toml(&format!("redis://{addr}"), cluster, 5));
+
+    let plan = plan_steps(&pb);
+    // Without a run, only `updated-at` finds entities: cases 1-10.
+    let keys_step = step(&plan, "cache-keys:cases");
+    assert_eq!(keys_step["preview"]["count"], 20, "{keys_step:#}");
+    assert_eq!(step(&plan, "cache-patterns:cases")["preview"]["count"], 300);
+    assert!(step(&plan, "cache-generation:cases")["preview"]["summary"]
+        .as_str()
+        .unwrap()
+        .contains("from 7 to 8"));
+    // The plan changed nothing.
+    assert_eq!(keys(nodes, &w.prefix).len(), 50 * 3 + 300 + 20 + 1);
+
+    let run = w.dir.join("run");
+    let out = apply_cmd(&pb, &run, &[]).output().unwrap();
+    assert_exit(&out, 0);
+    assert_eq!(
+        keys(nodes, &w.prefix),
+        w.expected_left(),
+        "{}",
+        stdout(&out)
+    );
+    assert_eq!(get(addr, cluster, &format!("{}case:ns", w.prefix)), "8");
+    // Cases 1-10 (after T) and 20-22 (the rows step's): 13 entities.
+    let e = done_effect(&run, "cache-keys:cases");
+    assert_eq!(e["count"], 26, "{e:#}");
+    assert_eq!(e["detail"]["entities"], 13, "{e:#}");
+    let e = done_effect(&run, "cache-patterns:cases");
+    assert_eq!(e["count"], 300, "{e:#}");
+    if cluster {
+        let per: Vec<u64> = e["detail"]["per-node"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p[1].as_u64().unwrap())
+            .collect();
+        assert_eq!(per.len(), 3, "{e:#}");
+        assert!(
+            per.iter().all(|&n| n > 0),
+            "every primary held some: {per:?}"
+        );
+    }
+
+    // A second run finds nothing more to remove.
+    let again = w.dir.join("again");
+    let out = apply_cmd(&pb, &again, &[]).output().unwrap();
+    assert_exit(&out, 0);
+    assert_eq!(done_effect(&again, "cache-keys:cases")["count"], 0);
+    assert_eq!(done_effect(&again, "cache-patterns:cases")["count"], 0);
+    assert_eq!(keys(nodes, &w.prefix), w.expected_left());
+}
+
+#[test]
+fn caches_on_one_redis_lose_exactly_the_keys_of_entities_changed_around_t() {
+    let addr = redis_addr();
+    invalidates_only_what_changed(&addr, std::slice::from_ref(&addr), false);
+}
+
+#[test]
+fn caches_on_a_3_primary_redis_cluster_lose_exactly_those_keys_on_every_primary() {
+    let nodes = cluster_nodes();
+    invalidates_only_what_changed(&nodes[0], &nodes, true);
+}
+
+/// Starts `apply` paused at `step:point`; returns once it is there.
+fn run_until_paused(pb: &Path, run: &Path, at: &str, env: &[(&str, &str)]) -> std::process::Child {
+    let mut child = apply_cmd(pb, run, &[])
+        .env("REENTRY_PAUSE_AT", at)
+        .env("REENTRY_TEST_HOOKS", "hang-at-pause-points")
+        .envs(env.iter().copied())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut seen = String::new();
+    for line in BufReader::new(child.stderr.take().unwrap()).lines() {
+        let line = line.unwrap();
+        if line.contains("paused at") {
+            return child;
+        }
+        seen.push_str(&line);
+        seen.push('\n');
+    }
+    let status = child.wait().unwrap();
+    panic!("the run never paused at {at} ({status}): {seen}");
+}
+
+#[test]
+fn redis_killed_mid_step_names_the_server_and_a_resume_deletes_nothing_twice() {
+    let w = CacheWorld::new("caches-killed");
+    let mut redis = OwnRedis::start(&w.dir.join("redis"), &["--requirepass", "s3cret-redis"]);
+    let addr = redis.addr();
+    let auth = |cmds: &str| cli(&addr, false, &format!("AUTH s3cret-redis\n{cmds}"));
+    let p = w.prefix.clone();
+    let mut seed = String::new();
+    for id in 1..=50 {
+        seed.push_str(&format!(
+            "SET {p}case:{id} v\nSET {p}case:{id}:summary v\nSET {p}user:{id} v\n"
+        ));
+    }
+    auth(&seed);
+    // The password comes from the environment, and is never shown.
+    let pb = w.playbook(&format!(
+        r#"[[caches]]
+name = "cases"
+url = "redis://:${{CACHE_PW}}@{addr}"
+table = "cases"
+updated-at = "updated_at"
+keys = ["{p}case:{{id}}", "{p}case:{{id}}:summary"]
+batch-size = 4
+"#
+    ));
+    let run = w.dir.join("run");
+    let env = [("CACHE_PW", "s3cret-redis")];
+    let mut child = run_until_paused(&pb, &run, "cache-keys:cases:batch", &env);
+    child.kill().unwrap();
+    child.wait().unwrap();
+    // The first batch (4 keys, in key order) is gone.
+    let first: Vec<String> = {
+        let mut ks: Vec<String> = (1..=10)
+            .chain(20..=22)
+            .flat_map(|id| [format!("{p}case:{id}"), format!("{p}case:{id}:summary")])
+            .collect();
+        ks.sort();
+        ks.truncate(4);
+        ks
+    };
+    let exists = |k: &str| auth(&format!("EXISTS {k}\n")).lines().last() == Some("1");
+    assert!(first.iter().all(|k| !exists(k)), "{first:?}");
+
+    redis.kill();
+    let out = apply_cmd(&pb, &run, &["--resume"])
+        .envs(env)
+        .output()
+        .unwrap();
+    assert_ne!(out.status.code(), Some(0), "{}", stdout(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains(&format!("Redis at redis://:***@{addr}")),
+        "{err}"
+    );
+    assert!(!err.contains("s3cret-redis"), "{err}");
+
+    redis.restart();
+    // The application filled a key of the first batch again, from the
+    // repaired database: the resumed run must not delete it a second time.
+    auth(&format!("SET {} fresh\n", first[0]));
+    let out = apply_cmd(&pb, &run, &["--resume"])
+        .envs(env)
+        .output()
+        .unwrap();
+    assert_exit(&out, 0);
+    assert_eq!(
+        auth(&format!("GET {}\n", first[0])).lines().last(),
+        Some("fresh")
+    );
+    let left = auth(&format!("KEYS {p}case:*\n"));
+    let left: Vec<&str> = left.lines().filter(|l| l.starts_with(&p)).collect();
+    // 37 untouched cases' two keys, and the one filled again.
+    assert_eq!(left.len(), 37 * 2 + 1, "{left:?}");
+    // Each key counted once: 26 in all, over both attempts.
+    assert_eq!(done_effect(&run, "cache-keys:cases")["count"], 26);
+
+    for f in ["plan.json", "journal.jsonl"] {
+        let text = std::fs::read_to_string(run.join(f)).unwrap();
+        assert!(!text.contains("s3cret-redis"), "{f} holds the password");
+    }
+    let report = reentry(&[&"report", &run]);
+    assert!(!stdout(&report).contains("s3cret-redis"));
+}
+
+#[test]
+fn a_cluster_node_that_refuses_connections_fails_the_step_and_is_named() {
+    let w = CacheWorld::new("caches-node-down");
+    let mut c = OwnCluster::start(&w.dir.join("cluster"));
+    let addrs = c.addrs();
+    w.seed(&addrs[0], true);
+    let pb = w.playbook(&format!(
+        r#"[[caches]]
+name = "queries"
+url = "redis://{}"
+cluster = true
+patterns = ["{}search:*"]
+"#,
+        addrs[0], w.prefix
+    ));
+    // The third primary goes away; the others still list it in the slot
+    // map (the cluster has not noticed yet).
+    let down = addrs[2].clone();
+    let reached = |c: &OwnCluster| keys(&c.addrs()[..2], &format!("{}search:", w.prefix));
+    let before = reached(&c);
+    assert!(!before.is_empty());
+    c.nodes[2].kill();
+    let run = w.dir.join("run");
+    let out = apply_cmd(&pb, &run, &[]).output().unwrap();
+    assert_ne!(out.status.code(), Some(0), "{}", stdout(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains(&format!("Redis at {down} (cluster redis://{})", addrs[0])),
+        "{err}"
+    );
+    // Not done, and nothing removed from the primaries it reached either.
+    let journal = std::fs::read_to_string(run.join("journal.jsonl")).unwrap_or_default();
+    assert!(
+        !journal
+            .lines()
+            .any(|l| l.contains("\"done\"") && l.contains("cache-patterns:queries")),
+        "the step is not done: {journal}"
+    );
+    assert_eq!(reached(&c), before);
+}
