@@ -12,6 +12,7 @@ pub mod kafka;
 pub mod pg;
 pub mod progress;
 pub mod reentry;
+pub mod search;
 pub mod time;
 
 use exit::Exit;

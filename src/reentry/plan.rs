@@ -226,8 +226,8 @@ fn needs_time(p: &Playbook) -> Vec<&'static str> {
         .collect()
 }
 
-/// What the playbook asks for that this version does not do yet: said in
-/// every plan, never silently dropped.
+/// What each kind says every plan should say about it (what it leaves
+/// undone).
 pub fn notes(p: &Playbook) -> Vec<String> {
     let (survivor, retired) = survivor(p.playbook.way_back);
     let ctx = PlanCtx {
@@ -235,16 +235,13 @@ pub fn notes(p: &Playbook) -> Vec<String> {
         survivor,
         retired,
     };
-    let mut out: Vec<String> = KINDS.iter().flat_map(|k| (k.notes)(p, &ctx)).collect();
-    let pending = [("[[search]]", p.search.len())];
-    for (section, n) in pending {
-        if n > 0 {
-            out.push(format!(
-                "{section}: not reconciled by this version of reentry; settle it by hand before the gates re-open"
-            ));
-        }
-    }
-    out
+    KINDS.iter().flat_map(|k| (k.notes)(p, &ctx)).collect()
+}
+
+/// `ms` since the epoch as RFC 3339 with milliseconds, UTC.
+pub fn rfc3339_ms(ms: i64) -> String {
+    let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms.max(0) as u64);
+    humantime::format_rfc3339_millis(t).to_string()
 }
 
 pub fn sha256_hex(bytes: &[u8]) -> String {
@@ -589,8 +586,7 @@ mod tests {
 
     fn example(name: &str) -> Playbook {
         // The same value the playbook tests set: tests share the process.
-        std::env::set_var("CASES_DB_PASSWORD", "hunter2-reference");
-        std::env::set_var("LEDGER_DB_PASSWORD", "hunter2-reference");
+        crate::reentry::playbook::set_example_secrets();
         let path = Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("playbooks")
             .join(name);

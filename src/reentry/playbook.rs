@@ -16,7 +16,6 @@ use crate::reentry::schema::{self, opt, req, Field, Kind};
 use crate::reentry::steps::KINDS;
 
 const WAY_BACK: &[&str] = &["cutover", "selective-repair"];
-const SEARCH_STRATEGIES: &[&str] = &["delete-by-query", "targeted", "rebuild-hook"];
 
 /// A playbook section: one typed model, from which both serde's parse and
 /// the located checks (`schema::check_table`: unknown, missing and
@@ -170,17 +169,6 @@ section! {
 }
 
 section! {
-    pub struct Search {
-        pub name: String => req("name", Kind::Str),
-        pub url: Interpolated => req("url", Kind::Interp),
-        pub index: String => req("index", Kind::Str),
-        pub timestamp_field: Option<String> => opt("timestamp-field", Kind::Str),
-        pub strategy: String => req("strategy", Kind::OneOf(SEARCH_STRATEGIES)),
-        pub rebuild_hook: Option<String> => opt("rebuild-hook", Kind::Str),
-    }
-}
-
-section! {
     pub struct Playbook {
         extra {
             /// The file it came from, to locate errors found later (online checks).
@@ -205,8 +193,6 @@ section! {
         pub inbox: Vec<Inbox> => opt("inbox", Kind::Tables(Inbox::FIELDS)),
         #[serde(default)]
         pub idempotency: Vec<Idempotency> => opt("idempotency", Kind::Tables(Idempotency::FIELDS)),
-        #[serde(default)]
-        pub search: Vec<Search> => opt("search", Kind::Tables(Search::FIELDS)),
     }
 }
 
@@ -436,6 +422,20 @@ impl Playbook {
     }
 }
 
+/// Sets every variable the example playbooks read, to one value: tests
+/// share the process's environment.
+#[cfg(test)]
+pub(crate) fn set_example_secrets() {
+    for v in [
+        "CASES_DB_PASSWORD",
+        "LEDGER_DB_PASSWORD",
+        "CACHE_PASSWORD",
+        "SEARCH_PASSWORD",
+    ] {
+        std::env::set_var(v, "hunter2-reference");
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -619,9 +619,7 @@ databases = ["current", "restored"]
 
     #[test]
     fn the_example_playbooks_parse() {
-        // Tests share the environment: set the same value everywhere.
-        std::env::set_var("CASES_DB_PASSWORD", REFERENCE_SECRET);
-        std::env::set_var("LEDGER_DB_PASSWORD", REFERENCE_SECRET);
+        set_example_secrets();
         for name in ["case-management", "payment-ledger"] {
             let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
                 .join("playbooks")
@@ -633,7 +631,7 @@ databases = ["current", "restored"]
 
     #[test]
     fn the_reference_playbook_parses_and_shows_secrets_as_written() {
-        std::env::set_var("CASES_DB_PASSWORD", REFERENCE_SECRET);
+        set_example_secrets();
         let path = Path::new(concat!(
             env!("CARGO_MANIFEST_DIR"),
             "/playbooks/reference.toml"

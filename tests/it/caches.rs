@@ -172,7 +172,7 @@ batch-size = {batch}
     }
 }
 
-fn reentry(args: &[&dyn AsRef<std::ffi::OsStr>]) -> Output {
+pub(crate) fn reentry(args: &[&dyn AsRef<std::ffi::OsStr>]) -> Output {
     let mut cmd = Command::new(reentry_bin());
     for a in args {
         cmd.arg(a);
@@ -180,7 +180,7 @@ fn reentry(args: &[&dyn AsRef<std::ffi::OsStr>]) -> Output {
     cmd.output().unwrap()
 }
 
-fn apply_cmd(pb: &Path, run: &Path, extra: &[&str]) -> Command {
+pub(crate) fn apply_cmd(pb: &Path, run: &Path, extra: &[&str]) -> Command {
     let mut cmd = Command::new(reentry_bin());
     cmd.arg("apply")
         .arg(pb)
@@ -191,13 +191,13 @@ fn apply_cmd(pb: &Path, run: &Path, extra: &[&str]) -> Command {
     cmd
 }
 
-fn plan_steps(pb: &Path) -> Value {
+pub(crate) fn plan_steps(pb: &Path) -> Value {
     let out = reentry(&[&"plan", &pb, &"--json"]);
     assert_exit(&out, 1);
     serde_json::from_str(&stdout(&out)).unwrap()
 }
 
-fn step<'a>(plan: &'a Value, id: &str) -> &'a Value {
+pub(crate) fn step<'a>(plan: &'a Value, id: &str) -> &'a Value {
     plan["steps"]
         .as_array()
         .unwrap()
@@ -207,7 +207,7 @@ fn step<'a>(plan: &'a Value, id: &str) -> &'a Value {
 }
 
 /// The effect a finished run journaled for `step`.
-fn done_effect(run: &Path, step: &str) -> Value {
+pub(crate) fn done_effect(run: &Path, step: &str) -> Value {
     let text = std::fs::read_to_string(run.join("journal.jsonl")).unwrap();
     text.lines()
         .map(|l| serde_json::from_str::<Value>(l).unwrap())
@@ -298,7 +298,12 @@ fn caches_on_a_3_primary_redis_cluster_lose_exactly_those_keys_on_every_primary(
 }
 
 /// Starts `apply` paused at `step:point`; returns once it is there.
-fn run_until_paused(pb: &Path, run: &Path, at: &str, env: &[(&str, &str)]) -> std::process::Child {
+pub(crate) fn run_until_paused(
+    pb: &Path,
+    run: &Path,
+    at: &str,
+    env: &[(&str, &str)],
+) -> std::process::Child {
     let mut child = apply_cmd(pb, run, &[])
         .env("REENTRY_PAUSE_AT", at)
         .env("REENTRY_TEST_HOOKS", "hang-at-pause-points")

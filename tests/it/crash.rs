@@ -1,7 +1,8 @@
 //! The crash-point harness. One playbook uses every step kind there is
 //! (gates of each type, the cache wait, verify, probe, health checks,
 //! validation, outbox, inbox, consumer-group rewind, idempotency keys, row
-//! stage, apply and delete). Its
+//! stage, apply and delete, cache keys, patterns and generation, each
+//! search strategy against the SEARCH DOUBLE). Its
 //! plan is enumerated, and for every step at every pause point it reaches
 //! (`started`, `prior`, `applied`, `done`) a run is killed there with
 //! SIGKILL and resumed with `--resume`. Each resumed world must equal the
@@ -20,7 +21,9 @@ use std::time::Instant;
 
 use reentry::kafka::Kafka;
 
-use crate::common::services::kafka_bootstrap;
+use crate::common::redis::{cli as redis_cli, keys as redis_keys};
+use crate::common::search_double;
+use crate::common::services::{kafka_bootstrap, redis_addr};
 use crate::common::{assert_exit, reentry_bin, stderr, stdout};
 use crate::reconcile::{kcat_read, ts, World};
 
@@ -196,7 +199,53 @@ updated-at = "updated_at"
 on-conflict = "source-wins"
 allow-delete = true
 batch-size = 2
+
+[[caches]]
+name = "case-cache"
+url = "redis://{redis}"
+table = "cases"
+updated-at = "updated_at"
+keys = ["{topic}:case:{{id}}", "{topic}:case:{{id}}:summary"]
+patterns = ["{topic}:q:*"]
+generation = "{topic}:ns"
+scan-count = 2
+batch-size = 1
+
+[[search]]
+name = "events"
+url = "{search}"
+index = "{topic}-events"
+strategy = "delete-by-query"
+timestamp-field = "at"
+
+[[search]]
+name = "cases-targeted"
+url = "{search}"
+index = "{topic}-cases"
+strategy = "targeted"
+table = "cases"
+updated-at = "updated_at"
+documents = "{documents}"
+batch-size = 1
+
+[[search]]
+name = "cases-rebuilt"
+url = "{search}"
+index = "{topic}-rebuilt"
+strategy = "rebuild"
+documents = "{documents}"
+batch-size = 2
+
+[[search]]
+name = "hook"
+url = "{search}"
+index = "{topic}-hooked"
+strategy = "rebuild-hook"
+rebuild-hook = "echo rebuilt"
 "#,
+        redis = redis_addr(),
+        search = search_double::shared().url,
+        documents = DOCUMENTS,
         cur = w.conninfo("cur"),
         res = w.conninfo("res"),
         t = ts(w.t),
@@ -206,7 +255,62 @@ batch-size = 2
     );
     let pb = w.dir.join("every-kind.toml");
     std::fs::write(&pb, text).unwrap();
+    seed_caches_and_indexes(&w);
     (w, pb)
+}
+
+/// A case's search document, from either database.
+const DOCUMENTS: &str = "SELECT id::text AS id, (extract(epoch FROM updated_at) * 1000)::int8 AS version, jsonb_build_object('title', title, 'status', status) AS doc FROM cases";
+
+/// Redis keys for every case, query keys, a version key; documents
+/// before and after T; two indexes projected from current, behind aliases.
+fn seed_caches_and_indexes(w: &World) {
+    let p = &w.topic;
+    let mut c = w.client("cur");
+    let ids: Vec<i64> = c
+        .query("SELECT id FROM cases ORDER BY id", &[])
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let mut cmds = String::new();
+    for id in &ids {
+        cmds.push_str(&format!(
+            "SET {p}:case:{id} v\nSET {p}:case:{id}:summary v\n"
+        ));
+    }
+    for n in 0..7 {
+        cmds.push_str(&format!("SET {p}:q:{n} v\n"));
+    }
+    cmds.push_str(&format!("SET {p}:ns 3\nSET {p}:other v\n"));
+    redis_cli(&redis_addr(), false, &cmds);
+
+    let d = search_double::shared();
+    let events = format!("{p}-events");
+    d.create(&events, None);
+    for i in 0..4 {
+        d.put(
+            &events,
+            &format!("b{i}"),
+            1,
+            serde_json::json!({ "at": w.t - 60_000 - i }),
+        );
+        d.put(
+            &events,
+            &format!("a{i}"),
+            1,
+            serde_json::json!({ "at": w.t + 60_000 + i }),
+        );
+    }
+    let sql = format!("SELECT id, version, doc::text FROM ({DOCUMENTS}) d");
+    for alias in [format!("{p}-cases"), format!("{p}-rebuilt")] {
+        let index = format!("{alias}-v1");
+        d.create(&index, Some(&alias));
+        for r in c.query(&sql, &[]).unwrap() {
+            let doc: serde_json::Value = serde_json::from_str(r.get(2)).unwrap();
+            d.put(&index, r.get::<_, &str>(0), r.get(1), doc);
+        }
+    }
 }
 
 /// Everything the run may have changed, with the run's own times and ids
@@ -218,6 +322,11 @@ struct Snapshot {
     changes: Vec<(String, String, String, i64)>,
     topic: Vec<String>,
     offsets: BTreeMap<i32, Option<i64>>,
+    /// The world's Redis keys and their values.
+    redis: Vec<String>,
+    /// Each index or alias of the world: its documents, and how many
+    /// indexes the world has (a rebuild made twice shows).
+    search: Vec<String>,
 }
 
 fn snapshot(w: &World) -> Snapshot {
@@ -272,11 +381,42 @@ fn snapshot(w: &World) -> Snapshot {
     topic.sort();
     let k = Kafka::new(&kafka_bootstrap());
     let offsets = k.committed(&w.group, &w.topic, &[0, 1, 2]).unwrap();
+    let keys = redis_keys(
+        std::slice::from_ref(&redis_addr()),
+        &format!("{}:", w.topic),
+    );
+    let mut cmds = String::new();
+    for k in &keys {
+        cmds.push_str(&format!("GET {k}\n"));
+    }
+    let values = redis_cli(&redis_addr(), false, &cmds);
+    let redis = keys
+        .iter()
+        .zip(values.lines())
+        .map(|(k, v)| own(format!("{k}={v}")))
+        .collect();
+    let d = search_double::shared();
+    let mut search = Vec::new();
+    for name in ["events", "cases", "rebuilt"] {
+        let index = format!("{}-{name}", w.topic);
+        for (id, (version, doc)) in d.docs(&index) {
+            search.push(format!("{name}/{id} v{version} {doc}"));
+        }
+    }
+    let prefix = format!("{}-", w.topic);
+    let indexes = d
+        .indices()
+        .iter()
+        .filter(|i| i.starts_with(&prefix))
+        .count();
+    search.push(format!("{indexes} indexes"));
     Snapshot {
         tables,
         changes,
         topic,
         offsets,
+        redis,
+        search,
     }
 }
 
@@ -454,6 +594,12 @@ fn every_step_killed_at_every_point_resumes_to_the_world_of_an_unkilled_run() {
                     }
                     if got.topic != reference.topic {
                         diff.push(format!("topic {:?} != {:?}", got.topic, reference.topic));
+                    }
+                    if got.redis != reference.redis {
+                        diff.push(format!("redis {:?} != {:?}", got.redis, reference.redis));
+                    }
+                    if got.search != reference.search {
+                        diff.push(format!("search {:?} != {:?}", got.search, reference.search));
                     }
                     if got.offsets != reference.offsets {
                         diff.push(format!(

@@ -10,5 +10,6 @@ mod quartz;
 mod reconcile;
 mod restore;
 mod rows;
+mod search;
 mod services;
 mod wal_archive;

@@ -12,6 +12,7 @@ pub mod gates;
 pub mod idempotency;
 pub mod outbox;
 pub mod rows;
+pub mod search;
 pub mod sequences;
 pub mod validate;
 
@@ -135,6 +136,9 @@ pub enum StepError {
     /// A Redis server's error, naming the server (or the cluster's node).
     #[error(transparent)]
     Cache(#[from] crate::cache::CacheError),
+    /// A search server's error, naming the server and the index.
+    #[error(transparent)]
+    Search(#[from] crate::search::SearchError),
     #[error("cannot write the journal")]
     Journal(#[from] std::io::Error),
     #[error("interrupted")]
@@ -153,6 +157,7 @@ impl StepError {
             | StepError::Pg(PgError::Connect { .. }) => true,
             StepError::Kafka(k) => k.is_transient(),
             StepError::Cache(c) => c.is_transient(),
+            StepError::Search(s) => s.is_transient(),
             _ => false,
         }
     }
@@ -640,6 +645,7 @@ kinds! {
     consumers: Inbox(Inbox), RewindGroup(Rewind);
     idempotency: IdempotencyKeys(Keys);
     caches: CacheKeys(KeysStep), CachePatterns(PatternsStep), CacheGeneration(GenerationStep);
+    search: SearchDeleteByQuery(SearchStep), SearchTargeted(SearchStep), SearchRebuild(SearchStep), SearchHook(SearchStep);
 }
 
 /// A test hook: `REENTRY_PAUSE_AT=STEP:POINT` makes the run stop dead at
@@ -673,7 +679,7 @@ mod tests {
     #[test]
     fn an_outbox_step_from_an_older_builds_plan_keeps_its_template() {
         // The value the other playbook tests set: tests share the process.
-        std::env::set_var("CASES_DB_PASSWORD", "hunter2-reference");
+        crate::reentry::playbook::set_example_secrets();
         let path =
             std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("playbooks/reference.toml");
         let p = crate::reentry::playbook::Playbook::load(&path).unwrap();

@@ -1,0 +1,1053 @@
+//! Search indexes (Elasticsearch 7/8, OpenSearch 1/2): documents written
+//! from state after T, put right before traffic comes back. One step per
+//! `[[search]]` entry, by its strategy:
+//!
+//! - `search-delete-by-query:<name>`: documents whose `timestamp-field` is
+//!   after T, deleted by a `_delete_by_query` task (`conflicts=proceed`,
+//!   `slices=auto`, `wait_for_completion=false`). The task id is journaled
+//!   as soon as the server gives it, and a resumed run polls that task
+//!   instead of starting a second one.
+//! - `search-targeted:<name>`: the entities changed around T (see
+//!   `rows::Entities`). Without `documents`, their documents are deleted
+//!   (bulk). With it, each is indexed again from the surviving database:
+//!   `documents` is SQL returning `id`, `version` (ms, from `updated-at`)
+//!   and `doc` (JSON). External versioning keeps a late writer from
+//!   bringing back an older document. The stale document from after T has
+//!   a higher version than the restored row, so the row is written at the
+//!   stored version with `external_gte`: every replay of an event from
+//!   after T (a version up to the stale one) is then refused, and a
+//!   newer write (a higher version) still wins. An entity whose row is
+//!   gone has its document deleted, guarded by `if_seq_no`.
+//! - `search-rebuild:<name>`: a new index from `documents` (bulk), then
+//!   the alias moved to it in one `_aliases` request. The old index is
+//!   kept, and named in the report, for the operator to drop.
+//! - `search-hook:<name>`: a command that rebuilds the index the team's
+//!   own way; its exit code and output are journaled.
+//!
+//! After acting, each refreshes the index and counts again.
+
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use super::rows::Entities;
+use super::{
+    pause_point, Effect, Env, Evidence, Nature, OnDatabase, Phase, PlanCtx, Recorder, Step,
+    StepError, StepKind,
+};
+use crate::reentry::check::{Need, Prepared};
+use crate::reentry::plan::{step, PlannedStep};
+use crate::reentry::playbook::{section, Interpolated, Meaning, Playbook, Seg};
+use crate::reentry::schema::{opt, req, Field, Kind};
+use crate::search::{Auth, Search};
+
+pub const STRATEGIES: &[&str] = &["delete-by-query", "targeted", "rebuild", "rebuild-hook"];
+/// Documents per bulk request.
+const BATCH: usize = 500;
+/// Hook output kept in the journal.
+const HOOK_OUTPUT: usize = 4096;
+
+section! {
+    /// One `[[search]]` table.
+    pub struct SearchIndex {
+        pub name: String => req("name", Kind::Str),
+        pub url: Interpolated => req("url", Kind::Interp),
+        pub index: String => req("index", Kind::Str),
+        pub strategy: String => req("strategy", Kind::OneOf(STRATEGIES)),
+        pub username: Option<String> => opt("username", Kind::Str),
+        pub password: Option<Interpolated> => opt("password", Kind::Interp),
+        pub api_key: Option<Interpolated> => opt("api-key", Kind::Interp),
+        pub table: Option<String> => opt("table", Kind::Str),
+        pub key: Option<Vec<String>> => opt("key", Kind::Strs),
+        pub updated_at: Option<String> => opt("updated-at", Kind::Str),
+        pub outboxes: Option<Vec<String>> => opt("outboxes", Kind::Strs),
+        pub timestamp_field: Option<String> => opt("timestamp-field", Kind::Str),
+        pub documents: Option<String> => opt("documents", Kind::Str),
+        pub database: Option<String> => opt("database", Kind::Str),
+        pub rebuild_hook: Option<String> => opt("rebuild-hook", Kind::Str),
+        pub batch_size: Option<i64> => opt("batch-size", Kind::Int),
+    }
+}
+
+section! {
+    /// Its top-level key.
+    #[derive(Default)]
+    pub struct Keys {
+        #[serde(default)]
+        pub search: Vec<SearchIndex> => opt("search", Kind::Tables(SearchIndex::FIELDS)),
+    }
+}
+
+pub fn indexes(p: &Playbook) -> Vec<SearchIndex> {
+    p.part::<Keys>(None).search
+}
+
+fn at(i: usize, key: &'static str) -> Vec<Seg<'static>> {
+    vec![Seg::Key("search"), Seg::Index(i), Seg::Key(key)]
+}
+
+/// Which server and index, and how to log in.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct Target {
+    pub search: String,
+    pub url: Interpolated,
+    pub index: String,
+    #[serde(default)]
+    pub username: Option<String>,
+    #[serde(default)]
+    pub password: Option<Interpolated>,
+    #[serde(default)]
+    pub api_key: Option<Interpolated>,
+}
+
+impl Target {
+    fn connect(&self) -> Result<Search, StepError> {
+        let auth = match (&self.api_key, &self.username) {
+            (Some(k), _) => Auth::ApiKey(k.expose().to_owned()),
+            (None, Some(u)) => Auth::Basic {
+                user: u.clone(),
+                password: self
+                    .password
+                    .as_ref()
+                    .map(|p| p.expose().to_owned())
+                    .unwrap_or_default(),
+            },
+            (None, None) => Auth::None,
+        };
+        Ok(Search::new(self.url.expose(), &self.url.template, auth)?)
+    }
+}
+
+/// What a step does, by strategy.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", tag = "strategy")]
+pub enum Strategy {
+    DeleteByQuery {
+        timestamp_field: String,
+        t_ms: Option<i64>,
+    },
+    Targeted {
+        entities: Entities,
+        /// SQL returning `id`, `version`, `doc`; none: delete.
+        documents: Option<String>,
+        database: String,
+        batch_size: usize,
+    },
+    Rebuild {
+        documents: String,
+        database: String,
+        batch_size: usize,
+    },
+    Hook {
+        command: String,
+        t_ms: Option<i64>,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct SearchStep {
+    #[serde(flatten)]
+    pub target: Target,
+    #[serde(flatten)]
+    pub strategy: Strategy,
+}
+
+/// What a search step did, for the report.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct SearchDetail {
+    pub search: String,
+    pub index: String,
+    pub strategy: String,
+    pub before: u64,
+    pub acted: u64,
+    pub after: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task: Option<String>,
+    /// Version conflicts: newer documents left alone.
+    #[serde(default)]
+    pub newer_kept: u64,
+    /// A rebuild's old index, kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub old_index: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub new_index: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_code: Option<i32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output: Option<String>,
+}
+
+fn t_iso(t_ms: Option<i64>) -> Result<String, StepError> {
+    let t = t_ms.ok_or_else(|| {
+        StepError::Config("delete-by-query compares with T: give the recovery target a time".into())
+    })?;
+    Ok(crate::reentry::plan::rfc3339_ms(t))
+}
+
+fn after_t(field: &str, t_ms: Option<i64>) -> Result<Value, StepError> {
+    Ok(json!({ "range": { field: { "gt": t_iso(t_ms)? } } }))
+}
+
+/// Document ids for entities: the key's values, joined by `:` when the
+/// key has more than one column.
+fn doc_ids(entities: &[Vec<String>]) -> Vec<String> {
+    entities.iter().map(|e| e.join(":")).collect()
+}
+
+/// The rows `documents` gives for `ids` (all of them when `None`): id,
+/// version, document.
+fn documents(
+    env: &mut Env,
+    database: &str,
+    sql: &str,
+    ids: Option<&[String]>,
+) -> Result<Vec<(String, i64, Value)>, StepError> {
+    let db = env.db(database)?;
+    let rows = match ids {
+        Some(ids) => db.query(
+            "read the documents",
+            &format!(
+                "SELECT d.id::text, d.version::int8, d.doc::text FROM ({sql}) d WHERE d.id::text = ANY($1::text[])"
+            ),
+            &[&ids],
+        ),
+        None => db.query(
+            "read the documents",
+            &format!("SELECT d.id::text, d.version::int8, d.doc::text FROM ({sql}) d"),
+            &[],
+        ),
+    }
+    .on(database)?;
+    rows.iter()
+        .map(|r| {
+            let id: String = r.get(0);
+            let doc: String = r.get(2);
+            let doc = serde_json::from_str(&doc).map_err(|e| StepError::Input {
+                message: format!("`documents` gave document {id} that is not JSON: {e}"),
+            })?;
+            Ok((id, r.get(1), doc))
+        })
+        .collect()
+}
+
+fn ids_query(ids: &[String]) -> Value {
+    json!({ "ids": { "values": ids } })
+}
+
+/// Journaled by a targeted step after each batch.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+struct Progress {
+    done: u64,
+    acted: u64,
+    newer_kept: u64,
+}
+
+/// Journaled first by a targeted step: its ids, by number and digest.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+struct TargetedPrior {
+    ids: u64,
+    sha256: String,
+    before: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+struct TaskPrior {
+    task: String,
+    before: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+struct RebuildPrior {
+    old: Vec<String>,
+    new: String,
+}
+
+impl SearchStep {
+    fn name(&self) -> &'static str {
+        match self.strategy {
+            Strategy::DeleteByQuery { .. } => "delete-by-query",
+            Strategy::Targeted { .. } => "targeted",
+            Strategy::Rebuild { .. } => "rebuild",
+            Strategy::Hook { .. } => "rebuild-hook",
+        }
+    }
+
+    fn detail(&self) -> SearchDetail {
+        SearchDetail {
+            search: self.target.search.clone(),
+            index: self.target.index.clone(),
+            strategy: self.name().into(),
+            ..SearchDetail::default()
+        }
+    }
+
+    fn effect(&self, summary: String, d: SearchDetail) -> Effect {
+        Effect {
+            summary,
+            count: d.acted,
+            items: d.old_index.iter().cloned().collect(),
+            detail: super::detail(&d),
+        }
+    }
+
+    fn err(&self, what: String) -> StepError {
+        StepError::Check {
+            message: format!(
+                "index {} ({}): {what}",
+                self.target.index, self.target.search
+            ),
+            findings: Vec::new(),
+        }
+    }
+
+    fn targets(&self, env: &mut Env, entities: &Entities) -> Result<(u64, Vec<String>), StepError> {
+        let found = entities.find(env, "current")?;
+        Ok((found.entities.len() as u64, doc_ids(&found.entities)))
+    }
+
+    fn apply_dbq(
+        &self,
+        s: &Search,
+        rec: &mut Recorder,
+        field: &str,
+        t_ms: Option<i64>,
+    ) -> Result<Effect, StepError> {
+        let index = &self.target.index;
+        let q = after_t(field, t_ms)?;
+        let prior: TaskPrior = rec.prior(|| {
+            s.refresh(index)?;
+            let before = s.count(index, &q)?;
+            let task = s.delete_by_query(index, &q)?;
+            Ok(TaskPrior { task, before })
+        })?;
+        let step_id = rec.step.to_owned();
+        pause_point(&step_id, "task");
+        let response = loop {
+            match s.task(index, &prior.task)? {
+                None => {
+                    return Err(self.err(format!(
+                        "task {} is gone from the cluster's task list: check the index by hand, or start a new run",
+                        prior.task
+                    )))
+                }
+                Some((true, r)) => break r,
+                Some((false, _)) => rec.sleep_until(std::time::SystemTime::now() + Duration::from_millis(200))?,
+            }
+        };
+        if let Some(f) = response["failures"].as_array().filter(|f| !f.is_empty()) {
+            return Err(self.err(format!(
+                "delete-by-query task {} failed: {}",
+                prior.task, f[0]
+            )));
+        }
+        s.refresh(index)?;
+        let after = s.count(index, &q)?;
+        let mut d = self.detail();
+        d.before = prior.before;
+        d.acted = response["deleted"].as_u64().unwrap_or(0);
+        d.newer_kept = response["version_conflicts"].as_u64().unwrap_or(0);
+        d.after = after;
+        d.task = Some(prior.task.clone());
+        if after > 0 {
+            return Err(self.err(format!(
+                "{after} document(s) with {field} after T remain after task {} ({} version conflict(s))",
+                prior.task, d.newer_kept
+            )));
+        }
+        Ok(self.effect(
+            format!(
+                "deleted {} document(s) with {field} after T from {index} (task {})",
+                d.acted, prior.task
+            ),
+            d,
+        ))
+    }
+
+    fn apply_targeted(
+        &self,
+        env: &mut Env,
+        s: &Search,
+        rec: &mut Recorder,
+    ) -> Result<Effect, StepError> {
+        let Strategy::Targeted {
+            entities,
+            documents: sql,
+            database,
+            batch_size: batch,
+        } = &self.strategy
+        else {
+            unreachable!("a targeted step");
+        };
+        let (sql, batch) = (sql.as_deref(), *batch);
+        let index = &self.target.index;
+        let (n_entities, ids) = self.targets(env, entities)?;
+        let sha = crate::reentry::plan::sha256_hex(ids.join("\n").as_bytes());
+        let prior: TargetedPrior = rec.prior(|| {
+            s.refresh(index)?;
+            Ok(TargetedPrior {
+                ids: ids.len() as u64,
+                sha256: sha.clone(),
+                before: count_ids(s, index, &ids)?,
+            })
+        })?;
+        let under = format!("{}#batch-", rec.step);
+        let last = rec
+            .priors_under::<Progress>(&under)?
+            .into_values()
+            .max_by_key(|p| p.done)
+            .filter(|_| prior.sha256 == sha);
+        let mut p = last.unwrap_or(Progress {
+            done: 0,
+            acted: 0,
+            newer_kept: 0,
+        });
+        let step_id = rec.step.to_owned();
+        let mut first = true;
+        let mut present = 0u64;
+        while (p.done as usize) < ids.len() {
+            let start = p.done as usize;
+            let end = (start + batch).min(ids.len());
+            let chunk = &ids[start..end];
+            let (acted, kept) = match sql {
+                None => self.delete_ids(s, chunk)?,
+                Some(sql) => {
+                    let docs = documents(env, database, sql, Some(chunk))?;
+                    self.reindex(s, chunk, docs)?
+                }
+            };
+            p.done = end as u64;
+            p.acted += acted;
+            p.newer_kept += kept;
+            rec.prior_keyed(&format!("{under}{end:012}"), &p)?;
+            if first {
+                pause_point(&step_id, "batch");
+                first = false;
+            }
+        }
+        if let Some(sql) = sql {
+            present = documents(env, database, sql, Some(&ids))?.len() as u64;
+        }
+        s.refresh(index)?;
+        let after = count_ids(s, index, &ids)?;
+        let mut d = self.detail();
+        d.before = prior.before;
+        d.acted = p.acted;
+        d.newer_kept = p.newer_kept;
+        d.after = after;
+        // Deleted: none may be left. Indexed again: one per surviving row.
+        if after != present {
+            return Err(self.err(format!(
+                "{after} of the {} changed entities' documents are in the index after the step; expected {present}",
+                ids.len()
+            )));
+        }
+        let verb = if sql.is_some() {
+            "indexed again"
+        } else {
+            "deleted"
+        };
+        Ok(self.effect(
+            format!(
+                "{verb} {} document(s) of {n_entities} changed entit{} in {index}{}",
+                p.acted,
+                if n_entities == 1 { "y" } else { "ies" },
+                if p.newer_kept > 0 {
+                    format!("; {} newer document(s) kept", p.newer_kept)
+                } else {
+                    String::new()
+                }
+            ),
+            d,
+        ))
+    }
+
+    /// Bulk deletes of `ids`: how many were there.
+    fn delete_ids(&self, s: &Search, ids: &[String]) -> Result<(u64, u64), StepError> {
+        let index = &self.target.index;
+        let actions: Vec<(Value, Option<Value>)> = ids
+            .iter()
+            .map(|id| (json!({ "delete": { "_index": index, "_id": id } }), None))
+            .collect();
+        let mut deleted = 0;
+        for item in s.bulk(index, &actions)? {
+            match item.status {
+                200 => deleted += 1,
+                404 => {}
+                _ => return Err(self.item_err(&item)),
+            }
+        }
+        Ok((deleted, 0))
+    }
+
+    fn item_err(&self, item: &crate::search::Item) -> StepError {
+        self.err(format!(
+            "document {}: HTTP {} {}: {}",
+            item.id,
+            item.status,
+            item.result,
+            item.reason.as_deref().unwrap_or("")
+        ))
+    }
+
+    /// Each id indexed again from its row (at the stored version when the
+    /// stored one is newer), or deleted when its row is gone.
+    fn reindex(
+        &self,
+        s: &Search,
+        ids: &[String],
+        docs: Vec<(String, i64, Value)>,
+    ) -> Result<(u64, u64), StepError> {
+        let index = &self.target.index;
+        let stored = s.mget(index, ids)?;
+        let rows: std::collections::BTreeMap<&str, (i64, &Value)> = docs
+            .iter()
+            .map(|(id, v, d)| (id.as_str(), (*v, d)))
+            .collect();
+        let mut actions = Vec::new();
+        for (id, st) in ids.iter().zip(&stored) {
+            match (rows.get(id.as_str()), st) {
+                (Some((v, doc)), st) => {
+                    let version = st.map_or(*v, |s| s.version.max(*v));
+                    actions.push((
+                        json!({ "index": { "_index": index, "_id": id, "version": version, "version_type": "external_gte" } }),
+                        Some((*doc).clone()),
+                    ));
+                }
+                (None, Some(st)) => actions.push((
+                    json!({ "delete": { "_index": index, "_id": id, "if_seq_no": st.seq_no, "if_primary_term": st.primary_term } }),
+                    None,
+                )),
+                (None, None) => {}
+            }
+        }
+        let (mut acted, mut kept) = (0, 0);
+        for item in s.bulk(index, &actions)? {
+            match item.status {
+                200 | 201 => acted += 1,
+                404 => {}
+                409 => kept += 1,
+                _ => return Err(self.item_err(&item)),
+            }
+        }
+        Ok((acted, kept))
+    }
+
+    fn apply_rebuild(
+        &self,
+        env: &mut Env,
+        s: &Search,
+        rec: &mut Recorder,
+        sql: &str,
+        database: &str,
+        batch: usize,
+    ) -> Result<Effect, StepError> {
+        let alias = &self.target.index;
+        let run = env.run_id.clone();
+        let prior: RebuildPrior = rec.prior(|| {
+            let old = s.alias(alias)?;
+            if old.is_empty() {
+                return Err(self.err(format!(
+                    "`{alias}` is not an alias: a rebuild builds a new index and moves the alias to it"
+                )));
+            }
+            Ok(RebuildPrior {
+                new: format!("{alias}-reentry-{}", run.to_lowercase()),
+                old,
+            })
+        })?;
+        let now = s.alias(alias)?;
+        let mut d = self.detail();
+        d.old_index = Some(prior.old.join(", "));
+        d.new_index = Some(prior.new.clone());
+        if now != [prior.new.clone()] {
+            if s.mappings(&prior.new)?.is_none() {
+                let mappings = s.mappings(&prior.old[0])?.unwrap_or(json!({}));
+                s.create_index(&prior.new, &mappings)?;
+            }
+            let docs = documents(env, database, sql, None)?;
+            let started = Instant::now();
+            let mut last_said = Instant::now();
+            let step_id = rec.step.to_owned();
+            for (n, chunk) in docs.chunks(batch).enumerate() {
+                let actions: Vec<(Value, Option<Value>)> = chunk
+                    .iter()
+                    .map(|(id, v, doc)| {
+                        (
+                            json!({ "index": { "_index": prior.new, "_id": id, "version": v, "version_type": "external_gte" } }),
+                            Some(doc.clone()),
+                        )
+                    })
+                    .collect();
+                for item in s.bulk(&prior.new, &actions)? {
+                    if !matches!(item.status, 200 | 201 | 409) {
+                        return Err(self.item_err(&item));
+                    }
+                }
+                if n == 0 {
+                    pause_point(&step_id, "batch");
+                }
+                if last_said.elapsed() > Duration::from_secs(5) {
+                    tracing::info!(index = %prior.new, "{} of {} documents indexed", (n + 1) * batch, docs.len());
+                    last_said = Instant::now();
+                }
+            }
+            s.refresh(&prior.new)?;
+            let built = s.count(&prior.new, &json!({ "match_all": {} }))?;
+            if built != docs.len() as u64 {
+                return Err(self.err(format!(
+                    "the new index {} holds {built} documents, not the {} the query gave: the alias was not moved",
+                    prior.new,
+                    docs.len()
+                )));
+            }
+            s.swap_alias(alias, &prior.old, &prior.new)?;
+            tracing::info!(index = %prior.new, "built in {:.1}s", started.elapsed().as_secs_f64());
+        }
+        s.refresh(alias)?;
+        d.after = s.count(alias, &json!({ "match_all": {} }))?;
+        d.acted = d.after;
+        Ok(self.effect(
+            format!(
+                "rebuilt {alias} as {} ({} documents); the old index {} is kept: drop it once the run is accepted",
+                prior.new,
+                d.after,
+                prior.old.join(", ")
+            ),
+            d,
+        ))
+    }
+
+    fn apply_hook(
+        &self,
+        env: &mut Env,
+        rec: &mut Recorder,
+        command: &str,
+        t_ms: Option<i64>,
+    ) -> Result<Effect, StepError> {
+        let dir = env
+            .playbook
+            .file
+            .parent()
+            .map(std::path::Path::to_path_buf)
+            .unwrap_or_default();
+        rec.prior(|| Ok(command.to_owned()))?;
+        let mut cmd = std::process::Command::new("sh");
+        cmd.arg("-c")
+            .arg(command)
+            .current_dir(if dir.as_os_str().is_empty() {
+                ".".into()
+            } else {
+                dir
+            })
+            .env("REENTRY_SEARCH_INDEX", &self.target.index)
+            .env("REENTRY_RUN_ID", &env.run_id);
+        if let Some(t) = t_ms {
+            cmd.env("REENTRY_T", crate::reentry::plan::rfc3339_ms(t));
+        }
+        let out = cmd.output().map_err(|source| StepError::Io {
+            what: "run the rebuild hook",
+            source,
+        })?;
+        let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
+        text.push_str(&String::from_utf8_lossy(&out.stderr));
+        if text.len() > HOOK_OUTPUT {
+            let cut = (0..=HOOK_OUTPUT)
+                .rev()
+                .find(|&i| text.is_char_boundary(i))
+                .unwrap_or(0);
+            text.truncate(cut);
+            text.push_str("\n[output cut]");
+        }
+        let mut d = self.detail();
+        d.exit_code = out.status.code();
+        d.output = Some(text.clone());
+        if !out.status.success() {
+            return Err(StepError::Check {
+                message: format!(
+                    "the rebuild hook of {} exited {}: {}",
+                    self.target.search,
+                    out.status
+                        .code()
+                        .map_or("on a signal".into(), |c| c.to_string()),
+                    text.lines().last().unwrap_or("")
+                ),
+                findings: text.lines().map(str::to_owned).collect(),
+            });
+        }
+        d.acted = 1;
+        Ok(self.effect(
+            format!("ran the rebuild hook of {}: exit 0", self.target.search),
+            d,
+        ))
+    }
+}
+
+fn count_ids(s: &Search, index: &str, ids: &[String]) -> Result<u64, StepError> {
+    let mut n = 0;
+    for chunk in ids.chunks(1000) {
+        n += s.count(index, &ids_query(chunk))?;
+    }
+    Ok(n)
+}
+
+impl Step for SearchStep {
+    fn nature(&self) -> Nature {
+        Nature::Changes
+    }
+
+    fn evidence(&self, effect: &Effect) -> Option<Evidence> {
+        let d: SearchDetail = serde_json::from_value(effect.detail.clone()).ok()?;
+        let mut lines = Vec::new();
+        if let (Some(old), Some(new)) = (&d.old_index, &d.new_index) {
+            lines.push(format!("{}: the alias now points to {new}; the old index {old} is kept (DELETE /{old} once the run is accepted)", d.index));
+        }
+        if let Some(t) = &d.task {
+            lines.push(format!("{}: delete-by-query task {t}", d.index));
+        }
+        if let Some(c) = d.exit_code {
+            lines.push(format!("{}: rebuild hook exited {c}", d.search));
+        }
+        Some(Evidence {
+            section: "Search indexes".into(),
+            columns: [
+                "search",
+                "index",
+                "strategy",
+                "before",
+                "acted on",
+                "newer kept",
+                "after",
+            ]
+            .map(String::from)
+            .to_vec(),
+            row: vec![
+                d.search.clone(),
+                d.index.clone(),
+                d.strategy.clone(),
+                d.before.to_string(),
+                d.acted.to_string(),
+                d.newer_kept.to_string(),
+                d.after.to_string(),
+            ],
+            lines,
+        })
+    }
+
+    fn preview(&self, env: &mut Env) -> Result<Effect, StepError> {
+        let index = &self.target.index;
+        let mut d = self.detail();
+        let summary = match &self.strategy {
+            Strategy::DeleteByQuery {
+                timestamp_field,
+                t_ms,
+            } => {
+                let s = self.target.connect()?;
+                d.before = s.count(index, &after_t(timestamp_field, *t_ms)?)?;
+                d.acted = d.before;
+                format!("{} document(s) in {index} have {timestamp_field} after T: would delete them by query", d.before)
+            }
+            Strategy::Targeted {
+                entities,
+                documents: sql,
+                ..
+            } => {
+                let s = self.target.connect()?;
+                let (n, ids) = self.targets(env, entities)?;
+                d.before = count_ids(&s, index, &ids)?;
+                d.acted = d.before;
+                let verb = if sql.is_some() {
+                    "index again"
+                } else {
+                    "delete"
+                };
+                format!(
+                    "{} of {n} changed entit{}' document(s) are in {index}: would {verb} them",
+                    d.before,
+                    if n == 1 { "y" } else { "ies" }
+                )
+            }
+            Strategy::Rebuild {
+                documents: sql,
+                database,
+                ..
+            } => {
+                let s = self.target.connect()?;
+                let rows: i64 = env
+                    .db(database)?
+                    .query_one(
+                        "count the documents",
+                        &format!("SELECT count(*) FROM ({sql}) d"),
+                        &[],
+                    )
+                    .on(database)?
+                    .get(0);
+                d.before = s.count(index, &json!({ "match_all": {} }))?;
+                d.acted = rows as u64;
+                format!("would build a new index of {rows} document(s) from {database} and move alias {index} to it (now {} document(s))", d.before)
+            }
+            Strategy::Hook { command, .. } => format!("would run the rebuild hook `{command}`"),
+        };
+        Ok(self.effect(summary, d))
+    }
+
+    fn apply(&self, env: &mut Env, rec: &mut Recorder) -> Result<Effect, StepError> {
+        match &self.strategy {
+            Strategy::DeleteByQuery {
+                timestamp_field,
+                t_ms,
+            } => {
+                let s = self.target.connect()?;
+                self.apply_dbq(&s, rec, timestamp_field, *t_ms)
+            }
+            Strategy::Targeted { .. } => {
+                let s = self.target.connect()?;
+                self.apply_targeted(env, &s, rec)
+            }
+            Strategy::Rebuild {
+                documents,
+                database,
+                batch_size,
+            } => {
+                let s = self.target.connect()?;
+                self.apply_rebuild(env, &s, rec, documents, database, *batch_size)
+            }
+            Strategy::Hook { command, t_ms } => self.apply_hook(env, rec, command, *t_ms),
+        }
+    }
+}
+
+fn plan(p: &Playbook, ctx: &PlanCtx) -> Vec<PlannedStep> {
+    let mut out = Vec::new();
+    for s in indexes(p) {
+        let target = Target {
+            search: s.name.clone(),
+            url: s.url.clone(),
+            index: s.index.clone(),
+            username: s.username.clone(),
+            password: s.password.clone(),
+            api_key: s.api_key.clone(),
+        };
+        let database = s
+            .database
+            .clone()
+            .unwrap_or_else(|| ctx.survivor.to_owned());
+        let batch_size = s.batch_size.map_or(BATCH, |b| b.max(1) as usize);
+        let (kind, strategy, title): (fn(SearchStep) -> super::Action, Strategy, String) =
+            match s.strategy.as_str() {
+                "delete-by-query" => (
+                    super::Action::SearchDeleteByQuery,
+                    Strategy::DeleteByQuery {
+                        timestamp_field: s.timestamp_field.clone().unwrap_or_default(),
+                        t_ms: ctx.t_ms,
+                    },
+                    format!("delete the documents of {} written after T", s.index),
+                ),
+                "targeted" => (
+                    super::Action::SearchTargeted,
+                    Strategy::Targeted {
+                        entities: Entities {
+                            table: s.table.clone().unwrap_or_default(),
+                            key: s.key.clone().unwrap_or_default(),
+                            updated_at: s.updated_at.clone(),
+                            outboxes: s.outboxes.clone().unwrap_or_default(),
+                            t_ms: ctx.t_ms,
+                        },
+                        documents: s.documents.clone(),
+                        database,
+                        batch_size,
+                    },
+                    format!(
+                        "{} the documents of entities changed around T in {}",
+                        if s.documents.is_some() {
+                            "index again"
+                        } else {
+                            "delete"
+                        },
+                        s.index
+                    ),
+                ),
+                "rebuild" => (
+                    super::Action::SearchRebuild,
+                    Strategy::Rebuild {
+                        documents: s.documents.clone().unwrap_or_default(),
+                        database,
+                        batch_size,
+                    },
+                    format!(
+                        "rebuild {} from the surviving database and move the alias",
+                        s.index
+                    ),
+                ),
+                _ => (
+                    super::Action::SearchHook,
+                    Strategy::Hook {
+                        command: s.rebuild_hook.clone().unwrap_or_default(),
+                        t_ms: ctx.t_ms,
+                    },
+                    format!("run the rebuild hook of {}", s.index),
+                ),
+            };
+        out.push(step(
+            format!(
+                "search-{}:{}",
+                s.strategy.replace("rebuild-hook", "hook"),
+                s.name
+            ),
+            Phase::Reconcile,
+            title,
+            kind(SearchStep { target, strategy }),
+        ));
+    }
+    out
+}
+
+fn needs_time(p: &Playbook) -> bool {
+    indexes(p).iter().any(|s| {
+        s.strategy == "delete-by-query" || (s.strategy == "targeted" && s.updated_at.is_some())
+    })
+}
+
+fn meaning(m: &mut Meaning) {
+    let outboxes: Vec<String> = m.p.outbox.iter().map(|o| o.name.clone()).collect();
+    let mut seen = std::collections::BTreeSet::new();
+    for (i, s) in indexes(m.p).iter().enumerate() {
+        if !seen.insert(s.name.clone()) {
+            m.error(
+                &at(i, "name"),
+                format!("a second [[search]] named `{}`", s.name),
+            );
+        }
+        let need = |m: &mut Meaning, present: bool, key: &'static str, why: &str| {
+            if !present {
+                m.error(
+                    &at(i, "strategy"),
+                    format!("`{}` needs `{key}`: {why}", s.strategy),
+                );
+            }
+        };
+        match s.strategy.as_str() {
+            "delete-by-query" => need(
+                m,
+                s.timestamp_field.is_some(),
+                "timestamp-field",
+                "the document field compared with T",
+            ),
+            "targeted" => need(
+                m,
+                s.table.is_some(),
+                "table",
+                "the entity table whose changed rows name the documents",
+            ),
+            "rebuild" => need(
+                m,
+                s.documents.is_some(),
+                "documents",
+                "SQL returning id, version and doc for every document",
+            ),
+            _ => need(
+                m,
+                s.rebuild_hook.is_some(),
+                "rebuild-hook",
+                "the command to run",
+            ),
+        }
+        if s.password.is_some() && s.username.is_none() {
+            m.error(&at(i, "password"), "`password` without `username`".into());
+        }
+        if s.api_key.is_some() && s.username.is_some() {
+            m.error(
+                &at(i, "api-key"),
+                "give `api-key` or `username`, not both".into(),
+            );
+        }
+        if let Some(d) = &s.database {
+            m.database(&at(i, "database"), d);
+        }
+        for o in s.outboxes.iter().flatten() {
+            if !outboxes.contains(o) {
+                m.error(
+                    &at(i, "outboxes"),
+                    format!(
+                        "no [[outbox]] named `{o}` (declared: {})",
+                        outboxes.join(", ")
+                    ),
+                );
+            }
+        }
+        if s.batch_size.is_some_and(|b| b < 1) {
+            m.error(
+                &at(i, "batch-size"),
+                "`batch-size` must be at least 1".into(),
+            );
+        }
+    }
+}
+
+fn needs(p: &Playbook) -> Vec<Need<'_>> {
+    indexes(p)
+        .into_iter()
+        .enumerate()
+        .filter(|(_, s)| s.strategy == "targeted")
+        .filter_map(|(i, s)| {
+            let table = s.table.clone()?;
+            Some(Need {
+                database: "current",
+                columns: s
+                    .key
+                    .iter()
+                    .flatten()
+                    .cloned()
+                    .chain(s.updated_at.clone())
+                    .collect(),
+                path: at(i, "table"),
+                what: format!("search `{}` entity table `{table}`", s.name),
+                table,
+            })
+        })
+        .collect()
+}
+
+/// `documents`, prepared where it runs.
+fn queries(p: &Playbook) -> Vec<Prepared<'_>> {
+    let (survivor, _) = crate::reentry::plan::survivor(p.playbook.way_back);
+    indexes(p)
+        .into_iter()
+        .enumerate()
+        .filter_map(|(i, s)| {
+            let sql = s.documents.clone()?;
+            let database = match s.database.as_deref() {
+                None => survivor,
+                Some(d) => p
+                    .databases
+                    .keys()
+                    .find(|k| k.as_str() == d)
+                    .map_or(survivor, String::as_str),
+            };
+            Some(Prepared {
+                path: at(i, "documents"),
+                database,
+                sql: format!("SELECT d.id::text, d.version::int8, d.doc::text FROM ({sql}) d")
+                    .into(),
+            })
+        })
+        .collect()
+}
+
+pub const KIND: StepKind = StepKind {
+    online: super::no_online,
+    meaning,
+    steps: plan,
+    needs_time,
+    notes: super::no_notes,
+    needs,
+    queries,
+    keys: &[(None, Keys::FIELDS)],
+};

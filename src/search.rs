@@ -1,0 +1,466 @@
+//! Elasticsearch 7/8 and OpenSearch 1/2 over their REST API (reqwest):
+//! the endpoints a search invalidation uses and nothing more. They are
+//! the same on both products: `_count`, `_delete_by_query` as a task,
+//! `_tasks`, `_mget`, `_bulk`, `_refresh`, index creation, `_alias` and
+//! `_aliases`.
+//!
+//! 429 and 5xx answers (and a connection refused) are retried with
+//! backoff; any other 4xx is an error naming the index and the server's
+//! reason. Credentials (basic auth, an API key, or a password in the URL)
+//! are sent, never shown.
+
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+const TRIES: u32 = 8;
+const FIRST_BACKOFF: Duration = Duration::from_millis(100);
+const TIMEOUT: Duration = Duration::from_secs(60);
+
+#[derive(Debug, thiserror::Error)]
+pub enum SearchError {
+    #[error("search at {server}: index {index}: {what}: HTTP {status}: {reason}")]
+    Http {
+        server: String,
+        index: String,
+        what: String,
+        status: u16,
+        reason: String,
+    },
+    #[error("search at {server}: index {index}: {what}: {error}")]
+    Transport {
+        server: String,
+        index: String,
+        what: String,
+        #[source]
+        error: reqwest::Error,
+    },
+    #[error("search at {server}: index {index}: {what}")]
+    Other {
+        server: String,
+        index: String,
+        what: String,
+    },
+}
+
+impl SearchError {
+    pub fn is_transient(&self) -> bool {
+        match self {
+            SearchError::Http { status, .. } => *status == 429 || *status >= 500,
+            SearchError::Transport { error, .. } => error.is_connect() || error.is_timeout(),
+            SearchError::Other { .. } => false,
+        }
+    }
+}
+
+/// How to authenticate.
+#[derive(Clone, Default)]
+pub enum Auth {
+    #[default]
+    None,
+    Basic {
+        user: String,
+        password: String,
+    },
+    ApiKey(String),
+}
+
+/// A document's version as the index holds it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stored {
+    pub version: i64,
+    pub seq_no: i64,
+    pub primary_term: i64,
+}
+
+/// One item of a bulk request's answer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Item {
+    pub id: String,
+    pub status: u16,
+    /// `created`, `updated`, `deleted`, `not_found`, or the error's type.
+    pub result: String,
+    pub reason: Option<String>,
+}
+
+pub struct Search {
+    base: String,
+    shown: String,
+    auth: Auth,
+    http: reqwest::blocking::Client,
+}
+
+/// `url` without a password in it, as it may be shown.
+fn split_userinfo(url: &str) -> (String, Option<(String, String)>) {
+    let Some(scheme_end) = url.find("://") else {
+        return (url.to_owned(), None);
+    };
+    let rest = &url[scheme_end + 3..];
+    let host_end = rest.find('/').unwrap_or(rest.len());
+    let Some(at) = rest[..host_end].rfind('@') else {
+        return (url.to_owned(), None);
+    };
+    let (user, pass) = rest[..at].split_once(':').unwrap_or((&rest[..at], ""));
+    (
+        format!("{}{}", &url[..scheme_end + 3], &rest[at + 1..]),
+        Some((user.to_owned(), pass.to_owned())),
+    )
+}
+
+impl Search {
+    /// `url` expanded; `shown` as the playbook writes it.
+    pub fn new(url: &str, shown: &str, auth: Auth) -> Result<Search, SearchError> {
+        let (base, from_url) = split_userinfo(url.trim_end_matches('/'));
+        let auth = match (auth, from_url) {
+            (Auth::None, Some((user, password))) => Auth::Basic { user, password },
+            (a, _) => a,
+        };
+        let http = reqwest::blocking::Client::builder()
+            .timeout(TIMEOUT)
+            .build()
+            .map_err(|error| SearchError::Transport {
+                server: crate::cache::redact_url(shown),
+                index: "-".into(),
+                what: "cannot set up the HTTP client".into(),
+                error,
+            })?;
+        Ok(Search {
+            base,
+            shown: crate::cache::redact_url(shown),
+            auth,
+            http,
+        })
+    }
+
+    pub fn shown(&self) -> &str {
+        &self.shown
+    }
+
+    /// One request, retried on 429, 5xx and refused connections. The
+    /// status and the JSON answer (`Null` when there is none); 404 is
+    /// returned, not an error, when `allow_404`.
+    fn call(
+        &self,
+        index: &str,
+        what: &str,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Body>,
+        allow_404: bool,
+    ) -> Result<(u16, Value), SearchError> {
+        let mut backoff = FIRST_BACKOFF;
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            let mut req = self
+                .http
+                .request(method.clone(), format!("{}{path}", self.base));
+            req = match &self.auth {
+                Auth::None => req,
+                Auth::Basic { user, password } => req.basic_auth(user, Some(password)),
+                Auth::ApiKey(k) => req.header("Authorization", format!("ApiKey {k}")),
+            };
+            req = match &body {
+                Some(Body::Json(v)) => req.json(v),
+                Some(Body::NdJson(s)) => req
+                    .header("Content-Type", "application/x-ndjson")
+                    .body(s.clone()),
+                None => req,
+            };
+            let err = match req.send() {
+                Ok(resp) => {
+                    let status = resp.status().as_u16();
+                    let text = resp.text().unwrap_or_default();
+                    let v: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
+                    if status < 300 || (status == 404 && allow_404) {
+                        return Ok((status, v));
+                    }
+                    let reason = v["error"]["reason"]
+                        .as_str()
+                        .or_else(|| v["error"].as_str())
+                        .map(str::to_owned)
+                        .unwrap_or_else(|| text.chars().take(200).collect());
+                    SearchError::Http {
+                        server: self.shown.clone(),
+                        index: index.to_owned(),
+                        what: what.to_owned(),
+                        status,
+                        reason,
+                    }
+                }
+                Err(error) => SearchError::Transport {
+                    server: self.shown.clone(),
+                    index: index.to_owned(),
+                    what: what.to_owned(),
+                    error,
+                },
+            };
+            if !err.is_transient() || tries >= TRIES {
+                return Err(err);
+            }
+            tracing::warn!(error = %err, "retrying in {} ms", backoff.as_millis());
+            std::thread::sleep(backoff);
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+        }
+    }
+
+    fn other(&self, index: &str, what: String) -> SearchError {
+        SearchError::Other {
+            server: self.shown.clone(),
+            index: index.to_owned(),
+            what,
+        }
+    }
+
+    /// Documents matching `query`, as a search sees them (refreshed).
+    pub fn count(&self, index: &str, query: &Value) -> Result<u64, SearchError> {
+        let (_, v) = self.call(
+            index,
+            "_count",
+            reqwest::Method::POST,
+            &format!("/{index}/_count"),
+            Some(Body::Json(json!({ "query": query }))),
+            false,
+        )?;
+        v["count"]
+            .as_u64()
+            .ok_or_else(|| self.other(index, format!("_count answered {v}")))
+    }
+
+    /// Starts a delete-by-query task: its id.
+    pub fn delete_by_query(&self, index: &str, query: &Value) -> Result<String, SearchError> {
+        let (_, v) = self.call(
+            index,
+            "_delete_by_query",
+            reqwest::Method::POST,
+            &format!(
+                "/{index}/_delete_by_query?conflicts=proceed&slices=auto&wait_for_completion=false"
+            ),
+            Some(Body::Json(json!({ "query": query }))),
+            false,
+        )?;
+        v["task"]
+            .as_str()
+            .map(str::to_owned)
+            .ok_or_else(|| self.other(index, format!("_delete_by_query answered no task: {v}")))
+    }
+
+    /// A task: none when the cluster no longer knows it; else whether it
+    /// completed, and its answer (`response` once complete, else `task`).
+    pub fn task(&self, index: &str, id: &str) -> Result<Option<(bool, Value)>, SearchError> {
+        let (status, v) = self.call(
+            index,
+            "_tasks",
+            reqwest::Method::GET,
+            &format!("/_tasks/{id}"),
+            None,
+            true,
+        )?;
+        if status == 404 {
+            return Ok(None);
+        }
+        let done = v["completed"].as_bool().unwrap_or(false);
+        let answer = if done {
+            v["response"].clone()
+        } else {
+            v["task"]["status"].clone()
+        };
+        Ok(Some((done, answer)))
+    }
+
+    /// The stored versions of `ids` (realtime, refreshed or not).
+    pub fn mget(&self, index: &str, ids: &[String]) -> Result<Vec<Option<Stored>>, SearchError> {
+        let (_, v) = self.call(
+            index,
+            "_mget",
+            reqwest::Method::POST,
+            &format!("/{index}/_mget?_source=false"),
+            Some(Body::Json(json!({ "ids": ids }))),
+            false,
+        )?;
+        let docs = v["docs"]
+            .as_array()
+            .ok_or_else(|| self.other(index, format!("_mget answered {v}")))?;
+        Ok(docs
+            .iter()
+            .map(|d| {
+                (d["found"] == true).then(|| Stored {
+                    version: d["_version"].as_i64().unwrap_or(0),
+                    seq_no: d["_seq_no"].as_i64().unwrap_or(0),
+                    primary_term: d["_primary_term"].as_i64().unwrap_or(1),
+                })
+            })
+            .collect())
+    }
+
+    /// A bulk request (`lines`, NDJSON): every item's outcome. Items
+    /// refused with 429 are sent again, alone, with backoff.
+    pub fn bulk(
+        &self,
+        index: &str,
+        actions: &[(Value, Option<Value>)],
+    ) -> Result<Vec<Item>, SearchError> {
+        let mut out: Vec<Option<Item>> = vec![None; actions.len()];
+        let mut pending: Vec<usize> = (0..actions.len()).collect();
+        let mut backoff = FIRST_BACKOFF;
+        for attempt in 1..=TRIES {
+            let mut body = String::new();
+            for &i in &pending {
+                let (a, doc) = &actions[i];
+                body.push_str(&a.to_string());
+                body.push('\n');
+                if let Some(d) = doc {
+                    body.push_str(&d.to_string());
+                    body.push('\n');
+                }
+            }
+            let (_, v) = self.call(
+                index,
+                "_bulk",
+                reqwest::Method::POST,
+                "/_bulk",
+                Some(Body::NdJson(body)),
+                false,
+            )?;
+            let items = v["items"]
+                .as_array()
+                .filter(|a| a.len() == pending.len())
+                .ok_or_else(|| self.other(index, format!("_bulk answered {v}")))?;
+            let mut again = Vec::new();
+            for (&i, item) in pending.iter().zip(items) {
+                let (_, r) = item
+                    .as_object()
+                    .and_then(|o| o.iter().next())
+                    .ok_or_else(|| self.other(index, format!("_bulk item {item}")))?;
+                let status = r["status"].as_u64().unwrap_or(0) as u16;
+                if status == 429 && attempt < TRIES {
+                    again.push(i);
+                    continue;
+                }
+                out[i] = Some(Item {
+                    id: r["_id"].as_str().unwrap_or_default().to_owned(),
+                    status,
+                    result: r["result"]
+                        .as_str()
+                        .or_else(|| r["error"]["type"].as_str())
+                        .unwrap_or("?")
+                        .to_owned(),
+                    reason: r["error"]["reason"].as_str().map(str::to_owned),
+                });
+            }
+            if again.is_empty() {
+                break;
+            }
+            tracing::warn!(
+                index,
+                items = again.len(),
+                "bulk items refused with 429; retrying in {} ms",
+                backoff.as_millis()
+            );
+            std::thread::sleep(backoff);
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+            pending = again;
+        }
+        Ok(out
+            .into_iter()
+            .map(|i| i.expect("every item answered"))
+            .collect())
+    }
+
+    pub fn refresh(&self, index: &str) -> Result<(), SearchError> {
+        self.call(
+            index,
+            "_refresh",
+            reqwest::Method::POST,
+            &format!("/{index}/_refresh"),
+            None,
+            false,
+        )
+        .map(|_| ())
+    }
+
+    /// The indices `alias` points to; none when it is no alias.
+    pub fn alias(&self, alias: &str) -> Result<Vec<String>, SearchError> {
+        let (status, v) = self.call(
+            alias,
+            "_alias",
+            reqwest::Method::GET,
+            &format!("/_alias/{alias}"),
+            None,
+            true,
+        )?;
+        if status == 404 {
+            return Ok(Vec::new());
+        }
+        Ok(v.as_object()
+            .map(|o| o.keys().cloned().collect())
+            .unwrap_or_default())
+    }
+
+    /// An index's mappings; none when there is no such index.
+    pub fn mappings(&self, index: &str) -> Result<Option<Value>, SearchError> {
+        let (status, v) = self.call(
+            index,
+            "get the index",
+            reqwest::Method::GET,
+            &format!("/{index}"),
+            None,
+            true,
+        )?;
+        if status == 404 {
+            return Ok(None);
+        }
+        Ok(v.as_object()
+            .and_then(|o| o.values().next())
+            .map(|i| i["mappings"].clone()))
+    }
+
+    pub fn create_index(&self, index: &str, mappings: &Value) -> Result<(), SearchError> {
+        self.call(
+            index,
+            "create the index",
+            reqwest::Method::PUT,
+            &format!("/{index}"),
+            Some(Body::Json(json!({ "mappings": mappings }))),
+            false,
+        )
+        .map(|_| ())
+    }
+
+    /// Moves `alias` from `old` to `new` in one `_aliases` request: no
+    /// reader sees the alias on neither or on both.
+    pub fn swap_alias(&self, alias: &str, old: &[String], new: &str) -> Result<(), SearchError> {
+        let mut actions: Vec<Value> = old
+            .iter()
+            .map(|o| json!({ "remove": { "index": o, "alias": alias } }))
+            .collect();
+        actions.push(json!({ "add": { "index": new, "alias": alias } }));
+        self.call(
+            alias,
+            "_aliases",
+            reqwest::Method::POST,
+            "/_aliases",
+            Some(Body::Json(json!({ "actions": actions }))),
+            false,
+        )
+        .map(|_| ())
+    }
+}
+
+enum Body {
+    Json(Value),
+    NdJson(String),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn credentials_in_a_url_are_taken_out_of_it() {
+        let (base, auth) = split_userinfo("https://elastic:pw@search:9200");
+        assert_eq!(base, "https://search:9200");
+        assert_eq!(auth, Some(("elastic".into(), "pw".into())));
+        assert_eq!(split_userinfo("http://search:9200").1, None);
+    }
+}
