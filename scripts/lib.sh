@@ -58,6 +58,20 @@ free_port() {
   python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
 }
 
+# A free port for a Redis Cluster node: its bus listens 10000 higher, so it
+# must be 55535 or below, with that one free too.
+free_cluster_port() {
+  python3 -c '
+import socket
+while True:
+    s = socket.socket(); s.bind(("127.0.0.1", 0)); p = s.getsockname()[1]
+    if p > 55535: continue
+    b = socket.socket()
+    try: b.bind(("127.0.0.1", p + 10000))
+    except OSError: continue
+    print(p); break'
+}
+
 # Waits up to $1 seconds for the command that follows to succeed.
 wait_until() {
   local deadline=$((SECONDS + $1)); shift

@@ -19,16 +19,27 @@ use redis::{ConnectionAddr, ConnectionInfo, IntoConnectionInfo, Value};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// Keys per pipeline: enough to amortize the round trip, few enough that
+/// the server's time on one pipeline stays far below a millisecond.
+const PIPELINE_KEYS: usize = 50;
+/// A scan's keys on a cluster node, per pipeline: one command per slot,
+/// and the server runs a pipeline's commands back to back.
+const SCAN_PIPELINE_KEYS: usize = 50;
+/// Keyed unlinks rest this many times as long as they worked, once they
+/// have worked `PACE_SLICE`: a fifth of the time at most.
+const PACE: u32 = 4;
+const PACE_SLICE: Duration = Duration::from_millis(2);
 /// Redis Cluster's number of hash slots.
 pub const SLOTS: u16 = 16384;
 
+/// The redis crate's error is shown in the message, not chained: its
+/// Display already holds what its source would add.
 #[derive(Debug, thiserror::Error)]
 pub enum CacheError {
     #[error("Redis at {server}: {what}: {error}")]
     Server {
         server: String,
         what: String,
-        #[source]
         error: redis::RedisError,
     },
     #[error("Redis at {server}: {what}")]
@@ -83,6 +94,8 @@ pub struct Redis {
     nodes: Vec<Node>,
     /// For a cluster, the primary (index into `nodes`) of each slot.
     slots: Vec<usize>,
+    /// Time spent in paced pipelines since the last rest.
+    busy: Duration,
 }
 
 fn addr_of(info: &ConnectionInfo) -> String {
@@ -163,6 +176,7 @@ impl Redis {
             info,
             cluster,
             slots: Vec::new(),
+            busy: Duration::ZERO,
         };
         r.conn(0)?;
         if cluster {
@@ -322,27 +336,46 @@ impl Redis {
 
     /// How many of `keys` exist (`EXISTS`, per slot, pipelined).
     pub fn exists(&mut self, keys: &[String]) -> Result<u64, CacheError> {
-        self.per_slot("EXISTS", keys)
+        self.per_slot("EXISTS", keys, PIPELINE_KEYS, true)
     }
 
     /// Unlinks `keys` (`UNLINK`, per slot, pipelined): how many existed.
+    /// Paced: after each 2 ms of pipelines it rests four times as long, so
+    /// that it holds a server (or a CPU beside it) a fifth of the time at
+    /// most while readers are being served.
     pub fn unlink(&mut self, keys: &[String]) -> Result<u64, CacheError> {
-        self.per_slot("UNLINK", keys)
+        self.per_slot("UNLINK", keys, PIPELINE_KEYS, true)
     }
 
-    /// `command` over keys grouped by slot, one command per slot, one
-    /// pipeline per primary; the sum of their integer answers.
-    fn per_slot(&mut self, command: &str, keys: &[String]) -> Result<u64, CacheError> {
+    /// `command` over keys grouped by slot, one command per slot, in
+    /// pipelines of at most `per_pipe` keys per primary; the sum of their
+    /// integer answers.
+    fn per_slot(
+        &mut self,
+        command: &str,
+        keys: &[String],
+        per_pipe: usize,
+        paced: bool,
+    ) -> Result<u64, CacheError> {
         let mut groups: BTreeMap<u16, Vec<&str>> = BTreeMap::new();
         for k in keys {
             let s = if self.cluster { slot(k.as_bytes()) } else { 0 };
             groups.entry(s).or_default().push(k);
         }
+        // A command holds `per_pipe` keys at most, like a pipeline.
+        let groups: Vec<(u16, Vec<&str>)> = groups
+            .into_iter()
+            .flat_map(|(s, ks)| {
+                ks.chunks(per_pipe.max(1))
+                    .map(|c| (s, c.to_vec()))
+                    .collect::<Vec<_>>()
+            })
+            .collect();
         let mut total = 0u64;
         // A MOVED answer means the map is stale: refresh it and send what
         // was refused again (the commands are idempotent). A few rounds
         // at most: slots move one by one.
-        let mut pending: Vec<(u16, Vec<&str>)> = groups.into_iter().collect();
+        let mut pending: Vec<(u16, Vec<&str>)> = groups;
         for round in 0..5 {
             let mut by_node: BTreeMap<usize, Vec<(u16, Vec<&str>)>> = BTreeMap::new();
             for (s, ks) in pending.drain(..) {
@@ -355,30 +388,55 @@ impl Redis {
             }
             let mut moved = false;
             for (node, batch) in by_node {
-                let mut pipe = redis::pipe();
-                pipe.ignore_errors();
-                for (_, ks) in &batch {
-                    pipe.cmd(command).arg(ks);
-                }
-                let answers: Vec<redis::RedisResult<u64>> =
-                    self.on(node, command, |c| pipe.query(c))?;
-                for ((s, ks), a) in batch.into_iter().zip(answers) {
-                    match a {
-                        Ok(n) => total += n,
-                        Err(e)
-                            if e.kind()
-                                == redis::ErrorKind::Server(redis::ServerErrorKind::Moved) =>
-                        {
-                            moved = true;
-                            pending.push((s, ks));
+                // Pipelines of at most PIPELINE_KEYS keys: the server runs a
+                // pipeline's commands back to back, and other clients wait.
+                let mut rest = batch;
+                while !rest.is_empty() {
+                    let mut keys = 0;
+                    let cut = rest
+                        .iter()
+                        .position(|(_, ks)| {
+                            keys += ks.len();
+                            keys > per_pipe
+                        })
+                        .map_or(rest.len(), |p| p.max(1));
+                    let tail = rest.split_off(cut);
+                    let part = std::mem::replace(&mut rest, tail);
+                    let mut pipe = redis::pipe();
+                    pipe.ignore_errors();
+                    for (_, ks) in &part {
+                        pipe.cmd(command).arg(ks);
+                    }
+                    let started = std::time::Instant::now();
+                    let answers: Vec<redis::RedisResult<u64>> =
+                        self.on(node, command, |c| pipe.query(c))?;
+                    if paced {
+                        self.busy += started.elapsed();
+                        // Rests in few, longer sleeps: each wake-up may take
+                        // a CPU from the server or its readers.
+                        if self.busy >= PACE_SLICE {
+                            std::thread::sleep(self.busy * PACE);
+                            self.busy = std::time::Duration::ZERO;
                         }
-                        Err(e)
-                            if e.kind()
-                                == redis::ErrorKind::Server(redis::ServerErrorKind::Ask) =>
-                        {
-                            total += self.asking(node, command, &ks, &e)?;
+                    }
+                    for ((s, ks), a) in part.into_iter().zip(answers) {
+                        match a {
+                            Ok(n) => total += n,
+                            Err(e)
+                                if e.kind()
+                                    == redis::ErrorKind::Server(redis::ServerErrorKind::Moved) =>
+                            {
+                                moved = true;
+                                pending.push((s, ks));
+                            }
+                            Err(e)
+                                if e.kind()
+                                    == redis::ErrorKind::Server(redis::ServerErrorKind::Ask) =>
+                            {
+                                total += self.asking(node, command, &ks, &e)?;
+                            }
+                            Err(e) => return Err(self.err(node, command, e)),
                         }
-                        Err(e) => return Err(self.err(node, command, e)),
                     }
                 }
             }
@@ -453,8 +511,10 @@ impl Redis {
             return self.on(node, "UNLINK", |c| redis::cmd("UNLINK").arg(keys).query(c));
         }
         // Keys of one node may be of many slots: per slot, and a key whose
-        // slot moved away since the scan is routed where it is now.
-        self.unlink(keys)
+        // slot moved away since the scan is routed where it is now. In
+        // short pipelines (one command per slot); not paced: the tuned
+        // COUNT keeps each call short.
+        self.per_slot("UNLINK", keys, SCAN_PIPELINE_KEYS, false)
     }
 
     /// `GET key` as an integer (absent: none).

@@ -44,6 +44,13 @@ pub enum Error {
     Run(Box<reentry::run::RunError>),
     #[error(transparent)]
     Report(#[from] reentry::report::ReportError),
+    /// A step's work run by hand (`cache invalidate`).
+    #[error("{what}")]
+    Step {
+        what: &'static str,
+        #[source]
+        source: Box<reentry::steps::StepError>,
+    },
     #[error("cannot write output: {0}")]
     Output(std::io::Error),
 }
@@ -81,6 +88,12 @@ impl Error {
             Error::Run(e) => e.exit(),
             Error::Report(_) => Exit::Failure,
             Error::Output(_) => Exit::Failure,
+            Error::Step { source, .. } => match **source {
+                reentry::steps::StepError::Config(_) | reentry::steps::StepError::Input { .. } => {
+                    Exit::Config
+                }
+                _ => Exit::Failure,
+            },
         }
     }
 }

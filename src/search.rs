@@ -27,12 +27,15 @@ pub enum SearchError {
         status: u16,
         reason: String,
     },
-    #[error("search at {server}: index {index}: {what}: {error}")]
+    /// reqwest's error is shown in the message (with its cause), not chained.
+    #[error(
+        "search at {server}: index {index}: {what}: {}",
+        crate::diag::chain(error)
+    )]
     Transport {
         server: String,
         index: String,
         what: String,
-        #[source]
         error: reqwest::Error,
     },
     #[error("search at {server}: index {index}: {what}")]

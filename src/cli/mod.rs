@@ -2,6 +2,7 @@
 //! Each subcommand module owns its `Args` and its `run`.
 
 mod backup;
+mod cache;
 mod engine;
 mod kafka;
 mod playbook;
@@ -90,6 +91,9 @@ pub enum Command {
     /// Rows by hand: a playbook's repair tables compared across the two databases.
     #[command(subcommand)]
     Rows(rows::RowsCommand),
+    /// Redis by hand: keys unlinked by template and ids, or by pattern on every primary.
+    #[command(subcommand)]
+    Cache(cache::CacheCommand),
 }
 
 /// Which server to talk to: a conninfo string or URL, else libpq's PGHOST,
@@ -239,6 +243,7 @@ pub fn run(cli: Cli) -> Result<Exit, Error> {
         Command::Kafka(cmd) => kafka::kafka(&ctx, cmd),
         Command::Outbox(cmd) => kafka::outbox(&ctx, cmd),
         Command::Rows(cmd) => rows::run(&ctx, cmd),
+        Command::Cache(cmd) => cache::run(&ctx, cmd),
     }
 }
 

@@ -449,3 +449,155 @@ patterns = ["{}search:*"]
     );
     assert_eq!(reached(&c), before);
 }
+
+#[test]
+fn rediss_urls_speak_tls_to_a_tls_only_redis() {
+    let dir = tempfile::tempdir().unwrap();
+    let (r, ca) = OwnRedis::start_tls(dir.path());
+    let port = r.port.to_string();
+    let tls_cli = |cmds: &str| {
+        let mut child = Command::new("redis-cli")
+            .args([
+                "--tls",
+                "--cacert",
+                ca.to_str().unwrap(),
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &port,
+            ])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        use std::io::Write;
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(cmds.as_bytes())
+            .unwrap();
+        String::from_utf8(child.wait_with_output().unwrap().stdout).unwrap()
+    };
+    tls_cli("SET q:1 v\nSET q:2 v\nSET keep v\n");
+    // A self-signed certificate: `#insecure` skips verification.
+    let url = format!("rediss://127.0.0.1:{port}/#insecure");
+    let out = reentry(&[
+        &"--json",
+        &"cache",
+        &"invalidate",
+        &"--url",
+        &url,
+        &"--pattern",
+        &"q:*",
+    ]);
+    assert_exit(&out, 0);
+    let v: Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(v["keys"], 2, "{v}");
+    assert_eq!(tls_cli("DBSIZE\n").trim(), "1");
+    // Plain text to a TLS-only port is refused, naming the server.
+    let out = reentry(&[
+        &"cache",
+        &"invalidate",
+        &"--url",
+        &format!("redis://127.0.0.1:{port}"),
+        &"--pattern",
+        &"q:*",
+    ]);
+    assert_ne!(out.status.code(), Some(0));
+    assert!(
+        stderr(&out).contains(&format!("Redis at redis://127.0.0.1:{port}")),
+        "{}",
+        stderr(&out)
+    );
+}
+
+/// Each primary of a cluster: (id, host:port, slot ranges).
+fn cluster_nodes_of(addr: &str) -> Vec<(String, String, Vec<(u16, u16)>)> {
+    cli(addr, false, "CLUSTER NODES\n")
+        .lines()
+        .filter(|l| l.contains("master"))
+        .map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let hostport = f[1].split('@').next().unwrap().to_owned();
+            let ranges = f[8..]
+                .iter()
+                .filter(|r| !r.starts_with('['))
+                .map(|r| match r.split_once('-') {
+                    Some((a, b)) => (a.parse().unwrap(), b.parse().unwrap()),
+                    None => (r.parse().unwrap(), r.parse().unwrap()),
+                })
+                .collect();
+            (f[0].to_owned(), hostport, ranges)
+        })
+        .collect()
+}
+
+/// Starts moving `key`'s slot from its owner to another primary, and
+/// migrates the key: the slot is MIGRATING on the owner, IMPORTING on the
+/// other. With `finish`, the slot then belongs to the other on every node.
+fn migrate(addrs: &[String], key: &str, finish: bool) -> (String, String) {
+    let slot: u16 = cli(&addrs[0], false, &format!("CLUSTER KEYSLOT {key}\n"))
+        .trim()
+        .parse()
+        .unwrap();
+    let nodes = cluster_nodes_of(&addrs[0]);
+    let owner = nodes
+        .iter()
+        .find(|n| n.2.iter().any(|(a, b)| (*a..=*b).contains(&slot)))
+        .unwrap()
+        .clone();
+    let other = nodes.iter().find(|n| n.0 != owner.0).unwrap().clone();
+    cli(
+        &other.1,
+        false,
+        &format!("CLUSTER SETSLOT {slot} IMPORTING {}\n", owner.0),
+    );
+    cli(
+        &owner.1,
+        false,
+        &format!("CLUSTER SETSLOT {slot} MIGRATING {}\n", other.0),
+    );
+    let (host, port) = other.1.rsplit_once(':').unwrap();
+    let out = cli(
+        &owner.1,
+        false,
+        &format!("MIGRATE {host} {port} \"\" 0 5000 KEYS {key}\n"),
+    );
+    assert!(out.contains("OK"), "MIGRATE: {out}");
+    if finish {
+        for n in &nodes {
+            cli(
+                &n.1,
+                false,
+                &format!("CLUSTER SETSLOT {slot} NODE {}\n", other.0),
+            );
+        }
+    }
+    (owner.1, other.1)
+}
+
+#[test]
+fn a_slot_that_moved_or_is_migrating_under_a_connected_client_is_followed() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = OwnCluster::start(dir.path());
+    let addrs = c.addrs();
+    cli(
+        &addrs[0],
+        true,
+        "SET moved-key v\nSET asked-key v\nSET stays v\n",
+    );
+    let url = format!("redis://{}", addrs[0]);
+    let mut r = reentry::cache::Redis::connect(&url, &url, true).unwrap();
+
+    // The slot map reentry read is stale now: MOVED, a new map, and the
+    // key unlinked where it lives.
+    let (from, to) = migrate(&addrs, "moved-key", true);
+    assert_ne!(from, to);
+    assert_eq!(r.unlink(&["moved-key".to_owned()]).unwrap(), 1);
+
+    // A slot halfway through migrating: ASK, then ASKING on the target.
+    migrate(&addrs, "asked-key", false);
+    assert_eq!(r.unlink(&["asked-key".to_owned()]).unwrap(), 1);
+    assert_eq!(keys(&addrs, ""), vec!["stays".to_owned()]);
+}

@@ -4,7 +4,8 @@
 //! stage, apply and delete, cache keys, patterns and generation, each
 //! search strategy against the SEARCH DOUBLE). Its
 //! plan is enumerated, and for every step at every pause point it reaches
-//! (`started`, `prior`, `applied`, `done`) a run is killed there with
+//! (`started`, `prior`, `applied`, `done`, and `batch` for a step that
+//! journals its progress) a run is killed there with
 //! SIGKILL and resumed with `--resume`. Each resumed world must equal the
 //! world of a run that was never killed: both databases row for row, the
 //! topic message for message, the consumer group's offsets, and the number
@@ -476,6 +477,12 @@ fn cases(run: &Path) -> Vec<(String, String, &'static str)> {
         .filter(|r| r["event"] == "prior")
         .filter_map(|r| r["step"].as_str())
         .collect();
+    // A step that journals its progress (`STEP#batch-…` priors) pauses at
+    // `batch` after the first: killed there, it must go on, not start over.
+    let with_batches: BTreeSet<&str> = with_prior
+        .iter()
+        .filter_map(|s| s.split_once("#batch-").map(|(id, _)| id))
+        .collect();
     let mut seen = BTreeSet::new();
     let mut out = Vec::new();
     for s in plan["steps"].as_array().unwrap() {
@@ -490,6 +497,9 @@ fn cases(run: &Path) -> Vec<(String, String, &'static str)> {
             if *p != "prior" || with_prior.contains(id) {
                 out.push((kind.to_owned(), id.to_owned(), *p));
             }
+        }
+        if with_batches.contains(id) {
+            out.push((kind.to_owned(), id.to_owned(), "batch"));
         }
     }
     // A debugging aid: REENTRY_CRASH_CASES=SUBSTRING runs only those.

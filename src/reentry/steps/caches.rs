@@ -33,7 +33,7 @@ const BATCH: usize = 1000;
 const SCAN_CAP: usize = 1000;
 /// How long one SCAN (with the UNLINK before it) may take before `COUNT`
 /// shrinks: well under a millisecond keeps other clients' p99 where it is.
-const SCAN_TARGET: Duration = Duration::from_micros(400);
+const SCAN_TARGET: Duration = Duration::from_micros(300);
 /// How often a scan's cursor is journaled (and at its end).
 const JOURNAL_EVERY: Duration = Duration::from_millis(250);
 
@@ -135,7 +135,7 @@ fn parse_template(t: &str) -> Result<Vec<Part>, String> {
 }
 
 /// Every template filled with every entity's key.
-fn fill(
+pub fn fill(
     templates: &[String],
     key: &[String],
     entities: &[Vec<String>],
@@ -515,7 +515,7 @@ impl Step for PatternsStep {
         let mut paused = false;
         for (pi, pattern) in self.patterns.iter().enumerate() {
             for (ni, node) in nodes.iter().enumerate() {
-                let under = format!("{step_id}#{pi}@{node}#");
+                let under = format!("{step_id}#batch-{pi}@{node}#");
                 // Journaled in order, numbered: the last is where it was.
                 let journaled = rec.priors_under::<ScanState>(&under)?;
                 let mut seq = journaled.len();

@@ -83,14 +83,74 @@ pub struct OwnRedis {
 impl OwnRedis {
     pub fn start(dir: &Path, args: &[&str]) -> OwnRedis {
         std::fs::create_dir_all(dir).unwrap();
+        // A cluster node's bus listens 10000 higher: 55535 at most.
+        let port = loop {
+            let p = free_port();
+            if !args.contains(&"--cluster-enabled") || p <= 55535 {
+                break p;
+            }
+        };
         let mut r = OwnRedis {
-            port: free_port(),
+            port,
             dir: dir.to_owned(),
             args: args.iter().map(|s| (*s).to_owned()).collect(),
             child: None,
         };
         r.restart();
         r
+    }
+
+    /// A server that speaks only TLS, on its port, with a self-signed
+    /// certificate made by `openssl` for 127.0.0.1 (returned: the CA file).
+    pub fn start_tls(dir: &Path) -> (OwnRedis, PathBuf) {
+        std::fs::create_dir_all(dir).unwrap();
+        let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+        let out = Command::new("openssl")
+            .args([
+                "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+            ])
+            .args([
+                "-subj",
+                "/CN=127.0.0.1",
+                "-addext",
+                "subjectAltName=IP:127.0.0.1",
+            ])
+            .arg("-keyout")
+            .arg(&key)
+            .arg("-out")
+            .arg(&cert)
+            .output()
+            .expect("run openssl");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let port = free_port();
+        let mut r = OwnRedis {
+            port,
+            dir: dir.to_owned(),
+            args: [
+                "--port",
+                "0",
+                "--tls-port",
+                &port.to_string(),
+                "--tls-cert-file",
+                cert.to_str().unwrap(),
+                "--tls-key-file",
+                key.to_str().unwrap(),
+                "--tls-ca-cert-file",
+                cert.to_str().unwrap(),
+                "--tls-auth-clients",
+                "no",
+            ]
+            .iter()
+            .map(|s| (*s).to_owned())
+            .collect(),
+            child: None,
+        };
+        r.restart();
+        (r, cert)
     }
 
     pub fn addr(&self) -> String {
