@@ -512,8 +512,10 @@ fn rediss_urls_speak_tls_to_a_tls_only_redis() {
     );
 }
 
-/// Each primary of a cluster: (id, host:port, slot ranges).
-fn cluster_nodes_of(addr: &str) -> Vec<(String, String, Vec<(u16, u16)>)> {
+/// A primary of a cluster: its id, host:port, and slot ranges.
+type Primary = (String, String, Vec<(u16, u16)>);
+
+fn cluster_nodes_of(addr: &str) -> Vec<Primary> {
     cli(addr, false, "CLUSTER NODES\n")
         .lines()
         .filter(|l| l.contains("master"))
