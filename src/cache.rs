@@ -26,8 +26,8 @@ const PIPELINE_KEYS: usize = 50;
 /// and the server runs a pipeline's commands back to back.
 const SCAN_PIPELINE_KEYS: usize = 50;
 /// Keyed unlinks rest this many times as long as they worked, once they
-/// have worked `PACE_SLICE`: a fifth of the time at most.
-const PACE: u32 = 4;
+/// have worked `PACE_SLICE`: a third of the time at most.
+const PACE: u32 = 2;
 const PACE_SLICE: Duration = Duration::from_millis(2);
 /// Redis Cluster's number of hash slots.
 pub const SLOTS: u16 = 16384;
@@ -340,9 +340,9 @@ impl Redis {
     }
 
     /// Unlinks `keys` (`UNLINK`, per slot, pipelined): how many existed.
-    /// Paced: after each 2 ms of pipelines it rests four times as long, so
-    /// that it holds a server (or a CPU beside it) a fifth of the time at
-    /// most while readers are being served.
+    /// Paced: after each 2 ms of pipelines it rests twice as long, so that
+    /// it holds a server (or a CPU beside it) a third of the time at most
+    /// while readers are being served.
     pub fn unlink(&mut self, keys: &[String]) -> Result<u64, CacheError> {
         self.per_slot("UNLINK", keys, PIPELINE_KEYS, true)
     }
