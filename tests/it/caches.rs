@@ -2,7 +2,6 @@
 //! Redis Cluster (Debian's redis-server). What went and what stayed is read
 //! with `redis-cli`, not taken from reentry's word.
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
@@ -11,7 +10,7 @@ use serde_json::Value;
 use crate::common::pg::{Cluster, Version};
 use crate::common::redis::{cli, cluster_nodes, keys, OwnCluster, OwnRedis};
 use crate::common::services::redis_addr;
-use crate::common::{assert_exit, reentry_bin, stderr, stdout, unique};
+use crate::common::{assert_exit, kill_at_pause, reentry_bin, stderr, stdout, unique};
 use crate::reconcile::ts;
 
 const MIN: i64 = 60_000;
@@ -297,34 +296,6 @@ fn caches_on_a_3_primary_redis_cluster_lose_exactly_those_keys_on_every_primary(
     invalidates_only_what_changed(&nodes[0], &nodes, true);
 }
 
-/// Starts `apply` paused at `step:point`; returns once it is there.
-pub(crate) fn run_until_paused(
-    pb: &Path,
-    run: &Path,
-    at: &str,
-    env: &[(&str, &str)],
-) -> std::process::Child {
-    let mut child = apply_cmd(pb, run, &[])
-        .env("REENTRY_PAUSE_AT", at)
-        .env("REENTRY_TEST_HOOKS", "hang-at-pause-points")
-        .envs(env.iter().copied())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut seen = String::new();
-    for line in BufReader::new(child.stderr.take().unwrap()).lines() {
-        let line = line.unwrap();
-        if line.contains("paused at") {
-            return child;
-        }
-        seen.push_str(&line);
-        seen.push('\n');
-    }
-    let status = child.wait().unwrap();
-    panic!("the run never paused at {at} ({status}): {seen}");
-}
-
 #[test]
 fn redis_killed_mid_step_names_the_server_and_a_resume_deletes_nothing_twice() {
     let w = CacheWorld::new("caches-killed");
@@ -352,9 +323,9 @@ batch-size = 4
     ));
     let run = w.dir.join("run");
     let env = [("CACHE_PW", "s3cret-redis")];
-    let mut child = run_until_paused(&pb, &run, "cache-keys:cases:batch", &env);
-    child.kill().unwrap();
-    child.wait().unwrap();
+    let mut cmd = apply_cmd(&pb, &run, &[]);
+    cmd.envs(env);
+    kill_at_pause(cmd, "cache-keys:cases:batch");
     // The first batch (4 keys, in key order) is gone.
     let first: Vec<String> = {
         let mut ks: Vec<String> = (1..=10)

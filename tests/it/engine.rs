@@ -271,26 +271,7 @@ fn apply_until_gates_closed(
 
 /// Runs apply until it reaches `point`, then kills it with SIGKILL there.
 fn apply_and_kill_at(pb: &Path, run: &Path, extra: &[&str], point: &str) {
-    let mut child = apply_cmd(pb, run, extra)
-        .env("REENTRY_PAUSE_AT", point)
-        .env("REENTRY_TEST_HOOKS", "hang-at-pause-points")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut seen = String::new();
-    for line in BufReader::new(child.stderr.take().unwrap()).lines() {
-        let line = line.unwrap();
-        seen.push_str(&line);
-        seen.push('\n');
-        if line.contains("paused at") {
-            child.kill().unwrap(); // SIGKILL
-            child.wait().unwrap();
-            return;
-        }
-    }
-    let status = child.wait().unwrap();
-    panic!("apply never reached {point} ({status}): {seen}");
+    crate::common::kill_at_pause(apply_cmd(pb, run, extra), point);
 }
 
 fn journal(run: &Path) -> Vec<serde_json::Value> {

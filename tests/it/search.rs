@@ -6,9 +6,7 @@
 
 use serde_json::{json, Value};
 
-use crate::caches::{
-    apply_cmd, done_effect, plan_steps, reentry, run_until_paused, step, CacheWorld,
-};
+use crate::caches::{apply_cmd, done_effect, plan_steps, reentry, step, CacheWorld};
 use crate::common::search_double::SearchDouble;
 use crate::common::{assert_exit, stderr, stdout};
 
@@ -129,9 +127,10 @@ fn double_delete_by_query_is_one_task_polled_again_after_a_kill() {
     );
 
     let run = w.dir.join("run");
-    let mut child = run_until_paused(&pb, &run, "search-delete-by-query:events:task", &[]);
-    child.kill().unwrap();
-    child.wait().unwrap();
+    crate::common::kill_at_pause(
+        apply_cmd(&pb, &run, &[]),
+        "search-delete-by-query:events:task",
+    );
     assert_eq!(d.tasks(), 1);
     let out = apply_cmd(&pb, &run, &["--resume"]).output().unwrap();
     assert_exit(&out, 0);

@@ -258,8 +258,10 @@ pub struct CacheDetail {
     pub per_node: Vec<(String, u64)>,
 }
 
-fn evidence(d: &CacheDetail) -> Evidence {
-    Evidence {
+/// A cache step's row in the report, from its effect's detail.
+fn evidence(effect: &Effect) -> Option<Evidence> {
+    let d: CacheDetail = serde_json::from_value(effect.detail.clone()).ok()?;
+    Some(Evidence {
         section: "Caches".into(),
         columns: [
             "cache",
@@ -282,7 +284,7 @@ fn evidence(d: &CacheDetail) -> Evidence {
             .iter()
             .map(|(n, k)| format!("{} {}: {k} key(s) on {n}", d.cache, d.strategy))
             .collect(),
-    }
+    })
 }
 
 fn sha256_lines(keys: &[String]) -> String {
@@ -314,9 +316,7 @@ impl Step for KeysStep {
     }
 
     fn evidence(&self, effect: &Effect) -> Option<Evidence> {
-        Some(evidence(
-            &serde_json::from_value(effect.detail.clone()).ok()?,
-        ))
+        evidence(effect)
     }
 
     fn preview(&self, env: &mut Env) -> Result<Effect, StepError> {
@@ -470,9 +470,7 @@ impl Step for PatternsStep {
     }
 
     fn evidence(&self, effect: &Effect) -> Option<Evidence> {
-        Some(evidence(
-            &serde_json::from_value(effect.detail.clone()).ok()?,
-        ))
+        evidence(effect)
     }
 
     fn preview(&self, _env: &mut Env) -> Result<Effect, StepError> {
@@ -585,9 +583,7 @@ impl Step for GenerationStep {
     }
 
     fn evidence(&self, effect: &Effect) -> Option<Evidence> {
-        Some(evidence(
-            &serde_json::from_value(effect.detail.clone()).ok()?,
-        ))
+        evidence(effect)
     }
 
     fn preview(&self, _env: &mut Env) -> Result<Effect, StepError> {
@@ -705,7 +701,6 @@ fn needs_time(p: &Playbook) -> bool {
 
 fn meaning(m: &mut Meaning) {
     let cs = caches(m.p);
-    let outboxes: Vec<String> = m.p.outbox.iter().map(|o| o.name.clone()).collect();
     let mut seen = std::collections::BTreeSet::new();
     for (i, c) in cs.iter().enumerate() {
         if !seen.insert(c.name.clone()) {
@@ -756,17 +751,7 @@ fn meaning(m: &mut Meaning) {
         if c.patterns.as_ref().is_some_and(Vec::is_empty) {
             m.error(&at(i, "patterns"), "`patterns` names no pattern".into());
         }
-        for o in c.outboxes.iter().flatten() {
-            if !outboxes.contains(o) {
-                m.error(
-                    &at(i, "outboxes"),
-                    format!(
-                        "no [[outbox]] named `{o}` (declared: {})",
-                        outboxes.join(", ")
-                    ),
-                );
-            }
-        }
+        Entities::check_outboxes(m, &at(i, "outboxes"), c.outboxes.as_ref());
         if c.scan_count.is_some_and(|n| n < 1) {
             m.error(
                 &at(i, "scan-count"),

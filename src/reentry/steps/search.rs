@@ -916,7 +916,6 @@ fn needs_time(p: &Playbook) -> bool {
 }
 
 fn meaning(m: &mut Meaning) {
-    let outboxes: Vec<String> = m.p.outbox.iter().map(|o| o.name.clone()).collect();
     let mut seen = std::collections::BTreeSet::new();
     for (i, s) in indexes(m.p).iter().enumerate() {
         if !seen.insert(s.name.clone()) {
@@ -971,17 +970,7 @@ fn meaning(m: &mut Meaning) {
         if let Some(d) = &s.database {
             m.database(&at(i, "database"), d);
         }
-        for o in s.outboxes.iter().flatten() {
-            if !outboxes.contains(o) {
-                m.error(
-                    &at(i, "outboxes"),
-                    format!(
-                        "no [[outbox]] named `{o}` (declared: {})",
-                        outboxes.join(", ")
-                    ),
-                );
-            }
-        }
+        Entities::check_outboxes(m, &at(i, "outboxes"), s.outboxes.as_ref());
         if s.batch_size.is_some_and(|b| b < 1) {
             m.error(
                 &at(i, "batch-size"),

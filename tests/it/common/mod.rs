@@ -147,3 +147,31 @@ pub fn assert_exit(o: &Output, code: i32) {
     );
 }
 pub mod restored;
+
+/// Runs `cmd` (an `apply`) until it stops at the test hook's pause
+/// `point` (`STEP:POINT`), then kills it there with SIGKILL. Panics with
+/// what it printed when it never gets there.
+#[track_caller]
+pub fn kill_at_pause(mut cmd: Command, point: &str) {
+    use std::io::{BufRead, BufReader};
+    let mut child = cmd
+        .env("REENTRY_PAUSE_AT", point)
+        .env("REENTRY_TEST_HOOKS", "hang-at-pause-points")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut seen = String::new();
+    for line in BufReader::new(child.stderr.take().unwrap()).lines() {
+        let line = line.unwrap();
+        seen.push_str(&line);
+        seen.push('\n');
+        if line.contains("paused at") {
+            child.kill().unwrap(); // SIGKILL
+            child.wait().unwrap();
+            return;
+        }
+    }
+    let status = child.wait().unwrap();
+    panic!("apply never reached {point} ({status}): {seen}");
+}

@@ -376,6 +376,23 @@ pub struct Found {
 }
 
 impl Entities {
+    /// Checks the `outboxes` an entry names against the playbook's
+    /// `[[outbox]]` names.
+    pub fn check_outboxes(m: &mut Meaning, at: &[Seg], named: Option<&Vec<String>>) {
+        let declared: Vec<String> = m.p.outbox.iter().map(|o| o.name.clone()).collect();
+        for o in named.into_iter().flatten() {
+            if !declared.contains(o) {
+                m.error(
+                    at,
+                    format!(
+                        "no [[outbox]] named `{o}` (declared: {})",
+                        declared.join(", ")
+                    ),
+                );
+            }
+        }
+    }
+
     /// Reads both sources. `current` is the database whose rows were
     /// written after T (the one the caches were filled from).
     pub fn find(&self, env: &mut super::Env, current: &str) -> Result<Found, super::StepError> {
