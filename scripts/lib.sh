@@ -36,7 +36,7 @@ export REENTRY_TANSU=${REENTRY_TANSU:-$TANSU}
 export REENTRY_KCAT=${REENTRY_KCAT:-$KCAT}
 # Java and the Quartz scheduler the gates are tested against: Debian ships
 # Quartz 2.3 and the JDBC driver; Maven Central cannot be reached.
-DEBIAN_PACKAGES=(postgresql-15 redis-server redis-tools kcat pgbackrest time locales libssl-dev pkg-config
+DEBIAN_PACKAGES=(postgresql-15 redis-server redis-tools kcat pgbackrest time locales libssl-dev pkg-config openssl bc
   openjdk-17-jdk-headless libquartz2-java libpostgresql-jdbc-java libhikaricp-java libslf4j-java)
 export REENTRY_QUARTZ_CP=${REENTRY_QUARTZ_CP:-/usr/share/java/quartz2.jar:/usr/share/java/postgresql.jar:/usr/share/java/HikariCP.jar:/usr/share/java/slf4j-api.jar:/usr/share/java/slf4j-nop.jar}
 
