@@ -19,16 +19,23 @@ use redis::{ConnectionAddr, ConnectionInfo, IntoConnectionInfo, Value};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const READ_TIMEOUT: Duration = Duration::from_secs(30);
-/// Keys per pipeline: enough to amortize the round trip, few enough that
-/// the server's time on one pipeline stays far below a millisecond.
-const PIPELINE_KEYS: usize = 50;
-/// A scan's keys on a cluster node, per pipeline: one command per slot,
-/// and the server runs a pipeline's commands back to back.
-const SCAN_PIPELINE_KEYS: usize = 50;
-/// Keyed unlinks rest this many times as long as they worked, once they
-/// have worked `PACE_SLICE`: a third of the time at most.
-const PACE: u32 = 2;
-const PACE_SLICE: Duration = Duration::from_millis(2);
+/// Keys per round trip (one command, or a pipeline of one command per
+/// slot). The server runs what one read brings back to back while other
+/// clients wait, so a reader's p99 moves with the longest such run, not
+/// with how many there are: short ones, one at a time, and no rests.
+const CALL_KEYS: usize = 32;
+
+/// `calls` and `usec` of the `cmdstat_scan` line of `INFO commandstats`.
+fn parse_scan_stats(info: &str) -> Option<(u64, u64)> {
+    let line = info.lines().find_map(|l| l.strip_prefix("cmdstat_scan:"))?;
+    let field = |name: &str| {
+        line.split(',')
+            .find_map(|f| f.strip_prefix(name)?.strip_prefix('='))
+            .and_then(|v| v.parse().ok())
+    };
+    Some((field("calls")?, field("usec")?))
+}
+
 /// Redis Cluster's number of hash slots.
 pub const SLOTS: u16 = 16384;
 
@@ -94,8 +101,6 @@ pub struct Redis {
     nodes: Vec<Node>,
     /// For a cluster, the primary (index into `nodes`) of each slot.
     slots: Vec<usize>,
-    /// Time spent in paced pipelines since the last rest.
-    busy: Duration,
 }
 
 fn addr_of(info: &ConnectionInfo) -> String {
@@ -176,7 +181,6 @@ impl Redis {
             info,
             cluster,
             slots: Vec::new(),
-            busy: Duration::ZERO,
         };
         r.conn(0)?;
         if cluster {
@@ -336,27 +340,19 @@ impl Redis {
 
     /// How many of `keys` exist (`EXISTS`, per slot, pipelined).
     pub fn exists(&mut self, keys: &[String]) -> Result<u64, CacheError> {
-        self.per_slot("EXISTS", keys, PIPELINE_KEYS, true)
+        self.per_slot("EXISTS", keys)
     }
 
     /// Unlinks `keys` (`UNLINK`, per slot, pipelined): how many existed.
-    /// Paced: after each 2 ms of pipelines it rests twice as long, so that
-    /// it holds a server (or a CPU beside it) a third of the time at most
-    /// while readers are being served.
     pub fn unlink(&mut self, keys: &[String]) -> Result<u64, CacheError> {
-        self.per_slot("UNLINK", keys, PIPELINE_KEYS, true)
+        self.per_slot("UNLINK", keys)
     }
 
     /// `command` over keys grouped by slot, one command per slot, in
-    /// pipelines of at most `per_pipe` keys per primary; the sum of their
-    /// integer answers.
-    fn per_slot(
-        &mut self,
-        command: &str,
-        keys: &[String],
-        per_pipe: usize,
-        paced: bool,
-    ) -> Result<u64, CacheError> {
+    /// pipelines of at most `CALL_KEYS` keys per primary; the sum of
+    /// their integer answers.
+    fn per_slot(&mut self, command: &str, keys: &[String]) -> Result<u64, CacheError> {
+        let per_pipe = CALL_KEYS;
         let mut groups: BTreeMap<u16, Vec<&str>> = BTreeMap::new();
         for k in keys {
             let s = if self.cluster { slot(k.as_bytes()) } else { 0 };
@@ -388,7 +384,7 @@ impl Redis {
             }
             let mut moved = false;
             for (node, batch) in by_node {
-                // Pipelines of at most PIPELINE_KEYS keys: the server runs a
+                // Pipelines of at most `per_pipe` keys: the server runs a
                 // pipeline's commands back to back, and other clients wait.
                 let mut rest = batch;
                 while !rest.is_empty() {
@@ -407,18 +403,8 @@ impl Redis {
                     for (_, ks) in &part {
                         pipe.cmd(command).arg(ks);
                     }
-                    let started = std::time::Instant::now();
                     let answers: Vec<redis::RedisResult<u64>> =
                         self.on(node, command, |c| pipe.query(c))?;
-                    if paced {
-                        self.busy += started.elapsed();
-                        // Rests in few, longer sleeps: each wake-up may take
-                        // a CPU from the server or its readers.
-                        if self.busy >= PACE_SLICE {
-                            std::thread::sleep(self.busy * PACE);
-                            self.busy = std::time::Duration::ZERO;
-                        }
-                    }
                     for ((s, ks), a) in part.into_iter().zip(answers) {
                         match a {
                             Ok(n) => total += n,
@@ -502,19 +488,35 @@ impl Redis {
         })
     }
 
+    /// The server's own count of `SCAN` calls on primary `node` and the
+    /// microseconds it spent in them (`INFO commandstats`): what a scan's
+    /// `COUNT` costs the server, without the time spent queued behind
+    /// other clients. None where `INFO` is refused or lacks the line.
+    pub fn scan_stats(&mut self, node: usize) -> Result<Option<(u64, u64)>, CacheError> {
+        let info: String = match self.on(node, "INFO", |c| {
+            redis::cmd("INFO").arg("commandstats").query(c)
+        }) {
+            Ok(i) => i,
+            Err(e) if !e.is_transient() => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        Ok(parse_scan_stats(&info))
+    }
+
     /// Unlinks keys a scan of primary `node` found there.
     pub fn unlink_on(&mut self, node: usize, keys: &[String]) -> Result<u64, CacheError> {
-        if keys.is_empty() {
-            return Ok(0);
-        }
         if !self.cluster {
-            return self.on(node, "UNLINK", |c| redis::cmd("UNLINK").arg(keys).query(c));
+            let mut n = 0;
+            for part in keys.chunks(CALL_KEYS) {
+                n += self.on(node, "UNLINK", |c| {
+                    redis::cmd("UNLINK").arg(part).query::<u64>(c)
+                })?;
+            }
+            return Ok(n);
         }
         // Keys of one node may be of many slots: per slot, and a key whose
-        // slot moved away since the scan is routed where it is now. In
-        // short pipelines (one command per slot); not paced: the tuned
-        // COUNT keeps each call short.
-        self.per_slot("UNLINK", keys, SCAN_PIPELINE_KEYS, false)
+        // slot moved away since the scan is routed where it is now.
+        self.per_slot("UNLINK", keys)
     }
 
     /// `GET key` as an integer (absent: none).
@@ -568,5 +570,13 @@ mod tests {
             redact_url("redis://:${REDIS_PASSWORD}@cache"),
             "redis://:***@cache"
         );
+    }
+
+    #[test]
+    fn scan_stats_come_from_the_commandstats_line() {
+        let info = "# Commandstats\r\ncmdstat_get:calls=9,usec=20,usec_per_call=2.22\r\n\
+                    cmdstat_scan:calls=120,usec=4800,usec_per_call=40.00,rejected_calls=0\r\n";
+        assert_eq!(parse_scan_stats(info), Some((120, 4800)));
+        assert_eq!(parse_scan_stats("# Commandstats\r\n"), None);
     }
 }

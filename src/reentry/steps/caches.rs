@@ -31,9 +31,10 @@ use crate::reentry::schema::{opt, req, Field, Kind};
 const BATCH: usize = 1000;
 /// The largest `COUNT` a scan asks for unless `scan-count` says.
 const SCAN_CAP: usize = 1000;
-/// How long one SCAN (with the UNLINK before it) may take before `COUNT`
-/// shrinks: well under a millisecond keeps other clients' p99 where it is.
-const SCAN_TARGET: Duration = Duration::from_micros(300);
+/// What one SCAN may cost the server before `COUNT` shrinks: the server
+/// answers nobody else meanwhile, so a reader queued behind it waits this
+/// long at most; a small fraction of a reader's usual p99.
+const SCAN_TARGET: Duration = Duration::from_micros(50);
 /// How often a scan's cursor is journaled (and at its end).
 const JOURNAL_EVERY: Duration = Duration::from_millis(250);
 
@@ -398,7 +399,7 @@ impl Step for KeysStep {
     }
 }
 
-/// `COUNT` for the next scan: doubled while a call stays well under the
+/// `COUNT` for the next scan: doubled while a call costs well under the
 /// target, halved when one goes over it, within 10 and `cap`.
 pub fn tune(count: usize, took: Duration, cap: usize) -> usize {
     if took < SCAN_TARGET / 2 {
@@ -423,13 +424,12 @@ pub fn scan_unlink(
     save: &mut dyn FnMut(&ScanState) -> Result<(), StepError>,
 ) -> Result<ScanState, StepError> {
     let mut s = from;
-    let mut count = cap.min(100);
+    let mut tuner = Tuner::new(r, node, cap)?;
     let mut saved = Instant::now();
     while !s.finished {
-        let started = Instant::now();
-        let (next, keys) = r.scan(node, s.cursor, pattern, count)?;
+        let (next, keys) = r.scan(node, s.cursor, pattern, tuner.count)?;
         s.unlinked += r.unlink_on(node, &keys)?;
-        count = tune(count, started.elapsed(), cap);
+        tuner.after_scan(r, node)?;
         s.cursor = next;
         s.finished = next == 0;
         if s.finished || saved.elapsed() >= JOURNAL_EVERY {
@@ -438,6 +438,58 @@ pub fn scan_unlink(
         }
     }
     Ok(s)
+}
+
+/// Tunes a scan's `COUNT` by what its calls cost the server: its own
+/// count of microseconds in `SCAN` (`INFO commandstats`), read every
+/// `TUNE_EVERY` calls, not the round trip, which also holds the time spent
+/// queued behind readers: that would shrink `COUNT` exactly when the
+/// server is busy serving others and the scan costs it least. Without
+/// `INFO`, the round trip is what it has.
+struct Tuner {
+    count: usize,
+    cap: usize,
+    last: Option<(u64, u64)>,
+    calls: u32,
+    started: Instant,
+}
+
+const TUNE_EVERY: u32 = 32;
+
+impl Tuner {
+    fn new(r: &mut Redis, node: usize, cap: usize) -> Result<Tuner, StepError> {
+        Ok(Tuner {
+            count: cap.min(100),
+            cap,
+            last: r.scan_stats(node)?,
+            calls: 0,
+            started: Instant::now(),
+        })
+    }
+
+    fn after_scan(&mut self, r: &mut Redis, node: usize) -> Result<(), StepError> {
+        self.calls += 1;
+        if self.calls < TUNE_EVERY {
+            return Ok(());
+        }
+        let per_call = match self.last {
+            Some((calls, usec)) => match r.scan_stats(node)? {
+                Some((c, u)) if c > calls => {
+                    self.last = Some((c, u));
+                    Duration::from_micros((u - usec) / (c - calls))
+                }
+                now => {
+                    self.last = now;
+                    self.started.elapsed() / self.calls
+                }
+            },
+            None => self.started.elapsed() / self.calls,
+        };
+        self.count = tune(self.count, per_call, self.cap);
+        self.calls = 0;
+        self.started = Instant::now();
+        Ok(())
+    }
 }
 
 /// Where a scan of one primary is.
@@ -451,12 +503,12 @@ pub struct ScanState {
 
 /// Counts the keys matching `pattern` on one primary, changing nothing.
 pub fn scan_count(r: &mut Redis, node: usize, pattern: &str, cap: usize) -> Result<u64, StepError> {
-    let (mut cursor, mut n, mut count) = (0u64, 0u64, cap.min(100));
+    let (mut cursor, mut n) = (0u64, 0u64);
+    let mut tuner = Tuner::new(r, node, cap)?;
     loop {
-        let started = Instant::now();
-        let (next, keys) = r.scan(node, cursor, pattern, count)?;
+        let (next, keys) = r.scan(node, cursor, pattern, tuner.count)?;
         n += keys.len() as u64;
-        count = tune(count, started.elapsed(), cap);
+        tuner.after_scan(r, node)?;
         if next == 0 {
             return Ok(n);
         }
@@ -848,8 +900,8 @@ mod tests {
 
     #[test]
     fn scan_count_grows_while_calls_are_quick_and_shrinks_when_slow() {
-        assert_eq!(tune(100, Duration::from_micros(50), 1000), 200);
-        assert_eq!(tune(800, Duration::from_micros(50), 1000), 1000);
+        assert_eq!(tune(100, Duration::from_micros(10), 1000), 200);
+        assert_eq!(tune(800, Duration::from_micros(10), 1000), 1000);
         assert_eq!(tune(400, Duration::from_millis(5), 1000), 200);
         assert_eq!(tune(12, Duration::from_millis(5), 1000), 10);
         assert_eq!(tune(300, SCAN_TARGET, 1000), 300);
