@@ -35,9 +35,10 @@ CONFLUENT_KAFKA='confluent-kafka>=2.6,<3'
 export REENTRY_TANSU=${REENTRY_TANSU:-$TANSU}
 export REENTRY_KCAT=${REENTRY_KCAT:-$KCAT}
 # Java and the Quartz scheduler the gates are tested against: Debian ships
-# Quartz 2.3 and the JDBC driver; Maven Central cannot be reached.
+# Quartz 2.3 and the JDBC driver; Maven Central cannot be reached. A
+# headless Chromium looks at the HTML report in the tests.
 DEBIAN_PACKAGES=(postgresql-15 redis-server redis-tools kcat pgbackrest time locales libssl-dev pkg-config openssl bc
-  openjdk-17-jdk-headless libquartz2-java libpostgresql-jdbc-java libhikaricp-java libslf4j-java)
+  openjdk-17-jdk-headless libquartz2-java libpostgresql-jdbc-java libhikaricp-java libslf4j-java chromium)
 export REENTRY_QUARTZ_CP=${REENTRY_QUARTZ_CP:-/usr/share/java/quartz2.jar:/usr/share/java/postgresql.jar:/usr/share/java/HikariCP.jar:/usr/share/java/slf4j-api.jar:/usr/share/java/slf4j-nop.jar}
 
 # The Quartz lab (lab/quartz), compiled by setup, keyed by its source so

@@ -3,12 +3,18 @@
 //! changed, the gates before and after, and the validation results. As
 //! JSON for scripts, Markdown for tickets, and one self-contained HTML file
 //! with a timeline picture for people.
+//!
+//! Two files from outside reentry join it when the run directory has them:
+//! `checks.json`, the verdicts of the team's own checks (an oracle, a
+//! reconciliation job), and `observations.jsonl`, what the application saw
+//! during the run (requests refused while a gate was closed, counts), put
+//! on the timeline.
 
 use std::fmt::Write as _;
 use std::path::Path;
 use std::time::SystemTime;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::reentry::journal::{self, Entry, Event, Record};
 use crate::reentry::plan::{Plan, PlaybookRef, TargetInfo, PLAN_FILE};
@@ -108,6 +114,115 @@ pub struct Report {
     /// The kinds' own tables (rows repaired, …), in plan order.
     pub sections: Vec<Section>,
     pub notes: Vec<String>,
+    /// `checks.json`, when the run directory has it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub checks: Option<Checks>,
+    /// `observations.jsonl`, in time order.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub observations: Vec<Observation>,
+}
+
+/// The team's own checks of the world after re-entry (`checks.json`):
+/// properties, each with a result per column (e.g. "after the restore",
+/// "after re-entry"); a result may be missing.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Checks {
+    /// Who checked (a program, a person).
+    pub source: String,
+    pub columns: Vec<String>,
+    pub rows: Vec<CheckRow>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckRow {
+    pub property: String,
+    pub results: Vec<Option<CheckResult>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckResult {
+    pub pass: bool,
+    #[serde(default)]
+    pub detail: String,
+}
+
+/// Something seen outside reentry during the run (`observations.jsonl`,
+/// one JSON object per line): `at` (RFC 3339), optionally `until`, who
+/// saw it, and what.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct Observation {
+    pub at: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub until: Option<String>,
+    pub source: String,
+    pub what: String,
+    /// Seconds from the start of the run (negative: before it).
+    #[serde(default, skip_deserializing)]
+    pub offset: f64,
+    #[serde(default, skip_deserializing)]
+    pub seconds: f64,
+}
+
+pub const CHECKS_FILE: &str = "checks.json";
+pub const OBSERVATIONS_FILE: &str = "observations.jsonl";
+
+/// The outside files of a run directory, when there.
+fn outside(dir: &Path, r: &mut Report) -> Result<(), ReportError> {
+    let path = dir.join(CHECKS_FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(text) => {
+            let c: Checks = serde_json::from_str(&text).map_err(|e| ReportError::Bad {
+                path: path.clone(),
+                why: format!("line {}, column {}: {e}", e.line(), e.column()),
+            })?;
+            if let Some(row) = c.rows.iter().find(|x| x.results.len() != c.columns.len()) {
+                return Err(ReportError::Bad {
+                    path,
+                    why: format!(
+                        "property `{}` has {} result(s) for {} column(s)",
+                        row.property,
+                        row.results.len(),
+                        c.columns.len()
+                    ),
+                });
+            }
+            r.checks = Some(c);
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(source) => return Err(ReportError::Read { path, source }),
+    }
+    let path = dir.join(OBSERVATIONS_FILE);
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(source) => return Err(ReportError::Read { path, source }),
+    };
+    let t0 = r.started_at.parse::<jiff::Timestamp>().ok();
+    let time = |s: &str, n: usize| -> Result<jiff::Timestamp, ReportError> {
+        s.parse().map_err(|e| ReportError::Bad {
+            path: path.clone(),
+            why: format!("line {n}: `{s}` is not an RFC 3339 time: {e}"),
+        })
+    };
+    for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+        let mut o: Observation = serde_json::from_str(line).map_err(|e| ReportError::Bad {
+            path: path.clone(),
+            why: format!("line {}: {e}", i + 1),
+        })?;
+        let at = time(&o.at, i + 1)?;
+        let until = o.until.as_deref().map(|u| time(u, i + 1)).transpose()?;
+        if let Some(t0) = t0 {
+            o.offset = at.duration_since(t0).as_secs_f64();
+        }
+        o.seconds = until.map_or(0.0, |u| u.duration_since(at).as_secs_f64().max(0.0));
+        r.observations.push(o);
+    }
+    r.observations.sort_by(|a, b| a.offset.total_cmp(&b.offset));
+    Ok(())
 }
 
 /// A kind's own table in the report.
@@ -139,7 +254,9 @@ pub fn build(dir: &Path) -> Result<Report, ReportError> {
         path: jpath.clone(),
         source,
     })?;
-    Ok(assemble(&plan, &records))
+    let mut r = assemble(&plan, &records);
+    outside(dir, &mut r)?;
+    Ok(r)
 }
 
 pub fn assemble(plan: &Plan, records: &[Record]) -> Report {
@@ -286,6 +403,8 @@ pub fn assemble(plan: &Plan, records: &[Record]) -> Report {
         gates,
         sections,
         notes: plan.notes.clone(),
+        checks: None,
+        observations: Vec::new(),
     }
 }
 
@@ -402,6 +521,34 @@ pub fn markdown(r: &Report) -> String {
             let _ = writeln!(o, "- {}", md_cell(f));
         }
     }
+    if !r.observations.is_empty() {
+        let _ = writeln!(o);
+        let _ = writeln!(o, "Seen outside reentry meanwhile:");
+        let _ = writeln!(o);
+        let _ = writeln!(o, "| at (s) | for (s) | who | what |");
+        let _ = writeln!(o, "|---|---|---|---|");
+        for x in &r.observations {
+            let _ = writeln!(
+                o,
+                "| {:.2} | {} | {} | {} |",
+                x.offset,
+                if x.seconds > 0.0 { format!("{:.2}", x.seconds) } else { String::new() },
+                md_cell(&x.source),
+                md_cell(&x.what)
+            );
+        }
+    }
+    if let Some(c) = &r.checks {
+        let _ = writeln!(o);
+        let _ = writeln!(o, "## Checks by {}", md_cell(&c.source));
+        let _ = writeln!(o);
+        let _ = writeln!(o, "| property | {} |", c.columns.iter().map(|x| md_cell(x)).collect::<Vec<_>>().join(" | "));
+        let _ = writeln!(o, "|---|{}", "---|".repeat(c.columns.len()));
+        for row in &c.rows {
+            let cells: Vec<String> = row.results.iter().map(|x| md_cell(&verdict(x.as_ref()))).collect();
+            let _ = writeln!(o, "| {} | {} |", md_cell(&row.property), cells.join(" | "));
+        }
+    }
     let _ = writeln!(o);
     let _ = writeln!(o, "## Gates");
     let _ = writeln!(o);
@@ -466,6 +613,15 @@ pub fn markdown(r: &Report) -> String {
     o
 }
 
+/// A check's result as a cell: `ok` or `FAIL`, with its detail.
+fn verdict(x: Option<&CheckResult>) -> String {
+    match x {
+        None => "-".into(),
+        Some(c) if c.detail.is_empty() => (if c.pass { "ok" } else { "FAIL" }).into(),
+        Some(c) => format!("{}: {}", if c.pass { "ok" } else { "FAIL" }, c.detail),
+    }
+}
+
 fn esc(s: &str) -> String {
     s.replace('&', "&amp;")
         .replace('<', "&lt;")
@@ -505,8 +661,15 @@ fn timeline_svg(r: &Report) -> String {
         .filter_map(|s| Some(s.offset? + s.seconds.unwrap_or(0.0)))
         .fold(r.seconds, f64::max)
         .max(0.001);
+    // What the application saw, on one more row, within the run.
+    let seen: Vec<&Observation> = r
+        .observations
+        .iter()
+        .filter(|o| o.offset + o.seconds >= 0.0 && o.offset <= total)
+        .collect();
+    let extra = usize::from(!seen.is_empty());
     let (label_w, plot_w, row_h, top) = (260.0, 640.0, 22.0, 30.0);
-    let height = top + row_h * rows.len() as f64 + 52.0;
+    let height = top + row_h * (rows.len() + extra) as f64 + 52.0;
     let x = |t: f64| label_w + plot_w * (t / total);
     let mut o = String::new();
     let _ = write!(
@@ -570,7 +733,31 @@ fn timeline_svg(r: &Report) -> String {
             esc(s.error.as_deref().unwrap_or(&s.summary))
         );
     }
-    let axis_y = top + row_h * rows.len() as f64 + 14.0;
+    if !seen.is_empty() {
+        let y = top + row_h * rows.len() as f64;
+        let _ = write!(
+            o,
+            "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"end\" font-style=\"italic\">seen outside reentry</text>",
+            label_w - 8.0,
+            y + row_h * 0.65
+        );
+        for s in &seen {
+            let start = s.offset.max(0.0);
+            let end = (s.offset + s.seconds).min(total);
+            let _ = write!(
+                o,
+                "<rect x=\"{:.1}\" y=\"{:.1}\" width=\"{:.1}\" height=\"{:.1}\" fill=\"#7c3aed\" opacity=\"0.7\"><title>{} at {:.2} s: {}</title></rect>",
+                x(start),
+                y + 3.0,
+                (x(end) - x(start)).max(2.0),
+                row_h - 6.0,
+                esc(&s.source),
+                s.offset,
+                esc(&s.what)
+            );
+        }
+    }
+    let axis_y = top + row_h * (rows.len() + extra) as f64 + 14.0;
     let mut lx = label_w;
     for (p, name) in [
         (Phase::CloseGates, "close gates"),
@@ -615,7 +802,8 @@ pub fn html(r: &Report) -> String {
 <style>body{{font-family:system-ui,sans-serif;max-width:1000px;margin:2em auto;padding:0 1em;color:#111}}\
 table{{border-collapse:collapse;width:100%;margin:1em 0}}td,th{{border-bottom:1px solid #ddd;padding:4px 6px;text-align:left;vertical-align:top;font-size:14px}}\
 .badge{{color:#fff;background:{badge};padding:2px 8px;border-radius:4px}}code{{font-size:13px}}.err{{color:#b91c1c}}\
-dl{{display:grid;grid-template-columns:max-content auto;gap:4px 16px}}dt{{color:#555}}</style></head><body>",
+dl{{display:grid;grid-template-columns:max-content auto;gap:4px 16px}}dt{{color:#555}}\
+td.ok b{{color:#15803d}}td.fail b{{color:#b91c1c}}</style></head><body>",
         name = esc(&r.playbook.name)
     );
     let _ = write!(
@@ -663,6 +851,41 @@ dl{{display:grid;grid-template-columns:max-content auto;gap:4px 16px}}dt{{color:
         );
     }
     o.push_str("</table>");
+    if !r.observations.is_empty() {
+        o.push_str("<h3>Seen outside reentry meanwhile</h3><table class=\"seen\"><tr><th>at</th><th>for</th><th>who</th><th>what</th></tr>");
+        for x in &r.observations {
+            let _ = write!(
+                o,
+                "<tr><td>{:.2} s</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+                x.offset,
+                if x.seconds > 0.0 { format!("{:.2} s", x.seconds) } else { String::new() },
+                esc(&x.source),
+                esc(&x.what)
+            );
+        }
+        o.push_str("</table>");
+    }
+    if let Some(c) = &r.checks {
+        let _ = write!(o, "<h2>Checks by {}</h2><table class=\"checks\"><tr><th>property</th>", esc(&c.source));
+        for col in &c.columns {
+            let _ = write!(o, "<th>{}</th>", esc(col));
+        }
+        o.push_str("</tr>");
+        for row in &c.rows {
+            let _ = write!(o, "<tr><td>{}</td>", esc(&row.property));
+            for x in &row.results {
+                let (class, word) = match x {
+                    None => ("", "-"),
+                    Some(c) if c.pass => ("ok", "ok"),
+                    Some(_) => ("fail", "FAIL"),
+                };
+                let detail = x.as_ref().map_or(String::new(), |c| esc(&c.detail));
+                let _ = write!(o, "<td class=\"{class}\"><b>{word}</b> <small>{detail}</small></td>");
+            }
+            o.push_str("</tr>");
+        }
+        o.push_str("</table>");
+    }
     for st in r
         .steps
         .iter()

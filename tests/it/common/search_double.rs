@@ -1,10 +1,12 @@
 //! A TEST DOUBLE of Elasticsearch/OpenSearch: neither can be installed
-//! here. It serves exactly the endpoints reentry uses, with their
+//! here. It serves exactly the endpoints reentry and the lab (lab/, which
+//! runs it as a process for the demo) use, with their
 //! documented semantics (Elasticsearch 8 reference, "Document APIs",
 //! "Optimistic concurrency control", "Index versioning", "Delete by query
 //! API", "Task management API", "Aliases API", "Refresh API"):
 //!
-//! - a search (`_count`, `_delete_by_query`) sees only what was refreshed;
+//! - a search (`_count`, `_search`, `_delete_by_query`) sees only what was
+//!   refreshed;
 //!   `_mget` is realtime;
 //! - versions: `internal` (stored + 1), `external` (only greater than the
 //!   stored version), `external_gte` (greater or equal); a delete leaves a
@@ -471,6 +473,34 @@ impl State {
                         json!({ "_shards": { "total": 1, "successful": 1, "failed": 0 } }),
                     )
                 }
+                ("POST" | "GET", [index, "_search"]) => {
+                    // `size` (default 10) caps the hits, in id order.
+                    let i = self.resolve(index)?;
+                    let b = json_body();
+                    let size = b["size"].as_u64().unwrap_or(10) as usize;
+                    let q = b["query"].clone();
+                    let all: Vec<(&String, &Doc)> = self.indices[&i]
+                        .visible
+                        .iter()
+                        .filter(|(id, d)| !d.deleted && matches(&q, id, &d.source))
+                        .collect();
+                    let hits: Vec<Value> = all
+                        .iter()
+                        .take(size)
+                        .map(|(id, d)| {
+                            let mut h = json!({ "_index": i, "_id": id, "_source": d.source });
+                            // `"version": true` asks for each hit's version.
+                            if b["version"] == json!(true) {
+                                h["_version"] = json!(d.version);
+                            }
+                            h
+                        })
+                        .collect();
+                    (
+                        200,
+                        json!({ "hits": { "total": { "value": all.len(), "relation": "eq" }, "hits": hits } }),
+                    )
+                }
                 ("POST", [index, "_mget"]) => {
                     let i = self.resolve(index)?;
                     let docs: Vec<Value> = json_body()["ids"]
@@ -580,7 +610,12 @@ fn serve(state: Arc<Mutex<State>>, stream: TcpStream) {
 impl SearchDouble {
     /// Listens on a free loopback port, for the life of the test process.
     pub fn start() -> SearchDouble {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        SearchDouble::start_on("127.0.0.1:0")
+    }
+
+    /// Listens on `addr`, for the life of the process.
+    pub fn start_on(addr: &str) -> SearchDouble {
+        let listener = TcpListener::bind(addr).unwrap_or_else(|e| panic!("listen on {addr}: {e}"));
         let url = format!("http://{}", listener.local_addr().unwrap());
         let state = Arc::new(Mutex::new(State::default()));
         let s = state.clone();
