@@ -244,7 +244,11 @@ impl Cache {
 
 /// Indexes cases with their version as an external version: a late,
 /// older write is refused (409), which is not an error.
-pub fn index_cases(http: &reqwest::blocking::Client, search: &str, cases: &[String]) -> Result<(), String> {
+pub fn index_cases(
+    http: &reqwest::blocking::Client,
+    search: &str,
+    cases: &[String],
+) -> Result<(), String> {
     if cases.is_empty() {
         return Ok(());
     }
@@ -288,18 +292,14 @@ pub fn run(lab: &Lab, clients: usize) -> Result<(), String> {
         let l = lab.clone();
         threads.push(thread::spawn(move || client(&l, c)));
     }
-    let parts: [(&str, fn(&Lab)); 4] = [
-        ("relay", relay),
-        ("projector", projector),
-        ("reader", reader),
-        ("shedlock", shedlock_job),
-    ];
-    for (_, f) in parts {
+    let parts: [fn(&Lab); 4] = [relay, projector, reader, shedlock_job];
+    for f in parts {
         let l = lab.clone();
         threads.push(thread::spawn(move || f(&l)));
     }
     for t in threads {
-        t.join().map_err(|_| "an application thread panicked".to_owned())?;
+        t.join()
+            .map_err(|_| "an application thread panicked".to_owned())?;
     }
     stop_quartz(quartz);
     Ok(())
@@ -330,7 +330,7 @@ impl Rng {
 /// A client: requests with retries, each logged with its outcome. Every
 /// payment is sent again a few seconds after it went through.
 fn client(lab: &Lab, n: usize) {
-    let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ (n as u64 + 1) * 0x2545_f491_4f6c_dd1d);
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ ((n as u64 + 1) * 0x2545_f491_4f6c_dd1d));
     let mut again: VecDeque<(Instant, Req)> = VecDeque::new();
     let mut seq = 0u64;
     let log = lab.path("requests.log");
@@ -376,12 +376,16 @@ fn client(lab: &Lab, n: usize) {
                         // A case write's id and version, for the oracle.
                         let written = match (&o, &req) {
                             (Outcome::Done(json), r) if !matches!(r, Req::Pay(..)) => {
-                                let v: serde_json::Value = serde_json::from_str(json).unwrap_or_default();
+                                let v: serde_json::Value =
+                                    serde_json::from_str(json).unwrap_or_default();
                                 format!(" id={} v={}", v["id"], v["version"])
                             }
                             _ => String::new(),
                         };
-                        append(&log, &format!("{} {n} {} {}{written}", now_ms(), o.word(), req.name()));
+                        append(
+                            &log,
+                            &format!("{} {n} {} {}{written}", now_ms(), o.word(), req.name()),
+                        );
                         match (&o, &req) {
                             (Outcome::Refused, _) => {
                                 if lab.stopping() {
@@ -391,7 +395,10 @@ fn client(lab: &Lab, n: usize) {
                                 continue;
                             }
                             (Outcome::Done(_), Req::Pay(..)) => {
-                                again.push_back((Instant::now() + Duration::from_secs(3), req.clone()));
+                                again.push_back((
+                                    Instant::now() + Duration::from_secs(3),
+                                    req.clone(),
+                                ));
                             }
                             (Outcome::Done(json), _) => {
                                 if let Some(c) = cache.as_mut() {
@@ -489,7 +496,10 @@ fn relay_once(db: &mut postgres::Client, p: &ThreadedProducer<Delivery>) -> Resu
             key: "event_id",
             value: Some(id.as_bytes()),
         });
-        let mut rec = BaseRecord::to(TOPIC).key(&key).payload(&payload).headers(headers);
+        let mut rec = BaseRecord::to(TOPIC)
+            .key(&key)
+            .payload(&payload)
+            .headers(headers);
         loop {
             match p.send(rec) {
                 Ok(()) => break,
@@ -507,7 +517,8 @@ fn relay_once(db: &mut postgres::Client, p: &ThreadedProducer<Delivery>) -> Resu
         }
         ids.push(id);
     }
-    p.flush(Duration::from_secs(10)).map_err(|e| format!("flush: {e}"))?;
+    p.flush(Duration::from_secs(10))
+        .map_err(|e| format!("flush: {e}"))?;
     if p.context().failed.load(Ordering::Relaxed) != failed {
         return Err("a delivery failed: the rows stay unpublished".into());
     }
@@ -664,7 +675,10 @@ fn project(
 fn reader(lab: &Lab) {
     let mut rng = Rng(0x5851_f42d_4c95_7f2d);
     'conn: while !lab.stopping() {
-        let (mut db, mut cache) = match lab.db().and_then(|db| Ok((db, Cache::connect(&lab.redis)?))) {
+        let (mut db, mut cache) = match lab
+            .db()
+            .and_then(|db| Ok((db, Cache::connect(&lab.redis)?)))
+        {
             Ok(x) => x,
             Err(e) => {
                 trouble(lab, "reader", e);
@@ -689,11 +703,16 @@ fn reader(lab: &Lab) {
                     let mut tx = db.transaction().map_err(|e| e.to_string())?;
                     let open = gate_open(&mut tx, GATE_API).map_err(|e| e.to_string())?;
                     let row = tx
-                        .query_opt(&format!("SELECT {CASE_JSON} FROM cases WHERE id = $1"), &[&id])
+                        .query_opt(
+                            &format!("SELECT {CASE_JSON} FROM cases WHERE id = $1"),
+                            &[&id],
+                        )
                         .map_err(|e| e.to_string())?;
                     tx.commit().map_err(|e| e.to_string())?;
                     if let (true, Some(row)) = (open, row) {
-                        cache.put(&row.get::<_, String>(0)).map_err(|e| e.to_string())?;
+                        cache
+                            .put(&row.get::<_, String>(0))
+                            .map_err(|e| e.to_string())?;
                     }
                 }
                 Ok(())
@@ -733,7 +752,10 @@ fn shedlock_job(lab: &Lab) {
                 )?;
                 if got == 1 {
                     let start = now_ms();
-                    db.execute("INSERT INTO job_run (job_name) VALUES ($1)", &[&SHEDLOCK_JOB])?;
+                    db.execute(
+                        "INSERT INTO job_run (job_name) VALUES ($1)",
+                        &[&SHEDLOCK_JOB],
+                    )?;
                     let mut tx = db.transaction()?;
                     let overdue: Vec<i64> = tx
                         .query(
@@ -778,7 +800,8 @@ fn shedlock_job(lab: &Lab) {
 /// The Quartz lab (a real Quartz 2.3 with its JDBC job store) on the
 /// application's database, firing `remind-owners` every second.
 fn start_quartz(lab: &Lab) -> Result<Child, String> {
-    let classes = std::env::var("REENTRY_QUARTZ_LAB").map_err(|_| "REENTRY_QUARTZ_LAB is not set")?;
+    let classes =
+        std::env::var("REENTRY_QUARTZ_LAB").map_err(|_| "REENTRY_QUARTZ_LAB is not set")?;
     let cp = std::env::var("REENTRY_QUARTZ_CP").map_err(|_| "REENTRY_QUARTZ_CP is not set")?;
     let (url, user) = jdbc(&lab.conninfo()?);
     let mut child = Command::new("java")

@@ -107,7 +107,10 @@ pub fn append(path: &Path, line: &str) {
 
 /// Whether gate `name` is open on `db`. No row is a closed gate: an
 /// application that cannot tell must not act.
-pub fn gate_open(db: &mut impl postgres::GenericClient, name: &str) -> Result<bool, postgres::Error> {
+pub fn gate_open(
+    db: &mut impl postgres::GenericClient,
+    name: &str,
+) -> Result<bool, postgres::Error> {
     let row = db.query_opt(
         "SELECT enabled FROM system_gate WHERE gate_name = $1",
         &[&name],

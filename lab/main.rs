@@ -38,9 +38,13 @@ fn main() {
             ["init"] => init(&lab),
             ["load", n] => load(&lab, n.parse().map_err(|_| format!("not a number: {n}"))?),
             ["run"] => app::run(&lab, 2).map(|()| true),
-            ["run", n] => app::run(&lab, n.parse().map_err(|_| format!("not a number: {n}"))?).map(|()| true),
+            ["run", n] => {
+                app::run(&lab, n.parse().map_err(|_| format!("not a number: {n}"))?).map(|()| true)
+            }
             ["bad-job"] => bad_job(&lab),
-            ["oracle", label, survivor, retired] => oracle::run(&lab, label, survivor, retired, None),
+            ["oracle", label, survivor, retired] => {
+                oracle::run(&lab, label, survivor, retired, None)
+            }
             ["oracle", label, survivor, retired, run_dir] => {
                 oracle::run(&lab, label, survivor, retired, Some(run_dir))
             }
@@ -63,8 +67,10 @@ fn init(lab: &Lab) -> Result<bool, String> {
     let mut db = lab.db()?;
     let quartz = java_quartz_schema()?;
     let e = |e: postgres::Error| e.to_string();
-    db.batch_execute(include_str!("../sql/system_gate.sql")).map_err(e)?;
-    db.batch_execute(include_str!("../sql/case-management.sql")).map_err(e)?;
+    db.batch_execute(include_str!("../sql/system_gate.sql"))
+        .map_err(e)?;
+    db.batch_execute(include_str!("../sql/case-management.sql"))
+        .map_err(e)?;
     db.batch_execute(&quartz).map_err(e)?;
     for g in [GATE_API, GATE_RELAY, GATE_PROJECTOR] {
         db.execute(
@@ -95,14 +101,18 @@ fn init(lab: &Lab) -> Result<bool, String> {
 
 /// Quartz's `tables_postgres.sql`, from its jar, as the lab prints it.
 fn java_quartz_schema() -> Result<String, String> {
-    let classes = std::env::var("REENTRY_QUARTZ_LAB").map_err(|_| "REENTRY_QUARTZ_LAB is not set")?;
+    let classes =
+        std::env::var("REENTRY_QUARTZ_LAB").map_err(|_| "REENTRY_QUARTZ_LAB is not set")?;
     let cp = std::env::var("REENTRY_QUARTZ_CP").map_err(|_| "REENTRY_QUARTZ_CP is not set")?;
     let out = std::process::Command::new("java")
         .args(["-cp", &format!("{classes}:{cp}"), "QuartzLab", "schema"])
         .output()
         .map_err(|e| format!("java: {e}"))?;
     if !out.status.success() {
-        return Err(format!("QuartzLab schema: {}", String::from_utf8_lossy(&out.stderr)));
+        return Err(format!(
+            "QuartzLab schema: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
     }
     // Its script drops the tables first and commits itself.
     let sql = String::from_utf8_lossy(&out.stdout)
@@ -113,7 +123,9 @@ fn java_quartz_schema() -> Result<String, String> {
         })
         .collect::<Vec<_>>()
         .join("\n");
-    Ok(sql.replace("CREATE TABLE ", "CREATE TABLE IF NOT EXISTS ").replace("create table ", "create table if not exists "))
+    Ok(sql
+        .replace("CREATE TABLE ", "CREATE TABLE IF NOT EXISTS ")
+        .replace("create table ", "create table if not exists "))
 }
 
 /// `n` cases and `n / 4` payments, through the API.
@@ -121,7 +133,11 @@ fn load(lab: &Lab, n: i64) -> Result<bool, String> {
     let mut db = lab.db()?;
     let mut cache = app::Cache::connect(&lab.redis)?;
     for i in 0..n {
-        match app::api(lab, &mut db, &app::Req::Create(format!("case {i} of the load"))) {
+        match app::api(
+            lab,
+            &mut db,
+            &app::Req::Create(format!("case {i} of the load")),
+        ) {
             Ok(app::Outcome::Done(json)) => cache.put(&json).map_err(|e| e.to_string())?,
             other => return Err(format!("load: {other:?}")),
         }
@@ -163,7 +179,11 @@ fn bad_job(lab: &Lab) -> Result<bool, String> {
         tx.execute(
             "INSERT INTO outbox_event (id, topic, aggregate_id, payload) \
              VALUES (gen_random_uuid(), $1, $2, $3::text::jsonb)",
-            &[&TOPIC, &id.to_string(), &format!(r#"{{"type":"case-closed","case":{json}}}"#)],
+            &[
+                &TOPIC,
+                &id.to_string(),
+                &format!(r#"{{"type":"case-closed","case":{json}}}"#),
+            ],
         )
         .map_err(e)?;
         ids.push(id.to_string());

@@ -52,11 +52,25 @@ struct Event {
 fn read_topic(lab: &Lab) -> Result<Vec<Event>, String> {
     let kcat = std::env::var("REENTRY_KCAT").unwrap_or_else(|_| "kcat".into());
     let out = std::process::Command::new(&kcat)
-        .args(["-b", &lab.kafka, "-C", "-t", TOPIC, "-o", "beginning", "-e", "-q", "-J"])
+        .args([
+            "-b",
+            &lab.kafka,
+            "-C",
+            "-t",
+            TOPIC,
+            "-o",
+            "beginning",
+            "-e",
+            "-q",
+            "-J",
+        ])
         .output()
         .map_err(|e| format!("{kcat}: {e}"))?;
     if !out.status.success() {
-        return Err(format!("kcat: {}", String::from_utf8_lossy(&out.stderr).trim()));
+        return Err(format!(
+            "kcat: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
     }
     let mut events = Vec::new();
     for line in String::from_utf8_lossy(&out.stdout).lines() {
@@ -120,7 +134,10 @@ fn committed(lab: &Lab) -> Result<BTreeMap<i32, i64>, String> {
 /// The cases of a database: id → (JSON fields, updated_by).
 fn cases(db: &mut postgres::Transaction<'_>) -> Result<BTreeMap<i64, (Value, String)>, String> {
     Ok(db
-        .query(&format!("SELECT id, {CASE_JSON}, updated_by FROM cases"), &[])
+        .query(
+            &format!("SELECT id, {CASE_JSON}, updated_by FROM cases"),
+            &[],
+        )
         .map_err(|e| e.to_string())?
         .iter()
         .map(|r| {
@@ -185,14 +202,20 @@ pub fn run(
     let mut problems = Vec::new();
     for ev in &events {
         let ok = match ev.payload["type"].as_str().unwrap_or("") {
-            "payment-recorded" => payments.contains(ev.payload["payment"]["key"].as_str().unwrap_or("")),
-            t if t.starts_with("case-") && ev.payload["compensates"].is_null() => {
-                ev.payload["case"]["id"].as_i64().is_some_and(|id| rows.contains_key(&id))
+            "payment-recorded" => {
+                payments.contains(ev.payload["payment"]["key"].as_str().unwrap_or(""))
             }
+            t if t.starts_with("case-") && ev.payload["compensates"].is_null() => ev.payload
+                ["case"]["id"]
+                .as_i64()
+                .is_some_and(|id| rows.contains_key(&id)),
             _ => true,
         };
         if !ok && !compensated.contains(ev.id.as_str()) {
-            problems.push(format!("event {} ({}) at {}:{} has no row", ev.id, ev.payload["type"], ev.partition, ev.offset));
+            problems.push(format!(
+                "event {} ({}) at {}:{} has no row",
+                ev.id, ev.payload["type"], ev.partition, ev.offset
+            ));
         }
     }
     props.push(prop(
@@ -212,7 +235,10 @@ pub fn run(
         .map_err(|e| format!("Redis: {e}"))?;
     let mut problems = Vec::new();
     for k in &keys {
-        let v: Option<String> = redis::cmd("GET").arg(k).query(&mut redis).map_err(|e| e.to_string())?;
+        let v: Option<String> = redis::cmd("GET")
+            .arg(k)
+            .query(&mut redis)
+            .map_err(|e| e.to_string())?;
         let Some(v) = v.and_then(|v| serde_json::from_str::<Value>(&v).ok()) else {
             continue;
         };
@@ -282,7 +308,10 @@ pub fn run(
         "provider",
         "no provider request was executed twice",
         twice,
-        format!("{} requests, each once; {replays} client retries answered without executing", seen.len()),
+        format!(
+            "{} requests, each once; {replays} client retries answered without executing",
+            seen.len()
+        ),
     ));
 
     // 5. The bad job's damage is gone; the legitimate writes are there.
@@ -309,17 +338,26 @@ pub fn run(
             }
             continue;
         }
-        let Some(v) = w.iter().find_map(|x| x.strip_prefix("v=")).and_then(|v| v.parse::<i64>().ok()) else {
+        let Some(v) = w
+            .iter()
+            .find_map(|x| x.strip_prefix("v="))
+            .and_then(|v| v.parse::<i64>().ok())
+        else {
             continue;
         };
         let id: i64 = if w[3] == "create" {
-            w.iter().find_map(|x| x.strip_prefix("id=")).and_then(|x| x.parse().ok()).unwrap_or(-1)
+            w.iter()
+                .find_map(|x| x.strip_prefix("id="))
+                .and_then(|x| x.parse().ok())
+                .unwrap_or(-1)
         } else {
             w[4].parse().unwrap_or(-1)
         };
         match rows.get(&id) {
             None => problems.push(format!("case {id} ({}) is missing", w[3])),
-            Some((row, _)) if row["version"].as_i64().unwrap_or(0) < v && !damaged.contains(&id) => {
+            Some((row, _))
+                if row["version"].as_i64().unwrap_or(0) < v && !damaged.contains(&id) =>
+            {
                 problems.push(format!("case {id}: the write at {v} ({}) was lost", w[3]))
             }
             Some(_) => {}
@@ -329,7 +367,10 @@ pub fn run(
         "writes",
         "the bad job's damage is gone, and every legitimate write is there",
         problems,
-        format!("{} cases the bad job closed are repaired; {writes} writes present", damaged.len()),
+        format!(
+            "{} cases the bad job closed are repaired; {writes} writes present",
+            damaged.len()
+        ),
     ));
 
     // 6. The inbox against the topic and the group's offsets.
@@ -343,13 +384,18 @@ pub fn run(
         if inbox.contains(&ev.id) {
             *per_case.entry(case).or_default() += 1;
         } else if ev.offset < done.get(&ev.partition).copied().unwrap_or(0) {
-            problems.push(format!("event {} at {}:{} was committed but is not in the inbox", ev.id, ev.partition, ev.offset));
+            problems.push(format!(
+                "event {} at {}:{} was committed but is not in the inbox",
+                ev.id, ev.partition, ev.offset
+            ));
         }
     }
     for (case, n) in &applied {
         let want = per_case.get(case).copied().unwrap_or(0);
         if *n != want {
-            problems.push(format!("case {case}: {n} effects for {want} events in the inbox"));
+            problems.push(format!(
+                "case {case}: {n} effects for {want} events in the inbox"
+            ));
         }
     }
     props.push(prop(
@@ -371,7 +417,12 @@ pub fn run(
         }
     }
     tx.commit().map_err(e)?;
-    props.push(prop("invariants", "the invariants hold", problems, "3 invariants".into()));
+    props.push(prop(
+        "invariants",
+        "the invariants hold",
+        problems,
+        "3 invariants".into(),
+    ));
 
     // 8. Gates.
     let mut problems = Vec::new();
@@ -399,14 +450,20 @@ pub fn run(
     let mut ok = true;
     for p in &props {
         ok &= p.pass;
-        println!("  {:<4} {:<72} {}", if p.pass { "ok" } else { "FAIL" }, p.name, p.detail);
+        println!(
+            "  {:<4} {:<72} {}",
+            if p.pass { "ok" } else { "FAIL" },
+            p.name,
+            p.detail
+        );
     }
     let out = json!({
         "label": label,
         "at": now_ms(),
         "properties": props.iter().map(|p| json!({ "id": p.id, "name": p.name, "pass": p.pass, "detail": p.detail })).collect::<Vec<_>>(),
     });
-    std::fs::write(lab.path(&format!("oracle-{label}.json")), out.to_string()).map_err(|e| e.to_string())?;
+    std::fs::write(lab.path(&format!("oracle-{label}.json")), out.to_string())
+        .map_err(|e| e.to_string())?;
     Ok(ok)
 }
 
@@ -419,11 +476,19 @@ fn read_lines(path: &Path) -> Vec<String> {
 }
 
 /// The gates as the application's own checks would read them.
-fn gates(db: &mut postgres::Client, open: bool, side: &str, problems: &mut Vec<String>) -> Result<(), String> {
+fn gates(
+    db: &mut postgres::Client,
+    open: bool,
+    side: &str,
+    problems: &mut Vec<String>,
+) -> Result<(), String> {
     let e = |e: postgres::Error| e.to_string();
     for g in [GATE_API, GATE_RELAY, GATE_PROJECTOR] {
         if gate_open(db, g).map_err(e)? != open {
-            problems.push(format!("{g} is {} on the {side}", if open { "closed" } else { "open" }));
+            problems.push(format!(
+                "{g} is {} on the {side}",
+                if open { "closed" } else { "open" }
+            ));
         }
     }
     let frozen: bool = db
@@ -434,7 +499,10 @@ fn gates(db: &mut postgres::Client, open: bool, side: &str, problems: &mut Vec<S
         .map_err(e)?
         .get(0);
     if frozen == open {
-        problems.push(format!("ShedLock {SHEDLOCK_JOB} is {} on the {side}", if open { "frozen" } else { "free" }));
+        problems.push(format!(
+            "ShedLock {SHEDLOCK_JOB} is {} on the {side}",
+            if open { "frozen" } else { "free" }
+        ));
     }
     let paused: i64 = db
         .query_one(
@@ -452,7 +520,9 @@ fn gates(db: &mut postgres::Client, open: bool, side: &str, problems: &mut Vec<S
         .map_err(e)?
         .get(0);
     if open && paused > 0 || !open && paused < total {
-        problems.push(format!("Quartz group {QUARTZ_GROUP}: {paused} of {total} trigger(s) paused on the {side}"));
+        problems.push(format!(
+            "Quartz group {QUARTZ_GROUP}: {paused} of {total} trigger(s) paused on the {side}"
+        ));
     }
     Ok(())
 }
@@ -463,15 +533,22 @@ fn gates(db: &mut postgres::Client, open: bool, side: &str, problems: &mut Vec<S
 fn jobs_gated(lab: &Lab, run_dir: &Path) -> Result<(Vec<String>, String), String> {
     let journal = read_lines(&run_dir.join("journal.jsonl"));
     let ms = |at: &str| -> i64 {
-        at.parse::<jiff::Timestamp>().map(|t| t.as_millisecond()).unwrap_or(0)
+        at.parse::<jiff::Timestamp>()
+            .map(|t| t.as_millisecond())
+            .unwrap_or(0)
     };
     let mut problems = Vec::new();
     let mut counted = Vec::new();
-    for (gate, log) in [(GATE_SHEDLOCK, "shedlock-runs.log"), (GATE_QUARTZ, "quartz-runs.log")] {
+    for (gate, log) in [
+        (GATE_SHEDLOCK, "shedlock-runs.log"),
+        (GATE_QUARTZ, "quartz-runs.log"),
+    ] {
         let mut closed: Option<i64> = None;
         let mut reopened: Option<i64> = None;
         for l in &journal {
-            let Ok(v) = serde_json::from_str::<Value>(l) else { continue };
+            let Ok(v) = serde_json::from_str::<Value>(l) else {
+                continue;
+            };
             let step = v["step"].as_str().unwrap_or("");
             let at = ms(v["at"].as_str().unwrap_or(""));
             // The database the application uses is the one re-opened.
@@ -492,16 +569,25 @@ fn jobs_gated(lab: &Lab, run_dir: &Path) -> Result<(Vec<String>, String), String
             .filter_map(|l| {
                 let w: Vec<&str> = l.split_whitespace().collect();
                 // ShedLock: start end …; Quartz: fire scheduled start …
-                let start = if log.starts_with("quartz") { w.get(2) } else { w.first() };
+                let start = if log.starts_with("quartz") {
+                    w.get(2)
+                } else {
+                    w.first()
+                };
                 start.and_then(|s| s.parse().ok())
             })
             .collect();
         let inside = runs.iter().filter(|t| **t > from && **t < to).count();
         let after = runs.iter().filter(|t| **t >= to).count();
         if inside > 0 {
-            problems.push(format!("{inside} run(s) under gate {gate} while it was closed"));
+            problems.push(format!(
+                "{inside} run(s) under gate {gate} while it was closed"
+            ));
         }
-        counted.push(format!("{gate}: closed {:.1} s, 0 runs then, {after} after", (to.min(now_ms()) - from) as f64 / 1000.0));
+        counted.push(format!(
+            "{gate}: closed {:.1} s, 0 runs then, {after} after",
+            (to.min(now_ms()) - from) as f64 / 1000.0
+        ));
     }
     Ok((problems, counted.join("; ")))
 }
@@ -523,13 +609,18 @@ pub fn table(before: &str, after: &str, out: &str) -> Result<bool, String> {
         Some(Some(false)) => "FAIL",
         _ => "-",
     };
-    println!("  {:<72} {:<8} {}", "property", "restored", "re-entered");
+    println!("  {:<72} {:<8} re-entered", "property", "restored");
     let mut rows = Vec::new();
     let mut ok = true;
     for p in ap {
         let before = bp.iter().find(|x| x["id"] == p["id"]);
         ok &= p["pass"].as_bool() == Some(true);
-        println!("  {:<72} {:<8} {}", p["name"].as_str().unwrap_or(""), word(before), word(Some(p)));
+        println!(
+            "  {:<72} {:<8} {}",
+            p["name"].as_str().unwrap_or(""),
+            word(before),
+            word(Some(p))
+        );
         rows.push(json!({
             "property": p["name"],
             "results": [
@@ -543,6 +634,7 @@ pub fn table(before: &str, after: &str, out: &str) -> Result<bool, String> {
         "columns": ["after the restore", "after re-entry"],
         "rows": rows,
     });
-    std::fs::write(out, serde_json::to_string_pretty(&doc).unwrap()).map_err(|e| format!("{out}: {e}"))?;
+    std::fs::write(out, serde_json::to_string_pretty(&doc).unwrap())
+        .map_err(|e| format!("{out}: {e}"))?;
     Ok(ok)
 }

@@ -434,6 +434,18 @@ pub(crate) fn set_example_secrets() {
     ] {
         std::env::set_var(v, "hunter2-reference");
     }
+    // The case-management example takes its servers from the environment.
+    for (v, value) in [
+        ("CASES_DB_HOST", "cases-db-1"),
+        ("CASES_DB_PORT", "5432"),
+        ("CASES_RESTORE_HOST", "cases-restore"),
+        ("CASES_RESTORE_PORT", "5432"),
+        ("CASES_KAFKA", "kafka-1:9092"),
+        ("CASES_REDIS", "redis://cases-cache:6379"),
+        ("CASES_SEARCH", "http://search:9200"),
+    ] {
+        std::env::set_var(v, value);
+    }
 }
 
 #[cfg(test)]

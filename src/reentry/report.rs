@@ -208,7 +208,11 @@ fn outside(dir: &Path, r: &mut Report) -> Result<(), ReportError> {
             why: format!("line {n}: `{s}` is not an RFC 3339 time: {e}"),
         })
     };
-    for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+    for (i, line) in text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+    {
         let mut o: Observation = serde_json::from_str(line).map_err(|e| ReportError::Bad {
             path: path.clone(),
             why: format!("line {}: {e}", i + 1),
@@ -532,7 +536,11 @@ pub fn markdown(r: &Report) -> String {
                 o,
                 "| {:.2} | {} | {} | {} |",
                 x.offset,
-                if x.seconds > 0.0 { format!("{:.2}", x.seconds) } else { String::new() },
+                if x.seconds > 0.0 {
+                    format!("{:.2}", x.seconds)
+                } else {
+                    String::new()
+                },
                 md_cell(&x.source),
                 md_cell(&x.what)
             );
@@ -542,10 +550,22 @@ pub fn markdown(r: &Report) -> String {
         let _ = writeln!(o);
         let _ = writeln!(o, "## Checks by {}", md_cell(&c.source));
         let _ = writeln!(o);
-        let _ = writeln!(o, "| property | {} |", c.columns.iter().map(|x| md_cell(x)).collect::<Vec<_>>().join(" | "));
+        let _ = writeln!(
+            o,
+            "| property | {} |",
+            c.columns
+                .iter()
+                .map(|x| md_cell(x))
+                .collect::<Vec<_>>()
+                .join(" | ")
+        );
         let _ = writeln!(o, "|---|{}", "---|".repeat(c.columns.len()));
         for row in &c.rows {
-            let cells: Vec<String> = row.results.iter().map(|x| md_cell(&verdict(x.as_ref()))).collect();
+            let cells: Vec<String> = row
+                .results
+                .iter()
+                .map(|x| md_cell(&verdict(x.as_ref())))
+                .collect();
             let _ = writeln!(o, "| {} | {} |", md_cell(&row.property), cells.join(" | "));
         }
     }
@@ -746,7 +766,7 @@ fn timeline_svg(r: &Report) -> String {
             let end = (s.offset + s.seconds).min(total);
             let _ = write!(
                 o,
-                "<rect x=\"{:.1}\" y=\"{:.1}\" width=\"{:.1}\" height=\"{:.1}\" fill=\"#7c3aed\" opacity=\"0.7\"><title>{} at {:.2} s: {}</title></rect>",
+                "<rect x=\"{:.1}\" y=\"{:.1}\" width=\"{:.1}\" height=\"{:.1}\" fill=\"#0891b2\"><title>{} at {:.2} s: {}</title></rect>",
                 x(start),
                 y + 3.0,
                 (x(end) - x(start)).max(2.0),
@@ -803,7 +823,7 @@ pub fn html(r: &Report) -> String {
 table{{border-collapse:collapse;width:100%;margin:1em 0}}td,th{{border-bottom:1px solid #ddd;padding:4px 6px;text-align:left;vertical-align:top;font-size:14px}}\
 .badge{{color:#fff;background:{badge};padding:2px 8px;border-radius:4px}}code{{font-size:13px}}.err{{color:#b91c1c}}\
 dl{{display:grid;grid-template-columns:max-content auto;gap:4px 16px}}dt{{color:#555}}\
-td.ok b{{color:#15803d}}td.fail b{{color:#b91c1c}}</style></head><body>",
+td.ok{{background:#dcfce7}}td.fail{{background:#fee2e2}}td.ok b{{color:#15803d}}td.fail b{{color:#b91c1c}}</style></head><body>",
         name = esc(&r.playbook.name)
     );
     let _ = write!(
@@ -858,7 +878,11 @@ td.ok b{{color:#15803d}}td.fail b{{color:#b91c1c}}</style></head><body>",
                 o,
                 "<tr><td>{:.2} s</td><td>{}</td><td>{}</td><td>{}</td></tr>",
                 x.offset,
-                if x.seconds > 0.0 { format!("{:.2} s", x.seconds) } else { String::new() },
+                if x.seconds > 0.0 {
+                    format!("{:.2} s", x.seconds)
+                } else {
+                    String::new()
+                },
                 esc(&x.source),
                 esc(&x.what)
             );
@@ -866,7 +890,11 @@ td.ok b{{color:#15803d}}td.fail b{{color:#b91c1c}}</style></head><body>",
         o.push_str("</table>");
     }
     if let Some(c) = &r.checks {
-        let _ = write!(o, "<h2>Checks by {}</h2><table class=\"checks\"><tr><th>property</th>", esc(&c.source));
+        let _ = write!(
+            o,
+            "<h2>Checks by {}</h2><table class=\"checks\"><tr><th>property</th>",
+            esc(&c.source)
+        );
         for col in &c.columns {
             let _ = write!(o, "<th>{}</th>", esc(col));
         }
@@ -880,7 +908,10 @@ td.ok b{{color:#15803d}}td.fail b{{color:#b91c1c}}</style></head><body>",
                     Some(_) => ("fail", "FAIL"),
                 };
                 let detail = x.as_ref().map_or(String::new(), |c| esc(&c.detail));
-                let _ = write!(o, "<td class=\"{class}\"><b>{word}</b> <small>{detail}</small></td>");
+                let _ = write!(
+                    o,
+                    "<td class=\"{class}\"><b>{word}</b> <small>{detail}</small></td>"
+                );
             }
             o.push_str("</tr>");
         }

@@ -557,6 +557,95 @@ fn apply_closes_every_gate_and_reopens_the_survivors_to_exactly_what_they_were()
     assert_eq!(f.audit("res"), restored_audit());
 }
 
+/// The HTML report as people see it: Debian's Chromium renders it
+/// headless, and its screenshot holds the timeline's bars, the row of what
+/// the application saw meanwhile, and the verdict cells of the team's own
+/// checks (`checks.json`), one failing and one passing.
+#[test]
+fn the_html_report_renders_its_timeline_and_checks_in_chromium() {
+    let f = Fixture::new();
+    let pb = f.playbook("pb.toml", "1s");
+    let run = f.dir.join("run");
+    assert_exit(&apply(&pb, &run, &["--apply"]), 0);
+    let j = journal(&run);
+    let (start, end) = (
+        j[0]["at"].as_str().unwrap(),
+        j[j.len() - 1]["at"].as_str().unwrap(),
+    );
+    std::fs::write(
+        run.join("checks.json"),
+        r#"{"source": "a test oracle", "columns": ["after the restore", "after re-entry"],
+            "rows": [{"property": "the gates are closed on the retired copy",
+                      "results": [{"pass": false, "detail": "open"}, {"pass": true, "detail": "closed"}]}]}"#,
+    )
+    .unwrap();
+    std::fs::write(
+        run.join("observations.jsonl"),
+        format!("{{\"at\": \"{start}\", \"until\": \"{end}\", \"source\": \"clients\", \"what\": \"12 requests refused\"}}\n"),
+    )
+    .unwrap();
+    let html = run.join("report.html");
+    assert_exit(
+        &reentry(&[&"report", &run, &"--format", &"html", &"--output", &html]),
+        0,
+    );
+
+    let shot = f.dir.join("report.png");
+    let out = Command::new("chromium")
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--hide-scrollbars",
+        ])
+        .arg(format!(
+            "--user-data-dir={}",
+            f.dir.join("chromium").display()
+        ))
+        .args(["--window-size=1200,2600", "--force-device-scale-factor=1"])
+        .arg(format!("--screenshot={}", shot.display()))
+        .arg(format!("file://{}", html.display()))
+        .output()
+        .expect("run chromium (Debian's, installed by scripts/setup)");
+    assert!(
+        shot.exists(),
+        "no screenshot: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let decoder = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(&shot).unwrap()));
+    let mut reader = decoder.read_info().unwrap();
+    let mut buf = vec![0; reader.output_buffer_size()];
+    let info = reader.next_frame(&mut buf).unwrap();
+    let step = match info.color_type {
+        png::ColorType::Rgba => 4,
+        png::ColorType::Rgb => 3,
+        other => panic!("a screenshot in {other:?}"),
+    };
+    let pixels = |hex: &str| {
+        let rgb: Vec<u8> = (0..3)
+            .map(|i| u8::from_str_radix(&hex[1 + 2 * i..3 + 2 * i], 16).unwrap())
+            .collect();
+        buf[..info.buffer_size()]
+            .chunks(step)
+            .filter(|p| p[..3] == rgb[..])
+            .count()
+    };
+    for (what, colour, least) in [
+        ("the close-gates bars", "#c2410c", 200),
+        ("the validate bars", "#1d4ed8", 100),
+        ("the re-open bars", "#15803d", 200),
+        ("the row of what the application saw", "#0891b2", 1000),
+        ("the passing check's cell", "#dcfce7", 1000),
+        ("the failing check's cell", "#fee2e2", 1000),
+    ] {
+        let n = pixels(colour);
+        assert!(
+            n >= least,
+            "{what} ({colour}): {n} pixels in the screenshot, want {least} at least"
+        );
+    }
+}
+
 #[test]
 fn a_run_killed_at_any_point_resumes_and_applies_each_change_once() {
     let f = Fixture::new();
