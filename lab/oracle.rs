@@ -265,7 +265,7 @@ pub fn run(
         .map_err(|e| format!("search: {e}"))?;
     let hits: Value = http
         .post(format!("{}/{INDEX}/_search", lab.search))
-        .json(&json!({ "size": 1_000_000, "query": { "match_all": {} } }))
+        .json(&json!({ "size": 10_000, "query": { "match_all": {} } }))
         .send()
         .and_then(|r| r.json())
         .map_err(|e| format!("search: {e}"))?;
