@@ -269,8 +269,15 @@ pub fn run(
         .send()
         .and_then(|r| r.json())
         .map_err(|e| format!("search: {e}"))?;
+    let total = hits["hits"]["total"]["value"].as_u64().unwrap_or(0);
     let hits = hits["hits"]["hits"].as_array().cloned().unwrap_or_default();
     let mut problems = Vec::new();
+    if total > hits.len() as u64 {
+        problems.push(format!(
+            "{total} documents, more than one search returns ({})",
+            hits.len()
+        ));
+    }
     for h in &hits {
         let id: i64 = h["_id"].as_str().and_then(|s| s.parse().ok()).unwrap_or(-1);
         match rows.get(&id) {
