@@ -315,6 +315,37 @@ fn pause(ms: u64) {
     thread::sleep(Duration::from_millis(ms));
 }
 
+/// One part of the application: `round` again and again until `stop`, on
+/// what `connect` makes, made again after any error (noted in `app.log`).
+/// While `quiet` exists, a part that `holds` waits.
+fn keep_running<C>(
+    lab: &Lab,
+    part: &str,
+    holds: bool,
+    connect: impl Fn(&Lab) -> Result<C, String>,
+    mut round: impl FnMut(&mut C) -> Result<(), String>,
+) {
+    while !lab.stopping() {
+        let mut c = match connect(lab) {
+            Ok(c) => c,
+            Err(e) => {
+                trouble(lab, part, e);
+                continue;
+            }
+        };
+        while !lab.stopping() {
+            if holds && lab.quiet() {
+                pause(100);
+                continue;
+            }
+            if let Err(e) = round(&mut c) {
+                trouble(lab, part, e);
+                break;
+            }
+        }
+    }
+}
+
 /// A small pseudo-random sequence, enough for a workload.
 struct Rng(u64);
 
@@ -334,93 +365,67 @@ fn client(lab: &Lab, n: usize) {
     let mut again: VecDeque<(Instant, Req)> = VecDeque::new();
     let mut seq = 0u64;
     let log = lab.path("requests.log");
-    'conn: while !lab.stopping() {
-        let mut db = match lab.db() {
-            Ok(db) => db,
-            Err(e) => {
-                trouble(lab, "client", e);
-                continue;
+    let connect = |lab: &Lab| Ok((lab.db()?, Cache::connect(&lab.redis).ok()));
+    keep_running(lab, "client", true, connect, |(db, cache)| {
+        let max: i64 = db
+            .query_one("SELECT coalesce(max(id), 0) FROM cases", &[])
+            .map_err(|e| e.to_string())?
+            .get(0);
+        let req = match again.front() {
+            Some((at, _)) if *at <= Instant::now() => again.pop_front().unwrap().1,
+            _ => {
+                seq += 1;
+                let id = 1 + rng.below(max as u64) as i64;
+                match rng.below(20) {
+                    0..=2 => Req::Create(format!("case from client {n} #{seq}")),
+                    3..=9 => Req::Rename(id, format!("renamed by client {n} #{seq}")),
+                    10..=13 => Req::Assign(id, 1 + rng.below(9) as i64),
+                    14 => Req::Close(id),
+                    _ => Req::Pay(id, format!("pay-{n}-{seq}"), 100 + rng.below(900) as i64),
+                }
             }
         };
-        let mut cache = Cache::connect(&lab.redis).ok();
-        while !lab.stopping() {
-            if lab.quiet() {
-                pause(100);
-                continue;
-            }
-            let max: i64 = match db.query_one("SELECT coalesce(max(id), 0) FROM cases", &[]) {
-                Ok(r) => r.get(0),
+        // Retried while refused: the gate is closed during re-entry.
+        loop {
+            let o = match api(lab, db, &req) {
+                Ok(o) => o,
                 Err(e) => {
-                    trouble(lab, "client", e);
-                    continue 'conn;
+                    again.push_front((Instant::now(), req));
+                    return Err(e.to_string());
                 }
             };
-            let req = match again.front() {
-                Some((at, _)) if *at <= Instant::now() => again.pop_front().unwrap().1,
-                _ => {
-                    seq += 1;
-                    let id = 1 + rng.below(max as u64) as i64;
-                    match rng.below(20) {
-                        0..=2 => Req::Create(format!("case from client {n} #{seq}")),
-                        3..=9 => Req::Rename(id, format!("renamed by client {n} #{seq}")),
-                        10..=13 => Req::Assign(id, 1 + rng.below(9) as i64),
-                        14 => Req::Close(id),
-                        _ => Req::Pay(id, format!("pay-{n}-{seq}"), 100 + rng.below(900) as i64),
-                    }
+            // A case write's id and version, for the oracle.
+            let written = match (&o, &req) {
+                (Outcome::Done(json), r) if !matches!(r, Req::Pay(..)) => {
+                    let v: serde_json::Value = serde_json::from_str(json).unwrap_or_default();
+                    format!(" id={} v={}", v["id"], v["version"])
                 }
+                _ => String::new(),
             };
-            // Retried while refused: the gate is closed during re-entry.
-            loop {
-                match api(lab, &mut db, &req) {
-                    Ok(o) => {
-                        // A case write's id and version, for the oracle.
-                        let written = match (&o, &req) {
-                            (Outcome::Done(json), r) if !matches!(r, Req::Pay(..)) => {
-                                let v: serde_json::Value =
-                                    serde_json::from_str(json).unwrap_or_default();
-                                format!(" id={} v={}", v["id"], v["version"])
-                            }
-                            _ => String::new(),
-                        };
-                        append(
-                            &log,
-                            &format!("{} {n} {} {}{written}", now_ms(), o.word(), req.name()),
-                        );
-                        match (&o, &req) {
-                            (Outcome::Refused, _) => {
-                                if lab.stopping() {
-                                    return;
-                                }
-                                pause(250);
-                                continue;
-                            }
-                            (Outcome::Done(_), Req::Pay(..)) => {
-                                again.push_back((
-                                    Instant::now() + Duration::from_secs(3),
-                                    req.clone(),
-                                ));
-                            }
-                            (Outcome::Done(json), _) => {
-                                if let Some(c) = cache.as_mut() {
-                                    if c.put(json).is_err() {
-                                        cache = None;
-                                    }
-                                }
-                            }
-                            _ => {}
-                        }
-                        break;
-                    }
-                    Err(e) => {
-                        trouble(lab, "client", e);
-                        again.push_front((Instant::now(), req));
-                        continue 'conn;
-                    }
+            append(
+                &log,
+                &format!("{} {n} {} {}{written}", now_ms(), o.word(), req.name()),
+            );
+            match (&o, &req) {
+                (Outcome::Refused, _) if !lab.stopping() => {
+                    pause(250);
+                    continue;
                 }
+                (Outcome::Done(_), Req::Pay(..)) => {
+                    again.push_back((Instant::now() + Duration::from_secs(3), req.clone()));
+                }
+                (Outcome::Done(json), _)
+                    if cache.as_mut().is_some_and(|c| c.put(json).is_err()) =>
+                {
+                    *cache = None;
+                }
+                _ => {}
             }
-            pause(15);
+            break;
         }
-    }
+        pause(15);
+        Ok(())
+    });
 }
 
 /// The outbox relay: unpublished rows in order, to Kafka, then marked.
@@ -435,25 +440,12 @@ fn relay(lab: &Lab) {
         Ok(p) => p,
         Err(e) => return trouble(lab, "relay", e),
     };
-    'conn: while !lab.stopping() {
-        let mut db = match lab.db() {
-            Ok(db) => db,
-            Err(e) => {
-                trouble(lab, "relay", e);
-                continue;
-            }
-        };
-        while !lab.stopping() {
-            match relay_once(&mut db, &producer) {
-                Ok(0) => pause(100),
-                Ok(_) => {}
-                Err(e) => {
-                    trouble(lab, "relay", e);
-                    continue 'conn;
-                }
-            }
+    keep_running(lab, "relay", false, Lab::db, |db| {
+        if relay_once(db, &producer)? == 0 {
+            pause(100);
         }
-    }
+        Ok(())
+    });
     let _ = producer.flush(Duration::from_secs(5));
 }
 
@@ -534,46 +526,34 @@ fn relay_once(db: &mut postgres::Client, p: &ThreadedProducer<Delivery>) -> Resu
 /// The projector: a group member only while its gate is open.
 fn projector(lab: &Lab) {
     let http = reqwest::blocking::Client::new();
-    'conn: while !lab.stopping() {
-        let mut db = match lab.db() {
-            Ok(db) => db,
-            Err(e) => {
-                trouble(lab, "projector", e);
-                continue;
-            }
-        };
-        let mut consumer: Option<BaseConsumer> = None;
-        let mut checked = Instant::now() - Duration::from_secs(1);
-        while !lab.stopping() {
-            if checked.elapsed() >= Duration::from_millis(200) {
-                checked = Instant::now();
-                match gate_open(&mut db, GATE_PROJECTOR) {
-                    Ok(true) if consumer.is_none() => match subscribe(lab) {
-                        Ok(c) => consumer = Some(c),
-                        Err(e) => {
-                            trouble(lab, "projector", e);
-                            continue;
-                        }
-                    },
+    // The connection, the consumer (none while the gate is closed), and
+    // when the gate was last read.
+    let connect = |lab: &Lab| Ok((lab.db()?, None::<BaseConsumer>, None::<Instant>));
+    keep_running(
+        lab,
+        "projector",
+        false,
+        connect,
+        |(db, consumer, checked)| {
+            if checked.is_none_or(|t| t.elapsed() >= Duration::from_millis(200)) {
+                *checked = Some(Instant::now());
+                let open = gate_open(db, GATE_PROJECTOR).map_err(|e| e.to_string())?;
+                if !open {
                     // Dropping the consumer closes it: it leaves the group.
-                    Ok(false) => consumer = None,
-                    Ok(true) => {}
-                    Err(e) => {
-                        trouble(lab, "projector", e);
-                        continue 'conn;
-                    }
+                    *consumer = None;
+                } else if consumer.is_none() {
+                    *consumer = Some(subscribe(lab)?);
                 }
             }
             let Some(c) = consumer.as_ref() else {
                 pause(100);
-                continue;
+                return Ok(());
             };
             // A batch: what arrives within 50 ms, 500 events at most.
             let mut batch = Vec::new();
             let until = Instant::now() + Duration::from_millis(50);
             while batch.len() < 500 {
-                let left = until.saturating_duration_since(Instant::now());
-                match c.poll(left) {
+                match c.poll(until.saturating_duration_since(Instant::now())) {
                     Some(Ok(m)) => batch.push(m.detach()),
                     Some(Err(e)) => {
                         trouble(lab, "projector", e);
@@ -583,13 +563,11 @@ fn projector(lab: &Lab) {
                 }
             }
             if batch.is_empty() {
-                continue;
+                return Ok(());
             }
-            if let Err(e) = project(&mut db, &http, &lab.search, &batch) {
-                trouble(lab, "projector", e);
-                // Not committed: consumed again after a rejoin.
-                continue 'conn;
-            }
+            // On an error the batch is not committed: consumed again after a
+            // rejoin.
+            project(db, &http, &lab.search, &batch)?;
             let mut next: BTreeMap<i32, i64> = BTreeMap::new();
             for m in &batch {
                 let o = next.entry(m.partition()).or_default();
@@ -597,13 +575,12 @@ fn projector(lab: &Lab) {
             }
             let mut tpl = TopicPartitionList::new();
             for (p, o) in next {
-                let _ = tpl.add_partition_offset(TOPIC, p, Offset::Offset(o));
+                tpl.add_partition_offset(TOPIC, p, Offset::Offset(o))
+                    .map_err(|e| e.to_string())?;
             }
-            if let Err(e) = c.commit(&tpl, CommitMode::Sync) {
-                trouble(lab, "projector", e);
-            }
-        }
-    }
+            c.commit(&tpl, CommitMode::Sync).map_err(|e| e.to_string())
+        },
+    );
 }
 
 fn subscribe(lab: &Lab) -> Result<BaseConsumer, String> {
@@ -674,56 +651,36 @@ fn project(
 /// to the database and nothing is cached.
 fn reader(lab: &Lab) {
     let mut rng = Rng(0x5851_f42d_4c95_7f2d);
-    'conn: while !lab.stopping() {
-        let (mut db, mut cache) = match lab
-            .db()
-            .and_then(|db| Ok((db, Cache::connect(&lab.redis)?)))
-        {
-            Ok(x) => x,
-            Err(e) => {
-                trouble(lab, "reader", e);
+    let connect = |lab: &Lab| Ok((lab.db()?, Cache::connect(&lab.redis)?));
+    keep_running(lab, "reader", true, connect, |(db, cache)| {
+        let e = |e: postgres::Error| e.to_string();
+        let max: i64 = db
+            .query_one("SELECT coalesce(max(id), 0) FROM cases", &[])
+            .map_err(e)?
+            .get(0);
+        for _ in 0..20 {
+            let id = 1 + rng.below(max as u64) as i64;
+            if cache.get(id).map_err(|e| e.to_string())?.is_some() {
                 continue;
             }
-        };
-        while !lab.stopping() {
-            if lab.quiet() {
-                pause(100);
-                continue;
+            let mut tx = db.transaction().map_err(e)?;
+            let open = gate_open(&mut tx, GATE_API).map_err(e)?;
+            let row = tx
+                .query_opt(
+                    &format!("SELECT {CASE_JSON} FROM cases WHERE id = $1"),
+                    &[&id],
+                )
+                .map_err(e)?;
+            tx.commit().map_err(e)?;
+            if let (true, Some(row)) = (open, row) {
+                cache
+                    .put(&row.get::<_, String>(0))
+                    .map_err(|e| e.to_string())?;
             }
-            let r = (|| -> Result<(), String> {
-                let max: i64 = db
-                    .query_one("SELECT coalesce(max(id), 0) FROM cases", &[])
-                    .map_err(|e| e.to_string())?
-                    .get(0);
-                for _ in 0..20 {
-                    let id = 1 + rng.below(max as u64) as i64;
-                    if cache.get(id).map_err(|e| e.to_string())?.is_some() {
-                        continue;
-                    }
-                    let mut tx = db.transaction().map_err(|e| e.to_string())?;
-                    let open = gate_open(&mut tx, GATE_API).map_err(|e| e.to_string())?;
-                    let row = tx
-                        .query_opt(
-                            &format!("SELECT {CASE_JSON} FROM cases WHERE id = $1"),
-                            &[&id],
-                        )
-                        .map_err(|e| e.to_string())?;
-                    tx.commit().map_err(|e| e.to_string())?;
-                    if let (true, Some(row)) = (open, row) {
-                        cache
-                            .put(&row.get::<_, String>(0))
-                            .map_err(|e| e.to_string())?;
-                    }
-                }
-                Ok(())
-            })();
-            if let Err(e) = r {
-                trouble(lab, "reader", e);
-                continue 'conn;
-            }
-            pause(20);
         }
-    }
+        pause(20);
+        Ok(())
+    });
 }
 
 /// `escalate-overdue-cases` under ShedLock, with the statements of its
@@ -731,70 +688,59 @@ fn reader(lab: &Lab) {
 /// expired; unlock by moving `lock_until` to now).
 fn shedlock_job(lab: &Lab) {
     let me = format!("lab-{}", std::process::id());
-    'conn: while !lab.stopping() {
-        let mut db = match lab.db() {
-            Ok(db) => db,
-            Err(e) => {
-                trouble(lab, "shedlock", e);
-                continue;
-            }
-        };
-        while !lab.stopping() {
-            if lab.quiet() {
-                pause(100);
-                continue;
-            }
-            let r = (|| -> Result<(), postgres::Error> {
-                let got = db.execute(
-                    "UPDATE shedlock SET lock_until = now() + interval '10 seconds', locked_at = now(), \
-                     locked_by = $1 WHERE name = $2 AND lock_until <= now()",
-                    &[&me, &SHEDLOCK_JOB],
-                )?;
-                if got == 1 {
-                    let start = now_ms();
-                    db.execute(
-                        "INSERT INTO job_run (job_name) VALUES ($1)",
-                        &[&SHEDLOCK_JOB],
-                    )?;
-                    let mut tx = db.transaction()?;
-                    let overdue: Vec<i64> = tx
-                        .query(
-                            "SELECT id FROM cases WHERE status = 'open' AND priority < 3 \
-                             AND updated_at < clock_timestamp() - interval '8 seconds' \
-                             ORDER BY updated_at LIMIT 5 FOR UPDATE SKIP LOCKED",
-                            &[],
-                        )?
-                        .iter()
-                        .map(|r| r.get(0))
-                        .collect();
-                    for id in &overdue {
-                        write_case(
-                            &mut tx,
-                            "UPDATE cases SET priority = priority + 1, updated_by = 'escalate-overdue-cases', \
-                             updated_at = clock_timestamp() WHERE id = $1",
-                            &[id],
-                            "case-escalated",
-                        )?;
-                    }
-                    tx.commit()?;
-                    append(
-                        &lab.path("shedlock-runs.log"),
-                        &format!("{start} {} {SHEDLOCK_JOB} {me} {}", now_ms(), overdue.len()),
-                    );
-                    db.execute(
-                        "UPDATE shedlock SET lock_until = now() WHERE name = $1 AND locked_by = $2",
-                        &[&SHEDLOCK_JOB, &me],
-                    )?;
-                }
-                Ok(())
-            })();
-            if let Err(e) = r {
-                trouble(lab, "shedlock", e);
-                continue 'conn;
-            }
-            pause(500);
-        }
+    keep_running(lab, "shedlock", true, Lab::db, |db| {
+        escalate_once(lab, db, &me).map_err(|e| e.to_string())?;
+        pause(500);
+        Ok(())
+    });
+}
+
+/// One try: the lock, then up to five overdue cases escalated, the run
+/// logged, and the lock released.
+fn escalate_once(lab: &Lab, db: &mut postgres::Client, me: &str) -> Result<(), postgres::Error> {
+    let got = db.execute(
+        "UPDATE shedlock SET lock_until = now() + interval '10 seconds', locked_at = now(), \
+         locked_by = $1 WHERE name = $2 AND lock_until <= now()",
+        &[&me, &SHEDLOCK_JOB],
+    )?;
+    if got == 0 {
+        return Ok(());
     }
+    let start = now_ms();
+    db.execute(
+        "INSERT INTO job_run (job_name) VALUES ($1)",
+        &[&SHEDLOCK_JOB],
+    )?;
+    let mut tx = db.transaction()?;
+    let overdue: Vec<i64> = tx
+        .query(
+            "SELECT id FROM cases WHERE status = 'open' AND priority < 3 \
+             AND updated_at < clock_timestamp() - interval '8 seconds' \
+             ORDER BY updated_at LIMIT 5 FOR UPDATE SKIP LOCKED",
+            &[],
+        )?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    for id in &overdue {
+        write_case(
+            &mut tx,
+            "UPDATE cases SET priority = priority + 1, updated_by = 'escalate-overdue-cases', \
+             updated_at = clock_timestamp() WHERE id = $1",
+            &[id],
+            "case-escalated",
+        )?;
+    }
+    tx.commit()?;
+    append(
+        &lab.path("shedlock-runs.log"),
+        &format!("{start} {} {SHEDLOCK_JOB} {me} {}", now_ms(), overdue.len()),
+    );
+    db.execute(
+        "UPDATE shedlock SET lock_until = now() WHERE name = $1 AND locked_by = $2",
+        &[&SHEDLOCK_JOB, &me],
+    )?;
+    Ok(())
 }
 
 /// The Quartz lab (a real Quartz 2.3 with its JDBC job store) on the
