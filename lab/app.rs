@@ -99,13 +99,22 @@ fn write_case(
         return Ok(None);
     };
     let (id, json): (i64, String) = (row.get(0), row.get(1));
-    let payload = format!(r#"{{"type":"{event}","case":{json}}}"#);
+    outbox(tx, id, &format!(r#"{{"type":"{event}","case":{json}}}"#))?;
+    Ok(Some(json))
+}
+
+/// An event about case `case`, in the outbox, in the caller's transaction.
+pub fn outbox(
+    tx: &mut postgres::Transaction<'_>,
+    case: i64,
+    payload: &str,
+) -> Result<(), postgres::Error> {
     tx.execute(
         "INSERT INTO outbox_event (id, topic, aggregate_id, payload) \
          VALUES (gen_random_uuid(), $1, $2, $3::text::jsonb)",
-        &[&TOPIC, &id.to_string(), &payload],
+        &[&TOPIC, &case.to_string(), &payload],
     )?;
-    Ok(Some(json))
+    Ok(())
 }
 
 /// The provider: executes a request, and remembers it in its CSV export.
@@ -184,11 +193,7 @@ pub fn api(lab: &Lab, db: &mut postgres::Client, r: &Req) -> Result<Outcome, pos
             let payload = format!(
                 r#"{{"type":"payment-recorded","payment":{{"key":"{key}","case":{case},"amount":{amount}}}}}"#
             );
-            tx.execute(
-                "INSERT INTO outbox_event (id, topic, aggregate_id, payload) \
-                 VALUES (gen_random_uuid(), $1, $2, $3::text::jsonb)",
-                &[&TOPIC, &case.to_string(), &payload],
-            )?;
+            outbox(&mut tx, *case, &payload)?;
             tx.commit()?;
             return Ok(Outcome::Done(answer));
         }

@@ -176,14 +176,10 @@ fn bad_job(lab: &Lab) -> Result<bool, String> {
     let mut ids = Vec::new();
     for r in &rows {
         let (id, json): (i64, String) = (r.get(0), r.get(1));
-        tx.execute(
-            "INSERT INTO outbox_event (id, topic, aggregate_id, payload) \
-             VALUES (gen_random_uuid(), $1, $2, $3::text::jsonb)",
-            &[
-                &TOPIC,
-                &id.to_string(),
-                &format!(r#"{{"type":"case-closed","case":{json}}}"#),
-            ],
+        app::outbox(
+            &mut tx,
+            id,
+            &format!(r#"{{"type":"case-closed","case":{json}}}"#),
         )
         .map_err(e)?;
         ids.push(id.to_string());

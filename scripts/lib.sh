@@ -4,6 +4,8 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 IS_ROOT=0
 [ "$(id -u)" = 0 ] && IS_ROOT=1
+# runuser, useradd and locale-gen live in sbin, which a bare CI PATH lacks.
+case ":$PATH:" in *:/usr/sbin:*) ;; *) export PATH=$PATH:/usr/sbin:/sbin ;; esac
 
 # What setup installs lives here, outside the checkout, so a fresh clone (CI)
 # on the same machine reuses it. It must be readable by the PostgreSQL user,
