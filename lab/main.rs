@@ -65,7 +65,7 @@ fn main() {
 /// the search index.
 fn init(lab: &Lab) -> Result<bool, String> {
     let mut db = lab.db()?;
-    let quartz = java_quartz_schema()?;
+    let quartz = quartz_schema()?;
     let e = |e: postgres::Error| e.to_string();
     db.batch_execute(include_str!("../sql/system_gate.sql"))
         .map_err(e)?;
@@ -99,23 +99,14 @@ fn init(lab: &Lab) -> Result<bool, String> {
     Ok(true)
 }
 
-/// Quartz's `tables_postgres.sql`, from its jar, as the lab prints it.
-fn java_quartz_schema() -> Result<String, String> {
-    let classes =
-        std::env::var("REENTRY_QUARTZ_LAB").map_err(|_| "REENTRY_QUARTZ_LAB is not set")?;
-    let cp = std::env::var("REENTRY_QUARTZ_CP").map_err(|_| "REENTRY_QUARTZ_CP is not set")?;
-    let out = std::process::Command::new("java")
-        .args(["-cp", &format!("{classes}:{cp}"), "QuartzLab", "schema"])
-        .output()
-        .map_err(|e| format!("java: {e}"))?;
-    if !out.status.success() {
-        return Err(format!(
-            "QuartzLab schema: {}",
-            String::from_utf8_lossy(&out.stderr)
-        ));
-    }
-    // Its script drops the tables first and commits itself.
-    let sql = String::from_utf8_lossy(&out.stdout)
+/// Quartz's `tables_postgres.sql`, as setup takes it from the jar into the
+/// compiled lab (`$REENTRY_QUARTZ_LAB`), made safe to run again: its own
+/// drops and commit left out, its tables and indexes created if missing.
+fn quartz_schema() -> Result<String, String> {
+    let dir = std::env::var("REENTRY_QUARTZ_LAB").map_err(|_| "REENTRY_QUARTZ_LAB is not set")?;
+    let path = std::path::Path::new(&dir).join("tables_postgres.sql");
+    let text = std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let sql = text
         .lines()
         .filter(|l| {
             let t = l.trim_start().to_ascii_lowercase();
@@ -125,7 +116,7 @@ fn java_quartz_schema() -> Result<String, String> {
         .join("\n");
     Ok(sql
         .replace("CREATE TABLE ", "CREATE TABLE IF NOT EXISTS ")
-        .replace("create table ", "create table if not exists "))
+        .replace("CREATE INDEX ", "CREATE INDEX IF NOT EXISTS "))
 }
 
 /// `n` cases and `n / 4` payments, through the API.

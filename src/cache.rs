@@ -352,17 +352,16 @@ impl Redis {
     /// pipelines of at most `CALL_KEYS` keys per primary; the sum of
     /// their integer answers.
     fn per_slot(&mut self, command: &str, keys: &[String]) -> Result<u64, CacheError> {
-        let per_pipe = CALL_KEYS;
         let mut groups: BTreeMap<u16, Vec<&str>> = BTreeMap::new();
         for k in keys {
             let s = if self.cluster { slot(k.as_bytes()) } else { 0 };
             groups.entry(s).or_default().push(k);
         }
-        // A command holds `per_pipe` keys at most, like a pipeline.
+        // A command holds CALL_KEYS keys at most, like a pipeline.
         let groups: Vec<(u16, Vec<&str>)> = groups
             .into_iter()
             .flat_map(|(s, ks)| {
-                ks.chunks(per_pipe.max(1))
+                ks.chunks(CALL_KEYS)
                     .map(|c| (s, c.to_vec()))
                     .collect::<Vec<_>>()
             })
@@ -384,7 +383,7 @@ impl Redis {
             }
             let mut moved = false;
             for (node, batch) in by_node {
-                // Pipelines of at most `per_pipe` keys: the server runs a
+                // Pipelines of at most CALL_KEYS keys: the server runs a
                 // pipeline's commands back to back, and other clients wait.
                 let mut rest = batch;
                 while !rest.is_empty() {
@@ -393,7 +392,7 @@ impl Redis {
                         .iter()
                         .position(|(_, ks)| {
                             keys += ks.len();
-                            keys > per_pipe
+                            keys > CALL_KEYS
                         })
                         .map_or(rest.len(), |p| p.max(1));
                     let tail = rest.split_off(cut);

@@ -589,6 +589,14 @@ fn the_html_report_renders_its_timeline_and_checks_in_chromium() {
         &reentry(&[&"report", &run, &"--format", &"html", &"--output", &html]),
         0,
     );
+    let md = stdout(&reentry(&[&"report", &run]));
+    for want in [
+        "## Checks by a test oracle",
+        "| the gates are closed on the retired copy | FAIL: open | ok: closed |",
+        "| clients | 12 requests refused |",
+    ] {
+        assert!(md.contains(want), "missing {want:?} in\n{md}");
+    }
 
     let shot = f.dir.join("report.png");
     let out = Command::new("chromium")
@@ -644,6 +652,20 @@ fn the_html_report_renders_its_timeline_and_checks_in_chromium() {
             "{what} ({colour}): {n} pixels in the screenshot, want {least} at least"
         );
     }
+
+    // A malformed outside file is an error naming its line.
+    std::fs::write(
+        run.join("observations.jsonl"),
+        "{\"at\": \"yesterday\", \"source\": \"x\", \"what\": \"y\"}\n",
+    )
+    .unwrap();
+    let out = reentry(&[&"report", &run]);
+    assert_ne!(out.status.code(), Some(0));
+    assert!(
+        stderr(&out).contains("observations.jsonl: line 1: `yesterday` is not an RFC 3339 time"),
+        "{}",
+        stderr(&out)
+    );
 }
 
 #[test]
