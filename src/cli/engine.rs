@@ -11,7 +11,7 @@ use crate::cli::{print_line, Context};
 use crate::diag::Diagnostics;
 use crate::exit::Exit;
 use crate::reentry::plan::{self, Plan, PlanError};
-use crate::reentry::playbook::Playbook;
+use crate::reentry::playbook::{Playbook, WayBack};
 use crate::reentry::report;
 use crate::reentry::run::{self, Outcome, RunError, Status, StepLine};
 use crate::reentry::steps::{Env, Phase};
@@ -20,11 +20,21 @@ use crate::Error;
 #[derive(Debug, clap::Args)]
 pub struct PlanArgs {
     pub playbook: PathBuf,
+    /// Take this way back instead of the playbook's `[playbook] way-back`:
+    /// its `[[repair]]` tables that name a way back, and the databases
+    /// named `survivor` and `retired`, follow.
+    #[arg(long, value_enum, value_name = "WAY")]
+    pub way_back: Option<WayBack>,
 }
 
 #[derive(Debug, clap::Args)]
 pub struct ApplyArgs {
     pub playbook: PathBuf,
+    /// Take this way back instead of the playbook's `[playbook] way-back`:
+    /// its `[[repair]]` tables that name a way back, and the databases
+    /// named `survivor` and `retired`, follow. A resumed run takes the way back it started with.
+    #[arg(long, value_enum, value_name = "WAY")]
+    pub way_back: Option<WayBack>,
     /// Where the plan, the journal and the evidence go; one run per directory.
     #[arg(long, value_name = "DIR")]
     pub run_dir: PathBuf,
@@ -128,7 +138,7 @@ fn render_plan(p: &Plan) -> String {
 /// Plans without a run: read-only sessions, nothing written anywhere.
 /// Exit 1 when the plan changes something, 0 when there is nothing to do.
 pub fn plan(ctx: &Context, a: PlanArgs) -> Result<Exit, Error> {
-    let p = match Playbook::load(&a.playbook) {
+    let p = match Playbook::load_as(&a.playbook, a.way_back) {
         Ok(p) => p,
         Err(d) => return invalid(ctx, &d),
     };
@@ -199,7 +209,11 @@ fn step_line(l: &StepLine) -> String {
 }
 
 pub fn apply(ctx: &Context, a: ApplyArgs) -> Result<Exit, Error> {
-    let p = match Playbook::load(&a.playbook) {
+    let way = match (a.way_back, a.resume) {
+        (None, true) => run::started_way_back(&a.run_dir),
+        (w, _) => w,
+    };
+    let p = match Playbook::load_as(&a.playbook, way) {
         Ok(p) => p,
         Err(d) => return invalid(ctx, &d),
     };
@@ -213,20 +227,35 @@ pub fn apply(ctx: &Context, a: ApplyArgs) -> Result<Exit, Error> {
     let human = !ctx.global.json;
     if human {
         eprintln!(
-            "{} {} in {}",
+            "{} {}, {}, in {}",
             match (a.apply, a.resume) {
                 (true, true) => "resuming",
                 (true, false) => "applying",
                 (false, _) => "dry run of",
             },
             p.playbook.name,
+            p.playbook.way_back,
             a.run_dir.display()
         );
     }
+    // A resumed run's steps done before: one line for them all, not one each.
+    let mut done_before = 0usize;
     let mut show = |l: &StepLine| {
-        if human {
-            let _ = print_line(&step_line(l));
+        if !human {
+            return;
         }
+        if l.outcome == Outcome::AlreadyDone {
+            done_before += 1;
+            return;
+        }
+        if done_before > 0 {
+            let _ = print_line(&format!(
+                "  {:<10} {done_before} step(s) done before this attempt",
+                "was done"
+            ));
+            done_before = 0;
+        }
+        let _ = print_line(&step_line(l));
     };
     let result = match run::run(&p, &opts, &INTERRUPTED, &mut show) {
         Ok(r) => r,

@@ -21,6 +21,9 @@ pub struct CheckArgs {
     /// Stop before connecting to the databases.
     #[arg(long)]
     pub offline: bool,
+    /// Check it as this way back instead of its own `[playbook] way-back`.
+    #[arg(long, value_enum, value_name = "WAY")]
+    pub way_back: Option<crate::reentry::playbook::WayBack>,
 }
 
 #[derive(Serialize)]
@@ -60,7 +63,7 @@ pub fn run(ctx: &Context, cmd: PlaybookCommand) -> Result<Exit, Error> {
     let shown = a.playbook.display().to_string();
     let mut stages = vec!["parse", "meaning"];
     let mut notes = None;
-    let diagnostics = match Playbook::load_offline(&a.playbook) {
+    let diagnostics = match Playbook::load_offline_as(&a.playbook, a.way_back) {
         Err(d) => Some(d),
         Ok((_, unset)) if a.offline => {
             notes = Some(unset).filter(|u| !u.items.is_empty());

@@ -23,6 +23,9 @@ pub struct DiffArgs {
     /// Only this table [default: every [[repair]] table].
     #[arg(long, value_name = "TABLE")]
     pub table: Option<String>,
+    /// Compare as this way back instead of the playbook's own.
+    #[arg(long, value_enum, value_name = "WAY")]
+    pub way_back: Option<crate::reentry::playbook::WayBack>,
 }
 
 fn step_err(table: &str, e: StepError) -> Error {
@@ -34,7 +37,7 @@ fn step_err(table: &str, e: StepError) -> Error {
 
 pub fn run(ctx: &Context, cmd: RowsCommand) -> Result<Exit, Error> {
     let RowsCommand::Diff(a) = cmd;
-    let p = match Playbook::load(&a.playbook) {
+    let p = match Playbook::load_as(&a.playbook, a.way_back) {
         Ok(p) => p,
         Err(d) => {
             eprintln!("{d}");

@@ -640,6 +640,52 @@ mod tests {
     }
 
     #[test]
+    fn the_worked_example_serves_both_ways_back() {
+        crate::reentry::playbook::set_example_secrets();
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("playbooks/case-management.toml");
+        for (way, survivor, repaired) in [
+            (None, "current", vec!["cases"]),
+            (
+                Some(WayBack::Cutover),
+                "restored",
+                vec!["cases", "payments", "outbox_event"],
+            ),
+        ] {
+            let p = Playbook::load_as(&path, way).unwrap();
+            let s = steps(&p, Some(0));
+            let staged: Vec<&str> = s
+                .iter()
+                .filter_map(|x| x.id.strip_prefix("rows-stage:"))
+                .collect();
+            assert_eq!(staged, repaired, "{way:?}");
+            // The sections that name `survivor` act on it.
+            for id in [
+                "outbox:case-events",
+                "inbox:projector-inbox",
+                "idempotency:provider-payments",
+                "invariant:every payment has its idempotency key",
+            ] {
+                let x = s.iter().find(|x| x.id == id).unwrap();
+                let action = serde_json::to_string(&x.action).unwrap();
+                assert!(
+                    action.contains(&format!("\"database\":\"{survivor}\"")),
+                    "{way:?} {id}: {action}"
+                );
+            }
+            assert!(s
+                .iter()
+                .filter(|x| x.id.starts_with("reopen:"))
+                .all(|x| x.id.ends_with(&format!("@{survivor}"))));
+            // Tombstones are in before the invariants read the keys.
+            let at = |id: &str| s.iter().position(|x| x.id == id).unwrap();
+            assert!(
+                at("idempotency:provider-payments")
+                    < at("invariant:every payment has its idempotency key")
+            );
+        }
+    }
+
+    #[test]
     fn a_plan_survives_its_own_file() {
         let p = example("case-management.toml");
         let plan = Plan {

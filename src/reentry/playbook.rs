@@ -15,7 +15,13 @@ use crate::diag::{Diagnostic, Diagnostics};
 use crate::reentry::schema::{self, opt, req, Field, Kind};
 use crate::reentry::steps::KINDS;
 
-const WAY_BACK: &[&str] = &["cutover", "selective-repair"];
+pub const WAY_BACK: &[&str] = &["cutover", "selective-repair"];
+
+/// Names a section may use for a database by its part in the way back:
+/// `survivor` is the one that takes traffic afterwards (`current` after a
+/// selective repair, `restored` after a cutover), `retired` the other. So
+/// one playbook serves both ways back.
+pub const ROLES: &[&str] = &["survivor", "retired"];
 
 /// A playbook section: one typed model, from which both serde's parse and
 /// the located checks (`schema::check_table`: unknown, missing and
@@ -123,7 +129,7 @@ impl Serialize for Interpolated {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum WayBack {
     Cutover,
@@ -179,6 +185,10 @@ section! {
             /// The file as parsed, for the keys kinds own (`part`).
             #[serde(skip)]
             pub raw: toml::Table,
+            /// `[playbook] way-back` as the file says it; `playbook.way_back`
+            /// is the one this load took (`--way-back` may differ).
+            #[serde(skip)]
+            pub declared_way_back: Option<WayBack>,
         }
         pub playbook: Meta => req("playbook", Kind::Table(Meta::FIELDS)),
         pub databases: BTreeMap<String, Database> => req("databases", Kind::Map(Database::FIELDS)),
@@ -256,6 +266,55 @@ fn span_at(doc: &ImDocument<&str>, path: &[Seg]) -> Option<std::ops::Range<usize
     span
 }
 
+/// Sets `[playbook] way-back` to `way` when given, and replaces the
+/// roles `survivor` and `retired` wherever a section names a database
+/// (`database`, `databases`, `*-database`) by the database they stand for
+/// on that way back. The way back the file declares.
+fn settle_way_back(raw: &mut toml::Table, way: Option<WayBack>) -> Option<WayBack> {
+    let meta = raw.get_mut("playbook").and_then(toml::Value::as_table_mut);
+    let declared = meta
+        .as_ref()
+        .and_then(|m| m.get("way-back"))
+        .and_then(|v| v.as_str())
+        .and_then(|s| match s {
+            "cutover" => Some(WayBack::Cutover),
+            "selective-repair" => Some(WayBack::SelectiveRepair),
+            _ => None,
+        });
+    if let (Some(m), Some(w)) = (meta, way) {
+        m.insert("way-back".into(), toml::Value::String(w.to_string()));
+    }
+    let Some(w) = way.or(declared) else {
+        return declared;
+    };
+    let (survivor, retired) = crate::reentry::plan::survivor(w);
+    fn walk(v: &mut toml::Value, key: &str, roles: (&str, &str)) {
+        let names_database = key == "database" || key == "databases" || key.ends_with("-database");
+        match v {
+            toml::Value::String(s) if names_database => {
+                if s == "survivor" {
+                    *s = roles.0.into();
+                } else if s == "retired" {
+                    *s = roles.1.into();
+                }
+            }
+            toml::Value::Array(a) => a.iter_mut().for_each(|x| walk(x, key, roles)),
+            toml::Value::Table(t) => {
+                for (k, x) in t.iter_mut() {
+                    walk(x, k, roles);
+                }
+            }
+            _ => {}
+        }
+    }
+    for (k, v) in raw.iter_mut() {
+        if k != "databases" {
+            walk(v, k, (survivor, retired));
+        }
+    }
+    declared
+}
+
 impl Playbook {
     /// A diagnostic at `path` in this playbook's file.
     pub fn at(&self, path: &[Seg], message: String) -> Diagnostic {
@@ -268,7 +327,14 @@ impl Playbook {
     /// Reads, checks and returns a playbook, or every error in it. Every
     /// `${VAR}` it uses must be set: whoever loads it this way connects.
     pub fn load(path: &Path) -> Result<Playbook, Diagnostics> {
-        let (p, unset) = Playbook::load_offline(path)?;
+        Playbook::load_as(path, None)
+    }
+
+    /// `load`, taking the way back `way` instead of the file's own
+    /// (`--way-back`): the sections that name one, and the database
+    /// roles, follow it.
+    pub fn load_as(path: &Path, way: Option<WayBack>) -> Result<Playbook, Diagnostics> {
+        let (p, unset) = Playbook::load_offline_as(path, way)?;
         if unset.items.is_empty() {
             Ok(p)
         } else {
@@ -280,6 +346,13 @@ impl Playbook {
     /// application team's CI): the playbook, and a note for each `${VAR}`
     /// not set, which only connecting needs.
     pub fn load_offline(path: &Path) -> Result<(Playbook, Diagnostics), Diagnostics> {
+        Playbook::load_offline_as(path, None)
+    }
+
+    pub fn load_offline_as(
+        path: &Path,
+        way: Option<WayBack>,
+    ) -> Result<(Playbook, Diagnostics), Diagnostics> {
         let text = std::fs::read_to_string(path).map_err(|e| {
             Diagnostics::new(
                 path,
@@ -287,7 +360,7 @@ impl Playbook {
                 vec![Diagnostic::at(None, format!("cannot read it: {e}"))],
             )
         })?;
-        Playbook::parse_offline(path, &text)
+        Playbook::parse_offline_as(path, &text, way)
     }
 
     /// `parse_offline`, with an unset `${VAR}` an error.
@@ -301,6 +374,14 @@ impl Playbook {
     }
 
     pub fn parse_offline(path: &Path, text: &str) -> Result<(Playbook, Diagnostics), Diagnostics> {
+        Playbook::parse_offline_as(path, text, None)
+    }
+
+    pub fn parse_offline_as(
+        path: &Path,
+        text: &str,
+        way: Option<WayBack>,
+    ) -> Result<(Playbook, Diagnostics), Diagnostics> {
         let fail = |items: Vec<Diagnostic>| Diagnostics::new(path, text, items);
         let doc = ImDocument::parse(text).map_err(|e| {
             fail(vec![Diagnostic::at(
@@ -315,12 +396,23 @@ impl Playbook {
         if !errors.is_empty() {
             return Err(fail(errors));
         }
-        let mut playbook: Playbook = toml::from_str(text)
+        // Parsed from the text first, for located errors; then again from
+        // the table with the way back and the roles settled.
+        toml::from_str::<Playbook>(text)
             .map_err(|e| fail(vec![Diagnostic::at(e.span(), e.message().to_owned())]))?;
+        let mut raw: toml::Table = toml::from_str(text)
+            .map_err(|e| fail(vec![Diagnostic::at(e.span(), e.message().to_owned())]))?;
+        let declared = settle_way_back(&mut raw, way);
+        let mut playbook: Playbook =
+            toml::Value::Table(raw.clone())
+                .try_into()
+                .map_err(|e: toml::de::Error| {
+                    fail(vec![Diagnostic::at(None, e.message().to_owned())])
+                })?;
         playbook.file = path.to_owned();
         playbook.text = text.to_owned();
-        playbook.raw = toml::from_str(text)
-            .map_err(|e| fail(vec![Diagnostic::at(e.span(), e.message().to_owned())]))?;
+        playbook.raw = raw;
+        playbook.declared_way_back = declared;
         let errors = playbook.meaning(&doc);
         if errors.is_empty() {
             Ok((playbook, fail(unset)))
@@ -374,6 +466,11 @@ impl Playbook {
         for required in ["current", "restored"] {
             if !self.databases.contains_key(required) {
                 err(&[Seg::Key("databases")], format!("[databases] needs `{required}`: re-entry compares the current database with the restored one"));
+            }
+        }
+        for role in ROLES {
+            if self.databases.contains_key(*role) {
+                err(&[Seg::Key("databases"), Seg::Key(role)], format!("`{role}` names a database by its part in the way back (survivor: current after a selective repair, restored after a cutover); declare yours under another name"));
             }
         }
         let known = self
@@ -492,6 +589,74 @@ reopen-order = ["api"]
 name = "api"
 databases = ["current", "restored"]
 "#;
+
+    #[test]
+    fn survivor_names_the_database_that_stays_on_either_way_back() {
+        let text = format!(
+            "{BASE}\n[[validation.invariant]]\nname = \"i\"\ndatabase = \"survivor\"\nsql = \"SELECT 1\"\n\
+             \n[[repair]]\nway-back = \"selective-repair\"\ntable = \"t\"\nids = \"SELECT 1\"\n"
+        );
+        let path = Path::new("t.toml");
+        let on = |way: Option<WayBack>| {
+            let (p, _) = Playbook::parse_offline_as(path, &text, way).unwrap();
+            (
+                p.playbook.way_back,
+                p.validation.invariant[0].database.clone(),
+            )
+        };
+        // The file says cutover: the restored copy stays.
+        assert_eq!(on(None), (WayBack::Cutover, "restored".to_owned()));
+        assert_eq!(
+            on(Some(WayBack::SelectiveRepair)),
+            (WayBack::SelectiveRepair, "current".to_owned())
+        );
+        let (p, _) =
+            Playbook::parse_offline_as(path, &text, Some(WayBack::SelectiveRepair)).unwrap();
+        assert_eq!(p.declared_way_back, Some(WayBack::Cutover));
+        // The raw table the kinds read agrees with the typed one.
+        assert_eq!(
+            p.raw["validation"]["invariant"][0]["database"].as_str(),
+            Some("current")
+        );
+    }
+
+    #[test]
+    fn a_database_may_not_be_declared_under_a_role_name() {
+        rejects(
+            &format!("{BASE}\n[databases.survivor]\nconninfo = \"host=c\"\n"),
+            21,
+            "`survivor` names a database by its part in the way back",
+        );
+    }
+
+    #[test]
+    fn a_repair_may_name_its_way_back_and_only_counts_on_it() {
+        let cutover =
+            "\n[[repair]]\nway-back = \"cutover\"\ntable = \"cases\"\nupdated-at = \"u\"\n";
+        let repair = "\n[[repair]]\nway-back = \"selective-repair\"\ntable = \"cases\"\nids = \"SELECT 1\"\n";
+        let text = format!("{BASE}{cutover}{repair}");
+        let path = Path::new("t.toml");
+        for (way, scoped) in [
+            (WayBack::Cutover, Some("u")),
+            (WayBack::SelectiveRepair, None),
+        ] {
+            let (p, _) = Playbook::parse_offline_as(path, &text, Some(way)).unwrap();
+            let rs = crate::reentry::steps::rows::repairs(&p);
+            assert_eq!(rs.len(), 1, "{way}");
+            assert_eq!(rs[0].updated_at.as_deref(), scoped, "{way}");
+        }
+        // Twice on the same way back is an error, located at the second.
+        rejects(
+            &format!("{BASE}{cutover}{cutover}"),
+            28,
+            "repaired twice on this way back",
+        );
+        rejects(
+            &format!("{BASE}{}", cutover.replace("\"cutover\"", "\"sideways\"")),
+            22,
+            "expected one of \"cutover\", \"selective-repair\"",
+        );
+    }
 
     /// Each error as (line, message).
     fn errors(text: &str) -> Vec<(usize, String)> {

@@ -15,7 +15,7 @@ use serde::Serialize;
 use crate::fsutil;
 use crate::reentry::journal::{self, Entry, Event, Journal, Record, State};
 use crate::reentry::plan::{self, Plan, PlanError, PlannedStep, PLAN_FILE};
-use crate::reentry::playbook::Playbook;
+use crate::reentry::playbook::{Playbook, WayBack};
 use crate::reentry::steps::{pause_point, Effect, Env, Nature, Phase, Recorder, StepError};
 
 pub struct Options {
@@ -100,6 +100,8 @@ pub enum RunError {
     NotDryRun { dir: String },
     #[error("the playbook changed since this run started (sha256 {then:.12} → {now:.12}): a resumed run walks the plan it started with, so put the playbook back as it was, or start a new run")]
     PlaybookChanged { then: String, now: String },
+    #[error("this run is a {then}, and it was resumed as a {now}: resume it without --way-back, or with --way-back {then}")]
+    WayBackChanged { then: WayBack, now: WayBack },
     #[error(transparent)]
     Plan(#[from] PlanError),
     #[error("{what} {}", path.display())]
@@ -119,7 +121,9 @@ impl RunError {
             | RunError::NothingToResume { .. }
             | RunError::DryRun { .. }
             | RunError::NotDryRun { .. } => Exit::Usage,
-            RunError::Locked { .. } | RunError::PlaybookChanged { .. } => Exit::Refused,
+            RunError::Locked { .. }
+            | RunError::PlaybookChanged { .. }
+            | RunError::WayBackChanged { .. } => Exit::Refused,
             RunError::Plan(e) => e.exit(),
             RunError::Io { .. } => Exit::Failure,
         }
@@ -208,6 +212,14 @@ fn start(p: &Playbook, opts: &Options) -> Result<Opened, RunError> {
     })
 }
 
+/// The way back the run in `dir` started with, from its plan: a resumed
+/// run takes it unless told otherwise. None when there is no plan to read.
+pub fn started_way_back(dir: &Path) -> Option<WayBack> {
+    let text = fs::read_to_string(dir.join(PLAN_FILE)).ok()?;
+    let plan: Plan = serde_json::from_str(&text).ok()?;
+    Some(plan.playbook.way_back)
+}
+
 fn resume(p: &Playbook, opts: &Options) -> Result<Opened, RunError> {
     let dir = &opts.run_dir;
     let shown = dir.display().to_string();
@@ -231,6 +243,12 @@ fn resume(p: &Playbook, opts: &Options) -> Result<Opened, RunError> {
         return Err(RunError::PlaybookChanged {
             then: plan.playbook.sha256.clone(),
             now,
+        });
+    }
+    if p.playbook.way_back != plan.playbook.way_back {
+        return Err(RunError::WayBackChanged {
+            then: plan.playbook.way_back,
+            now: p.playbook.way_back,
         });
     }
     let (mut journal, records) =

@@ -52,11 +52,19 @@ fn check(path: &Path, extra: &[&str]) -> Output {
 }
 
 fn line_of(path: &Path, needle: &str) -> usize {
-    std::fs::read_to_string(path)
+    line_after(path, "", needle)
+}
+
+/// The line of `needle`'s first occurrence after the line holding `after`.
+fn line_after(path: &Path, after: &str, needle: &str) -> usize {
+    let text = std::fs::read_to_string(path).unwrap();
+    let start = text.lines().position(|l| l.contains(after)).unwrap();
+    text.lines()
+        .enumerate()
+        .skip(start)
+        .find(|(_, l)| l.contains(needle))
         .unwrap()
-        .lines()
-        .position(|l| l.contains(needle))
-        .unwrap()
+        .0
         + 1
 }
 
@@ -126,7 +134,10 @@ fn playbook_check_finds_every_table_and_reports_what_is_missing_where_it_was_nam
         .iter()
         .find(|e| e["message"].as_str().unwrap().contains("published_at"))
         .expect("the outbox column");
-    assert_eq!(outbox["line"], line_of(&path, "table = \"outbox_event\""));
+    assert_eq!(
+        outbox["line"],
+        line_after(&path, "[[outbox]]", "table = \"outbox_event\"")
+    );
     assert!(outbox["message"]
         .as_str()
         .unwrap()
@@ -171,6 +182,10 @@ fn the_example_playbooks_lint_offline_without_their_secrets() {
     let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/playbooks");
     for entry in std::fs::read_dir(dir).unwrap() {
         let path = entry.unwrap().path();
+        // Beside the playbooks: the templates and exports they name.
+        if path.extension().is_none_or(|e| e != "toml") {
+            continue;
+        }
         let lint = |extra: &[&str]| {
             Command::new(reentry_bin())
                 .args(["playbook", "check"])

@@ -4,7 +4,9 @@
 //! - A consumer group named in the playbook is rewound to T (the earliest
 //!   offset at or after T, per partition), only while it has no live
 //!   member, with its old offsets journaled so the rewind can be undone.
-//!   A partition is never moved forward.
+//!   A partition is never moved forward. An idempotent group goes back
+//!   `STRADDLE_MS` more: a message sent just before T may have had its
+//!   effect committed after T, which the restored database lacks.
 //! - An inbox table (processed message ids) is compared with the topic: the
 //!   ids after T that the restored inbox lacks are what will be consumed
 //!   again, and their consumer must be declared idempotent.
@@ -73,8 +75,15 @@ pub type Moves = BTreeMap<String, BTreeMap<i32, (Option<i64>, i64)>>;
 impl Rewind {
     pub fn moves(&self, k: &Kafka) -> Result<Moves, StepError> {
         let mut out = Moves::new();
+        // An idempotent consumer goes back a little further: a message
+        // sent just before T may have had its effect committed after it.
+        let at = if self.idempotent {
+            self.t_ms - super::STRADDLE_MS
+        } else {
+            self.t_ms
+        };
         for topic in &self.topics {
-            let target = k.offsets_for_time(topic, self.t_ms)?;
+            let target = k.offsets_for_time(topic, at)?;
             let parts: Vec<i32> = target.keys().copied().collect();
             let committed = k.committed(&self.group, topic, &parts)?;
             let mut m = BTreeMap::new();
@@ -214,14 +223,15 @@ pub struct Inbox {
 }
 
 impl Inbox {
-    /// The ids after T the restored inbox lacks: how many, and some.
+    /// The ids after T (less `STRADDLE_MS`) the restored inbox lacks: how
+    /// many, and some.
     fn missing(&self, env: &mut Env) -> Result<(u64, u64, Vec<String>), StepError> {
         let k = env.kafka()?;
         let (sorted, stats) = scan::scan(
             &k,
             &ScanOptions {
                 topic: &self.topic,
-                from_ms: self.t_ms,
+                from_ms: self.t_ms - super::STRADDLE_MS,
                 t_ms: self.t_ms,
                 id: &self.id_from,
                 progress: crate::progress::Reporter::silent(),
@@ -348,7 +358,14 @@ fn plan(p: &Playbook, ctx: &PlanCtx) -> Vec<PlannedStep> {
         out.push(step(
             format!("rewind:{}", g.name),
             Phase::Reconcile,
-            format!("rewind consumer group `{}` to T", g.name),
+            if g.idempotent == Some(true) {
+                format!(
+                    "rewind consumer group `{}` to T less 1 min (idempotent)",
+                    g.name
+                )
+            } else {
+                format!("rewind consumer group `{}` to T", g.name)
+            },
             super::Action::RewindGroup(Rewind {
                 group: g.name.clone(),
                 topics: g.topics.clone(),

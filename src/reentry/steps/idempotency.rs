@@ -106,7 +106,7 @@ fn parse_time(s: &str) -> Option<i64> {
     .map(crate::time::millis)
 }
 
-/// The export's keys at or after T, or every malformed row as
+/// The export's keys at or after T (less `STRADDLE_MS`), or every malformed row as
 /// `FILE:LINE: message`.
 pub fn read_csv(
     path: &Path,
@@ -188,7 +188,7 @@ pub fn parse_csv(
             }
             None => None,
         };
-        if ts.is_none_or(|t| t >= t_ms) {
+        if ts.is_none_or(|t| t >= t_ms - super::STRADDLE_MS) {
             out.push((key.to_owned(), ts));
         }
     }
@@ -276,7 +276,7 @@ impl Keys {
             env.db("current")?.stream_rows(
                 "read current's keys",
                 &sql,
-                &[&self.t_ms],
+                &[&(self.t_ms - super::STRADDLE_MS)],
                 10_000,
                 |batch| -> Result<(), StepError> {
                     rows.extend(
@@ -296,7 +296,7 @@ impl Keys {
                 &env.kafka()?,
                 &ScanOptions {
                     topic,
-                    from_ms: self.t_ms,
+                    from_ms: self.t_ms - super::STRADDLE_MS,
                     t_ms: self.t_ms,
                     id: &IdFrom::Key,
                     progress: crate::progress::Reporter::silent(),
@@ -549,7 +549,9 @@ fn plan(p: &Playbook, ctx: &PlanCtx) -> Vec<PlannedStep> {
     for (n, k) in p.idempotency.iter().enumerate() {
         out.push(step(
             format!("idempotency:{}", k.name),
-            Phase::Reconcile,
+            // Keys are rows of the database that stays: they come back
+            // with the repair, before the invariants are checked.
+            Phase::Repair,
             format!("idempotency keys `{}` on {}", k.name, k.database),
             super::Action::IdempotencyKeys(Keys {
                 idempotency: k.name.clone(),

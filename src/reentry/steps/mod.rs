@@ -37,7 +37,8 @@ use crate::reentry::playbook::Playbook;
 pub enum Phase {
     CloseGates,
     Settle,
-    /// Rows: stage and apply a repair, or carry later writes forward.
+    /// Rows: stage and apply a repair, or carry later writes forward;
+    /// idempotency keys used after T come back as tombstones.
     Repair,
     Validate,
     Reconcile,
@@ -575,6 +576,14 @@ pub fn no_notes(_: &Playbook, _: &PlanCtx) -> Vec<String> {
 
 /// A playbook duration in milliseconds (`default` when absent; checked
 /// when the playbook was parsed).
+/// A row's timestamp is taken inside its transaction, before it commits,
+/// and a message's before it is consumed: what is stamped just before T
+/// may have committed after it, and then the restored copy lacks it too.
+/// Where looking further back is harmless (a key the restored table has is
+/// skipped; an idempotent consumer takes what it has seen as a no-op),
+/// re-entry looks this far before T.
+pub const STRADDLE_MS: i64 = 60_000;
+
 pub fn duration_ms(d: Option<&str>, default: &str) -> i64 {
     humantime::parse_duration(d.unwrap_or(default))
         .map(|d| d.as_millis() as i64)

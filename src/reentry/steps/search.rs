@@ -764,12 +764,12 @@ impl Step for SearchStep {
                 d.before = count_ids(&s, index, &ids)?;
                 d.acted = d.before;
                 let verb = if sql.is_some() {
-                    "index again"
+                    "index them again"
                 } else {
-                    "delete"
+                    "delete them"
                 };
                 format!(
-                    "{} of {n} changed entit{}' document(s) are in {index}: would {verb} them",
+                    "{} of {n} changed entit{}' document(s) are in {index}: would {verb}",
                     d.before,
                     if n == 1 { "y" } else { "ies" }
                 )

@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 use super::{PlanCtx, StepKind};
 use crate::reentry::check::{Need, Prepared};
 use crate::reentry::plan::{step, PlannedStep};
-use crate::reentry::playbook::{section, Meaning, Playbook, Seg, WayBack};
+use crate::reentry::playbook::{section, Meaning, Playbook, Seg, WayBack, WAY_BACK};
 use crate::reentry::schema::{opt, req, Field, Kind};
 use crate::reentry::steps::Phase;
 
@@ -47,6 +47,7 @@ section! {
         pub allow_delete: Option<bool> => opt("allow-delete", Kind::Bool),
         pub triggers: Option<String> => opt("triggers", Kind::OneOf(TRIGGERS)),
         pub batch_size: Option<i64> => opt("batch-size", Kind::Int),
+        pub way_back: Option<WayBack> => opt("way-back", Kind::OneOf(WAY_BACK)),
     }
 }
 
@@ -59,9 +60,21 @@ section! {
     }
 }
 
-/// The playbook's `[[repair]]` tables.
+/// The playbook's `[[repair]]` tables for its way back: those that name
+/// none, and those that name this one.
 pub fn repairs(p: &Playbook) -> Vec<Repair> {
-    p.part::<Keys>(None).repair
+    indexed(p).into_iter().map(|(_, r)| r).collect()
+}
+
+/// `repairs`, each with its place among all the file's `[[repair]]`
+/// tables, to locate what is wrong with it.
+fn indexed(p: &Playbook) -> Vec<(usize, Repair)> {
+    p.part::<Keys>(None)
+        .repair
+        .into_iter()
+        .enumerate()
+        .filter(|(_, r)| r.way_back.is_none_or(|w| w == p.playbook.way_back))
+        .collect()
 }
 
 /// Which way rows flow: (source, target).
@@ -131,7 +144,7 @@ fn needs_time(p: &Playbook) -> bool {
 }
 
 fn meaning(m: &mut Meaning) {
-    let rs = repairs(m.p);
+    let rs = indexed(m.p);
     let way = m.p.playbook.way_back;
     if way == WayBack::SelectiveRepair && rs.is_empty() {
         m.error(
@@ -140,12 +153,12 @@ fn meaning(m: &mut Meaning) {
         );
     }
     let mut seen = std::collections::BTreeSet::new();
-    for (i, r) in rs.iter().enumerate() {
+    for (i, r) in rs.iter().map(|(i, r)| (*i, r)) {
         if !seen.insert(r.table.clone()) {
             m.error(
                 &at(i, "table"),
                 format!(
-                    "`{}` is repaired twice: merge its [[repair]] entries",
+                    "`{}` is repaired twice on this way back: merge its [[repair]] entries, or give each its `way-back`",
                     r.table
                 ),
             );
@@ -194,7 +207,7 @@ fn meaning(m: &mut Meaning) {
 /// Each table, on both databases, with its key and `updated-at`.
 fn needs(p: &Playbook) -> Vec<Need<'_>> {
     let mut out = Vec::new();
-    for (i, r) in repairs(p).iter().enumerate() {
+    for (i, r) in indexed(p) {
         for d in ["current", "restored"] {
             out.push(Need {
                 database: d,
@@ -219,7 +232,7 @@ fn needs(p: &Playbook) -> Vec<Need<'_>> {
 fn queries(p: &Playbook) -> Vec<Prepared<'_>> {
     let (source, target) = direction(p.playbook.way_back);
     let mut out = Vec::new();
-    for (i, r) in repairs(p).into_iter().enumerate() {
+    for (i, r) in indexed(p) {
         let table = crate::reentry::check::quote_qualified(&r.table);
         if let Some(w) = &r.filter {
             out.push(Prepared {

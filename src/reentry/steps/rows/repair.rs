@@ -142,13 +142,22 @@ pub fn resolve(
         .filter(|c| find(&t.columns, &c.name).is_none())
         .map(|c| c.name.clone())
         .collect();
+    // A cutover carries forward the rows changed after T (less
+    // `STRADDLE_MS`: a row stamped just before T may have committed after
+    // it; one both sides hold alike is no change), among those `where`
+    // selects.
     let mut filter = r.filter.clone();
-    if carry_forward && filter.is_none() && r.ids.is_none() {
+    if carry_forward && r.ids.is_none() {
         if let (Some(u), Some(t)) = (&r.updated_at, t_ms) {
-            filter = Some(format!(
-                "t.{} > to_timestamp({t}::float8 / 1000)",
-                quote_ident(u)
-            ));
+            let since = format!(
+                "t.{} > to_timestamp({}::float8 / 1000)",
+                quote_ident(u),
+                t - crate::reentry::steps::STRADDLE_MS
+            );
+            filter = Some(match filter {
+                Some(w) => format!("{since} AND ({w})"),
+                None => since,
+            });
         }
     }
     Ok(Spec {
