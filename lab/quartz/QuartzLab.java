@@ -146,6 +146,21 @@ public final class QuartzLab {
         p.setProperty("org.quartz.dataSource.db.password", opt.getOrDefault("password", ""));
         p.setProperty("org.quartz.dataSource.db.maxConnections", "14");
 
+        // Quartz inserts its lock rows on first use; two of its threads doing
+        // so at once on PostgreSQL abort one's transaction ("Failure obtaining
+        // db row lock: current transaction is aborted"). Deployments create
+        // them beforehand; so does the lab.
+        try (java.sql.Connection c = java.sql.DriverManager.getConnection(opt.get("url"),
+                    opt.getOrDefault("user", "postgres"), opt.getOrDefault("password", ""));
+             java.sql.PreparedStatement st = c.prepareStatement("INSERT INTO "
+                    + opt.getOrDefault("prefix", "QRTZ_")
+                    + "LOCKS (SCHED_NAME, LOCK_NAME) VALUES (?, ?) ON CONFLICT DO NOTHING")) {
+            for (String lock : new String[] {"TRIGGER_ACCESS", "STATE_ACCESS"}) {
+                st.setString(1, opt.get("scheduler"));
+                st.setString(2, lock);
+                st.executeUpdate();
+            }
+        }
         Scheduler s = new StdSchedulerFactory(p).getScheduler();
         s.start();
         PrintStream out = new PrintStream(System.out, true, StandardCharsets.UTF_8);
