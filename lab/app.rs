@@ -95,11 +95,19 @@ fn write_case(
     params: &[&(dyn postgres::types::ToSql + Sync)],
     event: &str,
 ) -> Result<Option<String>, postgres::Error> {
-    let Some(row) = tx.query_opt(&format!("{sql} RETURNING id, {CASE_JSON}"), params)? else {
+    let Some(row) = tx.query_opt(
+        &format!("{sql} RETURNING id, {CASE_JSON}, updated_by"),
+        params,
+    )?
+    else {
         return Ok(None);
     };
-    let (id, json): (i64, String) = (row.get(0), row.get(1));
-    outbox(tx, id, &format!(r#"{{"type":"{event}","case":{json}}}"#))?;
+    let (id, json, by): (i64, String, String) = (row.get(0), row.get(1), row.get(2));
+    outbox(
+        tx,
+        id,
+        &format!(r#"{{"type":"{event}","by":"{by}","case":{json}}}"#),
+    )?;
     Ok(Some(json))
 }
 
@@ -121,7 +129,7 @@ pub fn outbox(
 fn provider_execute(lab: &Lab, key: &str, case: i64, amount: i64) {
     append(
         &lab.path("provider.csv"),
-        &format!("{key},{case},{amount},{}", now_ms()),
+        &format!("{key},{case},{amount},{}", jiff::Timestamp::now()),
     );
 }
 
@@ -291,7 +299,8 @@ pub fn index_cases(
 
 /// Runs every part of the application until `stop` exists.
 pub fn run(lab: &Lab, clients: usize) -> Result<(), String> {
-    let quartz = start_quartz(lab)?;
+    let mut on = lab.conninfo()?;
+    let mut quartz = start_quartz(lab)?;
     let mut threads = Vec::new();
     for c in 0..clients {
         let l = lab.clone();
@@ -301,6 +310,23 @@ pub fn run(lab: &Lab, clients: usize) -> Result<(), String> {
     for f in parts {
         let l = lab.clone();
         threads.push(thread::spawn(move || f(&l)));
+    }
+    // Quartz's job store is the database: on a switch, the scheduler
+    // stops and starts again on the new one, as a redeploy does.
+    while !lab.stopping() {
+        pause(200);
+        match lab.conninfo() {
+            Ok(now) if now != on => {
+                stop_quartz(quartz);
+                quartz = start_quartz(lab)?;
+                append(
+                    &lab.path("app.log"),
+                    &format!("{} quartz: started on {now}", now_ms()),
+                );
+                on = now;
+            }
+            _ => {}
+        }
     }
     for t in threads {
         t.join()
@@ -331,6 +357,10 @@ fn keep_running<C>(
     mut round: impl FnMut(&mut C) -> Result<(), String>,
 ) {
     while !lab.stopping() {
+        // The database it connects to: when `db` names another (a
+        // cutover), it connects again, as a service that follows service
+        // discovery does.
+        let on = lab.conninfo().ok();
         let mut c = match connect(lab) {
             Ok(c) => c,
             Err(e) => {
@@ -339,6 +369,17 @@ fn keep_running<C>(
             }
         };
         while !lab.stopping() {
+            if lab.conninfo().ok() != on {
+                append(
+                    &lab.path("app.log"),
+                    &format!(
+                        "{} {part}: follows db to {}",
+                        now_ms(),
+                        lab.conninfo().unwrap_or_default()
+                    ),
+                );
+                break;
+            }
             if holds && lab.quiet() {
                 pause(100);
                 continue;
@@ -390,8 +431,8 @@ fn client(lab: &Lab, n: usize) {
                 }
             }
         };
-        // Retried while refused: the gate is closed during re-entry.
-        loop {
+        // A refused request is retried (the gate is closed during re-entry).
+        {
             let o = match api(lab, db, &req) {
                 Ok(o) => o,
                 Err(e) => {
@@ -412,9 +453,12 @@ fn client(lab: &Lab, n: usize) {
                 &format!("{} {n} {} {}{written}", now_ms(), o.word(), req.name()),
             );
             match (&o, &req) {
+                // Tried again in the next round: by then the service may
+                // have been pointed at another database.
                 (Outcome::Refused, _) if !lab.stopping() => {
                     pause(250);
-                    continue;
+                    again.push_front((Instant::now(), req));
+                    return Ok(());
                 }
                 (Outcome::Done(_), Req::Pay(..)) => {
                     again.push_back((Instant::now() + Duration::from_secs(3), req.clone()));
@@ -426,7 +470,6 @@ fn client(lab: &Lab, n: usize) {
                 }
                 _ => {}
             }
-            break;
         }
         pause(15);
         Ok(())
@@ -617,17 +660,13 @@ fn project(
     for m in batch {
         let id = m
             .headers()
-            .and_then(|h| h.iter().find(|h| h.key == "event_id").and_then(|h| h.value))
-            .map(|v| String::from_utf8_lossy(v).into_owned())
+            .and_then(|h| event_id(h.iter().filter_map(|h| Some((h.key, h.value?)))))
             .ok_or("an event without event_id")?;
         let payload: serde_json::Value = m
             .payload()
             .and_then(|p| serde_json::from_slice(p).ok())
             .ok_or("an event whose payload is not JSON")?;
-        let case = payload["case"]["id"]
-            .as_i64()
-            .or_else(|| payload["payment"]["case"].as_i64())
-            .unwrap_or(0);
+        let case = event_case(&payload);
         let new = tx
             .execute(
                 "INSERT INTO inbox_message (message_id) VALUES ($1) ON CONFLICT DO NOTHING",

@@ -29,6 +29,36 @@ pub const CASE_JSON: &str = "json_build_object('id', id, 'title', title, 'status
      'owner_id', owner_id, 'priority', priority, \
      'version', (extract(epoch FROM updated_at) * 1000000)::int8)::text";
 
+/// The case an event is about: a case event's case, a payment's case, or
+/// the case a compensation (from reentry's template) names.
+pub fn event_case(payload: &serde_json::Value) -> i64 {
+    payload["case"]["id"]
+        .as_i64()
+        .or_else(|| payload["payment"]["case"].as_i64())
+        .or_else(|| payload["case_id"].as_str().and_then(|s| s.parse().ok()))
+        .unwrap_or(0)
+}
+
+/// An event's id for the inbox: its `event_id` header (the outbox row's
+/// id), or, for a compensation reentry sent, `compensates:` and the id of
+/// the event it compensates (header `reentry-compensates`).
+pub fn event_id<'a>(headers: impl IntoIterator<Item = (&'a str, &'a [u8])>) -> Option<String> {
+    let mut comp = None;
+    for (k, v) in headers {
+        match k {
+            "event_id" => return Some(String::from_utf8_lossy(v).into_owned()),
+            "reentry-compensates" => {
+                comp = Some(format!("compensates:{}", String::from_utf8_lossy(v)))
+            }
+            _ => {}
+        }
+    }
+    comp
+}
+
+/// The provider's export, as its CSV has it.
+pub const PROVIDER_CSV_HEADER: &str = "idempotency_key,case_id,amount,executed_at";
+
 /// The servers, from the environment the demo sets.
 #[derive(Clone)]
 pub struct Lab {

@@ -85,6 +85,11 @@ fn init(lab: &Lab) -> Result<bool, String> {
         &[&SHEDLOCK_JOB],
     )
     .map_err(e)?;
+    // The provider's export starts with its header.
+    let csv = lab.path("provider.csv");
+    if !csv.exists() {
+        std::fs::write(&csv, format!("{PROVIDER_CSV_HEADER}\n")).map_err(|e| e.to_string())?;
+    }
     let r = reqwest::blocking::Client::new()
         .put(format!("{}/{INDEX}", lab.search))
         .json(&serde_json::json!({ "mappings": { "properties": {
@@ -170,7 +175,7 @@ fn bad_job(lab: &Lab) -> Result<bool, String> {
         app::outbox(
             &mut tx,
             id,
-            &format!(r#"{{"type":"case-closed","case":{json}}}"#),
+            &format!(r#"{{"type":"case-closed","by":"{BAD_JOB}","case":{json}}}"#),
         )
         .map_err(e)?;
         ids.push(id.to_string());
