@@ -732,23 +732,31 @@ fn reader(lab: &Lab) {
 /// expired; unlock by moving `lock_until` to now).
 fn shedlock_job(lab: &Lab) {
     let me = format!("lab-{}", std::process::id());
-    keep_running(lab, "shedlock", true, Lab::db, |db| {
-        escalate_once(lab, db, &me).map_err(|e| e.to_string())?;
+    let connect = |lab: &Lab| Ok((lab.db()?, Cache::connect(&lab.redis)?));
+    keep_running(lab, "shedlock", true, connect, |(db, cache)| {
+        // Like the API, the job writes what it changed through to the cache.
+        for json in escalate_once(lab, db, &me).map_err(|e| e.to_string())? {
+            cache.put(&json).map_err(|e| e.to_string())?;
+        }
         pause(500);
         Ok(())
     });
 }
 
 /// One try: the lock, then up to five overdue cases escalated, the run
-/// logged, and the lock released.
-fn escalate_once(lab: &Lab, db: &mut postgres::Client, me: &str) -> Result<(), postgres::Error> {
+/// logged, and the lock released. The escalated cases' JSON.
+fn escalate_once(
+    lab: &Lab,
+    db: &mut postgres::Client,
+    me: &str,
+) -> Result<Vec<String>, postgres::Error> {
     let got = db.execute(
         "UPDATE shedlock SET lock_until = now() + interval '10 seconds', locked_at = now(), \
          locked_by = $1 WHERE name = $2 AND lock_until <= now()",
         &[&me, &SHEDLOCK_JOB],
     )?;
     if got == 0 {
-        return Ok(());
+        return Ok(Vec::new());
     }
     let start = now_ms();
     db.execute(
@@ -766,14 +774,15 @@ fn escalate_once(lab: &Lab, db: &mut postgres::Client, me: &str) -> Result<(), p
         .iter()
         .map(|r| r.get(0))
         .collect();
+    let mut written = Vec::new();
     for id in &overdue {
-        write_case(
+        written.extend(write_case(
             &mut tx,
             "UPDATE cases SET priority = priority + 1, updated_by = 'escalate-overdue-cases', \
              updated_at = clock_timestamp() WHERE id = $1",
             &[id],
             "case-escalated",
-        )?;
+        )?);
     }
     tx.commit()?;
     append(
@@ -784,7 +793,7 @@ fn escalate_once(lab: &Lab, db: &mut postgres::Client, me: &str) -> Result<(), p
         "UPDATE shedlock SET lock_until = now() WHERE name = $1 AND locked_by = $2",
         &[&SHEDLOCK_JOB, &me],
     )?;
-    Ok(())
+    Ok(written)
 }
 
 /// The Quartz lab (a real Quartz 2.3 with its JDBC job store) on the
