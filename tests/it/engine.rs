@@ -166,6 +166,12 @@ amcheck = true
 name = "every open case has an owner"
 database = "restored"
 sql = "SELECT id FROM cases WHERE status = 'open' AND owner_id IS NULL"
+
+# Only on the other way back (`--way-back selective-repair`).
+[[repair]]
+way-back = "selective-repair"
+table = "cases"
+ids = "SELECT id FROM cases WHERE title = 'broken'"
 "#,
             cur = conn("cur"),
             res = conn("res"),
@@ -1230,6 +1236,23 @@ fn apply_until_holds_the_gates_closed_and_resume_goes_on() {
     let report = reentry(&[&"report", &run]);
     assert!(stdout(&report).contains("**paused"), "{}", stdout(&report));
 
+    // The run is a cutover: resuming it as the other way back is refused,
+    // and changes nothing.
+    let held = f.gates("res");
+    let out = apply(
+        &pb,
+        &run,
+        &["--apply", "--resume", "--way-back", "selective-repair"],
+    );
+    assert_exit(&out, 3);
+    assert!(
+        stderr(&out).contains("this run is a cutover, and it was resumed as a selective-repair"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(f.gates("res"), held);
+
+    // Without the flag, a resumed run takes the way back it started with.
     let out = apply(&pb, &run, &["--apply", "--resume"]);
     assert_exit(&out, 0);
     assert_eq!(f.gates("res"), expected_after(&before));
