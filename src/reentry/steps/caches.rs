@@ -429,6 +429,29 @@ pub fn scan_unlink(
     let mut s = from;
     let mut tuner = Tuner::new(r, node, cap)?;
     let mut saved = Instant::now();
+    if !r.is_cluster() && !s.finished {
+        // A single server: each round trip unlinks what the last scan
+        // found and scans on. The journaled cursor is the one whose scan
+        // found the keys not unlinked yet: a resume finds them again.
+        let (mut next, mut pending) = r.scan(node, s.cursor, pattern, tuner.count)?;
+        tuner.after_scan(r, node)?;
+        while next != 0 {
+            let (n, after, found) = r.unlink_then_scan(&pending, next, pattern, tuner.count)?;
+            tuner.after_scan(r, node)?;
+            s.unlinked += n;
+            s.cursor = next;
+            (next, pending) = (after, found);
+            if saved.elapsed() >= JOURNAL_EVERY {
+                save(&s)?;
+                saved = Instant::now();
+            }
+        }
+        s.unlinked += r.unlink_on(node, &pending)?;
+        s.cursor = 0;
+        s.finished = true;
+        save(&s)?;
+        return Ok(s);
+    }
     while !s.finished {
         let (next, keys) = r.scan(node, s.cursor, pattern, tuner.count)?;
         s.unlinked += r.unlink_on(node, &keys)?;
@@ -486,7 +509,11 @@ impl Tuner {
                     self.started.elapsed() / self.calls
                 }
             },
-            None => self.started.elapsed() / self.calls,
+            // No line yet (a server that had never run SCAN): look again.
+            None => {
+                self.last = r.scan_stats(node)?;
+                self.started.elapsed() / self.calls
+            }
         };
         self.count = tune(self.count, per_call, self.cap);
         self.calls = 0;
