@@ -173,24 +173,18 @@ pub fn run(
         .start()
         .map_err(e)?;
     let rows = cases(&mut tx)?;
-    let payments: BTreeSet<String> = tx
-        .query("SELECT idem_key FROM payments", &[])
-        .map_err(e)?
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
-    let outbox: BTreeSet<String> = tx
-        .query("SELECT id::text FROM outbox_event", &[])
-        .map_err(e)?
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
-    let inbox: BTreeSet<String> = tx
-        .query("SELECT message_id FROM inbox_message", &[])
-        .map_err(e)?
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    // A column of text, as a set, in the snapshot.
+    let mut set = |sql: &str| -> Result<BTreeSet<String>, String> {
+        Ok(tx
+            .query(sql, &[])
+            .map_err(e)?
+            .iter()
+            .map(|r| r.get(0))
+            .collect())
+    };
+    let payments = set("SELECT idem_key FROM payments")?;
+    let outbox = set("SELECT id::text FROM outbox_event")?;
+    let inbox = set("SELECT message_id FROM inbox_message")?;
     let applied: BTreeMap<i64, i32> = tx
         .query("SELECT case_id, events_applied FROM case_projection", &[])
         .map_err(e)?

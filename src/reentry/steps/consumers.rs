@@ -146,8 +146,9 @@ impl Step for Rewind {
         let (parts, again, items) = self.describe(&moves);
         let members = k.members(&self.group)?;
         let mut summary = format!(
-            "rewind group `{}` to T: {parts} partition(s), {again} message(s) to consume again",
-            self.group
+            "rewind group `{}` to T{}: {parts} partition(s), {again} message(s) to consume again",
+            self.group,
+            if self.idempotent { " less 1 min" } else { "" }
         );
         if !members.is_empty() {
             summary.push_str(&format!(
