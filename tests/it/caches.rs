@@ -574,3 +574,53 @@ fn a_slot_that_moved_or_is_migrating_under_a_connected_client_is_followed() {
     assert_eq!(r.unlink(&["asked-key".to_owned()]).unwrap(), 1);
     assert_eq!(keys(&addrs, ""), vec!["stays".to_owned()]);
 }
+
+/// The SCAN tuner reads the server's own time per call. A server that has
+/// never run SCAN has no `cmdstat_scan` line when a run starts: the tuner
+/// must find it once there is one, not fall back to round trips for good
+/// (they hold the unlinks and the network, and kept COUNT near 10). Counted
+/// in the server's own record.
+#[test]
+fn a_pattern_scan_on_a_fresh_server_tunes_count_from_the_servers_own_stats() {
+    let dir = tempfile::tempdir().unwrap();
+    let redis = OwnRedis::start(&dir.path().join("redis"), &[]);
+    let addr = redis.addr();
+    // MSET lines of 200 pairs: `cli` reads the answers only at the end.
+    let mut seed = String::new();
+    for chunk in (0..20_000).collect::<Vec<_>>().chunks(100) {
+        seed.push_str("MSET");
+        for i in chunk {
+            seed.push_str(&format!(" m:{i} v o:{i} v"));
+        }
+        seed.push('\n');
+    }
+    cli(&addr, false, &seed);
+    let stat = |name: &str| -> u64 {
+        cli(&addr, false, "INFO commandstats\n")
+            .lines()
+            .find_map(|l| l.trim().strip_prefix(&format!("cmdstat_{name}:calls=")))
+            .and_then(|v| v.split(',').next()?.parse().ok())
+            .unwrap_or(0)
+    };
+    assert_eq!(stat("scan"), 0, "the server has run no SCAN yet");
+    let url = format!("redis://{addr}");
+    let out = reentry(&[
+        &"--json",
+        &"cache",
+        &"invalidate",
+        &"--url",
+        &url,
+        &"--pattern",
+        &"m:*",
+    ]);
+    assert_exit(&out, 0);
+    let v: Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(v["keys"], 20_000, "{v}");
+    // The peer's own count: all m:* gone, every o:* left.
+    assert_eq!(cli(&addr, false, "DBSIZE\n").trim(), "20000");
+    assert!(cli(&addr, false, "EXISTS m:0 m:19999\n").trim() == "0");
+    // 40,000 keys at COUNT 100 or more is at most 400 calls (and a few
+    // while COUNT settles); at COUNT 10 it would be 4,000.
+    let scans = stat("scan");
+    assert!(scans < 1_000, "{scans} SCAN calls for 40,000 keys");
+}
