@@ -275,12 +275,7 @@ fn settle_way_back(raw: &mut toml::Table, way: Option<WayBack>) -> Option<WayBac
     let declared = meta
         .as_ref()
         .and_then(|m| m.get("way-back"))
-        .and_then(|v| v.as_str())
-        .and_then(|s| match s {
-            "cutover" => Some(WayBack::Cutover),
-            "selective-repair" => Some(WayBack::SelectiveRepair),
-            _ => None,
-        });
+        .and_then(|v| v.clone().try_into::<WayBack>().ok());
     if let (Some(m), Some(w)) = (meta, way) {
         m.insert("way-back".into(), toml::Value::String(w.to_string()));
     }

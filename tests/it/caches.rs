@@ -179,6 +179,22 @@ pub(crate) fn reentry(args: &[&dyn AsRef<std::ffi::OsStr>]) -> Output {
     cmd.output().unwrap()
 }
 
+/// `reentry --json cache invalidate --url URL --pattern P`, which must
+/// succeed: its JSON.
+fn invalidate_pattern(url: &str, pattern: &str) -> Value {
+    let out = reentry(&[
+        &"--json",
+        &"cache",
+        &"invalidate",
+        &"--url",
+        &url,
+        &"--pattern",
+        &pattern,
+    ]);
+    assert_exit(&out, 0);
+    serde_json::from_str(&stdout(&out)).unwrap()
+}
+
 pub(crate) fn apply_cmd(pb: &Path, run: &Path, extra: &[&str]) -> Command {
     let mut cmd = Command::new(reentry_bin());
     cmd.arg("apply")
@@ -453,17 +469,7 @@ fn rediss_urls_speak_tls_to_a_tls_only_redis() {
     tls_cli("SET q:1 v\nSET q:2 v\nSET keep v\n");
     // A self-signed certificate: `#insecure` skips verification.
     let url = format!("rediss://127.0.0.1:{port}/#insecure");
-    let out = reentry(&[
-        &"--json",
-        &"cache",
-        &"invalidate",
-        &"--url",
-        &url,
-        &"--pattern",
-        &"q:*",
-    ]);
-    assert_exit(&out, 0);
-    let v: Value = serde_json::from_str(&stdout(&out)).unwrap();
+    let v = invalidate_pattern(&url, "q:*");
     assert_eq!(v["keys"], 2, "{v}");
     assert_eq!(tls_cli("DBSIZE\n").trim(), "1");
     // Plain text to a TLS-only port is refused, naming the server.
@@ -604,17 +610,7 @@ fn a_pattern_scan_on_a_fresh_server_tunes_count_from_the_servers_own_stats() {
     };
     assert_eq!(stat("scan"), 0, "the server has run no SCAN yet");
     let url = format!("redis://{addr}");
-    let out = reentry(&[
-        &"--json",
-        &"cache",
-        &"invalidate",
-        &"--url",
-        &url,
-        &"--pattern",
-        &"m:*",
-    ]);
-    assert_exit(&out, 0);
-    let v: Value = serde_json::from_str(&stdout(&out)).unwrap();
+    let v = invalidate_pattern(&url, "m:*");
     assert_eq!(v["keys"], 20_000, "{v}");
     // The peer's own count: all m:* gone, every o:* left.
     assert_eq!(cli(&addr, false, "DBSIZE\n").trim(), "20000");
