@@ -102,6 +102,18 @@ pub fn reentry_bin() -> &'static Path {
             std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755)).unwrap();
             std::fs::rename(&tmp, &copy).unwrap();
         }
+        // Copies of earlier builds (200 MB each) go once no run can still
+        // be using them: an hour is several whole test runs.
+        for entry in std::fs::read_dir(&dir).unwrap().flatten() {
+            let old = entry.metadata().ok().and_then(|m| m.modified().ok());
+            if entry.path() != copy
+                && old.is_some_and(|t| {
+                    t.elapsed().unwrap_or_default() > std::time::Duration::from_secs(3600)
+                })
+            {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
         copy
     })
 }
