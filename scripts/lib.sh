@@ -33,13 +33,17 @@ KAFKA_VENV=$REENTRY_CACHE/kafka-venv
 # The row benchmark's peer: reladiff (PyPI), with psycopg2 for PostgreSQL.
 RELADIFF_VENV=$REENTRY_CACHE/reladiff-venv
 RELADIFF=reladiff[postgresql]==0.6.0
+# An S3 API for the object-storage tests: moto in server mode. It honours
+# If-None-Match: * on PutObject and Object Lock.
+MOTO_VENV=$REENTRY_CACHE/moto-venv
+MOTO=moto[s3,server]==5.2.5
 CONFLUENT_KAFKA='confluent-kafka>=2.6,<3'
 export REENTRY_TANSU=${REENTRY_TANSU:-$TANSU}
 export REENTRY_KCAT=${REENTRY_KCAT:-$KCAT}
 # Java and the Quartz scheduler the gates are tested against: Debian ships
 # Quartz 2.3 and the JDBC driver; Maven Central cannot be reached. A
 # headless Chromium looks at the HTML report in the tests.
-DEBIAN_PACKAGES=(postgresql-15 redis-server redis-tools kcat pgbackrest time locales libssl-dev pkg-config openssl bc
+DEBIAN_PACKAGES=(postgresql-15 redis-server redis-tools kcat pgbackrest time locales libssl-dev pkg-config openssl bc curl
   openjdk-17-jdk-headless libquartz2-java libpostgresql-jdbc-java libhikaricp-java libslf4j-java chromium)
 export REENTRY_QUARTZ_CP=${REENTRY_QUARTZ_CP:-/usr/share/java/quartz2.jar:/usr/share/java/postgresql.jar:/usr/share/java/HikariCP.jar:/usr/share/java/slf4j-api.jar:/usr/share/java/slf4j-nop.jar}
 

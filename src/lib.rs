@@ -13,6 +13,7 @@ pub mod pg;
 pub mod progress;
 pub mod reentry;
 pub mod search;
+pub mod storage;
 pub mod time;
 
 use exit::Exit;

@@ -12,4 +12,5 @@ mod restore;
 mod rows;
 mod search;
 mod services;
+mod storage;
 mod wal_archive;

@@ -1,0 +1,117 @@
+//! The repository's storage layer against a real S3 API: moto in server
+//! mode, which `scripts/services` starts (`REENTRY_TEST_S3`).
+
+use std::sync::Barrier;
+
+use reentry::storage::{Put, S3Config, Store, S3};
+
+use crate::common::services::address;
+use crate::common::unique;
+
+fn endpoint() -> String {
+    address("REENTRY_TEST_S3", "moto, an S3 API")
+}
+
+/// A new bucket of this test's own, and a store on `prefix` in it.
+fn bucket(test: &str, prefix: &str) -> (String, S3) {
+    let name = unique(test).to_lowercase().replace(['_', '.'], "-");
+    let name: String = name.chars().take(60).collect();
+    let r = reqwest::blocking::Client::new()
+        .put(format!("{}/{name}", endpoint()))
+        .send()
+        .expect("create a bucket on moto");
+    assert!(
+        r.status().is_success(),
+        "create bucket {name}: {}",
+        r.status()
+    );
+    (name.clone(), store(&name, prefix))
+}
+
+fn store(bucket: &str, prefix: &str) -> S3 {
+    S3::new(
+        bucket,
+        prefix,
+        &S3Config {
+            endpoint: Some(endpoint()),
+            region: Some("us-east-1".into()),
+            access_key_id: Some("reentry-test".into()),
+            secret_access_key: Some("reentry-test-secret".into()),
+        },
+    )
+    .expect("an S3 store on moto")
+}
+
+#[test]
+fn s3_put_if_absent_is_create_only_and_a_second_put_learns_what_is_there() {
+    let (_, s) = bucket("create-only", "repo/one");
+    let key = "archive/0000000100000000/000000010000000000000001";
+    assert_eq!(s.put_if_absent(key, b"first").unwrap(), Put::Created);
+    assert_eq!(s.put_if_absent(key, b"second").unwrap(), Put::Exists);
+    assert_eq!(s.get(key).unwrap().unwrap(), b"first");
+    assert_eq!(s.get("archive/missing").unwrap(), None);
+    assert!(s.location().ends_with("/repo/one"), "{}", s.location());
+}
+
+#[test]
+fn s3_racing_creators_of_one_key_leave_exactly_one_object() {
+    let (name, _) = bucket("race", "p");
+    let barrier = Barrier::new(8);
+    let results: Vec<(u8, Put)> = std::thread::scope(|sc| {
+        let hs: Vec<_> = (0..8u8)
+            .map(|i| {
+                let (name, barrier) = (&name, &barrier);
+                sc.spawn(move || {
+                    let s = store(name, "p");
+                    barrier.wait();
+                    (i, s.put_if_absent("seg", &[i; 65536]).unwrap())
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let winners: Vec<u8> = results
+        .iter()
+        .filter(|(_, p)| *p == Put::Created)
+        .map(|(i, _)| *i)
+        .collect();
+    assert_eq!(winners.len(), 1, "{results:?}");
+    let stored = store(&name, "p").get("seg").unwrap().unwrap();
+    assert_eq!(stored, vec![winners[0]; 65536]);
+}
+
+#[test]
+fn s3_lists_by_key_prefix_under_the_repository_prefix_and_deletes() {
+    let (name, s) = bucket("list", "repo");
+    for k in ["backup/a/label", "backup/ab/label", "archive/x"] {
+        s.put(k, k.as_bytes()).unwrap();
+    }
+    // Another repository in the same bucket is not listed.
+    store(&name, "other").put("backup/a/label", b"no").unwrap();
+    let keys = |p: &str| -> Vec<String> { s.list(p).unwrap().into_iter().map(|o| o.key).collect() };
+    assert_eq!(keys("backup/a"), ["backup/a/label", "backup/ab/label"]);
+    assert_eq!(keys("backup/a/"), ["backup/a/label"]);
+    assert_eq!(keys("").len(), 3);
+    assert_eq!(s.list("archive/").unwrap()[0].size, 9);
+    s.delete("archive/x").unwrap();
+    s.delete("archive/x").unwrap();
+    assert!(keys("archive/").is_empty());
+}
+
+#[test]
+fn s3_an_unreachable_endpoint_is_an_error_naming_the_store() {
+    let s = S3::new(
+        "nowhere",
+        "repo",
+        &S3Config {
+            endpoint: Some("http://127.0.0.1:9".into()),
+            region: Some("us-east-1".into()),
+            access_key_id: Some("k".into()),
+            secret_access_key: Some("topsecret".into()),
+        },
+    )
+    .unwrap();
+    let e = s.put_if_absent("k", b"x").unwrap_err().to_string();
+    assert!(e.contains("s3://nowhere/repo"), "{e}");
+    assert!(!e.contains("topsecret"), "{e}");
+}
