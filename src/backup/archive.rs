@@ -8,8 +8,9 @@
 
 use std::fmt;
 use std::fs::{self, File};
-use std::io::{self, BufWriter, Read, Write};
+use std::io::{self, BufWriter, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
 use serde::{Deserialize, Serialize};
@@ -19,6 +20,7 @@ use crate::exit::Exit;
 use crate::fsutil::{self, TempGuard};
 use crate::pg::cluster::{self, DataDirIdentity};
 use crate::pg::wal::{BadWalName, LongPageHeader, WalFileName};
+use crate::storage::{Local, Put, Store, StoreError};
 
 /// Directory of the archive inside a repository.
 pub const ARCHIVE_DIR: &str = "archive";
@@ -30,6 +32,8 @@ const INFO_FORMAT: u32 = 1;
 pub enum ArchiveError {
     #[error(transparent)]
     BadName(#[from] BadWalName),
+    #[error(transparent)]
+    Store(#[from] StoreError),
     #[error("cannot {op} {}", path.display())]
     Io {
         op: &'static str,
@@ -61,36 +65,33 @@ pub enum ArchiveError {
         lsn: String,
     },
     #[error(
-        "the archive at {} belongs to {archive}, but {name} comes from {pushed}; \
+        "the archive at {repo} belongs to {archive}, but {name} comes from {pushed}; \
          each cluster needs its own repository (a restored or upgraded copy must not \
-         archive into its source's archive)",
-        repo.display()
+         archive into its source's archive)"
     )]
     ClusterMismatch {
-        repo: PathBuf,
+        repo: String,
         name: String,
         archive: String,
         pushed: String,
     },
     #[error(
         "{name} is already archived with different content (stored sha256 {stored}, pushed sha256 {pushed}); \
-         the stored copy is kept. Find out why the server wrote a different file before moving {} aside",
-        path.display()
+         the stored copy is kept. Find out why the server wrote a different file before moving {path} aside"
     )]
     Conflict {
         name: String,
-        path: PathBuf,
+        path: String,
         stored: Sha256Sum,
         pushed: Sha256Sum,
     },
     #[error(
         "{name} is already archived, but the stored copy is damaged ({detail}) and its recorded checksum \
-         does not prove it held the pushed content; inspect {} and move it aside to archive again",
-        path.display()
+         does not prove it held the pushed content; inspect {path} and move it aside to archive again"
     )]
     DamagedConflict {
         name: String,
-        path: PathBuf,
+        path: String,
         detail: String,
     },
     #[error(
@@ -99,10 +100,10 @@ pub enum ArchiveError {
         dir.display()
     )]
     UnknownCluster { name: String, dir: PathBuf },
-    #[error("{name} is not in the archive at {}", repo.display())]
-    NotFound { name: String, repo: PathBuf },
-    #[error("{} is corrupt: {detail}; it was not restored. Re-push it from its source if that still exists", path.display())]
-    Corrupt { path: PathBuf, detail: String },
+    #[error("{name} is not in the archive at {repo}")]
+    NotFound { name: String, repo: String },
+    #[error("{path} is corrupt: {detail}; it was not restored. Re-push it from its source if that still exists")]
+    Corrupt { path: String, detail: String },
 }
 
 impl ArchiveError {
@@ -110,7 +111,10 @@ impl ArchiveError {
         match self {
             ArchiveError::NotFound { .. } => Exit::Negative,
             ArchiveError::BadName(_) => Exit::Usage,
-            ArchiveError::Io { .. } | ArchiveError::Corrupt { .. } => Exit::Failure,
+            ArchiveError::Store(StoreError::BadLocation(_)) => Exit::Usage,
+            ArchiveError::Io { .. } | ArchiveError::Corrupt { .. } | ArchiveError::Store(_) => {
+                Exit::Failure
+            }
             ArchiveError::SourceSize { .. }
             | ArchiveError::NotWal { .. }
             | ArchiveError::NameMismatch { .. }
@@ -255,44 +259,77 @@ pub struct PushOptions {
 }
 
 pub struct Archive {
-    repo: PathBuf,
-    dir: PathBuf,
+    store: Arc<dyn Store>,
+    /// The repository's directory when it is a local one.
+    local: Option<PathBuf>,
+}
+
+/// The key of the archive info object.
+fn info_key() -> String {
+    format!("{ARCHIVE_DIR}/{INFO_FILE}")
 }
 
 impl Archive {
+    /// The archive of a repository in a local directory.
     pub fn new(repo: impl Into<PathBuf>) -> Archive {
         let repo = repo.into();
-        let dir = repo.join(ARCHIVE_DIR);
-        Archive { repo, dir }
+        Archive {
+            store: Arc::new(Local::new(repo.clone())),
+            local: Some(repo),
+        }
     }
 
-    pub fn repo(&self) -> &Path {
-        &self.repo
+    /// The archive in `store` (local or remote).
+    pub fn on(store: Arc<dyn Store>, local: Option<PathBuf>) -> Archive {
+        Archive { store, local }
     }
 
-    /// Where `name` is stored: segments and their `.partial`/`.backup` files
-    /// grouped by timeline and log id, history files at the top.
-    pub fn path_of(&self, name: &WalFileName) -> PathBuf {
+    /// The repository, as it may be shown.
+    pub fn location(&self) -> String {
+        self.store.location()
+    }
+
+    /// The repository's directory, when it is local.
+    pub fn local_root(&self) -> Option<&Path> {
+        self.local.as_deref()
+    }
+
+    /// The key `name` is stored under: segments and their
+    /// `.partial`/`.backup` files grouped by timeline and log id, history
+    /// files at the top.
+    pub fn key_of(&self, name: &WalFileName) -> String {
         match name {
             WalFileName::Segment(s) | WalFileName::Partial(s) | WalFileName::Backup(s, _) => {
-                self.dir.join(s.dir_name()).join(name.to_string())
+                format!("{ARCHIVE_DIR}/{}/{name}", s.dir_name())
             }
-            WalFileName::History(_) => self.dir.join(name.to_string()),
+            WalFileName::History(_) => format!("{ARCHIVE_DIR}/{name}"),
+        }
+    }
+
+    /// Where `name` is stored in a local repository (none on object
+    /// storage).
+    pub fn path_of(&self, name: &WalFileName) -> Option<PathBuf> {
+        Some(self.local.as_ref()?.join(self.key_of(name)))
+    }
+
+    /// How a stored object is shown: its path, or its URL.
+    fn shown(&self, key: &str) -> String {
+        match &self.local {
+            Some(root) => root.join(key).display().to_string(),
+            None => format!("{}/{key}", self.store.location()),
         }
     }
 
     /// The cluster this archive is bound to; `None` before the first push.
     pub fn info(&self) -> Result<Option<ArchiveInfo>, ArchiveError> {
-        let path = self.dir.join(INFO_FILE);
-        let text = match fs::read_to_string(&path) {
-            Ok(t) => t,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(io_err("read", &path)(e)),
+        let key = info_key();
+        let Some(bytes) = self.store.get(&key)? else {
+            return Ok(None);
         };
-        serde_json::from_str(&text)
+        serde_json::from_slice(&bytes)
             .map(Some)
             .map_err(|e| ArchiveError::Corrupt {
-                path,
+                path: self.shown(&key),
                 detail: format!("it is not valid archive info: {e}"),
             })
     }
@@ -309,31 +346,19 @@ impl Archive {
         let origin = self.origin(src, &name, &file, &first, opts)?;
         self.bind(&name, &origin)?;
 
-        let target = self.path_of(&name);
-        let dir = target.parent().expect("archive paths have a parent");
-        fsutil::create_dir_all_durable(dir).map_err(io_err("create directory", dir))?;
-        let tmp = fsutil::temp_path_beside(&target);
-        let mut guard = TempGuard(Some(tmp.clone()));
-        let out = File::create_new(&tmp).map_err(io_err("create", &tmp))?;
-        let (header, stored_bytes) =
-            stored::write(&first, &mut file, &out, opts.compression, opts.level)
-                .map_err(io_err("write", &tmp))?;
-        out.sync_all().map_err(io_err("fsync", &tmp))?;
-        drop(out);
-
-        let outcome =
-            if fsutil::publish_no_replace(&tmp, &target).map_err(io_err("publish", &target))? {
-                guard.disarm();
-                PushOutcome::Stored
-            } else {
-                self.settle_existing(&name, &target, &tmp, &header)?
-            };
+        let (bytes, header) = stored::encode(&first, &mut file, opts.compression, opts.level)
+            .map_err(io_err("read", src))?;
+        let key = self.key_of(&name);
+        let outcome = match self.store.put_if_absent(&key, &bytes)? {
+            Put::Created => PushOutcome::Stored,
+            Put::Exists => self.settle_existing(&name, &key, &bytes, &header)?,
+        };
         let report = PushReport {
             name: name.to_string(),
             outcome,
             sha256: header.sha256,
             bytes: header.raw_len,
-            stored_bytes,
+            stored_bytes: bytes.len() as u64,
             compression: opts.compression,
             seconds: started.elapsed().as_secs_f64(),
         };
@@ -341,40 +366,44 @@ impl Archive {
         Ok(report)
     }
 
-    /// `target` already exists: decide between success, repair and refusal.
-    /// The stored copy is replaced only when it is damaged and its own header
-    /// records exactly the checksum of what is being pushed.
+    /// `key` already holds an object: decide between success, repair and
+    /// refusal. The stored copy is replaced only when it is damaged and
+    /// its own header records exactly the checksum of what is being pushed.
     fn settle_existing(
         &self,
         name: &WalFileName,
-        target: &Path,
-        tmp: &Path,
+        key: &str,
+        bytes: &[u8],
         pushed: &Header,
     ) -> Result<PushOutcome, ArchiveError> {
-        let stored_file = File::open(target).map_err(io_err("open", target))?;
-        match stored::read(stored_file, &mut io::sink()) {
+        let stored_bytes = self.store.get(key)?.unwrap_or_default();
+        match stored::read(stored_bytes.as_slice(), &mut io::sink()) {
             Ok(h) if h.sha256 == pushed.sha256 => Ok(PushOutcome::AlreadyArchived),
             Ok(h) => Err(ArchiveError::Conflict {
                 name: name.to_string(),
-                path: target.to_owned(),
+                path: self.shown(key),
                 stored: h.sha256,
                 pushed: pushed.sha256,
             }),
-            Err(ReadError::Io(e)) => Err(io_err("read", target)(e)),
+            Err(ReadError::Io(e)) => Err(ArchiveError::Io {
+                op: "read",
+                path: self.shown(key).into(),
+                source: e,
+            }),
             Err(ReadError::Corrupt(detail)) => {
-                let recorded = read_header(target);
+                let recorded = stored_bytes
+                    .get(..stored::HEADER_LEN)
+                    .and_then(|b| Header::decode(b).ok());
                 if recorded
                     .is_some_and(|h| h.sha256 == pushed.sha256 && h.raw_len == pushed.raw_len)
                 {
-                    fs::rename(tmp, target).map_err(io_err("replace", target))?;
-                    let dir = target.parent().expect("archive paths have a parent");
-                    fsutil::sync_dir(dir).map_err(io_err("fsync", dir))?;
+                    self.store.put(key, bytes)?;
                     tracing::warn!(name = %name, %detail, "stored copy was damaged; replaced it with the pushed file, which has the checksum it recorded");
                     Ok(PushOutcome::Repaired)
                 } else {
                     Err(ArchiveError::DamagedConflict {
                         name: name.to_string(),
-                        path: target.to_owned(),
+                        path: self.shown(key),
                         detail,
                     })
                 }
@@ -458,7 +487,7 @@ impl Archive {
             Ok(())
         } else {
             Err(ArchiveError::ClusterMismatch {
-                repo: self.repo.clone(),
+                repo: self.location(),
                 name: name.to_string(),
                 archive: info.to_string(),
                 pushed: origin.to_string(),
@@ -467,24 +496,31 @@ impl Archive {
     }
 
     fn create_info(&self, origin: &Origin) -> Result<ArchiveInfo, ArchiveError> {
-        fsutil::create_dir_all_durable(&self.dir).map_err(io_err("create directory", &self.dir))?;
         let info = ArchiveInfo::from_origin(origin);
-        let path = self.dir.join(INFO_FILE);
-        let tmp = fsutil::temp_path_beside(&path);
-        let _guard = TempGuard(Some(tmp.clone()));
         let mut text = serde_json::to_string_pretty(&info).expect("archive info serializes");
         text.push('\n');
-        let mut f = File::create_new(&tmp).map_err(io_err("create", &tmp))?;
-        f.write_all(text.as_bytes())
-            .map_err(io_err("write", &tmp))?;
-        f.sync_all().map_err(io_err("fsync", &tmp))?;
-        if fsutil::publish_no_replace(&tmp, &path).map_err(io_err("publish", &path))? {
-            tracing::info!(repo = %self.repo.display(), cluster = %info, "new archive");
-            Ok(info)
-        } else {
+        match self.store.put_if_absent(&info_key(), text.as_bytes())? {
+            Put::Created => {
+                tracing::info!(repo = %self.location(), cluster = %info, "new archive");
+                Ok(info)
+            }
             // A concurrent first push bound it; judge against what it wrote.
-            self.info()?
-                .ok_or_else(|| io_err("read", &path)(io::ErrorKind::NotFound.into()))
+            Put::Exists => self.info()?.ok_or_else(|| ArchiveError::NotFound {
+                name: INFO_FILE.to_owned(),
+                repo: self.location(),
+            }),
+        }
+    }
+
+    /// The stored object of `name`, or NotFound.
+    fn stored(&self, name: &WalFileName) -> Result<(String, Vec<u8>), ArchiveError> {
+        let key = self.key_of(name);
+        match self.store.get(&key)? {
+            Some(b) => Ok((key, b)),
+            None => Err(ArchiveError::NotFound {
+                name: name.to_string(),
+                repo: self.location(),
+            }),
         }
     }
 
@@ -493,27 +529,17 @@ impl Archive {
     pub fn fetch(&self, name: &str, dest: &Path) -> Result<FetchReport, ArchiveError> {
         let started = Instant::now();
         let wal = WalFileName::parse(name)?;
-        let path = self.path_of(&wal);
-        let file = match File::open(&path) {
-            Ok(f) => f,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                return Err(ArchiveError::NotFound {
-                    name: name.to_owned(),
-                    repo: self.repo.clone(),
-                })
-            }
-            Err(e) => return Err(io_err("open", &path)(e)),
-        };
+        let (key, bytes) = self.stored(&wal)?;
         let tmp = fsutil::temp_path_beside(dest);
         let mut guard = TempGuard(Some(tmp.clone()));
         let out = File::create(&tmp).map_err(io_err("create", &tmp))?;
         let mut sink = BufWriter::with_capacity(1 << 20, out);
-        let header = stored::read(file, &mut sink).map_err(|e| match e {
+        let header = stored::read(bytes.as_slice(), &mut sink).map_err(|e| match e {
             ReadError::Corrupt(detail) => ArchiveError::Corrupt {
-                path: path.clone(),
+                path: self.shown(&key),
                 detail,
             },
-            ReadError::Io(e) => io_err("restore", &path)(e),
+            ReadError::Io(e) => io_err("write", &tmp)(e),
         })?;
         sink.flush().map_err(io_err("write", &tmp))?;
         drop(sink);
@@ -532,17 +558,17 @@ impl Archive {
 
     /// Streams the original bytes of a stored file into `sink`, verified.
     pub fn read(&self, name: &WalFileName, sink: &mut impl Write) -> Result<Header, ArchiveError> {
-        let path = self.path_of(name);
-        let file = File::open(&path).map_err(|e| match e.kind() {
-            io::ErrorKind::NotFound => ArchiveError::NotFound {
-                name: name.to_string(),
-                repo: self.repo.clone(),
+        let (key, bytes) = self.stored(name)?;
+        stored::read(bytes.as_slice(), sink).map_err(|e| match e {
+            ReadError::Corrupt(detail) => ArchiveError::Corrupt {
+                path: self.shown(&key),
+                detail,
             },
-            _ => io_err("open", &path)(e),
-        })?;
-        stored::read(file, sink).map_err(|e| match e {
-            ReadError::Corrupt(detail) => ArchiveError::Corrupt { path, detail },
-            ReadError::Io(e) => io_err("read", &path)(e),
+            ReadError::Io(e) => ArchiveError::Io {
+                op: "read",
+                path: self.shown(&key).into(),
+                source: e,
+            },
         })
     }
 
@@ -552,68 +578,49 @@ impl Archive {
     }
 }
 
-/// What the archive directory holds.
+/// A temporary file a push that died left behind.
+#[derive(Debug, Clone)]
+pub struct Leftover {
+    pub shown: String,
+    pub modified: Option<SystemTime>,
+}
+
+/// What the archive holds.
 #[derive(Debug, Default)]
 pub struct Listing {
     pub files: Vec<WalFileName>,
-    /// Left by a push that died before publishing.
-    pub temp_files: Vec<PathBuf>,
+    /// Left by a push that died before publishing (local repositories).
+    pub temp_files: Vec<Leftover>,
     /// Anything else: not written by this tool.
-    pub unknown: Vec<PathBuf>,
+    pub unknown: Vec<String>,
 }
 
 impl Archive {
     pub fn list(&self) -> Result<Listing, ArchiveError> {
         let mut listing = Listing::default();
-        let top = match fs::read_dir(&self.dir) {
-            Ok(t) => t,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(listing),
-            Err(e) => return Err(io_err("list", &self.dir)(e)),
-        };
-        for entry in top {
-            let entry = entry.map_err(io_err("list", &self.dir))?;
-            let name = entry.file_name().to_string_lossy().into_owned();
-            let path = entry.path();
-            if path.is_dir() && name.len() == 16 && name.bytes().all(|b| b.is_ascii_hexdigit()) {
-                for inner in fs::read_dir(&path).map_err(io_err("list", &path))? {
-                    let inner = inner.map_err(io_err("list", &path))?;
-                    let file = inner.file_name().to_string_lossy().into_owned();
-                    self.classify(&file, inner.path(), &mut listing);
-                }
-            } else if name != INFO_FILE {
-                self.classify(&name, path, &mut listing);
+        for o in self.store.list(&format!("{ARCHIVE_DIR}/"))? {
+            let name = o.key.rsplit('/').next().unwrap_or_default();
+            if o.key == info_key() {
+                continue;
+            }
+            if name.starts_with(fsutil::TEMP_PREFIX) {
+                listing.temp_files.push(Leftover {
+                    shown: self.shown(&o.key),
+                    modified: o.modified,
+                });
+                continue;
+            }
+            match WalFileName::parse(name) {
+                Ok(wal) if self.key_of(&wal) == o.key => listing.files.push(wal),
+                _ => listing.unknown.push(self.shown(&o.key)),
             }
         }
         listing.files.sort_by_key(|f| f.to_string());
         Ok(listing)
     }
 
-    fn classify(&self, name: &str, path: PathBuf, listing: &mut Listing) {
-        if name.starts_with(fsutil::TEMP_PREFIX) {
-            listing.temp_files.push(path);
-        } else {
-            match WalFileName::parse(name) {
-                Ok(wal) if self.path_of(&wal) == path => listing.files.push(wal),
-                _ => listing.unknown.push(path),
-            }
-        }
-    }
-
-    /// Removes an archived file (retention); the directory is fsynced.
+    /// Removes an archived file (retention).
     pub fn remove(&self, name: &WalFileName) -> Result<(), ArchiveError> {
-        let path = self.path_of(name);
-        match fs::remove_file(&path) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-            Err(e) => return Err(io_err("remove", &path)(e)),
-        }
-        let dir = path.parent().expect("archive paths have a parent");
-        fsutil::sync_dir(dir).map_err(io_err("fsync", dir))
+        Ok(self.store.delete(&self.key_of(name))?)
     }
-}
-
-fn read_header(path: &Path) -> Option<Header> {
-    let mut b = [0u8; stored::HEADER_LEN];
-    File::open(path).ok()?.read_exact(&mut b).ok()?;
-    Header::decode(&b).ok()
 }

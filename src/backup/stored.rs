@@ -15,9 +15,7 @@
 
 use std::cell::RefCell;
 use std::fmt;
-use std::fs::File;
-use std::io::{self, BufReader, BufWriter, Read, Write};
-use std::os::unix::fs::FileExt;
+use std::io::{self, BufReader, Read, Write};
 use std::rc::Rc;
 
 use serde::{Deserialize, Serialize};
@@ -123,18 +121,18 @@ impl Header {
     }
 }
 
-/// Copies `first` and then the rest of `src` into `out` in the stored format.
-/// Returns the header written and the stored size.
-pub fn write(
+/// `first` and then the rest of `src` in the stored format, in memory:
+/// the header, which holds the checksum of everything, is filled in last
+/// without a second write. Returns the stored bytes and their header.
+pub fn encode(
     first: &[u8],
     src: &mut impl Read,
-    out: &File,
     compression: Compression,
     level: i32,
-) -> io::Result<(Header, u64)> {
+) -> io::Result<(Vec<u8>, Header)> {
     let mut hasher = Sha256::new();
-    let mut body = BufWriter::with_capacity(CHUNK, out);
-    body.write_all(&[0u8; HEADER_LEN])?;
+    let mut body = Vec::with_capacity(first.len() + HEADER_LEN);
+    body.extend_from_slice(&[0u8; HEADER_LEN]);
     let raw_len = match compression {
         Compression::None => pump(first, src, &mut body, &mut hasher)?,
         Compression::Zstd => {
@@ -144,15 +142,13 @@ pub fn write(
             n
         }
     };
-    body.flush()?;
-    drop(body);
     let header = Header {
         compression,
         raw_len,
         sha256: Sha256Sum(hasher.finalize().into()),
     };
-    out.write_all_at(&header.encode(), 0)?;
-    Ok((header, out.metadata()?.len()))
+    body[..HEADER_LEN].copy_from_slice(&header.encode());
+    Ok((body, header))
 }
 
 fn pump(
@@ -199,8 +195,8 @@ pub enum ReadError {
 /// Streams the original bytes of a stored file into `sink`, verifying length
 /// and checksum. The sink may have received bytes when this fails, so write
 /// to a temporary file and publish it only on `Ok`.
-pub fn read(file: File, sink: &mut impl Write) -> Result<Header, ReadError> {
-    let mut file = BufReader::with_capacity(CHUNK, file);
+pub fn read(src: impl Read, sink: &mut impl Write) -> Result<Header, ReadError> {
+    let mut file = BufReader::with_capacity(CHUNK, src);
     let mut head = [0u8; HEADER_LEN];
     let got = read_full(&mut file, &mut head).map_err(ReadError::Io)?;
     let header = Header::decode(&head[..got]).map_err(ReadError::Corrupt)?;
@@ -294,11 +290,14 @@ impl<R: Read> Read for TrackErrors<R> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs::File;
     use std::io::{Seek, SeekFrom};
+    use std::os::unix::fs::FileExt;
 
     fn store(data: &[u8], c: Compression) -> File {
         let f = tempfile::tempfile().unwrap();
-        write(&data[..10], &mut &data[10..], &f, c, 3).unwrap();
+        let (bytes, _) = encode(&data[..10], &mut &data[10..], c, 3).unwrap();
+        f.write_all_at(&bytes, 0).unwrap();
         f
     }
 

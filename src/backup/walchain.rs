@@ -269,19 +269,16 @@ pub fn verify(
         .collect();
 
     let ok = index.corrupt.is_empty() && windows.iter().all(|w| w.missing.is_empty());
-    let paths = |v: &[std::path::PathBuf]| v.iter().map(|p| p.display().to_string()).collect();
     // A push in flight has a temporary file too; only old ones are leftovers.
-    let stale: Vec<std::path::PathBuf> = listing
+    let stale: Vec<String> = listing
         .temp_files
         .iter()
-        .filter(|p| {
-            std::fs::metadata(p)
-                .and_then(|m| m.modified())
-                .ok()
-                .and_then(|t| t.elapsed().ok())
+        .filter(|t| {
+            t.modified
+                .and_then(|m| m.elapsed().ok())
                 .is_some_and(|age| age > STALE_TEMP)
         })
-        .cloned()
+        .map(|t| t.shown.clone())
         .collect();
     Ok(WalReport {
         ok,
@@ -289,8 +286,8 @@ pub fn verify(
         timelines,
         history_files: index.history_files,
         corrupt: index.corrupt,
-        temp_files: paths(&stale),
-        unknown_files: paths(&listing.unknown),
+        temp_files: stale,
+        unknown_files: listing.unknown,
         backups: windows,
     })
 }

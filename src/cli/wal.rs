@@ -1,11 +1,13 @@
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
-use crate::backup::archive::{Archive, PushOptions, PushOutcome};
+use crate::backup::archive::{Archive, ArchiveError, PushOptions, PushOutcome};
 use crate::backup::repo::Repo;
 use crate::backup::stored::Compression;
 use crate::backup::walchain;
 use crate::cli::Context;
 use crate::exit::Exit;
+use crate::storage::Location;
 use crate::Error;
 
 #[derive(Debug, clap::Subcommand)]
@@ -43,7 +45,7 @@ pub struct FetchArgs {
 }
 
 pub fn run(ctx: &Context, cmd: WalCommand) -> Result<Exit, Error> {
-    let archive = Archive::new(ctx.repo()?);
+    let archive = archive_of(&ctx.repo()?)?;
     match cmd {
         WalCommand::Push(args) => {
             let opts = PushOptions {
@@ -70,9 +72,23 @@ pub fn run(ctx: &Context, cmd: WalCommand) -> Result<Exit, Error> {
     Ok(Exit::Ok)
 }
 
+/// The archive of `--repo`: a local directory or `s3://bucket/prefix`.
+pub fn archive_of(repo: &Path) -> Result<Archive, Error> {
+    let shown = repo.to_string_lossy();
+    let location = Location::parse(&shown).map_err(ArchiveError::from)?;
+    Ok(match &location {
+        Location::Local(root) => Archive::new(root.clone()),
+        remote => Archive::on(Arc::from(remote.open().map_err(ArchiveError::from)?), None),
+    })
+}
+
 fn verify(ctx: &Context, archive: &Archive) -> Result<Exit, Error> {
-    let repo = Repo::new(archive.repo());
-    let report = walchain::verify(archive, &repo.backups()?, &*ctx.reporter())?;
+    // Base backups are kept in local repositories only, so far.
+    let backups = match archive.local_root() {
+        Some(root) => Repo::new(root).backups()?,
+        None => Vec::new(),
+    };
+    let report = walchain::verify(archive, &backups, &*ctx.reporter())?;
     ctx.emit(&report, || {
         let mut out = format!("{} archived files checked\n", report.files_checked);
         for t in &report.timelines {

@@ -97,11 +97,6 @@ impl Store for Local {
             };
             for entry in entries {
                 let entry = entry.map_err(self.err("list", prefix))?;
-                let name = entry.file_name();
-                let name = name.to_string_lossy();
-                if name.starts_with(fsutil::TEMP_PREFIX) {
-                    continue;
-                }
                 let path = entry.path();
                 let ft = entry.file_type().map_err(self.err("list", prefix))?;
                 if ft.is_dir() {
@@ -113,8 +108,12 @@ impl Store for Local {
                 };
                 let key = rel.to_string_lossy().into_owned();
                 if key.starts_with(prefix) {
-                    let size = entry.metadata().map_err(self.err("list", prefix))?.len();
-                    out.push(ObjectInfo { key, size });
+                    let meta = entry.metadata().map_err(self.err("list", prefix))?;
+                    out.push(ObjectInfo {
+                        key,
+                        size: meta.len(),
+                        modified: meta.modified().ok(),
+                    });
                 }
             }
         }
@@ -139,7 +138,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn put_if_absent_never_replaces_and_listing_skips_temp_files() {
+    fn put_if_absent_never_replaces_and_listing_shows_temp_files() {
         let dir = tempfile::tempdir().unwrap();
         let s = Local::new(dir.path());
         assert_eq!(s.put_if_absent("a/b/one", b"first").unwrap(), Put::Created);
@@ -148,15 +147,10 @@ mod tests {
         s.put("a/two", b"x").unwrap();
         s.put("a/two", b"y").unwrap();
         assert_eq!(s.get("a/two").unwrap().unwrap(), b"y");
-        fs::write(
-            dir.path()
-                .join("a/b")
-                .join(format!("{}x", fsutil::TEMP_PREFIX)),
-            b"",
-        )
-        .unwrap();
+        let temp = format!("a/b/{}x", fsutil::TEMP_PREFIX);
+        fs::write(dir.path().join(&temp), b"").unwrap();
         let keys: Vec<_> = s.list("a/").unwrap().into_iter().map(|o| o.key).collect();
-        assert_eq!(keys, ["a/b/one", "a/two"]);
+        assert_eq!(keys, [temp.as_str(), "a/b/one", "a/two"]);
         assert_eq!(s.list("a/b/o").unwrap().len(), 1);
         assert!(s.list("zzz/").unwrap().is_empty());
         s.delete("a/two").unwrap();

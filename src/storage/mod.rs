@@ -54,6 +54,7 @@ pub enum Put {
 pub struct ObjectInfo {
     pub key: String,
     pub size: u64,
+    pub modified: Option<std::time::SystemTime>,
 }
 
 pub trait Store: Send + Sync {
@@ -65,7 +66,9 @@ pub trait Store: Send + Sync {
     fn put_if_absent(&self, key: &str, body: &[u8]) -> Result<Put, StoreError>;
     /// Stores `body` under `key`, replacing what is there.
     fn put(&self, key: &str, body: &[u8]) -> Result<(), StoreError>;
-    /// Every object whose key starts with `prefix`, sorted by key.
+    /// Every object whose key starts with `prefix`, sorted by key. A local
+    /// store also lists the temporary files of a writer that died
+    /// (`fsutil::TEMP_PREFIX`): a caller reports them, none reads them.
     fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>, StoreError>;
     /// Removes the object; a missing one is not an error.
     fn delete(&self, key: &str) -> Result<(), StoreError>;

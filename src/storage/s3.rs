@@ -206,8 +206,11 @@ impl Store for S3 {
             .into_iter()
             .filter_map(|m| {
                 let key = m.location.as_ref().strip_prefix(&strip)?.to_owned();
-                key.starts_with(prefix)
-                    .then_some(ObjectInfo { key, size: m.size })
+                key.starts_with(prefix).then_some(ObjectInfo {
+                    key,
+                    size: m.size,
+                    modified: Some(m.last_modified.into()),
+                })
             })
             .collect();
         out.sort_by(|a, b| a.key.cmp(&b.key));

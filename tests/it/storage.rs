@@ -1,12 +1,15 @@
 //! The repository's storage layer against a real S3 API: moto in server
 //! mode, which `scripts/services` starts (`REENTRY_TEST_S3`).
 
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
 use std::sync::Barrier;
 
 use reentry::storage::{Put, S3Config, Store, S3};
 
+use crate::common::pg::{Cluster, Version};
 use crate::common::services::address;
-use crate::common::unique;
+use crate::common::{assert_exit, reentry_bin, stderr, stdout, unique};
 
 fn endpoint() -> String {
     address("REENTRY_TEST_S3", "moto, an S3 API")
@@ -114,4 +117,120 @@ fn s3_an_unreachable_endpoint_is_an_error_naming_the_store() {
     let e = s.put_if_absent("k", b"x").unwrap_err().to_string();
     assert!(e.contains("s3://nowhere/repo"), "{e}");
     assert!(!e.contains("topsecret"), "{e}");
+}
+
+const FIRST_SEGMENT: &str = "000000010000000000000001";
+
+/// `reentry --repo s3://BUCKET/repo ARGS` with moto as the endpoint.
+fn reentry_s3(bucket: &str, endpoint: &str, args: &[&str]) -> Command {
+    let mut cmd = Command::new(reentry_bin());
+    cmd.args(["--repo", &format!("s3://{bucket}/repo")])
+        .args(args)
+        .env("AWS_ENDPOINT_URL", endpoint)
+        .env("AWS_ACCESS_KEY_ID", "reentry-test")
+        .env("AWS_SECRET_ACCESS_KEY", "reentry-test-secret")
+        .env("AWS_REGION", "us-east-1")
+        .env_remove("REENTRY_REPO")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    cmd
+}
+
+/// The first WAL segment of a fresh PostgreSQL 18 `initdb`.
+fn real_segment(dir: &std::path::Path) -> PathBuf {
+    let c = Cluster::init(Version::V18);
+    let seg = dir.join(FIRST_SEGMENT);
+    std::fs::copy(c.data().join("pg_wal").join(FIRST_SEGMENT), &seg).unwrap();
+    seg
+}
+
+#[test]
+fn s3_wal_racing_pushes_store_once_and_different_content_is_refused() {
+    let (name, s) = bucket("wal-push", "repo");
+    let tmp = tempfile::tempdir().unwrap();
+    let seg = real_segment(tmp.path());
+    let seg_s = seg.to_str().unwrap();
+    let children: Vec<_> = (0..6)
+        .map(|_| {
+            reentry_s3(&name, &endpoint(), &["--json", "wal", "push", seg_s])
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let outputs: Vec<_> = children
+        .into_iter()
+        .map(|c| c.wait_with_output().unwrap())
+        .collect();
+    for o in &outputs {
+        assert_exit(o, 0);
+    }
+    let stored = outputs
+        .iter()
+        .filter(|o| stdout(o).contains(r#""outcome":"stored""#))
+        .count();
+    assert_eq!(stored, 1, "one push stores, the others find it archived");
+    // What S3 holds is the stored format of the segment, and nothing else.
+    let keys: Vec<String> = s.list("").unwrap().into_iter().map(|o| o.key).collect();
+    assert_eq!(
+        keys,
+        [
+            format!("archive/0000000100000000/{FIRST_SEGMENT}"),
+            "archive/archive.json".to_owned()
+        ]
+    );
+
+    // Fetched back, byte for byte.
+    let back = tmp.path().join("back");
+    let o = reentry_s3(
+        &name,
+        &endpoint(),
+        &["wal", "fetch", FIRST_SEGMENT, back.to_str().unwrap()],
+    )
+    .output()
+    .unwrap();
+    assert_exit(&o, 0);
+    assert_eq!(std::fs::read(&back).unwrap(), std::fs::read(&seg).unwrap());
+
+    // Same name, other content: refused, and the stored object is kept.
+    let before = s.get(&keys[0]).unwrap().unwrap();
+    let mut bytes = std::fs::read(&seg).unwrap();
+    bytes[1 << 20] ^= 0x10;
+    std::fs::write(&seg, &bytes).unwrap();
+    let o = reentry_s3(&name, &endpoint(), &["wal", "push", seg_s])
+        .output()
+        .unwrap();
+    assert_exit(&o, 3);
+    assert!(
+        stderr(&o).contains("already archived with different content"),
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(s.get(&keys[0]).unwrap().unwrap(), before);
+
+    let o = reentry_s3(&name, &endpoint(), &["wal", "verify"])
+        .output()
+        .unwrap();
+    assert_exit(&o, 0);
+    assert!(
+        stdout(&o).contains("1 archived files checked"),
+        "{}",
+        stdout(&o)
+    );
+}
+
+#[test]
+fn s3_wal_push_to_a_server_that_is_down_fails_with_exit_2_naming_the_repository() {
+    let tmp = tempfile::tempdir().unwrap();
+    let seg = real_segment(tmp.path());
+    let o = reentry_s3(
+        "down",
+        "http://127.0.0.1:9",
+        &["wal", "push", seg.to_str().unwrap()],
+    )
+    .output()
+    .unwrap();
+    assert_exit(&o, 2);
+    let err = stderr(&o);
+    assert!(err.contains("s3://down/repo"), "{err}");
+    assert!(!err.contains("reentry-test-secret"), "{err}");
 }

@@ -141,7 +141,9 @@ fn fetch_as(as_server: bool, repo: &Path, name: &str, dest: &Path) -> Output {
 }
 
 fn stored_path(repo: &Path, name: &str) -> PathBuf {
-    Archive::new(repo).path_of(&WalFileName::parse(name).unwrap())
+    Archive::new(repo)
+        .path_of(&WalFileName::parse(name).unwrap())
+        .expect("a local archive")
 }
 
 #[track_caller]
