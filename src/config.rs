@@ -53,6 +53,11 @@ pub enum ConfigError {
         "no repository given: pass --repo DIR, set REENTRY_REPO, or set `repo` in {DEFAULT_FILE}"
     )]
     NoRepo,
+    #[error(
+        "{0} is on object storage, which holds the WAL archive only so far \
+         (wal push, fetch, verify); this command needs a repository in a local directory"
+    )]
+    RemoteRepo(String),
 }
 
 impl Config {

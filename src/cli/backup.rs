@@ -77,7 +77,7 @@ pub struct ExpireArgs {
 }
 
 pub fn run(ctx: &Context, args: BackupArgs) -> Result<Exit, Error> {
-    let repo = Repo::new(ctx.repo()?);
+    let repo = Repo::new(ctx.local_repo()?);
     match args.command {
         None => take(ctx, &repo, args.take),
         Some(BackupCommand::List(a)) => list(ctx, &repo, a),

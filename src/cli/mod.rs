@@ -161,6 +161,18 @@ impl Context {
             .ok_or(Error::Config(ConfigError::NoRepo))
     }
 
+    /// The repository, which must be a local directory: base backups,
+    /// restores and retention are not on object storage yet.
+    pub fn local_repo(&self) -> Result<PathBuf, Error> {
+        let repo = self.repo()?;
+        if repo.to_string_lossy().contains("://") {
+            return Err(Error::Config(ConfigError::RemoteRepo(
+                repo.to_string_lossy().into_owned(),
+            )));
+        }
+        Ok(repo)
+    }
+
     /// Whether to show progress: a person is watching stderr.
     pub fn progress(&self) -> bool {
         !self.global.json && !self.global.quiet && io::stderr().is_terminal()

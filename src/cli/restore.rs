@@ -92,7 +92,7 @@ pub struct PreflightArgs {
 }
 
 pub fn restore(ctx: &Context, a: RestoreArgs) -> Result<Exit, Error> {
-    let repo = Repo::new(ctx.repo()?);
+    let repo = Repo::new(ctx.local_repo()?);
     let target = if let Some(t) = &a.target_time {
         Target::parse_time(t)?
     } else if let Some(l) = a.target_lsn {
@@ -144,7 +144,7 @@ pub fn restore(ctx: &Context, a: RestoreArgs) -> Result<Exit, Error> {
 }
 
 pub fn drill(ctx: &Context, a: DrillArgs) -> Result<Exit, Error> {
-    let repo = Repo::new(ctx.repo()?);
+    let repo = Repo::new(ctx.local_repo()?);
     let checks = match &a.checks {
         Some(path) => drill::parse_checks(path)?,
         None => Vec::new(),
@@ -203,7 +203,7 @@ pub fn drill(ctx: &Context, a: DrillArgs) -> Result<Exit, Error> {
 }
 
 pub fn preflight(ctx: &Context, a: PreflightArgs) -> Result<Exit, Error> {
-    let repo = Repo::new(ctx.repo()?);
+    let repo = Repo::new(ctx.local_repo()?);
     let opts = PreflightOptions {
         conninfo: a.connect.db,
         restore_point: a.restore_point,

@@ -36,7 +36,7 @@ pub struct CheckArgs {
 }
 
 pub fn restore_point(ctx: &Context, a: RestorePointArgs) -> Result<Exit, Error> {
-    let repo = Repo::new(ctx.repo()?);
+    let repo = Repo::new(ctx.local_repo()?);
     let point = rp::create(&repo, a.connect.db.as_deref(), &a.name, a.switch_wal)?;
     ctx.emit(&point, || {
         Some(format!(
@@ -48,7 +48,7 @@ pub fn restore_point(ctx: &Context, a: RestorePointArgs) -> Result<Exit, Error> 
 }
 
 pub fn status(ctx: &Context, a: StatusArgs) -> Result<Exit, Error> {
-    let repo = Repo::new(ctx.repo()?);
+    let repo = Repo::new(ctx.local_repo()?);
     let s = st::status(&repo, a.connect.db.as_deref())?;
     if a.prometheus {
         print_line(st::prometheus(&s).trim_end())?;
@@ -152,7 +152,7 @@ pub fn status(ctx: &Context, a: StatusArgs) -> Result<Exit, Error> {
 }
 
 pub fn check(ctx: &Context, a: CheckArgs) -> Result<Exit, Error> {
-    let repo = Repo::new(ctx.repo()?);
+    let repo = Repo::new(ctx.local_repo()?);
     let report = st::check(
         &repo,
         a.connect.db.as_deref(),

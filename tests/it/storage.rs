@@ -234,3 +234,19 @@ fn s3_wal_push_to_a_server_that_is_down_fails_with_exit_2_naming_the_repository(
     assert!(err.contains("s3://down/repo"), "{err}");
     assert!(!err.contains("reentry-test-secret"), "{err}");
 }
+
+#[test]
+fn s3_commands_not_on_object_storage_yet_refuse_it_and_write_nothing_locally() {
+    let cwd = tempfile::tempdir().unwrap();
+    let o = reentry_s3("b", &endpoint(), &["backup", "list"])
+        .current_dir(cwd.path())
+        .output()
+        .unwrap();
+    assert_exit(&o, 78);
+    assert!(
+        stderr(&o).contains("s3://b/repo is on object storage"),
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(std::fs::read_dir(cwd.path()).unwrap().count(), 0);
+}
