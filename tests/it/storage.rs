@@ -9,7 +9,9 @@ use reentry::storage::{Put, S3Config, Store, S3};
 
 use crate::common::pg::{Cluster, Version};
 use crate::common::services::address;
-use crate::common::{assert_exit, reentry_bin, stderr, stdout, unique};
+use crate::common::{
+    assert_exit, pushes_that_stored, reentry_bin, run_concurrently, stderr, stdout, unique,
+};
 
 fn endpoint() -> String {
     address("REENTRY_TEST_S3", "moto, an S3 API")
@@ -150,25 +152,14 @@ fn s3_wal_racing_pushes_store_once_and_different_content_is_refused() {
     let tmp = tempfile::tempdir().unwrap();
     let seg = real_segment(tmp.path());
     let seg_s = seg.to_str().unwrap();
-    let children: Vec<_> = (0..6)
-        .map(|_| {
-            reentry_s3(&name, &endpoint(), &["--json", "wal", "push", seg_s])
-                .spawn()
-                .unwrap()
-        })
-        .collect();
-    let outputs: Vec<_> = children
-        .into_iter()
-        .map(|c| c.wait_with_output().unwrap())
-        .collect();
-    for o in &outputs {
-        assert_exit(o, 0);
-    }
-    let stored = outputs
-        .iter()
-        .filter(|o| stdout(o).contains(r#""outcome":"stored""#))
-        .count();
-    assert_eq!(stored, 1, "one push stores, the others find it archived");
+    let outputs = run_concurrently(
+        (0..6).map(|_| reentry_s3(&name, &endpoint(), &["--json", "wal", "push", seg_s])),
+    );
+    assert_eq!(
+        pushes_that_stored(&outputs),
+        1,
+        "one push stores, the others find it archived"
+    );
     // What S3 holds is the stored format of the segment, and nothing else.
     let keys: Vec<String> = s.list("").unwrap().into_iter().map(|o| o.key).collect();
     assert_eq!(

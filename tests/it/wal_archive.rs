@@ -2,7 +2,7 @@
 //! restore_command, against real PostgreSQL 18 and 15.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::time::Duration;
 
 use reentry::backup::archive::Archive;
@@ -11,7 +11,9 @@ use reentry::pg::wal::{LongPageHeader, WalFileName};
 
 use crate::common::archiving::{archiving, restore_command, switch_and_wait_archived};
 use crate::common::pg::{Cluster, Version};
-use crate::common::{assert_exit, reentry, reentry_bin, stderr, stdout};
+use crate::common::{
+    assert_exit, pushes_that_stored, reentry, reentry_bin, run_concurrently, stderr, stdout,
+};
 
 const FIRST_SEGMENT: &str = "000000010000000000000001";
 
@@ -203,36 +205,21 @@ fn different_content_under_an_archived_name_is_refused_and_the_stored_copy_is_ke
 #[test]
 fn concurrent_pushes_of_one_segment_all_succeed_and_leave_one_intact_copy() {
     let f = Fixture::new();
-    let children: Vec<_> = (0..8)
-        .map(|_| {
-            Command::new(reentry_bin())
-                .args([
-                    "--repo",
-                    f.repo.to_str().unwrap(),
-                    "--json",
-                    "wal",
-                    "push",
-                    f.seg.to_str().unwrap(),
-                ])
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .spawn()
-                .unwrap()
-        })
-        .collect();
-    let outputs: Vec<_> = children
-        .into_iter()
-        .map(|c| c.wait_with_output().unwrap())
-        .collect();
-    for o in &outputs {
-        assert_exit(o, 0);
-    }
-    let stored = outputs
-        .iter()
-        .filter(|o| stdout(o).contains(r#""outcome":"stored""#))
-        .count();
+    let outputs = run_concurrently((0..8).map(|_| {
+        let mut c = Command::new(reentry_bin());
+        c.args([
+            "--repo",
+            f.repo.to_str().unwrap(),
+            "--json",
+            "wal",
+            "push",
+            f.seg.to_str().unwrap(),
+        ]);
+        c
+    }));
     assert_eq!(
-        stored, 1,
+        pushes_that_stored(&outputs),
+        1,
         "exactly one push stores, the rest find it archived"
     );
 

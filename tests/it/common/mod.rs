@@ -138,6 +138,37 @@ pub fn run_reentry(args: &[&dyn AsRef<std::ffi::OsStr>]) -> Output {
     cmd.output().expect("run reentry")
 }
 
+/// Starts every command at once (their output piped), then waits for all:
+/// racing processes, as PostgreSQL's archiver retries can be.
+pub fn run_concurrently(cmds: impl IntoIterator<Item = Command>) -> Vec<Output> {
+    let children: Vec<_> = cmds
+        .into_iter()
+        .map(|mut c| {
+            c.stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .expect("start a racing process")
+        })
+        .collect();
+    children
+        .into_iter()
+        .map(|c| c.wait_with_output().expect("wait for a racing process"))
+        .collect()
+}
+
+/// How many `wal push --json` outputs, all of which exited 0, say they
+/// stored the file (the others found it archived).
+#[track_caller]
+pub fn pushes_that_stored(outputs: &[Output]) -> usize {
+    for o in outputs {
+        assert_exit(o, 0);
+    }
+    outputs
+        .iter()
+        .filter(|o| stdout(o).contains(r#""outcome":"stored""#))
+        .count()
+}
+
 pub fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
