@@ -279,9 +279,9 @@ impl Archive {
         }
     }
 
-    /// The archive in `store` (local or remote).
-    pub fn on(store: Arc<dyn Store>, local: Option<PathBuf>) -> Archive {
-        Archive { store, local }
+    /// The archive in a remote `store` (object storage).
+    pub fn on(store: Arc<dyn Store>) -> Archive {
+        Archive { store, local: None }
     }
 
     /// The repository, as it may be shown.

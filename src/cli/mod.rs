@@ -165,12 +165,11 @@ impl Context {
     /// restores and retention are not on object storage yet.
     pub fn local_repo(&self) -> Result<PathBuf, Error> {
         let repo = self.repo()?;
-        if repo.to_string_lossy().contains("://") {
-            return Err(Error::Config(ConfigError::RemoteRepo(
-                repo.to_string_lossy().into_owned(),
-            )));
+        let shown = repo.to_string_lossy();
+        match crate::storage::Location::parse(&shown) {
+            Ok(crate::storage::Location::Local(path)) => Ok(path),
+            _ => Err(Error::Config(ConfigError::RemoteRepo(shown.into_owned()))),
         }
-        Ok(repo)
     }
 
     /// Whether to show progress: a person is watching stderr.

@@ -78,7 +78,7 @@ pub fn archive_of(repo: &Path) -> Result<Archive, Error> {
     let location = Location::parse(&shown).map_err(ArchiveError::from)?;
     Ok(match &location {
         Location::Local(root) => Archive::new(root.clone()),
-        remote => Archive::on(Arc::from(remote.open().map_err(ArchiveError::from)?), None),
+        remote => Archive::on(Arc::from(remote.open().map_err(ArchiveError::from)?)),
     })
 }
 
