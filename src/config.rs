@@ -16,6 +16,19 @@ pub struct Config {
     pub repo: Option<PathBuf>,
     #[serde(default)]
     pub wal: WalConfig,
+    #[serde(default)]
+    pub encryption: EncryptionConfig,
+}
+
+/// Client-side encryption with age (crypt.rs).
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct EncryptionConfig {
+    /// Public keys (age1…) new objects are encrypted to.
+    #[serde(default)]
+    pub recipients: Vec<String>,
+    /// An age identity file to decrypt with; relative to the config file.
+    pub identity_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -53,11 +66,10 @@ pub enum ConfigError {
         "no repository given: pass --repo DIR, set REENTRY_REPO, or set `repo` in {DEFAULT_FILE}"
     )]
     NoRepo,
-    #[error(
-        "{0} is on object storage, which holds the WAL archive only so far \
-         (wal push, fetch, verify); this command needs a repository in a local directory"
-    )]
-    RemoteRepo(String),
+    #[error("--repo: {0}")]
+    BadRepo(String),
+    #[error("{0}")]
+    Keys(String),
 }
 
 impl Config {
@@ -79,8 +91,18 @@ impl Config {
             path: path.clone(),
             message,
         })?;
-        if let (Some(repo), Some(dir)) = (&config.repo, path.parent()) {
-            config.repo = Some(dir.join(repo));
+        if let Some(dir) = path.parent() {
+            // An s3:// location is not a path.
+            if let Some(repo) = config
+                .repo
+                .as_ref()
+                .filter(|r| !r.to_string_lossy().contains("://"))
+            {
+                config.repo = Some(dir.join(repo));
+            }
+            if let Some(f) = &config.encryption.identity_file {
+                config.encryption.identity_file = Some(dir.join(f));
+            }
         }
         Ok(config)
     }

@@ -134,6 +134,14 @@ impl ScratchDir {
         Ok(ScratchDir(path))
     }
 
+    /// A scratch directory beside `path`: on its file system, for data
+    /// on its way there.
+    pub fn beside(path: &Path) -> io::Result<ScratchDir> {
+        let path = temp_path_beside(path);
+        fs::create_dir(&path)?;
+        Ok(ScratchDir(path))
+    }
+
     pub fn path(&self) -> &Path {
         &self.0
     }

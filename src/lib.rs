@@ -5,6 +5,7 @@ pub mod backup;
 pub mod cache;
 pub mod cli;
 pub mod config;
+pub mod crypt;
 pub mod diag;
 pub mod exit;
 pub mod fsutil;
@@ -77,6 +78,7 @@ impl Error {
             Error::Expire(backup::expire::ExpireError::NoPolicy) => Exit::Usage,
             Error::Expire(backup::expire::ExpireError::Repo(e)) | Error::Repo(e) => repo_exit(e),
             Error::Expire(backup::expire::ExpireError::Archive(e)) => e.exit(),
+            Error::Expire(backup::expire::ExpireError::Pack(_)) => Exit::Failure,
             Error::Status(e) => status_exit(e),
             Error::Pg(e) => pg_exit(e),
             Error::Restore(e) => restore_exit(e),
@@ -109,6 +111,7 @@ fn pg_exit(e: &pg::conn::PgError) -> Exit {
 fn repo_exit(e: &backup::repo::RepoError) -> Exit {
     match e {
         backup::repo::RepoError::UnknownBackup { .. } => Exit::Usage,
+        backup::repo::RepoError::BackupExists { .. } => Exit::Refused,
         _ => Exit::Failure,
     }
 }
@@ -119,7 +122,9 @@ fn backup_exit(e: &backup::basebackup::BackupError) -> Exit {
         B::Pg(e) => pg_exit(e),
         B::Repo(e) => repo_exit(e),
         B::Archive(e) => e.exit(),
+        B::Pack(backup::packed::PackError::Key(_)) => Exit::Config,
         B::Tool(_)
+        | B::Pack(_)
         | B::WalTimeout { .. }
         | B::BadBackupFiles { .. }
         | B::RestorePointNotArchived { .. } => Exit::Failure,
@@ -151,7 +156,8 @@ fn restore_exit(e: &backup::restore::RestoreError) -> Exit {
         R::Repo(e) => repo_exit(e),
         R::Archive(e) => e.exit(),
         R::Pg(e) => pg_exit(e),
-        R::Tool(_) | R::RecoveryFailed { .. } | R::Timeout { .. } => Exit::Failure,
+        R::Pack(backup::packed::PackError::Key(_)) => Exit::Config,
+        R::Tool(_) | R::Pack(_) | R::RecoveryFailed { .. } | R::Timeout { .. } => Exit::Failure,
         R::RunningAsRoot | R::NotEmpty { .. } | R::PortInUse { .. } | R::BadTarget { .. } => {
             Exit::Usage
         }

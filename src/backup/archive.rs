@@ -16,6 +16,7 @@ use std::time::{Instant, SystemTime};
 use serde::{Deserialize, Serialize};
 
 use crate::backup::stored::{self, Compression, Header, ReadError, Sha256Sum};
+use crate::crypt::{CryptError, Keys};
 use crate::exit::Exit;
 use crate::fsutil::{self, TempGuard};
 use crate::pg::cluster::{self, DataDirIdentity};
@@ -34,6 +35,8 @@ pub enum ArchiveError {
     BadName(#[from] BadWalName),
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error(transparent)]
+    Key(#[from] CryptError),
     #[error("cannot {op} {}", path.display())]
     Io {
         op: &'static str,
@@ -111,6 +114,7 @@ impl ArchiveError {
         match self {
             ArchiveError::NotFound { .. } => Exit::Negative,
             ArchiveError::BadName(_) => Exit::Usage,
+            ArchiveError::Key(_) => Exit::Config,
             ArchiveError::Store(StoreError::BadLocation(_)) => Exit::Usage,
             ArchiveError::Io { .. } | ArchiveError::Corrupt { .. } | ArchiveError::Store(_) => {
                 Exit::Failure
@@ -260,6 +264,8 @@ pub struct PushOptions {
 
 pub struct Archive {
     store: Arc<dyn Store>,
+    /// What new files are encrypted to, and what decrypts stored ones.
+    keys: Keys,
     /// The repository's directory when it is a local one.
     local: Option<PathBuf>,
 }
@@ -276,17 +282,37 @@ impl Archive {
         Archive {
             store: Arc::new(Local::new(repo.clone())),
             local: Some(repo),
+            keys: Keys::default(),
         }
     }
 
     /// The archive in a remote `store` (object storage).
     pub fn on(store: Arc<dyn Store>) -> Archive {
-        Archive { store, local: None }
+        Archive {
+            store,
+            local: None,
+            keys: Keys::default(),
+        }
     }
 
     /// The repository, as it may be shown.
     pub fn location(&self) -> String {
         self.store.location()
+    }
+
+    /// With `keys` to encrypt what it stores and decrypt what it reads.
+    pub fn with_keys(mut self, keys: Keys) -> Archive {
+        self.keys = keys;
+        self
+    }
+
+    pub fn keys(&self) -> &Keys {
+        &self.keys
+    }
+
+    /// The store it is in.
+    pub fn store(&self) -> Arc<dyn Store> {
+        self.store.clone()
     }
 
     /// The repository's directory, when it is local.
@@ -346,8 +372,14 @@ impl Archive {
         let origin = self.origin(src, &name, &file, &first, opts)?;
         self.bind(&name, &origin)?;
 
-        let (bytes, header) = stored::encode(&first, &mut file, opts.compression, opts.level)
-            .map_err(io_err("read", src))?;
+        let (bytes, header) = stored::encode_sealed(
+            &first,
+            &mut file,
+            opts.compression,
+            opts.level,
+            self.keys.to.as_ref(),
+        )
+        .map_err(io_err("read", src))?;
         let key = self.key_of(&name);
         let outcome = match self.store.put_if_absent(&key, &bytes)? {
             Put::Created => PushOutcome::Stored,
@@ -377,7 +409,9 @@ impl Archive {
         pushed: &Header,
     ) -> Result<PushOutcome, ArchiveError> {
         let stored_bytes = self.store.get(key)?.unwrap_or_default();
-        match stored::read(stored_bytes.as_slice(), &mut io::sink()) {
+        // The stored copy is checked without a key: an encrypted one by its
+        // payload's checksum; both record the checksum of the content.
+        match stored::check(stored_bytes.as_slice()) {
             Ok(h) if h.sha256 == pushed.sha256 => Ok(PushOutcome::AlreadyArchived),
             Ok(h) => Err(ArchiveError::Conflict {
                 name: name.to_string(),
@@ -390,10 +424,9 @@ impl Archive {
                 path: self.shown(key).into(),
                 source: e,
             }),
+            Err(ReadError::Key(e)) => Err(ArchiveError::Key(e)),
             Err(ReadError::Corrupt(detail)) => {
-                let recorded = stored_bytes
-                    .get(..stored::HEADER_LEN)
-                    .and_then(|b| Header::decode(b).ok());
+                let recorded = Header::decode(&stored_bytes).ok();
                 if recorded
                     .is_some_and(|h| h.sha256 == pushed.sha256 && h.raw_len == pushed.raw_len)
                 {
@@ -534,13 +567,16 @@ impl Archive {
         let mut guard = TempGuard(Some(tmp.clone()));
         let out = File::create(&tmp).map_err(io_err("create", &tmp))?;
         let mut sink = BufWriter::with_capacity(1 << 20, out);
-        let header = stored::read(bytes.as_slice(), &mut sink).map_err(|e| match e {
-            ReadError::Corrupt(detail) => ArchiveError::Corrupt {
-                path: self.shown(&key),
-                detail,
-            },
-            ReadError::Io(e) => io_err("write", &tmp)(e),
-        })?;
+        let header =
+            stored::read_with(bytes.as_slice(), &mut sink, self.keys.identities.as_deref())
+                .map_err(|e| match e {
+                    ReadError::Corrupt(detail) => ArchiveError::Corrupt {
+                        path: self.shown(&key),
+                        detail,
+                    },
+                    ReadError::Key(e) => ArchiveError::Key(e.about(&self.shown(&key))),
+                    ReadError::Io(e) => io_err("write", &tmp)(e),
+                })?;
         sink.flush().map_err(io_err("write", &tmp))?;
         drop(sink);
         // No fsync: recovery re-fetches anything it had not applied before a
@@ -559,22 +595,42 @@ impl Archive {
     /// Streams the original bytes of a stored file into `sink`, verified.
     pub fn read(&self, name: &WalFileName, sink: &mut impl Write) -> Result<Header, ArchiveError> {
         let (key, bytes) = self.stored(name)?;
-        stored::read(bytes.as_slice(), sink).map_err(|e| match e {
+        stored::read_with(bytes.as_slice(), sink, self.keys.identities.as_deref()).map_err(|e| {
+            match e {
+                ReadError::Corrupt(detail) => ArchiveError::Corrupt {
+                    path: self.shown(&key),
+                    detail,
+                },
+                ReadError::Key(e) => ArchiveError::Key(e.about(&self.shown(&key))),
+                ReadError::Io(e) => ArchiveError::Io {
+                    op: "read",
+                    path: self.shown(&key).into(),
+                    source: e,
+                },
+            }
+        })
+    }
+
+    /// Reads a stored file end to end and checks it against its checksum.
+    /// An encrypted one, without an identity to decrypt it, is checked
+    /// against the checksum of its encrypted payload.
+    pub fn verify(&self, name: &WalFileName) -> Result<Header, ArchiveError> {
+        if self.keys.identities.is_some() {
+            return self.read(name, &mut io::sink());
+        }
+        let (key, bytes) = self.stored(name)?;
+        stored::check(bytes.as_slice()).map_err(|e| match e {
             ReadError::Corrupt(detail) => ArchiveError::Corrupt {
                 path: self.shown(&key),
                 detail,
             },
+            ReadError::Key(e) => ArchiveError::Key(e.about(&self.shown(&key))),
             ReadError::Io(e) => ArchiveError::Io {
                 op: "read",
                 path: self.shown(&key).into(),
                 source: e,
             },
         })
-    }
-
-    /// Reads a stored file end to end and checks it against its checksum.
-    pub fn verify(&self, name: &WalFileName) -> Result<Header, ArchiveError> {
-        self.read(name, &mut io::sink())
     }
 }
 

@@ -8,12 +8,14 @@ use std::time::{Duration, Instant, SystemTime};
 
 use crate::backup::archive::ArchiveError;
 use crate::backup::label::{BackupLabel, BackupStatus, BackupType, WalRange, LABEL_FORMAT};
+use crate::backup::packed::{self, PackError};
 use crate::backup::repo::{Repo, RepoError};
-use crate::fsutil;
+use crate::fsutil::{self, ScratchDir};
 use crate::pg::conn::{Db, PgError};
 use crate::pg::lsn::Lsn;
 use crate::pg::tools::{self, PgBin, ToolError};
 use crate::pg::wal::WalFileName;
+use crate::progress::Reporter;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BackupError {
@@ -25,6 +27,8 @@ pub enum BackupError {
     Archive(#[from] ArchiveError),
     #[error(transparent)]
     Tool(#[from] ToolError),
+    #[error(transparent)]
+    Pack(#[from] PackError),
     #[error("PostgreSQL {version} cannot take incremental backups (they need 17 or later); take a full backup")]
     IncrementalUnsupported { version: u32 },
     #[error(
@@ -32,23 +36,21 @@ pub enum BackupError {
          set summarize_wal = on, reload, and take a full backup to be the parent"
     )]
     SummarizeWalOff { target: String },
-    #[error("no complete backup of system {system} in {} to be the parent of an incremental backup; take a full backup first", repo.display())]
-    NoParent { system: String, repo: PathBuf },
+    #[error("no complete backup of system {system} in {repo} to be the parent of an incremental backup; take a full backup first")]
+    NoParent { system: String, repo: String },
     #[error("backup {parent} cannot be the parent: {why}")]
     BadParent { parent: String, why: String },
     #[error(
         "archive_mode is off on {target}: a backup without archived WAL cannot be restored. \
-         Set archive_mode = on and archive_command = 'reentry --repo {} wal push %p', then restart",
-        repo.display()
+         Set archive_mode = on and archive_command = 'reentry --repo {repo} wal push %p', then restart"
     )]
-    ArchiveOff { target: String, repo: PathBuf },
+    ArchiveOff { target: String, repo: String },
     #[error(
-        "the archive in {} holds WAL of system {archive}, but {target} is system {server}: \
-         back it up into the repository its archive_command writes to",
-        repo.display()
+        "the archive in {repo} holds WAL of system {archive}, but {target} is system {server}: \
+         back it up into the repository its archive_command writes to"
     )]
     WrongCluster {
-        repo: PathBuf,
+        repo: String,
         target: String,
         archive: String,
         server: String,
@@ -100,6 +102,12 @@ pub struct BackupOptions {
     pub archive_timeout: Duration,
     /// Show pg_basebackup's progress on stderr (a terminal).
     pub progress: bool,
+    /// On object storage: how many objects to compress and upload at once.
+    pub jobs: usize,
+    /// On object storage: the zstd level of the objects.
+    pub level: i32,
+    /// The upload's progress.
+    pub reporter: Reporter,
 }
 
 struct Server {
@@ -138,7 +146,7 @@ pub fn now_rfc3339() -> String {
 }
 
 /// `20261125-125301F`: sortable, and says full or incremental at a glance.
-fn new_id(repo: &Repo, kind: BackupType) -> String {
+fn new_id(repo: &Repo, kind: BackupType) -> Result<String, RepoError> {
     loop {
         let t = now_rfc3339();
         let digits: String = t.chars().filter(char::is_ascii_digit).collect();
@@ -148,8 +156,8 @@ fn new_id(repo: &Repo, kind: BackupType) -> String {
             &digits[8..14],
             if kind == BackupType::Full { 'F' } else { 'I' }
         );
-        if !repo.backup_dir(&id).exists() {
-            return id;
+        if !repo.has_backup(&id)? {
+            return Ok(id);
         }
         std::thread::sleep(Duration::from_millis(250));
     }
@@ -162,13 +170,13 @@ pub fn take(repo: &Repo, opts: &BackupOptions) -> Result<BackupLabel, BackupErro
     if server.archive_mode == "off" {
         return Err(BackupError::ArchiveOff {
             target,
-            repo: repo.root().to_owned(),
+            repo: repo.location(),
         });
     }
     if let Some(info) = repo.archive().info()? {
         if info.system_identifier != server.system_identifier {
             return Err(BackupError::WrongCluster {
-                repo: repo.root().to_owned(),
+                repo: repo.location(),
                 target,
                 archive: info.system_identifier,
                 server: server.system_identifier,
@@ -186,7 +194,7 @@ pub fn take(repo: &Repo, opts: &BackupOptions) -> Result<BackupLabel, BackupErro
     };
 
     let tool_version = opts.pg_bin.version("pg_basebackup")?;
-    let id = new_id(repo, kind);
+    let id = new_id(repo, kind)?;
     let mut label = BackupLabel {
         format: LABEL_FORMAT,
         id: id.clone(),
@@ -211,10 +219,16 @@ pub fn take(repo: &Repo, opts: &BackupOptions) -> Result<BackupLabel, BackupErro
         stop_time: None,
         size_bytes: 0,
         file_count: 0,
+        stored_bytes: None,
+        encryption: None,
         tool_version: format!("reentry {}; {tool_version}", env!("CARGO_PKG_VERSION")),
         verification: None,
     };
-    repo.save_label(&label)?;
+    // On object storage the label is written once, when the backup ends.
+    let local = repo.local_root().is_some();
+    if local {
+        repo.save_label(&label)?;
+    }
     tracing::info!(id = %id, kind = ?kind, target = %target, "backup started");
 
     let result = match copy_and_settle(repo, opts, &mut label, parent.as_deref()) {
@@ -233,10 +247,9 @@ pub fn take(repo: &Repo, opts: &BackupOptions) -> Result<BackupLabel, BackupErro
     };
     // Run as root, pg_basebackup leaves files only root can read; a restore
     // runs as the server's user, who owns the repository.
-    if fsutil::running_as_root() {
+    if let Some(root) = repo.local_root().filter(|_| fsutil::running_as_root()) {
         let dir = repo.backup_dir(&id);
-        fsutil::chown_tree_like(&dir, repo.root())
-            .map_err(crate::backup::repo::io_err("chown", &dir))?;
+        fsutil::chown_tree_like(&dir, root).map_err(crate::backup::repo::io_err("chown", &dir))?;
     }
     result
 }
@@ -266,7 +279,7 @@ fn choose_parent(
             .find(|b| b.is_usable() && b.system_identifier == server.system_identifier)
             .ok_or_else(|| BackupError::NoParent {
                 system: server.system_identifier.clone(),
-                repo: repo.root().to_owned(),
+                repo: repo.location(),
             })?,
     };
     let bad = |why: String| BackupError::BadParent {
@@ -293,7 +306,19 @@ fn copy_and_settle(
     label: &mut BackupLabel,
     parent: Option<&str>,
 ) -> Result<(), BackupError> {
-    let data = repo.backup_data(&label.id);
+    // On object storage pg_basebackup writes to a scratch directory, which
+    // is then packed and uploaded.
+    let scratch =
+        match repo.backup_data(&label.id) {
+            Some(_) => None,
+            None => Some(ScratchDir::new("reentry-backup").map_err(
+                crate::backup::repo::io_err("create a scratch directory in", &std::env::temp_dir()),
+            )?),
+        };
+    let data = match &scratch {
+        Some(s) => s.path().join("data"),
+        None => repo.backup_data(&label.id).expect("a local repository"),
+    };
     let mut cmd = opts.pg_bin.command("pg_basebackup");
     cmd.arg("-D")
         .arg(&data)
@@ -318,10 +343,16 @@ fn copy_and_settle(
         }
     }
     if let Some(p) = parent {
-        cmd.arg(format!(
-            "--incremental={}",
-            repo.backup_data(p).join("backup_manifest").display()
-        ));
+        let manifest = match (repo.backup_data(p), &scratch) {
+            (Some(d), _) => d.join("backup_manifest"),
+            (None, Some(s)) => {
+                let m = s.path().join("parent_manifest");
+                packed::fetch_manifest(repo.store(), p, &m, repo.keys())?;
+                m
+            }
+            (None, None) => unreachable!("a remote repository has a scratch directory"),
+        };
+        cmd.arg(format!("--incremental={}", manifest.display()));
     }
     if opts.progress {
         cmd.arg("--progress").stderr(Stdio::inherit());
@@ -346,13 +377,27 @@ fn copy_and_settle(
     let (bytes, files) =
         fsutil::tree_size(&data).map_err(crate::backup::repo::io_err("measure", &data))?;
     (label.size_bytes, label.file_count) = (bytes, files);
-    repo.save_label(label)?;
+    if scratch.is_some() {
+        let index = packed::upload(
+            repo.store(),
+            &label.id,
+            &data,
+            opts.level,
+            repo.keys(),
+            opts.jobs,
+            &*opts.reporter,
+        )?;
+        label.stored_bytes = Some(index.stored_bytes());
+        label.encryption = repo.keys().to.as_ref().map(|r| r.describe());
+    } else {
+        repo.save_label(label)?;
+    }
     wait_for_wal(repo, label, opts.archive_timeout)?;
 
     let info = repo.archive().info()?;
     if let Some(info) = info.filter(|i| i.system_identifier != label.system_identifier) {
         return Err(BackupError::WrongCluster {
-            repo: repo.root().to_owned(),
+            repo: repo.location(),
             target: label.cluster_name.clone(),
             archive: info.system_identifier,
             server: label.system_identifier.clone(),

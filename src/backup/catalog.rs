@@ -15,9 +15,17 @@ pub fn sync(repo: &Repo, labels: &[BackupLabel], conninfo: &str) -> Result<usize
     db.batch("begin", "BEGIN")?;
     let usable: Vec<&BackupLabel> = labels.iter().filter(|l| l.is_usable()).collect();
     for l in &usable {
-        let data = repo.backup_data(&l.id);
-        let storage = format!("file://{}", data.display());
-        let manifest = format!("file://{}", data.join("backup_manifest").display());
+        let (storage, manifest) = match repo.backup_data(&l.id) {
+            Some(data) => (
+                format!("file://{}", data.display()),
+                format!("file://{}", data.join("backup_manifest").display()),
+            ),
+            None => {
+                let dir = format!("{}/{}", repo.location(), Repo::backup_key(&l.id, ""));
+                let manifest = format!("{dir}{}", crate::backup::packed::MANIFEST_FILE);
+                (dir, manifest)
+            }
+        };
         let kind = match l.kind {
             BackupType::Full => "base_full",
             BackupType::Incremental => "base_incremental",

@@ -175,6 +175,8 @@ pub struct DrillOptions {
     pub keep: bool,
     pub timeout: Duration,
     pub progress: crate::progress::Reporter,
+    /// From object storage: how many objects to download at once.
+    pub jobs: usize,
 }
 
 fn parse_time(s: &str) -> Option<SystemTime> {
@@ -259,6 +261,7 @@ pub fn drill(repo: &Repo, opts: &DrillOptions) -> Result<Evidence, DrillError> {
         pg_bin: opts.pg_bin.clone(),
         timeout: opts.timeout,
         progress: opts.progress.clone(),
+        jobs: opts.jobs,
     };
     let manifest = restore::restore(repo, &restore_opts)?;
     let validated = validate(&manifest, &opts.checks);
@@ -311,10 +314,10 @@ pub fn drill(repo: &Repo, opts: &DrillOptions) -> Result<Evidence, DrillError> {
     text.push('\n');
     fsutil::write_atomic(&opts.evidence, text.as_bytes())
         .map_err(io_err("write", &opts.evidence))?;
-    let drills = repo.root().join(DRILLS_DIR);
-    fsutil::create_dir_all_durable(&drills).map_err(io_err("create", &drills))?;
-    let recorded = drills.join(format!("{id}.json"));
-    fsutil::write_atomic(&recorded, text.as_bytes()).map_err(io_err("write", &recorded))?;
+    // Each drill is an object of its own, written once.
+    repo.store()
+        .put_if_absent(&format!("{DRILLS_DIR}/{id}.json"), text.as_bytes())
+        .map_err(RepoError::from)?;
     Ok(evidence)
 }
 
@@ -432,11 +435,15 @@ fn run_check(db: &mut Db, name: &str, database: &str, sql: &str) -> CheckResult 
 
 /// The newest drill recorded in the repository, and the newest that passed.
 pub fn recorded(repo: &Repo) -> (Option<Evidence>, Option<Evidence>) {
-    let mut all: Vec<Evidence> = fs::read_dir(repo.root().join(DRILLS_DIR))
+    // Unreadable drills are not evidence; a repository that cannot be
+    // listed has none to show.
+    let store = repo.store();
+    let mut all: Vec<Evidence> = store
+        .list(&format!("{DRILLS_DIR}/"))
+        .unwrap_or_default()
         .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|e| serde_json::from_slice(&fs::read(e.path()).ok()?).ok())
+        .filter(|o| o.key.ends_with(".json"))
+        .filter_map(|o| serde_json::from_slice(&store.get(&o.key).ok()??).ok())
         .collect();
     all.sort_by(|a, b| a.restore_finished_at.cmp(&b.restore_finished_at));
     let passed = all

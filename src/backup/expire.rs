@@ -11,6 +11,7 @@ use serde::Serialize;
 
 use crate::backup::archive::{Archive, ArchiveError};
 use crate::backup::label::{BackupLabel, BackupStatus, BackupType};
+use crate::backup::packed;
 use crate::backup::repo::{io_err, Repo, RepoError, BACKUP_DIR};
 use crate::fsutil;
 use crate::pg::wal::WalFileName;
@@ -46,6 +47,8 @@ pub enum ExpireError {
     Repo(#[from] RepoError),
     #[error(transparent)]
     Archive(#[from] ArchiveError),
+    #[error(transparent)]
+    Pack(#[from] crate::backup::packed::PackError),
 }
 
 fn age_days(label: &BackupLabel, now: SystemTime) -> f64 {
@@ -245,7 +248,16 @@ pub fn plan_for(repo: &Repo, policy: &Policy) -> Result<ExpirePlan, ExpireError>
 /// never leaves a half-deleted backup that looks usable; leftovers of an
 /// earlier crash are removed first.
 pub fn apply(repo: &Repo, plan: &mut ExpirePlan) -> Result<(), ExpireError> {
-    let backups = repo.root().join(BACKUP_DIR);
+    let Some(root) = repo.local_root() else {
+        // On object storage the label goes first: the backup stops being
+        // visible before any of its objects is deleted.
+        for d in &plan.expire {
+            packed::delete(repo.store(), &d.id)?;
+            tracing::info!(id = %d.id, reason = %d.reason, "backup expired");
+        }
+        return apply_wal(repo, plan);
+    };
+    let backups = root.join(BACKUP_DIR);
     if let Ok(entries) = std::fs::read_dir(&backups) {
         for e in entries.flatten() {
             if e.file_name().to_string_lossy().starts_with(".expiring-") {
@@ -261,6 +273,10 @@ pub fn apply(repo: &Repo, plan: &mut ExpirePlan) -> Result<(), ExpireError> {
         std::fs::remove_dir_all(&aside).map_err(io_err("remove", &aside))?;
         tracing::info!(id = %d.id, reason = %d.reason, "backup expired");
     }
+    apply_wal(repo, plan)
+}
+
+fn apply_wal(repo: &Repo, plan: &mut ExpirePlan) -> Result<(), ExpireError> {
     let archive: Archive = repo.archive();
     for name in &plan.expire_wal {
         let wal = WalFileName::parse(name).expect("planned from parsed names");
@@ -316,6 +332,8 @@ mod tests {
             stop_time: Some(at),
             size_bytes: 1,
             file_count: 1,
+            stored_bytes: None,
+            encryption: None,
             tool_version: "t".into(),
             verification: None,
         }

@@ -79,6 +79,12 @@ pub struct BackupLabel {
     pub stop_time: Option<String>,
     pub size_bytes: u64,
     pub file_count: u64,
+    /// On object storage: the bytes its compressed objects hold.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stored_bytes: Option<u64>,
+    /// How its objects are encrypted; none when they are not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encryption: Option<crate::crypt::Encryption>,
     pub tool_version: String,
     pub verification: Option<Verification>,
 }

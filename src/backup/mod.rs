@@ -7,6 +7,7 @@ pub mod catalog;
 pub mod drill;
 pub mod expire;
 pub mod label;
+pub mod packed;
 pub mod preflight;
 pub mod repo;
 pub mod restore;

@@ -109,13 +109,13 @@ pub fn preflight(repo: &Repo, opts: &PreflightOptions) -> Result<PreflightReport
         archive_sysid.as_deref() == Some(sysid.as_str()),
         match &archive_sysid {
             Some(a) if *a == sysid => {
-                format!("{} holds WAL of system {sysid}", repo.root().display())
+                format!("{} holds WAL of system {sysid}", repo.location())
             }
             Some(a) => format!(
                 "{} holds WAL of system {a}, the server is {sysid}",
-                repo.root().display()
+                repo.location()
             ),
-            None => format!("{} has no archived WAL", repo.root().display()),
+            None => format!("{} has no archived WAL", repo.location()),
         },
     );
 

@@ -16,9 +16,10 @@ use serde::{Deserialize, Serialize};
 use crate::backup::archive::ArchiveError;
 use crate::backup::basebackup::now_rfc3339;
 use crate::backup::label::BackupLabel;
+use crate::backup::packed::{self, PackError};
 use crate::backup::repo::{io_err, Repo, RepoError};
 use crate::backup::walchain::ChainIndex;
-use crate::fsutil;
+use crate::fsutil::{self, ScratchDir};
 use crate::pg::conn::{Db, PgError};
 use crate::pg::lsn::Lsn;
 use crate::pg::tools::{self, PgBin, ToolError};
@@ -101,6 +102,8 @@ pub enum RestoreError {
     Pg(#[from] PgError),
     #[error(transparent)]
     Tool(#[from] ToolError),
+    #[error(transparent)]
+    Pack(#[from] PackError),
     #[error("PostgreSQL refuses to run as root: run reentry restore as the OS user that will own the restored cluster")]
     RunningAsRoot,
     #[error("{} is not empty: restore into a new or empty directory", dir.display())]
@@ -111,10 +114,10 @@ pub enum RestoreError {
     PortInUse { port: u16 },
     #[error("invalid target {value:?}: {why}")]
     BadTarget { value: String, why: String },
-    #[error("no restore point {name:?} is recorded in {}; recorded: {known}", repo.display())]
+    #[error("no restore point {name:?} is recorded in {repo}; recorded: {known}")]
     UnknownRestorePoint {
         name: String,
-        repo: PathBuf,
+        repo: String,
         known: String,
     },
     #[error("no usable backup can reach target {target}: {why}")]
@@ -142,6 +145,8 @@ pub struct RestoreOptions {
     pub timeout: Duration,
     /// The phases and a running count of replayed segments.
     pub progress: Reporter,
+    /// From object storage: how many objects to download at once.
+    pub jobs: usize,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -202,7 +207,7 @@ pub fn plan(
             let p = points.iter().find(|p| &p.name == n).ok_or_else(|| {
                 RestoreError::UnknownRestorePoint {
                     name: n.clone(),
-                    repo: repo.root().to_owned(),
+                    repo: repo.location(),
                     known: if points.is_empty() {
                         "none".into()
                     } else {
@@ -239,7 +244,7 @@ pub fn plan(
                 .as_deref()
                 .and_then(|s| humantime::parse_rfc3339(s).ok())
                 .is_some_and(|stop| stop < *t),
-            (Target::Xid(x), _) => next_xid(&opts.pg_bin, &repo.backup_data(&b.id))? <= *x,
+            (Target::Xid(x), _) => next_xid_of(repo, &opts.pg_bin, &b.id)? <= *x,
             _ => true,
         })
     };
@@ -275,7 +280,7 @@ pub fn plan(
             found.ok_or_else(|| RestoreError::NoBackup {
                 target: shown.clone(),
                 why: match labels.first() {
-                    None => format!("{} has no complete backup", repo.root().display()),
+                    None => format!("{} has no complete backup", repo.location()),
                     Some(oldest) => format!(
                         "the oldest backup, {}, is consistent only from {} ({})",
                         oldest.id,
@@ -392,6 +397,28 @@ pub fn last_commit_time(
 }
 
 /// The next transaction id recorded in a backup's control file.
+/// The NextXID of backup `id`'s checkpoint: from its pg_control, which on
+/// object storage is the one file downloaded.
+fn next_xid_of(repo: &Repo, pg_bin: &PgBin, id: &str) -> Result<u32, RestoreError> {
+    if let Some(data) = repo.backup_data(id) {
+        return next_xid(pg_bin, &data);
+    }
+    let scratch = ScratchDir::new("reentry-control").map_err(io_err(
+        "create a scratch directory in",
+        &std::env::temp_dir(),
+    ))?;
+    packed::materialise(
+        repo.store(),
+        id,
+        scratch.path(),
+        Some(&["global/pg_control"]),
+        repo.keys(),
+        1,
+        &*crate::progress::Reporter::silent(),
+    )?;
+    next_xid(pg_bin, scratch.path())
+}
+
 fn next_xid(pg_bin: &PgBin, data: &Path) -> Result<u32, RestoreError> {
     let out = tools::run(pg_bin.command("pg_controldata").arg(data))?;
     let text = String::from_utf8_lossy(&out.stdout);
@@ -424,7 +451,38 @@ pub fn restore(repo: &Repo, opts: &RestoreOptions) -> Result<RestoreManifest, Re
     };
     let (chain, target) = plan(repo, opts)?;
     let backup = chain.last().expect("a chain has its backup").clone();
-    let repo_abs = fs::canonicalize(repo.root()).map_err(io_err("resolve", repo.root()))?;
+    // A wrong or missing key fails before anything is written: every
+    // backup of the chain, the first WAL segment it needs and the newest
+    // one archived are read. Under restore_command a segment that cannot
+    // be decrypted would look missing, and recovery would end early.
+    if repo.local_root().is_none() {
+        for b in &chain {
+            packed::manifest(repo.store(), &b.id, repo.keys())?;
+        }
+    }
+    {
+        let archive = repo.archive();
+        let newest = archive
+            .list()?
+            .files
+            .into_iter()
+            .filter(|f| matches!(f, WalFileName::Segment(_)))
+            .max_by_key(|f| f.to_string());
+        let first = chain[0]
+            .required_segments()
+            .first()
+            .map(|s| WalFileName::Segment(*s));
+        for name in first.iter().chain(newest.iter()) {
+            archive.read(name, &mut io::sink())?;
+        }
+    }
+    let repo_abs = match repo.local_root() {
+        Some(root) => fs::canonicalize(root)
+            .map_err(io_err("resolve", root))?
+            .display()
+            .to_string(),
+        None => repo.location(),
+    };
 
     fsutil::create_dir_all_durable(&opts.to).map_err(io_err("create", &opts.to))?;
     let to = fs::canonicalize(&opts.to).map_err(io_err("resolve", &opts.to))?;
@@ -448,23 +506,75 @@ pub fn restore(repo: &Repo, opts: &RestoreOptions) -> Result<RestoreManifest, Re
         ));
     }
     let t = Instant::now();
-    if chain.len() == 1 {
-        copy_tree(&repo.backup_data(&backup.id), &to)
-            .map_err(io_err("copy the backup into", &to))?;
-        durations.copy_seconds = t.elapsed().as_secs_f64();
-    } else {
-        // pg_combinebackup insists on creating the output directory itself.
-        fs::remove_dir(&to).map_err(io_err("prepare", &to))?;
-        let mut cmd = opts.pg_bin.command("pg_combinebackup");
-        cmd.arg("-o").arg(&to);
-        for b in &chain {
-            cmd.arg(repo.backup_data(&b.id));
+    match (chain.len(), repo.backup_data(&backup.id)) {
+        (1, Some(data)) => {
+            copy_tree(&data, &to).map_err(io_err("copy the backup into", &to))?;
+            durations.copy_seconds = t.elapsed().as_secs_f64();
         }
-        tools::run(&mut cmd)?;
-        durations.combine_seconds = t.elapsed().as_secs_f64();
+        (1, None) => {
+            packed::materialise(
+                repo.store(),
+                &backup.id,
+                &to,
+                None,
+                repo.keys(),
+                opts.jobs,
+                &*opts.progress,
+            )?;
+            durations.copy_seconds = t.elapsed().as_secs_f64();
+        }
+        _ => {
+            // On object storage, each backup of the chain is downloaded
+            // beside the target first.
+            let scratch = match repo.local_root() {
+                Some(_) => None,
+                None => Some(
+                    ScratchDir::beside(&to)
+                        .map_err(io_err("create a scratch directory beside", &to))?,
+                ),
+            };
+            let mut dirs = Vec::new();
+            for b in &chain {
+                dirs.push(match (repo.backup_data(&b.id), &scratch) {
+                    (Some(d), _) => d,
+                    (None, Some(s)) => {
+                        let d = s.path().join(&b.id);
+                        fs::create_dir(&d).map_err(io_err("create", &d))?;
+                        packed::materialise(
+                            repo.store(),
+                            &b.id,
+                            &d,
+                            None,
+                            repo.keys(),
+                            opts.jobs,
+                            &*opts.progress,
+                        )?;
+                        d
+                    }
+                    (None, None) => unreachable!("a remote repository has a scratch directory"),
+                });
+            }
+            durations.copy_seconds = t.elapsed().as_secs_f64();
+            let t = Instant::now();
+            // pg_combinebackup insists on creating the output directory itself.
+            fs::remove_dir(&to).map_err(io_err("prepare", &to))?;
+            let mut cmd = opts.pg_bin.command("pg_combinebackup");
+            cmd.arg("-o").arg(&to);
+            cmd.args(&dirs);
+            tools::run(&mut cmd)?;
+            durations.combine_seconds = t.elapsed().as_secs_f64();
+        }
     }
     set_mode(&to, 0o700).map_err(io_err("set permissions on", &to))?;
-    configure(&to, port, &repo_abs, &target, opts.action).map_err(io_err("configure", &to))?;
+    configure(
+        &to,
+        port,
+        &repo_abs,
+        repo.keys().identity_file(),
+        &target,
+        opts.action,
+    )
+    .map_err(io_err("configure", &to))?;
 
     let t = Instant::now();
     let reached = replay(&to, port, opts)?;
@@ -478,7 +588,7 @@ pub fn restore(repo: &Repo, opts: &RestoreOptions) -> Result<RestoreManifest, Re
         action: opts.action,
         data_dir: to.display().to_string(),
         port,
-        repo: repo_abs.display().to_string(),
+        repo: repo_abs.clone(),
         pg_version: reached.pg_version,
         system_identifier: reached.system_identifier,
         timeline: reached.timeline,
@@ -551,7 +661,14 @@ fn copy_tree(from: &Path, to: &Path) -> io::Result<()> {
 
 /// The recovery settings, last in postgresql.auto.conf so they win over
 /// anything the backup carried (ALTER SYSTEM writes there too).
-fn configure(to: &Path, port: u16, repo: &Path, target: &Target, action: Action) -> io::Result<()> {
+fn configure(
+    to: &Path,
+    port: u16,
+    repo: &str,
+    identity: Option<&Path>,
+    target: &Target,
+    action: Action,
+) -> io::Result<()> {
     use std::io::Write;
     let exe = std::env::current_exe()?;
     let quote = |s: &str| format!("'{}'", s.replace('\'', "''"));
@@ -579,9 +696,13 @@ fn configure(to: &Path, port: u16, repo: &Path, target: &Target, action: Action)
         format!(
             "restore_command = {}",
             quote(&format!(
-                "'{}' --repo '{}' wal fetch %f %p",
+                "'{}' --repo '{}'{} wal fetch %f %p",
                 exe.display(),
-                repo.display()
+                repo,
+                match identity {
+                    Some(p) => format!(" --identity '{}'", fs::canonicalize(p)?.display()),
+                    None => String::new(),
+                }
             ))
         ),
         "recovery_target_timeline = 'latest'".to_owned(),

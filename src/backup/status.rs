@@ -269,7 +269,7 @@ pub fn status(repo: &Repo, conninfo: Option<&str>) -> Result<Status, StatusError
         replication_slots,
         databases,
         archive: ArchiveStatus {
-            repo: repo.root().display().to_string(),
+            repo: repo.location(),
             system_identifier: info.map(|i| i.system_identifier),
             newest_segment: newest.map(|n| n.to_string()),
             lag_segments,
@@ -457,7 +457,7 @@ pub fn check(
         &[],
     )?;
     let (mode, sysid): (String, String) = (r.get(0), r.get(1));
-    let repo_s = repo.root().display().to_string();
+    let repo_s = repo.location();
     if mode == "off" {
         return Err(StatusError::ArchiveOff {
             target,

@@ -12,6 +12,22 @@
 //! 56..60  first 4 bytes of SHA-256 over bytes 0..56 (guards the header)
 //! 60..64  zero
 //! ```
+//!
+//! An encrypted object (crypt.rs) has a 128-byte header, format version 2:
+//! the compressed payload is then encrypted with age, and the header also
+//! records the key id of its recipients and the length and SHA-256 of the
+//! payload as stored, so that it can be checked without the private key.
+//!
+//! ```text
+//!  0..56  as in version 1, version byte 2, byte 10 the encryption (1: age-x25519)
+//! 56..64  key id of the recipients
+//! 64..72  stored payload length, u64 little-endian
+//! 72..104 SHA-256 of the stored payload
+//! 104..124 zero
+//! 124..128 first 4 bytes of SHA-256 over bytes 0..124
+//! ```
+//!
+//! Every earlier version stays readable.
 
 use std::cell::RefCell;
 use std::fmt;
@@ -21,9 +37,13 @@ use std::rc::Rc;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::crypt::{CryptError, Identities, KeyId, Recipients};
+
 pub const MAGIC: &[u8; 8] = b"RNTRYWAL";
 pub const HEADER_LEN: usize = 64;
+pub const SEALED_HEADER_LEN: usize = 128;
 const FORMAT_VERSION: u8 = 1;
+const SEALED_VERSION: u8 = 2;
 const CHUNK: usize = 1 << 20;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum, Default)]
@@ -70,11 +90,29 @@ pub struct Header {
     pub compression: Compression,
     pub raw_len: u64,
     pub sha256: Sha256Sum,
+    /// How the payload is encrypted; none in format 1.
+    pub sealed: Option<Sealed>,
+}
+
+/// An encrypted payload, as its header records it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Sealed {
+    pub key_id: KeyId,
+    pub payload_len: u64,
+    pub payload_sha256: Sha256Sum,
 }
 
 impl Header {
-    pub fn encode(&self) -> [u8; HEADER_LEN] {
-        let mut b = [0u8; HEADER_LEN];
+    pub fn header_len(&self) -> usize {
+        if self.sealed.is_some() {
+            SEALED_HEADER_LEN
+        } else {
+            HEADER_LEN
+        }
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        let mut b = vec![0u8; self.header_len()];
         b[0..8].copy_from_slice(MAGIC);
         b[8] = FORMAT_VERSION;
         b[9] = match self.compression {
@@ -83,8 +121,21 @@ impl Header {
         };
         b[16..24].copy_from_slice(&self.raw_len.to_le_bytes());
         b[24..56].copy_from_slice(&self.sha256.0);
-        let guard = Sha256::digest(&b[0..56]);
-        b[56..60].copy_from_slice(&guard[0..4]);
+        match &self.sealed {
+            None => {
+                let guard = Sha256::digest(&b[0..56]);
+                b[56..60].copy_from_slice(&guard[0..4]);
+            }
+            Some(s) => {
+                b[8] = SEALED_VERSION;
+                b[10] = 1;
+                b[56..64].copy_from_slice(&s.key_id.0);
+                b[64..72].copy_from_slice(&s.payload_len.to_le_bytes());
+                b[72..104].copy_from_slice(&s.payload_sha256.0);
+                let guard = Sha256::digest(&b[0..124]);
+                b[124..128].copy_from_slice(&guard[0..4]);
+            }
+        }
         b
     }
 
@@ -99,15 +150,38 @@ impl Header {
         if &b[0..8] != MAGIC {
             return Err("it does not start with the reentry archive magic".into());
         }
-        if Sha256::digest(&b[0..56])[0..4] != b[56..60] {
-            return Err("its header fails its checksum".into());
-        }
-        if b[8] != FORMAT_VERSION {
-            return Err(format!(
-                "archive format {} is newer than this reentry understands",
-                b[8]
-            ));
-        }
+        let sealed = match b[8] {
+            FORMAT_VERSION => {
+                if Sha256::digest(&b[0..56])[0..4] != b[56..60] {
+                    return Err("its header fails its checksum".into());
+                }
+                None
+            }
+            SEALED_VERSION => {
+                if b.len() < SEALED_HEADER_LEN {
+                    return Err(format!(
+                        "only {} bytes, shorter than the {SEALED_HEADER_LEN}-byte header of an encrypted file",
+                        b.len()
+                    ));
+                }
+                if Sha256::digest(&b[0..124])[0..4] != b[124..128] {
+                    return Err("its header fails its checksum".into());
+                }
+                if b[10] != 1 {
+                    return Err(format!("unknown encryption code {}", b[10]));
+                }
+                Some(Sealed {
+                    key_id: KeyId(b[56..64].try_into().unwrap()),
+                    payload_len: u64::from_le_bytes(b[64..72].try_into().unwrap()),
+                    payload_sha256: Sha256Sum(b[72..104].try_into().unwrap()),
+                })
+            }
+            v => {
+                return Err(format!(
+                    "archive format {v} is newer than this reentry understands"
+                ))
+            }
+        };
         let compression = match b[9] {
             0 => Compression::None,
             1 => Compression::Zstd,
@@ -117,6 +191,7 @@ impl Header {
             compression,
             raw_len: u64::from_le_bytes(b[16..24].try_into().unwrap()),
             sha256: Sha256Sum(b[24..56].try_into().unwrap()),
+            sealed,
         })
     }
 }
@@ -125,6 +200,42 @@ impl Header {
 /// the header, which holds the checksum of everything, is filled in last
 /// without a second write. Returns the stored bytes and their header.
 pub fn encode(
+    first: &[u8],
+    src: &mut impl Read,
+    compression: Compression,
+    level: i32,
+) -> io::Result<(Vec<u8>, Header)> {
+    encode_sealed(first, src, compression, level, None)
+}
+
+/// `encode`, then, with `to`, the payload encrypted to those recipients
+/// (format 2).
+pub fn encode_sealed(
+    first: &[u8],
+    src: &mut impl Read,
+    compression: Compression,
+    level: i32,
+    to: Option<&Recipients>,
+) -> io::Result<(Vec<u8>, Header)> {
+    let (plain, header) = encode_plain(first, src, compression, level)?;
+    let Some(to) = to else {
+        return Ok((plain, header));
+    };
+    let payload = to.encrypt(&plain[HEADER_LEN..]);
+    let header = Header {
+        sealed: Some(Sealed {
+            key_id: to.key_id(),
+            payload_len: payload.len() as u64,
+            payload_sha256: Sha256Sum(Sha256::digest(&payload).into()),
+        }),
+        ..header
+    };
+    let mut body = header.encode();
+    body.extend_from_slice(&payload);
+    Ok((body, header))
+}
+
+fn encode_plain(
     first: &[u8],
     src: &mut impl Read,
     compression: Compression,
@@ -146,6 +257,7 @@ pub fn encode(
         compression,
         raw_len,
         sha256: Sha256Sum(hasher.finalize().into()),
+        sealed: None,
     };
     body[..HEADER_LEN].copy_from_slice(&header.encode());
     Ok((body, header))
@@ -190,16 +302,103 @@ pub enum ReadError {
     Corrupt(String),
     /// Reading the stored file or writing to the sink failed.
     Io(io::Error),
+    /// It is encrypted, and no identity given can decrypt it.
+    Key(CryptError),
 }
 
 /// Streams the original bytes of a stored file into `sink`, verifying length
 /// and checksum. The sink may have received bytes when this fails, so write
 /// to a temporary file and publish it only on `Ok`.
 pub fn read(src: impl Read, sink: &mut impl Write) -> Result<Header, ReadError> {
+    read_with(src, sink, None)
+}
+
+/// The header of a stored file, and the reader positioned after it.
+fn read_header<R: Read>(src: R) -> Result<(Header, BufReader<R>), ReadError> {
     let mut file = BufReader::with_capacity(CHUNK, src);
-    let mut head = [0u8; HEADER_LEN];
-    let got = read_full(&mut file, &mut head).map_err(ReadError::Io)?;
-    let header = Header::decode(&head[..got]).map_err(ReadError::Corrupt)?;
+    let mut head = [0u8; SEALED_HEADER_LEN];
+    let got = read_full(&mut file, &mut head[..HEADER_LEN]).map_err(ReadError::Io)?;
+    let mut len = got;
+    if got == HEADER_LEN && head[8] == SEALED_VERSION {
+        len += read_full(&mut file, &mut head[HEADER_LEN..]).map_err(ReadError::Io)?;
+    }
+    let header = Header::decode(&head[..len]).map_err(ReadError::Corrupt)?;
+    Ok((header, file))
+}
+
+/// The encrypted payload after the header, checked against the length and
+/// checksum the header records.
+fn sealed_payload(file: &mut impl Read, sealed: &Sealed) -> Result<Vec<u8>, ReadError> {
+    let mut payload = Vec::with_capacity(sealed.payload_len as usize);
+    file.take(sealed.payload_len + 1)
+        .read_to_end(&mut payload)
+        .map_err(ReadError::Io)?;
+    if payload.len() as u64 != sealed.payload_len {
+        return Err(ReadError::Corrupt(format!(
+            "its encrypted payload is {} bytes, the header records {}",
+            payload.len(),
+            sealed.payload_len
+        )));
+    }
+    let actual = Sha256Sum(Sha256::digest(&payload).into());
+    if actual != sealed.payload_sha256 {
+        return Err(ReadError::Corrupt(format!(
+            "its encrypted payload has sha256 {actual}, the header records {}",
+            sealed.payload_sha256
+        )));
+    }
+    Ok(payload)
+}
+
+/// Checks a stored file as far as it can without a key: an encrypted one
+/// against its payload's recorded length and checksum, any other one
+/// completely.
+pub fn check(src: impl Read) -> Result<Header, ReadError> {
+    let (header, mut file) = read_header(src)?;
+    match &header.sealed {
+        Some(sealed) => {
+            sealed_payload(&mut file, sealed)?;
+            Ok(header)
+        }
+        None => read_with(
+            io::Cursor::new(header.encode()).chain(file),
+            &mut io::sink(),
+            None,
+        ),
+    }
+}
+
+/// `read`, decrypting with `keys` what is encrypted.
+pub fn read_with(
+    src: impl Read,
+    sink: &mut impl Write,
+    keys: Option<&Identities>,
+) -> Result<Header, ReadError> {
+    let (header, mut file) = read_header(src)?;
+    if let Some(sealed) = &header.sealed {
+        let payload = sealed_payload(&mut file, sealed)?;
+        let keys = keys.ok_or_else(|| {
+            ReadError::Key(CryptError::NeedIdentity {
+                what: "it".into(),
+                key_id: sealed.key_id,
+            })
+        })?;
+        let plain = keys
+            .decrypt(&payload, "it", sealed.key_id)
+            .map_err(|e| match e {
+                CryptError::Damaged { why, .. } => {
+                    ReadError::Corrupt(format!("its encrypted payload cannot be decrypted: {why}"))
+                }
+                e => ReadError::Key(e),
+            })?;
+        let mut plain_file = Header {
+            sealed: None,
+            ..header
+        }
+        .encode();
+        plain_file.extend_from_slice(&plain);
+        return read_with(plain_file.as_slice(), sink, None).map(|_| header);
+    }
 
     // zstd reports a damaged frame and a failing disk the same way; keep the
     // disk's own errors aside so they are not blamed on the file's content.

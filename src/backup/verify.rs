@@ -7,10 +7,13 @@ use serde::Serialize;
 use crate::backup::archive::ArchiveError;
 use crate::backup::basebackup::{now_rfc3339, BackupError};
 use crate::backup::label::{BackupLabel, Verification, VerifyStatus};
+use crate::backup::packed;
 use crate::backup::repo::{io_err, Repo, RepoError};
 use crate::fsutil::ScratchDir;
 use crate::pg::tools::{PgBin, ToolError};
 use crate::pg::wal::WalFileName;
+use crate::progress::Reporter;
+use std::fs;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct VerifyReport {
@@ -24,7 +27,26 @@ pub struct VerifyReport {
 }
 
 /// Verifies backup `id`, or the newest complete one.
-pub fn verify(repo: &Repo, id: Option<&str>, pg_bin: &PgBin) -> Result<VerifyReport, BackupError> {
+/// How to verify a backup on object storage.
+#[derive(Debug, Clone, Default)]
+pub struct VerifyOptions {
+    /// Also download it into a scratch directory and run pg_verifybackup
+    /// there; without it, every object is read and checked against its
+    /// checksum, and nothing is written.
+    pub materialise: bool,
+    pub jobs: usize,
+    pub progress: Reporter,
+}
+
+/// Verifies backup `id`, or the newest complete one. A local backup is
+/// checked by pg_verifybackup in place; one on object storage object by
+/// object (and by pg_verifybackup with `materialise`).
+pub fn verify(
+    repo: &Repo,
+    id: Option<&str>,
+    pg_bin: &PgBin,
+    opts: &VerifyOptions,
+) -> Result<VerifyReport, BackupError> {
     let id = match id {
         Some(id) => id.to_owned(),
         None => repo
@@ -35,7 +57,7 @@ pub fn verify(repo: &Repo, id: Option<&str>, pg_bin: &PgBin) -> Result<VerifyRep
             .map(|b| b.id)
             .ok_or_else(|| RepoError::UnknownBackup {
                 id: "(newest complete)".into(),
-                repo: repo.root().to_owned(),
+                repo: repo.location(),
             })?,
     };
     let chain = repo.chain(&id)?;
@@ -43,7 +65,7 @@ pub fn verify(repo: &Repo, id: Option<&str>, pg_bin: &PgBin) -> Result<VerifyRep
     let mut all = Vec::new();
     let mut wal_segments = 0;
     for mut label in chain.clone() {
-        let (problems, segments) = verify_one(repo, &label, pg_bin)?;
+        let (problems, segments) = verify_one(repo, &label, pg_bin, opts)?;
         wal_segments += segments;
         label.verification = Some(Verification {
             status: if problems.is_empty() {
@@ -54,7 +76,7 @@ pub fn verify(repo: &Repo, id: Option<&str>, pg_bin: &PgBin) -> Result<VerifyRep
             at: at.clone(),
             problems: problems.clone(),
         });
-        repo.save_label(&label)?;
+        repo.save_verification(&label)?;
         all.extend(problems);
     }
     Ok(VerifyReport {
@@ -75,6 +97,7 @@ fn verify_one(
     repo: &Repo,
     label: &BackupLabel,
     pg_bin: &PgBin,
+    opts: &VerifyOptions,
 ) -> Result<(Vec<String>, usize), BackupError> {
     let id = &label.id;
     if !label.is_usable() {
@@ -88,9 +111,16 @@ fn verify_one(
     ))?;
     let archive = repo.archive();
     let segments = label.required_segments();
+    // pg_verifybackup parses the WAL it is given; checked only against
+    // the archive's checksums, the WAL is not fetched (nor decrypted).
+    let parse_wal = repo.local_root().is_some() || opts.materialise;
     for seg in &segments {
         let name = WalFileName::Segment(*seg).to_string();
-        match archive.fetch(&name, &scratch.path().join(&name)) {
+        let got = match parse_wal {
+            true => archive.fetch(&name, &scratch.path().join(&name)).map(drop),
+            false => archive.verify(&WalFileName::Segment(*seg)).map(drop),
+        };
+        match got {
             Ok(_) => {}
             Err(ArchiveError::NotFound { .. }) => problems.push(format!(
                 "backup {id}: WAL segment {name} is missing from the archive (needed from {} to {})",
@@ -103,6 +133,28 @@ fn verify_one(
             Err(e) => return Err(e.into()),
         }
     }
+    let data = match repo.backup_data(id) {
+        Some(d) => d,
+        None => {
+            let checked = packed::check(repo.store(), id, repo.keys(), opts.jobs, &*opts.progress)?;
+            if !opts.materialise || !checked.problems.is_empty() {
+                problems.extend(checked.problems);
+                return Ok((problems, segments.len()));
+            }
+            let d = scratch.path().join("data");
+            fs::create_dir(&d).map_err(io_err("create", &d))?;
+            packed::materialise(
+                repo.store(),
+                id,
+                &d,
+                None,
+                repo.keys(),
+                opts.jobs,
+                &*opts.progress,
+            )?;
+            d
+        }
+    };
     let mut cmd = pg_bin.command("pg_verifybackup");
     if problems.is_empty() {
         cmd.arg("--wal-directory").arg(scratch.path());
@@ -110,7 +162,7 @@ fn verify_one(
         // The WAL is already known bad; still check every file of the backup.
         cmd.arg("--no-parse-wal");
     }
-    cmd.arg(repo.backup_data(id));
+    cmd.arg(&data);
     let out = cmd.output().map_err(|source| ToolError::Spawn {
         program: pg_bin.program("pg_verifybackup"),
         source,

@@ -46,6 +46,31 @@ pub struct TakeArgs {
     /// How long to wait for the backup's WAL to reach the archive.
     #[arg(long, value_name = "SECONDS", default_value_t = 60)]
     pub archive_timeout: u64,
+    #[command(flatten)]
+    pub objects: ObjectOpts,
+    /// On object storage: the zstd level of the backup's objects.
+    #[arg(long, value_name = "LEVEL", default_value_t = 3, value_parser = clap::value_parser!(i32).range(1..=19))]
+    pub compress_level: i32,
+}
+
+/// How a backup on object storage moves.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ObjectOpts {
+    /// On object storage: objects compressed and uploaded, or downloaded,
+    /// at once [default: the number of CPUs, at least 4].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub jobs: Option<u16>,
+}
+
+impl ObjectOpts {
+    pub fn jobs(&self) -> usize {
+        self.jobs.map(usize::from).unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
+                .max(4)
+        })
+    }
 }
 
 #[derive(Debug, clap::Args)]
@@ -61,6 +86,13 @@ pub struct VerifyArgs {
     pub id: Option<String>,
     #[command(flatten)]
     pub pg_bin: PgBinOpts,
+    /// On object storage: also download the backup into a scratch directory
+    /// and run pg_verifybackup there. Without it, every object is read and
+    /// checked against its checksum, and nothing is written.
+    #[arg(long)]
+    pub materialise: bool,
+    #[command(flatten)]
+    pub objects: ObjectOpts,
 }
 
 #[derive(Debug, clap::Args)]
@@ -77,7 +109,7 @@ pub struct ExpireArgs {
 }
 
 pub fn run(ctx: &Context, args: BackupArgs) -> Result<Exit, Error> {
-    let repo = Repo::new(ctx.local_repo()?);
+    let repo = ctx.open_repo()?;
     match args.command {
         None => take(ctx, &repo, args.take),
         Some(BackupCommand::List(a)) => list(ctx, &repo, a),
@@ -95,6 +127,9 @@ fn take(ctx: &Context, repo: &Repo, a: TakeArgs) -> Result<Exit, Error> {
         pg_bin: a.pg_bin.pg_bin(),
         archive_timeout: Duration::from_secs(a.archive_timeout),
         progress: ctx.progress(),
+        jobs: a.objects.jobs(),
+        level: a.compress_level,
+        reporter: ctx.reporter(),
     };
     let label = basebackup::take(repo, &opts)?;
     ctx.emit(&label, || {
@@ -155,7 +190,7 @@ fn list(ctx: &Context, repo: &Repo, a: ListArgs) -> Result<Exit, Error> {
             ));
         }
         if labels.is_empty() {
-            out = format!("no backups in {}", repo.root().display());
+            out = format!("no backups in {}", repo.location());
         }
         Some(out)
     })?;
@@ -163,7 +198,12 @@ fn list(ctx: &Context, repo: &Repo, a: ListArgs) -> Result<Exit, Error> {
 }
 
 fn verify_cmd(ctx: &Context, repo: &Repo, a: VerifyArgs) -> Result<Exit, Error> {
-    let report = verify::verify(repo, a.id.as_deref(), &a.pg_bin.pg_bin())?;
+    let opts = verify::VerifyOptions {
+        materialise: a.materialise,
+        jobs: a.objects.jobs(),
+        progress: ctx.reporter(),
+    };
+    let report = verify::verify(repo, a.id.as_deref(), &a.pg_bin.pg_bin(), &opts)?;
     ctx.emit(&report, || {
         let mut out = match report.status {
             VerifyStatus::Ok => format!(

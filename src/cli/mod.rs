@@ -52,6 +52,25 @@ pub struct GlobalOpts {
     /// Only errors on stderr.
     #[arg(short, long, global = true, conflicts_with = "verbose")]
     pub quiet: bool,
+    /// Encrypt what is stored to this age public key (age1…); repeat for
+    /// several [default: encryption.recipients in the config].
+    #[arg(
+        long,
+        global = true,
+        env = "REENTRY_AGE_RECIPIENTS",
+        value_name = "RECIPIENT",
+        value_delimiter = ','
+    )]
+    pub encrypt_to: Vec<String>,
+    /// An age identity file (AGE-SECRET-KEY-1… lines) to decrypt what is
+    /// read [default: encryption.identity-file in the config].
+    #[arg(
+        long,
+        global = true,
+        env = "REENTRY_AGE_IDENTITY_FILE",
+        value_name = "FILE"
+    )]
+    pub identity: Option<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -161,15 +180,48 @@ impl Context {
             .ok_or(Error::Config(ConfigError::NoRepo))
     }
 
-    /// The repository, which must be a local directory: base backups,
-    /// restores and retention are not on object storage yet.
-    pub fn local_repo(&self) -> Result<PathBuf, Error> {
+    /// The repository of `--repo` or the config: a local directory or
+    /// `s3://bucket/prefix`, with the keys of `keys`.
+    pub fn open_repo(&self) -> Result<crate::backup::repo::Repo, Error> {
         let repo = self.repo()?;
-        let shown = repo.to_string_lossy();
-        match crate::storage::Location::parse(&shown) {
-            Ok(crate::storage::Location::Local(path)) => Ok(path),
-            _ => Err(Error::Config(ConfigError::RemoteRepo(shown.into_owned()))),
-        }
+        let location = crate::storage::Location::parse(&repo.to_string_lossy())
+            .map_err(|e| Error::Config(ConfigError::BadRepo(e.to_string())))?;
+        let keys = self.keys()?;
+        Ok(crate::backup::repo::Repo::open(&location)
+            .map_err(|e| Error::Repo(crate::backup::repo::RepoError::Store(e)))?
+            .with_keys(keys))
+    }
+
+    /// The age recipients and identities of the flags, else the config.
+    /// A recipient or identity that does not parse is an error here,
+    /// before anything is read or written.
+    pub fn keys(&self) -> Result<crate::crypt::Keys, Error> {
+        use crate::crypt::{Identities, Keys, Recipients};
+        let bad = |e: crate::crypt::CryptError| Error::Config(ConfigError::Keys(e.to_string()));
+        let (recipients, what) = if self.global.encrypt_to.is_empty() {
+            (
+                self.config.encryption.recipients.clone(),
+                "encryption.recipients",
+            )
+        } else {
+            (self.global.encrypt_to.clone(), "--encrypt-to")
+        };
+        let to = match recipients.is_empty() {
+            true => None,
+            false => Some(Recipients::parse(&recipients, what).map_err(bad)?),
+        };
+        let identity = self
+            .global
+            .identity
+            .clone()
+            .or_else(|| self.config.encryption.identity_file.clone());
+        let identities = match identity {
+            Some(path) => Some(std::sync::Arc::new(
+                Identities::from_file(&path).map_err(bad)?,
+            )),
+            None => None,
+        };
+        Ok(Keys { to, identities })
     }
 
     /// Whether to show progress: a person is watching stderr.

@@ -3,7 +3,6 @@ use std::time::Duration;
 
 use crate::backup::drill::{self, DrillOptions, DrillTarget, Outcome};
 use crate::backup::preflight::{self, PreflightOptions};
-use crate::backup::repo::Repo;
 use crate::backup::restore::{self, Action, RestoreOptions, Target};
 use crate::cli::{ConnectOpts, Context, PgBinOpts};
 use crate::exit::Exit;
@@ -48,6 +47,8 @@ pub struct RestoreArgs {
     /// Give up on recovery after this many seconds.
     #[arg(long, value_name = "SECONDS", default_value_t = 3600)]
     pub timeout: u64,
+    #[command(flatten)]
+    pub objects: crate::cli::backup::ObjectOpts,
 }
 
 #[derive(Debug, clap::Args)]
@@ -74,6 +75,8 @@ pub struct DrillArgs {
     pub pg_bin: PgBinOpts,
     #[arg(long, value_name = "SECONDS", default_value_t = 3600)]
     pub timeout: u64,
+    #[command(flatten)]
+    pub objects: crate::cli::backup::ObjectOpts,
 }
 
 #[derive(Debug, clap::Args)]
@@ -92,7 +95,7 @@ pub struct PreflightArgs {
 }
 
 pub fn restore(ctx: &Context, a: RestoreArgs) -> Result<Exit, Error> {
-    let repo = Repo::new(ctx.local_repo()?);
+    let repo = ctx.open_repo()?;
     let target = if let Some(t) = &a.target_time {
         Target::parse_time(t)?
     } else if let Some(l) = a.target_lsn {
@@ -115,6 +118,7 @@ pub fn restore(ctx: &Context, a: RestoreArgs) -> Result<Exit, Error> {
         pg_bin: a.pg_bin.pg_bin(),
         timeout: Duration::from_secs(a.timeout),
         progress: ctx.reporter(),
+        jobs: a.objects.jobs(),
     };
     let m = restore::restore(&repo, &opts)?;
     ctx.emit(&m, || {
@@ -144,7 +148,7 @@ pub fn restore(ctx: &Context, a: RestoreArgs) -> Result<Exit, Error> {
 }
 
 pub fn drill(ctx: &Context, a: DrillArgs) -> Result<Exit, Error> {
-    let repo = Repo::new(ctx.local_repo()?);
+    let repo = ctx.open_repo()?;
     let checks = match &a.checks {
         Some(path) => drill::parse_checks(path)?,
         None => Vec::new(),
@@ -166,6 +170,7 @@ pub fn drill(ctx: &Context, a: DrillArgs) -> Result<Exit, Error> {
         keep: a.keep,
         timeout: Duration::from_secs(a.timeout),
         progress: ctx.reporter(),
+        jobs: a.objects.jobs(),
     };
     let e = drill::drill(&repo, &opts)?;
     ctx.emit(&e, || {
@@ -203,7 +208,7 @@ pub fn drill(ctx: &Context, a: DrillArgs) -> Result<Exit, Error> {
 }
 
 pub fn preflight(ctx: &Context, a: PreflightArgs) -> Result<Exit, Error> {
-    let repo = Repo::new(ctx.local_repo()?);
+    let repo = ctx.open_repo()?;
     let opts = PreflightOptions {
         conninfo: a.connect.db,
         restore_point: a.restore_point,

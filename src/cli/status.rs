@@ -1,6 +1,5 @@
 use std::time::Duration;
 
-use crate::backup::repo::Repo;
 use crate::backup::{restore_point as rp, status as st};
 use crate::cli::{human_age, human_bytes, print_line, ConnectOpts, Context};
 use crate::exit::Exit;
@@ -36,7 +35,7 @@ pub struct CheckArgs {
 }
 
 pub fn restore_point(ctx: &Context, a: RestorePointArgs) -> Result<Exit, Error> {
-    let repo = Repo::new(ctx.local_repo()?);
+    let repo = ctx.open_repo()?;
     let point = rp::create(&repo, a.connect.db.as_deref(), &a.name, a.switch_wal)?;
     ctx.emit(&point, || {
         Some(format!(
@@ -48,7 +47,7 @@ pub fn restore_point(ctx: &Context, a: RestorePointArgs) -> Result<Exit, Error> 
 }
 
 pub fn status(ctx: &Context, a: StatusArgs) -> Result<Exit, Error> {
-    let repo = Repo::new(ctx.local_repo()?);
+    let repo = ctx.open_repo()?;
     let s = st::status(&repo, a.connect.db.as_deref())?;
     if a.prometheus {
         print_line(st::prometheus(&s).trim_end())?;
@@ -152,7 +151,7 @@ pub fn status(ctx: &Context, a: StatusArgs) -> Result<Exit, Error> {
 }
 
 pub fn check(ctx: &Context, a: CheckArgs) -> Result<Exit, Error> {
-    let repo = Repo::new(ctx.local_repo()?);
+    let repo = ctx.open_repo()?;
     let report = st::check(
         &repo,
         a.connect.db.as_deref(),

@@ -45,7 +45,7 @@ pub struct FetchArgs {
 }
 
 pub fn run(ctx: &Context, cmd: WalCommand) -> Result<Exit, Error> {
-    let archive = archive_of(&ctx.repo()?)?;
+    let archive = archive_of(&ctx.repo()?)?.with_keys(ctx.keys()?);
     match cmd {
         WalCommand::Push(args) => {
             let opts = PushOptions {
@@ -83,11 +83,7 @@ pub fn archive_of(repo: &Path) -> Result<Archive, Error> {
 }
 
 fn verify(ctx: &Context, archive: &Archive) -> Result<Exit, Error> {
-    // Base backups are kept in local repositories only, so far.
-    let backups = match archive.local_root() {
-        Some(root) => Repo::new(root).backups()?,
-        None => Vec::new(),
-    };
+    let backups = Repo::on_archive(archive).backups()?;
     let report = walchain::verify(archive, &backups, &*ctx.reporter())?;
     ctx.emit(&report, || {
         let mut out = format!("{} archived files checked\n", report.files_checked);

@@ -1,13 +1,17 @@
 //! The repository's storage layer against a real S3 API: moto in server
 //! mode, which `scripts/services` starts (`REENTRY_TEST_S3`).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Barrier;
 
 use reentry::storage::{Put, S3Config, Store, S3};
 
+use serde_json::Value;
+
+use crate::common::archiving::switch_and_wait_archived;
 use crate::common::pg::{Cluster, Version};
+use crate::common::restored::{command, ok_json, Restored};
 use crate::common::services::address;
 use crate::common::{
     assert_exit, pushes_that_stored, reentry_bin, run_concurrently, stderr, stdout, unique,
@@ -227,17 +231,345 @@ fn s3_wal_push_to_a_server_that_is_down_fails_with_exit_2_naming_the_repository(
 }
 
 #[test]
-fn s3_commands_not_on_object_storage_yet_refuse_it_and_write_nothing_locally() {
+fn s3_backup_list_of_an_empty_repository_says_so_and_writes_nothing_locally() {
+    let (name, s) = bucket("empty-list", "repo");
     let cwd = tempfile::tempdir().unwrap();
-    let o = reentry_s3("b", &endpoint(), &["backup", "list"])
+    let o = reentry_s3(&name, &endpoint(), &["backup", "list"])
         .current_dir(cwd.path())
         .output()
         .unwrap();
+    assert_exit(&o, 0);
+    assert_eq!(stdout(&o).trim(), format!("no backups in s3://{name}/repo"));
+    assert_eq!(std::fs::read_dir(cwd.path()).unwrap().count(), 0);
+    assert!(s.list("").unwrap().is_empty());
+}
+
+/// `reentry --repo s3://BUCKET/repo --json ARGS…` as the server user,
+/// pointed at `c`, with moto's endpoint and test credentials.
+fn s3_at(c: &Cluster, bucket: &str, args: &[&str]) -> Command {
+    let mut cmd = command(c, Path::new(&format!("s3://{bucket}/repo")), args);
+    for (k, v) in s3_env() {
+        cmd.env(k, v);
+    }
+    cmd
+}
+
+fn s3_env() -> [(&'static str, String); 4] {
+    [
+        ("AWS_ENDPOINT_URL", endpoint()),
+        ("AWS_ACCESS_KEY_ID", "reentry-test".into()),
+        ("AWS_SECRET_ACCESS_KEY", "reentry-test-secret".into()),
+        ("AWS_REGION", "us-east-1".into()),
+    ]
+}
+
+/// A PostgreSQL 18 cluster archiving to `s3://BUCKET/repo`, with WAL
+/// summaries for incremental backups. The credentials reach
+/// `archive_command` through its own environment, as a unit file's
+/// `Environment=` would give them to the server.
+fn archiving_to_s3(bucket: &str) -> Cluster {
+    let c = Cluster::init(Version::V18);
+    let env: Vec<String> = s3_env().iter().map(|(k, v)| format!("{k}={v}")).collect();
+    c.append_conf(&[
+        ("archive_mode", "on".to_string()),
+        (
+            "archive_command",
+            format!(
+                "'{} {} --repo s3://{bucket}/repo wal push %p'",
+                env.join(" "),
+                reentry_bin().display()
+            ),
+        ),
+        ("summarize_wal", "on".to_string()),
+    ]);
+    let mut c = c;
+    c.start();
+    c
+}
+
+#[test]
+fn s3_pg18_backup_chain_verify_restore_and_drill_entirely_from_s3() {
+    let (name, s) = bucket("pg-backup", "repo");
+    let c = archiving_to_s3(&name);
+    // A table of more than one 16 MiB piece, and small files beside it.
+    c.client()
+        .batch_execute(
+            "CREATE TABLE t AS SELECT g AS id, repeat('x', 200) AS note FROM generate_series(1, 100000) g",
+        )
+        .unwrap();
+    let full = ok_json(
+        &s3_at(&c, &name, &["backup", "--jobs", "3"])
+            .output()
+            .unwrap(),
+    );
+    let full_id = full["id"].as_str().unwrap().to_owned();
+    assert_eq!(full["status"], "complete", "{full}");
+    assert!(
+        full["stored_bytes"].as_u64().unwrap() < full["size_bytes"].as_u64().unwrap() / 2,
+        "the objects are compressed: {full}"
+    );
+    c.client()
+        .batch_execute("INSERT INTO t SELECT g, 'after the full backup' FROM generate_series(100001, 100500) g")
+        .unwrap();
+    let inc = ok_json(
+        &s3_at(&c, &name, &["backup", "--incremental"])
+            .output()
+            .unwrap(),
+    );
+    let inc_id = inc["id"].as_str().unwrap().to_owned();
+    assert_eq!(inc["parent"], full_id.as_str());
+
+    // What the bucket holds: per backup its label, index, manifest and
+    // pieces; nothing was written locally.
+    let keys: Vec<String> = s
+        .list("backup/")
+        .unwrap()
+        .into_iter()
+        .map(|o| o.key)
+        .collect();
+    for id in [&full_id, &inc_id] {
+        for f in [
+            "backup.json",
+            "files.json",
+            "backup_manifest",
+            "pack/000000",
+        ] {
+            assert!(
+                keys.contains(&format!("backup/{id}/{f}")),
+                "backup/{id}/{f} not in {keys:?}"
+            );
+        }
+    }
+    assert!(
+        keys.iter()
+            .any(|k| k == &format!("backup/{full_id}/pack/000001")),
+        "the full backup has more than one piece: {keys:?}"
+    );
+    assert!(!c.dir("work").join("s3:").exists());
+
+    let list = ok_json(&s3_at(&c, &name, &["backup", "list"]).output().unwrap());
+    let listed: Vec<&str> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(listed, [full_id.as_str(), inc_id.as_str()]);
+
+    let v = ok_json(
+        &s3_at(&c, &name, &["backup", "verify", &inc_id])
+            .output()
+            .unwrap(),
+    );
+    assert_eq!(v["status"], "ok", "{v}");
+    assert_eq!(v["chain"], serde_json::json!([full_id, inc_id]));
+    let v = ok_json(
+        &s3_at(&c, &name, &["backup", "verify", "--materialise", &inc_id])
+            .output()
+            .unwrap(),
+    );
+    assert_eq!(v["status"], "ok", "pg_verifybackup on the download: {v}");
+    let list = ok_json(&s3_at(&c, &name, &["backup", "list"]).output().unwrap());
+    assert_eq!(
+        list[1]["verification"]["status"], "ok",
+        "the verification is recorded: {list}"
+    );
+
+    // A restore combines the chain from S3 and replays WAL from S3.
+    c.client()
+        .batch_execute("INSERT INTO t VALUES (0, 'after the incremental')")
+        .unwrap();
+    switch_and_wait_archived(&c);
+    let dir = c.root().join("restored");
+    let out = s3_at(
+        &c,
+        &name,
+        &["restore", "--latest", "--to", dir.to_str().unwrap()],
+    )
+    .output()
+    .unwrap();
+    let mut r = Restored {
+        manifest: Value::Null,
+        dir,
+        bin: c.version.bin_dir(),
+    };
+    r.manifest = ok_json(&out);
+    assert_eq!(
+        r.manifest["backup_chain"],
+        serde_json::json!([full_id, inc_id])
+    );
+    assert_eq!(r.manifest["repo"], format!("s3://{name}/repo"));
+    assert_eq!(r.count("t"), 100501, "every row, the last from WAL on S3");
+    drop(r);
+
+    // A drill from S3 records its evidence there.
+    let evidence = c.dir("work").join("drill.json");
+    let d = ok_json(
+        &s3_at(
+            &c,
+            &name,
+            &["drill", "--evidence", evidence.to_str().unwrap()],
+        )
+        .output()
+        .unwrap(),
+    );
+    assert_eq!(d["validation_status"], "passed", "{d}");
+    let drills: Vec<String> = s
+        .list("drills/")
+        .unwrap()
+        .into_iter()
+        .map(|o| o.key)
+        .collect();
+    assert_eq!(drills.len(), 1, "{drills:?}");
+
+    // A damaged piece is found by verify, named, without a restore.
+    let key = format!("backup/{full_id}/pack/000001");
+    let mut body = s.get(&key).unwrap().unwrap();
+    let at = body.len() / 2;
+    body[at] ^= 0xff;
+    s.put(&key, &body).unwrap();
+    let o = s3_at(&c, &name, &["backup", "verify", &inc_id])
+        .output()
+        .unwrap();
+    assert_exit(&o, 1);
+    assert!(
+        stdout(&o).contains(&format!("s3://{name}/repo/{key}")),
+        "{}",
+        stdout(&o)
+    );
+}
+
+/// A new age key pair: the identity file's text and the recipient.
+fn age_key() -> (String, String) {
+    use age::secrecy::ExposeSecret;
+    let id = age::x25519::Identity::generate();
+    (
+        id.to_string().expose_secret().to_owned(),
+        id.to_public().to_string(),
+    )
+}
+
+#[test]
+fn s3_encrypted_backups_and_wal_need_only_the_public_key_and_a_wrong_key_fails_before_writing() {
+    let (name, s) = bucket("pg-crypt", "repo");
+    let (old_secret, old_public) = age_key();
+    let (new_secret, new_public) = age_key();
+    let (stranger_secret, _) = age_key();
+    // The server archives with the old public key only.
+    let c = Cluster::init(Version::V18);
+    let env: Vec<String> = s3_env().iter().map(|(k, v)| format!("{k}={v}")).collect();
+    c.append_conf(&[
+        ("archive_mode", "on".to_string()),
+        (
+            "archive_command",
+            format!(
+                "'{} REENTRY_AGE_RECIPIENTS={old_public} {} --repo s3://{name}/repo wal push %p'",
+                env.join(" "),
+                reentry_bin().display()
+            ),
+        ),
+    ]);
+    let mut c = c;
+    c.start();
+    c.client()
+        .batch_execute("CREATE TABLE secret_notes AS SELECT g AS id, 'plaintext-marker-' || g AS note FROM generate_series(1, 20000) g")
+        .unwrap();
+    let b1 = ok_json(
+        &s3_at(&c, &name, &["--encrypt-to", &old_public, "backup"])
+            .output()
+            .unwrap(),
+    );
+    let key_id = b1["encryption"]["key_id"].as_str().unwrap().to_owned();
+    assert_eq!(b1["encryption"]["algorithm"], "age-x25519");
+    assert_eq!(b1["encryption"]["recipients"][0], old_public.as_str());
+    // What is stored is not the plaintext, and its header names the key.
+    for o in s.list("").unwrap() {
+        let body = s.get(&o.key).unwrap().unwrap();
+        assert!(
+            !body
+                .windows(b"plaintext-marker-".len())
+                .any(|w| w == b"plaintext-marker-"),
+            "{} holds the plaintext",
+            o.key
+        );
+        if o.key.contains("/pack/") || o.key.starts_with("archive/0") {
+            assert_eq!(&body[..9], b"RNTRYWAL\x02", "{}", o.key);
+        }
+    }
+    // Verified without any private key: each object against its checksum.
+    let v = ok_json(&s3_at(&c, &name, &["backup", "verify"]).output().unwrap());
+    assert_eq!(v["status"], "ok", "{v}");
+
+    // Rotation: the next backup goes to the new key.
+    c.client()
+        .batch_execute("INSERT INTO secret_notes VALUES (0, 'after rotation')")
+        .unwrap();
+    let b2 = ok_json(
+        &s3_at(&c, &name, &["--encrypt-to", &new_public, "backup"])
+            .output()
+            .unwrap(),
+    );
+    assert_ne!(b2["encryption"]["key_id"], key_id.as_str());
+    switch_and_wait_archived(&c);
+
+    let keys = c.dir("keys");
+    std::fs::create_dir_all(&keys).unwrap();
+    let file = |n: &str, text: &str| {
+        let p = keys.join(n);
+        std::fs::write(&p, text).unwrap();
+        crate::common::give_to_server_user(&p);
+        p
+    };
+    let stranger = file("stranger", &stranger_secret);
+    let only_new = file("new", &new_secret);
+    let both = file(
+        "both",
+        &format!("# old\n{old_secret}\n# new\n{new_secret}\n"),
+    );
+    let dir = c.root().join("restored");
+    let restore = |identity: Option<&Path>| {
+        let mut args = vec![];
+        if let Some(p) = identity {
+            args.extend(["--identity", p.to_str().unwrap()]);
+        }
+        args.extend(["restore", "--latest", "--to", dir.to_str().unwrap()]);
+        s3_at(&c, &name, &args).output().unwrap()
+    };
+    // No key, a stranger's key: refused before anything is written.
+    let o = restore(None);
     assert_exit(&o, 78);
     assert!(
-        stderr(&o).contains("s3://b/repo is on object storage"),
+        stderr(&o).contains("no identity was given"),
         "{}",
         stderr(&o)
     );
-    assert_eq!(std::fs::read_dir(cwd.path()).unwrap().count(), 0);
+    assert!(!dir.exists());
+    let o = restore(Some(&stranger));
+    assert_exit(&o, 78);
+    assert!(
+        stderr(&o).contains("none of the identities")
+            && stderr(&o).contains(b2["encryption"]["key_id"].as_str().unwrap()),
+        "{}",
+        stderr(&o)
+    );
+    assert!(!dir.exists());
+    // The new key alone reads the new backup, but not the WAL archived to
+    // the old one; both keys restore everything.
+    let o = restore(Some(&only_new));
+    assert_exit(&o, 78);
+    assert!(
+        stderr(&o).contains(&format!("s3://{name}/repo/archive/")),
+        "the WAL archived to the old key is named: {}",
+        stderr(&o)
+    );
+    assert!(!dir.exists());
+    let out = restore(Some(&both));
+    let mut r = Restored {
+        manifest: Value::Null,
+        dir: dir.clone(),
+        bin: c.version.bin_dir(),
+    };
+    r.manifest = ok_json(&out);
+    assert_eq!(r.manifest["backup_id"], b2["id"]);
+    assert_eq!(r.count("secret_notes"), 20001);
 }

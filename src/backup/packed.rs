@@ -1,0 +1,653 @@
+//! A base backup on object storage: the directory pg_basebackup wrote,
+//! packed into objects of at most `PIECE` bytes before compression, each in
+//! the stored format of `stored.rs` (a header with the length and SHA-256
+//! of its content, then zstd), uploaded and downloaded `jobs` at a time.
+//!
+//! ```text
+//! backup/<id>/pack/000000     small files end to end, or one part of a large file
+//! backup/<id>/files.json      the index: every directory, file and link, and
+//!                             where each file's bytes are; each piece's checksum
+//! backup/<id>/backup_manifest pg_basebackup's manifest, stored alone: an
+//!                             incremental backup's child needs it
+//! ```
+//!
+//! Every piece and the index are written create-only, before the label
+//! (repo.rs) that makes the backup visible. Pieces have at most `PIECE`
+//! bytes, so memory stays at about `jobs` pieces whatever the file sizes.
+//! A restore materialises the plain directory that pg_combinebackup,
+//! pg_verifybackup and PostgreSQL read.
+
+use std::fs::{self, File};
+use std::io::{self, Read, Seek, SeekFrom};
+use std::os::unix::fs::{FileExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Mutex;
+
+use serde::{Deserialize, Serialize};
+
+use crate::backup::repo::{Repo, RepoError};
+use crate::backup::stored::{self, Compression, ReadError};
+use crate::crypt::{CryptError, Identities, Keys};
+use crate::progress::Progress;
+use crate::storage::{Put, Store, StoreError};
+
+/// The most content one piece holds.
+pub const PIECE: u64 = 16 << 20;
+pub const INDEX_FILE: &str = "files.json";
+pub const MANIFEST_FILE: &str = "backup_manifest";
+const INDEX_FORMAT: u32 = 1;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PackError {
+    #[error("cannot {op} {}", path.display())]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Repo(#[from] RepoError),
+    #[error("{location} is damaged: {detail}")]
+    Corrupt { location: String, detail: String },
+    #[error("{location} is missing")]
+    Missing { location: String },
+    #[error("{location} already exists: a backup's objects are written once")]
+    Exists { location: String },
+    #[error(transparent)]
+    Key(#[from] CryptError),
+}
+
+fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> PackError + 'a {
+    move |source| PackError::Io {
+        op,
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// The index of a packed backup.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Index {
+    pub format: u32,
+    pub compression: Compression,
+    pub pieces: Vec<Piece>,
+    pub entries: Vec<Entry>,
+}
+
+/// One object: its content's length and SHA-256 (as its header records
+/// them) and its stored size.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Piece {
+    pub raw_len: u64,
+    pub stored_len: u64,
+    pub sha256: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum Entry {
+    Dir {
+        path: String,
+        mode: u32,
+    },
+    File {
+        path: String,
+        mode: u32,
+        size: u64,
+        /// Where its bytes are, in order.
+        parts: Vec<Part>,
+    },
+    Link {
+        path: String,
+        target: String,
+    },
+}
+
+/// `len` bytes of a file at `offset` in piece `piece`'s content.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+pub struct Part {
+    pub piece: usize,
+    pub offset: u64,
+    pub len: u64,
+}
+
+impl Index {
+    pub fn bytes(&self) -> u64 {
+        self.pieces.iter().map(|p| p.raw_len).sum()
+    }
+
+    pub fn stored_bytes(&self) -> u64 {
+        self.pieces.iter().map(|p| p.stored_len).sum()
+    }
+}
+
+pub fn piece_key(id: &str, piece: usize) -> String {
+    Repo::backup_key(id, &format!("pack/{piece:06}"))
+}
+
+/// What one piece is made of: byte ranges of files, in order.
+#[derive(Debug, Default)]
+struct Plan {
+    ranges: Vec<(PathBuf, u64, u64)>,
+    len: u64,
+}
+
+/// Walks `dir` and lays its files out in pieces: small files end to end
+/// until a piece is full, a large file in parts of `PIECE` bytes.
+fn lay_out(dir: &Path) -> Result<(Vec<Entry>, Vec<Plan>), PackError> {
+    let mut entries = Vec::new();
+    let mut plans: Vec<Plan> = vec![Plan::default()];
+    let mut stack = vec![PathBuf::new()];
+    while let Some(rel) = stack.pop() {
+        let abs = dir.join(&rel);
+        let mut names: Vec<_> = fs::read_dir(&abs)
+            .map_err(io_err("list", &abs))?
+            .collect::<io::Result<Vec<_>>>()
+            .map_err(io_err("list", &abs))?;
+        names.sort_by_key(|e| e.file_name());
+        let mut subdirs = Vec::new();
+        for e in names {
+            let path = rel.join(e.file_name());
+            let shown = path.to_string_lossy().into_owned();
+            let abs = e.path();
+            let meta = fs::symlink_metadata(&abs).map_err(io_err("read", &abs))?;
+            let mode = meta.permissions().mode() & 0o7777;
+            if meta.file_type().is_symlink() {
+                let target = fs::read_link(&abs).map_err(io_err("read", &abs))?;
+                entries.push(Entry::Link {
+                    path: shown,
+                    target: target.to_string_lossy().into_owned(),
+                });
+            } else if meta.is_dir() {
+                entries.push(Entry::Dir { path: shown, mode });
+                subdirs.push(path);
+            } else {
+                let size = meta.len();
+                let mut parts = Vec::new();
+                let mut at = 0;
+                while at < size {
+                    // A piece that is full, or a small file that does not
+                    // fit the rest of it, starts the next piece; a large
+                    // file fills the rest and goes on in the next.
+                    let used = plans.last().expect("never empty").len;
+                    let fits = size - at <= PIECE - used.min(PIECE);
+                    if used >= PIECE || (used > 0 && !fits && size <= PIECE) {
+                        plans.push(Plan::default());
+                    }
+                    let piece = plans.len() - 1;
+                    let last = plans.last_mut().expect("never empty");
+                    let len = (size - at).min(PIECE - last.len);
+                    parts.push(Part {
+                        piece,
+                        offset: last.len,
+                        len,
+                    });
+                    last.ranges.push((abs.clone(), at, len));
+                    last.len += len;
+                    at += len;
+                }
+                entries.push(Entry::File {
+                    path: shown,
+                    mode,
+                    size,
+                    parts,
+                });
+            }
+        }
+        // Depth first, in name order.
+        stack.extend(subdirs.into_iter().rev());
+    }
+    if plans.last().is_some_and(|p| p.ranges.is_empty()) {
+        plans.pop();
+    }
+    Ok((entries, plans))
+}
+
+/// Runs `work(i)` for every i below `n` on `jobs` threads; the first error
+/// stops the others from starting more.
+fn parallel<T: Send>(
+    n: usize,
+    jobs: usize,
+    work: impl Fn(usize) -> Result<T, PackError> + Sync,
+) -> Result<Vec<T>, PackError> {
+    let next = AtomicUsize::new(0);
+    let failed = AtomicBool::new(false);
+    let results: Mutex<Vec<Option<T>>> = Mutex::new((0..n).map(|_| None).collect());
+    let first_error: Mutex<Option<PackError>> = Mutex::new(None);
+    std::thread::scope(|s| {
+        for _ in 0..jobs.clamp(1, n.max(1)) {
+            s.spawn(|| loop {
+                if failed.load(Ordering::Relaxed) {
+                    return;
+                }
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= n {
+                    return;
+                }
+                match work(i) {
+                    Ok(v) => results.lock().expect("no panic holding it")[i] = Some(v),
+                    Err(e) => {
+                        failed.store(true, Ordering::Relaxed);
+                        first_error
+                            .lock()
+                            .expect("no panic holding it")
+                            .get_or_insert(e);
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    if let Some(e) = first_error.into_inner().expect("no panic holding it") {
+        return Err(e);
+    }
+    Ok(results
+        .into_inner()
+        .expect("no panic holding it")
+        .into_iter()
+        .map(|r| r.expect("every item ran"))
+        .collect())
+}
+
+/// Packs directory `dir` (a backup pg_basebackup wrote) into backup `id`'s
+/// objects and writes its index and its manifest. Returns the index.
+pub fn upload(
+    store: &dyn Store,
+    id: &str,
+    dir: &Path,
+    level: i32,
+    keys: &Keys,
+    jobs: usize,
+    progress: &dyn Progress,
+) -> Result<Index, PackError> {
+    let to = keys.to.as_ref();
+    let (entries, plans) = lay_out(dir)?;
+    let total: u64 = plans.iter().map(|p| p.len).sum();
+    progress.stage("uploading", Some(total));
+    let done = AtomicU64::new(0);
+    let pieces = parallel(plans.len(), jobs, |i| {
+        let plan = &plans[i];
+        let mut raw = Vec::with_capacity(plan.len as usize);
+        for (path, offset, len) in &plan.ranges {
+            let mut f = File::open(path).map_err(io_err("read", path))?;
+            f.seek(SeekFrom::Start(*offset))
+                .map_err(io_err("read", path))?;
+            let before = raw.len();
+            f.take(*len)
+                .read_to_end(&mut raw)
+                .map_err(io_err("read", path))?;
+            if (raw.len() - before) as u64 != *len {
+                return Err(PackError::Io {
+                    op: "read",
+                    path: path.clone(),
+                    source: io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "the file shrank while it was packed",
+                    ),
+                });
+            }
+        }
+        let (body, header) =
+            stored::encode_sealed(&raw, &mut io::empty(), Compression::Zstd, level, to)
+                .map_err(io_err("compress", dir))?;
+        let key = piece_key(id, i);
+        if store.put_if_absent(&key, &body)? == Put::Exists {
+            return Err(PackError::Exists {
+                location: format!("{}/{key}", store.location()),
+            });
+        }
+        let n = done.fetch_add(plan.len, Ordering::Relaxed) + plan.len;
+        progress.advance(n, "");
+        Ok(Piece {
+            raw_len: header.raw_len,
+            stored_len: body.len() as u64,
+            sha256: header.sha256.to_string(),
+        })
+    })?;
+    progress.finish();
+    let index = Index {
+        format: INDEX_FORMAT,
+        compression: Compression::Zstd,
+        pieces,
+        entries,
+    };
+    let mut text = serde_json::to_vec(&index).expect("an index serializes");
+    text.push(b'\n');
+    put_new(store, &Repo::backup_key(id, INDEX_FILE), &text)?;
+    let manifest = dir.join(MANIFEST_FILE);
+    let mut f = File::open(&manifest).map_err(io_err("read", &manifest))?;
+    let (body, _) = stored::encode_sealed(&[], &mut f, Compression::Zstd, level, to)
+        .map_err(io_err("read", &manifest))?;
+    put_new(store, &Repo::backup_key(id, MANIFEST_FILE), &body)?;
+    Ok(index)
+}
+
+fn put_new(store: &dyn Store, key: &str, body: &[u8]) -> Result<(), PackError> {
+    match store.put_if_absent(key, body)? {
+        Put::Created => Ok(()),
+        Put::Exists => Err(PackError::Exists {
+            location: format!("{}/{key}", store.location()),
+        }),
+    }
+}
+
+/// Backup `id`'s index.
+pub fn index(store: &dyn Store, id: &str) -> Result<Index, PackError> {
+    let key = Repo::backup_key(id, INDEX_FILE);
+    let location = format!("{}/{key}", store.location());
+    let text = store.get(&key)?.ok_or_else(|| PackError::Missing {
+        location: location.clone(),
+    })?;
+    let index: Index = serde_json::from_slice(&text).map_err(|e| PackError::Corrupt {
+        location: location.clone(),
+        detail: e.to_string(),
+    })?;
+    if index.format != INDEX_FORMAT {
+        return Err(PackError::Corrupt {
+            location,
+            detail: format!(
+                "index format {} is not one this reentry reads",
+                index.format
+            ),
+        });
+    }
+    Ok(index)
+}
+
+/// The content of stored object `key`, checked against its header and
+/// against what the index records of it.
+fn fetch_piece(
+    store: &dyn Store,
+    key: &str,
+    want: Option<&Piece>,
+    keys: Option<&Identities>,
+) -> Result<Vec<u8>, PackError> {
+    read_piece(store, key, want, keys, false)
+}
+
+/// `fetch_piece`, or with `check_only` a check that reads nothing out.
+fn read_piece(
+    store: &dyn Store,
+    key: &str,
+    want: Option<&Piece>,
+    keys: Option<&Identities>,
+    check_only: bool,
+) -> Result<Vec<u8>, PackError> {
+    let location = format!("{}/{key}", store.location());
+    let body = store.get(key)?.ok_or_else(|| PackError::Missing {
+        location: location.clone(),
+    })?;
+    let mut raw = Vec::with_capacity(want.map_or(0, |p| p.raw_len as usize));
+    let header = if check_only {
+        // Without a key an encrypted object is checked against the
+        // checksum of its payload; any other is read whole.
+        stored::check(&body[..])
+    } else {
+        stored::read_with(&body[..], &mut raw, keys)
+    }
+    .map_err(|e| match e {
+        ReadError::Key(e) => PackError::Key(e),
+        ReadError::Corrupt(detail) => PackError::Corrupt {
+            location: location.clone(),
+            detail,
+        },
+        ReadError::Io(e) => PackError::Corrupt {
+            location: location.clone(),
+            detail: e.to_string(),
+        },
+    })?;
+    if let Some(p) = want {
+        let sha = header.sha256.to_string();
+        if sha != p.sha256 || header.raw_len != p.raw_len {
+            return Err(PackError::Corrupt {
+                location,
+                detail: format!(
+                    "it holds {} bytes with sha256 {sha}; the index records {} bytes with sha256 {}",
+                    header.raw_len, p.raw_len, p.sha256
+                ),
+            });
+        }
+    }
+    Ok(raw)
+}
+
+/// Backup `id`'s `backup_manifest`, written to `dest`.
+pub fn fetch_manifest(
+    store: &dyn Store,
+    id: &str,
+    dest: &Path,
+    keys: &Keys,
+) -> Result<(), PackError> {
+    let raw = manifest(store, id, keys)?;
+    fs::write(dest, raw).map_err(io_err("write", dest))
+}
+
+/// Backup `id`'s `backup_manifest`: with an encrypted backup, proof that
+/// the identities given can read it.
+pub fn manifest(store: &dyn Store, id: &str, keys: &Keys) -> Result<Vec<u8>, PackError> {
+    let key = Repo::backup_key(id, MANIFEST_FILE);
+    let identities = keys.identities.as_deref();
+    match fetch_piece(store, &key, None, identities) {
+        Err(PackError::Key(e)) => Err(PackError::Key(
+            e.about(&format!("backup {id} ({}/{key})", store.location())),
+        )),
+        r => r,
+    }
+}
+
+/// Downloads backup `id` and writes the directory pg_basebackup wrote
+/// into `to`, which exists and is empty. With `only`, just the files whose
+/// path is in it (and the directories above them).
+pub fn materialise(
+    store: &dyn Store,
+    id: &str,
+    to: &Path,
+    only: Option<&[&str]>,
+    keys: &Keys,
+    jobs: usize,
+    progress: &dyn Progress,
+) -> Result<Index, PackError> {
+    // A wrong or missing key fails here, before anything is written.
+    manifest(store, id, keys)?;
+    let identities = keys.identities.as_deref();
+    let index = index(store, id)?;
+    let wanted =
+        |path: &str| only.is_none_or(|o| o.iter().any(|w| w.starts_with(path) || *w == path));
+    // Directories and empty files first, so that pieces can land in any
+    // order; each file is opened by every piece that holds part of it.
+    let mut targets: Vec<Vec<(PathBuf, u64, u64, u64)>> = vec![Vec::new(); index.pieces.len()];
+    for e in &index.entries {
+        match e {
+            Entry::Dir { path, mode } if wanted(path) => {
+                let p = to.join(path);
+                fs::create_dir(&p).map_err(io_err("create", &p))?;
+                fs::set_permissions(&p, fs::Permissions::from_mode(*mode))
+                    .map_err(io_err("set permissions on", &p))?;
+            }
+            Entry::File {
+                path,
+                mode,
+                size,
+                parts,
+            } if wanted(path) => {
+                let p = to.join(path);
+                let f = File::create_new(&p).map_err(io_err("create", &p))?;
+                f.set_len(*size).map_err(io_err("write", &p))?;
+                fs::set_permissions(&p, fs::Permissions::from_mode(*mode))
+                    .map_err(io_err("set permissions on", &p))?;
+                let mut at = 0;
+                for part in parts {
+                    targets[part.piece].push((p.clone(), at, part.offset, part.len));
+                    at += part.len;
+                }
+            }
+            Entry::Link { path, target } if wanted(path) => {
+                let p = to.join(path);
+                std::os::unix::fs::symlink(target, &p).map_err(io_err("create", &p))?;
+            }
+            _ => {}
+        }
+    }
+    let needed: Vec<usize> = (0..index.pieces.len())
+        .filter(|i| !targets[*i].is_empty())
+        .collect();
+    let total: u64 = needed.iter().map(|i| index.pieces[*i].raw_len).sum();
+    progress.stage("downloading", Some(total));
+    let done = AtomicU64::new(0);
+    parallel(needed.len(), jobs, |n| {
+        let i = needed[n];
+        let raw = fetch_piece(store, &piece_key(id, i), Some(&index.pieces[i]), identities)?;
+        if raw.len() as u64 != index.pieces[i].raw_len {
+            return Err(PackError::Corrupt {
+                location: format!("{}/{}", store.location(), piece_key(id, i)),
+                detail: "it was read without being decrypted".into(),
+            });
+        }
+        for (path, at, offset, len) in &targets[i] {
+            let f = fs::OpenOptions::new()
+                .write(true)
+                .open(path)
+                .map_err(io_err("write", path))?;
+            f.write_all_at(&raw[*offset as usize..(*offset + *len) as usize], *at)
+                .map_err(io_err("write", path))?;
+        }
+        let d =
+            done.fetch_add(index.pieces[i].raw_len, Ordering::Relaxed) + index.pieces[i].raw_len;
+        progress.advance(d, "");
+        Ok(())
+    })?;
+    // Durable before a server is started on it.
+    for e in &index.entries {
+        if let Entry::File { path, .. } = e {
+            if wanted(path) {
+                let p = to.join(path);
+                File::open(&p)
+                    .and_then(|f| f.sync_all())
+                    .map_err(io_err("fsync", &p))?;
+            }
+        }
+    }
+    progress.finish();
+    Ok(index)
+}
+
+/// What checking every object of a backup found.
+#[derive(Debug, Default)]
+pub struct Checked {
+    pub pieces: usize,
+    pub bytes: u64,
+    pub problems: Vec<String>,
+}
+
+/// Reads every object of backup `id` and checks it against its header and
+/// the index, `jobs` at a time, and that every file's bytes are in them.
+/// Damage is reported, not returned as an error; a store that cannot be
+/// read is an error.
+pub fn check(
+    store: &dyn Store,
+    id: &str,
+    keys: &Keys,
+    jobs: usize,
+    progress: &dyn Progress,
+) -> Result<Checked, PackError> {
+    let identities = keys.identities.as_deref();
+    let mut out = Checked::default();
+    let index = match index(store, id) {
+        Ok(i) => i,
+        Err(e @ (PackError::Corrupt { .. } | PackError::Missing { .. })) => {
+            out.problems.push(format!("backup {id}: {e}"));
+            return Ok(out);
+        }
+        Err(e) => return Err(e),
+    };
+    for e in &index.entries {
+        if let Entry::File {
+            path, size, parts, ..
+        } = e
+        {
+            let covered: u64 = parts.iter().map(|p| p.len).sum();
+            let outside = parts.iter().any(|p| {
+                index
+                    .pieces
+                    .get(p.piece)
+                    .is_none_or(|piece| p.offset + p.len > piece.raw_len)
+            });
+            if covered != *size || outside {
+                out.problems.push(format!(
+                    "backup {id}: the index places {path} wrongly ({covered} of {size} bytes)"
+                ));
+            }
+        }
+    }
+    progress.stage("checking objects", Some(index.bytes()));
+    let done = AtomicU64::new(0);
+    let problems = parallel(index.pieces.len() + 1, jobs, |i| {
+        let (key, want) = match i {
+            0 => (Repo::backup_key(id, MANIFEST_FILE), None),
+            i => (piece_key(id, i - 1), Some(&index.pieces[i - 1])),
+        };
+        let r = match read_piece(store, &key, want, identities, identities.is_none()) {
+            Ok(_) => None,
+            Err(e @ (PackError::Corrupt { .. } | PackError::Missing { .. })) => {
+                Some(format!("backup {id}: {e}"))
+            }
+            Err(e) => return Err(e),
+        };
+        if let Some(p) = want {
+            let d = done.fetch_add(p.raw_len, Ordering::Relaxed) + p.raw_len;
+            progress.advance(d, "");
+        }
+        Ok(r)
+    })?;
+    progress.finish();
+    out.pieces = index.pieces.len();
+    out.bytes = index.bytes();
+    out.problems.extend(problems.into_iter().flatten());
+    Ok(out)
+}
+
+/// Deletes every object of backup `id`, the label first so that the
+/// backup stops being visible before any of it goes.
+pub fn delete(store: &dyn Store, id: &str) -> Result<usize, PackError> {
+    let label = Repo::backup_key(id, crate::backup::label::LABEL_FILE);
+    store.delete(&label)?;
+    let objects = store.list(&Repo::backup_key(id, ""))?;
+    for o in &objects {
+        store.delete(&o.key)?;
+    }
+    Ok(objects.len() + 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn small_files_share_a_piece_and_large_ones_are_split() {
+        let dir = crate::fsutil::ScratchDir::new("reentry-pack-test").unwrap();
+        let d = dir.path();
+        fs::create_dir(d.join("base")).unwrap();
+        fs::write(d.join("a"), vec![1u8; 100]).unwrap();
+        fs::write(d.join("base/big"), vec![2u8; (PIECE * 2 + 5) as usize]).unwrap();
+        fs::write(d.join("base/small"), vec![3u8; 10]).unwrap();
+        std::os::unix::fs::symlink("/elsewhere", d.join("pg_tblspc")).unwrap();
+        let (entries, plans) = lay_out(d).unwrap();
+        let sizes: Vec<u64> = plans.iter().map(|p| p.len).collect();
+        // a (100) with the first PIECE-100 bytes of big, then the rest of
+        // big, then its tail with small.
+        assert_eq!(sizes.iter().sum::<u64>(), 100 + PIECE * 2 + 5 + 10);
+        assert!(sizes.iter().all(|s| *s <= PIECE), "{sizes:?}");
+        for e in &entries {
+            if let Entry::File { size, parts, .. } = e {
+                assert_eq!(parts.iter().map(|p| p.len).sum::<u64>(), *size);
+            }
+        }
+        assert!(entries
+            .iter()
+            .any(|e| matches!(e, Entry::Link { target, .. } if target == "/elsewhere")));
+    }
+}
