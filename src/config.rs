@@ -18,6 +18,19 @@ pub struct Config {
     pub wal: WalConfig,
     #[serde(default)]
     pub encryption: EncryptionConfig,
+    #[serde(default)]
+    pub retention: RetentionConfig,
+}
+
+/// Grandfather-father-son retention for `backup expire`; its flags win.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct RetentionConfig {
+    pub keep_daily: Option<usize>,
+    pub keep_weekly: Option<usize>,
+    pub keep_monthly: Option<usize>,
+    pub keep_yearly: Option<usize>,
+    pub pitr_days: Option<f64>,
 }
 
 /// Client-side encryption with age (crypt.rs).

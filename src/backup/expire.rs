@@ -20,6 +20,26 @@ use crate::pg::wal::WalFileName;
 pub struct Policy {
     pub retain_full: Option<usize>,
     pub retain_days: Option<f64>,
+    /// Grandfather-father-son: the newest backup of each of the last N
+    /// days, ISO weeks, months and years (UTC) that have one.
+    pub keep_daily: Option<usize>,
+    pub keep_weekly: Option<usize>,
+    pub keep_monthly: Option<usize>,
+    pub keep_yearly: Option<usize>,
+    /// With classes: every WAL file of the newest N days is kept, so that
+    /// any moment of them can be restored [default: keep_daily, else 0:
+    /// from the newest backup on]. Older WAL is kept only from each kept
+    /// backup's start to its stop.
+    pub pitr_days: Option<f64>,
+}
+
+impl Policy {
+    fn has_classes(&self) -> bool {
+        self.keep_daily.is_some()
+            || self.keep_weekly.is_some()
+            || self.keep_monthly.is_some()
+            || self.keep_yearly.is_some()
+    }
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -36,12 +56,17 @@ pub struct ExpirePlan {
     pub expire_wal: Vec<String>,
     /// The first segment kept: the start of the oldest kept backup.
     pub wal_kept_from: Option<String>,
+    /// Which WAL is deleted, in words.
+    pub wal_rule: String,
     pub applied: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum ExpireError {
-    #[error("no retention policy: pass --retain-full N and/or --retain-days D")]
+    #[error(
+        "no retention policy: pass --retain-full N, --retain-days D, or classes \
+         (--keep-daily, --keep-weekly, --keep-monthly, --keep-yearly)"
+    )]
     NoPolicy,
     #[error(transparent)]
     Repo(#[from] RepoError),
@@ -77,7 +102,7 @@ pub fn plan(
     policy: &Policy,
     now: SystemTime,
 ) -> Result<ExpirePlan, ExpireError> {
-    if policy.retain_full.is_none() && policy.retain_days.is_none() {
+    if policy.retain_full.is_none() && policy.retain_days.is_none() && !policy.has_classes() {
         return Err(ExpireError::NoPolicy);
     }
     let by_id: BTreeMap<&str, &BackupLabel> = labels.iter().map(|l| (l.id.as_str(), l)).collect();
@@ -107,8 +132,20 @@ pub fn plan(
             keep.insert(full.id.clone(), r);
         }
     }
+    let classes = policy.has_classes();
+    if classes {
+        for (id, why) in gfs(labels, policy) {
+            keep.entry(id)
+                .and_modify(|r| {
+                    r.push_str("; ");
+                    r.push_str(&why)
+                })
+                .or_insert(why);
+        }
+    }
     // Anything newer than the oldest kept full backup is kept too: retention
     // counts full backups, it does not delete what was taken after them.
+    // Classes pick backups one by one instead.
     let oldest_kept = fulls
         .iter()
         .filter(|f| keep.contains_key(&f.id))
@@ -116,7 +153,7 @@ pub fn plan(
         .min();
     for l in labels
         .iter()
-        .filter(|l| l.is_usable() && l.kind == BackupType::Incremental)
+        .filter(|l| !classes && l.is_usable() && l.kind == BackupType::Incremental)
     {
         if oldest_kept.is_some_and(|o| l.start_lsn >= Some(o)) {
             keep.insert(
@@ -158,7 +195,7 @@ pub fn plan(
                 }
                 (Some(n), None) => format!("not one of the {n} newest full backups"),
                 (None, Some(d)) => format!("older than {d} days"),
-                (None, None) => unreachable!("checked above"),
+                (None, None) => "kept by no class".to_owned(),
             },
             // An attempt newer than every usable backup may still be running.
             _ if newest_usable.is_none_or(|n| l.start_time.as_str() > n) => {
@@ -191,16 +228,59 @@ pub fn plan(
             _ => None,
         })
     };
-    let expire_wal = match first_kept {
+    // With classes, continuous WAL starts at the newest kept backup that
+    // stopped before the PITR window opened; before it, only each kept
+    // backup's own stretch is kept.
+    let mut pitr_days = 0.0;
+    let (continuous_from, stretches) = if classes {
+        let days = policy
+            .pitr_days
+            .or(policy.keep_daily.map(|d| d as f64))
+            .unwrap_or(0.0);
+        pitr_days = days;
+        let kept: Vec<&BackupLabel> = labels
+            .iter()
+            .filter(|l| l.is_usable() && keep.contains_key(&l.id))
+            .collect();
+        let base = kept
+            .iter()
+            .filter(|l| age_days(l, now) >= days)
+            .max_by_key(|l| l.start_lsn)
+            .or_else(|| kept.iter().min_by_key(|l| l.start_lsn));
+        let from = base.and_then(|b| {
+            b.wal_ranges
+                .iter()
+                .map(|r| r.start_lsn.segno(seg_size))
+                .min()
+        });
+        let stretches: Vec<(u64, u64)> = kept
+            .iter()
+            .flat_map(|l| {
+                l.wal_ranges
+                    .iter()
+                    .map(|r| (r.start_lsn.segno(seg_size), r.end_lsn.segno(seg_size)))
+            })
+            .collect();
+        (from, stretches)
+    } else {
+        (first_kept, Vec::new())
+    };
+    let expire_wal = match continuous_from {
         // Without a kept backup no WAL is useful, but none is deleted either:
         // that is a decision for a person.
         None => Vec::new(),
         Some(first) => wal
             .iter()
-            .filter(|w| segno(w).is_some_and(|s| s.segno(seg_size) < first))
+            .filter(|w| {
+                segno(w).is_some_and(|s| {
+                    let n = s.segno(seg_size);
+                    n < first && !stretches.iter().any(|(a, b)| (*a..=*b).contains(&n))
+                })
+            })
             .map(|w| w.to_string())
             .collect(),
     };
+    let first_kept = continuous_from;
     let wal_kept_from = first_kept.map(|n| {
         let tli = labels
             .iter()
@@ -210,6 +290,15 @@ pub fn plan(
             .unwrap_or(1);
         crate::pg::wal::SegmentName::from_segno(tli, n, seg_size).to_string()
     });
+    let from = wal_kept_from.as_deref().unwrap_or("?");
+    let wal_rule = if classes {
+        format!(
+            "before {from}, where continuous PITR for the newest {pitr_days} days starts, \
+             except each kept backup's own WAL from its start to its stop"
+        )
+    } else {
+        format!("before {from}, the start of the oldest kept backup")
+    };
     let keep = labels
         .iter()
         .filter_map(|l| {
@@ -224,8 +313,56 @@ pub fn plan(
         expire,
         expire_wal,
         wal_kept_from,
+        wal_rule,
         applied: false,
     })
+}
+
+/// The backups each class keeps, and why: the newest usable backup in
+/// each of the newest N periods (UTC days, ISO weeks, months, years) that
+/// have one.
+fn gfs(labels: &[BackupLabel], policy: &Policy) -> Vec<(String, String)> {
+    use jiff::tz::TimeZone;
+    let mut dated: Vec<(&BackupLabel, jiff::civil::Date)> = labels
+        .iter()
+        .filter(|l| l.is_usable())
+        .filter_map(|l| {
+            let when = l.stop_time.as_deref().unwrap_or(&l.start_time);
+            let t: jiff::Timestamp = when.parse().ok()?;
+            Some((l, t.to_zoned(TimeZone::UTC).date()))
+        })
+        .collect();
+    // Newest first: start LSNs order a cluster's backups strictly.
+    dated.sort_by_key(|(l, _)| std::cmp::Reverse(l.start_lsn));
+    let mut out = Vec::new();
+    type Period = fn(jiff::civil::Date) -> String;
+    let classes: [(&str, Option<usize>, Period); 4] = [
+        ("daily", policy.keep_daily, |d| d.to_string()),
+        ("weekly", policy.keep_weekly, |d| {
+            let w = d.iso_week_date();
+            format!("{}-W{:02}", w.year(), w.week())
+        }),
+        ("monthly", policy.keep_monthly, |d| {
+            format!("{}-{:02}", d.year(), d.month())
+        }),
+        ("yearly", policy.keep_yearly, |d| d.year().to_string()),
+    ];
+    for (name, n, period) in classes {
+        let Some(n) = n else { continue };
+        let mut seen: Vec<String> = Vec::new();
+        for (l, date) in &dated {
+            let p = period(*date);
+            if seen.contains(&p) {
+                continue;
+            }
+            if seen.len() == n {
+                break;
+            }
+            seen.push(p.clone());
+            out.push((l.id.clone(), format!("{name} {p}")));
+        }
+    }
+    out
 }
 
 /// Plans against the repository as it is now.
@@ -352,7 +489,7 @@ mod tests {
     fn full(n: usize) -> Policy {
         Policy {
             retain_full: Some(n),
-            retain_days: None,
+            ..Policy::default()
         }
     }
 
@@ -426,6 +563,7 @@ mod tests {
         let days = Policy {
             retain_full: None,
             retain_days: Some(7.0),
+            ..Policy::default()
         };
         assert_eq!(
             ids(&plan(&labels, &[], SEG, &days, now()).unwrap().expire),
@@ -434,6 +572,7 @@ mod tests {
         let zero = Policy {
             retain_full: None,
             retain_days: Some(0.0),
+            ..Policy::default()
         };
         assert_eq!(
             ids(&plan(&labels, &[], SEG, &zero, now()).unwrap().keep),
@@ -443,6 +582,7 @@ mod tests {
         let either = Policy {
             retain_full: Some(2),
             retain_days: Some(7.0),
+            ..Policy::default()
         };
         assert_eq!(
             ids(&plan(&labels, &[], SEG, &either, now()).unwrap().keep),
@@ -468,5 +608,60 @@ mod tests {
             .keep
             .iter()
             .any(|d| d.id == "X2" && d.reason.contains("running")));
+    }
+
+    #[test]
+    fn classes_keep_the_newest_backup_of_each_period_and_only_its_wal_before_the_pitr_window() {
+        // A backup a day for 60 days (now is Wednesday 2026-11-25), WAL
+        // segment 10 * age apart, newest at segment 10.
+        let labels: Vec<BackupLabel> = (0..60u64)
+            .rev()
+            .map(|d| label(&format!("B{d:02}"), None, d, 10 + (59 - d) * 10))
+            .collect();
+        let policy = Policy {
+            keep_daily: Some(3),
+            keep_weekly: Some(2),
+            keep_monthly: Some(2),
+            pitr_days: Some(2.0),
+            ..Policy::default()
+        };
+        let all_wal = wal(0..10 + 60 * 10);
+        let p = plan(&labels, &all_wal, SEG, &policy, now()).unwrap();
+        let kept = ids(&p.keep);
+        // Daily: the 25th, 24th, 23rd. Weekly: this ISO week's newest (the
+        // 25th) and last week's (Sunday the 22nd). Monthly: November's
+        // newest (the 25th) and October's (the 31st, 25 days ago).
+        assert_eq!(kept, ["B25", "B03", "B02", "B01", "B00"], "{:?}", p.keep);
+        let reason = |id: &str| p.keep.iter().find(|d| d.id == id).unwrap().reason.clone();
+        assert!(
+            reason("B00").contains("daily 2026-11-25"),
+            "{}",
+            reason("B00")
+        );
+        assert!(
+            reason("B00").contains("weekly 2026-W48"),
+            "{}",
+            reason("B00")
+        );
+        assert!(
+            reason("B00").contains("monthly 2026-11"),
+            "{}",
+            reason("B00")
+        );
+        assert_eq!(reason("B03"), "weekly 2026-W47");
+        assert_eq!(reason("B25"), "monthly 2026-10");
+        // WAL: continuous from B02 (the newest kept backup at least 2 days
+        // old); before it, only B25's and B03's own segments.
+        let start = |id: &str| 10 + (59 - id[1..].parse::<u64>().unwrap()) * 10;
+        let kept_wal: Vec<u64> = all_wal
+            .iter()
+            .filter(|w| !p.expire_wal.contains(&w.to_string()))
+            .map(|w| w.segment_with_header().unwrap().segno(SEG))
+            .collect();
+        assert_eq!(kept_wal[0], start("B25"));
+        assert_eq!(kept_wal[1], start("B03"));
+        assert_eq!(kept_wal[2], start("B02"));
+        assert_eq!(*kept_wal.last().unwrap(), 10 + 60 * 10 - 1);
+        assert_eq!(kept_wal.len(), 2 + (10 + 60 * 10 - start("B02")) as usize);
     }
 }

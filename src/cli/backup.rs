@@ -103,6 +103,24 @@ pub struct ExpireArgs {
     /// Keep full backups younger than this many days.
     #[arg(long, value_name = "DAYS")]
     pub retain_days: Option<f64>,
+    /// Keep the newest backup of each of the last N days (UTC) that have
+    /// one [default: retention.keep-daily in the config].
+    #[arg(long, value_name = "N")]
+    pub keep_daily: Option<usize>,
+    /// ... of each of the last N ISO weeks.
+    #[arg(long, value_name = "N")]
+    pub keep_weekly: Option<usize>,
+    /// ... of each of the last N months.
+    #[arg(long, value_name = "N")]
+    pub keep_monthly: Option<usize>,
+    /// ... of each of the last N years.
+    #[arg(long, value_name = "N")]
+    pub keep_yearly: Option<usize>,
+    /// With classes: keep every WAL file of the newest N days, so any moment
+    /// of them can be restored [default: --keep-daily]. Older WAL is kept
+    /// from each kept backup's start to its stop.
+    #[arg(long, value_name = "DAYS")]
+    pub pitr_days: Option<f64>,
     /// Delete; without it, only print the plan.
     #[arg(long)]
     pub apply: bool,
@@ -226,9 +244,15 @@ fn verify_cmd(ctx: &Context, repo: &Repo, a: VerifyArgs) -> Result<Exit, Error> 
 }
 
 fn expire_cmd(ctx: &Context, repo: &Repo, a: ExpireArgs) -> Result<Exit, Error> {
+    let r = &ctx.config.retention;
     let policy = Policy {
         retain_full: a.retain_full.map(|n| n as usize),
         retain_days: a.retain_days,
+        keep_daily: a.keep_daily.or(r.keep_daily),
+        keep_weekly: a.keep_weekly.or(r.keep_weekly),
+        keep_monthly: a.keep_monthly.or(r.keep_monthly),
+        keep_yearly: a.keep_yearly.or(r.keep_yearly),
+        pitr_days: a.pitr_days.or(r.pitr_days),
     };
     let mut plan = expire::plan_for(repo, &policy)?;
     if a.apply {
@@ -244,9 +268,9 @@ fn expire_cmd(ctx: &Context, repo: &Repo, a: ExpireArgs) -> Result<Exit, Error> 
         }
         match (plan.expire_wal.first(), plan.expire_wal.last()) {
             (Some(first), Some(last)) => out.push_str(&format!(
-                "expire  WAL {first} .. {last} ({} files): before {}, the start of the oldest kept backup\n",
+                "expire  WAL {first} .. {last} ({} files): {}\n",
                 plan.expire_wal.len(),
-                plan.wal_kept_from.as_deref().unwrap_or("?")
+                plan.wal_rule
             )),
             _ => out.push_str("keep    all WAL\n"),
         }

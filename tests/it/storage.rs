@@ -572,4 +572,37 @@ fn s3_encrypted_backups_and_wal_need_only_the_public_key_and_a_wrong_key_fails_b
     r.manifest = ok_json(&out);
     assert_eq!(r.manifest["backup_id"], b2["id"]);
     assert_eq!(r.count("secret_notes"), 20001);
+    drop(r);
+
+    // Classes on S3: one daily backup kept; the dry run says which class
+    // keeps it and deletes nothing, --apply deletes the other's objects,
+    // label first.
+    let b1_id = b1["id"].as_str().unwrap();
+    let dry = ok_json(
+        &s3_at(&c, &name, &["backup", "expire", "--keep-daily", "1"])
+            .output()
+            .unwrap(),
+    );
+    assert_eq!(dry["keep"][0]["id"], b2["id"], "{dry}");
+    assert!(
+        dry["keep"][0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("daily 20"),
+        "{dry}"
+    );
+    assert_eq!(dry["expire"][0]["id"], b1_id, "{dry}");
+    assert!(!s.list(&format!("backup/{b1_id}/")).unwrap().is_empty());
+    ok_json(
+        &s3_at(
+            &c,
+            &name,
+            &["backup", "expire", "--keep-daily", "1", "--apply"],
+        )
+        .output()
+        .unwrap(),
+    );
+    assert!(s.list(&format!("backup/{b1_id}/")).unwrap().is_empty());
+    let list = ok_json(&s3_at(&c, &name, &["backup", "list"]).output().unwrap());
+    assert_eq!(list.as_array().unwrap().len(), 1, "{list}");
 }
