@@ -41,6 +41,8 @@ pub enum Error {
     #[error(transparent)]
     Drill(#[from] backup::drill::DrillError),
     #[error(transparent)]
+    Copy(#[from] backup::copy::CopyError),
+    #[error(transparent)]
     Plan(Box<reentry::plan::PlanError>),
     #[error(transparent)]
     Run(Box<reentry::run::RunError>),
@@ -87,6 +89,8 @@ impl Error {
             Error::Drill(backup::drill::DrillError::Pg(e)) => pg_exit(e),
             Error::Drill(backup::drill::DrillError::Archive(e)) => e.exit(),
             Error::Drill(backup::drill::DrillError::Checks { .. }) => Exit::Config,
+            Error::Copy(backup::copy::CopyError::SameRepository { .. }) => Exit::Usage,
+            Error::Copy(_) => Exit::Failure,
             Error::Plan(e) => e.exit(),
             Error::Run(e) => e.exit(),
             Error::Report(_) => Exit::Failure,

@@ -342,15 +342,23 @@ fn copy_and_settle(
             cmd.env("PGPASSWORD", p);
         }
     }
+    // A packed parent (on object storage, or copied from there) lends its
+    // manifest through a scratch file.
+    let mut parent_scratch = None;
     if let Some(p) = parent {
-        let manifest = match (repo.backup_data(p), &scratch) {
-            (Some(d), _) => d.join("backup_manifest"),
-            (None, Some(s)) => {
-                let m = s.path().join("parent_manifest");
+        let manifest = match repo.backup_data(p) {
+            Some(d) => d.join("backup_manifest"),
+            None => {
+                let s: &ScratchDir = parent_scratch.insert(
+                    ScratchDir::new("reentry-parent").map_err(crate::backup::repo::io_err(
+                        "create a scratch directory in",
+                        &std::env::temp_dir(),
+                    ))?,
+                );
+                let m = s.path().join("backup_manifest");
                 packed::fetch_manifest(repo.store(), p, &m, repo.keys())?;
                 m
             }
-            (None, None) => unreachable!("a remote repository has a scratch directory"),
         };
         cmd.arg(format!("--incremental={}", manifest.display()));
     }

@@ -4,6 +4,7 @@
 pub mod archive;
 pub mod basebackup;
 pub mod catalog;
+pub mod copy;
 pub mod drill;
 pub mod expire;
 pub mod label;

@@ -209,7 +209,7 @@ fn lay_out(dir: &Path) -> Result<(Vec<Entry>, Vec<Plan>), PackError> {
 
 /// Runs `work(i)` for every i below `n` on `jobs` threads; the first error
 /// stops the others from starting more.
-fn parallel<T: Send>(
+pub(crate) fn parallel<T: Send>(
     n: usize,
     jobs: usize,
     work: impl Fn(usize) -> Result<T, PackError> + Sync,

@@ -152,11 +152,14 @@ impl Repo {
     }
 
     /// A local backup's data directory, as pg_basebackup wrote it; none
-    /// on object storage, where the backup is packed.
+    /// on object storage, or for a packed backup copied from there.
     pub fn backup_data(&self, id: &str) -> Option<PathBuf> {
-        self.local
-            .as_ref()
-            .map(|_| self.backup_dir(id).join("data"))
+        self.local.as_ref()?;
+        let dir = self.backup_dir(id);
+        if dir.join(crate::backup::packed::INDEX_FILE).exists() {
+            return None;
+        }
+        Some(dir.join("data"))
     }
 
     /// Whether anything of backup `id` is stored.

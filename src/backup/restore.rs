@@ -455,10 +455,8 @@ pub fn restore(repo: &Repo, opts: &RestoreOptions) -> Result<RestoreManifest, Re
     // backup of the chain, the first WAL segment it needs and the newest
     // one archived are read. Under restore_command a segment that cannot
     // be decrypted would look missing, and recovery would end early.
-    if repo.local_root().is_none() {
-        for b in &chain {
-            packed::manifest(repo.store(), &b.id, repo.keys())?;
-        }
+    for b in chain.iter().filter(|b| repo.backup_data(&b.id).is_none()) {
+        packed::manifest(repo.store(), &b.id, repo.keys())?;
     }
     {
         let archive = repo.archive();
@@ -524,11 +522,11 @@ pub fn restore(repo: &Repo, opts: &RestoreOptions) -> Result<RestoreManifest, Re
             durations.copy_seconds = t.elapsed().as_secs_f64();
         }
         _ => {
-            // On object storage, each backup of the chain is downloaded
-            // beside the target first.
-            let scratch = match repo.local_root() {
-                Some(_) => None,
-                None => Some(
+            // A packed backup (on object storage, or copied from there) is
+            // downloaded beside the target first.
+            let scratch = match chain.iter().all(|b| repo.backup_data(&b.id).is_some()) {
+                true => None,
+                false => Some(
                     ScratchDir::beside(&to)
                         .map_err(io_err("create a scratch directory beside", &to))?,
                 ),
@@ -551,7 +549,7 @@ pub fn restore(repo: &Repo, opts: &RestoreOptions) -> Result<RestoreManifest, Re
                         )?;
                         d
                     }
-                    (None, None) => unreachable!("a remote repository has a scratch directory"),
+                    (None, None) => unreachable!("a packed backup has a scratch directory"),
                 });
             }
             durations.copy_seconds = t.elapsed().as_secs_f64();

@@ -148,6 +148,20 @@ pub struct Status {
     pub archive: ArchiveStatus,
     pub backups: BackupsStatus,
     pub drills: DrillsStatus,
+    /// Second copies made by `repo copy`, as their last run left them.
+    pub copies: Vec<CopyStatus>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct CopyStatus {
+    pub to: String,
+    pub at: String,
+    pub age_seconds: Option<f64>,
+    pub newest_segment: Option<String>,
+    /// Segments archived here after the newest one there.
+    pub segments_behind: Option<i64>,
+    pub backups: usize,
+    pub problems: usize,
 }
 
 fn age_of(rfc3339: Option<&str>) -> Option<f64> {
@@ -286,6 +300,31 @@ pub fn status(repo: &Repo, conninfo: Option<&str>) -> Result<Status, StatusError
                 last_passed: passed.as_ref().map(DrillSummary::of),
             }
         },
+        copies: crate::backup::copy::records(repo.store())
+            .into_iter()
+            .map(|c| {
+                let there = c
+                    .newest_wal
+                    .as_deref()
+                    .and_then(|w| WalFileName::parse(w).ok())
+                    .and_then(|w| w.segment_with_header());
+                CopyStatus {
+                    segments_behind: match (newest, there) {
+                        (Some(here), Some(there)) => {
+                            Some(here.segno(seg_size) as i64 - there.segno(seg_size) as i64)
+                        }
+                        (Some(_), None) => None,
+                        (None, _) => Some(0),
+                    },
+                    age_seconds: age_of(Some(&c.at)),
+                    to: c.to,
+                    at: c.at,
+                    newest_segment: c.newest_wal,
+                    backups: c.backups.len(),
+                    problems: c.problems,
+                }
+            })
+            .collect(),
     })
 }
 

@@ -6,6 +6,7 @@ mod cache;
 mod engine;
 mod kafka;
 mod playbook;
+mod repo;
 mod restore;
 mod rows;
 mod status;
@@ -113,6 +114,9 @@ pub enum Command {
     /// Redis by hand: keys unlinked by template and ids, or by pattern on every primary.
     #[command(subcommand)]
     Cache(cache::CacheCommand),
+    /// The repository itself: a second copy.
+    #[command(subcommand)]
+    Repo(repo::RepoCommand),
 }
 
 /// Which server to talk to: a conninfo string or URL, else libpq's PGHOST,
@@ -190,6 +194,15 @@ impl Context {
         Ok(crate::backup::repo::Repo::open(&location)
             .map_err(|e| Error::Repo(crate::backup::repo::RepoError::Store(e)))?
             .with_keys(keys))
+    }
+
+    /// Another repository, at `location`, with the same keys.
+    pub fn open_repo_at(&self, location: &str) -> Result<crate::backup::repo::Repo, Error> {
+        let location = crate::storage::Location::parse(location)
+            .map_err(|e| Error::Config(ConfigError::BadRepo(e.to_string())))?;
+        Ok(crate::backup::repo::Repo::open(&location)
+            .map_err(|e| Error::Repo(crate::backup::repo::RepoError::Store(e)))?
+            .with_keys(self.keys()?))
     }
 
     /// The age recipients and identities of the flags, else the config.
@@ -307,6 +320,7 @@ pub fn run(cli: Cli) -> Result<Exit, Error> {
         Command::Outbox(cmd) => kafka::outbox(&ctx, cmd),
         Command::Rows(cmd) => rows::run(&ctx, cmd),
         Command::Cache(cmd) => cache::run(&ctx, cmd),
+        Command::Repo(cmd) => repo::run(&ctx, cmd),
     }
 }
 

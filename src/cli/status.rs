@@ -127,6 +127,22 @@ pub fn status(ctx: &Context, a: StatusArgs) -> Result<Exit, Error> {
             )),
             (None, _) => out.push_str("drills    never\n"),
         }
+        for c in &s.copies {
+            out.push_str(&format!(
+                "copy      {}: {} behind, {} backups, last run {} ago{}\n",
+                c.to,
+                match c.segments_behind {
+                    Some(n) => format!("{n} segment(s)"),
+                    None => "all WAL".into(),
+                },
+                c.backups,
+                age(c.age_seconds),
+                match c.problems {
+                    0 => String::new(),
+                    n => format!(", {n} problem(s)"),
+                }
+            ));
+        }
         for slot in &s.replication_slots {
             out.push_str(&format!(
                 "slot      {} ({}, {}) holds {}\n",

@@ -34,6 +34,21 @@ pub struct PushArgs {
     /// [default: the working directory, as under archive_command].
     #[arg(long, value_name = "DIR")]
     pub pg_data: Option<PathBuf>,
+    /// Also push to this second repository (s3://… or a directory), after
+    /// the first succeeded. The first decides the exit status: when only
+    /// the second push fails, a warning says so, the exit is 0, and
+    /// `reentry repo copy --to LOCATION` fills the gap. A stalled second
+    /// repository must not stop archiving and fill pg_wal.
+    #[arg(long, value_name = "LOCATION")]
+    pub also: Option<String>,
+}
+
+/// The second push of `wal push --also`.
+#[derive(Debug, serde::Serialize)]
+pub struct AlsoReport {
+    pub to: String,
+    pub outcome: Option<PushOutcome>,
+    pub error: Option<String>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -54,7 +69,43 @@ pub fn run(ctx: &Context, cmd: WalCommand) -> Result<Exit, Error> {
                 pg_data: args.pg_data,
             };
             let report = archive.push(&args.path, &opts)?;
-            ctx.emit(&report, || {
+            let also = args.also.as_deref().map(|to| {
+                let pushed = archive_of(Path::new(to))
+                    .map(|a| a.with_keys(archive.keys().clone()))
+                    .and_then(|a| Ok(a.push(&args.path, &opts)?));
+                match pushed {
+                    Ok(r) => AlsoReport {
+                        to: to.to_owned(),
+                        outcome: Some(r.outcome),
+                        error: None,
+                    },
+                    Err(e) => {
+                        tracing::warn!(
+                            "{} is archived in {} but not in {to}: {e}; \
+                             `reentry repo copy --to {to}` copies it later",
+                            report.name,
+                            archive.location()
+                        );
+                        AlsoReport {
+                            to: to.to_owned(),
+                            outcome: None,
+                            error: Some(e.to_string()),
+                        }
+                    }
+                }
+            });
+            #[derive(serde::Serialize)]
+            struct Both<'a> {
+                #[serde(flatten)]
+                report: &'a crate::backup::archive::PushReport,
+                #[serde(skip_serializing_if = "Option::is_none")]
+                also: Option<AlsoReport>,
+            }
+            let both = Both {
+                report: &report,
+                also,
+            };
+            ctx.emit(&both, || {
                 (report.outcome != PushOutcome::Stored).then(|| match report.outcome {
                     PushOutcome::AlreadyArchived => {
                         format!("{} already archived with the same content", report.name)

@@ -606,3 +606,171 @@ fn s3_encrypted_backups_and_wal_need_only_the_public_key_and_a_wrong_key_fails_b
     let list = ok_json(&s3_at(&c, &name, &["backup", "list"]).output().unwrap());
     assert_eq!(list.as_array().unwrap().len(), 1, "{list}");
 }
+
+#[test]
+fn s3_repo_copy_to_a_second_bucket_resumes_after_kills_and_restores_from_there_and_from_a_local_copy(
+) {
+    let (name, _) = bucket("copy-src", "repo");
+    let (second, s2) = bucket("copy-dst", "repo");
+    let c = archiving_to_s3(&name);
+    c.client()
+        .batch_execute("CREATE TABLE t AS SELECT g AS id FROM generate_series(1, 50000) g")
+        .unwrap();
+    let b = ok_json(&s3_at(&c, &name, &["backup"]).output().unwrap());
+    c.client()
+        .batch_execute("INSERT INTO t VALUES (0)")
+        .unwrap();
+    switch_and_wait_archived(&c);
+    let to = format!("s3://{second}/repo");
+
+    let dry = ok_json(
+        &s3_at(&c, &name, &["repo", "copy", "--to", &to, "--dry-run"])
+            .output()
+            .unwrap(),
+    );
+    assert!(dry["missing"].as_u64().unwrap() > 5, "{dry}");
+    assert!(s2.list("").unwrap().is_empty(), "a dry run copies nothing");
+
+    // Killed after its first object, then before the labels: the backup is
+    // not visible there half-copied.
+    crate::common::kill_at_pause(
+        s3_at(&c, &name, &["repo", "copy", "--to", &to]),
+        "copy:object",
+    );
+    assert!(!s2.list("").unwrap().is_empty());
+    crate::common::kill_at_pause(
+        s3_at(&c, &name, &["repo", "copy", "--to", &to]),
+        "copy:labels",
+    );
+    let at_dst = |args: &[&str]| {
+        let mut cmd = command(&c, Path::new(&to), args);
+        for (k, v) in s3_env() {
+            cmd.env(k, v);
+        }
+        cmd.output().unwrap()
+    };
+    let list = ok_json(&at_dst(&["backup", "list"]));
+    assert_eq!(list.as_array().unwrap().len(), 0, "{list}");
+    // The run that finishes copies the rest, and a second finds nothing.
+    let done = ok_json(
+        &s3_at(&c, &name, &["repo", "copy", "--to", &to])
+            .output()
+            .unwrap(),
+    );
+    assert!(done["copied"].as_u64().unwrap() >= 1, "{done}");
+    assert!(done["problems"].as_array().unwrap().is_empty(), "{done}");
+    let again = ok_json(
+        &s3_at(&c, &name, &["repo", "copy", "--to", &to, "--dry-run"])
+            .output()
+            .unwrap(),
+    );
+    assert_eq!(again["missing"], 0, "{again}");
+    // The source records the copy; status shows it.
+    let st = ok_json(&s3_at(&c, &name, &["status"]).output().unwrap());
+    assert_eq!(st["copies"][0]["to"], to.as_str(), "{st}");
+    assert_eq!(st["copies"][0]["segments_behind"], 0, "{st}");
+
+    // The copy stands alone: verified and restored from the second bucket.
+    let v = ok_json(&at_dst(&["backup", "verify", "--materialise"]));
+    assert_eq!(v["status"], "ok", "{v}");
+    let dir = c.root().join("from-copy");
+    let mut r = Restored {
+        manifest: Value::Null,
+        dir: dir.clone(),
+        bin: c.version.bin_dir(),
+    };
+    r.manifest = ok_json(&at_dst(&[
+        "restore",
+        "--latest",
+        "--to",
+        dir.to_str().unwrap(),
+    ]));
+    assert_eq!(r.manifest["backup_id"], b["id"]);
+    assert_eq!(r.count("t"), 50001);
+    drop(r);
+
+    // To a local directory: the packed backup restores from there too.
+    let local = c.dir("second-copy");
+    crate::common::give_to_server_user(&local);
+    ok_json(
+        &s3_at(
+            &c,
+            &name,
+            &["repo", "copy", "--to", local.to_str().unwrap()],
+        )
+        .output()
+        .unwrap(),
+    );
+    let dir = c.root().join("from-local-copy");
+    let mut r = Restored {
+        manifest: Value::Null,
+        dir: dir.clone(),
+        bin: c.version.bin_dir(),
+    };
+    r.manifest = ok_json(
+        &command(
+            &c,
+            &local,
+            &["restore", "--latest", "--to", dir.to_str().unwrap()],
+        )
+        .output()
+        .unwrap(),
+    );
+    assert_eq!(r.count("t"), 50001);
+}
+
+#[test]
+fn s3_wal_push_also_stores_in_both_and_a_second_repository_that_fails_only_warns() {
+    let (a, sa) = bucket("also-a", "repo");
+    let (b, sb) = bucket("also-b", "repo");
+    let tmp = tempfile::tempdir().unwrap();
+    let seg = real_segment(tmp.path());
+    let key = format!("archive/0000000100000000/{FIRST_SEGMENT}");
+    let o = reentry_s3(
+        &a,
+        &endpoint(),
+        &[
+            "--json",
+            "wal",
+            "push",
+            seg.to_str().unwrap(),
+            "--also",
+            &format!("s3://{b}/repo"),
+        ],
+    )
+    .output()
+    .unwrap();
+    assert_exit(&o, 0);
+    let r: Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(r["outcome"], "stored", "{r}");
+    assert_eq!(r["also"]["outcome"], "stored", "{r}");
+    assert_eq!(sa.get(&key).unwrap(), sb.get(&key).unwrap());
+    assert!(sb.get(&key).unwrap().is_some());
+
+    // The second repository cannot be written: the first push stands, a
+    // warning names the gap and the command that closes it.
+    let (c, sc) = bucket("also-c", "repo");
+    let o = reentry_s3(
+        &c,
+        &endpoint(),
+        &[
+            "--json",
+            "wal",
+            "push",
+            seg.to_str().unwrap(),
+            "--also",
+            "/proc/reentry-nowhere",
+        ],
+    )
+    .output()
+    .unwrap();
+    assert_exit(&o, 0);
+    let r: Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert!(r["also"]["error"].as_str().is_some(), "{r}");
+    assert!(
+        stderr(&o).contains("repo copy --to /proc/reentry-nowhere"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(sc.get(&key).unwrap().is_some());
+}

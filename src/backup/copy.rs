@@ -1,0 +1,325 @@
+//! `reentry repo copy --to LOCATION`: a second copy of the repository, in
+//! another bucket or region or on a local disk. It copies what the
+//! destination lacks, checks every object before it leaves (a damaged one
+//! is reported, not spread) and after it arrives (read back and compared
+//! by SHA-256), and writes each backup's label last, so a backup appears
+//! at the destination whole or not at all.
+//!
+//! It resumes by itself: a killed copy leaves whole objects, which the next
+//! run finds there and skips. A backup taken in a local directory goes to
+//! object storage packed (packed.rs); the objects of one whose copy was
+//! killed before its label are removed and packed again.
+//!
+//! Each run is recorded in the source (`copies/<destination>.json`), which
+//! `status` reads to show how far the copy is behind.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::backup::basebackup::now_rfc3339;
+use crate::backup::label::LABEL_FILE;
+use crate::backup::packed::{self, PackError};
+use crate::backup::repo::{Repo, BACKUP_DIR, RESTORE_POINTS_FILE};
+use crate::backup::stored;
+use crate::fsutil::TEMP_PREFIX;
+use crate::progress::Progress;
+use crate::reentry::steps::pause_point;
+use crate::storage::{Put, Store, StoreError};
+
+pub const COPIES_DIR: &str = "copies";
+
+#[derive(Debug, thiserror::Error)]
+pub enum CopyError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Pack(#[from] PackError),
+    #[error(transparent)]
+    Repo(#[from] crate::backup::repo::RepoError),
+    #[error("{to} is {from} itself: copy to another bucket, prefix or directory")]
+    SameRepository { from: String, to: String },
+    #[error("{location} arrived different from what was sent (sha256 {got}, sent {sent})")]
+    Arrival {
+        location: String,
+        got: String,
+        sent: String,
+    },
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct CopyReport {
+    pub from: String,
+    pub to: String,
+    pub copied: usize,
+    pub bytes: u64,
+    /// Already at the destination with the same content.
+    pub present: usize,
+    /// Local backups packed into objects on the way.
+    pub packed: Vec<String>,
+    /// Objects not copied, and why: damaged at the source, or different
+    /// content under the same key at the destination.
+    pub problems: Vec<String>,
+    /// What a run would copy (`--dry-run`), or what it did.
+    pub dry_run: bool,
+    pub missing: usize,
+    pub missing_bytes: u64,
+}
+
+/// A copy run as the source records it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CopyRecord {
+    pub to: String,
+    pub at: String,
+    /// The newest WAL segment at the destination after the run.
+    pub newest_wal: Option<String>,
+    pub backups: Vec<String>,
+    pub problems: usize,
+}
+
+fn sha(b: &[u8]) -> String {
+    Sha256::digest(b)
+        .iter()
+        .map(|x| format!("{x:02x}"))
+        .collect()
+}
+
+/// Whether `key` holds the stored format (stored.rs) and can be checked.
+fn is_stored(key: &str) -> bool {
+    (key.starts_with("archive/") && !key.ends_with(".json"))
+        || key.contains("/pack/")
+        || key.ends_with(&format!("/{}", packed::MANIFEST_FILE))
+}
+
+/// The id of the backup `key` is under, if any.
+fn backup_of(key: &str) -> Option<&str> {
+    key.strip_prefix(&format!("{BACKUP_DIR}/"))?
+        .split('/')
+        .next()
+}
+
+pub fn record_key(to: &str) -> String {
+    let name: String = to
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '.' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    format!("{COPIES_DIR}/{name}.json")
+}
+
+/// Copies what `to` lacks from `from`, `jobs` objects at a time.
+pub fn copy(
+    from: &Repo,
+    to: &Repo,
+    jobs: usize,
+    dry_run: bool,
+    progress: &dyn Progress,
+) -> Result<CopyReport, CopyError> {
+    let (src, dst) = (from.store(), to.store());
+    if src.location() == dst.location() {
+        return Err(CopyError::SameRepository {
+            from: src.location(),
+            to: dst.location(),
+        });
+    }
+    let mut report = CopyReport {
+        from: src.location(),
+        to: dst.location(),
+        dry_run,
+        ..CopyReport::default()
+    };
+    let there: BTreeMap<String, u64> = dst.list("")?.into_iter().map(|o| (o.key, o.size)).collect();
+    let labelled = |id: &str| there.contains_key(&Repo::backup_key(id, LABEL_FILE));
+
+    // A local backup directory goes to object storage packed.
+    let pack = from.local_root().is_some() && to.local_root().is_none();
+    let mut objects = Vec::new();
+    let mut labels = Vec::new();
+    let mut to_pack = Vec::new();
+    for o in src.list("")? {
+        let name = o.key.rsplit('/').next().unwrap_or_default();
+        if name.starts_with(TEMP_PREFIX)
+            || o.key.starts_with(&format!("{COPIES_DIR}/"))
+            || o.key == RESTORE_POINTS_FILE
+        {
+            continue;
+        }
+        let backup = backup_of(&o.key).map(str::to_owned);
+        if let Some(id) = &backup {
+            if o.key.ends_with(&format!("/{LABEL_FILE}")) && o.key.matches('/').count() == 2 {
+                if !labelled(id) {
+                    labels.push(o);
+                }
+                continue;
+            }
+            if labelled(id) && !o.key.contains("/verified/") {
+                // The backup is there whole.
+                continue;
+            }
+            if pack && o.key.starts_with(&Repo::backup_key(id, "data/")) {
+                if !to_pack.contains(id) {
+                    to_pack.push(id.clone());
+                }
+                continue;
+            }
+        }
+        if !there.contains_key(&o.key) {
+            objects.push(o);
+        }
+    }
+    // Labels only of backups that are complete at the source.
+    let mut ready = Vec::new();
+    for l in labels {
+        let id = backup_of(&l.key).unwrap_or_default().to_owned();
+        if from.label(&id).is_ok_and(|b| b.is_usable()) {
+            ready.push(l);
+        }
+    }
+    to_pack.retain(|id| ready.iter().any(|l| backup_of(&l.key) == Some(id)));
+    report.missing = objects.len() + ready.len() + to_pack.len();
+    report.missing_bytes = objects.iter().chain(&ready).map(|o| o.size).sum::<u64>()
+        + to_pack
+            .iter()
+            .filter_map(|id| from.label(id).ok())
+            .map(|l| l.size_bytes)
+            .sum::<u64>();
+    if dry_run {
+        return Ok(report);
+    }
+
+    progress.stage("copying", Some(report.missing_bytes));
+    let done = AtomicU64::new(0);
+    let problems = Mutex::new(Vec::new());
+    let copied = AtomicU64::new(0);
+    let present = AtomicU64::new(0);
+    let send = |key: &str| -> Result<(), PackError> {
+        let location = format!("{}/{key}", src.location());
+        let Some(body) = src.get(key)? else {
+            // Gone since the listing (expired): nothing to copy.
+            return Ok(());
+        };
+        if is_stored(key) {
+            if let Err(e) = stored::check(body.as_slice()) {
+                let why = match e {
+                    stored::ReadError::Corrupt(d) => d,
+                    stored::ReadError::Io(e) => e.to_string(),
+                    stored::ReadError::Key(e) => e.to_string(),
+                };
+                problems
+                    .lock()
+                    .expect("no panic holding it")
+                    .push(format!("{location} is damaged, not copied: {why}"));
+                return Ok(());
+            }
+        }
+        let sent = sha(&body);
+        match dst.put_if_absent(key, &body)? {
+            Put::Created => {
+                if copied.fetch_add(1, Ordering::Relaxed) == 0 {
+                    pause_point("copy", "object");
+                }
+            }
+            Put::Exists => {
+                present.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        let back = dst.get(key)?.unwrap_or_default();
+        let got = sha(&back);
+        if got != sent {
+            problems.lock().expect("no panic holding it").push(
+                CopyError::Arrival {
+                    location: format!("{}/{key}", dst.location()),
+                    got,
+                    sent,
+                }
+                .to_string(),
+            );
+        }
+        let n = done.fetch_add(body.len() as u64, Ordering::Relaxed) + body.len() as u64;
+        progress.advance(n, key);
+        Ok(())
+    };
+    packed::parallel(objects.len(), jobs, |i| send(&objects[i].key))?;
+    // Restore points are one object, rewritten as points are added.
+    if let Some(points) = src.get(RESTORE_POINTS_FILE)? {
+        if dst.get(RESTORE_POINTS_FILE)?.as_deref() != Some(points.as_slice()) {
+            dst.put(RESTORE_POINTS_FILE, &points)?;
+            copied.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+    for id in &to_pack {
+        // A copy killed before this backup's label left some of its
+        // objects: nothing shows them; start the backup again.
+        for o in dst.list(&Repo::backup_key(id, ""))? {
+            dst.delete(&o.key)?;
+        }
+        let data = from.backup_data(id).expect("a local backup");
+        let index = packed::upload(dst, id, &data, 3, to.keys(), jobs, progress)?;
+        report.bytes += index.stored_bytes();
+        report.packed.push(id.clone());
+    }
+    // Labels last: a backup is visible at the destination only whole.
+    pause_point("copy", "labels");
+    for l in &ready {
+        let id = backup_of(&l.key).unwrap_or_default();
+        let mut label = from.label(id)?;
+        if to_pack.iter().any(|p| p == id) {
+            let index = packed::index(dst, id)?;
+            label.stored_bytes = Some(index.stored_bytes());
+            label.encryption = to.keys().to.as_ref().map(|r| r.describe());
+            label.verification = None;
+            let mut text = serde_json::to_vec_pretty(&label).expect("a label serializes");
+            text.push(b'\n');
+            if dst.put_if_absent(&l.key, &text)? == Put::Created {
+                copied.fetch_add(1, Ordering::Relaxed);
+            }
+        } else {
+            send(&l.key)?;
+        }
+    }
+    report.copied = copied.into_inner() as usize;
+    report.present = present.into_inner() as usize;
+    report.bytes += done.into_inner();
+    report.problems = problems.into_inner().expect("no panic holding it");
+    progress.finish();
+
+    let newest_wal = to.archive().list().ok().and_then(|l| {
+        l.files
+            .iter()
+            .map(|f| f.to_string())
+            .filter(|f| f.len() == 24)
+            .max()
+    });
+    let record = CopyRecord {
+        to: dst.location(),
+        at: now_rfc3339(),
+        newest_wal,
+        backups: to
+            .backups()
+            .map(|b| b.into_iter().map(|l| l.id).collect())
+            .unwrap_or_default(),
+        problems: report.problems.len(),
+    };
+    let mut text = serde_json::to_vec_pretty(&record).expect("a record serializes");
+    text.push(b'\n');
+    src.put(&record_key(&dst.location()), &text)?;
+    Ok(report)
+}
+
+/// The copies recorded in `repo`, newest run of each destination.
+pub fn records(store: &dyn Store) -> Vec<CopyRecord> {
+    store
+        .list(&format!("{COPIES_DIR}/"))
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|o| serde_json::from_slice(&store.get(&o.key).ok()??).ok())
+        .collect()
+}
