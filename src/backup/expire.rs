@@ -58,6 +58,12 @@ pub struct ExpirePlan {
     pub wal_kept_from: Option<String>,
     /// Which WAL is deleted, in words.
     pub wal_rule: String,
+    /// WAL files the plan would delete that the bucket's Object Lock still
+    /// holds: left for a later run.
+    pub wal_locked: usize,
+    pub wal_locked_until: Option<String>,
+    /// The bucket's versioning and Object Lock, on object storage.
+    pub protection: Option<crate::storage::Protection>,
     pub applied: bool,
 }
 
@@ -314,6 +320,9 @@ pub fn plan(
         expire_wal,
         wal_kept_from,
         wal_rule,
+        wal_locked: 0,
+        wal_locked_until: None,
+        protection: None,
         applied: false,
     })
 }
@@ -372,13 +381,68 @@ pub fn plan_for(repo: &Repo, policy: &Policy) -> Result<ExpirePlan, ExpireError>
         .info()?
         .and_then(|i| i.wal_segment_size)
         .unwrap_or(16 << 20);
-    plan(
+    let now = SystemTime::now();
+    let mut p = plan(
         &repo.backups()?,
         &archive.list()?.files,
         seg_size,
         policy,
-        SystemTime::now(),
-    )
+        now,
+    )?;
+    let Some(protection) = repo.store().protection().map_err(RepoError::from)? else {
+        return Ok(p);
+    };
+    // Under Object Lock, an object cannot be deleted until its retention
+    // ends: plan around it rather than try. A backup stays whole until all
+    // of its objects may go; WAL files go one by one.
+    let show = |t: SystemTime| humantime::format_rfc3339_seconds(t).to_string();
+    if protection.default_retention.is_some() {
+        let store = repo.store();
+        let mut still = Vec::new();
+        for d in std::mem::take(&mut p.expire) {
+            let until = store
+                .list(&Repo::backup_key(&d.id, ""))
+                .map_err(RepoError::from)?
+                .iter()
+                .filter_map(|o| protection.locked_until(o.modified, now))
+                .max();
+            match until {
+                Some(t) => p.keep.push(Decision {
+                    id: d.id,
+                    reason: format!(
+                        "{}; but under Object Lock until {}, so kept until then",
+                        d.reason,
+                        show(t)
+                    ),
+                }),
+                None => still.push(d),
+            }
+        }
+        p.expire = still;
+        let modified: BTreeMap<String, Option<SystemTime>> = store
+            .list("archive/")
+            .map_err(RepoError::from)?
+            .into_iter()
+            .filter_map(|o| {
+                let name = o.key.rsplit('/').next()?.to_owned();
+                Some((name, o.modified))
+            })
+            .collect();
+        let mut latest = None;
+        p.expire_wal.retain(|w| {
+            match protection.locked_until(modified.get(w).copied().flatten(), now) {
+                Some(t) => {
+                    latest = latest.max(Some(t));
+                    p.wal_locked += 1;
+                    false
+                }
+                None => true,
+            }
+        });
+        p.wal_locked_until = latest.map(show);
+    }
+    p.protection = Some(protection);
+    Ok(p)
 }
 
 /// Deletes what `plan` expires. A backup is first renamed aside, so a crash

@@ -478,6 +478,55 @@ pub fn prometheus(s: &Status) -> String {
 pub struct CheckReport {
     pub segment: String,
     pub seconds: f64,
+    /// The bucket's versioning and Object Lock, on object storage.
+    pub protection: Option<crate::storage::Protection>,
+    /// What about them does not fit the retention policy.
+    pub warnings: Vec<String>,
+}
+
+/// How long the retention policy keeps what it keeps longest, in days:
+/// the oldest period of its classes, or its PITR window.
+pub fn retention_span(r: &crate::config::RetentionConfig) -> Option<f64> {
+    [
+        r.pitr_days,
+        r.keep_daily.map(|n| n as f64),
+        r.keep_weekly.map(|n| n as f64 * 7.0),
+        r.keep_monthly.map(|n| n as f64 * 31.0),
+        r.keep_yearly.map(|n| n as f64 * 366.0),
+    ]
+    .into_iter()
+    .flatten()
+    .reduce(f64::max)
+}
+
+/// What a bucket's protection lacks, or where it and the retention policy
+/// (`span` days) disagree.
+pub fn protection_warnings(p: &crate::storage::Protection, span: Option<f64>) -> Vec<String> {
+    let mut w = Vec::new();
+    if p.versioning.as_deref() != Some("Enabled") {
+        w.push(
+            "versioning is off: an object deleted or overwritten with the bucket's credentials is gone"
+                .to_owned(),
+        );
+    }
+    match (&p.default_retention, span) {
+        (None, _) => w.push(
+            "no Object Lock default retention: a compromised host with the bucket's credentials can delete backups and WAL"
+                .to_owned(),
+        ),
+        (Some(r), Some(days)) if (r.days as f64) > days => w.push(format!(
+            "Object Lock keeps every object {} days, longer than the retention policy's {days} days: \
+             expire will keep what it would delete until the lock ends",
+            r.days
+        )),
+        (Some(r), Some(days)) if (r.days as f64) < days => w.push(format!(
+            "the retention policy keeps backups up to {days} days, but Object Lock protects them only {} days: \
+             older ones can be deleted with the bucket's credentials",
+            r.days
+        )),
+        _ => {}
+    }
+    w
 }
 
 /// Forces a WAL switch and waits for the finished segment to reach the
@@ -538,6 +587,8 @@ pub fn check(
                 return Ok(CheckReport {
                     segment,
                     seconds: started.elapsed().as_secs_f64(),
+                    protection: None,
+                    warnings: Vec::new(),
                 })
             }
             Err(ArchiveError::NotFound { .. }) if Instant::now() < deadline => {
@@ -568,4 +619,35 @@ pub fn check(
         secs: timeout.as_secs(),
         archiver,
     })
+}
+
+#[cfg(test)]
+mod protection_tests {
+    use super::*;
+    use crate::storage::{Protection, Retention};
+
+    #[test]
+    fn a_bucket_without_versioning_or_lock_and_a_lock_shorter_or_longer_than_retention_warn() {
+        let none = protection_warnings(&Protection::default(), Some(7.0));
+        assert_eq!(none.len(), 2, "{none:?}");
+        assert!(none[0].contains("versioning is off"));
+        assert!(none[1].contains("no Object Lock"));
+        let locked = |days| Protection {
+            versioning: Some("Enabled".into()),
+            object_lock: true,
+            default_retention: Some(Retention {
+                mode: "GOVERNANCE".into(),
+                days,
+            }),
+        };
+        assert!(protection_warnings(&locked(30), Some(7.0))[0].contains("longer than"));
+        assert!(protection_warnings(&locked(3), Some(7.0))[0].contains("only 3 days"));
+        assert!(protection_warnings(&locked(7), Some(7.0)).is_empty());
+        let r = crate::config::RetentionConfig {
+            keep_daily: Some(7),
+            keep_monthly: Some(2),
+            ..Default::default()
+        };
+        assert_eq!(retention_span(&r), Some(62.0));
+    }
 }

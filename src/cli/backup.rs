@@ -274,6 +274,13 @@ fn expire_cmd(ctx: &Context, repo: &Repo, a: ExpireArgs) -> Result<Exit, Error> 
             )),
             _ => out.push_str("keep    all WAL\n"),
         }
+        if plan.wal_locked > 0 {
+            out.push_str(&format!(
+                "keep    {} WAL file(s) under Object Lock until {}\n",
+                plan.wal_locked,
+                plan.wal_locked_until.as_deref().unwrap_or("?")
+            ));
+        }
         out.push_str(if plan.applied {
             "deleted."
         } else if plan.expire.is_empty() && plan.expire_wal.is_empty() {

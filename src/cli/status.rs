@@ -168,16 +168,39 @@ pub fn status(ctx: &Context, a: StatusArgs) -> Result<Exit, Error> {
 
 pub fn check(ctx: &Context, a: CheckArgs) -> Result<Exit, Error> {
     let repo = ctx.open_repo()?;
-    let report = st::check(
+    let mut report = st::check(
         &repo,
         a.connect.db.as_deref(),
         Duration::from_secs(a.timeout),
     )?;
+    if let Some(p) = repo
+        .store()
+        .protection()
+        .map_err(crate::backup::repo::RepoError::from)?
+    {
+        report.warnings = st::protection_warnings(&p, st::retention_span(&ctx.config.retention));
+        report.protection = Some(p);
+    }
     ctx.emit(&report, || {
-        Some(format!(
+        let mut out = format!(
             "ok: {} reached the archive in {:.1} s",
             report.segment, report.seconds
-        ))
+        );
+        if let Some(p) = &report.protection {
+            out.push_str(&format!(
+                "\nbucket: versioning {}, Object Lock {}",
+                p.versioning.as_deref().unwrap_or("never enabled"),
+                match &p.default_retention {
+                    Some(r) => format!("{} {} days by default", r.mode, r.days),
+                    None if p.object_lock => "enabled, no default retention".into(),
+                    None => "off".into(),
+                }
+            ));
+        }
+        for w in &report.warnings {
+            out.push_str(&format!("\nwarning: {w}"));
+        }
+        Some(out)
     })?;
     Ok(Exit::Ok)
 }

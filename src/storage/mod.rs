@@ -57,6 +57,40 @@ pub struct ObjectInfo {
     pub modified: Option<std::time::SystemTime>,
 }
 
+/// What a bucket does to keep objects from being deleted or rewritten.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Protection {
+    /// `Enabled`, `Suspended`, or none when never turned on.
+    pub versioning: Option<String>,
+    /// Object Lock is enabled on the bucket.
+    pub object_lock: bool,
+    /// The bucket's default retention: every new object version is locked
+    /// for this long after it is written.
+    pub default_retention: Option<Retention>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Retention {
+    /// `GOVERNANCE` or `COMPLIANCE`.
+    pub mode: String,
+    pub days: u64,
+}
+
+impl Protection {
+    /// Until when an object written at `modified` stays locked by the
+    /// default retention, if it still is at `now`.
+    pub fn locked_until(
+        &self,
+        modified: Option<std::time::SystemTime>,
+        now: std::time::SystemTime,
+    ) -> Option<std::time::SystemTime> {
+        let r = self.default_retention.as_ref()?;
+        // An object whose time is unknown is taken as written just now.
+        let until = modified.unwrap_or(now) + std::time::Duration::from_secs(r.days * 86_400);
+        (until > now).then_some(until)
+    }
+}
+
 pub trait Store: Send + Sync {
     /// Where it is, as it may be shown: no credential.
     fn location(&self) -> String;
@@ -72,6 +106,10 @@ pub trait Store: Send + Sync {
     fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>, StoreError>;
     /// Removes the object; a missing one is not an error.
     fn delete(&self, key: &str) -> Result<(), StoreError>;
+    /// Versioning and Object Lock, where the store has them.
+    fn protection(&self) -> Result<Option<Protection>, StoreError> {
+        Ok(None)
+    }
 }
 
 /// A repository location: `s3://bucket/prefix` or a local path.

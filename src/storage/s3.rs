@@ -14,13 +14,15 @@ use object_store::{
 };
 use std::time::Duration;
 
-use super::{check_key, ObjectInfo, Put, Store, StoreError};
+use super::{check_key, ObjectInfo, Protection, Put, Retention, Store, StoreError};
 
 pub struct S3 {
     store: AmazonS3,
     bucket: String,
     prefix: String,
     rt: tokio::runtime::Runtime,
+    region: String,
+    endpoint: Option<String>,
 }
 
 /// What may override the environment's S3 settings.
@@ -48,20 +50,31 @@ impl S3 {
             retry_timeout: Duration::from_secs(20),
             ..RetryConfig::default()
         };
+        // Every upload carries a CRC64-NVME checksum, which S3 checks on
+        // arrival, and names its algorithm as the AWS SDKs do: a bucket
+        // with an Object Lock default retention refuses uploads without
+        // one (Content-MD5 or a checksum), and a CRC costs little.
+        let mut headers = http::HeaderMap::new();
+        headers.insert(
+            "x-amz-sdk-checksum-algorithm",
+            http::HeaderValue::from_static("CRC64NVME"),
+        );
         let client = ClientOptions::new()
             .with_connect_timeout(Duration::from_secs(5))
-            .with_timeout(Duration::from_secs(120));
+            .with_timeout(Duration::from_secs(120))
+            .with_default_headers(headers);
         let mut b = AmazonS3Builder::from_env()
             .with_bucket_name(bucket)
             .with_retry(retry)
-            .with_client_options(client);
+            .with_client_options(client)
+            .with_checksum_algorithm(object_store::aws::Checksum::CRC64NVME);
         // `from_env` reads AWS_ENDPOINT; the SDKs' name is AWS_ENDPOINT_URL.
         let endpoint = over
             .endpoint
             .clone()
             .or_else(|| std::env::var("AWS_ENDPOINT_URL").ok())
             .or_else(|| std::env::var("AWS_ENDPOINT").ok());
-        if let Some(url) = endpoint {
+        if let Some(url) = &endpoint {
             b = b
                 .with_allow_http(url.starts_with("http://"))
                 .with_endpoint(url);
@@ -71,9 +84,13 @@ impl S3 {
                 && std::env::var_os("AWS_DEFAULT_REGION").is_none())
             .then(|| "us-east-1".to_owned())
         });
-        if let Some(r) = region {
+        if let Some(r) = &region {
             b = b.with_region(r);
         }
+        let region = region
+            .or_else(|| std::env::var("AWS_REGION").ok())
+            .or_else(|| std::env::var("AWS_DEFAULT_REGION").ok())
+            .unwrap_or_else(|| "us-east-1".to_owned());
         if let Some(k) = &over.access_key_id {
             b = b.with_access_key_id(k);
         }
@@ -92,6 +109,69 @@ impl S3 {
             bucket: bucket.to_owned(),
             prefix: prefix.trim_matches('/').to_owned(),
             rt,
+            region,
+            endpoint,
+        })
+    }
+
+    /// The bucket's URL: path style on an endpoint of one's own, as
+    /// object_store addresses it, virtual-hosted on AWS.
+    fn bucket_url(&self) -> String {
+        match &self.endpoint {
+            Some(e) => format!("{}/{}", e.trim_end_matches('/'), self.bucket),
+            None => format!("https://{}.s3.{}.amazonaws.com", self.bucket, self.region),
+        }
+    }
+
+    /// A signed `GET` of a bucket subresource (`?versioning`,
+    /// `?object-lock`): its XML, or none when S3 answers 404.
+    fn bucket_get(&self, sub: &str) -> Result<Option<String>, StoreError> {
+        use object_store::aws::AwsAuthorizer;
+        use object_store::client::HttpRequestBody;
+        let url = format!("{}?{sub}", self.bucket_url());
+        let what = format!("?{sub}");
+        let remote = |detail: String| StoreError::Remote {
+            op: "read",
+            key: what.clone(),
+            store: self.location(),
+            detail: redact(&detail),
+        };
+        self.rt.block_on(async {
+            let cred = self
+                .store
+                .credentials()
+                .get_credential()
+                .await
+                .map_err(|e| remote(e.to_string()))?;
+            let mut req = http::Request::builder()
+                .method("GET")
+                .uri(&url)
+                .body(HttpRequestBody::from(Vec::new()))
+                .map_err(|e| remote(e.to_string()))?;
+            AwsAuthorizer::new(&cred, "s3", &self.region)
+                .try_authorize(&mut req, None)
+                .map_err(|e| remote(e.to_string()))?;
+            let client = reqwest::Client::builder()
+                .timeout(Duration::from_secs(20))
+                .build()
+                .map_err(|e| remote(e.to_string()))?;
+            let mut get = client.get(&url);
+            for (k, v) in req.headers() {
+                get = get.header(k.as_str(), v.as_bytes());
+            }
+            let resp = get.send().await.map_err(|e| remote(e.to_string()))?;
+            let status = resp.status();
+            let text = resp.text().await.map_err(|e| remote(e.to_string()))?;
+            if status.as_u16() == 404 {
+                return Ok(None);
+            }
+            if !status.is_success() {
+                return Err(remote(format!(
+                    "{status}: {}",
+                    tag(&text, "Code").unwrap_or(&text)
+                )));
+            }
+            Ok(Some(text))
         })
     }
 
@@ -115,6 +195,38 @@ impl S3 {
             store: self.location(),
             detail: redact(&e.to_string()),
         }
+    }
+}
+
+/// The text of the first `<name>` element of an XML answer.
+fn tag<'a>(xml: &'a str, name: &str) -> Option<&'a str> {
+    let open = format!("<{name}>");
+    let start = xml.find(&open)? + open.len();
+    let end = xml[start..].find(&format!("</{name}>"))? + start;
+    Some(xml[start..end].trim())
+}
+
+/// What `?versioning` and `?object-lock` answered.
+fn protection_of(versioning: Option<&str>, lock: Option<&str>) -> Protection {
+    let lock = lock.unwrap_or_default();
+    let default_retention = tag(lock, "DefaultRetention").and_then(|r| {
+        let days = match (tag(r, "Days"), tag(r, "Years")) {
+            (Some(d), _) => d.parse().ok()?,
+            (None, Some(y)) => y.parse::<u64>().ok()? * 365,
+            _ => return None,
+        };
+        Some(Retention {
+            mode: tag(r, "Mode").unwrap_or("GOVERNANCE").to_owned(),
+            days,
+        })
+    });
+    Protection {
+        versioning: versioning
+            .and_then(|v| tag(v, "Status"))
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned),
+        object_lock: tag(lock, "ObjectLockEnabled") == Some("Enabled"),
+        default_retention,
     }
 }
 
@@ -217,6 +329,12 @@ impl Store for S3 {
         Ok(out)
     }
 
+    fn protection(&self) -> Result<Option<Protection>, StoreError> {
+        let versioning = self.bucket_get("versioning")?;
+        let lock = self.bucket_get("object-lock")?;
+        Ok(Some(protection_of(versioning.as_deref(), lock.as_deref())))
+    }
+
     fn delete(&self, key: &str) -> Result<(), StoreError> {
         let path = self.path(key)?;
         self.rt.block_on(async {
@@ -231,6 +349,29 @@ impl Store for S3 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn versioning_and_object_lock_answers_read() {
+        let p = protection_of(
+            Some("<VersioningConfiguration><Status>Enabled</Status></VersioningConfiguration>"),
+            Some(
+                "<ObjectLockConfiguration><ObjectLockEnabled>Enabled</ObjectLockEnabled>\
+                 <Rule><DefaultRetention><Mode>COMPLIANCE</Mode><Years>1</Years>\
+                 </DefaultRetention></Rule></ObjectLockConfiguration>",
+            ),
+        );
+        assert_eq!(p.versioning.as_deref(), Some("Enabled"));
+        assert!(p.object_lock);
+        assert_eq!(
+            p.default_retention,
+            Some(Retention {
+                mode: "COMPLIANCE".into(),
+                days: 365
+            })
+        );
+        let none = protection_of(Some("<VersioningConfiguration/>"), None);
+        assert_eq!(none, Protection::default());
+    }
 
     #[test]
     fn credentials_in_error_text_are_cut() {

@@ -774,3 +774,88 @@ fn s3_wal_push_also_stores_in_both_and_a_second_repository_that_fails_only_warns
     );
     assert!(sc.get(&key).unwrap().is_some());
 }
+
+/// A new bucket with Object Lock on and a default retention of `days`
+/// (GOVERNANCE), as `aws s3api create-bucket --object-lock-enabled-for-bucket`
+/// and `put-object-lock-configuration` make one.
+fn locked_bucket(test: &str, days: u32) -> (String, S3) {
+    let name: String = unique(test)
+        .to_lowercase()
+        .replace(['_', '.'], "-")
+        .chars()
+        .take(60)
+        .collect();
+    let http = reqwest::blocking::Client::new();
+    let r = http
+        .put(format!("{}/{name}", endpoint()))
+        .header("x-amz-bucket-object-lock-enabled", "true")
+        .send()
+        .unwrap();
+    assert!(r.status().is_success(), "create {name}: {}", r.status());
+    let r = http
+        .put(format!("{}/{name}?object-lock", endpoint()))
+        .body(format!(
+            "<ObjectLockConfiguration><ObjectLockEnabled>Enabled</ObjectLockEnabled><Rule>\
+             <DefaultRetention><Mode>GOVERNANCE</Mode><Days>{days}</Days></DefaultRetention>\
+             </Rule></ObjectLockConfiguration>"
+        ))
+        .send()
+        .unwrap();
+    assert!(r.status().is_success(), "lock {name}: {}", r.status());
+    (name.clone(), store(&name, "repo"))
+}
+
+#[test]
+fn s3_object_lock_expire_plans_around_retention_and_check_reports_the_bucket() {
+    let (name, s) = locked_bucket("locked", 1);
+    let c = archiving_to_s3(&name);
+    let b1 = ok_json(&s3_at(&c, &name, &["backup"]).output().unwrap());
+    switch_and_wait_archived(&c);
+    let b2 = ok_json(&s3_at(&c, &name, &["backup"]).output().unwrap());
+    let b1_id = b1["id"].as_str().unwrap();
+    let before = s.list("").unwrap().len();
+
+    // Classes alone would expire the older backup and its WAL; the lock
+    // holds both for a day, and expire does not try.
+    let p = ok_json(
+        &s3_at(
+            &c,
+            &name,
+            &["backup", "expire", "--keep-daily", "1", "--apply"],
+        )
+        .output()
+        .unwrap(),
+    );
+    assert!(p["expire"].as_array().unwrap().is_empty(), "{p}");
+    let kept = p["keep"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["id"] == b1_id)
+        .unwrap_or_else(|| panic!("{b1_id} kept: {p}"));
+    assert!(
+        kept["reason"]
+            .as_str()
+            .unwrap()
+            .contains("under Object Lock until"),
+        "{kept}"
+    );
+    assert!(p["wal_locked"].as_u64().unwrap() >= 1, "{p}");
+    assert!(p["expire_wal"].as_array().unwrap().is_empty(), "{p}");
+    assert_eq!(s.list("").unwrap().len(), before, "nothing was deleted");
+    assert_eq!(p["protection"]["default_retention"]["days"], 1, "{p}");
+    let _ = b2;
+
+    // check reports the bucket, and a policy that outlives the lock.
+    std::fs::write(
+        c.dir("work").join("reentry.toml"),
+        "[retention]\nkeep-daily = 7\n",
+    )
+    .unwrap();
+    let o = ok_json(&s3_at(&c, &name, &["check"]).output().unwrap());
+    assert_eq!(o["protection"]["object_lock"], true, "{o}");
+    assert_eq!(o["protection"]["versioning"], "Enabled", "{o}");
+    let warnings = o["warnings"].to_string();
+    assert!(warnings.contains("protects them only 1 days"), "{o}");
+    std::fs::remove_file(c.dir("work").join("reentry.toml")).unwrap();
+}
