@@ -80,6 +80,56 @@ while True:
 }
 
 # Waits up to $1 seconds for the command that follows to succeed.
+# N real WAL segments for the benchmarks: a PostgreSQL (binaries in BIN)
+# cluster in WORK/pg15 archives a pgbench load with plain cp into
+# WORK/pool. Segments filled by the load itself, not cut short by
+# pg_switch_wal: a mostly-zero segment would flatter compression. The
+# server keeps running on $WAL_POOL_PORT, with its socket in WORK; the
+# caller stops it.
+wal_pool() { # WORK BIN N
+  local work=$1 bin=$2 n=$3 data=$1/pg15
+  WAL_POOL_PORT=$(free_port)
+  as_pg mkdir "$work/pool"
+  as_pg "$bin/initdb" -D "$data" -U postgres -A trust >/dev/null
+  cat >>"$data/postgresql.conf" <<CONF
+port = $WAL_POOL_PORT
+listen_addresses = '127.0.0.1'
+unix_socket_directories = '$work'
+archive_mode = on
+archive_command = 'cp %p $work/pool/%f'
+CONF
+  as_pg "$bin/pg_ctl" start -w -D "$data" -l "$work/pg.log" >/dev/null
+  say "generating $n real WAL segments with pgbench"
+  local pg=(as_pg env PGHOST=127.0.0.1 PGPORT="$WAL_POOL_PORT" PGUSER=postgres PGDATABASE=postgres)
+  "${pg[@]}" "$bin/pgbench" -i -q -s 40 >/dev/null 2>&1
+  while [ "$(ls "$work/pool" | grep -c '^[0-9A-F]\{24\}$')" -lt "$n" ]; do
+    "${pg[@]}" "$bin/pgbench" -n -c 2 -T 3 >/dev/null 2>&1
+  done
+}
+
+# Starts moto in server mode on 127.0.0.1:PORT, logging to LOG, in the
+# background (its pid in $!), and waits for it. With CERT and KEY it
+# serves HTTPS. As `moto_server` runs it, but serving one request at a
+# time: threaded, its If-None-Match: * is a check and then a write, so
+# two racing create-only PUTs can both succeed (moto/s3/responses.py),
+# where S3 makes exactly one win. One at a time is S3's atomic check.
+start_moto() { # PORT LOG [CERT KEY]
+  local port=$1 log=$2 scheme=http
+  [ -n "${3:-}" ] && scheme=https
+  "$MOTO_VENV/bin/python" -c '
+import sys
+from werkzeug.serving import run_simple
+from moto.moto_server.werkzeug_app import DomainDispatcherApplication, MotoRequestHandler, create_backend_app
+ssl = (sys.argv[2], sys.argv[3]) if len(sys.argv) > 3 and sys.argv[2] else None
+run_simple("127.0.0.1", int(sys.argv[1]), DomainDispatcherApplication(create_backend_app),
+           threaded=False, request_handler=MotoRequestHandler, ssl_context=ssl)
+' "$port" "${3:-}" "${4:-}" >"$log" 2>&1 &
+  local pid=$!
+  wait_until 30 curl -sfk -o /dev/null "$scheme://127.0.0.1:$port/moto-api/" \
+    || die "moto did not start; see $log"
+  MOTO_PID=$pid
+}
+
 wait_until() {
   local deadline=$((SECONDS + $1)); shift
   until "$@" >/dev/null 2>&1; do

@@ -245,7 +245,16 @@ fn encode_plain(
     let mut body = Vec::with_capacity(first.len() + HEADER_LEN);
     body.extend_from_slice(&[0u8; HEADER_LEN]);
     let raw_len = match compression {
-        Compression::None => pump(first, src, &mut body, &mut hasher)?,
+        // Read straight into the object, without a buffer between (a
+        // File's read_to_end reserves its whole size at once), then hash
+        // it in one pass: a profile of a push showed the copies and page
+        // faults of building it chunk by chunk at a third of its time.
+        Compression::None => {
+            body.extend_from_slice(first);
+            src.read_to_end(&mut body)?;
+            hasher.update(&body[HEADER_LEN..]);
+            (body.len() - HEADER_LEN) as u64
+        }
         Compression::Zstd => {
             let mut enc = zstd::stream::write::Encoder::new(&mut body, level)?;
             let n = pump(first, src, &mut enc, &mut hasher)?;
