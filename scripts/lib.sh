@@ -108,26 +108,21 @@ CONF
 }
 
 # Starts moto in server mode on 127.0.0.1:PORT, logging to LOG, in the
-# background (its pid in $!), and waits for it. With CERT and KEY it
-# serves HTTPS. As `moto_server` runs it, but serving one request at a
-# time: threaded, its If-None-Match: * is a check and then a write, so
-# two racing create-only PUTs can both succeed (moto/s3/responses.py),
-# where S3 makes exactly one win. One at a time is S3's atomic check.
-start_moto() { # PORT LOG [CERT KEY]
-  local port=$1 log=$2 scheme=http
-  [ -n "${3:-}" ] && scheme=https
+# background (its pid in $MOTO_PID), and waits for it. As `moto_server`
+# runs it, but serving one request at a time: threaded, its
+# If-None-Match: * is a check and then a write, so two racing create-only
+# PUTs can both succeed (moto/s3/responses.py), where S3 makes exactly one
+# win. One at a time is S3's atomic check.
+start_moto() { # PORT LOG
   "$MOTO_VENV/bin/python" -c '
 import sys
 from werkzeug.serving import run_simple
 from moto.moto_server.werkzeug_app import DomainDispatcherApplication, MotoRequestHandler, create_backend_app
-ssl = (sys.argv[2], sys.argv[3]) if len(sys.argv) > 3 and sys.argv[2] else None
 run_simple("127.0.0.1", int(sys.argv[1]), DomainDispatcherApplication(create_backend_app),
-           threaded=False, request_handler=MotoRequestHandler, ssl_context=ssl)
-' "$port" "${3:-}" "${4:-}" >"$log" 2>&1 &
-  local pid=$!
-  wait_until 30 curl -sfk -o /dev/null "$scheme://127.0.0.1:$port/moto-api/" \
-    || die "moto did not start; see $log"
-  MOTO_PID=$pid
+           threaded=False, request_handler=MotoRequestHandler)
+' "$1" >"$2" 2>&1 &
+  MOTO_PID=$!
+  wait_until 30 curl -sf -o /dev/null "http://127.0.0.1:$1/moto-api/" || die "moto did not start; see $2"
 }
 
 wait_until() {
