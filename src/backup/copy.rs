@@ -23,7 +23,7 @@ use sha2::{Digest, Sha256};
 use crate::backup::basebackup::now_rfc3339;
 use crate::backup::label::LABEL_FILE;
 use crate::backup::packed::{self, PackError};
-use crate::backup::repo::{Repo, BACKUP_DIR, RESTORE_POINTS_FILE};
+use crate::backup::repo::{Repo, BACKUP_DIR, RESTORE_POINTS_DIR, RESTORE_POINTS_FILE};
 use crate::backup::stored;
 use crate::fsutil::TEMP_PREFIX;
 use crate::progress::Progress;
@@ -149,6 +149,7 @@ pub fn copy(
         if name.starts_with(TEMP_PREFIX)
             || o.key.starts_with(&format!("{COPIES_DIR}/"))
             || o.key == RESTORE_POINTS_FILE
+            || o.key.starts_with(&format!("{RESTORE_POINTS_DIR}/"))
         {
             continue;
         }
@@ -248,10 +249,11 @@ pub fn copy(
         Ok(())
     };
     packed::parallel(objects.len(), jobs, |i| send(&objects[i].key))?;
-    // Restore points are one object, rewritten as points are added.
-    if let Some(points) = src.get(RESTORE_POINTS_FILE)? {
-        if dst.get(RESTORE_POINTS_FILE)?.as_deref() != Some(points.as_slice()) {
-            dst.put(RESTORE_POINTS_FILE, &points)?;
+    // Restore points, in whichever form each side keeps them.
+    let have = to.restore_points()?;
+    for p in from.restore_points()? {
+        if !have.contains(&p) {
+            to.add_restore_point(&p)?;
             copied.fetch_add(1, Ordering::Relaxed);
         }
     }

@@ -19,6 +19,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
+use sha2::Digest;
 
 use crate::backup::archive::Archive;
 use crate::backup::label::{BackupLabel, LABEL_FILE};
@@ -29,6 +30,7 @@ use crate::storage::{Local, Location, Put, Store, StoreError};
 
 pub const BACKUP_DIR: &str = "backup";
 pub const RESTORE_POINTS_FILE: &str = "restore-points.json";
+pub const RESTORE_POINTS_DIR: &str = "restore-points";
 
 #[derive(Debug, thiserror::Error)]
 pub enum RepoError {
@@ -299,23 +301,62 @@ impl Repo {
         Ok(chain)
     }
 
+    /// Every named restore point, oldest first: those in
+    /// `restore-points.json` (a local repository's file) and those written
+    /// one object each under `restore-points/` (object storage, where
+    /// nothing is rewritten, and their copies).
     pub fn restore_points(&self) -> Result<Vec<RestorePoint>, RepoError> {
-        match self.store.get(RESTORE_POINTS_FILE)? {
-            Some(t) => serde_json::from_slice(&t).map_err(|e| RepoError::BadObject {
-                location: format!("{}/{RESTORE_POINTS_FILE}", self.location()),
-                detail: e.to_string(),
-            }),
-            None => Ok(Vec::new()),
+        let bad = |key: &str, e: serde_json::Error| RepoError::BadObject {
+            location: format!("{}/{key}", self.location()),
+            detail: e.to_string(),
+        };
+        let mut points: Vec<RestorePoint> = match self.store.get(RESTORE_POINTS_FILE)? {
+            Some(t) => serde_json::from_slice(&t).map_err(|e| bad(RESTORE_POINTS_FILE, e))?,
+            None => Vec::new(),
+        };
+        for o in self.store.list(&format!("{RESTORE_POINTS_DIR}/"))? {
+            if let Some(t) = self.store.get(&o.key)? {
+                let p: RestorePoint = serde_json::from_slice(&t).map_err(|e| bad(&o.key, e))?;
+                if !points.contains(&p) {
+                    points.push(p);
+                }
+            }
         }
+        points.sort_by(|a, b| a.time.cmp(&b.time));
+        Ok(points)
     }
 
-    pub fn save_restore_points(&self, points: &[RestorePoint]) -> Result<(), RepoError> {
+    /// Records a new restore point: locally in `restore-points.json`, on
+    /// object storage as an object of its own, written once.
+    pub fn add_restore_point(&self, point: &RestorePoint) -> Result<(), RepoError> {
         match &self.local {
             Some(root) => {
+                let file = root.join(RESTORE_POINTS_FILE);
+                let mut points: Vec<RestorePoint> = match fs::read(&file) {
+                    Ok(t) => serde_json::from_slice(&t).map_err(|e| RepoError::BadObject {
+                        location: file.display().to_string(),
+                        detail: e.to_string(),
+                    })?,
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => Vec::new(),
+                    Err(e) => return Err(io_err("read", &file)(e)),
+                };
+                points.push(point.clone());
                 fsutil::create_dir_all_durable(root).map_err(io_err("create directory", root))?;
-                write_json(&root.join(RESTORE_POINTS_FILE), &points)
+                write_json(&file, &points)
             }
-            None => Ok(self.store.put(RESTORE_POINTS_FILE, &json_bytes(&points))?),
+            None => {
+                let digest = sha2::Sha256::digest(point.name.as_bytes());
+                let key = format!(
+                    "{RESTORE_POINTS_DIR}/{}-{:02x}{:02x}{:02x}{:02x}.json",
+                    point.time.replace(':', ""),
+                    digest[0],
+                    digest[1],
+                    digest[2],
+                    digest[3]
+                );
+                self.store.put_if_absent(&key, &json_bytes(point))?;
+                Ok(())
+            }
         }
     }
 }

@@ -29,7 +29,7 @@ pub fn create(
     if name.len() > MAX_NAME {
         return Err(bad("longer than PostgreSQL's 63 bytes"));
     }
-    let mut points = repo.restore_points()?;
+    let points = repo.restore_points()?;
     if let Some(p) = points.iter().find(|p| p.name == name) {
         return Err(BackupError::DuplicateRestorePoint {
             name: name.to_owned(),
@@ -56,8 +56,7 @@ pub fn create(
             .to_string(),
         system_identifier: row.get(3),
     };
-    points.push(point.clone());
-    repo.save_restore_points(&points)?;
+    repo.add_restore_point(&point)?;
     if switch_wal {
         // Makes the point restorable now rather than at the next segment
         // switch: the segment that holds it must reach the archive.

@@ -268,8 +268,17 @@ fn s3_env() -> [(&'static str, String); 4] {
 /// `archive_command` through its own environment, as a unit file's
 /// `Environment=` would give them to the server.
 fn archiving_to_s3(bucket: &str) -> Cluster {
+    archiving_to_s3_with(bucket, &[])
+}
+
+/// `archiving_to_s3`, with more of `archive_command`'s environment.
+fn archiving_to_s3_with(bucket: &str, more: &[(&str, &str)]) -> Cluster {
     let c = Cluster::init(Version::V18);
-    let env: Vec<String> = s3_env().iter().map(|(k, v)| format!("{k}={v}")).collect();
+    let env: Vec<String> = s3_env()
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .chain(more.iter().map(|(k, v)| format!("{k}={v}")))
+        .collect();
     c.append_conf(&[
         ("archive_mode", "on".to_string()),
         (
@@ -288,9 +297,21 @@ fn archiving_to_s3(bucket: &str) -> Cluster {
 }
 
 #[test]
-fn s3_pg18_backup_chain_verify_restore_and_drill_entirely_from_s3() {
+fn s3_pg18_encrypted_backup_chain_verify_restore_and_drill_entirely_from_s3() {
     let (name, s) = bucket("pg-backup", "repo");
-    let c = archiving_to_s3(&name);
+    // Encrypted throughout: the server archives with the public key, every
+    // command below reads with the identity.
+    let (secret, public) = age_key();
+    let c = archiving_to_s3_with(&name, &[("REENTRY_AGE_RECIPIENTS", &public)]);
+    let identity = c.dir("keys").join("identity");
+    std::fs::write(&identity, &secret).unwrap();
+    crate::common::give_to_server_user(&identity);
+    let s3_at = |c: &Cluster, name: &str, args: &[&str]| {
+        let mut cmd = s3_at(c, name, args);
+        cmd.env("REENTRY_AGE_RECIPIENTS", &public)
+            .env("REENTRY_AGE_IDENTITY_FILE", &identity);
+        cmd
+    };
     // A table of more than one 16 MiB piece, and small files beside it.
     c.client()
         .batch_execute(
@@ -318,6 +339,20 @@ fn s3_pg18_backup_chain_verify_restore_and_drill_entirely_from_s3() {
     );
     let inc_id = inc["id"].as_str().unwrap().to_owned();
     assert_eq!(inc["parent"], full_id.as_str());
+    assert_eq!(inc["encryption"]["recipients"][0], public.as_str());
+
+    // A restore point is an object of its own, written once; a second of
+    // the same name is refused.
+    ok_json(
+        &s3_at(&c, &name, &["restore-point", "after-incremental"])
+            .output()
+            .unwrap(),
+    );
+    assert_eq!(s.list("restore-points/").unwrap().len(), 1);
+    let again = s3_at(&c, &name, &["restore-point", "after-incremental"])
+        .output()
+        .unwrap();
+    assert_exit(&again, 3);
 
     // What the bucket holds: per backup its label, index, manifest and
     // pieces; nothing was written locally.
