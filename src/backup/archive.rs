@@ -595,20 +595,24 @@ impl Archive {
     /// Streams the original bytes of a stored file into `sink`, verified.
     pub fn read(&self, name: &WalFileName, sink: &mut impl Write) -> Result<Header, ArchiveError> {
         let (key, bytes) = self.stored(name)?;
-        stored::read_with(bytes.as_slice(), sink, self.keys.identities.as_deref()).map_err(|e| {
-            match e {
-                ReadError::Corrupt(detail) => ArchiveError::Corrupt {
-                    path: self.shown(&key),
-                    detail,
-                },
-                ReadError::Key(e) => ArchiveError::Key(e.about(&self.shown(&key))),
-                ReadError::Io(e) => ArchiveError::Io {
-                    op: "read",
-                    path: self.shown(&key).into(),
-                    source: e,
-                },
-            }
-        })
+        stored::read_with(bytes.as_slice(), sink, self.keys.identities.as_deref())
+            .map_err(|e| self.read_error(&key, e))
+    }
+
+    /// What reading the stored object under `key` failed with.
+    fn read_error(&self, key: &str, e: ReadError) -> ArchiveError {
+        match e {
+            ReadError::Corrupt(detail) => ArchiveError::Corrupt {
+                path: self.shown(key),
+                detail,
+            },
+            ReadError::Key(e) => ArchiveError::Key(e.about(&self.shown(key))),
+            ReadError::Io(e) => ArchiveError::Io {
+                op: "read",
+                path: self.shown(key).into(),
+                source: e,
+            },
+        }
     }
 
     /// Reads a stored file end to end and checks it against its checksum.
@@ -619,18 +623,7 @@ impl Archive {
             return self.read(name, &mut io::sink());
         }
         let (key, bytes) = self.stored(name)?;
-        stored::check(bytes.as_slice()).map_err(|e| match e {
-            ReadError::Corrupt(detail) => ArchiveError::Corrupt {
-                path: self.shown(&key),
-                detail,
-            },
-            ReadError::Key(e) => ArchiveError::Key(e.about(&self.shown(&key))),
-            ReadError::Io(e) => ArchiveError::Io {
-                op: "read",
-                path: self.shown(&key).into(),
-                source: e,
-            },
-        })
+        stored::check(bytes.as_slice()).map_err(|e| self.read_error(&key, e))
     }
 }
 
