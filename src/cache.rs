@@ -31,10 +31,12 @@ const CALL_KEYS: usize = 32;
 /// Keys per round trip of keys named in a list (`unlink`, `exists`).
 /// Nothing paces those: they go as fast as the answers come back, so the
 /// server spends a large share of its time on them, and readers queue
-/// behind each call. With 32 keys a call (about 20 us of the server's
-/// time) readers' p99 was half as high again as the script's one key a
-/// call; with 8, the same, at six times its speed (`bench/cache`).
-const LISTED_CALL_KEYS: usize = 8;
+/// behind each call. Readers' p99 against the script's one key a call
+/// (`bench/cache`, 100,000 keys, 2 GET clients): with 32 keys a call
+/// (about 20 us of the server's time) half as high again; with 8 (6.5 us)
+/// 0.111 against 0.087 ms over 6 rounds; with 4, 0.071 against 0.071 ms,
+/// at 4.6 times its speed.
+const LISTED_CALL_KEYS: usize = 4;
 
 /// `calls` and `usec` of the `cmdstat_scan` line of `INFO commandstats`.
 fn parse_scan_stats(info: &str) -> Option<(u64, u64)> {
