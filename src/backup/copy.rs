@@ -13,7 +13,7 @@
 //! Each run is recorded in the source (`copies/<destination>.json`), which
 //! `status` reads to show how far the copy is behind.
 
-use std::collections::BTreeMap;
+use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
@@ -136,8 +136,8 @@ pub fn copy(
         dry_run,
         ..CopyReport::default()
     };
-    let there: BTreeMap<String, u64> = dst.list("")?.into_iter().map(|o| (o.key, o.size)).collect();
-    let labelled = |id: &str| there.contains_key(&Repo::backup_key(id, LABEL_FILE));
+    let there: BTreeSet<String> = dst.list("")?.into_iter().map(|o| o.key).collect();
+    let labelled = |id: &str| there.contains(&Repo::backup_key(id, LABEL_FILE));
 
     // A local backup directory goes to object storage packed.
     let pack = from.local_root().is_some() && to.local_root().is_none();
@@ -172,7 +172,7 @@ pub fn copy(
                 continue;
             }
         }
-        if !there.contains_key(&o.key) {
+        if !there.contains(&o.key) {
             objects.push(o);
         }
     }

@@ -677,13 +677,7 @@ fn s3_repo_copy_to_a_second_bucket_resumes_after_kills_and_restores_from_there_a
         s3_at(&c, &name, &["repo", "copy", "--to", &to]),
         "copy:labels",
     );
-    let at_dst = |args: &[&str]| {
-        let mut cmd = command(&c, Path::new(&to), args);
-        for (k, v) in s3_env() {
-            cmd.env(k, v);
-        }
-        cmd.output().unwrap()
-    };
+    let at_dst = |args: &[&str]| s3_at(&c, &second, args).output().unwrap();
     let list = ok_json(&at_dst(&["backup", "list"]));
     assert_eq!(list.as_array().unwrap().len(), 0, "{list}");
     // The run that finishes copies the rest, and a second finds nothing.
