@@ -697,7 +697,7 @@ fn reader(lab: &Lab) {
     let mut rng = Rng(0x5851_f42d_4c95_7f2d);
     let connect = |lab: &Lab| Ok((lab.db()?, Cache::connect(&lab.redis)?));
     keep_running(lab, "reader", true, connect, |(db, cache)| {
-        let e = |e: postgres::Error| e.to_string();
+        let e = |e: postgres::Error| reentry::pg::conn::describe(&e);
         let max: i64 = db
             .query_one("SELECT coalesce(max(id), 0) FROM cases", &[])
             .map_err(e)?

@@ -66,7 +66,7 @@ fn main() {
 fn init(lab: &Lab) -> Result<bool, String> {
     let mut db = lab.db()?;
     let quartz = quartz_schema()?;
-    let e = |e: postgres::Error| e.to_string();
+    let e = |e: postgres::Error| reentry::pg::conn::describe(&e);
     db.batch_execute(include_str!("../sql/system_gate.sql"))
         .map_err(e)?;
     db.batch_execute(include_str!("../sql/case-management.sql"))
@@ -153,11 +153,16 @@ fn load(lab: &Lab, n: i64) -> Result<bool, String> {
 /// thought wise, writes an event per case through the outbox, and keeps
 /// its own list of what it closed in `bad-job.ids`. Prints the time of its
 /// first write.
+///
+/// The lock is EXCLUSIVE, which waits out the escalation job's
+/// `FOR UPDATE SKIP LOCKED` (ROW SHARE). SHARE ROW EXCLUSIVE did not: it was
+/// granted beside that job's row locks, the job's UPDATE then queued behind
+/// it, and PostgreSQL broke the deadlock by killing the bad job.
 fn bad_job(lab: &Lab) -> Result<bool, String> {
     let mut db = lab.db()?;
-    let e = |e: postgres::Error| e.to_string();
+    let e = |e: postgres::Error| reentry::pg::conn::describe(&e);
     let mut tx = db.transaction().map_err(e)?;
-    tx.batch_execute("LOCK TABLE cases IN SHARE ROW EXCLUSIVE MODE; SELECT pg_sleep(0.05)")
+    tx.batch_execute("LOCK TABLE cases IN EXCLUSIVE MODE; SELECT pg_sleep(0.05)")
         .map_err(e)?;
     let rows = tx
         .query(

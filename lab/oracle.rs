@@ -160,7 +160,7 @@ pub fn run(
     retired: &str,
     run_dir: Option<&str>,
 ) -> Result<bool, String> {
-    let e = |e: postgres::Error| e.to_string();
+    let e = |e: postgres::Error| reentry::pg::conn::describe(&e);
     // Before the snapshot: the projector commits an offset only after its
     // inbox row, so every event below these is in the snapshot.
     let done = committed(lab)?;
@@ -484,7 +484,7 @@ fn gates(
     side: &str,
     problems: &mut Vec<String>,
 ) -> Result<(), String> {
-    let e = |e: postgres::Error| e.to_string();
+    let e = |e: postgres::Error| reentry::pg::conn::describe(&e);
     for g in [GATE_API, GATE_RELAY, GATE_PROJECTOR] {
         if gate_open(db, g).map_err(e)? != open {
             problems.push(format!(
