@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use crate::backup::stored::Compression;
+use crate::backup::stored::{Algorithm, Compression};
 
 pub const DEFAULT_FILE: &str = "reentry.toml";
 
@@ -14,6 +14,10 @@ pub const DEFAULT_FILE: &str = "reentry.toml";
 pub struct Config {
     /// The repository; relative paths are relative to the config file.
     pub repo: Option<PathBuf>,
+    /// The checksum new WAL files and backup objects record: blake3, or
+    /// sha256 where a FIPS-approved hash is required.
+    #[serde(default)]
+    pub checksum: Algorithm,
     #[serde(default)]
     pub wal: WalConfig,
     #[serde(default)]

@@ -15,7 +15,7 @@ use std::time::{Instant, SystemTime};
 
 use serde::{Deserialize, Serialize};
 
-use crate::backup::stored::{self, Compression, Header, ReadError, Sha256Sum};
+use crate::backup::stored::{self, Algorithm, Checksum, Compression, Form, Header, ReadError};
 use crate::crypt::{CryptError, Keys};
 use crate::exit::Exit;
 use crate::fsutil::{self, TempGuard};
@@ -79,14 +79,14 @@ pub enum ArchiveError {
         pushed: String,
     },
     #[error(
-        "{name} is already archived with different content (stored sha256 {stored}, pushed sha256 {pushed}); \
+        "{name} is already archived with different content (stored {stored}, pushed {pushed}); \
          the stored copy is kept. Find out why the server wrote a different file before moving {path} aside"
     )]
     Conflict {
         name: String,
         path: String,
-        stored: Sha256Sum,
-        pushed: Sha256Sum,
+        stored: String,
+        pushed: String,
     },
     #[error(
         "{name} is already archived, but the stored copy is damaged ({detail}) and its recorded checksum \
@@ -237,7 +237,7 @@ pub enum PushOutcome {
 pub struct PushReport {
     pub name: String,
     pub outcome: PushOutcome,
-    pub sha256: Sha256Sum,
+    pub checksum: Checksum,
     pub bytes: u64,
     pub stored_bytes: u64,
     pub compression: Compression,
@@ -247,7 +247,7 @@ pub struct PushReport {
 #[derive(Debug, Clone, Serialize)]
 pub struct FetchReport {
     pub name: String,
-    pub sha256: Sha256Sum,
+    pub checksum: Checksum,
     pub bytes: u64,
     pub compression: Compression,
     pub seconds: f64,
@@ -257,6 +257,7 @@ pub struct FetchReport {
 pub struct PushOptions {
     pub compression: Compression,
     pub level: i32,
+    pub checksum: Algorithm,
     /// Data directory to read the cluster's identity from for files without
     /// a page header; default: the working directory, as for archive_command.
     pub pg_data: Option<PathBuf>,
@@ -372,29 +373,28 @@ impl Archive {
         let origin = self.origin(src, &name, &file, &first, opts)?;
         self.bind(&name, &origin)?;
 
-        let (bytes, header) = stored::encode_sealed(
-            &first,
-            &mut file,
-            opts.compression,
-            opts.level,
-            self.keys.to.as_ref(),
-        )
-        .map_err(io_err("read", src))?;
+        let form = Form {
+            compression: opts.compression,
+            level: opts.level,
+            checksum: opts.checksum,
+        };
+        let (bytes, header) = stored::encode_sealed(&first, &mut file, form, self.keys.to.as_ref())
+            .map_err(io_err("read", src))?;
         let key = self.key_of(&name);
         let outcome = match self.store.put_if_absent(&key, &bytes)? {
             Put::Created => PushOutcome::Stored,
-            Put::Exists => self.settle_existing(&name, &key, &bytes, &header)?,
+            Put::Exists => self.settle_existing(&name, &key, &bytes, &header, src)?,
         };
         let report = PushReport {
             name: name.to_string(),
             outcome,
-            sha256: header.sha256,
+            checksum: header.checksum,
             bytes: header.raw_len,
             stored_bytes: bytes.len() as u64,
             compression: opts.compression,
             seconds: started.elapsed().as_secs_f64(),
         };
-        tracing::info!(name = %report.name, outcome = ?outcome, sha256 = %report.sha256, "pushed");
+        tracing::info!(name = %report.name, outcome = ?outcome, checksum = %report.checksum, "pushed");
         Ok(report)
     }
 
@@ -407,18 +407,35 @@ impl Archive {
         key: &str,
         bytes: &[u8],
         pushed: &Header,
+        src: &Path,
     ) -> Result<PushOutcome, ArchiveError> {
         let stored_bytes = self.store.get(key)?.unwrap_or_default();
+        // The pushed content's checksum under the algorithm the stored copy
+        // uses, which an earlier build or setting may have chosen: the file
+        // is hashed again then.
+        let pushed_as = |algorithm: Algorithm| -> Result<Checksum, ArchiveError> {
+            if algorithm == pushed.checksum.algorithm {
+                return Ok(pushed.checksum);
+            }
+            let content = fs::read(src).map_err(io_err("read", src))?;
+            Ok(Checksum::of(algorithm, &content))
+        };
         // The stored copy is checked without a key: an encrypted one by its
         // payload's checksum; both record the checksum of the content.
         match stored::check(stored_bytes.as_slice()) {
-            Ok(h) if h.sha256 == pushed.sha256 => Ok(PushOutcome::AlreadyArchived),
-            Ok(h) => Err(ArchiveError::Conflict {
-                name: name.to_string(),
-                path: self.shown(key),
-                stored: h.sha256,
-                pushed: pushed.sha256,
-            }),
+            Ok(h) => {
+                let pushed = pushed_as(h.checksum.algorithm)?;
+                if h.checksum == pushed {
+                    Ok(PushOutcome::AlreadyArchived)
+                } else {
+                    Err(ArchiveError::Conflict {
+                        name: name.to_string(),
+                        path: self.shown(key),
+                        stored: h.checksum.to_string(),
+                        pushed: pushed.to_string(),
+                    })
+                }
+            }
             Err(ReadError::Io(e)) => Err(ArchiveError::Io {
                 op: "read",
                 path: self.shown(key).into(),
@@ -427,9 +444,14 @@ impl Archive {
             Err(ReadError::Key(e)) => Err(ArchiveError::Key(e)),
             Err(ReadError::Corrupt(detail)) => {
                 let recorded = Header::decode(&stored_bytes).ok();
-                if recorded
-                    .is_some_and(|h| h.sha256 == pushed.sha256 && h.raw_len == pushed.raw_len)
-                {
+                let proven = match recorded {
+                    Some(h) => {
+                        h.raw_len == pushed.raw_len
+                            && h.checksum == pushed_as(h.checksum.algorithm)?
+                    }
+                    None => false,
+                };
+                if proven {
                     self.store.put(key, bytes)?;
                     tracing::warn!(name = %name, %detail, "stored copy was damaged; replaced it with the pushed file, which has the checksum it recorded");
                     Ok(PushOutcome::Repaired)
@@ -585,7 +607,7 @@ impl Archive {
         guard.disarm();
         Ok(FetchReport {
             name: name.to_owned(),
-            sha256: header.sha256,
+            checksum: header.checksum,
             bytes: header.raw_len,
             compression: header.compression,
             seconds: started.elapsed().as_secs_f64(),

@@ -10,6 +10,7 @@ use crate::backup::archive::ArchiveError;
 use crate::backup::label::{BackupLabel, BackupStatus, BackupType, WalRange, LABEL_FORMAT};
 use crate::backup::packed::{self, PackError};
 use crate::backup::repo::{Repo, RepoError};
+use crate::backup::stored::{Algorithm, Compression, Form};
 use crate::fsutil::{self, ScratchDir};
 use crate::pg::conn::{Db, PgError};
 use crate::pg::lsn::Lsn;
@@ -106,6 +107,8 @@ pub struct BackupOptions {
     pub jobs: usize,
     /// On object storage: the zstd level of the objects.
     pub level: i32,
+    /// On object storage: the objects' checksum.
+    pub checksum: Algorithm,
     /// The upload's progress.
     pub reporter: Reporter,
 }
@@ -390,7 +393,11 @@ fn copy_and_settle(
             repo.store(),
             &label.id,
             &data,
-            opts.level,
+            Form {
+                compression: Compression::Zstd,
+                level: opts.level,
+                checksum: opts.checksum,
+            },
             repo.keys(),
             opts.jobs,
             &*opts.reporter,

@@ -18,13 +18,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 
 use crate::backup::basebackup::now_rfc3339;
 use crate::backup::label::LABEL_FILE;
 use crate::backup::packed::{self, PackError};
 use crate::backup::repo::{Repo, BACKUP_DIR, RESTORE_POINTS_DIR, RESTORE_POINTS_FILE};
-use crate::backup::stored;
+use crate::backup::stored::{self, Algorithm, Checksum, Compression, Form};
 use crate::fsutil::TEMP_PREFIX;
 use crate::progress::Progress;
 use crate::reentry::steps::pause_point;
@@ -42,11 +41,11 @@ pub enum CopyError {
     Repo(#[from] crate::backup::repo::RepoError),
     #[error("{to} is {from} itself: copy to another bucket, prefix or directory")]
     SameRepository { from: String, to: String },
-    #[error("{location} arrived different from what was sent (sha256 {got}, sent {sent})")]
+    #[error("{location} arrived different from what was sent ({got}, sent {sent})")]
     Arrival {
         location: String,
-        got: String,
-        sent: String,
+        got: Checksum,
+        sent: Checksum,
     },
 }
 
@@ -80,11 +79,8 @@ pub struct CopyRecord {
     pub problems: usize,
 }
 
-fn sha(b: &[u8]) -> String {
-    Sha256::digest(b)
-        .iter()
-        .map(|x| format!("{x:02x}"))
-        .collect()
+fn sha(b: &[u8]) -> Checksum {
+    Checksum::of(Algorithm::Blake3, b)
 }
 
 /// Whether `key` holds the stored format (stored.rs) and can be checked.
@@ -115,11 +111,13 @@ pub fn record_key(to: &str) -> String {
     format!("{COPIES_DIR}/{name}.json")
 }
 
-/// Copies what `to` lacks from `from`, `jobs` objects at a time.
+/// Copies what `to` lacks from `from`, `jobs` objects at a time. A local
+/// backup is packed for object storage with `checksum`.
 pub fn copy(
     from: &Repo,
     to: &Repo,
     jobs: usize,
+    checksum: Algorithm,
     dry_run: bool,
     progress: &dyn Progress,
 ) -> Result<CopyReport, CopyError> {
@@ -257,6 +255,11 @@ pub fn copy(
             copied.fetch_add(1, Ordering::Relaxed);
         }
     }
+    let form = Form {
+        compression: Compression::Zstd,
+        level: 3,
+        checksum,
+    };
     for id in &to_pack {
         // A copy killed before this backup's label left some of its
         // objects: nothing shows them; start the backup again.
@@ -264,7 +267,7 @@ pub fn copy(
             dst.delete(&o.key)?;
         }
         let data = from.backup_data(id).expect("a local backup");
-        let index = packed::upload(dst, id, &data, 3, to.keys(), jobs, progress)?;
+        let index = packed::upload(dst, id, &data, form, to.keys(), jobs, progress)?;
         report.bytes += index.stored_bytes();
         report.packed.push(id.clone());
     }

@@ -27,7 +27,7 @@ use std::sync::Mutex;
 use serde::{Deserialize, Serialize};
 
 use crate::backup::repo::{Repo, RepoError};
-use crate::backup::stored::{self, Compression, ReadError};
+use crate::backup::stored::{self, Checksum, Compression, Form, ReadError};
 use crate::crypt::{CryptError, Identities, Keys};
 use crate::progress::Progress;
 use crate::storage::{Put, Store, StoreError};
@@ -36,7 +36,9 @@ use crate::storage::{Put, Store, StoreError};
 pub const PIECE: u64 = 16 << 20;
 pub const INDEX_FILE: &str = "files.json";
 pub const MANIFEST_FILE: &str = "backup_manifest";
-const INDEX_FORMAT: u32 = 1;
+/// 2: each piece's `checksum` names its algorithm; 1 (still read) had a
+/// bare SHA-256 as `sha256`.
+const INDEX_FORMAT: u32 = 2;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PackError {
@@ -78,13 +80,15 @@ pub struct Index {
     pub entries: Vec<Entry>,
 }
 
-/// One object: its content's length and SHA-256 (as its header records
-/// them) and its stored size.
+/// One object: its content's length and checksum (as its header records
+/// them) and its stored size. Earlier builds wrote the checksum as
+/// `sha256`, in bare hex.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Piece {
     pub raw_len: u64,
     pub stored_len: u64,
-    pub sha256: String,
+    #[serde(alias = "sha256")]
+    pub checksum: Checksum,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -259,7 +263,7 @@ pub fn upload(
     store: &dyn Store,
     id: &str,
     dir: &Path,
-    level: i32,
+    form: Form,
     keys: &Keys,
     jobs: usize,
     progress: &dyn Progress,
@@ -291,9 +295,8 @@ pub fn upload(
                 });
             }
         }
-        let (body, header) =
-            stored::encode_sealed(&raw, &mut io::empty(), Compression::Zstd, level, to)
-                .map_err(io_err("compress", dir))?;
+        let (body, header) = stored::encode_sealed(&raw, &mut io::empty(), form, to)
+            .map_err(io_err("compress", dir))?;
         let key = piece_key(id, i);
         if store.put_if_absent(&key, &body)? == Put::Exists {
             return Err(PackError::Exists {
@@ -305,13 +308,13 @@ pub fn upload(
         Ok(Piece {
             raw_len: header.raw_len,
             stored_len: body.len() as u64,
-            sha256: header.sha256.to_string(),
+            checksum: header.checksum,
         })
     })?;
     progress.finish();
     let index = Index {
         format: INDEX_FORMAT,
-        compression: Compression::Zstd,
+        compression: form.compression,
         pieces,
         entries,
     };
@@ -320,8 +323,8 @@ pub fn upload(
     put_new(store, &Repo::backup_key(id, INDEX_FILE), &text)?;
     let manifest = dir.join(MANIFEST_FILE);
     let mut f = File::open(&manifest).map_err(io_err("read", &manifest))?;
-    let (body, _) = stored::encode_sealed(&[], &mut f, Compression::Zstd, level, to)
-        .map_err(io_err("read", &manifest))?;
+    let (body, _) =
+        stored::encode_sealed(&[], &mut f, form, to).map_err(io_err("read", &manifest))?;
     put_new(store, &Repo::backup_key(id, MANIFEST_FILE), &body)?;
     Ok(index)
 }
@@ -346,7 +349,7 @@ pub fn index(store: &dyn Store, id: &str) -> Result<Index, PackError> {
         location: location.clone(),
         detail: e.to_string(),
     })?;
-    if index.format != INDEX_FORMAT {
+    if !(1..=INDEX_FORMAT).contains(&index.format) {
         return Err(PackError::Corrupt {
             location,
             detail: format!(
@@ -401,13 +404,12 @@ fn read_piece(
         },
     })?;
     if let Some(p) = want {
-        let sha = header.sha256.to_string();
-        if sha != p.sha256 || header.raw_len != p.raw_len {
+        if header.checksum != p.checksum || header.raw_len != p.raw_len {
             return Err(PackError::Corrupt {
                 location,
                 detail: format!(
-                    "it holds {} bytes with sha256 {sha}; the index records {} bytes with sha256 {}",
-                    header.raw_len, p.raw_len, p.sha256
+                    "it holds {} bytes with checksum {}; the index records {} bytes with checksum {}",
+                    header.raw_len, header.checksum, p.raw_len, p.checksum
                 ),
             });
         }

@@ -4,6 +4,7 @@ use crate::backup::basebackup::{self, BackupOptions};
 use crate::backup::expire::{self, Policy};
 use crate::backup::label::{BackupLabel, VerifyStatus};
 use crate::backup::repo::Repo;
+use crate::backup::stored::Algorithm;
 use crate::backup::{catalog, verify};
 use crate::cli::{human_bytes, ConnectOpts, Context, PgBinOpts};
 use crate::exit::Exit;
@@ -51,6 +52,10 @@ pub struct TakeArgs {
     /// On object storage: the zstd level of the backup's objects.
     #[arg(long, value_name = "LEVEL", default_value_t = 3, value_parser = clap::value_parser!(i32).range(1..=19))]
     pub compress_level: i32,
+    /// On object storage: the checksum its objects record [default:
+    /// checksum in the config, else blake3].
+    #[arg(long, value_enum)]
+    pub checksum: Option<Algorithm>,
 }
 
 /// How a backup on object storage moves.
@@ -147,6 +152,7 @@ fn take(ctx: &Context, repo: &Repo, a: TakeArgs) -> Result<Exit, Error> {
         progress: ctx.progress(),
         jobs: a.objects.jobs(),
         level: a.compress_level,
+        checksum: a.checksum.unwrap_or(ctx.config.checksum),
         reporter: ctx.reporter(),
     };
     let label = basebackup::take(repo, &opts)?;

@@ -33,7 +33,14 @@ pub fn run(ctx: &Context, cmd: RepoCommand) -> Result<Exit, Error> {
 fn copy_cmd(ctx: &Context, a: CopyArgs) -> Result<Exit, Error> {
     let from = ctx.open_repo()?;
     let to = ctx.open_repo_at(&a.to)?;
-    let r = copy::copy(&from, &to, a.objects.jobs(), a.dry_run, &*ctx.reporter())?;
+    let r = copy::copy(
+        &from,
+        &to,
+        a.objects.jobs(),
+        ctx.config.checksum,
+        a.dry_run,
+        &*ctx.reporter(),
+    )?;
     ctx.emit(&r, || {
         let mut out = if r.dry_run {
             format!(

@@ -3,7 +3,7 @@ use std::sync::Arc;
 
 use crate::backup::archive::{Archive, ArchiveError, PushOptions, PushOutcome};
 use crate::backup::repo::Repo;
-use crate::backup::stored::Compression;
+use crate::backup::stored::{Algorithm, Compression};
 use crate::backup::walchain;
 use crate::cli::Context;
 use crate::exit::Exit;
@@ -30,6 +30,10 @@ pub struct PushArgs {
     /// zstd level, 1 to 22 [default: wal.compress-level, else 1].
     #[arg(long, value_parser = clap::value_parser!(i32).range(1..=22))]
     pub compress_level: Option<i32>,
+    /// The checksum to record [default: checksum in the config, else
+    /// blake3]. Either is read back whatever is set.
+    #[arg(long, value_enum)]
+    pub checksum: Option<Algorithm>,
     /// Data directory whose identity to use for .history and .backup files
     /// [default: the working directory, as under archive_command].
     #[arg(long, value_name = "DIR")]
@@ -66,6 +70,7 @@ pub fn run(ctx: &Context, cmd: WalCommand) -> Result<Exit, Error> {
             let opts = PushOptions {
                 compression: args.compress.unwrap_or(ctx.config.wal.compress),
                 level: args.compress_level.unwrap_or(ctx.config.wal.compress_level),
+                checksum: args.checksum.unwrap_or(ctx.config.checksum),
                 pg_data: args.pg_data,
             };
             let report = archive.push(&args.path, &opts)?;

@@ -528,7 +528,9 @@ fn s3_encrypted_backups_and_wal_need_only_the_public_key_and_a_wrong_key_fails_b
             o.key
         );
         if o.key.contains("/pack/") || o.key.starts_with("archive/0") {
-            assert_eq!(&body[..9], b"RNTRYWAL\x02", "{}", o.key);
+            // Format 3, encrypted (byte 10), with BLAKE3 (byte 11).
+            assert_eq!(&body[..9], b"RNTRYWAL\x03", "{}", o.key);
+            assert_eq!(&body[10..12], [1, 2], "{}", o.key);
         }
     }
     // Verified without any private key: each object against its checksum.

@@ -109,27 +109,33 @@ impl Fixture {
     }
 }
 
+/// The file's checksum as the archive shows it by default, computed here
+/// by the blake3 crate itself.
+fn blake3_of(path: &Path) -> String {
+    format!(
+        "blake3:{}",
+        blake3::hash(&std::fs::read(path).unwrap()).to_hex()
+    )
+}
+
 fn sha256_of(path: &Path) -> String {
     use sha2::Digest;
-    let bytes = std::fs::read(path).unwrap();
-    sha2::Sha256::digest(&bytes)
+    let hex: String = sha2::Sha256::digest(std::fs::read(path).unwrap())
         .iter()
         .map(|b| format!("{b:02x}"))
-        .collect()
+        .collect();
+    format!("sha256:{hex}")
 }
 
 fn push(repo: &Path, file: &Path) -> Output {
-    reentry(
-        false,
-        &[
-            "--repo",
-            repo.to_str().unwrap(),
-            "--json",
-            "wal",
-            "push",
-            file.to_str().unwrap(),
-        ],
-    )
+    push_with(repo, file, &[])
+}
+
+fn push_with(repo: &Path, file: &Path, flags: &[&str]) -> Output {
+    let mut args = vec!["--repo", repo.to_str().unwrap(), "--json", "wal", "push"];
+    args.extend(flags);
+    args.push(file.to_str().unwrap());
+    reentry(false, &args)
 }
 
 fn fetch(repo: &Path, name: &str, dest: &Path) -> Output {
@@ -182,10 +188,10 @@ fn the_same_content_pushed_again_succeeds_without_rewriting() {
 fn different_content_under_an_archived_name_is_refused_and_the_stored_copy_is_kept() {
     let f = Fixture::pushed();
     let stored_before = std::fs::read(f.stored()).unwrap();
-    let original = sha256_of(&f.seg);
+    let original = blake3_of(&f.seg);
     // Same name, same cluster, one byte different past the page header.
     flip_byte(&f.seg, 1 << 20);
-    let changed = sha256_of(&f.seg);
+    let changed = blake3_of(&f.seg);
 
     let out = push(&f.repo, &f.seg);
     assert_exit(&out, 3);
@@ -226,7 +232,7 @@ fn concurrent_pushes_of_one_segment_all_succeed_and_leave_one_intact_copy() {
     let header = Archive::new(&f.repo)
         .verify(&WalFileName::parse(FIRST_SEGMENT).unwrap())
         .unwrap();
-    assert_eq!(header.sha256.to_string(), sha256_of(&f.seg));
+    assert_eq!(header.checksum.to_string(), blake3_of(&f.seg));
     let names: Vec<_> = std::fs::read_dir(f.stored().parent().unwrap())
         .unwrap()
         .map(|e| e.unwrap().file_name())
@@ -251,11 +257,11 @@ fn a_segment_from_another_cluster_is_refused_naming_both_identifiers() {
         "{err}"
     );
     assert_eq!(
-        sha256_of(&a.seg),
+        blake3_of(&a.seg),
         Archive::new(&a.repo)
             .verify(&WalFileName::parse(FIRST_SEGMENT).unwrap())
             .unwrap()
-            .sha256
+            .checksum
             .to_string()
     );
 }
@@ -411,6 +417,53 @@ fn a_damaged_stored_copy_is_repaired_by_a_push_of_the_content_it_recorded() {
     assert_eq!(
         std::fs::read(&dest).unwrap(),
         std::fs::read(&f.seg).unwrap()
+    );
+}
+
+/// A copy stored under SHA-256 (an earlier build, or `checksum = "sha256"`)
+/// is compared under SHA-256 by a BLAKE3 push: the same content is already
+/// archived, a damaged copy is repaired, and different content is refused
+/// naming both SHA-256 checksums.
+#[test]
+fn a_copy_stored_under_sha256_is_settled_by_a_blake3_push_under_its_own_algorithm() {
+    let f = Fixture::new();
+    let sha = ["--checksum", "sha256"];
+    let stored = push_with(&f.repo, &f.seg, &sha);
+    assert_outcome(&stored, "stored");
+    assert!(
+        stdout(&stored).contains(&sha256_of(&f.seg)),
+        "{}",
+        stdout(&stored)
+    );
+    assert_eq!(std::fs::read(f.stored()).unwrap()[8], 1, "format version 1");
+    let before = inode(&f.stored());
+    assert_outcome(&push(&f.repo, &f.seg), "already-archived");
+    assert_eq!(inode(&f.stored()), before);
+
+    flip_byte(&f.stored(), 9_000_000);
+    assert_outcome(&push(&f.repo, &f.seg), "repaired");
+    let dest = f.subdir("back").join(FIRST_SEGMENT);
+    assert_exit(&fetch(&f.repo, FIRST_SEGMENT, &dest), 0);
+    assert_eq!(
+        std::fs::read(&dest).unwrap(),
+        std::fs::read(&f.seg).unwrap()
+    );
+    assert_eq!(
+        std::fs::read(f.stored()).unwrap()[8],
+        3,
+        "the repair is BLAKE3's"
+    );
+
+    // The repaired copy is BLAKE3's now; a SHA-256 push of other content
+    // is refused naming both checksums under BLAKE3.
+    let original = blake3_of(&f.seg);
+    flip_byte(&f.seg, 1 << 20);
+    let out = push_with(&f.repo, &f.seg, &sha);
+    assert_exit(&out, 3);
+    let err = stderr(&out);
+    assert!(
+        err.contains(&original) && err.contains(&blake3_of(&f.seg)),
+        "{err}"
     );
 }
 
