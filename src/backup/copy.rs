@@ -2,7 +2,7 @@
 //! another bucket or region or on a local disk. It copies what the
 //! destination lacks, checks every object before it leaves (a damaged one
 //! is reported, not spread) and after it arrives (read back and compared
-//! by SHA-256), and writes each backup's label last, so a backup appears
+//! by BLAKE3), and writes each backup's label last, so a backup appears
 //! at the destination whole or not at all.
 //!
 //! It resumes by itself: a killed copy leaves whole objects, which the next
