@@ -15,6 +15,7 @@ use std::time::{Instant, SystemTime};
 
 use serde::{Deserialize, Serialize};
 
+use crate::backup::parts::{self, Manifest, PartsError};
 use crate::backup::stored::{self, Algorithm, Checksum, Compression, Form, Header, ReadError};
 use crate::crypt::{CryptError, Keys};
 use crate::exit::Exit;
@@ -378,19 +379,52 @@ impl Archive {
             level: opts.level,
             checksum: opts.checksum,
         };
-        let (bytes, header) = stored::encode_sealed(&first, &mut file, form, self.keys.to.as_ref())
-            .map_err(io_err("read", src))?;
         let key = self.key_of(&name);
+        let to = self.keys.to.as_ref();
+        let size = file.metadata().map_err(io_err("read", src))?.len();
+        // A file over one part goes in parts, published by a manifest
+        // (parts.rs); anything else is one object.
+        let (bytes, header, own_parts, stored_len) = if size > parts::PART as u64 {
+            let what = src.display().to_string();
+            let (m, stored_len) =
+                parts::write(&*self.store, &key, &first, &mut file, form, to, &what).map_err(
+                    |e| match e {
+                        PartsError::Read { source, .. } => io_err("read", src)(source),
+                        PartsError::Store(e) => ArchiveError::Store(e),
+                        PartsError::Exists(at) => ArchiveError::Io {
+                            op: "write",
+                            path: at.into(),
+                            source: io::Error::from(io::ErrorKind::AlreadyExists),
+                        },
+                    },
+                )?;
+            let id = m.push_id().map(str::to_owned);
+            (m.encode(), m.header(), id, stored_len)
+        } else {
+            let (bytes, header) =
+                stored::encode_sealed(&first, &mut file, form, to).map_err(io_err("read", src))?;
+            let n = bytes.len() as u64;
+            (bytes, header, None, n)
+        };
         let outcome = match self.store.put_if_absent(&key, &bytes)? {
             Put::Created => PushOutcome::Stored,
-            Put::Exists => self.settle_existing(&name, &key, &bytes, &header, src)?,
+            Put::Exists => {
+                let settled = self.settle_existing(&name, &key, &bytes, &header, src);
+                // Parts the manifest did not publish are this push's own.
+                if let (Some(id), Ok(PushOutcome::AlreadyArchived) | Err(_)) =
+                    (&own_parts, &settled)
+                {
+                    parts::remove_push(&*self.store, &key, id)?;
+                }
+                settled?
+            }
         };
         let report = PushReport {
             name: name.to_string(),
             outcome,
             checksum: header.checksum,
             bytes: header.raw_len,
-            stored_bytes: bytes.len() as u64,
+            stored_bytes: stored_len,
             compression: opts.compression,
             seconds: started.elapsed().as_secs_f64(),
         };
@@ -417,12 +451,14 @@ impl Archive {
             if algorithm == pushed.checksum.algorithm {
                 return Ok(pushed.checksum);
             }
-            let content = fs::read(src).map_err(io_err("read", src))?;
-            Ok(Checksum::of(algorithm, &content))
+            let mut hasher = stored::Hasher::new(algorithm);
+            let mut f = File::open(src).map_err(io_err("read", src))?;
+            io::copy(&mut f, &mut hasher).map_err(io_err("read", src))?;
+            Ok(hasher.finalize())
         };
         // The stored copy is checked without a key: an encrypted one by its
         // payload's checksum; both record the checksum of the content.
-        match stored::check(stored_bytes.as_slice()) {
+        match self.check_object(&stored_bytes) {
             Ok(h) => {
                 let pushed = pushed_as(h.checksum.algorithm)?;
                 if h.checksum == pushed {
@@ -443,7 +479,11 @@ impl Archive {
             }),
             Err(ReadError::Key(e)) => Err(ArchiveError::Key(e)),
             Err(ReadError::Corrupt(detail)) => {
-                let recorded = Header::decode(&stored_bytes).ok();
+                let old = Manifest::decode(&stored_bytes).ok();
+                let recorded = match &old {
+                    Some(m) => Some(m.header()),
+                    None => Header::decode(&stored_bytes).ok(),
+                };
                 let proven = match recorded {
                     Some(h) => {
                         h.raw_len == pushed.raw_len
@@ -453,6 +493,10 @@ impl Archive {
                 };
                 if proven {
                     self.store.put(key, bytes)?;
+                    // The damaged copy's own parts, if it had any.
+                    if let Some(id) = old.as_ref().and_then(Manifest::push_id) {
+                        parts::remove_push(&*self.store, key, id)?;
+                    }
                     tracing::warn!(name = %name, %detail, "stored copy was damaged; replaced it with the pushed file, which has the checksum it recorded");
                     Ok(PushOutcome::Repaired)
                 } else {
@@ -464,6 +508,30 @@ impl Archive {
                 }
             }
         }
+    }
+
+    /// Reads a stored object, a single one or a manifest of parts, into
+    /// `sink`, verified.
+    fn read_object(
+        &self,
+        bytes: &[u8],
+        sink: &mut impl Write,
+        keys: Option<&crate::crypt::Identities>,
+    ) -> Result<Header, ReadError> {
+        if parts::is_manifest(bytes) {
+            let m = Manifest::decode(bytes).map_err(ReadError::Corrupt)?;
+            return parts::read(&*self.store, &m, sink, keys);
+        }
+        stored::read_with(bytes, sink, keys)
+    }
+
+    /// `stored::check` of a single object or of each part of a manifest.
+    fn check_object(&self, bytes: &[u8]) -> Result<Header, ReadError> {
+        if parts::is_manifest(bytes) {
+            let m = Manifest::decode(bytes).map_err(ReadError::Corrupt)?;
+            return parts::check(&*self.store, &m);
+        }
+        stored::check(bytes)
     }
 
     fn origin(
@@ -589,16 +657,16 @@ impl Archive {
         let mut guard = TempGuard(Some(tmp.clone()));
         let out = File::create(&tmp).map_err(io_err("create", &tmp))?;
         let mut sink = BufWriter::with_capacity(1 << 20, out);
-        let header =
-            stored::read_with(bytes.as_slice(), &mut sink, self.keys.identities.as_deref())
-                .map_err(|e| match e {
-                    ReadError::Corrupt(detail) => ArchiveError::Corrupt {
-                        path: self.shown(&key),
-                        detail,
-                    },
-                    ReadError::Key(e) => ArchiveError::Key(e.about(&self.shown(&key))),
-                    ReadError::Io(e) => io_err("write", &tmp)(e),
-                })?;
+        let header = self
+            .read_object(&bytes, &mut sink, self.keys.identities.as_deref())
+            .map_err(|e| match e {
+                ReadError::Corrupt(detail) => ArchiveError::Corrupt {
+                    path: self.shown(&key),
+                    detail,
+                },
+                ReadError::Key(e) => ArchiveError::Key(e.about(&self.shown(&key))),
+                ReadError::Io(e) => io_err("write", &tmp)(e),
+            })?;
         sink.flush().map_err(io_err("write", &tmp))?;
         drop(sink);
         // No fsync: recovery re-fetches anything it had not applied before a
@@ -617,7 +685,7 @@ impl Archive {
     /// Streams the original bytes of a stored file into `sink`, verified.
     pub fn read(&self, name: &WalFileName, sink: &mut impl Write) -> Result<Header, ArchiveError> {
         let (key, bytes) = self.stored(name)?;
-        stored::read_with(bytes.as_slice(), sink, self.keys.identities.as_deref())
+        self.read_object(&bytes, sink, self.keys.identities.as_deref())
             .map_err(|e| self.read_error(&key, e))
     }
 
@@ -645,7 +713,8 @@ impl Archive {
             return self.read(name, &mut io::sink());
         }
         let (key, bytes) = self.stored(name)?;
-        stored::check(bytes.as_slice()).map_err(|e| self.read_error(&key, e))
+        self.check_object(&bytes)
+            .map_err(|e| self.read_error(&key, e))
     }
 }
 
@@ -669,9 +738,14 @@ pub struct Listing {
 impl Archive {
     pub fn list(&self) -> Result<Listing, ArchiveError> {
         let mut listing = Listing::default();
+        let mut part_keys = Vec::new();
         for o in self.store.list(&format!("{ARCHIVE_DIR}/"))? {
             let name = o.key.rsplit('/').next().unwrap_or_default();
             if o.key == info_key() {
+                continue;
+            }
+            if parts::owner(&o.key).is_some() {
+                part_keys.push(o);
                 continue;
             }
             if name.starts_with(fsutil::TEMP_PREFIX) {
@@ -686,12 +760,30 @@ impl Archive {
                 _ => listing.unknown.push(self.shown(&o.key)),
             }
         }
+        // Parts no manifest names: from a push that died before publishing.
+        let mut published: std::collections::HashMap<String, Option<String>> =
+            std::collections::HashMap::new();
+        for o in part_keys {
+            let (owner, id) = parts::owner(&o.key).expect("kept as a part");
+            let named = published.entry(owner.to_owned()).or_insert_with(|| {
+                let bytes = self.store.get(owner).ok().flatten()?;
+                Some(Manifest::decode(&bytes).ok()?.push_id()?.to_owned())
+            });
+            if named.as_deref() != Some(id) {
+                listing.temp_files.push(Leftover {
+                    shown: self.shown(&o.key),
+                    modified: o.modified,
+                });
+            }
+        }
         listing.files.sort_by_key(|f| f.to_string());
         Ok(listing)
     }
 
     /// Removes an archived file (retention).
     pub fn remove(&self, name: &WalFileName) -> Result<(), ArchiveError> {
-        Ok(self.store.delete(&self.key_of(name))?)
+        let key = self.key_of(name);
+        self.store.delete(&key)?;
+        Ok(parts::remove(&*self.store, &key)?)
     }
 }

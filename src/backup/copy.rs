@@ -22,6 +22,7 @@ use serde::{Deserialize, Serialize};
 use crate::backup::basebackup::now_rfc3339;
 use crate::backup::label::LABEL_FILE;
 use crate::backup::packed::{self, PackError};
+use crate::backup::parts::{self, Manifest};
 use crate::backup::repo::{Repo, BACKUP_DIR, RESTORE_POINTS_DIR, RESTORE_POINTS_FILE};
 use crate::backup::stored::{self, Algorithm, Checksum, Compression, Form};
 use crate::fsutil::TEMP_PREFIX;
@@ -206,7 +207,16 @@ pub fn copy(
             return Ok(());
         };
         if is_stored(key) {
-            if let Err(e) = stored::check(body.as_slice()) {
+            // A manifest of parts is checked as one; its parts, which went
+            // before it, each as a stored file.
+            let checked = if parts::is_manifest(&body) {
+                Manifest::decode(&body)
+                    .map(|_| ())
+                    .map_err(stored::ReadError::Corrupt)
+            } else {
+                stored::check(body.as_slice()).map(|_| ())
+            };
+            if let Err(e) = checked {
                 let why = match e {
                     stored::ReadError::Corrupt(d) => d,
                     stored::ReadError::Io(e) => e.to_string(),
@@ -246,6 +256,11 @@ pub fn copy(
         progress.advance(n, key);
         Ok(())
     };
+    // Parts before the manifests that publish them, as a push writes them.
+    let (part_objects, objects): (Vec<_>, Vec<_>) = objects
+        .into_iter()
+        .partition(|o| parts::owner(&o.key).is_some());
+    packed::parallel(part_objects.len(), jobs, |i| send(&part_objects[i].key))?;
     packed::parallel(objects.len(), jobs, |i| send(&objects[i].key))?;
     // Restore points, in whichever form each side keeps them.
     let have = to.restore_points()?;

@@ -9,6 +9,7 @@ pub mod drill;
 pub mod expire;
 pub mod label;
 pub mod packed;
+pub mod parts;
 pub mod preflight;
 pub mod repo;
 pub mod restore;

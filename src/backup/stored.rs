@@ -176,7 +176,8 @@ impl<'de> Deserialize<'de> for Checksum {
     }
 }
 
-/// A running checksum of either algorithm.
+/// A running checksum of either algorithm; as a `Write`, of what is
+/// written to it.
 pub enum Hasher {
     Sha256(Sha256),
     Blake3(Box<blake3::Hasher>),
@@ -210,6 +211,17 @@ impl Hasher {
                 bytes: *h.finalize().as_bytes(),
             },
         }
+    }
+}
+
+impl Write for Hasher {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.update(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
     }
 }
 

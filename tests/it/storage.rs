@@ -1,6 +1,7 @@
 //! The repository's storage layer against a real S3 API: moto in server
 //! mode, which `scripts/services` starts (`REENTRY_TEST_S3`).
 
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Barrier;
@@ -211,6 +212,171 @@ fn s3_wal_racing_pushes_store_once_and_different_content_is_refused() {
         "{}",
         stdout(&o)
     );
+}
+
+/// A 64 MiB segment goes in parts of 16 MiB, published by a manifest
+/// written create-only and last: racing pushes leave one set of parts, a
+/// damaged part is named and repaired by a push, a push killed before its
+/// manifest leaves nothing visible, and other content is refused.
+#[test]
+fn s3_64_mib_segments_go_in_parts_published_last_and_racing_damaged_and_killed_pushes_settle() {
+    let (name, s) = bucket("wal-parts", "repo");
+    let tmp = tempfile::tempdir().unwrap();
+    let c = Cluster::init_with(Version::V18, &["--wal-segsize=64"]);
+    let seg = tmp.path().join(FIRST_SEGMENT);
+    std::fs::copy(c.data().join("pg_wal").join(FIRST_SEGMENT), &seg).unwrap();
+    assert_eq!(std::fs::metadata(&seg).unwrap().len(), 64 << 20);
+    let seg_s = seg.to_str().unwrap();
+    let key = format!("archive/0000000100000000/{FIRST_SEGMENT}");
+    let push = |flags: &[&str]| {
+        let mut args = vec!["--json", "wal", "push"];
+        args.extend(flags);
+        args.push(seg_s);
+        reentry_s3(&name, &endpoint(), &args).output().unwrap()
+    };
+    let fetch = || {
+        let back = tmp.path().join("back");
+        let _ = std::fs::remove_file(&back);
+        let o = reentry_s3(
+            &name,
+            &endpoint(),
+            &["wal", "fetch", FIRST_SEGMENT, back.to_str().unwrap()],
+        )
+        .output()
+        .unwrap();
+        (o, back)
+    };
+    let parts = || -> Vec<(String, u64)> {
+        s.list(&format!("{key}.parts/"))
+            .unwrap()
+            .into_iter()
+            .map(|o| (o.key, o.size))
+            .collect()
+    };
+    let push_ids = |parts: &[(String, u64)]| -> BTreeSet<String> {
+        parts
+            .iter()
+            .map(|(k, _)| k.split('/').nth_back(1).unwrap().to_owned())
+            .collect()
+    };
+
+    let outputs = run_concurrently((0..4).map(|_| {
+        reentry_s3(
+            &name,
+            &endpoint(),
+            &["--json", "wal", "push", "--compress", "zstd", seg_s],
+        )
+    }));
+    assert_eq!(pushes_that_stored(&outputs), 1, "one push stores");
+    let first = parts();
+    assert_eq!(
+        first.len(),
+        4,
+        "one push's four parts; the others removed theirs: {first:?}"
+    );
+    assert_eq!(push_ids(&first).len(), 1, "{first:?}");
+    assert!(
+        first.iter().all(|(_, size)| *size <= (16 << 20) + 128),
+        "{first:?}"
+    );
+    assert!(s.get(&key).unwrap().unwrap().starts_with(b"RNTRYPRT\n"));
+    let (o, back) = fetch();
+    assert_exit(&o, 0);
+    assert!(
+        std::fs::read(&back).unwrap() == std::fs::read(&seg).unwrap(),
+        "byte for byte"
+    );
+
+    // A damaged part: fetch refuses naming it; a push of the content the
+    // manifest records repairs it with parts of its own.
+    s.put(&first[2].0, b"RNTRYWAL garbage").unwrap();
+    let (o, back) = fetch();
+    assert_ne!(o.status.code(), Some(0));
+    assert!(stderr(&o).contains(&first[2].0), "{}", stderr(&o));
+    assert!(!back.exists(), "nothing half-written at the destination");
+    let o = push(&[]);
+    assert_exit(&o, 0);
+    assert!(
+        stdout(&o).contains(r#""outcome":"repaired""#),
+        "{}",
+        stdout(&o)
+    );
+    let repaired = parts();
+    assert_eq!(
+        repaired.len(),
+        4,
+        "the damaged copy's parts went: {repaired:?}"
+    );
+    assert!(push_ids(&repaired).is_disjoint(&push_ids(&first)));
+    let (o, _) = fetch();
+    assert_exit(&o, 0);
+
+    // A push killed after its parts and before its manifest: its parts are
+    // there, nothing names them, and the file is not visible.
+    let manifest = s.get(&key).unwrap().unwrap();
+    s.delete(&key).unwrap();
+    let (o, _) = fetch();
+    assert_exit(&o, 1);
+    let archive = reentry::backup::archive::Archive::on(std::sync::Arc::new(store(&name, "repo")));
+    assert!(archive.list().unwrap().files.is_empty());
+    s.put_if_absent(&key, &manifest).unwrap();
+    assert!(
+        archive.list().unwrap().temp_files.is_empty(),
+        "all named again"
+    );
+    s.delete(&key).unwrap();
+    assert_exit(&push(&[]), 0);
+    let listing = archive.list().unwrap();
+    assert_eq!(listing.files.len(), 1);
+    assert_eq!(
+        listing.temp_files.len(),
+        4,
+        "the killed push's parts are leftovers"
+    );
+
+    // Copied to a directory, parts and manifest, and fetched from there.
+    let copy = tmp.path().join("copy");
+    let o = reentry_s3(
+        &name,
+        &endpoint(),
+        &["repo", "copy", "--to", copy.to_str().unwrap()],
+    )
+    .output()
+    .unwrap();
+    assert_exit(&o, 0);
+    let back = tmp.path().join("from-copy");
+    let o = crate::common::reentry(
+        false,
+        &[
+            "--repo",
+            copy.to_str().unwrap(),
+            "wal",
+            "fetch",
+            FIRST_SEGMENT,
+            back.to_str().unwrap(),
+        ],
+    );
+    assert_exit(&o, 0);
+    assert!(
+        std::fs::read(&back).unwrap() == std::fs::read(&seg).unwrap(),
+        "byte for byte"
+    );
+
+    // Other content under the name: refused, and this push's parts removed.
+    let before = parts();
+    let mut bytes = std::fs::read(&seg).unwrap();
+    bytes[40 << 20] ^= 0x10;
+    std::fs::write(&seg, &bytes).unwrap();
+    let o = push(&[]);
+    assert_exit(&o, 3);
+    assert!(stderr(&o).contains("different content"), "{}", stderr(&o));
+    assert_eq!(parts(), before);
+
+    // Expired, the file goes with every part, named or not.
+    archive
+        .remove(&reentry::pg::wal::WalFileName::parse(FIRST_SEGMENT).unwrap())
+        .unwrap();
+    assert!(parts().is_empty());
 }
 
 #[test]

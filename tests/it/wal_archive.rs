@@ -9,7 +9,9 @@ use reentry::backup::archive::Archive;
 use reentry::backup::stored::Compression;
 use reentry::pg::wal::{LongPageHeader, WalFileName};
 
-use crate::common::archiving::{archiving, restore_command, switch_and_wait_archived};
+use crate::common::archiving::{
+    archiving, archiving_with, restore_command, switch_and_wait_archived,
+};
 use crate::common::pg::{Cluster, Version};
 use crate::common::{
     assert_exit, pushes_that_stored, reentry, reentry_bin, run_concurrently, stderr, stdout,
@@ -506,7 +508,13 @@ fn pg18_history_file_of_a_promotion_is_archived_and_fetched() {
 /// A base backup plus the archive, replayed through `wal fetch`, gives back
 /// every row committed after the backup.
 fn a_copy_replays_archived_wal_through_wal_fetch(version: Version) {
-    let (c, repo) = archiving(version, "--compress zstd", &[]);
+    a_copy_replays_archived_wal_with(version, &[], |_| {});
+}
+
+/// The replay, from a cluster `initdb` made with these arguments; `then`
+/// looks at the repository afterwards.
+fn a_copy_replays_archived_wal_with(version: Version, initdb: &[&str], then: impl FnOnce(&Path)) {
+    let (c, repo) = archiving_with(version, initdb, "--compress zstd", &[]);
     let mut db = c.client();
     db.batch_execute("CREATE TABLE orders (id bigint PRIMARY KEY, note text)")
         .unwrap();
@@ -566,6 +574,7 @@ fn a_copy_replays_archived_wal_through_wal_fetch(version: Version) {
         copy.log().contains("restored log file"),
         "WAL came from the archive"
     );
+    then(&repo);
 }
 
 #[test]
@@ -576,4 +585,34 @@ fn pg18_a_copy_replays_archived_wal_through_wal_fetch() {
 #[test]
 fn pg15_a_copy_replays_archived_wal_through_wal_fetch() {
     a_copy_replays_archived_wal_through_wal_fetch(Version::V15);
+}
+
+/// 64 MiB segments go in parts of 16 MiB published by a manifest, and
+/// replay through `wal fetch` as any segment does.
+#[test]
+fn pg18_64_mib_segments_go_in_parts_and_a_copy_replays_them_through_wal_fetch() {
+    a_copy_replays_archived_wal_with(Version::V18, &["--wal-segsize=64"], |repo| {
+        let dir = repo.join("archive/0000000100000000");
+        let mut segments = 0;
+        for e in std::fs::read_dir(&dir).unwrap() {
+            let name = e.unwrap().file_name().to_string_lossy().into_owned();
+            if name.len() != 24 {
+                continue;
+            }
+            segments += 1;
+            let manifest = std::fs::read(dir.join(&name)).unwrap();
+            assert!(manifest.starts_with(b"RNTRYPRT\n"), "{name} is a manifest");
+            let pushes: Vec<_> = std::fs::read_dir(dir.join(format!("{name}.parts")))
+                .unwrap()
+                .map(|e| e.unwrap().path())
+                .collect();
+            assert_eq!(pushes.len(), 1, "{name}: one push's parts");
+            let parts = std::fs::read_dir(&pushes[0]).unwrap().count();
+            assert_eq!(parts, 4, "{name}: 64 MiB in 16 MiB parts");
+        }
+        assert!(segments >= 1, "segments archived");
+        let o = reentry(false, &["--repo", repo.to_str().unwrap(), "wal", "verify"]);
+        assert_exit(&o, 0);
+        assert!(!stdout(&o).contains("leftover"), "{}", stdout(&o));
+    });
 }

@@ -26,7 +26,17 @@ pub fn restore_command(repo: &Path) -> String {
 /// A running cluster archiving into `repo` through `reentry wal push`
 /// (with `extra` arguments), with `settings` in its configuration.
 pub fn archiving(version: Version, extra: &str, settings: &[(&str, &str)]) -> (Cluster, PathBuf) {
-    let c = Cluster::init(version);
+    archiving_with(version, &[], extra, settings)
+}
+
+/// `archiving`, with more `initdb` arguments.
+pub fn archiving_with(
+    version: Version,
+    initdb: &[&str],
+    extra: &str,
+    settings: &[(&str, &str)],
+) -> (Cluster, PathBuf) {
+    let c = Cluster::init_with(version, initdb);
     let repo = c.dir("repo");
     c.append_conf(&[
         ("archive_mode", "on".to_string()),

@@ -78,17 +78,28 @@ pub struct Cluster {
 impl Cluster {
     /// `initdb` only: a data directory with a real first WAL segment.
     pub fn init(version: Version) -> Cluster {
+        Cluster::init_with(version, &[])
+    }
+
+    /// `init`, with more `initdb` arguments (`--wal-segsize=64`).
+    pub fn init_with(version: Version, initdb: &[&str]) -> Cluster {
         let c = Cluster::empty(version);
-        c.run_ok(c.cmd("initdb").arg("-D").arg(c.data()).args([
-            "-U",
-            "postgres",
-            "-A",
-            "trust",
-            "--no-sync",
-            "-E",
-            "UTF8",
-            "--locale=C",
-        ]));
+        c.run_ok(
+            c.cmd("initdb")
+                .arg("-D")
+                .arg(c.data())
+                .args([
+                    "-U",
+                    "postgres",
+                    "-A",
+                    "trust",
+                    "--no-sync",
+                    "-E",
+                    "UTF8",
+                    "--locale=C",
+                ])
+                .args(initdb),
+        );
         c.append_conf(&c.local_settings());
         c.append_conf(&[("max_wal_senders", "4"), ("wal_level", "replica")]);
         c
