@@ -18,6 +18,13 @@ pub enum Exit {
     Refused = 3,
     /// Bad command-line usage.
     Usage = 64,
+    /// `wal fetch` only: the file is in the archive but cannot be given
+    /// back, because it is corrupt or no identity decrypts it. PostgreSQL
+    /// reads any exit up to 125 as "not in the archive" and ends recovery
+    /// there, promoting early; above 125 it stops recovery (FATAL), so the
+    /// cause can be fixed and the server started again. Not 126 or 127,
+    /// which it logs as "command not executable" and "not found".
+    StopRecovery = 200,
     /// Invalid configuration (config file, playbook).
     Config = 78,
 }

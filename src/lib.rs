@@ -26,6 +26,9 @@ pub enum Error {
     Config(#[from] config::ConfigError),
     #[error(transparent)]
     Archive(#[from] backup::archive::ArchiveError),
+    /// `wal fetch`'s own, for its exit status (Exit::StopRecovery).
+    #[error(transparent)]
+    Fetch(backup::archive::ArchiveError),
     #[error(transparent)]
     Backup(#[from] backup::basebackup::BackupError),
     #[error(transparent)]
@@ -76,6 +79,11 @@ impl Error {
         match self {
             Error::Config(_) => Exit::Config,
             Error::Archive(e) => e.exit(),
+            Error::Fetch(
+                backup::archive::ArchiveError::Corrupt { .. }
+                | backup::archive::ArchiveError::Key(_),
+            ) => Exit::StopRecovery,
+            Error::Fetch(e) => e.exit(),
             Error::Backup(e) => backup_exit(e),
             Error::Expire(backup::expire::ExpireError::NoPolicy) => Exit::Usage,
             Error::Expire(backup::expire::ExpireError::Repo(e)) | Error::Repo(e) => repo_exit(e),

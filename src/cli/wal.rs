@@ -120,7 +120,9 @@ pub fn run(ctx: &Context, cmd: WalCommand) -> Result<Exit, Error> {
             })?;
         }
         WalCommand::Fetch(args) => {
-            let report = archive.fetch(&args.name, &args.dest)?;
+            let report = archive
+                .fetch(&args.name, &args.dest)
+                .map_err(Error::Fetch)?;
             ctx.emit(&report, || None)?;
         }
         WalCommand::Verify => return verify(ctx, &archive),

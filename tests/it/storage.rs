@@ -766,6 +766,31 @@ fn s3_encrypted_backups_and_wal_need_only_the_public_key_and_a_wrong_key_fails_b
         stderr(&o)
     );
     assert!(!dir.exists());
+    // As restore_command, `wal fetch` of such a segment exits 200, which
+    // stops recovery, not 78, which PostgreSQL would read as the end of
+    // the archive.
+    let dest = c.root().join("RECOVERYXLOG");
+    let o = s3_at(
+        &c,
+        &name,
+        &[
+            "--identity",
+            only_new.to_str().unwrap(),
+            "wal",
+            "fetch",
+            FIRST_SEGMENT,
+            dest.to_str().unwrap(),
+        ],
+    )
+    .output()
+    .unwrap();
+    assert_exit(&o, 200);
+    assert!(
+        stderr(&o).contains("none of the identities"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(!dest.exists());
     let out = restore(Some(&both));
     let mut r = Restored {
         manifest: Value::Null,

@@ -372,7 +372,8 @@ fn damaged_stored_file_is_refused_on_fetch(damage: impl Fn(&Path)) {
     damage(&f.stored());
     let dest_dir = f.subdir("pg_wal");
     let out = fetch(&f.repo, FIRST_SEGMENT, &dest_dir.join("RECOVERYXLOG"));
-    assert_exit(&out, 2);
+    // Above 125: PostgreSQL stops recovery rather than ending it here.
+    assert_exit(&out, 200);
     assert!(stderr(&out).contains("corrupt"), "{}", stderr(&out));
     assert_eq!(
         std::fs::read_dir(&dest_dir).unwrap().count(),
@@ -585,6 +586,60 @@ fn pg18_a_copy_replays_archived_wal_through_wal_fetch() {
 #[test]
 fn pg15_a_copy_replays_archived_wal_through_wal_fetch() {
     a_copy_replays_archived_wal_through_wal_fetch(Version::V15);
+}
+
+/// A corrupt segment in the middle of the archive stops recovery: `wal
+/// fetch` exits 200, which PostgreSQL takes as fatal, instead of an exit it
+/// reads as the end of the archive, after which it would promote a server
+/// lacking everything past that segment.
+#[test]
+fn pg18_a_corrupt_segment_stops_recovery_instead_of_promoting_early() {
+    let (c, repo) = archiving(Version::V18, "", &[]);
+    let mut db = c.client();
+    db.batch_execute("CREATE TABLE orders (id bigint PRIMARY KEY)")
+        .unwrap();
+    let copy = Cluster::empty(Version::V18);
+    c.run_ok(
+        c.cmd("pg_basebackup")
+            .args(["-X", "none", "-c", "fast", "-D"])
+            .arg(copy.data()),
+    );
+    let mut segments = Vec::new();
+    for i in 0..3 {
+        db.execute(
+            "INSERT INTO orders SELECT g FROM generate_series($1::bigint * 1000 + 1, $1::bigint * 1000 + 1000) g",
+            &[&i64::from(i)],
+        )
+        .unwrap();
+        segments.push(switch_and_wait_archived(&c));
+    }
+    flip_byte(&stored_path(&repo, &segments[1]), 5_000_000);
+
+    let mut copy = copy;
+    copy.append_conf(&copy.local_settings());
+    copy.append_conf(&[
+        ("archive_mode", "off".to_string()),
+        ("restore_command", restore_command(&repo)),
+        ("recovery_target_action", "'promote'".to_string()),
+    ]);
+    std::fs::write(copy.data().join("recovery.signal"), "").unwrap();
+    crate::common::give_to_server_user(&copy.data().join("recovery.signal"));
+    copy.try_start();
+    let pid_file = copy.data().join("postmaster.pid");
+    copy.wait_for(
+        "recovery to stop, or to end in a promotion",
+        Duration::from_secs(120),
+        || (!pid_file.exists() || copy.log().contains("selected new timeline ID")).then_some(()),
+    );
+    let log = copy.log();
+    assert!(
+        log.contains("FATAL") && log.contains(&segments[1]) && log.contains("exit code 200"),
+        "recovery stopped at the corrupt segment:\n{log}"
+    );
+    assert!(
+        !log.contains("selected new timeline ID"),
+        "not promoted:\n{log}"
+    );
 }
 
 /// 64 MiB segments go in parts of 16 MiB published by a manifest, and

@@ -220,6 +220,26 @@ impl Cluster {
         }
     }
 
+    /// One `pg_ctl start -w`, which may fail (a server whose recovery
+    /// stops): whether it reported the server ready.
+    pub fn try_start(&mut self) -> bool {
+        self.port = free_port();
+        let ok = self
+            .cmd("pg_ctl")
+            .args(["start", "-w", "-t", "60", "-D"])
+            .arg(self.data())
+            .arg("-l")
+            .arg(self.root.path().join("server.log"))
+            .arg("-o")
+            .arg(format!("-p {}", self.port))
+            .output()
+            .expect("run pg_ctl")
+            .status
+            .success();
+        self.running = true;
+        ok
+    }
+
     pub fn stop(&mut self) {
         if self.running {
             self.run_ok(
