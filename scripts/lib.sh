@@ -37,6 +37,9 @@ RELADIFF=reladiff[postgresql]==0.6.0
 # If-None-Match: * on PutObject and Object Lock.
 MOTO_VENV=$REENTRY_CACHE/moto-venv
 MOTO=moto[s3,server]==5.2.5
+# Azurite, Microsoft's Azure Storage emulator (npm), for the Azure tests.
+AZURITE_DIR=$REENTRY_CACHE/azurite
+AZURITE=azurite@3.35.0
 CONFLUENT_KAFKA='confluent-kafka>=2.6,<3'
 export REENTRY_TANSU=${REENTRY_TANSU:-$TANSU}
 export REENTRY_KCAT=${REENTRY_KCAT:-$KCAT}
@@ -44,7 +47,7 @@ export REENTRY_KCAT=${REENTRY_KCAT:-$KCAT}
 # Quartz 2.3 and the JDBC driver; Maven Central cannot be reached. A
 # headless Chromium looks at the HTML report in the tests.
 DEBIAN_PACKAGES=(postgresql-15 redis-server redis-tools kcat pgbackrest time locales libssl-dev pkg-config openssl bc curl
-  openjdk-17-jdk-headless libquartz2-java libpostgresql-jdbc-java libhikaricp-java libslf4j-java chromium)
+  nodejs openjdk-17-jdk-headless libquartz2-java libpostgresql-jdbc-java libhikaricp-java libslf4j-java chromium)
 export REENTRY_QUARTZ_CP=${REENTRY_QUARTZ_CP:-/usr/share/java/quartz2.jar:/usr/share/java/postgresql.jar:/usr/share/java/HikariCP.jar:/usr/share/java/slf4j-api.jar:/usr/share/java/slf4j-nop.jar}
 
 # The Quartz lab (lab/quartz), compiled by setup, keyed by its source so
@@ -123,6 +126,17 @@ run_simple("127.0.0.1", int(sys.argv[1]), DomainDispatcherApplication(create_bac
 ' "$1" >"$2" 2>&1 &
   MOTO_PID=$!
   wait_until 30 curl -sf -o /dev/null "http://127.0.0.1:$1/moto-api/" || die "moto did not start; see $2"
+}
+
+# Starts Azurite's Blob service on 127.0.0.1:PORT in memory, logging to
+# LOG, in the background (its pid in $AZURITE_PID), and waits for it.
+start_azurite() { # PORT LOG
+  "$AZURITE_DIR/node_modules/.bin/azurite-blob" --silent --inMemoryPersistence \
+    --blobHost 127.0.0.1 --blobPort "$1" --skipApiVersionCheck >"$2" 2>&1 &
+  AZURITE_PID=$!
+  # Any HTTP answer (403 without a signature) means it is serving.
+  wait_until 30 sh -c "curl -s -o /dev/null -w '%{http_code}' http://127.0.0.1:$1/devstoreaccount1 | grep -q '^[1-5]'" \
+    || die "Azurite did not start; see $2"
 }
 
 wait_until() {

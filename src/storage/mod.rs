@@ -1,21 +1,23 @@
 //! Where a repository keeps its objects: a local directory or an object
-//! store (S3 here; Azure and GCS by the same `object_store` code). Keys
-//! are `/`-separated relative paths, the same on every backend.
+//! store (S3, Azure Blob Storage and GCS, by the same `object_store`
+//! code). Keys are `/`-separated relative paths, the same on every backend.
 //!
 //! The one write the WAL rules rest on is `put_if_absent`: it publishes a
 //! complete object under a key only if nothing is there, and says so when
 //! something is. Locally that is a fsynced temporary file hard-linked into
-//! place; on S3 a `PutObject` with `If-None-Match: *`. Nothing is ever
+//! place; on an object store its create-only write (cloud.rs). Nothing is ever
 //! half-visible: a reader finds the whole object or none.
 
+mod cloud;
 mod local;
 mod s3;
 
 use std::fmt;
 use std::io;
 
+pub use cloud::Cloud;
 pub use local::Local;
-pub use s3::{S3Config, S3};
+pub use s3::S3Config;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -112,37 +114,75 @@ pub trait Store: Send + Sync {
     }
 }
 
-/// A repository location: `s3://bucket/prefix` or a local path.
+/// An object store service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scheme {
+    S3,
+    Azure,
+    Gcs,
+}
+
+impl Scheme {
+    const ALL: [Scheme; 3] = [Scheme::S3, Scheme::Azure, Scheme::Gcs];
+
+    fn credentials(self) -> &'static str {
+        match self {
+            Scheme::S3 => "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY or the AWS config",
+            Scheme::Azure => "AZURE_STORAGE_ACCOUNT_NAME with AZURE_STORAGE_ACCOUNT_KEY or a SAS",
+            Scheme::Gcs => "GOOGLE_SERVICE_ACCOUNT or GOOGLE_APPLICATION_CREDENTIALS",
+        }
+    }
+}
+
+impl fmt::Display for Scheme {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Scheme::S3 => "s3",
+            Scheme::Azure => "az",
+            Scheme::Gcs => "gs",
+        })
+    }
+}
+
+/// A repository location: `s3://bucket/prefix`, `az://container/prefix`,
+/// `gs://bucket/prefix` or a local path.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Location {
     Local(std::path::PathBuf),
-    S3 { bucket: String, prefix: String },
+    Object {
+        scheme: Scheme,
+        bucket: String,
+        prefix: String,
+    },
 }
 
 impl Location {
     pub fn parse(s: &str) -> Result<Location, StoreError> {
-        if let Some(rest) = s.strip_prefix("s3://") {
+        for scheme in Scheme::ALL {
+            let Some(rest) = s.strip_prefix(&format!("{scheme}://")) else {
+                continue;
+            };
             let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
             if bucket.is_empty() {
                 return Err(StoreError::BadLocation(format!(
-                    "{s}: no bucket; write s3://BUCKET/PREFIX"
+                    "{s}: no bucket; write {scheme}://BUCKET/PREFIX"
                 )));
             }
             if bucket.contains('@') || bucket.contains(':') {
-                return Err(StoreError::BadLocation(
-                    "an s3:// location takes no credentials; use AWS_ACCESS_KEY_ID and \
-                     AWS_SECRET_ACCESS_KEY or the AWS config"
-                        .into(),
-                ));
+                return Err(StoreError::BadLocation(format!(
+                    "a {scheme}:// location takes no credentials; use {}",
+                    scheme.credentials()
+                )));
             }
-            return Ok(Location::S3 {
+            return Ok(Location::Object {
+                scheme,
                 bucket: bucket.to_owned(),
                 prefix: prefix.trim_matches('/').to_owned(),
             });
         }
         if let Some((scheme, _)) = s.split_once("://") {
             return Err(StoreError::BadLocation(format!(
-                "{scheme}:// repositories are not supported; use s3://BUCKET/PREFIX or a path"
+                "{scheme}:// repositories are not supported; use s3://, az:// or gs://BUCKET/PREFIX, or a path"
             )));
         }
         Ok(Location::Local(s.into()))
@@ -152,7 +192,15 @@ impl Location {
     pub fn open(&self) -> Result<Box<dyn Store>, StoreError> {
         Ok(match self {
             Location::Local(p) => Box::new(Local::new(p.clone())),
-            Location::S3 { bucket, prefix } => Box::new(S3::from_env(bucket, prefix)?),
+            Location::Object {
+                scheme,
+                bucket,
+                prefix,
+            } => Box::new(match scheme {
+                Scheme::S3 => Cloud::s3(bucket, prefix, &S3Config::default())?,
+                Scheme::Azure => Cloud::azure(bucket, prefix)?,
+                Scheme::Gcs => Cloud::gcs(bucket, prefix)?,
+            }),
         })
     }
 }
@@ -161,8 +209,16 @@ impl fmt::Display for Location {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Location::Local(p) => write!(f, "{}", p.display()),
-            Location::S3 { bucket, prefix } if prefix.is_empty() => write!(f, "s3://{bucket}"),
-            Location::S3 { bucket, prefix } => write!(f, "s3://{bucket}/{prefix}"),
+            Location::Object {
+                scheme,
+                bucket,
+                prefix,
+            } if prefix.is_empty() => write!(f, "{scheme}://{bucket}"),
+            Location::Object {
+                scheme,
+                bucket,
+                prefix,
+            } => write!(f, "{scheme}://{bucket}/{prefix}"),
         }
     }
 }
@@ -191,11 +247,19 @@ mod tests {
     fn locations_parse_and_show_without_secrets() {
         assert_eq!(
             Location::parse("s3://wal-bucket/prod/db1/").unwrap(),
-            Location::S3 {
+            Location::Object {
+                scheme: Scheme::S3,
                 bucket: "wal-bucket".into(),
                 prefix: "prod/db1".into()
             }
         );
+        for (url, scheme) in [("az://c/p", Scheme::Azure), ("gs://b/p", Scheme::Gcs)] {
+            let l = Location::parse(url).unwrap();
+            assert!(matches!(&l, Location::Object { scheme: s, .. } if *s == scheme));
+            assert_eq!(l.to_string(), url);
+        }
+        let e = Location::parse("az://account:key@c/x").unwrap_err();
+        assert!(!e.to_string().contains("key@"), "{e}");
         assert_eq!(
             Location::parse("s3://b").unwrap().to_string(),
             "s3://b".to_string()
@@ -207,10 +271,10 @@ mod tests {
         let e = Location::parse("s3://AKIA:secret@bucket/x").unwrap_err();
         assert!(!e.to_string().contains("secret"), "{e}");
         assert!(Location::parse("s3:///x").is_err());
-        assert!(Location::parse("gs://b/x")
+        assert!(Location::parse("hdfs://b/x")
             .unwrap_err()
             .to_string()
-            .contains("gs://"));
+            .contains("hdfs://"));
     }
 
     #[test]

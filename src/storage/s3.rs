@@ -1,29 +1,17 @@
-//! A repository in an S3 bucket, through the `object_store` crate.
+//! S3 for the repository (cloud.rs does the rest): the client, and the
+//! bucket's versioning and Object Lock, which object_store does not read.
 //!
 //! Region, endpoint and credentials come from the usual AWS variables
 //! (`AWS_REGION`, `AWS_ENDPOINT_URL`, `AWS_ACCESS_KEY_ID`, ...), as every
-//! AWS tool reads them. A create-only write is a `PutObject` with
-//! `If-None-Match: *`: S3 answers 412 when the key exists, and exactly one
-//! of several racing writers succeeds.
+//! AWS tool reads them.
 
-use futures_util::TryStreamExt;
-use object_store::aws::{AmazonS3, AmazonS3Builder};
-use object_store::path::Path as ObjPath;
-use object_store::{
-    ClientOptions, ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload, RetryConfig,
-};
+use std::sync::Arc;
 use std::time::Duration;
 
-use super::{check_key, ObjectInfo, Protection, Put, Retention, Store, StoreError};
+use object_store::aws::{AmazonS3, AmazonS3Builder};
 
-pub struct S3 {
-    store: AmazonS3,
-    bucket: String,
-    prefix: String,
-    rt: tokio::runtime::Runtime,
-    region: String,
-    endpoint: Option<String>,
-}
+use super::cloud::{client_options, redact, retry, Cloud};
+use super::{Protection, Retention, Scheme, Store, StoreError};
 
 /// What may override the environment's S3 settings.
 #[derive(Debug, Clone, Default)]
@@ -34,22 +22,18 @@ pub struct S3Config {
     pub secret_access_key: Option<String>,
 }
 
-impl S3 {
-    /// The bucket and key prefix, configured from the environment.
-    pub fn from_env(bucket: &str, prefix: &str) -> Result<S3, StoreError> {
-        S3::new(bucket, prefix, &S3Config::default())
-    }
+/// Signed requests to the bucket itself (`?versioning`, `?object-lock`).
+pub struct BucketApi {
+    client: AmazonS3,
+    bucket: String,
+    region: String,
+    endpoint: Option<String>,
+}
 
-    /// The environment's settings, with `over` on top.
-    pub fn new(bucket: &str, prefix: &str, over: &S3Config) -> Result<S3, StoreError> {
-        // A few retries of 5xx, 429 and lost connections, for 20 s at
-        // most: archive_command is retried by PostgreSQL itself, and a
-        // stuck push holds back every segment after it.
-        let retry = RetryConfig {
-            max_retries: 4,
-            retry_timeout: Duration::from_secs(20),
-            ..RetryConfig::default()
-        };
+impl Cloud {
+    /// An S3 bucket and key prefix, configured from the environment with
+    /// `over` on top.
+    pub fn s3(bucket: &str, prefix: &str, over: &S3Config) -> Result<Cloud, StoreError> {
         // Every upload carries a CRC64-NVME checksum, which S3 checks on
         // arrival, and names its algorithm as the AWS SDKs do: a bucket
         // with an Object Lock default retention refuses uploads without
@@ -59,14 +43,10 @@ impl S3 {
             "x-amz-sdk-checksum-algorithm",
             http::HeaderValue::from_static("CRC64NVME"),
         );
-        let client = ClientOptions::new()
-            .with_connect_timeout(Duration::from_secs(5))
-            .with_timeout(Duration::from_secs(120))
-            .with_default_headers(headers);
         let mut b = AmazonS3Builder::from_env()
             .with_bucket_name(bucket)
-            .with_retry(retry)
-            .with_client_options(client)
+            .with_retry(retry())
+            .with_client_options(client_options().with_default_headers(headers))
             .with_checksum_algorithm(object_store::aws::Checksum::CRC64NVME);
         // `from_env` reads AWS_ENDPOINT; the SDKs' name is AWS_ENDPOINT_URL.
         let endpoint = over
@@ -97,23 +77,20 @@ impl S3 {
         if let Some(k) = &over.secret_access_key {
             b = b.with_secret_access_key(k);
         }
-        let store = b.build().map_err(|e| {
+        let client = b.build().map_err(|e| {
             StoreError::BadLocation(format!("s3://{bucket}: {}", redact(&e.to_string())))
         })?;
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(|e| StoreError::BadLocation(format!("cannot start the I/O runtime: {e}")))?;
-        Ok(S3 {
-            store,
+        let api = BucketApi {
+            client: client.clone(),
             bucket: bucket.to_owned(),
-            prefix: prefix.trim_matches('/').to_owned(),
-            rt,
             region,
             endpoint,
-        })
+        };
+        Cloud::new(Arc::new(client), Scheme::S3, bucket, prefix, Some(api))
     }
+}
 
+impl BucketApi {
     /// The bucket's URL: path style on an endpoint of one's own, as
     /// object_store addresses it, virtual-hosted on AWS.
     fn bucket_url(&self) -> String {
@@ -123,9 +100,15 @@ impl S3 {
         }
     }
 
+    pub(super) fn protection(&self, on: &Cloud) -> Result<Protection, StoreError> {
+        let versioning = self.bucket_get(on, "versioning")?;
+        let lock = self.bucket_get(on, "object-lock")?;
+        Ok(protection_of(versioning.as_deref(), lock.as_deref()))
+    }
+
     /// A signed `GET` of a bucket subresource (`?versioning`,
     /// `?object-lock`): its XML, or none when S3 answers 404.
-    fn bucket_get(&self, sub: &str) -> Result<Option<String>, StoreError> {
+    fn bucket_get(&self, on: &Cloud, sub: &str) -> Result<Option<String>, StoreError> {
         use object_store::aws::AwsAuthorizer;
         use object_store::client::HttpRequestBody;
         let url = format!("{}?{sub}", self.bucket_url());
@@ -133,12 +116,12 @@ impl S3 {
         let remote = |detail: String| StoreError::Remote {
             op: "read",
             key: what.clone(),
-            store: self.location(),
+            store: on.location(),
             detail: redact(&detail),
         };
-        self.rt.block_on(async {
+        on.rt().block_on(async {
             let cred = self
-                .store
+                .client
                 .credentials()
                 .get_credential()
                 .await
@@ -174,28 +157,6 @@ impl S3 {
             Ok(Some(text))
         })
     }
-
-    fn path(&self, key: &str) -> Result<ObjPath, StoreError> {
-        check_key(key)?;
-        Ok(ObjPath::from(self.full(key)))
-    }
-
-    fn full(&self, key: &str) -> String {
-        if self.prefix.is_empty() {
-            key.to_owned()
-        } else {
-            format!("{}/{key}", self.prefix)
-        }
-    }
-
-    fn err(&self, op: &'static str, key: &str, e: object_store::Error) -> StoreError {
-        StoreError::Remote {
-            op,
-            key: key.to_owned(),
-            store: self.location(),
-            detail: redact(&e.to_string()),
-        }
-    }
 }
 
 /// The text of the first `<name>` element of an XML answer.
@@ -230,122 +191,6 @@ fn protection_of(versioning: Option<&str>, lock: Option<&str>) -> Protection {
     }
 }
 
-/// An error's text as it may be shown: object_store's messages name the
-/// URL and the request, never the secret key, but a pre-signed query or
-/// an echoed header could; anything after a credential-looking field
-/// is cut.
-fn redact(s: &str) -> String {
-    const MARKERS: [&str; 4] = [
-        "X-Amz-Signature",
-        "X-Amz-Credential",
-        "Authorization",
-        "secret",
-    ];
-    match MARKERS.iter().filter_map(|m| s.find(m)).min() {
-        Some(i) => format!("{}[redacted]", &s[..i]),
-        None => s.to_owned(),
-    }
-}
-
-impl Store for S3 {
-    fn location(&self) -> String {
-        if self.prefix.is_empty() {
-            format!("s3://{}", self.bucket)
-        } else {
-            format!("s3://{}/{}", self.bucket, self.prefix)
-        }
-    }
-
-    fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
-        let path = self.path(key)?;
-        self.rt.block_on(async {
-            match self.store.get(&path).await {
-                Ok(r) => match r.bytes().await {
-                    Ok(b) => Ok(Some(b.to_vec())),
-                    Err(e) => Err(self.err("read", key, e)),
-                },
-                Err(object_store::Error::NotFound { .. }) => Ok(None),
-                Err(e) => Err(self.err("read", key, e)),
-            }
-        })
-    }
-
-    fn put_if_absent(&self, key: &str, body: &[u8]) -> Result<Put, StoreError> {
-        let path = self.path(key)?;
-        let opts = PutOptions {
-            mode: PutMode::Create,
-            ..Default::default()
-        };
-        let payload = PutPayload::from(body.to_vec());
-        self.rt.block_on(async {
-            match self.store.put_opts(&path, payload, opts).await {
-                Ok(_) => Ok(Put::Created),
-                Err(object_store::Error::AlreadyExists { .. }) => Ok(Put::Exists),
-                Err(e) => Err(self.err("write", key, e)),
-            }
-        })
-    }
-
-    fn put(&self, key: &str, body: &[u8]) -> Result<(), StoreError> {
-        let path = self.path(key)?;
-        let payload = PutPayload::from(body.to_vec());
-        self.rt
-            .block_on(self.store.put(&path, payload))
-            .map(|_| ())
-            .map_err(|e| self.err("write", key, e))
-    }
-
-    fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>, StoreError> {
-        // object_store lists by whole path segments: list the directory
-        // part and keep the keys that start with the prefix.
-        let dir = prefix.rfind('/').map(|i| &prefix[..i]).unwrap_or("");
-        let full_dir = if dir.is_empty() {
-            self.prefix.clone()
-        } else {
-            self.full(dir)
-        };
-        let list_path = (!full_dir.is_empty()).then(|| ObjPath::from(full_dir.as_str()));
-        let strip = if self.prefix.is_empty() {
-            String::new()
-        } else {
-            format!("{}/", self.prefix)
-        };
-        let metas: Vec<object_store::ObjectMeta> = self
-            .rt
-            .block_on(self.store.list(list_path.as_ref()).try_collect())
-            .map_err(|e| self.err("list", prefix, e))?;
-        let mut out: Vec<ObjectInfo> = metas
-            .into_iter()
-            .filter_map(|m| {
-                let key = m.location.as_ref().strip_prefix(&strip)?.to_owned();
-                key.starts_with(prefix).then_some(ObjectInfo {
-                    key,
-                    size: m.size,
-                    modified: Some(m.last_modified.into()),
-                })
-            })
-            .collect();
-        out.sort_by(|a, b| a.key.cmp(&b.key));
-        Ok(out)
-    }
-
-    fn protection(&self) -> Result<Option<Protection>, StoreError> {
-        let versioning = self.bucket_get("versioning")?;
-        let lock = self.bucket_get("object-lock")?;
-        Ok(Some(protection_of(versioning.as_deref(), lock.as_deref())))
-    }
-
-    fn delete(&self, key: &str) -> Result<(), StoreError> {
-        let path = self.path(key)?;
-        self.rt.block_on(async {
-            match self.store.delete(&path).await {
-                Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
-                Err(e) => Err(self.err("delete", key, e)),
-            }
-        })
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -371,12 +216,5 @@ mod tests {
         );
         let none = protection_of(Some("<VersioningConfiguration/>"), None);
         assert_eq!(none, Protection::default());
-    }
-
-    #[test]
-    fn credentials_in_error_text_are_cut() {
-        let s = "Error performing PUT http://h/b/k?X-Amz-Signature=abc in 1ms";
-        assert_eq!(redact(s), "Error performing PUT http://h/b/k?[redacted]");
-        assert_eq!(redact("plain"), "plain");
     }
 }

@@ -1,5 +1,6 @@
 //! One integration-test binary: linking is the slow part on two cores.
 
+mod azure;
 mod backup;
 mod caches;
 mod common;

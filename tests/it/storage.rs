@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Barrier;
 
-use reentry::storage::{Put, S3Config, Store, S3};
+use reentry::storage::{Cloud, Put, S3Config, Store};
 
 use serde_json::Value;
 
@@ -23,7 +23,7 @@ fn endpoint() -> String {
 }
 
 /// A new bucket of this test's own, and a store on `prefix` in it.
-fn bucket(test: &str, prefix: &str) -> (String, S3) {
+fn bucket(test: &str, prefix: &str) -> (String, Cloud) {
     let name = unique(test).to_lowercase().replace(['_', '.'], "-");
     let name: String = name.chars().take(60).collect();
     let r = reqwest::blocking::Client::new()
@@ -38,8 +38,8 @@ fn bucket(test: &str, prefix: &str) -> (String, S3) {
     (name.clone(), store(&name, prefix))
 }
 
-fn store(bucket: &str, prefix: &str) -> S3 {
-    S3::new(
+fn store(bucket: &str, prefix: &str) -> Cloud {
+    Cloud::s3(
         bucket,
         prefix,
         &S3Config {
@@ -110,7 +110,7 @@ fn s3_lists_by_key_prefix_under_the_repository_prefix_and_deletes() {
 
 #[test]
 fn s3_an_unreachable_endpoint_is_an_error_naming_the_store() {
-    let s = S3::new(
+    let s = Cloud::s3(
         "nowhere",
         "repo",
         &S3Config {
@@ -1000,7 +1000,7 @@ fn s3_wal_push_also_stores_in_both_and_a_second_repository_that_fails_only_warns
 /// A new bucket with Object Lock on and a default retention of `days`
 /// (GOVERNANCE), as `aws s3api create-bucket --object-lock-enabled-for-bucket`
 /// and `put-object-lock-configuration` make one.
-fn locked_bucket(test: &str, days: u32) -> (String, S3) {
+fn locked_bucket(test: &str, days: u32) -> (String, Cloud) {
     let name: String = unique(test)
         .to_lowercase()
         .replace(['_', '.'], "-")
