@@ -184,6 +184,9 @@ pub fn copy(
         }
     }
     to_pack.retain(|id| ready.iter().any(|l| backup_of(&l.key) == Some(id)));
+    // Nothing of a backup still being taken, or left by one that died.
+    let copying = |id: &str| ready.iter().any(|l| backup_of(&l.key) == Some(id));
+    objects.retain(|o| backup_of(&o.key).is_none_or(|id| labelled(id) || copying(id)));
     report.missing = objects.len() + ready.len() + to_pack.len();
     report.missing_bytes = objects.iter().chain(&ready).map(|o| o.size).sum::<u64>()
         + to_pack
@@ -256,7 +259,15 @@ pub fn copy(
         progress.advance(n, key);
         Ok(())
     };
-    // Parts before the manifests that publish them, as a push writes them.
+    // Everything not of a backup first (WAL parts before the manifests that
+    // publish them, as a push writes them); then backup by backup, its
+    // objects and then its label. A backup is visible at the destination
+    // only whole, and its objects never wait long for their label: expire
+    // takes a backup's objects that have had no label for an hour as
+    // abandoned.
+    let (backup_objects, objects): (Vec<_>, Vec<_>) = objects
+        .into_iter()
+        .partition(|o| backup_of(&o.key).is_some());
     let (part_objects, objects): (Vec<_>, Vec<_>) = objects
         .into_iter()
         .partition(|o| parts::owner(&o.key).is_some());
@@ -275,23 +286,37 @@ pub fn copy(
         level: 3,
         checksum,
     };
-    for id in &to_pack {
-        // A copy killed before this backup's label left some of its
-        // objects: nothing shows them; start the backup again.
-        for o in dst.list(&Repo::backup_key(id, ""))? {
-            dst.delete(&o.key)?;
-        }
-        let data = from.backup_data(id).expect("a local backup");
-        let index = packed::upload(dst, id, &data, form, to.keys(), jobs, progress)?;
-        report.bytes += index.stored_bytes();
-        report.packed.push(id.clone());
-    }
-    // Labels last: a backup is visible at the destination only whole.
-    pause_point("copy", "labels");
+    // New objects of backups already there (verifications) go as they are.
+    let loose: Vec<_> = backup_objects
+        .iter()
+        .filter(|o| !copying(backup_of(&o.key).unwrap_or_default()))
+        .collect();
+    packed::parallel(loose.len(), jobs, |i| send(&loose[i].key))?;
+    let mut first_label = true;
     for l in &ready {
         let id = backup_of(&l.key).unwrap_or_default();
-        let mut label = from.label(id)?;
         if to_pack.iter().any(|p| p == id) {
+            // A copy killed before this backup's label left some of its
+            // objects: nothing shows them; start the backup again.
+            for o in dst.list(&Repo::backup_key(id, ""))? {
+                dst.delete(&o.key)?;
+            }
+            let data = from.backup_data(id).expect("a local backup");
+            let index = packed::upload(dst, id, &data, form, to.keys(), jobs, progress)?;
+            report.bytes += index.stored_bytes();
+            report.packed.push(id.to_owned());
+        } else {
+            let mine: Vec<_> = backup_objects
+                .iter()
+                .filter(|o| backup_of(&o.key) == Some(id))
+                .collect();
+            packed::parallel(mine.len(), jobs, |i| send(&mine[i].key))?;
+        }
+        if std::mem::take(&mut first_label) {
+            pause_point("copy", "labels");
+        }
+        if to_pack.iter().any(|p| p == id) {
+            let mut label = from.label(id)?;
             let index = packed::index(dst, id)?;
             label.stored_bytes = Some(index.stored_bytes());
             label.encryption = to.keys().to.as_ref().map(|r| r.describe());

@@ -31,6 +31,9 @@ pub struct Policy {
     /// from the newest backup on]. Older WAL is kept only from each kept
     /// backup's start to its stop.
     pub pitr_days: Option<f64>,
+    /// On object storage: a backup's objects with no label, none written
+    /// for this long, are from a backup, copy or expire that died.
+    pub abandoned_after: Option<Duration>,
 }
 
 impl Policy {
@@ -64,7 +67,23 @@ pub struct ExpirePlan {
     pub wal_locked_until: Option<String>,
     /// The bucket's versioning and Object Lock, on object storage.
     pub protection: Option<crate::storage::Protection>,
+    /// On object storage: objects of backups that never got their label,
+    /// or lost it to an expire that died; deleted with the plan.
+    pub abandoned: Vec<Abandoned>,
     pub applied: bool,
+}
+
+/// A backup's objects without its label: invisible to every command, and
+/// never to be completed.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct Abandoned {
+    pub id: String,
+    pub objects: usize,
+    pub bytes: u64,
+    /// When the newest of them was written.
+    pub last_written: Option<String>,
+    /// Object Lock still holds one of them until then: kept until it ends.
+    pub locked_until: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -315,6 +334,7 @@ pub fn plan(
         })
         .collect();
     Ok(ExpirePlan {
+        abandoned: Vec::new(),
         keep,
         expire,
         expire_wal,
@@ -389,7 +409,11 @@ pub fn plan_for(repo: &Repo, policy: &Policy) -> Result<ExpirePlan, ExpireError>
         policy,
         now,
     )?;
-    let Some(protection) = repo.store().protection().map_err(RepoError::from)? else {
+    let protection = repo.store().protection().map_err(RepoError::from)?;
+    if repo.local_root().is_none() {
+        p.abandoned = abandoned(repo, policy, protection.as_ref(), now)?;
+    }
+    let Some(protection) = protection else {
         return Ok(p);
     };
     // Under Object Lock, an object cannot be deleted until its retention
@@ -445,6 +469,56 @@ pub fn plan_for(repo: &Repo, policy: &Policy) -> Result<ExpirePlan, ExpireError>
     Ok(p)
 }
 
+/// On object storage, the backups whose objects have no label and none
+/// of which was written within `policy.abandoned_after` (default 1 hour:
+/// a backup uploads its pieces one after another, and its label right
+/// after the last).
+fn abandoned(
+    repo: &Repo,
+    policy: &Policy,
+    protection: Option<&crate::storage::Protection>,
+    now: SystemTime,
+) -> Result<Vec<Abandoned>, ExpireError> {
+    let after = policy.abandoned_after.unwrap_or(Duration::from_secs(3600));
+    let under = format!("{BACKUP_DIR}/");
+    let mut by_id: BTreeMap<String, Vec<crate::storage::ObjectInfo>> = BTreeMap::new();
+    for o in repo.store().list(&under).map_err(RepoError::from)? {
+        let Some(id) = o.key[under.len()..].split('/').next() else {
+            continue;
+        };
+        by_id.entry(id.to_owned()).or_default().push(o);
+    }
+    let show = |t: SystemTime| humantime::format_rfc3339_seconds(t).to_string();
+    let mut out = Vec::new();
+    for (id, objects) in by_id {
+        let label = Repo::backup_key(&id, crate::backup::label::LABEL_FILE);
+        if objects.iter().any(|o| o.key == label) {
+            continue;
+        }
+        let newest = objects.iter().filter_map(|o| o.modified).max();
+        let quiet = newest
+            .and_then(|t| now.duration_since(t).ok())
+            .is_some_and(|age| age >= after);
+        if !quiet {
+            continue;
+        }
+        let locked_until = protection.and_then(|p| {
+            objects
+                .iter()
+                .filter_map(|o| p.locked_until(o.modified, now))
+                .max()
+        });
+        out.push(Abandoned {
+            id,
+            objects: objects.len(),
+            bytes: objects.iter().map(|o| o.size).sum(),
+            last_written: newest.map(show),
+            locked_until: locked_until.map(show),
+        });
+    }
+    Ok(out)
+}
+
 /// Deletes what `plan` expires. A backup is first renamed aside, so a crash
 /// never leaves a half-deleted backup that looks usable; leftovers of an
 /// earlier crash are removed first.
@@ -455,6 +529,10 @@ pub fn apply(repo: &Repo, plan: &mut ExpirePlan) -> Result<(), ExpireError> {
         for d in &plan.expire {
             packed::delete(repo.store(), &d.id)?;
             tracing::info!(id = %d.id, reason = %d.reason, "backup expired");
+        }
+        for a in plan.abandoned.iter().filter(|a| a.locked_until.is_none()) {
+            packed::delete(repo.store(), &a.id)?;
+            tracing::info!(id = %a.id, objects = a.objects, "abandoned objects deleted");
         }
         return apply_wal(repo, plan);
     };

@@ -126,6 +126,11 @@ pub struct ExpireArgs {
     /// from each kept backup's start to its stop.
     #[arg(long, value_name = "DAYS")]
     pub pitr_days: Option<f64>,
+    /// On object storage: delete a backup's objects that have no label and
+    /// of which none was written for this long (a backup, copy or expire
+    /// that died).
+    #[arg(long, value_name = "DURATION", default_value = "1h", value_parser = humantime::parse_duration)]
+    pub abandoned_after: std::time::Duration,
     /// Delete; without it, only print the plan.
     #[arg(long)]
     pub apply: bool,
@@ -259,6 +264,7 @@ fn expire_cmd(ctx: &Context, repo: &Repo, a: ExpireArgs) -> Result<Exit, Error> 
         keep_monthly: a.keep_monthly.or(r.keep_monthly),
         keep_yearly: a.keep_yearly.or(r.keep_yearly),
         pitr_days: a.pitr_days.or(r.pitr_days),
+        abandoned_after: Some(a.abandoned_after),
     };
     let mut plan = expire::plan_for(repo, &policy)?;
     if a.apply {
@@ -280,6 +286,21 @@ fn expire_cmd(ctx: &Context, repo: &Repo, a: ExpireArgs) -> Result<Exit, Error> 
             )),
             _ => out.push_str("keep    all WAL\n"),
         }
+        for a in &plan.abandoned {
+            let what = format!(
+                "{} objects ({}) with no label, none written since {}: a backup, copy or expire that died",
+                a.objects,
+                human_bytes(a.bytes as f64),
+                a.last_written.as_deref().unwrap_or("?")
+            );
+            match &a.locked_until {
+                Some(t) => out.push_str(&format!(
+                    "keep    {:<18} {what}; under Object Lock until {t}\n",
+                    a.id
+                )),
+                None => out.push_str(&format!("delete  {:<18} {what}\n", a.id)),
+            }
+        }
         if plan.wal_locked > 0 {
             out.push_str(&format!(
                 "keep    {} WAL file(s) under Object Lock until {}\n",
@@ -289,7 +310,10 @@ fn expire_cmd(ctx: &Context, repo: &Repo, a: ExpireArgs) -> Result<Exit, Error> 
         }
         out.push_str(if plan.applied {
             "deleted."
-        } else if plan.expire.is_empty() && plan.expire_wal.is_empty() {
+        } else if plan.expire.is_empty()
+            && plan.expire_wal.is_empty()
+            && plan.abandoned.iter().all(|a| a.locked_until.is_some())
+        {
             "nothing to delete."
         } else {
             "dry run: nothing deleted; pass --apply to delete."

@@ -1027,6 +1027,62 @@ fn locked_bucket(test: &str, days: u32) -> (String, Cloud) {
     (name.clone(), store(&name, "repo"))
 }
 
+/// A backup killed while uploading leaves objects no label makes visible;
+/// so does an expire killed after deleting a label. Once none has been
+/// written for `--abandoned-after` (default 1 hour, so a backup uploading
+/// now is safe), expire deletes them with its plan.
+#[test]
+fn s3_expire_deletes_the_objects_of_a_backup_that_never_got_its_label() {
+    let (name, s) = bucket("abandoned", "repo");
+    let id = "20261101-000000F";
+    for k in ["pack/000000", "pack/000001", "files.json"] {
+        s.put_if_absent(&format!("backup/{id}/{k}"), b"left behind")
+            .unwrap();
+    }
+    let expire = |more: &[&str]| {
+        let mut args = vec!["--json", "backup", "expire", "--retain-full", "1"];
+        args.extend(more);
+        let o = reentry_s3(&name, &endpoint(), &args).output().unwrap();
+        assert_exit(&o, 0);
+        serde_json::from_slice::<Value>(&o.stdout).unwrap()
+    };
+    // Written just now: perhaps a backup still uploading.
+    let p = expire(&["--apply"]);
+    assert_eq!(p["abandoned"], serde_json::json!([]), "{p}");
+    assert_eq!(s.list("backup/").unwrap().len(), 3);
+
+    let p = expire(&["--abandoned-after", "0s"]);
+    assert_eq!(p["abandoned"][0]["id"], id, "{p}");
+    assert_eq!(p["abandoned"][0]["objects"], 3, "{p}");
+    assert_eq!(
+        s.list("backup/").unwrap().len(),
+        3,
+        "a dry run deletes nothing"
+    );
+    let text = reentry_s3(
+        &name,
+        &endpoint(),
+        &[
+            "backup",
+            "expire",
+            "--retain-full",
+            "1",
+            "--abandoned-after",
+            "0s",
+        ],
+    )
+    .output()
+    .unwrap();
+    assert!(
+        stdout(&text).contains(&format!("delete  {id}")) && stdout(&text).contains("with no label"),
+        "{}",
+        stdout(&text)
+    );
+
+    expire(&["--abandoned-after", "0s", "--apply"]);
+    assert!(s.list("backup/").unwrap().is_empty());
+}
+
 #[test]
 fn s3_object_lock_expire_plans_around_retention_and_check_reports_the_bucket() {
     let (name, s) = locked_bucket("locked", 1);
@@ -1035,6 +1091,9 @@ fn s3_object_lock_expire_plans_around_retention_and_check_reports_the_bucket() {
     switch_and_wait_archived(&c);
     let b2 = ok_json(&s3_at(&c, &name, &["backup"]).output().unwrap());
     let b1_id = b1["id"].as_str().unwrap();
+    // Objects of a backup that died before its label: locked too.
+    s.put_if_absent("backup/20200101-000000F/pack/000000", b"piece")
+        .unwrap();
     let before = s.list("").unwrap().len();
 
     // Classes alone would expire the older backup and its WAL; the lock
@@ -1043,11 +1102,21 @@ fn s3_object_lock_expire_plans_around_retention_and_check_reports_the_bucket() {
         &s3_at(
             &c,
             &name,
-            &["backup", "expire", "--keep-daily", "1", "--apply"],
+            &[
+                "backup",
+                "expire",
+                "--keep-daily",
+                "1",
+                "--abandoned-after",
+                "0s",
+                "--apply",
+            ],
         )
         .output()
         .unwrap(),
     );
+    assert_eq!(p["abandoned"][0]["id"], "20200101-000000F", "{p}");
+    assert!(p["abandoned"][0]["locked_until"].is_string(), "{p}");
     assert!(p["expire"].as_array().unwrap().is_empty(), "{p}");
     let kept = p["keep"]
         .as_array()
