@@ -77,16 +77,7 @@ impl Store for Local {
         let tmp = guard.0.clone().expect("staged");
         fs::rename(&tmp, &path).map_err(self.err("publish", key))?;
         guard.disarm();
-        let mut dir = path.parent().expect("keys are relative to the root");
-        // A file's parts (backup/parts.rs) are kept in directories of their
-        // own, `NAME.parts/PUSH/`: those go with their last part.
-        let parts_dir = |d: &Path| d.to_string_lossy().ends_with(".parts");
-        while parts_dir(dir) || dir.parent().is_some_and(parts_dir) {
-            if fs::remove_dir(dir).is_err() {
-                break;
-            }
-            dir = dir.parent().expect("under the root");
-        }
+        let dir = path.parent().expect("keys are relative to the root");
         fsutil::sync_dir(dir).map_err(self.err("fsync the directory of", key))
     }
 

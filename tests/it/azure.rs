@@ -7,14 +7,12 @@
 use std::path::Path;
 use std::process::{Command, Stdio};
 
-use serde_json::Value;
-
 use crate::common::archiving::switch_and_wait_archived;
 use crate::common::pg::{Cluster, Version};
 use crate::common::restored::{command, ok_json, Restored};
 use crate::common::services::address;
 use crate::common::{
-    assert_exit, pushes_that_stored, reentry_bin, run_concurrently, stderr, stdout, unique,
+    assert_exit, bucket_name, pushes_that_stored, reentry_bin, run_concurrently, stderr, stdout,
 };
 
 const FIRST_SEGMENT: &str = "000000010000000000000001";
@@ -39,12 +37,7 @@ fn azure_env() -> [(&'static str, String); 2] {
 fn container(test: &str) -> String {
     use base64::Engine;
     let b64 = base64::engine::general_purpose::STANDARD;
-    let name: String = unique(test)
-        .to_lowercase()
-        .replace(['_', '.'], "-")
-        .chars()
-        .take(60)
-        .collect();
+    let name = bucket_name(test);
     let date = httpdate();
     let version = "2021-08-06";
     let to_sign = format!(
@@ -212,12 +205,7 @@ fn azure_pg18_backup_verify_and_restore_entirely_from_azurite() {
         "--target-name",
         "after-insert",
     ]);
-    let mut r = Restored {
-        manifest: Value::Null,
-        dir: dir.clone(),
-        bin: c.version.bin_dir(),
-    };
-    r.manifest = ok_json(&out);
+    let r = Restored::from_output(&c, dir, &out);
     assert_eq!(r.manifest["backup_id"], b["id"]);
     assert_eq!(r.count("t"), 100100, "WAL replayed from Azure");
 }

@@ -15,7 +15,7 @@ use crate::common::pg::{Cluster, Version};
 use crate::common::restored::{command, ok_json, Restored};
 use crate::common::services::address;
 use crate::common::{
-    assert_exit, pushes_that_stored, reentry_bin, run_concurrently, stderr, stdout, unique,
+    assert_exit, bucket_name, pushes_that_stored, reentry_bin, run_concurrently, stderr, stdout,
 };
 
 fn endpoint() -> String {
@@ -24,8 +24,7 @@ fn endpoint() -> String {
 
 /// A new bucket of this test's own, and a store on `prefix` in it.
 fn bucket(test: &str, prefix: &str) -> (String, Cloud) {
-    let name = unique(test).to_lowercase().replace(['_', '.'], "-");
-    let name: String = name.chars().take(60).collect();
+    let name = bucket_name(test);
     let r = reqwest::blocking::Client::new()
         .put(format!("{}/{name}", endpoint()))
         .send()
@@ -143,6 +142,17 @@ fn reentry_s3(bucket: &str, endpoint: &str, args: &[&str]) -> Command {
     cmd
 }
 
+/// `wal fetch NAME DEST` from `s3://BUCKET/repo`.
+fn s3_fetch(bucket: &str, name: &str, dest: &Path) -> std::process::Output {
+    reentry_s3(
+        bucket,
+        &endpoint(),
+        &["wal", "fetch", name, dest.to_str().unwrap()],
+    )
+    .output()
+    .unwrap()
+}
+
 /// The first WAL segment of a fresh PostgreSQL 18 `initdb`.
 fn real_segment(dir: &std::path::Path) -> PathBuf {
     let c = Cluster::init(Version::V18);
@@ -177,13 +187,7 @@ fn s3_wal_racing_pushes_store_once_and_different_content_is_refused() {
 
     // Fetched back, byte for byte.
     let back = tmp.path().join("back");
-    let o = reentry_s3(
-        &name,
-        &endpoint(),
-        &["wal", "fetch", FIRST_SEGMENT, back.to_str().unwrap()],
-    )
-    .output()
-    .unwrap();
+    let o = s3_fetch(&name, FIRST_SEGMENT, &back);
     assert_exit(&o, 0);
     assert_eq!(std::fs::read(&back).unwrap(), std::fs::read(&seg).unwrap());
 
@@ -237,14 +241,7 @@ fn s3_64_mib_segments_go_in_parts_published_last_and_racing_damaged_and_killed_p
     let fetch = || {
         let back = tmp.path().join("back");
         let _ = std::fs::remove_file(&back);
-        let o = reentry_s3(
-            &name,
-            &endpoint(),
-            &["wal", "fetch", FIRST_SEGMENT, back.to_str().unwrap()],
-        )
-        .output()
-        .unwrap();
-        (o, back)
+        (s3_fetch(&name, FIRST_SEGMENT, &back), back)
     };
     let parts = || -> Vec<(String, u64)> {
         s.list(&format!("{key}.parts/"))
@@ -792,12 +789,7 @@ fn s3_encrypted_backups_and_wal_need_only_the_public_key_and_a_wrong_key_fails_b
     );
     assert!(!dest.exists());
     let out = restore(Some(&both));
-    let mut r = Restored {
-        manifest: Value::Null,
-        dir: dir.clone(),
-        bin: c.version.bin_dir(),
-    };
-    r.manifest = ok_json(&out);
+    let r = Restored::from_output(&c, dir.clone(), &out);
     assert_eq!(r.manifest["backup_id"], b2["id"]);
     assert_eq!(r.count("secret_notes"), 20001);
     drop(r);
@@ -1001,12 +993,7 @@ fn s3_wal_push_also_stores_in_both_and_a_second_repository_that_fails_only_warns
 /// (GOVERNANCE), as `aws s3api create-bucket --object-lock-enabled-for-bucket`
 /// and `put-object-lock-configuration` make one.
 fn locked_bucket(test: &str, days: u32) -> (String, Cloud) {
-    let name: String = unique(test)
-        .to_lowercase()
-        .replace(['_', '.'], "-")
-        .chars()
-        .take(60)
-        .collect();
+    let name = bucket_name(test);
     let http = reqwest::blocking::Client::new();
     let r = http
         .put(format!("{}/{name}", endpoint()))

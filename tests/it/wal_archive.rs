@@ -410,9 +410,9 @@ fn fetch_of_a_missing_file_fails_at_once_with_one_line() {
     assert!(!dest.exists());
 }
 
-#[test]
-fn a_damaged_stored_copy_is_repaired_by_a_push_of_the_content_it_recorded() {
-    let f = Fixture::pushed();
+/// Damages the stored copy; a push of the content it recorded repairs it,
+/// and a fetch gives that content back.
+fn repaired_by_a_push(f: &Fixture) {
     flip_byte(&f.stored(), 9_000_000);
     assert_outcome(&push(&f.repo, &f.seg), "repaired");
     let dest = f.subdir("back").join(FIRST_SEGMENT);
@@ -421,6 +421,12 @@ fn a_damaged_stored_copy_is_repaired_by_a_push_of_the_content_it_recorded() {
         std::fs::read(&dest).unwrap(),
         std::fs::read(&f.seg).unwrap()
     );
+}
+
+#[test]
+fn a_damaged_stored_copy_is_repaired_by_a_push_of_the_content_it_recorded() {
+    let f = Fixture::pushed();
+    repaired_by_a_push(&f);
 }
 
 /// A copy stored under SHA-256 (an earlier build, or `checksum = "sha256"`)
@@ -443,14 +449,7 @@ fn a_copy_stored_under_sha256_is_settled_by_a_blake3_push_under_its_own_algorith
     assert_outcome(&push(&f.repo, &f.seg), "already-archived");
     assert_eq!(inode(&f.stored()), before);
 
-    flip_byte(&f.stored(), 9_000_000);
-    assert_outcome(&push(&f.repo, &f.seg), "repaired");
-    let dest = f.subdir("back").join(FIRST_SEGMENT);
-    assert_exit(&fetch(&f.repo, FIRST_SEGMENT, &dest), 0);
-    assert_eq!(
-        std::fs::read(&dest).unwrap(),
-        std::fs::read(&f.seg).unwrap()
-    );
+    repaired_by_a_push(&f);
     assert_eq!(
         std::fs::read(f.stored()).unwrap()[8],
         3,
@@ -508,6 +507,19 @@ fn pg18_history_file_of_a_promotion_is_archived_and_fetched() {
 
 /// A base backup plus the archive, replayed through `wal fetch`, gives back
 /// every row committed after the backup.
+/// Sets `copy` (a base backup without WAL) to recover from `repo` through
+/// `wal fetch` and promote at the end of the archive.
+fn recover_from(copy: &Cluster, repo: &Path) {
+    copy.append_conf(&copy.local_settings());
+    copy.append_conf(&[
+        ("archive_mode", "off".to_string()),
+        ("restore_command", restore_command(repo)),
+        ("recovery_target_action", "'promote'".to_string()),
+    ]);
+    std::fs::write(copy.data().join("recovery.signal"), "").unwrap();
+    crate::common::give_to_server_user(&copy.data().join("recovery.signal"));
+}
+
 fn a_copy_replays_archived_wal_through_wal_fetch(version: Version) {
     a_copy_replays_archived_wal_with(version, &[], |_| {});
 }
@@ -549,14 +561,7 @@ fn a_copy_replays_archived_wal_with(version: Version, initdb: &[&str], then: imp
         .contains("START WAL LOCATION"));
 
     let mut copy = copy;
-    copy.append_conf(&copy.local_settings());
-    copy.append_conf(&[
-        ("archive_mode", "off".to_string()),
-        ("restore_command", restore_command(&repo)),
-        ("recovery_target_action", "'promote'".to_string()),
-    ]);
-    std::fs::write(copy.data().join("recovery.signal"), "").unwrap();
-    crate::common::give_to_server_user(&copy.data().join("recovery.signal"));
+    recover_from(&copy, &repo);
     copy.start();
     let mut restored_db = copy.client();
     copy.wait_for("recovery to finish", Duration::from_secs(120), || {
@@ -616,14 +621,7 @@ fn pg18_a_corrupt_segment_stops_recovery_instead_of_promoting_early() {
     flip_byte(&stored_path(&repo, &segments[1]), 5_000_000);
 
     let mut copy = copy;
-    copy.append_conf(&copy.local_settings());
-    copy.append_conf(&[
-        ("archive_mode", "off".to_string()),
-        ("restore_command", restore_command(&repo)),
-        ("recovery_target_action", "'promote'".to_string()),
-    ]);
-    std::fs::write(copy.data().join("recovery.signal"), "").unwrap();
-    crate::common::give_to_server_user(&copy.data().join("recovery.signal"));
+    recover_from(&copy, &repo);
     copy.try_start();
     let pid_file = copy.data().join("postmaster.pid");
     copy.wait_for(

@@ -25,6 +25,17 @@ pub fn unique(prefix: &str) -> String {
     )
 }
 
+/// A new bucket or container name: `unique`, in the letters S3 and Azure
+/// both accept.
+pub fn bucket_name(test: &str) -> String {
+    unique(test)
+        .to_lowercase()
+        .replace(['_', '.'], "-")
+        .chars()
+        .take(60)
+        .collect()
+}
+
 /// `(uid, gid)` to run PostgreSQL as, when the tests run as root (the server
 /// refuses root). The user comes from `REENTRY_PG_USER`, default `reentry`,
 /// which `scripts/setup` creates.

@@ -190,20 +190,24 @@ impl Cluster {
         out
     }
 
+    /// `pg_ctl start -w` on a new free port.
+    fn pg_ctl_start(&mut self) -> std::process::Output {
+        self.port = free_port();
+        self.cmd("pg_ctl")
+            .args(["start", "-w", "-t", "60", "-D"])
+            .arg(self.data())
+            .arg("-l")
+            .arg(self.root.path().join("server.log"))
+            .arg("-o")
+            .arg(format!("-p {}", self.port))
+            .output()
+            .expect("run pg_ctl")
+    }
+
     pub fn start(&mut self) {
         // A port free a moment ago can be taken before the server binds it.
         for attempt in 0..3 {
-            self.port = free_port();
-            let out = self
-                .cmd("pg_ctl")
-                .args(["start", "-w", "-t", "60", "-D"])
-                .arg(self.data())
-                .arg("-l")
-                .arg(self.root.path().join("server.log"))
-                .arg("-o")
-                .arg(format!("-p {}", self.port))
-                .output()
-                .expect("run pg_ctl");
+            let out = self.pg_ctl_start();
             if out.status.success() {
                 self.running = true;
                 return;
@@ -223,19 +227,7 @@ impl Cluster {
     /// One `pg_ctl start -w`, which may fail (a server whose recovery
     /// stops): whether it reported the server ready.
     pub fn try_start(&mut self) -> bool {
-        self.port = free_port();
-        let ok = self
-            .cmd("pg_ctl")
-            .args(["start", "-w", "-t", "60", "-D"])
-            .arg(self.data())
-            .arg("-l")
-            .arg(self.root.path().join("server.log"))
-            .arg("-o")
-            .arg(format!("-p {}", self.port))
-            .output()
-            .expect("run pg_ctl")
-            .status
-            .success();
+        let ok = self.pg_ctl_start().status.success();
         self.running = true;
         ok
     }

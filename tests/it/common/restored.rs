@@ -74,15 +74,23 @@ pub fn restore(c: &Cluster, repo: &Path, name: &str, args: &[&str]) -> Restored 
     let mut all = vec!["restore", "--to", dir.to_str().unwrap()];
     all.extend_from_slice(args);
     let out = run(c, repo, &all);
-    // The guard exists before the result is read, so a server that started
-    // is stopped even when the restore's output is not what the test expects.
-    let mut restored = Restored {
-        manifest: Value::Null,
-        dir,
-        bin: c.version.bin_dir(),
-    };
-    restored.manifest = ok_json(&out);
-    restored
+    Restored::from_output(c, dir, &out)
+}
+
+impl Restored {
+    /// What `reentry restore --to DIR` printed, as a guard on the cluster.
+    /// The guard exists before the result is read, so a server that started
+    /// is stopped even when the restore's output is not what the test expects.
+    #[track_caller]
+    pub fn from_output(c: &Cluster, dir: PathBuf, out: &Output) -> Restored {
+        let mut restored = Restored {
+            manifest: Value::Null,
+            dir,
+            bin: c.version.bin_dir(),
+        };
+        restored.manifest = ok_json(out);
+        restored
+    }
 }
 
 impl Restored {
