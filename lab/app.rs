@@ -1,5 +1,5 @@
-//! The sample application: the seed's Java case-management service, as a
-//! small program. It behaves as the Java side does, and keeps its own
+//! The sample application: a Java case-management service, as a small
+//! program. It behaves as the Java side does, and keeps its own
 //! records of what it did, outside the database, where a PITR cannot take
 //! them back:
 //!
@@ -799,9 +799,7 @@ fn escalate_once(
 /// The Quartz lab (a real Quartz 2.3 with its JDBC job store) on the
 /// application's database, firing `remind-owners` every second.
 fn start_quartz(lab: &Lab) -> Result<Child, String> {
-    let classes =
-        std::env::var("REENTRY_QUARTZ_LAB").map_err(|_| "REENTRY_QUARTZ_LAB is not set")?;
-    let cp = std::env::var("REENTRY_QUARTZ_CP").map_err(|_| "REENTRY_QUARTZ_CP is not set")?;
+    let (classes, cp) = quartz_lab()?;
     let (url, user) = jdbc(&lab.conninfo()?);
     let mut child = Command::new("java")
         .args(["-cp", &format!("{classes}:{cp}"), "QuartzLab", "run"])

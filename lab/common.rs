@@ -75,6 +75,20 @@ fn var(name: &str) -> Result<String, String> {
     std::env::var(name).map_err(|_| format!("{name} is not set (scripts/demo sets it)"))
 }
 
+/// The Quartz lab's compiled classes and its class path, which
+/// `scripts/lib.sh` names for every script (setup compiles the classes).
+pub fn quartz_lab() -> Result<(String, String), String> {
+    let unset = |name: &str| {
+        format!(
+            "{name} is not set: scripts/lib.sh sets it for scripts/demo and scripts/test \
+             (scripts/setup builds the Quartz lab it names)"
+        )
+    };
+    let classes = std::env::var("REENTRY_QUARTZ_LAB").map_err(|_| unset("REENTRY_QUARTZ_LAB"))?;
+    let cp = std::env::var("REENTRY_QUARTZ_CP").map_err(|_| unset("REENTRY_QUARTZ_CP"))?;
+    Ok((classes, cp))
+}
+
 impl Lab {
     pub fn from_env() -> Result<Lab, String> {
         Ok(Lab {

@@ -4,7 +4,7 @@
 //!   lab init                      schema, gates, ShedLock row, Quartz tables, search index
 //!   lab load N                    N cases and N/4 payments through the API
 //!   lab run [CLIENTS]             the application, until $LAB_DIR/stop exists
-//!   lab bad-job                   the seed's 16.3: closes every open case
+//!   lab bad-job                   closes every open case (a wrong predicate)
 //!   lab oracle LABEL SURVIVOR RETIRED [RUN_DIR]
 //!                                 each property, one line; JSON in $LAB_DIR/oracle-LABEL.json
 //!   lab oracle-table BEFORE AFTER OUT
@@ -108,7 +108,7 @@ fn init(lab: &Lab) -> Result<bool, String> {
 /// compiled lab (`$REENTRY_QUARTZ_LAB`), made safe to run again: its own
 /// drops and commit left out, its tables and indexes created if missing.
 fn quartz_schema() -> Result<String, String> {
-    let dir = std::env::var("REENTRY_QUARTZ_LAB").map_err(|_| "REENTRY_QUARTZ_LAB is not set")?;
+    let (dir, _) = common::quartz_lab()?;
     let path = std::path::Path::new(&dir).join("tables_postgres.sql");
     let text = std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
     let sql = text
@@ -148,7 +148,7 @@ fn load(lab: &Lab, n: i64) -> Result<bool, String> {
     Ok(true)
 }
 
-/// The seed's 16.3: meant to close open cases untouched for 30 days, its
+/// A bad job: meant to close open cases untouched for 30 days, its
 /// predicate closes every open case. It locks the table as its author
 /// thought wise, writes an event per case through the outbox, and keeps
 /// its own list of what it closed in `bad-job.ids`. Prints the time of its

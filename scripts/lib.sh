@@ -55,6 +55,9 @@ export REENTRY_QUARTZ_CP=${REENTRY_QUARTZ_CP:-/usr/share/java/quartz2.jar:/usr/s
 quartz_lab_dir() {
   echo "$REENTRY_CACHE/quartz-lab/$(cat "$ROOT"/lab/quartz/*.java | sha256sum | cut -c1-16)"
 }
+# The lab reads it (lab/app.rs), and so do the Quartz tests: every script
+# that sources this file has it, so `scripts/demo` needs nothing exported.
+export REENTRY_QUARTZ_LAB=${REENTRY_QUARTZ_LAB:-$(quartz_lab_dir)}
 
 say() { printf '==> %s\n' "$*" >&2; }
 die() { printf 'error: %s\n' "$*" >&2; exit 1; }

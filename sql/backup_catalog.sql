@@ -1,4 +1,4 @@
--- The backup catalog (the seed's Task 1), mirrored from the repository by
+-- The backup catalog, mirrored from the repository by
 -- `reentry backup list --sync-catalog CONNINFO`. The repository is the
 -- source of truth: rows of backups no longer in it are deleted.
 CREATE TABLE IF NOT EXISTS backup_catalog (

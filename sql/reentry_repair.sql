@@ -16,8 +16,8 @@
 --   _staged_at
 CREATE SCHEMA IF NOT EXISTS reentry_repair;
 
--- One row per batch and class, in the batch's transaction (the seed's
--- repair_audit_log, with the class).
+-- One row per batch and class, in the batch's transaction: the repair's
+-- audit log, with the class.
 CREATE TABLE IF NOT EXISTS reentry_repair.repair_audit_log (
     repair_id text NOT NULL,
     table_name text NOT NULL,

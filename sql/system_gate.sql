@@ -1,4 +1,4 @@
--- The kill switches Java services check before they act (the seed's 18.4),
+-- The kill switches Java services check before they act (one row a gate),
 -- plus ShedLock's table; reentry closes and re-opens both.
 CREATE TABLE IF NOT EXISTS system_gate (
     gate_name text PRIMARY KEY,

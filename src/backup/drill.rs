@@ -1,5 +1,5 @@
 //! `reentry drill`: a restore into a scratch directory, validated, measured
-//! and torn down, leaving evidence (the seed's 12.2 fields) in a file and in
+//! and torn down, leaving evidence in a file and in
 //! the repository. A drill is the proof that a backup is a recovery
 //! capability and not only files.
 
@@ -137,7 +137,7 @@ pub struct Extension {
     pub version: String,
 }
 
-/// The evidence of one drill. The first nine fields are the seed's 12.2.
+/// The evidence of one drill.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Evidence {
     pub dr_drill_id: String,

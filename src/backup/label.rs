@@ -1,6 +1,5 @@
 //! `backup.json`, the label beside each base backup: what it is, where its
-//! WAL starts and stops, and whether it was verified (the seed's 7.2
-//! metadata). The repository is the source of truth; the catalog table is a
+//! WAL starts and stops, and whether it was verified. The repository is the source of truth; the catalog table is a
 //! mirror.
 
 use serde::{Deserialize, Serialize};

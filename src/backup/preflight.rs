@@ -1,5 +1,4 @@
-//! `reentry preflight`: the gate before a risky migration (the seed's
-//! section 22). The archiver is healthy and current, a verified backup is
+//! `reentry preflight`: the gate before a risky migration. The archiver is healthy and current, a verified backup is
 //! recent enough, and only then a named restore point is created. Every check
 //! is run and reported; if any fails, nothing is created.
 

@@ -1,5 +1,5 @@
-//! `reentry status` (the seed's section 19 in one report, as JSON or
-//! Prometheus text) and `reentry check` (a forced segment switch that must
+//! `reentry status` (the archive's and the backups' health in one report,
+//! as JSON or Prometheus text) and `reentry check` (a forced segment switch that must
 //! reach the archive, like `pgbackrest check`).
 
 use std::fmt::Write as _;

@@ -132,7 +132,7 @@ fn pg18_full_backup_and_an_incremental_chain_of_two_are_labelled_listed_verified
         "{relisted}"
     );
 
-    // The catalog mirror, in the seed's backup_catalog table.
+    // The catalog mirror, in the backup_catalog table.
     let out = run(
         &c,
         &repo,

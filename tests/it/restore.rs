@@ -684,7 +684,7 @@ fn run_german(c: &Cluster, repo: &Path, args: &[&str]) -> Output {
         .expect("run reentry")
 }
 
-/// The seed's own `recovery_target_time` form, `2026-07-01 14:36:00+00`,
+/// The `recovery_target_time` form people write by hand, `2026-07-01 14:36:00+00`,
 /// and a cluster whose server and tools speak German (PostgreSQL 15 from
 /// Debian ships the translations; `scripts/setup` generates the locale).
 #[test]
@@ -713,7 +713,7 @@ fn a_restore_and_a_drill_work_in_german_with_the_seeds_time_form() {
         .batch_execute("INSERT INTO cases SELECT g, 'open' FROM generate_series(1001, 1100) g")
         .unwrap();
     std::thread::sleep(Duration::from_millis(1100));
-    // The seed's form: a space, whole seconds, the offset as +00.
+    // That form: a space, whole seconds, the offset as +00.
     let t: String = c
         .client()
         .query_one(

@@ -1,5 +1,5 @@
 //! Rows against real PostgreSQL 18, the restored copy made by a real
-//! `reentry restore`: the seed's practice task 4 (corrupt 100 rows, PITR,
+//! `reentry restore`: the classic drill (corrupt 100 rows, PITR,
 //! stage, repair, an audit row that says 100), a bad migration that
 //! dropped a column, a cutover carrying later writes forward, a writer
 //! racing the repair, a parent and child under a foreign key, composite
@@ -156,7 +156,7 @@ const ACCOUNTS: &str = "CREATE TABLE accounts (id bigint PRIMARY KEY, owner text
         balance numeric(12,2) NOT NULL, updated_at timestamptz NOT NULL DEFAULT now());
     INSERT INTO accounts SELECT g, 'owner ' || g, g * 10.5, '2026-11-01 00:00:00+00' FROM generate_series(1, 1000) g;";
 
-/// The seed's practice task 4: a bad job zeroes 100 balances after T;
+/// The classic drill: a bad job zeroes 100 balances after T;
 /// one legitimate write after T touches an account outside the damage.
 #[test]
 fn task_4_corrupt_100_rows_pitr_stage_repair_and_an_audit_row_says_100() {
@@ -286,7 +286,7 @@ fn task_4_corrupt_100_rows_pitr_stage_repair_and_an_audit_row_says_100() {
     assert_eq!(v[0]["counts"], serde_json::json!({"conflict": 1}), "{v}");
 }
 
-/// The bad migration of seed 16.2: a column dropped on current after T.
+/// A bad migration: a column dropped on current after T.
 /// Every row's lost values are staged; none can be applied while the
 /// column is missing; once it is back, a new run applies them.
 #[test]

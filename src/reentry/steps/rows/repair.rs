@@ -679,8 +679,8 @@ pub struct Apply {
     pub batch_size: i64,
     /// This step deletes candidates; else it inserts and updates.
     pub deletes: bool,
-    /// Selective repair stamps `updated-at` with the repair's time, as the
-    /// seed's repair does; a carried-forward row keeps its own.
+    /// Selective repair stamps `updated-at` with the repair's time, as a hand
+    /// repair would; a carried-forward row keeps its own.
     pub stamp_updated_at: bool,
 }
 
