@@ -212,7 +212,9 @@ pub fn kafka(ctx: &Context, cmd: KafkaCommand) -> Result<Exit, Error> {
                 group: a.group.clone(),
                 topics: a.topics.clone(),
                 t_ms: ms(&a.to)?,
-                idempotent: true,
+                // By hand the operator names the time: exactly there, not
+                // the playbook's straddle before it for idempotent groups.
+                idempotent: false,
             };
             let moves = r.moves(&k).map_err(step_err)?;
             let (_, again, items) = r.describe(&moves);

@@ -2,6 +2,7 @@
 //! time, committed offsets and members of a consumer group, commits,
 //! single-message fetches and produces. The topic scan is in `scan`.
 
+pub mod groups;
 pub mod scan;
 
 use std::collections::BTreeMap;
@@ -421,23 +422,18 @@ impl Kafka {
     }
 
     /// The group's live members: a rewind is refused while there are any.
+    /// Groups on either protocol, classic or consumer (KIP-848), are seen.
     pub fn members(&self, group: &str) -> Result<Vec<Member>, KafkaError> {
+        Ok(self.describe_group(group)?.members)
+    }
+
+    /// The group as its coordinator describes it: state, protocol, members.
+    pub fn describe_group(&self, group: &str) -> Result<groups::Described, KafkaError> {
         let c = self.consumer("reentry-metadata")?;
-        let list = c
-            .fetch_group_list(Some(group), TIMEOUT)
-            .map_err(self.err(format!("describe group {group}")))?;
-        Ok(list
-            .groups()
-            .iter()
-            .filter(|g| g.name() == group)
-            .flat_map(|g| {
-                g.members().iter().map(|m| Member {
-                    id: m.id().to_owned(),
-                    client_id: m.client_id().to_owned(),
-                    host: m.client_host().to_owned(),
-                })
-            })
-            .collect())
+        groups::describe(&c, group, TIMEOUT).map_err(|what| KafkaError::Other {
+            bootstrap: self.shown.clone(),
+            what: format!("describe group {group}: {what}"),
+        })
     }
 
     /// Commits offsets for a group that has no live member.

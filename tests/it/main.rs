@@ -6,6 +6,7 @@ mod caches;
 mod common;
 mod crash;
 mod engine;
+mod kafka;
 mod playbook;
 mod quartz;
 mod reconcile;

@@ -1,0 +1,427 @@
+//! `reentry kafka …` against Apache Kafka 4, with Kafka's own Java clients
+//! on the other side: the console producer and consumer write and consume,
+//! and `kafka-consumer-groups` and `GetOffsetShell` are the record of what
+//! the broker holds. Nothing here trusts reentry's word for an effect.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use crate::common::services::{create_topic, kafka_bootstrap, kafka_tool, topic};
+use crate::common::{assert_exit, run_reentry as run, stderr, stdout, unique};
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+}
+
+fn rfc3339(ms: i64) -> String {
+    humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_millis(ms as u64)).to_string()
+}
+
+/// Keyed records through Kafka's Java console producer, compressed with
+/// `codec`, as one batch per partition.
+fn produce_java(topic: &str, records: &[(String, String)], codec: &str) {
+    let mut child = kafka_tool("org.apache.kafka.tools.ConsoleProducer")
+        .args(["--bootstrap-server", &kafka_bootstrap(), "--topic", topic])
+        .args(["--compression-codec", codec])
+        .args(["--reader-property", "parse.key=true"])
+        .args(["--reader-property", "key.separator=|"])
+        .stdin(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run the console producer");
+    let mut stdin = child.stdin.take().unwrap();
+    for (k, v) in records {
+        writeln!(stdin, "{k}|{v}").unwrap();
+    }
+    drop(stdin);
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "console producer: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn records(prefix: &str, n: usize) -> Vec<(String, String)> {
+    (0..n)
+        .map(|i| (format!("{prefix}-key-{i}"), format!("{{\"n\":{i}}}")))
+        .collect()
+}
+
+/// Kafka's own `GetOffsetShell`: per partition, the offset at `time`
+/// (`-1` latest, `-2` earliest, else ms since the epoch).
+fn offset_shell(topic: &str, time: i64) -> BTreeMap<i32, i64> {
+    let out = kafka_tool("org.apache.kafka.tools.GetOffsetShell")
+        .args(["--bootstrap-server", &kafka_bootstrap()])
+        .args(["--topic", topic, "--time", &time.to_string()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.rsplitn(3, ':');
+            let offset = f.next()?.parse().ok()?;
+            let partition = f.next()?.parse().ok()?;
+            Some((partition, offset))
+        })
+        .collect()
+}
+
+/// One row of `kafka-consumer-groups --describe`, per partition.
+#[derive(Debug, Clone, PartialEq)]
+struct GroupRow {
+    current: Option<i64>,
+    end: i64,
+    consumer: String,
+}
+
+/// Kafka's own `kafka-consumer-groups --describe --group G`.
+fn group_tool(group: &str) -> (String, BTreeMap<i32, GroupRow>) {
+    let out = kafka_tool("org.apache.kafka.tools.consumer.group.ConsumerGroupCommand")
+        .args(["--bootstrap-server", &kafka_bootstrap()])
+        .args(["--describe", "--group", group])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let rows = text
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            if f.len() < 7 || f[0] != group {
+                return None;
+            }
+            let row = GroupRow {
+                current: f[3].parse().ok(),
+                end: f[4].parse().ok()?,
+                consumer: f[6].to_owned(),
+            };
+            Some((f[2].parse().ok()?, row))
+        })
+        .collect();
+    (text, rows)
+}
+
+/// A live member of a group: Kafka's Java console consumer, on the given
+/// group protocol. Stopped (SIGTERM: it leaves the group as a service
+/// shutting down does) when dropped.
+struct JavaConsumer(Child);
+
+impl JavaConsumer {
+    fn start(topic: &str, group: &str, protocol: &str) -> JavaConsumer {
+        let child = kafka_tool("org.apache.kafka.tools.consumer.ConsoleConsumer")
+            .args(["--bootstrap-server", &kafka_bootstrap(), "--topic", topic])
+            .args(["--group", group, "--from-beginning"])
+            .args(["--command-property", &format!("group.protocol={protocol}")])
+            .args(["--command-property", "auto.commit.interval.ms=200"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("run the console consumer");
+        JavaConsumer(child)
+    }
+
+    fn stop(mut self) {
+        self.terminate();
+    }
+
+    fn terminate(&mut self) {
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &self.0.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if self.0.try_wait().unwrap().is_some() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for JavaConsumer {
+    fn drop(&mut self) {
+        if self.0.try_wait().ok().flatten().is_none() {
+            self.terminate();
+        }
+    }
+}
+
+fn wait_for(what: &str, secs: u64, mut ok: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while !ok() {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {secs} s: {what}"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
+fn json(args: &[&dyn AsRef<std::ffi::OsStr>]) -> (i32, serde_json::Value) {
+    let out = run(args);
+    let code = out.status.code().unwrap_or(-1);
+    let v = serde_json::from_str(&stdout(&out)).unwrap_or_else(|e| {
+        panic!(
+            "exit {code}, not JSON ({e}): {}{}",
+            stdout(&out),
+            stderr(&out)
+        )
+    });
+    (code, v)
+}
+
+/// One group on one protocol: seen live while its Java member runs, a
+/// rewind refused then and applied once it has stopped, the offsets read
+/// back with Kafka's own tool.
+fn a_group_is_seen_live_refused_and_rewound_once_stopped(protocol: &str) {
+    let topic = topic(&format!("groups-{protocol}"));
+    let group = unique(&format!("group-{protocol}"));
+    let bootstrap = kafka_bootstrap();
+    create_topic(&topic, 3);
+    produce_java(&topic, &records("before", 30), "none");
+    std::thread::sleep(Duration::from_millis(1500));
+    let t = now_ms();
+    std::thread::sleep(Duration::from_millis(1500));
+    produce_java(&topic, &records("after", 21), "none");
+    let at_t = offset_shell(&topic, t);
+    let ends = offset_shell(&topic, -1);
+    assert_eq!(ends.values().sum::<i64>(), 51);
+    assert_eq!(ends.values().sum::<i64>() - at_t.values().sum::<i64>(), 21);
+
+    let member = JavaConsumer::start(&topic, &group, protocol);
+    // Live and caught up, in Kafka's own words.
+    wait_for("the Java consumer to join and commit the ends", 60, || {
+        let (_, rows) = group_tool(&group);
+        rows.len() == 3
+            && rows
+                .iter()
+                .all(|(p, r)| r.current == Some(ends[p]) && r.consumer != "-")
+    });
+
+    let (code, g) = json(&[
+        &"kafka",
+        &"group",
+        &group,
+        &"--topic",
+        &topic,
+        &"--bootstrap",
+        &bootstrap,
+        &"--json",
+    ]);
+    assert_eq!(code, 0, "{g}");
+    let members = g["members"].as_array().unwrap();
+    assert_eq!(members.len(), 1, "a live {protocol} member is seen: {g:#}");
+    assert_eq!(members[0]["client-id"], "console-consumer", "{g:#}");
+    let (text, rows) = group_tool(&group);
+    assert_eq!(members[0]["id"], rows[&0].consumer.as_str(), "{text}");
+
+    // The dry run names the member and says an apply would be refused.
+    let to = rfc3339(t);
+    let (code, dry) = json(&[
+        &"kafka",
+        &"rewind",
+        &group,
+        &"--topic",
+        &topic,
+        &"--to",
+        &to,
+        &"--bootstrap",
+        &bootstrap,
+        &"--json",
+    ]);
+    assert_eq!(code, 1, "{dry:#}");
+    assert_eq!(dry["live-members"].as_array().unwrap().len(), 1, "{dry:#}");
+    assert_eq!(dry["messages-again"], 21, "{dry:#}");
+
+    let refused = run(&[
+        &"kafka",
+        &"rewind",
+        &group,
+        &"--topic",
+        &topic,
+        &"--to",
+        &to,
+        &"--bootstrap",
+        &bootstrap,
+        &"--apply",
+    ]);
+    assert_exit(&refused, 3);
+    assert!(
+        stderr(&refused).contains("live member"),
+        "{}",
+        stderr(&refused)
+    );
+    let (text, rows) = group_tool(&group);
+    for (p, r) in &rows {
+        assert_eq!(
+            r.current,
+            Some(ends[p]),
+            "a refused rewind moved nothing:\n{text}"
+        );
+    }
+
+    member.stop();
+    wait_for("the group to have no member", 30, || {
+        let (code, g) = json(&[
+            &"kafka",
+            &"group",
+            &group,
+            &"--topic",
+            &topic,
+            &"--bootstrap",
+            &bootstrap,
+            &"--json",
+        ]);
+        code == 0 && g["members"].as_array().unwrap().is_empty()
+    });
+    let applied = run(&[
+        &"kafka",
+        &"rewind",
+        &group,
+        &"--topic",
+        &topic,
+        &"--to",
+        &to,
+        &"--bootstrap",
+        &bootstrap,
+        &"--apply",
+        &"--json",
+    ]);
+    assert_exit(&applied, 0);
+    let (text, rows) = group_tool(&group);
+    assert_eq!(rows.len(), 3, "{text}");
+    for (p, r) in &rows {
+        assert_eq!(
+            r.current,
+            Some(at_t[p]),
+            "partition {p} rewound to T:\n{text}"
+        );
+        assert_eq!(r.end, ends[p], "{text}");
+    }
+}
+
+#[test]
+fn a_classic_protocol_group_is_seen_live_refused_a_rewind_and_rewound_once_stopped() {
+    a_group_is_seen_live_refused_and_rewound_once_stopped("classic");
+}
+
+#[test]
+fn a_consumer_protocol_group_kip_848_is_seen_live_refused_a_rewind_and_rewound_once_stopped() {
+    a_group_is_seen_live_refused_and_rewound_once_stopped("consumer");
+}
+
+/// `kafka offsets-at` on a topic that grew a partition after T: the new
+/// partition starts at 0, the others where Kafka's own tool says.
+#[test]
+fn offsets_at_t_on_a_topic_that_grew_a_partition_after_t_match_kafkas_own_tool() {
+    let topic = topic("grown");
+    let bootstrap = kafka_bootstrap();
+    create_topic(&topic, 2);
+    produce_java(&topic, &records("before", 20), "none");
+    std::thread::sleep(Duration::from_millis(1500));
+    let t = now_ms();
+    std::thread::sleep(Duration::from_millis(1500));
+    let out = kafka_tool("org.apache.kafka.tools.TopicCommand")
+        .args([
+            "--bootstrap-server",
+            &bootstrap,
+            "--alter",
+            "--topic",
+            &topic,
+        ])
+        .args(["--partitions", "3"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    produce_java(&topic, &records("after", 30), "none");
+
+    let at_t = offset_shell(&topic, t);
+    let ends = offset_shell(&topic, -1);
+    assert_eq!(at_t.len(), 3);
+    assert_eq!(at_t[&2], 0, "the new partition holds only messages after T");
+    assert!(
+        ends[&2] > 0,
+        "some of the later messages went to the new partition"
+    );
+
+    let (code, v) = json(&[
+        &"kafka",
+        &"offsets-at",
+        &topic,
+        &rfc3339(t),
+        &"--bootstrap",
+        &bootstrap,
+        &"--json",
+    ]);
+    assert_eq!(code, 0, "{v}");
+    let got: BTreeMap<i32, (i64, i64)> = v["partitions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            (
+                p["partition"].as_i64().unwrap() as i32,
+                (p["offset"].as_i64().unwrap(), p["end"].as_i64().unwrap()),
+            )
+        })
+        .collect();
+    let want: BTreeMap<i32, (i64, i64)> = at_t.iter().map(|(p, o)| (*p, (*o, ends[p]))).collect();
+    assert_eq!(got, want, "{v:#}");
+}
+
+/// Records a Java producer compressed with zstd or lz4 are read: offsets at
+/// a time need the messages themselves, not only the broker's index.
+fn compressed_records_are_read(codec: &str) {
+    let topic = topic(&format!("codec-{codec}"));
+    let bootstrap = kafka_bootstrap();
+    create_topic(&topic, 3);
+    produce_java(&topic, &records("before", 40), codec);
+    std::thread::sleep(Duration::from_millis(1500));
+    let t = now_ms();
+    std::thread::sleep(Duration::from_millis(1500));
+    produce_java(&topic, &records("after", 25), codec);
+    let at_t = offset_shell(&topic, t);
+    let ends = offset_shell(&topic, -1);
+
+    let (code, v) = json(&[
+        &"kafka",
+        &"offsets-at",
+        &topic,
+        &rfc3339(t),
+        &"--bootstrap",
+        &bootstrap,
+        &"--json",
+    ]);
+    assert_eq!(code, 0, "{v}");
+    for p in v["partitions"].as_array().unwrap() {
+        let n = p["partition"].as_i64().unwrap() as i32;
+        assert_eq!(p["offset"], at_t[&n], "{codec}, partition {n}: {v:#}");
+        assert_eq!(p["end"], ends[&n], "{codec}, partition {n}: {v:#}");
+    }
+}
+
+#[test]
+fn records_a_java_producer_compressed_with_zstd_are_read() {
+    compressed_records_are_read("zstd");
+}
+
+#[test]
+fn records_a_java_producer_compressed_with_lz4_are_read() {
+    compressed_records_are_read("lz4");
+}
