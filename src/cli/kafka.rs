@@ -109,6 +109,9 @@ struct PartitionAt {
     partition: i32,
     offset: i64,
     end: i64,
+    /// Committed messages from `offset` to `end`, read: on a transactional
+    /// topic fewer than `end - offset`.
+    messages: u64,
 }
 
 #[derive(Serialize)]
@@ -139,17 +142,23 @@ pub fn kafka(ctx: &Context, cmd: KafkaCommand) -> Result<Exit, Error> {
                 .map_err(|e| step_err(e.into()))?;
             let parts: Vec<i32> = at.keys().copied().collect();
             let ends = k.ends(&a.topic, &parts).map_err(|e| step_err(e.into()))?;
+            let mut partitions = Vec::new();
+            for (p, o) in &at {
+                let end = ends.get(p).copied().unwrap_or(*o);
+                let messages = k
+                    .count(&a.topic, *p, *o, end)
+                    .map_err(|e| step_err(e.into()))?;
+                partitions.push(PartitionAt {
+                    partition: *p,
+                    offset: *o,
+                    end,
+                    messages,
+                });
+            }
             let r = Offsets {
                 topic: a.topic.clone(),
                 at: a.time.clone(),
-                partitions: at
-                    .iter()
-                    .map(|(p, o)| PartitionAt {
-                        partition: *p,
-                        offset: *o,
-                        end: ends.get(p).copied().unwrap_or(*o),
-                    })
-                    .collect(),
+                partitions,
             };
             ctx.emit(&r, || {
                 Some(
@@ -158,12 +167,7 @@ pub fn kafka(ctx: &Context, cmd: KafkaCommand) -> Result<Exit, Error> {
                         .map(|p| {
                             format!(
                                 "{}/{}: offset {} at {} ({} message(s) from there to the end {})",
-                                r.topic,
-                                p.partition,
-                                p.offset,
-                                r.at,
-                                p.end - p.offset,
-                                p.end
+                                r.topic, p.partition, p.offset, r.at, p.messages, p.end
                             )
                         })
                         .collect::<Vec<_>>()
@@ -217,7 +221,7 @@ pub fn kafka(ctx: &Context, cmd: KafkaCommand) -> Result<Exit, Error> {
                 idempotent: false,
             };
             let moves = r.moves(&k).map_err(step_err)?;
-            let (_, again, items) = r.describe(&moves);
+            let (_, again, items) = r.describe(&k, &moves).map_err(step_err)?;
             let members = k.members(&a.group).map_err(|e| step_err(e.into()))?;
             let live = members
                 .iter()

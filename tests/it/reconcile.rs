@@ -47,6 +47,15 @@ pub(crate) struct World {
     events: Vec<Event>,
 }
 
+/// How the world's outbox relay publishes.
+#[derive(Clone, Copy)]
+enum Relay {
+    /// One message at a time, as most relays do.
+    Plain,
+    /// With a `transactional.id`: committed batches, and one aborted.
+    Transactional,
+}
+
 pub(crate) fn ts(ms: i64) -> String {
     humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_millis(ms as u64)).to_string()
 }
@@ -62,6 +71,10 @@ impl World {
     /// The same history around a given T: worlds built at the same T are
     /// alike row for row and message for message.
     pub(crate) fn at(t: i64) -> World {
+        World::published(t, Relay::Plain)
+    }
+
+    fn published(t: i64, relay: Relay) -> World {
         let mut cluster = Cluster::init(Version::V18);
         cluster.start();
         let dir = cluster.dir("work");
@@ -106,7 +119,10 @@ impl World {
             t,
             events,
         };
-        w.relay();
+        match relay {
+            Relay::Plain => w.relay(),
+            Relay::Transactional => w.relay_in_transactions(),
+        }
         let mut admin = w.cluster.client();
         for db in ["cur", "res"] {
             admin
@@ -226,6 +242,62 @@ impl World {
         Kafka::new(&kafka_bootstrap())
             .produce(&self.topic, &messages)
             .unwrap();
+    }
+
+    /// The relay as a transactional producer publishes: every produced
+    /// event in a committed transaction of up to five, in time order, and
+    /// the four events never published in a transaction it aborted (the
+    /// relay died before committing). Kafka keeps the aborted records and
+    /// a marker per transaction and partition, each taking an offset.
+    fn relay_in_transactions(&self) {
+        use rdkafka::message::{Header, OwnedHeaders};
+        use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+        let p: BaseProducer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", kafka_bootstrap())
+            .set("transactional.id", crate::common::unique("relay"))
+            .create()
+            .unwrap();
+        let wait = Duration::from_secs(30);
+        p.init_transactions(wait).unwrap();
+        // (timestamp, event, committed)
+        let mut sends: Vec<(i64, &Event, bool)> = self
+            .events
+            .iter()
+            .filter_map(|e| match (e.published, e.produced) {
+                (_, Some(at)) => Some((at, e, true)),
+                (None, None) => Some((e.created + 500, e, false)),
+                _ => None,
+            })
+            .collect();
+        sends.sort_by_key(|s| s.0);
+        for batch in sends.chunk_by(|a, b| a.2 == b.2) {
+            for txn in batch.chunks(5) {
+                p.begin_transaction().unwrap();
+                for (at, e, _) in txn {
+                    let key = format!("case-{}", &e.id[30..]);
+                    let payload = format!("{{\"eventId\":\"{}\",\"type\":\"CaseUpdated\"}}", e.id);
+                    let headers = OwnedHeaders::new().insert(Header {
+                        key: "event_id",
+                        value: Some(e.id.as_bytes()),
+                    });
+                    p.send(
+                        BaseRecord::to(&self.topic)
+                            .key(&key)
+                            .payload(&payload)
+                            .headers(headers)
+                            .timestamp(*at),
+                    )
+                    .map_err(|(e, _)| e)
+                    .unwrap();
+                }
+                if txn[0].2 {
+                    p.commit_transaction(wait).unwrap();
+                } else {
+                    p.flush(wait).unwrap();
+                    p.abort_transaction(wait).unwrap();
+                }
+            }
+        }
     }
 
     pub(crate) fn conninfo(&self, db: &str) -> String {
@@ -861,4 +933,90 @@ fn files_from_outside_are_read_and_pinned_by_the_plan() {
         stdout(&out)
     );
     assert_eq!(gates("res"), 1, "the restored gate stays closed");
+}
+
+/// A relay that publishes in transactions: the records of the transaction
+/// it aborted were never published (the scan reads read_committed), and the
+/// offsets the commit and abort markers take are neither messages nor
+/// gaps. Counted with kcat and Kafka's own GetOffsetShell.
+#[test]
+fn a_transactional_relays_aborted_records_are_never_published_and_its_markers_are_not_messages() {
+    let w = World::published(now_ms() - 20 * MIN, Relay::Transactional);
+    let pb = w.playbook("pb.toml", "provider.csv");
+
+    // Kafka holds more offsets than committed messages: markers, and the
+    // four aborted records.
+    let seen = kcat()
+        .args(["-X", "isolation.level=read_committed"])
+        .args([
+            "-C",
+            "-t",
+            &w.topic,
+            "-o",
+            "beginning",
+            "-e",
+            "-q",
+            "-f",
+            "%h\n",
+        ])
+        .output()
+        .unwrap();
+    assert!(seen.status.success());
+    let committed = String::from_utf8_lossy(&seen.stdout).lines().count();
+    assert_eq!(committed, 32);
+    let shell = crate::common::services::kafka_tool("org.apache.kafka.tools.GetOffsetShell")
+        .args([
+            "--bootstrap-server",
+            &kafka_bootstrap(),
+            "--topic",
+            &w.topic,
+        ])
+        .output()
+        .unwrap();
+    let offsets: i64 = String::from_utf8_lossy(&shell.stdout)
+        .lines()
+        .filter_map(|l| l.rsplit(':').next()?.parse::<i64>().ok())
+        .sum();
+    assert!(offsets > 32 + 4, "markers take offsets: {offsets}");
+
+    let p = plan(&pb);
+    let d = &step(&p, "outbox:case-events")["preview"]["detail"];
+    assert_eq!(
+        d["pending"], 4,
+        "the aborted events were never published: {d:#}"
+    );
+    assert_eq!(d["mark-published"], 5, "{d:#}");
+    assert_eq!(d["orphans"], 7, "{d:#}");
+    assert_eq!(d["mark-unpublished"], 3, "{d:#}");
+    assert_eq!(d["in-sync"], 20, "{d:#}");
+    assert_eq!(d["scan"]["messages"], 32, "{d:#}");
+    let rewind = &step(&p, &format!("rewind:{}", w.group))["preview"];
+    assert!(
+        rewind["summary"]
+            .as_str()
+            .unwrap()
+            .contains("12 message(s) to consume again"),
+        "markers are not messages: {rewind:#}"
+    );
+
+    let bootstrap = kafka_bootstrap();
+    let out = run(&[
+        &"kafka",
+        &"offsets-at",
+        &w.topic,
+        &ts(w.t),
+        &"--bootstrap",
+        &bootstrap,
+        &"--json",
+    ]);
+    assert_exit(&out, 0);
+    let v: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    let parts = v["partitions"].as_array().unwrap();
+    let messages: i64 = parts.iter().map(|p| p["messages"].as_i64().unwrap()).sum();
+    let span: i64 = parts
+        .iter()
+        .map(|p| p["end"].as_i64().unwrap() - p["offset"].as_i64().unwrap())
+        .sum();
+    assert_eq!(messages, 12, "{v:#}");
+    assert!(span > messages, "the span after T holds markers too: {v:#}");
 }

@@ -98,13 +98,19 @@ impl Rewind {
         Ok(out)
     }
 
-    pub fn describe(&self, moves: &Moves) -> (u64, u64, Vec<String>) {
+    /// Partitions that move, the messages consumed again, and one line per
+    /// move. The messages are counted by reading them, as the group will:
+    /// on a transactional topic the offsets between old and new also hold
+    /// commit markers and aborted records, which no consumer is given.
+    pub fn describe(&self, k: &Kafka, moves: &Moves) -> Result<(u64, u64, Vec<String>), StepError> {
         let (mut parts, mut again, mut items) = (0, 0, Vec::new());
         for (topic, m) in moves {
             for (p, (old, new)) in m {
                 if *old != Some(*new) {
                     parts += 1;
-                    again += old.map_or(0, |o| (o - new).max(0)) as u64;
+                    if let Some(old) = old {
+                        again += k.count(topic, *p, *new, *old)?;
+                    }
                     items.push(format!(
                         "{topic}/{p}: {} → {new}",
                         old.map_or("none".to_owned(), |o| o.to_string())
@@ -112,7 +118,7 @@ impl Rewind {
                 }
             }
         }
-        (parts, again, items)
+        Ok((parts, again, items))
     }
 }
 
@@ -143,7 +149,7 @@ impl Step for Rewind {
     fn preview(&self, env: &mut Env) -> Result<Effect, StepError> {
         let k = env.kafka()?;
         let moves = self.moves(&k)?;
-        let (parts, again, items) = self.describe(&moves);
+        let (parts, again, items) = self.describe(&k, &moves)?;
         let members = k.members(&self.group)?;
         let mut summary = format!(
             "rewind group `{}` to T{}: {parts} partition(s), {again} message(s) to consume again",
@@ -193,7 +199,7 @@ impl Step for Rewind {
             let offsets: BTreeMap<i32, i64> = m.iter().map(|(p, (_, new))| (*p, *new)).collect();
             k.commit(&self.group, topic, &offsets)?;
         }
-        let (parts, again, items) = self.describe(&prior);
+        let (parts, again, items) = self.describe(&k, &prior)?;
         Ok(Effect {
             summary: format!(
                 "rewound group `{}`: {parts} partition(s), {again} message(s) will be consumed again",
