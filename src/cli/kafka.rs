@@ -117,6 +117,10 @@ struct PartitionAt {
 #[derive(Serialize)]
 struct GroupState {
     group: String,
+    /// As the coordinator says: `Stable`, `Empty`, `Dead`, …
+    state: &'static str,
+    /// `consumer` (KIP-848), `classic`, or `unknown` (a broker before 3.7).
+    protocol: &'static str,
     members: Vec<crate::kafka::Member>,
     committed: std::collections::BTreeMap<String, std::collections::BTreeMap<i32, Option<i64>>>,
 }
@@ -178,7 +182,7 @@ pub fn kafka(ctx: &Context, cmd: KafkaCommand) -> Result<Exit, Error> {
         }
         KafkaCommand::Group(a) => {
             let k = Kafka::new(&a.kafka.bootstrap);
-            let members = k.members(&a.group).map_err(|e| step_err(e.into()))?;
+            let described = k.describe_group(&a.group).map_err(|e| step_err(e.into()))?;
             let mut committed = std::collections::BTreeMap::new();
             for t in &a.topics {
                 let parts = k.partitions(t).map_err(|e| step_err(e.into()))?;
@@ -190,11 +194,19 @@ pub fn kafka(ctx: &Context, cmd: KafkaCommand) -> Result<Exit, Error> {
             }
             let r = GroupState {
                 group: a.group.clone(),
-                members,
+                state: described.state,
+                protocol: described.protocol,
+                members: described.members,
                 committed,
             };
             ctx.emit(&r, || {
-                let mut s = format!("group {}: {} live member(s)", r.group, r.members.len());
+                let mut s = format!(
+                    "group {} ({}, {} protocol): {} live member(s)",
+                    r.group,
+                    r.state,
+                    r.protocol,
+                    r.members.len()
+                );
                 for m in &r.members {
                     s.push_str(&format!("\n  member {}", m.describe()));
                 }
