@@ -162,6 +162,23 @@ impl<'a> Reader<'a> {
         self.first = false;
         Ok(self.c.poll(TIMEOUT))
     }
+
+    /// The next message, or None at the partition's end.
+    fn next(&mut self) -> Result<Option<rdkafka::message::BorrowedMessage<'a>>, KafkaError> {
+        match self.poll()? {
+            Some(Ok(m)) => Ok(Some(m)),
+            Some(Err(rdkafka::error::KafkaError::PartitionEOF(_))) => Ok(None),
+            Some(Err(e)) => Err(self
+                .k
+                .err(format!("read {}/{}", self.topic, self.partition))(
+                e
+            )),
+            None => Err(KafkaError::Other {
+                bootstrap: self.k.shown.clone(),
+                what: format!("no answer reading {}/{}", self.topic, self.partition),
+            }),
+        }
+    }
 }
 
 /// Each partition's offset in a broker's answer; None where it has none.
@@ -357,24 +374,13 @@ impl Kafka {
         let c = self.consumer("reentry-scan")?;
         let mut reader = Reader::new(self, &c, topic, partition, start)?;
         let mut end = start;
-        loop {
-            match reader.poll()? {
-                Some(Ok(m)) => {
-                    if m.timestamp().to_millis().unwrap_or(i64::MIN) >= ms {
-                        return Ok(m.offset());
-                    }
-                    end = m.offset() + 1;
-                }
-                Some(Err(rdkafka::error::KafkaError::PartitionEOF(_))) => return Ok(end),
-                Some(Err(e)) => return Err(self.err(format!("read {topic}/{partition}"))(e)),
-                None => {
-                    return Err(KafkaError::Other {
-                        bootstrap: self.shown.clone(),
-                        what: format!("no answer reading {topic}/{partition}"),
-                    })
-                }
+        while let Some(m) = reader.next()? {
+            if m.timestamp().to_millis().unwrap_or(i64::MIN) >= ms {
+                return Ok(m.offset());
             }
+            end = m.offset() + 1;
         }
+        Ok(end)
     }
 
     /// The committed messages in `[from, to)` of a partition: what a
@@ -394,21 +400,15 @@ impl Kafka {
         let c = self.consumer("reentry-scan")?;
         let mut reader = Reader::new(self, &c, topic, partition, from)?;
         let mut n = 0;
-        loop {
-            match reader.poll()? {
-                Some(Ok(m)) if m.offset() >= to => return Ok(n),
-                Some(Ok(m)) if m.offset() >= from => n += 1,
-                Some(Ok(_)) => {}
-                Some(Err(rdkafka::error::KafkaError::PartitionEOF(_))) => return Ok(n),
-                Some(Err(e)) => return Err(self.err(format!("read {topic}/{partition}"))(e)),
-                None => {
-                    return Err(KafkaError::Other {
-                        bootstrap: self.shown.clone(),
-                        what: format!("no answer reading {topic}/{partition}"),
-                    })
-                }
+        while let Some(m) = reader.next()? {
+            if m.offset() >= to {
+                break;
+            }
+            if m.offset() >= from {
+                n += 1;
             }
         }
+        Ok(n)
     }
 
     /// Each partition's end: one past its last message. The broker's answer

@@ -6,21 +6,11 @@
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::process::{Child, Stdio};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use crate::common::services::{create_topic, kafka_bootstrap, kafka_tool, topic};
-use crate::common::{assert_exit, run_reentry as run, stderr, stdout, unique};
-
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as i64
-}
-
-fn rfc3339(ms: i64) -> String {
-    humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_millis(ms as u64)).to_string()
-}
+use crate::common::{assert_exit, run_reentry, stderr, stdout, unique};
+use crate::reconcile::{now_ms, ts as rfc3339};
 
 /// Keyed records through Kafka's Java console producer, compressed with
 /// `codec`, as one batch per partition.
@@ -169,8 +159,20 @@ fn wait_for(what: &str, secs: u64, mut ok: impl FnMut() -> bool) {
     }
 }
 
-fn json(args: &[&dyn AsRef<std::ffi::OsStr>]) -> (i32, serde_json::Value) {
-    let out = run(args);
+/// `reentry kafka ARGS… --bootstrap BROKER`.
+fn kafka(args: &[&str]) -> std::process::Output {
+    let bootstrap = kafka_bootstrap();
+    let mut all: Vec<&dyn AsRef<std::ffi::OsStr>> = vec![&"kafka"];
+    all.extend(args.iter().map(|a| a as &dyn AsRef<std::ffi::OsStr>));
+    all.extend([&"--bootstrap" as &dyn AsRef<std::ffi::OsStr>, &bootstrap]);
+    run_reentry(&all)
+}
+
+/// `reentry kafka ARGS… --json`: its exit code and what it printed.
+fn json(args: &[&str]) -> (i32, serde_json::Value) {
+    let mut args = args.to_vec();
+    args.push("--json");
+    let out = kafka(&args);
     let code = out.status.code().unwrap_or(-1);
     let v = serde_json::from_str(&stdout(&out)).unwrap_or_else(|e| {
         panic!(
@@ -188,7 +190,6 @@ fn json(args: &[&dyn AsRef<std::ffi::OsStr>]) -> (i32, serde_json::Value) {
 fn a_group_is_seen_live_refused_and_rewound_once_stopped(protocol: &str) {
     let topic = topic(&format!("groups-{protocol}"));
     let group = unique(&format!("group-{protocol}"));
-    let bootstrap = kafka_bootstrap();
     create_topic(&topic, 3);
     produce_java(&topic, &records("before", 30), "none");
     std::thread::sleep(Duration::from_millis(1500));
@@ -210,16 +211,7 @@ fn a_group_is_seen_live_refused_and_rewound_once_stopped(protocol: &str) {
                 .all(|(p, r)| r.current == Some(ends[p]) && r.consumer != "-")
     });
 
-    let (code, g) = json(&[
-        &"kafka",
-        &"group",
-        &group,
-        &"--topic",
-        &topic,
-        &"--bootstrap",
-        &bootstrap,
-        &"--json",
-    ]);
+    let (code, g) = json(&["group", &group, "--topic", &topic]);
     assert_eq!(code, 0, "{g}");
     let members = g["members"].as_array().unwrap();
     assert_eq!(members.len(), 1, "a live {protocol} member is seen: {g:#}");
@@ -229,34 +221,12 @@ fn a_group_is_seen_live_refused_and_rewound_once_stopped(protocol: &str) {
 
     // The dry run names the member and says an apply would be refused.
     let to = rfc3339(t);
-    let (code, dry) = json(&[
-        &"kafka",
-        &"rewind",
-        &group,
-        &"--topic",
-        &topic,
-        &"--to",
-        &to,
-        &"--bootstrap",
-        &bootstrap,
-        &"--json",
-    ]);
+    let (code, dry) = json(&["rewind", &group, "--topic", &topic, "--to", &to]);
     assert_eq!(code, 1, "{dry:#}");
     assert_eq!(dry["live-members"].as_array().unwrap().len(), 1, "{dry:#}");
     assert_eq!(dry["messages-again"], 21, "{dry:#}");
 
-    let refused = run(&[
-        &"kafka",
-        &"rewind",
-        &group,
-        &"--topic",
-        &topic,
-        &"--to",
-        &to,
-        &"--bootstrap",
-        &bootstrap,
-        &"--apply",
-    ]);
+    let refused = kafka(&["rewind", &group, "--topic", &topic, "--to", &to, "--apply"]);
     assert_exit(&refused, 3);
     assert!(
         stderr(&refused).contains("live member"),
@@ -274,31 +244,10 @@ fn a_group_is_seen_live_refused_and_rewound_once_stopped(protocol: &str) {
 
     member.stop();
     wait_for("the group to have no member", 30, || {
-        let (code, g) = json(&[
-            &"kafka",
-            &"group",
-            &group,
-            &"--topic",
-            &topic,
-            &"--bootstrap",
-            &bootstrap,
-            &"--json",
-        ]);
+        let (code, g) = json(&["group", &group, "--topic", &topic]);
         code == 0 && g["members"].as_array().unwrap().is_empty()
     });
-    let applied = run(&[
-        &"kafka",
-        &"rewind",
-        &group,
-        &"--topic",
-        &topic,
-        &"--to",
-        &to,
-        &"--bootstrap",
-        &bootstrap,
-        &"--apply",
-        &"--json",
-    ]);
+    let applied = kafka(&["rewind", &group, "--topic", &topic, "--to", &to, "--apply"]);
     assert_exit(&applied, 0);
     let (text, rows) = group_tool(&group);
     assert_eq!(rows.len(), 3, "{text}");
@@ -360,15 +309,7 @@ fn offsets_at_t_on_a_topic_that_grew_a_partition_after_t_match_kafkas_own_tool()
         "some of the later messages went to the new partition"
     );
 
-    let (code, v) = json(&[
-        &"kafka",
-        &"offsets-at",
-        &topic,
-        &rfc3339(t),
-        &"--bootstrap",
-        &bootstrap,
-        &"--json",
-    ]);
+    let (code, v) = json(&["offsets-at", &topic, &rfc3339(t)]);
     assert_eq!(code, 0, "{v}");
     let got: BTreeMap<i32, (i64, i64)> = v["partitions"]
         .as_array()
@@ -389,7 +330,6 @@ fn offsets_at_t_on_a_topic_that_grew_a_partition_after_t_match_kafkas_own_tool()
 /// a time need the messages themselves, not only the broker's index.
 fn compressed_records_are_read(codec: &str) {
     let topic = topic(&format!("codec-{codec}"));
-    let bootstrap = kafka_bootstrap();
     create_topic(&topic, 3);
     produce_java(&topic, &records("before", 40), codec);
     std::thread::sleep(Duration::from_millis(1500));
@@ -399,15 +339,7 @@ fn compressed_records_are_read(codec: &str) {
     let at_t = offset_shell(&topic, t);
     let ends = offset_shell(&topic, -1);
 
-    let (code, v) = json(&[
-        &"kafka",
-        &"offsets-at",
-        &topic,
-        &rfc3339(t),
-        &"--bootstrap",
-        &bootstrap,
-        &"--json",
-    ]);
+    let (code, v) = json(&["offsets-at", &topic, &rfc3339(t)]);
     assert_eq!(code, 0, "{v}");
     for p in v["partitions"].as_array().unwrap() {
         let n = p["partition"].as_i64().unwrap() as i32;

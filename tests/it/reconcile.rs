@@ -17,7 +17,7 @@ use crate::common::{assert_exit, reentry_bin, run_reentry as run, stderr, stdout
 
 const MIN: i64 = 60_000;
 
-fn now_ms() -> i64 {
+pub(crate) fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap()
