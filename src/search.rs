@@ -296,8 +296,8 @@ impl Search {
     /// completed, and its answer (`response` once complete, else `task`).
     /// A task started with `wait_for_completion=false` stores its result in
     /// the `.tasks` index when it completes, so it is found after it ends
-    /// too, until someone deletes that record. Elasticsearch 8 still marks
-    /// the task management API "technical preview", with this same shape.
+    /// too, until someone deletes that record. Elasticsearch 8 still calls
+    /// the task management API beta, with this same shape.
     pub fn task(&self, index: &str, id: &str) -> Result<Option<(bool, Value)>, SearchError> {
         let (status, v) = self.call(
             index,
