@@ -9,16 +9,12 @@
 //!                                 each property, one line; JSON in $LAB_DIR/oracle-LABEL.json
 //!   lab oracle-table BEFORE AFTER OUT
 //!                                 the before/after table, for people and for `reentry report`
-//!   lab search-double ADDR        serves the search TEST DOUBLE (no OpenSearch here)
 //!
 //! The servers come from LAB_DIR, LAB_KAFKA, LAB_REDIS and LAB_SEARCH.
 
 mod app;
 mod common;
 mod oracle;
-#[path = "../tests/it/common/search_double.rs"]
-#[allow(dead_code)]
-mod search_double;
 
 use common::*;
 
@@ -26,13 +22,6 @@ fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let a: Vec<&str> = args.iter().map(String::as_str).collect();
     let r = match a.as_slice() {
-        ["search-double", addr] => {
-            let d = search_double::SearchDouble::start_on(addr);
-            println!("{}", d.url);
-            loop {
-                std::thread::park();
-            }
-        }
         ["oracle-table", before, after, out] => oracle::table(before, after, out),
         rest => Lab::from_env().and_then(|lab| match rest {
             ["init"] => init(&lab),
@@ -90,16 +79,25 @@ fn init(lab: &Lab) -> Result<bool, String> {
     if !csv.exists() {
         std::fs::write(&csv, format!("{PROVIDER_CSV_HEADER}\n")).map_err(|e| e.to_string())?;
     }
+    // No replica: the demo's node is a cluster of one, where a replica is
+    // never assigned and the index would stay yellow.
     let r = reqwest::blocking::Client::new()
         .put(format!("{}/{INDEX}", lab.search))
-        .json(&serde_json::json!({ "mappings": { "properties": {
-            "title": { "type": "text" }, "status": { "type": "keyword" },
-            "owner_id": { "type": "long" }, "priority": { "type": "integer" },
-            "version": { "type": "long" } } } }))
+        .json(&serde_json::json!({
+            "settings": { "number_of_shards": 1, "number_of_replicas": 0 },
+            "mappings": { "properties": {
+                "title": { "type": "text" }, "status": { "type": "keyword" },
+                "owner_id": { "type": "long" }, "priority": { "type": "integer" },
+                "version": { "type": "long" } } } }))
         .send()
         .map_err(|e| format!("search: {e}"))?;
-    if !r.status().is_success() && r.status().as_u16() != 400 {
-        return Err(format!("search: create index {INDEX}: HTTP {}", r.status()));
+    let status = r.status();
+    if !status.is_success() {
+        let v: serde_json::Value = r.json().unwrap_or_default();
+        // init runs again on the same servers: an index it made is fine.
+        if v["error"]["type"] != "resource_already_exists_exception" {
+            return Err(format!("search: create index {INDEX}: HTTP {status}: {v}"));
+        }
     }
     Ok(true)
 }

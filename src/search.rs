@@ -1,8 +1,9 @@
 //! Elasticsearch 7/8 and OpenSearch 1/2 over their REST API (reqwest):
-//! the endpoints a search invalidation uses and nothing more. They are
-//! the same on both products: `_count`, `_delete_by_query` as a task,
-//! `_tasks`, `_mget`, `_bulk`, `_refresh`, index creation, `_alias` and
-//! `_aliases`.
+//! the endpoints a search invalidation uses and nothing more: `_count`,
+//! `_delete_by_query` as a task, `_tasks`, `_mget`, `_bulk`, `_refresh`,
+//! `_mapping/field`, `_settings`, index creation, `_alias` and `_aliases`.
+//! They are tested against OpenSearch 2.19; where Elasticsearch 7/8 is
+//! known to differ, the call says so.
 //!
 //! 429 and 5xx answers (and a connection refused) are retried with
 //! backoff; any other 4xx is an error naming the index and the server's
@@ -19,12 +20,19 @@ const TIMEOUT: Duration = Duration::from_secs(60);
 
 #[derive(Debug, thiserror::Error)]
 pub enum SearchError {
-    #[error("search at {server}: index {index}: {what}: HTTP {status}: {reason}")]
+    #[error(
+        "search at {server}: index {index}: {what}: HTTP {status}: {kind}: {reason}{}",
+        hint(kind, index)
+    )]
     Http {
         server: String,
         index: String,
-        what: String,
+        what: &'static str,
         status: u16,
+        /// The server's error type (`index_not_found_exception`, ...): the
+        /// root cause's when there is one, since a search that failed on
+        /// every shard says only `search_phase_execution_exception`.
+        kind: String,
         reason: String,
     },
     /// reqwest's error is shown in the message (with its cause), not chained.
@@ -46,7 +54,27 @@ pub enum SearchError {
     },
 }
 
+/// What to do about the errors an operator can fix on the server.
+fn hint(kind: &str, index: &str) -> String {
+    match kind {
+        "index_not_found_exception" => {
+            format!(" (no index or alias `{index}` on this server: check the playbook's `index`)")
+        }
+        "index_closed_exception" => format!(
+            " (the index is closed: open it with POST /{index}/_open, or name an open index)"
+        ),
+        _ => String::new(),
+    }
+}
+
 impl SearchError {
+    /// The index (or alias) is missing or closed: a fact about the server
+    /// the playbook points at, not a fault that a retry could clear.
+    pub fn is_unusable_index(&self) -> bool {
+        matches!(self, SearchError::Http { kind, .. }
+            if kind == "index_not_found_exception" || kind == "index_closed_exception")
+    }
+
     pub fn is_transient(&self) -> bool {
         match self {
             SearchError::Http { status, .. } => *status == 429 || *status >= 500,
@@ -145,7 +173,7 @@ impl Search {
     fn call(
         &self,
         index: &str,
-        what: &str,
+        what: &'static str,
         method: reqwest::Method,
         path: &str,
         body: Option<Body>,
@@ -161,6 +189,9 @@ impl Search {
             req = match &self.auth {
                 Auth::None => req,
                 Auth::Basic { user, password } => req.basic_auth(user, Some(password)),
+                // Elasticsearch's API keys; OpenSearch 2's security plugin has
+                // no such scheme (it takes basic auth, JWT, certificates), so
+                // there `api-key` is refused or, without security, ignored.
                 Auth::ApiKey(k) => req.header("Authorization", format!("ApiKey {k}")),
             };
             req = match &body {
@@ -178,16 +209,13 @@ impl Search {
                     if status < 300 || (status == 404 && allow_404) {
                         return Ok((status, v));
                     }
-                    let reason = v["error"]["reason"]
-                        .as_str()
-                        .or_else(|| v["error"].as_str())
-                        .map(str::to_owned)
-                        .unwrap_or_else(|| text.chars().take(200).collect());
+                    let (kind, reason) = error_of(&v, &text);
                     SearchError::Http {
                         server: self.shown.clone(),
                         index: index.to_owned(),
-                        what: what.to_owned(),
+                        what,
                         status,
+                        kind,
                         reason,
                     }
                 }
@@ -198,6 +226,10 @@ impl Search {
                     error,
                 },
             };
+            // A rejection is HTTP 429 on both products, but its type differs:
+            // `rejected_execution_exception` on OpenSearch 2,
+            // `es_rejected_execution_exception` on Elasticsearch: the status
+            // decides, not the type.
             if !err.is_transient() || tries >= TRIES {
                 return Err(err);
             }
@@ -230,14 +262,26 @@ impl Search {
             .ok_or_else(|| self.other(index, format!("_count answered {v}")))
     }
 
-    /// Starts a delete-by-query task: its id.
-    pub fn delete_by_query(&self, index: &str, query: &Value) -> Result<String, SearchError> {
+    /// Starts a delete-by-query task: its id. `conflicts=proceed`: a
+    /// document written since the task's snapshot is counted as a version
+    /// conflict and kept, instead of aborting the task halfway.
+    /// `slices=auto`: one slice per shard, run in parallel. Throttled to
+    /// `requests_per_second` documents a second when given.
+    pub fn delete_by_query(
+        &self,
+        index: &str,
+        query: &Value,
+        requests_per_second: Option<u64>,
+    ) -> Result<String, SearchError> {
+        let throttle = requests_per_second
+            .map(|r| format!("&requests_per_second={r}"))
+            .unwrap_or_default();
         let (_, v) = self.call(
             index,
             "_delete_by_query",
             reqwest::Method::POST,
             &format!(
-                "/{index}/_delete_by_query?conflicts=proceed&slices=auto&wait_for_completion=false"
+                "/{index}/_delete_by_query?conflicts=proceed&slices=auto&wait_for_completion=false{throttle}"
             ),
             Some(Body::Json(json!({ "query": query }))),
             false,
@@ -250,6 +294,10 @@ impl Search {
 
     /// A task: none when the cluster no longer knows it; else whether it
     /// completed, and its answer (`response` once complete, else `task`).
+    /// A task started with `wait_for_completion=false` stores its result in
+    /// the `.tasks` index when it completes, so it is found after it ends
+    /// too, until someone deletes that record. Elasticsearch 8 still calls
+    /// the task management API beta, with this same shape.
     pub fn task(&self, index: &str, id: &str) -> Result<Option<(bool, Value)>, SearchError> {
         let (status, v) = self.call(
             index,
@@ -284,16 +332,28 @@ impl Search {
         let docs = v["docs"]
             .as_array()
             .ok_or_else(|| self.other(index, format!("_mget answered {v}")))?;
-        Ok(docs
-            .iter()
+        docs.iter()
             .map(|d| {
-                (d["found"] == true).then(|| Stored {
+                // _mget answers 200 even for a closed index: the error is
+                // per document, and is not "not found".
+                if d["error"].is_object() {
+                    let (kind, reason) = error_of(d, "");
+                    return Err(SearchError::Http {
+                        server: self.shown.clone(),
+                        index: index.to_owned(),
+                        what: "_mget",
+                        status: 200,
+                        kind,
+                        reason: format!("document {}: {reason}", d["_id"]),
+                    });
+                }
+                Ok((d["found"] == true).then(|| Stored {
                     version: d["_version"].as_i64().unwrap_or(0),
                     seq_no: d["_seq_no"].as_i64().unwrap_or(0),
                     primary_term: d["_primary_term"].as_i64().unwrap_or(1),
-                })
+                }))
             })
-            .collect())
+            .collect()
     }
 
     /// A bulk request (`lines`, NDJSON): every item's outcome. Items
@@ -418,13 +478,81 @@ impl Search {
             .map(|i| i["mappings"].clone()))
     }
 
-    pub fn create_index(&self, index: &str, mappings: &Value) -> Result<(), SearchError> {
+    /// The settings of `index` that a copy of it must share: shards,
+    /// replicas, refresh interval, analysis. Not those the server sets
+    /// itself (uuid, creation date, version), which a new index refuses.
+    pub fn copied_settings(&self, index: &str) -> Result<Value, SearchError> {
+        let (_, v) = self.call(
+            index,
+            "_settings",
+            reqwest::Method::GET,
+            &format!("/{index}/_settings"),
+            None,
+            false,
+        )?;
+        let all = v
+            .as_object()
+            .and_then(|o| o.values().next())
+            .map(|i| i["settings"]["index"].clone())
+            .unwrap_or(Value::Null);
+        let mut out = serde_json::Map::new();
+        for key in [
+            "number_of_shards",
+            "number_of_replicas",
+            "auto_expand_replicas",
+            "refresh_interval",
+            "analysis",
+        ] {
+            if let Some(v) = all.get(key) {
+                out.insert(key.to_owned(), v.clone());
+            }
+        }
+        Ok(Value::Object(out))
+    }
+
+    /// How each index behind `index` maps `field`: index → type (`date`,
+    /// `long`, ...); an index that does not map it is absent.
+    pub fn field_types(
+        &self,
+        index: &str,
+        field: &str,
+    ) -> Result<std::collections::BTreeMap<String, Option<String>>, SearchError> {
+        let (_, v) = self.call(
+            index,
+            "_mapping/field",
+            reqwest::Method::GET,
+            &format!("/{index}/_mapping/field/{field}"),
+            None,
+            false,
+        )?;
+        let leaf = field.rsplit('.').next().unwrap_or(field);
+        Ok(v.as_object()
+            .into_iter()
+            .flatten()
+            .map(|(name, m)| {
+                let t = m["mappings"][field]["mapping"][leaf]["type"]
+                    .as_str()
+                    .map(str::to_owned);
+                (name.clone(), t)
+            })
+            .collect())
+    }
+
+    /// A new index with `settings` (see `copied_settings`) and `mappings`.
+    pub fn create_index(
+        &self,
+        index: &str,
+        settings: &Value,
+        mappings: &Value,
+    ) -> Result<(), SearchError> {
         self.call(
             index,
             "create the index",
             reqwest::Method::PUT,
             &format!("/{index}"),
-            Some(Body::Json(json!({ "mappings": mappings }))),
+            Some(Body::Json(
+                json!({ "settings": { "index": settings }, "mappings": mappings }),
+            )),
             false,
         )
         .map(|_| ())
@@ -455,9 +583,56 @@ enum Body {
     NdJson(String),
 }
 
+/// The error type and reason of an answer: the first root cause's when
+/// there is one (a search rejected on every shard says only
+/// `search_phase_execution_exception: all shards failed` at the top), else
+/// the cause's (one rejected in its fetch phase has no root cause, and an
+/// empty reason, on OpenSearch 2.19).
+fn error_of(v: &Value, text: &str) -> (String, String) {
+    let e = &v["error"];
+    let cause = e["root_cause"]
+        .as_array()
+        .and_then(|c| c.first())
+        .or_else(|| e.get("caused_by"))
+        .unwrap_or(e);
+    let kind = cause["type"]
+        .as_str()
+        .or_else(|| e["type"].as_str())
+        .unwrap_or("error")
+        .to_owned();
+    let reason = cause["reason"]
+        .as_str()
+        .or_else(|| e["reason"].as_str())
+        .or_else(|| e.as_str())
+        .map(str::to_owned)
+        .unwrap_or_else(|| text.chars().take(200).collect());
+    (kind, reason)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_error_is_named_by_its_cause_not_by_the_search_that_wrapped_it() {
+        // As OpenSearch 2.19 answered a search rejected in its query phase,
+        // and one rejected in its fetch phase (no root cause at all).
+        let query = json!({ "error": { "root_cause": [{ "type": "rejected_execution_exception", "reason": "rejected execution of TimedRunnable" }],
+            "type": "search_phase_execution_exception", "reason": "all shards failed" }, "status": 429 });
+        let fetch = json!({ "error": { "root_cause": [], "type": "search_phase_execution_exception", "reason": "",
+            "caused_by": { "type": "rejected_execution_exception", "reason": "rejected execution of TimedRunnable" } }, "status": 429 });
+        for v in [query, fetch] {
+            assert_eq!(
+                error_of(&v, ""),
+                (
+                    "rejected_execution_exception".to_owned(),
+                    "rejected execution of TimedRunnable".to_owned()
+                )
+            );
+        }
+        let alias = json!({ "error": "alias [cases] missing", "status": 404 });
+        assert_eq!(error_of(&alias, "").1, "alias [cases] missing");
+    }
 
     #[test]
     fn credentials_in_a_url_are_taken_out_of_it() {

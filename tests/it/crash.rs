@@ -2,7 +2,7 @@
 //! (gates of each type, the cache wait, verify, probe, health checks,
 //! validation, outbox, inbox, consumer-group rewind, idempotency keys, row
 //! stage, apply and delete, cache keys, patterns and generation, each
-//! search strategy against the SEARCH DOUBLE). Its
+//! search strategy against a real OpenSearch node). Its
 //! plan is enumerated, and for every step at every pause point it reaches
 //! (`started`, `prior`, `applied`, `done`, and `batch` for a step that
 //! journals its progress) a run is killed there with
@@ -10,7 +10,9 @@
 //! world of a run that was never killed: both databases row for row, the
 //! topic message for message, the consumer group's offsets, and the number
 //! of row changes per table and operation (a side effect done twice, a
-//! second compensation or tombstone, shows there). Steps added later are
+//! second compensation or tombstone, shows there), the Redis keys, and
+//! each index's documents with their versions as the node's `_search`
+//! returns them. Steps added later are
 //! covered without editing this test: the cases come from the plan.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -23,7 +25,7 @@ use std::time::Instant;
 use reentry::kafka::Kafka;
 
 use crate::common::redis::{cli as redis_cli, keys as redis_keys};
-use crate::common::search_double;
+use crate::common::search::{Indexes, Node};
 use crate::common::services::{kafka_bootstrap, redis_addr};
 use crate::common::{assert_exit, reentry_bin, stderr, stdout};
 use crate::reconcile::{kcat_read, ts, World};
@@ -71,8 +73,9 @@ fn t() -> i64 {
     })
 }
 
-/// A world with every kind's tables and data, and the playbook over it.
-fn world() -> (World, PathBuf) {
+/// A world with every kind's tables and data, and the playbook over it;
+/// its indexes go when the last part drops.
+fn world() -> (World, PathBuf, Indexes) {
     let w = World::at(t());
     for db in ["cur", "res"] {
         let mut c = w.client(db);
@@ -245,7 +248,7 @@ strategy = "rebuild-hook"
 rebuild-hook = "echo rebuilt"
 "#,
         redis = redis_addr(),
-        search = search_double::shared().url,
+        search = Node::shared().url,
         documents = DOCUMENTS,
         cur = w.conninfo("cur"),
         res = w.conninfo("res"),
@@ -256,8 +259,13 @@ rebuild-hook = "echo rebuilt"
     );
     let pb = w.dir.join("every-kind.toml");
     std::fs::write(&pb, text).unwrap();
-    seed_caches_and_indexes(&w);
-    (w, pb)
+    // The world's indexes are `TOPIC-…`.
+    let indexes = Indexes {
+        node: Node::shared(),
+        prefix: w.topic.clone(),
+    };
+    seed_caches_and_indexes(&w, &indexes.node);
+    (w, pb, indexes)
 }
 
 /// A case's search document, from either database.
@@ -265,7 +273,7 @@ const DOCUMENTS: &str = "SELECT id::text AS id, (extract(epoch FROM updated_at) 
 
 /// Redis keys for every case, query keys, a version key; documents
 /// before and after T; two indexes projected from current, behind aliases.
-fn seed_caches_and_indexes(w: &World) {
+fn seed_caches_and_indexes(w: &World, node: &Node) {
     let p = &w.topic;
     let mut c = w.client("cur");
     let ids: Vec<i64> = c
@@ -286,31 +294,42 @@ fn seed_caches_and_indexes(w: &World) {
     cmds.push_str(&format!("SET {p}:ns 3\nSET {p}:other v\n"));
     redis_cli(&redis_addr(), false, &cmds);
 
-    let d = search_double::shared();
+    // Events timed in epoch milliseconds, in a long.
     let events = format!("{p}-events");
-    d.create(&events, None);
+    node.create(
+        &events,
+        None,
+        serde_json::json!({ "at": { "type": "long" } }),
+    );
+    let mut docs = Vec::new();
     for i in 0..4 {
-        d.put(
-            &events,
-            &format!("b{i}"),
+        docs.push((
+            format!("b{i}"),
             1,
             serde_json::json!({ "at": w.t - 60_000 - i }),
-        );
-        d.put(
-            &events,
-            &format!("a{i}"),
+        ));
+        docs.push((
+            format!("a{i}"),
             1,
             serde_json::json!({ "at": w.t + 60_000 + i }),
-        );
+        ));
     }
+    node.put_all(&events, &docs);
     let sql = format!("SELECT id, version, doc::text FROM ({DOCUMENTS}) d");
+    let docs: Vec<(String, i64, serde_json::Value)> = c
+        .query(&sql, &[])
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), serde_json::from_str(r.get(2)).unwrap()))
+        .collect();
     for alias in [format!("{p}-cases"), format!("{p}-rebuilt")] {
         let index = format!("{alias}-v1");
-        d.create(&index, Some(&alias));
-        for r in c.query(&sql, &[]).unwrap() {
-            let doc: serde_json::Value = serde_json::from_str(r.get(2)).unwrap();
-            d.put(&index, r.get::<_, &str>(0), r.get(1), doc);
-        }
+        node.create(
+            &index,
+            Some(&alias),
+            serde_json::json!({ "title": { "type": "text" }, "status": { "type": "keyword" } }),
+        );
+        node.put_all(&index, &docs);
     }
 }
 
@@ -330,7 +349,7 @@ struct Snapshot {
     search: Vec<String>,
 }
 
-fn snapshot(w: &World) -> Snapshot {
+fn snapshot(w: &World, indexes: &Indexes) -> Snapshot {
     // Each world has a topic and a group of its own: named alike here.
     let own = |s: String| s.replace(&w.topic, "TOPIC").replace(&w.group, "GROUP");
     let mut tables = BTreeMap::new();
@@ -396,21 +415,14 @@ fn snapshot(w: &World) -> Snapshot {
         .zip(values.lines())
         .map(|(k, v)| own(format!("{k}={v}")))
         .collect();
-    let d = search_double::shared();
+    // As a search sees them now: the steps refresh what they changed.
     let mut search = Vec::new();
     for name in ["events", "cases", "rebuilt"] {
-        let index = format!("{}-{name}", w.topic);
-        for (id, (version, doc)) in d.docs(&index) {
+        for (id, (version, doc)) in indexes.node.docs(&indexes.name(name)) {
             search.push(format!("{name}/{id} v{version} {doc}"));
         }
     }
-    let prefix = format!("{}-", w.topic);
-    let indexes = d
-        .indices()
-        .iter()
-        .filter(|i| i.starts_with(&prefix))
-        .count();
-    search.push(format!("{indexes} indexes"));
+    search.push(format!("{} indexes", indexes.all().len()));
     Snapshot {
         tables,
         changes,
@@ -530,11 +542,11 @@ fn own_names(step: &str, from: &str, to: &str) -> String {
 #[test]
 fn every_step_killed_at_every_point_resumes_to_the_world_of_an_unkilled_run() {
     let started = Instant::now();
-    let (w, pb) = world();
+    let (w, pb, indexes) = world();
     let run = w.dir.join("clean");
     let out = apply(&pb, &run, &[]).output().unwrap();
     assert_exit(&out, 0);
-    let reference = snapshot(&w);
+    let reference = snapshot(&w, &indexes);
     let cases = cases(&run);
     // Step ids may name the world's own consumer group (rewind:GROUP);
     // the group's name holds the topic's, so the group is replaced whole.
@@ -548,7 +560,7 @@ fn every_step_killed_at_every_point_resumes_to_the_world_of_an_unkilled_run() {
         .iter()
         .map(|s| s["action"]["kind"].as_str().unwrap().to_owned())
         .collect();
-    drop(w);
+    drop((w, indexes));
 
     // Cases in parallel, each in a world of its own (cluster, topic, group).
     let queue = Mutex::new(cases.clone());
@@ -561,7 +573,7 @@ fn every_step_killed_at_every_point_resumes_to_the_world_of_an_unkilled_run() {
                 let Some((_, step, point)) = queue.lock().unwrap().pop() else {
                     return;
                 };
-                let (w, pb) = world();
+                let (w, pb, indexes) = world();
                 let run = w.dir.join("run");
                 let step = own_names(&step, &ref_group, &w.group);
                 let hit = kill_at(&pb, &run, &step, point);
@@ -581,7 +593,7 @@ fn every_step_killed_at_every_point_resumes_to_the_world_of_an_unkilled_run() {
                         continue;
                     }
                 }
-                let got = snapshot(&w);
+                let got = snapshot(&w, &indexes);
                 if got != reference {
                     let mut diff = Vec::new();
                     for (k, v) in &reference.tables {

@@ -1,54 +1,156 @@
-//! Search index steps against the SEARCH DOUBLE (tests/it/common/
-//! search_double.rs): no Elasticsearch or OpenSearch can be installed
-//! here. Every test here says so in its name (`double`). The double keeps
-//! the documented semantics of the endpoints used; what went and what
-//! stayed is read from the double's own state, not from reentry's word.
+//! Search index steps against a real OpenSearch 2.19 node (the one
+//! `scripts/services` starts, or one a test starts for itself). What went
+//! and what stayed is read from the node's own record (`_count`,
+//! `_search`, `_cat/aliases`, `_tasks`, the `.tasks` index), never from
+//! reentry's word. Every index is created with no replica and no periodic
+//! refresh: a search sees only what was refreshed on purpose, so a step
+//! that forgot to refresh shows.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
 
 use serde_json::{json, Value};
 
 use crate::caches::{apply_cmd, done_effect, plan_steps, reentry, step, CacheWorld};
-use crate::common::search_double::SearchDouble;
+use crate::common::search::{Indexes, Node, OwnNode, Wiretap};
 use crate::common::{assert_exit, stderr, stdout};
+use crate::reconcile::ts;
 
 const MIN: i64 = 60_000;
 
 /// The SQL that makes a case's document, on either database.
 const DOCUMENTS: &str = "SELECT id::text AS id, (extract(epoch FROM updated_at) * 1000)::int8 AS version, jsonb_build_object('title', title, 'status', status) AS doc FROM cases";
 
-/// The index as the application left it, projected from current: every
-/// case's document at its row's version, cases 20-22 closed by the bad
-/// job. Behind alias `cases`.
-fn project(w: &CacheWorld, d: &SearchDouble, index: &str, alias: &str) {
-    d.create(index, Some(alias));
-    let mut c = w.cluster.db_client("cur");
-    let sql = format!("SELECT id, version, doc::text FROM ({DOCUMENTS}) d");
-    for r in c.query(&sql, &[]).unwrap() {
-        let doc: Value = serde_json::from_str(r.get(2)).unwrap();
-        d.put(index, r.get::<_, &str>(0), r.get(1), doc);
-    }
+fn case_mappings() -> Value {
+    json!({ "title": { "type": "text" }, "status": { "type": "keyword" } })
 }
 
-fn search_toml(d: &SearchDouble, name: &str, index: &str, rest: &str) -> String {
+/// The index as the application left it, projected from current: every
+/// case's document at its row's version, cases 20-22 closed by the bad
+/// job. Behind `alias`.
+fn project(w: &CacheWorld, node: &Node, index: &str, alias: &str) {
+    node.create(index, Some(alias), case_mappings());
+    let mut c = w.cluster.db_client("cur");
+    let sql = format!("SELECT id, version, doc::text FROM ({DOCUMENTS}) d");
+    let docs: Vec<(String, i64, Value)> = c
+        .query(&sql, &[])
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r.get::<_, String>(0),
+                r.get(1),
+                serde_json::from_str(r.get(2)).unwrap(),
+            )
+        })
+        .collect();
+    node.put_all(index, &docs);
+}
+
+fn search_toml(url: &str, name: &str, index: &str, rest: &str) -> String {
     format!(
         r#"[[search]]
 name = "{name}"
 url = "{url}"
 index = "{index}"
 {rest}
-"#,
-        url = d.url
+"#
     )
 }
 
+/// Event documents: `before` with `at` before T, `after` after it, ids
+/// `b…` and `a…`, in a date field of the node's default format.
+fn events(node: &Node, index: &str, t: i64, before: usize, after: usize, shards: u32) {
+    node.ok(
+        "PUT",
+        &format!("/{index}"),
+        Some(json!({
+            "settings": { "number_of_shards": shards, "number_of_replicas": 0, "refresh_interval": "-1" },
+            "mappings": { "properties": { "at": { "type": "date" } } },
+        })),
+    );
+    let mut docs = Vec::new();
+    for i in 0..before {
+        docs.push((
+            format!("b{i}"),
+            1,
+            json!({ "at": ts(t - 10 * MIN - i as i64) }),
+        ));
+    }
+    for i in 0..after {
+        docs.push((format!("a{i}"), 1, json!({ "at": ts(t + MIN + i as i64) })));
+    }
+    node.put_all(index, &docs);
+}
+
+fn after_t(t: i64) -> Value {
+    json!({ "range": { "at": { "gt": t, "format": "epoch_millis" } } })
+}
+
+/// An apply hung at `point` (a test hook): the step before it has done
+/// all it does. The caller looks, then kills it.
+fn paused_at(mut cmd: Command, point: &str) -> Child {
+    use std::io::{BufRead, BufReader};
+    let mut child = cmd
+        .env("REENTRY_PAUSE_AT", point)
+        .env("REENTRY_TEST_HOOKS", "hang-at-pause-points")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut seen = String::new();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    while let Some(line) = lines.next() {
+        let line = line.unwrap();
+        seen.push_str(&line);
+        seen.push('\n');
+        if line.contains("paused at") {
+            // Keep draining stderr so the paused process never blocks on it.
+            std::thread::spawn(move || lines.for_each(drop));
+            return child;
+        }
+    }
+    panic!("apply never reached {point} ({:?}): {seen}", child.wait());
+}
+
+/// The task id a delete-by-query step journaled.
+fn journaled_task(run: &Path, step: &str) -> String {
+    let text = std::fs::read_to_string(run.join("journal.jsonl")).unwrap();
+    text.lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter(|r| r["event"] == "prior" && r["step"] == step)
+        .find_map(|r| r["data"]["task"].as_str().map(str::to_owned))
+        .unwrap_or_else(|| panic!("{step} journaled no task: {text}"))
+}
+
 #[test]
-fn double_targeted_reindex_puts_repaired_rows_back_and_a_late_writer_cannot_undo_it() {
+fn a_late_writer_with_an_older_version_cannot_undo_a_targeted_reindex() {
     let w = CacheWorld::new("search-targeted");
-    let d = SearchDouble::start();
-    project(&w, &d, "cases-v1", "cases");
+    let ix = Indexes::new("search-targeted");
+    let node = &ix.node;
+    let (index, alias) = (ix.name("cases-v1"), ix.name("cases"));
+    project(&w, node, &index, &alias);
+    // The bad job's events were projected with their own time as the
+    // version, after T: newer than the row the repair puts back.
+    let stale = w.t + 2 * MIN;
+    let closed: Vec<(String, i64, Value)> = (20..=22)
+        .map(|id| {
+            (
+                id.to_string(),
+                stale,
+                json!({ "title": format!("case {id}"), "status": "closed" }),
+            )
+        })
+        .collect();
+    node.put_all(&index, &closed);
     let pb = w.playbook(&search_toml(
-        &d,
+        &node.url,
         "cases-index",
-        "cases",
+        &alias,
         &format!("strategy = \"targeted\"\ntable = \"cases\"\nupdated-at = \"updated_at\"\ndocuments = \"{DOCUMENTS}\"\nbatch-size = 4"),
     ));
     let plan = plan_steps(&pb);
@@ -57,147 +159,450 @@ fn double_targeted_reindex_puts_repaired_rows_back_and_a_late_writer_cannot_undo
         step(&plan, "search-targeted:cases-index")["preview"]["count"],
         10
     );
-    let stale = d.docs("cases")["20"].clone();
-    assert_eq!(stale.1["status"], "closed");
 
-    // The server refuses three requests and two bulk items with 429: the
-    // step retries and succeeds.
-    d.fail_next(3);
-    d.reject_items(2);
     let run = w.dir.join("run");
     let out = apply_cmd(&pb, &run, &[]).output().unwrap();
     assert_exit(&out, 0);
-    let docs = d.docs("cases");
+    let docs = node.docs(&alias);
+    assert_eq!(docs.len(), 50);
     for id in ["20", "21", "22"] {
         assert_eq!(docs[id].1["status"], "open", "document {id} repaired");
+        // Written at the stored version (external_gte): the row's own
+        // version, older, would have been refused.
+        assert_eq!(docs[id].0, stale, "document {id}'s version");
     }
-    assert_eq!(docs.len(), 50);
     let e = done_effect(&run, "search-targeted:cases-index");
     assert_eq!(e["detail"]["after"], 13, "{e:#}");
 
-    // A replay of the bad job's event, at its version: refused.
-    let late = d.write_as_app(
-        "cases",
-        "20",
-        stale.0,
-        json!({"title": "case 20", "status": "closed"}),
-    );
-    assert_eq!(late["status"], 409, "{late}");
-    assert_eq!(d.docs("cases")["20"].1["status"], "open");
+    // A replay of the bad job's event, at its version or an older one:
+    // refused by the node.
+    for version in [stale, stale - MIN] {
+        let (status, answer) = node.write_as_app(
+            &alias,
+            "20",
+            version,
+            json!({"title": "case 20", "status": "closed"}),
+        );
+        assert_eq!(status, 409, "{answer}");
+        assert_eq!(answer["error"]["type"], "version_conflict_engine_exception");
+    }
+    node.refresh(&alias);
+    assert_eq!(node.docs(&alias)["20"].1["status"], "open");
     // A genuinely newer write still wins.
-    let newer = d.write_as_app(
-        "cases",
+    let (status, answer) = node.write_as_app(
+        &alias,
         "20",
-        stale.0 + 1,
+        stale + 1,
         json!({"title": "case 20", "status": "escalated"}),
     );
-    assert_eq!(newer["status"], 200, "{newer}");
+    assert_eq!(status, 200, "{answer}");
 }
 
 #[test]
-fn double_delete_by_query_is_one_task_polled_again_after_a_kill() {
+fn delete_by_query_killed_mid_task_is_resumed_on_the_same_task_and_never_started_twice() {
     let w = CacheWorld::new("search-dbq");
-    let d = SearchDouble::start();
-    d.create("events", None);
-    for i in 0..30 {
-        d.put(
-            "events",
-            &format!("b{i}"),
-            1,
-            json!({ "at": w.t - 10 * MIN + i }),
-        );
-    }
-    for i in 0..12 {
-        d.put(
-            "events",
-            &format!("a{i}"),
-            1,
-            json!({ "at": crate::reconcile::ts(w.t + MIN + i) }),
-        );
-    }
+    let ix = Indexes::new("search-dbq");
+    let node = ix.node.clone();
+    let index = ix.name("events");
+    // Two shards: slices=auto runs a slice on each, as child tasks.
+    events(&node, &index, w.t, 30, 3000, 2);
+    // Throttled to 500 documents a second, the task takes seconds: long
+    // enough to be killed under and found running again.
     let pb = w.playbook(&search_toml(
-        &d,
+        &node.url,
         "events",
-        "events",
-        "strategy = \"delete-by-query\"\ntimestamp-field = \"at\"",
+        &index,
+        "strategy = \"delete-by-query\"\ntimestamp-field = \"at\"\nrequests-per-second = 500",
     ));
     assert_eq!(
         step(&plan_steps(&pb), "search-delete-by-query:events")["preview"]["count"],
-        12
+        3000
     );
+
+    // Every delete-by-query task the node runs on the index, sampled from
+    // _tasks for the whole test.
+    let stop = Arc::new(AtomicBool::new(false));
+    let sampler = {
+        let (node, index, stop) = (node.clone(), index.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut seen = BTreeSet::new();
+            while !stop.load(Ordering::Relaxed) {
+                seen.extend(node.running_delete_by_query(&index));
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            seen
+        })
+    };
 
     let run = w.dir.join("run");
     crate::common::kill_at_pause(
         apply_cmd(&pb, &run, &[]),
         "search-delete-by-query:events:task",
     );
-    assert_eq!(d.tasks(), 1);
+    let task = journaled_task(&run, "search-delete-by-query:events");
+    // reentry is dead; its task runs on, throttled as asked.
+    assert_eq!(
+        node.running_delete_by_query(&index),
+        std::slice::from_ref(&task)
+    );
+    let status = node.ok("GET", &format!("/_tasks/{task}"), None);
+    assert_eq!(status["completed"], false, "{status}");
+    // Its slices, one per shard, share the throttle.
+    let mut waited = 0;
+    let slices = loop {
+        let v = node.ok(
+            "GET",
+            &format!("/_tasks?parent_task_id={task}&detailed=true"),
+            None,
+        );
+        let rps: Vec<f64> = v["nodes"]
+            .as_object()
+            .into_iter()
+            .flat_map(|o| o.values())
+            .flat_map(|n| n["tasks"].as_object().unwrap().values())
+            .map(|t| t["status"]["requests_per_second"].as_f64().unwrap())
+            .collect();
+        if rps.len() == 2 || waited > 50 {
+            break rps;
+        }
+        waited += 1;
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(slices, [250.0, 250.0]);
+
     let out = apply_cmd(&pb, &run, &["--resume"]).output().unwrap();
     assert_exit(&out, 0);
-    // The resumed run polled the task it had started: no second one.
-    assert_eq!(d.tasks(), 1);
-    let left = d.docs("events");
-    assert_eq!(left.len(), 30);
-    assert!(left.keys().all(|k| k.starts_with('b')), "{left:?}");
+    stop.store(true, Ordering::Relaxed);
+    let mut seen = sampler.join().unwrap();
+    // The resumed run polled the task it had started: the node ran one,
+    // and stored one result.
+    let finished = node.finished_delete_by_query(&index);
+    assert_eq!(finished, std::slice::from_ref(&task));
+    seen.extend(finished);
+    assert_eq!(seen, BTreeSet::from([task.clone()]));
+    // What a search sees right after the run, without a refresh of ours.
+    assert_eq!(node.count(&index, after_t(w.t)), 0);
+    assert_eq!(node.count_all(&index), 30);
     let e = done_effect(&run, "search-delete-by-query:events");
-    assert_eq!(e["count"], 12, "{e:#}");
-    assert_eq!(e["detail"]["task"], "double-node:1");
+    assert_eq!(e["count"], 3000, "{e:#}");
+    assert_eq!(e["detail"]["task"], task.as_str());
+    let done = node.ok("GET", &format!("/_tasks/{task}"), None);
+    assert_eq!(done["response"]["requests_per_second"], 500.0, "{done}");
+    assert_eq!(done["response"]["deleted"], 3000, "{done}");
 }
 
 #[test]
-fn double_rebuild_builds_a_new_index_moves_the_alias_at_once_and_keeps_the_old_one() {
-    let w = CacheWorld::new("search-rebuild");
-    let d = SearchDouble::start();
-    project(&w, &d, "cases-v1", "cases");
-    // A document for a case the database does not have: gone after.
-    d.put(
-        "cases-v1",
-        "999",
-        1,
-        json!({"title": "ghost", "status": "open"}),
-    );
+fn a_document_written_during_the_delete_by_query_is_a_version_conflict_kept_and_reported() {
+    let w = CacheWorld::new("search-dbq-conflict");
+    let ix = Indexes::new("search-dbq-conflict");
+    let node = &ix.node;
+    let index = ix.name("events");
+    events(node, &index, w.t, 30, 3000, 1);
     let pb = w.playbook(&search_toml(
-        &d,
-        "cases-index",
-        "cases",
-        &format!("strategy = \"rebuild\"\ndocuments = \"{DOCUMENTS}\"\nbatch-size = 7"),
+        &node.url,
+        "events",
+        &index,
+        "strategy = \"delete-by-query\"\ntimestamp-field = \"at\"\nrequests-per-second = 500",
     ));
     let run = w.dir.join("run");
-    let out = apply_cmd(&pb, &run, &[]).output().unwrap();
-    assert_exit(&out, 0);
-    let now = d.alias("cases");
-    assert_eq!(now.len(), 1);
-    assert_ne!(now[0], "cases-v1");
-    assert!(
-        d.indices().contains(&"cases-v1".to_owned()),
-        "the old index is kept"
+    crate::common::kill_at_pause(
+        apply_cmd(&pb, &run, &[]),
+        "search-delete-by-query:events:task",
     );
-    let docs = d.docs("cases");
+    let task = journaled_task(&run, "search-delete-by-query:events");
+    // A writer the gates did not stop rewrites the documents after T while
+    // the throttled task works through its snapshot of them.
+    let mut lines = String::new();
+    for i in 0..3000 {
+        lines.push_str(&format!(
+            "{}\n{}\n",
+            json!({ "index": { "_index": index, "_id": format!("a{i}") } }),
+            json!({ "at": ts(w.t + MIN + i), "rewritten": true })
+        ));
+    }
+    node.bulk(&lines);
+    let done = loop {
+        let v = node.ok("GET", &format!("/_tasks/{task}"), None);
+        if v["completed"] == true {
+            break v["response"].clone();
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    // conflicts=proceed: the task went through its whole snapshot; each
+    // document rewritten before its turn is a conflict, not a failure.
+    assert_eq!(done["failures"], json!([]), "{done}");
+    let conflicts = done["version_conflicts"].as_u64().unwrap();
+    assert!(conflicts > 0, "{done}");
+    assert_eq!(
+        done["deleted"].as_u64().unwrap() + conflicts,
+        3000,
+        "{done}"
+    );
+
+    // The resumed run polls that task, finds the writes kept, and says so.
+    let out = apply_cmd(&pb, &run, &["--resume"]).output().unwrap();
+    assert_exit(&out, 2);
+    let said = format!("{}{}", stdout(&out), stderr(&out));
+    assert!(
+        said.contains("remain after task")
+            && said.contains(&format!("{conflicts} version conflict(s)")),
+        "{said}"
+    );
+    assert_eq!(node.finished_delete_by_query(&index), [task]);
+}
+
+#[test]
+fn delete_by_query_compares_t_with_a_date_of_any_format_and_with_epoch_millis() {
+    let w = CacheWorld::new("search-dbq-formats");
+    let ix = Indexes::new("search-dbq-formats");
+    let node = &ix.node;
+    // The same events three ways: a date with the default format, a date
+    // with a format of its own, and epoch milliseconds in a long.
+    let kinds = [
+        ("iso", json!({ "type": "date" })),
+        (
+            "local",
+            json!({ "type": "date", "format": "yyyy-MM-dd HH:mm:ss.SSS" }),
+        ),
+        ("millis", json!({ "type": "long" })),
+    ];
+    let mut toml = String::new();
+    for (name, mapping) in &kinds {
+        let index = ix.name(name);
+        node.create(&index, None, json!({ "at": mapping }));
+        let at = |ms: i64| match *name {
+            "iso" => json!(ts(ms)),
+            "local" => json!(ts(ms).replace('T', " ").trim_end_matches('Z').to_owned()),
+            _ => json!(ms),
+        };
+        let docs: Vec<(String, i64, Value)> = (0..5)
+            .map(|i| (format!("b{i}"), 1, json!({ "at": at(w.t - MIN - i) })))
+            .chain((0..7).map(|i| (format!("a{i}"), 1, json!({ "at": at(w.t + MIN + i) }))))
+            .collect();
+        node.put_all(&index, &docs);
+        toml.push_str(&search_toml(
+            &node.url,
+            name,
+            &index,
+            "strategy = \"delete-by-query\"\ntimestamp-field = \"at\"",
+        ));
+    }
+    let pb = w.playbook(&toml);
+    let plan = plan_steps(&pb);
+    for (name, _) in &kinds {
+        assert_eq!(
+            step(&plan, &format!("search-delete-by-query:{name}"))["preview"]["count"],
+            7,
+            "{name}"
+        );
+    }
+    let out = apply_cmd(&pb, &w.dir.join("run"), &[]).output().unwrap();
+    assert_exit(&out, 0);
+    for (name, _) in &kinds {
+        let left = node.docs(&ix.name(name));
+        assert_eq!(left.len(), 5, "{name}: {left:?}");
+        assert!(left.keys().all(|k| k.starts_with('b')), "{name}: {left:?}");
+    }
+}
+
+#[test]
+fn a_timestamp_field_the_index_does_not_map_as_a_date_is_a_configuration_error() {
+    let w = CacheWorld::new("search-dbq-field");
+    let ix = Indexes::new("search-dbq-field");
+    let node = &ix.node;
+    let index = ix.name("events");
+    node.create(
+        &index,
+        None,
+        json!({ "at": { "type": "date" }, "kind": { "type": "keyword" } }),
+    );
+    node.put_all(
+        &index,
+        &[("a0".into(), 1, json!({ "at": ts(w.t + MIN), "kind": "x" }))],
+    );
+    for (field, says) in [
+        ("occurred_at", "does not map `occurred_at`"),
+        ("kind", "`kind` (timestamp-field) is mapped as keyword"),
+    ] {
+        let pb = w.playbook(&search_toml(
+            &node.url,
+            "events",
+            &index,
+            &format!("strategy = \"delete-by-query\"\ntimestamp-field = \"{field}\""),
+        ));
+        let out = reentry(&[&"plan", &pb]);
+        assert_exit(&out, 78);
+        let said = format!("{}{}", stdout(&out), stderr(&out));
+        assert!(
+            said.contains(&format!("index {index}")) && said.contains(says),
+            "{said}"
+        );
+    }
+    node.refresh(&index);
+    assert_eq!(node.count_all(&index), 1, "nothing deleted");
+}
+
+#[test]
+fn each_step_leaves_what_it_did_visible_to_the_next_search() {
+    let w = CacheWorld::new("search-refresh");
+    let ix = Indexes::new("search-refresh");
+    let node = &ix.node;
+    let events_index = ix.name("events");
+    events(node, &events_index, w.t, 4, 6, 1);
+    let (cases, rebuilt) = (ix.name("cases"), ix.name("rebuilt"));
+    project(&w, node, &format!("{cases}-v1"), &cases);
+    project(&w, node, &format!("{rebuilt}-v1"), &rebuilt);
+    let ghost = [(
+        "999".to_owned(),
+        1,
+        json!({ "title": "ghost", "status": "open" }),
+    )];
+    node.put_all(&format!("{rebuilt}-v1"), &ghost);
+    let mut toml = search_toml(
+        &node.url,
+        "events",
+        &events_index,
+        "strategy = \"delete-by-query\"\ntimestamp-field = \"at\"",
+    );
+    toml.push_str(&search_toml(&node.url, "cases", &cases, &format!("strategy = \"targeted\"\ntable = \"cases\"\nupdated-at = \"updated_at\"\ndocuments = \"{DOCUMENTS}\"")));
+    toml.push_str(&search_toml(
+        &node.url,
+        "rebuilt",
+        &rebuilt,
+        &format!("strategy = \"rebuild\"\ndocuments = \"{DOCUMENTS}\""),
+    ));
+    let pb = w.playbook(&toml);
+    let run = w.dir.join("run");
+    // Each step is looked at as it finishes, the run hung right after it;
+    // the next one is then resumed. The indexes never refresh on their
+    // own, and the test never refreshes them.
+    let mut child = paused_at(
+        apply_cmd(&pb, &run, &[]),
+        "search-delete-by-query:events:done",
+    );
+    assert_eq!(node.count(&events_index, after_t(w.t)), 0);
+    assert_eq!(node.count_all(&events_index), 4);
+    child.kill().unwrap();
+    child.wait().unwrap();
+
+    let mut child = paused_at(
+        apply_cmd(&pb, &run, &["--resume"]),
+        "search-targeted:cases:done",
+    );
+    let docs = node.docs(&cases);
+    for id in ["20", "21", "22"] {
+        assert_eq!(docs[id].1["status"], "open", "document {id}");
+    }
+    assert!(docs["1"].1["title"]
+        .as_str()
+        .unwrap()
+        .ends_with("(after T)"));
+    child.kill().unwrap();
+    child.wait().unwrap();
+
+    let mut child = paused_at(
+        apply_cmd(&pb, &run, &["--resume"]),
+        "search-rebuild:rebuilt:done",
+    );
+    let docs = node.docs(&rebuilt);
+    assert_eq!(docs.len(), 50);
+    assert!(!docs.contains_key("999"));
+    child.kill().unwrap();
+    child.wait().unwrap();
+
+    let out = apply_cmd(&pb, &run, &["--resume"]).output().unwrap();
+    assert_exit(&out, 0);
+}
+
+#[test]
+fn a_rebuild_moves_the_alias_in_one_call_keeps_the_old_index_and_no_reader_sees_it_empty_or_doubled(
+) {
+    let w = CacheWorld::new("search-rebuild");
+    let ix = Indexes::new("search-rebuild");
+    let node = ix.node.clone();
+    let (old, alias) = (ix.name("cases-v1"), ix.name("cases"));
+    project(&w, &node, &old, &alias);
+    // A document for a case the database does not have: 51 in the old
+    // index, 50 in the new one.
+    node.put_all(
+        &old,
+        &[("999".into(), 1, json!({"title": "ghost", "status": "open"}))],
+    );
+    // reentry talks to the node through a wiretap, which counts its calls.
+    let tap = Wiretap::on(&node);
+    let pb = w.playbook(&search_toml(
+        &tap.url,
+        "cases-index",
+        &alias,
+        &format!("strategy = \"rebuild\"\ndocuments = \"{DOCUMENTS}\"\nbatch-size = 7"),
+    ));
+
+    // A reader searches the alias in a loop for the whole run.
+    let stop = Arc::new(AtomicBool::new(false));
+    let reader = {
+        let (node, alias, stop) = (node.clone(), alias.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut counts = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                let (status, v) = node.call(
+                    "POST",
+                    &format!("/{alias}/_search"),
+                    Some(json!({ "size": 0, "track_total_hits": true })),
+                );
+                counts.push(if status == 200 {
+                    v["hits"]["total"]["value"].as_i64().unwrap()
+                } else {
+                    -(status as i64)
+                });
+            }
+            counts
+        })
+    };
+    let run = w.dir.join("run");
+    let out = apply_cmd(&pb, &run, &[]).output().unwrap();
+    // A few searches after the swap too.
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, Ordering::Relaxed);
+    let counts = reader.join().unwrap();
+    assert_exit(&out, 0);
+    let distinct: BTreeSet<i64> = counts.iter().copied().collect();
+    // Never none (0, or an error for a missing alias), never both (101).
+    assert_eq!(
+        distinct,
+        BTreeSet::from([50, 51]),
+        "{} searches",
+        counts.len()
+    );
+    assert_eq!(counts.first(), Some(&51));
+    assert_eq!(counts.last(), Some(&50));
+    assert_eq!(tap.requests("POST /_aliases"), 1);
+
+    let now = node.alias(&alias);
+    assert_eq!(now.len(), 1);
+    assert_ne!(now[0], old);
+    assert!(ix.all().contains(&old), "the old index is kept");
+    // The new index has the old one's settings: no replica, hence green
+    // on one node, where the server's default (one replica) stays yellow.
+    let health = node.ok("GET", &format!("/_cluster/health/{}", now[0]), None);
+    assert_eq!(health["status"], "green", "{health}");
+    let docs = node.docs(&alias);
     assert_eq!(docs.len(), 50, "built from the repaired database");
     assert!(!docs.contains_key("999"));
     assert_eq!(docs["21"].1["status"], "open");
-    // One _aliases request moved it: remove and add together.
-    assert_eq!(
-        d.log()
-            .iter()
-            .filter(|l| l.starts_with("POST /_aliases"))
-            .count(),
-        1
-    );
     let report = reentry(&[&"report", &run]);
     assert!(
-        stdout(&report).contains("the old index cases-v1 is kept"),
+        stdout(&report).contains(&format!("the old index {old} is kept")),
         "{}",
         stdout(&report)
     );
 }
 
 #[test]
-fn double_a_rebuild_hook_is_journaled_with_its_exit_code_and_output() {
+fn a_rebuild_hook_is_journaled_with_its_exit_code_and_output() {
     let w = CacheWorld::new("search-hook");
-    let d = SearchDouble::start();
+    let url = crate::common::search::search_url();
     let pb = w.playbook(&search_toml(
-        &d,
+        &url,
         "hooked",
         "cases",
         "strategy = \"rebuild-hook\"\nrebuild-hook = \"echo rebuilding $REENTRY_SEARCH_INDEX after $REENTRY_T\"",
@@ -216,7 +621,7 @@ fn double_a_rebuild_hook_is_journaled_with_its_exit_code_and_output() {
     );
 
     let pb = w.playbook(&search_toml(
-        &d,
+        &url,
         "hooked",
         "cases",
         "strategy = \"rebuild-hook\"\nrebuild-hook = \"echo no space left >&2; exit 3\"",
@@ -230,15 +635,19 @@ fn double_a_rebuild_hook_is_journaled_with_its_exit_code_and_output() {
 }
 
 #[test]
-fn double_targeted_delete_with_an_api_key_never_shows_it_and_a_4xx_names_the_index() {
+fn an_api_key_is_sent_to_the_server_and_never_shown() {
     let w = CacheWorld::new("search-auth");
-    let d = SearchDouble::start();
-    project(&w, &d, "cases-v1", "cases");
-    d.require_auth("ApiKey s3cret-search-key");
+    let ix = Indexes::new("search-auth");
+    let node = &ix.node;
+    let (index, alias) = (ix.name("cases-v1"), ix.name("cases"));
+    project(&w, node, &index, &alias);
+    // OpenSearch without its security plugin takes any credentials: the
+    // wiretap shows the key went out on every request.
+    let tap = Wiretap::on(node);
     let pb = w.playbook(&search_toml(
-        &d,
+        &tap.url,
         "cases-index",
-        "cases",
+        &alias,
         "strategy = \"targeted\"\ntable = \"cases\"\nupdated-at = \"updated_at\"\napi-key = \"${SEARCH_KEY}\"",
     ));
     let run = w.dir.join("run");
@@ -247,10 +656,19 @@ fn double_targeted_delete_with_an_api_key_never_shows_it_and_a_4xx_names_the_ind
         .output()
         .unwrap();
     assert_exit(&out, 0);
-    let docs = d.docs("cases");
     // Cases 1-10 (after T) and 20-22 (repaired) deleted: the application
     // projects them again from the survivor.
-    assert_eq!(docs.len(), 50 - 13);
+    assert_eq!(node.count_all(&alias), 50 - 13);
+    let sent = tap.sent();
+    let requests = sent.matches(" HTTP/1.1\r\n").count();
+    assert!(requests > 0);
+    assert_eq!(
+        sent.to_ascii_lowercase()
+            .matches("\r\nauthorization: apikey s3cret-search-key\r\n")
+            .count(),
+        requests,
+        "every request carries the key"
+    );
     for f in ["plan.json", "journal.jsonl"] {
         assert!(!std::fs::read_to_string(run.join(f))
             .unwrap()
@@ -259,18 +677,152 @@ fn double_targeted_delete_with_an_api_key_never_shows_it_and_a_4xx_names_the_ind
     assert!(
         !stdout(&out).contains("s3cret-search-key") && !stderr(&out).contains("s3cret-search-key")
     );
+}
 
-    // An index that does not exist: a clear error naming it.
-    let pb = w.playbook(&search_toml(&d, "nope", "no-such-index", "strategy = \"targeted\"\ntable = \"cases\"\nupdated-at = \"updated_at\"\napi-key = \"${SEARCH_KEY}\""));
-    let out = std::process::Command::new(crate::common::reentry_bin())
-        .args(["plan"])
-        .arg(&pb)
-        .env("SEARCH_KEY", "s3cret-search-key")
-        .output()
-        .unwrap();
-    let said = format!("{}{}", stdout(&out), stderr(&out));
-    assert!(
-        said.contains("index no-such-index") && said.contains("HTTP 404"),
-        "{said}"
+#[test]
+fn a_missing_or_closed_index_is_a_configuration_error_naming_it_and_nothing_changes() {
+    let w = CacheWorld::new("search-state");
+    let ix = Indexes::new("search-state");
+    let node = &ix.node;
+    let closed = ix.name("closed");
+    node.create(&closed, None, case_mappings());
+    node.ok("POST", &format!("/{closed}/_close"), None);
+    let missing = ix.name("missing");
+    for (index, says) in [
+        (&missing, "index_not_found_exception"),
+        (&closed, "the index is closed: open it with POST"),
+    ] {
+        for strategy in [
+            "strategy = \"targeted\"\ntable = \"cases\"\nupdated-at = \"updated_at\"",
+            "strategy = \"delete-by-query\"\ntimestamp-field = \"at\"",
+            &format!("strategy = \"rebuild\"\ndocuments = \"{DOCUMENTS}\""),
+        ] {
+            let pb = w.playbook(&search_toml(&node.url, "cases-index", index, strategy));
+            let out = reentry(&[&"plan", &pb]);
+            assert_exit(&out, 78);
+            let said = format!("{}{}", stdout(&out), stderr(&out));
+            assert!(
+                said.contains(&format!("index {index}")) && said.contains(says),
+                "{strategy}: {said}"
+            );
+            // apply checks the plan before its first change: the gates
+            // stay open, the cases unrepaired.
+            let run = w.dir.join(crate::common::unique("run"));
+            let out = apply_cmd(&pb, &run, &[]).output().unwrap();
+            assert_exit(&out, 78);
+            let mut c = w.cluster.db_client("cur");
+            let open: bool = c
+                .query_one(
+                    "SELECT enabled FROM system_gate WHERE gate_name = 'api-writes'",
+                    &[],
+                )
+                .unwrap()
+                .get(0);
+            assert!(open, "{strategy}: the gate was closed");
+            let status: String = c
+                .query_one("SELECT status FROM cases WHERE id = 20", &[])
+                .unwrap()
+                .get(0);
+            assert_eq!(status, "closed", "{strategy}: a row was repaired");
+        }
+    }
+}
+
+#[test]
+fn rejections_with_429_are_retried_until_the_step_completes_with_the_right_counts() {
+    // A node of this test's own with one write and one search thread and a
+    // queue of one each, kept busy by other clients: the requests reentry
+    // sends meet real es_rejected_execution (429) answers, whole and per
+    // bulk item.
+    let own = OwnNode::start(&[
+        "thread_pool.write.size=1",
+        "thread_pool.write.queue_size=1",
+        "thread_pool.search.size=1",
+        "thread_pool.search.queue_size=1",
+    ]);
+    let node = own.node.clone();
+    let w = CacheWorld::new("search-429");
+    let ix = Indexes::on(node.clone(), "search-429");
+    let (index, alias) = (ix.name("cases-v1"), ix.name("cases"));
+    project(&w, &node, &index, &alias);
+    let load = ix.name("load");
+    node.create(&load, None, json!({ "n": { "type": "long" } }));
+    let pb = w.playbook(&search_toml(
+        &node.url,
+        "cases-index",
+        &alias,
+        &format!("strategy = \"targeted\"\ntable = \"cases\"\nupdated-at = \"updated_at\"\ndocuments = \"{DOCUMENTS}\"\nbatch-size = 1"),
+    ));
+    let before = node.rejected();
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut loaders = Vec::new();
+    for k in 0..6 {
+        let (node, load, stop) = (node.clone(), load.clone(), stop.clone());
+        loaders.push(std::thread::spawn(move || {
+            let mut body = String::new();
+            for i in 0..300 {
+                body.push_str(&format!(
+                    "{}\n{}\n",
+                    json!({ "index": { "_index": load, "_id": format!("{k}-{i}") } }),
+                    json!({ "n": i })
+                ));
+            }
+            while !stop.load(Ordering::Relaxed) {
+                if k % 2 == 0 {
+                    let _ = node.call(
+                        "POST",
+                        &format!("/{load}/_search"),
+                        Some(json!({ "query": { "range": { "n": { "gte": 10 } } } })),
+                    );
+                } else {
+                    let _ = reqwest::blocking::Client::new()
+                        .post(format!("{}/_bulk", node.url))
+                        .header("Content-Type", "application/x-ndjson")
+                        .body(body.clone())
+                        .send();
+                }
+            }
+        }));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let run = w.dir.join("run");
+    let out = apply_cmd(&pb, &run, &[]).output().unwrap();
+    stop.store(true, Ordering::Relaxed);
+    for l in loaders {
+        l.join().unwrap();
+    }
+    assert_exit(&out, 0);
+    // reentry met 429s and retried them.
+    let said = stderr(&out);
+    let retried: Vec<&str> = said
+        .lines()
+        .filter(|l| l.contains("HTTP 429") || l.contains("refused with 429"))
+        .collect();
+    assert!(!retried.is_empty(), "no 429 reached reentry: {said}");
+    eprintln!(
+        "reentry retried after a 429 {} times, e.g. {}",
+        retried.len(),
+        retried[0]
     );
+    let after = node.rejected();
+    for pool in ["write", "search"] {
+        eprintln!(
+            "{pool}: {} rejections during the run",
+            after[pool] - before[pool]
+        );
+    }
+    // Right counts: the 13 changed entities indexed again, the repaired
+    // ones open, all 50 there.
+    let e = done_effect(&run, "search-targeted:cases-index");
+    assert_eq!(e["detail"]["after"], 13, "{e:#}");
+    let docs = node.docs(&alias);
+    assert_eq!(docs.len(), 50);
+    for id in ["20", "21", "22"] {
+        assert_eq!(docs[id].1["status"], "open", "document {id}");
+    }
+    assert!(docs["1"].1["title"]
+        .as_str()
+        .unwrap()
+        .ends_with("(after T)"));
 }

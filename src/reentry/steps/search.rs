@@ -4,9 +4,10 @@
 //!
 //! - `search-delete-by-query:<name>`: documents whose `timestamp-field` is
 //!   after T, deleted by a `_delete_by_query` task (`conflicts=proceed`,
-//!   `slices=auto`, `wait_for_completion=false`). The task id is journaled
-//!   as soon as the server gives it, and a resumed run polls that task
-//!   instead of starting a second one.
+//!   `slices=auto`, `wait_for_completion=false`, and `requests_per_second`
+//!   when the playbook throttles it). The task id is journaled as soon as
+//!   the server gives it, and a resumed run polls that task instead of
+//!   starting a second one.
 //! - `search-targeted:<name>`: the entities changed around T (see
 //!   `rows::Entities`). Without `documents`, their documents are deleted
 //!   (bulk). With it, each is indexed again from the surviving database:
@@ -24,7 +25,13 @@
 //! - `search-hook:<name>`: a command that rebuilds the index the team's
 //!   own way; its exit code and output are journaled.
 //!
-//! After acting, each refreshes the index and counts again.
+//! After acting, each refreshes the index and counts again: a search right
+//! after the step sees what it did, whatever the index's refresh interval.
+//!
+//! A plan checks that each index (or alias) exists and is open, and that
+//! a delete-by-query's field is mapped as a date: a missing or closed
+//! index, or a field the index does not map, is a configuration error
+//! naming the index (exit 78), before anything changes.
 
 use std::time::{Duration, Instant};
 
@@ -67,6 +74,7 @@ section! {
         pub database: Option<String> => opt("database", Kind::Str),
         pub rebuild_hook: Option<String> => opt("rebuild-hook", Kind::Str),
         pub batch_size: Option<i64> => opt("batch-size", Kind::Int),
+        pub requests_per_second: Option<i64> => opt("requests-per-second", Kind::Int),
     }
 }
 
@@ -127,6 +135,9 @@ pub enum Strategy {
     DeleteByQuery {
         timestamp_field: String,
         t_ms: Option<i64>,
+        /// The task's throttle; none: as fast as the cluster goes.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        requests_per_second: Option<u64>,
     },
     Targeted {
         entities: Entities,
@@ -188,8 +199,27 @@ fn t_iso(t_ms: Option<i64>) -> Result<String, StepError> {
     Ok(crate::reentry::plan::rfc3339_ms(t))
 }
 
+/// T as epoch milliseconds with `format: epoch_millis`: a date field
+/// parses the bound with its own format otherwise, so an ISO string is
+/// refused by a field mapped `yyyy-MM-dd HH:mm:ss`, and by a `long` field
+/// holding milliseconds. The number with this format suits all three.
 fn after_t(field: &str, t_ms: Option<i64>) -> Result<Value, StepError> {
-    Ok(json!({ "range": { field: { "gt": t_iso(t_ms)? } } }))
+    t_iso(t_ms)?;
+    Ok(json!({ "range": { field: { "gt": t_ms, "format": "epoch_millis" } } }))
+}
+
+/// Field types that hold a time `after_t` compares: dates, and a `long`
+/// read as epoch milliseconds.
+const TIME_TYPES: &[&str] = &["date", "date_nanos", "long"];
+
+/// A missing or closed index is the playbook pointing at the wrong thing
+/// (exit 78 while planning, as a missing table is), not a runtime fault.
+fn usable(e: crate::search::SearchError) -> StepError {
+    if e.is_unusable_index() {
+        StepError::Config(e.to_string())
+    } else {
+        StepError::Search(e)
+    }
 }
 
 /// Document ids for entities: the key's values, joined by `:` when the
@@ -308,6 +338,43 @@ impl SearchStep {
         }
     }
 
+    /// The index exists and is open: its document count.
+    fn open(&self, s: &Search) -> Result<u64, StepError> {
+        s.count(&self.target.index, &json!({ "match_all": {} }))
+            .map_err(usable)
+    }
+
+    /// Every index behind the name maps `field` as a time: a field it
+    /// does not map would match nothing, and the step would delete
+    /// nothing and say it succeeded.
+    fn check_field(&self, s: &Search, field: &str) -> Result<(), StepError> {
+        let types = s.field_types(&self.target.index, field).map_err(usable)?;
+        if types.is_empty() {
+            return Err(StepError::Config(format!(
+                "index {} ({}): no index maps `{field}` (timestamp-field): a delete-by-query on it would match nothing",
+                self.target.index, self.target.search
+            )));
+        }
+        for (index, t) in &types {
+            match t.as_deref() {
+                Some(t) if TIME_TYPES.contains(&t) => {}
+                Some(t) => {
+                    return Err(StepError::Config(format!(
+                        "index {index} ({}): `{field}` (timestamp-field) is mapped as {t}, not as a date: map it as date (or epoch milliseconds as long)",
+                        self.target.search
+                    )))
+                }
+                None => {
+                    return Err(StepError::Config(format!(
+                        "index {index} ({}): does not map `{field}` (timestamp-field): a delete-by-query on it would match nothing",
+                        self.target.search
+                    )))
+                }
+            }
+        }
+        Ok(())
+    }
+
     fn targets(&self, env: &mut Env, entities: &Entities) -> Result<(u64, Vec<String>), StepError> {
         let found = entities.find(env, "current")?;
         Ok((found.entities.len() as u64, doc_ids(&found.entities)))
@@ -319,13 +386,16 @@ impl SearchStep {
         rec: &mut Recorder,
         field: &str,
         t_ms: Option<i64>,
+        requests_per_second: Option<u64>,
     ) -> Result<Effect, StepError> {
         let index = &self.target.index;
         let q = after_t(field, t_ms)?;
         let prior: TaskPrior = rec.prior(|| {
+            // The task deletes what a search sees: documents not refreshed
+            // yet would escape it.
             s.refresh(index)?;
             let before = s.count(index, &q)?;
-            let task = s.delete_by_query(index, &q)?;
+            let task = s.delete_by_query(index, &q, requests_per_second)?;
             Ok(TaskPrior { task, before })
         })?;
         let step_id = rec.step.to_owned();
@@ -356,9 +426,13 @@ impl SearchStep {
         d.newer_kept = response["version_conflicts"].as_u64().unwrap_or(0);
         d.after = after;
         d.task = Some(prior.task.clone());
+        // With conflicts=proceed a document written during the task is
+        // kept and counted, not deleted: something wrote to the index while
+        // the gates were closed, and deleting its write blindly is not ours
+        // to decide.
         if after > 0 {
             return Err(self.err(format!(
-                "{after} document(s) with {field} after T remain after task {} ({} version conflict(s))",
+                "{after} document(s) with {field} after T remain after task {} ({} version conflict(s): written during the task); find what writes to the index while the gates are closed, then start a new run",
                 prior.task, d.newer_kept
             )));
         }
@@ -569,8 +643,13 @@ impl SearchStep {
         d.new_index = Some(prior.new.clone());
         if now != [prior.new.clone()] {
             if s.mappings(&prior.new)?.is_none() {
+                // The old index's shards, replicas and analysis too: with
+                // the server's defaults (one replica) the new index would
+                // differ from the one it replaces, and on a cluster of one
+                // node stay yellow.
                 let mappings = s.mappings(&prior.old[0])?.unwrap_or(json!({}));
-                s.create_index(&prior.new, &mappings)?;
+                let settings = s.copied_settings(&prior.old[0])?;
+                s.create_index(&prior.new, &settings, &mappings)?;
             }
             let docs = documents(env, database, sql, None)?;
             let started = Instant::now();
@@ -748,8 +827,11 @@ impl Step for SearchStep {
             Strategy::DeleteByQuery {
                 timestamp_field,
                 t_ms,
+                ..
             } => {
                 let s = self.target.connect()?;
+                self.open(&s)?;
+                self.check_field(&s, timestamp_field)?;
                 d.before = s.count(index, &after_t(timestamp_field, *t_ms)?)?;
                 d.acted = d.before;
                 format!("{} document(s) in {index} have {timestamp_field} after T: would delete them by query", d.before)
@@ -760,6 +842,7 @@ impl Step for SearchStep {
                 ..
             } => {
                 let s = self.target.connect()?;
+                self.open(&s)?;
                 let (n, ids) = self.targets(env, entities)?;
                 d.before = count_ids(&s, index, &ids)?;
                 d.acted = d.before;
@@ -789,7 +872,7 @@ impl Step for SearchStep {
                     )
                     .on(database)?
                     .get(0);
-                d.before = s.count(index, &json!({ "match_all": {} }))?;
+                d.before = self.open(&s)?;
                 d.acted = rows as u64;
                 format!("would build a new index of {rows} document(s) from {database} and move alias {index} to it (now {} document(s))", d.before)
             }
@@ -803,9 +886,10 @@ impl Step for SearchStep {
             Strategy::DeleteByQuery {
                 timestamp_field,
                 t_ms,
+                requests_per_second,
             } => {
                 let s = self.target.connect()?;
-                self.apply_dbq(&s, rec, timestamp_field, *t_ms)
+                self.apply_dbq(&s, rec, timestamp_field, *t_ms, *requests_per_second)
             }
             Strategy::Targeted { .. } => {
                 let s = self.target.connect()?;
@@ -847,6 +931,7 @@ fn plan(p: &Playbook, ctx: &PlanCtx) -> Vec<PlannedStep> {
                     Strategy::DeleteByQuery {
                         timestamp_field: s.timestamp_field.clone().unwrap_or_default(),
                         t_ms: ctx.t_ms,
+                        requests_per_second: s.requests_per_second.map(|r| r.max(1) as u64),
                     },
                     format!("delete the documents of {} written after T", s.index),
                 ),
@@ -977,6 +1062,20 @@ fn meaning(m: &mut Meaning) {
                 "`batch-size` must be at least 1".into(),
             );
         }
+        if let Some(r) = s.requests_per_second {
+            if s.strategy != "delete-by-query" {
+                m.error(
+                    &at(i, "requests-per-second"),
+                    format!("`requests-per-second` throttles a delete-by-query task, and this entry's strategy is `{}`", s.strategy),
+                );
+            } else if r < 1 {
+                m.error(
+                    &at(i, "requests-per-second"),
+                    "`requests-per-second` must be at least 1 (leave it out for no throttle)"
+                        .into(),
+                );
+            }
+        }
     }
 }
 
@@ -1040,3 +1139,29 @@ pub const KIND: StepKind = StepKind {
     queries,
     keys: &[(None, Keys::FIELDS)],
 };
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_reference_playbook_throttles_its_delete_by_query() {
+        crate::reentry::playbook::set_example_secrets();
+        let path =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("playbooks/reference.toml");
+        let p = Playbook::load(&path).unwrap_or_else(|d| panic!("{d}"));
+        let dbq = indexes(&p)
+            .into_iter()
+            .find(|s| s.strategy == "delete-by-query")
+            .expect("a delete-by-query entry in the reference");
+        assert_eq!(dbq.requests_per_second, Some(5000));
+    }
+
+    #[test]
+    fn t_is_sent_as_epoch_milliseconds_whatever_the_date_format() {
+        assert_eq!(
+            after_t("at", Some(1_700_000_000_000)).unwrap(),
+            json!({ "range": { "at": { "gt": 1_700_000_000_000i64, "format": "epoch_millis" } } })
+        );
+    }
+}

@@ -6,7 +6,7 @@ pub mod archiving;
 pub mod pg;
 pub mod quartz;
 pub mod redis;
-pub mod search_double;
+pub mod search;
 pub mod services;
 
 use std::os::unix::fs::PermissionsExt;
