@@ -265,12 +265,14 @@ impl Search {
     /// Starts a delete-by-query task: its id. `conflicts=proceed`: a
     /// document written since the task's snapshot is counted as a version
     /// conflict and kept, instead of aborting the task halfway.
-    /// `slices=auto`: one slice per shard, run in parallel. Throttled to
-    /// `requests_per_second` documents a second when given.
+    /// `slices=auto`: one slice per shard, run in parallel. `scroll_size`
+    /// documents per batch (a scroll page, then one bulk of deletes).
+    /// Throttled to `requests_per_second` documents a second when given.
     pub fn delete_by_query(
         &self,
         index: &str,
         query: &Value,
+        scroll_size: u64,
         requests_per_second: Option<u64>,
     ) -> Result<String, SearchError> {
         let throttle = requests_per_second
@@ -281,7 +283,7 @@ impl Search {
             "_delete_by_query",
             reqwest::Method::POST,
             &format!(
-                "/{index}/_delete_by_query?conflicts=proceed&slices=auto&wait_for_completion=false{throttle}"
+                "/{index}/_delete_by_query?conflicts=proceed&slices=auto&wait_for_completion=false&scroll_size={scroll_size}{throttle}"
             ),
             Some(Body::Json(json!({ "query": query }))),
             false,

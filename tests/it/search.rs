@@ -206,13 +206,14 @@ fn delete_by_query_killed_mid_task_is_resumed_on_the_same_task_and_never_started
     let index = ix.name("events");
     // Two shards: slices=auto runs a slice on each, as child tasks.
     events(&node, &index, w.t, 30, 3000, 2);
-    // Throttled to 500 documents a second, the task takes seconds: long
-    // enough to be killed under and found running again.
+    // Throttled to 500 documents a second in batches of 500 (the throttle
+    // waits between batches), the task takes seconds: long enough to be
+    // killed under and found running again.
     let pb = w.playbook(&search_toml(
         &node.url,
         "events",
         &index,
-        "strategy = \"delete-by-query\"\ntimestamp-field = \"at\"\nrequests-per-second = 500",
+        "strategy = \"delete-by-query\"\ntimestamp-field = \"at\"\nrequests-per-second = 500\nbatch-size = 500",
     ));
     assert_eq!(
         step(&plan_steps(&pb), "search-delete-by-query:events")["preview"]["count"],
@@ -302,7 +303,7 @@ fn a_document_written_during_the_delete_by_query_is_a_version_conflict_kept_and_
         &node.url,
         "events",
         &index,
-        "strategy = \"delete-by-query\"\ntimestamp-field = \"at\"\nrequests-per-second = 500",
+        "strategy = \"delete-by-query\"\ntimestamp-field = \"at\"\nrequests-per-second = 500\nbatch-size = 500",
     ));
     let run = w.dir.join("run");
     crate::common::kill_at_pause(
