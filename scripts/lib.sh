@@ -48,7 +48,7 @@ AZURITE=azurite@3.35.0
 CONFLUENT_KAFKA='confluent-kafka>=2.6,<3'
 export REENTRY_KCAT=${REENTRY_KCAT:-$KCAT}
 # Java and the Quartz scheduler the gates are tested against: Debian ships
-# Quartz 2.3 and the JDBC driver; Maven Central cannot be reached. A
+# Quartz 2.3 and the JDBC driver, enough for the small javac programs. A
 # headless Chromium looks at the HTML report in the tests.
 DEBIAN_PACKAGES=(postgresql-15 redis-server redis-tools kcat pgbackrest time locales libssl-dev pkg-config openssl bc curl
   nodejs openjdk-17-jdk-headless libquartz2-java libpostgresql-jdbc-java libhikaricp-java libslf4j-java chromium)
