@@ -45,7 +45,7 @@ fn records(prefix: &str, n: usize) -> Vec<(String, String)> {
 
 /// Kafka's own `GetOffsetShell`: per partition, the offset at `time`
 /// (`-1` latest, `-2` earliest, else ms since the epoch).
-fn offset_shell(topic: &str, time: i64) -> BTreeMap<i32, i64> {
+pub(crate) fn offset_shell(topic: &str, time: i64) -> BTreeMap<i32, i64> {
     let out = kafka_tool("org.apache.kafka.tools.GetOffsetShell")
         .args(["--bootstrap-server", &kafka_bootstrap()])
         .args(["--topic", topic, "--time", &time.to_string()])

@@ -964,19 +964,7 @@ fn a_transactional_relays_aborted_records_are_never_published_and_its_markers_ar
     assert!(seen.status.success());
     let committed = String::from_utf8_lossy(&seen.stdout).lines().count();
     assert_eq!(committed, 32);
-    let shell = crate::common::services::kafka_tool("org.apache.kafka.tools.GetOffsetShell")
-        .args([
-            "--bootstrap-server",
-            &kafka_bootstrap(),
-            "--topic",
-            &w.topic,
-        ])
-        .output()
-        .unwrap();
-    let offsets: i64 = String::from_utf8_lossy(&shell.stdout)
-        .lines()
-        .filter_map(|l| l.rsplit(':').next()?.parse::<i64>().ok())
-        .sum();
+    let offsets: i64 = crate::kafka::offset_shell(&w.topic, -1).values().sum();
     assert!(offsets > 32 + 4, "markers take offsets: {offsets}");
 
     let p = plan(&pb);
