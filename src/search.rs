@@ -365,6 +365,10 @@ impl Search {
         index: &str,
         actions: &[(Value, Option<Value>)],
     ) -> Result<Vec<Item>, SearchError> {
+        // The server refuses a bulk request without actions (400).
+        if actions.is_empty() {
+            return Ok(Vec::new());
+        }
         let mut out: Vec<Option<Item>> = vec![None; actions.len()];
         let mut pending: Vec<usize> = (0..actions.len()).collect();
         let mut backoff = FIRST_BACKOFF;

@@ -733,8 +733,9 @@ fn a_missing_or_closed_index_is_a_configuration_error_naming_it_and_nothing_chan
 fn rejections_with_429_are_retried_until_the_step_completes_with_the_right_counts() {
     // A node of this test's own with one write and one search thread and a
     // queue of one each, kept busy by other clients: the requests reentry
-    // sends meet real es_rejected_execution (429) answers, whole and per
-    // bulk item.
+    // sends meet real rejections (HTTP 429, rejected_execution_exception on
+    // OpenSearch, es_rejected_execution_exception on Elasticsearch), whole
+    // searches and bulk items.
     let own = OwnNode::start(&[
         "thread_pool.write.size=1",
         "thread_pool.write.queue_size=1",
