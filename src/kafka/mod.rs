@@ -342,7 +342,21 @@ impl Kafka {
         self.list_offsets(topic, partitions, Offset::Offset(ms))
     }
 
-    /// ListOffsets for each partition: at a time, or at the end.
+    /// Each partition's log start: the first offset retention (or a
+    /// delete-records) has left.
+    pub fn log_starts(
+        &self,
+        topic: &str,
+        partitions: &[i32],
+    ) -> Result<BTreeMap<i32, i64>, KafkaError> {
+        Ok(self
+            .list_offsets(topic, partitions, Offset::Beginning)?
+            .into_iter()
+            .map(|(p, o)| (p, o.unwrap_or(0)))
+            .collect())
+    }
+
+    /// ListOffsets for each partition: at a time, at the start or at the end.
     fn list_offsets(
         &self,
         topic: &str,

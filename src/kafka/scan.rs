@@ -71,6 +71,16 @@ pub struct PartitionScan {
     /// The earliest offset whose timestamp is at or after T: where a
     /// consumer group rewinds to. `end` when no message is that new.
     pub at_t: i64,
+    /// The partition's first offset still held when the scan ran (its log
+    /// start): retention, or a delete-records, removed every offset before.
+    #[serde(default)]
+    pub log_start: i64,
+    /// Set when the scan started at the log start of a partition that had
+    /// records removed: messages of this partition with timestamps before
+    /// this (the first message left, ms) may have been in the topic and be
+    /// gone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gone_before_ms: Option<i64>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -83,6 +93,12 @@ pub struct ScanStats {
     /// Of those, messages without an event id where the playbook says it is.
     pub without_id: u64,
     pub partitions: BTreeMap<i32, PartitionScan>,
+    /// The latest of the partitions' `gone_before_ms`: a message timed
+    /// before this may have been removed by retention before the scan. The
+    /// event's partition is not known from the row, so the topic's horizon
+    /// is the latest of its partitions'.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gone_before_ms: Option<i64>,
     pub seconds: f64,
 }
 
@@ -119,6 +135,7 @@ fn scan_partitions(
             end: *start,
             messages: 0,
             at_t: i64::MAX,
+            ..PartitionScan::default()
         };
         stats.insert(*p, (ps, 0u64));
     }
@@ -134,6 +151,9 @@ fn scan_partitions(
                 };
                 ps.end = m.offset() + 1;
                 let ts = m.timestamp().to_millis().unwrap_or(i64::MIN);
+                // The first message read; scan() keeps it only where
+                // retention removed what came before it.
+                ps.gone_before_ms.get_or_insert(ts);
                 if ts >= o.t_ms && m.offset() < ps.at_t {
                     ps.at_t = m.offset();
                 }
@@ -195,7 +215,11 @@ fn consumers(partitions: usize, cap: usize) -> usize {
 /// Scans the topic and returns its events sorted by id.
 pub fn scan(k: &Kafka, o: &ScanOptions) -> Result<(Sorted, ScanStats), KafkaError> {
     let t0 = Instant::now();
+    let started_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64);
     let partitions = k.partitions(o.topic)?;
+    let log_starts = k.log_starts(o.topic, &partitions)?;
     // The broker's answer may be coarse (some return the start): never late.
     let starts = match &o.start {
         Some(s) => partitions
@@ -266,8 +290,16 @@ pub fn scan(k: &Kafka, o: &ScanOptions) -> Result<(Sorted, ScanStats), KafkaErro
         read.extend(r?);
     }
     for p in &partitions {
-        let (ps, without) = match read.remove(p) {
-            Some(x) => x,
+        let log_start = log_starts.get(p).copied().unwrap_or(0);
+        let (mut ps, without) = match read.remove(p) {
+            Some((mut ps, without)) => {
+                // Started at the log start, past removed records: those may
+                // have been as new as the first message left.
+                if !(log_start > 0 && ps.from <= log_start) {
+                    ps.gone_before_ms = None;
+                }
+                (ps, without)
+            }
             None => {
                 // Nothing at or after the start time: the end is where a rewind goes.
                 let end = k.ends(o.topic, &[*p])?.get(p).copied().unwrap_or(0);
@@ -276,12 +308,18 @@ pub fn scan(k: &Kafka, o: &ScanOptions) -> Result<(Sorted, ScanStats), KafkaErro
                     end,
                     messages: 0,
                     at_t: end,
+                    log_start,
+                    // Retention emptied the partition: anything it held
+                    // before the scan may be gone.
+                    gone_before_ms: (end > 0 && log_start >= end).then_some(started_ms),
                 };
                 (ps, 0)
             }
         };
+        ps.log_start = log_start;
         stats.messages += ps.messages;
         stats.without_id += without;
+        stats.gone_before_ms = stats.gone_before_ms.max(ps.gone_before_ms);
         stats.partitions.insert(*p, ps);
     }
     let sorted = sorter.finish().map_err(io_err)?;

@@ -12,7 +12,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use reentry::kafka::{Kafka, Outgoing};
 
 use crate::common::pg::{Cluster, Version};
-use crate::common::services::{create_topic, kafka_bootstrap, kcat, topic};
+use crate::common::services::{create_topic, create_topic_with, kafka_bootstrap, kcat, topic};
 use crate::common::{assert_exit, reentry_bin, run_reentry as run, stderr, stdout};
 
 const MIN: i64 = 60_000;
@@ -54,7 +54,15 @@ enum Relay {
     Plain,
     /// With a `transactional.id`: committed batches, and one aborted.
     Transactional,
+    /// Into a topic that keeps 29 minutes (`retention.ms`) and rolls a
+    /// segment for every later message (`segment.ms=1`), one message per
+    /// request, to partition n % 3; plus one message without an event id
+    /// in each partition at T - 6 min. The 20 events in sync, published
+    /// half an hour ago, are past retention; the rest is not.
+    Retained,
 }
+
+const RETENTION: i64 = 29 * MIN;
 
 pub(crate) fn ts(ms: i64) -> String {
     humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_millis(ms as u64)).to_string()
@@ -79,7 +87,17 @@ impl World {
         cluster.start();
         let dir = cluster.dir("work");
         let topic = topic("outbox");
-        create_topic(&topic, 3);
+        match relay {
+            Relay::Retained => create_topic_with(
+                &topic,
+                3,
+                &[
+                    ("segment.ms", "1".into()),
+                    ("retention.ms", RETENTION.to_string()),
+                ],
+            ),
+            _ => create_topic(&topic, 3),
+        }
         let b = t - 10 * MIN;
         let mut events = Vec::new();
         let mut n = 0;
@@ -122,6 +140,7 @@ impl World {
         match relay {
             Relay::Plain => w.relay(),
             Relay::Transactional => w.relay_in_transactions(),
+            Relay::Retained => w.relay_one_by_one(),
         }
         let mut admin = w.cluster.client();
         for db in ["cur", "res"] {
@@ -297,6 +316,52 @@ impl World {
                     p.abort_transaction(wait).unwrap();
                 }
             }
+        }
+    }
+
+    /// The relay, one acknowledged message per request, each event to
+    /// partition n % 3, with a message without an event id in every
+    /// partition at T - 6 min: each later message starts a segment of its
+    /// own, so retention removes the old ones and keeps the rest.
+    fn relay_one_by_one(&self) {
+        use rdkafka::message::{Header, OwnedHeaders};
+        use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+        let p: BaseProducer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", kafka_bootstrap())
+            .set("linger.ms", "0")
+            .create()
+            .unwrap();
+        let mut sends: Vec<(i64, i32, Option<&Event>)> = self
+            .events
+            .iter()
+            .enumerate()
+            .filter_map(|(n, e)| Some((e.produced?, n as i32 % 3, Some(e))))
+            .collect();
+        sends.extend((0..3).map(|partition| (self.t - 6 * MIN, partition, None)));
+        sends.sort_by_key(|s| s.0);
+        for (at, partition, e) in sends {
+            let (key, payload, headers) = match e {
+                Some(e) => (
+                    format!("case-{}", &e.id[30..]),
+                    format!("{{\"eventId\":\"{}\",\"type\":\"CaseUpdated\"}}", e.id),
+                    OwnedHeaders::new().insert(Header {
+                        key: "event_id",
+                        value: Some(e.id.as_bytes()),
+                    }),
+                ),
+                None => ("heartbeat".into(), "{}".into(), OwnedHeaders::new()),
+            };
+            p.send(
+                BaseRecord::to(&self.topic)
+                    .partition(partition)
+                    .key(&key)
+                    .payload(&payload)
+                    .headers(headers)
+                    .timestamp(at),
+            )
+            .map_err(|(e, _)| e)
+            .unwrap();
+            p.flush(Duration::from_secs(30)).unwrap();
         }
     }
 
@@ -1007,4 +1072,57 @@ fn a_transactional_relays_aborted_records_are_never_published_and_its_markers_ar
         .sum();
     assert_eq!(messages, 12, "{v:#}");
     assert!(span > messages, "the span after T holds markers too: {v:#}");
+}
+
+#[test]
+fn a_published_event_that_retention_deleted_is_reported_gone_from_the_topic_and_not_sent_again() {
+    let w = World::published(now_ms() - 21 * MIN, Relay::Retained);
+    let pb = w.playbook("pb.toml", "provider.csv");
+
+    // Kafka's retention removes the old segments within a second or so
+    // (the test broker checks every second): wait until Kafka's own tool
+    // shows every partition's log start moved.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let starts = crate::kafka::offset_shell(&w.topic, -2);
+        if starts.len() == 3 && starts.values().all(|o| *o > 0) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "retention removed nothing: log starts {starts:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // What is left, read by kcat: the 12 events after T and the three
+    // messages without an id; the 20 in sync are gone.
+    let left = kcat_read(&w.topic, "%h|\n");
+    assert_eq!(left.lines().count(), 15, "{left}");
+    assert_eq!(kcat_ids(&w.topic).len(), 12);
+
+    let out = run(&[&"outbox", &"diff", &pb, &"--json"]);
+    assert_exit(&out, 1);
+    let diff: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    let c = &diff[0]["classes"];
+    assert_eq!(c["gone-from-topic"], 20, "{c:#}");
+    assert_eq!(
+        c["mark-unpublished"], 3,
+        "only the events lost after the first message retention left: {c:#}"
+    );
+    assert_eq!(c["in-sync"], 0, "{c:#}");
+    assert_eq!(c["mark-published"], 5, "{c:#}");
+    assert_eq!(c["orphans"], 7, "{c:#}");
+    assert_eq!(c["pending"], 4, "{c:#}");
+    assert_eq!(c["scan"]["without-id"], 3, "{c:#}");
+    let horizon = c["scan"]["gone-before-ms"].as_i64().expect("a horizon");
+    assert_eq!(horizon, w.t - 6 * MIN, "the first message retention left");
+    let summary = diff[0]["summary"].as_str().unwrap();
+    assert!(summary.contains("20 gone from the topic"), "{summary}");
+
+    // The plan's step says the same, and its apply leaves them published:
+    // the relay does not send them again.
+    let p = plan(&pb);
+    let d = &step(&p, "outbox:case-events")["preview"]["detail"];
+    assert_eq!(d["gone-from-topic"], 20, "{d:#}");
+    assert_eq!(d["mark-unpublished"], 3, "{d:#}");
 }

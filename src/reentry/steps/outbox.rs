@@ -8,7 +8,11 @@
 //!   optionally answered with a compensating event from a template;
 //! - published in the restored outbox, absent from the topic: **mark
 //!   unpublished**, so the relay sends it again;
-//! - unpublished and absent: **pending**, sent once the relay's gate opens.
+//! - unpublished and absent: **pending**, sent once the relay's gate opens;
+//! - published, absent, and timed before the first message retention left
+//!   in the topic: **gone from the topic**. Its message was most likely
+//!   delivered and then deleted, so it is reported and left published:
+//!   sending it again would hand consumers an old event twice.
 //!
 //! The topic is scanned from `T - lookback` into an external sort by event
 //! id and merged with the outbox streamed in the same order, so neither side
@@ -237,6 +241,9 @@ pub struct Classes {
     /// Orphans already staged by an earlier run.
     pub staged_before: u64,
     pub mark_unpublished: Vec<String>,
+    /// Published rows whose message is absent, timed where retention
+    /// removed messages before the scan: reported, not changed.
+    pub gone: Vec<String>,
     pub pending: u64,
     pub in_sync: u64,
     /// Messages whose event id the topic holds more than once.
@@ -255,6 +262,9 @@ pub struct Detail {
     pub orphans: usize,
     pub orphans_staged_before: u64,
     pub mark_unpublished: usize,
+    /// Published rows whose message retention may have removed.
+    #[serde(default)]
+    pub gone_from_topic: usize,
     pub pending: u64,
     pub in_sync: u64,
     pub duplicates_in_topic: u64,
@@ -284,6 +294,7 @@ impl Classes {
             orphans: self.orphans.len(),
             orphans_staged_before: self.staged_before,
             mark_unpublished: self.mark_unpublished.len(),
+            gone_from_topic: self.gone.len(),
             pending: self.pending,
             in_sync: self.in_sync,
             duplicates_in_topic: self.duplicates,
@@ -313,12 +324,25 @@ impl Classes {
                 .take(10)
                 .map(|id| format!("unpublish {id}")),
         );
+        out.extend(
+            self.gone
+                .iter()
+                .take(10)
+                .map(|id| format!("gone from the topic {id}")),
+        );
         out
     }
 
     pub fn summary(&self, r: &Reconcile) -> String {
+        let gone = match (self.gone.len(), self.scan.gone_before_ms) {
+            (0, _) | (_, None) => String::new(),
+            (n, Some(h)) => format!(
+                ", {n} gone from the topic (published before {}, where retention removed messages; left published)",
+                jiff::Timestamp::from_millisecond(h).map_or_else(|_| h.to_string(), crate::time::utc_millis)
+            ),
+        };
         format!(
-            "outbox `{}` ↔ {}: {} to mark published, {} orphan(s), {} to mark unpublished, {} pending, {} in sync ({} events scanned)",
+            "outbox `{}` ↔ {}: {} to mark published, {} orphan(s), {} to mark unpublished, {} pending, {} in sync{gone} ({} events scanned)",
             r.outbox,
             r.topic,
             self.mark_published.len(),
@@ -334,7 +358,9 @@ impl Classes {
 struct Row {
     id: RowId,
     published: bool,
-    published_ms: Option<i64>,
+    /// When the row was published (its published-at), else created (a flag
+    /// layout with a created-at column), in ms: near its message's time.
+    at_ms: Option<i64>,
 }
 
 /// An outbox id as read: binary when the column is a uuid (no text
@@ -489,13 +515,28 @@ fn matched(row: Row, ts: i64, l: &Layout, c: &mut Classes) {
 
 /// A row whose event is not in the topic.
 fn unmatched(row: Row, l: &Layout, compare_ms: i64, c: &mut Classes) {
+    // A message is timed at or before its row's published-at (the relay
+    // marks the row once the broker has it), and at or after its
+    // created-at; SKEW_MS covers the clocks' difference.
+    let gone = |at: Option<i64>| match (at, c.scan.gone_before_ms) {
+        (Some(at), Some(h)) => at < h.saturating_add(SKEW_MS),
+        _ => false,
+    };
     match (&l.published, row.published) {
         (Published::InTopicOnly, _) | (_, false) => c.pending += 1,
-        (Published::At(_), true) if row.published_ms.is_some_and(|p| p >= compare_ms) => {
-            c.mark_unpublished.push(row.id.text())
+        (Published::At(_), true) if row.at_ms.is_some_and(|p| p >= compare_ms) => {
+            if gone(row.at_ms) {
+                c.gone.push(row.id.text())
+            } else {
+                c.mark_unpublished.push(row.id.text())
+            }
         }
         (Published::Flag(_), true) if l.created_at.is_some() => {
-            c.mark_unpublished.push(row.id.text())
+            if gone(row.at_ms) {
+                c.gone.push(row.id.text())
+            } else {
+                c.mark_unpublished.push(row.id.text())
+            }
         }
         // Published before the compared window: its message predates the scan.
         _ => c.in_sync += 1,
@@ -539,11 +580,15 @@ pub fn classify(
         }
         Published::Flag(c) => {
             let c = quote_qualified(c);
-            let w = match l.created_at.as_deref().map(quote_qualified) {
-                Some(cr) => format!("{cr} >= to_timestamp($1::int8 / 1000.0) OR NOT {c}"),
-                None => "$1::int8 IS NOT NULL".into(),
+            let created = l.created_at.as_deref().map(quote_qualified);
+            let (w, at) = match &created {
+                Some(cr) => (
+                    format!("{cr} >= to_timestamp($1::int8 / 1000.0) OR NOT {c}"),
+                    format!("(extract(epoch FROM {cr}) * 1000)::int8"),
+                ),
+                None => ("$1::int8 IS NOT NULL".into(), "NULL::int8".into()),
             };
-            (c, "NULL::int8".into(), w)
+            (c, at, w)
         }
         Published::InTopicOnly => {
             let w = match l.created_at.as_deref().map(quote_qualified) {
@@ -572,13 +617,13 @@ pub fn classify(
             Row {
                 id: RowId::Uuid(r.get::<_, UuidBits>(0).0),
                 published: at.is_some(),
-                published_ms: at.map(|m| m.0),
+                at_ms: at.map(|m| m.0),
             }
         } else {
             Row {
                 id: RowId::Text(r.get(0)),
                 published: r.get(1),
-                published_ms: r.get(2),
+                at_ms: r.get(2),
             }
         }
     };

@@ -40,12 +40,19 @@ pub fn kcat() -> Command {
 /// `kafka-topics` (the broker creates none on first use, as production
 /// clusters are run).
 pub fn create_topic(topic: &str, partitions: u32) {
-    let out = kafka_tool("org.apache.kafka.tools.TopicCommand")
-        .args(["--bootstrap-server", &kafka_bootstrap(), "--create"])
+    create_topic_with(topic, partitions, &[]);
+}
+
+/// A topic with topic-level configs (`retention.ms`, `segment.ms`, …).
+pub fn create_topic_with(topic: &str, partitions: u32, configs: &[(&str, String)]) {
+    let mut cmd = kafka_tool("org.apache.kafka.tools.TopicCommand");
+    cmd.args(["--bootstrap-server", &kafka_bootstrap(), "--create"])
         .args(["--topic", topic, "--partitions", &partitions.to_string()])
-        .args(["--replication-factor", "1"])
-        .output()
-        .expect("run kafka-topics");
+        .args(["--replication-factor", "1"]);
+    for (k, v) in configs {
+        cmd.arg("--config").arg(format!("{k}={v}"));
+    }
+    let out = cmd.output().expect("run kafka-topics");
     assert!(
         out.status.success(),
         "create topic {topic}: {}",
