@@ -292,6 +292,14 @@ impl Cluster {
 
 impl Drop for Cluster {
     fn drop(&mut self) {
+        // The test failed: what the server said is often why.
+        if std::thread::panicking() {
+            eprintln!(
+                "--- the end of {}'s server log:\n{}",
+                self.data().display(),
+                tail(&self.log(), 30)
+            );
+        }
         if self.running {
             let _ = self
                 .cmd("pg_ctl")

@@ -1,13 +1,66 @@
 //! The shared Redis and Kafka servers that `scripts/test` starts, and names
 //! that keep each test's keys and topics apart.
 
-use std::io::{BufRead, BufReader, Write};
+use std::cell::RefCell;
+use std::collections::BTreeSet;
+use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write};
 use std::net::TcpStream;
+use std::path::Path;
 use std::process::Command;
+use std::sync::Once;
 
 use super::unique;
 
+thread_local! {
+    /// The shared servers this thread's test asked for: (variable, what).
+    static USED: RefCell<BTreeSet<(String, String)>> = const { RefCell::new(BTreeSet::new()) };
+}
+
+/// Notes that the running test uses a shared server. A test that then
+/// fails prints the tail of that server's log (`{var}_LOG`, which
+/// `scripts/services` writes): what the broker or the node said is often
+/// the whole story.
+fn used(var: &str, what: &str) {
+    static HOOK: Once = Once::new();
+    HOOK.call_once(|| {
+        let before = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            before(info);
+            let _ = USED.try_with(|u| {
+                for (var, what) in u.borrow().iter() {
+                    print_log_tails(var, what);
+                }
+            });
+        }));
+    });
+    USED.with(|u| u.borrow_mut().insert((var.to_owned(), what.to_owned())));
+}
+
+fn print_log_tails(var: &str, what: &str) {
+    let Ok(paths) = std::env::var(format!("{var}_LOG")) else {
+        return;
+    };
+    for path in paths.split(':').filter(|p| !p.is_empty()) {
+        eprintln!("--- the end of {path} ({what}, which this test used):");
+        eprintln!("{}", log_tail(Path::new(path), 30));
+    }
+}
+
+/// The last `lines` lines of a log, reading at most its last 64 KiB.
+pub fn log_tail(path: &Path, lines: usize) -> String {
+    let read = || -> std::io::Result<String> {
+        let mut f = std::fs::File::open(path)?;
+        let len = f.metadata()?.len();
+        f.seek(SeekFrom::Start(len.saturating_sub(64 * 1024)))?;
+        let mut bytes = Vec::new();
+        f.read_to_end(&mut bytes)?;
+        Ok(super::pg::tail(&String::from_utf8_lossy(&bytes), lines))
+    };
+    read().unwrap_or_else(|e| format!("(cannot read it: {e})"))
+}
+
 pub fn address(var: &str, what: &str) -> String {
+    used(var, what);
     std::env::var(var).unwrap_or_else(|_| {
         panic!(
             "{var} is not set: run the tests through scripts/test, which starts {what} and sets it"
