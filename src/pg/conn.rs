@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use tokio_postgres::config::Host;
 use tokio_postgres::types::ToSql;
-use tokio_postgres::{Client, Config, NoTls, Row};
+use tokio_postgres::{Client, Config, Row};
+
+use super::tls::{self, Tls};
 
 pub use tokio_postgres::error::SqlState;
 
@@ -51,21 +53,63 @@ pub fn describe(e: &tokio_postgres::Error) -> String {
     let mut s = e.to_string();
     let mut src = std::error::Error::source(e);
     while let Some(cause) = src {
-        s.push_str(&format!(": {cause}"));
+        // OpenSSL's errors repeat their stack in each cause.
+        let c = cause.to_string();
+        if !s.contains(&c) {
+            s.push_str(&format!(": {c}"));
+        }
         src = cause.source();
     }
     s
 }
 
+/// A failed verification of the server's certificate, said as libpq's
+/// settings name it rather than as OpenSSL's error stack.
+fn verify_failure(detail: &str, tls: &Tls, host: &str) -> Option<String> {
+    if !detail.contains("certificate verify failed") {
+        return None;
+    }
+    let reason = detail
+        .split(": ")
+        .map(str::trim)
+        .find(|p| !p.is_empty() && !p.starts_with("error") && !p.contains("ssl/"))
+        .unwrap_or("certificate verify failed");
+    let root = match &tls.root {
+        Some(tls::Root::File(p)) => format!("sslrootcert={}", p.display()),
+        Some(tls::Root::System) => "the system's trusted roots (sslrootcert=system)".into(),
+        None => "no root certificate".into(),
+    };
+    Some(if reason.contains("mismatch") {
+        format!(
+            "the server's certificate does not name \"{host}\" ({reason}; sslmode=verify-full compares the host with the certificate's subjectAltName)"
+        )
+    } else {
+        format!(
+            "the server's certificate does not verify against {root} ({reason}; sslmode={})",
+            tls.mode.name()
+        )
+    })
+}
+
 /// Builds the connection settings: `conninfo` when given, with the PG*
-/// variables filling what it does not say, as libpq does.
-pub fn config(conninfo: Option<&str>) -> Result<Config, PgError> {
+/// variables filling what it does not say, as libpq does; and its TLS
+/// settings (see `tls`).
+pub fn config(conninfo: Option<&str>) -> Result<(Config, Tls), PgError> {
+    let (rest, ssl) = match conninfo {
+        Some(s) => split_keys(s, tls::KEYS),
+        None => (String::new(), Vec::new()),
+    };
+    let tls = Tls::resolve(&ssl).map_err(PgError::BadConninfo)?;
     let mut c = match conninfo {
-        Some(s) => s
+        Some(_) => rest
             .parse::<Config>()
             .map_err(|e| PgError::BadConninfo(e.to_string()))?,
         None => Config::new(),
     };
+    c.ssl_mode(tls.wire());
+    if tls.direct {
+        c.ssl_negotiation(tokio_postgres::config::SslNegotiation::Direct);
+    }
     let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
     if c.get_hosts().is_empty() {
         match env("PGHOST") {
@@ -101,12 +145,12 @@ pub fn config(conninfo: Option<&str>) -> Result<Config, PgError> {
         c.application_name("reentry");
     }
     c.connect_timeout(Duration::from_secs(10));
-    Ok(c)
+    Ok((c, tls))
 }
 
 /// Splits the password out of a libpq connection string (key/value or
-/// URL), so that a child process gets it through `PGPASSWORD` rather than
-/// its command line, which every local user can read.
+/// URL), so that a child process gets it through `PGPASSWORD` rather
+/// than its command line, which every local user can read.
 pub fn split_password(conninfo: &str) -> (String, Option<String>) {
     let s = conninfo.trim();
     if let Some(rest) = s
@@ -125,9 +169,36 @@ pub fn split_password(conninfo: &str) -> (String, Option<String>) {
         }
         return (s.to_owned(), None);
     }
-    // key = value pairs; values may be single-quoted with \ escapes.
+    let (kept, mut found) = split_keys(s, &["password"]);
+    (kept, found.pop().map(|(_, v)| v))
+}
+
+/// Takes the `keys` out of a libpq connection string: from key = value
+/// pairs (values may be single-quoted with \ escapes), or from a URL's
+/// query (percent-decoded). Returns the rest, and the pairs taken.
+pub fn split_keys(conninfo: &str, keys: &[&str]) -> (String, Vec<(String, String)>) {
+    let s = conninfo.trim();
+    let mut found = Vec::new();
+    if s.starts_with("postgresql://") || s.starts_with("postgres://") {
+        let Some((base, query)) = s.split_once('?') else {
+            return (s.to_owned(), found);
+        };
+        let mut kept = Vec::new();
+        for pair in query.split('&').filter(|p| !p.is_empty()) {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            let k = percent_decode(k);
+            if keys.contains(&k.as_str()) {
+                found.push((k, percent_decode(v)));
+            } else {
+                kept.push(pair);
+            }
+        }
+        return match kept.is_empty() {
+            true => (base.to_owned(), found),
+            false => (format!("{base}?{}", kept.join("&")), found),
+        };
+    }
     let mut kept = Vec::new();
-    let mut password = None;
     let mut chars = s.chars().peekable();
     loop {
         while chars.peek().is_some_and(|c| c.is_whitespace()) {
@@ -162,13 +233,37 @@ pub fn split_password(conninfo: &str) -> (String, Option<String>) {
             raw = std::iter::from_fn(|| chars.next_if(|c| !c.is_whitespace())).collect();
             value = raw.clone();
         }
-        if key == "password" {
-            password = Some(value);
+        if keys.contains(&key.as_str()) {
+            found.push((key, value));
         } else {
             kept.push(format!("{key}={raw}"));
         }
     }
-    (kept.join(" "), password)
+    (kept.join(" "), found)
+}
+
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = |c: u8| (c as char).to_digit(16);
+        match (
+            b[i],
+            b.get(i + 1).and_then(|c| hex(*c)),
+            b.get(i + 2).and_then(|c| hex(*c)),
+        ) {
+            (b'%', Some(h), Some(l)) => {
+                out.push((h * 16 + l) as u8);
+                i += 3;
+            }
+            (c, _, _) => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// Where a config points, for messages: never the password.
@@ -192,7 +287,7 @@ pub struct Db {
 
 impl Db {
     pub fn connect(conninfo: Option<&str>) -> Result<Db, PgError> {
-        let config = config(conninfo)?;
+        let (mut config, tls) = config(conninfo)?;
         let target = target(&config);
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -201,12 +296,24 @@ impl Db {
                 target: target.clone(),
                 detail: e.to_string(),
             })?;
-        let (client, connection) =
-            rt.block_on(config.connect(NoTls))
-                .map_err(|e| PgError::Connect {
-                    target: target.clone(),
-                    detail: describe(&e),
-                })?;
+        let connector = tls.connector().map_err(|detail| PgError::Connect {
+            target: target.clone(),
+            detail,
+        })?;
+        let mut connected = rt.block_on(config.connect(connector.clone()));
+        // allow: without TLS first, then with it, as libpq tries them.
+        if connected.is_err() && tls.mode == tls::Mode::Allow {
+            config.ssl_mode(tokio_postgres::config::SslMode::Require);
+            connected = rt.block_on(config.connect(connector));
+        }
+        let (client, connection) = connected.map_err(|e| {
+            let detail = describe(&e);
+            let host = target.rsplit_once(':').map_or(target.as_str(), |(h, _)| h);
+            PgError::Connect {
+                detail: verify_failure(&detail, &tls, host).unwrap_or(detail),
+                target: target.clone(),
+            }
+        })?;
         rt.spawn(async move {
             if let Err(e) = connection.await {
                 tracing::debug!(error = %e, "connection closed");

@@ -4,5 +4,6 @@
 pub mod cluster;
 pub mod conn;
 pub mod lsn;
+pub mod tls;
 pub mod tools;
 pub mod wal;

@@ -7,6 +7,7 @@ mod common;
 mod crash;
 mod engine;
 mod kafka;
+mod pg_tls;
 mod playbook;
 mod quartz;
 mod reconcile;

