@@ -6,6 +6,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+use crate::common::archiving::archive_command;
 use crate::common::pg::{Cluster, Version};
 use crate::common::{assert_exit, give_to_server_user, reentry, stderr, stdout};
 
@@ -107,6 +108,8 @@ fn chmod(path: &Path, mode: u32) {
 struct TlsPg {
     cluster: Cluster,
     certs: PathBuf,
+    /// Where the server archives its WAL (`reentry wal push`).
+    repo: PathBuf,
 }
 
 impl TlsPg {
@@ -131,6 +134,11 @@ impl TlsPg {
             give_to_server_user(&data.join(f));
         }
         chmod(&data.join("server.key"), 0o600);
+        let repo = cluster.dir("repo");
+        cluster.append_conf(&[
+            ("archive_mode", "on".to_string()),
+            ("archive_command", archive_command(&repo, "")),
+        ]);
         cluster.append_conf(&[
             ("ssl", "on"),
             ("ssl_cert_file", "'server.crt'"),
@@ -160,7 +168,11 @@ impl TlsPg {
         admin
             .batch_execute("CREATE ROLE certuser LOGIN; GRANT pg_monitor TO certuser")
             .unwrap();
-        TlsPg { cluster, certs }
+        TlsPg {
+            cluster,
+            certs,
+            repo,
+        }
     }
 
     fn conninfo(&self, host: &str, tls: &str) -> String {
@@ -310,4 +322,50 @@ fn tls_only_postgres_is_reached_as_libpq_reaches_it_and_refused_as_libpq_refuses
         &as_certuser("sslcert=/nonexistent.crt"),
         "valid client certificate",
     );
+}
+
+#[test]
+fn a_base_backup_of_a_tls_only_server_verifies_its_name_through_pg_basebackup() {
+    let pg = TlsPg::start();
+    let ca = pg.file("ca.crt");
+    let backup = |conninfo: &str| {
+        reentry(
+            false,
+            &[
+                "--repo",
+                pg.repo.to_str().unwrap(),
+                "--json",
+                "backup",
+                "--db",
+                conninfo,
+                "--pg-bin",
+                Version::V15.bin_dir().to_str().unwrap(),
+            ],
+        )
+    };
+    // reentry's own session and pg_basebackup's (libpq) get the same
+    // settings: verify-full by name, the replication connection included
+    // (pg_hba has no plaintext replication line).
+    let out = backup(&pg.conninfo(
+        "localhost",
+        &format!("sslmode=verify-full sslrootcert={ca}"),
+    ));
+    assert_exit(&out, 0);
+    let b: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(b["status"], "complete", "{b:#}");
+    assert_eq!(b["pg_version"], 15, "{b:#}");
+    let list = reentry(
+        false,
+        &[
+            "--repo",
+            pg.repo.to_str().unwrap(),
+            "--json",
+            "backup",
+            "verify",
+            b["id"].as_str().unwrap(),
+            "--pg-bin",
+            Version::V15.bin_dir().to_str().unwrap(),
+        ],
+    );
+    assert_exit(&list, 0);
 }
