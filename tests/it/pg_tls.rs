@@ -369,3 +369,108 @@ fn a_base_backup_of_a_tls_only_server_verifies_its_name_through_pg_basebackup() 
     );
     assert_exit(&list, 0);
 }
+
+#[test]
+fn rows_diff_plan_and_apply_repair_a_tls_only_server_checked_by_name() {
+    let pg = TlsPg::start();
+    let ca = pg.file("ca.crt");
+    let socket = |db: &str| {
+        postgres::Client::connect(
+            &format!(
+                "host={} port={} user=postgres dbname={db}",
+                pg.cluster.root().display(),
+                pg.cluster.port
+            ),
+            postgres::NoTls,
+        )
+        .unwrap()
+    };
+    for db in ["cur", "res"] {
+        socket("postgres")
+            .batch_execute(&format!("CREATE DATABASE {db}"))
+            .unwrap();
+    }
+    for db in ["cur", "res"] {
+        let mut c = socket(db);
+        c.batch_execute(include_str!("../../sql/system_gate.sql"))
+            .unwrap();
+        c.batch_execute(
+            "INSERT INTO system_gate (gate_name, enabled) VALUES ('api-writes', true);
+             CREATE TABLE accounts (id bigint PRIMARY KEY, balance numeric(12,2) NOT NULL);
+             INSERT INTO accounts SELECT g, g * 10.5 FROM generate_series(1, 1000) g;",
+        )
+        .unwrap();
+    }
+    // The damage, on current only: 100 balances zeroed.
+    socket("cur")
+        .batch_execute("UPDATE accounts SET balance = 0 WHERE id <= 100")
+        .unwrap();
+    let conninfo = |db: &str| {
+        format!(
+            "host=localhost port={} user=postgres dbname={db} sslmode=verify-full sslrootcert={ca}",
+            pg.cluster.port
+        )
+    };
+    let dir = pg.cluster.dir("work");
+    let pb = dir.join("pb.toml");
+    std::fs::write(
+        &pb,
+        format!(
+            r#"[playbook]
+name = "tls"
+way-back = "selective-repair"
+[databases.current]
+conninfo = "{cur}"
+[databases.restored]
+conninfo = "{res}"
+[recovery-target]
+time = "2026-12-01T00:00:00Z"
+[gates]
+reopen-order = ["api-writes"]
+[[gates.system-gate]]
+name = "api-writes"
+databases = ["current"]
+[[repair]]
+table = "accounts"
+"#,
+            cur = conninfo("cur"),
+            res = conninfo("res"),
+        ),
+    )
+    .unwrap();
+    let run = |args: &[&str]| {
+        Command::new(crate::common::reentry_bin())
+            .args(args)
+            .arg(&pb)
+            .args(["--run-dir", dir.join("run").to_str().unwrap()])
+            .output()
+            .unwrap()
+    };
+
+    let diff = Command::new(crate::common::reentry_bin())
+        .args(["--json", "rows", "diff"])
+        .arg(&pb)
+        .output()
+        .unwrap();
+    assert_exit(&diff, 1);
+    let v: serde_json::Value = serde_json::from_str(&stdout(&diff)).unwrap();
+    assert_eq!(v[0]["counts"]["update"], 100, "{v:#}");
+
+    let plan = Command::new(crate::common::reentry_bin())
+        .args(["--json", "plan"])
+        .arg(&pb)
+        .output()
+        .unwrap();
+    assert!(
+        matches!(plan.status.code(), Some(0 | 1)),
+        "{}",
+        stderr(&plan)
+    );
+    let out = run(&["apply", "--apply"]);
+    assert_exit(&out, 0);
+    let zeroed: i64 = socket("cur")
+        .query_one("SELECT count(*) FROM accounts WHERE balance = 0", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(zeroed, 0, "every zeroed balance is back, over TLS");
+}
