@@ -337,14 +337,20 @@ fn copy_and_settle(
             "--no-password",
         ])
         .arg(format!("--label=reentry {}", label.id));
-    if let Some(c) = &opts.conninfo {
-        // The password goes through the environment, not the command line.
-        let (conninfo, password) = crate::pg::conn::split_password(c);
-        cmd.arg("-d").arg(conninfo);
-        if let Some(p) = password {
-            cmd.env("PGPASSWORD", p);
+    // Secrets go through the environment and a private service file, not
+    // the command line.
+    let _tool_conn = match &opts.conninfo {
+        Some(c) => {
+            let t = crate::pg::conn::ToolConn::new(c).map_err(crate::backup::repo::io_err(
+                "write a service file in",
+                &std::env::temp_dir(),
+            ))?;
+            cmd.arg("-d").arg(&t.conninfo);
+            cmd.envs(t.env.iter().map(|(k, v)| (*k, v)));
+            Some(t)
         }
-    }
+        None => None,
+    };
     // A packed parent (on object storage, or copied from there) lends its
     // manifest through a scratch file.
     let mut parent_scratch = None;

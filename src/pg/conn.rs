@@ -173,6 +173,60 @@ pub fn split_password(conninfo: &str) -> (String, Option<String>) {
     (kept, found.pop().map(|(_, v)| v))
 }
 
+/// How a PostgreSQL program (pg_basebackup) is given a connection: the
+/// conninfo for its command line, which every local user can read, with
+/// no secret in it; the password in `PGPASSWORD`; a client key's
+/// `sslpassword`, which has no variable, in a service file only this user
+/// can read (`PGSERVICEFILE`, `service=reentry`), removed when this is
+/// dropped.
+pub struct ToolConn {
+    pub conninfo: String,
+    pub env: Vec<(&'static str, String)>,
+    _service: Option<crate::fsutil::ScratchDir>,
+}
+
+impl ToolConn {
+    pub fn new(conninfo: &str) -> std::io::Result<ToolConn> {
+        let (rest, password) = split_password(conninfo);
+        let (mut rest, mut found) = split_keys(&rest, &["sslpassword"]);
+        let mut env = Vec::new();
+        if let Some(p) = password {
+            env.push(("PGPASSWORD", p));
+        }
+        let mut service = None;
+        if let Some((_, key_password)) = found.pop() {
+            use std::io::Write;
+            use std::os::unix::fs::OpenOptionsExt;
+            let dir = crate::fsutil::ScratchDir::new("reentry-pgservice")?;
+            let file = dir.path().join("pg_service.conf");
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&file)?;
+            // A service file's value runs to the end of its line.
+            writeln!(
+                f,
+                "[reentry]\nsslpassword={}",
+                key_password.replace('\n', "")
+            )?;
+            env.push(("PGSERVICEFILE", file.display().to_string()));
+            rest = if rest.starts_with("postgresql://") || rest.starts_with("postgres://") {
+                let sep = if rest.contains('?') { '&' } else { '?' };
+                format!("{rest}{sep}service=reentry")
+            } else {
+                format!("{rest} service=reentry")
+            };
+            service = Some(dir);
+        }
+        Ok(ToolConn {
+            conninfo: rest,
+            env,
+            _service: service,
+        })
+    }
+}
+
 /// Takes the `keys` out of a libpq connection string: from key = value
 /// pairs (values may be single-quoted with \ escapes), or from a URL's
 /// query (percent-decoded). Returns the rest, and the pairs taken.
@@ -512,6 +566,37 @@ impl Db {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_program_gets_no_secret_on_its_command_line() {
+        let t = ToolConn::new(
+            "host=db user=app password='pw 1' sslmode=verify-full sslkey=/k.pem sslpassword=s3cret",
+        )
+        .unwrap();
+        assert_eq!(
+            t.conninfo,
+            "host=db user=app sslmode=verify-full sslkey=/k.pem service=reentry"
+        );
+        assert_eq!(t.env[0], ("PGPASSWORD", "pw 1".to_owned()));
+        let (var, file) = &t.env[1];
+        assert_eq!(*var, "PGSERVICEFILE");
+        assert_eq!(
+            std::fs::read_to_string(file).unwrap(),
+            "[reentry]\nsslpassword=s3cret\n"
+        );
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(file).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let u =
+            ToolConn::new("postgresql://app:pw@db/x?sslpassword=s%20x&sslmode=require").unwrap();
+        assert_eq!(
+            u.conninfo,
+            "postgresql://app@db/x?sslmode=require&service=reentry"
+        );
+        let file = u.env[1].1.clone();
+        drop(u);
+        assert!(!std::path::Path::new(&file).exists(), "removed once done");
+    }
 
     #[test]
     fn the_password_leaves_the_connection_string() {

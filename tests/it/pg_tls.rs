@@ -125,7 +125,27 @@ impl TlsPg {
         ca(&certs, "other-ca");
         cert(&certs, "server", "ca", "localhost", Some("DNS:localhost"));
         cert(&certs, "client", "ca", "certuser", None);
-        for f in ["ca.key", "other-ca.key", "server.key", "client.key"] {
+        // The client key again, encrypted (sslpassword).
+        openssl(
+            &certs,
+            &[
+                "pkey",
+                "-in",
+                "client.key",
+                "-aes256",
+                "-passout",
+                "pass:key secret",
+                "-out",
+                "client-enc.key",
+            ],
+        );
+        for f in [
+            "ca.key",
+            "other-ca.key",
+            "server.key",
+            "client.key",
+            "client-enc.key",
+        ] {
             chmod(&certs.join(f), 0o600);
         }
         // The server's copies, owned by the server user as PostgreSQL wants.
@@ -150,6 +170,7 @@ impl TlsPg {
             data.join("pg_hba.conf"),
             "local all all trust\n\
              hostssl all certuser 127.0.0.1/32 cert\n\
+             hostssl replication certuser 127.0.0.1/32 cert\n\
              hostssl all all 127.0.0.1/32 trust\n\
              hostssl replication all 127.0.0.1/32 trust\n\
              hostnossl all all 0.0.0.0/0 reject\n\
@@ -167,7 +188,7 @@ impl TlsPg {
         )
         .unwrap();
         admin
-            .batch_execute("CREATE ROLE certuser LOGIN; GRANT pg_monitor TO certuser")
+            .batch_execute("CREATE ROLE certuser LOGIN REPLICATION; GRANT pg_monitor TO certuser")
             .unwrap();
         TlsPg {
             cluster,
@@ -556,4 +577,50 @@ table = "accounts"
         .unwrap()
         .get(0);
     assert_eq!(zeroed, 0, "every zeroed balance is back, over TLS");
+}
+
+/// A backup role that logs in by client certificate alone, its key
+/// encrypted: reentry's session and pg_basebackup's both open the key with
+/// `sslpassword`, which pg_basebackup gets from a private service file.
+#[test]
+fn a_non_superuser_with_an_encrypted_client_key_takes_a_base_backup() {
+    let pg = TlsPg::start(Version::V18Ssl);
+    let conninfo = format!(
+        "host=localhost port={} user=certuser dbname=postgres sslmode=verify-full sslrootcert={} sslcert={} sslkey={} sslpassword='key secret'",
+        pg.cluster.port,
+        pg.file("ca.crt"),
+        pg.file("client.crt"),
+        pg.file("client-enc.key"),
+    );
+    let out = reentry(
+        false,
+        &[
+            "--repo",
+            pg.repo.to_str().unwrap(),
+            "--json",
+            "backup",
+            "--db",
+            &conninfo,
+            "--pg-bin",
+            Version::V18Ssl.bin_dir().to_str().unwrap(),
+        ],
+    );
+    assert_exit(&out, 0);
+    let b: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(b["status"], "complete", "{b:#}");
+    // The key's password is in no output.
+    assert!(
+        !stdout(&out).contains("key secret") && !stderr(&out).contains("key secret"),
+        "{}{}",
+        stdout(&out),
+        stderr(&out)
+    );
+    // A wrong one is refused before anything runs, naming the key file.
+    let wrong = conninfo.replace("key secret", "not it");
+    let out = status(&wrong);
+    assert!(
+        stderr(&out).contains("client-enc.key") && stderr(&out).contains("sslpassword"),
+        "{}",
+        stderr(&out)
+    );
 }
