@@ -24,6 +24,26 @@ pub struct Config {
     pub encryption: EncryptionConfig,
     #[serde(default)]
     pub retention: RetentionConfig,
+    #[serde(default)]
+    pub kafka: KafkaConfig,
+}
+
+/// How the `kafka` commands reach the cluster when no flag or variable
+/// says (a playbook has its own `[kafka]`). Passwords are not kept here:
+/// they come from the environment only.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct KafkaConfig {
+    pub bootstrap: Option<String>,
+    pub security_protocol: Option<String>,
+    pub sasl_mechanism: Option<String>,
+    pub sasl_username: Option<String>,
+    pub ssl_ca: Option<String>,
+    pub ssl_certificate: Option<String>,
+    pub ssl_key: Option<String>,
+    /// Any other librdkafka property.
+    #[serde(default)]
+    pub properties: std::collections::BTreeMap<String, String>,
 }
 
 /// Grandfather-father-son retention for `backup expire`; its flags win.

@@ -15,11 +15,79 @@ use crate::reentry::steps::outbox;
 use crate::reentry::steps::{Action, Env, StepError};
 use crate::Error;
 
+/// How to reach the cluster: each flag, else its variable, else `[kafka]`
+/// in the config file. Passwords come from the environment only: a
+/// command line is readable by every local user.
 #[derive(Debug, clap::Args)]
 pub struct KafkaOpts {
     /// Bootstrap servers, host:port[,host:port…].
     #[arg(long, env = "REENTRY_KAFKA_BOOTSTRAP", value_name = "SERVERS")]
-    pub bootstrap: String,
+    pub bootstrap: Option<String>,
+    /// PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL.
+    #[arg(long, env = "REENTRY_KAFKA_SECURITY_PROTOCOL", value_name = "PROTOCOL")]
+    pub security_protocol: Option<String>,
+    /// PLAIN, SCRAM-SHA-256, SCRAM-SHA-512 or OAUTHBEARER.
+    #[arg(long, env = "REENTRY_KAFKA_SASL_MECHANISM", value_name = "MECHANISM")]
+    pub sasl_mechanism: Option<String>,
+    /// The SASL user; its password is read from REENTRY_KAFKA_SASL_PASSWORD.
+    #[arg(long, env = "REENTRY_KAFKA_SASL_USERNAME", value_name = "USER")]
+    pub sasl_username: Option<String>,
+    /// The CA certificate(s) that sign the brokers' certificates (PEM).
+    #[arg(long, env = "REENTRY_KAFKA_SSL_CA", value_name = "FILE")]
+    pub ssl_ca: Option<String>,
+    /// A client certificate (PEM); its key's password is read from
+    /// REENTRY_KAFKA_SSL_KEY_PASSWORD.
+    #[arg(long, env = "REENTRY_KAFKA_SSL_CERTIFICATE", value_name = "FILE")]
+    pub ssl_certificate: Option<String>,
+    /// The client certificate's private key (PEM).
+    #[arg(long, env = "REENTRY_KAFKA_SSL_KEY", value_name = "FILE")]
+    pub ssl_key: Option<String>,
+    /// Any other librdkafka property, KEY=VALUE (repeat it).
+    #[arg(long = "kafka-property", value_name = "KEY=VALUE")]
+    pub properties: Vec<String>,
+}
+
+impl KafkaOpts {
+    /// The cluster these options, the environment and the config file name.
+    pub fn kafka(&self, config: &crate::config::KafkaConfig) -> Result<Kafka, Error> {
+        let bad = |m: String| Error::Config(crate::config::ConfigError::Keys(m));
+        let bootstrap = self.bootstrap.clone().or_else(|| config.bootstrap.clone()).ok_or_else(|| {
+            bad("no Kafka given: pass --bootstrap, set REENTRY_KAFKA_BOOTSTRAP, or set [kafka] bootstrap in the config file".into())
+        })?;
+        let env = |v: &str| std::env::var(v).ok().filter(|s| !s.is_empty());
+        let mut properties = config.properties.clone();
+        for p in &self.properties {
+            let (k, v) = p
+                .split_once('=')
+                .ok_or_else(|| bad(format!("--kafka-property {p}: write KEY=VALUE")))?;
+            properties.insert(k.trim().to_owned(), v.to_owned());
+        }
+        let settings = crate::kafka::security::Settings {
+            security_protocol: self
+                .security_protocol
+                .clone()
+                .or_else(|| config.security_protocol.clone()),
+            sasl_mechanism: self
+                .sasl_mechanism
+                .clone()
+                .or_else(|| config.sasl_mechanism.clone()),
+            sasl_username: self
+                .sasl_username
+                .clone()
+                .or_else(|| config.sasl_username.clone()),
+            sasl_password: env("REENTRY_KAFKA_SASL_PASSWORD"),
+            ssl_ca: self.ssl_ca.clone().or_else(|| config.ssl_ca.clone()),
+            ssl_certificate: self
+                .ssl_certificate
+                .clone()
+                .or_else(|| config.ssl_certificate.clone()),
+            ssl_key: self.ssl_key.clone().or_else(|| config.ssl_key.clone()),
+            ssl_key_password: env("REENTRY_KAFKA_SSL_KEY_PASSWORD"),
+            properties,
+        };
+        let security = crate::kafka::security::Security::from_settings(&settings).map_err(bad)?;
+        Ok(Kafka::new(&bootstrap).with_security(security))
+    }
 }
 
 #[derive(Debug, clap::Subcommand)]
@@ -140,7 +208,7 @@ struct Rewound {
 pub fn kafka(ctx: &Context, cmd: KafkaCommand) -> Result<Exit, Error> {
     match cmd {
         KafkaCommand::OffsetsAt(a) => {
-            let k = Kafka::new(&a.kafka.bootstrap);
+            let k = a.kafka.kafka(&ctx.config.kafka)?;
             let at = k
                 .offsets_for_time(&a.topic, ms(&a.time)?)
                 .map_err(|e| step_err(e.into()))?;
@@ -181,7 +249,7 @@ pub fn kafka(ctx: &Context, cmd: KafkaCommand) -> Result<Exit, Error> {
             Ok(Exit::Ok)
         }
         KafkaCommand::Group(a) => {
-            let k = Kafka::new(&a.kafka.bootstrap);
+            let k = a.kafka.kafka(&ctx.config.kafka)?;
             let described = k.describe_group(&a.group).map_err(|e| step_err(e.into()))?;
             let mut committed = std::collections::BTreeMap::new();
             for t in &a.topics {
@@ -223,7 +291,7 @@ pub fn kafka(ctx: &Context, cmd: KafkaCommand) -> Result<Exit, Error> {
             Ok(Exit::Ok)
         }
         KafkaCommand::Rewind(a) => {
-            let k = Kafka::new(&a.kafka.bootstrap);
+            let k = a.kafka.kafka(&ctx.config.kafka)?;
             let r = Rewind {
                 group: a.group.clone(),
                 topics: a.topics.clone(),

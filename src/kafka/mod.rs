@@ -4,8 +4,10 @@
 
 pub mod groups;
 pub mod scan;
+pub mod security;
 
 use std::collections::BTreeMap;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use rdkafka::config::ClientConfig;
@@ -213,6 +215,10 @@ pub struct Kafka {
     /// the value it expands to.
     shown: String,
     pub tuning: Tuning,
+    /// TLS, SASL and any other librdkafka property.
+    pub security: security::Security,
+    /// The first use's check of a secured cluster, shared by clones.
+    probed: Arc<OnceLock<Result<(), String>>>,
 }
 
 /// How topic scans use the machine: the playbook's `[kafka]` settings,
@@ -254,18 +260,50 @@ impl Kafka {
             bootstrap: bootstrap.to_owned(),
             shown: bootstrap.to_owned(),
             tuning: Tuning::default(),
+            security: security::Security::default(),
+            probed: Arc::default(),
         }
     }
 
-    pub fn from_playbook(k: &crate::reentry::playbook::Kafka) -> Kafka {
-        Kafka {
+    /// The same cluster, reached with `security`.
+    pub fn with_security(mut self, security: security::Security) -> Kafka {
+        self.security = security;
+        self.probed = Arc::default();
+        self
+    }
+
+    /// The playbook's `[kafka]`; an error names the key that is wrong.
+    pub fn from_playbook(k: &crate::reentry::playbook::Kafka) -> Result<Kafka, String> {
+        let expose = |v: &Option<crate::reentry::playbook::Interpolated>| {
+            v.as_ref().map(|v| v.expose().to_owned())
+        };
+        let settings = security::Settings {
+            security_protocol: k.security_protocol.clone(),
+            sasl_mechanism: k.sasl_mechanism.clone(),
+            sasl_username: expose(&k.sasl_username),
+            sasl_password: expose(&k.sasl_password),
+            ssl_ca: k.ssl_ca.clone(),
+            ssl_certificate: k.ssl_certificate.clone(),
+            ssl_key: k.ssl_key.clone(),
+            ssl_key_password: expose(&k.ssl_key_password),
+            properties: k
+                .properties
+                .iter()
+                .map(|(key, v)| (key.clone(), v.expose().to_owned()))
+                .collect(),
+        };
+        let security =
+            security::Security::from_settings(&settings).map_err(|e| format!("[kafka] {e}"))?;
+        Ok(Kafka {
             bootstrap: k.bootstrap.expose().to_owned(),
             shown: k.bootstrap.template.clone(),
             tuning: Tuning::new(
                 k.scan_consumers.map(|n| n as usize),
                 k.sort_chunk.map(|n| n as usize),
             ),
-        }
+            security,
+            probed: Arc::default(),
+        })
     }
 
     fn err(
@@ -296,12 +334,29 @@ impl Kafka {
             .set("isolation.level", "read_committed")
             .set("fetch.wait.max.ms", "100")
             .set("log_level", "3");
+        self.security.apply(&mut c);
         c
+    }
+
+    /// A secured cluster is checked once, at first use: a wrong password or
+    /// certificate stops reentry at once, where librdkafka would retry.
+    fn probe(&self) -> Result<(), KafkaError> {
+        if !self.security.secured() {
+            return Ok(());
+        }
+        self.probed
+            .get_or_init(|| security::probe(&self.config("reentry-probe"), &self.security, TIMEOUT))
+            .clone()
+            .map_err(|what| KafkaError::Other {
+                bootstrap: self.shown.clone(),
+                what,
+            })
     }
 
     /// A consumer that never joins its group: it reads assigned partitions,
     /// and reads or writes the group's committed offsets.
     pub fn consumer(&self, group: &str) -> Result<BaseConsumer, KafkaError> {
+        self.probe()?;
         self.config(group)
             .create()
             .map_err(self.err("create a consumer"))
@@ -567,13 +622,15 @@ impl Kafka {
 
     /// Produces messages and waits until every one is acknowledged.
     pub fn produce(&self, topic: &str, messages: &[Outgoing]) -> Result<(), KafkaError> {
-        let p: BaseProducer = ClientConfig::new()
+        self.probe()?;
+        let mut config = ClientConfig::new();
+        config
             .set("bootstrap.servers", &self.bootstrap)
             .set("client.id", "reentry")
             .set("enable.idempotence", "false")
-            .set("log_level", "3")
-            .create()
-            .map_err(self.err("create a producer"))?;
+            .set("log_level", "3");
+        self.security.apply(&mut config);
+        let p: BaseProducer = config.create().map_err(self.err("create a producer"))?;
         for m in messages {
             let mut h = OwnedHeaders::new();
             for (k, v) in &m.headers {

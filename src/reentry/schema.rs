@@ -26,6 +26,9 @@ pub enum Kind {
     Tables(&'static [Field]),
     /// `[name.ANY]` tables, each with the same fields.
     Map(&'static [Field]),
+    /// A table of any keys, each a string that may use `${VAR}`
+    /// (librdkafka properties).
+    Props,
 }
 
 #[derive(Clone, Copy)]
@@ -67,6 +70,7 @@ fn describe(kind: Kind) -> String {
                 .join(", ")
         ),
         Kind::Table(_) | Kind::Map(_) => "a table".into(),
+        Kind::Props => "a table of strings (KEY = \"value\")".into(),
         Kind::Tables(_) => "an array of tables ([[…]])".into(),
     }
 }
@@ -202,6 +206,22 @@ fn check_item(
         },
         Kind::Table(fields) => match item.as_table_like() {
             Some(t) => check_table(t, span.clone().or(key_span), fields, at, out),
+            None => wrong(out),
+        },
+        Kind::Props => match item.as_table_like() {
+            Some(t) => {
+                for (name, v) in t.iter() {
+                    let key_span = t.get_key_value(name).and_then(|(k, _)| k.span());
+                    let at = format!("{what}.{name}");
+                    match v.as_str() {
+                        Some(s) => check_interpolation(s, v.span().or(key_span), &at, out),
+                        None => out.push(Diagnostic::at(
+                            v.span().or(key_span),
+                            format!("{at} must be a string, not {}", found(v)),
+                        )),
+                    }
+                }
+            }
             None => wrong(out),
         },
         Kind::Map(fields) => match item.as_table_like() {

@@ -69,14 +69,14 @@ pub(crate) fn offset_shell(topic: &str, time: i64) -> BTreeMap<i32, i64> {
 
 /// One row of `kafka-consumer-groups --describe`, per partition.
 #[derive(Debug, Clone, PartialEq)]
-struct GroupRow {
-    current: Option<i64>,
-    end: i64,
+pub(crate) struct GroupRow {
+    pub(crate) current: Option<i64>,
+    pub(crate) end: i64,
     consumer: String,
 }
 
 /// Kafka's own `kafka-consumer-groups --describe --group G`.
-fn group_tool(group: &str) -> (String, BTreeMap<i32, GroupRow>) {
+pub(crate) fn group_tool(group: &str) -> (String, BTreeMap<i32, GroupRow>) {
     let out = kafka_tool("org.apache.kafka.tools.consumer.group.ConsumerGroupCommand")
         .args(["--bootstrap-server", &kafka_bootstrap()])
         .args(["--describe", "--group", group])

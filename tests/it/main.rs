@@ -7,6 +7,7 @@ mod common;
 mod crash;
 mod engine;
 mod kafka;
+mod kafka_tls;
 mod pg_tls;
 mod playbook;
 mod quartz;

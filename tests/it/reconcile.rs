@@ -72,7 +72,7 @@ impl World {
     /// The history: 20 events in sync before T; 5 created before T and
     /// published after it; 3 marked published before T whose messages were
     /// lost; 4 never published; 7 created and published after T.
-    fn new() -> World {
+    pub(crate) fn new() -> World {
         World::at(now_ms() - 20 * MIN)
     }
 
@@ -373,7 +373,7 @@ impl World {
         self.cluster.db_client(db)
     }
 
-    fn playbook(&self, name: &str, csv: &str) -> PathBuf {
+    pub(crate) fn playbook(&self, name: &str, csv: &str) -> PathBuf {
         let text = format!(
             r#"[playbook]
 name = "reconcile-test"

@@ -44,6 +44,16 @@ section! {
         pub watch: Option<String> => opt("watch", Kind::Duration),
         pub scan_consumers: Option<u32> => opt("scan-consumers", Kind::Int),
         pub sort_chunk: Option<u64> => opt("sort-chunk", Kind::Int),
+        pub security_protocol: Option<String> => opt("security-protocol", Kind::OneOf(crate::kafka::security::PROTOCOLS)),
+        pub sasl_mechanism: Option<String> => opt("sasl-mechanism", Kind::OneOf(crate::kafka::security::MECHANISMS)),
+        pub sasl_username: Option<Interpolated> => opt("sasl-username", Kind::Interp),
+        pub sasl_password: Option<Interpolated> => opt("sasl-password", Kind::Interp),
+        pub ssl_ca: Option<String> => opt("ssl-ca", Kind::Str),
+        pub ssl_certificate: Option<String> => opt("ssl-certificate", Kind::Str),
+        pub ssl_key: Option<String> => opt("ssl-key", Kind::Str),
+        pub ssl_key_password: Option<Interpolated> => opt("ssl-key-password", Kind::Interp),
+        #[serde(default)]
+        pub properties: BTreeMap<String, Interpolated> => opt("properties", Kind::Props),
         #[serde(default)]
         pub consumer_group: Vec<ConsumerGroup> => opt("consumer-group", Kind::Tables(ConsumerGroup::FIELDS)),
     }

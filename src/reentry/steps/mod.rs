@@ -240,7 +240,7 @@ impl<'a> Env<'a> {
                         .into(),
                 )
             })?;
-        Ok(crate::kafka::Kafka::from_playbook(k))
+        crate::kafka::Kafka::from_playbook(k).map_err(StepError::Config)
     }
 
     /// The value a ShedLock row gets while a run holds it frozen.
