@@ -64,6 +64,9 @@ const DBQ_BATCH: u64 = 10_000;
 /// while the other's answer travels back, without queueing behind each
 /// other in its write pool (two threads on a 2-core node).
 const IN_FLIGHT: usize = 2;
+/// How often a targeted step journals its progress: each record is an
+/// fsync, and a round is a few milliseconds of the index's time.
+const JOURNAL_EVERY: Duration = Duration::from_secs(1);
 /// Hook output kept in the journal.
 const HOOK_OUTPUT: usize = 4096;
 
@@ -534,17 +537,31 @@ impl SearchStep {
         let mut first = true;
         let mut present = 0u64;
         // Rows are read a page of PAGE_ROUNDS rounds at a time (each query
-        // scans `documents` once, whatever the number of ids). A round is
-        // IN_FLIGHT batches sent at once, journaled once all are answered:
-        // a batch sent again after a crash changes nothing (the same
-        // versions), so a round needs no finer record.
+        // scans `documents` once, whatever the number of ids), the next
+        // page while the last round of this one is in the index's hands. A
+        // round is IN_FLIGHT batches sent at once. Progress is journaled
+        // after the first round, then at most once every JOURNAL_EVERY and
+        // after the last: a batch sent again after a crash changes nothing
+        // (the same versions), so a finer record buys nothing but fsyncs.
+        let page = batch * IN_FLIGHT * PAGE_ROUNDS;
         let mut rows = std::collections::HashMap::new();
         let mut page_end = p.done as usize;
+        let mut next: Option<(usize, Docs)> = None;
+        let mut journaled = Instant::now();
         while (p.done as usize) < ids.len() {
             let start = p.done as usize;
             if let Some(sql) = sql.filter(|_| start >= page_end) {
-                page_end = (start + batch * IN_FLIGHT * PAGE_ROUNDS).min(ids.len());
-                rows = documents(env, database, sql, Some(&ids[start..page_end]))?
+                let docs = match next.take() {
+                    Some((end, docs)) => {
+                        page_end = end;
+                        docs
+                    }
+                    None => {
+                        page_end = (start + page).min(ids.len());
+                        documents(env, database, sql, Some(&ids[start..page_end]))?
+                    }
+                };
+                rows = docs
                     .into_iter()
                     .map(|(id, v, doc)| (id, (v, doc)))
                     .collect();
@@ -568,7 +585,10 @@ impl SearchStep {
                     (chunk, docs)
                 })
                 .collect();
-            let answers: Vec<Result<(u64, u64), StepError>> = std::thread::scope(|scope| {
+            let prefetch = sql
+                .filter(|_| end == page_end && end < ids.len())
+                .map(|sql| (sql, (end + page).min(ids.len())));
+            let (answers, fetched) = std::thread::scope(|scope| {
                 let handles: Vec<_> = work
                     .into_iter()
                     .map(|(chunk, docs)| {
@@ -578,10 +598,15 @@ impl SearchStep {
                         })
                     })
                     .collect();
-                handles
+                let fetched = prefetch.map(|(sql, next_end)| {
+                    documents(env, database, sql, Some(&ids[end..next_end]))
+                        .map(|docs| (next_end, docs))
+                });
+                let answers: Vec<Result<(u64, u64), StepError>> = handles
                     .into_iter()
                     .map(|h| h.join().expect("a bulk thread panicked"))
-                    .collect()
+                    .collect();
+                (answers, fetched)
             });
             for a in answers {
                 let (acted, kept) = a?;
@@ -589,11 +614,15 @@ impl SearchStep {
                 p.newer_kept += kept;
             }
             p.done = end as u64;
-            rec.prior_keyed(&format!("{under}{end:012}"), &p)?;
+            if first || end == ids.len() || journaled.elapsed() >= JOURNAL_EVERY {
+                rec.prior_keyed(&format!("{under}{end:012}"), &p)?;
+                journaled = Instant::now();
+            }
             if first {
                 pause_point(&step_id, "batch");
                 first = false;
             }
+            next = fetched.transpose()?;
         }
         if let Some(sql) = sql {
             present = count_documents(env, database, sql, &ids)?;
