@@ -99,6 +99,54 @@ pub fn redact_url(url: &str) -> String {
     format!("{}{shown}{}", &url[..scheme_end + 3], &rest[at..])
 }
 
+/// TLS beyond what a `rediss://` URL says: the CA that signs the servers'
+/// certificates (else the system's trust store), and a client certificate
+/// and key for servers that require one (`tls-auth-clients yes`). Paths,
+/// read at connect; the servers' names are checked against their
+/// certificates.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct RedisTls {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca: Option<std::path::PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certificate: Option<std::path::PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<std::path::PathBuf>,
+}
+
+impl RedisTls {
+    pub fn is_empty(&self) -> bool {
+        *self == RedisTls::default()
+    }
+
+    /// The certificates, read; an error names the file or the setting.
+    fn certificates(&self, url: &str) -> Result<Option<redis::TlsCertificates>, String> {
+        if self.is_empty() {
+            return Ok(None);
+        }
+        if !url.starts_with("rediss://") {
+            return Err("tls-ca, tls-certificate and tls-key need a rediss:// URL".into());
+        }
+        let read = |p: &std::path::Path| {
+            std::fs::read(p).map_err(|e| format!("cannot read {}: {e}", p.display()))
+        };
+        let client_tls = match (&self.certificate, &self.key) {
+            (Some(c), Some(k)) => Some(redis::ClientTlsConfig {
+                client_cert: read(c)?,
+                client_key: read(k)?,
+            }),
+            (None, None) => None,
+            _ => return Err("tls-certificate and tls-key: a client certificate needs its key, and a key its certificate".into()),
+        };
+        let root_cert = self.ca.as_deref().map(read).transpose()?;
+        Ok(Some(redis::TlsCertificates {
+            client_tls,
+            root_cert,
+        }))
+    }
+}
+
 struct Node {
     /// `host:port`, as the cluster names it.
     addr: String,
@@ -114,6 +162,7 @@ pub struct Redis {
     nodes: Vec<Node>,
     /// For a cluster, the primary (index into `nodes`) of each slot.
     slots: Vec<usize>,
+    tls: Option<redis::TlsCertificates>,
 }
 
 fn addr_of(info: &ConnectionInfo) -> String {
@@ -176,8 +225,17 @@ impl Redis {
     /// `shown` is how errors name it. A cluster is found from that one
     /// node: its slot map names every primary, and each is connected to
     /// now, so that one refusing fails here, named.
-    pub fn connect(url: &str, shown: &str, cluster: bool) -> Result<Redis, CacheError> {
+    pub fn connect(
+        url: &str,
+        shown: &str,
+        cluster: bool,
+        tls: &RedisTls,
+    ) -> Result<Redis, CacheError> {
         let shown = redact_url(shown);
+        let tls = tls.certificates(url).map_err(|what| CacheError::Other {
+            server: shown.clone(),
+            what,
+        })?;
         let info = url
             .into_connection_info()
             .map_err(|error| CacheError::Server {
@@ -194,6 +252,7 @@ impl Redis {
             info,
             cluster,
             slots: Vec::new(),
+            tls,
         };
         r.conn(0)?;
         if cluster {
@@ -237,7 +296,11 @@ impl Redis {
                 Some((h, p)) if self.cluster => with_addr(&self.info, h, p.parse().unwrap_or(6379)),
                 _ => self.info.clone(),
             };
-            let c = redis::Client::open(info)
+            let client = match &self.tls {
+                Some(certs) => redis::Client::build_with_tls(info, certs.clone()),
+                None => redis::Client::open(info),
+            };
+            let c = client
                 .and_then(|c| c.get_connection_with_timeout(CONNECT_TIMEOUT))
                 .and_then(|c| {
                     c.set_read_timeout(Some(READ_TIMEOUT))?;

@@ -30,6 +30,15 @@ pub struct InvalidateArgs {
     /// A Redis Cluster: every primary, keys routed by hash slot.
     #[arg(long)]
     pub cluster: bool,
+    /// With rediss://: the CA that signs the server's certificate (PEM), else the system's.
+    #[arg(long, env = "REENTRY_REDIS_TLS_CA", value_name = "FILE")]
+    pub tls_ca: Option<PathBuf>,
+    /// With rediss://: a client certificate (PEM), for servers that require one.
+    #[arg(long, env = "REENTRY_REDIS_TLS_CERTIFICATE", value_name = "FILE")]
+    pub tls_certificate: Option<PathBuf>,
+    /// With rediss://: the client certificate's key (PEM).
+    #[arg(long, env = "REENTRY_REDIS_TLS_KEY", value_name = "FILE")]
+    pub tls_key: Option<PathBuf>,
     /// Unlink the keys matching PATTERN (SCAN MATCH); repeatable.
     #[arg(long, value_name = "PATTERN", conflicts_with_all = ["template", "ids"])]
     pub pattern: Vec<String>,
@@ -109,7 +118,12 @@ pub fn run(ctx: &Context, cmd: CacheCommand) -> Result<Exit, Error> {
         ),
         None => None,
     };
-    let mut r = Redis::connect(&a.url, &a.url, a.cluster).map_err(step_err)?;
+    let tls = crate::cache::RedisTls {
+        ca: a.tls_ca.clone(),
+        certificate: a.tls_certificate.clone(),
+        key: a.tls_key.clone(),
+    };
+    let mut r = Redis::connect(&a.url, &a.url, a.cluster, &tls).map_err(step_err)?;
     let nodes = r.primaries();
     tracing::info!(redis = %r.shown(), primaries = nodes.len(), "connected");
     let progress = ctx.reporter();

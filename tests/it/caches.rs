@@ -567,7 +567,7 @@ fn a_slot_that_moved_or_is_migrating_under_a_connected_client_is_followed() {
         "SET moved-key v\nSET asked-key v\nSET stays v\n",
     );
     let url = format!("redis://{}", addrs[0]);
-    let mut r = reentry::cache::Redis::connect(&url, &url, true).unwrap();
+    let mut r = reentry::cache::Redis::connect(&url, &url, true, &Default::default()).unwrap();
 
     // The slot map reentry read is stale now: MOVED, a new map, and the
     // key unlinked where it lives.

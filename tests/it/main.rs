@@ -12,6 +12,7 @@ mod pg_tls;
 mod playbook;
 mod quartz;
 mod reconcile;
+mod redis_tls;
 mod restore;
 mod rows;
 mod search;

@@ -21,7 +21,7 @@ use super::rows::Entities;
 use super::{
     pause_point, Effect, Env, Evidence, Nature, Phase, PlanCtx, Recorder, Step, StepError, StepKind,
 };
-use crate::cache::Redis;
+use crate::cache::{Redis, RedisTls};
 use crate::reentry::check::Need;
 use crate::reentry::plan::{step, PlannedStep};
 use crate::reentry::playbook::{section, Interpolated, Meaning, Playbook, Seg};
@@ -44,6 +44,9 @@ section! {
         pub name: String => req("name", Kind::Str),
         pub url: Interpolated => req("url", Kind::Interp),
         pub cluster: Option<bool> => opt("cluster", Kind::Bool),
+        pub tls_ca: Option<std::path::PathBuf> => opt("tls-ca", Kind::Str),
+        pub tls_certificate: Option<std::path::PathBuf> => opt("tls-certificate", Kind::Str),
+        pub tls_key: Option<std::path::PathBuf> => opt("tls-key", Kind::Str),
         pub table: Option<String> => opt("table", Kind::Str),
         pub key: Option<Vec<String>> => opt("key", Kind::Strs),
         pub updated_at: Option<String> => opt("updated-at", Kind::Str),
@@ -187,6 +190,8 @@ pub struct Target {
     pub url: Interpolated,
     #[serde(default)]
     pub cluster: bool,
+    #[serde(default, skip_serializing_if = "RedisTls::is_empty")]
+    pub tls: RedisTls,
 }
 
 impl Target {
@@ -195,6 +200,7 @@ impl Target {
             self.url.expose(),
             &self.url.template,
             self.cluster,
+            &self.tls,
         )?)
     }
 }
@@ -719,6 +725,11 @@ fn plan(p: &Playbook, ctx: &PlanCtx) -> Vec<PlannedStep> {
         let target = Target {
             cache: c.name.clone(),
             url: c.url.clone(),
+            tls: RedisTls {
+                ca: c.tls_ca.clone(),
+                certificate: c.tls_certificate.clone(),
+                key: c.tls_key.clone(),
+            },
             cluster: c.cluster.unwrap_or(false),
         };
         if let (Some(templates), Some(table)) = (&c.keys, &c.table) {

@@ -8,6 +8,7 @@ pub mod quartz;
 pub mod redis;
 pub mod search;
 pub mod services;
+pub mod tls;
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
