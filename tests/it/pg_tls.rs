@@ -4,7 +4,7 @@
 //! without SSL), with `ssl = on`, a CA and certificates made here with
 //! openssl, and `hostnossl … reject`.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Output};
 
 use crate::common::archiving::archive_command;
