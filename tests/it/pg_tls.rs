@@ -116,6 +116,23 @@ impl TlsPg {
     fn file(&self, name: &str) -> String {
         self.certs.join(name).display().to_string()
     }
+
+    /// `reentry backup` of this server through `conninfo`, into its repo.
+    fn backup(&self, conninfo: &str) -> Output {
+        reentry(
+            false,
+            &[
+                "--repo",
+                self.repo.to_str().unwrap(),
+                "--json",
+                "backup",
+                "--db",
+                conninfo,
+                "--pg-bin",
+                self.cluster.version.bin_dir().to_str().unwrap(),
+            ],
+        )
+    }
 }
 
 impl Drop for TlsPg {
@@ -341,25 +358,10 @@ fn reached_and_refused(version: Version) {
 fn a_base_backup_of_a_tls_only_server_verifies_its_name_through_pg_basebackup() {
     let pg = TlsPg::start(Version::V18Ssl);
     let ca = pg.file("ca.crt");
-    let backup = |conninfo: &str| {
-        reentry(
-            false,
-            &[
-                "--repo",
-                pg.repo.to_str().unwrap(),
-                "--json",
-                "backup",
-                "--db",
-                conninfo,
-                "--pg-bin",
-                Version::V18Ssl.bin_dir().to_str().unwrap(),
-            ],
-        )
-    };
     // reentry's own session and pg_basebackup's (libpq) get the same
     // settings: verify-full by name, the replication connection included
     // (pg_hba has no plaintext replication line).
-    let out = backup(&pg.conninfo(
+    let out = pg.backup(&pg.conninfo(
         "localhost",
         &format!("sslmode=verify-full sslrootcert={ca}"),
     ));
@@ -501,19 +503,7 @@ fn a_non_superuser_with_an_encrypted_client_key_takes_a_base_backup() {
         pg.file("client.crt"),
         pg.file("client-enc.key"),
     );
-    let out = reentry(
-        false,
-        &[
-            "--repo",
-            pg.repo.to_str().unwrap(),
-            "--json",
-            "backup",
-            "--db",
-            &conninfo,
-            "--pg-bin",
-            Version::V18Ssl.bin_dir().to_str().unwrap(),
-        ],
-    );
+    let out = pg.backup(&conninfo);
     assert_exit(&out, 0);
     let b: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
     assert_eq!(b["status"], "complete", "{b:#}");
