@@ -523,6 +523,7 @@ pub(crate) fn set_example_secrets() {
         "LEDGER_DB_PASSWORD",
         "CACHE_PASSWORD",
         "SEARCH_PASSWORD",
+        "KAFKA_PASSWORD",
     ] {
         std::env::set_var(v, "hunter2-reference");
     }
@@ -824,5 +825,11 @@ databases = ["current", "restored"]
             );
             assert!(shown.contains("${CASES_DB_PASSWORD}"));
         }
+        // The Kafka password: used, and shown only as its template.
+        let k = p.kafka.as_ref().expect("[kafka]");
+        let pw = k.sasl_password.as_ref().expect("sasl-password");
+        assert_eq!(pw.expose(), REFERENCE_SECRET);
+        let json = serde_json::to_string(&p).unwrap();
+        assert!(!json.contains(REFERENCE_SECRET) && json.contains("${KAFKA_PASSWORD}"));
     }
 }
