@@ -192,7 +192,9 @@ database = "restored"
 table = "idempotency_key"
 key-column = "idem_key"
 created-at-column = "created_at"
-retention = "15m"
+# Longer than the harness runs: keys expiring (relative to now) between the
+# unkilled run and a late case's resume would differ for no fault of either.
+retention = "1h"
 action = "tombstone"
 from-current = true
 from-csv = {{ path = "provider.csv", key-column = "request_id", time-column = "sent_at" }}

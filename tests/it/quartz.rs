@@ -214,6 +214,23 @@ fn a_quartz_gate_holds_under_load_and_reopens_as_quartz_resumes() {
         std::thread::sleep(Duration::from_millis(1000));
     }
     std::thread::sleep(Duration::from_millis(1500));
+    // A trigger resumed from another process is seen at the scheduler's
+    // next acquisition, which a busy machine delays: wait (up to 30 s) for
+    // every trigger added while the gate was closed to have run since.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while std::time::Instant::now() < deadline {
+        let so_far = s.runs_so_far();
+        let all_ran = windows.iter().enumerate().all(|(cycle, w)| {
+            let name = format!("Billing.added{cycle:02}");
+            so_far
+                .iter()
+                .any(|r| r.trigger == name && r.fired_ms > w.reopened_ms)
+        });
+        if all_ran {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
     let last = windows.last().unwrap().reopened_ms;
     let runs = s.stop();
 

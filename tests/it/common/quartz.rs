@@ -129,6 +129,11 @@ impl Scheduler {
         }
     }
 
+    /// The run log so far (a job may be mid-line: its run shows later).
+    pub fn runs_so_far(&self) -> Vec<Run> {
+        runs(&self.log)
+    }
+
     /// Shuts the scheduler down, waiting for running jobs: the run log is
     /// complete afterwards.
     pub fn stop(mut self) -> Vec<Run> {
