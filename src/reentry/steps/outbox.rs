@@ -522,24 +522,21 @@ fn unmatched(row: Row, l: &Layout, compare_ms: i64, c: &mut Classes) {
         (Some(at), Some(h)) => at < h.saturating_add(SKEW_MS),
         _ => false,
     };
-    match (&l.published, row.published) {
-        (Published::InTopicOnly, _) | (_, false) => c.pending += 1,
-        (Published::At(_), true) if row.at_ms.is_some_and(|p| p >= compare_ms) => {
-            if gone(row.at_ms) {
-                c.gone.push(row.id.text())
-            } else {
-                c.mark_unpublished.push(row.id.text())
-            }
+    let compared = match (&l.published, row.published) {
+        (Published::InTopicOnly, _) | (_, false) => {
+            c.pending += 1;
+            return;
         }
-        (Published::Flag(_), true) if l.created_at.is_some() => {
-            if gone(row.at_ms) {
-                c.gone.push(row.id.text())
-            } else {
-                c.mark_unpublished.push(row.id.text())
-            }
-        }
+        (Published::At(_), true) => row.at_ms.is_some_and(|p| p >= compare_ms),
+        (Published::Flag(_), true) => l.created_at.is_some(),
+    };
+    if !compared {
         // Published before the compared window: its message predates the scan.
-        _ => c.in_sync += 1,
+        c.in_sync += 1;
+    } else if gone(row.at_ms) {
+        c.gone.push(row.id.text());
+    } else {
+        c.mark_unpublished.push(row.id.text());
     }
 }
 
