@@ -334,8 +334,35 @@ struct Row {
     /// Binary when the column is a uuid (no text conversion on the
     /// server, no string on the client), text otherwise.
     id: Id,
-    published: bool,
-    published_ms: Option<i64>,
+    published: Mark,
+}
+
+/// Whether a row is published, and when if the outbox says: 8 bytes, where
+/// a bool and an `Option<i64>` take 24 (the outbox is buffered whole
+/// while the topic is scanned).
+#[derive(Clone, Copy)]
+struct Mark(i64);
+
+impl Mark {
+    const UNPUBLISHED: i64 = i64::MIN;
+    const NO_TIME: i64 = i64::MIN + 1;
+
+    fn new(published: bool, ms: Option<i64>) -> Mark {
+        match (published, ms) {
+            (false, _) => Mark(Mark::UNPUBLISHED),
+            (true, None) => Mark(Mark::NO_TIME),
+            // Milliseconds that far back are no timestamp PostgreSQL keeps.
+            (true, Some(ms)) => Mark(ms.max(Mark::NO_TIME + 1)),
+        }
+    }
+
+    fn published(self) -> bool {
+        self.0 != Mark::UNPUBLISHED
+    }
+
+    fn ms(self) -> Option<i64> {
+        (self.0 > Mark::NO_TIME).then_some(self.0)
+    }
 }
 
 /// The join key: a uuid as its 128 bits when the outbox id column is a
@@ -457,7 +484,7 @@ impl From<crate::pg::conn::PgError> for ReadStop {
 
 /// A row whose event is in the topic.
 fn matched(row: Row, ts: i64, l: &Layout, c: &mut Classes) {
-    if row.published || l.published == Published::InTopicOnly {
+    if row.published.published() || l.published == Published::InTopicOnly {
         c.in_sync += 1;
     } else {
         c.mark_published.push((row.id.to_string(), ts));
@@ -466,9 +493,9 @@ fn matched(row: Row, ts: i64, l: &Layout, c: &mut Classes) {
 
 /// A row whose event is not in the topic.
 fn unmatched(row: Row, l: &Layout, compare_ms: i64, c: &mut Classes) {
-    match (&l.published, row.published) {
+    match (&l.published, row.published.published()) {
         (Published::InTopicOnly, _) | (_, false) => c.pending += 1,
-        (Published::At(_), true) if row.published_ms.is_some_and(|p| p >= compare_ms) => {
+        (Published::At(_), true) if row.published.ms().is_some_and(|p| p >= compare_ms) => {
             c.mark_unpublished.push(row.id.to_string())
         }
         (Published::Flag(_), true) if l.created_at.is_some() => {
@@ -548,14 +575,12 @@ pub fn classify(
             let at: Option<Millis> = r.get(1);
             Row {
                 id: Id::from_uuid(r.get::<_, UuidBits>(0).0),
-                published: at.is_some(),
-                published_ms: at.map(|m| m.0),
+                published: Mark::new(at.is_some(), at.map(|m| m.0)),
             }
         } else {
             Row {
                 id: Id::from(r.get::<_, String>(0)),
-                published: r.get(1),
-                published_ms: r.get(2),
+                published: Mark::new(r.get(1), r.get(2)),
             }
         }
     };
