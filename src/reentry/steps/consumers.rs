@@ -259,7 +259,7 @@ impl Inbox {
         let col = Column::of(db, &self.table, &self.column).on(&self.database)?;
         let (mut missing, mut sample) = (0u64, Vec::new());
         let mut batch: Vec<String> = Vec::new();
-        let mut last: Option<String> = None;
+        let mut last: Option<scan::Id> = None;
         let mut flush =
             |batch: &mut Vec<String>, db: &mut crate::pg::conn::Db| -> Result<(), StepError> {
                 let ids: Vec<&str> = batch.iter().map(String::as_str).collect();
@@ -279,11 +279,11 @@ impl Inbox {
                 what: "read the sorted scan back",
                 source,
             })?;
-            if last.as_deref() == Some(s.id.as_str()) {
+            if last.as_ref() == Some(&s.id) {
                 continue;
             }
             last = Some(s.id.clone());
-            batch.push(s.id);
+            batch.push(s.id.into());
             if batch.len() == 1000 {
                 flush(&mut batch, db)?;
             }

@@ -308,7 +308,7 @@ impl Keys {
                     what: "read the sorted scan back",
                     source,
                 })?;
-                note(&mut seen, s.id, Some(s.ts), "topic");
+                note(&mut seen, s.id.into(), Some(s.ts), "topic");
             }
         }
         // Which of them the restored table has.

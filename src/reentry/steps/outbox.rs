@@ -19,9 +19,8 @@
 //! has to fit in memory. Rows created before `T - lookback + skew` count as
 //! settled: their messages may predate the scan.
 
-use std::collections::hash_map::Entry;
-use std::collections::{BTreeMap, HashMap};
-use std::hash::BuildHasherDefault;
+use std::collections::BTreeMap;
+use std::hash::{BuildHasher, BuildHasherDefault};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
@@ -31,7 +30,7 @@ use super::{
     duration_ms, Effect, Env, Nature, OnDatabase, PinErrors, Pinned, PlanCtx, Recorder, Step,
     StepError, StepKind,
 };
-use crate::kafka::scan::{self, IdFrom, ScanOptions, ScanStats, Seen};
+use crate::kafka::scan::{self, Id, IdFrom, ScanOptions, ScanStats, Seen};
 use crate::pg::conn::Db;
 use crate::reentry::check::Need;
 use crate::reentry::check::{quote_qualified, Column};
@@ -219,7 +218,7 @@ fn check_template(path: &str, text: &str) -> Vec<String> {
     }
     if out.is_empty() && path.ends_with(".json") {
         let sample = Seen {
-            id: "00000000-0000-0000-0000-000000000000".into(),
+            id: Id::from("00000000-0000-0000-0000-000000000000"),
             partition: 0,
             offset: 0,
             ts: 0,
@@ -356,26 +355,37 @@ impl Classes {
 }
 
 struct Row {
-    id: RowId,
-    published: bool,
-    /// When the row was published (its published-at), else created (a flag
-    /// layout with a created-at column), in ms: near its message's time.
-    at_ms: Option<i64>,
+    /// Binary when the column is a uuid (no text conversion on the
+    /// server, no string on the client), text otherwise.
+    id: Id,
+    published: Mark,
 }
 
-/// An outbox id as read: binary when the column is a uuid (no text
-/// conversion on the server, no string on the client), text otherwise.
-enum RowId {
-    Uuid(u128),
-    Text(String),
-}
+/// Whether a row is published, and when if the outbox says: 8 bytes, where
+/// a bool and an `Option<i64>` take 24 (the outbox is buffered whole
+/// while the topic is scanned).
+#[derive(Clone, Copy)]
+struct Mark(i64);
 
-impl RowId {
-    fn text(self) -> String {
-        match self {
-            RowId::Uuid(u) => format_uuid(u),
-            RowId::Text(s) => s,
+impl Mark {
+    const UNPUBLISHED: i64 = i64::MIN;
+    const NO_TIME: i64 = i64::MIN + 1;
+
+    fn new(published: bool, ms: Option<i64>) -> Mark {
+        match (published, ms) {
+            (false, _) => Mark(Mark::UNPUBLISHED),
+            (true, None) => Mark(Mark::NO_TIME),
+            // Milliseconds that far back are no timestamp PostgreSQL keeps.
+            (true, Some(ms)) => Mark(ms.max(Mark::NO_TIME + 1)),
         }
+    }
+
+    fn published(self) -> bool {
+        self.0 != Mark::UNPUBLISHED
+    }
+
+    fn ms(self) -> Option<i64> {
+        (self.0 > Mark::NO_TIME).then_some(self.0)
     }
 }
 
@@ -387,10 +397,14 @@ enum Key<'a> {
     S(&'a str),
 }
 
-fn key_of(id: &str, uuid: bool) -> Key<'_> {
-    match uuid.then(|| parse_uuid(id)).flatten() {
+fn key_of(id: &Id, uuid: bool) -> Key<'_> {
+    if let Some(u) = id.uuid() {
+        return Key::U(u);
+    }
+    let t = id.text().expect("an id is a uuid or text");
+    match uuid.then(|| parse_uuid(t)).flatten() {
         Some(u) => Key::U(u),
-        None => Key::S(id),
+        None => Key::S(t),
     }
 }
 
@@ -421,18 +435,6 @@ fn parse_uuid(s: &str) -> Option<u128> {
         v = (v << 4) | u128::from(d);
     }
     Some(v)
-}
-
-fn format_uuid(u: u128) -> String {
-    let h = format!("{u:032x}");
-    format!(
-        "{}-{}-{}-{}-{}",
-        &h[..8],
-        &h[8..12],
-        &h[12..16],
-        &h[16..20],
-        &h[20..]
-    )
 }
 
 /// A uuid column, in binary.
@@ -506,10 +508,10 @@ impl From<crate::pg::conn::PgError> for ReadStop {
 
 /// A row whose event is in the topic.
 fn matched(row: Row, ts: i64, l: &Layout, c: &mut Classes) {
-    if row.published || l.published == Published::InTopicOnly {
+    if row.published.published() || l.published == Published::InTopicOnly {
         c.in_sync += 1;
     } else {
-        c.mark_published.push((row.id.text(), ts));
+        c.mark_published.push((row.id.to_string(), ts));
     }
 }
 
@@ -522,21 +524,22 @@ fn unmatched(row: Row, l: &Layout, compare_ms: i64, c: &mut Classes) {
         (Some(at), Some(h)) => at < h.saturating_add(SKEW_MS),
         _ => false,
     };
-    let compared = match (&l.published, row.published) {
+    let at_ms = row.published.ms();
+    let compared = match (&l.published, row.published.published()) {
         (Published::InTopicOnly, _) | (_, false) => {
             c.pending += 1;
             return;
         }
-        (Published::At(_), true) => row.at_ms.is_some_and(|p| p >= compare_ms),
+        (Published::At(_), true) => at_ms.is_some_and(|p| p >= compare_ms),
         (Published::Flag(_), true) => l.created_at.is_some(),
     };
     if !compared {
         // Published before the compared window: its message predates the scan.
         c.in_sync += 1;
-    } else if gone(row.at_ms) {
-        c.gone.push(row.id.text());
+    } else if gone(at_ms) {
+        c.gone.push(row.id.to_string());
     } else {
-        c.mark_unpublished.push(row.id.text());
+        c.mark_unpublished.push(row.id.to_string());
     }
 }
 
@@ -612,15 +615,13 @@ pub fn classify(
         if uuid {
             let at: Option<Millis> = r.get(1);
             Row {
-                id: RowId::Uuid(r.get::<_, UuidBits>(0).0),
-                published: at.is_some(),
-                at_ms: at.map(|m| m.0),
+                id: Id::from_uuid(r.get::<_, UuidBits>(0).0),
+                published: Mark::new(at.is_some(), at.map(|m| m.0)),
             }
         } else {
             Row {
-                id: RowId::Text(r.get(0)),
-                published: r.get(1),
-                at_ms: r.get(2),
+                id: Id::from(r.get::<_, String>(0)),
+                published: Mark::new(r.get(1), r.get(2)),
             }
         }
     };
@@ -676,33 +677,40 @@ pub fn classify(
         // The scan fits in memory: a hash join, in whatever order the
         // database sends the rows.
         Ok(events) => {
-            let mut index: HashMap<Key, usize, BuildHasherDefault<Fx>> =
-                HashMap::with_capacity_and_hasher(events.len(), Default::default());
+            // Indices into the events, hashed by key: 4 bytes a slot,
+            // where a HashMap<Key, usize> takes 48.
+            let hasher = BuildHasherDefault::<Fx>::default();
+            let key = |i: u32| key_of(&events[i as usize].id, uuid);
+            let mut index = hashbrown::HashTable::<u32>::with_capacity(events.len());
             for (i, e) in events
                 .iter()
                 .enumerate()
                 .filter(|(_, e)| e.ts >= compare_ms)
             {
-                match index.entry(key_of(&e.id, uuid)) {
-                    Entry::Occupied(mut o) => {
+                let k = key_of(&e.id, uuid);
+                let entry = index.entry(
+                    hasher.hash_one(k),
+                    |j| key(*j) == k,
+                    |j| hasher.hash_one(key(*j)),
+                );
+                match entry {
+                    hashbrown::hash_table::Entry::Occupied(mut o) => {
                         c.duplicates += 1;
-                        if e.ts < events[*o.get()].ts {
-                            *o.get_mut() = i;
+                        if e.ts < events[*o.get() as usize].ts {
+                            *o.get_mut() = i as u32;
                         }
                     }
-                    Entry::Vacant(v) => {
-                        v.insert(i);
+                    hashbrown::hash_table::Entry::Vacant(v) => {
+                        v.insert(i as u32);
                     }
                 }
             }
             let mut hit = vec![false; events.len()];
             let mut on_row = |row: Row, c: &mut Classes| {
-                let found = match &row.id {
-                    RowId::Uuid(u) => index.get(&Key::U(*u)),
-                    RowId::Text(t) => index.get(&key_of(t, uuid)),
-                };
-                match found.copied() {
-                    Some(i) => {
+                let k = key_of(&row.id, uuid);
+                match index.find(hasher.hash_one(k), |j| key(*j) == k) {
+                    Some(&i) => {
+                        let i = i as usize;
                         hit[i] = true;
                         matched(row, events[i].ts, l, c);
                     }
@@ -723,9 +731,9 @@ pub fn classify(
                 )?,
             }
             let mut left: Vec<Seen> = index
-                .values()
-                .filter(|i| !hit[**i])
-                .map(|i| events[*i].clone())
+                .iter()
+                .filter(|i| !hit[**i as usize])
+                .map(|i| events[*i as usize].clone())
                 .collect();
             left.sort_unstable();
             left
@@ -764,10 +772,6 @@ pub fn classify(
                 |rows| -> Result<(), StepError> {
                     'rows: for r in rows {
                         let row = row_of(r);
-                        let rid = match &row.id {
-                            RowId::Text(t) => t.clone(),
-                            RowId::Uuid(u) => format_uuid(*u),
-                        };
                         loop {
                             match ks.peek() {
                                 Some(Err(_)) => {
@@ -776,11 +780,11 @@ pub fn classify(
                                         .expect("peeked")
                                         .expect_err("an error")))
                                 }
-                                Some(Ok(s)) if s.id.as_str() < rid.as_str() => {
+                                Some(Ok(s)) if s.id < row.id => {
                                     let s = ks.next().expect("peeked").map_err(io)?;
                                     candidates.push(take_same(&mut ks, s, &mut c.duplicates));
                                 }
-                                Some(Ok(s)) if s.id == rid => {
+                                Some(Ok(s)) if s.id == row.id => {
                                     let s = ks.next().expect("peeked").map_err(io)?;
                                     let s = take_same(&mut ks, s, &mut c.duplicates);
                                     matched(row, s.ts, l, &mut c);
@@ -803,10 +807,11 @@ pub fn classify(
     };
     // An orphan is confirmed by a lookup: its row may sit outside the window.
     for chunk in candidates.chunks(1000) {
-        let ids: Vec<&str> = chunk.iter().map(|s| s.id.as_str()).collect();
+        let ids: Vec<String> = chunk.iter().map(|s| s.id.to_string()).collect();
+        let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
         let found = id_col.present(db, &ids).on(&r.database)?;
-        for s in chunk {
-            if found.contains(&s.id) {
+        for (s, id) in chunk.iter().zip(ids) {
+            if found.contains(id) {
                 c.in_sync += 1;
             } else {
                 c.orphans.push(s.clone());
@@ -815,7 +820,7 @@ pub fn classify(
     }
     c.database_seconds = t_db.elapsed().as_secs_f64();
     if !c.orphans.is_empty() && exists(db, "reentry_orphan_event").on(&r.database)? {
-        let ids: Vec<&str> = c.orphans.iter().map(|s| s.id.as_str()).collect();
+        let ids: Vec<String> = c.orphans.iter().map(|s| s.id.to_string()).collect();
         let staged: Vec<String> = db
             .query(
                 "look up staged orphans",
@@ -826,7 +831,7 @@ pub fn classify(
             .iter()
             .map(|row| row.get(0))
             .collect();
-        c.orphans.retain(|s| !staged.contains(&s.id));
+        c.orphans.retain(|s| !staged.contains(&s.id.to_string()));
         c.staged_before = staged.len() as u64;
     }
     Ok(c)
@@ -841,7 +846,7 @@ fn now_ms() -> i64 {
 
 fn fill(template: &str, s: &Seen, key: &str, topic: &str) -> String {
     template
-        .replace("{{event_id}}", &s.id)
+        .replace("{{event_id}}", &s.id.to_string())
         .replace("{{key}}", key)
         .replace("{{topic}}", topic)
         .replace("{{partition}}", &s.partition.to_string())
@@ -902,7 +907,7 @@ impl Step for Reconcile {
                 orphans: c
                     .orphans
                     .iter()
-                    .map(|s| (s.id.clone(), s.partition, s.offset))
+                    .map(|s| (s.id.to_string(), s.partition, s.offset))
                     .collect(),
                 mark_unpublished: c.mark_unpublished.clone(),
             })
@@ -926,7 +931,7 @@ impl Step for Reconcile {
                         .as_ref()
                         .and_then(|m| m.key.as_deref())
                         .map(|k| String::from_utf8_lossy(k).into_owned())
-                        .unwrap_or_else(|| s.id.clone());
+                        .unwrap_or_else(|| s.id.to_string());
                     (vec![key], "orphan".to_owned())
                 })
                 .collect();
@@ -1005,7 +1010,7 @@ impl Step for Reconcile {
                     "INSERT INTO reentry_orphan_event (run_id, outbox, event_id, topic, partition, \"offset\", event_time, key, payload, headers)
                      VALUES ($1, $2, $3, $4, $5, $6, to_timestamp($7::int8 / 1000.0), $8, $9, $10::text::jsonb)
                      ON CONFLICT (topic, partition, \"offset\") DO NOTHING",
-                    &[&run_id, &self.outbox, &s.id, &self.topic, &s.partition, &s.offset, &s.ts, &key, &payload, &headers.to_string()],
+                    &[&run_id, &self.outbox, &s.id.to_string(), &self.topic, &s.partition, &s.offset, &s.ts, &key, &payload, &headers.to_string()],
                 )
                 .on(&database)?;
         }
@@ -1025,7 +1030,7 @@ impl Step for Reconcile {
             let mut done = Vec::new();
             for row in rows {
                 let s = Seen {
-                    id: row.get(0),
+                    id: Id::from(row.get::<_, String>(0)),
                     partition: row.get(1),
                     offset: row.get(2),
                     ts: row.get::<_, Option<i64>>(3).unwrap_or(0),
@@ -1039,7 +1044,10 @@ impl Step for Reconcile {
                 messages.push(crate::kafka::Outgoing {
                     key: key.clone(),
                     payload: fill(template, &s, &key_text, &self.topic).into_bytes(),
-                    headers: vec![("reentry-compensates".to_owned(), s.id.clone().into_bytes())],
+                    headers: vec![(
+                        "reentry-compensates".to_owned(),
+                        s.id.to_string().into_bytes(),
+                    )],
                     timestamp: None,
                 });
                 done.push((s.partition, s.offset));
@@ -1300,7 +1308,10 @@ mod tests {
     #[test]
     fn uuids_parse_in_either_case_and_print_canonically() {
         let u = parse_uuid("0A1B2C3D-0000-4000-8000-00000000002A").unwrap();
-        assert_eq!(format_uuid(u), "0a1b2c3d-0000-4000-8000-00000000002a");
+        assert_eq!(
+            Id::from_uuid(u).to_string(),
+            "0a1b2c3d-0000-4000-8000-00000000002a"
+        );
         assert_eq!(parse_uuid("0a1b2c3d00004000800000000000002a"), Some(u));
         for bad in [
             "",
@@ -1310,10 +1321,14 @@ mod tests {
         ] {
             assert_eq!(parse_uuid(bad), None, "{bad}");
         }
-        assert!(
-            key_of("0a1b2c3d-0000-4000-8000-00000000002a", false)
-                == Key::S("0a1b2c3d-0000-4000-8000-00000000002a")
+        // A text column matches ids as text; a uuid column, as uuids.
+        let (lower, upper) = (
+            Id::from("0a1b2c3d-0000-4000-8000-00000000002a"),
+            Id::from("0A1B2C3D-0000-4000-8000-00000000002A"),
         );
+        assert!(key_of(&lower, false) != key_of(&upper, false));
+        assert!(key_of(&lower, true) == key_of(&upper, true));
+        assert!(key_of(&upper, false) == Key::S("0A1B2C3D-0000-4000-8000-00000000002A"));
     }
 
     #[test]
