@@ -15,6 +15,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use crate::tls_files::TlsFiles;
 use redis::{ConnectionAddr, ConnectionInfo, IntoConnectionInfo, Value};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -99,52 +100,28 @@ pub fn redact_url(url: &str) -> String {
     format!("{}{shown}{}", &url[..scheme_end + 3], &rest[at..])
 }
 
-/// TLS beyond what a `rediss://` URL says: the CA that signs the servers'
-/// certificates (else the system's trust store), and a client certificate
-/// and key for servers that require one (`tls-auth-clients yes`). Paths,
-/// read at connect; the servers' names are checked against their
+/// A rediss:// connection's certificates, from its TLS files: the CA that
+/// signs the servers' certificates (else the system's trust store), and a
+/// client certificate and key for servers that require one
+/// (`tls-auth-clients yes`). The servers' names are checked against their
 /// certificates.
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub struct RedisTls {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub ca: Option<std::path::PathBuf>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub certificate: Option<std::path::PathBuf>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub key: Option<std::path::PathBuf>,
-}
-
-impl RedisTls {
-    pub fn is_empty(&self) -> bool {
-        *self == RedisTls::default()
+fn redis_certificates(tls: &TlsFiles, url: &str) -> Result<Option<redis::TlsCertificates>, String> {
+    if tls.is_empty() {
+        return Ok(None);
     }
-
-    /// The certificates, read; an error names the file or the setting.
-    fn certificates(&self, url: &str) -> Result<Option<redis::TlsCertificates>, String> {
-        if self.is_empty() {
-            return Ok(None);
-        }
-        if !url.starts_with("rediss://") {
-            return Err("tls-ca, tls-certificate and tls-key need a rediss:// URL".into());
-        }
-        let read = |p: &std::path::Path| {
-            std::fs::read(p).map_err(|e| format!("cannot read {}: {e}", p.display()))
-        };
-        let client_tls = match (&self.certificate, &self.key) {
-            (Some(c), Some(k)) => Some(redis::ClientTlsConfig {
-                client_cert: read(c)?,
-                client_key: read(k)?,
-            }),
-            (None, None) => None,
-            _ => return Err("tls-certificate and tls-key: a client certificate needs its key, and a key its certificate".into()),
-        };
-        let root_cert = self.ca.as_deref().map(read).transpose()?;
-        Ok(Some(redis::TlsCertificates {
-            client_tls,
-            root_cert,
-        }))
+    if !url.starts_with("rediss://") {
+        return Err("tls-ca, tls-certificate and tls-key need a rediss:// URL".into());
     }
+    let client_tls = tls
+        .client_pair()?
+        .map(|(client_cert, client_key)| redis::ClientTlsConfig {
+            client_cert,
+            client_key,
+        });
+    Ok(Some(redis::TlsCertificates {
+        client_tls,
+        root_cert: tls.ca_bytes()?,
+    }))
 }
 
 struct Node {
@@ -229,10 +206,10 @@ impl Redis {
         url: &str,
         shown: &str,
         cluster: bool,
-        tls: &RedisTls,
+        tls: &TlsFiles,
     ) -> Result<Redis, CacheError> {
         let shown = redact_url(shown);
-        let tls = tls.certificates(url).map_err(|what| CacheError::Other {
+        let tls = redis_certificates(tls, url).map_err(|what| CacheError::Other {
             server: shown.clone(),
             what,
         })?;

@@ -16,6 +16,7 @@ pub mod reentry;
 pub mod search;
 pub mod storage;
 pub mod time;
+pub mod tls_files;
 
 use exit::Exit;
 

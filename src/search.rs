@@ -14,6 +14,8 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
+use crate::tls_files::TlsFiles;
+
 const TRIES: u32 = 8;
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 const TIMEOUT: Duration = Duration::from_secs(60);
@@ -140,21 +142,52 @@ fn split_userinfo(url: &str) -> (String, Option<(String, String)>) {
 
 impl Search {
     /// `url` expanded; `shown` as the playbook writes it.
-    pub fn new(url: &str, shown: &str, auth: Auth) -> Result<Search, SearchError> {
+    /// With `tls`, the CA file is the only one trusted (as `curl --cacert`
+    /// and libpq's `sslrootcert` do), and the client certificate is shown
+    /// to servers that ask for one.
+    pub fn new(url: &str, shown: &str, auth: Auth, tls: &TlsFiles) -> Result<Search, SearchError> {
         let (base, from_url) = split_userinfo(url.trim_end_matches('/'));
         let auth = match (auth, from_url) {
             (Auth::None, Some((user, password))) => Auth::Basic { user, password },
             (a, _) => a,
         };
-        let http = reqwest::blocking::Client::builder()
-            .timeout(TIMEOUT)
-            .build()
-            .map_err(|error| SearchError::Transport {
-                server: crate::cache::redact_url(shown),
-                index: "-".into(),
-                what: "cannot set up the HTTP client".into(),
-                error,
+        let setup = |what: String| SearchError::Other {
+            server: crate::cache::redact_url(shown),
+            index: "-".into(),
+            what,
+        };
+        let mut builder = reqwest::blocking::Client::builder().timeout(TIMEOUT);
+        if !tls.is_empty() && !base.starts_with("https://") {
+            return Err(setup(
+                "tls-ca, tls-certificate and tls-key need an https:// URL".into(),
+            ));
+        }
+        if let Some(pem) = tls.ca_bytes().map_err(setup)? {
+            let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| {
+                setup(format!(
+                    "tls-ca: no PEM certificate in {:?}: {e}",
+                    tls.ca
+                        .as_deref()
+                        .unwrap_or_else(|| std::path::Path::new(""))
+                ))
             })?;
+            builder = builder.tls_certs_only(certs);
+        }
+        if let Some((cert, key)) = tls.client_pair().map_err(setup)? {
+            let id = reqwest::Identity::from_pkcs8_pem(&cert, &key).map_err(|e| {
+                setup(format!(
+                    "tls-certificate and tls-key: {e} (the key must be unencrypted PKCS#8 PEM, \
+                     `BEGIN PRIVATE KEY`: `openssl pkcs8 -topk8 -nocrypt` converts one)"
+                ))
+            })?;
+            builder = builder.identity(id);
+        }
+        let http = builder.build().map_err(|error| SearchError::Transport {
+            server: crate::cache::redact_url(shown),
+            index: "-".into(),
+            what: "cannot set up the HTTP client".into(),
+            error,
+        })?;
         Ok(Search {
             base,
             shown: crate::cache::redact_url(shown),

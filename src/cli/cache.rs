@@ -118,7 +118,7 @@ pub fn run(ctx: &Context, cmd: CacheCommand) -> Result<Exit, Error> {
         ),
         None => None,
     };
-    let tls = crate::cache::RedisTls {
+    let tls = crate::tls_files::TlsFiles {
         ca: a.tls_ca.clone(),
         certificate: a.tls_certificate.clone(),
         key: a.tls_key.clone(),

@@ -16,6 +16,7 @@ mod redis_tls;
 mod restore;
 mod rows;
 mod search;
+mod search_tls;
 mod services;
 mod storage;
 mod wal_archive;

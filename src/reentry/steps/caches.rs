@@ -21,11 +21,12 @@ use super::rows::Entities;
 use super::{
     pause_point, Effect, Env, Evidence, Nature, Phase, PlanCtx, Recorder, Step, StepError, StepKind,
 };
-use crate::cache::{Redis, RedisTls};
+use crate::cache::Redis;
 use crate::reentry::check::Need;
 use crate::reentry::plan::{step, PlannedStep};
 use crate::reentry::playbook::{section, Interpolated, Meaning, Playbook, Seg};
 use crate::reentry::schema::{opt, req, Field, Kind};
+use crate::tls_files::TlsFiles;
 
 /// Keys unlinked per pipeline (`batch-size`).
 const BATCH: usize = 1000;
@@ -190,8 +191,8 @@ pub struct Target {
     pub url: Interpolated,
     #[serde(default)]
     pub cluster: bool,
-    #[serde(default, skip_serializing_if = "RedisTls::is_empty")]
-    pub tls: RedisTls,
+    #[serde(default, skip_serializing_if = "TlsFiles::is_empty")]
+    pub tls: TlsFiles,
 }
 
 impl Target {
@@ -725,7 +726,7 @@ fn plan(p: &Playbook, ctx: &PlanCtx) -> Vec<PlannedStep> {
         let target = Target {
             cache: c.name.clone(),
             url: c.url.clone(),
-            tls: RedisTls {
+            tls: TlsFiles {
                 ca: c.tls_ca.clone(),
                 certificate: c.tls_certificate.clone(),
                 key: c.tls_key.clone(),
@@ -798,6 +799,14 @@ fn meaning(m: &mut Meaning) {
     for (i, c) in cs.iter().enumerate() {
         if !seen.insert(c.name.clone()) {
             m.error(&at(i, "name"), format!("a second cache named `{}`", c.name));
+        }
+        if c.tls_certificate.is_some() != c.tls_key.is_some() {
+            let key = if c.tls_key.is_some() {
+                "tls-key"
+            } else {
+                "tls-certificate"
+            };
+            m.error(&at(i, key), TlsFiles::UNPAIRED.into());
         }
         if c.keys.is_none() && c.patterns.is_none() && c.generation.is_none() {
             m.error(

@@ -48,6 +48,7 @@ use crate::reentry::plan::{step, PlannedStep};
 use crate::reentry::playbook::{section, Interpolated, Meaning, Playbook, Seg};
 use crate::reentry::schema::{opt, req, Field, Kind};
 use crate::search::{Auth, Search};
+use crate::tls_files::TlsFiles;
 
 pub const STRATEGIES: &[&str] = &["delete-by-query", "targeted", "rebuild", "rebuild-hook"];
 /// Documents per bulk request.
@@ -80,6 +81,9 @@ section! {
         pub username: Option<String> => opt("username", Kind::Str),
         pub password: Option<Interpolated> => opt("password", Kind::Interp),
         pub api_key: Option<Interpolated> => opt("api-key", Kind::Interp),
+        pub tls_ca: Option<std::path::PathBuf> => opt("tls-ca", Kind::Str),
+        pub tls_certificate: Option<std::path::PathBuf> => opt("tls-certificate", Kind::Str),
+        pub tls_key: Option<std::path::PathBuf> => opt("tls-key", Kind::Str),
         pub table: Option<String> => opt("table", Kind::Str),
         pub key: Option<Vec<String>> => opt("key", Kind::Strs),
         pub updated_at: Option<String> => opt("updated-at", Kind::Str),
@@ -123,6 +127,8 @@ pub struct Target {
     pub password: Option<Interpolated>,
     #[serde(default)]
     pub api_key: Option<Interpolated>,
+    #[serde(default, skip_serializing_if = "TlsFiles::is_empty")]
+    pub tls: TlsFiles,
 }
 
 impl Target {
@@ -139,7 +145,12 @@ impl Target {
             },
             (None, None) => Auth::None,
         };
-        Ok(Search::new(self.url.expose(), &self.url.template, auth)?)
+        Ok(Search::new(
+            self.url.expose(),
+            &self.url.template,
+            auth,
+            &self.tls,
+        )?)
     }
 }
 
@@ -1071,6 +1082,11 @@ fn plan(p: &Playbook, ctx: &PlanCtx) -> Vec<PlannedStep> {
             username: s.username.clone(),
             password: s.password.clone(),
             api_key: s.api_key.clone(),
+            tls: TlsFiles {
+                ca: s.tls_ca.clone(),
+                certificate: s.tls_certificate.clone(),
+                key: s.tls_key.clone(),
+            },
         };
         let database = s
             .database
@@ -1205,6 +1221,14 @@ fn meaning(m: &mut Meaning) {
                 &at(i, "api-key"),
                 "give `api-key` or `username`, not both".into(),
             );
+        }
+        if s.tls_certificate.is_some() != s.tls_key.is_some() {
+            let key = if s.tls_key.is_some() {
+                "tls-key"
+            } else {
+                "tls-certificate"
+            };
+            m.error(&at(i, key), TlsFiles::UNPAIRED.into());
         }
         if let Some(d) = &s.database {
             m.database(&at(i, "database"), d);
