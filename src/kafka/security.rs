@@ -219,14 +219,28 @@ impl Security {
         }
         if let Err(e) = c.create::<BaseConsumer>() {
             let detail = e.to_string();
-            let key = props
+            let prop = props
                 .iter()
-                .map(|(k, _)| k)
-                .find(|k| detail.contains(k.as_str()))
-                .map(|k| format!("properties.{k}: "))
-                .unwrap_or_default();
+                .map(|(k, _)| k.as_str())
+                .find(|k| detail.contains(k));
+            // A typed setting is named as the playbook writes it.
+            let key = match prop {
+                Some(k) => match TYPED.iter().find(|(p, _)| *p == k) {
+                    Some((_, typed)) => format!("{typed}: "),
+                    None => format!("properties.{k}: "),
+                },
+                None => String::new(),
+            };
+            let hint = if prop == Some("ssl.key.location") {
+                match s.ssl_key_password {
+                    None => " (an encrypted key needs ssl-key-password)",
+                    Some(_) => " (is ssl-key-password the key's passphrase?)",
+                }
+            } else {
+                ""
+            };
             return Err(format!(
-                "{key}librdkafka refuses it: {}",
+                "{key}librdkafka refuses it: {}{hint}",
                 redact(&detail, &props)
             ));
         }
@@ -301,6 +315,10 @@ impl ClientContext for Watch {
                     | RDKafkaErrorCode::IllegalSASLState
             )
         );
+        // An OpenSSL failure on an established connection (an alert from
+        // the broker: a client certificate it wants and did not get, or
+        // does not trust) comes as a transport failure; no retry fixes it.
+        let fatal = fatal || reason.contains("SSL routines");
         if fatal {
             let mut slot = self.0.lock().unwrap_or_else(|e| e.into_inner());
             slot.get_or_insert_with(|| reason.to_owned());
@@ -333,8 +351,20 @@ pub fn probe(config: &ClientConfig, security: &Security, timeout: Duration) -> R
             .unwrap_or_else(|e| e.into_inner())
             .take();
         if let Some(reason) = fatal {
+            let certless = !security
+                .props
+                .iter()
+                .any(|(k, _)| k == "ssl.certificate.location");
+            let hint = if certless
+                && (reason.contains("alert bad certificate")
+                    || reason.contains("certificate required"))
+            {
+                " (the broker asks for a client certificate: give ssl-certificate and ssl-key)"
+            } else {
+                ""
+            };
             return Err(format!(
-                "{} refused: {}",
+                "{} refused: {}{hint}",
                 security.describe(),
                 redact(&reason, &security.props)
             ));

@@ -3,7 +3,10 @@
 //! and its SCRAM-SHA-512 user with Kafka's own StorageTool), reached by
 //! the outbox diff, `kafka offsets-at` and `kafka rewind`. A wrong password
 //! and a broker certificate for another name are refused at once, naming
-//! the broker and what failed. Effects are counted with Kafka's own tools.
+//! the broker and what failed. OAUTHBEARER over the same listener, and an
+//! SSL listener that requires a client certificate (reached with an
+//! encrypted key and its passphrase). Effects are counted with Kafka's own
+//! tools, or against what kcat produced.
 
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -117,6 +120,32 @@ fn the_outbox_diff_offsets_at_and_a_rewind_work_over_sasl_ssl_with_scram() {
         );
     }
 
+    // A verbose dry run: what it prints, logs, journals and reports holds
+    // no password either.
+    let run = w.dir.join("dry-run");
+    let mut cmd = Command::new(reentry_bin());
+    cmd.args(["-v", "apply"])
+        .arg(&secured)
+        .arg("--run-dir")
+        .arg(&run)
+        .env("KAFKA_PASSWORD", &s.password);
+    let out = run_bounded(cmd);
+    assert_exit(&out, 0);
+    let mut texts = vec![stdout(&out), stderr(&out)];
+    for e in std::fs::read_dir(&run).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_file() {
+            texts.push(String::from_utf8_lossy(&std::fs::read(&p).unwrap()).into_owned());
+        }
+    }
+    assert!(texts.len() > 3, "the run wrote its files");
+    for text in texts {
+        assert!(
+            !text.contains(&s.password),
+            "the password was shown: {text}"
+        );
+    }
+
     let at = ts(w.t);
     let out = kafka(
         &s,
@@ -185,4 +214,130 @@ fn a_wrong_password_and_a_certificate_for_another_name_are_refused_at_once() {
         err.contains(&by_address) && err.contains("certificate verify failed"),
         "names the broker and the failed verification: {err}"
     );
+}
+
+/// The SSL listener, which requires a client certificate signed by the
+/// test CA; the client key is encrypted.
+struct Mtls {
+    bootstrap: String,
+    ca: String,
+    cert: String,
+    key: String,
+    key_password: String,
+}
+
+fn mtls() -> Mtls {
+    let what = "Kafka's SSL listener (client certificates required)";
+    Mtls {
+        bootstrap: address("REENTRY_TEST_KAFKA_SSL", what),
+        ca: address("REENTRY_TEST_KAFKA_CA", "the Kafka test CA"),
+        cert: address("REENTRY_TEST_KAFKA_CLIENT_CERT", what),
+        key: address("REENTRY_TEST_KAFKA_CLIENT_KEY", what),
+        key_password: address("REENTRY_TEST_KAFKA_CLIENT_KEY_PASSWORD", what),
+    }
+}
+
+/// A topic of two partitions holding 5 + 3 messages, produced with kcat
+/// over plaintext; and a time before them.
+fn eight_messages(test: &str) -> (String, String) {
+    let topic = crate::common::services::topic(test);
+    crate::common::services::create_topic(&topic, 2);
+    let t = ts(crate::reconcile::now_ms() - 60_000);
+    for (p, n) in [(0, 5), (1, 3)] {
+        let mut child = crate::common::services::kcat()
+            .args(["-P", "-t", &topic, "-p", &p.to_string()])
+            .stdin(Stdio::piped())
+            .spawn()
+            .unwrap();
+        use std::io::Write;
+        let mut stdin = child.stdin.take().unwrap();
+        for i in 0..n {
+            writeln!(stdin, "event {i}").unwrap();
+        }
+        drop(stdin);
+        assert!(child.wait().unwrap().success());
+    }
+    (topic, t)
+}
+
+fn messages_after(out: &Output) -> i64 {
+    let v: serde_json::Value = serde_json::from_str(&stdout(out)).unwrap();
+    v["partitions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["messages"].as_i64().unwrap())
+        .sum()
+}
+
+#[test]
+fn a_client_certificate_with_an_encrypted_key_reaches_a_broker_that_requires_one() {
+    let m = mtls();
+    let (topic, t) = eight_messages("mtls");
+    let run = |cert: bool, key_password: &str| {
+        let mut cmd = Command::new(reentry_bin());
+        cmd.args(["kafka", "offsets-at", &topic, &t, "--json"])
+            .args(["--bootstrap", &m.bootstrap, "--security-protocol", "SSL"])
+            .args(["--ssl-ca", &m.ca]);
+        if cert {
+            cmd.args(["--ssl-certificate", &m.cert, "--ssl-key", &m.key])
+                .env("REENTRY_KAFKA_SSL_KEY_PASSWORD", key_password);
+        }
+        run_bounded(cmd)
+    };
+
+    let out = run(true, &m.key_password);
+    assert_exit(&out, 0);
+    assert_eq!(messages_after(&out), 8, "{}", stdout(&out));
+    assert!(!stdout(&out).contains(&m.key_password) && !stderr(&out).contains(&m.key_password));
+
+    // No client certificate: the broker closes the handshake; reentry says
+    // so at once, naming the broker.
+    let out = run(false, "");
+    let err = stderr(&out);
+    assert_ne!(out.status.code(), Some(0), "{err}");
+    assert!(
+        err.contains(&m.bootstrap) && err.contains("give ssl-certificate and ssl-key"),
+        "{err}"
+    );
+    // At the broker's alert, not after waiting out the metadata timeout.
+    assert!(!err.contains("no metadata within"), "{err}");
+
+    // The wrong passphrase for the key: refused before connecting, named.
+    let out = run(true, "not-the-passphrase");
+    let err = stderr(&out);
+    assert_ne!(out.status.code(), Some(0), "{err}");
+    assert!(
+        err.contains("ssl-key: ") && err.contains("ssl-key-password"),
+        "{err}"
+    );
+    assert!(!err.contains("not-the-passphrase"), "{err}");
+}
+
+#[test]
+fn oauthbearer_reaches_the_broker_over_sasl_ssl() {
+    let s = scram();
+    let (topic, t) = eight_messages("oauth");
+    // librdkafka's unsecured JWT, which Kafka's default OAUTHBEARER
+    // validator takes (no identity provider runs here); the token's
+    // principal is a secret setting, never shown.
+    let mut cmd = Command::new(reentry_bin());
+    cmd.args(["kafka", "offsets-at", &topic, &t, "--json"])
+        .args([
+            "--bootstrap",
+            &s.bootstrap,
+            "--security-protocol",
+            "SASL_SSL",
+        ])
+        .args(["--sasl-mechanism", "OAUTHBEARER", "--ssl-ca", &s.ca])
+        .args([
+            "--kafka-property",
+            "enable.sasl.oauthbearer.unsecure.jwt=true",
+            "--kafka-property",
+            "sasl.oauthbearer.config=principal=reentry-oauth-principal",
+        ]);
+    let out = run_bounded(cmd);
+    assert_exit(&out, 0);
+    assert_eq!(messages_after(&out), 8, "{}", stdout(&out));
+    assert!(!stderr(&out).contains("reentry-oauth-principal"));
 }
