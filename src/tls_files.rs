@@ -39,6 +39,16 @@ impl TlsFiles {
         }
     }
 
+    /// The playbook key to point at when a certificate or a key is given
+    /// without the other.
+    pub fn unpaired(certificate: bool, key: bool) -> Option<&'static str> {
+        match (certificate, key) {
+            (true, false) => Some("tls-certificate"),
+            (false, true) => Some("tls-key"),
+            _ => None,
+        }
+    }
+
     pub const UNPAIRED: &'static str =
         "tls-certificate and tls-key: a client certificate needs its key, and a key its certificate";
 }

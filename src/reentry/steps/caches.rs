@@ -800,12 +800,7 @@ fn meaning(m: &mut Meaning) {
         if !seen.insert(c.name.clone()) {
             m.error(&at(i, "name"), format!("a second cache named `{}`", c.name));
         }
-        if c.tls_certificate.is_some() != c.tls_key.is_some() {
-            let key = if c.tls_key.is_some() {
-                "tls-key"
-            } else {
-                "tls-certificate"
-            };
+        if let Some(key) = TlsFiles::unpaired(c.tls_certificate.is_some(), c.tls_key.is_some()) {
             m.error(&at(i, key), TlsFiles::UNPAIRED.into());
         }
         if c.keys.is_none() && c.patterns.is_none() && c.generation.is_none() {

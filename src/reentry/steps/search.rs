@@ -1222,12 +1222,7 @@ fn meaning(m: &mut Meaning) {
                 "give `api-key` or `username`, not both".into(),
             );
         }
-        if s.tls_certificate.is_some() != s.tls_key.is_some() {
-            let key = if s.tls_key.is_some() {
-                "tls-key"
-            } else {
-                "tls-certificate"
-            };
+        if let Some(key) = TlsFiles::unpaired(s.tls_certificate.is_some(), s.tls_key.is_some()) {
             m.error(&at(i, key), TlsFiles::UNPAIRED.into());
         }
         if let Some(d) = &s.database {
