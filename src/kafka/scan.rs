@@ -379,7 +379,7 @@ pub fn scan(k: &Kafka, o: &ScanOptions) -> Result<(Sorted, ScanStats), KafkaErro
         None => k.offsets_at(o.topic, &partitions, o.from_ms.min(o.t_ms))?,
     };
     let counter = AtomicU64::new(0);
-    let (tx, rx) = mpsc::sync_channel::<Vec<Seen>>(64);
+    let (tx, rx) = mpsc::sync_channel::<Vec<Seen>>(16);
     let io_err = |e: io::Error| KafkaError::Other {
         bootstrap: k.shown.clone(),
         what: format!("cannot spill the sorted scan to disk: {e}"),
@@ -390,6 +390,17 @@ pub fn scan(k: &Kafka, o: &ScanOptions) -> Result<(Sorted, ScanStats), KafkaErro
         .iter()
         .filter_map(|p| starts.get(p).copied().flatten().map(|s| (*p, s)))
         .collect();
+    // Room for what the partitions hold past the start, once: a vector
+    // that doubles as it fills ends up to twice the size it needs.
+    let highs = k.list_offsets(o.topic, &partitions, Offset::End)?;
+    let expected: i64 = readable
+        .iter()
+        .map(|(p, start)| {
+            let high = highs.get(p).copied().flatten().unwrap_or(*start);
+            (high - start).max(0)
+        })
+        .sum();
+    sorter.reserve(usize::try_from(expected).unwrap_or(0));
     let n = consumers(readable.len(), k.tuning.scan_consumers);
     let shares: Vec<Vec<(i32, i64)>> = (0..n)
         .map(|i| readable.iter().skip(i).step_by(n).copied().collect())
@@ -494,6 +505,12 @@ impl Sorter {
             runs: Vec::new(),
             dir: None,
         }
+    }
+
+    /// Makes room for `n` events, at most a chunk's worth.
+    pub fn reserve(&mut self, n: usize) {
+        self.buf
+            .reserve_exact(n.min(self.chunk).saturating_sub(self.buf.len()));
     }
 
     pub fn extend(&mut self, events: Vec<Seen>) -> io::Result<()> {
@@ -662,6 +679,13 @@ mod tests {
             partition: 0,
             offset,
         }
+    }
+
+    #[test]
+    fn room_is_made_for_at_most_a_chunk() {
+        let mut s = Sorter::new(1000);
+        s.reserve(50_000_000);
+        assert!(s.buf.capacity() >= 1000 && s.buf.capacity() < 2000);
     }
 
     #[test]

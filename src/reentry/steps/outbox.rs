@@ -361,6 +361,46 @@ struct Row {
     published: Mark,
 }
 
+/// The outbox as buffered while the topic is scanned: a uuid row in 24
+/// bytes (its bits and its mark), where a `Row` takes 32.
+enum Rows {
+    Uuid(Vec<([u64; 2], Mark)>),
+    Text(Vec<Row>),
+}
+
+impl Rows {
+    fn len(&self) -> usize {
+        match self {
+            Rows::Uuid(v) => v.len(),
+            Rows::Text(v) => v.len(),
+        }
+    }
+
+    fn push(&mut self, row: Row) {
+        match (self, row.id.uuid()) {
+            (Rows::Uuid(v), Some(u)) => v.push(([(u >> 64) as u64, u as u64], row.published)),
+            (Rows::Text(v), _) => v.push(row),
+            (Rows::Uuid(_), None) => unreachable!("a uuid column reads as uuids"),
+        }
+    }
+
+    fn for_each(self, mut f: impl FnMut(Row)) {
+        match self {
+            // Read in place: consuming the vector (`into_iter().for_each`)
+            // made the join's probe 2.5 times slower in bench/outbox.
+            Rows::Uuid(v) => {
+                for &([hi, lo], published) in &v {
+                    f(Row {
+                        id: Id::from_uuid((u128::from(hi) << 64) | u128::from(lo)),
+                        published,
+                    })
+                }
+            }
+            Rows::Text(v) => v.into_iter().for_each(f),
+        }
+    }
+}
+
 /// Whether a row is published, and when if the outbox says: 8 bytes, where
 /// a bool and an `Option<i64>` take 24 (the outbox is buffered whole
 /// while the topic is scanned).
@@ -628,8 +668,12 @@ pub fn classify(
     // The outbox is read while the topic is scanned, up to as many rows as
     // the scan keeps in memory; past that the merge below reads it in order.
     let (scanned, buffered) = std::thread::scope(|s| {
-        let reader = s.spawn(|| -> Result<Option<Vec<Row>>, StepError> {
-            let mut rows = Vec::new();
+        let reader = s.spawn(|| -> Result<Option<Rows>, StepError> {
+            let mut rows = if uuid {
+                Rows::Uuid(Vec::new())
+            } else {
+                Rows::Text(Vec::new())
+            };
             let read = db.stream_rows(
                 "read the outbox",
                 &select,
@@ -639,7 +683,7 @@ pub fn classify(
                     if rows.len() + batch.len() > limit {
                         return Err(ReadStop::Full);
                     }
-                    rows.extend(batch.iter().map(row_of));
+                    batch.iter().for_each(|r| rows.push(row_of(r)));
                     Ok(())
                 },
             );
@@ -718,7 +762,7 @@ pub fn classify(
                 }
             };
             match buffered {
-                Some(rows) => rows.into_iter().for_each(|row| on_row(row, &mut c)),
+                Some(rows) => rows.for_each(|row| on_row(row, &mut c)),
                 None => db.stream_rows(
                     "read the outbox",
                     &select,
