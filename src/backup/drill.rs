@@ -257,6 +257,8 @@ pub fn drill(repo: &Repo, opts: &DrillOptions) -> Result<Evidence, DrillError> {
         target: target.clone(),
         backup: None,
         port: None,
+        // A drill's copy is never opened: its checks use the socket.
+        listen: None,
         action: Action::Promote,
         pg_bin: opts.pg_bin.clone(),
         timeout: opts.timeout,
@@ -325,12 +327,10 @@ type Validated = (String, Vec<String>, Vec<Extension>, Vec<CheckResult>);
 
 fn validate(m: &RestoreManifest, user: &[Check]) -> Result<Validated, DrillError> {
     let connect = |db: &str| {
-        let host = if m.data_dir.len() < 90 {
-            m.data_dir.as_str()
-        } else {
-            "127.0.0.1"
-        };
-        Db::connect(Some(&format!("host={host} port={} dbname={db}", m.port)))
+        Db::connect(Some(&format!(
+            "host='{}' port={} dbname={db}",
+            m.socket_dir, m.port
+        )))
     };
     let mut main = connect("postgres")?;
     let version: String = main

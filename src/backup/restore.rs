@@ -140,6 +140,10 @@ pub struct RestoreOptions {
     pub target: Target,
     pub backup: Option<String>,
     pub port: Option<u16>,
+    /// TCP addresses the copy listens on, with the source's `pg_hba.conf`:
+    /// the operator opening it (a cutover). None: fenced, a private Unix
+    /// socket only.
+    pub listen: Option<String>,
     pub action: Action,
     pub pg_bin: PgBin,
     pub timeout: Duration,
@@ -167,6 +171,13 @@ pub struct RestoreManifest {
     pub action: Action,
     pub data_dir: String,
     pub port: u16,
+    /// The directory of the copy's Unix socket: the data directory, or a
+    /// private one when that path is too long for a socket.
+    #[serde(default)]
+    pub socket_dir: String,
+    /// Where the copy listens on TCP: none when it is fenced.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub listen: Option<String>,
     pub repo: String,
     pub pg_version: String,
     pub system_identifier: String,
@@ -564,9 +575,14 @@ pub fn restore(repo: &Repo, opts: &RestoreOptions) -> Result<RestoreManifest, Re
         }
     }
     set_mode(&to, 0o700).map_err(io_err("set permissions on", &to))?;
+    let socket = socket_dir(&to, port).map_err(io_err("make the socket directory for", &to))?;
     configure(
         &to,
-        port,
+        &Listen {
+            port,
+            socket: &socket,
+            tcp: opts.listen.as_deref(),
+        },
         &repo_abs,
         repo.keys().identity_file(),
         &target,
@@ -575,7 +591,7 @@ pub fn restore(repo: &Repo, opts: &RestoreOptions) -> Result<RestoreManifest, Re
     .map_err(io_err("configure", &to))?;
 
     let t = Instant::now();
-    let reached = replay(&to, port, opts)?;
+    let reached = replay(&to, port, &socket, opts)?;
     durations.replay_seconds = t.elapsed().as_secs_f64();
     durations.total_seconds = started.elapsed().as_secs_f64();
     let manifest = RestoreManifest {
@@ -586,6 +602,8 @@ pub fn restore(repo: &Repo, opts: &RestoreOptions) -> Result<RestoreManifest, Re
         action: opts.action,
         data_dir: to.display().to_string(),
         port,
+        socket_dir: socket.display().to_string(),
+        listen: opts.listen.clone(),
         repo: repo_abs.clone(),
         pg_version: reached.pg_version,
         system_identifier: reached.system_identifier,
@@ -659,9 +677,54 @@ fn copy_tree(from: &Path, to: &Path) -> io::Result<()> {
 
 /// The recovery settings, last in postgresql.auto.conf so they win over
 /// anything the backup carried (ALTER SYSTEM writes there too).
+/// Where a restored copy can be reached.
+struct Listen<'a> {
+    port: u16,
+    /// A directory only the server's OS user can enter.
+    socket: &'a Path,
+    /// TCP addresses, where the operator opened the copy.
+    tcp: Option<&'a str>,
+}
+
+/// The copy's socket directory: its data directory (0700), or where that
+/// path is too long for a Unix socket (about 100 bytes), a private
+/// directory of its own in the temporary directory.
+fn socket_dir(to: &Path, port: u16) -> io::Result<PathBuf> {
+    if to.as_os_str().len() < 90 {
+        return Ok(to.to_owned());
+    }
+    use std::os::unix::fs::DirBuilderExt;
+    let dir = std::env::temp_dir().join(format!("reentry-socket-{port}"));
+    match fs::DirBuilder::new().mode(0o700).create(&dir) {
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+        r => r?,
+    }
+    // One that was there already must be ours and private.
+    use std::os::unix::fs::MetadataExt;
+    let m = fs::symlink_metadata(&dir)?;
+    if !m.is_dir() || m.uid() != fs::metadata(to)?.uid() || m.mode() & 0o077 != 0 {
+        return Err(io::Error::other(format!(
+            "{} exists and is not a private directory of this user",
+            dir.display()
+        )));
+    }
+    Ok(dir)
+}
+
+/// The client authentication of a fenced copy: its socket only, in a
+/// directory no other OS user can enter, so no other user of the host and
+/// nothing over the network reaches production's data through the
+/// source's `pg_hba.conf` (often `trust` on 127.0.0.1).
+const FENCED_HBA: &str = "# Written by reentry restore: a fenced copy accepts connections only on
+# its Unix socket, in a directory only the server's OS user can enter.
+# The source's own rules are in pg_hba.conf.source; `reentry restore
+# --listen` opens a copy with them.
+local all all trust
+";
+
 fn configure(
     to: &Path,
-    port: u16,
+    listen: &Listen,
     repo: &str,
     identity: Option<&Path>,
     target: &Target,
@@ -670,23 +733,46 @@ fn configure(
     use std::io::Write;
     let exe = std::env::current_exe()?;
     let quote = |s: &str| format!("'{}'", s.replace('\'', "''"));
-    let socket_dir = to.display().to_string();
-    // Unix socket paths are limited to about 100 bytes.
-    let socket_dir = if socket_dir.len() < 90 {
-        socket_dir
-    } else {
-        String::new()
-    };
+    let hba = to.join("pg_hba.conf");
+    let kept = to.join("pg_hba.conf.source");
+    if hba.exists() {
+        fs::rename(&hba, &kept)?;
+    }
+    match listen.tcp {
+        Some(_) if kept.exists() => {
+            fs::copy(&kept, &hba)?;
+        }
+        _ => fs::write(&hba, FENCED_HBA)?,
+    }
     let mut lines = vec![
         "# Written by reentry restore: a fenced copy.".to_owned(),
-        format!("port = {port}"),
-        "listen_addresses = '127.0.0.1'".to_owned(),
-        format!("unix_socket_directories = {}", quote(&socket_dir)),
+        format!("port = {}", listen.port),
+        format!("listen_addresses = {}", quote(listen.tcp.unwrap_or(""))),
+        format!(
+            "unix_socket_directories = {}",
+            quote(&listen.socket.display().to_string())
+        ),
+        // The server's own file, wherever the source kept its rules.
+        format!("hba_file = {}", quote(&hba.display().to_string())),
         "archive_mode = off".to_owned(),
         "archive_command = ''".to_owned(),
         "archive_library = ''".to_owned(),
         "primary_conninfo = ''".to_owned(),
+        "primary_slot_name = ''".to_owned(),
         "synchronous_standby_names = ''".to_owned(),
+        // The source's shell commands run nowhere else: a cleanup command
+        // carried from a standby's settings deletes production's WAL where
+        // the archive is mounted.
+        "recovery_end_command = ''".to_owned(),
+        "archive_cleanup_command = ''".to_owned(),
+        // Subscriptions would start applying from production's publishers
+        // on promotion, and take the real subscriber's slots: no worker can
+        // start until the operator raises these.
+        "max_logical_replication_workers = 0".to_owned(),
+        "max_sync_workers_per_subscription = 0".to_owned(),
+        // pg_cron, where the source loads it, launches no job (a setting
+        // PostgreSQL keeps as a placeholder where pg_cron is absent).
+        "cron.launch_active_jobs = off".to_owned(),
         "hot_standby = on".to_owned(),
         // reentry reads the server log ("restored log file", FATAL, ...):
         // untranslated, whatever the primary's lc_messages was.
@@ -757,7 +843,12 @@ struct Reached {
 
 /// Starts the server and waits until recovery reached its target (paused,
 /// promoted or shut down as asked) or failed.
-fn replay(to: &Path, port: u16, opts: &RestoreOptions) -> Result<Reached, RestoreError> {
+fn replay(
+    to: &Path,
+    port: u16,
+    socket: &Path,
+    opts: &RestoreOptions,
+) -> Result<Reached, RestoreError> {
     let log = to.join(LOG_FILE);
     opts.progress.stage("replaying WAL", None);
     let status = opts
@@ -788,8 +879,8 @@ fn replay(to: &Path, port: u16, opts: &RestoreOptions) -> Result<Reached, Restor
             .output();
     };
     let conninfo = format!(
-        "host={} port={port} dbname=postgres connect_timeout=2",
-        socket_or_tcp(to)
+        "host='{}' port={port} dbname=postgres connect_timeout=2",
+        socket.display()
     );
     let deadline = Instant::now() + opts.timeout;
     let wants_open = opts.target == Target::Latest || opts.action == Action::Promote;
@@ -854,15 +945,6 @@ fn replay(to: &Path, port: u16, opts: &RestoreOptions) -> Result<Reached, Restor
             }
         }
         std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-fn socket_or_tcp(to: &Path) -> String {
-    let s = to.display().to_string();
-    if s.len() < 90 {
-        s
-    } else {
-        "127.0.0.1".into()
     }
 }
 

@@ -36,9 +36,15 @@ pub struct RestoreArgs {
     /// The backup to start from [default: the newest that can reach the target].
     #[arg(long, value_name = "ID")]
     pub backup: Option<String>,
-    /// Port for the restored cluster, on 127.0.0.1 [default: a free one].
+    /// Port for the restored cluster [default: one free on 127.0.0.1].
     #[arg(long)]
     pub port: Option<u16>,
+    /// Open the copy on these TCP addresses, with the source's pg_hba.conf
+    /// (a cutover, where applications connect to it). Without it the copy
+    /// is fenced: only its Unix socket, in a directory only the server's
+    /// OS user can enter, accepts connections.
+    #[arg(long, value_name = "ADDRESSES")]
+    pub listen: Option<String>,
     /// What to do at the target.
     #[arg(long, value_enum, default_value_t = Action::Pause)]
     pub action: Action,
@@ -114,6 +120,7 @@ pub fn restore(ctx: &Context, a: RestoreArgs) -> Result<Exit, Error> {
         target,
         backup: a.backup,
         port: a.port,
+        listen: a.listen,
         action: a.action,
         pg_bin: a.pg_bin.pg_bin(),
         timeout: Duration::from_secs(a.timeout),
@@ -124,7 +131,7 @@ pub fn restore(ctx: &Context, a: RestoreArgs) -> Result<Exit, Error> {
     ctx.emit(&m, || {
         Some(format!(
             "restored {} from {} to {} (timeline {}, last transaction {}), {} WAL segments replayed in {:.1} s; \
-             {} on 127.0.0.1:{} ({})",
+             {} on {} port {} ({})",
             m.data_dir,
             m.backup_chain.join(" + "),
             m.reached_lsn,
@@ -135,6 +142,10 @@ pub fn restore(ctx: &Context, a: RestoreArgs) -> Result<Exit, Error> {
             match m.action {
                 Action::Shutdown => "stopped",
                 _ => "running",
+            },
+            match &m.listen {
+                Some(a) => format!("{a} (opened with the source's pg_hba.conf)"),
+                None => format!("its socket in {} only (fenced)", m.socket_dir),
             },
             m.port,
             match m.action {

@@ -385,7 +385,10 @@ impl Identity {
         let row = db
             .query_one(
                 "read what identifies the server",
-                "SELECT pg_postmaster_start_time()::text, current_database()::text, inet_server_port(),
+                // inet_server_port() is NULL on a Unix socket, where a
+                // fenced restored copy is reached.
+                "SELECT pg_postmaster_start_time()::text, current_database()::text,
+                        coalesce(inet_server_port(), current_setting('port')::int),
                         (SELECT setting FROM pg_settings WHERE name = 'data_directory'), pg_is_in_recovery()",
                 &[],
             )

@@ -156,7 +156,7 @@ fn dumpall(r: &Restored) -> String {
     let out = as_server_user(r.bin.join("pg_dumpall"))
         .args([
             "-h",
-            "127.0.0.1",
+            r.socket_dir(),
             "-p",
             &r.manifest["port"].to_string(),
             "-U",
@@ -399,7 +399,40 @@ fn a_restored_cluster_is_fenced_from_the_production_archive_and_port() {
     let archive_mode: String = db.query_one("SHOW archive_mode", &[]).unwrap().get(0);
     assert_eq!(archive_mode, "off");
     let listen: String = db.query_one("SHOW listen_addresses", &[]).unwrap().get(0);
-    assert_eq!(listen, "127.0.0.1");
+    assert_eq!(listen, "", "a fenced copy listens on no TCP address");
+    assert!(
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_err(),
+        "nothing answers on 127.0.0.1:{port}"
+    );
+    // The source's pg_hba.conf (trust for every local TCP client here) is
+    // kept aside, not served.
+    let hba: String = db.query_one("SHOW hba_file", &[]).unwrap().get(0);
+    let rules = std::fs::read_to_string(&hba).unwrap();
+    let served: Vec<&str> = rules
+        .lines()
+        .filter(|l| !l.trim_start().starts_with('#') && !l.trim().is_empty())
+        .collect();
+    assert_eq!(served, ["local all all trust"], "{hba}");
+    assert!(r.dir.join("pg_hba.conf.source").exists());
+
+    // Opened by the operator (a cutover): TCP, with the source's rules.
+    let open = restore(
+        &c,
+        &repo,
+        "opened",
+        &["--immediate", "--listen", "127.0.0.1"],
+    );
+    assert_eq!(open.manifest["listen"], "127.0.0.1");
+    let tcp = format!(
+        "host=127.0.0.1 port={} user=postgres dbname=postgres",
+        open.manifest["port"]
+    );
+    let x: i32 = postgres::Client::connect(&tcp, postgres::NoTls)
+        .unwrap()
+        .query_one("SELECT x FROM t", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(x, 1);
     std::thread::sleep(Duration::from_secs(2));
     assert_eq!(
         archive_files(&repo),
@@ -609,10 +642,7 @@ fn a_playbook_with_current_and_restored_swapped_is_refused() {
         "restored",
         &["--target-name", "before_incident", "--action", "promote"],
     );
-    let restored = format!(
-        "host=127.0.0.1 port={} user=postgres dbname=postgres",
-        r.manifest["port"]
-    );
+    let restored = r.conninfo();
     let playbook = |current: &str, restored: &str| {
         let text = format!(
             r#"[playbook]
@@ -770,7 +800,7 @@ way-back = "cutover"
 [databases.current]
 conninfo = "{}"
 [databases.restored]
-conninfo = "host=127.0.0.1 port={} user=postgres dbname=postgres"
+conninfo = "{}"
 [recovery-target]
 time = "{t}"
 [gates]
@@ -785,7 +815,7 @@ action = "tombstone"
 from-current = true
 "#,
             c.conninfo(),
-            restored.manifest["port"]
+            restored.conninfo()
         ),
     )
     .unwrap();
@@ -836,4 +866,88 @@ from-current = true
     ));
     assert_eq!(e["validation_status"], "passed", "{e}");
     assert!(e["wal_segments_replayed"].as_u64().unwrap() >= 1, "{e}");
+}
+
+/// The source's shell commands and its subscriptions stay with the source:
+/// a restored copy runs no `recovery_end_command` or
+/// `archive_cleanup_command`, and no subscription worker takes the
+/// publisher's slot, even once promoted.
+#[test]
+fn a_restored_copy_runs_none_of_the_sources_commands_and_starts_no_subscription() {
+    let mut publisher = Cluster::init(Version::V18);
+    publisher.append_conf(&[("wal_level", "logical")]);
+    publisher.start();
+    publisher
+        .client()
+        .batch_execute("CREATE TABLE s (x int PRIMARY KEY); CREATE PUBLICATION pub FOR TABLE s")
+        .unwrap();
+
+    let ended = publisher.dir("marks").join("recovery-ended");
+    let cleaned = publisher.dir("marks").join("archive-cleaned");
+    let end_command = format!("'touch {}'", ended.display());
+    let cleanup_command = format!("'touch {}'", cleaned.display());
+    let (c, repo) = archiving(
+        Version::V18,
+        "",
+        &[
+            ("recovery_end_command", &end_command),
+            ("archive_cleanup_command", &cleanup_command),
+        ],
+    );
+    let mut db = c.client();
+    db.batch_execute("CREATE TABLE s (x int PRIMARY KEY)")
+        .unwrap();
+    db.batch_execute(&format!(
+        "CREATE SUBSCRIPTION sub CONNECTION 'host=127.0.0.1 port={} user=postgres dbname=postgres' PUBLICATION pub",
+        publisher.port
+    ))
+    .unwrap();
+    ok_json(&run(&c, &repo, &["backup"]));
+    // The source lets go of the slot: a copy's worker would be free to take it.
+    db.batch_execute("ALTER SUBSCRIPTION sub DISABLE").unwrap();
+    let slot_active = || -> bool {
+        publisher
+            .client()
+            .query_one(
+                "SELECT active FROM pg_replication_slots WHERE slot_name = 'sub'",
+                &[],
+            )
+            .unwrap()
+            .get(0)
+    };
+    publisher.wait_for(
+        "the source to let go of the slot",
+        Duration::from_secs(30),
+        || (!slot_active()).then_some(()),
+    );
+    switch_and_wait_archived(&c);
+
+    let r = restore(&c, &repo, "copy", &["--immediate", "--action", "promote"]);
+    publisher
+        .client()
+        .batch_execute("INSERT INTO s VALUES (1)")
+        .unwrap();
+    // A worker starts within a second of promotion where it may: give it
+    // five, then look at both sides.
+    std::thread::sleep(Duration::from_secs(5));
+    let mut copy = r.client();
+    let workers: i64 = copy
+        .query_one("SELECT count(pid) FROM pg_stat_subscription", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(workers, 0, "no subscription worker runs on the copy");
+    assert!(!slot_active(), "the publisher's slot is not taken");
+    assert_eq!(r.count("s"), 0, "nothing was applied from the publisher");
+    for setting in ["recovery_end_command", "archive_cleanup_command"] {
+        let v: String = copy
+            .query_one(&format!("SHOW {setting}"), &[])
+            .unwrap()
+            .get(0);
+        assert_eq!(v, "", "{setting} is cleared on the copy");
+    }
+    assert!(!ended.exists(), "the source's recovery_end_command ran");
+    assert!(
+        !cleaned.exists(),
+        "the source's archive_cleanup_command ran"
+    );
 }

@@ -43,12 +43,13 @@ pub struct Restored {
 }
 
 impl Restored {
+    /// A client on the copy's socket: a fenced copy listens on no TCP port.
     pub fn client(&self) -> postgres::Client {
-        let conninfo = format!(
-            "host=127.0.0.1 port={} user=postgres dbname=postgres",
-            self.manifest["port"]
-        );
-        postgres::Client::connect(&conninfo, postgres::NoTls).unwrap()
+        postgres::Client::connect(&self.conninfo(), postgres::NoTls).unwrap()
+    }
+
+    pub fn socket_dir(&self) -> &str {
+        self.manifest["socket_dir"].as_str().unwrap()
     }
 
     pub fn count(&self, table: &str) -> i64 {
@@ -97,7 +98,8 @@ impl Restored {
     /// Its conninfo, for a playbook.
     pub fn conninfo(&self) -> String {
         format!(
-            "host=127.0.0.1 port={} user=postgres dbname=postgres",
+            "host={} port={} user=postgres dbname=postgres",
+            self.socket_dir(),
             self.manifest["port"]
         )
     }
