@@ -144,6 +144,7 @@ fn backup_exit(e: &backup::basebackup::BackupError) -> Exit {
         B::IncrementalUnsupported { .. } | B::SummarizeWalOff { .. } | B::ArchiveOff { .. } => {
             Exit::Config
         }
+        B::Tablespaces { .. } => Exit::Refused,
         B::NoParent { .. }
         | B::BadParent { .. }
         | B::WrongCluster { .. }
@@ -177,5 +178,6 @@ fn restore_exit(e: &backup::restore::RestoreError) -> Exit {
         R::UnknownRestorePoint { .. } | R::NoBackup { .. } | R::Unreachable { .. } => {
             Exit::Negative
         }
+        R::Tablespaces { .. } => Exit::Refused,
     }
 }

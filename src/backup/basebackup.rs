@@ -47,6 +47,17 @@ pub enum BackupError {
     )]
     ArchiveOff { target: String, repo: String },
     #[error(
+        "{target} has tablespaces outside its data directory ({}): reentry cannot back them up yet. \
+         pg_basebackup would write them to their production paths, object storage would not get \
+         them, and a restore would link back to production's files. Back up this cluster with \
+         another tool until reentry supports tablespaces",
+        tablespaces.join(", ")
+    )]
+    Tablespaces {
+        target: String,
+        tablespaces: Vec<String>,
+    },
+    #[error(
         "the archive in {repo} holds WAL of system {archive}, but {target} is system {server}: \
          back it up into the repository its archive_command writes to"
     )]
@@ -120,6 +131,8 @@ struct Server {
     archive_mode: String,
     seg_size: u32,
     summarize_wal: Option<String>,
+    /// `name (location)` of each tablespace besides pg_default and pg_global.
+    tablespaces: Vec<String>,
 }
 
 fn server_facts(db: &mut Db) -> Result<Server, PgError> {
@@ -133,7 +146,18 @@ fn server_facts(db: &mut Db) -> Result<Server, PgError> {
                 current_setting('summarize_wal', true)",
         &[],
     )?;
+    let tablespaces = db
+        .query(
+            "list the tablespaces",
+            "SELECT format('%s (%s)', spcname, pg_tablespace_location(oid))
+               FROM pg_tablespace WHERE spcname NOT IN ('pg_default', 'pg_global') ORDER BY spcname",
+            &[],
+        )?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
     Ok(Server {
+        tablespaces,
         major: row.get::<_, i32>(0) as u32,
         cluster_name: row.get(1),
         system_identifier: row.get(2),
@@ -170,6 +194,12 @@ pub fn take(repo: &Repo, opts: &BackupOptions) -> Result<BackupLabel, BackupErro
     let mut db = Db::connect(opts.conninfo.as_deref())?;
     let target = db.target().to_owned();
     let server = server_facts(&mut db)?;
+    if !server.tablespaces.is_empty() {
+        return Err(BackupError::Tablespaces {
+            target,
+            tablespaces: server.tablespaces,
+        });
+    }
     if server.archive_mode == "off" {
         return Err(BackupError::ArchiveOff {
             target,

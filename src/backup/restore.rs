@@ -106,6 +106,12 @@ pub enum RestoreError {
     Pack(#[from] PackError),
     #[error("PostgreSQL refuses to run as root: run reentry restore as the OS user that will own the restored cluster")]
     RunningAsRoot,
+    #[error(
+        "backup {id} has tablespaces ({}): reentry cannot restore them yet, and their links \
+         point at the source's own tablespace directories, which the copy would write into",
+        links.join(", ")
+    )]
+    Tablespaces { id: String, links: Vec<String> },
     #[error("{} is not empty: restore into a new or empty directory", dir.display())]
     NotEmpty { dir: PathBuf },
     #[error(
@@ -468,6 +474,32 @@ pub fn restore(repo: &Repo, opts: &RestoreOptions) -> Result<RestoreManifest, Re
     // be decrypted would look missing, and recovery would end early.
     for b in chain.iter().filter(|b| repo.backup_data(&b.id).is_none()) {
         packed::manifest(repo.store(), &b.id, repo.keys())?;
+    }
+    // A backup of a cluster with tablespaces (taken before backups refused
+    // them) links to the source's directories: restoring it would have the
+    // copy write into production's files.
+    for b in &chain {
+        let Some(data) = repo.backup_data(&b.id) else {
+            continue;
+        };
+        let links: Vec<String> = match fs::read_dir(data.join("pg_tblspc")) {
+            Ok(d) => d
+                .filter_map(Result::ok)
+                .map(|e| {
+                    let to = fs::read_link(e.path())
+                        .map_or_else(|_| "?".into(), |t| t.display().to_string());
+                    format!("pg_tblspc/{} -> {to}", e.file_name().to_string_lossy())
+                })
+                .collect(),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Vec::new(),
+            Err(e) => return Err(io_err("read", &data.join("pg_tblspc"))(e).into()),
+        };
+        if !links.is_empty() {
+            return Err(RestoreError::Tablespaces {
+                id: b.id.clone(),
+                links,
+            });
+        }
     }
     {
         let archive = repo.archive();

@@ -597,3 +597,30 @@ fn check_passes_and_then_fails_when_archive_command_is_broken() {
         stderr(&out)
     );
 }
+
+/// Tablespaces are not supported yet: a backup refuses, naming them, and
+/// writes nothing (pg_basebackup would write them to their production paths).
+#[test]
+fn a_backup_of_a_cluster_with_a_tablespace_is_refused_and_writes_nothing() {
+    let (c, repo) = archiving(Version::V18, "", &[]);
+    let location = c.dir("ts1");
+    let mut db = c.client();
+    db.batch_execute(&format!(
+        "CREATE TABLESPACE ts1 LOCATION '{}'",
+        location.display()
+    ))
+    .unwrap();
+    db.batch_execute("CREATE TABLE kept (x int) TABLESPACE ts1")
+        .unwrap();
+    let out = run(&c, &repo, &["backup"]);
+    assert_exit(&out, 3);
+    let err = stderr(&out);
+    assert!(
+        err.contains(&format!("ts1 ({})", location.display())) && err.contains("tablespaces"),
+        "{err}"
+    );
+    assert!(
+        !repo.join("backup").exists()
+            || std::fs::read_dir(repo.join("backup")).unwrap().count() == 0
+    );
+}

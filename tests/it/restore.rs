@@ -951,3 +951,39 @@ fn a_restored_copy_runs_none_of_the_sources_commands_and_starts_no_subscription(
         "the source's archive_cleanup_command ran"
     );
 }
+
+/// A backup that links to tablespace directories (taken before backups
+/// refused them) is refused by restore: the copy would write into the
+/// source's own files.
+#[test]
+fn a_backup_linking_to_a_tablespace_is_refused_before_anything_is_copied() {
+    let (c, repo) = archiving(Version::V18, "", &[]);
+    let b = ok_json(&run(&c, &repo, &["backup"]));
+    let production = c.dir("production-ts");
+    std::fs::write(production.join("PG_18_marker"), "live").unwrap();
+    let tblspc = repo
+        .join("backup")
+        .join(b["id"].as_str().unwrap())
+        .join("data/pg_tblspc");
+    std::fs::create_dir_all(&tblspc).unwrap();
+    std::os::unix::fs::symlink(&production, tblspc.join("16400")).unwrap();
+    switch_and_wait_archived(&c);
+    let to = c.root().join("copy");
+    let out = run(
+        &c,
+        &repo,
+        &["restore", "--to", to.to_str().unwrap(), "--immediate"],
+    );
+    assert_exit(&out, 3);
+    assert!(
+        stderr(&out).contains(&format!("pg_tblspc/16400 -> {}", production.display())),
+        "{}",
+        stderr(&out)
+    );
+    assert!(!to.exists(), "nothing was written");
+    assert_eq!(
+        std::fs::read_dir(&production).unwrap().count(),
+        1,
+        "the tablespace is untouched"
+    );
+}
