@@ -1276,3 +1276,52 @@ fn an_orphans_key_fills_a_json_template_as_one_string() {
     assert_eq!(v, serde_json::json!({ "entity": key }), "{}", sent[0]);
     assert_eq!(o.orphans(), (1, 1));
 }
+
+/// A compensation the broker refuses (larger than the topic's
+/// `max.message.bytes`) is not recorded as sent: the step fails naming
+/// the broker's error, and the orphan waits for a resume.
+#[test]
+fn a_compensation_the_broker_refuses_fails_the_step_and_stays_unsent() {
+    let template = format!(
+        r#"{{"entity":"{{{{key}}}}","padding":"{}"}}"#,
+        "x".repeat(300)
+    );
+    let o = Orphan::new("case-1", &template);
+    let out = crate::common::services::kafka_tool("org.apache.kafka.tools.ConfigCommand")
+        .args(["--bootstrap-server", &kafka_bootstrap(), "--alter"])
+        .args(["--entity-type", "topics", "--entity-name", &o.topic])
+        .args(["--add-config", "max.message.bytes=100"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = o.apply("run");
+    assert_exit(&out, 2);
+    let said = format!("{}{}", stdout(&out), stderr(&out));
+    assert!(
+        said.contains("stopped: outbox:case-events") && said.contains("too large"),
+        "{said}"
+    );
+    assert_eq!(o.orphans(), (1, 0), "staged, and not compensated");
+    assert_eq!(o.compensations(), Vec::<String>::new());
+    let journal = std::fs::read_to_string(o.dir.join("run").join("journal.jsonl")).unwrap();
+    let records: Vec<serde_json::Value> = journal
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(
+        records
+            .iter()
+            .any(|r| r["event"] == "failed" && r["step"] == "outbox:case-events"),
+        "{journal}"
+    );
+    assert!(
+        !records
+            .iter()
+            .any(|r| r["event"] == "done" && r["step"] == "outbox:case-events"),
+        "nothing is counted as sent: {journal}"
+    );
+}

@@ -1144,15 +1144,28 @@ impl Step for Reconcile {
                 });
                 done.push((s.partition, s.offset));
             }
-            kafka.produce(&self.topic, &messages)?;
-            for (p, o) in &done {
-                compensated += db
-                    .execute(
-                        "record a compensation",
-                        "UPDATE reentry_orphan_event SET compensated_at = now() WHERE topic = $1 AND partition = $2 AND \"offset\" = $3",
-                        &[&self.topic, p, o],
-                    )
-                    .on(&database)?;
+            // Only what the broker acknowledged is recorded as sent; the
+            // rest stay uncompensated, and a resume sends them again.
+            let delivered = kafka.produce_each(&self.topic, &messages)?;
+            let mut undelivered = Vec::new();
+            for ((p, o), d) in done.iter().zip(delivered) {
+                match d {
+                    Ok(()) => {
+                        compensated += db
+                            .execute(
+                                "record a compensation",
+                                "UPDATE reentry_orphan_event SET compensated_at = now() WHERE topic = $1 AND partition = $2 AND \"offset\" = $3",
+                                &[&self.topic, p, o],
+                            )
+                            .on(&database)?;
+                    }
+                    Err(e) => undelivered.push(e),
+                }
+            }
+            // The first failure names the broker's error; a resume sends
+            // every undelivered one again.
+            if let Some(first) = undelivered.into_iter().next() {
+                return Err(StepError::Kafka(first));
             }
         }
         // The watch: the relay must stay quiet while its gate is closed.
