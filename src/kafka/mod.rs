@@ -647,8 +647,29 @@ impl Kafka {
         Ok(out)
     }
 
-    /// Produces messages and waits until every one is acknowledged.
+    /// Produces messages and waits until every one is acknowledged; an
+    /// error names the first the broker did not take.
     pub fn produce(&self, topic: &str, messages: &[Outgoing]) -> Result<(), KafkaError> {
+        match self
+            .produce_each(topic, messages)?
+            .into_iter()
+            .find_map(Result::err)
+        {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// Produces messages and waits for the broker's word on each: in the
+    /// messages' order, `Ok` for one it acknowledged, else why it was not
+    /// delivered. A message the broker refuses (too large, not
+    /// authorised) is dropped by the client with only a delivery report,
+    /// so the reports are what says whether a message was sent.
+    pub fn produce_each(
+        &self,
+        topic: &str,
+        messages: &[Outgoing],
+    ) -> Result<Vec<Result<(), KafkaError>>, KafkaError> {
         self.probe()?;
         let mut config = ClientConfig::new();
         config
@@ -657,8 +678,10 @@ impl Kafka {
             .set("enable.idempotence", "false")
             .set("log_level", "3");
         self.security.apply(&mut config);
-        let p: BaseProducer = config.create().map_err(self.err("create a producer"))?;
-        for m in messages {
+        let p: BaseProducer<Deliveries> = config
+            .create_with_context(Deliveries::default())
+            .map_err(self.err("create a producer"))?;
+        for (i, m) in messages.iter().enumerate() {
             let mut h = OwnedHeaders::new();
             for (k, v) in &m.headers {
                 h = h.insert(Header {
@@ -666,7 +689,7 @@ impl Kafka {
                     value: Some(v),
                 });
             }
-            let mut r: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(topic)
+            let mut r: BaseRecord<'_, [u8], [u8], usize> = BaseRecord::with_opaque_to(topic, i)
                 .payload(m.payload.as_slice())
                 .headers(h);
             if let Some(k) = &m.key {
@@ -691,8 +714,64 @@ impl Kafka {
                 }
             }
         }
-        p.flush(TIMEOUT)
-            .map_err(self.err(format!("flush messages to {topic}")))
+        // A flush that times out leaves messages without a report: not
+        // delivered, as far as anyone can tell.
+        let flushed = p.flush(TIMEOUT);
+        let mut reports = std::mem::take(
+            &mut *p
+                .context()
+                .reports
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        );
+        Ok((0..messages.len())
+            .map(|i| match reports.remove(&i) {
+                Some(Ok(())) => Ok(()),
+                Some(Err(e)) => Err(self.err(format!(
+                    "deliver message {} of {} to {topic}",
+                    i + 1,
+                    messages.len()
+                ))(e)),
+                None => Err(match &flushed {
+                    Err(e) => self.err(format!(
+                        "deliver message {} of {} to {topic} (no delivery report)",
+                        i + 1,
+                        messages.len()
+                    ))(e.clone()),
+                    Ok(()) => KafkaError::Other {
+                        bootstrap: self.shown.clone(),
+                        what: format!(
+                            "deliver message {} of {} to {topic}: no delivery report",
+                            i + 1,
+                            messages.len()
+                        ),
+                    },
+                }),
+            })
+            .collect())
+    }
+}
+
+/// Each message's delivery report, by its index in the batch.
+#[derive(Default)]
+struct Deliveries {
+    reports: std::sync::Mutex<BTreeMap<usize, Result<(), rdkafka::error::KafkaError>>>,
+}
+
+impl rdkafka::ClientContext for Deliveries {}
+
+impl rdkafka::producer::ProducerContext for Deliveries {
+    type DeliveryOpaque = usize;
+
+    fn delivery(&self, result: &rdkafka::message::DeliveryResult<'_>, index: usize) {
+        let outcome = match result {
+            Ok(_) => Ok(()),
+            Err((e, _)) => Err(e.clone()),
+        };
+        self.reports
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(index, outcome);
     }
 }
 

@@ -529,9 +529,16 @@ impl Db {
         self.client.is_closed()
     }
 
-    /// Runs `sql` with the simple protocol and returns each row's columns
-    /// joined as text; for user-written checks of any shape.
+    /// Runs one statement, `sql`, and returns each row's columns as the
+    /// server prints them, joined; for user-written checks of any shape.
+    ///
+    /// The statement is parsed first through the extended protocol, which
+    /// takes exactly one: several (`…; COMMIT; BEGIN READ WRITE; …`) could
+    /// end the transaction the caller runs it in. Only then is the same
+    /// text run through the simple protocol, whose rows come as text
+    /// whatever their types: one statement, printed as psql would.
     pub fn simple_query(&mut self, sql: &str) -> Result<Vec<String>, tokio_postgres::Error> {
+        self.rt.block_on(self.client.prepare(sql))?;
         let messages = self.rt.block_on(self.client.simple_query(sql))?;
         Ok(messages
             .into_iter()

@@ -1286,3 +1286,73 @@ fn a_stray_pause_hook_does_not_hang_a_run() {
         stderr(&out)
     );
 }
+
+/// Playbook SQL is one statement. Through the simple-query protocol an
+/// invariant or health check could end the read-only transaction it runs
+/// in and write: `plan` and a dry run would close a gate. Each such query
+/// is refused with its place in the playbook, and nothing changes.
+#[test]
+fn playbook_sql_that_would_leave_its_read_only_transaction_is_refused_where_it_is_written() {
+    let f = Fixture::new();
+    let pb = f.playbook("pb.toml", "0s");
+    let text = std::fs::read_to_string(&pb).unwrap();
+    let line_of = |text: &str, needle: &str| {
+        text.lines()
+            .position(|l| l.contains(needle))
+            .map(|i| i + 1)
+            .unwrap()
+    };
+    let before = (f.gates("cur"), f.gates("res"));
+
+    // The review's reproduction: an invariant, with `reentry plan`.
+    let escape = "SELECT 1 WHERE false; COMMIT; BEGIN; UPDATE system_gate SET enabled=false";
+    let invariant = text.replace(
+        "SELECT id FROM cases WHERE status = 'open' AND owner_id IS NULL",
+        escape,
+    );
+    std::fs::write(&pb, &invariant).unwrap();
+    let out = reentry(&[&"plan", &pb]);
+    assert_exit(&out, 78);
+    let err = stderr(&out);
+    assert!(
+        err.contains(&format!("pb.toml:{}:", line_of(&invariant, escape)))
+            && err.contains("cannot insert multiple commands"),
+        "{err}"
+    );
+
+    // A health check, which no plan prepared, with a read-write transaction
+    // of its own: in `plan` and in a dry run.
+    let escape =
+        "SELECT 1 WHERE false; COMMIT; BEGIN READ WRITE; UPDATE system_gate SET enabled = false";
+    let health = text.replace("SELECT id FROM cases WHERE title = 'broken'", escape);
+    std::fs::write(&pb, &health).unwrap();
+    let dry_run = f.dir.join("dry-run");
+    let outs: Vec<Output> = [
+        vec!["plan"],
+        vec!["apply", "--run-dir", dry_run.to_str().unwrap()],
+    ]
+    .iter()
+    .map(|args| {
+        Command::new(reentry_bin())
+            .args(&args[..1])
+            .arg(&pb)
+            .args(&args[1..])
+            .env(PW_VAR, SECRET)
+            .output()
+            .unwrap()
+    })
+    .collect();
+    // First what the databases say, then what reentry said.
+    assert_eq!((f.gates("cur"), f.gates("res")), before, "a gate changed");
+    assert_eq!(f.audit("cur"), vec![]);
+    assert_eq!(f.audit("res"), vec![]);
+    for out in &outs {
+        let err = stderr(out);
+        assert_exit(out, 78);
+        assert!(
+            err.contains(&format!("pb.toml:{}:", line_of(&health, escape)))
+                && err.contains("cannot insert multiple commands"),
+            "{err}"
+        );
+    }
+}

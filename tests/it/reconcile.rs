@@ -1126,3 +1126,202 @@ fn a_published_event_that_retention_deleted_is_reported_gone_from_the_topic_and_
     assert_eq!(d["gone-from-topic"], 20, "{d:#}");
     assert_eq!(d["mark-unpublished"], 3, "{d:#}");
 }
+
+/// One message after T in its own topic whose event the restored outbox
+/// lacks: an orphan with `key`, and a compensation template.
+struct Orphan {
+    cluster: Cluster,
+    dir: PathBuf,
+    topic: String,
+    t: i64,
+}
+
+impl Orphan {
+    fn new(key: &str, template: &str) -> Orphan {
+        let mut cluster = Cluster::init(Version::V18);
+        cluster.start();
+        let dir = cluster.dir("work");
+        let topic = topic("orphan");
+        create_topic(&topic, 1);
+        let t = now_ms() - 10 * MIN;
+        Kafka::new(&kafka_bootstrap())
+            .produce(
+                &topic,
+                &[Outgoing {
+                    key: Some(key.as_bytes().to_vec()),
+                    payload: b"{}".to_vec(),
+                    headers: vec![("event_id".into(), uuid(1).into_bytes())],
+                    timestamp: Some(t + MIN),
+                }],
+            )
+            .unwrap();
+        let mut admin = cluster.client();
+        for db in ["cur", "res"] {
+            admin
+                .batch_execute(&format!("CREATE DATABASE {db}"))
+                .unwrap();
+            let mut c = cluster.db_client(db);
+            c.batch_execute(include_str!("../../sql/system_gate.sql"))
+                .unwrap();
+            c.batch_execute(include_str!("../../sql/case-management.sql"))
+                .unwrap();
+            c.batch_execute("INSERT INTO system_gate VALUES ('outbox-relay', true, now())")
+                .unwrap();
+        }
+        std::fs::write(dir.join("compensation.json"), template).unwrap();
+        Orphan {
+            cluster,
+            dir,
+            topic,
+            t,
+        }
+    }
+
+    fn playbook(&self) -> PathBuf {
+        let text = format!(
+            r#"[playbook]
+name = "orphan-test"
+way-back = "cutover"
+
+[databases.current]
+conninfo = "{cur}"
+
+[databases.restored]
+conninfo = "{res}"
+
+[recovery-target]
+time = "{t}"
+
+[gates]
+reopen-order = ["outbox-relay"]
+
+[[gates.system-gate]]
+name = "outbox-relay"
+databases = ["current", "restored"]
+
+[[outbox]]
+name = "case-events"
+database = "restored"
+flavour = "generic"
+table = "outbox_event"
+topic = "{topic}"
+columns = {{ id = "id", created-at = "created_at", published-at = "published_at" }}
+event-id = {{ header = "event_id" }}
+gate = "outbox-relay"
+compensation-template = "compensation.json"
+
+[kafka]
+bootstrap = "{bootstrap}"
+lookback = "1h"
+watch = "1s"
+"#,
+            cur = self.cluster.db_conninfo("cur"),
+            res = self.cluster.db_conninfo("res"),
+            t = ts(self.t),
+            topic = self.topic,
+            bootstrap = kafka_bootstrap(),
+        );
+        let path = self.dir.join("pb.toml");
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    fn apply(&self, run: &str) -> std::process::Output {
+        Command::new(reentry_bin())
+            .arg("apply")
+            .arg(self.playbook())
+            .arg("--run-dir")
+            .arg(self.dir.join(run))
+            .arg("--apply")
+            .output()
+            .unwrap()
+    }
+
+    /// (staged, compensated) orphans in the restored database.
+    fn orphans(&self) -> (i64, i64) {
+        let r = self
+            .cluster
+            .db_client("res")
+            .query_one(
+                "SELECT count(*), count(compensated_at) FROM reentry_orphan_event",
+                &[],
+            )
+            .unwrap();
+        (r.get(0), r.get(1))
+    }
+
+    /// The compensations in the topic, as kcat reads them: their payloads.
+    fn compensations(&self) -> Vec<String> {
+        kcat_read(&self.topic, "%h\t%s\n")
+            .lines()
+            .filter(|l| l.contains("reentry-compensates="))
+            .map(|l| l.split_once('\t').unwrap().1.to_owned())
+            .collect()
+    }
+}
+
+/// A key from the topic is data, not JSON: filled into a `.json` template
+/// it stays one string, whatever quotes it holds, and a value holding a
+/// placeholder is not expanded again.
+#[test]
+fn an_orphans_key_fills_a_json_template_as_one_string() {
+    let key = r#"a","admin":true,"x":"{{topic}}"#;
+    let o = Orphan::new(key, r#"{"entity":"{{key}}"}"#);
+    let out = o.apply("run");
+    assert_exit(&out, 0);
+    let sent = o.compensations();
+    assert_eq!(sent.len(), 1, "{sent:?}");
+    let v: serde_json::Value =
+        serde_json::from_str(&sent[0]).unwrap_or_else(|e| panic!("not JSON ({e}): {}", sent[0]));
+    assert_eq!(v, serde_json::json!({ "entity": key }), "{}", sent[0]);
+    assert_eq!(o.orphans(), (1, 1));
+}
+
+/// A compensation the broker refuses (larger than the topic's
+/// `max.message.bytes`) is not recorded as sent: the step fails naming
+/// the broker's error, and the orphan waits for a resume.
+#[test]
+fn a_compensation_the_broker_refuses_fails_the_step_and_stays_unsent() {
+    let template = format!(
+        r#"{{"entity":"{{{{key}}}}","padding":"{}"}}"#,
+        "x".repeat(300)
+    );
+    let o = Orphan::new("case-1", &template);
+    let out = crate::common::services::kafka_tool("org.apache.kafka.tools.ConfigCommand")
+        .args(["--bootstrap-server", &kafka_bootstrap(), "--alter"])
+        .args(["--entity-type", "topics", "--entity-name", &o.topic])
+        .args(["--add-config", "max.message.bytes=100"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = o.apply("run");
+    assert_exit(&out, 2);
+    let said = format!("{}{}", stdout(&out), stderr(&out));
+    assert!(
+        said.contains("stopped: outbox:case-events") && said.contains("too large"),
+        "{said}"
+    );
+    assert_eq!(o.orphans(), (1, 0), "staged, and not compensated");
+    assert_eq!(o.compensations(), Vec::<String>::new());
+    let journal = std::fs::read_to_string(o.dir.join("run").join("journal.jsonl")).unwrap();
+    let records: Vec<serde_json::Value> = journal
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(
+        records
+            .iter()
+            .any(|r| r["event"] == "failed" && r["step"] == "outbox:case-events"),
+        "{journal}"
+    );
+    assert!(
+        !records
+            .iter()
+            .any(|r| r["event"] == "done" && r["step"] == "outbox:case-events"),
+        "nothing is counted as sent: {journal}"
+    );
+}

@@ -706,3 +706,70 @@ fn a_scope_by_ids_or_where_compares_only_its_rows_and_triggers_can_be_disabled()
         "triggers are kept by default"
     );
 }
+
+/// Key text is application data. With `standard_conforming_strings = off`
+/// (legacy applications still set it), a key ending in `\` would escape
+/// the closing quote of a spliced literal and make the next key SQL that
+/// runs in the stage's read-write transaction. Here that next key would
+/// advance the sequence `injected`; both keys are only keys: found,
+/// repaired, and nothing else runs.
+#[test]
+fn keys_that_look_like_sql_are_keys_whatever_standard_conforming_strings_says() {
+    const BACKSLASH: &str = r"!\";
+    const CRAFTED: &str = "), (nextval($$injected$$)::text)) AS v(v0)) --";
+    let lab = Lab::new(
+        &format!(
+            "ALTER DATABASE postgres SET standard_conforming_strings = off;
+             CREATE SEQUENCE injected;
+             CREATE TABLE items (id text PRIMARY KEY, v int NOT NULL);
+             INSERT INTO items VALUES ($k${BACKSLASH}$k$, 1), ($k${CRAFTED}$k$, 2), ('plain', 3);"
+        ),
+        "UPDATE items SET v = 0;",
+        false,
+    );
+    let mut cur = lab.current();
+    let scs: String = cur
+        .query_one("SHOW standard_conforming_strings", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(scs, "off", "the database's own setting");
+    let pb = lab.playbook("scs", "selective-repair", "[[repair]]\ntable = \"items\"\n");
+    let (out, v) = diff_json(&pb);
+    assert_exit(&out, 1);
+    assert_eq!(v[0]["counts"], serde_json::json!({"update": 3}), "{v}");
+
+    let out = lab.apply(&pb, "run", &[]);
+    // First what the database says: a sequence is advanced even by a
+    // transaction that rolled back.
+    let called: bool = cur
+        .query_one("SELECT is_called FROM injected", &[])
+        .unwrap()
+        .get(0);
+    assert!(!called, "a key ran as SQL: {}", stderr(&out));
+    assert_exit(&out, 0);
+    let rows: Vec<(String, i32)> = cur
+        .query("SELECT id, v FROM items ORDER BY v", &[])
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(
+        rows,
+        [
+            (BACKSLASH.to_owned(), 1),
+            (CRAFTED.to_owned(), 2),
+            ("plain".to_owned(), 3)
+        ],
+        "every row repaired by its own key"
+    );
+    let staged: Vec<String> = cur
+        .query(
+            "SELECT id FROM reentry_repair.items ORDER BY id COLLATE \"C\"",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(staged, [BACKSLASH, CRAFTED, "plain"]);
+}

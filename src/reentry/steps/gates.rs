@@ -1750,7 +1750,8 @@ fn needs(p: &Playbook) -> Vec<Need<'_>> {
 
 /// The gate probe, prepared by the online checks.
 fn queries(p: &Playbook) -> Vec<Prepared<'_>> {
-    p.gates
+    let mut out: Vec<Prepared<'_>> = p
+        .gates
         .probe
         .iter()
         .map(|probe| Prepared {
@@ -1758,7 +1759,45 @@ fn queries(p: &Playbook) -> Vec<Prepared<'_>> {
             database: &probe.database,
             sql: probe.sql.as_str().into(),
         })
-        .collect()
+        .collect();
+    // Health checks too: a plan shows a broken one where it is written,
+    // not when its gate is about to re-open.
+    let checks = (p
+        .gates
+        .system_gate
+        .iter()
+        .map(|g| ("system-gate", g.health_check.as_ref())))
+    .enumerate()
+    .chain(
+        p.gates
+            .shedlock
+            .iter()
+            .map(|g| ("shedlock", g.health_check.as_ref()))
+            .enumerate(),
+    )
+    .chain(
+        p.gates
+            .quartz
+            .iter()
+            .map(|g| ("quartz", g.health_check.as_ref()))
+            .enumerate(),
+    );
+    for (i, (kind, check)) in checks {
+        if let Some(h) = check {
+            out.push(Prepared {
+                path: vec![
+                    Seg::Key("gates"),
+                    Seg::Key(kind),
+                    Seg::Index(i),
+                    Seg::Key("health-check"),
+                    Seg::Key("sql"),
+                ],
+                database: &h.database,
+                sql: h.sql.as_str().into(),
+            });
+        }
+    }
+    out
 }
 
 /// Gates: unique names, declared databases, a re-open for each close.

@@ -211,8 +211,12 @@ impl<'a> Env<'a> {
                 StepError::Config(format!("no database named `{name}` in the playbook"))
             })?;
             let mut db = Db::connect(Some(d.conninfo.expose())).on(name)?;
+            // String literals mean the same whatever the server, database
+            // or role sets (`standard_conforming_strings = off` makes a
+            // backslash an escape).
             let mut setup = String::from(
-                "SET application_name = 'reentry'; SET lock_timeout = '10s'; SET TIME ZONE 'UTC';",
+                "SET application_name = 'reentry'; SET standard_conforming_strings = on; \
+                 SET lock_timeout = '10s'; SET TIME ZONE 'UTC';",
             );
             if self.read_only {
                 setup.push_str(" SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY;");

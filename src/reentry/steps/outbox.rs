@@ -216,7 +216,7 @@ fn check_template(path: &str, text: &str) -> Vec<String> {
         }
         rest = &after[end + 2..];
     }
-    if out.is_empty() && path.ends_with(".json") {
+    if out.is_empty() && is_json(path) {
         let sample = Seen {
             id: Id::from("00000000-0000-0000-0000-000000000000"),
             partition: 0,
@@ -224,7 +224,7 @@ fn check_template(path: &str, text: &str) -> Vec<String> {
             ts: 0,
         };
         if let Err(e) =
-            serde_json::from_str::<serde_json::Value>(&fill(text, &sample, "key", "topic"))
+            serde_json::from_str::<serde_json::Value>(&fill(text, true, &sample, "key", "topic"))
         {
             out.push(format!("{path}: not JSON once filled in: {e}"));
         }
@@ -888,14 +888,46 @@ fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
-fn fill(template: &str, s: &Seen, key: &str, topic: &str) -> String {
-    template
-        .replace("{{event_id}}", &s.id.to_string())
-        .replace("{{key}}", key)
-        .replace("{{topic}}", topic)
-        .replace("{{partition}}", &s.partition.to_string())
-        .replace("{{offset}}", &s.offset.to_string())
-        .replace("{{timestamp}}", &s.ts.to_string())
+/// Whether a template is JSON, as its file's name says.
+fn is_json(path: &str) -> bool {
+    path.ends_with(".json")
+}
+
+/// Fills the template's placeholders in one pass: a value that holds
+/// `{{…}}` is not filled again. The values come from the topic (the
+/// message key, its event id), so in a JSON template each is written as
+/// the inside of a JSON string would be: a key holding `"` stays one string.
+fn fill(template: &str, json: bool, s: &Seen, key: &str, topic: &str) -> String {
+    let mut out = String::with_capacity(template.len() + key.len());
+    let mut rest = template;
+    while let Some(i) = rest.find("{{") {
+        out.push_str(&rest[..i]);
+        let after = &rest[i + 2..];
+        let Some(end) = after.find("}}") else {
+            out.push_str(&rest[i..]);
+            return out;
+        };
+        let value = match after[..end].trim() {
+            "event_id" => Some(s.id.to_string()),
+            "key" => Some(key.to_owned()),
+            "topic" => Some(topic.to_owned()),
+            "partition" => Some(s.partition.to_string()),
+            "offset" => Some(s.offset.to_string()),
+            "timestamp" => Some(s.ts.to_string()),
+            _ => None,
+        };
+        match value {
+            Some(v) if json => {
+                let quoted = serde_json::Value::String(v).to_string();
+                out.push_str(&quoted[1..quoted.len() - 1]);
+            }
+            Some(v) => out.push_str(&v),
+            None => out.push_str(&rest[i..i + 2 + end + 2]),
+        }
+        rest = &after[end + 2..];
+    }
+    out.push_str(rest);
+    out
 }
 
 impl Step for Reconcile {
@@ -938,10 +970,13 @@ impl Step for Reconcile {
             Some(pinned) => {
                 let bytes = pinned.read_checked(&env.playbook.file)?;
                 // The plan's copy: what was checked is what is sent.
-                Some(match &pinned.content {
-                    Some(text) => text.clone(),
-                    None => String::from_utf8_lossy(&bytes).into_owned(),
-                })
+                Some((
+                    match &pinned.content {
+                        Some(text) => text.clone(),
+                        None => String::from_utf8_lossy(&bytes).into_owned(),
+                    },
+                    pinned.path.as_str(),
+                ))
             }
             None => None,
         };
@@ -1061,7 +1096,8 @@ impl Step for Reconcile {
         // Compensations: at least once; each carries the orphan's id in a
         // header, so a consumer can drop a repeat.
         let mut compensated = 0;
-        if let Some(template) = &template {
+        if let Some((template, path)) = &template {
+            let json = is_json(path);
             let rows = db
                 .query(
                     "find orphans to compensate",
@@ -1085,9 +1121,21 @@ impl Step for Reconcile {
                     .map(String::from_utf8_lossy)
                     .unwrap_or_default()
                     .into_owned();
+                let payload = fill(template, json, &s, &key_text, &self.topic);
+                // Checked before anything is sent: no half of a batch goes out.
+                if json {
+                    if let Err(e) = serde_json::from_str::<serde_json::Value>(&payload) {
+                        return Err(StepError::Input {
+                            message: format!(
+                                "{path} filled in for orphan {} ({}/{}@{}) is not JSON: {e}; nothing was sent: fix the template, then resume",
+                                s.id, self.topic, s.partition, s.offset
+                            ),
+                        });
+                    }
+                }
                 messages.push(crate::kafka::Outgoing {
                     key: key.clone(),
-                    payload: fill(template, &s, &key_text, &self.topic).into_bytes(),
+                    payload: payload.into_bytes(),
                     headers: vec![(
                         "reentry-compensates".to_owned(),
                         s.id.to_string().into_bytes(),
@@ -1096,15 +1144,28 @@ impl Step for Reconcile {
                 });
                 done.push((s.partition, s.offset));
             }
-            kafka.produce(&self.topic, &messages)?;
-            for (p, o) in &done {
-                compensated += db
-                    .execute(
-                        "record a compensation",
-                        "UPDATE reentry_orphan_event SET compensated_at = now() WHERE topic = $1 AND partition = $2 AND \"offset\" = $3",
-                        &[&self.topic, p, o],
-                    )
-                    .on(&database)?;
+            // Only what the broker acknowledged is recorded as sent; the
+            // rest stay uncompensated, and a resume sends them again.
+            let delivered = kafka.produce_each(&self.topic, &messages)?;
+            let mut undelivered = Vec::new();
+            for ((p, o), d) in done.iter().zip(delivered) {
+                match d {
+                    Ok(()) => {
+                        compensated += db
+                            .execute(
+                                "record a compensation",
+                                "UPDATE reentry_orphan_event SET compensated_at = now() WHERE topic = $1 AND partition = $2 AND \"offset\" = $3",
+                                &[&self.topic, p, o],
+                            )
+                            .on(&database)?;
+                    }
+                    Err(e) => undelivered.push(e),
+                }
+            }
+            // The first failure names the broker's error; a resume sends
+            // every undelivered one again.
+            if let Some(first) = undelivered.into_iter().next() {
+                return Err(StepError::Kafka(first));
             }
         }
         // The watch: the relay must stay quiet while its gate is closed.
@@ -1386,11 +1447,36 @@ mod tests {
         assert_eq!(
             fill(
                 r#"{"undo":"{{event_id}}","at":"{{topic}}/{{partition}}@{{offset}}","k":"{{key}}"}"#,
+                true,
                 &s,
                 "case-1",
                 "t"
             ),
             r#"{"undo":"e1","at":"t/2@9","k":"case-1"}"#
+        );
+    }
+
+    #[test]
+    fn a_filled_value_is_one_json_string_and_is_not_filled_again() {
+        let s = Seen {
+            id: "e1".into(),
+            ts: 5,
+            partition: 2,
+            offset: 9,
+        };
+        let key = "a\",\"admin\":true,\"x\":\"{{topic}}\\\n";
+        let filled = fill(r#"{"entity":"{{key}}"}"#, true, &s, key, "t");
+        let v: serde_json::Value = serde_json::from_str(&filled).unwrap();
+        assert_eq!(v, serde_json::json!({ "entity": key }));
+        assert_eq!(
+            fill(
+                "{{key}} {{ topic }} {{nope}} {{",
+                false,
+                &s,
+                "{{topic}}",
+                "t"
+            ),
+            "{{topic}} t {{nope}} {{"
         );
     }
 }

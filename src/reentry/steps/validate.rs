@@ -3,8 +3,9 @@
 //! database, and amcheck's `bt_index_check` where installed. (Sequences
 //! behind their columns, the one finding with a fix, are `sequences`.)
 //!
-//! Queries a playbook writes run in a read-only transaction: an invariant
-//! cannot change what it checks.
+//! Queries a playbook writes are one statement each, run in a read-only
+//! transaction that is rolled back: an invariant cannot change what it
+//! checks.
 
 use serde::{Deserialize, Serialize};
 
@@ -75,8 +76,13 @@ pub struct Query {
     pub sql: String,
 }
 
+/// One playbook statement in a read-only transaction that is always
+/// rolled back: not even a `set_config` it makes outlives it.
 fn read_only_rows(db: &mut Db, sql: &str) -> Result<Vec<String>, crate::pg::conn::PgError> {
-    db.transaction("BEGIN READ ONLY", |db| db.text_rows("run the query", sql))
+    db.batch("begin a read-only transaction", "BEGIN READ ONLY")?;
+    let rows = db.text_rows("run the query", sql);
+    db.batch("roll back", "ROLLBACK")?;
+    rows
 }
 
 impl Step for Query {

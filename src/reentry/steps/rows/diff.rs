@@ -24,12 +24,13 @@ use crate::pg::conn::{Db, PgError};
 use crate::reentry::check::quote_qualified;
 
 /// Set on every connection the diff uses: a value prints the same on
-/// either server, and nothing can be written. The segments' sums are a
+/// either server, string literals mean the same whatever the server,
+/// database or role says, and nothing can be written. The segments' sums are a
 /// hash aggregate: sorting the table's rows by segment first (which the
 /// planner picks for a parallel plan) spills them to disk and costs more
 /// than the hashing itself.
-pub const SESSION: &str = "SET application_name = 'reentry rows'; SET TIME ZONE 'UTC'; \
-     SET DateStyle = 'ISO, YMD'; SET IntervalStyle = 'postgres'; SET extra_float_digits = 1; \
+pub const SESSION: &str = "SET application_name = 'reentry rows'; \
+     SET standard_conforming_strings = on; SET TIME ZONE 'UTC'; SET DateStyle = 'ISO, YMD'; SET IntervalStyle = 'postgres'; SET extra_float_digits = 1; \
      SET bytea_output = 'hex'; SET enable_sort = off; SET work_mem = '128MB'; \
      SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY;";
 
@@ -58,10 +59,12 @@ pub fn quote_ident(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
 }
 
-/// A string as an SQL literal (standard_conforming_strings is on since
-/// PostgreSQL 9.1).
+/// A string as an SQL literal, for where no parameter can go (`COPY`).
+/// An escape string with `\` and `'` both doubled reads back as `s`
+/// whatever `standard_conforming_strings` is: a plain literal would let a
+/// value ending in `\` end it early under `off`.
 pub fn literal(s: &str) -> String {
-    format!("'{}'", s.replace('\'', "''"))
+    format!("E'{}'", s.replace('\\', "\\\\").replace('\'', "''"))
 }
 
 /// A table as one server's catalog has it.
@@ -216,7 +219,9 @@ impl Spec {
     }
 
     /// `(t.k1, t.k2) IN (SELECT v1::ty1, v2::ty2 FROM (VALUES …))`, with
-    /// the keys' text as literals (COPY takes no parameters).
+    /// the keys' text as literals: for `COPY`, which takes no parameters
+    /// (and whose source may be a hot standby, where no temporary table
+    /// could hold them).
     pub fn keys_in(&self, keys: &[Vec<String>]) -> String {
         if keys.is_empty() {
             return "false".into();
@@ -249,6 +254,41 @@ impl Spec {
             values.join(", "),
             names.join(", ")
         )
+    }
+
+    /// `(t.k1, t.k2) IN (SELECT v0::ty1, v1::ty2 FROM unnest($n::text[], …))`:
+    /// the keys as bound parameters, one text array per key column from
+    /// `$first`, as `key_params` makes them.
+    pub fn keys_bound(&self, first: usize) -> String {
+        let cols: Vec<String> = self
+            .key
+            .iter()
+            .map(|c| format!("t.{}", c.quoted()))
+            .collect();
+        let casts: Vec<String> = self
+            .key
+            .iter()
+            .enumerate()
+            .map(|(i, c)| format!("v.v{i}::{}", c.ty))
+            .collect();
+        let arrays: Vec<String> = (0..self.key.len())
+            .map(|i| format!("${}::text[]", first + i))
+            .collect();
+        let names: Vec<String> = (0..self.key.len()).map(|i| format!("v{i}")).collect();
+        format!(
+            "({}) IN (SELECT {} FROM unnest({}) AS v({}))",
+            cols.join(", "),
+            casts.join(", "),
+            arrays.join(", "),
+            names.join(", ")
+        )
+    }
+
+    /// The parameters of `keys_bound`: each key column's texts.
+    pub fn key_params<'k>(&self, keys: &'k [Vec<String>]) -> Vec<Vec<&'k str>> {
+        (0..self.key.len())
+            .map(|i| keys.iter().map(|k| k[i].as_str()).collect())
+            .collect()
     }
 
     /// A single integer key: segments are key ranges.
@@ -421,14 +461,21 @@ pub fn settle(spec: &Spec, db: &mut Db, rows: &mut [Found]) -> Result<(), PgErro
     let n = spec.key.len();
     for chunk in on_target.chunks(KEY_BATCH) {
         let keys: Vec<Vec<String>> = chunk.iter().map(|i| rows[*i].key.clone()).collect();
+        // Bound, not spliced: this runs in the stage's read-write
+        // transaction, and keys are application data.
         let sql = format!(
             "SELECT {}, md5(ROW(t.*)::text) FROM {} AS t WHERE {}",
             spec.key_text(),
             spec.table_sql(),
-            spec.keys_in(&keys)
+            spec.keys_bound(1)
         );
+        let arrays = spec.key_params(&keys);
+        let params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = arrays
+            .iter()
+            .map(|a| a as &(dyn tokio_postgres::types::ToSql + Sync))
+            .collect();
         let mut seen: HashMap<Vec<String>, String> = HashMap::new();
-        for r in db.query("read the differing rows' hashes", &sql, &[])? {
+        for r in db.query("read the differing rows' hashes", &sql, &params)? {
             let key: Option<Vec<String>> = (0..n).map(|i| r.get::<_, Option<String>>(i)).collect();
             if let Some(k) = key {
                 seen.insert(k, r.get(n));
@@ -836,7 +883,8 @@ mod tests {
 
     #[test]
     fn literals_and_key_lists_are_quoted() {
-        assert_eq!(literal("it's"), "'it''s'");
+        assert_eq!(literal("it's"), "E'it''s'");
+        assert_eq!(literal(r"k\"), r"E'k\\'");
         let spec = Spec {
             table: "app.case".into(),
             key: vec![
@@ -860,8 +908,17 @@ mod tests {
         };
         assert_eq!(
             spec.keys_in(&[vec!["a'b".into(), "7".into()]]),
-            "(t.\"tenant\", t.\"id\") IN (SELECT v.v0::text, v.v1::bigint FROM (VALUES ('a''b', '7')) AS v(v0, v1))"
+            "(t.\"tenant\", t.\"id\") IN (SELECT v.v0::text, v.v1::bigint FROM (VALUES (E'a''b', E'7')) AS v(v0, v1))"
         );
         assert_eq!(spec.keys_in(&[]), "false");
+        assert_eq!(
+            spec.keys_bound(3),
+            "(t.\"tenant\", t.\"id\") IN (SELECT v.v0::text, v.v1::bigint FROM unnest($3::text[], $4::text[]) AS v(v0, v1))"
+        );
+        let keys = [
+            vec!["a".to_owned(), "1".to_owned()],
+            vec!["b".into(), "2".into()],
+        ];
+        assert_eq!(spec.key_params(&keys), [vec!["a", "b"], vec!["1", "2"]]);
     }
 }
