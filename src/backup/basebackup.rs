@@ -339,15 +339,22 @@ fn copy_and_settle(
     label: &mut BackupLabel,
     parent: Option<&str>,
 ) -> Result<(), BackupError> {
-    // On object storage pg_basebackup writes to a scratch directory, which
-    // is then packed and uploaded.
-    let scratch =
-        match repo.backup_data(&label.id) {
-            Some(_) => None,
-            None => Some(ScratchDir::new("reentry-backup").map_err(
-                crate::backup::repo::io_err("create a scratch directory in", &std::env::temp_dir()),
-            )?),
-        };
+    // On object storage, and in a local repository with recipients,
+    // pg_basebackup writes to a scratch directory, which is then packed
+    // (and encrypted) into the repository: its data in plain files would
+    // be readable by whoever reads the repository, which encryption is
+    // meant to prevent.
+    let packed_here = repo.local_root().is_none() || repo.keys().to.is_some();
+    let scratch = if packed_here {
+        Some(
+            ScratchDir::new("reentry-backup").map_err(crate::backup::repo::io_err(
+                "create a scratch directory in",
+                &std::env::temp_dir(),
+            ))?,
+        )
+    } else {
+        None
+    };
     let data = match &scratch {
         Some(s) => s.path().join("data"),
         None => repo.backup_data(&label.id).expect("a local repository"),
