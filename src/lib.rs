@@ -174,6 +174,7 @@ fn restore_exit(e: &backup::restore::RestoreError) -> Exit {
         R::Archive(e) => e.exit(),
         R::Pg(e) => pg_exit(e),
         R::Pack(backup::packed::PackError::Key(_)) => Exit::Config,
+        R::Pack(backup::packed::PackError::BadIndex { .. }) => Exit::Refused,
         R::Tool(_) | R::Pack(_) | R::RecoveryFailed { .. } | R::Timeout { .. } => Exit::Failure,
         R::RunningAsRoot | R::NotEmpty { .. } | R::PortInUse { .. } | R::BadTarget { .. } => {
             Exit::Usage

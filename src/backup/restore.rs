@@ -454,10 +454,12 @@ pub fn restore(repo: &Repo, opts: &RestoreOptions) -> Result<RestoreManifest, Re
     // A wrong or missing key fails before anything is written: every
     // backup of the chain, the first WAL segment it needs and the newest
     // one archived are read. Under restore_command a segment that cannot
-    // be decrypted would look missing, and recovery would end early.
+    // be decrypted would look missing, and recovery would end early. An
+    // index that would write outside the target is refused now too.
     for b in &chain {
         if repo.backup_data(&b.id)?.is_none() {
             packed::manifest(repo.store(), &b.id, repo.keys())?;
+            packed::checked_index(repo.store(), &b.id, None)?;
         }
     }
     {
