@@ -87,6 +87,7 @@ impl Error {
             Error::Fetch(e) => e.exit(),
             Error::Backup(e) => backup_exit(e),
             Error::Expire(backup::expire::ExpireError::NoPolicy) => Exit::Usage,
+            Error::Expire(backup::expire::ExpireError::Untrusted { .. }) => Exit::Refused,
             Error::Expire(backup::expire::ExpireError::Repo(e)) | Error::Repo(e) => repo_exit(e),
             Error::Expire(backup::expire::ExpireError::Archive(e)) => e.exit(),
             Error::Expire(backup::expire::ExpireError::Pack(_)) => Exit::Failure,
@@ -124,7 +125,10 @@ fn pg_exit(e: &pg::conn::PgError) -> Exit {
 fn repo_exit(e: &backup::repo::RepoError) -> Exit {
     match e {
         backup::repo::RepoError::UnknownBackup { .. } => Exit::Usage,
-        backup::repo::RepoError::BackupExists { .. } => Exit::Refused,
+        backup::repo::RepoError::BackupExists { .. }
+        | backup::repo::RepoError::Untrusted { .. } => Exit::Refused,
+        backup::repo::RepoError::BadBackupId { .. } => Exit::Usage,
+        backup::repo::RepoError::Archive(e) => e.exit(),
         _ => Exit::Failure,
     }
 }
@@ -171,6 +175,7 @@ fn restore_exit(e: &backup::restore::RestoreError) -> Exit {
         R::Archive(e) => e.exit(),
         R::Pg(e) => pg_exit(e),
         R::Pack(backup::packed::PackError::Key(_)) => Exit::Config,
+        R::Pack(backup::packed::PackError::BadIndex { .. }) => Exit::Refused,
         R::Tool(_) | R::Pack(_) | R::RecoveryFailed { .. } | R::Timeout { .. } => Exit::Failure,
         R::RunningAsRoot | R::NotEmpty { .. } | R::PortInUse { .. } | R::BadTarget { .. } => {
             Exit::Usage

@@ -281,7 +281,7 @@ pub fn take(repo: &Repo, opts: &BackupOptions) -> Result<BackupLabel, BackupErro
     // Run as root, pg_basebackup leaves files only root can read; a restore
     // runs as the server's user, who owns the repository.
     if let Some(root) = repo.local_root().filter(|_| fsutil::running_as_root()) {
-        let dir = repo.backup_dir(&id);
+        let dir = repo.backup_dir(&id)?;
         fsutil::chown_tree_like(&dir, root).map_err(crate::backup::repo::io_err("chown", &dir))?;
     }
     result
@@ -357,7 +357,7 @@ fn copy_and_settle(
     };
     let data = match &scratch {
         Some(s) => s.path().join("data"),
-        None => repo.backup_data(&label.id).expect("a local repository"),
+        None => repo.backup_data(&label.id)?.expect("a local repository"),
     };
     let mut cmd = opts.pg_bin.command("pg_basebackup");
     cmd.arg("-D")
@@ -392,7 +392,7 @@ fn copy_and_settle(
     // manifest through a scratch file.
     let mut parent_scratch = None;
     if let Some(p) = parent {
-        let manifest = match repo.backup_data(p) {
+        let manifest = match repo.backup_data(p)? {
             Some(d) => d.join("backup_manifest"),
             None => {
                 let s: &ScratchDir = parent_scratch.insert(

@@ -301,7 +301,7 @@ pub fn copy(
             for o in dst.list(&Repo::backup_key(id, ""))? {
                 dst.delete(&o.key)?;
             }
-            let data = from.backup_data(id).expect("a local backup");
+            let data = from.backup_data(id)?.expect("a local backup");
             let index = packed::upload(dst, id, &data, form, to.keys(), jobs, progress)?;
             report.bytes += index.stored_bytes();
             report.packed.push(id.to_owned());

@@ -12,7 +12,7 @@ use serde::Serialize;
 use crate::backup::archive::{Archive, ArchiveError};
 use crate::backup::label::{BackupLabel, BackupStatus, BackupType};
 use crate::backup::packed;
-use crate::backup::repo::{io_err, Repo, RepoError, BACKUP_DIR};
+use crate::backup::repo::{io_err, Refused, Repo, RepoError, BACKUP_DIR};
 use crate::fsutil;
 use crate::pg::wal::WalFileName;
 
@@ -93,6 +93,16 @@ pub enum ExpireError {
          (--keep-daily, --keep-weekly, --keep-monthly, --keep-yearly)"
     )]
     NoPolicy,
+    #[error(
+        "refusing to expire anything: {} in {repo} cannot be trusted, and retention \
+         computed with {} could delete genuine backups and their WAL:{}\n\
+         nothing was deleted; a person must look at each (it may have been planted), \
+         then remove or fix it and run expire again",
+        if refused.len() == 1 { "a backup label".to_owned() } else { format!("{} backup labels", refused.len()) },
+        if refused.len() == 1 { "it" } else { "them" },
+        refused.iter().map(|r| format!("\n  {r}")).collect::<String>()
+    )]
+    Untrusted { repo: String, refused: Vec<Refused> },
     #[error(transparent)]
     Repo(#[from] RepoError),
     #[error(transparent)]
@@ -402,8 +412,17 @@ pub fn plan_for(repo: &Repo, policy: &Policy) -> Result<ExpirePlan, ExpireError>
         .and_then(|i| i.wal_segment_size)
         .unwrap_or(16 << 20);
     let now = SystemTime::now();
+    // Retention decides from the labels alone: one that does not check
+    // out (a planted one) stops it before it plans anything.
+    let survey = repo.survey(now)?;
+    if !survey.refused.is_empty() {
+        return Err(ExpireError::Untrusted {
+            repo: repo.location(),
+            refused: survey.refused,
+        });
+    }
     let mut p = plan(
-        &repo.backups()?,
+        &survey.labels,
         &archive.list()?.files,
         seg_size,
         policy,
@@ -545,7 +564,7 @@ pub fn apply(repo: &Repo, plan: &mut ExpirePlan) -> Result<(), ExpireError> {
         }
     }
     for d in &plan.expire {
-        let dir = repo.backup_dir(&d.id);
+        let dir = repo.backup_dir(&d.id)?;
         let aside = backups.join(format!(".expiring-{}", d.id));
         std::fs::rename(&dir, &aside).map_err(io_err("rename", &dir))?;
         fsutil::sync_dir(&backups).map_err(io_err("fsync", &backups))?;

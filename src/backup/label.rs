@@ -88,6 +88,19 @@ pub struct BackupLabel {
     pub verification: Option<Verification>,
 }
 
+/// Whether `s` has the shape `basebackup::new_id` gives a backup id:
+/// `20261125-125301F`, eight digits, a dash, six digits, then `F` (full)
+/// or `I` (incremental). Nothing else may name a backup: an id becomes a
+/// directory name and an object key.
+pub fn is_backup_id(s: &str) -> bool {
+    let b = s.as_bytes();
+    b.len() == 16
+        && b[..8].iter().all(u8::is_ascii_digit)
+        && b[8] == b'-'
+        && b[9..15].iter().all(u8::is_ascii_digit)
+        && matches!(b[15], b'F' | b'I')
+}
+
 impl BackupLabel {
     pub fn is_usable(&self) -> bool {
         self.status == BackupStatus::Complete
@@ -105,5 +118,36 @@ impl BackupLabel {
             .iter()
             .flat_map(|r| r.segments(self.wal_segment_size))
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_ids_of_the_generated_shape_are_backup_ids() {
+        assert!(is_backup_id("20261125-125301F"));
+        assert!(is_backup_id("20261125-125301I"));
+        for bad in [
+            "",
+            "zz",
+            "/tmp/victim",
+            "../../../x",
+            "..",
+            "20261125-125301",
+            "20261125-125301X",
+            "20261125-125301FF",
+            "20261125_125301F",
+            "2026112-1253011F",
+            "20261125-12530aF",
+            "20261125-125301f",
+            "2026112\u{0}-125301F",
+            "20261125-125301F/",
+            "/20261125-125301F",
+            "２0261125-125301F",
+        ] {
+            assert!(!is_backup_id(bad), "{bad:?}");
+        }
     }
 }

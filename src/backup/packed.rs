@@ -16,10 +16,18 @@
 //! bytes, so memory stays at about `jobs` pieces whatever the file sizes.
 //! A restore materialises the plain directory that pg_combinebackup,
 //! pg_verifybackup and PostgreSQL read.
+//!
+//! The index is not signed: whoever can write into the repository can
+//! write one. So it is checked whole before anything is written from it
+//! (`Index::check_layout`): every path stays in the directory it is
+//! materialised into, links are only tablespace links whose target is in
+//! it too, nothing is written through a link, every part lies in its piece.
 
+use std::collections::HashSet;
 use std::fs::{self, File};
 use std::io::{self, Read, Seek, SeekFrom};
 use std::os::unix::fs::{FileExt, PermissionsExt};
+use std::path::Component;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
@@ -55,6 +63,15 @@ pub enum PackError {
     Repo(#[from] RepoError),
     #[error("{location} is damaged: {detail}")]
     Corrupt { location: String, detail: String },
+    #[error(
+        "{location}: entry {entry:?} {problem}; refusing to restore from this index, \
+         which is corrupt or was tampered with (nothing was written from it)"
+    )]
+    BadIndex {
+        location: String,
+        entry: String,
+        problem: String,
+    },
     #[error("{location} is missing")]
     Missing { location: String },
     #[error("{location} already exists: a backup's objects are written once")]
@@ -119,7 +136,129 @@ pub struct Part {
     pub len: u64,
 }
 
+/// Whether `path` is a plain relative path: no root, no `..`, no empty or
+/// `.` part, no NUL. `Path::join` replaces the base with an absolute path
+/// and follows `..` out of it.
+fn plain_relative(path: &str) -> bool {
+    !path.is_empty()
+        && !path.contains('\0')
+        && path
+            .split('/')
+            .all(|part| !part.is_empty() && part != "." && part != "..")
+}
+
+/// `path` with `.` and `..` resolved without the file system; none when
+/// `..` climbs above its start.
+fn lexical(path: &Path) -> Option<PathBuf> {
+    let mut out = PathBuf::new();
+    for c in path.components() {
+        match c {
+            Component::CurDir => {}
+            Component::ParentDir => {
+                if !out.pop() {
+                    return None;
+                }
+            }
+            c => out.push(c),
+        }
+    }
+    Some(out)
+}
+
 impl Index {
+    /// Why the index cannot be materialised into `to` (with none, into any
+    /// directory: link targets must then be relative), naming the entry:
+    /// a path that is not plain relative, one given twice, a link anywhere
+    /// but directly under `pg_tblspc/` or to a target outside `to`, an
+    /// entry beneath a link, a piece longer than `PIECE`, or a part outside
+    /// its piece.
+    pub fn check_layout(&self, to: Option<&Path>) -> Result<(), (String, String)> {
+        if let Some(i) = self.pieces.iter().position(|p| p.raw_len > PIECE) {
+            return Err((
+                format!("piece {i}"),
+                format!(
+                    "holds {} bytes, more than a piece's {PIECE}",
+                    self.pieces[i].raw_len
+                ),
+            ));
+        }
+        // An empty or unresolvable `to` contains nothing.
+        let to = to.map(|to| lexical(to).filter(|t| !t.as_os_str().is_empty()));
+        let mut seen = HashSet::new();
+        let mut links = HashSet::new();
+        for e in &self.entries {
+            let path = e.path();
+            let bad = |problem: String| Err((path.to_owned(), problem));
+            if !plain_relative(path) {
+                return bad(
+                    "is not a plain relative path (it is absolute, or has an empty, `.`, `..` \
+                     or NUL part)"
+                        .into(),
+                );
+            }
+            if !seen.insert(path) {
+                return bad("is listed twice".into());
+            }
+            if let Some(l) = links.iter().find(|l| path.starts_with(&format!("{l}/"))) {
+                return bad(format!(
+                    "lies beneath link {l:?}: it would be written through it"
+                ));
+            }
+            match e {
+                Entry::Link { target, .. } => {
+                    let under_tblspc = path
+                        .strip_prefix("pg_tblspc/")
+                        .is_some_and(|name| !name.contains('/'));
+                    if !under_tblspc {
+                        return bad("is a link outside pg_tblspc/: a backup holds no other".into());
+                    }
+                    let inside = !target.contains('\0')
+                        && match &to {
+                            Some(Some(to)) => lexical(&to.join("pg_tblspc").join(target))
+                                .is_some_and(|t| t.starts_with(to)),
+                            Some(None) => false,
+                            None => {
+                                !Path::new(target).is_absolute()
+                                    && lexical(&Path::new("pg_tblspc").join(target)).is_some()
+                            }
+                        };
+                    if !inside {
+                        return bad(format!(
+                            "links to {target:?}, outside the directory it is restored into: \
+                             tablespaces outside the data directory are not restored"
+                        ));
+                    }
+                    links.insert(path);
+                }
+                Entry::File { size, parts, .. } => {
+                    let mut covered: u64 = 0;
+                    for part in parts {
+                        let Some(piece) = self.pieces.get(part.piece) else {
+                            return bad(format!(
+                                "has a part in piece {}, and the index has {} pieces",
+                                part.piece,
+                                self.pieces.len()
+                            ));
+                        };
+                        let end = part.offset.checked_add(part.len);
+                        if end.is_none_or(|end| end > piece.raw_len) {
+                            return bad(format!(
+                                "has a part at {} of {} bytes in piece {}, which holds {} bytes",
+                                part.offset, part.len, part.piece, piece.raw_len
+                            ));
+                        }
+                        covered = covered.saturating_add(part.len);
+                    }
+                    if covered != *size {
+                        return bad(format!("is {size} bytes, and its parts hold {covered}"));
+                    }
+                }
+                Entry::Dir { .. } => {}
+            }
+        }
+        Ok(())
+    }
+
     pub fn bytes(&self) -> u64 {
         self.pieces.iter().map(|p| p.raw_len).sum()
     }
@@ -127,6 +266,41 @@ impl Index {
     pub fn stored_bytes(&self) -> u64 {
         self.pieces.iter().map(|p| p.stored_len).sum()
     }
+}
+
+impl Entry {
+    pub fn path(&self) -> &str {
+        match self {
+            Entry::Dir { path, .. } | Entry::File { path, .. } | Entry::Link { path, .. } => path,
+        }
+    }
+}
+
+/// The permission bits a restored file or directory may have: no setuid,
+/// setgid or sticky bit, whatever the index says.
+fn restored_mode(mode: u32) -> fs::Permissions {
+    fs::Permissions::from_mode(mode & 0o777)
+}
+
+/// Refuses to create `p` (below `to`) when one of the directories between
+/// them is a link: a write there would land outside `to`.
+fn no_link_above(to: &Path, p: &Path) -> Result<(), PackError> {
+    let mut dir = p.parent();
+    while let Some(d) = dir.filter(|d| d.starts_with(to) && *d != to) {
+        let meta = fs::symlink_metadata(d).map_err(io_err("read", d))?;
+        if meta.file_type().is_symlink() {
+            return Err(PackError::Io {
+                op: "create",
+                path: p.to_owned(),
+                source: io::Error::other(format!(
+                    "{} is a symbolic link: nothing is written through one",
+                    d.display()
+                )),
+            });
+        }
+        dir = d.parent();
+    }
+    Ok(())
 }
 
 pub fn piece_key(id: &str, piece: usize) -> String {
@@ -361,6 +535,20 @@ pub fn index(store: &dyn Store, id: &str) -> Result<Index, PackError> {
     Ok(index)
 }
 
+/// Backup `id`'s index, refused unless it can be materialised into `to`
+/// (with none, into any directory) without writing outside it.
+pub fn checked_index(store: &dyn Store, id: &str, to: Option<&Path>) -> Result<Index, PackError> {
+    let index = index(store, id)?;
+    index
+        .check_layout(to)
+        .map_err(|(entry, problem)| PackError::BadIndex {
+            location: format!("{}/{}", store.location(), Repo::backup_key(id, INDEX_FILE)),
+            entry,
+            problem,
+        })?;
+    Ok(index)
+}
+
 /// The content of stored object `key`, checked against its header and
 /// against what the index records of it.
 fn fetch_piece(
@@ -384,7 +572,9 @@ fn read_piece(
     let body = store.get(key)?.ok_or_else(|| PackError::Missing {
         location: location.clone(),
     })?;
-    let mut raw = Vec::with_capacity(want.map_or(0, |p| p.raw_len as usize));
+    // The index's length only sizes the buffer up to a piece's: a larger
+    // one is a damaged index, found below, not an allocation.
+    let mut raw = Vec::with_capacity(want.map_or(0, |p| p.raw_len.min(PIECE) as usize));
     let header = if check_only {
         // Without a key an encrypted object is checked against the
         // checksum of its payload; any other is read whole.
@@ -456,18 +646,20 @@ pub fn materialise(
     // A wrong or missing key fails here, before anything is written.
     manifest(store, id, keys)?;
     let identities = keys.identities.as_deref();
-    let index = index(store, id)?;
+    let index = checked_index(store, id, Some(to))?;
     let wanted =
         |path: &str| only.is_none_or(|o| o.iter().any(|w| w.starts_with(path) || *w == path));
     // Directories and empty files first, so that pieces can land in any
     // order; each file is opened by every piece that holds part of it.
+    // Links come last, when nothing more is written.
     let mut targets: Vec<Vec<(PathBuf, u64, u64, u64)>> = vec![Vec::new(); index.pieces.len()];
     for e in &index.entries {
         match e {
             Entry::Dir { path, mode } if wanted(path) => {
                 let p = to.join(path);
+                no_link_above(to, &p)?;
                 fs::create_dir(&p).map_err(io_err("create", &p))?;
-                fs::set_permissions(&p, fs::Permissions::from_mode(*mode))
+                fs::set_permissions(&p, restored_mode(*mode))
                     .map_err(io_err("set permissions on", &p))?;
             }
             Entry::File {
@@ -477,19 +669,18 @@ pub fn materialise(
                 parts,
             } if wanted(path) => {
                 let p = to.join(path);
+                no_link_above(to, &p)?;
+                // Create-only: never opens what is already there, a link
+                // included.
                 let f = File::create_new(&p).map_err(io_err("create", &p))?;
                 f.set_len(*size).map_err(io_err("write", &p))?;
-                fs::set_permissions(&p, fs::Permissions::from_mode(*mode))
+                fs::set_permissions(&p, restored_mode(*mode))
                     .map_err(io_err("set permissions on", &p))?;
                 let mut at = 0;
                 for part in parts {
                     targets[part.piece].push((p.clone(), at, part.offset, part.len));
                     at += part.len;
                 }
-            }
-            Entry::Link { path, target } if wanted(path) => {
-                let p = to.join(path);
-                std::os::unix::fs::symlink(target, &p).map_err(io_err("create", &p))?;
             }
             _ => {}
         }
@@ -522,6 +713,15 @@ pub fn materialise(
         progress.advance(d, "");
         Ok(())
     })?;
+    for e in &index.entries {
+        if let Entry::Link { path, target } = e {
+            if wanted(path) {
+                let p = to.join(path);
+                no_link_above(to, &p)?;
+                std::os::unix::fs::symlink(target, &p).map_err(io_err("create", &p))?;
+            }
+        }
+    }
     // Durable before a server is started on it.
     for e in &index.entries {
         if let Entry::File { path, .. } = e {
@@ -566,7 +766,16 @@ pub fn check(
         }
         Err(e) => return Err(e),
     };
-    for e in &index.entries {
+    let layout = index.check_layout(None);
+    if let Err((entry, problem)) = &layout {
+        let e = PackError::BadIndex {
+            location: format!("{}/{}", store.location(), Repo::backup_key(id, INDEX_FILE)),
+            entry: entry.clone(),
+            problem: problem.clone(),
+        };
+        out.problems.push(format!("backup {id}: {e}"));
+    }
+    for e in index.entries.iter().filter(|_| layout.is_ok()) {
         if let Entry::File {
             path, size, parts, ..
         } = e
@@ -627,6 +836,140 @@ pub fn delete(store: &dyn Store, id: &str) -> Result<usize, PackError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn piece(raw_len: u64) -> Piece {
+        Piece {
+            raw_len,
+            stored_len: raw_len,
+            checksum: Checksum::of(stored::Algorithm::Sha256, b""),
+        }
+    }
+
+    fn file(path: &str, parts: &[(usize, u64, u64)]) -> Entry {
+        Entry::File {
+            path: path.into(),
+            mode: 0o600,
+            size: parts.iter().map(|p| p.2).sum(),
+            parts: parts
+                .iter()
+                .map(|&(piece, offset, len)| Part { piece, offset, len })
+                .collect(),
+        }
+    }
+
+    fn dir(path: &str) -> Entry {
+        Entry::Dir {
+            path: path.into(),
+            mode: 0o700,
+        }
+    }
+
+    fn link(path: &str, target: &str) -> Entry {
+        Entry::Link {
+            path: path.into(),
+            target: target.into(),
+        }
+    }
+
+    fn layout(entries: Vec<Entry>) -> Result<(), (String, String)> {
+        Index {
+            format: INDEX_FORMAT,
+            compression: Compression::default(),
+            pieces: vec![piece(100)],
+            entries,
+        }
+        .check_layout(Some(Path::new("/srv/pitr/x")))
+    }
+
+    #[test]
+    fn an_index_that_stays_in_its_directory_checks_out() {
+        layout(vec![
+            dir("base"),
+            file("base/1", &[(0, 0, 60)]),
+            file("PG_VERSION", &[(0, 60, 40)]),
+            dir("pg_tblspc"),
+            link("pg_tblspc/16384", "/srv/pitr/x/tblspc/16384"),
+            link("pg_tblspc/16385", "../tblspc/16385"),
+        ])
+        .unwrap();
+    }
+
+    #[test]
+    fn paths_that_are_not_plain_relative_are_refused_naming_the_entry() {
+        for bad in [
+            "../escape",
+            "/etc/cron.d/x",
+            "base/../../escape",
+            "base//1",
+            "./base",
+            "base/.",
+            "",
+            "base/\0x",
+        ] {
+            let (entry, problem) = layout(vec![file(bad, &[(0, 0, 1)])]).unwrap_err();
+            assert_eq!(entry, bad);
+            assert!(
+                problem.contains("not a plain relative path"),
+                "{bad:?}: {problem}"
+            );
+        }
+    }
+
+    #[test]
+    fn links_only_directly_under_pg_tblspc_and_into_the_target_and_nothing_beneath_one() {
+        let outside = layout(vec![
+            link("l", "/home/ops"),
+            file("l/.bashrc", &[(0, 0, 1)]),
+        ]);
+        assert!(outside.unwrap_err().1.contains("outside pg_tblspc/"));
+        let nested = layout(vec![link("pg_tblspc/a/b", "/srv/pitr/x/t")]);
+        assert!(nested.unwrap_err().1.contains("outside pg_tblspc/"));
+        for target in ["/home/ops", "../../..", "/srv/pitr/xy", "/srv/pitr/x/../y"] {
+            let (entry, problem) = layout(vec![link("pg_tblspc/1", target)]).unwrap_err();
+            assert_eq!(entry, "pg_tblspc/1");
+            assert!(
+                problem.contains("outside the directory"),
+                "{target}: {problem}"
+            );
+        }
+        let (entry, problem) = layout(vec![
+            link("pg_tblspc/1", "/srv/pitr/x/base"),
+            file("pg_tblspc/1/evil", &[(0, 0, 1)]),
+        ])
+        .unwrap_err();
+        assert_eq!(entry, "pg_tblspc/1/evil");
+        assert!(problem.contains("beneath link"), "{problem}");
+        let twice = layout(vec![dir("base"), link("base", "x")]).unwrap_err();
+        assert!(twice.1.contains("twice"), "{twice:?}");
+    }
+
+    #[test]
+    fn parts_outside_their_piece_are_refused_not_a_panic() {
+        for (parts, want) in [
+            (vec![(7, 0, 1)], "in piece 7, and the index has 1 pieces"),
+            (
+                vec![(0, 100, 1)],
+                "at 100 of 1 bytes in piece 0, which holds 100",
+            ),
+            (vec![(0, 1, u64::MAX)], "in piece 0, which holds 100"),
+        ] {
+            let (entry, problem) = layout(vec![file("base/1", &parts)]).unwrap_err();
+            assert_eq!(entry, "base/1");
+            assert!(problem.contains(want), "{problem}");
+        }
+        let mut f = file("base/1", &[(0, 0, 10)]);
+        if let Entry::File { size, .. } = &mut f {
+            *size = 1 << 40;
+        }
+        assert!(layout(vec![f]).unwrap_err().1.contains("its parts hold 10"));
+        let huge = Index {
+            format: INDEX_FORMAT,
+            compression: Compression::default(),
+            pieces: vec![piece(u64::MAX)],
+            entries: vec![],
+        };
+        assert_eq!(huge.check_layout(None).unwrap_err().0, "piece 0");
+    }
 
     #[test]
     fn small_files_share_a_piece_and_large_ones_are_split() {

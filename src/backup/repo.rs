@@ -12,17 +12,24 @@
 //! On object storage the label is written once, create-only, when the
 //! backup ends (complete or failed), after everything it names: a backup
 //! is visible whole or not at all.
+//!
+//! Labels are not signed: whoever can write into the repository (the
+//! database host, which archives there) can plant one. So a label is
+//! trusted only when its id is the key it was read from and has the shape
+//! of a generated id, it is of the archive's cluster, and it is not dated
+//! in the future; any other is refused and named, never used.
 
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
 use sha2::Digest;
 
 use crate::backup::archive::Archive;
-use crate::backup::label::{BackupLabel, LABEL_FILE};
+use crate::backup::label::{is_backup_id, BackupLabel, BackupType, LABEL_FILE};
 use crate::crypt::Keys;
 use crate::fsutil;
 use crate::pg::lsn::Lsn;
@@ -31,6 +38,10 @@ use crate::storage::{Local, Location, Put, Store, StoreError};
 pub const BACKUP_DIR: &str = "backup";
 pub const RESTORE_POINTS_FILE: &str = "restore-points.json";
 pub const RESTORE_POINTS_DIR: &str = "restore-points";
+/// How far ahead of this host's clock a label may be dated: clocks of the
+/// hosts that back up and that read differ a little; a label further ahead
+/// would take retention's "newest" slots from every genuine backup.
+pub const CLOCK_SKEW: Duration = Duration::from_secs(5 * 60);
 
 #[derive(Debug, thiserror::Error)]
 pub enum RepoError {
@@ -47,8 +58,17 @@ pub enum RepoError {
     UnknownBackup { id: String, repo: String },
     #[error("backup {id} already exists in {repo}")]
     BackupExists { id: String, repo: String },
+    #[error("{id:?} is not a backup id: ids look like 20261125-125301F; `reentry backup list` shows those in {repo}")]
+    BadBackupId { id: String, repo: String },
+    #[error(
+        "{repo}: label {refused}; refused: a person must look, as it may have been \
+         planted to steer retention or restore; remove it if it is not a genuine backup"
+    )]
+    Untrusted { repo: String, refused: Refused },
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error(transparent)]
+    Archive(#[from] Box<crate::backup::archive::ArchiveError>),
 }
 
 pub fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> RepoError + 'a {
@@ -66,6 +86,28 @@ pub struct RestorePoint {
     pub timeline: u32,
     pub time: String,
     pub system_identifier: String,
+}
+
+/// A label that does not check out, and why: `key` is where it was read.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Refused {
+    pub key: String,
+    pub problem: String,
+}
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.key, self.problem)
+    }
+}
+
+/// Every label of a repository, those that check out apart from those
+/// that do not.
+#[derive(Debug, Default)]
+pub struct Survey {
+    /// Oldest first.
+    pub labels: Vec<BackupLabel>,
+    pub refused: Vec<Refused>,
 }
 
 pub struct Repo {
@@ -144,37 +186,85 @@ impl Repo {
         format!("{BACKUP_DIR}/{id}/{name}")
     }
 
-    /// A local backup's directory. Only for a local repository.
-    pub fn backup_dir(&self, id: &str) -> PathBuf {
-        self.local
+    /// A local backup's directory. Only for a local repository, and only
+    /// for an id of the generated shape: never an absolute path or `..`,
+    /// which `join` would follow out of the repository.
+    pub fn backup_dir(&self, id: &str) -> Result<PathBuf, RepoError> {
+        if !is_backup_id(id) {
+            return Err(self.bad_id(id));
+        }
+        Ok(self
+            .local
             .as_ref()
             .expect("a backup directory is of a local repository")
             .join(BACKUP_DIR)
-            .join(id)
+            .join(id))
+    }
+
+    fn bad_id(&self, id: &str) -> RepoError {
+        RepoError::BadBackupId {
+            id: id.to_owned(),
+            repo: self.location(),
+        }
     }
 
     /// A local backup's data directory, as pg_basebackup wrote it; none
     /// on object storage, or for a packed backup copied from there.
-    pub fn backup_data(&self, id: &str) -> Option<PathBuf> {
-        self.local.as_ref()?;
-        let dir = self.backup_dir(id);
-        if dir.join(crate::backup::packed::INDEX_FILE).exists() {
-            return None;
+    pub fn backup_data(&self, id: &str) -> Result<Option<PathBuf>, RepoError> {
+        if self.local.is_none() {
+            return Ok(None);
         }
-        Some(dir.join("data"))
+        let dir = self.backup_dir(id)?;
+        if dir.join(crate::backup::packed::INDEX_FILE).exists() {
+            return Ok(None);
+        }
+        Ok(Some(dir.join("data")))
     }
 
     /// Whether anything of backup `id` is stored.
     pub fn has_backup(&self, id: &str) -> Result<bool, RepoError> {
         Ok(match &self.local {
-            Some(_) => self.backup_dir(id).exists(),
+            Some(_) => self.backup_dir(id)?.exists(),
             None => !self.store.list(&Repo::backup_key(id, ""))?.is_empty(),
         })
     }
 
-    /// Every backup label, oldest first.
+    /// Every backup label that checks out, oldest first. Those that do
+    /// not are left out and logged; `survey` returns them.
     pub fn backups(&self) -> Result<Vec<BackupLabel>, RepoError> {
-        let mut labels = Vec::new();
+        let survey = self.survey(SystemTime::now())?;
+        for r in &survey.refused {
+            tracing::warn!(repo = %self.location(), label = %r.key, problem = %r.problem,
+                "backup label refused: not used; a person must look");
+        }
+        Ok(survey.labels)
+    }
+
+    /// Every backup label, those that check out (oldest first) apart from
+    /// those that do not, judged against the archive's cluster and `now`.
+    pub fn survey(&self, now: SystemTime) -> Result<Survey, RepoError> {
+        let cluster = self.archive().info().map_err(Box::new)?;
+        let cluster = cluster.map(|i| i.system_identifier);
+        let mut survey = Survey::default();
+        for id in self.label_keys()? {
+            let checked = self
+                .label(&id)
+                .and_then(|l| self.vet(l, cluster.as_deref(), now));
+            match checked {
+                Ok(l) => survey.labels.push(l),
+                Err(RepoError::Untrusted { refused, .. }) => survey.refused.push(refused),
+                Err(e) => return Err(e),
+            }
+        }
+        survey
+            .labels
+            .sort_by(|a, b| a.sort_key().cmp(&b.sort_key()));
+        Ok(survey)
+    }
+
+    /// The keys (directory names) under `backup/` that hold a label.
+    fn label_keys(&self) -> Result<Vec<String>, RepoError> {
+        let mut ids = Vec::new();
         match &self.local {
             Some(root) => {
                 let dir = root.join(BACKUP_DIR);
@@ -189,7 +279,7 @@ impl Repo {
                     if name.starts_with('.') || !entry.path().join(LABEL_FILE).exists() {
                         continue;
                     }
-                    labels.push(self.label(&name)?);
+                    ids.push(name);
                 }
             }
             None => {
@@ -200,16 +290,91 @@ impl Repo {
                         continue;
                     };
                     if !id.contains('/') {
-                        labels.push(self.label(id)?);
+                        ids.push(id.to_owned());
                     }
                 }
             }
         }
-        labels.sort_by(|a, b| a.sort_key().cmp(&b.sort_key()));
-        Ok(labels)
+        Ok(ids)
     }
 
+    fn untrusted(&self, id: &str, problem: String) -> RepoError {
+        RepoError::Untrusted {
+            repo: self.location(),
+            refused: Refused {
+                key: Repo::backup_key(id, LABEL_FILE),
+                problem,
+            },
+        }
+    }
+
+    /// `label` when it is of cluster `cluster` (the archive's, when it has
+    /// one) and not dated later than `now` allows.
+    fn vet(
+        &self,
+        label: BackupLabel,
+        cluster: Option<&str>,
+        now: SystemTime,
+    ) -> Result<BackupLabel, RepoError> {
+        if let Some(c) = cluster.filter(|c| *c != label.system_identifier) {
+            return Err(self.untrusted(
+                &label.id,
+                format!(
+                    "it is of system identifier {}, the archive (archive.json) of {c}: \
+                     a backup of another cluster",
+                    label.system_identifier
+                ),
+            ));
+        }
+        let latest = now + CLOCK_SKEW;
+        for (field, value) in [
+            ("start_time", Some(&label.start_time)),
+            ("stop_time", label.stop_time.as_ref()),
+        ] {
+            let Some(value) = value else { continue };
+            match humantime::parse_rfc3339(value) {
+                Err(_) => {
+                    return Err(
+                        self.untrusted(&label.id, format!("its {field} {value:?} is not a time"))
+                    )
+                }
+                Ok(t) if t > latest => {
+                    return Err(self.untrusted(
+                        &label.id,
+                        format!(
+                            "its {field} {value} is in the future (now is {}; {} minutes of \
+                             clock skew are allowed)",
+                            humantime::format_rfc3339_seconds(now),
+                            CLOCK_SKEW.as_secs() / 60
+                        ),
+                    ))
+                }
+                Ok(_) => {}
+            }
+        }
+        Ok(label)
+    }
+
+    /// Backup `id`'s label when it checks out against the archive's
+    /// cluster and the clock, as `survey` judges every label.
+    pub fn trusted_label(&self, id: &str) -> Result<BackupLabel, RepoError> {
+        let cluster = self.archive().info().map_err(Box::new)?;
+        let label = self.label(id)?;
+        self.vet(
+            label,
+            cluster.as_ref().map(|i| i.system_identifier.as_str()),
+            SystemTime::now(),
+        )
+    }
+
+    /// Backup `id`'s label, refused unless its `id` is the key it was read
+    /// from and it (and its parent) has the shape of a generated id.
     pub fn label(&self, id: &str) -> Result<BackupLabel, RepoError> {
+        // Keys come from listings (one path component) or from a user;
+        // neither may climb out of `backup/`.
+        if id.is_empty() || id.starts_with('.') || id.contains(['/', '\0']) {
+            return Err(self.bad_id(id));
+        }
         let key = Repo::backup_key(id, LABEL_FILE);
         let text = match self.store.get(&key)? {
             Some(t) => t,
@@ -225,6 +390,37 @@ impl Repo {
                 location: format!("{}/{key}", self.location()),
                 detail: e.to_string(),
             })?;
+        if label.id != id {
+            return Err(self.untrusted(
+                id,
+                format!("id {:?} does not match its key {id:?}", label.id),
+            ));
+        }
+        if !is_backup_id(id) {
+            return Err(self.untrusted(
+                id,
+                format!("its key {id:?} is not a backup id (ids look like 20261125-125301F)"),
+            ));
+        }
+        let suffix = match label.kind {
+            BackupType::Full => 'F',
+            BackupType::Incremental => 'I',
+        };
+        if !id.ends_with(suffix) {
+            return Err(self.untrusted(
+                id,
+                format!(
+                    "it says {:?}, and its id {id} ends in the other kind's letter",
+                    label.kind
+                ),
+            ));
+        }
+        if let Some(p) = label.parent.as_deref().filter(|p| !is_backup_id(p)) {
+            return Err(self.untrusted(
+                id,
+                format!("its parent {p:?} is not a backup id (ids look like 20261125-125301F)"),
+            ));
+        }
         if self.local.is_none() {
             // Verifications are objects of their own beside the label,
             // which is never rewritten: the newest one counts.
@@ -249,7 +445,7 @@ impl Repo {
     pub fn save_label(&self, label: &BackupLabel) -> Result<(), RepoError> {
         match &self.local {
             Some(_) => {
-                let dir = self.backup_dir(&label.id);
+                let dir = self.backup_dir(&label.id)?;
                 fsutil::create_dir_all_durable(&dir).map_err(io_err("create directory", &dir))?;
                 write_json(&dir.join(LABEL_FILE), label)
             }
@@ -287,7 +483,7 @@ impl Repo {
 
     /// The backup and every backup it depends on, the full one first.
     pub fn chain(&self, id: &str) -> Result<Vec<BackupLabel>, RepoError> {
-        let mut chain = vec![self.label(id)?];
+        let mut chain = vec![self.trusted_label(id)?];
         while let Some(parent) = chain.last().and_then(|l| l.parent.clone()) {
             if chain.iter().any(|l| l.id == parent) {
                 return Err(RepoError::BadObject {
@@ -295,7 +491,7 @@ impl Repo {
                     detail: format!("its parents loop through {parent}"),
                 });
             }
-            chain.push(self.label(&parent)?);
+            chain.push(self.trusted_label(&parent)?);
         }
         chain.reverse();
         Ok(chain)
@@ -369,4 +565,151 @@ fn json_bytes<T: Serialize>(value: &T) -> Vec<u8> {
 
 fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<(), RepoError> {
     fsutil::write_atomic(path, &json_bytes(value)).map_err(io_err("write", path))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backup::label::{BackupStatus, LABEL_FORMAT};
+    use crate::fsutil::ScratchDir;
+
+    fn label(id: &str, parent: Option<&str>) -> BackupLabel {
+        BackupLabel {
+            format: LABEL_FORMAT,
+            id: id.into(),
+            cluster_name: "c".into(),
+            pg_version: 18,
+            system_identifier: "7000000000000000001".into(),
+            kind: if parent.is_some() {
+                BackupType::Incremental
+            } else {
+                BackupType::Full
+            },
+            parent: parent.map(Into::into),
+            status: BackupStatus::Complete,
+            failure: None,
+            start_lsn: None,
+            stop_lsn: None,
+            timeline: Some(1),
+            wal_ranges: Vec::new(),
+            wal_segment_size: 16 << 20,
+            start_time: "2026-01-02T03:04:05.678Z".into(),
+            stop_time: Some("2026-01-02T03:05:05.678Z".into()),
+            size_bytes: 1,
+            file_count: 1,
+            stored_bytes: None,
+            encryption: None,
+            tool_version: "t".into(),
+            verification: None,
+        }
+    }
+
+    /// Writes `label` under key `key`, as a planted label would be.
+    fn plant(root: &Path, key: &str, label: &BackupLabel) {
+        let dir = root.join(BACKUP_DIR).join(key);
+        fs::create_dir_all(&dir).unwrap();
+        fs::write(dir.join(LABEL_FILE), json_bytes(label)).unwrap();
+    }
+
+    fn refusal(e: RepoError) -> Refused {
+        match e {
+            RepoError::Untrusted { refused, .. } => refused,
+            e => panic!("not a refusal: {e}"),
+        }
+    }
+
+    #[test]
+    fn a_label_whose_id_is_not_its_key_is_refused_naming_both() {
+        let dir = ScratchDir::new("reentry-repo-test").unwrap();
+        let repo = Repo::new(dir.path());
+        plant(dir.path(), "zz", &label("/tmp/victim", None));
+        let r = refusal(repo.label("zz").unwrap_err());
+        assert_eq!(
+            r.to_string(),
+            r#"backup/zz/backup.json: id "/tmp/victim" does not match its key "zz""#
+        );
+        plant(dir.path(), "20260102-030405F", &label("../../x", None));
+        let r = refusal(repo.label("20260102-030405F").unwrap_err());
+        assert!(r.problem.contains(r#"id "../../x" does not match"#), "{r}");
+    }
+
+    #[test]
+    fn keys_parents_and_kind_letters_must_have_the_generated_shape() {
+        let dir = ScratchDir::new("reentry-repo-test").unwrap();
+        let repo = Repo::new(dir.path());
+        plant(dir.path(), "zz", &label("zz", None));
+        assert!(refusal(repo.label("zz").unwrap_err())
+            .problem
+            .contains(r#"its key "zz" is not a backup id"#));
+        plant(
+            dir.path(),
+            "20260102-030405I",
+            &label("20260102-030405I", Some("/etc")),
+        );
+        assert!(refusal(repo.label("20260102-030405I").unwrap_err())
+            .problem
+            .contains(r#"its parent "/etc" is not a backup id"#));
+        plant(
+            dir.path(),
+            "20260102-030406I",
+            &label("20260102-030406I", None),
+        );
+        assert!(refusal(repo.label("20260102-030406I").unwrap_err())
+            .problem
+            .contains("other kind's letter"));
+        plant(
+            dir.path(),
+            "20260102-030407F",
+            &label("20260102-030407F", None),
+        );
+        repo.label("20260102-030407F").unwrap();
+        // A key from a user that would climb out of backup/ is not read.
+        for bad in ["../x", "/tmp/victim", ".expiring-x", ""] {
+            assert!(
+                matches!(repo.label(bad), Err(RepoError::BadBackupId { .. })),
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn backup_dir_joins_only_backup_ids() {
+        let repo = Repo::new("/srv/r");
+        assert_eq!(
+            repo.backup_dir("20260102-030405F").unwrap(),
+            Path::new("/srv/r/backup/20260102-030405F")
+        );
+        for bad in ["/tmp/victim", "..", "../../x", "a/b", "zz"] {
+            assert!(repo.backup_dir(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn the_survey_refuses_labels_dated_beyond_the_allowed_clock_skew() {
+        let dir = ScratchDir::new("reentry-repo-test").unwrap();
+        let repo = Repo::new(dir.path());
+        let now = humantime::parse_rfc3339("2026-01-02T04:00:00Z").unwrap();
+        plant(
+            dir.path(),
+            "20260102-030405F",
+            &label("20260102-030405F", None),
+        );
+        let mut skewed = label("20260102-040400F", None);
+        skewed.start_time = "2026-01-02T04:04:00.000Z".into();
+        skewed.stop_time = Some("2026-01-02T04:04:30.000Z".into());
+        plant(dir.path(), "20260102-040400F", &skewed);
+        let mut ahead = label("29990101-000000F", None);
+        ahead.start_time = "2999-01-01T00:00:00.000Z".into();
+        plant(dir.path(), "29990101-000000F", &ahead);
+        let s = repo.survey(now).unwrap();
+        let ids: Vec<&str> = s.labels.iter().map(|l| l.id.as_str()).collect();
+        assert_eq!(ids, ["20260102-030405F", "20260102-040400F"]);
+        assert_eq!(s.refused.len(), 1, "{:?}", s.refused);
+        assert_eq!(s.refused[0].key, "backup/29990101-000000F/backup.json");
+        assert!(
+            s.refused[0].problem.contains("in the future"),
+            "{}",
+            s.refused[0]
+        );
+    }
 }

@@ -267,7 +267,7 @@ pub fn plan(
     };
     let chosen = match &opts.backup {
         Some(id) => {
-            let b = repo.label(id)?;
+            let b = repo.trusted_label(id)?;
             if !b.is_usable() {
                 return Err(RestoreError::NoBackup {
                     target: shown,
@@ -417,7 +417,7 @@ pub fn last_commit_time(
 /// The NextXID of backup `id`'s checkpoint: from its pg_control, which on
 /// object storage is the one file downloaded.
 fn next_xid_of(repo: &Repo, pg_bin: &PgBin, id: &str) -> Result<u32, RestoreError> {
-    if let Some(data) = repo.backup_data(id) {
+    if let Some(data) = repo.backup_data(id)? {
         return next_xid(pg_bin, &data);
     }
     let scratch = ScratchDir::new("reentry-control").map_err(io_err(
@@ -471,15 +471,19 @@ pub fn restore(repo: &Repo, opts: &RestoreOptions) -> Result<RestoreManifest, Re
     // A wrong or missing key fails before anything is written: every
     // backup of the chain, the first WAL segment it needs and the newest
     // one archived are read. Under restore_command a segment that cannot
-    // be decrypted would look missing, and recovery would end early.
-    for b in chain.iter().filter(|b| repo.backup_data(&b.id).is_none()) {
-        packed::manifest(repo.store(), &b.id, repo.keys())?;
+    // be decrypted would look missing, and recovery would end early. An
+    // index that would write outside the target is refused now too.
+    for b in &chain {
+        if repo.backup_data(&b.id)?.is_none() {
+            packed::manifest(repo.store(), &b.id, repo.keys())?;
+            packed::checked_index(repo.store(), &b.id, None)?;
+        }
     }
     // A backup of a cluster with tablespaces (taken before backups refused
     // them) links to the source's directories: restoring it would have the
     // copy write into production's files.
     for b in &chain {
-        let Some(data) = repo.backup_data(&b.id) else {
+        let Some(data) = repo.backup_data(&b.id)? else {
             continue;
         };
         let links: Vec<String> = match fs::read_dir(data.join("pg_tblspc")) {
@@ -547,7 +551,7 @@ pub fn restore(repo: &Repo, opts: &RestoreOptions) -> Result<RestoreManifest, Re
         ));
     }
     let t = Instant::now();
-    match (chain.len(), repo.backup_data(&backup.id)) {
+    match (chain.len(), repo.backup_data(&backup.id)?) {
         (1, Some(data)) => {
             copy_tree(&data, &to).map_err(io_err("copy the backup into", &to))?;
             durations.copy_seconds = t.elapsed().as_secs_f64();
@@ -567,7 +571,11 @@ pub fn restore(repo: &Repo, opts: &RestoreOptions) -> Result<RestoreManifest, Re
         _ => {
             // A packed backup (on object storage, or copied from there) is
             // downloaded beside the target first.
-            let scratch = match chain.iter().all(|b| repo.backup_data(&b.id).is_some()) {
+            let data: Vec<Option<PathBuf>> = chain
+                .iter()
+                .map(|b| repo.backup_data(&b.id))
+                .collect::<Result<_, _>>()?;
+            let scratch = match data.iter().all(Option::is_some) {
                 true => None,
                 false => Some(
                     ScratchDir::beside(&to)
@@ -575,8 +583,8 @@ pub fn restore(repo: &Repo, opts: &RestoreOptions) -> Result<RestoreManifest, Re
                 ),
             };
             let mut dirs = Vec::new();
-            for b in &chain {
-                dirs.push(match (repo.backup_data(&b.id), &scratch) {
+            for (b, data) in chain.iter().zip(data) {
+                dirs.push(match (data, &scratch) {
                     (Some(d), _) => d,
                     (None, Some(s)) => {
                         let d = s.path().join(&b.id);

@@ -53,6 +53,9 @@ const SEALED_VERSION: u8 = 2;
 /// Either layout, with the checksum algorithm in byte 11.
 const ALGORITHM_VERSION: u8 = 3;
 const CHUNK: usize = 1 << 20;
+/// The most a header's length reserves ahead of reading: an object is
+/// read whole anyway, and a larger claim is checked against what is there.
+const PREALLOC: u64 = 64 << 20;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum, Default)]
 #[serde(rename_all = "lowercase")]
@@ -501,7 +504,9 @@ fn read_header<R: Read>(src: R) -> Result<(Header, BufReader<R>), ReadError> {
 /// The encrypted payload after the header, checked against the length and
 /// checksum the header records.
 fn sealed_payload(file: &mut impl Read, sealed: &Sealed) -> Result<Vec<u8>, ReadError> {
-    let mut payload = Vec::with_capacity(sealed.payload_len as usize);
+    // The header's length sizes the buffer only up to PREALLOC: a header
+    // that lies is reported as damage below, never an allocation.
+    let mut payload = Vec::with_capacity(sealed.payload_len.min(PREALLOC) as usize);
     file.take(sealed.payload_len + 1)
         .read_to_end(&mut payload)
         .map_err(ReadError::Io)?;

@@ -183,7 +183,13 @@ fn kind(l: &BackupLabel) -> String {
 }
 
 fn list(ctx: &Context, repo: &Repo, a: ListArgs) -> Result<Exit, Error> {
-    let labels = repo.backups()?;
+    let survey = repo.survey(std::time::SystemTime::now())?;
+    let labels = survey.labels;
+    // Refused labels are no backups: only named, never listed as one.
+    for r in &survey.refused {
+        tracing::warn!(repo = %repo.location(), label = %r.key, problem = %r.problem,
+            "backup label refused: not a usable backup; a person must look");
+    }
     if let Some(conninfo) = &a.sync_catalog {
         let n = catalog::sync(repo, &labels, conninfo)?;
         tracing::info!(rows = n, "backup_catalog synced");
@@ -220,6 +226,9 @@ fn list(ctx: &Context, repo: &Repo, a: ListArgs) -> Result<Exit, Error> {
         }
         if labels.is_empty() {
             out = format!("no backups in {}", repo.location());
+        }
+        for r in &survey.refused {
+            out.push_str(&format!("\nREFUSED {r}"));
         }
         Some(out)
     })?;

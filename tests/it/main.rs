@@ -13,6 +13,7 @@ mod playbook;
 mod quartz;
 mod reconcile;
 mod redis_tls;
+mod repo_trust;
 mod restore;
 mod rows;
 mod search;

@@ -1137,3 +1137,163 @@ fn s3_object_lock_expire_plans_around_retention_and_check_reports_the_bucket() {
     assert!(warnings.contains("protects them only 1 days"), "{o}");
     std::fs::remove_file(c.dir("work").join("reentry.toml")).unwrap();
 }
+
+#[test]
+fn s3_restore_refuses_a_tampered_index_and_writes_nothing_outside_its_target() {
+    let (name, s) = bucket("tampered-index", "repo");
+    let c = archiving_to_s3(&name);
+    c.client()
+        .batch_execute("CREATE TABLE t AS SELECT g AS id FROM generate_series(1, 1000) g")
+        .unwrap();
+    let b = ok_json(&s3_at(&c, &name, &["backup"]).output().unwrap());
+    switch_and_wait_archived(&c);
+    let key = format!("backup/{}/files.json", b["id"].as_str().unwrap());
+    let genuine: Value = serde_json::from_slice(&s.get(&key).unwrap().unwrap()).unwrap();
+    let raw_len = genuine["pieces"][0]["raw_len"].as_u64().unwrap();
+
+    let restores = c.dir("restores");
+    let outside = c.dir("outside");
+    let escape = restores.join("escape");
+    let absolute = restores.join("abs-escape");
+    let file = |path: &str| serde_json::json!({"kind": "file", "path": path, "mode": 0o600, "size": 1, "parts": [{"piece": 0, "offset": 0, "len": 1}]});
+    let link = |path: &str, target: &str| serde_json::json!({"kind": "link", "path": path, "target": target});
+    let first_file = |index: &mut Value| -> usize {
+        index["entries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .position(|e| e["kind"] == "file" && e["size"].as_u64() > Some(0))
+            .unwrap()
+    };
+    type Tamper = Box<dyn Fn(&mut Value)>;
+    let cases: Vec<(&str, Tamper, String)> = vec![
+        (
+            "a path up and out",
+            Box::new(move |i| i["entries"].as_array_mut().unwrap().push(file("../escape"))),
+            r#"entry "../escape" is not a plain relative path"#.into(),
+        ),
+        (
+            "an absolute path",
+            {
+                let a = absolute.to_str().unwrap().to_owned();
+                Box::new(move |i| i["entries"].as_array_mut().unwrap().push(file(&a)))
+            },
+            format!(
+                r#"entry "{}" is not a plain relative path"#,
+                absolute.display()
+            ),
+        ),
+        (
+            "a link, then a file through it",
+            {
+                let o = outside.to_str().unwrap().to_owned();
+                Box::new(move |i| {
+                    let e = i["entries"].as_array_mut().unwrap();
+                    e.push(link("l", &o));
+                    e.push(file("l/evil"));
+                })
+            },
+            r#"entry "l" is a link outside pg_tblspc/"#.into(),
+        ),
+        (
+            "a tablespace link out of the target, then a file through it",
+            {
+                let o = outside.to_str().unwrap().to_owned();
+                Box::new(move |i| {
+                    let e = i["entries"].as_array_mut().unwrap();
+                    e.push(link("pg_tblspc/99999", &o));
+                    e.push(file("pg_tblspc/99999/evil"));
+                })
+            },
+            format!(
+                r#"entry "pg_tblspc/99999" links to "{}", outside the directory"#,
+                outside.display()
+            ),
+        ),
+        (
+            "a piece out of range",
+            Box::new(move |i| {
+                let f = first_file(i);
+                i["entries"][f]["parts"][0]["piece"] = 9999.into();
+            }),
+            "has a part in piece 9999, and the index has".into(),
+        ),
+        (
+            "an offset past the end of its piece",
+            Box::new(move |i| {
+                let f = first_file(i);
+                i["entries"][f]["parts"][0]["offset"] = raw_len.into();
+            }),
+            format!("which holds {raw_len} bytes"),
+        ),
+    ];
+    // Every case is tried, and what went wrong in each is shown at once.
+    let mut failures = Vec::new();
+    for (n, (what, tamper, says)) in cases.iter().enumerate() {
+        let mut index = genuine.clone();
+        tamper(&mut index);
+        s.put(&key, &serde_json::to_vec(&index).unwrap()).unwrap();
+        let to = restores.join(format!("r{n}"));
+        // Stops a server that a restore which should have been refused started.
+        let _guard = Restored {
+            manifest: Value::Null,
+            dir: to.clone(),
+            bin: c.version.bin_dir(),
+        };
+        let out = s3_at(
+            &c,
+            &name,
+            &["restore", "--latest", "--to", to.to_str().unwrap()],
+        )
+        .output()
+        .unwrap();
+        let err = stderr(&out);
+        let mut wrong = Vec::new();
+        if out.status.code() != Some(3) {
+            wrong.push(format!("exit {:?}, not 3", out.status.code()));
+        }
+        for needle in [
+            format!("s3://{name}/repo/{key}: "),
+            says.clone(),
+            "refusing to restore from this index".into(),
+        ] {
+            if !err.contains(&needle) {
+                wrong.push(format!("stderr lacks {needle:?}"));
+            }
+        }
+        for p in [&escape, &absolute] {
+            if p.exists() {
+                wrong.push(format!("{} was written", p.display()));
+            }
+        }
+        if std::fs::read_dir(&outside).unwrap().count() != 0 {
+            wrong.push("something was written through the link".into());
+        }
+        if std::fs::read_dir(&to).is_ok_and(|mut d| d.next().is_some()) {
+            wrong.push("the restore wrote into its target".into());
+        }
+        if !wrong.is_empty() {
+            failures.push(format!("{what}: {}\nstderr: {err}", wrong.join("; ")));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n\n"));
+
+    // The genuine index restores.
+    s.put(&key, &serde_json::to_vec(&genuine).unwrap()).unwrap();
+    let dir = restores.join("genuine");
+    let mut r = Restored {
+        manifest: Value::Null,
+        dir: dir.clone(),
+        bin: c.version.bin_dir(),
+    };
+    r.manifest = ok_json(
+        &s3_at(
+            &c,
+            &name,
+            &["restore", "--latest", "--to", dir.to_str().unwrap()],
+        )
+        .output()
+        .unwrap(),
+    );
+    assert_eq!(r.count("t"), 1000);
+}

@@ -1,0 +1,206 @@
+//! Labels the repository does not vouch for: whoever can write into the
+//! repository (the database host archives there) can plant a `backup.json`.
+//! One that does not check out is refused, by name, and `expire` then
+//! changes nothing, against a real PostgreSQL 18 archiving into a local
+//! repository.
+
+use std::path::{Path, PathBuf};
+use std::process::Output;
+
+use serde_json::Value;
+
+use crate::common::archiving::{archiving, switch_and_wait_archived};
+use crate::common::pg::{Cluster, Version};
+use crate::common::{assert_exit, reentry, stderr, stdout};
+
+/// Exit 3: refused to protect data; a person must look.
+const REFUSED: i32 = 3;
+
+fn run(repo: &Path, args: &[&str]) -> Output {
+    let mut all = vec!["--repo", repo.to_str().unwrap(), "--json"];
+    all.extend_from_slice(args);
+    reentry(false, &all)
+}
+
+/// A cluster archiving into a local repository with one full backup whose
+/// WAL is archived: the cluster, the repository and the backup's label.
+fn one_backup() -> (Cluster, PathBuf, Value) {
+    let (c, repo) = archiving(Version::V18, "", &[]);
+    c.client()
+        .batch_execute("CREATE TABLE t AS SELECT g AS id FROM generate_series(1, 1000) g")
+        .unwrap();
+    let conninfo = c.conninfo();
+    let bin = c.version.bin_dir();
+    let out = reentry(
+        false,
+        &[
+            "--repo",
+            repo.to_str().unwrap(),
+            "--json",
+            "backup",
+            "--db",
+            &conninfo,
+            "--pg-bin",
+            bin.to_str().unwrap(),
+        ],
+    );
+    assert_exit(&out, 0);
+    let label: Value = serde_json::from_str(&stdout(&out)).unwrap();
+    switch_and_wait_archived(&c);
+    (c, repo, label)
+}
+
+/// Writes `label` at `backup/KEY/backup.json`, as a planted label is.
+fn plant(repo: &Path, key: &str, label: &Value) {
+    let dir = repo.join("backup").join(key);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("backup.json"),
+        serde_json::to_vec_pretty(label).unwrap(),
+    )
+    .unwrap();
+}
+
+/// Every file under `dir`, relative to it, sorted.
+fn files(dir: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_owned()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                out.push(p.strip_prefix(dir).unwrap().display().to_string());
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// `expire --retain-full 1 --apply` is refused with exit 3, names the
+/// label and says what is wrong with it, and deletes nothing: no backup,
+/// no WAL file.
+#[track_caller]
+fn expire_is_refused(repo: &Path, genuine: &str, names: &str) -> String {
+    let before = files(repo);
+    let out = run(repo, &["backup", "expire", "--retain-full", "1", "--apply"]);
+    assert_exit(&out, REFUSED);
+    let err = stderr(&out);
+    assert!(err.contains("refusing to expire anything"), "{err}");
+    assert!(err.contains(names), "{err}");
+    assert!(err.contains("nothing was deleted"), "{err}");
+    assert_eq!(files(repo), before, "expire changed the repository");
+    assert!(repo.join("backup").join(genuine).join("data").is_dir());
+    // The dry run is refused the same way: its plan would be steered too.
+    let dry = run(repo, &["backup", "expire", "--retain-full", "1"]);
+    assert_exit(&dry, REFUSED);
+    err
+}
+
+#[test]
+fn a_planted_label_whose_id_is_a_victims_path_is_refused_and_expire_deletes_nothing() {
+    let (c, repo, genuine) = one_backup();
+    let gid = genuine["id"].as_str().unwrap().to_owned();
+    // The review's reproduction: a copy of a real label at backup/zz whose
+    // id is a directory outside the repository, dated long ago, with the
+    // directories the rename aside would need.
+    let victim = c.dir("victim");
+    std::fs::write(victim.join("precious"), "keep me").unwrap();
+    let mut planted = genuine.clone();
+    planted["id"] = victim.to_str().unwrap().into();
+    planted["start_time"] = "2000-01-01T00:00:00Z".into();
+    planted["stop_time"] = "2000-01-01T00:00:00Z".into();
+    planted["status"] = "complete".into();
+    plant(&repo, "zz", &planted);
+    std::fs::create_dir_all(
+        repo.join("backup")
+            .join(format!(".expiring-{}", victim.parent().unwrap().display())),
+    )
+    .unwrap();
+
+    expire_is_refused(
+        &repo,
+        &gid,
+        &format!(
+            r#"backup/zz/backup.json: id "{}" does not match its key "zz""#,
+            victim.display()
+        ),
+    );
+    assert_eq!(
+        std::fs::read_to_string(victim.join("precious")).unwrap(),
+        "keep me"
+    );
+
+    // Listed as refused, never as a backup.
+    let list = run(&repo, &["backup", "list"]);
+    assert_exit(&list, 0);
+    let ids: Vec<Value> = serde_json::from_str::<Vec<Value>>(&stdout(&list))
+        .unwrap()
+        .into_iter()
+        .map(|b| b["id"].clone())
+        .collect();
+    assert_eq!(ids, [genuine["id"].clone()]);
+    assert!(
+        stderr(&list).contains("backup/zz/backup.json"),
+        "{}",
+        stderr(&list)
+    );
+}
+
+#[test]
+fn a_label_dated_in_the_future_does_not_take_retentions_newest_slot() {
+    let (_c, repo, genuine) = one_backup();
+    let gid = genuine["id"].as_str().unwrap().to_owned();
+    // A well-formed, later id at its own key, dated far ahead, its WAL
+    // further on: without the check it is "the newest full backup" and
+    // the genuine one, with the WAL before the fake start, is expired.
+    let fake = "29990101-000000F";
+    let mut planted = genuine.clone();
+    planted["id"] = fake.into();
+    planted["start_time"] = "2999-01-01T00:00:00.000Z".into();
+    planted["stop_time"] = "2999-01-01T00:01:00.000Z".into();
+    planted["start_lsn"] = "FF/1000028".into();
+    planted["stop_lsn"] = "FF/1000100".into();
+    planted["wal_ranges"] =
+        serde_json::json!([{"timeline": 1, "start_lsn": "FF/1000028", "end_lsn": "FF/1000100"}]);
+    plant(&repo, fake, &planted);
+
+    let err = expire_is_refused(
+        &repo,
+        &gid,
+        &format!(
+            "backup/{fake}/backup.json: its start_time 2999-01-01T00:00:00.000Z is in the future"
+        ),
+    );
+    assert!(err.contains("5 minutes of clock skew"), "{err}");
+}
+
+#[test]
+fn a_label_of_another_system_identifier_is_refused() {
+    let (_c, repo, genuine) = one_backup();
+    let gid = genuine["id"].as_str().unwrap().to_owned();
+    let other = "20000101-000000F";
+    let mut planted = genuine.clone();
+    planted["id"] = other.into();
+    planted["system_identifier"] = "1234567890123456789".into();
+    planted["start_lsn"] = "FF/1000028".into();
+    planted["stop_lsn"] = "FF/1000100".into();
+    planted["wal_ranges"] =
+        serde_json::json!([{"timeline": 1, "start_lsn": "FF/1000028", "end_lsn": "FF/1000100"}]);
+    plant(&repo, other, &planted);
+
+    let err = expire_is_refused(
+        &repo,
+        &gid,
+        &format!("backup/{other}/backup.json: it is of system identifier 1234567890123456789"),
+    );
+    assert!(
+        err.contains(&format!(
+            "the archive (archive.json) of {}",
+            genuine["system_identifier"].as_str().unwrap()
+        )),
+        "{err}"
+    );
+}
