@@ -1297,3 +1297,72 @@ fn s3_restore_refuses_a_tampered_index_and_writes_nothing_outside_its_target() {
     );
     assert_eq!(r.count("t"), 1000);
 }
+
+/// Security review H1: a local repository with recipients holds its base
+/// backups packed and encrypted, as object storage does: a marker in a
+/// table is nowhere in the repository's bytes, and restore still works.
+#[test]
+fn a_local_encrypted_repository_holds_no_plaintext_and_restores() {
+    let (secret, public) = age_key();
+    let mut c = Cluster::init(Version::V18);
+    let repo = c.dir("repo");
+    c.append_conf(&[
+        ("archive_mode", "on".to_string()),
+        (
+            "archive_command",
+            format!(
+                "'REENTRY_AGE_RECIPIENTS={public} {} --repo {} wal push %p'",
+                reentry_bin().display(),
+                repo.display()
+            ),
+        ),
+    ]);
+    c.start();
+    c.client()
+        .batch_execute("CREATE TABLE secret_notes AS SELECT g AS id, 'plaintext-marker-' || g AS note FROM generate_series(1, 20000) g")
+        .unwrap();
+    let identity = c.dir("keys").join("identity");
+    std::fs::write(&identity, &secret).unwrap();
+    crate::common::give_to_server_user(&identity);
+    let reentry = |args: &[&str]| {
+        let mut cmd = command(&c, &repo, args);
+        cmd.env("REENTRY_AGE_RECIPIENTS", &public)
+            .env("REENTRY_AGE_IDENTITY_FILE", &identity);
+        cmd.output().unwrap()
+    };
+    let b = ok_json(&reentry(&["backup"]));
+    assert_eq!(b["encryption"]["algorithm"], "age-x25519", "{b}");
+    switch_and_wait_archived(&c);
+    let marker = b"plaintext-marker-";
+    let mut files = 0;
+    let mut stack = vec![repo.clone()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                files += 1;
+                let body = std::fs::read(&p).unwrap();
+                assert!(
+                    !body.windows(marker.len()).any(|w| w == marker),
+                    "{} holds the plaintext",
+                    p.display()
+                );
+            }
+        }
+    }
+    assert!(
+        files > 10,
+        "the repository holds the backup ({files} files)"
+    );
+    let v = ok_json(&reentry(&["backup", "verify"]));
+    assert_eq!(v["status"], "ok", "{v}");
+    let dir = c.root().join("restored");
+    let out = reentry(&["restore", "--latest", "--to", dir.to_str().unwrap()]);
+    let r = Restored::from_output(&c, dir, &out);
+    assert_eq!(
+        r.count("secret_notes WHERE note LIKE 'plaintext-marker-%'"),
+        20000
+    );
+}
