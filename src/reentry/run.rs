@@ -310,7 +310,18 @@ fn apply_step(
             state,
             interrupted,
         };
-        match s.action.step().apply(env, &mut rec) {
+        // A panic in a step (a defect: a value the code did not expect)
+        // is that step's failure, journaled as any other and retried by
+        // --resume, not a crash that leaves the gates closed unexplained.
+        let applied = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            s.action.step().apply(env, &mut rec)
+        }))
+        .unwrap_or_else(|payload| {
+            Err(StepError::Panicked {
+                message: panic_message(payload.as_ref()),
+            })
+        });
+        match applied {
             Err(e) if e.is_transient() && attempt < 2 => {
                 attempt += 1;
                 tracing::warn!(step = %s.id, attempt, error = %crate::diag::chain(&e), "a server is not answering; retrying");
@@ -320,6 +331,14 @@ fn apply_step(
             r => return r,
         }
     }
+}
+
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".to_owned())
 }
 
 /// Runs (or dry-runs, or resumes) the playbook. `show` sees each step as it

@@ -565,3 +565,53 @@ fn verify_waits_for_a_gated_job_still_executing_and_names_it_when_it_outlasts_th
     assert_eq!(lab.trigger_state("Billing", "slow"), "WAITING");
     drop(s);
 }
+
+/// Quartz's DDL lets `qrtz_fired_triggers.job_name` and `job_group` be
+/// NULL. An EXECUTING row with them NULL is read, named, and waited for
+/// like any other: no panic, the gates stay closed, the run says why.
+#[test]
+fn an_executing_row_without_its_job_name_is_read_as_quartz_allows() {
+    let lab = Lab::new();
+    let mut s = lab.scheduler(60_000);
+    s.cmd("simple Billing t 3600000 3600000");
+    s.cmd("simple Archive a 3600000 3600000");
+    drop(s);
+    lab.cluster
+        .db_client("res")
+        .execute(
+            "INSERT INTO qrtz_fired_triggers (sched_name, entry_id, trigger_name, trigger_group, instance_name,
+                                              fired_time, sched_time, priority, state, job_name, job_group,
+                                              is_nonconcurrent, requests_recovery)
+             VALUES ('CaseScheduler', 'e-null', 't', 'Billing', 'lab-9', 1764072000000, 1764072000000, 5,
+                     'EXECUTING', NULL, NULL, NULL, NULL)",
+            &[],
+        )
+        .unwrap();
+    let text = std::fs::read_to_string(lab.playbook("0s", ""))
+        .unwrap()
+        .replace(
+            "cache-ttl = \"0s\"",
+            "cache-ttl = \"0s\"\ndrain-timeout = \"1s\"",
+        );
+    let pb = lab.dir.join("null-job.toml");
+    std::fs::write(&pb, text).unwrap();
+    let run = lab.dir.join("run");
+    let out = run_reentry(&[&"apply", &pb, &"--run-dir", &run, &"--apply"]);
+    assert_exit(&out, 2);
+    assert!(
+        stdout(&out).contains("still running after 1s"),
+        "{}\n{}",
+        stdout(&out),
+        crate::common::stderr(&out)
+    );
+    let report = stdout(&run_reentry(&[&"report", &run]));
+    assert!(
+        report.contains("Billing.t (job ?.? on lab-9, fired "),
+        "{report}"
+    );
+    assert_eq!(
+        lab.trigger_state("Billing", "t"),
+        "PAUSED",
+        "the gate stays closed"
+    );
+}

@@ -1360,7 +1360,11 @@ impl Verify {
                     .query(
                         "list Quartz jobs still executing",
                         &format!(
-                            "SELECT trigger_group::text || '.' || trigger_name::text, job_group::text || '.' || job_name::text,
+                            // job_name and job_group may be NULL in
+                            // Quartz's own DDL (a trigger fired for a job
+                            // since deleted).
+                            "SELECT trigger_group::text || '.' || trigger_name::text,
+                                    coalesce(job_group::text, '?') || '.' || coalesce(job_name::text, '?'),
                                     instance_name::text, fired_time
                                FROM {} WHERE sched_name = $1 AND trigger_group = ANY($2) AND state = 'EXECUTING'
                               ORDER BY fired_time",

@@ -144,6 +144,10 @@ pub enum StepError {
     Journal(#[from] std::io::Error),
     #[error("interrupted")]
     Interrupted,
+    /// A defect in reentry: the step stopped where it should not have.
+    /// It is journaled as the step's failure, and `--resume` retries it.
+    #[error("reentry stopped in this step on a defect ({message}); nothing after it ran. Report it; `--resume` runs the step again")]
+    Panicked { message: String },
 }
 
 impl StepError {
