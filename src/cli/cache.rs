@@ -25,19 +25,39 @@ pub enum CacheCommand {
 #[derive(Debug, clap::Args)]
 pub struct InvalidateArgs {
     /// redis:// or rediss:// URL (a password in it is never shown).
-    #[arg(long, env = "REENTRY_REDIS_URL", value_name = "URL")]
+    #[arg(
+        long,
+        env = "REENTRY_REDIS_URL",
+        hide_env_values = true,
+        value_name = "URL"
+    )]
     pub url: String,
     /// A Redis Cluster: every primary, keys routed by hash slot.
     #[arg(long)]
     pub cluster: bool,
     /// With rediss://: the CA that signs the server's certificate (PEM), else the system's.
-    #[arg(long, env = "REENTRY_REDIS_TLS_CA", value_name = "FILE")]
+    #[arg(
+        long,
+        env = "REENTRY_REDIS_TLS_CA",
+        hide_env_values = true,
+        value_name = "FILE"
+    )]
     pub tls_ca: Option<PathBuf>,
     /// With rediss://: a client certificate (PEM), for servers that require one.
-    #[arg(long, env = "REENTRY_REDIS_TLS_CERTIFICATE", value_name = "FILE")]
+    #[arg(
+        long,
+        env = "REENTRY_REDIS_TLS_CERTIFICATE",
+        hide_env_values = true,
+        value_name = "FILE"
+    )]
     pub tls_certificate: Option<PathBuf>,
     /// With rediss://: the client certificate's key (PEM).
-    #[arg(long, env = "REENTRY_REDIS_TLS_KEY", value_name = "FILE")]
+    #[arg(
+        long,
+        env = "REENTRY_REDIS_TLS_KEY",
+        hide_env_values = true,
+        value_name = "FILE"
+    )]
     pub tls_key: Option<PathBuf>,
     /// Unlink the keys matching PATTERN (SCAN MATCH); repeatable.
     #[arg(long, value_name = "PATTERN", conflicts_with_all = ["template", "ids"])]

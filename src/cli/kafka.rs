@@ -21,26 +21,61 @@ use crate::Error;
 #[derive(Debug, clap::Args)]
 pub struct KafkaOpts {
     /// Bootstrap servers, host:port[,host:port…].
-    #[arg(long, env = "REENTRY_KAFKA_BOOTSTRAP", value_name = "SERVERS")]
+    #[arg(
+        long,
+        env = "REENTRY_KAFKA_BOOTSTRAP",
+        hide_env_values = true,
+        value_name = "SERVERS"
+    )]
     pub bootstrap: Option<String>,
     /// PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL.
-    #[arg(long, env = "REENTRY_KAFKA_SECURITY_PROTOCOL", value_name = "PROTOCOL")]
+    #[arg(
+        long,
+        env = "REENTRY_KAFKA_SECURITY_PROTOCOL",
+        hide_env_values = true,
+        value_name = "PROTOCOL"
+    )]
     pub security_protocol: Option<String>,
     /// PLAIN, SCRAM-SHA-256, SCRAM-SHA-512 or OAUTHBEARER.
-    #[arg(long, env = "REENTRY_KAFKA_SASL_MECHANISM", value_name = "MECHANISM")]
+    #[arg(
+        long,
+        env = "REENTRY_KAFKA_SASL_MECHANISM",
+        hide_env_values = true,
+        value_name = "MECHANISM"
+    )]
     pub sasl_mechanism: Option<String>,
     /// The SASL user; its password is read from REENTRY_KAFKA_SASL_PASSWORD.
-    #[arg(long, env = "REENTRY_KAFKA_SASL_USERNAME", value_name = "USER")]
+    #[arg(
+        long,
+        env = "REENTRY_KAFKA_SASL_USERNAME",
+        hide_env_values = true,
+        value_name = "USER"
+    )]
     pub sasl_username: Option<String>,
     /// The CA certificate(s) that sign the brokers' certificates (PEM).
-    #[arg(long, env = "REENTRY_KAFKA_SSL_CA", value_name = "FILE")]
+    #[arg(
+        long,
+        env = "REENTRY_KAFKA_SSL_CA",
+        hide_env_values = true,
+        value_name = "FILE"
+    )]
     pub ssl_ca: Option<String>,
     /// A client certificate (PEM); its key's password is read from
     /// REENTRY_KAFKA_SSL_KEY_PASSWORD.
-    #[arg(long, env = "REENTRY_KAFKA_SSL_CERTIFICATE", value_name = "FILE")]
+    #[arg(
+        long,
+        env = "REENTRY_KAFKA_SSL_CERTIFICATE",
+        hide_env_values = true,
+        value_name = "FILE"
+    )]
     pub ssl_certificate: Option<String>,
     /// The client certificate's private key (PEM).
-    #[arg(long, env = "REENTRY_KAFKA_SSL_KEY", value_name = "FILE")]
+    #[arg(
+        long,
+        env = "REENTRY_KAFKA_SSL_KEY",
+        hide_env_values = true,
+        value_name = "FILE"
+    )]
     pub ssl_key: Option<String>,
     /// Any other librdkafka property, KEY=VALUE (repeat it).
     #[arg(long = "kafka-property", value_name = "KEY=VALUE")]

@@ -39,7 +39,13 @@ pub struct Cli {
 #[derive(Debug, clap::Args)]
 pub struct GlobalOpts {
     /// Repository directory (else REENTRY_REPO, else `repo` in the config file).
-    #[arg(long, global = true, env = "REENTRY_REPO", value_name = "DIR")]
+    #[arg(
+        long,
+        global = true,
+        env = "REENTRY_REPO",
+        hide_env_values = true,
+        value_name = "DIR"
+    )]
     pub repo: Option<PathBuf>,
     /// Config file [default: ./reentry.toml if present].
     #[arg(long, global = true, value_name = "FILE")]
@@ -59,6 +65,7 @@ pub struct GlobalOpts {
         long,
         global = true,
         env = "REENTRY_AGE_RECIPIENTS",
+        hide_env_values = true,
         value_name = "RECIPIENT",
         value_delimiter = ','
     )]
@@ -69,6 +76,7 @@ pub struct GlobalOpts {
         long,
         global = true,
         env = "REENTRY_AGE_IDENTITY_FILE",
+        hide_env_values = true,
         value_name = "FILE"
     )]
     pub identity: Option<PathBuf>,
@@ -132,7 +140,12 @@ pub struct ConnectOpts {
 #[derive(Debug, Clone, clap::Args)]
 pub struct PgBinOpts {
     /// PostgreSQL's bin directory, matching the server's major version [default: PATH].
-    #[arg(long, env = "REENTRY_PG_BIN", value_name = "DIR")]
+    #[arg(
+        long,
+        env = "REENTRY_PG_BIN",
+        hide_env_values = true,
+        value_name = "DIR"
+    )]
     pub pg_bin: Option<PathBuf>,
 }
 
@@ -368,5 +381,31 @@ impl crate::progress::Progress for Bar {
 
     fn finish(&self) {
         self.0.finish_and_clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::Cli;
+
+    /// clap prints `[env: NAME=value]` in `--help` unless told not to, and
+    /// these variables carry passwords (a Redis URL) or say where keys are.
+    #[test]
+    fn every_environment_backed_option_hides_its_value_in_help() {
+        fn walk(cmd: &clap::Command, path: &str, bad: &mut Vec<String>) {
+            for arg in cmd.get_arguments() {
+                if arg.get_env().is_some() && !arg.is_hide_env_values_set() {
+                    bad.push(format!("{path} --{}", arg.get_id()));
+                }
+            }
+            for sub in cmd.get_subcommands() {
+                walk(sub, &format!("{path} {}", sub.get_name()), bad);
+            }
+        }
+        let mut bad = Vec::new();
+        walk(&Cli::command(), "reentry", &mut bad);
+        assert!(bad.is_empty(), "env options that show their value: {bad:?}");
     }
 }

@@ -101,9 +101,10 @@ pub fn config(conninfo: Option<&str>) -> Result<(Config, Tls), PgError> {
     };
     let tls = Tls::resolve(&ssl).map_err(PgError::BadConninfo)?;
     let mut c = match conninfo {
-        Some(_) => rest
-            .parse::<Config>()
-            .map_err(|e| PgError::BadConninfo(e.to_string()))?,
+        Some(_) => rest.parse::<Config>().map_err(|e| {
+            let cause = std::error::Error::source(&e).map(|c| c.to_string());
+            PgError::BadConninfo(parse_failure(&cause.unwrap_or_default()))
+        })?,
         None => Config::new(),
     };
     c.ssl_mode(tls.wire());
@@ -148,6 +149,44 @@ pub fn config(conninfo: Option<&str>) -> Result<(Config, Tls), PgError> {
     Ok((c, tls))
 }
 
+/// Keys tokio-postgres knows, which an error may name: anything else it
+/// quotes may be a fragment of a value (`password=x y=z` gives "unknown
+/// option `y`").
+const KNOWN_KEYS: &[&str] = &[
+    "user",
+    "password",
+    "dbname",
+    "options",
+    "application_name",
+    "sslmode",
+    "sslnegotiation",
+    "host",
+    "hostaddr",
+    "port",
+    "connect_timeout",
+    "tcp_user_timeout",
+    "keepalives",
+    "keepalives_idle",
+    "keepalives_interval",
+    "keepalives_retries",
+    "target_session_attrs",
+    "channel_binding",
+    "load_balance_hosts",
+    "replication",
+];
+
+/// The parser's complaint without the conninfo's text: its errors quote
+/// what they could not read, which can be part of a password.
+fn parse_failure(error: &str) -> String {
+    let named = error.split('`').nth(1).filter(|k| KNOWN_KEYS.contains(k));
+    let hint = "check its keys and quote values with spaces ('…', with \\ and ' escaped); \
+                the text is not shown as it may hold a password";
+    match named {
+        Some(k) => format!("the value of `{k}` is not valid; {hint}"),
+        None => format!("it cannot be parsed; {hint}"),
+    }
+}
+
 /// Splits the password out of a libpq connection string (key/value or
 /// URL), so that a child process gets it through `PGPASSWORD` rather
 /// than its command line, which every local user can read.
@@ -159,15 +198,22 @@ pub fn split_password(conninfo: &str) -> (String, Option<String>) {
     {
         let scheme = &s[..s.len() - rest.len()];
         let (authority, tail) = rest.split_at(rest.find(['/', '?']).unwrap_or(rest.len()));
-        if let Some((userinfo, host)) = authority.rsplit_once('@') {
-            if let Some((user, password)) = userinfo.split_once(':') {
-                return (
+        let (url, mut password) = match authority.rsplit_once('@') {
+            Some((userinfo, host)) => match userinfo.split_once(':') {
+                Some((user, pw)) => (
                     format!("{scheme}{user}@{host}{tail}"),
-                    Some(password.to_owned()),
-                );
-            }
+                    Some(percent_decode(pw)),
+                ),
+                None => (s.to_owned(), None),
+            },
+            None => (s.to_owned(), None),
+        };
+        // libpq reads the query after the userinfo: its password wins.
+        let (url, mut found) = split_keys(&url, &["password"]);
+        if let Some((_, p)) = found.pop() {
+            password = Some(p);
         }
-        return (s.to_owned(), None);
+        return (url, password);
     }
     let (kept, mut found) = split_keys(s, &["password"]);
     (kept, found.pop().map(|(_, v)| v))
@@ -284,8 +330,18 @@ pub fn split_keys(conninfo: &str, keys: &[&str]) -> (String, Vec<(String, String
                 }
             }
         } else {
-            raw = std::iter::from_fn(|| chars.next_if(|c| !c.is_whitespace())).collect();
-            value = raw.clone();
+            // Unquoted, `\x` is `x` (an escaped space does not end it).
+            while let Some(c) = chars.next_if(|c| !c.is_whitespace()) {
+                raw.push(c);
+                if c == '\\' {
+                    if let Some(n) = chars.next() {
+                        raw.push(n);
+                        value.push(n);
+                    }
+                } else {
+                    value.push(c);
+                }
+            }
         }
         if keys.contains(&key.as_str()) {
             found.push((key, value));
@@ -600,6 +656,9 @@ mod tests {
             u.conninfo,
             "postgresql://app@db/x?sslmode=require&service=reentry"
         );
+        let q = ToolConn::new("postgresql://app@db/x?password=pw&sslpassword=kp").unwrap();
+        assert_eq!(q.conninfo, "postgresql://app@db/x?service=reentry");
+        assert_eq!(q.env[0], ("PGPASSWORD", "pw".to_owned()));
         let file = u.env[1].1.clone();
         drop(u);
         assert!(!std::path::Path::new(&file).exists(), "removed once done");
@@ -625,10 +684,46 @@ mod tests {
                 Some("s3cret"),
             ),
             ("postgres://app@db/x", "postgres://app@db/x", None),
+            (
+                "postgresql://app@db/x?sslmode=require&password=s%203&application_name=a",
+                "postgresql://app@db/x?sslmode=require&application_name=a",
+                Some("s 3"),
+            ),
+            (
+                "postgresql://app:p%40ss@db/x",
+                "postgresql://app@db/x",
+                Some("p@ss"),
+            ),
+            (
+                "host=db password=a\\ b\\'c user=a",
+                "host=db user=a",
+                Some("a b'c"),
+            ),
         ];
         for (input, kept, password) in cases {
             let (k, p) = split_password(input);
             assert_eq!((k.as_str(), p.as_deref()), (kept, password), "{input}");
+        }
+    }
+
+    #[test]
+    fn a_conninfo_that_does_not_parse_is_never_quoted_back() {
+        for (conninfo, names) in [
+            ("host=h password=x y=z", None),
+            ("host=h port=s3cr3t", Some("port")),
+            ("host=h password='s3cr3t", None),
+        ] {
+            let e = config(Some(conninfo)).unwrap_err().to_string();
+            assert!(e.starts_with("invalid connection string: "), "{e}");
+            for fragment in ["x", "y", "z", "s3cr3t"] {
+                assert!(
+                    !e.contains(&format!("`{fragment}`")) && !e.contains("s3cr3t"),
+                    "{e}"
+                );
+            }
+            if let Some(k) = names {
+                assert!(e.contains(&format!("`{k}`")), "{e}");
+            }
         }
     }
 }

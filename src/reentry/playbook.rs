@@ -129,6 +129,111 @@ impl Serialize for Interpolated {
     }
 }
 
+/// A database's conninfo: `${VAR}` values are quoted for where they land,
+/// so that a password such as `x y=z` stays one value instead of becoming
+/// more keys (and an error quoting a fragment of it). In a key/value
+/// conninfo a value is single-quoted (`\` and `'` escaped), or
+/// backslash-escaped inside a longer value; in a `postgres://` URL it is
+/// percent-encoded. A variable that starts the conninfo is conninfo text
+/// itself (`${DATABASE_URL}`) and is used as it is.
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(from = "String")]
+pub struct Conninfo(Interpolated);
+
+impl From<String> for Conninfo {
+    fn from(template: String) -> Conninfo {
+        let url = ["postgresql://", "postgres://"]
+            .iter()
+            .any(|p| template.trim_start().starts_with(p));
+        let value = schema::interpolate_with(&template, |before, after, v| {
+            if before.trim().is_empty() {
+                v.to_owned()
+            } else if url {
+                percent_encode(v)
+            } else {
+                conninfo_quote(before, after, v)
+            }
+        })
+        .ok();
+        Conninfo(Interpolated { template, value })
+    }
+}
+
+impl std::ops::Deref for Conninfo {
+    type Target = Interpolated;
+    fn deref(&self) -> &Interpolated {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Conninfo {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&self.0, f)
+    }
+}
+
+impl fmt::Display for Conninfo {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(&self.0, f)
+    }
+}
+
+impl Serialize for Conninfo {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.0.serialize(s)
+    }
+}
+
+/// `v` written into a key/value conninfo after `before`, followed by
+/// `after`: escaped within a quoted value, quoted when it is a whole value,
+/// backslash-escaped when it is part of an unquoted one (libpq and
+/// tokio-postgres both take `\x` as `x` there).
+fn conninfo_quote(before: &str, after: &str, v: &str) -> String {
+    let mut quoted = false;
+    let mut chars = before.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' => {
+                chars.next();
+            }
+            '\'' => quoted = !quoted,
+            _ => {}
+        }
+    }
+    let escape = |extra: fn(char) -> bool| {
+        let mut out = String::with_capacity(v.len() + 2);
+        for c in v.chars() {
+            if c == '\\' || c == '\'' || extra(c) {
+                out.push('\\');
+            }
+            out.push(c);
+        }
+        out
+    };
+    let whole =
+        before.trim_end().ends_with('=') && after.chars().next().is_none_or(char::is_whitespace);
+    if quoted {
+        escape(|_| false)
+    } else if whole {
+        format!("'{}'", escape(|_| false))
+    } else {
+        escape(char::is_whitespace)
+    }
+}
+
+/// Percent-encodes all but RFC 3986's unreserved characters.
+fn percent_encode(v: &str) -> String {
+    let mut out = String::with_capacity(v.len());
+    for b in v.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum WayBack {
@@ -155,7 +260,7 @@ section! {
 
 section! {
     pub struct Database {
-        pub conninfo: Interpolated => req("conninfo", Kind::Interp),
+        pub conninfo: Conninfo => req("conninfo", Kind::Interp),
     }
 }
 
@@ -831,5 +936,47 @@ databases = ["current", "restored"]
         assert_eq!(pw.expose(), REFERENCE_SECRET);
         let json = serde_json::to_string(&p).unwrap();
         assert!(!json.contains(REFERENCE_SECRET) && json.contains("${KAFKA_PASSWORD}"));
+    }
+    #[test]
+    fn conninfo_variables_are_quoted_for_where_they_land() {
+        let pw = "REENTRY_TEST_CONNINFO_PW";
+        std::env::set_var(pw, "x y='z\\");
+        let c = |t: &str| Conninfo::from(t.to_owned()).expose().to_owned();
+        assert_eq!(
+            c("host=h password=${REENTRY_TEST_CONNINFO_PW}"),
+            r"host=h password='x y=\'z\\'"
+        );
+        assert_eq!(
+            c("password='${REENTRY_TEST_CONNINFO_PW}' host=h"),
+            r"password='x y=\'z\\' host=h"
+        );
+        assert_eq!(
+            c("password=a${REENTRY_TEST_CONNINFO_PW} host=h"),
+            r"password=ax\ y=\'z\\ host=h"
+        );
+        assert_eq!(
+            c("postgresql://u:${REENTRY_TEST_CONNINFO_PW}@h/db"),
+            "postgresql://u:x%20y%3D%27z%5C@h/db"
+        );
+        std::env::set_var("REENTRY_TEST_CONNINFO_WHOLE", "host=h dbname=d");
+        assert_eq!(
+            c("${REENTRY_TEST_CONNINFO_WHOLE} user=u"),
+            "host=h dbname=d user=u"
+        );
+        // What tokio-postgres (and libpq, by the same rules) reads back.
+        for t in [
+            "host=h password=${REENTRY_TEST_CONNINFO_PW}",
+            "host=h password='${REENTRY_TEST_CONNINFO_PW}'",
+            "postgresql://u:${REENTRY_TEST_CONNINFO_PW}@h/db",
+        ] {
+            let cfg: tokio_postgres::Config = c(t).parse().unwrap();
+            assert_eq!(cfg.get_password(), Some(&b"x y='z\\"[..]), "{t}");
+        }
+        assert_eq!(
+            crate::pg::conn::split_password(&c("host=h password=a${REENTRY_TEST_CONNINFO_PW}"))
+                .1
+                .as_deref(),
+            Some("ax y='z\\")
+        );
     }
 }

@@ -291,6 +291,15 @@ pub enum InterpError {
 
 /// Expands `${NAME}` from the environment; `$$` stands for `$`.
 pub fn interpolate(s: &str) -> Result<String, InterpError> {
+    interpolate_with(s, |_, _, value| value.to_owned())
+}
+
+/// Expands `${NAME}` as `interpolate` does, each value written as
+/// `escape(expanded so far, template after the variable, value)` returns.
+pub fn interpolate_with(
+    s: &str,
+    mut escape: impl FnMut(&str, &str, &str) -> String,
+) -> Result<String, InterpError> {
     let mut out = String::with_capacity(s.len());
     let mut rest = s;
     while let Some(i) = rest.find('$') {
@@ -310,8 +319,9 @@ pub fn interpolate(s: &str) -> Result<String, InterpError> {
                 )));
             }
             let value = std::env::var(name).map_err(|_| InterpError::Unset(name.to_owned()))?;
-            out.push_str(&value);
             rest = &tail[end + 1..];
+            let escaped = escape(&out, rest, &value);
+            out.push_str(&escaped);
         } else {
             return Err(InterpError::Syntax(
                 "a `$` must start `${NAME}` (write `$$` for a dollar sign)".into(),

@@ -130,18 +130,22 @@ impl Cloud {
 /// An error's text as it may be shown: object_store's messages name the
 /// URL and the request, never the secret key, but a pre-signed query, a
 /// SAS or an echoed header could; anything after a credential-looking
-/// field is cut.
+/// field is cut. Markers match in any case (HTTP header and query names
+/// are written every way).
 pub(super) fn redact(s: &str) -> String {
-    const MARKERS: [&str; 7] = [
-        "X-Amz-Signature",
-        "X-Amz-Credential",
-        "Authorization",
+    const MARKERS: [&str; 8] = [
+        "x-amz-signature",
+        "x-amz-credential",
+        "x-amz-security-token",
+        "authorization",
         "secret",
         "sig=",
-        "SharedKey",
-        "Bearer",
+        "sharedkey",
+        "bearer",
     ];
-    match MARKERS.iter().filter_map(|m| s.find(m)).min() {
+    // ASCII lowercasing keeps every byte offset.
+    let lower = s.to_ascii_lowercase();
+    match MARKERS.iter().filter_map(|m| lower.find(m)).min() {
         Some(i) => format!("{}[redacted]", &s[..i]),
         None => s.to_owned(),
     }
@@ -250,6 +254,20 @@ impl Store for Cloud {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn redaction_finds_credentials_in_any_case_and_session_tokens() {
+        for text in [
+            "GET /b/k?x-amz-signature=abc123",
+            "GET /b/k?X-Amz-Security-Token=abc123",
+            "header AUTHORIZATION: abc123",
+            "header authorization: bearer abc123",
+        ] {
+            let r = redact(text);
+            assert!(!r.contains("abc123") && r.ends_with("[redacted]"), "{r}");
+        }
+        assert_eq!(redact("GET /b/k: 404"), "GET /b/k: 404");
+    }
 
     #[test]
     fn credentials_in_error_text_are_cut() {

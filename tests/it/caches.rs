@@ -620,3 +620,45 @@ fn a_pattern_scan_on_a_fresh_server_tunes_count_from_the_servers_own_stats() {
     let scans = stat("scan");
     assert!(scans < 1_000, "{scans} SCAN calls for 40,000 keys");
 }
+
+/// `--help` shows which variable feeds each option but never its value: a
+/// Redis URL carries its password, a Kafka user or a key path is not for
+/// whoever reads a pasted help text.
+#[test]
+fn help_never_shows_the_values_of_environment_variables() {
+    for (cmd, var, value) in [
+        (
+            &["cache", "invalidate", "--help"][..],
+            "REENTRY_REDIS_URL",
+            "redis://:s3cr3t@h:1",
+        ),
+        (
+            &["cache", "invalidate", "--help"][..],
+            "REENTRY_REDIS_TLS_KEY",
+            "/s3cr3t/key.pem",
+        ),
+        (
+            &["kafka", "group", "--help"][..],
+            "REENTRY_KAFKA_SASL_USERNAME",
+            "s3cr3t-user",
+        ),
+        (
+            &["backup", "--help"][..],
+            "REENTRY_AGE_IDENTITY_FILE",
+            "/s3cr3t/id",
+        ),
+    ] {
+        let out = Command::new(reentry_bin())
+            .args(cmd)
+            .env(var, value)
+            .output()
+            .unwrap();
+        assert_exit(&out, 0);
+        let text = stdout(&out);
+        assert!(text.contains(var), "{cmd:?} names {var}:\n{text}");
+        assert!(
+            !text.contains("s3cr3t"),
+            "{cmd:?} shows {var}'s value:\n{text}"
+        );
+    }
+}

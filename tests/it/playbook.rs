@@ -247,3 +247,51 @@ fn a_command_given_a_playbook_without_the_section_it_needs_says_where_with_exit_
         stderr(&out)
     );
 }
+
+/// A `${VAR}` password with a space and `=` in a conninfo is one value: the
+/// role that has it connects, and a wrong one is refused without any piece
+/// of it in the error (unquoted, `x y=z` read as `password=x` and an
+/// unknown option `y`, which the error quoted).
+#[test]
+fn a_conninfo_password_from_the_environment_is_quoted_and_never_echoed() {
+    let mut c = Cluster::init(Version::V18);
+    let hba = c.data().join("pg_hba.conf");
+    let rules = std::fs::read_to_string(&hba).unwrap();
+    std::fs::write(
+        &hba,
+        format!("host all pw_role 127.0.0.1/32 scram-sha-256\n{rules}"),
+    )
+    .unwrap();
+    c.start();
+    c.client()
+        .batch_execute("CREATE ROLE pw_role LOGIN PASSWORD 'x y=z'")
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("pw.toml");
+    let conninfo = format!(
+        "host=127.0.0.1 port={} user=pw_role dbname=postgres password=${{DB_PW}}",
+        c.port
+    );
+    std::fs::write(
+        &path,
+        format!("[playbook]\nname = \"pw\"\nway-back = \"cutover\"\n[databases.current]\nconninfo = \"{conninfo}\"\n[databases.restored]\nconninfo = \"{conninfo}\"\n[recovery-target]\ntime = \"2026-11-25 12:00:00+00\"\n[gates]\nreopen-order = []\n"),
+    )
+    .unwrap();
+    let run = |pw: &str| {
+        Command::new(reentry_bin())
+            .args(["playbook", "check"])
+            .arg(&path)
+            .env("DB_PW", pw)
+            .output()
+            .unwrap()
+    };
+    let out = run("x y=z");
+    assert_exit(&out, 0);
+
+    let out = run("wr0ng k3y=v4l");
+    let text = format!("{}{}", stdout(&out), stderr(&out));
+    assert!(text.contains("password authentication failed"), "{text}");
+    for fragment in ["wr0ng", "k3y", "v4l"] {
+        assert!(!text.contains(fragment), "`{fragment}` leaked: {text}");
+    }
+}

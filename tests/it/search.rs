@@ -828,3 +828,68 @@ fn rejections_with_429_are_retried_until_the_step_completes_with_the_right_count
         .unwrap()
         .ends_with("(after T)"));
 }
+
+/// A hook gets PATH, HOME, LANG and what reentry gives it, not reentry's
+/// credentials; a secret the playbook uses that it is handed on purpose
+/// (`hook-env`) and prints is `<redacted>` in the journal and the report.
+#[test]
+fn a_rebuild_hook_gets_no_credentials_and_its_output_is_redacted() {
+    let w = CacheWorld::new("search-hook-env");
+    let url = crate::common::search::search_url();
+    let pb = w.playbook(&search_toml(
+        &url,
+        "hooked",
+        "cases",
+        "strategy = \"rebuild-hook\"\napi-key = \"${HOOK_SEARCH_KEY}\"\nhook-env = [\"HOOK_SEARCH_KEY\"]\nrebuild-hook = \"env; echo key=$HOOK_SEARCH_KEY\"",
+    ));
+    let run = w.dir.join("run");
+    let out = apply_cmd(&pb, &run, &[])
+        .env("AWS_SECRET_ACCESS_KEY", "aws-s3cr3t-hook-test")
+        .env("HOOK_SEARCH_KEY", "search-s3cr3t-hook-test")
+        .output()
+        .unwrap();
+    assert_exit(&out, 0);
+    let e = done_effect(&run, "search-hook:hooked");
+    let output = e["detail"]["output"].as_str().unwrap();
+    assert!(output.contains("REENTRY_SEARCH_INDEX=cases"), "{output}");
+    assert!(output.contains("key=<redacted>"), "{output}");
+    assert!(!output.contains("AWS_SECRET_ACCESS_KEY"), "{output}");
+    let report = reentry(&[&"report", &run]);
+    let mut shown = format!("{}{}{}", stdout(&out), stderr(&out), stdout(&report));
+    for f in std::fs::read_dir(&run).unwrap().flatten() {
+        if f.path().is_file() {
+            shown.push_str(&String::from_utf8_lossy(&std::fs::read(f.path()).unwrap()));
+        }
+    }
+    for secret in ["aws-s3cr3t-hook-test", "search-s3cr3t-hook-test"] {
+        assert!(!shown.contains(secret), "{secret} leaked");
+    }
+}
+
+/// A hook that outlives `hook-timeout` fails the step, and goes with every
+/// process it started.
+#[test]
+fn a_rebuild_hook_past_its_timeout_is_killed_with_its_children() {
+    let w = CacheWorld::new("search-hook-timeout");
+    let url = crate::common::search::search_url();
+    let pb = w.playbook(&search_toml(
+        &url,
+        "hooked",
+        "cases",
+        "strategy = \"rebuild-hook\"\nhook-timeout = \"2s\"\nrebuild-hook = \"sleep 4711.5; echo woke\"",
+    ));
+    let started = std::time::Instant::now();
+    let out = apply_cmd(&pb, &w.dir.join("run"), &[]).output().unwrap();
+    assert!(started.elapsed() < std::time::Duration::from_secs(60));
+    assert_ne!(out.status.code(), Some(0));
+    let said = format!("{}{}", stdout(&out), stderr(&out));
+    assert!(
+        said.contains("the rebuild hook of hooked ran longer than 2s and was killed"),
+        "{said}"
+    );
+    let left = std::process::Command::new("pgrep")
+        .args(["-f", "sleep 4711.5"])
+        .output()
+        .unwrap();
+    assert!(left.stdout.is_empty(), "still running: {}", stdout(&left));
+}

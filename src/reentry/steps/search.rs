@@ -70,6 +70,11 @@ const IN_FLIGHT: usize = 2;
 const JOURNAL_EVERY: Duration = Duration::from_secs(1);
 /// Hook output kept in the journal.
 const HOOK_OUTPUT: usize = 4096;
+/// How long a rebuild hook may run unless `hook-timeout` says otherwise.
+const HOOK_TIMEOUT: Duration = Duration::from_secs(600);
+/// What a hook inherits from reentry's environment besides `hook-env`:
+/// nothing that holds a credential.
+const HOOK_ENV: &[&str] = &["PATH", "HOME", "LANG", "LC_ALL", "TZ"];
 
 section! {
     /// One `[[search]]` table.
@@ -92,6 +97,8 @@ section! {
         pub documents: Option<String> => opt("documents", Kind::Str),
         pub database: Option<String> => opt("database", Kind::Str),
         pub rebuild_hook: Option<String> => opt("rebuild-hook", Kind::Str),
+        pub hook_timeout: Option<String> => opt("hook-timeout", Kind::Duration),
+        pub hook_env: Option<Vec<String>> => opt("hook-env", Kind::Strs),
         pub batch_size: Option<i64> => opt("batch-size", Kind::Int),
         pub requests_per_second: Option<i64> => opt("requests-per-second", Kind::Int),
     }
@@ -183,6 +190,12 @@ pub enum Strategy {
     Hook {
         command: String,
         t_ms: Option<i64>,
+        /// Milliseconds; a plan from before the key runs with the default.
+        #[serde(default)]
+        timeout_ms: Option<u64>,
+        /// Variables of reentry's environment the hook also gets.
+        #[serde(default)]
+        env: Vec<String>,
     },
 }
 
@@ -857,13 +870,20 @@ impl SearchStep {
         ))
     }
 
+    /// Runs the hook with a cleared environment (`HOOK_ENV`, `hook-env`
+    /// and the `REENTRY_*` it is given), in its own process group, killed
+    /// whole at `timeout`; its output is journaled with every secret the
+    /// playbook uses replaced by `<redacted>`.
     fn apply_hook(
         &self,
         env: &mut Env,
         rec: &mut Recorder,
         command: &str,
         t_ms: Option<i64>,
+        timeout: Duration,
+        names: &[String],
     ) -> Result<Effect, StepError> {
+        use std::os::unix::process::CommandExt;
         let dir = env
             .playbook
             .file
@@ -879,17 +899,61 @@ impl SearchStep {
             } else {
                 dir
             })
-            .env("REENTRY_SEARCH_INDEX", &self.target.index)
+            .env_clear()
+            .process_group(0)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        for name in HOOK_ENV
+            .iter()
+            .copied()
+            .chain(names.iter().map(String::as_str))
+        {
+            if let Some(v) = std::env::var_os(name) {
+                cmd.env(name, v);
+            }
+        }
+        cmd.env("REENTRY_SEARCH_INDEX", &self.target.index)
             .env("REENTRY_RUN_ID", &env.run_id);
         if let Some(t) = t_ms {
             cmd.env("REENTRY_T", crate::reentry::plan::rfc3339_ms(t));
         }
-        let out = cmd.output().map_err(|source| StepError::Io {
+        let io = |source| StepError::Io {
             what: "run the rebuild hook",
             source,
-        })?;
-        let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
-        text.push_str(&String::from_utf8_lossy(&out.stderr));
+        };
+        let mut child = cmd.spawn().map_err(io)?;
+        let read = |r: Option<Box<dyn std::io::Read + Send>>| {
+            std::thread::spawn(move || {
+                let mut buf = Vec::new();
+                if let Some(mut r) = r {
+                    let _ = r.read_to_end(&mut buf);
+                }
+                buf
+            })
+        };
+        let stdout = read(child.stdout.take().map(|r| Box::new(r) as _));
+        let stderr = read(child.stderr.take().map(|r| Box::new(r) as _));
+        let started = std::time::Instant::now();
+        let status = loop {
+            if let Some(status) = child.try_wait().map_err(io)? {
+                break Some(status);
+            }
+            if started.elapsed() >= timeout {
+                break None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        if status.is_none() {
+            // The whole group: `sh -c` and whatever it started.
+            let _ = std::process::Command::new("kill")
+                .args(["-KILL", "--", &format!("-{}", child.id())])
+                .status();
+            let _ = child.wait();
+        }
+        let mut text = String::from_utf8_lossy(&stdout.join().unwrap_or_default()).into_owned();
+        text.push_str(&String::from_utf8_lossy(&stderr.join().unwrap_or_default()));
+        let mut text = redact(&text, &secrets(env.playbook));
         if text.len() > HOOK_OUTPUT {
             let cut = (0..=HOOK_OUTPUT)
                 .rev()
@@ -899,14 +963,25 @@ impl SearchStep {
             text.push_str("\n[output cut]");
         }
         let mut d = self.detail();
-        d.exit_code = out.status.code();
         d.output = Some(text.clone());
-        if !out.status.success() {
+        let Some(status) = status else {
+            return Err(StepError::Check {
+                message: format!(
+                    "the rebuild hook of {} ran longer than {} and was killed with its child processes; \
+                     raise hook-timeout in [[search]] if it needs longer",
+                    self.target.search,
+                    humantime::format_duration(timeout)
+                ),
+                findings: text.lines().map(str::to_owned).collect(),
+            });
+        };
+        d.exit_code = status.code();
+        if !status.success() {
             return Err(StepError::Check {
                 message: format!(
                     "the rebuild hook of {} exited {}: {}",
                     self.target.search,
-                    out.status
+                    status
                         .code()
                         .map_or("on a signal".into(), |c| c.to_string()),
                     text.lines().last().unwrap_or("")
@@ -920,6 +995,50 @@ impl SearchStep {
             d,
         ))
     }
+}
+
+/// Values a hook's output must not carry into the journal: every
+/// `${VAR}` the playbook uses, and any variable of reentry's environment
+/// whose name says it is a credential.
+fn secrets(p: &Playbook) -> Vec<String> {
+    let shown = serde_json::to_string(p).unwrap_or_default();
+    let mut names: Vec<String> = shown
+        .split("${")
+        .skip(1)
+        .filter_map(|s| s.split_once('}').map(|(n, _)| n.to_owned()))
+        .collect();
+    for name in std::env::vars_os().filter_map(|(n, _)| n.into_string().ok()) {
+        let upper = name.to_ascii_uppercase();
+        if [
+            "PASSWORD",
+            "SECRET",
+            "TOKEN",
+            "KEY",
+            "CREDENTIAL",
+            "_URL",
+            "CONNINFO",
+        ]
+        .iter()
+        .any(|w| upper.contains(w))
+        {
+            names.push(name);
+        }
+    }
+    let mut values: Vec<String> = names
+        .iter()
+        .filter_map(|n| std::env::var(n).ok())
+        .filter(|v| v.len() >= 4)
+        .collect();
+    // Longest first, so that a secret containing another goes whole.
+    values.sort_by_key(|v| std::cmp::Reverse(v.len()));
+    values.dedup();
+    values
+}
+
+fn redact(text: &str, secrets: &[String]) -> String {
+    secrets
+        .iter()
+        .fold(text.to_owned(), |t, s| t.replace(s.as_str(), "<redacted>"))
 }
 
 /// How many of `ids` a search finds, 10,000 ids a request: an `ids` query
@@ -1067,7 +1186,15 @@ impl Step for SearchStep {
                 let s = self.target.connect()?;
                 self.apply_rebuild(env, &s, rec, documents, database, *batch_size)
             }
-            Strategy::Hook { command, t_ms } => self.apply_hook(env, rec, command, *t_ms),
+            Strategy::Hook {
+                command,
+                t_ms,
+                timeout_ms,
+                env: names,
+            } => {
+                let timeout = timeout_ms.map_or(HOOK_TIMEOUT, Duration::from_millis);
+                self.apply_hook(env, rec, command, *t_ms, timeout, names)
+            }
         }
     }
 }
@@ -1146,6 +1273,12 @@ fn plan(p: &Playbook, ctx: &PlanCtx) -> Vec<PlannedStep> {
                     Strategy::Hook {
                         command: s.rebuild_hook.clone().unwrap_or_default(),
                         t_ms: ctx.t_ms,
+                        timeout_ms: s
+                            .hook_timeout
+                            .as_deref()
+                            .and_then(|t| humantime::parse_duration(t).ok())
+                            .map(|d| d.as_millis() as u64),
+                        env: s.hook_env.clone().unwrap_or_default(),
                     },
                     format!("run the rebuild hook of {}", s.index),
                 ),
@@ -1341,6 +1474,15 @@ mod tests {
         assert_eq!(
             after_t("at", Some(1_700_000_000_000)).unwrap(),
             json!({ "range": { "at": { "gt": 1_700_000_000_000i64, "format": "epoch_millis" } } })
+        );
+    }
+
+    #[test]
+    fn hook_output_loses_every_secret_longest_first() {
+        let secrets = vec!["pw-long-one".to_owned(), "pw-long".to_owned()];
+        assert_eq!(
+            super::redact("a pw-long-one b pw-long c", &secrets),
+            "a <redacted> b <redacted> c"
         );
     }
 }
