@@ -1,6 +1,8 @@
 -- The backup catalog, mirrored from the repository by
 -- `reentry backup list --sync-catalog CONNINFO`. The repository is the
--- source of truth: rows of backups no longer in it are deleted.
+-- source of truth for its own rows (those whose storage_uri points into
+-- it): rows of its backups no longer in it are deleted; other
+-- repositories' rows are left alone.
 CREATE TABLE IF NOT EXISTS backup_catalog (
     backup_id text PRIMARY KEY,
     cluster_name text NOT NULL,

@@ -31,6 +31,8 @@ pub enum CryptError {
         #[source]
         source: std::io::Error,
     },
+    #[error("the identity file {} is readable by others (mode {mode:04o}): run `chmod 600 {}`; a private key must be the owner's alone", path.display(), path.display())]
+    IdentityExposed { path: PathBuf, mode: u32 },
     #[error("{}: line {line} is not an age X25519 identity (AGE-SECRET-KEY-1…)", path.display())]
     BadIdentity { path: PathBuf, line: usize },
     #[error("{} holds no identity", path.display())]
@@ -225,13 +227,22 @@ impl Identities {
     /// Reads an age identity file: one `AGE-SECRET-KEY-1…` per line,
     /// `#` comments and blank lines allowed, as `age-keygen` writes it.
     pub fn from_file(path: &Path) -> Result<Identities, CryptError> {
-        let mut text = String::new();
-        std::fs::File::open(path)
-            .and_then(|mut f| f.read_to_string(&mut text))
-            .map_err(|source| CryptError::IdentityFile {
+        use std::os::unix::fs::PermissionsExt;
+        let read_err = |source| CryptError::IdentityFile {
+            path: path.to_owned(),
+            source,
+        };
+        let mut file = std::fs::File::open(path).map_err(read_err)?;
+        // As ssh does with its keys: a secret others can read is refused.
+        let mode = file.metadata().map_err(read_err)?.permissions().mode() & 0o7777;
+        if mode & 0o077 != 0 {
+            return Err(CryptError::IdentityExposed {
                 path: path.to_owned(),
-                source,
-            })?;
+                mode,
+            });
+        }
+        let mut text = String::new();
+        file.read_to_string(&mut text).map_err(read_err)?;
         let mut keys = Vec::new();
         for (n, line) in text.lines().enumerate() {
             let line = line.trim();
@@ -320,6 +331,8 @@ mod tests {
                 })
                 .collect();
             std::fs::write(&p, format!("# created: now\n{}\n", text.join("\n"))).unwrap();
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
             p
         };
         let only_b = Identities::from_file(&file("b", &[&b])).unwrap();

@@ -37,6 +37,44 @@ pub fn create_dir_all_durable(dir: &Path) -> io::Result<()> {
     }
 }
 
+/// Creates `dir` and any missing parents, the ones it creates 0700
+/// whatever the umask: what goes in them is the operator's alone.
+pub fn create_private_dir_all(dir: &Path) -> io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+}
+
+/// Creates the directory `path` (which must not exist) 0700: scratch
+/// space may hold decrypted data.
+fn private_dir(path: &Path) -> io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    fs::DirBuilder::new().mode(0o700).create(path)
+}
+
+/// Creates `path` (which must not exist) 0600 with `bytes`, durably.
+pub fn write_private_new(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    use std::io::Write;
+    let mut f = private_options().create_new(true).open(path)?;
+    f.write_all(bytes)?;
+    f.sync_all()
+}
+
+/// Opens `path` for appending, creating it 0600 if it is new.
+pub fn open_private_append(path: &Path) -> io::Result<File> {
+    private_options().create(true).append(true).open(path)
+}
+
+/// Write-only options that create files 0600 whatever the umask.
+pub fn private_options() -> fs::OpenOptions {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut o = fs::OpenOptions::new();
+    o.write(true).mode(0o600);
+    o
+}
+
 /// A name beside `target` that no other process or thread will pick.
 pub fn temp_path_beside(target: &Path) -> PathBuf {
     static SEQ: AtomicU32 = AtomicU32::new(0);
@@ -93,10 +131,25 @@ impl Drop for TempGuard {
 /// Replaces `target` with `bytes` atomically and durably: readers see the
 /// old content or the new, never a mix.
 pub fn write_atomic(target: &Path, bytes: &[u8]) -> io::Result<()> {
+    write_atomic_as(target, bytes, |p| File::create_new(p))
+}
+
+/// `write_atomic`, the file 0600 whatever the umask: plans, reports.
+pub fn write_atomic_private(target: &Path, bytes: &[u8]) -> io::Result<()> {
+    write_atomic_as(target, bytes, |p| {
+        private_options().create_new(true).open(p)
+    })
+}
+
+fn write_atomic_as(
+    target: &Path,
+    bytes: &[u8],
+    create: impl FnOnce(&Path) -> io::Result<File>,
+) -> io::Result<()> {
     use std::io::Write;
     let tmp = temp_path_beside(target);
     let _guard = TempGuard(Some(tmp.clone()));
-    let mut f = File::create_new(&tmp)?;
+    let mut f = create(&tmp)?;
     f.write_all(bytes)?;
     f.sync_all()?;
     fs::rename(&tmp, target)?;
@@ -130,7 +183,7 @@ pub struct ScratchDir(PathBuf);
 impl ScratchDir {
     pub fn new(label: &str) -> io::Result<ScratchDir> {
         let path = temp_path_beside(&std::env::temp_dir().join(label));
-        fs::create_dir(&path)?;
+        private_dir(&path)?;
         Ok(ScratchDir(path))
     }
 
@@ -138,7 +191,7 @@ impl ScratchDir {
     /// on its way there.
     pub fn beside(path: &Path) -> io::Result<ScratchDir> {
         let path = temp_path_beside(path);
-        fs::create_dir(&path)?;
+        private_dir(&path)?;
         Ok(ScratchDir(path))
     }
 

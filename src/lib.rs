@@ -41,6 +41,8 @@ pub enum Error {
     #[error(transparent)]
     Pg(#[from] pg::conn::PgError),
     #[error(transparent)]
+    Catalog(#[from] backup::catalog::CatalogError),
+    #[error(transparent)]
     Restore(#[from] backup::restore::RestoreError),
     #[error(transparent)]
     Drill(#[from] backup::drill::DrillError),
@@ -93,6 +95,9 @@ impl Error {
             Error::Expire(backup::expire::ExpireError::Pack(_)) => Exit::Failure,
             Error::Status(e) => status_exit(e),
             Error::Pg(e) => pg_exit(e),
+            Error::Catalog(backup::catalog::CatalogError::NotARepository { .. }) => Exit::Refused,
+            Error::Catalog(backup::catalog::CatalogError::Archive(e)) => e.exit(),
+            Error::Catalog(backup::catalog::CatalogError::Pg(e)) => pg_exit(e),
             Error::Restore(e) => restore_exit(e),
             Error::Drill(backup::drill::DrillError::Restore(e)) => restore_exit(e),
             Error::Drill(backup::drill::DrillError::Repo(e)) => repo_exit(e),

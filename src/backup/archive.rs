@@ -655,7 +655,10 @@ impl Archive {
         let (key, bytes) = self.stored(&wal)?;
         let tmp = fsutil::temp_path_beside(dest);
         let mut guard = TempGuard(Some(tmp.clone()));
-        let out = File::create(&tmp).map_err(io_err("create", &tmp))?;
+        let out = fsutil::private_options()
+            .create_new(true)
+            .open(&tmp)
+            .map_err(io_err("create", &tmp))?;
         let mut sink = BufWriter::with_capacity(1 << 20, out);
         let header = self
             .read_object(&bytes, &mut sink, self.keys.identities.as_deref())

@@ -1,15 +1,44 @@
 //! Mirrors the repository's usable backups into a `backup_catalog` table
 //! (sql/backup_catalog.sql) for teams that query their inventory with SQL.
 
+use crate::backup::archive::ArchiveError;
 use crate::backup::label::{BackupLabel, BackupType};
-use crate::backup::repo::Repo;
+use crate::backup::repo::{Repo, BACKUP_DIR};
 use crate::pg::conn::{Db, PgError};
 
 pub const SCHEMA: &str = include_str!("../../sql/backup_catalog.sql");
 
-/// Upserts every usable backup and deletes rows of backups the repository
-/// no longer has, in one transaction. Returns the number of rows written.
-pub fn sync(repo: &Repo, labels: &[BackupLabel], conninfo: &str) -> Result<usize, PgError> {
+#[derive(Debug, thiserror::Error)]
+pub enum CatalogError {
+    /// A mistyped --repo looks like a repository whose backups all expired:
+    /// syncing it would delete every row.
+    #[error(
+        "the repository at {location} has {why}: is --repo right? backup_catalog was left as it is"
+    )]
+    NotARepository { location: String, why: &'static str },
+    #[error(transparent)]
+    Archive(#[from] ArchiveError),
+    #[error(transparent)]
+    Pg(#[from] PgError),
+}
+
+/// Upserts every usable backup and deletes rows of this repository's
+/// backups it no longer has, in one transaction; other repositories' rows
+/// are left alone. Returns the number of rows written.
+pub fn sync(repo: &Repo, labels: &[BackupLabel], conninfo: &str) -> Result<usize, CatalogError> {
+    let location = repo.location();
+    if repo.archive().info()?.is_none() {
+        return Err(CatalogError::NotARepository {
+            location,
+            why: "no archive.json",
+        });
+    }
+    if labels.is_empty() {
+        return Err(CatalogError::NotARepository {
+            location,
+            why: "no backups",
+        });
+    }
     let mut db = Db::connect(Some(conninfo))?;
     db.batch("create backup_catalog", SCHEMA)?;
     db.batch("begin", "BEGIN")?;
@@ -52,10 +81,20 @@ pub fn sync(repo: &Repo, labels: &[BackupLabel], conninfo: &str) -> Result<usize
         )?;
     }
     let ids: Vec<String> = usable.iter().map(|l| l.id.clone()).collect();
+    // Rows are this repository's by where they point: its backups as
+    // plain directories (file://ROOT/backup/…) or as objects (LOCATION/backup/…).
+    let (as_files, as_objects) = (
+        match repo.local_root() {
+            Some(root) => format!("file://{}/", root.join(BACKUP_DIR).display()),
+            None => format!("{location}/{BACKUP_DIR}/"),
+        },
+        format!("{location}/{BACKUP_DIR}/"),
+    );
     db.query(
         "delete expired rows from backup_catalog",
-        "DELETE FROM backup_catalog WHERE NOT backup_id = ANY($1)",
-        &[&ids],
+        "DELETE FROM backup_catalog WHERE NOT backup_id = ANY($1)
+             AND (left(storage_uri, length($2)) = $2 OR left(storage_uri, length($3)) = $3)",
+        &[&ids, &as_files, &as_objects],
     )?;
     db.batch("commit", "COMMIT")?;
     Ok(usable.len())

@@ -689,6 +689,8 @@ mod tests {
         use age::secrecy::ExposeSecret;
         let p = dir.join("key.txt");
         std::fs::write(&p, format!("{}\n", key.to_string().expose_secret())).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
         p
     }
 

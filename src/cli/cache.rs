@@ -74,8 +74,12 @@ pub struct InvalidateArgs {
     /// Keys per UNLINK pipeline.
     #[arg(long, default_value_t = 1000)]
     pub batch_size: usize,
-    /// Count what would go (EXISTS, or a read-only SCAN); change nothing.
+    /// Unlink the keys. Without it: count what would go (EXISTS, or a
+    /// read-only SCAN) and change nothing.
     #[arg(long)]
+    pub apply: bool,
+    /// The default; kept so that older scripts still parse.
+    #[arg(long, conflicts_with = "apply", hide = true)]
     pub dry_run: bool,
 }
 
@@ -127,6 +131,7 @@ fn read_ids(path: &PathBuf) -> Result<Vec<Vec<String>>, Error> {
 
 pub fn run(ctx: &Context, cmd: CacheCommand) -> Result<Exit, Error> {
     let CacheCommand::Invalidate(a) = cmd;
+    let dry_run = !a.apply;
     if a.pattern.is_empty() && a.template.is_empty() {
         eprintln!("give --pattern, or --template with --ids");
         return Ok(Exit::Usage);
@@ -155,7 +160,7 @@ pub fn run(ctx: &Context, cmd: CacheCommand) -> Result<Exit, Error> {
         } else {
             "patterns"
         },
-        dry_run: a.dry_run,
+        dry_run,
         keys: 0,
         candidates: None,
         per_node: nodes.iter().map(|n| (n.clone(), 0)).collect(),
@@ -166,7 +171,7 @@ pub fn run(ctx: &Context, cmd: CacheCommand) -> Result<Exit, Error> {
         out.candidates = Some(keys.len() as u64);
         progress.stage("unlinking keys", Some(keys.len() as u64));
         for (n, chunk) in keys.chunks(a.batch_size.max(1)).enumerate() {
-            out.keys += if a.dry_run {
+            out.keys += if dry_run {
                 r.exists(chunk)
             } else {
                 r.unlink(chunk)
@@ -179,7 +184,7 @@ pub fn run(ctx: &Context, cmd: CacheCommand) -> Result<Exit, Error> {
         for (ni, node) in nodes.iter().enumerate() {
             for p in &a.pattern {
                 progress.stage(&format!("{p} on {node}"), None);
-                let found = if a.dry_run {
+                let found = if dry_run {
                     caches::scan_count(&mut r, ni, p, a.scan_count).map_err(step_err)?
                 } else {
                     let mut save = |s: &ScanState| -> Result<(), StepError> {
@@ -208,7 +213,7 @@ pub fn run(ctx: &Context, cmd: CacheCommand) -> Result<Exit, Error> {
     ctx.emit(&out, || {
         Some(format!(
             "{} {} key(s) in {} on {} primar{} in {:.2} s ({:.0} keys/s)",
-            if a.dry_run { "found" } else { "unlinked" },
+            if dry_run { "would unlink" } else { "unlinked" },
             out.keys,
             out.redis,
             nodes.len(),
@@ -217,5 +222,9 @@ pub fn run(ctx: &Context, cmd: CacheCommand) -> Result<Exit, Error> {
             out.keys_per_second
         ))
     })?;
+    if dry_run && out.keys > 0 {
+        eprintln!("reentry: a dry run: nothing was unlinked; pass --apply to unlink these keys");
+        return Ok(Exit::Negative);
+    }
     Ok(Exit::Ok)
 }

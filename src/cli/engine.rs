@@ -320,7 +320,7 @@ pub fn report(ctx: &Context, a: ReportArgs) -> Result<Exit, Error> {
     };
     match &a.output {
         Some(path) => {
-            crate::fsutil::write_atomic(path, text.as_bytes()).map_err(Error::Output)?;
+            crate::fsutil::write_atomic_private(path, text.as_bytes()).map_err(Error::Output)?;
             if !ctx.global.quiet {
                 eprintln!("wrote {}", path.display());
             }

@@ -164,6 +164,11 @@ pub struct RewindArgs {
     /// Commit the new offsets. Without it: show them.
     #[arg(long)]
     pub apply: bool,
+    /// Where an apply records its moves (`kafka-rewind.jsonl`) and the undo
+    /// file, before it commits [default: $XDG_STATE_HOME/reentry/kafka-rewind,
+    /// else ~/.local/state/reentry/kafka-rewind].
+    #[arg(long, value_name = "DIR")]
+    pub run_dir: Option<PathBuf>,
     #[command(flatten)]
     pub kafka: KafkaOpts,
 }
@@ -352,10 +357,12 @@ pub fn kafka(ctx: &Context, cmd: KafkaCommand) -> Result<Exit, Error> {
                     );
                     return Ok(Exit::Refused);
                 }
-                for (topic, m) in &moves {
-                    let offsets = m.iter().map(|(p, (_, new))| (*p, *new)).collect();
-                    k.commit(&a.group, topic, &offsets)
-                        .map_err(|e| step_err(e.into()))?;
+                if !items.is_empty() {
+                    let dir = match &a.run_dir {
+                        Some(d) => d.clone(),
+                        None => default_rewind_dir()?,
+                    };
+                    commit_recorded(&k, &a.group, &a.to, &moves, &dir)?;
                 }
             }
             let out = Rewound {
@@ -366,6 +373,12 @@ pub fn kafka(ctx: &Context, cmd: KafkaCommand) -> Result<Exit, Error> {
                 live_members: members,
             };
             ctx.emit(&out, || {
+                if items.is_empty() {
+                    return Some(format!(
+                        "nothing to move: group {} is already at {} on every partition",
+                        out.group, a.to
+                    ));
+                }
                 let verb = if a.apply { "rewound" } else { "would rewind" };
                 let mut s = format!(
                     "{verb} group {}: {again} message(s) to consume again; the old offsets, to undo:",
@@ -389,6 +402,140 @@ pub fn kafka(ctx: &Context, cmd: KafkaCommand) -> Result<Exit, Error> {
             })
         }
     }
+}
+
+/// One record of `kafka-rewind.jsonl`: the moves, journaled before the
+/// commit (`moving`) and after it (`moved`, or `failed` with the error).
+#[derive(Serialize)]
+#[serde(rename_all = "kebab-case")]
+struct RewindRecord<'a> {
+    state: &'static str,
+    at_ms: u128,
+    bootstrap: &'a str,
+    group: &'a str,
+    to: &'a str,
+    /// Per topic and partition: [committed before, new].
+    moves: &'a Moves,
+    undo_file: &'a std::path::Path,
+    undo_command: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
+}
+
+fn default_rewind_dir() -> Result<PathBuf, Error> {
+    let env = |v: &str| std::env::var_os(v).filter(|s| !s.is_empty());
+    let base = env("XDG_STATE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| env("HOME").map(|h| PathBuf::from(h).join(".local/state")))
+        .ok_or_else(|| {
+            Error::Config(crate::config::ConfigError::Keys(
+                "kafka rewind --apply records its moves before committing: pass --run-dir DIR (neither XDG_STATE_HOME nor HOME is set)".into(),
+            ))
+        })?;
+    Ok(base.join("reentry").join("kafka-rewind"))
+}
+
+/// Writes the moves to stderr, the journal and an undo file that Kafka's
+/// own tool reads, then commits every topic in one request: whatever
+/// happens to the commit, the old offsets are on disk first.
+fn commit_recorded(
+    k: &Kafka,
+    group: &str,
+    to: &str,
+    moves: &Moves,
+    dir: &std::path::Path,
+) -> Result<(), Error> {
+    use std::io::Write;
+    let io = |what: String| {
+        move |e: std::io::Error| {
+            step_err(StepError::Input {
+                message: format!("{what}: {e}; nothing was committed"),
+            })
+        }
+    };
+    crate::fsutil::create_private_dir_all(dir).map_err(io(format!(
+        "cannot create the run directory {}",
+        dir.display()
+    )))?;
+    let at_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis())
+        .unwrap_or(0);
+    let undo_file = dir.join(format!("kafka-rewind-{at_ms}.undo.csv"));
+    let mut csv = String::new();
+    let mut offsets: std::collections::BTreeMap<String, std::collections::BTreeMap<i32, i64>> =
+        Default::default();
+    let mut uncommitted = Vec::new();
+    for (topic, m) in moves {
+        for (p, (old, new)) in m {
+            if *old == Some(*new) {
+                continue;
+            }
+            offsets.entry(topic.clone()).or_default().insert(*p, *new);
+            match old {
+                Some(o) => csv.push_str(&format!("{topic},{p},{o}\n")),
+                None => uncommitted.push(format!("{topic}/{p}")),
+            }
+        }
+    }
+    crate::fsutil::write_private_new(&undo_file, csv.as_bytes())
+        .map_err(io(format!("cannot write {}", undo_file.display())))?;
+    let undo_command = format!(
+        "kafka-consumer-groups.sh --bootstrap-server {} --group {group} --reset-offsets --from-file {} --execute",
+        k.shown(),
+        undo_file.display()
+    );
+    let journal = dir.join("kafka-rewind.jsonl");
+    let mut record = RewindRecord {
+        state: "moving",
+        at_ms,
+        bootstrap: k.shown(),
+        group,
+        to,
+        moves,
+        undo_file: &undo_file,
+        undo_command: &undo_command,
+        error: None,
+    };
+    let append = |r: &RewindRecord| -> std::io::Result<()> {
+        let mut f = crate::fsutil::open_private_append(&journal)?;
+        let mut line = serde_json::to_vec(r).map_err(std::io::Error::other)?;
+        line.push(b'\n');
+        f.write_all(&line)?;
+        f.sync_all()
+    };
+    append(&record).map_err(io(format!("cannot write {}", journal.display())))?;
+    eprintln!(
+        "reentry: group {group}: moving, old → new (recorded in {}):",
+        journal.display()
+    );
+    for (topic, m) in moves {
+        for (p, (old, new)) in m {
+            if *old != Some(*new) {
+                eprintln!(
+                    "  {topic}/{p}: {} → {new}",
+                    old.map_or("none".to_owned(), |o| o.to_string())
+                );
+            }
+        }
+    }
+    eprintln!("reentry: to put the old offsets back (group stopped): {undo_command}");
+    if !uncommitted.is_empty() {
+        eprintln!(
+            "reentry: {} had no committed offset before; to undo those, delete the group's offsets there (kafka-consumer-groups.sh --delete-offsets)",
+            uncommitted.join(", ")
+        );
+    }
+    let committed = k.commit_all(group, &offsets);
+    record.state = if committed.is_ok() { "moved" } else { "failed" };
+    record.error = committed.as_ref().err().map(|e| e.to_string());
+    if let Err(e) = append(&record) {
+        eprintln!(
+            "reentry: cannot record the outcome in {}: {e}",
+            journal.display()
+        );
+    }
+    committed.map_err(|e| step_err(e.into()))
 }
 
 pub fn outbox(ctx: &Context, cmd: OutboxCommand) -> Result<Exit, Error> {

@@ -578,14 +578,33 @@ impl Kafka {
         topic: &str,
         offsets: &BTreeMap<i32, i64>,
     ) -> Result<(), KafkaError> {
+        let mut all = BTreeMap::new();
+        all.insert(topic.to_owned(), offsets.clone());
+        self.commit_all(group, &all)
+    }
+
+    /// Offsets of several topics in one OffsetCommit request, so that a
+    /// refusal moves none of them rather than the topics before it.
+    pub fn commit_all(
+        &self,
+        group: &str,
+        offsets: &BTreeMap<String, BTreeMap<i32, i64>>,
+    ) -> Result<(), KafkaError> {
         let c = self.consumer(group)?;
         let mut tpl = TopicPartitionList::new();
-        for (p, o) in offsets {
-            tpl.add_partition_offset(topic, *p, Offset::Offset(*o))
-                .map_err(self.err("build a partition list"))?;
+        for (topic, parts) in offsets {
+            for (p, o) in parts {
+                tpl.add_partition_offset(topic, *p, Offset::Offset(*o))
+                    .map_err(self.err("build a partition list"))?;
+            }
         }
         c.commit(&tpl, CommitMode::Sync)
             .map_err(self.err(format!("commit offsets for group {group}")))
+    }
+
+    /// The bootstrap servers as shown in messages (no secrets).
+    pub fn shown(&self) -> &str {
+        &self.shown
     }
 
     /// Many messages by position, reading each partition once.

@@ -534,7 +534,12 @@ impl Sorter {
             .expect("created above")
             .path()
             .join(format!("run-{}", self.runs.len()));
-        let mut w = BufWriter::new(File::create(&path)?);
+        let mut w = BufWriter::new(
+            crate::fsutil::private_options()
+                .create(true)
+                .truncate(true)
+                .open(&path)?,
+        );
         for e in self.buf.drain(..) {
             write_seen(&mut w, &e)?;
         }

@@ -44,6 +44,10 @@ pub struct RunStarted {
     pub mode: String,
     pub playbook: crate::reentry::plan::PlaybookRef,
     pub pid: u32,
+    /// sha256 of the plan.json this run wrote: a resume walks no other.
+    /// Absent in journals written before it was recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plan_sha256: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -254,7 +258,7 @@ impl Journal {
     /// Starts a new journal; refuses to replace one.
     pub fn create(dir: &Path) -> io::Result<Journal> {
         let path = dir.join(JOURNAL);
-        let file = OpenOptions::new()
+        let file = fsutil::private_options()
             .create_new(true)
             .append(true)
             .open(&path)?;
@@ -376,10 +380,9 @@ impl State {
 /// Takes the run directory's lock: two applies on one run would interleave
 /// their side effects. Held until the returned file is dropped.
 pub fn lock(dir: &Path) -> io::Result<Option<File>> {
-    let f = OpenOptions::new()
+    let f = fsutil::private_options()
         .create(true)
         .truncate(false)
-        .write(true)
         .open(dir.join("lock"))?;
     match f.try_lock() {
         Ok(()) => Ok(Some(f)),

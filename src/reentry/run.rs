@@ -100,6 +100,12 @@ pub enum RunError {
     NotDryRun { dir: String },
     #[error("the playbook changed since this run started (sha256 {then:.12} → {now:.12}): a resumed run walks the plan it started with, so put the playbook back as it was, or start a new run")]
     PlaybookChanged { then: String, now: String },
+    #[error("{} is not the plan this run wrote (sha256 {then:.12} → {now:.12}): a resumed run walks only its own plan; put the file back, or start a new run in an empty directory", path.display())]
+    PlanChanged {
+        path: PathBuf,
+        then: String,
+        now: String,
+    },
     #[error("this run is a {then}, and it was resumed as a {now}: resume it without --way-back, or with --way-back {then}")]
     WayBackChanged { then: WayBack, now: WayBack },
     #[error(transparent)]
@@ -123,6 +129,7 @@ impl RunError {
             | RunError::NotDryRun { .. } => Exit::Usage,
             RunError::Locked { .. }
             | RunError::PlaybookChanged { .. }
+            | RunError::PlanChanged { .. }
             | RunError::WayBackChanged { .. } => Exit::Refused,
             RunError::Plan(e) => e.exit(),
             RunError::Io { .. } => Exit::Failure,
@@ -162,34 +169,49 @@ fn take_lock(dir: &Path) -> Result<fs::File, RunError> {
         })
 }
 
+/// Refuses a run directory holding anything but the lock.
+fn check_empty(dir: &Path) -> Result<(), RunError> {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return Ok(());
+    };
+    if entries.flatten().any(|e| e.file_name() != "lock") {
+        let what = if dir.join(journal::JOURNAL).exists() {
+            "a run".to_owned()
+        } else {
+            "other files".to_owned()
+        };
+        return Err(RunError::NotEmpty {
+            dir: dir.display().to_string(),
+            what,
+        });
+    }
+    Ok(())
+}
+
 fn start(p: &Playbook, opts: &Options) -> Result<Opened, RunError> {
     let dir = &opts.run_dir;
-    let shown = dir.display().to_string();
-    if let Ok(mut entries) = fs::read_dir(dir) {
-        if entries.next().is_some() {
-            let what = if dir.join(journal::JOURNAL).exists() {
-                "a run".to_owned()
-            } else {
-                "other files".to_owned()
-            };
-            return Err(RunError::NotEmpty { dir: shown, what });
+    // Checked before creating the lock, so a wrong --run-dir is left as it
+    // was, and again under it: two starts on one fresh directory both pass
+    // the first check, and only one may write its plan there.
+    check_empty(dir)?;
+    let parent_missing = !dir.is_dir();
+    fsutil::create_private_dir_all(dir).map_err(io("cannot create", dir))?;
+    if parent_missing {
+        if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+            fsutil::sync_dir(parent).map_err(io("cannot sync", parent))?;
         }
     }
-    fsutil::create_dir_all_durable(dir).map_err(io("cannot create", dir))?;
     let lock = take_lock(dir)?;
+    check_empty(dir)?;
     let run_id = new_run_id();
     let plan = {
         let mut env = Env::new(p, run_id.clone(), true);
         plan::build(p, &mut env)?
     };
     let plan_path = dir.join(PLAN_FILE);
-    fsutil::write_atomic(
-        &plan_path,
-        serde_json::to_string_pretty(&plan)
-            .expect("plans serialize")
-            .as_bytes(),
-    )
-    .map_err(io("cannot write", &plan_path))?;
+    let plan_text = serde_json::to_string_pretty(&plan).expect("plans serialize");
+    fsutil::write_private_new(&plan_path, plan_text.as_bytes())
+        .map_err(io("cannot write", &plan_path))?;
     let mut journal = Journal::create(dir).map_err(io("cannot create the journal in", dir))?;
     let first = journal
         .append(
@@ -199,6 +221,7 @@ fn start(p: &Playbook, opts: &Options) -> Result<Opened, RunError> {
                 mode: if opts.apply { "apply" } else { "dry-run" }.into(),
                 playbook: plan.playbook.clone(),
                 pid: std::process::id(),
+                plan_sha256: Some(plan::sha256_hex(plan_text.as_bytes())),
             }),
         )
         .map_err(io("cannot write", dir))?;
@@ -256,6 +279,18 @@ fn resume(p: &Playbook, opts: &Options) -> Result<Opened, RunError> {
     let Some(Entry::RunStarted(first)) = records.first().map(|r| &r.entry) else {
         return Err(nothing("the journal does not start with run-started"));
     };
+    // A resumed run walks plan.json, whose steps include SQL and hooks:
+    // only the plan this run wrote.
+    if let Some(then) = &first.plan_sha256 {
+        let now = plan::sha256_hex(text.as_bytes());
+        if &now != then {
+            return Err(RunError::PlanChanged {
+                path: plan_path.clone(),
+                then: then.clone(),
+                now,
+            });
+        }
+    }
     if first.mode == "dry-run" {
         return Err(RunError::DryRun { dir: shown });
     }

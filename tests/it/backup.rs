@@ -624,3 +624,70 @@ fn a_backup_of_a_cluster_with_a_tablespace_is_refused_and_writes_nothing() {
             || std::fs::read_dir(repo.join("backup")).unwrap().count() == 0
     );
 }
+
+#[test]
+fn sync_catalog_deletes_only_its_own_repositorys_rows_and_nothing_for_a_wrong_repo() {
+    let (c, repo) = archiving(Version::V18, "", &[]);
+    let full = backup(&c, &repo, &[]);
+    assert_exit(
+        &run(
+            &c,
+            &repo,
+            &["backup", "list", "--sync-catalog", &c.conninfo()],
+        ),
+        0,
+    );
+    // Another repository's backup, and one of this repository's that it no
+    // longer has.
+    let mine = format!("file://{}/backup/gone/data", repo.display());
+    c.client()
+        .execute(
+            "INSERT INTO backup_catalog (backup_id, cluster_name, backup_type, started_at, finished_at, storage_uri)
+             VALUES ('other-1', 'other', 'base_full', now(), now(), 's3://other-bucket/repo/backup/other-1/'),
+                    ('other-2', 'other', 'base_full', now(), now(), 'file:///srv/other-repo/backup/other-2/data'),
+                    ('gone', 'mine', 'base_full', now(), now(), $1)",
+            &[&mine],
+        )
+        .unwrap();
+    let rows = || -> Vec<String> {
+        c.client()
+            .query(
+                "SELECT backup_id FROM backup_catalog ORDER BY backup_id",
+                &[],
+            )
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect()
+    };
+    let out = run(
+        &c,
+        &repo,
+        &["backup", "list", "--sync-catalog", &c.conninfo()],
+    );
+    assert_exit(&out, 0);
+    let id = full["id"].as_str().unwrap().to_owned();
+    let mut want = vec![id, "other-1".to_owned(), "other-2".to_owned()];
+    want.sort();
+    assert_eq!(
+        rows(),
+        want,
+        "the other repository's rows stay; its own gone row goes"
+    );
+
+    // A mistyped --repo: nothing deleted, and why.
+    let typo = repo.with_file_name("no-such-repo");
+    let out = run(
+        &c,
+        &typo,
+        &["backup", "list", "--sync-catalog", &c.conninfo()],
+    );
+    assert_exit(&out, 3);
+    assert!(
+        stderr(&out)
+            .contains("has no archive.json: is --repo right? backup_catalog was left as it is"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(rows(), want);
+}

@@ -179,8 +179,8 @@ pub(crate) fn reentry(args: &[&dyn AsRef<std::ffi::OsStr>]) -> Output {
     cmd.output().unwrap()
 }
 
-/// `reentry --json cache invalidate --url URL --pattern P`, which must
-/// succeed: its JSON.
+/// `reentry --json cache invalidate --url URL --pattern P --apply`, which
+/// must succeed: its JSON.
 fn invalidate_pattern(url: &str, pattern: &str) -> Value {
     let out = reentry(&[
         &"--json",
@@ -190,6 +190,7 @@ fn invalidate_pattern(url: &str, pattern: &str) -> Value {
         &url,
         &"--pattern",
         &pattern,
+        &"--apply",
     ]);
     assert_exit(&out, 0);
     serde_json::from_str(&stdout(&out)).unwrap()
@@ -480,6 +481,7 @@ fn rediss_urls_speak_tls_to_a_tls_only_redis() {
         &format!("redis://127.0.0.1:{port}"),
         &"--pattern",
         &"q:*",
+        &"--apply",
     ]);
     assert_ne!(out.status.code(), Some(0));
     assert!(
@@ -661,4 +663,50 @@ fn help_never_shows_the_values_of_environment_variables() {
             "{cmd:?} shows {var}'s value:\n{text}"
         );
     }
+
+#[test]
+fn cache_invalidate_without_apply_counts_and_unlinks_nothing() {
+    let addr = redis_addr();
+    let url = format!("redis://{addr}");
+    let prefix = format!("{}:", unique("invalidate_dry"));
+    let mut seed = String::new();
+    for i in 0..30 {
+        seed.push_str(&format!("SET {prefix}{i} v\n"));
+    }
+    cli(&addr, false, &seed);
+    let nodes = [addr.clone()];
+    let pattern = format!("{prefix}*");
+    let ids = std::env::temp_dir().join(format!("{}ids", unique("invalidate_dry")));
+    std::fs::write(&ids, "1\n2\n3\n").unwrap();
+    let template = format!("{prefix}{{id}}");
+    for by in [
+        vec!["--pattern", pattern.as_str()],
+        vec![
+            "--template",
+            template.as_str(),
+            "--ids",
+            ids.to_str().unwrap(),
+        ],
+    ] {
+        let mut args: Vec<&dyn AsRef<std::ffi::OsStr>> =
+            vec![&"--json", &"cache", &"invalidate", &"--url", &url];
+        for a in &by {
+            args.push(a);
+        }
+        let out = reentry(&args);
+        // A dry run with keys to unlink is a plan with changes.
+        assert_exit(&out, 1);
+        assert!(stderr(&out).contains("pass --apply"), "{}", stderr(&out));
+        let v: Value = serde_json::from_str(&stdout(&out)).unwrap();
+        assert_eq!(v["dry-run"], true, "{v}");
+        assert_eq!(
+            keys(&nodes, &prefix).len(),
+            30,
+            "{by:?} unlinked keys without --apply"
+        );
+    }
+    let v = invalidate_pattern(&url, &pattern);
+    assert_eq!(v["keys"], 30, "{v}");
+    assert!(keys(&nodes, &prefix).is_empty());
+    let _ = std::fs::remove_file(&ids);
 }

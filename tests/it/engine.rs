@@ -1356,3 +1356,121 @@ fn playbook_sql_that_would_leave_its_read_only_transaction_is_refused_where_it_i
         );
     }
 }
+
+/// Every file in `dir` and below 0600 (or stricter), every directory 0700.
+fn assert_private(dir: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(dir).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o700, "{} is {mode:o}", dir.display());
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            assert_private(&p);
+        } else {
+            let mode = std::fs::metadata(&p).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode & 0o077, 0, "{} is {mode:o}", p.display());
+        }
+    }
+}
+
+/// `cmd` under umask 022, the usual operator's, through `sh`.
+fn umask_022(cmd: &Command) -> Command {
+    let mut sh = Command::new("sh");
+    sh.args(["-c", "umask 022 && exec \"$0\" \"$@\""])
+        .arg(cmd.get_program())
+        .args(cmd.get_args());
+    for (k, v) in cmd.get_envs() {
+        if let Some(v) = v {
+            sh.env(k, v);
+        }
+    }
+    sh
+}
+
+#[test]
+fn run_files_are_private_under_umask_022_and_an_identity_others_can_read_is_refused() {
+    let f = Fixture::new();
+    let pb = f.playbook("pb.toml", "0s");
+    let run = f.dir.join("runs").join("r1");
+    let out = umask_022(&apply_cmd(&pb, &run, &["--apply"]))
+        .output()
+        .unwrap();
+    assert_exit(&out, 0);
+    let report = run.join("report.html");
+    let out = umask_022(
+        Command::new(reentry_bin())
+            .arg("report")
+            .arg(&run)
+            .args(["--format", "html", "--output"])
+            .arg(&report),
+    )
+    .output()
+    .unwrap();
+    assert_exit(&out, 0);
+    assert!(run.join("journal.jsonl").exists() && run.join("plan.json").exists());
+    assert_private(&run);
+
+    // An age identity others can read is refused, as ssh refuses a key.
+    use age::secrecy::ExposeSecret;
+    let key = f.dir.join("identity.txt");
+    let id = age::x25519::Identity::generate();
+    std::fs::write(&key, format!("{}\n", id.to_string().expose_secret())).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let out = Command::new(reentry_bin())
+        .arg("--repo")
+        .arg(f.dir.join("repo"))
+        .arg("--identity")
+        .arg(&key)
+        .args(["backup", "list"])
+        .output()
+        .unwrap();
+    assert_exit(&out, 78);
+    assert!(
+        stderr(&out).contains(&format!("run `chmod 600 {}`", key.display())),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn a_resume_refuses_a_plan_json_that_is_not_the_one_the_run_wrote() {
+    let f = Fixture::new();
+    let pb = f.playbook("pb.toml", "0s");
+    let run = f.dir.join("run");
+    assert_exit(&apply(&pb, &run, &["--apply", "--until", "settle"]), 0);
+    let held = f.gates("res");
+    let current = f.gates("cur");
+    let plan_path = run.join("plan.json");
+    let original = std::fs::read_to_string(&plan_path).unwrap();
+    let journal_before = std::fs::read_to_string(run.join("journal.jsonl")).unwrap();
+
+    // One step changed, then one step added: each refused, nothing done.
+    let mut plan: serde_json::Value = serde_json::from_str(&original).unwrap();
+    let steps = plan["steps"].as_array_mut().unwrap();
+    let mut extra = steps[0].clone();
+    extra["id"] = serde_json::Value::from("planted");
+    steps.insert(1, extra);
+    let added = serde_json::to_string_pretty(&plan).unwrap();
+    let changed = original.replacen("api-writes", "api-reads", 1);
+    assert_ne!(changed, original);
+    for edited in [changed, added] {
+        std::fs::write(&plan_path, &edited).unwrap();
+        let out = apply(&pb, &run, &["--apply", "--resume"]);
+        assert_exit(&out, 3);
+        assert!(
+            stderr(&out).contains("is not the plan this run wrote"),
+            "{}",
+            stderr(&out)
+        );
+        assert_eq!(f.gates("res"), held);
+        assert_eq!(f.gates("cur"), current);
+        assert_eq!(
+            std::fs::read_to_string(run.join("journal.jsonl")).unwrap(),
+            journal_before
+        );
+    }
+    // Its own plan back: the run goes on.
+    std::fs::write(&plan_path, &original).unwrap();
+    assert_exit(&apply(&pb, &run, &["--apply", "--resume"]), 0);
+}

@@ -247,8 +247,21 @@ fn a_group_is_seen_live_refused_and_rewound_once_stopped(protocol: &str) {
         let (code, g) = json(&["group", &group, "--topic", &topic]);
         code == 0 && g["members"].as_array().unwrap().is_empty()
     });
-    let applied = kafka(&["rewind", &group, "--topic", &topic, "--to", &to, "--apply"]);
+    let run = std::env::temp_dir().join(unique("rewind-run"));
+    let run = run.to_str().unwrap();
+    let applied = kafka(&[
+        "rewind",
+        &group,
+        "--topic",
+        &topic,
+        "--to",
+        &to,
+        "--apply",
+        "--run-dir",
+        run,
+    ]);
     assert_exit(&applied, 0);
+    let _ = std::fs::remove_dir_all(run);
     let (text, rows) = group_tool(&group);
     assert_eq!(rows.len(), 3, "{text}");
     for (p, r) in &rows {
@@ -259,6 +272,138 @@ fn a_group_is_seen_live_refused_and_rewound_once_stopped(protocol: &str) {
         );
         assert_eq!(r.end, ends[p], "{text}");
     }
+}
+
+/// Kafka's own `kafka-consumer-groups --describe`: committed offset per
+/// topic and partition.
+fn committed_by_tool(group: &str) -> (String, BTreeMap<(String, i32), Option<i64>>) {
+    let (text, _) = group_tool(group);
+    let rows = text
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            if f.len() < 7 || f[0] != group {
+                return None;
+            }
+            Some(((f[1].to_owned(), f[2].parse().ok()?), f[3].parse().ok()))
+        })
+        .collect();
+    (text, rows)
+}
+
+#[test]
+fn a_rewind_records_its_moves_before_committing_and_its_printed_undo_puts_them_back() {
+    let (a, b) = (topic("rewind-rec-a"), topic("rewind-rec-b"));
+    let group = unique("rewind-rec");
+    for t in [&a, &b] {
+        create_topic(t, 2);
+        produce_java(t, &records("before", 10), "none");
+    }
+    std::thread::sleep(Duration::from_millis(1500));
+    let t = now_ms();
+    std::thread::sleep(Duration::from_millis(1500));
+    for t in [&a, &b] {
+        produce_java(t, &records("after", 7), "none");
+    }
+    // The group stands at the ends, committed by Kafka's own tool.
+    let reset = kafka_tool("org.apache.kafka.tools.consumer.group.ConsumerGroupCommand")
+        .args(["--bootstrap-server", &kafka_bootstrap(), "--group", &group])
+        .args(["--reset-offsets", "--to-latest", "--execute"])
+        .args(["--topic", &a, "--topic", &b])
+        .output()
+        .unwrap();
+    assert!(
+        reset.status.success(),
+        "{}",
+        String::from_utf8_lossy(&reset.stderr)
+    );
+    let (text, before) = committed_by_tool(&group);
+    assert_eq!(before.len(), 4, "{text}");
+    let mut at_t = BTreeMap::new();
+    for tp in [&a, &b] {
+        for (p, o) in offset_shell(tp, t) {
+            at_t.insert((tp.clone(), p), Some(o));
+        }
+    }
+    assert_ne!(before, at_t);
+
+    let run = std::env::temp_dir().join(unique("rewind-rec-run"));
+    let run_s = run.to_str().unwrap().to_owned();
+    let to = rfc3339(t);
+    let args = [
+        "rewind",
+        &group,
+        "--topic",
+        &a,
+        "--topic",
+        &b,
+        "--to",
+        &to,
+        "--apply",
+        "--run-dir",
+        &run_s,
+    ];
+    let applied = kafka(&args);
+    assert_exit(&applied, 0);
+    let (text, now) = committed_by_tool(&group);
+    assert_eq!(now, at_t, "rewound to T:\n{text}");
+
+    // The record holds every old offset, written before the commit.
+    let journal = std::fs::read_to_string(run.join("kafka-rewind.jsonl")).unwrap();
+    let lines: Vec<serde_json::Value> = journal
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2, "{journal}");
+    assert_eq!(lines[0]["state"], "moving", "{journal}");
+    assert_eq!(lines[1]["state"], "moved", "{journal}");
+    for ((tp, p), old) in &before {
+        assert_eq!(
+            lines[0]["moves"][tp][p.to_string()][0].as_i64(),
+            *old,
+            "{journal}"
+        );
+    }
+
+    // Again: nothing to move, nothing recorded, nothing committed.
+    let again = kafka(&args);
+    assert_exit(&again, 0);
+    assert!(
+        stdout(&again).contains("nothing to move"),
+        "{}",
+        stdout(&again)
+    );
+    assert_eq!(
+        std::fs::read_to_string(run.join("kafka-rewind.jsonl")).unwrap(),
+        journal
+    );
+    assert_eq!(committed_by_tool(&group).1, at_t);
+
+    // The printed undo, run with Kafka's own tool, puts the old offsets back.
+    let err = stderr(&applied);
+    let undo = err
+        .lines()
+        .find_map(|l| {
+            l.split_once("kafka-consumer-groups.sh ")
+                .map(|(_, r)| r.to_owned())
+        })
+        .unwrap_or_else(|| panic!("no undo command printed:\n{err}"));
+    assert_eq!(
+        lines[0]["undo-command"].as_str().unwrap(),
+        format!("kafka-consumer-groups.sh {undo}")
+    );
+    let out = kafka_tool("org.apache.kafka.tools.consumer.group.ConsumerGroupCommand")
+        .args(undo.split_whitespace())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (text, undone) = committed_by_tool(&group);
+    assert_eq!(undone, before, "the undo put the old offsets back:\n{text}");
+    let _ = std::fs::remove_dir_all(&run);
 }
 
 #[test]

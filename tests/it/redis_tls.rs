@@ -109,6 +109,7 @@ fn invalidate(url: &str, tls: &[(&str, &str)]) -> Output {
         url,
         "--pattern",
         "case:*",
+        "--apply",
     ]);
     for (flag, value) in tls {
         cmd.arg(flag).arg(value);

@@ -467,7 +467,7 @@ fn s3_pg18_encrypted_backup_chain_verify_restore_and_drill_entirely_from_s3() {
     let (secret, public) = age_key();
     let c = archiving_to_s3_with(&name, &[("REENTRY_AGE_RECIPIENTS", &public)]);
     let identity = c.dir("keys").join("identity");
-    std::fs::write(&identity, &secret).unwrap();
+    crate::common::write_secret(&identity, &secret);
     crate::common::give_to_server_user(&identity);
     let s3_at = |c: &Cluster, name: &str, args: &[&str]| {
         let mut cmd = s3_at(c, name, args);
@@ -716,7 +716,7 @@ fn s3_encrypted_backups_and_wal_need_only_the_public_key_and_a_wrong_key_fails_b
     std::fs::create_dir_all(&keys).unwrap();
     let file = |n: &str, text: &str| {
         let p = keys.join(n);
-        std::fs::write(&p, text).unwrap();
+        crate::common::write_secret(&p, text);
         crate::common::give_to_server_user(&p);
         p
     };

@@ -67,6 +67,14 @@ pub fn server_user() -> Option<(u32, u32)> {
 
 /// Makes `path` belong to the server user, so the server and the archive
 /// command it runs can write there.
+/// Writes a secret (an age identity) as its owner's alone, 0600: reentry
+/// refuses one others can read.
+pub fn write_secret(path: &Path, text: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::write(path, text).unwrap();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
+}
+
 pub fn give_to_server_user(path: &Path) {
     if let Some((uid, gid)) = server_user() {
         std::os::unix::fs::chown(path, Some(uid), Some(gid))

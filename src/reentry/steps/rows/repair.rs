@@ -580,7 +580,11 @@ impl ChangedFile {
         let path = dir.join(CHANGED_FILE);
         let tmp = crate::fsutil::temp_path_beside(&path);
         let mut out = std::io::BufWriter::new(
-            std::fs::File::create(&tmp).map_err(io_err("write the changed entities"))?,
+            crate::fsutil::private_options()
+                .create(true)
+                .truncate(true)
+                .open(&tmp)
+                .map_err(io_err("write the changed entities"))?,
         );
         match std::fs::read_to_string(&path) {
             Ok(t) => {
