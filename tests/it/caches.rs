@@ -663,6 +663,7 @@ fn help_never_shows_the_values_of_environment_variables() {
             "{cmd:?} shows {var}'s value:\n{text}"
         );
     }
+}
 
 #[test]
 fn cache_invalidate_without_apply_counts_and_unlinks_nothing() {
