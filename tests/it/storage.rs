@@ -1322,7 +1322,7 @@ fn a_local_encrypted_repository_holds_no_plaintext_and_restores() {
         .batch_execute("CREATE TABLE secret_notes AS SELECT g AS id, 'plaintext-marker-' || g AS note FROM generate_series(1, 20000) g")
         .unwrap();
     let identity = c.dir("keys").join("identity");
-    std::fs::write(&identity, &secret).unwrap();
+    crate::common::write_secret(&identity, &secret);
     crate::common::give_to_server_user(&identity);
     let reentry = |args: &[&str]| {
         let mut cmd = command(&c, &repo, args);
