@@ -292,9 +292,11 @@ fn scan_partitions(
     c.assign(&tpl).map_err(k.err("assign partitions"))?;
     let mut ended = std::collections::BTreeSet::new();
     let mut batch = Vec::with_capacity(4096);
+    let mut last_message = Instant::now();
     while ended.len() < share.len() {
         match c.poll(Duration::from_secs(30)) {
             Some(Ok(m)) => {
+                last_message = Instant::now();
                 let partition = m.partition();
                 let Some((ps, without)) = stats.get_mut(&partition) else {
                     continue;
@@ -332,6 +334,23 @@ fn scan_partitions(
             }
             Some(Err(rdkafka::error::KafkaError::PartitionEOF(p))) => {
                 ended.insert(p);
+            }
+            // librdkafka reports a dropped connection and reconnects by
+            // itself: informational, as its docs say. A broker that stays
+            // away is caught by the 30 s without a message below.
+            Some(Err(e))
+                if matches!(
+                    e.rdkafka_error_code(),
+                    Some(
+                        rdkafka::types::RDKafkaErrorCode::AllBrokersDown
+                            | rdkafka::types::RDKafkaErrorCode::BrokerTransportFailure
+                    )
+                ) =>
+            {
+                if last_message.elapsed() > Duration::from_secs(30) {
+                    return Err(k.err(format!("read {} (no message for 30 s)", o.topic))(e));
+                }
+                tracing::debug!(error = %e, "a broker connection dropped; librdkafka reconnects");
             }
             Some(Err(e)) => return Err(k.err(format!("read {}", o.topic))(e)),
             None => {
