@@ -18,6 +18,18 @@ fn main() -> ExitCode {
         }
     };
     cli::init_logging(&cli.global);
+    // A panic is a defect. Inside a step it becomes that step's journaled
+    // failure, which says so; here it is one line with where it happened,
+    // and a backtrace only when RUST_BACKTRACE asks for one.
+    if std::env::var_os("RUST_BACKTRACE").is_none() {
+        std::panic::set_hook(Box::new(|info| {
+            let at = info
+                .location()
+                .map(|l| format!(" at {}:{}", l.file(), l.line()))
+                .unwrap_or_default();
+            tracing::error!("defect{at}: {}", panic_text(info.payload()));
+        }));
+    }
     match cli::run(cli) {
         Ok(exit) => exit.into(),
         Err(e) => {
@@ -26,4 +38,12 @@ fn main() -> ExitCode {
             e.exit().into()
         }
     }
+}
+
+fn panic_text(payload: &(dyn std::any::Any + Send)) -> &str {
+    payload
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("a panic without a message")
 }

@@ -14,7 +14,7 @@ use crate::backup::repo::{io_err, Repo, RepoError};
 use crate::backup::restore::{self, Action, RestoreError, RestoreManifest, RestoreOptions, Target};
 use crate::backup::walchain::ChainIndex;
 use crate::fsutil;
-use crate::pg::conn::{describe, Db, PgError};
+use crate::pg::conn::{Db, PgError};
 use crate::pg::tools::PgBin;
 
 pub const DRILLS_DIR: &str = "drills";
@@ -417,7 +417,7 @@ fn run_check(db: &mut Db, name: &str, database: &str, sql: &str) -> CheckResult 
         error: None,
     };
     // Rows come back as text whatever their types, so any query can be a check.
-    match db.simple_query(sql) {
+    match db.text_rows("run the check", sql) {
         Ok(rows) => {
             result.rows = rows.len();
             result.sample = rows.into_iter().take(5).collect();
@@ -427,7 +427,10 @@ fn run_check(db: &mut Db, name: &str, database: &str, sql: &str) -> CheckResult 
         }
         Err(e) => {
             result.status = Outcome::Failed;
-            result.error = Some(describe(&e));
+            result.error = Some(match e {
+                PgError::Query { detail, .. } => detail,
+                e => e.to_string(),
+            });
         }
     }
     result

@@ -471,11 +471,23 @@ impl Db {
     }
 
     /// Parses and plans `sql` on the server without running it.
-    pub fn prepare(&mut self, context: &str, sql: &str) -> Result<(), PgError> {
-        self.rt
-            .block_on(self.client.prepare(sql))
-            .map(|_| ())
-            .map_err(|e| self.error(context, &e))
+    /// Parses `sql` as one query that returns rows, without running it.
+    pub fn prepare_query(&mut self, context: &str, sql: &str) -> Result<(), PgError> {
+        let stmt = self.rt.block_on(self.client.prepare(sql));
+        let stmt = stmt.map_err(|e| self.error(context, &e))?;
+        if stmt.columns().is_empty() {
+            return Err(self.not_a_query(context));
+        }
+        Ok(())
+    }
+
+    fn not_a_query(&self, context: &str) -> PgError {
+        PgError::Query {
+            target: self.target.clone(),
+            context: context.to_owned(),
+            detail: "not a query: playbook SQL is one statement that returns rows (SELECT, VALUES, TABLE or WITH … SELECT)".into(),
+            code: None,
+        }
     }
 
     pub fn batch(&mut self, context: &str, sql: &str) -> Result<(), PgError> {
@@ -585,17 +597,25 @@ impl Db {
         self.client.is_closed()
     }
 
-    /// Runs one statement, `sql`, and returns each row's columns as the
+    /// Runs one query, `sql`, and returns each row's columns as the
     /// server prints them, joined; for user-written checks of any shape.
     ///
     /// The statement is parsed first through the extended protocol, which
     /// takes exactly one: several (`…; COMMIT; BEGIN READ WRITE; …`) could
-    /// end the transaction the caller runs it in. Only then is the same
-    /// text run through the simple protocol, whose rows come as text
-    /// whatever their types: one statement, printed as psql would.
-    pub fn simple_query(&mut self, sql: &str) -> Result<Vec<String>, tokio_postgres::Error> {
-        self.rt.block_on(self.client.prepare(sql))?;
-        let messages = self.rt.block_on(self.client.simple_query(sql))?;
+    /// end the transaction the caller runs it in. It must describe rows: a
+    /// statement that returns none (`COPY … TO PROGRAM`, `CALL`, `DO`,
+    /// `SET`, DDL) is refused unrun, since a read-only transaction does
+    /// not stop all of them. Only then is the same text run through the
+    /// simple protocol, whose rows come as text whatever their types: one
+    /// query, printed as psql would.
+    pub fn text_rows(&mut self, context: &str, sql: &str) -> Result<Vec<String>, PgError> {
+        let stmt = self.rt.block_on(self.client.prepare(sql));
+        let stmt = stmt.map_err(|e| self.error(context, &e))?;
+        if stmt.columns().is_empty() {
+            return Err(self.not_a_query(context));
+        }
+        let messages = self.rt.block_on(self.client.simple_query(sql));
+        let messages = messages.map_err(|e| self.error(context, &e))?;
         Ok(messages
             .into_iter()
             .filter_map(|m| match m {
@@ -608,12 +628,6 @@ impl Db {
                 _ => None,
             })
             .collect())
-    }
-
-    /// `simple_query` with this connection's error report.
-    pub fn text_rows(&mut self, context: &str, sql: &str) -> Result<Vec<String>, PgError> {
-        let r = self.simple_query(sql);
-        r.map_err(|e| self.error(context, &e))
     }
 
     fn error(&self, context: &str, e: &tokio_postgres::Error) -> PgError {

@@ -24,22 +24,26 @@ pub struct Column {
     table: String,
     column: String,
     pub ty: String,
+    /// Whether the column admits NULL (or is not found).
+    pub nullable: bool,
 }
 
 impl Column {
     pub fn of(db: &mut Db, table: &str, column: &str) -> Result<Column, PgError> {
-        let ty: String = db
-            .query_one(
-                "read a column's type",
-                "SELECT coalesce((SELECT format_type(atttypid, atttypmod) FROM pg_attribute
-                                   WHERE attrelid = to_regclass($1) AND attname = $2 AND NOT attisdropped), 'text')",
-                &[&quote_qualified(table), &column],
-            )?
-            .get(0);
+        let row = db.query_one(
+            "read a column's type",
+            "SELECT coalesce(a.ty, 'text'), coalesce(a.nullable, true)
+               FROM (SELECT) AS one
+               LEFT JOIN (SELECT format_type(atttypid, atttypmod) AS ty, NOT attnotnull AS nullable
+                            FROM pg_attribute
+                           WHERE attrelid = to_regclass($1) AND attname = $2 AND NOT attisdropped) AS a ON true",
+            &[&quote_qualified(table), &column],
+        )?;
         Ok(Column {
             table: quote_qualified(table),
             column: quote_qualified(column),
-            ty,
+            ty: row.get(0),
+            nullable: row.get(1),
         })
     }
 
@@ -159,7 +163,7 @@ pub fn check_online(p: &Playbook) -> Vec<Diagnostic> {
     } in queries
     {
         if let Some(db) = dbs.get_mut(database) {
-            if let Err(e) = db.prepare("prepare the query", &sql) {
+            if let Err(e) = db.prepare_query("prepare the query", &sql) {
                 errors.push(p.at(
                     &path,
                     format!("this query does not run on databases.{database}: {e}"),

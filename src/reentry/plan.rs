@@ -559,13 +559,12 @@ pub fn build(p: &Playbook, env: &mut Env) -> Result<Plan, PlanError> {
     pin(p, &mut steps)?;
     preconditions(p, &target, &steps, env)?;
     for s in &mut steps {
-        s.preview = s
-            .action
-            .step()
-            .preview(env)
-            .map_err(|source| PlanError::Step {
-                step: s.id.clone(),
-                source: Box::new(source),
+        s.preview =
+            crate::reentry::steps::guarded(|| s.action.step().preview(env)).map_err(|source| {
+                PlanError::Step {
+                    step: s.id.clone(),
+                    source: Box::new(source),
+                }
             })?;
     }
     Ok(Plan {

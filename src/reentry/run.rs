@@ -108,6 +108,10 @@ pub enum RunError {
     },
     #[error("this run is a {then}, and it was resumed as a {now}: resume it without --way-back, or with --way-back {then}")]
     WayBackChanged { then: WayBack, now: WayBack },
+    #[error("run directory {dir} is not safe to run from: {why}. Whoever can write there can replace the plan a resumed run walks; use a directory of your own, mode 0700")]
+    UnsafeDir { dir: String, why: String },
+    #[error("{dir}'s journal records no sha256 of its plan (an older reentry started it), so the plan cannot be checked before it runs again: start a new run in an empty directory")]
+    PlanUnchecked { dir: String },
     #[error(transparent)]
     Plan(#[from] PlanError),
     #[error("{what} {}", path.display())]
@@ -130,7 +134,9 @@ impl RunError {
             RunError::Locked { .. }
             | RunError::PlaybookChanged { .. }
             | RunError::PlanChanged { .. }
-            | RunError::WayBackChanged { .. } => Exit::Refused,
+            | RunError::WayBackChanged { .. }
+            | RunError::UnsafeDir { .. }
+            | RunError::PlanUnchecked { .. } => Exit::Refused,
             RunError::Plan(e) => e.exit(),
             RunError::Io { .. } => Exit::Failure,
         }
@@ -188,6 +194,27 @@ fn check_empty(dir: &Path) -> Result<(), RunError> {
     Ok(())
 }
 
+/// A run directory must be this user's own, and writable by nobody else:
+/// whoever can write there can replace `plan.json` and the journal that
+/// vouches for it together.
+fn check_own(dir: &Path) -> Result<(), RunError> {
+    use std::os::unix::fs::MetadataExt;
+    let m = fs::metadata(dir).map_err(io("cannot read", dir))?;
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let me = unsafe { libc::geteuid() };
+    let why = if m.uid() != me {
+        format!("it belongs to uid {}, not to this user (uid {me})", m.uid())
+    } else if m.mode() & 0o022 != 0 {
+        format!("others can write to it (mode {:o})", m.mode() & 0o777)
+    } else {
+        return Ok(());
+    };
+    Err(RunError::UnsafeDir {
+        dir: dir.display().to_string(),
+        why,
+    })
+}
+
 fn start(p: &Playbook, opts: &Options) -> Result<Opened, RunError> {
     let dir = &opts.run_dir;
     // Checked before creating the lock, so a wrong --run-dir is left as it
@@ -196,6 +223,7 @@ fn start(p: &Playbook, opts: &Options) -> Result<Opened, RunError> {
     check_empty(dir)?;
     let parent_missing = !dir.is_dir();
     fsutil::create_private_dir_all(dir).map_err(io("cannot create", dir))?;
+    check_own(dir)?;
     if parent_missing {
         if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
             fsutil::sync_dir(parent).map_err(io("cannot sync", parent))?;
@@ -253,6 +281,7 @@ fn resume(p: &Playbook, opts: &Options) -> Result<Opened, RunError> {
     if !dir.join(journal::JOURNAL).exists() {
         return Err(nothing("no journal.jsonl"));
     }
+    check_own(dir)?;
     let lock = take_lock(dir)?;
     let plan_path = dir.join(PLAN_FILE);
     let text = fs::read_to_string(&plan_path).map_err(io("cannot read", &plan_path))?;
@@ -281,15 +310,16 @@ fn resume(p: &Playbook, opts: &Options) -> Result<Opened, RunError> {
     };
     // A resumed run walks plan.json, whose steps include SQL and hooks:
     // only the plan this run wrote.
-    if let Some(then) = &first.plan_sha256 {
-        let now = plan::sha256_hex(text.as_bytes());
-        if &now != then {
-            return Err(RunError::PlanChanged {
-                path: plan_path.clone(),
-                then: then.clone(),
-                now,
-            });
-        }
+    let Some(then) = &first.plan_sha256 else {
+        return Err(RunError::PlanUnchecked { dir: shown });
+    };
+    let now = plan::sha256_hex(text.as_bytes());
+    if &now != then {
+        return Err(RunError::PlanChanged {
+            path: plan_path.clone(),
+            then: then.clone(),
+            now,
+        });
     }
     if first.mode == "dry-run" {
         return Err(RunError::DryRun { dir: shown });
@@ -345,17 +375,7 @@ fn apply_step(
             state,
             interrupted,
         };
-        // A panic in a step (a defect: a value the code did not expect)
-        // is that step's failure, journaled as any other and retried by
-        // --resume, not a crash that leaves the gates closed unexplained.
-        let applied = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            s.action.step().apply(env, &mut rec)
-        }))
-        .unwrap_or_else(|payload| {
-            Err(StepError::Panicked {
-                message: panic_message(payload.as_ref()),
-            })
-        });
+        let applied = crate::reentry::steps::guarded(|| s.action.step().apply(env, &mut rec));
         match applied {
             Err(e) if e.is_transient() && attempt < 2 => {
                 attempt += 1;
@@ -366,14 +386,6 @@ fn apply_step(
             r => return r,
         }
     }
-}
-
-fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
-    payload
-        .downcast_ref::<&str>()
-        .map(|s| (*s).to_owned())
-        .or_else(|| payload.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "a panic without a message".to_owned())
 }
 
 /// Runs (or dry-runs, or resumes) the playbook. `show` sees each step as it

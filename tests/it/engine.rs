@@ -1320,6 +1320,33 @@ fn playbook_sql_that_would_leave_its_read_only_transaction_is_refused_where_it_i
         "{err}"
     );
 
+    // One statement that a read-only transaction allows and that still
+    // acts: COPY … TO PROGRAM runs a program as the server's user. Refused
+    // as no query, unrun, in `plan` and in a dry run.
+    let marker = f.dir.join("copy-to-program-ran");
+    let program = format!("COPY (SELECT 1) TO PROGRAM 'touch {}'", marker.display());
+    let copy = text.replace(
+        "SELECT id FROM cases WHERE status = 'open' AND owner_id IS NULL",
+        &program,
+    );
+    std::fs::write(&pb, &copy).unwrap();
+    for args in [vec!["plan"], vec!["apply", "--run-dir"]] {
+        let mut cmd = Command::new(reentry_bin());
+        cmd.arg(args[0]).arg(&pb).env(PW_VAR, SECRET);
+        if args.len() > 1 {
+            cmd.arg(args[1]).arg(f.dir.join("dry-run-copy"));
+        }
+        let out = cmd.output().unwrap();
+        assert_exit(&out, 78);
+        let err = stderr(&out);
+        assert!(
+            err.contains(&format!("pb.toml:{}:", line_of(&copy, &program)))
+                && err.contains("not a query"),
+            "{err}"
+        );
+    }
+    assert!(!marker.exists(), "the program ran");
+
     // A health check, which no plan prepared, with a read-write transaction
     // of its own: in `plan` and in a dry run.
     let escape =
@@ -1470,7 +1497,64 @@ fn a_resume_refuses_a_plan_json_that_is_not_the_one_the_run_wrote() {
             journal_before
         );
     }
-    // Its own plan back: the run goes on.
+    // A journal whose run-started names no plan hash (the reviewer's
+    // bypass: drop the field) vouches for nothing: refused.
+    let unvouched = journal_before.replacen("\"plan-sha256\":", "\"x-plan-sha256\":", 1);
+    assert_ne!(
+        unvouched, journal_before,
+        "the journal records the plan's hash"
+    );
+    std::fs::write(run.join("journal.jsonl"), &unvouched).unwrap();
     std::fs::write(&plan_path, &original).unwrap();
+    let out = apply(&pb, &run, &["--apply", "--resume"]);
+    assert_exit(&out, 3);
+    assert!(
+        stderr(&out).contains("records no sha256 of its plan"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(f.gates("res"), held);
+    std::fs::write(run.join("journal.jsonl"), &journal_before).unwrap();
+
+    // A run directory others can write to: whoever can, can replace the
+    // plan and the journal together. Refused, on start and on resume.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&run, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let out = apply(&pb, &run, &["--apply", "--resume"]);
+    assert_exit(&out, 3);
+    assert!(
+        stderr(&out).contains("others can write to it (mode 777)"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(f.gates("res"), held);
+    std::fs::set_permissions(&run, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let shared = f.dir.join("shared-run");
+    std::fs::create_dir(&shared).unwrap();
+    std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o1777)).unwrap();
+    let out = apply(&pb, &shared, &["--apply"]);
+    assert_exit(&out, 3);
+    assert_eq!(
+        std::fs::read_dir(&shared).unwrap().count(),
+        0,
+        "it wrote there"
+    );
+    // One that another user made (as in a shared /tmp): refused too.
+    // (Only root can give a directory to another user.)
+    if let Some((uid, gid)) = crate::common::server_user() {
+        let theirs = f.dir.join("their-run");
+        std::fs::create_dir(&theirs).unwrap();
+        std::os::unix::fs::chown(&theirs, Some(uid), Some(gid)).unwrap();
+        std::fs::set_permissions(&theirs, std::fs::Permissions::from_mode(0o700)).unwrap();
+        let out = apply(&pb, &theirs, &["--apply"]);
+        assert_exit(&out, 3);
+        assert!(
+            stderr(&out).contains(&format!("it belongs to uid {uid}")),
+            "{}",
+            stderr(&out)
+        );
+    }
+
+    // Its own plan back: the run goes on.
     assert_exit(&apply(&pb, &run, &["--apply", "--resume"]), 0);
 }

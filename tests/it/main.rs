@@ -8,6 +8,7 @@ mod crash;
 mod engine;
 mod kafka;
 mod kafka_tls;
+mod nulls;
 mod pg_tls;
 mod playbook;
 mod quartz;

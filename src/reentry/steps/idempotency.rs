@@ -263,13 +263,15 @@ impl Keys {
         if self.from_current {
             let key = quote_qualified(&self.key_column);
             let t = quote_qualified(&self.table);
+            // A NULL key is no key: no unique index holds it, and no
+            // request can name it.
             let sql = match &self.created_column {
                 Some(c) => {
                     let c = quote_qualified(c);
-                    format!("SELECT {key}::text, (extract(epoch FROM {c}) * 1000)::int8 FROM {t} WHERE {c} >= to_timestamp($1::int8 / 1000.0)")
+                    format!("SELECT {key}::text, (extract(epoch FROM {c}) * 1000)::int8 FROM {t} WHERE {c} >= to_timestamp($1::int8 / 1000.0) AND {key} IS NOT NULL")
                 }
                 None => {
-                    format!("SELECT {key}::text, NULL::int8 FROM {t} WHERE $1::int8 IS NOT NULL")
+                    format!("SELECT {key}::text, NULL::int8 FROM {t} WHERE $1::int8 IS NOT NULL AND {key} IS NOT NULL")
                 }
             };
             let mut rows = Vec::new();

@@ -150,6 +150,21 @@ pub enum StepError {
     Panicked { message: String },
 }
 
+/// Runs a step's code with a panic turned into that step's failure: a
+/// defect (a value the code did not expect) is reported and journaled as
+/// any other failure, and `--resume` retries it, instead of a crash that
+/// leaves the gates closed unexplained.
+pub fn guarded<T>(f: impl FnOnce() -> Result<T, StepError>) -> Result<T, StepError> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|payload| {
+        let message = payload
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_owned())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "a panic without a message".to_owned());
+        Err(StepError::Panicked { message })
+    })
+}
+
 impl StepError {
     /// Connection refused or lost: worth one more try on a new connection,
     /// because every step is idempotent.

@@ -250,6 +250,8 @@ pub struct Classes {
     pub scan: ScanStats,
     /// Reading the outbox and joining it with the scan.
     pub database_seconds: f64,
+    /// Rows in the window whose id is NULL: not reconciled.
+    pub without_id: u64,
 }
 
 /// What an outbox step journals as its effect's detail: the classes'
@@ -269,6 +271,9 @@ pub struct Detail {
     pub duplicates_in_topic: u64,
     pub scan: ScanStats,
     pub database_seconds: f64,
+    /// Rows whose id is NULL, which no event can match.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub without_id: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub applied: Option<Applied>,
 }
@@ -280,6 +285,10 @@ pub struct Applied {
     pub staged_orphans: u64,
     pub compensated: u64,
     pub marked_unpublished: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 impl Classes {
@@ -299,6 +308,7 @@ impl Classes {
             duplicates_in_topic: self.duplicates,
             scan: self.scan.clone(),
             database_seconds: self.database_seconds,
+            without_id: self.without_id,
             applied: None,
         }
     }
@@ -340,8 +350,12 @@ impl Classes {
                 jiff::Timestamp::from_millisecond(h).map_or_else(|_| h.to_string(), crate::time::utc_millis)
             ),
         };
+        let without_id = match self.without_id {
+            0 => String::new(),
+            n => format!(", {n} row(s) without an id (not reconciled)"),
+        };
         format!(
-            "outbox `{}` ↔ {}: {} to mark published, {} orphan(s), {} to mark unpublished, {} pending, {} in sync{gone} ({} events scanned)",
+            "outbox `{}` ↔ {}: {} to mark published, {} orphan(s), {} to mark unpublished, {} pending, {} in sync{gone}{without_id} ({} events scanned)",
             r.outbox,
             r.topic,
             self.mark_published.len(),
@@ -619,7 +633,8 @@ pub fn classify(
             )
         }
         Published::Flag(c) => {
-            let c = quote_qualified(c);
+            // A NULL flag (gruelbox's column admits it) is not published.
+            let c = format!("coalesce({}, false)", quote_qualified(c));
             let created = l.created_at.as_deref().map(quote_qualified);
             let (w, at) = match &created {
                 Some(cr) => (
@@ -646,6 +661,22 @@ pub fn classify(
         Published::At(c) if id_col.ty == "uuid" => Some(quote_qualified(c)),
         _ => None,
     };
+    // A row without an id (where the column admits NULL) cannot be matched
+    // with an event: it is counted and named, not reconciled.
+    let without_id = if id_col.nullable {
+        let n: i64 = db
+            .query_one(
+                "count outbox rows without an id",
+                &format!("SELECT count(*) FROM {t} WHERE {id} IS NULL AND ({window})"),
+                &[&compare_ms],
+            )
+            .on(&r.database)?
+            .get(0);
+        n as u64
+    } else {
+        0
+    };
+    let window = format!("({window}) AND {id} IS NOT NULL");
     let select = match &binary {
         Some(c) => format!("SELECT {id}, {c} FROM {t} WHERE {window}"),
         None => format!("SELECT {id}::text, {published}, {published_at} FROM {t} WHERE {window}"),
@@ -713,6 +744,7 @@ pub fn classify(
     let buffered = buffered?;
     let mut c = Classes {
         scan: stats,
+        without_id,
         ..Classes::default()
     };
     let t_db = Instant::now();
