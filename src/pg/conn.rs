@@ -142,11 +142,76 @@ pub fn config(conninfo: Option<&str>) -> Result<(Config, Tls), PgError> {
             c.dbname(&d);
         }
     }
+    if c.get_password().is_none() {
+        if let Some(p) = passfile_password(&c) {
+            c.password(p);
+        }
+    }
     if c.get_application_name().is_none() {
         c.application_name("reentry");
     }
     c.connect_timeout(Duration::from_secs(10));
     Ok((c, tls))
+}
+
+/// The password libpq's password file gives this connection, so that
+/// none need be on a command line: `PGPASSFILE`, else `~/.pgpass`; lines
+/// `host:port:database:user:password`, `*` for any, `\` escaping `:`
+/// and `\`, the first match winning. As libpq does, a file others can
+/// read is ignored, with a warning.
+fn passfile_password(c: &Config) -> Option<String> {
+    use std::os::unix::fs::PermissionsExt;
+    let path = match std::env::var_os("PGPASSFILE").filter(|v| !v.is_empty()) {
+        Some(p) => std::path::PathBuf::from(p),
+        None => std::path::PathBuf::from(std::env::var_os("HOME")?).join(".pgpass"),
+    };
+    let meta = std::fs::metadata(&path).ok()?;
+    if !meta.is_file() {
+        return None;
+    }
+    if meta.permissions().mode() & 0o077 != 0 {
+        tracing::warn!(
+            "password file {} has group or world access and is ignored; permissions should be u=rw (0600) or less",
+            path.display()
+        );
+        return None;
+    }
+    let text = std::fs::read_to_string(&path).ok()?;
+    let host = match c.get_hosts().first() {
+        Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
+        // libpq matches a socket connection as localhost.
+        _ => "localhost".to_owned(),
+    };
+    let port = c.get_ports().first().copied().unwrap_or(5432).to_string();
+    let user = c.get_user()?;
+    let db = c.get_dbname().unwrap_or(user);
+    passfile_match(&text, [&host, &port, db, user])
+}
+
+/// The password of the first line of a password file that matches `want`
+/// (host, port, database, user).
+fn passfile_match(text: &str, want: [&str; 4]) -> Option<String> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|line| {
+            let mut fields = Vec::with_capacity(5);
+            let mut cur = String::new();
+            let mut chars = line.chars();
+            while let Some(ch) = chars.next() {
+                match ch {
+                    '\\' => cur.extend(chars.next()),
+                    ':' if fields.len() < 4 => fields.push(std::mem::take(&mut cur)),
+                    _ => cur.push(ch),
+                }
+            }
+            fields.push(cur);
+            let matches = fields.len() == 5
+                && fields[..4]
+                    .iter()
+                    .zip(want)
+                    .all(|(f, w)| f == "*" || f == w);
+            matches.then(|| fields.pop().unwrap_or_default())
+        })
 }
 
 /// Keys tokio-postgres knows, which an error may name: anything else it
@@ -643,6 +708,27 @@ impl Db {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_password_file_is_read_as_libpq_reads_it() {
+        let file = "# comment\n\
+                    db1:5432:app:alice:first\n\
+                    *:5433:*:alice:any\\:colon\n\
+                    db\\:2:*:*:bob:escaped\n\
+                    *:*:*:*:fallback\n";
+        let m = |w: [&str; 4]| passfile_match(file, w);
+        assert_eq!(m(["db1", "5432", "app", "alice"]).as_deref(), Some("first"));
+        assert_eq!(
+            m(["db9", "5433", "x", "alice"]).as_deref(),
+            Some("any:colon")
+        );
+        assert_eq!(m(["db:2", "1", "y", "bob"]).as_deref(), Some("escaped"));
+        assert_eq!(
+            m(["db1", "5432", "app", "carol"]).as_deref(),
+            Some("fallback")
+        );
+        assert_eq!(passfile_match("h:1:d:u\n", ["h", "1", "d", "u"]), None);
+    }
 
     #[test]
     fn a_program_gets_no_secret_on_its_command_line() {

@@ -10,6 +10,7 @@ mod kafka;
 mod kafka_tls;
 mod nulls;
 mod pg_tls;
+mod pgpass;
 mod playbook;
 mod quartz;
 mod reconcile;
