@@ -289,6 +289,12 @@ pub enum InterpError {
     Unset(String),
 }
 
+/// Prefixes of the variables that hold the operator's own credentials:
+/// object storage's (read by the repository's client) and reentry's keys.
+/// A playbook names application systems; it has no use for these, and a
+/// URL it controls must not be able to carry them away.
+const OPERATORS: &[&str] = &["AWS_", "AZURE_", "GOOGLE_", "REENTRY_AGE_", "REENTRY_REPO"];
+
 /// Expands `${NAME}` from the environment; `$$` stands for `$`.
 pub fn interpolate(s: &str) -> Result<String, InterpError> {
     interpolate_with(s, |_, _, value| value.to_owned())
@@ -316,6 +322,12 @@ pub fn interpolate_with(
             if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
                 return Err(InterpError::Syntax(format!(
                     "`${{{name}}}` is not a variable name (letters, digits, _)"
+                )));
+            }
+            if OPERATORS.iter().any(|p| name.starts_with(p)) {
+                return Err(InterpError::Syntax(format!(
+                    "`${{{name}}}` is the operator's own: a playbook cannot read variables named {} (reentry's repository and key credentials)",
+                    OPERATORS.iter().map(|p| format!("{p}…")).collect::<Vec<_>>().join(", ")
                 )));
             }
             let value = std::env::var(name).map_err(|_| InterpError::Unset(name.to_owned()))?;
@@ -350,5 +362,20 @@ mod tests {
         assert!(interpolate("${oops").is_err());
         assert!(interpolate("$5").is_err());
         assert!(interpolate("${a-b}").is_err());
+    }
+
+    #[test]
+    fn the_operators_credentials_are_not_a_playbooks_to_read() {
+        for name in [
+            "AWS_SECRET_ACCESS_KEY",
+            "AZURE_STORAGE_KEY",
+            "REENTRY_AGE_IDENTITY_FILE",
+        ] {
+            let e = interpolate(&format!("https://x.example/?k=${{{name}}}")).unwrap_err();
+            assert!(
+                matches!(&e, InterpError::Syntax(m) if m.contains("is the operator's own")),
+                "{name}: {e}"
+            );
+        }
     }
 }
