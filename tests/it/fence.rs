@@ -8,7 +8,7 @@ use std::io::{BufRead, BufReader};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Command, Output, Stdio};
 
 use crate::common::archiving::{archiving, archiving_with, switch_and_wait_archived};
 use crate::common::pg::{Cluster, Version};
@@ -533,6 +533,53 @@ fn the_target_is_private_while_the_backup_is_laid_out_in_it() {
         &to,
     );
     assert_eq!(open, Vec::<String>::new(), "packed: readable by others");
+}
+
+/// A local repository with a recipient stages the plain backup in
+/// `--scratch DIR`, not in $TMPDIR (often a small tmpfs), and leaves
+/// nothing there.
+#[test]
+fn an_encrypted_local_backup_stages_in_the_scratch_directory_it_is_given() {
+    let (_, public) = age_key();
+    let mut c = Cluster::init(Version::V18);
+    let repo = c.dir("repo");
+    c.append_conf(&[
+        ("archive_mode", "on".to_string()),
+        (
+            "archive_command",
+            format!(
+                "'REENTRY_AGE_RECIPIENTS={public} {} --repo {} wal push %p'",
+                reentry_bin().display(),
+                repo.display()
+            ),
+        ),
+    ]);
+    c.start();
+    let no_tmp = c.root().join("no-such-tmp");
+    let backup = |extra: &[&str]| -> Output {
+        let mut args = vec!["backup"];
+        args.extend_from_slice(extra);
+        command(&c, &repo, &args)
+            .env("REENTRY_AGE_RECIPIENTS", &public)
+            .env("TMPDIR", &no_tmp)
+            .output()
+            .unwrap()
+    };
+    let out = backup(&[]);
+    assert_exit(&out, 2);
+    assert!(
+        stderr(&out).contains(no_tmp.to_str().unwrap()),
+        "{}",
+        stderr(&out)
+    );
+    let scratch = c.dir("big-disk");
+    let b = ok_json(&backup(&["--scratch", scratch.to_str().unwrap()]));
+    assert_eq!(b["encryption"]["algorithm"], "age-x25519", "{b}");
+    assert_eq!(
+        files_in(&scratch),
+        Vec::<String>::new(),
+        "scratch left behind"
+    );
 }
 
 /// A drill whose copy's path is too long for a socket puts the socket in
