@@ -56,8 +56,10 @@ CONFLUENT_KAFKA='confluent-kafka>=2.6,<3'
 export REENTRY_KCAT=${REENTRY_KCAT:-$KCAT}
 # Java and the Quartz scheduler the gates are tested against: Debian ships
 # Quartz 2.3 and the JDBC driver, enough for the small javac programs. A
-# headless Chromium looks at the HTML report in the tests.
-DEBIAN_PACKAGES=(postgresql-15 redis-server redis-tools kcat pgbackrest time locales libssl-dev pkg-config openssl bc curl
+# headless Chromium looks at the HTML report in the tests. pg_cron 1.4 for
+# PostgreSQL 15: a pg_cron without cron.launch_active_jobs, which a restore
+# refuses to start.
+DEBIAN_PACKAGES=(postgresql-15 postgresql-15-cron redis-server redis-tools kcat pgbackrest time locales libssl-dev pkg-config openssl bc curl
   libxml2 libicu72 libgssapi-krb5-2 liblz4-1 libzstd1 libcurl4-openssl-dev nginx-light
   nodejs openjdk-17-jdk-headless libquartz2-java libpostgresql-jdbc-java libhikaricp-java libslf4j-java chromium)
 export REENTRY_QUARTZ_CP=${REENTRY_QUARTZ_CP:-/usr/share/java/quartz2.jar:/usr/share/java/postgresql.jar:/usr/share/java/HikariCP.jar:/usr/share/java/slf4j-api.jar:/usr/share/java/slf4j-nop.jar}

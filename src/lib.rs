@@ -189,5 +189,8 @@ fn restore_exit(e: &backup::restore::RestoreError) -> Exit {
             Exit::Negative
         }
         R::Tablespaces { .. } => Exit::Refused,
+        R::Fence(e) if e.is_refusal() => Exit::Refused,
+        R::Fence(backup::fence::FenceError::Pg(e)) => pg_exit(e),
+        R::Fence(_) => Exit::Failure,
     }
 }

@@ -122,6 +122,9 @@ pub struct BackupOptions {
     pub checksum: Algorithm,
     /// The upload's progress.
     pub reporter: Reporter,
+    /// Where a packed backup is written in plain first: a private
+    /// directory in it, removed after [default: the temporary directory].
+    pub scratch: Option<PathBuf>,
 }
 
 struct Server {
@@ -344,14 +347,14 @@ fn copy_and_settle(
     // (and encrypted) into the repository: its data in plain files would
     // be readable by whoever reads the repository, which encryption is
     // meant to prevent.
+    // The whole cluster lands there: $TMPDIR is often a small tmpfs, hence
+    // --scratch.
     let packed_here = repo.local_root().is_none() || repo.keys().to.is_some();
     let scratch = if packed_here {
-        Some(
-            ScratchDir::new("reentry-backup").map_err(crate::backup::repo::io_err(
-                "create a scratch directory in",
-                &std::env::temp_dir(),
-            ))?,
-        )
+        let dir = opts.scratch.clone().unwrap_or_else(std::env::temp_dir);
+        Some(ScratchDir::beside(&dir.join("reentry-backup")).map_err(
+            crate::backup::repo::io_err("create a scratch directory in", &dir),
+        )?)
     } else {
         None
     };

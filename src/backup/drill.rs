@@ -177,6 +177,9 @@ pub struct DrillOptions {
     pub progress: crate::progress::Reporter,
     /// From object storage: how many objects to download at once.
     pub jobs: usize,
+    /// Preloaded libraries the operator lets run on the copy (see
+    /// `RestoreOptions::allow_preload`).
+    pub allow_preload: Vec<String>,
 }
 
 fn parse_time(s: &str) -> Option<SystemTime> {
@@ -264,6 +267,7 @@ pub fn drill(repo: &Repo, opts: &DrillOptions) -> Result<Evidence, DrillError> {
         timeout: opts.timeout,
         progress: opts.progress.clone(),
         jobs: opts.jobs,
+        allow_preload: opts.allow_preload.clone(),
     };
     let manifest = restore::restore(repo, &restore_opts)?;
     let validated = validate(&manifest, &opts.checks);
@@ -275,8 +279,20 @@ pub fn drill(repo: &Repo, opts: &DrillOptions) -> Result<Evidence, DrillError> {
         .output();
     if opts.keep {
         tracing::info!(dir = %dir.display(), "restored cluster kept (stopped)");
-    } else if opts.work_dir.is_some() {
-        let _ = fs::remove_dir_all(&dir);
+    } else {
+        if opts.work_dir.is_some() {
+            let _ = fs::remove_dir_all(&dir);
+        }
+        // A socket directory of the copy's own, in the temporary directory,
+        // goes with it.
+        let socket = Path::new(&manifest.socket_dir);
+        if socket != Path::new(&manifest.data_dir)
+            && socket
+                .file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with(restore::SOCKET_DIR_PREFIX))
+        {
+            let _ = fs::remove_dir_all(socket);
+        }
     }
     let (server_version, databases, extensions, checks) = validated?;
     let finished_at = now_rfc3339();
@@ -328,8 +344,10 @@ type Validated = (String, Vec<String>, Vec<Extension>, Vec<CheckResult>);
 fn validate(m: &RestoreManifest, user: &[Check]) -> Result<Validated, DrillError> {
     let connect = |db: &str| {
         Db::connect(Some(&format!(
-            "host='{}' port={} dbname={db}",
-            m.socket_dir, m.port
+            "host={} port={} dbname={}",
+            crate::pg::conn::quote_value(&m.socket_dir),
+            m.port,
+            crate::pg::conn::quote_value(db)
         )))
     };
     let mut main = connect("postgres")?;

@@ -7,6 +7,7 @@ pub mod catalog;
 pub mod copy;
 pub mod drill;
 pub mod expire;
+pub mod fence;
 pub mod label;
 pub mod packed;
 pub mod parts;

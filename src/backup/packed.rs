@@ -26,7 +26,7 @@
 use std::collections::HashSet;
 use std::fs::{self, File};
 use std::io::{self, Read, Seek, SeekFrom};
-use std::os::unix::fs::{FileExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt, PermissionsExt};
 use std::path::Component;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -276,10 +276,11 @@ impl Entry {
     }
 }
 
-/// The permission bits a restored file or directory may have: no setuid,
-/// setgid or sticky bit, whatever the index says.
-fn restored_mode(mode: u32) -> fs::Permissions {
-    fs::Permissions::from_mode(mode & 0o777)
+/// The permission bits a restored file or directory gets: its owner's
+/// from the index, no more. The data is the operator's alone, whatever
+/// the source allowed (`initdb -g`) or the umask would give.
+fn restored_mode(mode: u32) -> u32 {
+    mode & 0o700
 }
 
 /// Refuses to create `p` (below `to`) when one of the directories between
@@ -658,8 +659,13 @@ pub fn materialise(
             Entry::Dir { path, mode } if wanted(path) => {
                 let p = to.join(path);
                 no_link_above(to, &p)?;
-                fs::create_dir(&p).map_err(io_err("create", &p))?;
-                fs::set_permissions(&p, restored_mode(*mode))
+                // Private from its creation; set again, past the umask.
+                let mode = restored_mode(*mode);
+                fs::DirBuilder::new()
+                    .mode(mode)
+                    .create(&p)
+                    .map_err(io_err("create", &p))?;
+                fs::set_permissions(&p, fs::Permissions::from_mode(mode))
                     .map_err(io_err("set permissions on", &p))?;
             }
             Entry::File {
@@ -671,11 +677,17 @@ pub fn materialise(
                 let p = to.join(path);
                 no_link_above(to, &p)?;
                 // Create-only: never opens what is already there, a link
-                // included.
-                let f = File::create_new(&p).map_err(io_err("create", &p))?;
-                f.set_len(*size).map_err(io_err("write", &p))?;
-                fs::set_permissions(&p, restored_mode(*mode))
+                // included. Private from its creation.
+                let mode = restored_mode(*mode);
+                let f = fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(mode)
+                    .open(&p)
+                    .map_err(io_err("create", &p))?;
+                f.set_permissions(fs::Permissions::from_mode(mode))
                     .map_err(io_err("set permissions on", &p))?;
+                f.set_len(*size).map_err(io_err("write", &p))?;
                 let mut at = 0;
                 for part in parts {
                     targets[part.piece].push((p.clone(), at, part.offset, part.len));

@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::backup::archive::ArchiveError;
 use crate::backup::basebackup::now_rfc3339;
+use crate::backup::fence::{self, FenceError};
 use crate::backup::label::BackupLabel;
 use crate::backup::packed::{self, PackError};
 use crate::backup::repo::{io_err, Repo, RepoError};
@@ -104,6 +105,8 @@ pub enum RestoreError {
     Tool(#[from] ToolError),
     #[error(transparent)]
     Pack(#[from] PackError),
+    #[error(transparent)]
+    Fence(#[from] FenceError),
     #[error("PostgreSQL refuses to run as root: run reentry restore as the OS user that will own the restored cluster")]
     RunningAsRoot,
     #[error(
@@ -157,6 +160,9 @@ pub struct RestoreOptions {
     pub progress: Reporter,
     /// From object storage: how many objects to download at once.
     pub jobs: usize,
+    /// Preloaded libraries the operator lets run on the copy, besides
+    /// those the fence keeps (see `fence`).
+    pub allow_preload: Vec<String>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -504,6 +510,8 @@ pub fn restore(repo: &Repo, opts: &RestoreOptions) -> Result<RestoreManifest, Re
                 links,
             });
         }
+        // Nor any other link: configuring the copy would write through it.
+        fence::check_plain(&b.id, &data)?;
     }
     {
         let archive = repo.archive();
@@ -529,8 +537,17 @@ pub fn restore(repo: &Repo, opts: &RestoreOptions) -> Result<RestoreManifest, Re
         None => repo.location(),
     };
 
-    fsutil::create_dir_all_durable(&opts.to).map_err(io_err("create", &opts.to))?;
+    // Private from the start: what lands in it is production's data,
+    // decrypted.
+    let created = create_target(&opts.to).map_err(io_err("create", &opts.to))?;
     let to = fs::canonicalize(&opts.to).map_err(io_err("resolve", &opts.to))?;
+    // A refusal after the copy leaves the target as it found it.
+    let mut unwind = Unwind {
+        to: &to,
+        created,
+        socket: None,
+        armed: true,
+    };
     let mut durations = Durations::default();
     {
         let size: u64 = chain.iter().map(|b| b.size_bytes).sum();
@@ -553,6 +570,8 @@ pub fn restore(repo: &Repo, opts: &RestoreOptions) -> Result<RestoreManifest, Re
     let t = Instant::now();
     match (chain.len(), repo.backup_data(&backup.id)?) {
         (1, Some(data)) => {
+            // check_plain refused links before anything was copied;
+            // copy_tree refuses them again, in case one appeared since.
             copy_tree(&data, &to).map_err(io_err("copy the backup into", &to))?;
             durations.copy_seconds = t.elapsed().as_secs_f64();
         }
@@ -570,25 +589,21 @@ pub fn restore(repo: &Repo, opts: &RestoreOptions) -> Result<RestoreManifest, Re
         }
         _ => {
             // A packed backup (on object storage, or copied from there) is
-            // downloaded beside the target first.
+            // downloaded beside the target first, and the chain combined
+            // there: a private directory, like the target.
             let data: Vec<Option<PathBuf>> = chain
                 .iter()
                 .map(|b| repo.backup_data(&b.id))
                 .collect::<Result<_, _>>()?;
-            let scratch = match data.iter().all(Option::is_some) {
-                true => None,
-                false => Some(
-                    ScratchDir::beside(&to)
-                        .map_err(io_err("create a scratch directory beside", &to))?,
-                ),
-            };
+            let scratch = ScratchDir::beside(&to)
+                .map_err(io_err("create a scratch directory beside", &to))?;
             let mut dirs = Vec::new();
             for (b, data) in chain.iter().zip(data) {
-                dirs.push(match (data, &scratch) {
-                    (Some(d), _) => d,
-                    (None, Some(s)) => {
-                        let d = s.path().join(&b.id);
-                        fs::create_dir(&d).map_err(io_err("create", &d))?;
+                dirs.push(match data {
+                    Some(d) => d,
+                    None => {
+                        let d = scratch.path().join(&b.id);
+                        fsutil::create_private_dir_all(&d).map_err(io_err("create", &d))?;
                         packed::materialise(
                             repo.store(),
                             &b.id,
@@ -600,22 +615,39 @@ pub fn restore(repo: &Repo, opts: &RestoreOptions) -> Result<RestoreManifest, Re
                         )?;
                         d
                     }
-                    (None, None) => unreachable!("a packed backup has a scratch directory"),
                 });
             }
             durations.copy_seconds = t.elapsed().as_secs_f64();
             let t = Instant::now();
-            // pg_combinebackup insists on creating the output directory itself.
-            fs::remove_dir(&to).map_err(io_err("prepare", &to))?;
+            // pg_combinebackup insists on creating the output directory
+            // itself, with the modes of the backups': it writes in the
+            // scratch directory, and the result, made private, replaces
+            // the empty target.
+            let out = scratch.path().join("combined");
             let mut cmd = opts.pg_bin.command("pg_combinebackup");
-            cmd.arg("-o").arg(&to);
+            cmd.arg("-o").arg(&out);
             cmd.args(&dirs);
             tools::run(&mut cmd)?;
+            private_tree(&out).map_err(io_err("set permissions in", &out))?;
+            fs::rename(&out, &to).map_err(io_err("move the combined backup to", &to))?;
             durations.combine_seconds = t.elapsed().as_secs_f64();
         }
     }
-    set_mode(&to, 0o700).map_err(io_err("set permissions on", &to))?;
+    crate::reentry::steps::pause_point("restore", "copied");
     let socket = socket_dir(&to, port).map_err(io_err("make the socket directory for", &to))?;
+    if socket != to {
+        unwind.socket = Some(socket.clone());
+    }
+    let major = fs::read_to_string(to.join("PG_VERSION"))
+        .ok()
+        .and_then(|v| v.trim().parse::<u32>().ok())
+        .ok_or_else(|| RestoreError::RecoveryFailed {
+            dir: to.clone(),
+            log: "the backup has no readable PG_VERSION".into(),
+        })?;
+    if opts.listen.is_some() && !is_plain_file(&to.join("pg_hba.conf")) {
+        return Err(FenceError::NoSourceHba.into());
+    }
     configure(
         &to,
         &Listen {
@@ -627,11 +659,31 @@ pub fn restore(repo: &Repo, opts: &RestoreOptions) -> Result<RestoreManifest, Re
         repo.keys().identity_file(),
         &target,
         opts.action,
+        major,
     )
     .map_err(io_err("configure", &to))?;
+    let checked = fence::check_config(&opts.pg_bin, &to, major, &opts.allow_preload)?;
 
     let t = Instant::now();
-    let reached = replay(&to, port, &socket, opts)?;
+    let reached = match replay(&to, port, &socket, opts, &checked) {
+        Ok(r) => {
+            unwind.armed = false;
+            r
+        }
+        // The started copy failed the fence's checks (replay stopped it).
+        Err(e @ RestoreError::Fence(_)) => return Err(e),
+        Err(e) => {
+            // Past the fence's checks, a failed recovery is left to look
+            // at; a socket directory of its own goes once it is down.
+            unwind.armed = false;
+            if !to.join("postmaster.pid").exists() {
+                if let Some(s) = &unwind.socket {
+                    let _ = fs::remove_dir_all(s);
+                }
+            }
+            return Err(e);
+        }
+    };
     durations.replay_seconds = t.elapsed().as_secs_f64();
     durations.total_seconds = started.elapsed().as_secs_f64();
     let manifest = RestoreManifest {
@@ -662,20 +714,98 @@ pub fn restore(repo: &Repo, opts: &RestoreOptions) -> Result<RestoreManifest, Re
     Ok(manifest)
 }
 
-fn set_mode(p: &Path, mode: u32) -> io::Result<()> {
-    use std::os::unix::fs::PermissionsExt;
-    fs::set_permissions(p, fs::Permissions::from_mode(mode))
+/// Creates the restore target 0700 whatever the umask (its parents as
+/// usual), or makes the empty one that is there 0700, before anything is
+/// written in it. Whether it was created.
+fn create_target(to: &Path) -> io::Result<bool> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    let created = match fs::symlink_metadata(to) {
+        Ok(_) => false,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            if let Some(parent) = to.parent().filter(|p| !p.as_os_str().is_empty()) {
+                fsutil::create_dir_all_durable(parent)?;
+            }
+            fs::DirBuilder::new().mode(0o700).create(to)?;
+            if let Some(parent) = to.parent().filter(|p| !p.as_os_str().is_empty()) {
+                fsutil::sync_dir(parent)?;
+            }
+            true
+        }
+        Err(e) => return Err(e),
+    };
+    fs::set_permissions(to, fs::Permissions::from_mode(0o700))?;
+    Ok(created)
 }
 
-/// Copies a backup directory, file contents through copy_file_range, two
-/// files at a time (the machine's two cores keep two requests in flight).
+/// Undoes a restore refused before its copy started: the target is left
+/// as it was found (removed if the restore created it, else emptied), and
+/// a socket directory of its own is removed.
+struct Unwind<'a> {
+    to: &'a Path,
+    created: bool,
+    socket: Option<PathBuf>,
+    armed: bool,
+}
+
+impl Drop for Unwind<'_> {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        if let Some(s) = &self.socket {
+            let _ = fs::remove_dir_all(s);
+        }
+        if self.created {
+            let _ = fs::remove_dir_all(self.to);
+        } else if let Ok(entries) = fs::read_dir(self.to) {
+            for e in entries.flatten() {
+                let p = e.path();
+                let _ = match e.file_type() {
+                    Ok(t) if t.is_dir() => fs::remove_dir_all(&p),
+                    _ => fs::remove_file(&p),
+                };
+            }
+        }
+    }
+}
+
+/// A regular file, not a link to one.
+fn is_plain_file(p: &Path) -> bool {
+    fs::symlink_metadata(p).is_ok_and(|m| m.file_type().is_file())
+}
+
+/// Takes group and other permissions off everything below `dir` (and
+/// `dir`): the copy is its owner's alone, whatever the source allowed.
+fn private_tree(dir: &Path) -> io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = fs::symlink_metadata(dir)?;
+    if meta.file_type().is_symlink() {
+        return Ok(());
+    }
+    let mode = meta.permissions().mode() & 0o700;
+    fs::set_permissions(dir, fs::Permissions::from_mode(mode))?;
+    if meta.is_dir() {
+        for entry in fs::read_dir(dir)? {
+            private_tree(&entry?.path())?;
+        }
+    }
+    Ok(())
+}
+
+/// Copies a plain backup directory, file contents through copy_file_range,
+/// two files at a time (the machine's two cores keep two requests in
+/// flight). Every directory and file is created with its owner's
+/// permissions only, and nothing but directories and regular files is
+/// copied: a link would be followed by the writes that configure the copy.
 fn copy_tree(from: &Path, to: &Path) -> io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
     let mut files = Vec::new();
     let mut dirs = vec![(from.to_owned(), to.to_owned())];
     while let Some((src, dst)) = dirs.pop() {
         if dst != to {
-            fs::create_dir(&dst)?;
-            fs::set_permissions(&dst, fs::metadata(&src)?.permissions())?;
+            let mode = fs::symlink_metadata(&src)?.permissions().mode() & 0o700;
+            fs::DirBuilder::new().mode(mode).create(&dst)?;
+            fs::set_permissions(&dst, fs::Permissions::from_mode(mode))?;
         }
         for entry in fs::read_dir(&src)? {
             let entry = entry?;
@@ -683,13 +813,37 @@ fn copy_tree(from: &Path, to: &Path) -> io::Result<()> {
             let target = dst.join(entry.file_name());
             if kind.is_dir() {
                 dirs.push((entry.path(), target));
-            } else if kind.is_symlink() {
-                std::os::unix::fs::symlink(fs::read_link(entry.path())?, target)?;
+            } else if kind.is_file() {
+                let meta = entry.metadata()?;
+                files.push((
+                    meta.len(),
+                    meta.permissions().mode() & 0o700,
+                    entry.path(),
+                    target,
+                ));
             } else {
-                files.push((entry.metadata()?.len(), entry.path(), target));
+                return Err(io::Error::other(format!(
+                    "{} is not a directory or a regular file: a restore copies no link",
+                    entry.path().display()
+                )));
             }
         }
     }
+    let copy = |mode: u32, src: &Path, dst: &Path| -> io::Result<()> {
+        let mut r = fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(src)?;
+        let mut w = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(dst)?;
+        w.set_permissions(fs::Permissions::from_mode(mode))?;
+        io::copy(&mut r, &mut w)?;
+        Ok(())
+    };
     // Largest first, so the two workers finish together.
     files.sort_by_key(|f| std::cmp::Reverse(f.0));
     let next = std::sync::atomic::AtomicUsize::new(0);
@@ -699,10 +853,10 @@ fn copy_tree(from: &Path, to: &Path) -> io::Result<()> {
                 s.spawn(|| -> io::Result<()> {
                     loop {
                         let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        let Some((_, src, dst)) = files.get(i) else {
+                        let Some((_, mode, src, dst)) = files.get(i) else {
                             return Ok(());
                         };
-                        fs::copy(src, dst)?;
+                        copy(*mode, src, dst)?;
                     }
                 })
             })
@@ -715,8 +869,6 @@ fn copy_tree(from: &Path, to: &Path) -> io::Result<()> {
     fsutil::sync_dir(to)
 }
 
-/// The recovery settings, last in postgresql.auto.conf so they win over
-/// anything the backup carried (ALTER SYSTEM writes there too).
 /// Where a restored copy can be reached.
 struct Listen<'a> {
     port: u16,
@@ -727,29 +879,25 @@ struct Listen<'a> {
 }
 
 /// The copy's socket directory: its data directory (0700), or where that
-/// path is too long for a Unix socket (about 100 bytes), a private
-/// directory of its own in the temporary directory.
+/// path is too long for a Unix socket (about 100 bytes), a new private
+/// directory of this restore's own in the temporary directory (never one
+/// that was there: whoever made it could reach the socket). A refused or
+/// failed restore removes it, and a drill once its copy is stopped; a copy
+/// left running (or shut down, to be started again) keeps it.
 fn socket_dir(to: &Path, port: u16) -> io::Result<PathBuf> {
     if to.as_os_str().len() < 90 {
         return Ok(to.to_owned());
     }
     use std::os::unix::fs::DirBuilderExt;
-    let dir = std::env::temp_dir().join(format!("reentry-socket-{port}"));
-    match fs::DirBuilder::new().mode(0o700).create(&dir) {
-        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-        r => r?,
-    }
-    // One that was there already must be ours and private.
-    use std::os::unix::fs::MetadataExt;
-    let m = fs::symlink_metadata(&dir)?;
-    if !m.is_dir() || m.uid() != fs::metadata(to)?.uid() || m.mode() & 0o077 != 0 {
-        return Err(io::Error::other(format!(
-            "{} exists and is not a private directory of this user",
-            dir.display()
-        )));
-    }
+    let dir =
+        std::env::temp_dir().join(format!("{SOCKET_DIR_PREFIX}{port}-{}", std::process::id()));
+    fs::DirBuilder::new().mode(0o700).create(&dir)?;
     Ok(dir)
 }
+
+/// The name of a socket directory `socket_dir` made in the temporary
+/// directory starts with this.
+pub const SOCKET_DIR_PREFIX: &str = "reentry-socket-";
 
 /// The client authentication of a fenced copy: its socket only, in a
 /// directory no other OS user can enter, so no other user of the host and
@@ -762,6 +910,12 @@ const FENCED_HBA: &str = "# Written by reentry restore: a fenced copy accepts co
 local all all trust
 ";
 
+/// The recovery settings and the fence (see `fence`), last in
+/// postgresql.auto.conf so they win over anything the backup carried
+/// (ALTER SYSTEM writes there too), and the copy's own pg_hba.conf. No
+/// write goes through a link: the files are created new, or opened with
+/// O_NOFOLLOW.
+#[allow(clippy::too_many_arguments)]
 fn configure(
     to: &Path,
     listen: &Listen,
@@ -769,21 +923,43 @@ fn configure(
     identity: Option<&Path>,
     target: &Target,
     action: Action,
+    major: u32,
 ) -> io::Result<()> {
     use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
     let exe = std::env::current_exe()?;
     let quote = |s: &str| format!("'{}'", s.replace('\'', "''"));
+    let create = |p: &Path| {
+        // What the backup had there (never a link's target) goes first.
+        match fs::symlink_metadata(p) {
+            Ok(m) if m.is_dir() => fs::remove_dir_all(p)?,
+            Ok(_) => fs::remove_file(p)?,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+        fsutil::private_options()
+            .create_new(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(p)
+    };
     let hba = to.join("pg_hba.conf");
     let kept = to.join("pg_hba.conf.source");
-    if hba.exists() {
-        fs::rename(&hba, &kept)?;
-    }
-    match listen.tcp {
-        Some(_) if kept.exists() => {
-            fs::copy(&kept, &hba)?;
+    match fs::symlink_metadata(&hba) {
+        Ok(m) if m.file_type().is_file() => fs::rename(&hba, &kept)?,
+        Ok(_) => {
+            return Err(io::Error::other(format!(
+                "{} is not a regular file",
+                hba.display()
+            )))
         }
-        _ => fs::write(&hba, FENCED_HBA)?,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
     }
+    let rules = match listen.tcp {
+        Some(_) if is_plain_file(&kept) => fs::read(&kept)?,
+        _ => FENCED_HBA.as_bytes().to_vec(),
+    };
+    create(&hba)?.write_all(&rules)?;
     let mut lines = vec![
         "# Written by reentry restore: a fenced copy.".to_owned(),
         format!("port = {}", listen.port),
@@ -850,13 +1026,17 @@ fn configure(
         };
         lines.push(format!("recovery_target_action = '{a}'"));
     }
+    // Where a setting would run the source's code, or start its jobs.
+    lines.extend(fence::settings(major));
     let mut f = fs::OpenOptions::new()
         .append(true)
         .create(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
         .open(to.join("postgresql.auto.conf"))?;
     writeln!(f, "\n{}", lines.join("\n"))?;
     f.sync_all()?;
-    fs::write(to.join("recovery.signal"), "")?;
+    create(&to.join("recovery.signal"))?.sync_all()?;
     fs::remove_file(to.join("standby.signal")).or_else(|e| {
         if e.kind() == io::ErrorKind::NotFound {
             Ok(())
@@ -888,6 +1068,7 @@ fn replay(
     port: u16,
     socket: &Path,
     opts: &RestoreOptions,
+    checked: &fence::Checked,
 ) -> Result<Reached, RestoreError> {
     let log = to.join(LOG_FILE);
     opts.progress.stage("replaying WAL", None);
@@ -919,9 +1100,12 @@ fn replay(
             .output();
     };
     let conninfo = format!(
-        "host='{}' port={port} dbname=postgres connect_timeout=2",
-        socket.display()
+        "host={} port={port} dbname=postgres connect_timeout=2",
+        crate::pg::conn::quote_value(&socket.display().to_string())
     );
+    // The fence's checks of a started copy, on its first answer: pg_cron's
+    // launcher starts only once recovery has ended.
+    let mut fence_checked = false;
     let deadline = Instant::now() + opts.timeout;
     let wants_open = opts.target == Target::Latest || opts.action == Action::Promote;
     let launched = Instant::now();
@@ -965,6 +1149,21 @@ fn replay(
             last_report = Instant::now();
         }
         if let Ok(mut db) = Db::connect(Some(&conninfo)) {
+            if !fence_checked {
+                match fence::check_running(&mut db, checked) {
+                    Ok(()) => fence_checked = true,
+                    // Asked again on the next connection.
+                    Err(FenceError::Pg(_)) => {
+                        std::thread::sleep(Duration::from_millis(100));
+                        continue;
+                    }
+                    Err(e) => {
+                        drop(db);
+                        stop();
+                        return Err(e.into());
+                    }
+                }
+            }
             let row = db.query_one(
                 "read the recovery state",
                 "SELECT pg_is_in_recovery(),

@@ -56,6 +56,12 @@ pub struct TakeArgs {
     /// checksum in the config, else blake3].
     #[arg(long, value_enum)]
     pub checksum: Option<Algorithm>,
+    /// Where a backup that is packed (object storage, or a local repository
+    /// with recipients) is written in plain before it is packed: a private
+    /// directory is made in DIR and removed after. It must hold the whole
+    /// cluster [default: the temporary directory, $TMPDIR or /tmp].
+    #[arg(long, value_name = "DIR")]
+    pub scratch: Option<std::path::PathBuf>,
 }
 
 /// How a backup on object storage moves.
@@ -159,6 +165,7 @@ fn take(ctx: &Context, repo: &Repo, a: TakeArgs) -> Result<Exit, Error> {
         level: a.compress_level,
         checksum: a.checksum.unwrap_or(ctx.config.checksum),
         reporter: ctx.reporter(),
+        scratch: a.scratch,
     };
     let label = basebackup::take(repo, &opts)?;
     ctx.emit(&label, || {

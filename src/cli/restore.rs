@@ -48,6 +48,13 @@ pub struct RestoreArgs {
     /// What to do at the target.
     #[arg(long, value_enum, default_value_t = Action::Pause)]
     pub action: Action,
+    /// A library of the source's shared_preload_libraries to load on the
+    /// copy although its background workers may act (repeat for each).
+    /// Without it a source preloading anything but a few passive
+    /// libraries, or a pg_cron older than 1.6, is refused (README: "What a
+    /// fenced copy is").
+    #[arg(long, value_name = "NAME")]
+    pub allow_preload: Vec<String>,
     #[command(flatten)]
     pub pg_bin: PgBinOpts,
     /// Give up on recovery after this many seconds.
@@ -77,6 +84,13 @@ pub struct DrillArgs {
     /// Keep the restored cluster (stopped) instead of removing it.
     #[arg(long, requires = "work_dir")]
     pub keep: bool,
+    /// A library of the source's shared_preload_libraries to load on the
+    /// copy although its background workers may act (repeat for each).
+    /// Without it a source preloading anything but a few passive
+    /// libraries, or a pg_cron older than 1.6, is refused (README: "What a
+    /// fenced copy is").
+    #[arg(long, value_name = "NAME")]
+    pub allow_preload: Vec<String>,
     #[command(flatten)]
     pub pg_bin: PgBinOpts,
     #[arg(long, value_name = "SECONDS", default_value_t = 3600)]
@@ -126,6 +140,7 @@ pub fn restore(ctx: &Context, a: RestoreArgs) -> Result<Exit, Error> {
         timeout: Duration::from_secs(a.timeout),
         progress: ctx.reporter(),
         jobs: a.objects.jobs(),
+        allow_preload: a.allow_preload,
     };
     let m = restore::restore(&repo, &opts)?;
     ctx.emit(&m, || {
@@ -182,6 +197,7 @@ pub fn drill(ctx: &Context, a: DrillArgs) -> Result<Exit, Error> {
         timeout: Duration::from_secs(a.timeout),
         progress: ctx.reporter(),
         jobs: a.objects.jobs(),
+        allow_preload: a.allow_preload,
     };
     let e = drill::drill(&repo, &opts)?;
     ctx.emit(&e, || {

@@ -417,6 +417,22 @@ pub fn split_keys(conninfo: &str, keys: &[&str]) -> (String, Vec<(String, String
     (kept.join(" "), found)
 }
 
+/// `v` as one single-quoted value of a key/value conninfo: `\\` and `'`
+/// escaped, so that a path with a quote, a backslash or a space in it
+/// (`$TMPDIR` is the operator's) stays one value.
+pub fn quote_value(v: &str) -> String {
+    let mut out = String::with_capacity(v.len() + 2);
+    out.push('\'');
+    for c in v.chars() {
+        if c == '\\' || c == '\'' {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out.push('\'');
+    out
+}
+
 fn percent_decode(s: &str) -> String {
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());
@@ -824,6 +840,22 @@ mod tests {
             if let Some(k) = names {
                 assert!(e.contains(&format!("`{k}`")), "{e}");
             }
+        }
+    }
+
+    #[test]
+    fn a_quoted_value_is_one_value_whatever_it_holds() {
+        for host in ["/tmp/it's here", r"/tmp/back\slash", "/tmp/a b=c port=1"] {
+            let conninfo = format!("host={} port=5433", quote_value(host));
+            let c: Config = conninfo.parse().unwrap();
+            assert_eq!(
+                c.get_hosts(),
+                [tokio_postgres::config::Host::Unix(host.into())],
+                "{conninfo}"
+            );
+            assert_eq!(c.get_ports(), [5433]);
+            let (_, found) = split_keys(&conninfo, &["host"]);
+            assert_eq!(found, [("host".to_owned(), host.to_owned())]);
         }
     }
 }

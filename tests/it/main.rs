@@ -6,6 +6,7 @@ mod caches;
 mod common;
 mod crash;
 mod engine;
+mod fence;
 mod kafka;
 mod kafka_tls;
 mod nulls;

@@ -871,7 +871,9 @@ from-current = true
 /// The source's shell commands and its subscriptions stay with the source:
 /// a restored copy runs no `recovery_end_command` or
 /// `archive_cleanup_command`, and no subscription worker takes the
-/// publisher's slot, even once promoted.
+/// publisher's slot, even once promoted. The cleanup command runs at a
+/// restartpoint, which an `--immediate` recovery never makes: the copy
+/// pauses past a checkpoint of the source's and is told to make one.
 #[test]
 fn a_restored_copy_runs_none_of_the_sources_commands_and_starts_no_subscription() {
     let mut publisher = Cluster::init(Version::V18);
@@ -920,9 +922,32 @@ fn a_restored_copy_runs_none_of_the_sources_commands_and_starts_no_subscription(
         Duration::from_secs(30),
         || (!slot_active()).then_some(()),
     );
+    // A checkpoint past the backup's, for the copy to restart from.
+    db.batch_execute("CHECKPOINT").unwrap();
+    ok_json(&run(
+        &c,
+        &repo,
+        &["restore-point", "past_checkpoint", "--switch-wal"],
+    ));
     switch_and_wait_archived(&c);
 
-    let r = restore(&c, &repo, "copy", &["--immediate", "--action", "promote"]);
+    let r = restore(&c, &repo, "copy", &["--target-name", "past_checkpoint"]);
+    let mut copy = r.client();
+    let redo = || -> String {
+        r.client()
+            .query_one("SELECT redo_lsn::text FROM pg_control_checkpoint()", &[])
+            .unwrap()
+            .get(0)
+    };
+    let before = redo();
+    copy.batch_execute("CHECKPOINT").unwrap();
+    assert_ne!(redo(), before, "the copy made a restartpoint");
+    assert!(
+        !cleaned.exists(),
+        "the source's archive_cleanup_command ran at the restartpoint"
+    );
+    let promoted: bool = copy.query_one("SELECT pg_promote()", &[]).unwrap().get(0);
+    assert!(promoted);
     publisher
         .client()
         .batch_execute("INSERT INTO s VALUES (1)")
@@ -930,7 +955,6 @@ fn a_restored_copy_runs_none_of_the_sources_commands_and_starts_no_subscription(
     // A worker starts within a second of promotion where it may: give it
     // five, then look at both sides.
     std::thread::sleep(Duration::from_secs(5));
-    let mut copy = r.client();
     let workers: i64 = copy
         .query_one("SELECT count(pid) FROM pg_stat_subscription", &[])
         .unwrap()

@@ -98,8 +98,8 @@ impl Restored {
     /// Its conninfo, for a playbook.
     pub fn conninfo(&self) -> String {
         format!(
-            "host={} port={} user=postgres dbname=postgres",
-            self.socket_dir(),
+            "host='{}' port={} user=postgres dbname=postgres",
+            self.socket_dir().replace('\\', "\\\\").replace('\'', "\\'"),
             self.manifest["port"]
         )
     }
