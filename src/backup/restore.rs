@@ -631,6 +631,10 @@ pub fn restore(repo: &Repo, opts: &RestoreOptions) -> Result<RestoreManifest, Re
     .map_err(io_err("configure", &to))?;
 
     let t = Instant::now();
+    // From here every error stops the server: one left running would hold
+    // the copy's files and port, and a drill would delete its directory
+    // under it.
+    let server = Postmaster::guard(&opts.pg_bin, &to);
     let reached = replay(&to, port, &socket, opts)?;
     durations.replay_seconds = t.elapsed().as_secs_f64();
     durations.total_seconds = started.elapsed().as_secs_f64();
@@ -659,7 +663,64 @@ pub fn restore(repo: &Repo, opts: &RestoreOptions) -> Result<RestoreManifest, Re
     text.push('\n');
     fsutil::write_atomic(&to.join(MANIFEST_FILE), text.as_bytes())
         .map_err(io_err("write", &to.join(MANIFEST_FILE)))?;
+    server.keep();
     Ok(manifest)
+}
+
+/// A postmaster started on `dir`: stopped with `pg_ctl stop -m immediate`
+/// when dropped, unless [`Postmaster::keep`] hands it over. A restore that
+/// fails after the start, and a drill however it ends, leave no server
+/// behind. Stopping a server that is not running is harmless.
+pub struct Postmaster<'a> {
+    pg_bin: &'a PgBin,
+    dir: &'a Path,
+    armed: bool,
+}
+
+impl<'a> Postmaster<'a> {
+    pub fn guard(pg_bin: &'a PgBin, dir: &'a Path) -> Postmaster<'a> {
+        Postmaster {
+            pg_bin,
+            dir,
+            armed: true,
+        }
+    }
+
+    /// The server stays up: the restore succeeded.
+    pub fn keep(mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for Postmaster<'_> {
+    fn drop(&mut self) {
+        if !self.armed || !self.dir.join("postmaster.pid").exists() {
+            return;
+        }
+        // -w: the directory may be deleted next; the server must be gone.
+        let out = self
+            .pg_bin
+            .command("pg_ctl")
+            .args(["stop", "-m", "immediate", "-w", "-D"])
+            .arg(self.dir)
+            .output();
+        match out {
+            Ok(o) if o.status.success() => {
+                tracing::info!(dir = %self.dir.display(), "stopped the server this restore started")
+            }
+            Ok(o) => tracing::warn!(
+                dir = %self.dir.display(),
+                "could not stop the server this restore started: {}; stop it with pg_ctl stop -D {}",
+                String::from_utf8_lossy(&o.stderr).trim(),
+                self.dir.display()
+            ),
+            Err(e) => tracing::warn!(
+                dir = %self.dir.display(),
+                "could not run pg_ctl to stop the server this restore started: {e}; stop it with pg_ctl stop -D {}",
+                self.dir.display()
+            ),
+        }
+    }
 }
 
 fn set_mode(p: &Path, mode: u32) -> io::Result<()> {
@@ -762,6 +823,13 @@ const FENCED_HBA: &str = "# Written by reentry restore: a fenced copy accepts co
 local all all trust
 ";
 
+/// `s` as one word of `restore_command`: quoted for the shell (a `'`
+/// closes the quote, is escaped, and reopens it), with every `%` doubled
+/// so that PostgreSQL substitutes none of a path's `%f`, `%p` or `%r`.
+fn command_word(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "'\\''").replace('%', "%%"))
+}
+
 fn configure(
     to: &Path,
     listen: &Listen,
@@ -772,7 +840,9 @@ fn configure(
 ) -> io::Result<()> {
     use std::io::Write;
     let exe = std::env::current_exe()?;
-    let quote = |s: &str| format!("'{}'", s.replace('\'', "''"));
+    // A string in postgresql.auto.conf: its parser reads backslash
+    // escapes and doubled quotes.
+    let quote = |s: &str| format!("'{}'", s.replace('\\', "\\\\").replace('\'', "''"));
     let hba = to.join("pg_hba.conf");
     let kept = to.join("pg_hba.conf.source");
     if hba.exists() {
@@ -820,11 +890,14 @@ fn configure(
         format!(
             "restore_command = {}",
             quote(&format!(
-                "'{}' --repo '{}'{} wal fetch %f %p",
-                exe.display(),
-                repo,
+                "{} --repo {}{} wal fetch %f %p",
+                command_word(&exe.display().to_string()),
+                command_word(repo),
                 match identity {
-                    Some(p) => format!(" --identity '{}'", fs::canonicalize(p)?.display()),
+                    Some(p) => format!(
+                        " --identity {}",
+                        command_word(&fs::canonicalize(p)?.display().to_string())
+                    ),
                     None => String::new(),
                 }
             ))
@@ -1109,6 +1182,12 @@ fn log_tail(log: &Path) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_restore_command_word_survives_quotes_and_percent_signs() {
+        assert_eq!(command_word("/r/a"), "'/r/a'");
+        assert_eq!(command_word("/r/it's %f"), "'/r/it'\\''s %%f'");
+    }
 
     #[test]
     fn the_time_of_the_restore_point_recovery_stopped_at_is_read_from_the_log() {
