@@ -80,24 +80,97 @@ impl CacheError {
     }
 }
 
-/// A URL as it may be shown: a password in it replaced by `***`.
+/// A URL as it may be shown: a password in it replaced by `***`, and the
+/// value of any query parameter whose name looks like a credential too.
 pub fn redact_url(url: &str) -> String {
-    let Some(scheme_end) = url.find("://") else {
-        return url.to_owned();
+    let (head, rest) = match split_at_userinfo(url) {
+        Some((scheme, userinfo, rest)) => {
+            let shown = match userinfo.split_once(':') {
+                Some((user, _)) => format!("{user}:***"),
+                None => userinfo.to_owned(),
+            };
+            (format!("{scheme}{shown}@"), rest)
+        }
+        None => (String::new(), url),
     };
-    let rest = &url[scheme_end + 3..];
-    let host_end = rest.find('/').unwrap_or(rest.len());
-    let Some(at) = rest[..host_end].rfind('@') else {
-        return url.to_owned();
+    format!("{head}{}", redact_query(rest))
+}
+
+/// `url` as (`scheme://`, userinfo, the rest after its `@`), when it has
+/// userinfo. The userinfo ends at the *last* `@`: a password should
+/// percent-encode `/`, `?`, `#` and `@`, but one that does not must not
+/// be cut at the first of them and shown in part; an `@` after the host
+/// is rare in a server's URL, and misreading one hides too much, never
+/// too little.
+pub(crate) fn split_at_userinfo(url: &str) -> Option<(&str, &str, &str)> {
+    let start = url.find("://")? + 3;
+    let at = start + url[start..].rfind('@')?;
+    Some((&url[..start], &url[start..at], &url[at + 1..]))
+}
+
+/// `%XX` escapes decoded (a URL's user and password are percent-encoded);
+/// a malformed escape is kept as written.
+pub(crate) fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = |c: u8| (c as char).to_digit(16);
+        match (
+            b[i],
+            b.get(i + 1).and_then(|c| hex(*c)),
+            b.get(i + 2).and_then(|c| hex(*c)),
+        ) {
+            (b'%', Some(h), Some(l)) => {
+                out.push((h * 16 + l) as u8);
+                i += 3;
+            }
+            (c, _, _) => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The query's credential-looking values (`password=`, `token=`, ...)
+/// replaced by `***`.
+fn redact_query(rest: &str) -> String {
+    let Some((before, query)) = rest.split_once('?') else {
+        return rest.to_owned();
     };
-    let userinfo = &rest[..at];
-    let user = userinfo.split(':').next().unwrap_or("");
-    let shown = if userinfo.contains(':') {
-        format!("{user}:***")
-    } else {
-        user.to_owned()
+    let (query, fragment) = match query.split_once('#') {
+        Some((q, f)) => (q, Some(f)),
+        None => (query, None),
     };
-    format!("{}{shown}{}", &url[..scheme_end + 3], &rest[at..])
+    let pairs: Vec<String> = query
+        .split('&')
+        .map(|pair| match pair.split_once('=') {
+            Some((k, _))
+                if [
+                    "pass",
+                    "secret",
+                    "token",
+                    "key",
+                    "sig",
+                    "auth",
+                    "credential",
+                ]
+                .iter()
+                .any(|m| k.to_ascii_lowercase().contains(m)) =>
+            {
+                format!("{k}=***")
+            }
+            _ => pair.to_owned(),
+        })
+        .collect();
+    let mut out = format!("{before}?{}", pairs.join("&"));
+    if let Some(f) = fragment {
+        out.push('#');
+        out.push_str(f);
+    }
+    out
 }
 
 /// A rediss:// connection's certificates, from its TLS files: the CA that
@@ -281,6 +354,9 @@ impl Redis {
                 .and_then(|c| c.get_connection_with_timeout(CONNECT_TIMEOUT))
                 .and_then(|c| {
                     c.set_read_timeout(Some(READ_TIMEOUT))?;
+                    // A server that stops reading (a full socket buffer on
+                    // a hung node) must not block a write forever either.
+                    c.set_write_timeout(Some(READ_TIMEOUT))?;
                     Ok(c)
                 })
                 .map_err(|e| self.err(node, "cannot connect", e))?;
@@ -664,6 +740,28 @@ mod tests {
             redact_url("redis://:${REDIS_PASSWORD}@cache"),
             "redis://:***@cache"
         );
+        // Characters a password should percent-encode and did not: no part
+        // of it is shown.
+        for (url, shown) in [
+            ("redis://:pa/ss@cache:6379/0", "redis://:***@cache:6379/0"),
+            ("redis://app:p?w#d@cache", "redis://app:***@cache"),
+            (
+                "rediss://app:a@b/c@cache:6380",
+                "rediss://app:***@cache:6380",
+            ),
+            ("redis://:p%2Fw%40d@cache", "redis://:***@cache"),
+            (
+                "https://u:se/cr#et@search:9200/x",
+                "https://u:***@search:9200/x",
+            ),
+        ] {
+            assert_eq!(redact_url(url), shown, "{url}");
+        }
+        assert_eq!(
+            redact_url("redis://cache:6379/0?Password=x&db=1"),
+            "redis://cache:6379/0?Password=***&db=1"
+        );
+        assert_eq!(percent_decode("p%2Fw%40d%zz%4"), "p/w@d%zz%4");
     }
 
     #[test]

@@ -169,7 +169,10 @@ fn status_exit(e: &backup::status::StatusError) -> Exit {
         S::Pg(e) => pg_exit(e),
         S::Repo(e) => repo_exit(e),
         S::Archive(e) => e.exit(),
-        S::ArchiveOff { .. } | S::WrongCluster { .. } | S::NotArchived { .. } => Exit::Negative,
+        S::ArchiveOff { .. }
+        | S::WrongCluster { .. }
+        | S::NotArchived { .. }
+        | S::Overwrites { .. } => Exit::Negative,
     }
 }
 

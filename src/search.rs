@@ -123,20 +123,63 @@ pub struct Search {
     http: reqwest::blocking::Client,
 }
 
-/// `url` without a password in it, as it may be shown.
+/// `s` as one URL path segment: every byte but the unreserved ones
+/// percent-encoded, so that no name can add a segment, a query or a
+/// fragment to the request. Names are checked at playbook check time
+/// too ([`index_name_problem`]); this is the second fence.
+fn seg(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// Why `name` cannot be one index or alias, by Elasticsearch's and
+/// OpenSearch's rules: a wildcard, a list, `_all` or a path would make a
+/// delete-by-query reach other indices. None when it can.
+pub fn index_name_problem(name: &str) -> Option<String> {
+    const FORBIDDEN: &[char] = &['*', ',', '/', '?', '#', '\\', ' ', '"', '<', '>', '|', ':'];
+    if name.is_empty() {
+        return Some("an index name cannot be empty".into());
+    }
+    if name == "." || name == ".." {
+        return Some(format!("`{name}` is not an index name"));
+    }
+    if let Some(c) = name.chars().find(|c| FORBIDDEN.contains(c)) {
+        return Some(format!(
+            "an index name cannot contain `{c}` (nor any of * , / ? # \\ space \" < > | :): it names one index or alias, never a pattern or a list"
+        ));
+    }
+    if let Some(c) = name.chars().next().filter(|c| matches!(c, '_' | '-' | '+')) {
+        return Some(format!("an index name cannot start with `{c}`"));
+    }
+    if name.chars().any(char::is_uppercase) {
+        return Some("an index name must be lowercase".into());
+    }
+    if name.len() > 255 {
+        return Some("an index name is at most 255 bytes".into());
+    }
+    None
+}
+
+/// `url` without its userinfo, and the user and password from it,
+/// percent-decoded (see `cache::split_at_userinfo` for where it ends).
 fn split_userinfo(url: &str) -> (String, Option<(String, String)>) {
-    let Some(scheme_end) = url.find("://") else {
+    let Some((scheme, userinfo, rest)) = crate::cache::split_at_userinfo(url) else {
         return (url.to_owned(), None);
     };
-    let rest = &url[scheme_end + 3..];
-    let host_end = rest.find('/').unwrap_or(rest.len());
-    let Some(at) = rest[..host_end].rfind('@') else {
-        return (url.to_owned(), None);
-    };
-    let (user, pass) = rest[..at].split_once(':').unwrap_or((&rest[..at], ""));
+    let (user, pass) = userinfo.split_once(':').unwrap_or((userinfo, ""));
     (
-        format!("{}{}", &url[..scheme_end + 3], &rest[at + 1..]),
-        Some((user.to_owned(), pass.to_owned())),
+        format!("{scheme}{rest}"),
+        Some((
+            crate::cache::percent_decode(user),
+            crate::cache::percent_decode(pass),
+        )),
     )
 }
 
@@ -212,6 +255,22 @@ impl Search {
         body: Option<Body>,
         allow_404: bool,
     ) -> Result<(u16, Value), SearchError> {
+        self.call_tagged(index, what, method, path, body, allow_404, None)
+    }
+
+    /// [`Search::call`] with an `X-Opaque-Id`, which the server attaches to
+    /// the task the request starts.
+    #[allow(clippy::too_many_arguments)]
+    fn call_tagged(
+        &self,
+        index: &str,
+        what: &'static str,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Body>,
+        allow_404: bool,
+        opaque_id: Option<&str>,
+    ) -> Result<(u16, Value), SearchError> {
         let mut backoff = FIRST_BACKOFF;
         let mut tries = 0;
         loop {
@@ -227,6 +286,9 @@ impl Search {
                 // there `api-key` is refused or, without security, ignored.
                 Auth::ApiKey(k) => req.header("Authorization", format!("ApiKey {k}")),
             };
+            if let Some(tag) = opaque_id {
+                req = req.header("X-Opaque-Id", tag);
+            }
             req = match &body {
                 Some(Body::Json(v)) => req.json(v),
                 Some(Body::NdJson(s)) => req
@@ -286,7 +348,7 @@ impl Search {
             index,
             "_count",
             reqwest::Method::POST,
-            &format!("/{index}/_count"),
+            &format!("/{}/_count", seg(index)),
             Some(Body::Json(json!({ "query": query }))),
             false,
         )?;
@@ -301,25 +363,30 @@ impl Search {
     /// `slices=auto`: one slice per shard, run in parallel. `scroll_size`
     /// documents per batch (a scroll page, then one bulk of deletes).
     /// Throttled to `requests_per_second` documents a second when given.
+    /// The task carries `tag` as its `X-Opaque-Id`, by which
+    /// [`Search::find_delete_by_query`] finds it again.
     pub fn delete_by_query(
         &self,
         index: &str,
         query: &Value,
         scroll_size: u64,
         requests_per_second: Option<u64>,
+        tag: &str,
     ) -> Result<String, SearchError> {
         let throttle = requests_per_second
             .map(|r| format!("&requests_per_second={r}"))
             .unwrap_or_default();
-        let (_, v) = self.call(
+        let (_, v) = self.call_tagged(
             index,
             "_delete_by_query",
             reqwest::Method::POST,
             &format!(
-                "/{index}/_delete_by_query?conflicts=proceed&slices=auto&wait_for_completion=false&scroll_size={scroll_size}{throttle}"
+                "/{}/_delete_by_query?conflicts=proceed&slices=auto&wait_for_completion=false&scroll_size={scroll_size}{throttle}",
+                seg(index)
             ),
             Some(Body::Json(json!({ "query": query }))),
             false,
+            Some(tag),
         )?;
         v["task"]
             .as_str()
@@ -354,13 +421,84 @@ impl Search {
         Ok(Some((done, answer)))
     }
 
+    /// The delete-by-query task started with `tag` as its `X-Opaque-Id`
+    /// no earlier than `since_ms` (epoch milliseconds), running or
+    /// completed: a run that died between starting its task and
+    /// journaling the task's id finds it here instead of starting another.
+    /// A running task is in the task list; a completed one, started with
+    /// `wait_for_completion=false`, in the `.tasks` index (whose `headers`
+    /// are stored but not indexed: they are compared here). The list is
+    /// read first: a task that completes in between is in `.tasks` by then.
+    pub fn find_delete_by_query(
+        &self,
+        index: &str,
+        tag: &str,
+        since_ms: i64,
+    ) -> Result<Option<String>, SearchError> {
+        const ACTION: &str = "indices:data/write/delete/byquery";
+        let ours = |t: &Value| {
+            t["headers"]["X-Opaque-Id"].as_str() == Some(tag) && t["parent_task_id"].is_null()
+        };
+        let (_, v) = self.call(
+            index,
+            "_tasks",
+            reqwest::Method::GET,
+            &format!("/_tasks?actions={ACTION}&detailed=true"),
+            None,
+            false,
+        )?;
+        for node in v["nodes"].as_object().into_iter().flat_map(|n| n.values()) {
+            for (id, t) in node["tasks"].as_object().into_iter().flatten() {
+                if ours(t) {
+                    return Ok(Some(id.clone()));
+                }
+            }
+        }
+        let (status, _) = self.call(
+            index,
+            "_refresh",
+            reqwest::Method::POST,
+            "/.tasks/_refresh",
+            None,
+            true,
+        )?;
+        if status == 404 {
+            return Ok(None);
+        }
+        let (status, v) = self.call(
+            index,
+            "_search",
+            reqwest::Method::POST,
+            "/.tasks/_search",
+            Some(Body::Json(json!({
+                "size": 10000,
+                "_source": ["task.node", "task.id", "task.headers", "task.parent_task_id"],
+                "query": { "bool": { "filter": [
+                    { "term": { "task.action": ACTION } },
+                    { "range": { "task.start_time_in_millis": { "gte": since_ms } } }
+                ] } }
+            }))),
+            true,
+        )?;
+        if status == 404 {
+            return Ok(None);
+        }
+        Ok(v["hits"]["hits"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|h| &h["_source"]["task"])
+            .find(|t| ours(t))
+            .and_then(|t| Some(format!("{}:{}", t["node"].as_str()?, t["id"].as_u64()?))))
+    }
+
     /// The stored versions of `ids` (realtime, refreshed or not).
     pub fn mget(&self, index: &str, ids: &[String]) -> Result<Vec<Option<Stored>>, SearchError> {
         let (_, v) = self.call(
             index,
             "_mget",
             reqwest::Method::POST,
-            &format!("/{index}/_mget?_source=false"),
+            &format!("/{}/_mget?_source=false", seg(index)),
             Some(Body::Json(json!({ "ids": ids }))),
             false,
         )?;
@@ -474,7 +612,7 @@ impl Search {
             index,
             "_refresh",
             reqwest::Method::POST,
-            &format!("/{index}/_refresh"),
+            &format!("/{}/_refresh", seg(index)),
             None,
             false,
         )
@@ -487,7 +625,7 @@ impl Search {
             alias,
             "_alias",
             reqwest::Method::GET,
-            &format!("/_alias/{alias}"),
+            &format!("/_alias/{}", seg(alias)),
             None,
             true,
         )?;
@@ -505,7 +643,7 @@ impl Search {
             index,
             "get the index",
             reqwest::Method::GET,
-            &format!("/{index}"),
+            &format!("/{}", seg(index)),
             None,
             true,
         )?;
@@ -525,7 +663,7 @@ impl Search {
             index,
             "_settings",
             reqwest::Method::GET,
-            &format!("/{index}/_settings"),
+            &format!("/{}/_settings", seg(index)),
             None,
             false,
         )?;
@@ -560,7 +698,7 @@ impl Search {
             index,
             "_mapping/field",
             reqwest::Method::GET,
-            &format!("/{index}/_mapping/field/{field}"),
+            &format!("/{}/_mapping/field/{}", seg(index), seg(field)),
             None,
             false,
         )?;
@@ -588,7 +726,7 @@ impl Search {
             index,
             "create the index",
             reqwest::Method::PUT,
-            &format!("/{index}"),
+            &format!("/{}", seg(index)),
             Some(Body::Json(
                 json!({ "settings": { "index": settings }, "mappings": mappings }),
             )),
@@ -679,5 +817,13 @@ mod tests {
         assert_eq!(base, "https://search:9200");
         assert_eq!(auth, Some(("elastic".into(), "pw".into())));
         assert_eq!(split_userinfo("http://search:9200").1, None);
+        // Percent-escapes are decoded; raw `/`, `?`, `#`, `@` stay in the
+        // password instead of becoming the host or the path.
+        let (base, auth) = split_userinfo("https://elastic:p%40ss%2F1@search:9200");
+        assert_eq!(base, "https://search:9200");
+        assert_eq!(auth, Some(("elastic".into(), "p@ss/1".into())));
+        let (base, auth) = split_userinfo("https://elastic:se/cr?e#t@x@search:9200/es");
+        assert_eq!(base, "https://search:9200/es");
+        assert_eq!(auth, Some(("elastic".into(), "se/cr?e#t@x".into())));
     }
 }

@@ -70,8 +70,9 @@ pub enum ArchiveError {
     },
     #[error(
         "the archive at {repo} belongs to {archive}, but {name} comes from {pushed}; \
-         each cluster needs its own repository (a restored or upgraded copy must not \
-         archive into its source's archive)"
+         each cluster needs its own repository (a cluster made by initdb or pg_upgrade has \
+         a system identifier of its own; a restored copy keeps its source's, so this check \
+         cannot tell it from its source: never enable archiving on a copy with this repository)"
     )]
     ClusterMismatch {
         repo: String,
@@ -81,7 +82,9 @@ pub enum ArchiveError {
     },
     #[error(
         "{name} is already archived with different content (stored {stored}, pushed {pushed}); \
-         the stored copy is kept. Find out why the server wrote a different file before moving {path} aside"
+         the stored copy is kept. Find out why the server wrote a different file before moving {path} aside \
+         (a restored or promoted copy of this cluster archiving into this repository does this: it \
+         has the same system identifier, so reentry cannot refuse it by cluster)"
     )]
     Conflict {
         name: String,

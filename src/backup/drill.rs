@@ -269,14 +269,13 @@ pub fn drill(repo: &Repo, opts: &DrillOptions) -> Result<Evidence, DrillError> {
         jobs: opts.jobs,
         allow_preload: opts.allow_preload.clone(),
     };
+    // restore stops the server itself when it fails; once it succeeded,
+    // the guard stops it however validation ends, and before the scratch
+    // directory (dropped after it) is deleted.
     let manifest = restore::restore(repo, &restore_opts)?;
+    let server = restore::Postmaster::guard(&opts.pg_bin, &dir);
     let validated = validate(&manifest, &opts.checks);
-    let _ = opts
-        .pg_bin
-        .command("pg_ctl")
-        .args(["stop", "-m", "immediate", "-D"])
-        .arg(&dir)
-        .output();
+    drop(server);
     if opts.keep {
         tracing::info!(dir = %dir.display(), "restored cluster kept (stopped)");
     } else {

@@ -473,7 +473,7 @@ pub fn upload(
         let (body, header) = stored::encode_sealed(&raw, &mut io::empty(), form, to)
             .map_err(io_err("compress", dir))?;
         let key = piece_key(id, i);
-        if store.put_if_absent(&key, &body)? == Put::Exists {
+        if store.put_new_or_same(&key, &body)? == Put::Exists {
             return Err(PackError::Exists {
                 location: format!("{}/{key}", store.location()),
             });
@@ -505,7 +505,7 @@ pub fn upload(
 }
 
 fn put_new(store: &dyn Store, key: &str, body: &[u8]) -> Result<(), PackError> {
-    match store.put_if_absent(key, body)? {
+    match store.put_new_or_same(key, body)? {
         Put::Created => Ok(()),
         Put::Exists => Err(PackError::Exists {
             location: format!("{}/{key}", store.location()),

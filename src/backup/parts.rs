@@ -178,7 +178,7 @@ pub fn write(
                 }
             })?;
         let part_key = format!("{base}{:04}", parts.len());
-        if store.put_if_absent(&part_key, &body)? == Put::Exists {
+        if store.put_new_or_same(&part_key, &body)? == Put::Exists {
             return Err(PartsError::Exists(format!(
                 "{}/{part_key}",
                 store.location()

@@ -453,7 +453,7 @@ impl Repo {
                 let mut label = label.clone();
                 label.verification = None;
                 let key = Repo::backup_key(&label.id, LABEL_FILE);
-                match self.store.put_if_absent(&key, &json_bytes(&label))? {
+                match self.store.put_new_or_same(&key, &json_bytes(&label))? {
                     Put::Created => Ok(()),
                     Put::Exists => Err(RepoError::BackupExists {
                         id: label.id.clone(),

@@ -665,6 +665,10 @@ pub fn restore(repo: &Repo, opts: &RestoreOptions) -> Result<RestoreManifest, Re
     let checked = fence::check_config(&opts.pg_bin, &to, major, &opts.allow_preload)?;
 
     let t = Instant::now();
+    // From here every error stops the server: one left running would hold
+    // the copy's files and port, and a drill would delete its directory
+    // under it.
+    let server = Postmaster::guard(&opts.pg_bin, &to);
     let reached = match replay(&to, port, &socket, opts, &checked) {
         Ok(r) => {
             unwind.armed = false;
@@ -673,9 +677,11 @@ pub fn restore(repo: &Repo, opts: &RestoreOptions) -> Result<RestoreManifest, Re
         // The started copy failed the fence's checks (replay stopped it).
         Err(e @ RestoreError::Fence(_)) => return Err(e),
         Err(e) => {
-            // Past the fence's checks, a failed recovery is left to look
-            // at; a socket directory of its own goes once it is down.
+            // Past the fence's checks, a failed recovery keeps its files to
+            // look at; its server is stopped, and a socket directory of its
+            // own goes with it.
             unwind.armed = false;
+            drop(server);
             if !to.join("postmaster.pid").exists() {
                 if let Some(s) = &unwind.socket {
                     let _ = fs::remove_dir_all(s);
@@ -711,6 +717,7 @@ pub fn restore(repo: &Repo, opts: &RestoreOptions) -> Result<RestoreManifest, Re
     text.push('\n');
     fsutil::write_atomic(&to.join(MANIFEST_FILE), text.as_bytes())
         .map_err(io_err("write", &to.join(MANIFEST_FILE)))?;
+    server.keep();
     Ok(manifest)
 }
 
@@ -735,6 +742,62 @@ fn create_target(to: &Path) -> io::Result<bool> {
     };
     fs::set_permissions(to, fs::Permissions::from_mode(0o700))?;
     Ok(created)
+}
+
+/// A postmaster started on `dir`: stopped with `pg_ctl stop -m immediate`
+/// when dropped, unless [`Postmaster::keep`] hands it over. A restore that
+/// fails after the start, and a drill however it ends, leave no server
+/// behind. Stopping a server that is not running is harmless.
+pub struct Postmaster<'a> {
+    pg_bin: &'a PgBin,
+    dir: &'a Path,
+    armed: bool,
+}
+
+impl<'a> Postmaster<'a> {
+    pub fn guard(pg_bin: &'a PgBin, dir: &'a Path) -> Postmaster<'a> {
+        Postmaster {
+            pg_bin,
+            dir,
+            armed: true,
+        }
+    }
+
+    /// The server stays up: the restore succeeded.
+    pub fn keep(mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for Postmaster<'_> {
+    fn drop(&mut self) {
+        if !self.armed || !self.dir.join("postmaster.pid").exists() {
+            return;
+        }
+        // -w: the directory may be deleted next; the server must be gone.
+        let out = self
+            .pg_bin
+            .command("pg_ctl")
+            .args(["stop", "-m", "immediate", "-w", "-D"])
+            .arg(self.dir)
+            .output();
+        match out {
+            Ok(o) if o.status.success() => {
+                tracing::info!(dir = %self.dir.display(), "stopped the server this restore started")
+            }
+            Ok(o) => tracing::warn!(
+                dir = %self.dir.display(),
+                "could not stop the server this restore started: {}; stop it with pg_ctl stop -D {}",
+                String::from_utf8_lossy(&o.stderr).trim(),
+                self.dir.display()
+            ),
+            Err(e) => tracing::warn!(
+                dir = %self.dir.display(),
+                "could not run pg_ctl to stop the server this restore started: {e}; stop it with pg_ctl stop -D {}",
+                self.dir.display()
+            ),
+        }
+    }
 }
 
 /// Undoes a restore refused before its copy started: the target is left
@@ -910,6 +973,13 @@ const FENCED_HBA: &str = "# Written by reentry restore: a fenced copy accepts co
 local all all trust
 ";
 
+/// `s` as one word of `restore_command`: quoted for the shell (a `'`
+/// closes the quote, is escaped, and reopens it), with every `%` doubled
+/// so that PostgreSQL substitutes none of a path's `%f`, `%p` or `%r`.
+fn command_word(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "'\\''").replace('%', "%%"))
+}
+
 /// The recovery settings and the fence (see `fence`), last in
 /// postgresql.auto.conf so they win over anything the backup carried
 /// (ALTER SYSTEM writes there too), and the copy's own pg_hba.conf. No
@@ -928,7 +998,9 @@ fn configure(
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let exe = std::env::current_exe()?;
-    let quote = |s: &str| format!("'{}'", s.replace('\'', "''"));
+    // A string in postgresql.auto.conf: its parser reads backslash
+    // escapes and doubled quotes.
+    let quote = |s: &str| format!("'{}'", s.replace('\\', "\\\\").replace('\'', "''"));
     let create = |p: &Path| {
         // What the backup had there (never a link's target) goes first.
         match fs::symlink_metadata(p) {
@@ -996,11 +1068,14 @@ fn configure(
         format!(
             "restore_command = {}",
             quote(&format!(
-                "'{}' --repo '{}'{} wal fetch %f %p",
-                exe.display(),
-                repo,
+                "{} --repo {}{} wal fetch %f %p",
+                command_word(&exe.display().to_string()),
+                command_word(repo),
                 match identity {
-                    Some(p) => format!(" --identity '{}'", fs::canonicalize(p)?.display()),
+                    Some(p) => format!(
+                        " --identity {}",
+                        command_word(&fs::canonicalize(p)?.display().to_string())
+                    ),
                     None => String::new(),
                 }
             ))
@@ -1308,6 +1383,12 @@ fn log_tail(log: &Path) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_restore_command_word_survives_quotes_and_percent_signs() {
+        assert_eq!(command_word("/r/a"), "'/r/a'");
+        assert_eq!(command_word("/r/it's %f"), "'/r/it'\\''s %%f'");
+    }
 
     #[test]
     fn the_time_of_the_restore_point_recovery_stopped_at_is_read_from_the_log() {

@@ -3,7 +3,7 @@
 //! reach the archive, like `pgbackrest check`).
 
 use std::fmt::Write as _;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 
@@ -31,6 +31,8 @@ pub enum StatusError {
         archive: String,
         server: String,
     },
+    #[error("{repo} overwrote an object on a create-only write (If-None-Match: *): its second write of {key} succeeded. The store does not honour conditional writes, so WAL and backups could be overwritten unnoticed; use a store or gateway that does (AWS S3, current MinIO or Ceph RGW)")]
+    Overwrites { repo: String, key: String },
     #[error("{segment} did not reach the archive in {repo} within {secs} s{archiver}")]
     NotArchived {
         segment: String,
@@ -550,6 +552,25 @@ pub fn check(
         return Err(StatusError::ArchiveOff {
             target,
             repo: repo_s,
+        });
+    }
+    // On object storage, the never-overwrite rule rests on the store
+    // refusing a second create (a local repository publishes with link(2),
+    // which refuses by itself).
+    let probe = format!(
+        "check/create-only-probe-{}-{}",
+        std::process::id(),
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos()
+    );
+    if repo.local_root().is_none()
+        && !crate::storage::probe_create_only(repo.store(), &probe).map_err(RepoError::from)?
+    {
+        return Err(StatusError::Overwrites {
+            repo: repo_s,
+            key: probe,
         });
     }
     let archive = repo.archive();

@@ -91,6 +91,12 @@ fn verify_failure(detail: &str, tls: &Tls, host: &str) -> Option<String> {
     })
 }
 
+const KEEPALIVE_IDLE: Duration = Duration::from_secs(30);
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+const KEEPALIVE_RETRIES: u32 = 3;
+/// Data unacknowledged this long closes the connection.
+const TCP_USER_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// Builds the connection settings: `conninfo` when given, with the PG*
 /// variables filling what it does not say, as libpq does; and its TLS
 /// settings (see `tls`).
@@ -151,6 +157,25 @@ pub fn config(conninfo: Option<&str>) -> Result<(Config, Tls), PgError> {
         c.application_name("reentry");
     }
     c.connect_timeout(Duration::from_secs(10));
+    // A half-open connection (a peer gone without a FIN: a failover, a
+    // dropped NAT entry) is found within about a minute instead of the
+    // system's two hours, so no step hangs while the gates stay closed. A
+    // conninfo that sets these keeps its own. (Not the server's
+    // tcp_keepalives_* through `options`: PgBouncer refuses that
+    // startup parameter.)
+    let given = |key: &str| conninfo.is_some_and(|s| s.contains(key));
+    if !given("keepalives_idle") {
+        c.keepalives_idle(KEEPALIVE_IDLE);
+    }
+    if !given("keepalives_interval") {
+        c.keepalives_interval(KEEPALIVE_INTERVAL);
+    }
+    if !given("keepalives_retries") {
+        c.keepalives_retries(KEEPALIVE_RETRIES);
+    }
+    if !given("tcp_user_timeout") {
+        c.tcp_user_timeout(TCP_USER_TIMEOUT);
+    }
     Ok((c, tls))
 }
 

@@ -320,16 +320,16 @@ pub fn read_records(path: &Path) -> io::Result<(Vec<Record>, u64)> {
                 good += n as u64;
             }
             Err(e) => {
-                // Only the last line can be torn; damage before it is not ours to guess at.
-                let rest = reader.fill_buf()?.is_empty();
-                if rest {
-                    break;
-                }
+                // Only a line without its newline is torn (cut above). A
+                // whole line that does not read, even the last, was written
+                // so: by a newer build, or damaged afterwards. Cutting it
+                // would forget a side effect it records.
                 return Err(io::Error::new(
                     io::ErrorKind::InvalidData,
                     format!(
-                        "{}: record {} is damaged ({e}); the journal cannot be trusted",
+                        "{}:{}: record {} is complete but does not read ({e}); the journal cannot be trusted: was it written by a newer reentry? Resume with that build, or start a new run",
                         path.display(),
+                        records.len() + 1,
                         records.len() + 1
                     ),
                 ));
@@ -447,7 +447,35 @@ mod tests {
         )
         .unwrap();
         let e = Journal::resume(dir.path()).err().unwrap();
-        assert!(e.to_string().contains("record 2 is damaged"), "{e}");
+        assert!(
+            e.to_string()
+                .contains("record 2 is complete but does not read"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_complete_last_record_that_does_not_read_is_an_error_and_is_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut j = Journal::create(dir.path()).unwrap();
+        j.append(Some("a"), started("a")).unwrap();
+        drop(j);
+        let path = dir.path().join(JOURNAL);
+        // A whole record of an event this build does not know.
+        let mut f = OpenOptions::new().append(true).open(&path).unwrap();
+        f.write_all(b"{\"seq\":2,\"at\":\"2026-11-28T18:40:01Z\",\"event\":\"from-a-newer-build\",\"step\":\"a\"}\n")
+            .unwrap();
+        drop(f);
+        let before = fs::read(&path).unwrap();
+        let e = Journal::resume(dir.path()).err().unwrap();
+        assert!(
+            e.to_string().contains(&format!(
+                "{}:2: record 2 is complete but does not read",
+                path.display()
+            )),
+            "{e}"
+        );
+        assert_eq!(fs::read(&path).unwrap(), before, "nothing was cut");
     }
 
     #[test]

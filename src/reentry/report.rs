@@ -451,8 +451,34 @@ fn describe_pause(p: &PauseEvidence) -> String {
     }
 }
 
+/// Text from a run (database rows, server messages) as Markdown that
+/// shows it and does nothing else: no table cell ends, and no HTML, link,
+/// image or code span starts, whatever renders the report (ticket
+/// systems that allow raw HTML or `javascript:` links among them).
 fn md_cell(s: &str) -> String {
-    s.replace('|', "\\|").replace('\n', " ")
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '|' | '[' | ']' | '`' | '\\' => {
+                out.push('\\');
+                out.push(c);
+            }
+            '\n' | '\r' => out.push(' '),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// Text inside a code span, where nothing is interpreted but a backtick
+/// (which would end it) and, in a table, `|`.
+fn md_code(s: &str) -> String {
+    s.replace('`', "'")
+        .replace('|', "\\|")
+        .replace(['\n', '\r'], " ")
 }
 
 pub fn markdown(r: &Report) -> String {
@@ -497,7 +523,7 @@ pub fn markdown(r: &Report) -> String {
             o,
             "| {} | `{}` | {} | {}{} | {} | {} | {} | {} |",
             s.n,
-            md_cell(&s.id),
+            md_code(&s.id),
             s.phase.label(),
             s.status.label(),
             if s.attempts > 1 {
@@ -519,7 +545,7 @@ pub fn markdown(r: &Report) -> String {
         .filter(|x| x.phase != Phase::Validate && !x.findings.is_empty())
     {
         let _ = writeln!(o);
-        let _ = writeln!(o, "`{}` found:", md_cell(&st.id));
+        let _ = writeln!(o, "`{}` found:", md_code(&st.id));
         let _ = writeln!(o);
         for f in st.findings.iter().take(20) {
             let _ = writeln!(o, "- {}", md_cell(f));
@@ -1010,5 +1036,16 @@ mod tests {
             "&lt;script&gt;alert(&#39;x&#39;)&lt;/script&gt; &amp; &quot;y&quot;"
         );
         assert_eq!(md_cell("a|b\nc"), "a\\|b c");
+    }
+
+    #[test]
+    fn markdown_shows_html_links_and_code_from_a_run_as_text() {
+        assert_eq!(
+            md_cell("<img src=x onerror=alert(1)> & [click](javascript:alert(1)) `x`"),
+            "&lt;img src=x onerror=alert(1)&gt; &amp; \\[click\\](javascript:alert(1)) \\`x\\`"
+        );
+        // A backslash cannot escape the cell's end.
+        assert_eq!(md_cell("a\\|b"), "a\\\\\\|b");
+        assert_eq!(md_code("a`b|c"), "a'b\\|c");
     }
 }

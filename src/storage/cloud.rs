@@ -165,7 +165,10 @@ impl Store for Cloud {
         self.rt.block_on(async {
             match self.store.get(&path).await {
                 Ok(r) => match r.bytes().await {
-                    Ok(b) => Ok(Some(b.to_vec())),
+                    // Moved, not copied, when the body is one buffer of
+                    // its own (as a collected response is): `to_vec` copied
+                    // every object a second time.
+                    Ok(b) => Ok(Some(Vec::from(b))),
                     Err(e) => Err(self.err("read", key, e)),
                 },
                 Err(object_store::Error::NotFound { .. }) => Ok(None),

@@ -112,6 +112,45 @@ pub trait Store: Send + Sync {
     fn protection(&self) -> Result<Option<Protection>, StoreError> {
         Ok(None)
     }
+
+    /// `put_if_absent`, where an object already there with exactly
+    /// `body` counts as created: the create of a retried request whose
+    /// first answer was lost (a 5xx after the write, a dropped
+    /// connection) finds its own object, and that is success. Only for
+    /// objects whose bytes are fixed by their content (pieces, labels):
+    /// a different object is still `Exists`.
+    fn put_new_or_same(&self, key: &str, body: &[u8]) -> Result<Put, StoreError> {
+        match self.put_if_absent(key, body)? {
+            Put::Created => Ok(Put::Created),
+            Put::Exists => match self.get(key)? {
+                Some(stored) if stored == body => {
+                    tracing::info!(
+                        key,
+                        "the object is already stored with these bytes: a retried create"
+                    );
+                    Ok(Put::Created)
+                }
+                _ => Ok(Put::Exists),
+            },
+        }
+    }
+}
+
+/// Whether `store` refuses to overwrite on a create: writes a probe
+/// object twice with `put_if_absent` and reads it back. A store that
+/// ignores `If-None-Match: *` (some S3-compatible servers and gateways)
+/// answers the second write with success and keeps its bytes; the
+/// never-overwrite rule of WAL and backups then does not hold. The probe
+/// is deleted after (under Object Lock its versions stay until the lock
+/// ends).
+pub fn probe_create_only(store: &dyn Store, key: &str) -> Result<bool, StoreError> {
+    let first = store.put_if_absent(key, b"reentry create-only probe: first\n")?;
+    let second = store.put_if_absent(key, b"reentry create-only probe: second\n")?;
+    let kept = store.get(key)?;
+    let _ = store.delete(key);
+    Ok(first == Put::Created
+        && second == Put::Exists
+        && kept.as_deref() == Some(&b"reentry create-only probe: first\n"[..]))
 }
 
 /// An object store service.

@@ -691,3 +691,42 @@ fn sync_catalog_deletes_only_its_own_repositorys_rows_and_nothing_for_a_wrong_re
     );
     assert_eq!(rows(), want);
 }
+
+/// The kernel's own view of reentry's connection (`ss -o`): TCP
+/// keepalives on, first probe after 30 s idle, not the system's 2 h, so a
+/// half-open connection cannot hang a step for hours.
+#[test]
+fn a_postgresql_connection_probes_its_peer_after_30_seconds_idle() {
+    let mut c = Cluster::init(Version::V18);
+    c.start();
+    let mut db = reentry::pg::conn::Db::connect(Some(&c.conninfo())).unwrap();
+    db.query_one("probe", "SELECT 1", &[]).unwrap();
+    let out = std::process::Command::new("ss")
+        .args([
+            "-tno",
+            "state",
+            "established",
+            "dport",
+            "=",
+            &format!(":{}", c.port),
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let timers: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.split("timer:(").nth(1))
+        .collect();
+    assert_eq!(timers.len(), 1, "one connection of ours: {text}");
+    let (kind, rest) = timers[0].split_once(',').unwrap();
+    assert_eq!(kind, "keepalive", "{text}");
+    let secs: f64 = rest
+        .split([',', ')'])
+        .next()
+        .unwrap()
+        .trim_end_matches("sec")
+        .parse()
+        .unwrap_or_else(|_| panic!("a keepalive timer in seconds: {text}"));
+    assert!(secs <= 30.0, "{text}");
+    drop(db);
+}

@@ -346,8 +346,9 @@ struct Snapshot {
     offsets: BTreeMap<i32, Option<i64>>,
     /// The world's Redis keys and their values.
     redis: Vec<String>,
-    /// Each index or alias of the world: its documents, and how many
-    /// indexes the world has (a rebuild made twice shows).
+    /// Each index or alias of the world: its documents, how many indexes
+    /// the world has (a rebuild made twice shows), and how many
+    /// delete-by-query tasks ran.
     search: Vec<String>,
 }
 
@@ -425,6 +426,14 @@ fn snapshot(w: &World, indexes: &Indexes) -> Snapshot {
         }
     }
     search.push(format!("{} indexes", indexes.all().len()));
+    // Tasks the node ran, from its own `.tasks`: a task started twice shows.
+    search.push(format!(
+        "{} delete-by-query task(s) on events",
+        indexes
+            .node
+            .finished_delete_by_query(&indexes.name("events"))
+            .len()
+    ));
     Snapshot {
         tables,
         changes,
@@ -497,6 +506,13 @@ fn cases(run: &Path) -> Vec<(String, String, &'static str)> {
         .iter()
         .filter_map(|s| s.split_once("#batch-").map(|(id, _)| id))
         .collect();
+    // A step that starts a task on a peer journals its id (`STEP#task`):
+    // killed after the start and before that record (`task-started`), or
+    // after it (`task`), it must go on with that task, not start another.
+    let with_tasks: BTreeSet<&str> = with_prior
+        .iter()
+        .filter_map(|s| s.strip_suffix("#task"))
+        .collect();
     let mut seen = BTreeSet::new();
     let mut out = Vec::new();
     for s in plan["steps"].as_array().unwrap() {
@@ -514,6 +530,10 @@ fn cases(run: &Path) -> Vec<(String, String, &'static str)> {
         }
         if with_batches.contains(id) {
             out.push((kind.to_owned(), id.to_owned(), "batch"));
+        }
+        if with_tasks.contains(id) {
+            out.push((kind.to_owned(), id.to_owned(), "task-started"));
+            out.push((kind.to_owned(), id.to_owned(), "task"));
         }
     }
     // A debugging aid: REENTRY_CRASH_CASES=SUBSTRING runs only those.

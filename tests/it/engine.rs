@@ -1558,3 +1558,52 @@ fn a_resume_refuses_a_plan_json_that_is_not_the_one_the_run_wrote() {
     // Its own plan back: the run goes on.
     assert_exit(&apply(&pb, &run, &["--apply", "--resume"]), 0);
 }
+
+/// bt_index_check reads every B-tree index of the survivor: a dry run
+/// must not, however often an operator runs one during an incident.
+/// Counted by the server (`pg_stat_user_functions`, track_functions = all).
+#[test]
+fn a_dry_run_calls_no_bt_index_check_and_apply_does() {
+    let f = Fixture::new();
+    f.cluster
+        .client()
+        .batch_execute("ALTER DATABASE res SET track_functions = 'all'")
+        .unwrap();
+    let pb = f.playbook("pb.toml", "0s");
+    // What the server counted once reentry's sessions have ended (a
+    // session reports its counts as it exits).
+    let calls = || {
+        let mut c = f.client("res");
+        for _ in 0..100 {
+            let open: i64 = c
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE 'reentry%'",
+                    &[],
+                )
+                .unwrap()
+                .get(0);
+            if open == 0 {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let mut c = f.client("res");
+        c.query_one(
+            "SELECT coalesce(sum(calls), 0)::int8 FROM pg_stat_user_functions WHERE funcname = 'bt_index_check'",
+            &[],
+        )
+        .unwrap()
+        .get::<_, i64>(0)
+    };
+    let dry = apply(&pb, &f.dir.join("dry"), &[]);
+    assert_exit(&dry, 0);
+    assert_eq!(
+        calls(),
+        0,
+        "a dry run called bt_index_check: {}",
+        stdout(&dry)
+    );
+    let out = apply(&pb, &f.dir.join("real"), &["--apply"]);
+    assert_exit(&out, 0);
+    assert!(calls() > 0, "apply ran amcheck: {}", stdout(&out));
+}

@@ -912,6 +912,70 @@ fn an_unreachable_broker_is_named_by_the_playbooks_template_not_its_value() {
 }
 
 /// Templates and exports are read when the plan is made: a missing or
+/// A file the playbook reads is in its directory or below: an absolute
+/// path, `..` or a symbolic link out of it is refused, located, and its
+/// content reaches neither the plan nor the output.
+#[test]
+fn a_pinned_file_outside_the_playbooks_directory_or_behind_a_link_is_refused() {
+    let w = World::new();
+    let pb = w.playbook("pb.toml", "provider.csv");
+    let text = std::fs::read_to_string(&pb).unwrap();
+    let line = text
+        .lines()
+        .position(|l| l.contains("compensation-template"))
+        .unwrap()
+        + 1;
+    // A valid template, with a marker, outside the playbook's directory.
+    let good = std::fs::read_to_string(w.dir.join("compensation.json")).unwrap();
+    let marker = "OUTSIDE-MARKER-7f3a";
+    let outside = w
+        .dir
+        .parent()
+        .unwrap()
+        .join(crate::common::unique("outside.json"));
+    std::fs::write(&outside, good.replace("CaseChangeLost", marker)).unwrap();
+    let _cleanup = scopeguard_file(outside.clone());
+    std::os::unix::fs::symlink(&outside, w.dir.join("link.json")).unwrap();
+    let rel = format!("../{}", outside.file_name().unwrap().to_string_lossy());
+    for (named, says) in [
+        (
+            outside.display().to_string(),
+            "is outside the playbook's directory",
+        ),
+        (rel, "is outside the playbook's directory"),
+        ("link.json".to_owned(), "is a symbolic link"),
+    ] {
+        let edited = text.replace(
+            "compensation-template = \"compensation.json\"",
+            &format!("compensation-template = \"{named}\""),
+        );
+        assert_ne!(edited, text);
+        std::fs::write(&pb, edited).unwrap();
+        let out = run(&[&"plan", &pb]);
+        assert_exit(&out, 78);
+        let err = stderr(&out);
+        assert!(
+            err.contains(&format!("pb.toml:{line}:")) && err.contains(says),
+            "{named}: {err}"
+        );
+        assert!(
+            !stdout(&out).contains(marker) && !err.contains(marker),
+            "{named}"
+        );
+    }
+}
+
+/// Removes a file when dropped.
+fn scopeguard_file(path: std::path::PathBuf) -> impl Drop {
+    struct Rm(std::path::PathBuf);
+    impl Drop for Rm {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+    Rm(path)
+}
+
 /// malformed one stops the run before any gate closes, located in the
 /// playbook; one changed after the plan read it is refused at apply.
 #[test]

@@ -1011,3 +1011,134 @@ fn a_backup_linking_to_a_tablespace_is_refused_before_anything_is_copied() {
         "the tablespace is untouched"
     );
 }
+
+/// Starts `cmd`, waits for a `postmaster.pid` in the directory `data`
+/// yields (it may not exist yet), then makes the restore manifest's path a
+/// directory so that the write after replay fails: a late failure, with
+/// the server up. The postmaster's pid and the command's output.
+fn fail_after_start(
+    mut cmd: Command,
+    data: impl Fn() -> Option<PathBuf>,
+) -> (i32, PathBuf, Output) {
+    let mut child = cmd
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = std::time::Instant::now();
+    let (pid, dir) = loop {
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "the server never started"
+        );
+        if child.try_wait().unwrap().is_some() {
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "it ended before the server started: {}{}",
+                stdout(&out),
+                stderr(&out)
+            );
+        }
+        if let Some(dir) = data() {
+            if let Ok(text) = std::fs::read_to_string(dir.join("postmaster.pid")) {
+                if let Some(pid) = text.lines().next().and_then(|l| l.trim().parse().ok()) {
+                    std::fs::create_dir(dir.join("reentry-restore.json")).unwrap();
+                    break (pid, dir);
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    };
+    (pid, dir, child.wait_with_output().unwrap())
+}
+
+fn alive(pid: i32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+        && !std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .unwrap_or_default()
+            .contains(") Z ")
+}
+
+#[test]
+fn a_restore_or_drill_that_fails_after_the_server_started_leaves_no_server_running() {
+    let (c, repo) = archiving(Version::V18, "", &[]);
+    c.client()
+        .batch_execute("CREATE TABLE t AS SELECT g FROM generate_series(1, 100000) g")
+        .unwrap();
+    ok_json(&run(&c, &repo, &["backup"]));
+    // Some WAL to replay: the server runs a while before recovery ends.
+    for _ in 0..4 {
+        c.client()
+            .batch_execute("INSERT INTO t SELECT g FROM generate_series(1, 100000) g")
+            .unwrap();
+        switch_and_wait_archived(&c);
+    }
+
+    let to = c.root().join("late");
+    let (pid, _, out) = fail_after_start(
+        command(
+            &c,
+            &repo,
+            &["restore", "--to", to.to_str().unwrap(), "--latest"],
+        ),
+        || Some(to.clone()),
+    );
+    assert_exit(&out, 2);
+    assert!(
+        stderr(&out).contains("reentry-restore.json"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(!alive(pid), "the restore left postmaster {pid} running");
+    assert!(!to.join("postmaster.pid").exists());
+
+    // A drill in a scratch directory of its own: the server is stopped
+    // before that directory is deleted.
+    let tmp = c.dir("tmp");
+    let mut cmd = command(
+        &c,
+        &repo,
+        &[
+            "drill",
+            "--evidence",
+            c.dir("work").join("e.json").to_str().unwrap(),
+        ],
+    );
+    cmd.env("TMPDIR", &tmp);
+    let scratch = || {
+        std::fs::read_dir(&tmp)
+            .ok()?
+            .flatten()
+            .find(|e| e.file_name().to_string_lossy().contains("reentry-drill"))
+            .map(|e| e.path().join("data"))
+    };
+    let (pid, dir, out) = fail_after_start(cmd, scratch);
+    assert_exit(&out, 2);
+    assert!(!alive(pid), "the drill left postmaster {pid} running");
+    assert!(!dir.exists(), "the drill left its scratch directory");
+}
+
+#[test]
+fn a_repository_whose_path_holds_a_quote_and_percent_signs_restores_through_restore_command() {
+    let (c, repo) = archiving(Version::V18, "", &[]);
+    c.client()
+        .batch_execute("CREATE TABLE t AS SELECT g FROM generate_series(1, 100) g")
+        .unwrap();
+    ok_json(&run(&c, &repo, &["backup"]));
+    // Rows only the WAL after the backup holds.
+    c.client()
+        .batch_execute("INSERT INTO t SELECT g FROM generate_series(101, 150) g")
+        .unwrap();
+    switch_and_wait_archived(&c);
+    // The same repository under a name the shell and PostgreSQL's %-escapes
+    // would both misread.
+    let weird = repo.with_file_name("it's a %f %p %r repo");
+    std::fs::rename(&repo, &weird).unwrap();
+    let r = restore(&c, &weird, "copy", &["--latest"]);
+    assert_eq!(r.count("t"), 150, "the WAL after the backup was replayed");
+    assert!(
+        r.manifest["wal_segments_replayed"].as_u64().unwrap() >= 1,
+        "{}",
+        r.manifest
+    );
+}

@@ -122,7 +122,7 @@ fn journaled_task(run: &Path, step: &str) -> String {
     let text = std::fs::read_to_string(run.join("journal.jsonl")).unwrap();
     text.lines()
         .map(|l| serde_json::from_str::<Value>(l).unwrap())
-        .filter(|r| r["event"] == "prior" && r["step"] == step)
+        .filter(|r| r["event"] == "prior" && r["step"] == format!("{step}#task"))
         .find_map(|r| r["data"]["task"].as_str().map(str::to_owned))
         .unwrap_or_else(|| panic!("{step} journaled no task: {text}"))
 }
@@ -290,6 +290,65 @@ fn delete_by_query_killed_mid_task_is_resumed_on_the_same_task_and_never_started
     let done = node.ok("GET", &format!("/_tasks/{task}"), None);
     assert_eq!(done["response"]["requests_per_second"], 500.0, "{done}");
     assert_eq!(done["response"]["deleted"], 3000, "{done}");
+}
+
+#[test]
+fn delete_by_query_killed_before_its_task_id_is_journaled_finds_its_task_and_starts_no_second() {
+    let w = CacheWorld::new("search-dbq-unjournaled");
+    let ix = Indexes::new("search-dbq-unjournaled");
+    let node = ix.node.clone();
+    let index = ix.name("events");
+    events(&node, &index, w.t, 30, 3000, 2);
+    let pb = w.playbook(&search_toml(
+        &node.url,
+        "events",
+        &index,
+        "strategy = \"delete-by-query\"\ntimestamp-field = \"at\"\nrequests-per-second = 500\nbatch-size = 500",
+    ));
+    let stop = Arc::new(AtomicBool::new(false));
+    let sampler = {
+        let (node, index, stop) = (node.clone(), index.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut seen = BTreeSet::new();
+            while !stop.load(Ordering::Relaxed) {
+                seen.extend(node.running_delete_by_query(&index));
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            seen
+        })
+    };
+    let run = w.dir.join("run");
+    // Killed after the task started and before its id reached the journal:
+    // the journal holds the count before, and no task.
+    crate::common::kill_at_pause(
+        apply_cmd(&pb, &run, &[]),
+        "search-delete-by-query:events:task-started",
+    );
+    let journal = std::fs::read_to_string(run.join("journal.jsonl")).unwrap();
+    assert!(!journal.contains("#task"), "{journal}");
+    let running = node.running_delete_by_query(&index);
+    assert_eq!(running.len(), 1, "{running:?}");
+
+    let out = apply_cmd(&pb, &run, &["--resume"]).output().unwrap();
+    assert_exit(&out, 0);
+    stop.store(true, Ordering::Relaxed);
+    let mut seen = sampler.join().unwrap();
+    // The node ran one task, the one killed run started, and the resumed
+    // run journaled and polled that one.
+    let finished = node.finished_delete_by_query(&index);
+    assert_eq!(finished, running);
+    seen.extend(finished);
+    assert_eq!(seen.into_iter().collect::<Vec<_>>(), running);
+    assert_eq!(
+        journaled_task(&run, "search-delete-by-query:events"),
+        running[0]
+    );
+    assert_eq!(node.count(&index, after_t(w.t)), 0);
+    assert_eq!(node.count_all(&index), 30);
+    let e = done_effect(&run, "search-delete-by-query:events");
+    // Counted before the task started, not after its partial deletion.
+    assert_eq!(e["detail"]["before"], 3000, "{e:#}");
+    assert_eq!(e["count"], 3000, "{e:#}");
 }
 
 #[test]
@@ -892,4 +951,145 @@ fn a_rebuild_hook_past_its_timeout_is_killed_with_its_children() {
         .output()
         .unwrap();
     assert!(left.stdout.is_empty(), "still running: {}", stdout(&left));
+}
+
+#[test]
+fn an_index_name_that_is_a_pattern_or_a_list_is_refused_at_check_and_no_index_changes() {
+    let w = CacheWorld::new("search-names");
+    let ix = Indexes::new("search-names");
+    let node = &ix.node;
+    let (one, other) = (ix.name("one"), ix.name("other"));
+    events(node, &one, w.t, 2, 3, 1);
+    events(node, &other, w.t, 2, 3, 1);
+    node.refresh(&one);
+    node.refresh(&other);
+    for index in [
+        "*".to_owned(),
+        format!("{one},{other}"),
+        "_all".to_owned(),
+        format!("{one}/_doc"),
+    ] {
+        let pb = w.playbook(&search_toml(
+            &node.url,
+            "events",
+            &index,
+            "strategy = \"delete-by-query\"\ntimestamp-field = \"at\"",
+        ));
+        let line = std::fs::read_to_string(&pb)
+            .unwrap()
+            .lines()
+            .position(|l| l.starts_with("index = "))
+            .unwrap()
+            + 1;
+        let out = reentry(&[&"playbook", &"check", &pb]);
+        assert_exit(&out, 78);
+        let said = stderr(&out);
+        assert!(
+            said.contains(&format!("{}:{line}:", pb.display())) && said.contains("an index name"),
+            "{index}: {said}"
+        );
+        let run = w.dir.join(crate::common::unique("run"));
+        let out = apply_cmd(&pb, &run, &[]).output().unwrap();
+        assert_exit(&out, 78);
+    }
+    // The node's own count: every document of both indices is still there.
+    assert_eq!(node.count_all(&one), 5);
+    assert_eq!(node.count_all(&other), 5);
+}
+
+#[test]
+fn a_delete_by_query_task_that_outlasts_task_timeout_fails_the_step_naming_it_and_runs_on() {
+    let w = CacheWorld::new("search-dbq-timeout");
+    let ix = Indexes::new("search-dbq-timeout");
+    let node = ix.node.clone();
+    let index = ix.name("events");
+    events(&node, &index, w.t, 30, 3000, 1);
+    // 3000 documents at 100 a second: half a minute, against a 1 s wait.
+    let pb = w.playbook(&search_toml(
+        &node.url,
+        "events",
+        &index,
+        "strategy = \"delete-by-query\"\ntimestamp-field = \"at\"\nrequests-per-second = 100\nbatch-size = 100\ntask-timeout = \"1s\"",
+    ));
+    let run = w.dir.join("run");
+    let out = apply_cmd(&pb, &run, &[]).output().unwrap();
+    assert_exit(&out, 2);
+    let said = format!("{}{}", stdout(&out), stderr(&out));
+    let task = journaled_task(&run, "search-delete-by-query:events");
+    assert!(
+        said.contains(&format!("task {task} still runs after 1s"))
+            && said.contains(&format!("POST /_tasks/{task}/_cancel")),
+        "{said}"
+    );
+    // The node's own list: the task runs on, as the error says.
+    assert_eq!(
+        node.running_delete_by_query(&index),
+        std::slice::from_ref(&task)
+    );
+    node.ok("POST", &format!("/_tasks/{task}/_cancel"), None);
+}
+
+/// A password with the characters a URL must percent-encode, written raw
+/// or escaped: sent decoded (as the node receives it), and found in no
+/// output, plan, journal or report.
+#[test]
+fn a_password_with_url_delimiters_is_sent_decoded_and_shown_nowhere() {
+    let w = CacheWorld::new("search-url-secret");
+    let ix = Indexes::new("search-url-secret");
+    let node = ix.node.clone();
+    let index = ix.name("events");
+    events(&node, &index, w.t, 2, 3, 1);
+    let tap = Wiretap::on(&node);
+    let host = tap.url.trim_start_matches("http://");
+    let redis = crate::common::services::redis_addr();
+    // Everything a run shows and writes.
+    let shown = |out: &std::process::Output, run: &Path| {
+        let mut said = format!("{}{}", stdout(out), stderr(out));
+        for f in std::fs::read_dir(run).into_iter().flatten().flatten() {
+            said.push_str(&std::fs::read_to_string(f.path()).unwrap_or_default());
+        }
+        said
+    };
+    // From the environment, as a playbook takes secrets.
+    let env = [("SEARCH_PW", "Zq9/s?e#c%40rt"), ("CACHE_PW", "Rk4/p?a#s@w")];
+    let search = w.playbook(&search_toml(
+        &format!("http://elastic:${{SEARCH_PW}}@{host}"),
+        "events",
+        &index,
+        "strategy = \"delete-by-query\"\ntimestamp-field = \"at\"",
+    ));
+    let run = w.dir.join("search-run");
+    let out = apply_cmd(&search, &run, &[]).envs(env).output().unwrap();
+    assert_exit(&out, 0);
+    let said = shown(&out, &run);
+    for fragment in ["Zq9", "s?e#c", "rt@"] {
+        assert!(!said.contains(fragment), "{fragment} shown: {said}");
+    }
+    // The node was asked with the password decoded.
+    let b64 = std::process::Command::new("sh")
+        .args(["-c", "printf %s 'elastic:Zq9/s?e#c@rt' | base64 -w0"])
+        .output()
+        .unwrap();
+    let basic = format!(
+        "authorization: basic {}",
+        String::from_utf8_lossy(&b64.stdout).to_ascii_lowercase()
+    );
+    assert!(
+        tap.sent().to_ascii_lowercase().contains(&basic),
+        "{}",
+        tap.sent()
+    );
+
+    // Redis refuses a URL whose password is not escaped: the run fails,
+    // naming the cache without its password.
+    let caches = w.playbook(&format!(
+        "[[caches]]\nname = \"c\"\nurl = \"redis://:${{CACHE_PW}}@{redis}\"\ntable = \"cases\"\nupdated-at = \"updated_at\"\nkeys = [\"x:{{id}}\"]\n"
+    ));
+    let run = w.dir.join("caches-run");
+    let out = apply_cmd(&caches, &run, &[]).envs(env).output().unwrap();
+    assert_ne!(out.status.code(), Some(0), "{}", stdout(&out));
+    let said = shown(&out, &run);
+    for fragment in ["Rk4", "p?a#s", "s@w"] {
+        assert!(!said.contains(fragment), "{fragment} shown: {said}");
+    }
 }

@@ -13,6 +13,7 @@ use serde_json::Value;
 use crate::common::archiving::switch_and_wait_archived;
 use crate::common::pg::{Cluster, Version};
 use crate::common::restored::{command, ok_json, Restored};
+use crate::common::s3proxy::{Fault, S3Proxy};
 use crate::common::services::address;
 use crate::common::{
     assert_exit, bucket_name, pushes_that_stored, reentry_bin, run_concurrently, stderr, stdout,
@@ -1364,5 +1365,66 @@ fn a_local_encrypted_repository_holds_no_plaintext_and_restores() {
     assert_eq!(
         r.count("secret_notes WHERE note LIKE 'plaintext-marker-%'"),
         20000
+    );
+}
+
+#[test]
+fn s3_check_fails_on_a_store_that_overwrites_a_create_only_write() {
+    let (name, s) = bucket("probe", "repo");
+    let c = archiving_to_s3(&name);
+    // moto honours If-None-Match: *: check passes, and leaves no probe.
+    ok_json(&s3_at(&c, &name, &["check"]).output().unwrap());
+    assert!(
+        s.list("check/").unwrap().is_empty(),
+        "{:?}",
+        s.list("check/")
+    );
+    // The same bucket behind a gateway that drops the header: a second
+    // create overwrites the first, and check says so.
+    let proxy = S3Proxy::start(&endpoint(), Fault::IgnoreIfNoneMatch);
+    let out = s3_at(&c, &name, &["check"])
+        .env("AWS_ENDPOINT_URL", &proxy.url)
+        .output()
+        .unwrap();
+    assert_exit(&out, 1);
+    assert!(
+        stderr(&out).contains("overwrote an object on a create-only write"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn s3_a_backup_whose_creates_lose_their_answers_finds_its_own_objects_and_succeeds() {
+    let (name, s) = bucket("lost-answers", "repo");
+    let c = archiving_to_s3(&name);
+    c.client()
+        .batch_execute("CREATE TABLE t AS SELECT g FROM generate_series(1, 1000) g")
+        .unwrap();
+    // Every first create under backup/ is written, and its answer lost: the
+    // client's retry finds the object it wrote.
+    let proxy = S3Proxy::start(&endpoint(), Fault::LoseFirstCreateOf("/backup/"));
+    let out = s3_at(&c, &name, &["backup"])
+        .env("AWS_ENDPOINT_URL", &proxy.url)
+        .output()
+        .unwrap();
+    let b = ok_json(&out);
+    let lost = proxy.lost.lock().unwrap().clone();
+    let id = b["id"].as_str().unwrap();
+    assert!(
+        lost.iter()
+            .any(|p| p.ends_with(&format!("/backup/{id}/backup.json"))),
+        "{lost:?}"
+    );
+    assert!(lost.iter().any(|p| p.contains("/pack/")), "{lost:?}");
+    // Each object once, as written: the backup verifies from moto itself.
+    assert!(s
+        .get(&format!("backup/{id}/backup.json"))
+        .unwrap()
+        .is_some());
+    ok_json(
+        &s3_at(&c, &name, &["backup", "verify", id])
+            .output()
+            .unwrap(),
     );
 }

@@ -429,17 +429,56 @@ impl Pinned {
         }
     }
 
-    fn resolve(&self, playbook: &std::path::Path) -> std::path::PathBuf {
-        playbook
+    /// Where it is: under the playbook's directory, and not a symbolic
+    /// link. A template's content goes into the plan and out to Kafka, so
+    /// a path that reaches outside (absolute, `..`, or through a link) could
+    /// publish any file the run can read, a key file for one.
+    fn resolve(&self, playbook: &std::path::Path) -> Result<std::path::PathBuf, String> {
+        let dir = playbook
             .parent()
-            .unwrap_or(std::path::Path::new("."))
-            .join(&self.path)
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or(std::path::Path::new("."));
+        let dir = std::fs::canonicalize(dir).map_err(|e| {
+            format!(
+                "cannot resolve the playbook's directory {}: {e}",
+                dir.display()
+            )
+        })?;
+        let path = dir.join(&self.path);
+        let outside = || {
+            format!(
+                "`{}` is outside the playbook's directory {}: a file the playbook reads must be in it or below, named by a relative path without `..`",
+                self.path,
+                dir.display()
+            )
+        };
+        if std::path::Path::new(&self.path).is_absolute()
+            || std::path::Path::new(&self.path)
+                .components()
+                .any(|c| c == std::path::Component::ParentDir)
+        {
+            return Err(outside());
+        }
+        let meta = std::fs::symlink_metadata(&path)
+            .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        if meta.file_type().is_symlink() {
+            return Err(format!(
+                "{} is a symbolic link: name the file itself, in the playbook's directory",
+                path.display()
+            ));
+        }
+        let real = std::fs::canonicalize(&path)
+            .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        if !real.starts_with(&dir) {
+            return Err(outside());
+        }
+        Ok(path)
     }
 
     /// Reads it for the plan, pins its sha256 (and its content when
     /// `keep`), and returns its bytes to be checked.
     pub fn pin(&mut self, playbook: &std::path::Path, keep: bool) -> Result<Vec<u8>, String> {
-        let path = self.resolve(playbook);
+        let path = self.resolve(playbook)?;
         let bytes =
             std::fs::read(&path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
         self.sha256 = crate::reentry::plan::sha256_hex(&bytes);
@@ -455,7 +494,9 @@ impl Pinned {
     /// Its bytes at apply: refused when the file is gone or changed since
     /// the plan pinned it (make a new plan to use the new one).
     pub fn read_checked(&self, playbook: &std::path::Path) -> Result<Vec<u8>, StepError> {
-        let path = self.resolve(playbook);
+        let path = self
+            .resolve(playbook)
+            .map_err(|message| StepError::Input { message })?;
         let bytes = std::fs::read(&path).map_err(|e| StepError::Input {
             message: format!("cannot read {}: {e}", path.display()),
         })?;

@@ -5,9 +5,10 @@
 //! - `search-delete-by-query:<name>`: documents whose `timestamp-field` is
 //!   after T, deleted by a `_delete_by_query` task (`conflicts=proceed`,
 //!   `slices=auto`, `wait_for_completion=false`, and `requests_per_second`
-//!   when the playbook throttles it). The task id is journaled as soon as
-//!   the server gives it, and a resumed run polls that task instead of
-//!   starting a second one.
+//!   when the playbook throttles it). The count before is journaled
+//!   first, then the task is started with a tag (`X-Opaque-Id`) and its id
+//!   journaled: a resumed run polls that task, or finds it by its tag when
+//!   the run died before journaling the id, instead of starting a second.
 //! - `search-targeted:<name>`: the entities changed around T (see
 //!   `rows::Entities`). Without `documents`, their documents are deleted
 //!   (bulk). With it, each is indexed again from the surviving database:
@@ -72,6 +73,9 @@ const JOURNAL_EVERY: Duration = Duration::from_secs(1);
 const HOOK_OUTPUT: usize = 4096;
 /// How long a rebuild hook may run unless `hook-timeout` says otherwise.
 const HOOK_TIMEOUT: Duration = Duration::from_secs(600);
+/// How long a delete-by-query step waits for its task unless
+/// `task-timeout` says otherwise.
+const TASK_TIMEOUT: Duration = Duration::from_secs(6 * 3600);
 /// What a hook inherits from reentry's environment besides `hook-env`:
 /// nothing that holds a credential.
 const HOOK_ENV: &[&str] = &["PATH", "HOME", "LANG", "LC_ALL", "TZ"];
@@ -101,6 +105,7 @@ section! {
         pub hook_env: Option<Vec<String>> => opt("hook-env", Kind::Strs),
         pub batch_size: Option<i64> => opt("batch-size", Kind::Int),
         pub requests_per_second: Option<i64> => opt("requests-per-second", Kind::Int),
+        pub task_timeout: Option<String> => opt("task-timeout", Kind::Duration),
     }
 }
 
@@ -174,6 +179,10 @@ pub enum Strategy {
         /// Documents per batch (`batch-size`); none: DBQ_BATCH.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         scroll_size: Option<u64>,
+        /// How long to wait for the task (ms, `task-timeout`); none:
+        /// TASK_TIMEOUT.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        task_timeout_ms: Option<u64>,
     },
     Targeted {
         entities: Entities,
@@ -273,33 +282,21 @@ fn doc_ids(entities: &[Vec<String>]) -> Vec<String> {
 /// Documents as `documents` gives them: id, version, document.
 type Docs = Vec<(String, i64, Value)>;
 
-/// The rows `documents` gives for `ids` (all of them when `None`): id,
-/// version, document.
-fn documents(
-    env: &mut Env,
-    database: &str,
-    sql: &str,
-    ids: Option<&[String]>,
-) -> Result<Docs, StepError> {
+/// The rows `documents` gives for `ids`: id, version, document.
+fn documents(env: &mut Env, database: &str, sql: &str, ids: &[String]) -> Result<Docs, StepError> {
     let db = env.db(database)?;
-    let rows = match ids {
-        // `= ANY($1)`, which PostgreSQL hashes, and not a join with
-        // unnest($1): the hash join built its table from `documents` and
-        // made every row's document (174 ms against 34 ms for 1000 ids of
-        // 200,000 rows on PostgreSQL 18).
-        Some(ids) => db.query(
+    // `= ANY($1)`, which PostgreSQL hashes, and not a join with
+    // unnest($1): the hash join built its table from `documents` and
+    // made every row's document (174 ms against 34 ms for 1000 ids of
+    // 200,000 rows on PostgreSQL 18).
+    let rows = db
+        .query(
             "read the documents",
             &format!(
                 "SELECT d.id::text, d.version::int8, d.doc::text FROM ({sql}) d WHERE d.id::text = ANY($1::text[])"
             ),
             &[&ids],
-        ),
-        None => db.query(
-            "read the documents",
-            &format!("SELECT d.id::text, d.version::int8, d.doc::text FROM ({sql}) d"),
-            &[],
-        ),
-    }
+        )
     .on(database)?;
     rows.iter()
         .map(|r| {
@@ -354,11 +351,39 @@ struct TargetedPrior {
     before: u64,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
 struct TaskPrior {
     task: String,
     before: u64,
+}
+
+/// Journaled by a delete-by-query step before it starts its task.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+struct DbqPrior {
+    before: u64,
+    /// The task's `X-Opaque-Id`.
+    #[serde(default)]
+    tag: String,
+    /// When `before` was counted (epoch ms): the task started later.
+    #[serde(default)]
+    at_ms: i64,
+    /// Journaled here by earlier builds, which started the task first.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    task: Option<String>,
+}
+
+/// Journaled under `STEP#task` once the task has started.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+struct TaskStarted {
+    task: String,
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -448,32 +473,79 @@ impl SearchStep {
         Ok((found.entities.len() as u64, doc_ids(&found.entities)))
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn apply_dbq(
         &self,
         s: &Search,
         rec: &mut Recorder,
+        run_id: &str,
         field: &str,
         t_ms: Option<i64>,
         scroll_size: Option<u64>,
         requests_per_second: Option<u64>,
+        timeout: Duration,
     ) -> Result<Effect, StepError> {
         let index = &self.target.index;
         let q = after_t(field, t_ms)?;
-        let prior: TaskPrior = rec.prior(|| {
+        // The count before, then the task, then its id, each journaled
+        // before the next: a resumed run counts nothing again after a
+        // partial deletion, and a run that died between starting the task
+        // and journaling its id finds the task by its tag rather than
+        // starting a second one.
+        let rec_step = rec.step;
+        let prior: DbqPrior = rec.prior(|| {
             // The task deletes what a search sees: documents not refreshed
             // yet would escape it.
             s.refresh(index)?;
-            let before = s.count(index, &q)?;
-            let task = s.delete_by_query(
-                index,
-                &q,
-                scroll_size.unwrap_or(DBQ_BATCH),
-                requests_per_second,
-            )?;
-            Ok(TaskPrior { task, before })
+            Ok(DbqPrior {
+                before: s.count(index, &q)?,
+                // ASCII, whatever the step's name: it goes in a header.
+                tag: format!(
+                    "reentry-{}",
+                    &crate::reentry::plan::sha256_hex(format!("{run_id}\n{rec_step}").as_bytes())
+                        [..32]
+                ),
+                at_ms: now_ms(),
+                task: None,
+            })
         })?;
+        let task_key = format!("{}#task", rec.step);
+        let started = rec.prior_of::<TaskStarted>(&task_key)?;
+        let task = match (started, prior.task) {
+            (Some(t), _) => t.task,
+            // Journaled by a build that started the task inside the prior.
+            (None, Some(t)) => t,
+            (None, None) => {
+                // Ten minutes of leeway for a clock that differs from the
+                // node's.
+                let since = prior.at_ms - 600_000;
+                let task = match s.find_delete_by_query(index, &prior.tag, since)? {
+                    Some(t) => {
+                        tracing::info!(task = %t, "found the task this step started before it stopped");
+                        t
+                    }
+                    None => s.delete_by_query(
+                        index,
+                        &q,
+                        scroll_size.unwrap_or(DBQ_BATCH),
+                        requests_per_second,
+                        &prior.tag,
+                    )?,
+                };
+                pause_point(rec.step, "task-started");
+                rec.prior_keyed(&task_key, &TaskStarted { task: task.clone() })?;
+                task
+            }
+        };
+        let prior = TaskPrior {
+            task,
+            before: prior.before,
+        };
         let step_id = rec.step.to_owned();
         pause_point(&step_id, "task");
+        // Counted from this run's start of waiting: a resumed run waits
+        // again for the same task.
+        let deadline = Instant::now() + timeout;
         let response = loop {
             match s.task(index, &prior.task)? {
                 None => {
@@ -483,6 +555,13 @@ impl SearchStep {
                     )))
                 }
                 Some((true, r)) => break r,
+                Some((false, _)) if Instant::now() >= deadline => {
+                    return Err(self.err(format!(
+                        "delete-by-query task {task} still runs after {} (task-timeout): it goes on in the cluster. Wait for it with --resume (which polls the same task), or stop it with POST /_tasks/{task}/_cancel and start a new run",
+                        humantime::format_duration(timeout),
+                        task = prior.task
+                    )))
+                }
                 Some((false, _)) => rec.sleep_until(std::time::SystemTime::now() + Duration::from_millis(200))?,
             }
         };
@@ -582,7 +661,7 @@ impl SearchStep {
                     }
                     None => {
                         page_end = (start + page).min(ids.len());
-                        documents(env, database, sql, Some(&ids[start..page_end]))?
+                        documents(env, database, sql, &ids[start..page_end])?
                     }
                 };
                 rows = docs
@@ -623,8 +702,7 @@ impl SearchStep {
                     })
                     .collect();
                 let fetched = prefetch.map(|(sql, next_end)| {
-                    documents(env, database, sql, Some(&ids[end..next_end]))
-                        .map(|docs| (next_end, docs))
+                    documents(env, database, sql, &ids[end..next_end]).map(|docs| (next_end, docs))
                 });
                 let answers: Vec<Result<(u64, u64), StepError>> = handles
                     .into_iter()
@@ -817,40 +895,76 @@ impl SearchStep {
                 let settings = s.copied_settings(&prior.old[0])?;
                 s.create_index(&prior.new, &settings, &mappings)?;
             }
-            let docs = documents(env, database, sql, None)?;
+            // Streamed: a page of `batch` rows at a time from a cursor,
+            // handed to a thread that sends each as one bulk request while
+            // the next is read (reqwest's blocking client must not run
+            // inside the database client's runtime). At most a few pages
+            // are in memory, whatever the number of documents.
             let started = Instant::now();
-            let mut last_said = Instant::now();
             let step_id = rec.step.to_owned();
-            for (n, chunk) in docs.chunks(batch).enumerate() {
-                let actions: Vec<(Value, Option<Value>)> = chunk
-                    .iter()
-                    .map(|(id, v, doc)| {
-                        (
-                            json!({ "index": { "_index": prior.new, "_id": id, "version": v, "version_type": "external_gte" } }),
-                            Some(doc.clone()),
-                        )
-                    })
-                    .collect();
-                for item in s.bulk(&prior.new, &actions)? {
-                    if !matches!(item.status, 200 | 201 | 409) {
-                        return Err(self.item_err(&item));
+            let new = prior.new.clone();
+            let select = format!("SELECT d.id::text, d.version::int8, d.doc::text FROM ({sql}) d");
+            let db = env.db(database)?;
+            let (read, indexed) = std::thread::scope(|scope| {
+                let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<(Value, Option<Value>)>>(2);
+                let writer = scope.spawn(move || -> Result<u64, StepError> {
+                    let mut n = 0u64;
+                    let mut last_said = Instant::now();
+                    for actions in rx {
+                        for item in s.bulk(&new, &actions)? {
+                            if !matches!(item.status, 200 | 201 | 409) {
+                                return Err(self.item_err(&item));
+                            }
+                        }
+                        if n == 0 {
+                            pause_point(&step_id, "batch");
+                        }
+                        n += actions.len() as u64;
+                        if last_said.elapsed() > Duration::from_secs(5) {
+                            tracing::info!(index = %new, "{n} documents indexed");
+                            last_said = Instant::now();
+                        }
                     }
-                }
-                if n == 0 {
-                    pause_point(&step_id, "batch");
-                }
-                if last_said.elapsed() > Duration::from_secs(5) {
-                    tracing::info!(index = %prior.new, "{} of {} documents indexed", (n + 1) * batch, docs.len());
-                    last_said = Instant::now();
-                }
-            }
+                    Ok(n)
+                });
+                let read = db.stream_rows(
+                    "read the documents",
+                    &select,
+                    &[],
+                    batch as i32,
+                    |rows| -> Result<(), StepError> {
+                        let mut actions = Vec::with_capacity(rows.len());
+                        for r in rows {
+                            let id: String = r.get(0);
+                            let version: i64 = r.get(1);
+                            let doc: String = r.get(2);
+                            let doc: Value = serde_json::from_str(&doc).map_err(|e| StepError::Input {
+                                message: format!("`documents` gave document {id} that is not JSON: {e}"),
+                            })?;
+                            actions.push((
+                                json!({ "index": { "_index": prior.new, "_id": id, "version": version, "version_type": "external_gte" } }),
+                                Some(doc),
+                            ));
+                        }
+                        // A closed channel: the writer stopped, and says why.
+                        tx.send(actions).map_err(|_| StepError::Input {
+                            message: "the bulk writer stopped".into(),
+                        })
+                    },
+                );
+                drop(tx);
+                (read, writer.join().expect("the bulk thread panicked"))
+            });
+            let total = match (read, indexed) {
+                (_, Err(e)) | (Err(e), Ok(_)) => return Err(e),
+                (Ok(()), Ok(n)) => n,
+            };
             s.refresh(&prior.new)?;
             let built = s.count(&prior.new, &json!({ "match_all": {} }))?;
-            if built != docs.len() as u64 {
+            if built != total {
                 return Err(self.err(format!(
-                    "the new index {} holds {built} documents, not the {} the query gave: the alias was not moved",
+                    "the new index {} holds {built} documents, not the {total} the query gave: the alias was not moved",
                     prior.new,
-                    docs.len()
                 )));
             }
             s.swap_alias(alias, &prior.old, &prior.new)?;
@@ -1163,15 +1277,18 @@ impl Step for SearchStep {
                 t_ms,
                 requests_per_second,
                 scroll_size,
+                task_timeout_ms,
             } => {
                 let s = self.target.connect()?;
                 self.apply_dbq(
                     &s,
                     rec,
+                    &env.run_id,
                     timestamp_field,
                     *t_ms,
                     *scroll_size,
                     *requests_per_second,
+                    task_timeout_ms.map_or(TASK_TIMEOUT, Duration::from_millis),
                 )
             }
             Strategy::Targeted { .. } => {
@@ -1229,6 +1346,11 @@ fn plan(p: &Playbook, ctx: &PlanCtx) -> Vec<PlannedStep> {
                         t_ms: ctx.t_ms,
                         requests_per_second: s.requests_per_second.map(|r| r.max(1) as u64),
                         scroll_size: s.batch_size.map(|b| b.clamp(1, 10_000) as u64),
+                        task_timeout_ms: s
+                            .task_timeout
+                            .as_deref()
+                            .and_then(|t| humantime::parse_duration(t).ok())
+                            .map(|d| d.as_millis() as u64),
                     },
                     format!("delete the documents of {} written after T", s.index),
                 ),
@@ -1312,6 +1434,9 @@ fn meaning(m: &mut Meaning) {
                 format!("a second [[search]] named `{}`", s.name),
             );
         }
+        if let Some(problem) = crate::search::index_name_problem(&s.index) {
+            m.error(&at(i, "index"), format!("`{}`: {problem}", s.index));
+        }
         let need = |m: &mut Meaning, present: bool, key: &'static str, why: &str| {
             if !present {
                 m.error(
@@ -1372,6 +1497,12 @@ fn meaning(m: &mut Meaning) {
             m.error(
                 &at(i, "batch-size"),
                 "a delete-by-query's `batch-size` is a scroll page: at most 10000 (index.max_result_window)".into(),
+            );
+        }
+        if s.task_timeout.is_some() && s.strategy != "delete-by-query" {
+            m.error(
+                &at(i, "task-timeout"),
+                format!("`task-timeout` bounds the wait for a delete-by-query task, and this entry's strategy is `{}`", s.strategy),
             );
         }
         if let Some(r) = s.requests_per_second {

@@ -317,7 +317,10 @@ impl Amcheck {
 
 impl Step for Amcheck {
     fn nature(&self) -> Nature {
-        Nature::Reads
+        // Every B-tree index of the survivor (production, on a selective
+        // repair) read in full: heavy I/O that a dry run during an
+        // incident must not cause. It runs with --apply only.
+        Nature::AfterClose
     }
 
     fn preview(&self, env: &mut Env) -> Result<Effect, StepError> {

@@ -6,6 +6,7 @@ pub mod archiving;
 pub mod pg;
 pub mod quartz;
 pub mod redis;
+pub mod s3proxy;
 pub mod search;
 pub mod services;
 pub mod tls;
