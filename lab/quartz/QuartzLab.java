@@ -19,7 +19,12 @@
 //   state GROUP NAME                                the trigger's state as Quartz reports it
 //   quit
 //
-// Run log line: fire-ms scheduled-ms start-ms GROUP.NAME instance
+// A job whose name starts with "serial" disallows concurrent execution; one
+// whose name starts with "recoverable" requests recovery (Quartz re-runs it
+// after its scheduler dies mid-run).
+//
+// Run log line: fire-ms scheduled-ms start-ms TRIGGER-GROUP.NAME instance
+// JOB-GROUP.NAME recovering (true for a run Quartz re-fires after a failure)
 
 import java.io.BufferedReader;
 import java.io.FileWriter;
@@ -73,10 +78,12 @@ public final class QuartzLab {
     private static void record(JobExecutionContext ctx) {
         long start = System.currentTimeMillis();
         TriggerKey k = ctx.getTrigger().getKey();
+        org.quartz.JobKey j = ctx.getJobDetail().getKey();
         Date scheduled = ctx.getScheduledFireTime();
         String line = ctx.getFireTime().getTime() + " "
                 + (scheduled == null ? 0 : scheduled.getTime()) + " "
-                + start + " " + k.getGroup() + "." + k.getName() + " " + instance + "\n";
+                + start + " " + k.getGroup() + "." + k.getName() + " " + instance + " "
+                + j.getGroup() + "." + j.getName() + " " + ctx.isRecovering() + "\n";
         synchronized (QuartzLab.class) {
             try {
                 runLog.write(line);
@@ -219,7 +226,8 @@ public final class QuartzLab {
 
     private static void schedule(Scheduler s, String group, String name, Trigger t) throws Exception {
         Class<? extends Job> cls = name.startsWith("serial") ? SerialJob.class : LogJob.class;
-        JobDetail job = JobBuilder.newJob(cls).withIdentity(name, group).build();
+        JobDetail job = JobBuilder.newJob(cls).withIdentity(name, group)
+                .requestRecovery(name.startsWith("recoverable")).build();
         s.scheduleJob(job, t);
     }
 }

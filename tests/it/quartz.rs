@@ -12,8 +12,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use crate::common::archiving::{archiving, switch_and_wait_archived};
 use crate::common::pg::{Cluster, Version};
 use crate::common::quartz::{self, Run, Scheduler};
+use crate::common::restored::{self, ok_json};
 use crate::common::{assert_exit, reentry_bin, run_reentry, stdout};
 
 const LOAD: usize = 20;
@@ -51,12 +53,8 @@ impl Lab {
 
     /// A scheduler whose jobs each run `job_ms`.
     fn scheduler_with(&self, misfire_ms: u64, job_ms: u64) -> Scheduler {
-        let url = format!(
-            "jdbc:postgresql://127.0.0.1:{}/res?user=postgres",
-            self.cluster.port
-        );
         Scheduler::start_with(
-            &url,
+            &jdbc_url(self.cluster.port, "res"),
             "CaseScheduler",
             misfire_ms,
             job_ms,
@@ -115,6 +113,36 @@ extensions = false
     }
 }
 
+fn jdbc_url(port: u16, db: &str) -> String {
+    format!("jdbc:postgresql://127.0.0.1:{port}/{db}?user=postgres")
+}
+
+/// Waits (up to 30 s) until each of `triggers` has a run in `log`.
+fn wait_for_runs(log: &Path, triggers: &[&str]) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !triggers
+        .iter()
+        .all(|t| quartz::runs(log).iter().any(|r| r.trigger == *t))
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{triggers:?} never all started: {:?}",
+            quartz::runs(log)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The effect's detail a step journaled when it was done.
+fn done_detail(run: &Path, step: &str) -> serde_json::Value {
+    let text = std::fs::read_to_string(run.join("journal.jsonl")).unwrap();
+    text.lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .find(|r| r["event"] == "done" && r["step"] == step)
+        .unwrap_or_else(|| panic!("no done of {step} in {text}"))["data"]["effect"]["detail"]
+        .clone()
+}
+
 fn ms(rfc3339: &str) -> i64 {
     humantime::parse_rfc3339(rfc3339)
         .unwrap()
@@ -153,6 +181,7 @@ fn escapes<'a>(runs: &'a [Run], w: &Window) -> Vec<&'a Run> {
 
 const CLOSE: &str = "close:quartz-jobs@restored";
 const REOPEN: &str = "reopen:quartz-jobs@restored";
+const VERIFY: &str = "verify:gates";
 
 #[test]
 fn a_quartz_gate_holds_under_load_and_reopens_as_quartz_resumes() {
@@ -566,25 +595,28 @@ fn verify_waits_for_a_gated_job_still_executing_and_names_it_when_it_outlasts_th
     drop(s);
 }
 
-/// Quartz's DDL lets `qrtz_fired_triggers.job_name` and `job_group` be
-/// NULL. An EXECUTING row with them NULL is read, named, and waited for
-/// like any other: no panic, the gates stay closed, the run says why.
+/// Quartz's DDL lets `qrtz_fired_triggers.job_name`, `job_group` and its
+/// two flags be NULL. An EXECUTING row with them NULL is read, named, and
+/// waited for like any other while its instance (a live scheduler) checks
+/// in; a ghost's is read and named too: no panic, the gates stay closed,
+/// the run says why.
 #[test]
 fn an_executing_row_without_its_job_name_is_read_as_quartz_allows() {
     let lab = Lab::new();
     let mut s = lab.scheduler(60_000);
     s.cmd("simple Billing t 3600000 3600000");
     s.cmd("simple Archive a 3600000 3600000");
-    drop(s);
     lab.cluster
         .db_client("res")
-        .execute(
+        .batch_execute(
             "INSERT INTO qrtz_fired_triggers (sched_name, entry_id, trigger_name, trigger_group, instance_name,
                                               fired_time, sched_time, priority, state, job_name, job_group,
                                               is_nonconcurrent, requests_recovery)
-             VALUES ('CaseScheduler', 'e-null', 't', 'Billing', 'lab-9', 1764072000000, 1764072000000, 5,
+             VALUES ('CaseScheduler', 'e-null', 't', 'Billing', 'lab-1',
+                     (extract(epoch FROM clock_timestamp()) * 1000)::bigint, 1764072000000, 5,
+                     'EXECUTING', NULL, NULL, NULL, NULL),
+                    ('CaseScheduler', 'e-ghost', 't', 'Billing', 'lab-9', 1764072000000, 1764072000000, 5,
                      'EXECUTING', NULL, NULL, NULL, NULL)",
-            &[],
         )
         .unwrap();
     let text = std::fs::read_to_string(lab.playbook("0s", ""))
@@ -606,7 +638,11 @@ fn an_executing_row_without_its_job_name_is_read_as_quartz_allows() {
     );
     let report = stdout(&run_reentry(&[&"report", &run]));
     assert!(
-        report.contains("Billing.t (job ?.? on lab-9, fired "),
+        report.contains("- quartz-jobs@restored: Billing.t (job ?.? on lab-1, fired "),
+        "{report}"
+    );
+    assert!(
+        report.contains("- not waited for: quartz-jobs@restored: Billing.t (job ?.? on lab-9, fired 2025-11-25T12:00:00.000Z) is not running: a ghost of T"),
         "{report}"
     );
     assert_eq!(
@@ -614,4 +650,387 @@ fn an_executing_row_without_its_job_name_is_read_as_quartz_allows() {
         "PAUSED",
         "the gate stays closed"
     );
+    drop(s);
+}
+
+/// A scheduler killed mid-job (SIGKILL: its host died) leaves its runs
+/// `EXECUTING` in `FIRED_TRIGGERS` and its check-in going stale. While the
+/// check-in is fresh the runs are waited for; once Quartz's own rule counts
+/// the instance failed (check-in + interval + 7.5 s, by the database's
+/// clock), verify stops waiting, long before the drain timeout, and names
+/// each run with what Quartz will do with it.
+#[test]
+fn runs_of_a_scheduler_killed_mid_job_are_waited_for_only_until_quartz_counts_it_failed() {
+    let lab = Lab::new();
+    let log = lab.dir.join("doomed.log");
+    let mut s = Scheduler::start_as(
+        &jdbc_url(lab.cluster.port, "cur"),
+        "CaseScheduler",
+        "doomed-1",
+        60_000,
+        600_000,
+        &log,
+    );
+    s.cmd("simple Archive archive 3600000 3600000");
+    s.cmd("simple Billing stuck 3600000");
+    s.cmd("simple Billing recoverable-stuck 3600000");
+    wait_for_runs(&log, &["Billing.stuck", "Billing.recoverable-stuck"]);
+    let runs = s.kill();
+    let mut cur = lab.cluster.db_client("cur");
+    let state = cur
+        .query_one(
+            "SELECT last_checkin_time, checkin_interval FROM qrtz_scheduler_state WHERE instance_name = 'doomed-1'",
+            &[],
+        )
+        .unwrap();
+    let failed_after = state.get::<_, i64>(0) + state.get::<_, i64>(1) + 7500;
+
+    let text = std::fs::read_to_string(lab.playbook("0s", ""))
+        .unwrap()
+        .replace(
+            "cache-ttl = \"0s\"",
+            "cache-ttl = \"0s\"\ndrain-timeout = \"40s\"",
+        )
+        .replace("databases = [\"restored\"]", "databases = [\"current\"]");
+    let pb = lab.dir.join("killed.toml");
+    std::fs::write(&pb, text).unwrap();
+    let run = lab.dir.join("run");
+    let out = run_reentry(&[&"apply", &pb, &"--run-dir", &run, &"--apply"]);
+    assert!(
+        stdout(&out).contains("did not wait for 2 Quartz run(s) no live scheduler runs"),
+        "{}",
+        stdout(&out)
+    );
+    assert_exit(&out, 0);
+    let (started, done) = (at(&run, "started", VERIFY), at(&run, "done", VERIFY));
+    eprintln!(
+        "verify: {} ms, done {} ms after Quartz's failed-after",
+        done - started,
+        done - failed_after
+    );
+    assert!(
+        done >= failed_after,
+        "verify stopped waiting {} ms before Quartz counts doomed-1 failed",
+        failed_after - done
+    );
+    assert!(
+        done - failed_after < 5_000 && done - started < 20_000,
+        "verify took {} ms, {} ms past Quartz's failed-after: it waited for the drain",
+        done - started,
+        done - failed_after
+    );
+
+    let detail = done_detail(&run, VERIFY);
+    let ghosts = detail["ghosts"].as_array().unwrap();
+    assert_eq!(ghosts.len(), 2, "{detail}");
+    for g in ghosts {
+        let trigger = g["trigger"].as_str().unwrap();
+        assert_eq!(g["database"], "current");
+        assert_eq!(g["instance"], "doomed-1");
+        assert_eq!(g["job"].as_str(), Some(trigger), "{g}");
+        assert_eq!(g["why"]["kind"], "failed", "{g}");
+        // The fired time named is the run the job itself logged.
+        let logged = runs.iter().find(|r| r.trigger == trigger).unwrap();
+        let fired = ms(g["fired"].as_str().unwrap());
+        assert!((fired - logged.fired_ms).abs() < 1000, "{g} vs {logged:?}");
+    }
+    let recoverable = ghosts
+        .iter()
+        .find(|g| g["trigger"] == "Billing.recoverable-stuck")
+        .unwrap();
+    assert_eq!(recoverable["requests-recovery"], true);
+    // A cutover retires current: its gate stays closed, and so does the
+    // recovery group a scheduler there would re-run the job through.
+    assert!(
+        recoverable["then"]
+            .as_str()
+            .unwrap()
+            .contains("the gates stay closed on current, so that trigger stays paused"),
+        "{recoverable}"
+    );
+    if started < failed_after {
+        assert_eq!(
+            detail["waited-for"].as_array().unwrap().len(),
+            2,
+            "while doomed-1's check-in was fresh its runs were waited for: {detail}"
+        );
+    }
+    let report = stdout(&run_reentry(&[&"report", &run]));
+    assert!(report.contains("## Quartz runs not waited for"), "{report}");
+    assert!(
+        report.contains(
+            "- quartz-jobs@current: Billing.stuck (job Billing.stuck on doomed-1, fired "
+        ),
+        "{report}"
+    );
+    assert!(
+        report.contains("is not running: Quartz counts its instance failed: last check-in "),
+        "{report}"
+    );
+
+    // Nobody ran anything since, and reentry left Quartz's rows as they
+    // were: Quartz recovers them, not reentry.
+    assert_eq!(quartz::runs(&log).len(), 2, "{:?}", quartz::runs(&log));
+    let executing: i64 = cur
+        .query_one(
+            "SELECT count(*) FROM qrtz_fired_triggers WHERE instance_name = 'doomed-1' AND state = 'EXECUTING'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(executing, 2);
+}
+
+/// A restore that caught a job mid-run (a real backup, restore point and
+/// PITR): the copy's `FIRED_TRIGGERS` holds the old primary's `EXECUTING`
+/// rows, runs that nobody executes there. Verify does not wait for them and
+/// names them ghosts of T. When the application's scheduler comes up on the
+/// copy (a cutover) with the gate still closed, Quartz recovers the dead
+/// instance: the job that requests recovery is re-run through
+/// `RECOVERING_JOBS`, which the gate holds, so it runs once, after the
+/// re-open; the other job is not re-run at all.
+#[test]
+fn a_restored_copy_caught_mid_job_has_ghosts_of_t_and_quartz_reruns_the_recoverable_job_once_after_the_reopen(
+) {
+    let (c, repo) = archiving(Version::V18, "", &[("max_connections", "60")]);
+    c.client().batch_execute(&quartz::schema()).unwrap();
+    let dir = c.dir("work");
+    let prod_log = dir.join("prod.log");
+    let mut prod = Scheduler::start_as(
+        &jdbc_url(c.port, "postgres"),
+        "CaseScheduler",
+        "prod-1",
+        60_000,
+        600_000,
+        &prod_log,
+    );
+    prod.cmd("simple Archive archive 3600000 3600000");
+    prod.cmd("simple Billing recoverable-report 3600000");
+    prod.cmd("simple Billing plain-report 3600000");
+    wait_for_runs(
+        &prod_log,
+        &["Billing.recoverable-report", "Billing.plain-report"],
+    );
+    // T falls while both jobs run.
+    ok_json(&restored::run(&c, &repo, &["backup"]));
+    ok_json(&restored::run(
+        &c,
+        &repo,
+        &["restore-point", "mid_job", "--switch-wal"],
+    ));
+    switch_and_wait_archived(&c);
+    let r = restored::restore(
+        &c,
+        &repo,
+        "restored",
+        &[
+            "--target-name",
+            "mid_job",
+            "--action",
+            "promote",
+            "--listen",
+            "127.0.0.1",
+        ],
+    );
+    let executing: i64 = r
+        .client()
+        .query_one(
+            "SELECT count(*) FROM qrtz_fired_triggers WHERE instance_name = 'prod-1' AND state = 'EXECUTING'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(executing, 2, "the copy holds both runs as of T");
+
+    let pb = dir.join("cutover.toml");
+    std::fs::write(
+        &pb,
+        format!(
+            r#"[playbook]
+name = "quartz-restored"
+way-back = "cutover"
+
+[databases.current]
+conninfo = "{cur}"
+
+[databases.restored]
+conninfo = "{res}"
+
+[recovery-target]
+manifest = "{manifest}"
+
+[gates]
+cache-ttl = "0s"
+drain-timeout = "40s"
+reopen-order = ["quartz-jobs"]
+
+[[gates.quartz]]
+name = "quartz-jobs"
+databases = ["restored"]
+scheduler = "CaseScheduler"
+groups = ["Billing", "Archive"]
+
+[validation]
+invalid-indexes = false
+sequences = false
+extensions = false
+"#,
+            cur = c.conninfo(),
+            res = r.conninfo(),
+            manifest = r.dir.join("reentry-restore.json").display(),
+        ),
+    )
+    .unwrap();
+    let run = dir.join("run");
+    let out = run_reentry(&[
+        &"apply",
+        &pb,
+        &"--run-dir",
+        &run,
+        &"--apply",
+        &"--until",
+        &"settle",
+    ]);
+    assert!(
+        stdout(&out).contains("did not wait for 2 Quartz run(s) no live scheduler runs"),
+        "{}",
+        stdout(&out)
+    );
+    assert_exit(&out, 0);
+    let took = at(&run, "done", VERIFY) - at(&run, "started", VERIFY);
+    assert!(took < 5_000, "verify waited {took} ms for runs nobody runs");
+    let detail = done_detail(&run, VERIFY);
+    let ghosts = detail["ghosts"].as_array().unwrap();
+    assert_eq!(ghosts.len(), 2, "{detail}");
+    assert_eq!(
+        detail["waited-for"].as_array().unwrap().len(),
+        0,
+        "{detail}"
+    );
+    let logged = quartz::runs(&prod_log);
+    for g in ghosts {
+        assert_eq!(g["database"], "restored");
+        assert_eq!(g["instance"], "prod-1");
+        assert_eq!(g["why"]["kind"], "fired-before-t", "{g}");
+        let run = logged.iter().find(|x| x.trigger == g["trigger"]).unwrap();
+        assert!((ms(g["fired"].as_str().unwrap()) - run.fired_ms).abs() < 1000);
+    }
+    let recoverable = ghosts
+        .iter()
+        .find(|g| g["trigger"] == "Billing.recoverable-report")
+        .unwrap();
+    assert_eq!(recoverable["requests-recovery"], true);
+    assert!(
+        recoverable["then"]
+            .as_str()
+            .unwrap()
+            .contains("so that run comes after the re-open"),
+        "{recoverable}"
+    );
+
+    // The application comes up on the copy, the gate still closed. Its
+    // first check-ins count prod-1 failed and recover it.
+    let app_log = dir.join("app.log");
+    let port = r.manifest["port"].as_u64().unwrap() as u16;
+    let app = Scheduler::start_as(
+        &jdbc_url(port, "postgres"),
+        "CaseScheduler",
+        "app-1",
+        60_000,
+        20,
+        &app_log,
+    );
+    let mut copy = r.client();
+    let deadline = std::time::Instant::now() + Duration::from_secs(40);
+    loop {
+        let left: i64 = copy
+            .query_one(
+                "SELECT count(*) FROM qrtz_fired_triggers WHERE instance_name = 'prod-1'",
+                &[],
+            )
+            .unwrap()
+            .get(0);
+        if left == 0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "Quartz never recovered prod-1 on the copy"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let recovery: Vec<(String, String)> = copy
+        .query(
+            "SELECT job_group || '.' || job_name, trigger_state FROM qrtz_triggers WHERE trigger_group = 'RECOVERING_JOBS'",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|x| (x.get(0), x.get(1)))
+        .collect();
+    assert_eq!(
+        recovery,
+        [("Billing.recoverable-report".to_owned(), "PAUSED".to_owned())],
+        "Quartz files the re-run in RECOVERING_JOBS, which the gate holds"
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(
+        quartz::runs(&app_log).is_empty(),
+        "ran while the gate was closed: {:?}",
+        quartz::runs(&app_log)
+    );
+
+    let out = run_reentry(&[&"apply", &pb, &"--run-dir", &run, &"--apply", &"--resume"]);
+    assert_exit(&out, 0);
+    let reopened = at(&run, "started", REOPEN);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !quartz::runs(&app_log)
+        .iter()
+        .any(|x| x.job == "Billing.recoverable-report")
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the recoverable job never re-ran after the re-open"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    let runs = app.stop();
+    let reruns: Vec<&Run> = runs
+        .iter()
+        .filter(|x| x.job == "Billing.recoverable-report")
+        .collect();
+    assert_eq!(reruns.len(), 1, "{runs:?}");
+    assert!(
+        reruns[0].recovering && reruns[0].group() == "RECOVERING_JOBS",
+        "{:?}",
+        reruns[0]
+    );
+    assert!(
+        reruns[0].fired_ms > reopened && reruns[0].instance == "app-1",
+        "re-run {} ms before the re-open: {:?}",
+        reopened - reruns[0].fired_ms,
+        reruns[0]
+    );
+    assert!(
+        !runs.iter().any(|x| x.job == "Billing.plain-report"),
+        "a job that does not request recovery is not re-run: {runs:?}"
+    );
+
+    let report = stdout(&run_reentry(&[&"report", &run]));
+    assert!(report.contains("## Quartz runs not waited for"), "{report}");
+    assert!(
+        report.contains("- quartz-jobs@restored: Billing.plain-report (job Billing.plain-report on prod-1, fired "),
+        "{report}"
+    );
+    assert!(
+        report.contains("is not running: a ghost of T: fired before T"),
+        "{report}"
+    );
+    assert!(
+        report.contains("Job Billing.recoverable-report requests recovery: Quartz re-runs it once"),
+        "{report}"
+    );
+    assert!(report.contains("also holds RECOVERING_JOBS"), "{report}");
+    drop(prod);
 }

@@ -94,6 +94,15 @@ pub const QUARTZ_ALL_GROUPS: &str = "_$_ALL_GROUPS_PAUSED_$_";
 /// Quartz's own default `org.quartz.jobStore.misfireThreshold`.
 pub const QUARTZ_MISFIRE_MS: u64 = 60_000;
 
+/// `Scheduler.DEFAULT_RECOVERY_GROUP`: the one group in which Quartz files
+/// the trigger that re-runs a `requests_recovery` job of a failed
+/// instance, whatever the job's own group.
+pub const QUARTZ_RECOVERY_GROUP: &str = "RECOVERING_JOBS";
+
+/// The grace `JobStoreSupport.calcFailedIfAfter` adds to an instance's
+/// check-in interval before it counts the instance failed.
+pub const QUARTZ_FAILED_GRACE_MS: i64 = 7_500;
+
 fn default_misfire_ms() -> u64 {
     QUARTZ_MISFIRE_MS
 }
@@ -195,6 +204,12 @@ pub struct Verify {
     /// How long to wait for running jobs before failing the step.
     #[serde(default = "default_drain_seconds")]
     pub drain_seconds: f64,
+    /// T in ms: a Quartz run on the restored copy fired by then is T's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub t_ms: Option<i64>,
+    /// The database the way back retires: its gates stay closed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retired: Option<String>,
 }
 
 // ---- What a gate's rows held: the close's prior state, journaled.
@@ -356,6 +371,7 @@ pub struct QuartzTables {
     pub locks: String,
     pub fired: String,
     pub simple: String,
+    pub state: String,
 }
 
 impl QuartzTables {
@@ -367,6 +383,7 @@ impl QuartzTables {
             locks: t("locks"),
             fired: t("fired_triggers"),
             simple: t("simple_triggers"),
+            state: t("scheduler_state"),
         }
     }
 
@@ -404,8 +421,18 @@ impl QuartzTables {
                     "job_group",
                     "state",
                     "is_nonconcurrent",
+                    "requests_recovery",
                     "instance_name",
                     "fired_time",
+                ],
+            ),
+            (
+                format!("{p}scheduler_state"),
+                vec![
+                    "sched_name",
+                    "instance_name",
+                    "last_checkin_time",
+                    "checkin_interval",
                 ],
             ),
         ]
@@ -438,6 +465,12 @@ fn lock_quartz(db: &mut Db, t: &QuartzTables, scheduler: &str) -> Result<(), PgE
 /// The trigger groups a Quartz gate covers now: the ones it names, or every
 /// group of the scheduler (triggers and paused groups, without Quartz's
 /// all-groups marker).
+///
+/// A gate that names groups covers `RECOVERING_JOBS` too: Quartz re-runs a
+/// failed instance's `requests_recovery` job through a new trigger in that
+/// group, whatever the job's group, and stores it paused only when the
+/// group is paused (a gate over every group has the all-groups marker,
+/// which does the same).
 fn quartz_groups(
     db: &mut Db,
     t: &QuartzTables,
@@ -445,7 +478,11 @@ fn quartz_groups(
     named: &Option<Vec<String>>,
 ) -> Result<Vec<String>, PgError> {
     if let Some(g) = named {
-        return Ok(g.clone());
+        let mut g = g.clone();
+        if !g.iter().any(|x| x == QUARTZ_RECOVERY_GROUP) {
+            g.push(QUARTZ_RECOVERY_GROUP.to_owned());
+        }
+        return Ok(g);
     }
     Ok(db
         .query(
@@ -1253,6 +1290,194 @@ struct Pass {
     ran: Vec<String>,
     /// Still running, from before the close.
     running: Vec<String>,
+    /// Quartz runs listed as executing that no live scheduler runs.
+    ghosts: Vec<Ghost>,
+}
+
+/// The playbook's name for the restored copy (see `plan::survivor`).
+const RESTORED: &str = "restored";
+
+/// Why a run Quartz lists as `EXECUTING` is not running.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum GhostWhy {
+    /// On the restored copy, fired by T: the old primary's run, restored
+    /// as data.
+    #[serde(rename_all = "kebab-case")]
+    FiredBeforeT { t: String },
+    /// On the restored copy, its instance last checked in there by T: no
+    /// scheduler of that instance has run on the copy since.
+    #[serde(rename_all = "kebab-case")]
+    CheckinBeforeT { checkin: String, t: String },
+    /// A clustered store, and the instance has no check-in row, which a
+    /// clustered scheduler writes before it fires anything.
+    NoCheckin,
+    /// Quartz counts the instance failed: its check-in is older than its
+    /// interval plus 7.5 s, by the database's clock.
+    #[serde(rename_all = "kebab-case")]
+    Failed {
+        checkin: String,
+        interval_ms: i64,
+        failed_after: String,
+        now: String,
+    },
+}
+
+impl GhostWhy {
+    fn short(&self) -> &'static str {
+        match self {
+            GhostWhy::FiredBeforeT { .. } | GhostWhy::CheckinBeforeT { .. } => "a ghost of T",
+            GhostWhy::NoCheckin => "its instance never checked in",
+            GhostWhy::Failed { .. } => "Quartz counts its instance failed",
+        }
+    }
+
+    fn of_t(&self) -> bool {
+        matches!(
+            self,
+            GhostWhy::FiredBeforeT { .. } | GhostWhy::CheckinBeforeT { .. }
+        )
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            GhostWhy::FiredBeforeT { t } => format!(
+                "a ghost of T: fired before T ({t}), it is the old primary's run restored as data, and nobody runs it on the restored copy"
+            ),
+            GhostWhy::CheckinBeforeT { checkin, t } => format!(
+                "a ghost of T: its instance last checked in on the restored copy at {checkin}, before T ({t}), so no scheduler of it has run there since"
+            ),
+            GhostWhy::NoCheckin => "its instance has no check-in row in SCHEDULER_STATE, which a clustered scheduler writes before it fires anything: Quartz counts it failed (orphaned fired triggers)".into(),
+            GhostWhy::Failed { checkin, interval_ms, failed_after, now } => format!(
+                "Quartz counts its instance failed: last check-in {checkin}, interval {interval_ms} ms, so failed after {failed_after} (check-in + interval + 7.5 s, as Quartz's ClusterManager reckons); the database's clock says {now}"
+            ),
+        }
+    }
+}
+
+/// A run Quartz lists as `EXECUTING` that no live scheduler runs: not
+/// waited for, and named.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct Ghost {
+    pub gate: String,
+    pub database: String,
+    pub entry_id: String,
+    pub instance: String,
+    pub trigger: String,
+    pub job: String,
+    pub fired: String,
+    pub why: GhostWhy,
+    pub requests_recovery: bool,
+    pub nonconcurrent: bool,
+    /// What Quartz does with the row, and when.
+    pub then: String,
+}
+
+impl Ghost {
+    pub fn describe(&self) -> String {
+        format!(
+            "{}@{}: {} (job {} on {}, fired {}) is not running: {}. {}",
+            self.gate,
+            self.database,
+            self.trigger,
+            self.job,
+            self.instance,
+            self.fired,
+            self.why.describe(),
+            self.then
+        )
+    }
+}
+
+/// An `EXECUTING` row of `FIRED_TRIGGERS`, with its instance's check-in
+/// (`last_checkin_time`, `checkin_interval`) where it has one.
+#[derive(Debug, Clone, PartialEq)]
+struct FiredRow {
+    entry_id: String,
+    trigger: String,
+    job: String,
+    instance: String,
+    fired_ms: i64,
+    requests_recovery: bool,
+    nonconcurrent: bool,
+    checkin: Option<(i64, i64)>,
+}
+
+/// Whether an `EXECUTING` row is a ghost, and why; `None` for a run a live
+/// scheduler may be executing, which is waited for.
+///
+/// On the restored copy, a run fired by T, or of an instance whose last
+/// check-in there is from T, is T's: nobody runs it there. Elsewhere (and
+/// on the copy, for a scheduler started there since the restore) Quartz's
+/// own rule decides, on the database's clock: `findFailedInstances` counts
+/// an instance failed once `calcFailedIfAfter` = check-in + max(interval,
+/// the checker's own time since its last check-in) + 7.5 s is past. The
+/// checker here has just checked in: the interval counts. An instance with
+/// fired rows and no check-in row is failed too (`findOrphanedFailedInstances`).
+/// A store with no check-in row at all is not clustered: nothing there says
+/// whether its one scheduler still runs the job, so it is waited for.
+fn judge(
+    row: &FiredRow,
+    restored_copy: bool,
+    t_ms: Option<i64>,
+    clustered: bool,
+    now_ms: i64,
+) -> Option<GhostWhy> {
+    let t = t_ms.filter(|_| restored_copy);
+    if let Some(t) = t.filter(|t| row.fired_ms <= *t) {
+        return Some(GhostWhy::FiredBeforeT { t: millis_utc(t) });
+    }
+    if !clustered {
+        return None;
+    }
+    let Some((checkin, interval)) = row.checkin else {
+        return Some(GhostWhy::NoCheckin);
+    };
+    if let Some(t) = t.filter(|t| checkin <= *t) {
+        return Some(GhostWhy::CheckinBeforeT {
+            checkin: millis_utc(checkin),
+            t: millis_utc(t),
+        });
+    }
+    let failed_after = checkin + interval.max(0) + QUARTZ_FAILED_GRACE_MS;
+    (failed_after < now_ms).then(|| GhostWhy::Failed {
+        checkin: millis_utc(checkin),
+        interval_ms: interval,
+        failed_after: millis_utc(failed_after),
+        now: millis_utc(now_ms),
+    })
+}
+
+/// What Quartz does with a ghost's row, and when, on `database`.
+fn then(row: &FiredRow, database: &str, retired: bool, clustered: bool) -> String {
+    let when = if !clustered {
+        "when its scheduler restarts (a non-clustered store recovers at start)".to_owned()
+    } else if row.checkin.is_none() {
+        format!("when a scheduler starts on {database} (Quartz recovers an instance without a check-in row only at a scheduler's first check-in)")
+    } else {
+        format!(
+            "at the next check-in of a scheduler on {database} once it counts the instance failed"
+        )
+    };
+    let mut out = match (row.requests_recovery, retired) {
+        (true, false) => format!(
+            "Job {} requests recovery: Quartz re-runs it once, through a new trigger in {QUARTZ_RECOVERY_GROUP}, {when}; the gate holds {QUARTZ_RECOVERY_GROUP}, so that run comes after the re-open (at once, if Quartz recovered it while the gate was closed)",
+            row.job
+        ),
+        (true, true) => format!(
+            "Job {} requests recovery: Quartz would re-run it through a new trigger in {QUARTZ_RECOVERY_GROUP} {when}; the gates stay closed on {database}, so that trigger stays paused",
+            row.job
+        ),
+        (false, _) => format!(
+            "Quartz deletes the row {when}, and does not run job {} again",
+            row.job
+        ),
+    };
+    if row.nonconcurrent {
+        out.push_str("; until then the job's triggers stay BLOCKED (it disallows concurrent execution), as Quartz's own resume leaves them");
+    }
+    out
 }
 
 /// ShedLock rows held at the close by a job that had not released them yet.
@@ -1356,33 +1581,66 @@ impl Verify {
                     .into_iter()
                     .map(|i| format!("{i}: not paused (resumed since the close)"))
                     .collect();
-                p.running = db
-                    .query(
-                        "list Quartz jobs still executing",
-                        &format!(
-                            // job_name and job_group may be NULL in
-                            // Quartz's own DDL (a trigger fired for a job
-                            // since deleted).
-                            "SELECT trigger_group::text || '.' || trigger_name::text,
-                                    coalesce(job_group::text, '?') || '.' || coalesce(job_name::text, '?'),
-                                    instance_name::text, fired_time
-                               FROM {} WHERE sched_name = $1 AND trigger_group = ANY($2) AND state = 'EXECUTING'
-                              ORDER BY fired_time",
-                            t.fired
-                        ),
-                        &[scheduler, &now],
-                    )?
-                    .iter()
-                    .map(|r| {
-                        format!(
+                let rows = db.query(
+                    "list Quartz jobs still executing",
+                    &format!(
+                        // job_name, job_group and the two flags may be
+                        // NULL in Quartz's own DDL (a trigger fired for a
+                        // job since deleted); Quartz reads a NULL flag as
+                        // false. The clock is the database's.
+                        "SELECT f.entry_id::text, f.trigger_group::text || '.' || f.trigger_name::text,
+                                coalesce(f.job_group::text, '?') || '.' || coalesce(f.job_name::text, '?'),
+                                f.instance_name::text, f.fired_time,
+                                coalesce(f.requests_recovery, false), coalesce(f.is_nonconcurrent, false),
+                                s.last_checkin_time, s.checkin_interval,
+                                EXISTS (SELECT FROM {st} WHERE sched_name = $1),
+                                (extract(epoch FROM clock_timestamp()) * 1000)::bigint
+                           FROM {ft} f LEFT JOIN {st} s
+                             ON s.sched_name = f.sched_name AND s.instance_name = f.instance_name
+                          WHERE f.sched_name = $1 AND f.trigger_group = ANY($2) AND f.state = 'EXECUTING'
+                          ORDER BY f.fired_time, f.entry_id",
+                        ft = t.fired,
+                        st = t.state
+                    ),
+                    &[scheduler, &now],
+                )?;
+                let restored_copy = c.at.database == RESTORED;
+                let retired = self.retired.as_deref() == Some(c.at.database.as_str());
+                for r in &rows {
+                    let row = FiredRow {
+                        entry_id: r.get(0),
+                        trigger: r.get(1),
+                        job: r.get(2),
+                        instance: r.get(3),
+                        fired_ms: r.get(4),
+                        requests_recovery: r.get(5),
+                        nonconcurrent: r.get(6),
+                        checkin: r.get::<_, Option<i64>>(7).zip(r.get::<_, Option<i64>>(8)),
+                    };
+                    let (clustered, now_ms): (bool, i64) = (r.get(9), r.get(10));
+                    match judge(&row, restored_copy, self.t_ms, clustered, now_ms) {
+                        None => p.running.push(format!(
                             "{} (job {} on {}, fired {})",
-                            r.get::<_, String>(0),
-                            r.get::<_, String>(1),
-                            r.get::<_, String>(2),
-                            millis_utc(r.get(3))
-                        )
-                    })
-                    .collect();
+                            row.trigger,
+                            row.job,
+                            row.instance,
+                            millis_utc(row.fired_ms)
+                        )),
+                        Some(why) => p.ghosts.push(Ghost {
+                            gate: c.at.gate.name().to_owned(),
+                            database: c.at.database.clone(),
+                            then: then(&row, &c.at.database, retired, clustered),
+                            fired: millis_utc(row.fired_ms),
+                            entry_id: row.entry_id,
+                            instance: row.instance,
+                            trigger: row.trigger,
+                            job: row.job,
+                            why,
+                            requests_recovery: row.requests_recovery,
+                            nonconcurrent: row.nonconcurrent,
+                        }),
+                    }
+                }
             }
         }
         Ok(p)
@@ -1399,6 +1657,16 @@ pub struct VerifyDetail {
     pub ran_while_closed: Vec<String>,
     /// Jobs from before the close it waited for.
     pub waited_for: Vec<String>,
+    /// Quartz runs listed as executing that no live scheduler runs: not
+    /// waited for.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ghosts: Vec<Ghost>,
+}
+
+impl VerifyDetail {
+    fn of(effect: &Effect) -> Option<VerifyDetail> {
+        serde_json::from_value(effect.detail.clone()).ok()
+    }
 }
 
 impl Step for Verify {
@@ -1411,11 +1679,47 @@ impl Step for Verify {
     }
 
     fn preview(&self, _env: &mut Env) -> Result<Effect, StepError> {
+        let quartz = self
+            .closed
+            .iter()
+            .any(|c| matches!(c.at.gate, Gate::Quartz { .. }));
         Ok(Effect::said(format!(
-            "check that all {} close(s) still hold and close again what was re-opened; wait up to {} for jobs running since before the close",
+            "check that all {} close(s) still hold and close again what was re-opened; wait up to {} for jobs running since before the close{}",
             self.closed.len(),
-            humantime::format_duration(Duration::from_secs(self.drain_seconds as u64))
+            humantime::format_duration(Duration::from_secs(self.drain_seconds as u64)),
+            if quartz {
+                " (not for Quartz runs no live scheduler runs: on the restored copy those from T, anywhere those of an instance Quartz counts failed; each is named)"
+            } else {
+                ""
+            }
         )))
+    }
+
+    fn evidence(&self, effect: &Effect) -> Option<super::Evidence> {
+        let d = VerifyDetail::of(effect)?;
+        if d.ghosts.is_empty() {
+            return None;
+        }
+        let count =
+            |f: &dyn Fn(&Ghost) -> bool| d.ghosts.iter().filter(|g| f(g)).count().to_string();
+        Some(super::Evidence {
+            section: "Quartz runs not waited for".into(),
+            columns: [
+                "not running",
+                "ghosts of T (restored copy)",
+                "of instances Quartz counts failed",
+                "requesting recovery (Quartz re-runs them)",
+            ]
+            .map(String::from)
+            .to_vec(),
+            row: vec![
+                d.ghosts.len().to_string(),
+                count(&|g| g.why.of_t()),
+                count(&|g| !g.why.of_t()),
+                count(&|g| g.requests_recovery),
+            ],
+            lines: d.ghosts.iter().map(Ghost::describe).collect(),
+        })
     }
 
     fn apply(&self, env: &mut Env, rec: &mut Recorder) -> Result<Effect, StepError> {
@@ -1425,6 +1729,9 @@ impl Step for Verify {
         let (mut reclosed, mut ran) = (Vec::new(), Vec::new());
         let mut released: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
         let mut waited_for: BTreeSet<String> = BTreeSet::new();
+        // By gate, database and entry: a run waited for may turn out a
+        // ghost once Quartz counts its instance failed.
+        let mut ghosts: BTreeMap<(String, String, String), Ghost> = BTreeMap::new();
         loop {
             let mut running = Vec::new();
             for c in &self.closed {
@@ -1451,19 +1758,29 @@ impl Step for Verify {
                 reclosed.extend(p.reclosed.into_iter().map(at));
                 ran.extend(p.ran.into_iter().map(at));
                 running.extend(p.running.into_iter().map(at));
+                for g in p.ghosts {
+                    let key = (g.gate.clone(), g.database.clone(), g.entry_id.clone());
+                    ghosts.insert(key, g);
+                }
             }
             waited_for.extend(running.iter().cloned());
             if running.is_empty() {
                 break;
             }
             if Instant::now() >= deadline {
+                let mut findings = running.clone();
+                findings.extend(
+                    ghosts
+                        .values()
+                        .map(|g| format!("not waited for: {}", g.describe())),
+                );
                 return Err(StepError::Check {
                     message: format!(
                         "{} job(s) that started before the gates closed are still running after {}: the gates stay closed; wait for them (or stop them), then resume",
                         running.len(),
                         humantime::format_duration(Duration::from_secs(self.drain_seconds as u64))
                     ),
-                    findings: running,
+                    findings,
                 });
             }
             rec.sleep_until(SystemTime::now() + Duration::from_millis(200))?;
@@ -1491,6 +1808,39 @@ impl Step for Verify {
                 waited_for.len()
             ));
         }
+        let ghosts: Vec<Ghost> = ghosts.into_values().collect();
+        if !ghosts.is_empty() {
+            let named: Vec<String> = ghosts
+                .iter()
+                .take(3)
+                .map(|g| {
+                    format!(
+                        "{} on {}@{} ({})",
+                        g.trigger,
+                        g.instance,
+                        g.database,
+                        g.why.short()
+                    )
+                })
+                .collect();
+            let more = ghosts.len().saturating_sub(named.len());
+            parts.push(format!(
+                "did not wait for {} Quartz run(s) no live scheduler runs: {}{}",
+                ghosts.len(),
+                named.join(", "),
+                if more > 0 {
+                    format!(", +{more} (see the report)")
+                } else {
+                    String::new()
+                }
+            ));
+            let rerun = ghosts.iter().filter(|g| g.requests_recovery).count();
+            if rerun > 0 {
+                parts.push(format!(
+                    "{rerun} of them request recovery: Quartz re-runs such a job through a trigger in {QUARTZ_RECOVERY_GROUP}, which the gate holds paused until it re-opens"
+                ));
+            }
+        }
         let items: Vec<String> = ran.iter().chain(reclosed.iter()).cloned().collect();
         Ok(Effect {
             summary: parts.join("; "),
@@ -1500,6 +1850,7 @@ impl Step for Verify {
                 reclosed,
                 ran_while_closed: ran,
                 waited_for: waited_for.into_iter().collect(),
+                ghosts,
             })
             .expect("verify details serialize"),
         })
@@ -1604,6 +1955,8 @@ fn plan(p: &Playbook, ctx: &PlanCtx) -> Vec<PlannedStep> {
             super::Action::VerifyGates(Verify {
                 closed: closed.clone(),
                 drain_seconds: duration_ms(p.gates.drain_timeout.as_deref(), "60s") as f64 / 1000.0,
+                t_ms: ctx.t_ms,
+                retired: Some(retired.to_owned()),
             }),
         ));
     }
@@ -1669,18 +2022,35 @@ fn notes(p: &Playbook, ctx: &PlanCtx) -> Vec<String> {
         crate::reentry::playbook::WayBack::SelectiveRepair => "it is only the source of the repair",
     };
     let retired = ctx.retired;
-    let stay: Vec<String> = declared(p)
+    let all = declared(p);
+    let stay: Vec<String> = all
         .iter()
         .filter(|(_, dbs, _)| dbs.iter().any(|d| d == retired))
         .map(|(g, _, _)| g.name().to_owned())
         .collect();
-    if stay.is_empty() {
-        return Vec::new();
+    let mut out = Vec::new();
+    if !stay.is_empty() {
+        out.push(format!(
+            "gates stay closed on {retired} ({way}): {}",
+            stay.join(", ")
+        ));
     }
-    vec![format!(
-        "gates stay closed on {retired} ({way}): {}",
-        stay.join(", ")
-    )]
+    for (g, _, _) in &all {
+        if let Gate::Quartz {
+            name,
+            groups: Some(groups),
+            ..
+        } = g
+        {
+            if !groups.iter().any(|x| x == QUARTZ_RECOVERY_GROUP) {
+                out.push(format!(
+                    "Quartz gate `{name}` also holds {QUARTZ_RECOVERY_GROUP}: Quartz re-runs a failed instance's requests-recovery job through a trigger in that group, whatever the job's group, so re-runs of jobs outside {} wait for the re-open too",
+                    groups.join(", ")
+                ));
+            }
+        }
+    }
+    out
 }
 
 /// The tables each gate needs on each of its databases.
@@ -2063,6 +2433,113 @@ mod tests {
             let again: Value = serde_json::to_value(typed).unwrap();
             assert_eq!(again, serde_json::from_str::<Value>(old).unwrap());
         }
+    }
+
+    fn fired(fired_ms: i64, checkin: Option<(i64, i64)>) -> FiredRow {
+        FiredRow {
+            entry_id: "lab-1_1".into(),
+            trigger: "Billing.t".into(),
+            job: "Billing.t".into(),
+            instance: "lab-1".into(),
+            fired_ms,
+            requests_recovery: false,
+            nonconcurrent: false,
+            checkin,
+        }
+    }
+
+    const T: i64 = 1_764_072_000_000;
+
+    #[test]
+    fn quartz_counts_an_instance_failed_past_checkin_plus_interval_plus_7500_ms() {
+        let row = fired(T + 60_000, Some((T + 100_000, 20_000)));
+        // check-in + interval + 7.5 s = T + 127 500: not before, as Quartz
+        // compares (`calcFailedIfAfter(rec) < timeNow`).
+        assert_eq!(judge(&row, false, Some(T), true, T + 127_500), None);
+        let why = judge(&row, false, Some(T), true, T + 127_501).unwrap();
+        assert!(
+            matches!(
+                why,
+                GhostWhy::Failed {
+                    interval_ms: 20_000,
+                    ..
+                }
+            ),
+            "{why:?}"
+        );
+        assert!(
+            why.describe()
+                .contains("failed after 2025-11-25T12:02:07.500Z"),
+            "{}",
+            why.describe()
+        );
+        // No check-in row in a clustered store: an orphan, as Quartz says.
+        assert_eq!(
+            judge(&fired(T, None), false, None, true, T),
+            Some(GhostWhy::NoCheckin)
+        );
+        // No check-in row at all: not clustered, nothing says it stopped.
+        assert_eq!(
+            judge(&fired(T, None), false, None, false, T + 3_600_000),
+            None
+        );
+    }
+
+    #[test]
+    fn on_the_restored_copy_a_run_from_t_is_a_ghost_and_a_run_since_is_quartzs_to_judge() {
+        // Fired by T: the old primary's, whatever the check-ins say.
+        let old = fired(T - 5_000, Some((T - 1_000, 7_500)));
+        assert!(matches!(
+            judge(&old, true, Some(T), true, T + 1_000),
+            Some(GhostWhy::FiredBeforeT { .. })
+        ));
+        assert!(matches!(
+            judge(&fired(T - 5_000, None), true, Some(T), false, T + 1_000),
+            Some(GhostWhy::FiredBeforeT { .. })
+        ));
+        // The same row on current is a run to wait for while its instance
+        // checks in.
+        assert_eq!(judge(&old, false, Some(T), true, T + 1_000), None);
+        // A check-in from T on the copy: no scheduler of it runs there.
+        assert!(matches!(
+            judge(
+                &fired(T + 10, Some((T, 600_000))),
+                true,
+                Some(T),
+                true,
+                T + 20
+            ),
+            Some(GhostWhy::CheckinBeforeT { .. })
+        ));
+        // A scheduler started on the copy since, checking in: waited for.
+        let live = fired(T + 60_000, Some((T + 61_000, 1_000)));
+        assert_eq!(judge(&live, true, Some(T), true, T + 62_000), None);
+        // Without T, only Quartz's rule.
+        assert_eq!(judge(&old, true, None, true, T + 1_000), None);
+    }
+
+    #[test]
+    fn a_ghosts_recovery_is_said_as_quartz_will_do_it() {
+        let mut row = fired(T, Some((T, 1_000)));
+        row.requests_recovery = true;
+        let s = then(&row, "restored", false, true);
+        assert!(s.contains("requests recovery: Quartz re-runs it once, through a new trigger in RECOVERING_JOBS"), "{s}");
+        assert!(s.contains("after the re-open"), "{s}");
+        let s = then(&row, "current", true, true);
+        assert!(
+            s.contains("the gates stay closed on current, so that trigger stays paused"),
+            "{s}"
+        );
+        row.requests_recovery = false;
+        row.nonconcurrent = true;
+        row.checkin = None;
+        let s = then(&row, "current", false, true);
+        assert!(
+            s.contains("Quartz deletes the row when a scheduler starts on current"),
+            "{s}"
+        );
+        assert!(s.contains("and does not run job Billing.t again"), "{s}");
+        assert!(s.contains("stay BLOCKED"), "{s}");
     }
 
     #[test]

@@ -39,6 +39,12 @@ pub struct Run {
     pub fired_ms: i64,
     /// GROUP.NAME
     pub trigger: String,
+    /// The scheduler instance that ran it.
+    pub instance: String,
+    /// The job's GROUP.NAME.
+    pub job: String,
+    /// Quartz re-fired it after the instance running it failed.
+    pub recovering: bool,
 }
 
 impl Run {
@@ -56,6 +62,9 @@ pub fn runs(log: &Path) -> Vec<Run> {
             (f.len() >= 4).then(|| Run {
                 fired_ms: f[0].parse().unwrap(),
                 trigger: f[3].to_owned(),
+                instance: f.get(4).unwrap_or(&"").to_string(),
+                job: f.get(5).unwrap_or(&f[3]).to_string(),
+                recovering: f.get(6) == Some(&"true"),
             })
         })
         .collect()
@@ -79,6 +88,18 @@ impl Scheduler {
         job_ms: u64,
         log: &Path,
     ) -> Scheduler {
+        Scheduler::start_as(jdbc_url, name, "lab-1", misfire_ms, job_ms, log)
+    }
+
+    /// The same, as scheduler instance `instance` of the cluster.
+    pub fn start_as(
+        jdbc_url: &str,
+        name: &str,
+        instance: &str,
+        misfire_ms: u64,
+        job_ms: u64,
+        log: &Path,
+    ) -> Scheduler {
         let mut child = Command::new("java")
             .arg("-cp")
             .arg(classpath())
@@ -86,7 +107,7 @@ impl Scheduler {
             .arg("run")
             .arg(format!("url={jdbc_url}"))
             .arg(format!("scheduler={name}"))
-            .arg("instance=lab-1")
+            .arg(format!("instance={instance}"))
             .arg(format!("misfire-threshold={misfire_ms}"))
             .arg(format!("job-ms={job_ms}"))
             .arg(format!("log={}", log.display()))
@@ -131,6 +152,15 @@ impl Scheduler {
 
     /// The run log so far (a job may be mid-line: its run shows later).
     pub fn runs_so_far(&self) -> Vec<Run> {
+        runs(&self.log)
+    }
+
+    /// Kills the scheduler with SIGKILL, as a host or container dies: no
+    /// shutdown, its running jobs stop mid-run and its rows stay as they
+    /// were. The run log so far.
+    pub fn kill(mut self) -> Vec<Run> {
+        self.child.kill().expect("SIGKILL the Quartz lab");
+        self.child.wait().unwrap();
         runs(&self.log)
     }
 
