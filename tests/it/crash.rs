@@ -53,8 +53,8 @@ const VOLATILE: &[&str] = &[
     "locked_at",
     "locked_by",
     "updated_at",
-    "_run_id",
-    "_staged_at",
+    "reentry$run_id",
+    "reentry$staged_at",
     "repair_id",
     "executed_at",
 ];
@@ -205,6 +205,12 @@ updated-at = "updated_at"
 on-conflict = "source-wins"
 allow-delete = true
 batch-size = 2
+
+# Triggers off, and so foreign-key checks: then they are counted after.
+[[repair]]
+table = "payments"
+updated-at = "created_at"
+triggers = "disable"
 
 [[caches]]
 name = "case-cache"
@@ -361,7 +367,7 @@ fn snapshot(w: &World, indexes: &Indexes) -> Snapshot {
         let names: Vec<String> = c
             .query(
                 "SELECT format('%I.%I', schemaname, tablename) FROM pg_tables
-                  WHERE schemaname IN ('public', 'reentry_repair') AND tablename <> 'gate_audit' ORDER BY 1",
+                  WHERE schemaname IN ('public', 'reentry', 'reentry_repair') AND tablename <> 'gate_audit' ORDER BY 1",
                 &[],
             )
             .unwrap()

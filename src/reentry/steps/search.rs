@@ -282,7 +282,8 @@ fn documents(
     ids: Option<&[String]>,
 ) -> Result<Docs, StepError> {
     let db = env.db(database)?;
-    let rows = match ids {
+    // The playbook's SQL, under the application's search path.
+    let rows = db.as_application(|db| match ids {
         // `= ANY($1)`, which PostgreSQL hashes, and not a join with
         // unnest($1): the hash join built its table from `documents` and
         // made every row's document (174 ms against 34 ms for 1000 ids of
@@ -299,7 +300,7 @@ fn documents(
             &format!("SELECT d.id::text, d.version::int8, d.doc::text FROM ({sql}) d"),
             &[],
         ),
-    }
+    })
     .on(database)?;
     rows.iter()
         .map(|r| {
@@ -322,11 +323,13 @@ fn count_documents(
 ) -> Result<u64, StepError> {
     let n: i64 = env
         .db(database)?
-        .query_one(
-            "count the documents",
-            &format!("SELECT count(*) FROM ({sql}) d WHERE d.id::text = ANY($1::text[])"),
-            &[&ids],
-        )
+        .as_application(|db| {
+            db.query_one(
+                "count the documents",
+                &format!("SELECT count(*) FROM ({sql}) d WHERE d.id::text = ANY($1::text[])"),
+                &[&ids],
+            )
+        })
         .on(database)?
         .get(0);
     Ok(n as u64)
