@@ -776,13 +776,37 @@ impl Db {
     }
 
     fn error(&self, context: &str, e: &tokio_postgres::Error) -> PgError {
+        let mut detail = describe(e);
+        if self.app_path.is_some() {
+            if let Some(why) = e.as_db_error().and_then(unpinned_function) {
+                detail.push_str(&why);
+            }
+        }
         PgError::Query {
             target: self.target.clone(),
             context: context.to_owned(),
-            detail: describe(e),
+            detail,
             code: e.code().cloned(),
         }
     }
+}
+
+/// When a name was not found inside a function (an application's
+/// trigger, rule or default that fired on reentry's write): which one,
+/// and what to do. Such a function runs under the session's pinned search
+/// path, and finds nothing it names without a schema.
+fn unpinned_function(db: &tokio_postgres::error::DbError) -> Option<String> {
+    let not_found = [
+        SqlState::UNDEFINED_TABLE,
+        SqlState::UNDEFINED_FUNCTION,
+        SqlState::UNDEFINED_OBJECT,
+        SqlState::INVALID_SCHEMA_NAME,
+    ];
+    let place = db.where_().filter(|_| not_found.contains(db.code()))?;
+    let place = place.lines().last().unwrap_or(place);
+    Some(format!(
+        "; in {place}, which ran under reentry's search path ({PINNED_SEARCH_PATH}): a function of the application that names tables or functions without their schema needs a path of its own (ALTER FUNCTION … SET search_path = …)"
+    ))
 }
 
 #[cfg(test)]

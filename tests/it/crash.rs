@@ -93,7 +93,8 @@ fn world() -> (World, PathBuf, Indexes) {
              VALUES ('CaseScheduler', 'escalate', 'DEFAULT', 'escalate', 'DEFAULT', 'WAITING', 'SIMPLE', 0, 4102444800000, 0),
                     ('CaseScheduler', 'archive', 'DEFAULT', 'archive', 'DEFAULT', 'PAUSED', 'SIMPLE', 0, 4102444800000, 0);
              CREATE TABLE gate_audit (tbl text, op text);
-             CREATE FUNCTION audit() RETURNS trigger LANGUAGE plpgsql AS $$
+             -- Its own search path: reentry's writes run under pg_catalog, pg_temp.
+             CREATE FUNCTION audit() RETURNS trigger LANGUAGE plpgsql SET search_path = public AS $$
              BEGIN INSERT INTO gate_audit VALUES (TG_TABLE_NAME, TG_OP); RETURN NULL; END $$;",
         )
         .unwrap();

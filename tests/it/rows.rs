@@ -701,7 +701,28 @@ fn a_scope_by_ids_or_where_compares_only_its_rows_and_triggers_can_be_disabled()
     let (out, v) = diff_json(&scoped);
     assert_exit(&out, 1);
     assert_eq!(v[0]["counts"], serde_json::json!({"update": 5}), "{v}");
+    // The trigger's function names `touched` without its schema: under
+    // reentry's pinned search path it finds nothing, and the batch stops,
+    // rolled back, naming the function and what to do.
     let out = lab.apply(&scoped, "run2", &[]);
+    assert_exit(&out, 2);
+    assert!(
+        stdout(&out).contains("relation \"touched\" does not exist")
+            && stdout(&out).contains("in PL/pgSQL function public.touch() line 2 at SQL statement, which ran under reentry's search path (pg_catalog, pg_temp)")
+            && stdout(&out).contains("ALTER FUNCTION … SET search_path = …"),
+        "{}",
+        stdout(&out)
+    );
+    assert_eq!(
+        one_i64(
+            &mut cur,
+            "SELECT count(*) FROM accounts WHERE owner = 'elsewhere'"
+        ),
+        10
+    );
+    cur.batch_execute("ALTER FUNCTION touch() SET search_path = public")
+        .unwrap();
+    let out = lab.apply(&scoped, "run2", &["--resume"]);
     assert_exit(&out, 0);
     assert_eq!(
         one_i64(
