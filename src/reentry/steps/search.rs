@@ -1143,11 +1143,13 @@ impl Step for SearchStep {
                 let s = self.target.connect()?;
                 let rows: i64 = env
                     .db(database)?
-                    .query_one(
-                        "count the documents",
-                        &format!("SELECT count(*) FROM ({sql}) d"),
-                        &[],
-                    )
+                    .as_application(|db| {
+                        db.query_one(
+                            "count the documents",
+                            &format!("SELECT count(*) FROM ({sql}) d"),
+                            &[],
+                        )
+                    })
                     .on(database)?
                     .get(0);
                 d.before = self.open(&s)?;
