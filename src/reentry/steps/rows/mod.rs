@@ -9,7 +9,8 @@
 //!
 //! `rows-stage:<table>` diffs the table (`diff`), and stages every
 //! differing row, with its class and the hash of the target row as the
-//! diff saw it, in `reentry_repair."<table>"` on the target.
+//! diff saw it, in its staging table `reentry_repair."<table>_<hash>"` on
+//! the target.
 //! `rows-apply:<table>` writes them in batches, one transaction each, only
 //! where the target row still has that hash; `rows-delete:<table>` removes
 //! delete candidates when the playbook allows it, children first. With
