@@ -1,7 +1,10 @@
--- Tables reentry creates on the restored database (IF NOT EXISTS) to stage
--- what needs a person: events Kafka has and the database lost, and
--- idempotency keys to review. Every row names the run that staged it.
-CREATE TABLE IF NOT EXISTS reentry_orphan_event (
+-- Tables reentry creates on the restored database, in its own schema
+-- `reentry`, to stage what needs a person: events Kafka has and the
+-- database lost, and idempotency keys to review. Every row names the run
+-- that staged it. reentry creates the schema itself, and refuses one that
+-- another role made, or whose tables another role owns or has put
+-- triggers on (see src/reentry/owned.rs).
+CREATE TABLE IF NOT EXISTS reentry.orphan_event (
     run_id text NOT NULL,
     outbox text NOT NULL,
     event_id text NOT NULL,
@@ -17,7 +20,7 @@ CREATE TABLE IF NOT EXISTS reentry_orphan_event (
     PRIMARY KEY (topic, partition, "offset")
 );
 
-CREATE TABLE IF NOT EXISTS reentry_idempotency_review (
+CREATE TABLE IF NOT EXISTS reentry.idempotency_review (
     run_id text NOT NULL,
     idempotency text NOT NULL,
     key text NOT NULL,
@@ -27,7 +30,7 @@ CREATE TABLE IF NOT EXISTS reentry_idempotency_review (
     PRIMARY KEY (idempotency, key)
 );
 
-CREATE TABLE IF NOT EXISTS reentry_idempotency_tombstone (
+CREATE TABLE IF NOT EXISTS reentry.idempotency_tombstone (
     run_id text NOT NULL,
     idempotency text NOT NULL,
     key text NOT NULL,

@@ -499,6 +499,31 @@ pub struct Db {
     rt: tokio::runtime::Runtime,
     client: Client,
     target: String,
+    /// Once `pin_search_path` ran: the path the session had before it, as
+    /// the role's and database's settings gave it, and the schemas it
+    /// named that exist.
+    app_path: Option<(String, Vec<String>)>,
+    /// Playbook table names as `table` resolved them.
+    tables: std::collections::HashMap<String, String>,
+}
+
+/// Which side of a `copy_into` failed.
+#[derive(Debug)]
+pub enum CopyFailed {
+    Read(PgError),
+    Write(PgError),
+}
+
+/// The search path of a pinned session: the catalog, and temporary
+/// objects last, where no relation reentry names can come from them.
+pub const PINNED_SEARCH_PATH: &str = "pg_catalog, pg_temp";
+
+/// `name`, each of its dot-separated parts quoted as an identifier.
+fn quote_parts(name: &str) -> String {
+    name.split('.')
+        .map(|p| format!("\"{}\"", p.replace('"', "\"\"")))
+        .collect::<Vec<_>>()
+        .join(".")
 }
 
 impl Db {
@@ -535,7 +560,102 @@ impl Db {
                 tracing::debug!(error = %e, "connection closed");
             }
         });
-        Ok(Db { rt, client, target })
+        Ok(Db {
+            rt,
+            client,
+            target,
+            app_path: None,
+            tables: std::collections::HashMap::new(),
+        })
+    }
+
+    /// Pins the session's `search_path` to `pg_catalog, pg_temp`: no
+    /// function, operator or table that another role put in a schema on
+    /// the role's or database's path can stand in for one reentry calls.
+    /// The path as it was is kept: playbook table names resolve against
+    /// it (`table`), and playbook SQL runs under it (`as_application`).
+    pub fn pin_search_path(&mut self) -> Result<(), PgError> {
+        let row = self.query_one(
+            "read the search path",
+            "SELECT pg_catalog.current_setting('search_path'), pg_catalog.current_schemas(false)::text[]",
+            &[],
+        )?;
+        let path: String = row.get(0);
+        let schemas: Vec<String> = row.get(1);
+        self.batch(
+            "pin the search path",
+            &format!("SET search_path = {PINNED_SEARCH_PATH}"),
+        )?;
+        self.app_path = Some((path, schemas));
+        Ok(())
+    }
+
+    /// Runs `f` under the application's search path (the session's
+    /// before `pin_search_path`): for SQL a playbook wrote, which names
+    /// the application's tables as the application does. The pinned path
+    /// is set again after, or (when `f` left a failed transaction) by the
+    /// caller's rollback, which undoes this change with it.
+    pub fn as_application<T, E: From<PgError>>(
+        &mut self,
+        f: impl FnOnce(&mut Db) -> Result<T, E>,
+    ) -> Result<T, E> {
+        let Some((path, _)) = self.app_path.clone() else {
+            return f(self);
+        };
+        self.execute(
+            "set the application's search path",
+            "SELECT pg_catalog.set_config('search_path', $1, false)",
+            &[&path],
+        )?;
+        let r = f(self);
+        let back = self.batch(
+            "pin the search path",
+            &format!("SET search_path = {PINNED_SEARCH_PATH}"),
+        );
+        match (r, back) {
+            (Ok(v), Ok(())) => Ok(v),
+            (Ok(_), Err(e)) => Err(e.into()),
+            (Err(e), _) => Err(e),
+        }
+    }
+
+    /// A table a playbook names, as SQL: `schema.table` as written, each
+    /// part quoted; an unqualified name in the first schema of the
+    /// application's search path that holds a relation of that name, as
+    /// the application's own statements would find it. A name no schema
+    /// holds stays unqualified: it then resolves to nothing, and the
+    /// caller's lookup says the table does not exist.
+    pub fn table(&mut self, name: &str) -> Result<String, PgError> {
+        if name.contains('.') {
+            return Ok(quote_parts(name));
+        }
+        if let Some(t) = self.tables.get(name) {
+            return Ok(t.clone());
+        }
+        let Some((_, schemas)) = self.app_path.clone() else {
+            return Ok(quote_parts(name));
+        };
+        let found = self.query(
+            "resolve a table on the search path",
+            "SELECT p.s FROM pg_catalog.unnest($1::text[]) WITH ORDINALITY AS p(s, i)
+              WHERE EXISTS (SELECT FROM pg_catalog.pg_class c
+                              JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+                             WHERE n.nspname OPERATOR(pg_catalog.=) p.s
+                               AND c.relname OPERATOR(pg_catalog.=) $2::text)
+              ORDER BY p.i LIMIT 1",
+            &[&schemas, &name],
+        )?;
+        let Some(r) = found.first() else {
+            return Ok(quote_parts(name));
+        };
+        let schema: String = r.get(0);
+        let q = format!(
+            "\"{}\".\"{}\"",
+            schema.replace('"', "\"\""),
+            name.replace('"', "\"\"")
+        );
+        self.tables.insert(name.to_owned(), q.clone());
+        Ok(q)
     }
 
     pub fn target(&self) -> &str {
@@ -678,6 +798,45 @@ impl Db {
         })
     }
 
+    /// `COPY … TO STDOUT` here, into `COPY … FROM STDIN` on `dst`, a
+    /// message at a time: memory holds about one row, however wide the
+    /// rows and however many (PostgreSQL sends a message per row). A
+    /// failed read drops the sink, which aborts `dst`'s COPY. The rows
+    /// loaded, or which side failed.
+    pub fn copy_into(
+        &mut self,
+        context: &str,
+        out_sql: &str,
+        dst: &mut Db,
+        in_context: &str,
+        in_sql: &str,
+    ) -> Result<u64, CopyFailed> {
+        use futures_util::{SinkExt, StreamExt};
+        let stream = self
+            .rt
+            .block_on(self.client.copy_out(out_sql))
+            .map_err(|e| CopyFailed::Read(self.error(context, &e)))?;
+        let mut stream = Box::pin(stream);
+        let sink = dst
+            .rt
+            .block_on(dst.client.copy_in::<_, bytes::Bytes>(in_sql))
+            .map_err(|e| CopyFailed::Write(dst.error(in_context, &e)))?;
+        let mut sink = Box::pin(sink);
+        loop {
+            match self.rt.block_on(stream.next()) {
+                None => break,
+                Some(Ok(chunk)) => dst
+                    .rt
+                    .block_on(sink.feed(chunk))
+                    .map_err(|e| CopyFailed::Write(dst.error(in_context, &e)))?,
+                Some(Err(e)) => return Err(CopyFailed::Read(self.error(context, &e))),
+            }
+        }
+        dst.rt
+            .block_on(sink.as_mut().finish())
+            .map_err(|e| CopyFailed::Write(dst.error(in_context, &e)))
+    }
+
     /// `COPY … FROM STDIN` with `data`; the rows it loaded.
     pub fn copy_in(&mut self, context: &str, sql: &str, data: Vec<u8>) -> Result<u64, PgError> {
         use futures_util::SinkExt;
@@ -737,13 +896,37 @@ impl Db {
     }
 
     fn error(&self, context: &str, e: &tokio_postgres::Error) -> PgError {
+        let mut detail = describe(e);
+        if self.app_path.is_some() {
+            if let Some(why) = e.as_db_error().and_then(unpinned_function) {
+                detail.push_str(&why);
+            }
+        }
         PgError::Query {
             target: self.target.clone(),
             context: context.to_owned(),
-            detail: describe(e),
+            detail,
             code: e.code().cloned(),
         }
     }
+}
+
+/// When a name was not found inside a function (an application's
+/// trigger, rule or default that fired on reentry's write): which one,
+/// and what to do. Such a function runs under the session's pinned search
+/// path, and finds nothing it names without a schema.
+fn unpinned_function(db: &tokio_postgres::error::DbError) -> Option<String> {
+    let not_found = [
+        SqlState::UNDEFINED_TABLE,
+        SqlState::UNDEFINED_FUNCTION,
+        SqlState::UNDEFINED_OBJECT,
+        SqlState::INVALID_SCHEMA_NAME,
+    ];
+    let place = db.where_().filter(|_| not_found.contains(db.code()))?;
+    let place = place.lines().last().unwrap_or(place);
+    Some(format!(
+        "; in {place}, which ran under reentry's search path ({PINNED_SEARCH_PATH}): a function of the application that names tables or functions without their schema needs a path of its own (ALTER FUNCTION … SET search_path = …)"
+    ))
 }
 
 #[cfg(test)]

@@ -30,6 +30,7 @@ pub struct Column {
 
 impl Column {
     pub fn of(db: &mut Db, table: &str, column: &str) -> Result<Column, PgError> {
+        let table = db.table(table)?;
         let row = db.query_one(
             "read a column's type",
             "SELECT coalesce(a.ty, 'text'), coalesce(a.nullable, true)
@@ -37,10 +38,10 @@ impl Column {
                LEFT JOIN (SELECT format_type(atttypid, atttypmod) AS ty, NOT attnotnull AS nullable
                             FROM pg_attribute
                            WHERE attrelid = to_regclass($1) AND attname = $2 AND NOT attisdropped) AS a ON true",
-            &[&quote_qualified(table), &column],
+            &[&table, &column],
         )?;
         Ok(Column {
-            table: quote_qualified(table),
+            table,
             column: quote_qualified(column),
             ty: row.get(0),
             nullable: row.get(1),
@@ -93,7 +94,10 @@ pub fn check_online(p: &Playbook) -> Vec<Diagnostic> {
     let mut errors = Vec::new();
     let mut dbs: BTreeMap<&str, Db> = BTreeMap::new();
     for (name, d) in &p.databases {
-        match Db::connect(Some(d.conninfo.expose())) {
+        match Db::connect(Some(d.conninfo.expose())).and_then(|mut db| {
+            db.pin_search_path()?;
+            Ok(db)
+        }) {
             Ok(db) => {
                 dbs.insert(name, db);
             }
@@ -111,12 +115,14 @@ pub fn check_online(p: &Playbook) -> Vec<Diagnostic> {
             continue;
         };
         let before = errors.len();
-        let rows = db.query(
-            "look up a table",
-            "SELECT a.attname::text FROM pg_attribute a
-              WHERE a.attrelid = to_regclass($1) AND a.attnum > 0 AND NOT a.attisdropped",
-            &[&quote_qualified(&need.table)],
-        );
+        let rows = db.table(&need.table).and_then(|t| {
+            db.query(
+                "look up a table",
+                "SELECT a.attname::text FROM pg_attribute a
+                  WHERE a.attrelid = to_regclass($1) AND a.attnum > 0 AND NOT a.attisdropped",
+                &[&t],
+            )
+        });
         match rows {
             Err(e) => errors.push(p.at(&need.path, format!("{}: {e}", need.what))),
             Ok(rows) if rows.is_empty() => errors.push(p.at(
@@ -163,7 +169,8 @@ pub fn check_online(p: &Playbook) -> Vec<Diagnostic> {
     } in queries
     {
         if let Some(db) = dbs.get_mut(database) {
-            if let Err(e) = db.prepare_query("prepare the query", &sql) {
+            // As the application's statements: under its search path.
+            if let Err(e) = db.as_application(|db| db.prepare_query("prepare the query", &sql)) {
                 errors.push(p.at(
                     &path,
                     format!("this query does not run on databases.{database}: {e}"),

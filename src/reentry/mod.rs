@@ -3,6 +3,7 @@
 
 pub mod check;
 pub mod journal;
+pub mod owned;
 pub mod plan;
 pub mod playbook;
 pub mod report;

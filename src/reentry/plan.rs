@@ -140,6 +140,9 @@ pub enum PlanError {
     Manifest { path: String, why: String },
     #[error("databases.{database} is in recovery (read-only), but the plan changes it: promote it first, or take it out of the gates' databases")]
     InRecovery { database: String },
+    /// A schema of reentry's name that reentry does not own.
+    #[error("{0}")]
+    Foreign(String),
     #[error("databases.restored is the cluster with system identifier {found}, but the manifest {manifest} describes {expected}: the playbook points at the wrong server")]
     WrongCluster {
         manifest: String,
@@ -169,6 +172,7 @@ impl PlanError {
             PlanError::Playbook(_) => Exit::Config,
             PlanError::Manifest { .. } => Exit::Config,
             PlanError::InRecovery { .. }
+            | PlanError::Foreign(_)
             | PlanError::WrongCluster { .. }
             | PlanError::SameDatabase { .. }
             | PlanError::NotRestored { .. } => Exit::Refused,
@@ -332,6 +336,21 @@ fn preconditions(
             return Err(PlanError::InRecovery {
                 database: d.to_owned(),
             });
+        }
+        // reentry's own schemas, where its steps will write: refused now,
+        // before any gate closes, when another role made them.
+        for schema in [
+            crate::reentry::owned::SCHEMA,
+            crate::reentry::steps::rows::SCHEMA,
+        ] {
+            if let Some(why) = crate::reentry::owned::foreign(db, schema)
+                .on(d)
+                .map_err(|e| step_err(d, e))?
+            {
+                return Err(PlanError::Foreign(crate::reentry::owned::refusal(
+                    d, schema, &why,
+                )));
+            }
         }
     }
     let cur = Identity::read(env, "current").map_err(|e| step_err("current", e))?;
@@ -558,6 +577,8 @@ pub fn build(p: &Playbook, env: &mut Env) -> Result<Plan, PlanError> {
     let mut steps = steps(p, t_ms);
     pin(p, &mut steps)?;
     preconditions(p, &target, &steps, env)?;
+    let mut notes = notes(p);
+    notes.extend(superusers(p, env)?);
     for s in &mut steps {
         s.preview =
             crate::reentry::steps::guarded(|| s.action.step().preview(env)).map_err(|source| {
@@ -578,8 +599,39 @@ pub fn build(p: &Playbook, env: &mut Env) -> Result<Plan, PlanError> {
         target,
         created_at: crate::reentry::journal::now(),
         steps,
-        notes: notes(p),
+        notes,
     })
+}
+
+/// A note for each database reentry reaches as a superuser: every
+/// trigger, rule and default on the tables it writes then runs with a
+/// superuser's rights, whoever wrote it.
+fn superusers(p: &Playbook, env: &mut Env) -> Result<Vec<String>, PlanError> {
+    let mut out = Vec::new();
+    for name in p.databases.keys() {
+        let db = env.db(name).map_err(|source| PlanError::Step {
+            step: format!("preconditions on {name}"),
+            source: Box::new(source),
+        })?;
+        let row = db
+            .query_one(
+                "ask whether the role is a superuser",
+                "SELECT current_user::text, rolsuper FROM pg_roles WHERE rolname = current_user",
+                &[],
+            )
+            .on(name)
+            .map_err(|source| PlanError::Step {
+                step: format!("preconditions on {name}"),
+                source: Box::new(source),
+            })?;
+        if row.get::<_, bool>(1) {
+            out.push(format!(
+                "databases.{name}: reentry connects as `{}`, a superuser: the application's triggers, rules and defaults on the tables it writes run with a superuser's rights. Connect as a role that owns reentry's schemas and may change only what the playbook changes",
+                row.get::<_, String>(0)
+            ));
+        }
+    }
+    Ok(out)
 }
 
 #[cfg(test)]

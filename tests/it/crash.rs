@@ -53,8 +53,8 @@ const VOLATILE: &[&str] = &[
     "locked_at",
     "locked_by",
     "updated_at",
-    "_run_id",
-    "_staged_at",
+    "reentry$run_id",
+    "reentry$staged_at",
     "repair_id",
     "executed_at",
 ];
@@ -93,7 +93,8 @@ fn world() -> (World, PathBuf, Indexes) {
              VALUES ('CaseScheduler', 'escalate', 'DEFAULT', 'escalate', 'DEFAULT', 'WAITING', 'SIMPLE', 0, 4102444800000, 0),
                     ('CaseScheduler', 'archive', 'DEFAULT', 'archive', 'DEFAULT', 'PAUSED', 'SIMPLE', 0, 4102444800000, 0);
              CREATE TABLE gate_audit (tbl text, op text);
-             CREATE FUNCTION audit() RETURNS trigger LANGUAGE plpgsql AS $$
+             -- Its own search path: reentry's writes run under pg_catalog, pg_temp.
+             CREATE FUNCTION audit() RETURNS trigger LANGUAGE plpgsql SET search_path = public AS $$
              BEGIN INSERT INTO gate_audit VALUES (TG_TABLE_NAME, TG_OP); RETURN NULL; END $$;",
         )
         .unwrap();
@@ -205,6 +206,12 @@ updated-at = "updated_at"
 on-conflict = "source-wins"
 allow-delete = true
 batch-size = 2
+
+# Triggers off, and so foreign-key checks: then they are counted after.
+[[repair]]
+table = "payments"
+updated-at = "created_at"
+triggers = "disable"
 
 [[caches]]
 name = "case-cache"
@@ -362,7 +369,7 @@ fn snapshot(w: &World, indexes: &Indexes) -> Snapshot {
         let names: Vec<String> = c
             .query(
                 "SELECT format('%I.%I', schemaname, tablename) FROM pg_tables
-                  WHERE schemaname IN ('public', 'reentry_repair') AND tablename <> 'gate_audit' ORDER BY 1",
+                  WHERE schemaname IN ('public', 'reentry', 'reentry_repair') AND tablename <> 'gate_audit' ORDER BY 1",
                 &[],
             )
             .unwrap()

@@ -18,10 +18,11 @@ const PW_VAR: &str = "ENGINE_DB_PASSWORD";
 
 /// A trigger that records every row change to the gate tables (Quartz's
 /// own, from its jar, and ours), and a little of the case-management
-/// application.
+/// application. The function sets its own search path: reentry's writes
+/// run under `pg_catalog, pg_temp`.
 const SCHEMA: &str = r#"
 CREATE TABLE gate_audit (id bigserial PRIMARY KEY, tbl text, op text, old jsonb, new jsonb);
-CREATE FUNCTION audit() RETURNS trigger LANGUAGE plpgsql AS $$
+CREATE FUNCTION audit() RETURNS trigger LANGUAGE plpgsql SET search_path = public AS $$
 BEGIN
   INSERT INTO gate_audit (tbl, op, old, new)
   VALUES (TG_TABLE_NAME, TG_OP,

@@ -752,13 +752,13 @@ fn the_plan_finds_every_class_apply_settles_them_and_a_second_apply_is_a_no_op()
         "3 unpublished + 4 pending"
     );
     assert_eq!(
-        w.count("res", "SELECT count(*) FROM reentry_orphan_event"),
+        w.count("res", "SELECT count(*) FROM reentry.orphan_event"),
         7
     );
     assert_eq!(
         w.count(
             "res",
-            "SELECT count(*) FROM reentry_orphan_event WHERE payload IS NULL OR key IS NULL"
+            "SELECT count(*) FROM reentry.orphan_event WHERE payload IS NULL OR key IS NULL"
         ),
         0
     );
@@ -766,7 +766,7 @@ fn the_plan_finds_every_class_apply_settles_them_and_a_second_apply_is_a_no_op()
     assert_eq!(
         w.count(
             "res",
-            "SELECT count(*) FROM reentry_orphan_event WHERE compensated_at IS NOT NULL"
+            "SELECT count(*) FROM reentry.orphan_event WHERE compensated_at IS NOT NULL"
         ),
         7
     );
@@ -811,7 +811,7 @@ fn the_plan_finds_every_class_apply_settles_them_and_a_second_apply_is_a_no_op()
     let mut keys: Vec<String> = w
         .client("res")
         .query(
-            "SELECT key FROM reentry_idempotency_tombstone ORDER BY 1",
+            "SELECT key FROM reentry.idempotency_tombstone ORDER BY 1",
             &[],
         )
         .unwrap()
@@ -847,7 +847,7 @@ fn the_plan_finds_every_class_apply_settles_them_and_a_second_apply_is_a_no_op()
         assert_eq!(s["count"], 0, "{id} changed something again: {s:#}");
     }
     assert_eq!(
-        w.count("res", "SELECT count(*) FROM reentry_orphan_event"),
+        w.count("res", "SELECT count(*) FROM reentry.orphan_event"),
         7
     );
     assert_eq!(compensations(&w.topic), 7, "a compensation was sent twice");
@@ -1307,7 +1307,7 @@ watch = "1s"
             .cluster
             .db_client("res")
             .query_one(
-                "SELECT count(*), count(compensated_at) FROM reentry_orphan_event",
+                "SELECT count(*), count(compensated_at) FROM reentry.orphan_event",
                 &[],
             )
             .unwrap();

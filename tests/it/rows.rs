@@ -16,6 +16,7 @@ use crate::common::archiving::{archiving, switch_and_wait_archived};
 use crate::common::pg::{Cluster, Version};
 use crate::common::restored::{ok_json, restore, run, Restored};
 use crate::common::{assert_exit, reentry_bin, stderr, stdout};
+use reentry::reentry::steps::rows::staging;
 
 /// Production with its repository; the schema and rows made by `setup`,
 /// a backup, the restore point `before_incident`, then `damage`, archived.
@@ -217,7 +218,10 @@ fn task_4_corrupt_100_rows_pitr_stage_repair_and_an_audit_row_says_100() {
     assert_eq!(audit, [("update".to_owned(), 100)]);
     let conflict: String = cur
         .query_one(
-            "SELECT _status FROM reentry_repair.accounts WHERE id = 500",
+            &format!(
+                "SELECT \"reentry$status\" FROM {} WHERE id = 500",
+                staging("accounts")
+            ),
             &[],
         )
         .unwrap()
@@ -327,13 +331,16 @@ fn a_dropped_column_is_staged_not_applied_and_applied_once_it_exists_again() {
         "the balances are repaired"
     );
     assert_eq!(
-        one_i64(&mut cur, "SELECT count(*) FROM reentry_repair.accounts WHERE owner IS NOT NULL AND _status = 'not-applied'"),
+        one_i64(&mut cur, &format!("SELECT count(*) FROM {} WHERE owner IS NOT NULL AND \"reentry$status\" = 'not-applied'", staging("accounts"))),
         990,
         "the lost owners are kept in staging: {text}"
     );
     let note: String = cur
         .query_one(
-            "SELECT DISTINCT _note FROM reentry_repair.accounts WHERE _status = 'not-applied'",
+            &format!(
+                "SELECT DISTINCT \"reentry$note\" FROM {} WHERE \"reentry$status\" = 'not-applied'",
+                staging("accounts")
+            ),
             &[],
         )
         .unwrap()
@@ -466,7 +473,10 @@ fn rows_changed_between_stage_and_apply_are_conflicts_not_overwritten() {
     assert_eq!(
         one_i64(
             &mut cur,
-            "SELECT count(*) FROM reentry_repair.accounts WHERE _status = 'conflict'"
+            &format!(
+                "SELECT count(*) FROM {} WHERE \"reentry$status\" = 'conflict'",
+                staging("accounts")
+            )
         ),
         10
     );
@@ -691,7 +701,28 @@ fn a_scope_by_ids_or_where_compares_only_its_rows_and_triggers_can_be_disabled()
     let (out, v) = diff_json(&scoped);
     assert_exit(&out, 1);
     assert_eq!(v[0]["counts"], serde_json::json!({"update": 5}), "{v}");
+    // The trigger's function names `touched` without its schema: under
+    // reentry's pinned search path it finds nothing, and the batch stops,
+    // rolled back, naming the function and what to do.
     let out = lab.apply(&scoped, "run2", &[]);
+    assert_exit(&out, 2);
+    assert!(
+        stdout(&out).contains("relation \"touched\" does not exist")
+            && stdout(&out).contains("in PL/pgSQL function public.touch() line 2 at SQL statement, which ran under reentry's search path (pg_catalog, pg_temp)")
+            && stdout(&out).contains("ALTER FUNCTION … SET search_path = …"),
+        "{}",
+        stdout(&out)
+    );
+    assert_eq!(
+        one_i64(
+            &mut cur,
+            "SELECT count(*) FROM accounts WHERE owner = 'elsewhere'"
+        ),
+        10
+    );
+    cur.batch_execute("ALTER FUNCTION touch() SET search_path = public")
+        .unwrap();
+    let out = lab.apply(&scoped, "run2", &["--resume"]);
     assert_exit(&out, 0);
     assert_eq!(
         one_i64(
@@ -764,7 +795,10 @@ fn keys_that_look_like_sql_are_keys_whatever_standard_conforming_strings_says() 
     );
     let staged: Vec<String> = cur
         .query(
-            "SELECT id FROM reentry_repair.items ORDER BY id COLLATE \"C\"",
+            &format!(
+                "SELECT id FROM {} ORDER BY id COLLATE \"C\"",
+                staging("items")
+            ),
             &[],
         )
         .unwrap()
@@ -772,4 +806,488 @@ fn keys_that_look_like_sql_are_keys_whatever_standard_conforming_strings_says() 
         .map(|r| r.get(0))
         .collect();
     assert_eq!(staged, [BACKSLASH, CRAFTED, "plain"]);
+}
+
+/// Two databases of one cluster as current (`cur`) and restored (`res`),
+/// with no restore between them: for what needs only their rows. A
+/// selective repair takes rows from `res` to `cur`.
+struct Pair {
+    c: Cluster,
+    dir: PathBuf,
+}
+
+impl Pair {
+    /// `both` runs on each database, then `res` and `cur` on theirs.
+    fn new(both: &str, res: &str, cur: &str) -> Pair {
+        let mut c = Cluster::init(Version::V18);
+        c.start();
+        for db in ["cur", "res"] {
+            c.client()
+                .batch_execute(&format!("CREATE DATABASE {db}"))
+                .unwrap();
+            let mut d = c.db_client(db);
+            d.batch_execute(include_str!("../../sql/system_gate.sql"))
+                .unwrap();
+            d.batch_execute(
+                "INSERT INTO system_gate (gate_name, enabled) VALUES ('api-writes', true)",
+            )
+            .unwrap();
+            d.batch_execute(both).unwrap();
+        }
+        c.db_client("res").batch_execute(res).unwrap();
+        c.db_client("cur").batch_execute(cur).unwrap();
+        let dir = c.dir("work");
+        Pair { c, dir }
+    }
+
+    fn client(&self, db: &str) -> postgres::Client {
+        self.c.db_client(db)
+    }
+
+    /// A selective repair, reentry connecting as `user`.
+    fn playbook(&self, name: &str, user: &str, repairs: &str) -> PathBuf {
+        let conn = |db: &str| {
+            format!(
+                "host=127.0.0.1 port={} user={user} dbname={db}",
+                self.c.port
+            )
+        };
+        let text = format!(
+            r#"[playbook]
+name = "{name}"
+way-back = "selective-repair"
+[databases.current]
+conninfo = "{cur}"
+[databases.restored]
+conninfo = "{res}"
+[recovery-target]
+time = "2026-11-25T12:00:00Z"
+[gates]
+reopen-order = ["api-writes"]
+[[gates.system-gate]]
+name = "api-writes"
+databases = ["current"]
+{repairs}
+"#,
+            cur = conn("cur"),
+            res = conn("res"),
+        );
+        let path = self.dir.join(format!("{name}.toml"));
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    fn apply(&self, pb: &Path, run: &str) -> Output {
+        Command::new(reentry_bin())
+            .arg("apply")
+            .arg(pb)
+            .arg("--run-dir")
+            .arg(self.dir.join(run))
+            .arg("--apply")
+            .output()
+            .unwrap()
+    }
+
+    /// Each row of `sql` on `db`, its columns as text joined by `|`.
+    fn rows(&self, db: &str, sql: &str) -> Vec<String> {
+        self.client(db)
+            .query(sql, &[])
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect()
+    }
+}
+
+/// Review M12: the staging table's own columns were `_run_id`, `_status`,
+/// … and the apply wrote only the staged columns not starting with `_`.
+/// An application's `_tenant` was never written, and its `_status` was
+/// the bookkeeping column itself.
+#[test]
+fn columns_starting_with_an_underscore_are_repaired_and_none_collides_with_reentrys_own() {
+    let p = Pair::new(
+        "CREATE TABLE ledger (id bigint PRIMARY KEY, _tenant int, _status text, amount numeric(12,2) NOT NULL);",
+        "INSERT INTO ledger SELECT g, g * 10, CASE WHEN g % 2 = 0 THEN 'open' ELSE 'closed' END, g * 1.5
+           FROM generate_series(1, 10) g;",
+        // Damage: five rows lost, five with the wrong tenant and status.
+        "INSERT INTO ledger SELECT g, 0, 'damaged', g * 1.5 FROM generate_series(1, 5) g;",
+    );
+    let pb = p.playbook("underscore", "postgres", "[[repair]]\ntable = \"ledger\"\n");
+    let out = p.apply(&pb, "run");
+    assert_exit(&out, 0);
+    let want = p.rows(
+        "res",
+        "SELECT concat_ws('|', id, _tenant, _status, amount) FROM ledger ORDER BY id",
+    );
+    assert_eq!(want.len(), 10);
+    assert_eq!(want[0], "1|10|closed|1.50");
+    assert_eq!(
+        p.rows(
+            "cur",
+            "SELECT concat_ws('|', id, _tenant, _status, amount) FROM ledger ORDER BY id"
+        ),
+        want,
+        "inserted and updated rows carry the source's _tenant and _status: {}",
+        stdout(&out)
+    );
+}
+
+/// Review L12: the staging table was `reentry_repair."<table as the
+/// playbook names it>"`; PostgreSQL keeps 63 bytes of a name, so two
+/// long names alike in those shared one table.
+#[test]
+fn two_tables_whose_names_share_a_60_byte_prefix_are_staged_apart() {
+    let common = "t".repeat(60);
+    let (a, b) = (format!("{common}_ab"), format!("{common}_cd"));
+    let p = Pair::new(
+        &format!(
+            "CREATE TABLE {a} (id int PRIMARY KEY, v text);
+             CREATE TABLE {b} (id int PRIMARY KEY, w int, x text);"
+        ),
+        &format!(
+            "INSERT INTO {a} SELECT g, 'a' || g FROM generate_series(1, 20) g;
+             INSERT INTO {b} SELECT g, g * 7, 'b' || g FROM generate_series(1, 30) g;"
+        ),
+        &format!(
+            "INSERT INTO {a} SELECT g, 'wrong' FROM generate_series(1, 10) g;
+             INSERT INTO {b} SELECT g, 0, 'wrong' FROM generate_series(1, 10) g;"
+        ),
+    );
+    // Schema-qualified, as a playbook may name them: 70 bytes each.
+    let pb = p.playbook(
+        "long",
+        "postgres",
+        &format!("[[repair]]\ntable = \"public.{a}\"\n\n[[repair]]\ntable = \"public.{b}\"\n"),
+    );
+    let out = p.apply(&pb, "run");
+    assert_exit(&out, 0);
+    for (t, cols) in [(&a, "id, v"), (&b, "id, w, x")] {
+        let sql = format!("SELECT concat_ws('|', {cols}) FROM {t} ORDER BY id");
+        assert_eq!(
+            p.rows("cur", &sql),
+            p.rows("res", &sql),
+            "{t}: {}",
+            stdout(&out)
+        );
+    }
+    let staging: Vec<String> = p.rows(
+        "cur",
+        "SELECT relname::text FROM pg_class WHERE relnamespace = 'reentry_repair'::regnamespace
+            AND relkind = 'r' AND relname NOT IN ('repair_audit_log', 'stage') ORDER BY 1",
+    );
+    assert_eq!(staging.len(), 2, "{staging:?}");
+}
+
+/// Review M11: a chunk of 2000 whole source rows was read into memory
+/// before it was staged; with rows of megabytes that is gigabytes.
+#[test]
+fn rows_of_megabytes_are_streamed_into_staging_and_memory_stays_bounded() {
+    // 200 rows of 4 MiB of jsonb each: 800 MiB to stage.
+    let p = Pair::new(
+        "CREATE TABLE docs (id int PRIMARY KEY, body jsonb NOT NULL);",
+        "INSERT INTO docs SELECT g, jsonb_build_object('v', repeat(md5(g::text), 131072))
+           FROM generate_series(1, 200) g;",
+        "",
+    );
+    let pb = p.playbook("wide", "postgres", "[[repair]]\ntable = \"docs\"\n");
+    let rss = p.dir.join("rss");
+    let out = Command::new("/usr/bin/time")
+        .arg("-f")
+        .arg("%M")
+        .arg("-o")
+        .arg(&rss)
+        .arg(reentry_bin())
+        .arg("apply")
+        .arg(&pb)
+        .arg("--run-dir")
+        .arg(p.dir.join("run"))
+        .arg("--apply")
+        .output()
+        .unwrap();
+    assert_exit(&out, 0);
+    let sql = "SELECT id || '|' || md5(body::text) FROM docs ORDER BY id";
+    let repaired = p.rows("cur", sql);
+    assert_eq!(repaired.len(), 200);
+    assert_eq!(repaired, p.rows("res", sql));
+    // Peak resident memory of reentry, in KiB, as the kernel counted it.
+    let kib: u64 = std::fs::read_to_string(&rss)
+        .unwrap()
+        .trim()
+        .lines()
+        .last()
+        .unwrap()
+        .parse()
+        .unwrap();
+    eprintln!("reentry's peak RSS: {} MiB", kib / 1024);
+    assert!(
+        kib < 256 * 1024,
+        "reentry's peak RSS was {} MiB staging 800 MiB of rows",
+        kib / 1024
+    );
+}
+
+/// Review M11: a table never analysed has `reltuples = -1`; the diff took
+/// it for one row and made the whole table one segment, read whole into
+/// memory on both sides.
+#[test]
+fn a_table_never_analysed_is_diffed_in_many_segments_and_exactly() {
+    let create = "CREATE TABLE big WITH (autovacuum_enabled = false) AS
+                    SELECT g AS id, md5(g::text) AS v FROM generate_series(1, 200000) g;";
+    let p = Pair::new(
+        create,
+        "",
+        // On current: 200 rows changed, 40 lost, 10 extra.
+        "UPDATE big SET v = 'changed' WHERE id % 1000 = 0;
+         DELETE FROM big WHERE id % 5000 = 1;
+         INSERT INTO big SELECT g, 'extra' FROM generate_series(200001, 200010) g;",
+    );
+    for db in ["cur", "res"] {
+        let never: Vec<String> = p.rows(
+            db,
+            "SELECT reltuples::text FROM pg_class WHERE oid = 'big'::regclass",
+        );
+        assert_eq!(never, ["-1"], "{db}: the table was never analysed");
+    }
+    let pb = p.playbook(
+        "big",
+        "postgres",
+        "[[repair]]\ntable = \"big\"\nkey = [\"id\"]\n",
+    );
+    let (out, v) = diff_json(&pb);
+    assert_exit(&out, 1);
+    let segments = v[0]["stats"]["segments"].as_u64().unwrap();
+    assert!(segments >= 100, "{segments} segment(s): {v}");
+    // What was planted, as both databases say.
+    let read = |db: &str| -> std::collections::BTreeMap<i32, String> {
+        p.client(db)
+            .query("SELECT id, v FROM big", &[])
+            .unwrap()
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect()
+    };
+    let (res, cur) = (read("res"), read("cur"));
+    let inserts = res.keys().filter(|k| !cur.contains_key(k)).count() as u64;
+    let deletes = cur.keys().filter(|k| !res.contains_key(k)).count() as u64;
+    let updates = res
+        .iter()
+        .filter(|(k, v)| cur.get(k).is_some_and(|c| c != *v))
+        .count() as u64;
+    assert_eq!((inserts, updates, deletes), (40, 200, 10));
+    assert_eq!(v[0]["counts"]["insert"], inserts, "{v}");
+    assert_eq!(v[0]["counts"]["update"], updates, "{v}");
+    assert_eq!(v[0]["counts"]["delete"], deletes, "{v}");
+}
+
+/// Whether role `app` is a superuser now.
+fn app_is_superuser(p: &Pair) -> bool {
+    p.client("cur")
+        .query_one("SELECT rolsuper FROM pg_roles WHERE rolname = 'app'", &[])
+        .unwrap()
+        .get(0)
+}
+
+const LEDGER: (&str, &str, &str) = (
+    "CREATE TABLE ledger (id bigint PRIMARY KEY, amount numeric(12,2) NOT NULL);",
+    "INSERT INTO ledger SELECT g, g * 1.5 FROM generate_series(1, 10) g;",
+    "INSERT INTO ledger SELECT g, 0 FROM generate_series(1, 5) g;",
+);
+
+/// Review M13: reentry adopted `reentry_repair` and its audit log with
+/// `IF NOT EXISTS`, whoever made them. An application role that can create
+/// a schema made them with a trigger, which then ran with reentry's
+/// rights (here a superuser's) on the first audit row: `ALTER ROLE app
+/// SUPERUSER`.
+#[test]
+fn a_schema_of_reentrys_that_another_role_made_or_put_a_trigger_on_is_refused() {
+    let p = Pair::new(LEDGER.0, LEDGER.1, LEDGER.2);
+    p.client("cur")
+        .batch_execute(
+            "CREATE ROLE app LOGIN;
+             GRANT CREATE ON DATABASE cur TO app;
+             CREATE SCHEMA appfn AUTHORIZATION app;",
+        )
+        .unwrap();
+    // What the application role plants: the schema, the audit log as
+    // reentry makes it, and a trigger that makes it a superuser.
+    let plant = r#"
+        CREATE FUNCTION appfn.escalate() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN EXECUTE 'ALTER ROLE app SUPERUSER'; RETURN NEW; END $$;"#;
+    let mut app = p.c.db_client_as("cur", "app");
+    app.batch_execute(&format!(
+        "{plant}
+         CREATE SCHEMA reentry_repair;
+         CREATE TABLE reentry_repair.repair_audit_log (repair_id text NOT NULL, table_name text NOT NULL,
+             class text NOT NULL, row_count bigint NOT NULL, executed_at timestamptz NOT NULL DEFAULT clock_timestamp());
+         CREATE TRIGGER escalate BEFORE INSERT ON reentry_repair.repair_audit_log
+             FOR EACH ROW EXECUTE FUNCTION appfn.escalate();"
+    ))
+    .unwrap();
+    let before = p.rows(
+        "cur",
+        "SELECT concat_ws('|', id, amount) FROM ledger ORDER BY id",
+    );
+    let pb = p.playbook("planted", "postgres", "[[repair]]\ntable = \"ledger\"\n");
+    let out = p.apply(&pb, "run1");
+    assert_exit(&out, 3);
+    assert!(
+        stderr(&out).contains(
+            "databases.current: reentry will not use schema reentry_repair: schema reentry_repair is owned by role app, not by postgres"
+        ),
+        "{}",
+        stderr(&out)
+    );
+    assert!(!app_is_superuser(&p), "the planted trigger ran");
+    assert_eq!(
+        p.rows(
+            "cur",
+            "SELECT concat_ws('|', id, amount) FROM ledger ORDER BY id"
+        ),
+        before,
+        "nothing changed"
+    );
+    assert_eq!(
+        p.rows("cur", "SELECT enabled::text FROM system_gate"),
+        ["true"],
+        "no gate closed"
+    );
+
+    // Gone, reentry makes its own and repairs.
+    p.client("cur")
+        .batch_execute("DROP SCHEMA reentry_repair CASCADE")
+        .unwrap();
+    assert_exit(&p.apply(&pb, "run2"), 0);
+    assert!(!app_is_superuser(&p));
+    assert_eq!(
+        p.rows(
+            "cur",
+            "SELECT pg_get_userbyid(nspowner)::text FROM pg_namespace WHERE nspname = 'reentry_repair'"
+        ),
+        ["postgres"]
+    );
+    // A trigger the application may put on reentry's own table (the
+    // TRIGGER privilege lets it) is refused too.
+    p.client("cur")
+        .batch_execute("GRANT USAGE ON SCHEMA reentry_repair TO app; GRANT TRIGGER ON reentry_repair.repair_audit_log TO app;")
+        .unwrap();
+    app.batch_execute(
+        "CREATE TRIGGER escalate BEFORE INSERT ON reentry_repair.repair_audit_log
+             FOR EACH ROW EXECUTE FUNCTION appfn.escalate();",
+    )
+    .unwrap();
+    p.client("cur")
+        .batch_execute("UPDATE ledger SET amount = 0 WHERE id = 7")
+        .unwrap();
+    let out = p.apply(&pb, "run3");
+    assert_exit(&out, 3);
+    assert!(
+        stderr(&out).contains("reentry_repair.repair_audit_log has trigger(s) escalate"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(!app_is_superuser(&p), "the trigger ran");
+    assert_eq!(
+        p.rows("cur", "SELECT amount::text FROM ledger WHERE id = 7"),
+        ["0.00"]
+    );
+}
+
+/// Review M13: reentry's sessions kept the role's search path. With a
+/// schema the application owns first on it, a function there that
+/// matches reentry's call better than the catalog's (`unnest(text[])`
+/// against `unnest(anyarray)`) ran in reentry's place, with its rights.
+#[test]
+fn an_application_schema_first_on_the_search_path_captures_none_of_reentrys_calls() {
+    let p = Pair::new(LEDGER.0, LEDGER.1, LEDGER.2);
+    p.client("cur")
+        .batch_execute(
+            "CREATE ROLE app LOGIN;
+             CREATE SCHEMA app AUTHORIZATION app;
+             ALTER ROLE postgres IN DATABASE cur SET search_path = app, public;",
+        )
+        .unwrap();
+    p.c.db_client_as("cur", "app")
+        .batch_execute(
+            "CREATE TABLE app.captured (what text);
+             GRANT INSERT ON app.captured TO PUBLIC;
+             CREATE FUNCTION app.unnest(text[]) RETURNS SETOF text LANGUAGE sql AS $$
+               INSERT INTO app.captured VALUES ('unnest');
+               SELECT pg_catalog.unnest($1);
+             $$;",
+        )
+        .unwrap();
+    // The trap is armed: a session on that path calls it.
+    let mut probe = p.client("cur");
+    probe
+        .batch_execute("SELECT * FROM unnest(ARRAY['x']::text[])")
+        .unwrap();
+    assert_eq!(p.rows("cur", "SELECT what FROM app.captured"), ["unnest"]);
+    probe.batch_execute("TRUNCATE app.captured").unwrap();
+
+    // An unqualified table and `where` SQL still resolve on the
+    // application's path.
+    let pb = p.playbook(
+        "path",
+        "postgres",
+        "[[repair]]\ntable = \"ledger\"\nwhere = \"amount > 0\"\nbatch-size = 3\n",
+    );
+    let out = p.apply(&pb, "run");
+    assert_exit(&out, 0);
+    let sql = "SELECT concat_ws('|', id, amount) FROM ledger ORDER BY id";
+    assert_eq!(p.rows("cur", sql), p.rows("res", sql), "{}", stdout(&out));
+    assert!(
+        p.rows("cur", "SELECT what FROM app.captured").is_empty(),
+        "the application's unnest ran in reentry's place"
+    );
+}
+
+/// Review M13: `triggers = "disable"` runs the repair with
+/// `session_replication_role = replica`, which skips foreign-key checks
+/// too; a child whose parent the target lacks went in, and nothing said.
+#[test]
+fn a_repair_with_triggers_disabled_that_orphans_a_child_fails_the_foreign_key_check() {
+    let p = Pair::new(
+        "CREATE TABLE parents (id int PRIMARY KEY);
+         CREATE TABLE children (id int PRIMARY KEY, parent_id int REFERENCES parents (id), note text);",
+        "INSERT INTO parents VALUES (1), (2), (3);
+         INSERT INTO children VALUES (1, 1, 'a'), (2, 2, 'b'), (3, 3, 'c');",
+        "INSERT INTO parents VALUES (1), (2);
+         INSERT INTO children VALUES (1, 1, 'a'), (2, 2, 'b');",
+    );
+    let pb = p.playbook(
+        "fk",
+        "postgres",
+        "[[repair]]\ntable = \"children\"\ntriggers = \"disable\"\n",
+    );
+    let plan = Command::new(reentry_bin())
+        .arg("plan")
+        .arg(&pb)
+        .output()
+        .unwrap();
+    let text = stdout(&plan);
+    assert!(text.contains("rows-foreign-keys:children"), "{text}");
+    assert!(
+        text.contains("databases.current: reentry connects as `postgres`, a superuser"),
+        "{text}"
+    );
+    let out = p.apply(&pb, "run");
+    assert_exit(&out, 2);
+    let text = stdout(&out);
+    assert!(
+        text.contains("stopped: rows-foreign-keys:children: foreign keys broken on databases.current")
+            && text.contains("1 row(s) of public.children break foreign key \"children_parent_id_fkey\" (parent_id) → public.parents"),
+        "{text}"
+    );
+    // PostgreSQL's own count: the orphan is there, and the gate closed.
+    assert_eq!(
+        p.rows(
+            "cur",
+            "SELECT c.id::text FROM children c WHERE NOT EXISTS (SELECT FROM parents p WHERE p.id = c.parent_id)"
+        ),
+        ["3"]
+    );
+    assert_eq!(
+        p.rows("cur", "SELECT enabled::text FROM system_gate"),
+        ["false"]
+    );
 }

@@ -355,11 +355,12 @@ fn parse_row<T: serde::de::DeserializeOwned>(text: &str) -> T {
 }
 
 fn has_column(db: &mut Db, table: &str, column: &str) -> Result<bool, PgError> {
+    let table = db.table(table)?;
     let row = db.query_one(
         "look up a column",
         "SELECT EXISTS (SELECT FROM pg_attribute WHERE attrelid = to_regclass($1)
                           AND attname = $2 AND attnum > 0 AND NOT attisdropped)",
-        &[&quote_qualified(table), &column],
+        &[&table, &column],
     )?;
     Ok(row.get(0))
 }
@@ -375,16 +376,18 @@ pub struct QuartzTables {
 }
 
 impl QuartzTables {
-    pub fn new(prefix: &str) -> QuartzTables {
-        let t = |name: &str| quote_qualified(&format!("{}{name}", fold_unquoted(prefix)));
-        QuartzTables {
-            triggers: t("triggers"),
-            paused: t("paused_trigger_grps"),
-            locks: t("locks"),
-            fired: t("fired_triggers"),
-            simple: t("simple_triggers"),
-            state: t("scheduler_state"),
-        }
+    /// The tables as SQL, each resolved as the application's search path
+    /// finds it.
+    pub fn new(db: &mut Db, prefix: &str) -> Result<QuartzTables, PgError> {
+        let mut t = |name: &str| db.table(&format!("{}{name}", fold_unquoted(prefix)));
+        Ok(QuartzTables {
+            triggers: t("triggers")?,
+            paused: t("paused_trigger_grps")?,
+            locks: t("locks")?,
+            fired: t("fired_triggers")?,
+            simple: t("simple_triggers")?,
+            state: t("scheduler_state")?,
+        })
     }
 
     /// The tables a Quartz gate reads and writes, unquoted, with the
@@ -508,7 +511,7 @@ pub fn read_state(db: &mut Db, gate: &Gate, lock: bool) -> Result<GateState, PgE
     let for_update = if lock { " FOR UPDATE" } else { "" };
     match gate {
         Gate::SystemGate { name, table } => {
-            let t = quote_qualified(table);
+            let t = db.table(table)?;
             let rows = db.query(
                 "read a system_gate row",
                 &format!(
@@ -529,7 +532,7 @@ pub fn read_state(db: &mut Db, gate: &Gate, lock: bool) -> Result<GateState, PgE
             groups,
             ..
         } => {
-            let t = QuartzTables::new(table_prefix);
+            let t = QuartzTables::new(db, table_prefix)?;
             if lock {
                 lock_quartz(db, &t, scheduler)?;
             }
@@ -582,7 +585,7 @@ fn shedlock_rows(
     locks: &Option<Vec<String>>,
     for_update: &str,
 ) -> Result<BTreeMap<String, Option<LockRow>>, PgError> {
-    let t = quote_qualified(table);
+    let t = db.table(table)?;
     let rows = match locks {
         Some(names) => db.query(
             "read ShedLock rows",
@@ -625,7 +628,7 @@ fn freeze(
     names: &[String],
     marker: &str,
 ) -> Result<Vec<String>, PgError> {
-    let t = quote_qualified(table);
+    let t = db.table(table)?;
     let mut changed = Vec::new();
     for name in names {
         let c = db.execute(
@@ -696,7 +699,7 @@ fn close(
 ) -> Result<(u64, Vec<String>), PgError> {
     match gate {
         Gate::SystemGate { name, table } => {
-            let t = quote_qualified(table);
+            let t = db.table(table)?;
             let stamp = if has_column(db, table, "updated_at")? {
                 ", updated_at = now()"
             } else {
@@ -724,7 +727,7 @@ fn close(
             scheduler,
             ..
         } => {
-            let t = QuartzTables::new(table_prefix);
+            let t = QuartzTables::new(db, table_prefix)?;
             // On a resumed close the prior state comes from the journal, so
             // the lock is taken here, not only by the read.
             lock_quartz(db, &t, scheduler)?;
@@ -873,7 +876,7 @@ fn reopen(
 ) -> Result<(u64, Vec<String>, Vec<Misfire>), PgError> {
     match gate {
         Gate::SystemGate { name, table } => {
-            let t = quote_qualified(table);
+            let t = db.table(table)?;
             let n = if let GateState::SystemGate(Some(row)) = prior {
                 let stamp = if has_column(db, table, "updated_at")? {
                     ", updated_at = now()"
@@ -903,7 +906,7 @@ fn reopen(
             ))
         }
         Gate::Shedlock { table, .. } => {
-            let t = quote_qualified(table);
+            let t = db.table(table)?;
             let (mut n, mut ids) = (0, Vec::new());
             let mut rows = prior.locks();
             for (k, v) in found {
@@ -941,7 +944,7 @@ fn reopen(
             misfire_threshold_ms,
             ..
         } => {
-            let t = QuartzTables::new(table_prefix);
+            let t = QuartzTables::new(db, table_prefix)?;
             lock_quartz(db, &t, scheduler)?;
             let GateState::Quartz(q) = prior else {
                 return Ok((0, Vec::new(), Vec::new()));
@@ -1487,7 +1490,7 @@ fn held_at_close(
     prior: &GateState,
     marker: &str,
 ) -> Result<Vec<(String, String)>, PgError> {
-    let t = quote_qualified(table);
+    let t = db.table(table)?;
     let mut held = Vec::new();
     for (name, row) in prior.locks() {
         let Some(row) = row else { continue };
@@ -1573,7 +1576,7 @@ impl Verify {
                 groups,
                 ..
             } => {
-                let t = QuartzTables::new(table_prefix);
+                let t = QuartzTables::new(db, table_prefix)?;
                 lock_quartz(db, &t, scheduler)?;
                 let all = groups.is_none();
                 let now = quartz_groups(db, &t, scheduler, groups)?;
@@ -2305,7 +2308,11 @@ fn quartz_gates_something(
     db: &mut Db,
 ) -> Vec<Diagnostic> {
     let prefix = fold_unquoted(x.table_prefix.as_deref().unwrap_or("qrtz_"));
-    let t = |name: &str| quote_qualified(&format!("{prefix}{name}"));
+    let mut t = |name: &str| {
+        let n = format!("{prefix}{name}");
+        db.table(&n).unwrap_or_else(|_| quote_qualified(&n))
+    };
+    let (triggers, locks, paused) = (t("triggers"), t("locks"), t("paused_trigger_grps"));
     let at = |key: &'static str, j: Option<usize>| {
         let mut path = vec![
             Seg::Key("gates"),
@@ -2324,9 +2331,7 @@ fn quartz_gates_something(
         &format!(
             "SELECT sched_name::text FROM {} UNION SELECT sched_name::text FROM {}
               UNION SELECT sched_name::text FROM {} ORDER BY 1",
-            t("triggers"),
-            t("locks"),
-            t("paused_trigger_grps")
+            triggers, locks, paused
         ),
         &[],
     );
@@ -2360,8 +2365,7 @@ fn quartz_gates_something(
         &format!(
             "SELECT trigger_group::text FROM {} WHERE sched_name = $1
               UNION SELECT trigger_group::text FROM {} WHERE sched_name = $1 AND trigger_group <> $2 ORDER BY 1",
-            t("triggers"),
-            t("paused_trigger_grps")
+            triggers, paused
         ),
         &[&x.scheduler, &QUARTZ_ALL_GROUPS],
     ) {

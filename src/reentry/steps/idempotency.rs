@@ -3,8 +3,8 @@
 //! e-mail). The evidence that a key was used comes from the current
 //! database, from the topic (message keys) and from a provider's CSV
 //! export. Missing keys are re-inserted into the restored table as
-//! tombstones (recorded with the run id in `reentry_idempotency_tombstone`)
-//! or staged for a person in `reentry_idempotency_review`. Keys older than
+//! tombstones (recorded with the run id in `reentry.idempotency_tombstone`)
+//! or staged for a person in `reentry.idempotency_review`. Keys older than
 //! the declared retention would have expired anyway: counted, not inserted.
 
 use std::collections::BTreeMap;
@@ -262,7 +262,7 @@ impl Keys {
         }
         if self.from_current {
             let key = quote_qualified(&self.key_column);
-            let t = quote_qualified(&self.table);
+            let t = env.db("current")?.table(&self.table).on("current")?;
             // A NULL key is no key: no unique index holds it, and no
             // request can name it.
             let sql = match &self.created_column {
@@ -338,9 +338,9 @@ impl Keys {
             }
         }
         let ledger = if self.action == "review" {
-            "reentry_idempotency_review"
+            "reentry.idempotency_review"
         } else {
-            "reentry_idempotency_tombstone"
+            "reentry.idempotency_tombstone"
         };
         let exists: bool = db
             .query_one(
@@ -350,12 +350,25 @@ impl Keys {
             )
             .on(&self.database)?
             .get(0);
+        // Not even read from a schema another role made: a view there
+        // runs its functions with reentry's rights.
+        if exists {
+            if let Some(why) = crate::reentry::owned::foreign(db, crate::reentry::owned::SCHEMA)
+                .on(&self.database)?
+            {
+                return Err(StepError::Refused(crate::reentry::owned::refusal(
+                    &self.database,
+                    crate::reentry::owned::SCHEMA,
+                    &why,
+                )));
+            }
+        }
         if exists && self.action == "review" {
             let ids: Vec<&str> = found.missing.iter().map(|m| m.0.as_str()).collect();
             let staged: std::collections::BTreeSet<String> = db
                 .query(
                     "look up staged keys",
-                    "SELECT key FROM reentry_idempotency_review WHERE idempotency = $1 AND key = ANY($2)",
+                    "SELECT key FROM reentry.idempotency_review WHERE idempotency = $1 AND key = ANY($2)",
                     &[&self.idempotency, &ids],
                 )
                 .on(&self.database)?
@@ -466,11 +479,7 @@ impl Step for Keys {
         let run_id = env.run_id.clone();
         let database = self.database.clone();
         let db = env.db(&database)?;
-        db.batch(
-            "create the staging tables",
-            include_str!("../../../sql/reentry_staging.sql"),
-        )
-        .on(&database)?;
+        crate::reentry::owned::staging_tables(db, &database)?;
         let keys: Vec<&str> = f.missing.iter().map(|m| m.0.as_str()).collect();
         let times: Vec<Option<i64>> = f.missing.iter().map(|m| m.1).collect();
         let sources: Vec<&str> = f.missing.iter().map(|m| m.2).collect();
@@ -479,7 +488,7 @@ impl Step for Keys {
                 return db
                     .execute(
                         "stage keys for review",
-                        "INSERT INTO reentry_idempotency_review (run_id, idempotency, key, source, seen_at)
+                        "INSERT INTO reentry.idempotency_review (run_id, idempotency, key, source, seen_at)
                          SELECT $1, $2, v.k, v.s, to_timestamp(v.t / 1000.0)
                            FROM unnest($3::text[], $4::int8[], $5::text[]) AS v(k, t, s)
                          ON CONFLICT (idempotency, key) DO NOTHING",
@@ -487,7 +496,7 @@ impl Step for Keys {
                     )
                     .on(&database);
             }
-            let t = quote_qualified(&self.table);
+            let t = db.table(&self.table).on(&database)?;
             let key = quote_qualified(&self.key_column);
             let key_type = Column::of(db, &self.table, &self.key_column).on(&database)?.ty;
             let (cols, vals) = match &self.created_column {
@@ -509,7 +518,7 @@ impl Step for Keys {
                 .on(&database)?;
             db.execute(
                 "record tombstones",
-                "INSERT INTO reentry_idempotency_tombstone (run_id, idempotency, key, source, seen_at)
+                "INSERT INTO reentry.idempotency_tombstone (run_id, idempotency, key, source, seen_at)
                  SELECT $1, $2, v.k, v.s, to_timestamp(v.t / 1000.0)
                    FROM unnest($3::text[], $4::int8[], $5::text[]) AS v(k, t, s)
                  ON CONFLICT (idempotency, key) DO NOTHING",

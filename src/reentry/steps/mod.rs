@@ -131,6 +131,10 @@ pub enum StepError {
         #[source]
         source: std::io::Error,
     },
+    /// An object on a database that reentry will not use (a schema of its
+    /// name that another role made): nothing was written to it.
+    #[error("{0}")]
+    Refused(String),
     /// Bad input the step reads (a CSV export): exit 78, nothing changed.
     #[error("{message}")]
     Input { message: String },
@@ -179,6 +183,15 @@ impl StepError {
             StepError::Cache(c) => c.is_transient(),
             StepError::Search(s) => s.is_transient(),
             _ => false,
+        }
+    }
+}
+
+impl From<rows::diff::SpillError> for StepError {
+    fn from(e: rows::diff::SpillError) -> StepError {
+        StepError::Io {
+            what: "spill the keys in scope to a scratch file",
+            source: e.0,
         }
     }
 }
@@ -241,6 +254,9 @@ impl<'a> Env<'a> {
                 setup.push_str(" SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY;");
             }
             db.batch("set up the session", &setup).on(name)?;
+            // Names reentry writes are qualified, and nothing another
+            // role put on the search path stands in for what it calls.
+            db.pin_search_path().on(name)?;
             self.dbs.insert(name.to_owned(), db);
         }
         Ok(self.dbs.get_mut(name).expect("just inserted"))
@@ -711,7 +727,7 @@ fn kebab(camel: &str) -> String {
 // The outbox settles what the relay sends before the consumers rewind.
 kinds! {
     gates: CloseGate(GateAt), WaitGateCache(WaitCache), VerifyGates(Verify), ReopenGate(Reopen);
-    rows: RowsStage(Stage), RowsApply(Apply), RowsDelete(Apply);
+    rows: RowsStage(Stage), RowsApply(Apply), RowsDelete(Apply), RowsForeignKeys(ForeignKeys);
     validate: Check(Query), InvalidIndexes(InvalidIndexes), Extensions(Extensions), Amcheck(Amcheck);
     sequences: Sequences(Sequences);
     outbox: Outbox(Reconcile);

@@ -4,7 +4,7 @@
 //! - in the topic, unpublished in the restored outbox: **mark published**
 //!   (from the message's timestamp), else the relay sends a duplicate;
 //! - in the topic, not in the restored database: an **orphan** (consumers
-//!   saw a change the database lost), staged in `reentry_orphan_event`, and
+//!   saw a change the database lost), staged in `reentry.orphan_event`, and
 //!   optionally answered with a compensating event from a template;
 //! - published in the restored outbox, absent from the topic: **mark
 //!   unpublished**, so the relay sends it again;
@@ -597,12 +597,16 @@ fn unmatched(row: Row, l: &Layout, compare_ms: i64, c: &mut Classes) {
     }
 }
 
+/// Where orphans are staged (see `owned`).
+const ORPHANS: &str = "reentry.orphan_event";
+
 fn exists(db: &mut Db, table: &str) -> Result<bool, crate::pg::conn::PgError> {
+    let t = db.table(table)?;
     Ok(db
         .query_one(
             "look up a table",
             "SELECT to_regclass($1) IS NOT NULL",
-            &[&quote_qualified(table)],
+            &[&t],
         )?
         .get(0))
 }
@@ -616,7 +620,6 @@ pub fn classify(
     let kafka = env.kafka()?;
     let compare_ms = r.from_ms + SKEW_MS.min((r.t_ms - r.from_ms) / 2);
     let l = &r.layout;
-    let t = quote_qualified(&l.table);
     let id = quote_qualified(&l.id);
     let (published, published_at, window) = match &l.published {
         Published::At(c) => {
@@ -655,6 +658,7 @@ pub fn classify(
     };
     let limit = kafka.tuning.sort_chunk;
     let db = env.db(&r.database)?;
+    let t = db.table(&l.table).on(&r.database)?;
     let id_col = Column::of(db, &l.table, &l.id).on(&r.database)?;
     // A uuid id and a timestamp marker (the common outbox) travel in binary.
     let binary = match &l.published {
@@ -895,12 +899,23 @@ pub fn classify(
         }
     }
     c.database_seconds = t_db.elapsed().as_secs_f64();
-    if !c.orphans.is_empty() && exists(db, "reentry_orphan_event").on(&r.database)? {
+    if !c.orphans.is_empty() && exists(db, ORPHANS).on(&r.database)? {
+        // Not even read from a schema another role made: a view there
+        // runs its functions with reentry's rights.
+        if let Some(why) =
+            crate::reentry::owned::foreign(db, crate::reentry::owned::SCHEMA).on(&r.database)?
+        {
+            return Err(StepError::Refused(crate::reentry::owned::refusal(
+                &r.database,
+                crate::reentry::owned::SCHEMA,
+                &why,
+            )));
+        }
         let ids: Vec<String> = c.orphans.iter().map(|s| s.id.to_string()).collect();
         let staged: Vec<String> = db
             .query(
                 "look up staged orphans",
-                "SELECT event_id FROM reentry_orphan_event WHERE topic = $1 AND event_id = ANY($2)",
+                "SELECT event_id FROM reentry.orphan_event WHERE topic = $1 AND event_id = ANY($2)",
                 &[&r.topic, &ids],
             )
             .on(&r.database)?
@@ -1049,16 +1064,12 @@ impl Step for Reconcile {
             super::rows::record_changed(&dir, &self.outbox, "outbox", entries)?;
         }
         let l = &self.layout;
-        let t = quote_qualified(&l.table);
         let id = quote_qualified(&l.id);
         let run_id = env.run_id.clone();
         let database = self.database.clone();
         let db = env.db(&database)?;
-        db.batch(
-            "create the staging tables",
-            include_str!("../../../sql/reentry_staging.sql"),
-        )
-        .on(&database)?;
+        crate::reentry::owned::staging_tables(db, &database)?;
+        let t = db.table(&l.table).on(&database)?;
         let ty = Column::of(db, &l.table, &l.id).on(&database)?.ty;
         let (published_n, unpublished_n) = db.transaction("BEGIN", |db| -> Result<(u64, u64), StepError> {
             let ids: Vec<&str> = c.mark_published.iter().map(|(i, _)| i.as_str()).collect();
@@ -1118,7 +1129,7 @@ impl Step for Reconcile {
             staged += db
                 .execute(
                     "stage an orphan event",
-                    "INSERT INTO reentry_orphan_event (run_id, outbox, event_id, topic, partition, \"offset\", event_time, key, payload, headers)
+                    "INSERT INTO reentry.orphan_event (run_id, outbox, event_id, topic, partition, \"offset\", event_time, key, payload, headers)
                      VALUES ($1, $2, $3, $4, $5, $6, to_timestamp($7::int8 / 1000.0), $8, $9, $10::text::jsonb)
                      ON CONFLICT (topic, partition, \"offset\") DO NOTHING",
                     &[&run_id, &self.outbox, &s.id.to_string(), &self.topic, &s.partition, &s.offset, &s.ts, &key, &payload, &headers.to_string()],
@@ -1134,7 +1145,7 @@ impl Step for Reconcile {
                 .query(
                     "find orphans to compensate",
                     "SELECT event_id, partition, \"offset\", (extract(epoch FROM event_time) * 1000)::int8, key
-                       FROM reentry_orphan_event WHERE topic = $1 AND outbox = $2 AND compensated_at IS NULL",
+                       FROM reentry.orphan_event WHERE topic = $1 AND outbox = $2 AND compensated_at IS NULL",
                     &[&self.topic, &self.outbox],
                 )
                 .on(&database)?;
@@ -1186,7 +1197,7 @@ impl Step for Reconcile {
                         compensated += db
                             .execute(
                                 "record a compensation",
-                                "UPDATE reentry_orphan_event SET compensated_at = now() WHERE topic = $1 AND partition = $2 AND \"offset\" = $3",
+                                "UPDATE reentry.orphan_event SET compensated_at = now() WHERE topic = $1 AND partition = $2 AND \"offset\" = $3",
                                 &[&self.topic, p, o],
                             )
                             .on(&database)?;

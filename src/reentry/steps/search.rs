@@ -285,29 +285,50 @@ type Docs = Vec<(String, i64, Value)>;
 /// The rows `documents` gives for `ids`: id, version, document.
 fn documents(env: &mut Env, database: &str, sql: &str, ids: &[String]) -> Result<Docs, StepError> {
     let db = env.db(database)?;
-    // `= ANY($1)`, which PostgreSQL hashes, and not a join with
-    // unnest($1): the hash join built its table from `documents` and
-    // made every row's document (174 ms against 34 ms for 1000 ids of
-    // 200,000 rows on PostgreSQL 18).
+    // The playbook's SQL, under the application's search path. `= ANY($1)`,
+    // which PostgreSQL hashes, and not a join with unnest($1): the hash
+    // join built its table from `documents` and made every row's document
+    // (174 ms against 34 ms for 1000 ids of 200,000 rows on PostgreSQL 18).
     let rows = db
-        .query(
-            "read the documents",
-            &format!(
-                "SELECT d.id::text, d.version::int8, d.doc::text FROM ({sql}) d WHERE d.id::text = ANY($1::text[])"
-            ),
-            &[&ids],
-        )
-    .on(database)?;
-    rows.iter()
-        .map(|r| {
-            let id: String = r.get(0);
-            let doc: String = r.get(2);
-            let doc = serde_json::from_str(&doc).map_err(|e| StepError::Input {
-                message: format!("`documents` gave document {id} that is not JSON: {e}"),
-            })?;
-            Ok((id, r.get(1), doc))
+        .as_application(|db| {
+            db.query(
+                "read the documents",
+                &format!(
+                    "SELECT d.id::text, d.version::int8, d.doc::text FROM ({sql}) d WHERE d.id::text = ANY($1::text[])"
+                ),
+                &[&ids],
+            )
         })
-        .collect()
+    .on(database)?;
+    rows.iter().map(document).collect()
+}
+
+/// One row of `documents`: its id, version and document, each of which the
+/// playbook's SQL may leave NULL, which is reported, not read as a value.
+fn document(r: &tokio_postgres::Row) -> Result<(String, i64, Value), StepError> {
+    let id: Option<String> = r.get(0);
+    let Some(id) = id else {
+        return Err(StepError::Input {
+            message: "`documents` gave a row whose id is NULL; select only rows with an id".into(),
+        });
+    };
+    let (version, doc): (Option<i64>, Option<String>) = (r.get(1), r.get(2));
+    let Some(version) = version else {
+        return Err(StepError::Input {
+            message: format!("`documents` gave document {id} with a NULL version: its updated-at is NULL? external versioning needs one (coalesce it)"),
+        });
+    };
+    let Some(doc) = doc else {
+        return Err(StepError::Input {
+            message: format!(
+                "`documents` gave document {id} as NULL; select only rows with a document"
+            ),
+        });
+    };
+    let doc = serde_json::from_str(&doc).map_err(|e| StepError::Input {
+        message: format!("`documents` gave document {id} that is not JSON: {e}"),
+    })?;
+    Ok((id, version, doc))
 }
 
 /// How many of `ids` have a row in `documents`.
@@ -319,11 +340,13 @@ fn count_documents(
 ) -> Result<u64, StepError> {
     let n: i64 = env
         .db(database)?
-        .query_one(
-            "count the documents",
-            &format!("SELECT count(*) FROM ({sql}) d WHERE d.id::text = ANY($1::text[])"),
-            &[&ids],
-        )
+        .as_application(|db| {
+            db.query_one(
+                "count the documents",
+                &format!("SELECT count(*) FROM ({sql}) d WHERE d.id::text = ANY($1::text[])"),
+                &[&ids],
+            )
+        })
         .on(database)?
         .get(0);
     Ok(n as u64)
@@ -927,7 +950,8 @@ impl SearchStep {
                     }
                     Ok(n)
                 });
-                let read = db.stream_rows(
+                // The playbook's SQL, under the application's search path.
+                let read = db.as_application(|db| db.stream_rows(
                     "read the documents",
                     &select,
                     &[],
@@ -935,12 +959,7 @@ impl SearchStep {
                     |rows| -> Result<(), StepError> {
                         let mut actions = Vec::with_capacity(rows.len());
                         for r in rows {
-                            let id: String = r.get(0);
-                            let version: i64 = r.get(1);
-                            let doc: String = r.get(2);
-                            let doc: Value = serde_json::from_str(&doc).map_err(|e| StepError::Input {
-                                message: format!("`documents` gave document {id} that is not JSON: {e}"),
-                            })?;
+                            let (id, version, doc) = document(r)?;
                             actions.push((
                                 json!({ "index": { "_index": prior.new, "_id": id, "version": version, "version_type": "external_gte" } }),
                                 Some(doc),
@@ -951,7 +970,7 @@ impl SearchStep {
                             message: "the bulk writer stopped".into(),
                         })
                     },
-                );
+                ));
                 drop(tx);
                 (read, writer.join().expect("the bulk thread panicked"))
             });
@@ -1254,11 +1273,13 @@ impl Step for SearchStep {
                 let s = self.target.connect()?;
                 let rows: i64 = env
                     .db(database)?
-                    .query_one(
-                        "count the documents",
-                        &format!("SELECT count(*) FROM ({sql}) d"),
-                        &[],
-                    )
+                    .as_application(|db| {
+                        db.query_one(
+                            "count the documents",
+                            &format!("SELECT count(*) FROM ({sql}) d"),
+                            &[],
+                        )
+                    })
                     .on(database)?
                     .get(0);
                 d.before = self.open(&s)?;

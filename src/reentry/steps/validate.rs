@@ -78,11 +78,14 @@ pub struct Query {
 
 /// One playbook statement in a read-only transaction that is always
 /// rolled back: not even a `set_config` it makes outlives it.
+/// It runs under the application's search path, as its author wrote it.
 fn read_only_rows(db: &mut Db, sql: &str) -> Result<Vec<String>, crate::pg::conn::PgError> {
-    db.batch("begin a read-only transaction", "BEGIN READ ONLY")?;
-    let rows = db.text_rows("run the query", sql);
-    db.batch("roll back", "ROLLBACK")?;
-    rows
+    db.as_application(|db| {
+        db.batch("begin a read-only transaction", "BEGIN READ ONLY")?;
+        let rows = db.text_rows("run the query", sql);
+        db.batch("roll back", "ROLLBACK")?;
+        rows
+    })
 }
 
 impl Step for Query {

@@ -273,6 +273,13 @@ impl Cluster {
             .unwrap_or_else(|e| panic!("connect to {conninfo}: {e}\n{}", tail(&self.log(), 20)))
     }
 
+    /// A client of `db` connected as `user` (the cluster trusts loopback).
+    pub fn db_client_as(&self, db: &str, user: &str) -> postgres::Client {
+        let conninfo = format!("host=127.0.0.1 port={} user={user} dbname={db}", self.port);
+        postgres::Client::connect(&conninfo, postgres::NoTls)
+            .unwrap_or_else(|e| panic!("connect to {conninfo}: {e}\n{}", tail(&self.log(), 20)))
+    }
+
     /// Polls `f` until it returns `Some` or `timeout` passes.
     #[track_caller]
     pub fn wait_for<T>(

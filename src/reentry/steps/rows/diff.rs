@@ -38,6 +38,7 @@ pub const SESSION: &str = "SET application_name = 'reentry rows'; \
 pub fn connect(conninfo: &str) -> Result<Db, PgError> {
     let mut db = Db::connect(Some(conninfo))?;
     db.batch("set up the session", SESSION)?;
+    db.pin_search_path()?;
     Ok(db)
 }
 
@@ -72,11 +73,13 @@ pub fn literal(s: &str) -> String {
 pub struct Described {
     pub columns: Vec<Column>,
     pub primary_key: Vec<String>,
+    /// The table as SQL, qualified as this server's search path finds it.
+    pub sql: String,
 }
 
 /// The table's columns and primary key; `None` when there is no such table.
 pub fn describe(db: &mut Db, table: &str) -> Result<Option<Described>, PgError> {
-    let q = quote_qualified(table);
+    let q = db.table(table)?;
     let exists = db.query_one(
         "look up the table",
         "SELECT to_regclass($1::text) IS NOT NULL",
@@ -117,6 +120,7 @@ pub fn describe(db: &mut Db, table: &str) -> Result<Option<Described>, PgError> 
     Ok(Some(Described {
         columns,
         primary_key,
+        sql: q,
     }))
 }
 
@@ -144,11 +148,28 @@ pub struct Spec {
     pub changed_after_t: Option<String>,
     /// T, ms since the epoch: a target row changed after it is a conflict.
     pub t_ms: Option<i64>,
+    /// The table as SQL on the source and on the target, each qualified
+    /// as its server's search path finds it (empty: as the playbook
+    /// names it).
+    #[serde(default)]
+    pub source_sql: String,
+    #[serde(default)]
+    pub target_sql: String,
 }
 
 impl Spec {
-    fn table_sql(&self) -> String {
-        quote_qualified(&self.table)
+    /// The table as SQL on one side.
+    pub fn table_sql(&self, source: bool) -> String {
+        let s = if source {
+            &self.source_sql
+        } else {
+            &self.target_sql
+        };
+        if s.is_empty() {
+            quote_qualified(&self.table)
+        } else {
+            s.clone()
+        }
     }
 
     /// `t.k1::text, t.k2::text`.
@@ -213,7 +234,7 @@ impl Spec {
             "COPY (SELECT {keys}, {h}{changed} FROM {table} AS t WHERE {wh}) TO STDOUT",
             keys = self.key_text(),
             h = self.row_hash(source),
-            table = self.table_sql(),
+            table = self.table_sql(source),
             wh = wh.join(" AND ")
         )
     }
@@ -466,7 +487,7 @@ pub fn settle(spec: &Spec, db: &mut Db, rows: &mut [Found]) -> Result<(), PgErro
         let sql = format!(
             "SELECT {}, md5(ROW(t.*)::text) FROM {} AS t WHERE {}",
             spec.key_text(),
-            spec.table_sql(),
+            spec.table_sql(false),
             spec.keys_bound(1)
         );
         let arrays = spec.key_params(&keys);
@@ -512,7 +533,7 @@ fn sums(db: &mut Db, spec: &Spec, seg: &str, source: bool) -> Result<Sums, PgErr
         "SELECT {seg} AS seg, count(*), sum(('x' || substr({h}, 18))::bit(60)::bigint)::text
            FROM {table} AS t GROUP BY 1",
         h = spec.row_hash(source),
-        table = spec.table_sql()
+        table = spec.table_sql(source)
     );
     Ok(db
         .query("sum the hashes of key segments", &sql, &[])?
@@ -526,7 +547,8 @@ fn sums(db: &mut Db, spec: &Spec, seg: &str, source: bool) -> Result<Sums, PgErr
         .collect())
 }
 
-/// Keys of target rows changed after T by the playbook's SQL.
+/// Keys of target rows changed after T by the playbook's SQL, which runs
+/// under the application's search path, as its author wrote it.
 fn changed_after_t(db: &mut Db, spec: &Spec) -> Result<HashSet<Vec<String>>, PgError> {
     let Some(sql) = &spec.changed_after_t else {
         return Ok(HashSet::new());
@@ -540,11 +562,16 @@ fn changed_after_t(db: &mut Db, spec: &Spec) -> Result<HashSet<Vec<String>>, PgE
             .join(", ")
     );
     Ok(db
-        .query("list rows changed after T", &wrapped, &[])?
+        .as_application(|db| db.query("list rows changed after T", &wrapped, &[]))?
         .iter()
         .filter_map(|r| (0..n).map(|i| r.get::<_, Option<String>>(i)).collect())
         .collect())
 }
+
+/// The keys in scope could not be spilled to a scratch file.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot spill the keys in scope to a scratch file")]
+pub struct SpillError(#[source] pub std::io::Error);
 
 /// What receives the differing rows, a group at a time (each group in key
 /// order): memory holds one group, however many rows differ.
@@ -553,7 +580,7 @@ pub type Sink<'a, E> = &'a mut dyn FnMut(Vec<Found>) -> Result<(), E>;
 /// Compares `spec`'s table on `src` (the good side) and `tgt`, handing
 /// the differing rows to `sink`. `ids_db` runs the `ids` SQL when the spec
 /// has one.
-pub fn diff<E: From<PgError>>(
+pub fn diff<E: From<PgError> + From<SpillError>>(
     spec: &Spec,
     src: &mut Db,
     tgt: &mut Db,
@@ -592,6 +619,106 @@ pub fn key_order(a: &[String], b: &[String]) -> std::cmp::Ordering {
 const SEGMENT_ROWS: i64 = 100;
 /// Segments fetched at once: a bounded number of rows in memory.
 const GROUP_SEGMENTS: usize = 500;
+/// Rows (the larger side's, as the segments' sums counted them) fetched
+/// at once: what bounds memory when the estimate the segments were cut
+/// by was wrong.
+const GROUP_ROWS: i64 = 50_000;
+
+/// The table's rows as the planner estimates them. `reltuples` is -1
+/// until the table is first analysed or vacuumed (PostgreSQL 14+; 0
+/// before), which would make the whole table one segment: then the
+/// planner's own estimate, from the table's size on disk.
+fn estimate_rows(db: &mut Db, table: &str) -> Result<i64, PgError> {
+    let r = db.query_one(
+        "estimate the table's rows",
+        "SELECT reltuples::float8 FROM pg_class WHERE oid = to_regclass($1::text)",
+        &[&table],
+    )?;
+    if let Some(n) = r.get::<_, Option<f64>>(0).filter(|n| *n > 0.0) {
+        return Ok(n as i64);
+    }
+    let plan = db.text_rows(
+        "estimate the table's rows",
+        &format!("EXPLAIN (FORMAT JSON) SELECT FROM {table}"),
+    )?;
+    let rows = serde_json::from_str::<serde_json::Value>(&plan.concat())
+        .ok()
+        .and_then(|v| v[0]["Plan"]["Plan Rows"].as_f64())
+        .unwrap_or(0.0);
+    Ok(rows as i64)
+}
+
+/// What one fetch reads: neighbouring key ranges of an integer key
+/// (`[a, b)` each), or buckets of the key's hash.
+enum Fetch {
+    Ranges(Vec<(i128, i128)>),
+    Buckets(Vec<i64>),
+}
+
+/// The differing segments cut into fetches of at most `GROUP_SEGMENTS`
+/// segments (four times as many hash buckets: each such fetch scans the
+/// table) and about `GROUP_ROWS` rows, by the counts the sums gave. A key
+/// range holding more rows than that on its own is split evenly.
+fn fetches(differing: &[(i64, i64)], range: Option<(i64, i64)>) -> Vec<Fetch> {
+    let mut out = Vec::new();
+    match range {
+        Some((lo, width)) => {
+            let mut ranges: Vec<(i128, i128)> = Vec::new();
+            let (mut segs, mut rows) = (0usize, 0i64);
+            let flush = |ranges: &mut Vec<(i128, i128)>, out: &mut Vec<Fetch>| {
+                if !ranges.is_empty() {
+                    out.push(Fetch::Ranges(std::mem::take(ranges)));
+                }
+            };
+            for &(s, count) in differing {
+                let a = lo as i128 + s as i128 * width as i128;
+                let b = a + width as i128;
+                if count > GROUP_ROWS {
+                    flush(&mut ranges, &mut out);
+                    (segs, rows) = (0, 0);
+                    let pieces = (count / GROUP_ROWS + 1) as i128;
+                    let step = ((b - a) / pieces).max(1);
+                    let mut x = a;
+                    while x < b {
+                        let y = (x + step).min(b);
+                        out.push(Fetch::Ranges(vec![(x, y)]));
+                        x = y;
+                    }
+                    continue;
+                }
+                if segs == GROUP_SEGMENTS || rows + count > GROUP_ROWS {
+                    flush(&mut ranges, &mut out);
+                    (segs, rows) = (0, 0);
+                }
+                match ranges.last_mut() {
+                    Some(r) if r.1 == a => r.1 = b,
+                    _ => ranges.push((a, b)),
+                }
+                segs += 1;
+                rows += count;
+            }
+            flush(&mut ranges, &mut out);
+        }
+        None => {
+            let mut group: Vec<i64> = Vec::new();
+            let mut rows = 0i64;
+            for &(s, count) in differing {
+                if !group.is_empty()
+                    && (group.len() == GROUP_SEGMENTS * 4 || rows + count > GROUP_ROWS)
+                {
+                    out.push(Fetch::Buckets(std::mem::take(&mut group)));
+                    rows = 0;
+                }
+                group.push(s);
+                rows += count;
+            }
+            if !group.is_empty() {
+                out.push(Fetch::Buckets(group));
+            }
+        }
+    }
+    out
+}
 
 fn by_segments<E: From<PgError>>(
     spec: &Spec,
@@ -601,21 +728,26 @@ fn by_segments<E: From<PgError>>(
     progress: &crate::progress::Reporter,
     sink: Sink<'_, E>,
 ) -> Result<Stats, E> {
-    let table = spec.table_sql();
+    let (s_table, t_table) = (spec.table_sql(true), spec.table_sql(false));
+    let (s_rows, t_rows) = both(
+        src,
+        tgt,
+        |db| estimate_rows(db, &s_table),
+        |db| estimate_rows(db, &t_table),
+    )?;
+    let rows = s_rows.max(t_rows).max(1);
     // Segments: key ranges of an integer key, else buckets of a hash of
     // the key; either is the same on both servers.
     let (seg, range): (String, Option<(i64, i64)>) = if spec.int_key() {
         let k = spec.key[0].quoted();
-        let bounds = format!(
-            "SELECT min(t.{k})::bigint, max(t.{k})::bigint, (SELECT reltuples::bigint FROM pg_class WHERE oid = to_regclass({}))
-               FROM {table} AS t",
-            literal(&table)
-        );
+        let bounds = |table: &str| {
+            format!("SELECT min(t.{k})::bigint, max(t.{k})::bigint FROM {table} AS t")
+        };
         let (a, b) = both(
             src,
             tgt,
-            |db| db.query_one("read the key's bounds", &bounds, &[]),
-            |db| db.query_one("read the key's bounds", &bounds, &[]),
+            |db| db.query_one("read the key's bounds", &bounds(&s_table), &[]),
+            |db| db.query_one("read the key's bounds", &bounds(&t_table), &[]),
         )?;
         let lo = [a.get::<_, Option<i64>>(0), b.get::<_, Option<i64>>(0)]
             .into_iter()
@@ -627,11 +759,6 @@ fn by_segments<E: From<PgError>>(
             .flatten()
             .max()
             .unwrap_or(0);
-        let rows = a
-            .get::<_, Option<i64>>(2)
-            .unwrap_or(0)
-            .max(b.get::<_, Option<i64>>(2).unwrap_or(0))
-            .max(1);
         let span = (hi as i128 - lo as i128 + 1).max(1);
         let density = (rows as f64 / span as f64).clamp(1e-9, 1.0);
         let width = ((SEGMENT_ROWS as f64 / density).ceil() as i64).max(1);
@@ -646,13 +773,6 @@ fn by_segments<E: From<PgError>>(
             .map(|c| format!("t.{}", c.quoted()))
             .collect::<Vec<_>>()
             .join(", ");
-        let est = format!(
-            "SELECT greatest(reltuples, 0)::bigint FROM pg_class WHERE oid = to_regclass({})",
-            literal(&table)
-        );
-        let rows = src
-            .query_one("estimate the table's rows", &est, &[])?
-            .get::<_, i64>(0);
         let buckets = ((rows / SEGMENT_ROWS).max(64) as u64)
             .next_power_of_two()
             .min(1 << 20);
@@ -683,51 +803,40 @@ fn by_segments<E: From<PgError>>(
     };
     let all: std::collections::BTreeSet<i64> = ss.keys().chain(ts.keys()).copied().collect();
     stats.segments = all.len() as u64;
-    let differing: Vec<i64> = all.into_iter().filter(|s| ss.get(s) != ts.get(s)).collect();
-    stats.segments_differing = differing.len() as u64;
-    // Fetch the differing segments' rows in groups, both sides at once.
-    // Fetch the differing segments' rows in groups of up to
-    // GROUP_SEGMENTS segments, both sides at once: one query per group,
-    // not one per segment (a round trip each costs more than its rows).
-    let groups: Vec<Vec<i64>> = differing
-        .chunks(match range {
-            Some(_) => GROUP_SEGMENTS,
-            // Each group is a scan of the table: as few as memory allows.
-            None => GROUP_SEGMENTS * 4,
+    // The differing segments, each with the larger side's row count.
+    let differing: Vec<(i64, i64)> = all
+        .into_iter()
+        .filter(|s| ss.get(s) != ts.get(s))
+        .map(|s| {
+            let n = |m: &Sums| m.get(&s).map_or(0, |v| v.0);
+            (s, n(&ss).max(n(&ts)))
         })
-        .map(<[i64]>::to_vec)
         .collect();
+    stats.segments_differing = differing.len() as u64;
+    // Fetch the differing segments' rows a group at a time, both sides
+    // at once: one query per group, not one per segment (a round trip
+    // each costs more than its rows).
+    let groups = fetches(&differing, range);
     let total = groups.len() as u64;
     for (i, g) in groups.iter().enumerate() {
         if i == 0 {
             progress.stage("fetch the rows of differing segments", Some(total));
         }
         progress.advance(i as u64, "segments");
-        let cond = match range {
+        let cond = match g {
             // Neighbouring segments make one key range; the ranges are
             // read by the key's index.
-            Some((lo, width)) => {
+            Fetch::Ranges(ranges) => {
                 let k = spec.key[0].quoted();
-                let mut ranges: Vec<(i64, i64)> = Vec::new();
-                for s in g {
-                    match ranges.last_mut() {
-                        Some(r) if r.1 + 1 == *s => r.1 = *s,
-                        _ => ranges.push((*s, *s)),
-                    }
-                }
                 let parts: Vec<String> = ranges
                     .iter()
-                    .map(|(first, last)| {
-                        let a = lo as i128 + *first as i128 * width as i128;
-                        let b = lo as i128 + (*last as i128 + 1) * width as i128;
-                        format!("(t.{k} >= {a} AND t.{k} < {b})")
-                    })
+                    .map(|(a, b)| format!("(t.{k} >= {a} AND t.{k} < {b})"))
                     .collect();
                 format!("({})", parts.join(" OR "))
             }
-            None => format!(
+            Fetch::Buckets(b) => format!(
                 "{seg} IN ({})",
-                g.iter().map(i64::to_string).collect::<Vec<_>>().join(", ")
+                b.iter().map(i64::to_string).collect::<Vec<_>>().join(", ")
             ),
         };
         let (found, _, _) = compare(spec, src, tgt, &cond, changed_set, &mut stats)?;
@@ -738,6 +847,8 @@ fn by_segments<E: From<PgError>>(
 
 /// Both sides' rows under `cond`, fetched at once and classed; the
 /// fetch counted in `stats`. The differing rows, and each side's rows.
+/// The source's statement holds the playbook's `where`, when there is
+/// one: it runs under the application's search path.
 fn compare(
     spec: &Spec,
     src: &mut Db,
@@ -753,7 +864,16 @@ fn compare(
         fetch(db, sql, n, &mut r, &mut nulls)?;
         Ok((r, nulls))
     };
-    let ((sr, sn), (tr, tn)) = both(src, tgt, |db| side(&s_sql, db), |db| side(&t_sql, db))?;
+    let user = spec.filter.is_some();
+    let ((sr, sn), (tr, tn)) = both(
+        src,
+        tgt,
+        |db| match user {
+            true => db.as_application(|db| side(&s_sql, db)),
+            false => side(&s_sql, db),
+        },
+        |db| side(&t_sql, db),
+    )?;
     stats.rows_fetched += (sr.len() + tr.len()) as u64;
     stats.null_keys += sn + tn;
     Ok((
@@ -763,12 +883,78 @@ fn compare(
     ))
 }
 
-/// Keys from the `ids` SQL, as text.
-fn ids(db: &mut Db, spec: &Spec) -> Result<Vec<Vec<String>>, PgError> {
+/// Keys in scope, written to a private scratch file as they stream in
+/// and read back a batch at a time: memory holds a batch, however many
+/// keys the scope has.
+struct Spill {
+    _dir: crate::fsutil::ScratchDir,
+    path: std::path::PathBuf,
+    out: Option<std::io::BufWriter<std::fs::File>>,
+    count: u64,
+}
+
+impl Spill {
+    fn new() -> Result<Spill, SpillError> {
+        let dir = crate::fsutil::ScratchDir::new("reentry-keys").map_err(SpillError)?;
+        let path = dir.path().join("keys.jsonl");
+        let file = crate::fsutil::private_options()
+            .create_new(true)
+            .open(&path)
+            .map_err(SpillError)?;
+        Ok(Spill {
+            _dir: dir,
+            path,
+            out: Some(std::io::BufWriter::new(file)),
+            count: 0,
+        })
+    }
+
+    fn push(&mut self, key: &[String]) -> Result<(), SpillError> {
+        use std::io::Write;
+        let out = self.out.as_mut().expect("written before it is read");
+        serde_json::to_writer(&mut *out, key).map_err(|e| SpillError(e.into()))?;
+        out.write_all(b"\n").map_err(SpillError)?;
+        self.count += 1;
+        Ok(())
+    }
+
+    /// Hands the keys to `f`, `batch` at a time, in the order they came.
+    fn each<E: From<SpillError>>(
+        mut self,
+        batch: usize,
+        mut f: impl FnMut(&[Vec<String>]) -> Result<(), E>,
+    ) -> Result<(), E> {
+        use std::io::{BufRead, Write};
+        if let Some(mut out) = self.out.take() {
+            out.flush().map_err(SpillError)?;
+        }
+        let file = std::fs::File::open(&self.path).map_err(SpillError)?;
+        let mut keys = Vec::with_capacity(batch);
+        for line in std::io::BufReader::new(file).lines() {
+            let line = line.map_err(SpillError)?;
+            keys.push(serde_json::from_str(&line).map_err(|e| SpillError(e.into()))?);
+            if keys.len() == batch {
+                f(&keys)?;
+                keys.clear();
+            }
+        }
+        if !keys.is_empty() {
+            f(&keys)?;
+        }
+        Ok(())
+    }
+}
+
+/// Keys from the `ids` SQL, as text, spilled as they come; the SQL runs
+/// under the application's search path, as its author wrote it.
+fn ids<E: From<PgError> + From<SpillError>>(
+    db: &mut Db,
+    spec: &Spec,
+    spill: &mut Spill,
+) -> Result<(), E> {
     let Some((_, sql)) = &spec.ids else {
-        return Ok(Vec::new());
+        return Ok(());
     };
-    let n = spec.key.len();
     let wrapped = format!(
         "SELECT DISTINCT {} FROM ({sql}) AS c",
         spec.key
@@ -777,14 +963,40 @@ fn ids(db: &mut Db, spec: &Spec) -> Result<Vec<Vec<String>>, PgError> {
             .collect::<Vec<_>>()
             .join(", ")
     );
-    Ok(db
-        .query("run the repair's ids query", &wrapped, &[])?
-        .iter()
-        .filter_map(|r| (0..n).map(|i| r.get::<_, Option<String>>(i)).collect())
-        .collect())
+    keys_into(
+        db,
+        "run the repair's ids query",
+        &wrapped,
+        spec.key.len(),
+        spill,
+    )
 }
 
-fn by_keys<E: From<PgError>>(
+/// Streams the keys `sql` returns (its `n` columns, as text) into
+/// `spill`, under the application's search path (`sql` holds the
+/// playbook's SQL); a key with a NULL is left out.
+fn keys_into<E: From<PgError> + From<SpillError>>(
+    db: &mut Db,
+    context: &str,
+    sql: &str,
+    n: usize,
+    spill: &mut Spill,
+) -> Result<(), E> {
+    db.as_application(|db| {
+        db.stream_rows(context, sql, &[], FETCH_BATCH, |rows| {
+            for r in rows {
+                let key: Option<Vec<String>> =
+                    (0..n).map(|i| r.get::<_, Option<String>>(i)).collect();
+                if let Some(k) = key {
+                    spill.push(&k)?;
+                }
+            }
+            Ok::<_, E>(())
+        })
+    })
+}
+
+fn by_keys<E: From<PgError> + From<SpillError>>(
     spec: &Spec,
     src: &mut Db,
     tgt: &mut Db,
@@ -798,60 +1010,67 @@ fn by_keys<E: From<PgError>>(
         mode: "keys".into(),
         ..Stats::default()
     };
-    let mut compare = |keys: &[Vec<String>], src: &mut Db, tgt: &mut Db, stats: &mut Stats| {
-        let cond = spec.keys_in(keys);
-        let (found, s_rows, t_rows) = compare(spec, src, tgt, &cond, changed_set, stats)?;
-        stats.source_rows += s_rows;
-        stats.target_rows += t_rows;
-        sink(found)?;
-        Ok::<_, E>(())
-    };
+    // The keys in scope first, spilled: from the `ids` SQL, or the
+    // source's rows the `where` selects.
+    let mut spill = Spill::new()?;
     if spec.ids.is_some() {
-        let keys = match ids_db {
-            Some(db) => ids(db, spec)?,
-            None => ids(tgt, spec)?,
-        };
-        progress.stage("compare rows by key", Some(keys.len() as u64));
-        for (i, chunk) in keys.chunks(KEY_BATCH).enumerate() {
-            progress.advance((i * KEY_BATCH) as u64, "keys");
-            compare(chunk, src, tgt, &mut stats)?;
+        match ids_db {
+            Some(db) => ids::<E>(db, spec, &mut spill)?,
+            None => ids::<E>(tgt, spec, &mut spill)?,
         }
     } else {
-        // The source's rows in scope, a batch of keys at a time; the
-        // target's rows with those keys.
         let filter = spec.filter.clone().unwrap_or_else(|| "true".into());
         let sql = format!(
             "SELECT {} FROM {} AS t WHERE ({filter})",
             spec.key_text(),
-            spec.table_sql()
+            spec.table_sql(true)
         );
-        let mut keys: Vec<Vec<String>> = Vec::new();
-        src.stream_rows(
-            "list the source's rows in scope",
-            &sql,
-            &[],
-            FETCH_BATCH,
-            |rows| {
-                for r in rows {
-                    if let Some(k) = (0..n).map(|i| r.get::<_, Option<String>>(i)).collect() {
-                        keys.push(k);
-                    }
-                }
-                Ok::<_, PgError>(())
-            },
-        )?;
-        progress.stage("compare rows by key", Some(keys.len() as u64));
-        for (i, chunk) in keys.chunks(KEY_BATCH).enumerate() {
-            progress.advance((i * KEY_BATCH) as u64, "keys");
-            compare(chunk, src, tgt, &mut stats)?;
-        }
+        keys_into::<E>(src, "list the source's rows in scope", &sql, n, &mut spill)?;
     }
+    progress.stage("compare rows by key", Some(spill.count));
+    let mut done = 0u64;
+    spill.each(KEY_BATCH, |chunk| {
+        progress.advance(done, "keys");
+        done += chunk.len() as u64;
+        let cond = spec.keys_in(chunk);
+        let (found, s_rows, t_rows) = compare(spec, src, tgt, &cond, changed_set, &mut stats)?;
+        stats.source_rows += s_rows;
+        stats.target_rows += t_rows;
+        sink(found)?;
+        Ok::<_, E>(())
+    })?;
     Ok(stats)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn differing_segments_are_fetched_a_bounded_number_of_rows_at_a_time() {
+        // Key ranges: neighbours merge, a group stops at GROUP_ROWS, and a
+        // segment holding more than that is split.
+        let segs = [(0, 30_000), (1, 30_000), (3, 10), (5, 120_000)];
+        let f = fetches(&segs, Some((1, 100)));
+        let ranges: Vec<Vec<(i128, i128)>> = f
+            .iter()
+            .map(|f| match f {
+                Fetch::Ranges(r) => r.clone(),
+                Fetch::Buckets(_) => panic!("ranges expected"),
+            })
+            .collect();
+        assert_eq!(ranges[0], [(1, 101)]);
+        assert_eq!(ranges[1], [(101, 201), (301, 401)]);
+        // 120,000 rows in [501, 601): three pieces.
+        assert_eq!(
+            &ranges[2..],
+            [[(501, 534)], [(534, 567)], [(567, 600)], [(600, 601)]]
+        );
+        // Buckets: at most GROUP_ROWS rows, unless one bucket alone is more.
+        let segs: Vec<(i64, i64)> = (0..10).map(|s| (s, 20_000)).collect();
+        let f = fetches(&segs, None);
+        assert_eq!(f.len(), 5);
+    }
 
     #[test]
     fn keys_order_numerically_then_bytewise_whatever_the_collation() {
@@ -905,6 +1124,8 @@ mod tests {
             ids: None,
             changed_after_t: None,
             t_ms: None,
+            source_sql: String::new(),
+            target_sql: String::new(),
         };
         assert_eq!(
             spec.keys_in(&[vec!["a'b".into(), "7".into()]]),

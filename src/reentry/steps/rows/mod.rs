@@ -9,12 +9,17 @@
 //!
 //! `rows-stage:<table>` diffs the table (`diff`), and stages every
 //! differing row, with its class and the hash of the target row as the
-//! diff saw it, in `reentry_repair."<table>"` on the target.
+//! diff saw it, in its staging table `reentry_repair."<table>_<hash>"` on
+//! the target.
 //! `rows-apply:<table>` writes them in batches, one transaction each, only
 //! where the target row still has that hash; `rows-delete:<table>` removes
-//! delete candidates when the playbook allows it, children first.
+//! delete candidates when the playbook allows it, children first. With
+//! `triggers = "disable"` (which disables foreign-key checks too),
+//! `rows-foreign-keys:<table>` then counts the rows left without a
+//! parent, and fails if there are any.
 
 pub mod diff;
+mod foreign_keys;
 mod repair;
 
 use serde::{Deserialize, Serialize};
@@ -26,7 +31,8 @@ use crate::reentry::playbook::{section, Meaning, Playbook, Seg, WayBack, WAY_BAC
 use crate::reentry::schema::{opt, req, Field, Kind};
 use crate::reentry::steps::Phase;
 
-pub use repair::{record_changed, run_diff, Apply, Changed, Stage, CHANGED_FILE};
+pub use foreign_keys::ForeignKeys;
+pub use repair::{record_changed, run_diff, staging, Apply, Changed, Stage, CHANGED_FILE, SCHEMA};
 
 pub const ON_CONFLICT: &[&str] = &["review", "source-wins", "target-wins"];
 pub const TRIGGERS: &[&str] = &["keep", "disable"];
@@ -130,6 +136,25 @@ fn plan(p: &Playbook, ctx: &PlanCtx) -> Vec<PlannedStep> {
                 r.table
             ),
             super::Action::RowsDelete(Apply::new(r, target, true, p.playbook.way_back)),
+        ));
+    }
+    // Replica mode skips foreign-key checks: what they would have
+    // refused is counted once every table is written.
+    for r in rs
+        .iter()
+        .filter(|r| r.triggers.as_deref() == Some("disable"))
+    {
+        out.push(step(
+            format!("rows-foreign-keys:{}", r.table),
+            Phase::Validate,
+            format!(
+                "check the foreign keys of `{}` on {target} (repaired with triggers, and so foreign-key checks, disabled)",
+                r.table
+            ),
+            super::Action::RowsForeignKeys(ForeignKeys {
+                table: r.table.clone(),
+                database: target.into(),
+            }),
         ));
     }
     out
@@ -459,7 +484,7 @@ impl Entities {
             let sql = format!(
                 "SELECT ARRAY[{}] FROM {} WHERE {} > to_timestamp($1::float8 / 1000)",
                 cols.join(", "),
-                crate::reentry::check::quote_qualified(&self.table),
+                db.table(&self.table).on(current)?,
                 diff::quote_ident(col)
             );
             let rows = db

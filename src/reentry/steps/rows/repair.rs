@@ -1,10 +1,15 @@
 //! Staging and applying a table's repair.
 //!
 //! The stage is one transaction on the target: the schema
-//! `reentry_repair`, a table per repaired table holding the source's
-//! columns and `_run_id`, `_class`, `_would`, `_target_hash`, `_status`,
-//! `_note`, then the rows, copied with binary `COPY` from the source. A
-//! killed stage rolls back and is made again on resume.
+//! `reentry_repair` (reentry's own, see `owned`), a table per repaired
+//! table holding the source's columns and its own bookkeeping,
+//! `reentry$run_id`, `reentry$class`, `reentry$would`,
+//! `reentry$target_hash`, `reentry$status`, `reentry$note` (a `$` no
+//! application column name starts that way with, and one a source
+//! column may not take), then the rows, streamed with binary `COPY` from
+//! the source. The source's columns are recorded in
+//! `reentry_repair.stage`: the apply writes exactly those. A killed stage
+//! rolls back and is made again on resume.
 //!
 //! The apply walks the staged rows in key order, a batch per transaction:
 //! it writes a row only where the target row still has the hash the diff
@@ -19,8 +24,7 @@ use serde::{Deserialize, Serialize};
 
 use super::diff::{self, quote_ident, Class, Column, Spec};
 use super::{direction, repairs, Repair, TableDiff};
-use crate::pg::conn::{Db, PgError};
-use crate::reentry::check::quote_qualified;
+use crate::pg::conn::{CopyFailed, Db, PgError};
 use crate::reentry::playbook::{Playbook, Seg, WayBack};
 use crate::reentry::steps::{
     pause_point, Effect, Env, Evidence, Nature, OnDatabase, Recorder, Step, StepError,
@@ -28,12 +32,32 @@ use crate::reentry::steps::{
 
 pub const SCHEMA: &str = "reentry_repair";
 
-/// The staging table of `table` on the target.
+/// How the staging table's own columns start.
+pub const BOOKKEEPING: &str = "reentry$";
+
+/// The staging table of `table` on the target: a readable prefix of the
+/// name as the playbook writes it, and a hash of all of it, within the 63
+/// bytes PostgreSQL keeps of a name. (It cuts a longer one short, and two
+/// long names alike in their first 63 bytes would share a table.)
 pub fn staging(table: &str) -> String {
-    format!("{SCHEMA}.{}", quote_ident(table))
+    format!("{SCHEMA}.{}", quote_ident(&staging_name(table)))
+}
+
+fn staging_name(table: &str) -> String {
+    let hash = crate::reentry::plan::sha256_hex(table.as_bytes());
+    let mut prefix = String::new();
+    for c in table.chars() {
+        if prefix.len() + c.len_utf8() > 50 {
+            break;
+        }
+        prefix.push(c);
+    }
+    format!("{prefix}_{}", &hash[..12])
 }
 
 const AUDIT: &str = "reentry_repair.repair_audit_log";
+/// Each stage's table and the source columns it staged, by run.
+const STAGES: &str = "reentry_repair.stage";
 
 /// Settings under which the target prints values as the diff did, for the
 /// guard hash.
@@ -81,6 +105,14 @@ pub fn resolve(
             r.table
         ))
     })?;
+    // The staging table's own columns are named `reentry$…`: a source
+    // column of that name would be one of them.
+    if let Some(c) = s.columns.iter().find(|c| c.name.starts_with(BOOKKEEPING)) {
+        return Err(StepError::Config(format!(
+            "[[repair]] `{}`: column `{}` on databases.{sname} starts with `{BOOKKEEPING}`, which reentry keeps for its staging table's own columns: rename it to repair this table",
+            r.table, c.name
+        )));
+    }
     let key_names: Vec<String> = match &r.key {
         Some(k) => k.clone(),
         None if !t.primary_key.is_empty() => t.primary_key.clone(),
@@ -176,6 +208,8 @@ pub fn resolve(
         }),
         changed_after_t: r.changed_after_t.clone(),
         t_ms,
+        source_sql: s.sql,
+        target_sql: t.sql,
     })
 }
 
@@ -264,10 +298,13 @@ impl Stage {
     fn prepare(&self, db: &mut Db, spec: &Spec, run_id: &str) -> Result<(), StepError> {
         let target = self.target.as_str();
         let st = staging(&spec.table);
+        db.batch("set a lock timeout", "SET LOCAL lock_timeout = '10s'")
+            .on(target)?;
+        crate::reentry::owned::ensure(db, target, SCHEMA)?;
         let mut ddl = format!(
-            "SET LOCAL lock_timeout = '10s'; {}
-             CREATE TABLE IF NOT EXISTS {st} (_run_id text, _class text, _would text, _target_hash text,
-                 _status text, _note text, _staged_at timestamptz DEFAULT now());",
+            "{}
+             CREATE TABLE IF NOT EXISTS {st} (\"reentry$run_id\" text, \"reentry$class\" text, \"reentry$would\" text, \"reentry$target_hash\" text,
+                 \"reentry$status\" text, \"reentry$note\" text, \"reentry$staged_at\" timestamptz DEFAULT now());",
             include_str!("../../../../sql/reentry_repair.sql")
         );
         for c in &spec.source_columns {
@@ -283,8 +320,26 @@ impl Stage {
         // committed is not run again. Rows of this run are made afresh.
         db.execute(
             "clear this run's staged rows",
-            &format!("DELETE FROM {st} WHERE _run_id = $1 OR _run_id IS NULL"),
+            &format!(
+                "DELETE FROM {st} WHERE \"reentry$run_id\" = $1 OR \"reentry$run_id\" IS NULL"
+            ),
             &[&run_id],
+        )
+        .on(target)?;
+        // What the apply writes: the source's columns, as staged now.
+        let columns: Vec<&str> = spec
+            .source_columns
+            .iter()
+            .map(|c| c.name.as_str())
+            .collect();
+        db.execute(
+            "record the staged columns",
+            &format!(
+                "INSERT INTO {STAGES} (run_id, table_name, staging_table, columns) VALUES ($1, $2, $3, $4)
+                 ON CONFLICT (run_id, table_name) DO UPDATE
+                   SET staging_table = EXCLUDED.staging_table, columns = EXCLUDED.columns, staged_at = now()"
+            ),
+            &[&run_id, &spec.table, &st, &columns],
         )
         .on(target)?;
         Ok(())
@@ -319,26 +374,33 @@ impl Stage {
             rows.iter().filter(|f| f.would != Class::Delete).collect();
         for chunk in with_source.chunks(2000) {
             let keys: Vec<Vec<String>> = chunk.iter().map(|f| f.key.clone()).collect();
-            let data = src
-                .copy_out(
-                    "copy the source's rows",
-                    &format!(
-                        "COPY (SELECT {} FROM {} AS t WHERE {}) TO STDOUT (FORMAT binary)",
-                        cols.iter()
-                            .map(|c| format!("t.{c}"))
-                            .collect::<Vec<_>>()
-                            .join(", "),
-                        quote_qualified(&spec.table),
-                        spec.keys_in(&keys)
-                    ),
-                )
-                .on(&self.source)?;
-            db.copy_in(
+            // Streamed, a row at a time: rows of megabytes each stay out
+            // of memory.
+            src.copy_into(
+                "copy the source's rows",
+                &format!(
+                    "COPY (SELECT {} FROM {} AS t WHERE {}) TO STDOUT (FORMAT binary)",
+                    cols.iter()
+                        .map(|c| format!("t.{c}"))
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                    spec.table_sql(true),
+                    spec.keys_in(&keys)
+                ),
+                db,
                 "stage the source's rows",
                 &format!("COPY {st} ({}) FROM STDIN (FORMAT binary)", cols.join(", ")),
-                data,
             )
-            .on(target)?;
+            .map_err(|e| match e {
+                CopyFailed::Read(e) => StepError::Db {
+                    database: self.source.clone(),
+                    source: e,
+                },
+                CopyFailed::Write(e) => StepError::Db {
+                    database: target.to_owned(),
+                    source: e,
+                },
+            })?;
             staged += tag(
                 db,
                 &st,
@@ -426,9 +488,9 @@ fn tag(
     db.execute(
         "tag the staged rows",
         &format!(
-            "UPDATE {st} AS s SET _run_id = $1, _class = v.c, _would = v.w, _target_hash = v.h, _status = 'staged'
+            "UPDATE {st} AS s SET \"reentry$run_id\" = $1, \"reentry$class\" = v.c, \"reentry$would\" = v.w, \"reentry$target_hash\" = v.h, \"reentry$status\" = 'staged'
                FROM unnest($2::text[], $3::text[], $4::text[]{key_arrays}) AS v(c, w, h{key_names})
-              WHERE s._run_id IS NULL AND {key_match}"
+              WHERE s.\"reentry$run_id\" IS NULL AND {key_match}"
         ),
         &params,
     )
@@ -716,10 +778,10 @@ impl Apply {
         } else {
             "insert', 'update"
         };
-        let mut c = format!("(s._class IN ('{want}')");
+        let mut c = format!("(s.\"reentry$class\" IN ('{want}')");
         if self.source_wins() {
             c.push_str(&format!(
-                " OR (s._class = 'conflict' AND s._would IN ('{want}'))"
+                " OR (s.\"reentry$class\" = 'conflict' AND s.\"reentry$would\" IN ('{want}'))"
             ));
         }
         c.push(')');
@@ -846,7 +908,6 @@ impl Step for Apply {
         let run_id = env.run_id.clone();
         let target = self.target.clone();
         let st = staging(&self.table);
-        let table = quote_qualified(&self.table);
         let db = env.db(&target)?;
         let described = diff::describe(db, &self.table)
             .on(&target)?
@@ -856,18 +917,37 @@ impl Step for Apply {
                     self.table
                 ))
             })?;
-        let staged_cols: Vec<String> = db
-            .query(
-                "read the staging table's columns",
-                "SELECT a.attname::text FROM pg_attribute a
-                  WHERE a.attrelid = to_regclass($1::text) AND a.attnum > 0 AND NOT a.attisdropped
-                    AND a.attname NOT LIKE '\\_%' ORDER BY a.attnum",
-                &[&st],
+        let table = described.sql.clone();
+        // The batches write to the staging table and the audit log: only
+        // while they are still reentry's own.
+        if let Some(why) = crate::reentry::owned::foreign(db, SCHEMA).on(&target)? {
+            return Err(StepError::Refused(crate::reentry::owned::refusal(
+                &target, SCHEMA, &why,
+            )));
+        }
+        // The source's columns as the stage recorded them, whatever else
+        // the staging table holds (columns of an earlier run's source).
+        let recorded = db
+            .query_one(
+                "look for the stages",
+                "SELECT to_regclass($1::text) IS NOT NULL",
+                &[&STAGES],
             )
             .on(&target)?
-            .iter()
-            .map(|r| r.get(0))
-            .collect();
+            .get::<_, bool>(0);
+        let staged_cols: Vec<String> = match recorded {
+            true => db
+                .query(
+                    "read the staged columns",
+                    &format!("SELECT columns FROM {STAGES} WHERE run_id = $1 AND table_name = $2"),
+                    &[&run_id, &self.table],
+                )
+                .on(&target)?
+                .first()
+                .map(|r| r.get(0))
+                .unwrap_or_default(),
+            false => Vec::new(),
+        };
         if staged_cols.is_empty() {
             return Err(StepError::State(format!(
                 "nothing is staged for `{}` on {target}: its rows-stage step has not run",
@@ -990,8 +1070,8 @@ impl Step for Apply {
         db.execute(
             "mark the conflicts the playbook leaves alone",
             &format!(
-                "UPDATE {st} AS s SET _status = $2 WHERE s._run_id = $1 AND s._status = 'staged'
-                   AND s._class = 'conflict' AND s._would IN ('{want}') AND $2 <> 'staged'"
+                "UPDATE {st} AS s SET \"reentry$status\" = $2 WHERE s.\"reentry$run_id\" = $1 AND s.\"reentry$status\" = 'staged'
+                   AND s.\"reentry$class\" = 'conflict' AND s.\"reentry$would\" IN ('{want}') AND $2 <> 'staged'"
             ),
             &[&run_id, &conflict_status],
         )
@@ -1011,7 +1091,7 @@ impl Step for Apply {
                 .query(
                     "read the next batch of staged rows",
                     &format!(
-                        "SELECT {s_key_text} FROM {st} AS s WHERE s._run_id = $1 AND s._status = 'staged' AND {mine}
+                        "SELECT {s_key_text} FROM {st} AS s WHERE s.\"reentry$run_id\" = $1 AND s.\"reentry$status\" = 'staged' AND {mine}
                           ORDER BY {order} LIMIT {}",
                         self.batch_size
                     ),
@@ -1046,14 +1126,14 @@ impl Step for Apply {
                     .collect::<Vec<_>>()
                     .join(" || chr(31) || ");
                 let staged_rows = format!(
-                    "s._run_id = $1 AND s._status = 'staged' AND {mine} AND {in_batch}"
+                    "s.\"reentry$run_id\" = $1 AND s.\"reentry$status\" = 'staged' AND {mine} AND {in_batch}"
                 );
                 if self.deletes {
                     let rows = db.query(
                         "delete candidates",
                         &format!(
                             "DELETE FROM {table} AS t USING {st} AS s
-                              WHERE {staged_rows} AND {t_key_eq} AND md5(ROW(t.*)::text) = s._target_hash
+                              WHERE {staged_rows} AND {t_key_eq} AND md5(ROW(t.*)::text) = s.\"reentry$target_hash\"
                              RETURNING {returning}"
                         ),
                         &params,
@@ -1069,8 +1149,8 @@ impl Step for Apply {
                             "update rows",
                             &format!(
                                 "UPDATE {table} AS t SET {} FROM {st} AS s
-                                  WHERE {staged_rows} AND s._would = 'update' AND {t_key_eq}
-                                    AND md5(ROW(t.*)::text) = s._target_hash
+                                  WHERE {staged_rows} AND s.\"reentry$would\" = 'update' AND {t_key_eq}
+                                    AND md5(ROW(t.*)::text) = s.\"reentry$target_hash\"
                                     AND ROW({t_cmp})::text IS DISTINCT FROM ROW({s_cmp})::text
                                  RETURNING {returning}",
                                 set.join(", ")
@@ -1083,7 +1163,7 @@ impl Step for Apply {
                         "insert rows",
                         &format!(
                             "INSERT INTO {table} AS t ({}) SELECT {} FROM {st} AS s
-                              WHERE {staged_rows} AND s._would = 'insert'
+                              WHERE {staged_rows} AND s.\"reentry$would\" = 'insert'
                                 AND NOT EXISTS (SELECT FROM {table} AS t WHERE {t_key_eq})
                              RETURNING {returning}",
                             ins_cols.join(", "),
@@ -1104,7 +1184,7 @@ impl Step for Apply {
                 db.execute(
                     "mark applied rows",
                     &format!(
-                        "UPDATE {st} AS s SET _status = 'applied'
+                        "UPDATE {st} AS s SET \"reentry$status\" = 'applied'
                           WHERE {staged_rows} AND ({s_joined}) = ANY(${}::text[])",
                         n + 2
                     ),
@@ -1116,10 +1196,10 @@ impl Step for Apply {
                 let conflicts = db.execute(
                     "mark rows changed since the diff",
                     &format!(
-                        "UPDATE {st} AS s SET _status = 'conflict', _note = 'changed on the target since the diff'
-                          WHERE {staged_rows} AND CASE WHEN s._would = 'insert'
+                        "UPDATE {st} AS s SET \"reentry$status\" = 'conflict', \"reentry$note\" = 'changed on the target since the diff'
+                          WHERE {staged_rows} AND CASE WHEN s.\"reentry$would\" = 'insert'
                                 THEN EXISTS (SELECT FROM {table} AS t WHERE {t_key_eq})
-                                ELSE NOT EXISTS (SELECT FROM {table} AS t WHERE {t_key_eq} AND md5(ROW(t.*)::text) = s._target_hash) END"
+                                ELSE NOT EXISTS (SELECT FROM {table} AS t WHERE {t_key_eq} AND md5(ROW(t.*)::text) = s.\"reentry$target_hash\") END"
                     ),
                     &params,
                 )?;
@@ -1128,7 +1208,7 @@ impl Step for Apply {
                 db.execute(
                     "mark rows with nothing to write",
                     &format!(
-                        "UPDATE {st} AS s SET _status = 'not-applied', _note = ${}
+                        "UPDATE {st} AS s SET \"reentry$status\" = 'not-applied', \"reentry$note\" = ${}
                           WHERE {staged_rows}",
                         n + 2
                     ),
@@ -1167,8 +1247,8 @@ impl Step for Apply {
             .query(
                 "count the staged rows by status",
                 &format!(
-                    "SELECT s._status, count(*) FROM {st} AS s WHERE s._run_id = $1
-                       AND (s._class IN ('{want}') OR (s._class = 'conflict' AND s._would IN ('{want}')))
+                    "SELECT s.\"reentry$status\", count(*) FROM {st} AS s WHERE s.\"reentry$run_id\" = $1
+                       AND (s.\"reentry$class\" IN ('{want}') OR (s.\"reentry$class\" = 'conflict' AND s.\"reentry$would\" IN ('{want}')))
                      GROUP BY 1 ORDER BY 1"
                 ),
                 &[&run_id],
@@ -1261,15 +1341,15 @@ pub fn online(
     let mut out = Vec::new();
     for (i, child) in rs.iter().enumerate() {
         for parent in rs.iter().skip(i + 1) {
-            let refs = db.query_one(
-                "look up foreign keys",
-                "SELECT EXISTS (SELECT FROM pg_constraint WHERE contype = 'f'
-                    AND conrelid = to_regclass($1::text) AND confrelid = to_regclass($2::text))",
-                &[
-                    &quote_qualified(&child.table),
-                    &quote_qualified(&parent.table),
-                ],
-            );
+            let refs = db.table(&child.table).and_then(|c| {
+                let p = db.table(&parent.table)?;
+                db.query_one(
+                    "look up foreign keys",
+                    "SELECT EXISTS (SELECT FROM pg_constraint WHERE contype = 'f'
+                        AND conrelid = to_regclass($1::text) AND confrelid = to_regclass($2::text))",
+                    &[&c, &p],
+                )
+            });
             if let Ok(r) = refs {
                 if r.get::<_, bool>(0) {
                     out.push(p.at(
@@ -1284,4 +1364,35 @@ pub fn online(
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The identifier as PostgreSQL keeps it: at most 63 bytes.
+    fn kept(qualified: &str) -> String {
+        let ident = qualified
+            .strip_prefix(&format!("{SCHEMA}."))
+            .unwrap()
+            .trim_matches('"')
+            .replace("\"\"", "\"");
+        assert!(ident.len() <= 63, "{ident} is {} bytes", ident.len());
+        ident
+    }
+
+    #[test]
+    fn long_table_names_alike_for_60_bytes_get_staging_tables_of_their_own() {
+        let common = "a".repeat(60);
+        let (a, b) = (format!("{common}_orders"), format!("{common}_refunds"));
+        let (sa, sb) = (kept(&staging(&a)), kept(&staging(&b)));
+        assert_ne!(sa, sb);
+        // Readable: the name's start is there.
+        assert!(sa.starts_with(&"a".repeat(50)), "{sa}");
+        // Multi-byte names are cut on a character boundary.
+        let accents = "é".repeat(40);
+        assert!(kept(&staging(&accents)).starts_with(&"é".repeat(25)));
+        assert_eq!(staging("cases"), staging("cases"));
+        assert_ne!(staging("cases"), staging("public.cases"));
+    }
 }
