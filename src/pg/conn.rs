@@ -179,6 +179,31 @@ pub fn config(conninfo: Option<&str>) -> Result<(Config, Tls), PgError> {
     Ok((c, tls))
 }
 
+/// Whether `sql` is a query by its first word (after comments and
+/// opening parentheses): SELECT, VALUES, TABLE or WITH. Statements that
+/// a READ ONLY transaction still lets act (`COPY … TO PROGRAM`, `CALL`,
+/// `DO`, `SET`, `LOAD`) start otherwise; a WITH that writes is stopped by
+/// the transaction. Checked before the server parses anything.
+pub fn is_query(sql: &str) -> bool {
+    let mut rest = sql;
+    loop {
+        rest = rest.trim_start_matches(|c: char| c.is_whitespace() || c == '(');
+        if let Some(r) = rest.strip_prefix("--") {
+            rest = r.split_once('\n').map_or("", |(_, after)| after);
+        } else if let Some(r) = rest.strip_prefix("/*") {
+            rest = r.split_once("*/").map_or("", |(_, after)| after);
+        } else {
+            break;
+        }
+    }
+    let word: String = rest
+        .chars()
+        .take_while(|c| c.is_ascii_alphabetic())
+        .collect::<String>()
+        .to_ascii_lowercase();
+    matches!(word.as_str(), "select" | "values" | "table" | "with")
+}
+
 /// The password libpq's password file gives this connection, so that
 /// none need be on a command line: `PGPASSFILE`, else `~/.pgpass`; lines
 /// `host:port:database:user:password`, `*` for any, `\` escaping `:`
@@ -696,22 +721,20 @@ impl Db {
             .map_err(|e| self.error(context, &e))
     }
 
-    /// Parses and plans `sql` on the server without running it.
-    /// Parses `sql` as one query that returns rows, without running it.
+    /// Parses `sql` as one query (see `is_query`), without running it.
     pub fn prepare_query(&mut self, context: &str, sql: &str) -> Result<(), PgError> {
-        let stmt = self.rt.block_on(self.client.prepare(sql));
-        let stmt = stmt.map_err(|e| self.error(context, &e))?;
-        if stmt.columns().is_empty() {
+        if !is_query(sql) {
             return Err(self.not_a_query(context));
         }
-        Ok(())
+        let stmt = self.rt.block_on(self.client.prepare(sql));
+        stmt.map(|_| ()).map_err(|e| self.error(context, &e))
     }
 
     fn not_a_query(&self, context: &str) -> PgError {
         PgError::Query {
             target: self.target.clone(),
             context: context.to_owned(),
-            detail: "not a query: playbook SQL is one statement that returns rows (SELECT, VALUES, TABLE or WITH … SELECT)".into(),
+            detail: "not a query: playbook SQL is one statement that starts SELECT, VALUES, TABLE or WITH".into(),
             code: None,
         }
     }
@@ -867,18 +890,17 @@ impl Db {
     ///
     /// The statement is parsed first through the extended protocol, which
     /// takes exactly one: several (`…; COMMIT; BEGIN READ WRITE; …`) could
-    /// end the transaction the caller runs it in. It must describe rows: a
-    /// statement that returns none (`COPY … TO PROGRAM`, `CALL`, `DO`,
-    /// `SET`, DDL) is refused unrun, since a read-only transaction does
-    /// not stop all of them. Only then is the same text run through the
-    /// simple protocol, whose rows come as text whatever their types: one
-    /// query, printed as psql would.
+    /// end the transaction the caller runs it in. It must be a query (see
+    /// `is_query`): a statement such as `COPY … TO PROGRAM` acts even in a
+    /// read-only transaction, and is refused unrun. Only then is the same
+    /// text run through the simple protocol, whose rows come as text
+    /// whatever their types: one query, printed as psql would.
     pub fn text_rows(&mut self, context: &str, sql: &str) -> Result<Vec<String>, PgError> {
-        let stmt = self.rt.block_on(self.client.prepare(sql));
-        let stmt = stmt.map_err(|e| self.error(context, &e))?;
-        if stmt.columns().is_empty() {
+        if !is_query(sql) {
             return Err(self.not_a_query(context));
         }
+        let stmt = self.rt.block_on(self.client.prepare(sql));
+        stmt.map_err(|e| self.error(context, &e))?;
         let messages = self.rt.block_on(self.client.simple_query(sql));
         let messages = messages.map_err(|e| self.error(context, &e))?;
         Ok(messages
@@ -932,6 +954,30 @@ fn unpinned_function(db: &tokio_postgres::error::DbError) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_query_is_known_by_its_first_word() {
+        for q in [
+            "SELECT 1",
+            "select from t where x",
+            "  (SELECT 1) UNION (SELECT 2)",
+            "-- why\n/* what */ WITH a AS (SELECT 1) SELECT * FROM a",
+            "VALUES (1)",
+            "TABLE t",
+        ] {
+            assert!(is_query(q), "{q}");
+        }
+        for q in [
+            "COPY (SELECT 1) TO PROGRAM 'id'",
+            "/* SELECT */ CALL p()",
+            "DO $$ BEGIN END $$",
+            "SET ROLE x",
+            "selection",
+            "",
+        ] {
+            assert!(!is_query(q), "{q}");
+        }
+    }
 
     #[test]
     fn a_password_file_is_read_as_libpq_reads_it() {
