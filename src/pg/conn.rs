@@ -899,6 +899,12 @@ impl Db {
         if !is_query(sql) {
             return Err(self.not_a_query(context));
         }
+        self.own_text_rows(context, sql)
+    }
+
+    /// `text_rows` for reentry's own statements (`EXPLAIN`), which are no
+    /// query by their first word: one statement, unchecked.
+    pub fn own_text_rows(&mut self, context: &str, sql: &str) -> Result<Vec<String>, PgError> {
         let stmt = self.rt.block_on(self.client.prepare(sql));
         stmt.map_err(|e| self.error(context, &e))?;
         let messages = self.rt.block_on(self.client.simple_query(sql));

@@ -637,7 +637,7 @@ fn estimate_rows(db: &mut Db, table: &str) -> Result<i64, PgError> {
     if let Some(n) = r.get::<_, Option<f64>>(0).filter(|n| *n > 0.0) {
         return Ok(n as i64);
     }
-    let plan = db.text_rows(
+    let plan = db.own_text_rows(
         "estimate the table's rows",
         &format!("EXPLAIN (FORMAT JSON) SELECT FROM {table}"),
     )?;
