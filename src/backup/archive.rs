@@ -21,7 +21,7 @@ use crate::crypt::{CryptError, Keys};
 use crate::exit::Exit;
 use crate::fsutil::{self, TempGuard};
 use crate::pg::cluster::{self, DataDirIdentity};
-use crate::pg::wal::{BadWalName, LongPageHeader, WalFileName};
+use crate::pg::wal::{BadWalName, LongPageHeader, SegmentName, WalFileName};
 use crate::storage::{Local, Put, Store, StoreError};
 
 /// Directory of the archive inside a repository.
@@ -270,6 +270,41 @@ pub struct Archive {
     keys: Keys,
     /// The repository's directory when it is a local one.
     local: Option<PathBuf>,
+}
+
+/// Why a segment's first bytes do not check out against its name and size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HeaderProblem {
+    /// No long page header: a zeroed, truncated or foreign file.
+    NotWal,
+    /// The file is not the segment size its header gives.
+    Size { expected: u64 },
+    /// The header's timeline and address are not those of the name.
+    Name { timeline: u32, page_addr: u64 },
+}
+
+/// The long page header of segment `seg`, given the file's first bytes
+/// (`first`) and its size (`actual`), when it is one of PostgreSQL's and
+/// agrees with the name and the size. What `wal push` checks before it
+/// archives a segment; the fuzz target `wal` calls it.
+pub fn check_page_header(
+    seg: &SegmentName,
+    first: &[u8],
+    actual: u64,
+) -> Result<LongPageHeader, HeaderProblem> {
+    let h = LongPageHeader::parse(first).ok_or(HeaderProblem::NotWal)?;
+    if actual != u64::from(h.seg_size) {
+        return Err(HeaderProblem::Size {
+            expected: h.seg_size.into(),
+        });
+    }
+    if h.timeline != seg.timeline || h.page_addr != seg.segno(h.seg_size) * u64::from(h.seg_size) {
+        return Err(HeaderProblem::Name {
+            timeline: h.timeline,
+            page_addr: h.page_addr,
+        });
+    }
+    Ok(h)
 }
 
 /// The key of the archive info object.
@@ -559,28 +594,27 @@ impl Archive {
                 seg_size: None,
             });
         };
-        let h = LongPageHeader::parse(first).ok_or_else(|| ArchiveError::NotWal {
-            path: src.to_owned(),
-            name: name.to_string(),
-        })?;
         let actual = file.metadata().map_err(io_err("stat", src))?.len();
-        if actual != u64::from(h.seg_size) {
-            return Err(ArchiveError::SourceSize {
-                path: src.to_owned(),
-                actual,
-                expected: h.seg_size.into(),
-            });
-        }
-        if h.timeline != seg.timeline
-            || h.page_addr != seg.segno(h.seg_size) * u64::from(h.seg_size)
-        {
-            return Err(ArchiveError::NameMismatch {
+        let h = check_page_header(&seg, first, actual).map_err(|p| match p {
+            HeaderProblem::NotWal => ArchiveError::NotWal {
                 path: src.to_owned(),
                 name: name.to_string(),
-                timeline: h.timeline,
-                lsn: format!("{:X}/{:X}", h.page_addr >> 32, h.page_addr as u32),
-            });
-        }
+            },
+            HeaderProblem::Size { expected } => ArchiveError::SourceSize {
+                path: src.to_owned(),
+                actual,
+                expected,
+            },
+            HeaderProblem::Name {
+                timeline,
+                page_addr,
+            } => ArchiveError::NameMismatch {
+                path: src.to_owned(),
+                name: name.to_string(),
+                timeline,
+                lsn: format!("{:X}/{:X}", page_addr >> 32, page_addr as u32),
+            },
+        })?;
         // The page magic names the version where we know it; the data
         // directory, when we run inside one, names it for any version.
         let pg_major = match h.pg_major() {

@@ -2,8 +2,11 @@
 //! WAL starts and stops, and whether it was verified. The repository is the source of truth; the catalog table is a
 //! mirror.
 
+use std::time::SystemTime;
+
 use serde::{Deserialize, Serialize};
 
+use crate::backup::repo::CLOCK_SKEW;
 use crate::pg::lsn::Lsn;
 use crate::pg::wal::SegmentName;
 
@@ -119,6 +122,82 @@ impl BackupLabel {
             .flat_map(|r| r.segments(self.wal_segment_size))
             .collect()
     }
+}
+
+/// Why a label is not used.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LabelProblem {
+    /// The bytes are not a label: the JSON does not read as one.
+    Damaged(String),
+    /// A label, but not one to trust: the reason, for a person.
+    Untrusted(String),
+}
+
+/// The label stored under key `id` (its directory name under `backup/`),
+/// refused unless its `id` is that key, the key has the shape of a
+/// generated id whose letter is the label's kind, and its parent (if any)
+/// is a backup id. What `Repo::label` reads; the fuzz target `label`
+/// calls it.
+pub fn parse(id: &str, text: &[u8]) -> Result<BackupLabel, LabelProblem> {
+    let label: BackupLabel =
+        serde_json::from_slice(text).map_err(|e| LabelProblem::Damaged(e.to_string()))?;
+    let untrusted = |problem: String| Err(LabelProblem::Untrusted(problem));
+    if label.id != id {
+        return untrusted(format!("id {:?} does not match its key {id:?}", label.id));
+    }
+    if !is_backup_id(id) {
+        return untrusted(format!(
+            "its key {id:?} is not a backup id (ids look like 20261125-125301F)"
+        ));
+    }
+    let suffix = match label.kind {
+        BackupType::Full => 'F',
+        BackupType::Incremental => 'I',
+    };
+    if !id.ends_with(suffix) {
+        return untrusted(format!(
+            "it says {:?}, and its id {id} ends in the other kind's letter",
+            label.kind
+        ));
+    }
+    if let Some(p) = label.parent.as_deref().filter(|p| !is_backup_id(p)) {
+        return untrusted(format!(
+            "its parent {p:?} is not a backup id (ids look like 20261125-125301F)"
+        ));
+    }
+    Ok(label)
+}
+
+/// Whether `label` is of cluster `cluster` (the archive's, when it has
+/// one) and not dated later than `now` allows; why not, for a person.
+pub fn vet(label: &BackupLabel, cluster: Option<&str>, now: SystemTime) -> Result<(), String> {
+    if let Some(c) = cluster.filter(|c| *c != label.system_identifier) {
+        return Err(format!(
+            "it is of system identifier {}, the archive (archive.json) of {c}: \
+             a backup of another cluster",
+            label.system_identifier
+        ));
+    }
+    let latest = now + CLOCK_SKEW;
+    for (field, value) in [
+        ("start_time", Some(&label.start_time)),
+        ("stop_time", label.stop_time.as_ref()),
+    ] {
+        let Some(value) = value else { continue };
+        match humantime::parse_rfc3339(value) {
+            Err(_) => return Err(format!("its {field} {value:?} is not a time")),
+            Ok(t) if t > latest => {
+                return Err(format!(
+                    "its {field} {value} is in the future (now is {}; {} minutes of \
+                     clock skew are allowed)",
+                    humantime::format_rfc3339_seconds(now),
+                    CLOCK_SKEW.as_secs() / 60
+                ))
+            }
+            Ok(_) => {}
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -519,7 +519,14 @@ pub fn index(store: &dyn Store, id: &str) -> Result<Index, PackError> {
     let text = store.get(&key)?.ok_or_else(|| PackError::Missing {
         location: location.clone(),
     })?;
-    let index: Index = serde_json::from_slice(&text).map_err(|e| PackError::Corrupt {
+    parse_index(&location, &text)
+}
+
+/// An index read from `location`: its JSON and its format, not yet its
+/// layout (`Index::check_layout`). The fuzz target `packed_index` calls it.
+pub fn parse_index(location: &str, text: &[u8]) -> Result<Index, PackError> {
+    let location = location.to_owned();
+    let index: Index = serde_json::from_slice(text).map_err(|e| PackError::Corrupt {
         location: location.clone(),
         detail: e.to_string(),
     })?;
