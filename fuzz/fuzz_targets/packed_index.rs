@@ -50,7 +50,8 @@ fuzz_target!(|data: &[u8]| {
     let links: Vec<&str> = index
         .entries
         .iter()
-        .filter_map(|e| matches!(e, Entry::Link { .. }).then(|| e.path()))
+        .filter(|e| matches!(e, Entry::Link { .. }))
+        .map(Entry::path)
         .collect();
     for e in &index.entries {
         let path = e.path();

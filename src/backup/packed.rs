@@ -190,7 +190,8 @@ impl Index {
         let links: HashSet<&str> = self
             .entries
             .iter()
-            .filter_map(|e| matches!(e, Entry::Link { .. }).then(|| e.path()))
+            .filter(|e| matches!(e, Entry::Link { .. }))
+            .map(Entry::path)
             .collect();
         for e in &self.entries {
             let path = e.path();
