@@ -49,6 +49,9 @@ RELADIFF=reladiff[postgresql]==0.6.0
 # If-None-Match: * on PutObject and Object Lock.
 MOTO_VENV=$REENTRY_CACHE/moto-venv
 MOTO=moto[s3,server]==5.2.5
+# cargo-fuzz (crates.io) builds and runs the fuzz targets in fuzz/ (scripts/fuzz).
+CARGO_FUZZ_VERSION=0.13.2
+CARGO_FUZZ=$REENTRY_CACHE/cargo-fuzz-$CARGO_FUZZ_VERSION/bin/cargo-fuzz
 # Azurite, Microsoft's Azure Storage emulator (npm), for the Azure tests.
 AZURITE_DIR=$REENTRY_CACHE/azurite
 AZURITE=azurite@3.35.0

@@ -53,14 +53,15 @@ fn normalize(s: &str) -> String {
         out.push('Z');
     }
     // An offset of four digits with no colon: ±HHMM.
+    // Bytes, not a slice of the text: the last five may cut a character.
     let b = out.as_bytes();
-    if b.len() > 16 {
-        let tail = &out[out.len() - 5..];
-        let digits = tail[1..].bytes().all(|c| c.is_ascii_digit());
-        if (tail.starts_with('+') || tail.starts_with('-')) && digits {
-            let at = out.len() - 2;
-            out.insert(at, ':');
-        }
+    let offset = b.len() > 16 && {
+        let tail = &b[b.len() - 5..];
+        matches!(tail[0], b'+' | b'-') && tail[1..].iter().all(u8::is_ascii_digit)
+    };
+    if offset {
+        let at = out.len() - 2;
+        out.insert(at, ':');
     }
     out
 }
@@ -98,6 +99,21 @@ pub fn postgres(t: Timestamp) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_character_of_several_bytes_near_the_end_is_an_error_not_a_panic() {
+        // Seen writing the fuzz target `provider_csv` (a provider's times):
+        // the check for a `+HHMM` offset sliced the last five bytes,
+        // cutting a character in two.
+        for s in [
+            "2026-11-25T12:00:00\u{1F600}12",
+            "2026-11-25T12:00:00\u{e9}\u{e9}\u{e9}",
+            "2026-11-25 12:00:00\u{e9}\u{e9}\u{e9}",
+        ] {
+            assert!(parse(s).is_err(), "{s:?}");
+            assert!(parse_utc(s).is_err(), "{s:?}");
+        }
+    }
 
     fn utc(s: &str) -> String {
         utc_millis(parse(s).unwrap_or_else(|e| panic!("{s}: {e}")))

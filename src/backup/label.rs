@@ -2,13 +2,20 @@
 //! WAL starts and stops, and whether it was verified. The repository is the source of truth; the catalog table is a
 //! mirror.
 
+use std::time::SystemTime;
+
 use serde::{Deserialize, Serialize};
 
+use crate::backup::repo::CLOCK_SKEW;
 use crate::pg::lsn::Lsn;
 use crate::pg::wal::SegmentName;
 
 pub const LABEL_FILE: &str = "backup.json";
 pub const LABEL_FORMAT: u32 = 1;
+/// The most WAL segments a label may say its backup needs: 16 TiB of WAL
+/// written during one base backup, at the default segment size. Its list
+/// is built whole (`required_segments`).
+pub const MAX_WAL_SEGMENTS: u64 = 1 << 20;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -121,9 +128,172 @@ impl BackupLabel {
     }
 }
 
+/// Why a label is not used.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LabelProblem {
+    /// The bytes are not a label: the JSON does not read as one.
+    Damaged(String),
+    /// A label, but not one to trust: the reason, for a person.
+    Untrusted(String),
+}
+
+/// The label stored under key `id` (its directory name under `backup/`),
+/// refused unless its `id` is that key, the key has the shape of a
+/// generated id whose letter is the label's kind, and its parent (if any)
+/// is a backup id. What `Repo::label` reads; the fuzz target `label`
+/// calls it.
+pub fn parse(id: &str, text: &[u8]) -> Result<BackupLabel, LabelProblem> {
+    let label: BackupLabel =
+        serde_json::from_slice(text).map_err(|e| LabelProblem::Damaged(e.to_string()))?;
+    let untrusted = |problem: String| Err(LabelProblem::Untrusted(problem));
+    if label.id != id {
+        return untrusted(format!("id {:?} does not match its key {id:?}", label.id));
+    }
+    if !is_backup_id(id) {
+        return untrusted(format!(
+            "its key {id:?} is not a backup id (ids look like 20261125-125301F)"
+        ));
+    }
+    let suffix = match label.kind {
+        BackupType::Full => 'F',
+        BackupType::Incremental => 'I',
+    };
+    if !id.ends_with(suffix) {
+        return untrusted(format!(
+            "it says {:?}, and its id {id} ends in the other kind's letter",
+            label.kind
+        ));
+    }
+    if let Some(p) = label.parent.as_deref().filter(|p| !is_backup_id(p)) {
+        return untrusted(format!(
+            "its parent {p:?} is not a backup id (ids look like 20261125-125301F)"
+        ));
+    }
+    // What its required segments are reckoned from (status, verify, restore).
+    let seg_size = label.wal_segment_size;
+    if !(seg_size.is_power_of_two() && (1 << 20..=1 << 30).contains(&seg_size)) {
+        return untrusted(format!(
+            "its wal_segment_size {seg_size} is not one PostgreSQL allows \
+             (a power of two from 1 MiB to 1 GiB)"
+        ));
+    }
+    let mut segments: u64 = 0;
+    for r in &label.wal_ranges {
+        if r.end_lsn < r.start_lsn {
+            return untrusted(format!(
+                "its WAL range on timeline {} ends before it starts ({} to {})",
+                r.timeline, r.start_lsn, r.end_lsn
+            ));
+        }
+        let n = r.end_lsn.segno(seg_size) - r.start_lsn.segno(seg_size) + 1;
+        segments = segments.saturating_add(n);
+    }
+    if segments > MAX_WAL_SEGMENTS {
+        return untrusted(format!(
+            "its wal_ranges span {segments} WAL segments, more than the \
+             {MAX_WAL_SEGMENTS} any base backup needs"
+        ));
+    }
+    Ok(label)
+}
+
+/// Whether `label` is of cluster `cluster` (the archive's, when it has
+/// one) and not dated later than `now` allows; why not, for a person.
+pub fn vet(label: &BackupLabel, cluster: Option<&str>, now: SystemTime) -> Result<(), String> {
+    if let Some(c) = cluster.filter(|c| *c != label.system_identifier) {
+        return Err(format!(
+            "it is of system identifier {}, the archive (archive.json) of {c}: \
+             a backup of another cluster",
+            label.system_identifier
+        ));
+    }
+    let latest = now + CLOCK_SKEW;
+    for (field, value) in [
+        ("start_time", Some(&label.start_time)),
+        ("stop_time", label.stop_time.as_ref()),
+    ] {
+        let Some(value) = value else { continue };
+        match humantime::parse_rfc3339(value) {
+            Err(_) => return Err(format!("its {field} {value:?} is not a time")),
+            Ok(t) if t > latest => {
+                return Err(format!(
+                    "its {field} {value} is in the future (now is {}; {} minutes of \
+                     clock skew are allowed)",
+                    humantime::format_rfc3339_seconds(now),
+                    CLOCK_SKEW.as_secs() / 60
+                ))
+            }
+            Ok(_) => {}
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A real label (of a backup taken by hand), its WAL fields replaced.
+    fn label_json(seg_size: u32, ranges: &[(&str, &str)]) -> Vec<u8> {
+        let ranges: Vec<String> = ranges
+            .iter()
+            .map(|(a, b)| format!(r#"{{"timeline":1,"start_lsn":"{a}","end_lsn":"{b}"}}"#))
+            .collect();
+        format!(
+            r#"{{"format":1,"id":"20261207-095504F","cluster_name":"default","pg_version":18,
+            "system_identifier":"7716498431432468742","type":"full","parent":null,
+            "status":"complete","failure":null,"start_lsn":"0/2000028","stop_lsn":"0/2000120",
+            "timeline":1,"wal_ranges":[{}],"wal_segment_size":{seg_size},
+            "start_time":"2026-12-07T09:55:04.410Z","stop_time":"2026-12-07T09:55:06.101Z",
+            "size_bytes":40050888,"file_count":1000,"tool_version":"reentry 0.1.0",
+            "verification":null}}"#,
+            ranges.join(",")
+        )
+        .into_bytes()
+    }
+
+    #[test]
+    fn labels_whose_wal_cannot_be_reckoned_are_refused_before_it_is() {
+        let id = "20261207-095504F";
+        let good = parse(id, &label_json(16 << 20, &[("0/2000028", "0/2000120")])).unwrap();
+        assert_eq!(good.required_segments().len(), 1);
+        // Seen writing the fuzz target `label`: a segment size of 0 divided by
+        // zero in `required_segments` (status, verify, restore), and a
+        // range of every LSN there is listed 2^40 segments.
+        for (seg_size, ranges, want) in [
+            (0, vec![("0/2000028", "0/2000120")], "wal_segment_size 0"),
+            (
+                3 << 20,
+                vec![("0/2000028", "0/2000120")],
+                "wal_segment_size 3145728",
+            ),
+            (
+                1 << 31,
+                vec![("0/2000028", "0/2000120")],
+                "wal_segment_size 2147483648",
+            ),
+            (
+                16 << 20,
+                vec![("0/3000000", "0/2000000")],
+                "ends before it starts",
+            ),
+            (
+                16 << 20,
+                vec![("0/0", "FFFFFFFF/FFFFFFFF")],
+                "1099511627776 WAL segments",
+            ),
+            (
+                1 << 20,
+                vec![("0/0", "FF/FFFFFFFF"), ("100/0", "100/1")],
+                "1048577 WAL segments",
+            ),
+        ] {
+            match parse(id, &label_json(seg_size, &ranges)) {
+                Err(LabelProblem::Untrusted(p)) => assert!(p.contains(want), "{p}"),
+                other => panic!("{seg_size} {ranges:?}: {other:?}"),
+            }
+        }
+    }
 
     #[test]
     fn only_ids_of_the_generated_shape_are_backup_ids() {

@@ -185,7 +185,14 @@ impl Index {
         // An empty or unresolvable `to` contains nothing.
         let to = to.map(|to| lexical(to).filter(|t| !t.as_os_str().is_empty()));
         let mut seen = HashSet::new();
-        let mut links = HashSet::new();
+        // Every link, wherever it is listed: an entry listed before the
+        // link it lies beneath is as much beneath it.
+        let links: HashSet<&str> = self
+            .entries
+            .iter()
+            .filter(|e| matches!(e, Entry::Link { .. }))
+            .map(Entry::path)
+            .collect();
         for e in &self.entries {
             let path = e.path();
             let bad = |problem: String| Err((path.to_owned(), problem));
@@ -199,7 +206,8 @@ impl Index {
             if !seen.insert(path) {
                 return bad("is listed twice".into());
             }
-            if let Some(l) = links.iter().find(|l| path.starts_with(&format!("{l}/"))) {
+            let mut above = path.match_indices('/').map(|(i, _)| &path[..i]);
+            if let Some(l) = above.find(|p| links.contains(p)) {
                 return bad(format!(
                     "lies beneath link {l:?}: it would be written through it"
                 ));
@@ -228,7 +236,6 @@ impl Index {
                              tablespaces outside the data directory are not restored"
                         ));
                     }
-                    links.insert(path);
                 }
                 Entry::File { size, parts, .. } => {
                     let mut covered: u64 = 0;
@@ -520,7 +527,14 @@ pub fn index(store: &dyn Store, id: &str) -> Result<Index, PackError> {
     let text = store.get(&key)?.ok_or_else(|| PackError::Missing {
         location: location.clone(),
     })?;
-    let index: Index = serde_json::from_slice(&text).map_err(|e| PackError::Corrupt {
+    parse_index(&location, &text)
+}
+
+/// An index read from `location`: its JSON and its format, not yet its
+/// layout (`Index::check_layout`). The fuzz target `packed_index` calls it.
+pub fn parse_index(location: &str, text: &[u8]) -> Result<Index, PackError> {
+    let location = location.to_owned();
+    let index: Index = serde_json::from_slice(text).map_err(|e| PackError::Corrupt {
         location: location.clone(),
         detail: e.to_string(),
     })?;
@@ -951,6 +965,29 @@ mod tests {
         .unwrap_err();
         assert_eq!(entry, "pg_tblspc/1/evil");
         assert!(problem.contains("beneath link"), "{problem}");
+        // Seen writing the fuzz target `packed_index`'s property (nothing
+        // beneath a link): listed before its link, an entry beneath it was
+        // not seen to be.
+        for (entries, beneath) in [
+            (
+                vec![
+                    file("pg_tblspc/1/evil", &[(0, 0, 1)]),
+                    link("pg_tblspc/1", "/srv/pitr/x/base"),
+                ],
+                "pg_tblspc/1/evil",
+            ),
+            (
+                vec![
+                    dir("pg_tblspc/1/d"),
+                    link("pg_tblspc/1", "/srv/pitr/x/base"),
+                ],
+                "pg_tblspc/1/d",
+            ),
+        ] {
+            let (entry, problem) = layout(entries).unwrap_err();
+            assert_eq!(entry, beneath);
+            assert!(problem.contains("beneath link"), "{problem}");
+        }
         let twice = layout(vec![dir("base"), link("base", "x")]).unwrap_err();
         assert!(twice.1.contains("twice"), "{twice:?}");
     }

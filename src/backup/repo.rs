@@ -29,7 +29,7 @@ use serde::{Deserialize, Serialize};
 use sha2::Digest;
 
 use crate::backup::archive::Archive;
-use crate::backup::label::{is_backup_id, BackupLabel, BackupType, LABEL_FILE};
+use crate::backup::label::{self, is_backup_id, BackupLabel, LabelProblem, LABEL_FILE};
 use crate::crypt::Keys;
 use crate::fsutil;
 use crate::pg::lsn::Lsn;
@@ -309,50 +309,17 @@ impl Repo {
     }
 
     /// `label` when it is of cluster `cluster` (the archive's, when it has
-    /// one) and not dated later than `now` allows.
+    /// one) and not dated later than `now` allows (`label::vet`).
     fn vet(
         &self,
         label: BackupLabel,
         cluster: Option<&str>,
         now: SystemTime,
     ) -> Result<BackupLabel, RepoError> {
-        if let Some(c) = cluster.filter(|c| *c != label.system_identifier) {
-            return Err(self.untrusted(
-                &label.id,
-                format!(
-                    "it is of system identifier {}, the archive (archive.json) of {c}: \
-                     a backup of another cluster",
-                    label.system_identifier
-                ),
-            ));
+        match label::vet(&label, cluster, now) {
+            Ok(()) => Ok(label),
+            Err(problem) => Err(self.untrusted(&label.id, problem)),
         }
-        let latest = now + CLOCK_SKEW;
-        for (field, value) in [
-            ("start_time", Some(&label.start_time)),
-            ("stop_time", label.stop_time.as_ref()),
-        ] {
-            let Some(value) = value else { continue };
-            match humantime::parse_rfc3339(value) {
-                Err(_) => {
-                    return Err(
-                        self.untrusted(&label.id, format!("its {field} {value:?} is not a time"))
-                    )
-                }
-                Ok(t) if t > latest => {
-                    return Err(self.untrusted(
-                        &label.id,
-                        format!(
-                            "its {field} {value} is in the future (now is {}; {} minutes of \
-                             clock skew are allowed)",
-                            humantime::format_rfc3339_seconds(now),
-                            CLOCK_SKEW.as_secs() / 60
-                        ),
-                    ))
-                }
-                Ok(_) => {}
-            }
-        }
-        Ok(label)
     }
 
     /// Backup `id`'s label when it checks out against the archive's
@@ -385,42 +352,13 @@ impl Repo {
                 })
             }
         };
-        let mut label: BackupLabel =
-            serde_json::from_slice(&text).map_err(|e| RepoError::BadObject {
+        let mut label = label::parse(id, &text).map_err(|p| match p {
+            LabelProblem::Damaged(detail) => RepoError::BadObject {
                 location: format!("{}/{key}", self.location()),
-                detail: e.to_string(),
-            })?;
-        if label.id != id {
-            return Err(self.untrusted(
-                id,
-                format!("id {:?} does not match its key {id:?}", label.id),
-            ));
-        }
-        if !is_backup_id(id) {
-            return Err(self.untrusted(
-                id,
-                format!("its key {id:?} is not a backup id (ids look like 20261125-125301F)"),
-            ));
-        }
-        let suffix = match label.kind {
-            BackupType::Full => 'F',
-            BackupType::Incremental => 'I',
-        };
-        if !id.ends_with(suffix) {
-            return Err(self.untrusted(
-                id,
-                format!(
-                    "it says {:?}, and its id {id} ends in the other kind's letter",
-                    label.kind
-                ),
-            ));
-        }
-        if let Some(p) = label.parent.as_deref().filter(|p| !is_backup_id(p)) {
-            return Err(self.untrusted(
-                id,
-                format!("its parent {p:?} is not a backup id (ids look like 20261125-125301F)"),
-            ));
-        }
+                detail,
+            },
+            LabelProblem::Untrusted(problem) => self.untrusted(id, problem),
+        })?;
         if self.local.is_none() {
             // Verifications are objects of their own beside the label,
             // which is never rewritten: the newest one counts.
@@ -570,7 +508,7 @@ fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<(), RepoError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backup::label::{BackupStatus, LABEL_FORMAT};
+    use crate::backup::label::{BackupStatus, BackupType, LABEL_FORMAT};
     use crate::fsutil::ScratchDir;
 
     fn label(id: &str, parent: Option<&str>) -> BackupLabel {

@@ -48,7 +48,8 @@ fn hex8(s: &str) -> Option<u32> {
 
 impl SegmentName {
     fn parse(s: &str) -> Option<SegmentName> {
-        if s.len() != 24 {
+        // ASCII first: slicing at bytes 8 and 16 must not cut a character.
+        if s.len() != 24 || !s.is_ascii() {
             return None;
         }
         Some(SegmentName {
@@ -249,6 +250,24 @@ mod tests {
             "000000010000000000000002.0028.backup",
             "../../etc/passwd",
             "RECOVERYXLOG",
+        ] {
+            assert!(WalFileName::parse(name).is_err(), "{name:?} was accepted");
+        }
+    }
+
+    #[test]
+    fn names_of_24_bytes_with_characters_of_several_are_refused_not_a_panic() {
+        // Found by the fuzz target `wal`: byte slicing at 8 and 16 cut a
+        // character in two. Object keys in a repository are anyone's.
+        for name in [
+            "0000000\u{e9}000000000000001",
+            "000000010000000\u{e9}0000001",
+            "00000001000000000000000\u{e9}",
+            "0000000\u{1F600}00000000000001",
+            "0000000\u{e9}000000000000001.partial",
+            "0000000\u{e9}000000000000001.00000028.backup",
+            "000000010000000000000001.0000002\u{e9}.backup",
+            "0000000\u{e9}.history",
         ] {
             assert!(WalFileName::parse(name).is_err(), "{name:?} was accepted");
         }

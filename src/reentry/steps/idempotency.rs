@@ -95,8 +95,12 @@ fn now_ms() -> i64 {
 fn parse_time(s: &str) -> Option<i64> {
     let s = s.trim();
     if let Ok(n) = s.parse::<i64>() {
-        // Epoch seconds or milliseconds.
-        return Some(if n < 100_000_000_000 { n * 1000 } else { n });
+        // Epoch seconds or milliseconds; none beyond what milliseconds hold.
+        return if n < 100_000_000_000 {
+            n.checked_mul(1000)
+        } else {
+            Some(n)
+        };
     }
     // A provider's export often carries no offset: its times are UTC.
     match crate::time::parse(s) {
@@ -635,6 +639,39 @@ pub const KIND: StepKind = StepKind {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn epoch_times_beyond_what_milliseconds_hold_are_malformed_not_a_panic() {
+        // Seen writing the fuzz target `provider_csv`: seconds were
+        // multiplied by 1000 unchecked, so a large negative number overflowed.
+        for raw in [
+            "-9223372036854775808",
+            "-9223372036854776",
+            "-100000000000000000",
+        ] {
+            assert_eq!(parse_time(raw), None, "{raw}");
+        }
+        assert_eq!(parse_time("1795608000"), Some(1_795_608_000_000));
+        assert_eq!(parse_time("1795608000000"), Some(1_795_608_000_000));
+        assert_eq!(parse_time("-1"), Some(-1000));
+        let c = CsvFrom {
+            path: "export.csv".into(),
+            key_column: "request_id".into(),
+            time_column: Some("sent_at".into()),
+            pinned: None,
+        };
+        let errors = parse_csv(
+            "export.csv",
+            b"request_id,sent_at\nr1,-9223372036854775808\n",
+            &c,
+            0,
+        )
+        .unwrap_err();
+        assert!(
+            errors[0].starts_with("export.csv:2: `-9223372036854775808`"),
+            "{errors:?}"
+        );
+    }
 
     #[test]
     fn malformed_csv_rows_are_located_all_at_once() {
