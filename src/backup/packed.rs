@@ -20,14 +20,13 @@
 //! The index is not signed: whoever can write into the repository can
 //! write one. So it is checked whole before anything is written from it
 //! (`Index::check_layout`): every path stays in the directory it is
-//! materialised into, links are only tablespace links whose target is in
-//! it too, nothing is written through a link, every part lies in its piece.
+//! materialised into, there is no link (tablespaces are not supported),
+//! nothing is written through a link, every part lies in its piece.
 
 use std::collections::HashSet;
 use std::fs::{self, File};
 use std::io::{self, Read, Seek, SeekFrom};
 use std::os::unix::fs::{FileExt, PermissionsExt};
-use std::path::Component;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
@@ -147,32 +146,17 @@ fn plain_relative(path: &str) -> bool {
             .all(|part| !part.is_empty() && part != "." && part != "..")
 }
 
-/// `path` with `.` and `..` resolved without the file system; none when
-/// `..` climbs above its start.
-fn lexical(path: &Path) -> Option<PathBuf> {
-    let mut out = PathBuf::new();
-    for c in path.components() {
-        match c {
-            Component::CurDir => {}
-            Component::ParentDir => {
-                if !out.pop() {
-                    return None;
-                }
-            }
-            c => out.push(c),
-        }
-    }
-    Some(out)
-}
-
 impl Index {
-    /// Why the index cannot be materialised into `to` (with none, into any
-    /// directory: link targets must then be relative), naming the entry:
-    /// a path that is not plain relative, one given twice, a link anywhere
-    /// but directly under `pg_tblspc/` or to a target outside `to`, an
-    /// entry beneath a link, a piece longer than `PIECE`, or a part outside
-    /// its piece.
-    pub fn check_layout(&self, to: Option<&Path>) -> Result<(), (String, String)> {
+    /// Why the index cannot be materialised, naming the entry: a path
+    /// that is not plain relative, one given twice, a link, a piece longer
+    /// than `PIECE`, or a part outside its piece.
+    ///
+    /// A backup holds links only in `pg_tblspc/`, for tablespaces, which
+    /// are not supported: backups of a cluster with them are refused.
+    /// Whether a link's target stays inside the restore cannot be told
+    /// from its text (`pg_tblspc/1 -> "2/../.."` climbs through whatever
+    /// `pg_tblspc/2` is), so every link is refused.
+    pub fn check_layout(&self) -> Result<(), (String, String)> {
         if let Some(i) = self.pieces.iter().position(|p| p.raw_len > PIECE) {
             return Err((
                 format!("piece {i}"),
@@ -182,10 +166,7 @@ impl Index {
                 ),
             ));
         }
-        // An empty or unresolvable `to` contains nothing.
-        let to = to.map(|to| lexical(to).filter(|t| !t.as_os_str().is_empty()));
         let mut seen = HashSet::new();
-        let mut links = HashSet::new();
         for e in &self.entries {
             let path = e.path();
             let bad = |problem: String| Err((path.to_owned(), problem));
@@ -199,36 +180,12 @@ impl Index {
             if !seen.insert(path) {
                 return bad("is listed twice".into());
             }
-            if let Some(l) = links.iter().find(|l| path.starts_with(&format!("{l}/"))) {
-                return bad(format!(
-                    "lies beneath link {l:?}: it would be written through it"
-                ));
-            }
             match e {
                 Entry::Link { target, .. } => {
-                    let under_tblspc = path
-                        .strip_prefix("pg_tblspc/")
-                        .is_some_and(|name| !name.contains('/'));
-                    if !under_tblspc {
-                        return bad("is a link outside pg_tblspc/: a backup holds no other".into());
-                    }
-                    let inside = !target.contains('\0')
-                        && match &to {
-                            Some(Some(to)) => lexical(&to.join("pg_tblspc").join(target))
-                                .is_some_and(|t| t.starts_with(to)),
-                            Some(None) => false,
-                            None => {
-                                !Path::new(target).is_absolute()
-                                    && lexical(&Path::new("pg_tblspc").join(target)).is_some()
-                            }
-                        };
-                    if !inside {
-                        return bad(format!(
-                            "links to {target:?}, outside the directory it is restored into: \
-                             tablespaces outside the data directory are not restored"
-                        ));
-                    }
-                    links.insert(path);
+                    return bad(format!(
+                        "is a link (to {target:?}): a backup holds links only for tablespaces, \
+                         which reentry does not restore yet"
+                    ));
                 }
                 Entry::File { size, parts, .. } => {
                     let mut covered: u64 = 0;
@@ -535,12 +492,12 @@ pub fn index(store: &dyn Store, id: &str) -> Result<Index, PackError> {
     Ok(index)
 }
 
-/// Backup `id`'s index, refused unless it can be materialised into `to`
-/// (with none, into any directory) without writing outside it.
-pub fn checked_index(store: &dyn Store, id: &str, to: Option<&Path>) -> Result<Index, PackError> {
+/// Backup `id`'s index, refused unless it can be materialised without
+/// writing outside the directory it is materialised into.
+pub fn checked_index(store: &dyn Store, id: &str) -> Result<Index, PackError> {
     let index = index(store, id)?;
     index
-        .check_layout(to)
+        .check_layout()
         .map_err(|(entry, problem)| PackError::BadIndex {
             location: format!("{}/{}", store.location(), Repo::backup_key(id, INDEX_FILE)),
             entry,
@@ -646,12 +603,12 @@ pub fn materialise(
     // A wrong or missing key fails here, before anything is written.
     manifest(store, id, keys)?;
     let identities = keys.identities.as_deref();
-    let index = checked_index(store, id, Some(to))?;
+    let index = checked_index(store, id)?;
     let wanted =
         |path: &str| only.is_none_or(|o| o.iter().any(|w| w.starts_with(path) || *w == path));
     // Directories and empty files first, so that pieces can land in any
     // order; each file is opened by every piece that holds part of it.
-    // Links come last, when nothing more is written.
+    // There are no links: `check_layout` refuses them.
     let mut targets: Vec<Vec<(PathBuf, u64, u64, u64)>> = vec![Vec::new(); index.pieces.len()];
     for e in &index.entries {
         match e {
@@ -713,15 +670,6 @@ pub fn materialise(
         progress.advance(d, "");
         Ok(())
     })?;
-    for e in &index.entries {
-        if let Entry::Link { path, target } = e {
-            if wanted(path) {
-                let p = to.join(path);
-                no_link_above(to, &p)?;
-                std::os::unix::fs::symlink(target, &p).map_err(io_err("create", &p))?;
-            }
-        }
-    }
     // Durable before a server is started on it.
     for e in &index.entries {
         if let Entry::File { path, .. } = e {
@@ -766,7 +714,7 @@ pub fn check(
         }
         Err(e) => return Err(e),
     };
-    let layout = index.check_layout(None);
+    let layout = index.check_layout();
     if let Err((entry, problem)) = &layout {
         let e = PackError::BadIndex {
             location: format!("{}/{}", store.location(), Repo::backup_key(id, INDEX_FILE)),
@@ -878,7 +826,7 @@ mod tests {
             pieces: vec![piece(100)],
             entries,
         }
-        .check_layout(Some(Path::new("/srv/pitr/x")))
+        .check_layout()
     }
 
     #[test]
@@ -888,8 +836,6 @@ mod tests {
             file("base/1", &[(0, 0, 60)]),
             file("PG_VERSION", &[(0, 60, 40)]),
             dir("pg_tblspc"),
-            link("pg_tblspc/16384", "/srv/pitr/x/tblspc/16384"),
-            link("pg_tblspc/16385", "../tblspc/16385"),
         ])
         .unwrap();
     }
@@ -915,30 +861,37 @@ mod tests {
         }
     }
 
+    /// Security review follow-up: a link's target was resolved by its text,
+    /// and `pg_tblspc/1 -> "2/../.."` looks inside the target while the
+    /// file system resolves `2` first, which may itself be a link out.
     #[test]
-    fn links_only_directly_under_pg_tblspc_and_into_the_target_and_nothing_beneath_one() {
-        let outside = layout(vec![
-            link("l", "/home/ops"),
-            file("l/.bashrc", &[(0, 0, 1)]),
-        ]);
-        assert!(outside.unwrap_err().1.contains("outside pg_tblspc/"));
-        let nested = layout(vec![link("pg_tblspc/a/b", "/srv/pitr/x/t")]);
-        assert!(nested.unwrap_err().1.contains("outside pg_tblspc/"));
-        for target in ["/home/ops", "../../..", "/srv/pitr/xy", "/srv/pitr/x/../y"] {
-            let (entry, problem) = layout(vec![link("pg_tblspc/1", target)]).unwrap_err();
-            assert_eq!(entry, "pg_tblspc/1");
+    fn every_link_is_refused_naming_it_wherever_it_points() {
+        for (path, target) in [
+            ("pg_tblspc/1", "2/../.."),
+            ("pg_tblspc/2", "/home/ops"),
+            ("pg_tblspc/16384", "/srv/pitr/x/tblspc/16384"),
+            ("pg_tblspc/16385", "../tblspc/16385"),
+            ("l", "base"),
+        ] {
+            let (entry, problem) =
+                layout(vec![dir("base"), dir("pg_tblspc"), link(path, target)]).unwrap_err();
+            assert_eq!(entry, path);
             assert!(
-                problem.contains("outside the directory"),
-                "{target}: {problem}"
+                problem.contains(&format!("is a link (to {target:?})"))
+                    && problem.contains("tablespaces"),
+                "{path} -> {target}: {problem}"
             );
         }
-        let (entry, problem) = layout(vec![
-            link("pg_tblspc/1", "/srv/pitr/x/base"),
+        // The two links of the example, then a file through the first:
+        // refused at the first link, before anything beneath it.
+        let (entry, _) = layout(vec![
+            dir("pg_tblspc"),
+            link("pg_tblspc/2", "/home/ops"),
+            link("pg_tblspc/1", "2/../.."),
             file("pg_tblspc/1/evil", &[(0, 0, 1)]),
         ])
         .unwrap_err();
-        assert_eq!(entry, "pg_tblspc/1/evil");
-        assert!(problem.contains("beneath link"), "{problem}");
+        assert_eq!(entry, "pg_tblspc/2");
         let twice = layout(vec![dir("base"), link("base", "x")]).unwrap_err();
         assert!(twice.1.contains("twice"), "{twice:?}");
     }
@@ -968,7 +921,7 @@ mod tests {
             pieces: vec![piece(u64::MAX)],
             entries: vec![],
         };
-        assert_eq!(huge.check_layout(None).unwrap_err().0, "piece 0");
+        assert_eq!(huge.check_layout().unwrap_err().0, "piece 0");
     }
 
     #[test]

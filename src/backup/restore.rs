@@ -476,7 +476,7 @@ pub fn restore(repo: &Repo, opts: &RestoreOptions) -> Result<RestoreManifest, Re
     for b in &chain {
         if repo.backup_data(&b.id)?.is_none() {
             packed::manifest(repo.store(), &b.id, repo.keys())?;
-            packed::checked_index(repo.store(), &b.id, None)?;
+            packed::checked_index(repo.store(), &b.id)?;
         }
     }
     // A backup of a cluster with tablespaces (taken before backups refused
