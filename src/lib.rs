@@ -14,6 +14,7 @@ pub mod pg;
 pub mod progress;
 pub mod reentry;
 pub mod search;
+pub mod sign;
 pub mod storage;
 pub mod time;
 pub mod tls_files;
