@@ -17,13 +17,17 @@
 //! A restore materialises the plain directory that pg_combinebackup,
 //! pg_verifybackup and PostgreSQL read.
 //!
-//! The index is not signed: whoever can write into the repository can
-//! write one. So it is checked whole before anything is written from it
-//! (`Index::check_layout`): every path stays in the directory it is
-//! materialised into, there is no link (tablespaces are not supported),
-//! nothing is written through a link, every part lies in its piece.
+//! Whoever can write into the repository can write an index. The label
+//! records the SHA-256 of the index and of the manifest as stored, and
+//! each is read only when it matches (`vouched`); where labels are signed
+//! (sign.rs), only the backup host could have written those checksums. The
+//! index records each piece's checksum, which every read of a piece checks. Signed or not, the index is checked whole before
+//! anything is written from it (`Index::check_layout`): every path stays
+//! in the directory it is materialised into, there is no link (tablespaces
+//! are not supported), nothing is written through a link, every part lies
+//! in its piece.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::fs::{self, File};
 use std::io::{self, Read, Seek, SeekFrom};
 use std::os::unix::fs::{FileExt, PermissionsExt};
@@ -33,8 +37,9 @@ use std::sync::Mutex;
 
 use serde::{Deserialize, Serialize};
 
+use crate::backup::label::BackupLabel;
 use crate::backup::repo::{Repo, RepoError};
-use crate::backup::stored::{self, Checksum, Compression, Form, ReadError};
+use crate::backup::stored::{self, Algorithm, Checksum, Compression, Form, ReadError};
 use crate::crypt::{CryptError, Identities, Keys};
 use crate::progress::Progress;
 use crate::storage::{Put, Store, StoreError};
@@ -73,6 +78,11 @@ pub enum PackError {
     },
     #[error("{location} is missing")]
     Missing { location: String },
+    #[error(
+        "{location} is not what its backup's label vouches for: {detail}; refusing to use it \
+         (it was changed or replaced after the backup, or planted)"
+    )]
+    NotVouched { location: String, detail: String },
     #[error("{location} already exists: a backup's objects are written once")]
     Exists { location: String },
     #[error(transparent)]
@@ -388,8 +398,17 @@ pub(crate) fn parallel<T: Send>(
         .collect())
 }
 
+/// What `upload` wrote: the index, and the SHA-256 of the index and of the
+/// manifest as stored, for the label to record (and its signature to
+/// cover).
+#[derive(Debug)]
+pub struct Uploaded {
+    pub index: Index,
+    pub objects: BTreeMap<String, Checksum>,
+}
+
 /// Packs directory `dir` (a backup pg_basebackup wrote) into backup `id`'s
-/// objects and writes its index and its manifest. Returns the index.
+/// objects and writes its index and its manifest.
 pub fn upload(
     store: &dyn Store,
     id: &str,
@@ -398,7 +417,7 @@ pub fn upload(
     keys: &Keys,
     jobs: usize,
     progress: &dyn Progress,
-) -> Result<Index, PackError> {
+) -> Result<Uploaded, PackError> {
     let to = keys.to.as_ref();
     let (entries, plans) = lay_out(dir)?;
     let total: u64 = plans.iter().map(|p| p.len).sum();
@@ -457,7 +476,47 @@ pub fn upload(
     let (body, _) =
         stored::encode_sealed(&[], &mut f, form, to).map_err(io_err("read", &manifest))?;
     put_new(store, &Repo::backup_key(id, MANIFEST_FILE), &body)?;
-    Ok(index)
+    let objects = BTreeMap::from([
+        (
+            INDEX_FILE.to_owned(),
+            Checksum::of(Algorithm::Sha256, &text),
+        ),
+        (
+            MANIFEST_FILE.to_owned(),
+            Checksum::of(Algorithm::Sha256, &body),
+        ),
+    ]);
+    Ok(Uploaded { index, objects })
+}
+
+/// Refuses `bytes`, read from object `name` of backup `label`, unless the
+/// label vouches for them: it records their checksum, or (unsigned, from
+/// a build or a host that recorded none) records none. A signed label
+/// that records none vouches for nothing.
+fn vouched(
+    store: &dyn Store,
+    label: &BackupLabel,
+    name: &str,
+    bytes: &[u8],
+) -> Result<(), PackError> {
+    let location = || format!("{}/{}", store.location(), Repo::backup_key(&label.id, name));
+    match label.objects.get(name) {
+        Some(want) => {
+            let got = Checksum::of(want.algorithm, bytes);
+            if got != *want {
+                return Err(PackError::NotVouched {
+                    location: location(),
+                    detail: format!("its checksum is {got}, and the label records {want}"),
+                });
+            }
+            Ok(())
+        }
+        None if label.signature.is_some() => Err(PackError::NotVouched {
+            location: location(),
+            detail: "its signed label records no checksum of it".into(),
+        }),
+        None => Ok(()),
+    }
 }
 
 fn put_new(store: &dyn Store, key: &str, body: &[u8]) -> Result<(), PackError> {
@@ -469,13 +528,14 @@ fn put_new(store: &dyn Store, key: &str, body: &[u8]) -> Result<(), PackError> {
     }
 }
 
-/// Backup `id`'s index.
-pub fn index(store: &dyn Store, id: &str) -> Result<Index, PackError> {
-    let key = Repo::backup_key(id, INDEX_FILE);
+/// Backup `label`'s index, as its label vouches for it.
+pub fn index(store: &dyn Store, label: &BackupLabel) -> Result<Index, PackError> {
+    let key = Repo::backup_key(&label.id, INDEX_FILE);
     let location = format!("{}/{key}", store.location());
     let text = store.get(&key)?.ok_or_else(|| PackError::Missing {
         location: location.clone(),
     })?;
+    vouched(store, label, INDEX_FILE, &text)?;
     let index: Index = serde_json::from_slice(&text).map_err(|e| PackError::Corrupt {
         location: location.clone(),
         detail: e.to_string(),
@@ -492,14 +552,18 @@ pub fn index(store: &dyn Store, id: &str) -> Result<Index, PackError> {
     Ok(index)
 }
 
-/// Backup `id`'s index, refused unless it can be materialised without
+/// Backup `label`'s index, refused unless it can be materialised without
 /// writing outside the directory it is materialised into.
-pub fn checked_index(store: &dyn Store, id: &str) -> Result<Index, PackError> {
-    let index = index(store, id)?;
+pub fn checked_index(store: &dyn Store, label: &BackupLabel) -> Result<Index, PackError> {
+    let index = index(store, label)?;
     index
         .check_layout()
         .map_err(|(entry, problem)| PackError::BadIndex {
-            location: format!("{}/{}", store.location(), Repo::backup_key(id, INDEX_FILE)),
+            location: format!(
+                "{}/{}",
+                store.location(),
+                Repo::backup_key(&label.id, INDEX_FILE)
+            ),
             entry,
             problem,
         })?;
@@ -514,14 +578,17 @@ fn fetch_piece(
     want: Option<&Piece>,
     keys: Option<&Identities>,
 ) -> Result<Vec<u8>, PackError> {
-    read_piece(store, key, want, keys, false)
+    read_piece(store, key, want, None, keys, false)
 }
 
 /// `fetch_piece`, or with `check_only` a check that reads nothing out.
+/// With `vouch` (a label and the object's name), the stored bytes are
+/// first checked against what the label records of them.
 fn read_piece(
     store: &dyn Store,
     key: &str,
     want: Option<&Piece>,
+    vouch: Option<(&BackupLabel, &str)>,
     keys: Option<&Identities>,
     check_only: bool,
 ) -> Result<Vec<u8>, PackError> {
@@ -529,6 +596,9 @@ fn read_piece(
     let body = store.get(key)?.ok_or_else(|| PackError::Missing {
         location: location.clone(),
     })?;
+    if let Some((label, name)) = vouch {
+        vouched(store, label, name, &body)?;
+    }
     // The index's length only sizes the buffer up to a piece's: a larger
     // one is a damaged index, found below, not an allocation.
     let mut raw = Vec::with_capacity(want.map_or(0, |p| p.raw_len.min(PIECE) as usize));
@@ -564,23 +634,31 @@ fn read_piece(
     Ok(raw)
 }
 
-/// Backup `id`'s `backup_manifest`, written to `dest`.
+/// Backup `label`'s `backup_manifest`, written to `dest`.
 pub fn fetch_manifest(
     store: &dyn Store,
-    id: &str,
+    label: &BackupLabel,
     dest: &Path,
     keys: &Keys,
 ) -> Result<(), PackError> {
-    let raw = manifest(store, id, keys)?;
+    let raw = manifest(store, label, keys)?;
     fs::write(dest, raw).map_err(io_err("write", dest))
 }
 
-/// Backup `id`'s `backup_manifest`: with an encrypted backup, proof that
-/// the identities given can read it.
-pub fn manifest(store: &dyn Store, id: &str, keys: &Keys) -> Result<Vec<u8>, PackError> {
+/// Backup `label`'s `backup_manifest`, as its label vouches for it: with
+/// an encrypted backup, proof that the identities given can read it.
+pub fn manifest(store: &dyn Store, label: &BackupLabel, keys: &Keys) -> Result<Vec<u8>, PackError> {
+    let id = &label.id;
     let key = Repo::backup_key(id, MANIFEST_FILE);
     let identities = keys.identities.as_deref();
-    match fetch_piece(store, &key, None, identities) {
+    match read_piece(
+        store,
+        &key,
+        None,
+        Some((label, MANIFEST_FILE)),
+        identities,
+        false,
+    ) {
         Err(PackError::Key(e)) => Err(PackError::Key(
             e.about(&format!("backup {id} ({}/{key})", store.location())),
         )),
@@ -588,22 +666,23 @@ pub fn manifest(store: &dyn Store, id: &str, keys: &Keys) -> Result<Vec<u8>, Pac
     }
 }
 
-/// Downloads backup `id` and writes the directory pg_basebackup wrote
+/// Downloads backup `label` and writes the directory pg_basebackup wrote
 /// into `to`, which exists and is empty. With `only`, just the files whose
 /// path is in it (and the directories above them).
 pub fn materialise(
     store: &dyn Store,
-    id: &str,
+    label: &BackupLabel,
     to: &Path,
     only: Option<&[&str]>,
     keys: &Keys,
     jobs: usize,
     progress: &dyn Progress,
 ) -> Result<Index, PackError> {
+    let id = label.id.as_str();
     // A wrong or missing key fails here, before anything is written.
-    manifest(store, id, keys)?;
+    manifest(store, label, keys)?;
     let identities = keys.identities.as_deref();
-    let index = checked_index(store, id)?;
+    let index = checked_index(store, label)?;
     let wanted =
         |path: &str| only.is_none_or(|o| o.iter().any(|w| w.starts_with(path) || *w == path));
     // Directories and empty files first, so that pieces can land in any
@@ -699,16 +778,21 @@ pub struct Checked {
 /// read is an error.
 pub fn check(
     store: &dyn Store,
-    id: &str,
+    label: &BackupLabel,
     keys: &Keys,
     jobs: usize,
     progress: &dyn Progress,
 ) -> Result<Checked, PackError> {
+    let id = label.id.as_str();
     let identities = keys.identities.as_deref();
     let mut out = Checked::default();
-    let index = match index(store, id) {
+    let index = match index(store, label) {
         Ok(i) => i,
-        Err(e @ (PackError::Corrupt { .. } | PackError::Missing { .. })) => {
+        Err(
+            e @ (PackError::Corrupt { .. }
+            | PackError::Missing { .. }
+            | PackError::NotVouched { .. }),
+        ) => {
             out.problems.push(format!("backup {id}: {e}"));
             return Ok(out);
         }
@@ -745,15 +829,21 @@ pub fn check(
     progress.stage("checking objects", Some(index.bytes()));
     let done = AtomicU64::new(0);
     let problems = parallel(index.pieces.len() + 1, jobs, |i| {
-        let (key, want) = match i {
-            0 => (Repo::backup_key(id, MANIFEST_FILE), None),
-            i => (piece_key(id, i - 1), Some(&index.pieces[i - 1])),
+        let (key, want, vouch) = match i {
+            0 => (
+                Repo::backup_key(id, MANIFEST_FILE),
+                None,
+                Some((label, MANIFEST_FILE)),
+            ),
+            i => (piece_key(id, i - 1), Some(&index.pieces[i - 1]), None),
         };
-        let r = match read_piece(store, &key, want, identities, identities.is_none()) {
+        let r = match read_piece(store, &key, want, vouch, identities, identities.is_none()) {
             Ok(_) => None,
-            Err(e @ (PackError::Corrupt { .. } | PackError::Missing { .. })) => {
-                Some(format!("backup {id}: {e}"))
-            }
+            Err(
+                e @ (PackError::Corrupt { .. }
+                | PackError::Missing { .. }
+                | PackError::NotVouched { .. }),
+            ) => Some(format!("backup {id}: {e}")),
             Err(e) => return Err(e),
         };
         if let Some(p) = want {
