@@ -23,6 +23,8 @@ pub struct Config {
     #[serde(default)]
     pub encryption: EncryptionConfig,
     #[serde(default)]
+    pub signing: SigningConfig,
+    #[serde(default)]
     pub retention: RetentionConfig,
     #[serde(default)]
     pub kafka: KafkaConfig,
@@ -66,6 +68,18 @@ pub struct EncryptionConfig {
     pub recipients: Vec<String>,
     /// An age identity file to decrypt with; relative to the config file.
     pub identity_file: Option<PathBuf>,
+}
+
+/// Signed backup labels (sign.rs).
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct SigningConfig {
+    /// The private key labels are signed with (PKCS#8 PEM), only on the
+    /// host that backs up; relative to the config file.
+    pub key_file: Option<PathBuf>,
+    /// Public keys (ed25519:…) a label's signature must verify with.
+    #[serde(default)]
+    pub verify_keys: Vec<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -140,6 +154,9 @@ impl Config {
             if let Some(f) = &config.encryption.identity_file {
                 config.encryption.identity_file = Some(dir.join(f));
             }
+            if let Some(f) = &config.signing.key_file {
+                config.signing.key_file = Some(dir.join(f));
+            }
         }
         Ok(config)
     }
@@ -196,6 +213,9 @@ mod tests {
         std::fs::write(&file, "repo = \"repo\"\n").unwrap();
         let c = Config::load(Some(&file)).unwrap();
         assert_eq!(c.repo.unwrap(), dir.path().join("repo"));
+        std::fs::write(&file, "[signing]\nkey-file = \"signing.pem\"\n").unwrap();
+        let c = Config::load(Some(&file)).unwrap();
+        assert_eq!(c.signing.key_file.unwrap(), dir.path().join("signing.pem"));
         assert!(matches!(
             Config::load(Some(&dir.path().join("nope.toml"))),
             Err(ConfigError::Read { .. })

@@ -182,9 +182,17 @@ pub struct Keys {
     pub to: Option<Recipients>,
     /// Encrypted objects are decrypted with these.
     pub identities: Option<std::sync::Arc<Identities>>,
+    /// Labels are signed with, and verified with, these (sign.rs).
+    pub trust: crate::sign::Trust,
 }
 
 impl Keys {
+    /// Whether this host is set up for an encrypted repository: it
+    /// encrypts or decrypts. Its labels must then be signed.
+    pub fn encrypted(&self) -> bool {
+        self.to.is_some() || self.identities.is_some()
+    }
+
     /// The identity file, for a `restore_command` to be given.
     pub fn identity_file(&self) -> Option<&Path> {
         self.identities.as_deref().map(|i| i.path.as_path())

@@ -14,6 +14,7 @@ pub mod pg;
 pub mod progress;
 pub mod reentry;
 pub mod search;
+pub mod sign;
 pub mod storage;
 pub mod time;
 pub mod tls_files;
@@ -105,6 +106,8 @@ impl Error {
             Error::Drill(backup::drill::DrillError::Archive(e)) => e.exit(),
             Error::Drill(backup::drill::DrillError::Checks { .. }) => Exit::Config,
             Error::Copy(backup::copy::CopyError::SameRepository { .. }) => Exit::Usage,
+            Error::Copy(backup::copy::CopyError::NeedSigningKey { .. }) => Exit::Config,
+            Error::Copy(backup::copy::CopyError::Repo(e)) => repo_exit(e),
             Error::Copy(_) => Exit::Failure,
             Error::Plan(e) => e.exit(),
             Error::Run(e) => e.exit(),
@@ -133,6 +136,7 @@ fn repo_exit(e: &backup::repo::RepoError) -> Exit {
         backup::repo::RepoError::BackupExists { .. }
         | backup::repo::RepoError::Untrusted { .. } => Exit::Refused,
         backup::repo::RepoError::BadBackupId { .. } => Exit::Usage,
+        backup::repo::RepoError::NeedVerifyKey { .. } => Exit::Config,
         backup::repo::RepoError::Archive(e) => e.exit(),
         _ => Exit::Failure,
     }
@@ -144,7 +148,8 @@ fn backup_exit(e: &backup::basebackup::BackupError) -> Exit {
         B::Pg(e) => pg_exit(e),
         B::Repo(e) => repo_exit(e),
         B::Archive(e) => e.exit(),
-        B::Pack(backup::packed::PackError::Key(_)) => Exit::Config,
+        B::Pack(backup::packed::PackError::Key(_)) | B::NeedSigningKey { .. } => Exit::Config,
+        B::Pack(backup::packed::PackError::NotVouched { .. }) => Exit::Refused,
         B::Tool(_)
         | B::Pack(_)
         | B::WalTimeout { .. }
@@ -183,7 +188,11 @@ fn restore_exit(e: &backup::restore::RestoreError) -> Exit {
         R::Archive(e) => e.exit(),
         R::Pg(e) => pg_exit(e),
         R::Pack(backup::packed::PackError::Key(_)) => Exit::Config,
-        R::Pack(backup::packed::PackError::BadIndex { .. }) => Exit::Refused,
+        R::Pack(
+            backup::packed::PackError::BadIndex { .. }
+            | backup::packed::PackError::NotVouched { .. },
+        ) => Exit::Refused,
+        R::Unsigned { .. } => Exit::Refused,
         R::Tool(_) | R::Pack(_) | R::RecoveryFailed { .. } | R::Timeout { .. } => Exit::Failure,
         R::RunningAsRoot | R::NotEmpty { .. } | R::PortInUse { .. } | R::BadTarget { .. } => {
             Exit::Usage

@@ -96,6 +96,13 @@ pub enum BackupError {
         lsn: String,
         time: String,
     },
+    #[error(
+        "{repo}: labels here must be signed (backups are encrypted, or verify keys are set), \
+         and no signing key is set: run `reentry repo keygen --out FILE` once, then set \
+         signing.key-file in the config (or --signing-key, or REENTRY_SIGNING_KEY_FILE); \
+         nothing was written"
+    )]
+    NeedSigningKey { repo: String },
     #[error("backup {id}: cannot read {} written by pg_basebackup: {detail}", path.display())]
     BadBackupFiles {
         id: String,
@@ -194,6 +201,15 @@ fn new_id(repo: &Repo, kind: BackupType) -> Result<String, RepoError> {
 }
 
 pub fn take(repo: &Repo, opts: &BackupOptions) -> Result<BackupLabel, BackupError> {
+    // An unsigned label among encrypted objects could not be told from a
+    // planted one, and where verify keys are set it would be refused:
+    // refused before anything, the server included.
+    let keys = repo.keys();
+    if keys.trust.signer.is_none() && (keys.to.is_some() || !keys.trust.verify.is_empty()) {
+        return Err(BackupError::NeedSigningKey {
+            repo: repo.location(),
+        });
+    }
     let mut db = Db::connect(opts.conninfo.as_deref())?;
     let target = db.target().to_owned();
     let server = server_facts(&mut db)?;
@@ -228,6 +244,7 @@ pub fn take(repo: &Repo, opts: &BackupOptions) -> Result<BackupLabel, BackupErro
         BackupType::Full => None,
         BackupType::Incremental => Some(choose_parent(repo, opts, &server, &target)?),
     };
+    let parent_id = parent.as_ref().map(|p| p.id.clone());
 
     let tool_version = opts.pg_bin.version("pg_basebackup")?;
     let id = new_id(repo, kind)?;
@@ -243,7 +260,7 @@ pub fn take(repo: &Repo, opts: &BackupOptions) -> Result<BackupLabel, BackupErro
         pg_version: server.major,
         system_identifier: server.system_identifier.clone(),
         kind,
-        parent: parent.clone(),
+        parent: parent_id,
         status: BackupStatus::Running,
         failure: None,
         start_lsn: None,
@@ -259,6 +276,8 @@ pub fn take(repo: &Repo, opts: &BackupOptions) -> Result<BackupLabel, BackupErro
         encryption: None,
         tool_version: format!("reentry {}; {tool_version}", env!("CARGO_PKG_VERSION")),
         verification: None,
+        objects: Default::default(),
+        signature: None,
     };
     // On object storage the label is written once, when the backup ends.
     let local = repo.local_root().is_some();
@@ -267,11 +286,10 @@ pub fn take(repo: &Repo, opts: &BackupOptions) -> Result<BackupLabel, BackupErro
     }
     tracing::info!(id = %id, kind = ?kind, target = %target, "backup started");
 
-    let result = match copy_and_settle(repo, opts, &mut label, parent.as_deref()) {
+    let result = match copy_and_settle(repo, opts, &mut label, parent.as_ref()) {
         Ok(()) => {
             label.status = BackupStatus::Complete;
-            repo.save_label(&label)?;
-            Ok(label)
+            Ok(repo.save_label(&label)?)
         }
         Err(e) => {
             label.status = BackupStatus::Failed;
@@ -295,7 +313,7 @@ fn choose_parent(
     opts: &BackupOptions,
     server: &Server,
     target: &str,
-) -> Result<String, BackupError> {
+) -> Result<BackupLabel, BackupError> {
     if server.major < 17 {
         return Err(BackupError::IncrementalUnsupported {
             version: server.major,
@@ -307,7 +325,7 @@ fn choose_parent(
         });
     }
     let label = match &opts.parent {
-        Some(id) => repo.label(id)?,
+        Some(id) => repo.trusted_label(id)?,
         None => repo
             .backups()?
             .into_iter()
@@ -333,14 +351,14 @@ fn choose_parent(
             label.system_identifier, server.system_identifier
         )));
     }
-    Ok(label.id)
+    Ok(label)
 }
 
 fn copy_and_settle(
     repo: &Repo,
     opts: &BackupOptions,
     label: &mut BackupLabel,
-    parent: Option<&str>,
+    parent: Option<&BackupLabel>,
 ) -> Result<(), BackupError> {
     // On object storage, and in a local repository with recipients,
     // pg_basebackup writes to a scratch directory, which is then packed
@@ -395,7 +413,7 @@ fn copy_and_settle(
     // manifest through a scratch file.
     let mut parent_scratch = None;
     if let Some(p) = parent {
-        let manifest = match repo.backup_data(p)? {
+        let manifest = match repo.backup_data(&p.id)? {
             Some(d) => d.join("backup_manifest"),
             None => {
                 let s: &ScratchDir = parent_scratch.insert(
@@ -435,7 +453,7 @@ fn copy_and_settle(
         fsutil::tree_size(&data).map_err(crate::backup::repo::io_err("measure", &data))?;
     (label.size_bytes, label.file_count) = (bytes, files);
     if scratch.is_some() {
-        let index = packed::upload(
+        let up = packed::upload(
             repo.store(),
             &label.id,
             &data,
@@ -448,8 +466,9 @@ fn copy_and_settle(
             opts.jobs,
             &*opts.reporter,
         )?;
-        label.stored_bytes = Some(index.stored_bytes());
+        label.stored_bytes = Some(up.index.stored_bytes());
         label.encryption = repo.keys().to.as_ref().map(|r| r.describe());
+        label.objects = up.objects;
     } else {
         repo.save_label(label)?;
     }

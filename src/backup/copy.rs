@@ -10,6 +10,11 @@
 //! object storage packed (packed.rs); the objects of one whose copy was
 //! killed before its label are removed and packed again.
 //!
+//! Only labels that check out at the source are copied (`trusted_label`,
+//! signature included): a planted one is named as a problem, not spread.
+//! A label goes as it is, its signature with it; one packed on the way
+//! is signed again, which needs the signing key.
+//!
 //! Each run is recorded in the source (`copies/<destination>.json`), which
 //! `status` reads to show how far the copy is behind.
 
@@ -40,6 +45,11 @@ pub enum CopyError {
     Pack(#[from] PackError),
     #[error(transparent)]
     Repo(#[from] crate::backup::repo::RepoError),
+    #[error(
+        "backup {id} is packed on its way to {to}, which changes its label, and no signing key \
+         is set to sign it again: pass --signing-key (or set signing.key-file); nothing was copied"
+    )]
+    NeedSigningKey { id: String, to: String },
     #[error("{to} is {from} itself: copy to another bucket, prefix or directory")]
     SameRepository { from: String, to: String },
     #[error("{location} arrived different from what was sent ({got}, sent {sent})")]
@@ -175,12 +185,27 @@ pub fn copy(
             objects.push(o);
         }
     }
-    // Labels only of backups that are complete at the source.
+    // Labels only of backups that are complete at the source, and that
+    // check out there: a planted one is named, never spread.
     let mut ready = Vec::new();
+    let mut trusted = std::collections::BTreeMap::new();
     for l in labels {
         let id = backup_of(&l.key).unwrap_or_default().to_owned();
-        if from.label(&id).is_ok_and(|b| b.is_usable()) {
-            ready.push(l);
+        match from.trusted_label(&id) {
+            Ok(b) if b.is_usable() => {
+                trusted.insert(id, b);
+                ready.push(l);
+            }
+            Ok(_) => {}
+            Err(crate::backup::repo::RepoError::Untrusted { refused, .. }) => {
+                report.problems.push(format!(
+                    "{}/{} not copied: refused: {}",
+                    src.location(),
+                    refused.key,
+                    refused.problem
+                ));
+            }
+            Err(e) => return Err(e.into()),
         }
     }
     to_pack.retain(|id| ready.iter().any(|l| backup_of(&l.key) == Some(id)));
@@ -191,11 +216,24 @@ pub fn copy(
     report.missing_bytes = objects.iter().chain(&ready).map(|o| o.size).sum::<u64>()
         + to_pack
             .iter()
-            .filter_map(|id| from.label(id).ok())
+            .filter_map(|id| trusted.get(id))
             .map(|l| l.size_bytes)
             .sum::<u64>();
     if dry_run {
         return Ok(report);
+    }
+    // A packed backup's label changes (its objects, its size): signed
+    // again, or not at all where it must be.
+    if to.keys().trust.signer.is_none() {
+        if let Some(id) = to_pack
+            .iter()
+            .find(|id| to.keys().to.is_some() || trusted[*id].signature.is_some())
+        {
+            return Err(CopyError::NeedSigningKey {
+                id: id.clone(),
+                to: dst.location(),
+            });
+        }
     }
 
     progress.stage("copying", Some(report.missing_bytes));
@@ -302,9 +340,12 @@ pub fn copy(
                 dst.delete(&o.key)?;
             }
             let data = from.backup_data(id)?.expect("a local backup");
-            let index = packed::upload(dst, id, &data, form, to.keys(), jobs, progress)?;
-            report.bytes += index.stored_bytes();
+            let up = packed::upload(dst, id, &data, form, to.keys(), jobs, progress)?;
+            report.bytes += up.index.stored_bytes();
             report.packed.push(id.to_owned());
+            let label = trusted.get_mut(id).expect("a ready backup's label");
+            label.stored_bytes = Some(up.index.stored_bytes());
+            label.objects = up.objects;
         } else {
             let mine: Vec<_> = backup_objects
                 .iter()
@@ -316,11 +357,11 @@ pub fn copy(
             pause_point("copy", "labels");
         }
         if to_pack.iter().any(|p| p == id) {
-            let mut label = from.label(id)?;
-            let index = packed::index(dst, id)?;
-            label.stored_bytes = Some(index.stored_bytes());
+            let mut label = trusted[id].clone();
             label.encryption = to.keys().to.as_ref().map(|r| r.describe());
             label.verification = None;
+            label.signature = None;
+            let label = to.signed(&label);
             let mut text = serde_json::to_vec_pretty(&label).expect("a label serializes");
             text.push(b'\n');
             if dst.put_if_absent(&l.key, &text)? == Put::Created {
@@ -333,7 +374,9 @@ pub fn copy(
     report.copied = copied.into_inner() as usize;
     report.present = present.into_inner() as usize;
     report.bytes += done.into_inner();
-    report.problems = problems.into_inner().expect("no panic holding it");
+    report
+        .problems
+        .extend(problems.into_inner().expect("no panic holding it"));
     progress.finish();
 
     let newest_wal = to.archive().list().ok().and_then(|l| {

@@ -70,6 +70,9 @@ pub struct ExpirePlan {
     /// On object storage: objects of backups that never got their label,
     /// or lost it to an expire that died; deleted with the plan.
     pub abandoned: Vec<Abandoned>,
+    /// Labels no verify key vouches for: not written by the backup host.
+    /// Left alone: neither deleted nor counted, their WAL not kept for them.
+    pub ignored: Vec<Refused>,
     pub applied: bool,
 }
 
@@ -345,6 +348,7 @@ pub fn plan(
         .collect();
     Ok(ExpirePlan {
         abandoned: Vec::new(),
+        ignored: Vec::new(),
         keep,
         expire,
         expire_wal,
@@ -413,13 +417,21 @@ pub fn plan_for(repo: &Repo, policy: &Policy) -> Result<ExpirePlan, ExpireError>
         .unwrap_or(16 << 20);
     let now = SystemTime::now();
     // Retention decides from the labels alone: one that does not check
-    // out (a planted one) stops it before it plans anything.
+    // out stops it before it plans anything. One no verify key vouches
+    // for was not written by the backup host: it is left out, and left
+    // alone.
     let survey = repo.survey(now)?;
-    if !survey.refused.is_empty() {
+    let (ignored, refused): (Vec<Refused>, Vec<Refused>) =
+        survey.refused.into_iter().partition(|r| r.unsigned);
+    if !refused.is_empty() {
         return Err(ExpireError::Untrusted {
             repo: repo.location(),
-            refused: survey.refused,
+            refused,
         });
+    }
+    for r in &ignored {
+        tracing::warn!(repo = %repo.location(), label = %r.key, problem = %r.problem,
+            "backup label ignored: no verify key vouches for it; not counted, not deleted; a person must look");
     }
     let mut p = plan(
         &survey.labels,
@@ -428,6 +440,7 @@ pub fn plan_for(repo: &Repo, policy: &Policy) -> Result<ExpirePlan, ExpireError>
         policy,
         now,
     )?;
+    p.ignored = ignored;
     let protection = repo.store().protection().map_err(RepoError::from)?;
     if repo.local_root().is_none() {
         p.abandoned = abandoned(repo, policy, protection.as_ref(), now)?;
@@ -634,6 +647,8 @@ mod tests {
             encryption: None,
             tool_version: "t".into(),
             verification: None,
+            objects: Default::default(),
+            signature: None,
         }
     }
 

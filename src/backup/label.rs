@@ -2,11 +2,13 @@
 //! WAL starts and stops, and whether it was verified. The repository is the source of truth; the catalog table is a
 //! mirror.
 
+use std::collections::BTreeMap;
 use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
 
 use crate::backup::repo::CLOCK_SKEW;
+use crate::backup::stored::Checksum;
 use crate::pg::lsn::Lsn;
 use crate::pg::wal::SegmentName;
 
@@ -93,6 +95,14 @@ pub struct BackupLabel {
     pub encryption: Option<crate::crypt::Encryption>,
     pub tool_version: String,
     pub verification: Option<Verification>,
+    /// The SHA-256 of each object beside the label that a restore trusts
+    /// (`files.json`, `backup_manifest`), as stored, checked on every read;
+    /// a signature covers them (sign.rs).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub objects: BTreeMap<String, Checksum>,
+    /// By the backup host's signing key; none when it had none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signature: Option<crate::sign::Signature>,
 }
 
 /// Whether `s` has the shape `basebackup::new_id` gives a backup id:

@@ -13,11 +13,15 @@
 //! backup ends (complete or failed), after everything it names: a backup
 //! is visible whole or not at all.
 //!
-//! Labels are not signed: whoever can write into the repository (the
-//! database host, which archives there) can plant one. So a label is
-//! trusted only when its id is the key it was read from and has the shape
-//! of a generated id, it is of the archive's cluster, and it is not dated
-//! in the future; any other is refused and named, never used.
+//! Whoever can write into the repository (the database host, which
+//! archives there, or a credential that can only put objects) can plant a
+//! label. So a label is trusted only when its id is the key it was read
+//! from and has the shape of a generated id, it is of the archive's
+//! cluster, and it is not dated in the future; any other is refused and
+//! named, never used. Where the host is set up for an encrypted
+//! repository, or has a verify key, a label must also carry a signature
+//! that one of its verify keys verifies (sign.rs): a principal without the
+//! signing key cannot make one.
 
 use std::fs;
 use std::io;
@@ -65,6 +69,13 @@ pub enum RepoError {
          planted to steer retention or restore; remove it if it is not a genuine backup"
     )]
     Untrusted { repo: String, refused: Refused },
+    #[error(
+        "{repo}: this host encrypts or decrypts the repository, so its backup labels must be \
+         signed, and no key to verify them is set: set signing.verify-keys in the config \
+         (or --verify-key, or REENTRY_VERIFY_KEYS) to the public key(s) that \
+         `reentry repo keygen` printed on the backup host"
+    )]
+    NeedVerifyKey { repo: String },
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error(transparent)]
@@ -93,6 +104,10 @@ pub struct RestorePoint {
 pub struct Refused {
     pub key: String,
     pub problem: String,
+    /// No verify key vouches for it: unsigned, signed by another key,
+    /// changed after it was signed, or signed under another key. Nothing
+    /// the backup host wrote: ignored (never deleted) rather than a stop.
+    pub unsigned: bool,
 }
 
 impl std::fmt::Display for Refused {
@@ -299,13 +314,54 @@ impl Repo {
     }
 
     fn untrusted(&self, id: &str, problem: String) -> RepoError {
+        self.refuse(id, problem, false)
+    }
+
+    fn refuse(&self, id: &str, problem: String, unsigned: bool) -> RepoError {
         RepoError::Untrusted {
             repo: self.location(),
             refused: Refused {
                 key: Repo::backup_key(id, LABEL_FILE),
                 problem,
+                unsigned,
             },
         }
+    }
+
+    /// Refuses label `text`, read from `key` of backup `id`, unless a
+    /// verify key vouches for it. With none set, a host that encrypts or
+    /// decrypts cannot tell a planted label: an error, before anything.
+    fn check_signature(&self, id: &str, key: &str, text: &[u8]) -> Result<(), RepoError> {
+        let trust = &self.keys.trust;
+        if !trust.verifies() {
+            if self.keys.encrypted() {
+                return Err(RepoError::NeedVerifyKey {
+                    repo: self.location(),
+                });
+            }
+            return Ok(());
+        }
+        let value: serde_json::Value = serde_json::from_slice(text).map_err(|e| {
+            self.refuse(id, format!("it is not JSON ({e}), let alone signed"), true)
+        })?;
+        crate::sign::check(trust, key, &value).map_err(|problem| self.refuse(id, problem, true))
+    }
+
+    /// `label` as it is to be stored: signed, when this host has a signing
+    /// key; else as it is (a verification recorded in a local label keeps
+    /// the signature, which does not cover it).
+    pub(crate) fn signed(&self, label: &BackupLabel) -> BackupLabel {
+        let mut label = label.clone();
+        if let Some(signer) = self.keys.trust.signer.as_deref() {
+            label.signature = None;
+            let value = serde_json::to_value(&label).expect("a label serializes");
+            label.signature = Some(crate::sign::sign(
+                signer,
+                &Repo::backup_key(&label.id, LABEL_FILE),
+                &value,
+            ));
+        }
+        label
     }
 
     /// `label` when it is of cluster `cluster` (the archive's, when it has
@@ -352,6 +408,9 @@ impl Repo {
                 })
             }
         };
+        // First: whatever else is wrong with a label no key vouches for
+        // (an id that is not its key, say), nobody this host trusts wrote it.
+        self.check_signature(id, &key, &text)?;
         let mut label = label::parse(id, &text).map_err(|p| match p {
             LabelProblem::Damaged(detail) => RepoError::BadObject {
                 location: format!("{}/{key}", self.location()),
@@ -359,6 +418,23 @@ impl Repo {
             },
             LabelProblem::Untrusted(problem) => self.untrusted(id, problem),
         })?;
+        if let Some(e) = label
+            .encryption
+            .as_ref()
+            .filter(|_| !self.keys.trust.verifies())
+        {
+            // Here only when this host has no key at all: its labels
+            // cannot be told from planted ones.
+            return Err(self.refuse(
+                id,
+                format!(
+                    "it records encryption (key id {}), so it must be signed, and no verify \
+                     key is set here to check it: set signing.verify-keys (or --verify-key)",
+                    e.key_id
+                ),
+                true,
+            ));
+        }
         if self.local.is_none() {
             // Verifications are objects of their own beside the label,
             // which is never rewritten: the newest one counts.
@@ -378,35 +454,40 @@ impl Repo {
         Ok(label)
     }
 
-    /// Records the label. Locally it is rewritten as the backup goes; on
-    /// object storage it is written once, when the backup has ended.
-    pub fn save_label(&self, label: &BackupLabel) -> Result<(), RepoError> {
+    /// Records the label, signed when this host has a signing key, and
+    /// returns it as recorded. Locally it is rewritten as the backup goes;
+    /// on object storage it is written once, when the backup has ended.
+    pub fn save_label(&self, label: &BackupLabel) -> Result<BackupLabel, RepoError> {
+        let mut label = self.signed(label);
         match &self.local {
             Some(_) => {
                 let dir = self.backup_dir(&label.id)?;
                 fsutil::create_dir_all_durable(&dir).map_err(io_err("create directory", &dir))?;
-                write_json(&dir.join(LABEL_FILE), label)
+                write_json(&dir.join(LABEL_FILE), &label)?;
             }
             None => {
-                let mut label = label.clone();
                 label.verification = None;
                 let key = Repo::backup_key(&label.id, LABEL_FILE);
-                match self.store.put_new_or_same(&key, &json_bytes(&label))? {
-                    Put::Created => Ok(()),
-                    Put::Exists => Err(RepoError::BackupExists {
+                if self.store.put_new_or_same(&key, &json_bytes(&label))? == Put::Exists {
+                    return Err(RepoError::BackupExists {
                         id: label.id.clone(),
                         repo: self.location(),
-                    }),
+                    });
                 }
             }
         }
+        Ok(label)
     }
 
     /// Records a verification of backup `label`: in its label locally,
-    /// as an object of its own on object storage.
+    /// as an object of its own on object storage. Its signature does not
+    /// cover it: a host that verifies holds no signing key.
     pub fn save_verification(&self, label: &BackupLabel) -> Result<(), RepoError> {
         match (&self.local, &label.verification) {
-            (Some(_), _) => self.save_label(label),
+            (Some(_), _) => {
+                let dir = self.backup_dir(&label.id)?;
+                write_json(&dir.join(LABEL_FILE), label)
+            }
             (None, Some(v)) => {
                 let key = Repo::backup_key(
                     &label.id,
@@ -539,6 +620,8 @@ mod tests {
             encryption: None,
             tool_version: "t".into(),
             verification: None,
+            objects: Default::default(),
+            signature: None,
         }
     }
 
@@ -648,6 +731,102 @@ mod tests {
             s.refused[0].problem.contains("in the future"),
             "{}",
             s.refused[0]
+        );
+    }
+
+    #[test]
+    fn with_a_verify_key_only_signed_labels_are_read_and_others_are_refused_as_unsigned() {
+        use crate::sign::{keygen, SigningKey, Trust};
+        let dir = ScratchDir::new("reentry-repo-test").unwrap();
+        let public = keygen(&dir.path().join("k.pem")).unwrap();
+        let signer = Arc::new(SigningKey::from_file(&dir.path().join("k.pem")).unwrap());
+        let with = |trust: Trust| {
+            Repo::new(dir.path()).with_keys(Keys {
+                trust,
+                ..Keys::default()
+            })
+        };
+        let writer = with(Trust {
+            signer: Some(signer),
+            verify: vec![],
+        });
+        let reader = with(Trust {
+            signer: None,
+            verify: vec![public],
+        });
+        let id = "20260102-030405F";
+        writer.save_label(&label(id, None)).unwrap();
+        let read = reader.label(id).unwrap();
+        assert!(read.signature.is_some());
+        // A verification recorded later, by a host with no signing key.
+        let mut verified = read.clone();
+        verified.verification = Some(crate::backup::label::Verification {
+            status: crate::backup::label::VerifyStatus::Ok,
+            at: "2026-01-03T00:00:00Z".into(),
+            problems: vec![],
+        });
+        reader.save_verification(&verified).unwrap();
+        assert_eq!(
+            reader.label(id).unwrap().verification,
+            verified.verification
+        );
+
+        // Unsigned; the signed label verbatim under another key; changed.
+        plant(
+            dir.path(),
+            "20260102-030406F",
+            &label("20260102-030406F", None),
+        );
+        let replayed = dir.path().join(BACKUP_DIR).join("20260102-030407F");
+        fs::create_dir_all(&replayed).unwrap();
+        let text = fs::read(dir.path().join(BACKUP_DIR).join(id).join(LABEL_FILE)).unwrap();
+        fs::write(replayed.join(LABEL_FILE), &text).unwrap();
+        let changed = String::from_utf8(text)
+            .unwrap()
+            .replace("\"size_bytes\": 1", "\"size_bytes\": 2");
+        fs::write(
+            dir.path().join(BACKUP_DIR).join(id).join(LABEL_FILE),
+            changed,
+        )
+        .unwrap();
+        for (key, says) in [
+            ("20260102-030406F", "it is not signed"),
+            ("20260102-030407F", "its signature does not verify"),
+            (id, "its signature does not verify"),
+        ] {
+            let r = refusal(reader.label(key).unwrap_err());
+            assert!(r.unsigned && r.problem.contains(says), "{key}: {r}");
+        }
+        // Without a key, an unencrypted repository reads them all as before.
+        assert!(Repo::new(dir.path()).label("20260102-030406F").is_ok());
+    }
+
+    #[test]
+    fn a_host_that_encrypts_or_decrypts_needs_a_verify_key_to_read_labels() {
+        let dir = ScratchDir::new("reentry-repo-test").unwrap();
+        let id = "20260102-030405F";
+        plant(dir.path(), id, &label(id, None));
+        let age = age::x25519::Identity::generate().to_public().to_string();
+        let repo = Repo::new(dir.path()).with_keys(Keys {
+            to: Some(crate::crypt::Recipients::parse(&[age], "test").unwrap()),
+            ..Keys::default()
+        });
+        let e = repo.label(id).unwrap_err();
+        assert!(matches!(e, RepoError::NeedVerifyKey { .. }), "{e}");
+        assert!(e.to_string().contains("signing.verify-keys"), "{e}");
+        // And with no key at all, a label that records encryption is not
+        // taken on trust.
+        let mut l = label(id, None);
+        l.encryption = Some(crate::crypt::Encryption {
+            algorithm: "age-x25519".into(),
+            key_id: "0011223344556677".into(),
+            recipients: vec![],
+        });
+        plant(dir.path(), id, &l);
+        let r = refusal(Repo::new(dir.path()).label(id).unwrap_err());
+        assert!(
+            r.unsigned && r.problem.contains("records encryption"),
+            "{r}"
         );
     }
 }

@@ -129,6 +129,17 @@ pub enum RestoreError {
         repo: String,
         known: String,
     },
+    #[error(
+        "refusing to choose a backup for you in {repo}: no verify key vouches for {}:{}\n\
+         nothing was written; a person must look at each (it may have been planted to be \
+         chosen), then remove it, or pass --backup ID to restore a backup you chose",
+        if refused.len() == 1 { "this label".to_owned() } else { format!("these {} labels", refused.len()) },
+        refused.iter().map(|r| format!("\n  {r}")).collect::<String>()
+    )]
+    Unsigned {
+        repo: String,
+        refused: Vec<crate::backup::repo::Refused>,
+    },
     #[error("no usable backup can reach target {target}: {why}")]
     NoBackup { target: String, why: String },
     #[error("target {target} cannot be reached from backup {backup}: {why}. Nothing was copied")]
@@ -254,8 +265,29 @@ pub fn plan(
     )
     .trim()
     .to_owned();
-    let labels: Vec<BackupLabel> = repo
-        .backups()?
+    let survey = repo.survey(SystemTime::now())?;
+    for r in &survey.refused {
+        tracing::warn!(repo = %repo.location(), label = %r.key, problem = %r.problem,
+            "backup label refused: not used; a person must look");
+    }
+    // A label no verify key vouches for was not written by the backup
+    // host, and may have been planted to be chosen: while one is there,
+    // restore does not choose by itself. One asked for by id is chosen by
+    // a person.
+    let unsigned: Vec<_> = survey
+        .refused
+        .iter()
+        .filter(|r| r.unsigned)
+        .cloned()
+        .collect();
+    if opts.backup.is_none() && !unsigned.is_empty() {
+        return Err(RestoreError::Unsigned {
+            repo: repo.location(),
+            refused: unsigned,
+        });
+    }
+    let labels: Vec<BackupLabel> = survey
+        .labels
         .into_iter()
         .filter(|b| b.is_usable() && sysid.as_ref().is_none_or(|s| *s == b.system_identifier))
         .collect();
@@ -267,7 +299,7 @@ pub fn plan(
                 .as_deref()
                 .and_then(|s| humantime::parse_rfc3339(s).ok())
                 .is_some_and(|stop| stop < *t),
-            (Target::Xid(x), _) => next_xid_of(repo, &opts.pg_bin, &b.id)? <= *x,
+            (Target::Xid(x), _) => next_xid_of(repo, &opts.pg_bin, b)? <= *x,
             _ => true,
         })
     };
@@ -422,8 +454,8 @@ pub fn last_commit_time(
 /// The next transaction id recorded in a backup's control file.
 /// The NextXID of backup `id`'s checkpoint: from its pg_control, which on
 /// object storage is the one file downloaded.
-fn next_xid_of(repo: &Repo, pg_bin: &PgBin, id: &str) -> Result<u32, RestoreError> {
-    if let Some(data) = repo.backup_data(id)? {
+fn next_xid_of(repo: &Repo, pg_bin: &PgBin, label: &BackupLabel) -> Result<u32, RestoreError> {
+    if let Some(data) = repo.backup_data(&label.id)? {
         return next_xid(pg_bin, &data);
     }
     let scratch = ScratchDir::new("reentry-control").map_err(io_err(
@@ -432,7 +464,7 @@ fn next_xid_of(repo: &Repo, pg_bin: &PgBin, id: &str) -> Result<u32, RestoreErro
     ))?;
     packed::materialise(
         repo.store(),
-        id,
+        label,
         scratch.path(),
         Some(&["global/pg_control"]),
         repo.keys(),
@@ -481,8 +513,8 @@ pub fn restore(repo: &Repo, opts: &RestoreOptions) -> Result<RestoreManifest, Re
     // index that would write outside the target is refused now too.
     for b in &chain {
         if repo.backup_data(&b.id)?.is_none() {
-            packed::manifest(repo.store(), &b.id, repo.keys())?;
-            packed::checked_index(repo.store(), &b.id, None)?;
+            packed::manifest(repo.store(), b, repo.keys())?;
+            packed::checked_index(repo.store(), b)?;
         }
     }
     // A backup of a cluster with tablespaces (taken before backups refused
@@ -578,7 +610,7 @@ pub fn restore(repo: &Repo, opts: &RestoreOptions) -> Result<RestoreManifest, Re
         (1, None) => {
             packed::materialise(
                 repo.store(),
-                &backup.id,
+                &backup,
                 &to,
                 None,
                 repo.keys(),
@@ -606,7 +638,7 @@ pub fn restore(repo: &Repo, opts: &RestoreOptions) -> Result<RestoreManifest, Re
                         fsutil::create_private_dir_all(&d).map_err(io_err("create", &d))?;
                         packed::materialise(
                             repo.store(),
-                            &b.id,
+                            b,
                             &d,
                             None,
                             repo.keys(),

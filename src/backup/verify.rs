@@ -136,7 +136,8 @@ fn verify_one(
     let data = match repo.backup_data(id)? {
         Some(d) => d,
         None => {
-            let checked = packed::check(repo.store(), id, repo.keys(), opts.jobs, &*opts.progress)?;
+            let checked =
+                packed::check(repo.store(), label, repo.keys(), opts.jobs, &*opts.progress)?;
             if !opts.materialise || !checked.problems.is_empty() {
                 problems.extend(checked.problems);
                 return Ok((problems, segments.len()));
@@ -145,7 +146,7 @@ fn verify_one(
             fs::create_dir(&d).map_err(io_err("create", &d))?;
             packed::materialise(
                 repo.store(),
-                id,
+                label,
                 &d,
                 None,
                 repo.keys(),

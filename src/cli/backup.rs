@@ -235,7 +235,8 @@ fn list(ctx: &Context, repo: &Repo, a: ListArgs) -> Result<Exit, Error> {
             out = format!("no backups in {}", repo.location());
         }
         for r in &survey.refused {
-            out.push_str(&format!("\nREFUSED {r}"));
+            let mark = if r.unsigned { "UNSIGNED" } else { "REFUSED" };
+            out.push_str(&format!("\n{mark} {r}"));
         }
         Some(out)
     })?;
@@ -301,6 +302,11 @@ fn expire_cmd(ctx: &Context, repo: &Repo, a: ExpireArgs) -> Result<Exit, Error> 
                 plan.wal_rule
             )),
             _ => out.push_str("keep    all WAL\n"),
+        }
+        for r in &plan.ignored {
+            out.push_str(&format!(
+                "ignore  {r} (not written by the backup host: not counted, not deleted; a person must look)\n"
+            ));
         }
         for a in &plan.abandoned {
             let what = format!(

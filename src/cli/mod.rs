@@ -80,6 +80,27 @@ pub struct GlobalOpts {
         value_name = "FILE"
     )]
     pub identity: Option<PathBuf>,
+    /// The private key (PKCS#8 PEM) backup labels are signed with
+    /// [default: signing.key-file in the config].
+    #[arg(
+        long,
+        global = true,
+        env = "REENTRY_SIGNING_KEY_FILE",
+        hide_env_values = true,
+        value_name = "FILE"
+    )]
+    pub signing_key: Option<PathBuf>,
+    /// A public key (ed25519:…) backup labels must be signed by; repeat for
+    /// several [default: signing.verify-keys in the config].
+    #[arg(
+        long,
+        global = true,
+        env = "REENTRY_VERIFY_KEYS",
+        hide_env_values = true,
+        value_name = "KEY",
+        value_delimiter = ','
+    )]
+    pub verify_key: Vec<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -247,7 +268,41 @@ impl Context {
             )),
             None => None,
         };
-        Ok(Keys { to, identities })
+        Ok(Keys {
+            to,
+            identities,
+            trust: self.trust()?,
+        })
+    }
+
+    /// The signing key and verify keys of the flags, else the config;
+    /// one that does not parse is an error here, before anything.
+    fn trust(&self) -> Result<crate::sign::Trust, Error> {
+        use crate::sign::{SigningKey, Trust, VerifyKey};
+        let bad = |e: crate::sign::SignError| Error::Config(ConfigError::Keys(e.to_string()));
+        let (keys, what) = if self.global.verify_key.is_empty() {
+            (&self.config.signing.verify_keys, "signing.verify-keys")
+        } else {
+            (&self.global.verify_key, "--verify-key")
+        };
+        let verify = keys
+            .iter()
+            .filter(|k| !k.trim().is_empty())
+            .map(|k| VerifyKey::parse(k, what))
+            .collect::<Result<_, _>>()
+            .map_err(bad)?;
+        let signer = match self
+            .global
+            .signing_key
+            .clone()
+            .or_else(|| self.config.signing.key_file.clone())
+        {
+            Some(path) => Some(std::sync::Arc::new(
+                SigningKey::from_file(&path).map_err(bad)?,
+            )),
+            None => None,
+        };
+        Ok(Trust { signer, verify })
     }
 
     /// Whether to show progress: a person is watching stderr.

@@ -10,6 +10,26 @@ pub enum RepoCommand {
     /// drills, checked before they leave and after they arrive; run again
     /// to resume or catch up.
     Copy(CopyArgs),
+    /// A new key pair to sign backup labels with: the private key to FILE
+    /// (for the backup host), the public key on stdout (for every host
+    /// that restores, expires, verifies or copies).
+    Keygen(KeygenArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct KeygenArgs {
+    /// Where to write the private key (PKCS#8 PEM, mode 0600); it must not
+    /// exist.
+    #[arg(long, value_name = "FILE")]
+    pub out: std::path::PathBuf,
+}
+
+/// What `repo keygen` made: never the private key itself.
+#[derive(Debug, serde::Serialize)]
+struct Generated {
+    private_key_file: String,
+    public_key: String,
+    key_id: String,
 }
 
 #[derive(Debug, clap::Args)]
@@ -27,7 +47,26 @@ pub struct CopyArgs {
 pub fn run(ctx: &Context, cmd: RepoCommand) -> Result<Exit, Error> {
     match cmd {
         RepoCommand::Copy(a) => copy_cmd(ctx, a),
+        RepoCommand::Keygen(a) => keygen(ctx, a),
     }
+}
+
+fn keygen(ctx: &Context, a: KeygenArgs) -> Result<Exit, Error> {
+    let public = crate::sign::keygen(&a.out)
+        .map_err(|e| Error::Config(crate::config::ConfigError::Keys(e.to_string())))?;
+    let g = Generated {
+        private_key_file: a.out.display().to_string(),
+        public_key: public.to_string(),
+        key_id: public.key_id().to_string(),
+    };
+    ctx.emit(&g, || {
+        Some(format!(
+            "{}\n# private key written to {} (key id {}): set signing.key-file to it on the \
+             backup host only; set signing.verify-keys to the line above everywhere",
+            g.public_key, g.private_key_file, g.key_id
+        ))
+    })?;
+    Ok(Exit::Ok)
 }
 
 fn copy_cmd(ctx: &Context, a: CopyArgs) -> Result<Exit, Error> {

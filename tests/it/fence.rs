@@ -519,10 +519,12 @@ fn the_target_is_private_while_the_backup_is_laid_out_in_it() {
     let identity = e.dir("keys").join("identity");
     write_secret(&identity, &secret);
     give_to_server_user(&identity);
+    let (signing, _) = crate::common::signing_key(&e.dir("keys"));
     let encrypted = |args: &[&str]| {
         let mut cmd = command(&e, &erepo, args);
         cmd.env("REENTRY_AGE_RECIPIENTS", &public)
-            .env("REENTRY_AGE_IDENTITY_FILE", &identity);
+            .env("REENTRY_AGE_IDENTITY_FILE", &identity)
+            .env("REENTRY_SIGNING_KEY_FILE", &signing);
         cmd
     };
     ok_json(&encrypted(&["backup"]).output().unwrap());
@@ -556,11 +558,13 @@ fn an_encrypted_local_backup_stages_in_the_scratch_directory_it_is_given() {
     ]);
     c.start();
     let no_tmp = c.root().join("no-such-tmp");
+    let (signing, _) = crate::common::signing_key(&c.dir("keys"));
     let backup = |extra: &[&str]| -> Output {
         let mut args = vec!["backup"];
         args.extend_from_slice(extra);
         command(&c, &repo, &args)
             .env("REENTRY_AGE_RECIPIENTS", &public)
+            .env("REENTRY_SIGNING_KEY_FILE", &signing)
             .env("TMPDIR", &no_tmp)
             .output()
             .unwrap()

@@ -204,3 +204,116 @@ fn a_label_of_another_system_identifier_is_refused() {
         "{err}"
     );
 }
+
+/// Signing is optional on an unencrypted repository, and checked wherever
+/// a verify key is set: a local backup signed by the backup host, then a
+/// well-formed label dated now with its WAL further on, unsigned. Without
+/// the signature check, `expire --retain-full 1 --apply` would keep it as
+/// the newest full backup and delete the genuine one with its WAL; with
+/// the verify key it is ignored and left alone, and the genuine backup and
+/// its WAL stay.
+#[test]
+fn with_a_verify_key_an_unsigned_label_is_ignored_by_expire_and_deletes_nothing_genuine() {
+    let (c, repo) = archiving(Version::V18, "", &[]);
+    c.client()
+        .batch_execute("CREATE TABLE t AS SELECT g AS id FROM generate_series(1, 1000) g")
+        .unwrap();
+    let (signing, verify) = crate::common::signing_key(&c.dir("keys"));
+    let (conninfo, bin) = (c.conninfo(), c.version.bin_dir());
+    let out = run(
+        &repo,
+        &[
+            "--signing-key",
+            signing.to_str().unwrap(),
+            "backup",
+            "--db",
+            &conninfo,
+            "--pg-bin",
+            bin.to_str().unwrap(),
+        ],
+    );
+    assert_exit(&out, 0);
+    let genuine: Value = serde_json::from_str(&stdout(&out)).unwrap();
+    let gid = genuine["id"].as_str().unwrap().to_owned();
+    assert_eq!(genuine["signature"]["algorithm"], "ed25519", "{genuine}");
+    switch_and_wait_archived(&c);
+    switch_and_wait_archived(&c);
+    let lsn: String = c
+        .client()
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .unwrap()
+        .get(0);
+    let now = std::time::SystemTime::now();
+    let digits: String = humantime::format_rfc3339_seconds(now)
+        .to_string()
+        .chars()
+        .filter(char::is_ascii_digit)
+        .collect();
+    let fake = format!("{}-{}F", &digits[..8], &digits[8..14]);
+    let mut planted = genuine.clone();
+    planted.as_object_mut().unwrap().remove("signature");
+    let when = humantime::format_rfc3339_millis(now).to_string();
+    planted["id"] = fake.as_str().into();
+    planted["start_time"] = when.clone().into();
+    planted["stop_time"] = when.into();
+    planted["start_lsn"] = lsn.as_str().into();
+    planted["stop_lsn"] = lsn.as_str().into();
+    planted["wal_ranges"] = serde_json::json!([{"timeline": 1, "start_lsn": lsn, "end_lsn": lsn}]);
+    plant(&repo, &fake, &planted);
+    let first_needed = {
+        let start = genuine["wal_ranges"][0]["start_lsn"].as_str().unwrap();
+        let (hi, lo) = start.split_once('/').unwrap();
+        let segno = ((u64::from_str_radix(hi, 16).unwrap() << 32)
+            | u64::from_str_radix(lo, 16).unwrap())
+            >> 24;
+        format!("{:08X}{:08X}{:08X}", 1, segno >> 8, segno & 0xff)
+    };
+    let wal_from_backup: Vec<String> = files(&repo.join("archive"))
+        .into_iter()
+        .filter(|f| {
+            let name = f.rsplit('/').next().unwrap();
+            name.len() >= 24 && name[..24] >= *first_needed
+        })
+        .collect();
+    assert!(!wal_from_backup.is_empty());
+
+    let out = run(
+        &repo,
+        &[
+            "--verify-key",
+            &verify,
+            "backup",
+            "expire",
+            "--retain-full",
+            "1",
+            "--apply",
+        ],
+    );
+    assert_exit(&out, 0);
+    let p: Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(p["keep"][0]["id"], gid.as_str(), "{p}");
+    assert_eq!(p["expire"], serde_json::json!([]), "{p}");
+    assert_eq!(
+        p["ignored"][0]["key"],
+        format!("backup/{fake}/backup.json"),
+        "{p}"
+    );
+    assert!(
+        p["ignored"][0]["problem"]
+            .as_str()
+            .unwrap()
+            .contains("it is not signed"),
+        "{p}"
+    );
+    assert!(stderr(&out).contains(&format!("backup/{fake}/backup.json")));
+    assert!(repo.join("backup").join(&gid).join("data").is_dir());
+    assert!(repo
+        .join("backup")
+        .join(&fake)
+        .join("backup.json")
+        .is_file());
+    let after = files(&repo.join("archive"));
+    for f in &wal_from_backup {
+        assert!(after.contains(f), "{f} was deleted");
+    }
+}

@@ -470,10 +470,13 @@ fn s3_pg18_encrypted_backup_chain_verify_restore_and_drill_entirely_from_s3() {
     let identity = c.dir("keys").join("identity");
     crate::common::write_secret(&identity, &secret);
     crate::common::give_to_server_user(&identity);
+    // Labels signed with a key of the backup host's own.
+    let (signing, _) = crate::common::signing_key(&c.dir("keys"));
     let s3_at = |c: &Cluster, name: &str, args: &[&str]| {
         let mut cmd = s3_at(c, name, args);
         cmd.env("REENTRY_AGE_RECIPIENTS", &public)
-            .env("REENTRY_AGE_IDENTITY_FILE", &identity);
+            .env("REENTRY_AGE_IDENTITY_FILE", &identity)
+            .env("REENTRY_SIGNING_KEY_FILE", &signing);
         cmd
     };
     // A table of more than one 16 MiB piece, and small files beside it.
@@ -673,6 +676,17 @@ fn s3_encrypted_backups_and_wal_need_only_the_public_key_and_a_wrong_key_fails_b
     c.client()
         .batch_execute("CREATE TABLE secret_notes AS SELECT g AS id, 'plaintext-marker-' || g AS note FROM generate_series(1, 20000) g")
         .unwrap();
+    // The backup host signs labels with its own key; every other command
+    // here verifies them with the public key alone.
+    let (signing, verify) = crate::common::signing_key(&c.dir("keys"));
+    let s3_at = |c: &Cluster, name: &str, args: &[&str]| {
+        let mut cmd = s3_at(c, name, args);
+        cmd.env("REENTRY_VERIFY_KEYS", &verify);
+        if args.last() == Some(&"backup") {
+            cmd.env("REENTRY_SIGNING_KEY_FILE", &signing);
+        }
+        cmd
+    };
     let b1 = ok_json(
         &s3_at(&c, &name, &["--encrypt-to", &old_public, "backup"])
             .output()
@@ -1151,6 +1165,15 @@ fn s3_restore_refuses_a_tampered_index_and_writes_nothing_outside_its_target() {
     let key = format!("backup/{}/files.json", b["id"].as_str().unwrap());
     let genuine: Value = serde_json::from_slice(&s.get(&key).unwrap().unwrap()).unwrap();
     let raw_len = genuine["pieces"][0]["raw_len"].as_u64().unwrap();
+    // Nothing is signed here, so whoever plants an index rewrites the label
+    // too, without the index's checksum it records: what is left to stop
+    // the index is its own check.
+    let label_key = format!("backup/{}/backup.json", b["id"].as_str().unwrap());
+    let mut label: Value = serde_json::from_slice(&s.get(&label_key).unwrap().unwrap()).unwrap();
+    assert!(label["objects"]["files.json"].is_string(), "{label}");
+    label.as_object_mut().unwrap().remove("objects");
+    s.put(&label_key, &serde_json::to_vec_pretty(&label).unwrap())
+        .unwrap();
 
     let restores = c.dir("restores");
     let outside = c.dir("outside");
@@ -1194,7 +1217,7 @@ fn s3_restore_refuses_a_tampered_index_and_writes_nothing_outside_its_target() {
                     e.push(file("l/evil"));
                 })
             },
-            r#"entry "l" is a link outside pg_tblspc/"#.into(),
+            format!(r#"entry "l" is a link (to "{}")"#, outside.display()),
         ),
         (
             "a tablespace link out of the target, then a file through it",
@@ -1207,7 +1230,7 @@ fn s3_restore_refuses_a_tampered_index_and_writes_nothing_outside_its_target() {
                 })
             },
             format!(
-                r#"entry "pg_tblspc/99999" links to "{}", outside the directory"#,
+                r#"entry "pg_tblspc/99999" is a link (to "{}")"#,
                 outside.display()
             ),
         ),
@@ -1325,10 +1348,12 @@ fn a_local_encrypted_repository_holds_no_plaintext_and_restores() {
     let identity = c.dir("keys").join("identity");
     crate::common::write_secret(&identity, &secret);
     crate::common::give_to_server_user(&identity);
+    let (signing, _) = crate::common::signing_key(&c.dir("keys"));
     let reentry = |args: &[&str]| {
         let mut cmd = command(&c, &repo, args);
         cmd.env("REENTRY_AGE_RECIPIENTS", &public)
-            .env("REENTRY_AGE_IDENTITY_FILE", &identity);
+            .env("REENTRY_AGE_IDENTITY_FILE", &identity)
+            .env("REENTRY_SIGNING_KEY_FILE", &signing);
         cmd.output().unwrap()
     };
     let b = ok_json(&reentry(&["backup"]));
@@ -1427,4 +1452,360 @@ fn s3_a_backup_whose_creates_lose_their_answers_finds_its_own_objects_and_succee
             .output()
             .unwrap(),
     );
+}
+
+/// Every key in `bucket`, listed with S3's own ListObjectsV2 on the
+/// services' endpoint, not through reentry; relative to the repository's
+/// prefix, `repo/`, which holds them all.
+fn bucket_keys(bucket: &str) -> BTreeSet<String> {
+    let http = reqwest::blocking::Client::new();
+    let mut keys = BTreeSet::new();
+    let mut token: Option<String> = None;
+    loop {
+        let mut url = format!("{}/{bucket}?list-type=2", endpoint());
+        if let Some(t) = &token {
+            url.push_str(&format!(
+                "&continuation-token={}",
+                t.replace('+', "%2B")
+                    .replace('/', "%2F")
+                    .replace('=', "%3D")
+            ));
+        }
+        let body = http.get(url).send().unwrap().text().unwrap();
+        let tag = |name: &str, text: &str| -> Vec<String> {
+            text.split(&format!("<{name}>"))
+                .skip(1)
+                .filter_map(|p| p.split(&format!("</{name}>")).next())
+                .map(str::to_owned)
+                .collect()
+        };
+        for key in tag("Key", &body) {
+            let k = key.strip_prefix("repo/");
+            keys.insert(
+                k.unwrap_or_else(|| panic!("{key} is outside repo/"))
+                    .to_owned(),
+            );
+        }
+        token = tag("NextContinuationToken", &body).into_iter().next();
+        if token.is_none() {
+            return keys;
+        }
+    }
+}
+
+/// The name of the timeline 1 segment (16 MiB) that holds `lsn` (`X/Y`).
+fn segment_of(lsn: &str) -> String {
+    let (hi, lo) = lsn.split_once('/').unwrap();
+    let lsn = (u64::from_str_radix(hi, 16).unwrap() << 32) | u64::from_str_radix(lo, 16).unwrap();
+    let segno = lsn >> 24;
+    format!("{:08X}{:08X}{:08X}", 1, segno >> 8, segno & 0xff)
+}
+
+/// A backup id of the generated shape for `t`, as `reentry backup` names
+/// one taken then.
+fn id_at(t: std::time::SystemTime, kind: char) -> String {
+    let digits: String = humantime::format_rfc3339_seconds(t)
+        .to_string()
+        .chars()
+        .filter(char::is_ascii_digit)
+        .collect();
+    format!("{}-{}{kind}", &digits[..8], &digits[8..14])
+}
+
+/// Issue 27, point 4: on an encrypted repository a principal that can
+/// only put objects (a leaked credential, the bucket's other writers) can
+/// plant a label dated now, of the right cluster, its id its key, with an
+/// index and pieces of its choosing. Labels are signed by the backup host,
+/// so: restore refuses to choose (and restores the genuine backup asked
+/// for by id), expire deletes nothing genuine (counted by S3's own
+/// listing), copy does not spread it, a changed byte of the genuine index
+/// is refused, and no key is ever printed.
+#[test]
+fn s3_signed_labels_planted_ones_steer_neither_restore_nor_expire_and_no_key_is_printed() {
+    let (name, s) = bucket("signed", "repo");
+    let (second, _) = bucket("signed-copy", "repo");
+    let (secret, public) = age_key();
+    let c = archiving_to_s3_with(&name, &[("REENTRY_AGE_RECIPIENTS", &public)]);
+    let keys = c.dir("keys");
+    let identity = keys.join("identity");
+    crate::common::write_secret(&identity, &secret);
+    crate::common::give_to_server_user(&identity);
+    let (signing, verify) = crate::common::signing_key(&keys);
+    let outputs = std::cell::RefCell::new(Vec::new());
+    let run = |mut cmd: Command| {
+        let o = cmd.output().unwrap();
+        outputs.borrow_mut().push(o.clone());
+        o
+    };
+    // The backup host: recipients and the signing key. Everyone else: the
+    // verify key (and the identity where data is read).
+    let backup_host = |args: &[&str]| {
+        let mut cmd = s3_at(&c, &name, args);
+        cmd.env("REENTRY_AGE_RECIPIENTS", &public)
+            .env("REENTRY_SIGNING_KEY_FILE", &signing);
+        run(cmd)
+    };
+    let reader = |bucket: &str, args: &[&str]| {
+        let mut cmd = s3_at(&c, bucket, args);
+        cmd.env("REENTRY_AGE_IDENTITY_FILE", &identity)
+            .env("REENTRY_VERIFY_KEYS", &verify);
+        run(cmd)
+    };
+    c.client()
+        .batch_execute("CREATE TABLE t AS SELECT g AS id FROM generate_series(1, 3000) g")
+        .unwrap();
+
+    // Encrypted without a signing key: refused before anything is written.
+    let mut cmd = s3_at(&c, &name, &["backup"]);
+    cmd.env("REENTRY_AGE_RECIPIENTS", &public);
+    let o = run(cmd);
+    assert_exit(&o, 78);
+    assert!(
+        stderr(&o).contains("no signing key") && stderr(&o).contains("repo keygen"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(bucket_keys(&name).iter().all(|k| !k.contains("backup/")));
+
+    let genuine = ok_json(&backup_host(&["backup"]));
+    let gid = genuine["id"].as_str().unwrap().to_owned();
+    assert_eq!(genuine["signature"]["algorithm"], "ed25519", "{genuine}");
+    assert!(genuine["objects"]["files.json"].is_string(), "{genuine}");
+    switch_and_wait_archived(&c);
+    switch_and_wait_archived(&c);
+    // Reading without a verify key, on a host that decrypts: refused.
+    let mut cmd = s3_at(&c, &name, &["backup", "list"]);
+    cmd.env("REENTRY_AGE_IDENTITY_FILE", &identity);
+    let o = run(cmd);
+    assert_exit(&o, 78);
+    assert!(stderr(&o).contains("signing.verify-keys"), "{}", stderr(&o));
+
+    // Two planted labels, copies of the genuine one dated now, their WAL
+    // further on, with objects of the planter's choosing (the genuine
+    // ones, copied): one keeps the genuine signature, one has none.
+    let lsn: String = c
+        .client()
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .unwrap()
+        .get(0);
+    let now = std::time::SystemTime::now();
+    let (kept_sig, no_sig) = (
+        id_at(now, 'F'),
+        id_at(now + std::time::Duration::from_secs(1), 'F'),
+    );
+    let label_key = |id: &str| format!("backup/{id}/backup.json");
+    let genuine_label: Value =
+        serde_json::from_slice(&s.get(&label_key(&gid)).unwrap().unwrap()).unwrap();
+    for id in [&kept_sig, &no_sig] {
+        let mut l = genuine_label.clone();
+        let when = humantime::format_rfc3339_millis(now).to_string();
+        l["id"] = id.as_str().into();
+        l["start_time"] = when.clone().into();
+        l["stop_time"] = when.into();
+        l["start_lsn"] = lsn.as_str().into();
+        l["stop_lsn"] = lsn.as_str().into();
+        l["wal_ranges"] = serde_json::json!([{"timeline": 1, "start_lsn": lsn, "end_lsn": lsn}]);
+        if id == &no_sig {
+            l.as_object_mut().unwrap().remove("signature");
+        }
+        for o in s.list(&format!("backup/{gid}/")).unwrap() {
+            if o.key.ends_with("/backup.json") {
+                continue;
+            }
+            let to = o.key.replace(&gid, id);
+            s.put(&to, &s.get(&o.key).unwrap().unwrap()).unwrap();
+        }
+        s.put(&label_key(id), &serde_json::to_vec_pretty(&l).unwrap())
+            .unwrap();
+    }
+
+    // Listed: the genuine backup only; the planted labels marked.
+    let list = ok_json(&reader(&name, &["backup", "list"]));
+    assert_eq!(list.as_array().unwrap().len(), 1, "{list}");
+    assert_eq!(list[0]["id"], gid.as_str());
+    let mut plain = reentry_s3(&name, &endpoint(), &["backup", "list"]);
+    plain.env("REENTRY_VERIFY_KEYS", &verify);
+    let text = run(plain);
+    assert_exit(&text, 0);
+    for id in [&kept_sig, &no_sig] {
+        assert!(
+            stdout(&text).contains(&format!("UNSIGNED {}", label_key(id))),
+            "{}",
+            stdout(&text)
+        );
+    }
+
+    // Restore does not choose for itself while they are there…
+    let restores = c.dir("restores");
+    let to = restores.join("latest");
+    let o = reader(
+        &name,
+        &["restore", "--latest", "--to", to.to_str().unwrap()],
+    );
+    let _guard = Restored {
+        manifest: Value::Null,
+        dir: to.clone(),
+        bin: c.version.bin_dir(),
+    };
+    assert_exit(&o, 3);
+    let err = stderr(&o);
+    assert!(err.contains("refusing to choose a backup"), "{err}");
+    assert!(
+        err.contains(&format!(
+            "{}: its signature does not verify",
+            label_key(&kept_sig)
+        )),
+        "{err}"
+    );
+    assert!(
+        err.contains(&format!("{}: it is not signed", label_key(&no_sig))),
+        "{err}"
+    );
+    assert!(!to.exists(), "the refused restore wrote its target");
+    // …refuses each planted one by id, naming it…
+    for (id, says) in [
+        (&kept_sig, "its signature does not verify"),
+        (&no_sig, "it is not signed"),
+    ] {
+        let to = restores.join(id);
+        let o = reader(
+            &name,
+            &[
+                "restore",
+                "--latest",
+                "--backup",
+                id,
+                "--to",
+                to.to_str().unwrap(),
+            ],
+        );
+        assert_exit(&o, 3);
+        assert!(
+            stderr(&o).contains(&format!("{}: {says}", label_key(id))),
+            "{}",
+            stderr(&o)
+        );
+        assert!(!to.exists());
+    }
+    // …and restores the genuine one asked for by id, with the identity
+    // and the verify key alone.
+    let dir = restores.join("genuine");
+    let out = reader(
+        &name,
+        &[
+            "restore",
+            "--latest",
+            "--backup",
+            &gid,
+            "--to",
+            dir.to_str().unwrap(),
+        ],
+    );
+    let r = Restored::from_output(&c, dir, &out);
+    assert_eq!(r.manifest["backup_id"], gid.as_str());
+    assert_eq!(r.count("t"), 3000);
+    drop(r);
+
+    // Expire keeps the genuine backup and its WAL: the planted labels are
+    // ignored, neither counted nor deleted. Only the WAL from before the
+    // genuine backup goes, as retention has it.
+    let before = bucket_keys(&name);
+    let p = ok_json(&reader(
+        &name,
+        &["backup", "expire", "--retain-full", "1", "--apply"],
+    ));
+    assert_eq!(p["keep"][0]["id"], gid.as_str(), "{p}");
+    assert_eq!(p["expire"], serde_json::json!([]), "{p}");
+    let ignored: Vec<&str> = p["ignored"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["key"].as_str().unwrap())
+        .collect();
+    assert_eq!(ignored, [label_key(&kept_sig), label_key(&no_sig)], "{p}");
+    let after = bucket_keys(&name);
+    let first_needed = segment_of(genuine["wal_ranges"][0]["start_lsn"].as_str().unwrap());
+    let wrongly: Vec<&String> = before
+        .difference(&after)
+        .filter(|k| {
+            let file = k.rsplit('/').next().unwrap();
+            !(k.starts_with("archive/0") && file.len() >= 24 && file[..24] < *first_needed)
+        })
+        .collect();
+    assert!(
+        wrongly.is_empty(),
+        "expire deleted what the genuine backup needs (it starts in {first_needed}): {wrongly:?}"
+    );
+    assert!(after.contains(&label_key(&gid)) && after.contains(&label_key(&kept_sig)));
+
+    // Copy spreads the genuine backup, signature and all, not the planted.
+    let o = reader(
+        &name,
+        &["repo", "copy", "--to", &format!("s3://{second}/repo")],
+    );
+    assert_exit(&o, 1);
+    let copied = bucket_keys(&second);
+    assert!(copied.contains(&label_key(&gid)), "{copied:?}");
+    for id in [&kept_sig, &no_sig] {
+        assert!(
+            copied.iter().all(|k| !k.contains(id.as_str())),
+            "{id} spread: {copied:?}"
+        );
+        assert!(stdout(&o).contains(&label_key(id)), "{}", stdout(&o));
+    }
+    let there = ok_json(&reader(&second, &["backup", "list"]));
+    assert_eq!(there[0]["id"], gid.as_str(), "{there}");
+
+    // One byte of the genuine index changed, the JSON and its layout still
+    // valid: refused, by restore and by verify.
+    let index_key = format!("backup/{gid}/files.json");
+    let index = s.get(&index_key).unwrap().unwrap();
+    let at = index
+        .windows(b"PG_VERSION".len())
+        .position(|w| w == b"PG_VERSION")
+        .unwrap();
+    let mut changed = index.clone();
+    changed[at + 9] = b'M';
+    s.put(&index_key, &changed).unwrap();
+    let to = restores.join("changed-index");
+    let o = reader(
+        &name,
+        &[
+            "restore",
+            "--latest",
+            "--backup",
+            &gid,
+            "--to",
+            to.to_str().unwrap(),
+        ],
+    );
+    assert_exit(&o, 3);
+    assert!(
+        stderr(&o).contains(&format!(
+            "s3://{name}/repo/{index_key} is not what its backup's label vouches for"
+        )),
+        "{}",
+        stderr(&o)
+    );
+    assert!(!to.exists() || std::fs::read_dir(&to).unwrap().next().is_none());
+    let o = reader(&name, &["backup", "verify", &gid]);
+    assert_exit(&o, 1);
+    assert!(stdout(&o).contains("vouches for"), "{}", stdout(&o));
+    s.put(&index_key, &index).unwrap();
+
+    // No output of any command holds a private key.
+    let secrets: Vec<String> = crate::common::private_key_lines(&signing)
+        .into_iter()
+        .chain([secret.clone()])
+        .collect();
+    for o in outputs.borrow().iter() {
+        for secret in &secrets {
+            assert!(
+                !stdout(o).contains(secret) && !stderr(o).contains(secret),
+                "a private key was printed:\n{}\n{}",
+                stdout(o),
+                stderr(o)
+            );
+        }
+    }
 }

@@ -76,6 +76,42 @@ pub fn write_secret(path: &Path, text: &str) {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
 }
 
+/// A new label signing key pair from `reentry repo keygen`, run as the
+/// server user into `dir`: the private key's path (0600, the server user's)
+/// and the public key it printed, which is all it printed of the pair.
+pub fn signing_key(dir: &Path) -> (PathBuf, String) {
+    let file = dir.join(unique("signing")).with_extension("pem");
+    let out = as_server_user(reentry_bin())
+        .args(["--json", "repo", "keygen", "--out"])
+        .arg(&file)
+        .env_remove("REENTRY_REPO")
+        .output()
+        .expect("run reentry repo keygen");
+    assert_exit(&out, 0);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let public = v["public_key"].as_str().unwrap().to_owned();
+    assert!(public.starts_with("ed25519:"), "{v}");
+    let mode = std::fs::metadata(&file).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "the private key is its owner's alone");
+    for secret in private_key_lines(&file) {
+        assert!(
+            !stdout(&out).contains(&secret) && !stderr(&out).contains(&secret),
+            "keygen printed the private key"
+        );
+    }
+    (file, public)
+}
+
+/// The base64 lines of a PEM private key: what must never be printed.
+pub fn private_key_lines(file: &Path) -> Vec<String> {
+    std::fs::read_to_string(file)
+        .unwrap()
+        .lines()
+        .filter(|l| !l.starts_with("-----") && !l.trim().is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
 pub fn give_to_server_user(path: &Path) {
     if let Some((uid, gid)) = server_user() {
         std::os::unix::fs::chown(path, Some(uid), Some(gid))
