@@ -108,6 +108,19 @@ pub enum ArchiveError {
         dir.display()
     )]
     UnknownCluster { name: String, dir: PathBuf },
+    #[error(
+        "{name} comes from a fenced copy: {} was restored by reentry ({what}), and a fenced copy \
+         archives nowhere. It keeps its source's system identifier, so its WAL would mix with the \
+         source's (a restore to --latest would follow its timeline). If this copy now replaces its \
+         source, move {} out of its data directory and push again",
+        dir.display(),
+        dir.join(crate::backup::restore::MANIFEST_FILE).display()
+    )]
+    FencedCopy {
+        name: String,
+        dir: PathBuf,
+        what: String,
+    },
     #[error("{name} is not in the archive at {repo}")]
     NotFound { name: String, repo: String },
     #[error("{path} is corrupt: {detail}; it was not restored. Re-push it from its source if that still exists")]
@@ -130,9 +143,37 @@ impl ArchiveError {
             | ArchiveError::ClusterMismatch { .. }
             | ArchiveError::Conflict { .. }
             | ArchiveError::DamagedConflict { .. }
-            | ArchiveError::UnknownCluster { .. } => Exit::Refused,
+            | ArchiveError::UnknownCluster { .. }
+            | ArchiveError::FencedCopy { .. } => Exit::Refused,
         }
     }
+}
+
+/// Refuses to push `name` from a data directory that `reentry restore`
+/// fenced (its `reentry-restore.json` says it listens on no TCP address):
+/// the copy keeps its source's system identifier, so nothing else tells
+/// its WAL from the source's, and someone re-enabled archiving on it.
+fn fenced_copy(opts: &PushOptions, name: &WalFileName) -> Result<(), ArchiveError> {
+    let dir = opts.pg_data.clone().unwrap_or_else(|| PathBuf::from("."));
+    let path = dir.join(crate::backup::restore::MANIFEST_FILE);
+    let text = match fs::read(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(io_err("read", &path)(e)),
+    };
+    let what = match serde_json::from_slice::<crate::backup::restore::RestoreManifest>(&text) {
+        Ok(m) if m.listen.is_some() => return Ok(()),
+        Ok(m) => format!("backup {}, restored {}", m.backup_id, m.finished_at),
+        Err(e) => format!(
+            "its {} does not read ({e})",
+            crate::backup::restore::MANIFEST_FILE
+        ),
+    };
+    Err(ArchiveError::FencedCopy {
+        name: name.to_string(),
+        dir,
+        what,
+    })
 }
 
 fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> ArchiveError + 'a {
@@ -417,6 +458,7 @@ impl Archive {
         let got = stored::read_full(&mut file, &mut first).map_err(io_err("read", src))?;
         first.truncate(got);
 
+        fenced_copy(opts, &name)?;
         let origin = self.origin(src, &name, &file, &first, opts)?;
         self.bind(&name, &origin)?;
 

@@ -22,10 +22,21 @@ pub enum CatalogError {
     Pg(#[from] PgError),
 }
 
+/// What a sync did.
+#[derive(Debug, Default)]
+pub struct Synced {
+    /// Rows written.
+    pub written: usize,
+    /// Backups of this repository whose row is another repository's (a
+    /// copy's, `repo copy`, with the same ids): the backup id and where
+    /// the row points. Left as they are: a row names one place.
+    pub elsewhere: Vec<(String, String)>,
+}
+
 /// Upserts every usable backup and deletes rows of this repository's
 /// backups it no longer has, in one transaction; other repositories' rows
-/// are left alone. Returns the number of rows written.
-pub fn sync(repo: &Repo, labels: &[BackupLabel], conninfo: &str) -> Result<usize, CatalogError> {
+/// are left alone, those of backups this repository also has included.
+pub fn sync(repo: &Repo, labels: &[BackupLabel], conninfo: &str) -> Result<Synced, CatalogError> {
     let location = repo.location();
     if repo.archive().info()?.is_none() {
         return Err(CatalogError::NotARepository {
@@ -42,6 +53,16 @@ pub fn sync(repo: &Repo, labels: &[BackupLabel], conninfo: &str) -> Result<usize
     let mut db = Db::connect(Some(conninfo))?;
     db.batch("create backup_catalog", SCHEMA)?;
     db.batch("begin", "BEGIN")?;
+    // Rows are this repository's by where they point: its backups as
+    // plain directories (file://ROOT/backup/…) or as objects (LOCATION/backup/…).
+    let (as_files, as_objects) = (
+        match repo.local_root() {
+            Some(root) => format!("file://{}/", root.join(BACKUP_DIR).display()),
+            None => format!("{location}/{BACKUP_DIR}/"),
+        },
+        format!("{location}/{BACKUP_DIR}/"),
+    );
+    let mut synced = Synced::default();
     let usable: Vec<&BackupLabel> = labels.iter().filter(|l| l.is_usable()).collect();
     for l in &usable {
         // The labels checked out (`Repo::label`): their ids are well formed.
@@ -65,7 +86,7 @@ pub fn sync(repo: &Repo, labels: &[BackupLabel], conninfo: &str) -> Result<usize
             l.stop_lsn.map(|x| x.to_string()),
         );
         let verified = l.verification.as_ref().map(|v| v.at.clone());
-        db.query(
+        let written = db.query(
             "upsert into backup_catalog",
             "INSERT INTO backup_catalog (backup_id, cluster_name, backup_type, started_at, finished_at,
                                          base_lsn, wal_start_lsn, wal_end_lsn, storage_uri, manifest_uri, verified_at)
@@ -76,20 +97,24 @@ pub fn sync(repo: &Repo, labels: &[BackupLabel], conninfo: &str) -> Result<usize
                  started_at = excluded.started_at, finished_at = excluded.finished_at,
                  base_lsn = excluded.base_lsn, wal_start_lsn = excluded.wal_start_lsn,
                  wal_end_lsn = excluded.wal_end_lsn, storage_uri = excluded.storage_uri,
-                 manifest_uri = excluded.manifest_uri, verified_at = excluded.verified_at",
-            &[&l.id, &l.cluster_name, &kind, &l.start_time, &l.stop_time, &start, &stop, &storage, &manifest, &verified],
+                 manifest_uri = excluded.manifest_uri, verified_at = excluded.verified_at
+             WHERE left(backup_catalog.storage_uri, length($11)) = $11
+                OR left(backup_catalog.storage_uri, length($12)) = $12
+             RETURNING true",
+            &[&l.id, &l.cluster_name, &kind, &l.start_time, &l.stop_time, &start, &stop, &storage, &manifest, &verified, &as_files, &as_objects],
         )?;
+        if written.is_empty() {
+            let row = db.query_one(
+                "read a backup_catalog row",
+                "SELECT storage_uri FROM backup_catalog WHERE backup_id = $1",
+                &[&l.id],
+            )?;
+            synced.elsewhere.push((l.id.clone(), row.get(0)));
+        } else {
+            synced.written += 1;
+        }
     }
     let ids: Vec<String> = usable.iter().map(|l| l.id.clone()).collect();
-    // Rows are this repository's by where they point: its backups as
-    // plain directories (file://ROOT/backup/…) or as objects (LOCATION/backup/…).
-    let (as_files, as_objects) = (
-        match repo.local_root() {
-            Some(root) => format!("file://{}/", root.join(BACKUP_DIR).display()),
-            None => format!("{location}/{BACKUP_DIR}/"),
-        },
-        format!("{location}/{BACKUP_DIR}/"),
-    );
     db.query(
         "delete expired rows from backup_catalog",
         "DELETE FROM backup_catalog WHERE NOT backup_id = ANY($1)
@@ -97,5 +122,5 @@ pub fn sync(repo: &Repo, labels: &[BackupLabel], conninfo: &str) -> Result<usize
         &[&ids, &as_files, &as_objects],
     )?;
     db.batch("commit", "COMMIT")?;
-    Ok(usable.len())
+    Ok(synced)
 }

@@ -198,8 +198,12 @@ fn list(ctx: &Context, repo: &Repo, a: ListArgs) -> Result<Exit, Error> {
             "backup label refused: not a usable backup; a person must look");
     }
     if let Some(conninfo) = &a.sync_catalog {
-        let n = catalog::sync(repo, &labels, conninfo)?;
-        tracing::info!(rows = n, "backup_catalog synced");
+        let synced = catalog::sync(repo, &labels, conninfo)?;
+        for (id, at) in &synced.elsewhere {
+            tracing::warn!(backup = %id, row = %at,
+                "backup_catalog's row of this backup is another repository's (a copy's?): left as it is");
+        }
+        tracing::info!(rows = synced.written, "backup_catalog synced");
     }
     ctx.emit(&labels, || {
         let mut out = format!(

@@ -48,6 +48,10 @@ pub struct ApplyArgs {
     /// closed and look around; `--resume` goes on from there.
     #[arg(long, value_enum, value_name = "PHASE")]
     pub until: Option<Phase>,
+    /// Let the playbook's shell commands (`rebuild-hook`) run, as you. Without it,
+    /// `--apply` on a playbook that has one refuses, naming each, before anything changes.
+    #[arg(long)]
+    pub allow_hooks: bool,
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -65,6 +69,54 @@ pub struct ReportArgs {
     /// Write to FILE instead of stdout.
     #[arg(long, short, value_name = "FILE")]
     pub output: Option<PathBuf>,
+}
+
+#[derive(Serialize)]
+struct HooksRefused<'a> {
+    ok: bool,
+    playbook: &'a str,
+    error: String,
+    hooks: Vec<Hook>,
+}
+
+#[derive(Serialize)]
+struct Hook {
+    at: String,
+    command: String,
+}
+
+/// An `--apply` without `--allow-hooks` of a playbook with shell commands:
+/// each named, then exit 64, nothing done.
+fn hooks_refused(
+    ctx: &Context,
+    playbook: &std::path::Path,
+    hooks: Vec<(String, String)>,
+) -> Result<Exit, Error> {
+    let shown = playbook.display().to_string();
+    let error = format!(
+        "{shown}: runs {} shell command(s) as you; read them, then add --allow-hooks",
+        hooks.len()
+    );
+    if ctx.global.json {
+        ctx.emit(
+            &HooksRefused {
+                ok: false,
+                playbook: &shown,
+                error,
+                hooks: hooks
+                    .into_iter()
+                    .map(|(at, command)| Hook { at, command })
+                    .collect(),
+            },
+            || None,
+        )?;
+    } else {
+        eprintln!("{error}");
+        for (at, command) in hooks {
+            eprintln!("  {at}: {command}");
+        }
+    }
+    Ok(Exit::Usage)
 }
 
 #[derive(Serialize)]
@@ -190,6 +242,9 @@ fn stop_between_steps() {
 
 fn on_signal() {
     if INTERRUPTED.swap(true, Ordering::SeqCst) {
+        // A hook in its own process group hears no Ctrl-C from the
+        // terminal: it must not outlive reentry.
+        crate::reentry::steps::hook::kill_running();
         eprintln!("reentry: stopping now; continue later with --resume");
         std::process::exit(Exit::Failure as i32);
     }
@@ -217,6 +272,10 @@ pub fn apply(ctx: &Context, a: ApplyArgs) -> Result<Exit, Error> {
         Ok(p) => p,
         Err(d) => return invalid(ctx, &d),
     };
+    let hooks = crate::reentry::steps::search::hooks(&p);
+    if a.apply && !a.allow_hooks && !hooks.is_empty() {
+        return hooks_refused(ctx, &a.playbook, hooks);
+    }
     stop_between_steps();
     let opts = run::Options {
         run_dir: a.run_dir.clone(),

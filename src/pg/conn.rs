@@ -317,7 +317,7 @@ pub fn split_password(conninfo: &str) -> (String, Option<String>) {
             Some((userinfo, host)) => match userinfo.split_once(':') {
                 Some((user, pw)) => (
                     format!("{scheme}{user}@{host}{tail}"),
-                    Some(percent_decode(pw)),
+                    Some(crate::cache::percent_decode(pw)),
                 ),
                 None => (s.to_owned(), None),
             },
@@ -401,9 +401,9 @@ pub fn split_keys(conninfo: &str, keys: &[&str]) -> (String, Vec<(String, String
         let mut kept = Vec::new();
         for pair in query.split('&').filter(|p| !p.is_empty()) {
             let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-            let k = percent_decode(k);
+            let k = crate::cache::percent_decode(k);
             if keys.contains(&k.as_str()) {
-                found.push((k, percent_decode(v)));
+                found.push((k, crate::cache::percent_decode(v)));
             } else {
                 kept.push(pair);
             }
@@ -481,30 +481,6 @@ pub fn quote_value(v: &str) -> String {
     }
     out.push('\'');
     out
-}
-
-fn percent_decode(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        let hex = |c: u8| (c as char).to_digit(16);
-        match (
-            b[i],
-            b.get(i + 1).and_then(|c| hex(*c)),
-            b.get(i + 2).and_then(|c| hex(*c)),
-        ) {
-            (b'%', Some(h), Some(l)) => {
-                out.push((h * 16 + l) as u8);
-                i += 3;
-            }
-            (c, _, _) => {
-                out.push(c);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// Where a config points, for messages: never the password.

@@ -675,6 +675,36 @@ fn sync_catalog_deletes_only_its_own_repositorys_rows_and_nothing_for_a_wrong_re
         "the other repository's rows stay; its own gone row goes"
     );
 
+    // A copy of this repository (`repo copy`) synced first: the row of a
+    // backup both hold is the copy's, and stays the copy's.
+    let copy = format!("s3://copy-bucket/repo/backup/{}/", want[0]);
+    c.client()
+        .execute(
+            "UPDATE backup_catalog SET storage_uri = $1 WHERE backup_id = $2",
+            &[&copy, &want[0]],
+        )
+        .unwrap();
+    let out = run(
+        &c,
+        &repo,
+        &["backup", "list", "--sync-catalog", &c.conninfo()],
+    );
+    assert_exit(&out, 0);
+    let at: String = c
+        .client()
+        .query_one(
+            "SELECT storage_uri FROM backup_catalog WHERE backup_id = $1",
+            &[&want[0]],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(at, copy, "the copy's row was taken over");
+    assert!(
+        stderr(&out).contains("another repository's") && stderr(&out).contains(&copy),
+        "{}",
+        stderr(&out)
+    );
+
     // A mistyped --repo: nothing deleted, and why.
     let typo = repo.with_file_name("no-such-repo");
     let out = run(

@@ -458,6 +458,7 @@ fn apply(pb: &Path, run: &Path, extra: &[&str]) -> Command {
         .arg("--run-dir")
         .arg(run)
         .arg("--apply")
+        .arg("--allow-hooks")
         .args(extra);
     cmd
 }

@@ -415,6 +415,33 @@ fn a_restored_cluster_is_fenced_from_the_production_archive_and_port() {
     assert_eq!(served, ["local all all trust"], "{hba}");
     assert!(r.dir.join("pg_hba.conf.source").exists());
 
+    // Archiving turned back on by hand (L6): the copy's WAL, on its own
+    // timeline under its source's system identifier, is refused by
+    // `wal push` run as archive_command runs it, from the data directory.
+    let segment = std::fs::read_dir(r.dir.join("pg_wal"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.len() == 24 && !n.starts_with("00000001"))
+        .min()
+        .expect("a segment of the copy's own timeline");
+    let pushed = command(&c, &repo, &["wal", "push", &format!("pg_wal/{segment}")])
+        .current_dir(&r.dir)
+        .output()
+        .unwrap();
+    assert_exit(&pushed, 3);
+    assert!(
+        stderr(&pushed).contains("comes from a fenced copy")
+            && stderr(&pushed).contains("reentry-restore.json out of its data directory"),
+        "{}",
+        stderr(&pushed)
+    );
+    assert_eq!(
+        archive_files(&repo),
+        before,
+        "the refused push stored something"
+    );
+
     // Opened by the operator (a cutover): TCP, with the source's rules.
     let open = restore(
         &c,

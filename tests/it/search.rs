@@ -7,11 +7,12 @@
 //! that forgot to refresh shows.
 
 use std::collections::BTreeSet;
+use std::os::unix::process::CommandExt;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
@@ -668,7 +669,36 @@ fn a_rebuild_hook_is_journaled_with_its_exit_code_and_output() {
         "strategy = \"rebuild-hook\"\nrebuild-hook = \"echo rebuilding $REENTRY_SEARCH_INDEX after $REENTRY_T\"",
     ));
     let run = w.dir.join("run");
-    let out = apply_cmd(&pb, &run, &[]).output().unwrap();
+    // A shell command, run as the operator: named by the plan, and run by
+    // --apply only with --allow-hooks.
+    let plan = reentry(&[&"plan", &pb]);
+    assert!(
+        stdout(&plan).contains(
+            "runs a shell command from the playbook, as you, with --apply --allow-hooks only: \
+             search[1].rebuild-hook (hooked): `echo rebuilding"
+        ),
+        "{}",
+        stdout(&plan)
+    );
+    let refused = apply_cmd(&pb, &run, &[]).output().unwrap();
+    assert_exit(&refused, 64);
+    assert!(
+        stderr(&refused)
+            .contains("runs 1 shell command(s) as you; read them, then add --allow-hooks")
+            && stderr(&refused).contains("search[1].rebuild-hook (hooked): echo rebuilding"),
+        "{}",
+        stderr(&refused)
+    );
+    assert!(!run.exists(), "a refused apply made its run directory");
+    let refused = apply_cmd(&pb, &run, &["--json"]).output().unwrap();
+    assert_exit(&refused, 64);
+    let v: serde_json::Value = serde_json::from_slice(&refused.stdout).unwrap();
+    assert_eq!(
+        v["hooks"][0]["at"], "search[1].rebuild-hook (hooked)",
+        "{v}"
+    );
+
+    let out = apply_cmd(&pb, &run, &["--allow-hooks"]).output().unwrap();
     assert_exit(&out, 0);
     let e = done_effect(&run, "search-hook:hooked");
     assert_eq!(e["detail"]["exit-code"], 0);
@@ -686,7 +716,7 @@ fn a_rebuild_hook_is_journaled_with_its_exit_code_and_output() {
         "cases",
         "strategy = \"rebuild-hook\"\nrebuild-hook = \"echo no space left >&2; exit 3\"",
     ));
-    let out = apply_cmd(&pb, &w.dir.join("failing"), &[])
+    let out = apply_cmd(&pb, &w.dir.join("failing"), &["--allow-hooks"])
         .output()
         .unwrap();
     assert_ne!(out.status.code(), Some(0));
@@ -902,7 +932,7 @@ fn a_rebuild_hook_gets_no_credentials_and_its_output_is_redacted() {
         "strategy = \"rebuild-hook\"\napi-key = \"${HOOK_SEARCH_KEY}\"\nhook-env = [\"HOOK_SEARCH_KEY\"]\nrebuild-hook = \"env; echo key=$HOOK_SEARCH_KEY\"",
     ));
     let run = w.dir.join("run");
-    let out = apply_cmd(&pb, &run, &[])
+    let out = apply_cmd(&pb, &run, &["--allow-hooks"])
         .env("AWS_SECRET_ACCESS_KEY", "aws-s3cr3t-hook-test")
         .env("HOOK_SEARCH_KEY", "search-s3cr3t-hook-test")
         .output()
@@ -938,7 +968,9 @@ fn a_rebuild_hook_past_its_timeout_is_killed_with_its_children() {
         "strategy = \"rebuild-hook\"\nhook-timeout = \"2s\"\nrebuild-hook = \"sleep 4711.5; echo woke\"",
     ));
     let started = std::time::Instant::now();
-    let out = apply_cmd(&pb, &w.dir.join("run"), &[]).output().unwrap();
+    let out = apply_cmd(&pb, &w.dir.join("run"), &["--allow-hooks"])
+        .output()
+        .unwrap();
     assert!(started.elapsed() < std::time::Duration::from_secs(60));
     assert_ne!(out.status.code(), Some(0));
     let said = format!("{}{}", stdout(&out), stderr(&out));
@@ -951,6 +983,115 @@ fn a_rebuild_hook_past_its_timeout_is_killed_with_its_children() {
         .output()
         .unwrap();
     assert!(left.stdout.is_empty(), "still running: {}", stdout(&left));
+}
+
+/// Whether a process whose command line holds `pattern` runs (pgrep).
+fn running(pattern: &str) -> bool {
+    let out = std::process::Command::new("pgrep")
+        .args(["-f", pattern])
+        .output()
+        .unwrap();
+    !out.stdout.is_empty()
+}
+
+/// Starts an apply whose hook is `hook` (it runs `sleep SECS`), waits
+/// until that sleep runs, then sends reentry SIGINT `times` times (as a
+/// terminal's Ctrl-C would: to reentry's process group, not the hook's)
+/// and returns how the apply ended and what it said.
+fn interrupt_hook(name: &str, hook: &str, sleep: &str, times: usize) -> (Output, Duration) {
+    let w = CacheWorld::new(name);
+    let url = crate::common::search::search_url();
+    let pb = w.playbook(&search_toml(
+        &url,
+        "hooked",
+        "cases",
+        &format!("strategy = \"rebuild-hook\"\nrebuild-hook = \"{hook}\""),
+    ));
+    let child = apply_cmd(&pb, &w.dir.join("run"), &["--allow-hooks"])
+        .process_group(0)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let since = Instant::now();
+    while !running(sleep) {
+        assert!(
+            since.elapsed() < Duration::from_secs(120),
+            "the hook never started"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let interrupted = Instant::now();
+    for _ in 0..times {
+        // SAFETY: signals reentry's own process group.
+        unsafe { libc::kill(-(child.id() as i32), libc::SIGINT) };
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let out = child.wait_with_output().unwrap();
+    (out, interrupted.elapsed())
+}
+
+/// Reviewer's item 7: the hook runs in a process group of its own, which a
+/// terminal's Ctrl-C does not reach. Ctrl-C stops it with reentry.
+#[test]
+fn ctrl_c_stops_a_running_rebuild_hook_with_its_children() {
+    let (out, took) = interrupt_hook(
+        "search-hook-int",
+        "sleep 4713.5; echo woke",
+        "sleep 4713.5",
+        1,
+    );
+    assert_exit(&out, 2);
+    assert!(
+        stdout(&out).contains("interrupted") || stderr(&out).contains("interrupted"),
+        "{}{}",
+        stdout(&out),
+        stderr(&out)
+    );
+    assert!(!running("sleep 4713.5"), "the hook outlived reentry");
+    eprintln!("stopped {took:?} after Ctrl-C");
+}
+
+/// A hook that ignores SIGTERM holds the first Ctrl-C for its grace; a
+/// second stops reentry at once, and the hook with it.
+#[test]
+fn a_second_ctrl_c_leaves_no_rebuild_hook_behind() {
+    let (out, _) = interrupt_hook(
+        "search-hook-int2",
+        "trap '' TERM; sleep 4714.5; echo woke",
+        "sleep 4714.5",
+        2,
+    );
+    assert!(stderr(&out).contains("stopping now"), "{}", stderr(&out));
+    assert!(!running("sleep 4714.5"), "the hook outlived reentry");
+}
+
+/// A hook that leaves a process in the background holding its output
+/// (`nohup … &`) does not hold the step once it has exited.
+#[test]
+fn a_rebuild_hook_that_leaves_a_background_process_is_not_waited_for() {
+    let w = CacheWorld::new("search-hook-bg");
+    let url = crate::common::search::search_url();
+    let pb = w.playbook(&search_toml(
+        &url,
+        "hooked",
+        "cases",
+        "strategy = \"rebuild-hook\"\nrebuild-hook = \"nohup sleep 4715.5 & echo started\"",
+    ));
+    let run = w.dir.join("run");
+    // Before: the step read the hook's output to its end, held open
+    // for the sleep's 78 minutes.
+    let out = apply_cmd(&pb, &run, &["--allow-hooks"]).output().unwrap();
+    let _ = std::process::Command::new("pkill")
+        .args(["-f", "sleep 4715.5"])
+        .status();
+    assert_exit(&out, 0);
+    let e = done_effect(&run, "search-hook:hooked");
+    let output = e["detail"]["output"].as_str().unwrap();
+    assert!(
+        output.starts_with("started") && output.contains("still holds its output"),
+        "{output}"
+    );
 }
 
 #[test]

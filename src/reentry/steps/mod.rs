@@ -9,6 +9,7 @@
 pub mod caches;
 pub mod consumers;
 pub mod gates;
+pub mod hook;
 pub mod idempotency;
 pub mod outbox;
 pub mod rows;

@@ -41,7 +41,7 @@ use serde_json::{json, Value};
 
 use super::rows::Entities;
 use super::{
-    pause_point, Effect, Env, Evidence, Nature, OnDatabase, Phase, PlanCtx, Recorder, Step,
+    hook, pause_point, Effect, Env, Evidence, Nature, OnDatabase, Phase, PlanCtx, Recorder, Step,
     StepError, StepKind,
 };
 use crate::reentry::check::{Need, Prepared};
@@ -120,6 +120,37 @@ section! {
 
 pub fn indexes(p: &Playbook) -> Vec<SearchIndex> {
     p.part::<Keys>(None).search
+}
+
+/// The playbook's shell commands: each `[[search]]` rebuild hook, as
+/// `search[i].rebuild-hook` (its place in the playbook) and the command.
+pub fn hooks(p: &Playbook) -> Vec<(String, String)> {
+    indexes(p)
+        .iter()
+        .enumerate()
+        .filter(|(_, s)| s.strategy == "rebuild-hook")
+        .filter_map(|(i, s)| {
+            let command = s.rebuild_hook.clone()?;
+            Some((
+                format!("search[{}].rebuild-hook ({})", i + 1, s.name),
+                command,
+            ))
+        })
+        .collect()
+}
+
+/// Every plan names the shell commands its playbook runs: they run as the
+/// operator, and `apply --apply` runs none without `--allow-hooks`.
+fn notes(p: &Playbook, _: &PlanCtx) -> Vec<String> {
+    hooks(p)
+        .into_iter()
+        .map(|(at, command)| {
+            format!(
+                "runs a shell command from the playbook, as you, with --apply --allow-hooks only: \
+                 {at}: `{command}`"
+            )
+        })
+        .collect()
 }
 
 fn at(i: usize, key: &'static str) -> Vec<Seg<'static>> {
@@ -1016,7 +1047,6 @@ impl SearchStep {
         timeout: Duration,
         names: &[String],
     ) -> Result<Effect, StepError> {
-        use std::os::unix::process::CommandExt;
         let dir = env
             .playbook
             .file
@@ -1024,68 +1054,41 @@ impl SearchStep {
             .map(std::path::Path::to_path_buf)
             .unwrap_or_default();
         rec.prior(|| Ok(command.to_owned()))?;
-        let mut cmd = std::process::Command::new("sh");
-        cmd.arg("-c")
-            .arg(command)
-            .current_dir(if dir.as_os_str().is_empty() {
-                ".".into()
-            } else {
-                dir
-            })
-            .env_clear()
-            .process_group(0)
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped());
-        for name in HOOK_ENV
+        let mut vars: Vec<(String, std::ffi::OsString)> = HOOK_ENV
             .iter()
             .copied()
             .chain(names.iter().map(String::as_str))
-        {
-            if let Some(v) = std::env::var_os(name) {
-                cmd.env(name, v);
-            }
-        }
-        cmd.env("REENTRY_SEARCH_INDEX", &self.target.index)
-            .env("REENTRY_RUN_ID", &env.run_id);
+            .filter_map(|name| std::env::var_os(name).map(|v| (name.to_owned(), v)))
+            .collect();
+        vars.push((
+            "REENTRY_SEARCH_INDEX".into(),
+            self.target.index.clone().into(),
+        ));
+        vars.push(("REENTRY_RUN_ID".into(), env.run_id.clone().into()));
         if let Some(t) = t_ms {
-            cmd.env("REENTRY_T", crate::reentry::plan::rfc3339_ms(t));
+            vars.push((
+                "REENTRY_T".into(),
+                crate::reentry::plan::rfc3339_ms(t).into(),
+            ));
         }
-        let io = |source| StepError::Io {
-            what: "run the rebuild hook",
-            source,
+        let dir = if dir.as_os_str().is_empty() {
+            ".".into()
+        } else {
+            dir
         };
-        let mut child = cmd.spawn().map_err(io)?;
-        let read = |r: Option<Box<dyn std::io::Read + Send>>| {
-            std::thread::spawn(move || {
-                let mut buf = Vec::new();
-                if let Some(mut r) = r {
-                    let _ = r.read_to_end(&mut buf);
-                }
-                buf
-            })
-        };
-        let stdout = read(child.stdout.take().map(|r| Box::new(r) as _));
-        let stderr = read(child.stderr.take().map(|r| Box::new(r) as _));
-        let started = std::time::Instant::now();
-        let status = loop {
-            if let Some(status) = child.try_wait().map_err(io)? {
-                break Some(status);
+        let ran = hook::run(command, &dir, &vars, timeout, rec.interrupted).map_err(|source| {
+            StepError::Io {
+                what: "run the rebuild hook",
+                source,
             }
-            if started.elapsed() >= timeout {
-                break None;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        };
-        if status.is_none() {
-            // The whole group: `sh -c` and whatever it started.
-            let _ = std::process::Command::new("kill")
-                .args(["-KILL", "--", &format!("-{}", child.id())])
-                .status();
-            let _ = child.wait();
+        })?;
+        let mut text = ran.output;
+        if ran.left_running {
+            text.push_str(
+                "\n[the hook exited; a process it started in the background still holds its \
+                 output, which was not waited for]",
+            );
         }
-        let mut text = String::from_utf8_lossy(&stdout.join().unwrap_or_default()).into_owned();
-        text.push_str(&String::from_utf8_lossy(&stderr.join().unwrap_or_default()));
         let mut text = redact(&text, &secrets(env.playbook));
         if text.len() > HOOK_OUTPUT {
             let cut = (0..=HOOK_OUTPUT)
@@ -1097,8 +1100,10 @@ impl SearchStep {
         }
         let mut d = self.detail();
         d.output = Some(text.clone());
-        let Some(status) = status else {
-            return Err(StepError::Check {
+        let status = match ran.end {
+            hook::End::Exited(status) => status,
+            hook::End::Interrupted => return Err(StepError::Interrupted),
+            hook::End::TimedOut => return Err(StepError::Check {
                 message: format!(
                     "the rebuild hook of {} ran longer than {} and was killed with its child processes; \
                      raise hook-timeout in [[search]] if it needs longer",
@@ -1106,7 +1111,7 @@ impl SearchStep {
                     humantime::format_duration(timeout)
                 ),
                 findings: text.lines().map(str::to_owned).collect(),
-            });
+            }),
         };
         d.exit_code = status.code();
         if !status.success() {
@@ -1598,7 +1603,7 @@ pub const KIND: StepKind = StepKind {
     meaning,
     steps: plan,
     needs_time,
-    notes: super::no_notes,
+    notes,
     needs,
     queries,
     keys: &[(None, Keys::FIELDS)],

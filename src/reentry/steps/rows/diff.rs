@@ -25,13 +25,16 @@ use crate::reentry::check::quote_qualified;
 
 /// Set on every connection the diff uses: a value prints the same on
 /// either server, string literals mean the same whatever the server,
-/// database or role says, and nothing can be written. The segments' sums are a
+/// database or role says, and nothing can be written. A table it cannot
+/// lock within 10 s (an `ALTER TABLE` holds it, or waits for it) fails the
+/// step, to be resumed, rather than queue the diff, and whoever queues
+/// behind it, for as long as the other holds on. The segments' sums are a
 /// hash aggregate: sorting the table's rows by segment first (which the
 /// planner picks for a parallel plan) spills them to disk and costs more
 /// than the hashing itself.
 pub const SESSION: &str = "SET application_name = 'reentry rows'; \
      SET standard_conforming_strings = on; SET TIME ZONE 'UTC'; SET DateStyle = 'ISO, YMD'; SET IntervalStyle = 'postgres'; SET extra_float_digits = 1; \
-     SET bytea_output = 'hex'; SET enable_sort = off; SET work_mem = '128MB'; \
+     SET bytea_output = 'hex'; SET enable_sort = off; SET work_mem = '128MB'; SET lock_timeout = '10s'; \
      SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY;";
 
 /// Opens a connection for the diff.
