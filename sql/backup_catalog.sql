@@ -2,7 +2,9 @@
 -- `reentry backup list --sync-catalog CONNINFO`. The repository is the
 -- source of truth for its own rows (those whose storage_uri points into
 -- it): rows of its backups no longer in it are deleted; other
--- repositories' rows are left alone.
+-- repositories' rows are left alone, even where the backup id is one this
+-- repository also has (a copy made by `repo copy`): the first repository
+-- to sync a backup keeps its row, and the others name it in a warning.
 CREATE TABLE IF NOT EXISTS backup_catalog (
     backup_id text PRIMARY KEY,
     cluster_name text NOT NULL,
