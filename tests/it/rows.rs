@@ -702,8 +702,21 @@ fn a_scope_by_ids_or_where_compares_only_its_rows_and_triggers_can_be_disabled()
     assert_exit(&out, 1);
     assert_eq!(v[0]["counts"], serde_json::json!({"update": 5}), "{v}");
     // The trigger's function names `touched` without its schema: under
-    // reentry's pinned search path it finds nothing, and the batch stops,
-    // rolled back, naming the function and what to do.
+    // reentry's pinned search path it finds nothing. The plan says so
+    // first, and the batch stops, rolled back, naming the function and
+    // what to do.
+    let plan = Command::new(reentry_bin())
+        .arg("plan")
+        .arg(&scoped)
+        .output()
+        .unwrap();
+    assert!(
+        stdout(&plan).contains(
+            "its triggers run under reentry's search path (pg_catalog, pg_temp), and public.touch() has no path of its own"
+        ),
+        "{}",
+        stdout(&plan)
+    );
     let out = lab.apply(&scoped, "run2", &[]);
     assert_exit(&out, 2);
     assert!(
@@ -722,6 +735,16 @@ fn a_scope_by_ids_or_where_compares_only_its_rows_and_triggers_can_be_disabled()
     );
     cur.batch_execute("ALTER FUNCTION touch() SET search_path = public")
         .unwrap();
+    let plan = Command::new(reentry_bin())
+        .arg("plan")
+        .arg(&scoped)
+        .output()
+        .unwrap();
+    assert!(
+        !stdout(&plan).contains("no path of its own"),
+        "{}",
+        stdout(&plan)
+    );
     let out = lab.apply(&scoped, "run2", &["--resume"]);
     assert_exit(&out, 0);
     assert_eq!(

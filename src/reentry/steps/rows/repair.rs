@@ -887,7 +887,7 @@ impl Step for Apply {
         vec![self.target.as_str()]
     }
 
-    fn preview(&self, _env: &mut Env) -> Result<Effect, StepError> {
+    fn preview(&self, env: &mut Env) -> Result<Effect, StepError> {
         let what = if self.deletes {
             "delete the candidates staged for"
         } else {
@@ -899,6 +899,18 @@ impl Step for Apply {
         );
         if self.disable_triggers {
             s.push_str("; triggers disabled (session_replication_role = replica)");
+        } else {
+            let unpinned = unpinned_triggers(env, &self.target, &self.table)?;
+            if !unpinned.is_empty() {
+                s.push_str(&format!(
+                    "; its triggers run under reentry's search path ({}), and {} ha{} no path of its own: \
+                     one that names a table or function without its schema stops the step \
+                     (ALTER FUNCTION … SET search_path = …)",
+                    crate::pg::conn::PINNED_SEARCH_PATH,
+                    unpinned.join(", "),
+                    if unpinned.len() == 1 { "s" } else { "ve" }
+                ));
+            }
         }
         s.push_str(&format!("; conflicts: {}", self.on_conflict));
         Ok(Effect::said(s))
@@ -1364,6 +1376,34 @@ pub fn online(
         }
     }
     out
+}
+
+/// The functions of `table`'s enabled triggers on `target` that set no
+/// `search_path` of their own (C functions aside: they name nothing by
+/// path), as `name(args)`. A repair's writes fire them under reentry's
+/// pinned path; the plan names them before anything fails.
+fn unpinned_triggers(env: &mut Env, target: &str, table: &str) -> Result<Vec<String>, StepError> {
+    let db = env.db(target)?;
+    let Some(described) = diff::describe(db, table).on(target)? else {
+        return Ok(Vec::new());
+    };
+    let rows = db
+        .query(
+            "find trigger functions without a search_path",
+            "SELECT DISTINCT p.oid::regprocedure::text
+               FROM pg_catalog.pg_trigger t
+               JOIN pg_catalog.pg_proc p ON p.oid = t.tgfoid
+               JOIN pg_catalog.pg_language l ON l.oid = p.prolang
+              WHERE t.tgrelid = $1::text::pg_catalog.regclass
+                AND NOT t.tgisinternal AND t.tgenabled <> 'D'
+                AND l.lanname NOT IN ('c', 'internal')
+                AND NOT EXISTS (SELECT 1 FROM pg_catalog.unnest(p.proconfig) c
+                                 WHERE c LIKE 'search\\_path=%')
+              ORDER BY 1",
+            &[&described.sql],
+        )
+        .on(target)?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
 }
 
 #[cfg(test)]
