@@ -535,7 +535,10 @@ fn commit_recorded(
             journal.display()
         );
     }
-    committed.map_err(|e| step_err(e.into()))
+    committed.map_err(|e| Error::Step {
+        what: "kafka rewind: committing the new offsets failed (the old ones are recorded above)",
+        source: Box::new(e.into()),
+    })
 }
 
 pub fn outbox(ctx: &Context, cmd: OutboxCommand) -> Result<Exit, Error> {
