@@ -3,13 +3,15 @@
 //! and `kafka-consumer-groups` and `GetOffsetShell` are the record of what
 //! the broker holds. Nothing here trusts reentry's word for an effect.
 
-use std::collections::BTreeMap;
-use std::io::Write;
-use std::process::{Child, Stdio};
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{PipeReader, Read, Write};
+use std::os::fd::AsRawFd;
+use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::common::services::{create_topic, kafka_bootstrap, kafka_tool, topic};
-use crate::common::{assert_exit, run_reentry, stderr, stdout, unique};
+use crate::common::{assert_exit, reentry_bin, run_reentry, stderr, stdout, unique, write_secret};
+use crate::kafka_tls::scram;
 use crate::reconcile::{now_ms, ts as rfc3339};
 
 /// Keyed records through Kafka's Java console producer, compressed with
@@ -276,7 +278,7 @@ fn a_group_is_seen_live_refused_and_rewound_once_stopped(protocol: &str) {
 
 /// Kafka's own `kafka-consumer-groups --describe`: committed offset per
 /// topic and partition.
-fn committed_by_tool(group: &str) -> (String, BTreeMap<(String, i32), Option<i64>>) {
+fn committed_by_tool(group: &str) -> (String, Committed) {
     let (text, _) = group_tool(group);
     let rows = text
         .lines()
@@ -291,10 +293,25 @@ fn committed_by_tool(group: &str) -> (String, BTreeMap<(String, i32), Option<i64
     (text, rows)
 }
 
-#[test]
-fn a_rewind_records_its_moves_before_committing_and_its_printed_undo_puts_them_back() {
-    let (a, b) = (topic("rewind-rec-a"), topic("rewind-rec-b"));
-    let group = unique("rewind-rec");
+/// Committed offsets per topic and partition, as Kafka's tool shows them.
+type Committed = BTreeMap<(String, i32), Option<i64>>;
+
+/// Two topics of two partitions, each with 10 records before T and 7
+/// after, and a group whose offsets Kafka's own tool committed at their
+/// ends: its topics, group, T, the group's offsets (`before`) and each
+/// partition's offset at T (`at_t`), both in Kafka's own record.
+struct TwoTopics {
+    a: String,
+    b: String,
+    group: String,
+    t: i64,
+    before: Committed,
+    at_t: Committed,
+}
+
+fn two_topics_committed_at_their_ends(name: &str) -> TwoTopics {
+    let (a, b) = (topic(&format!("{name}-a")), topic(&format!("{name}-b")));
+    let group = unique(name);
     for t in [&a, &b] {
         create_topic(t, 2);
         produce_java(t, &records("before", 10), "none");
@@ -325,7 +342,30 @@ fn a_rewind_records_its_moves_before_committing_and_its_printed_undo_puts_them_b
             at_t.insert((tp.clone(), p), Some(o));
         }
     }
-    assert_ne!(before, at_t);
+    // Every partition moves: none has its offset at T at its end.
+    for (k, o) in &at_t {
+        assert_ne!(before[k], *o, "{k:?} moves:\n{text}");
+    }
+    TwoTopics {
+        a,
+        b,
+        group,
+        t,
+        before,
+        at_t,
+    }
+}
+
+#[test]
+fn a_rewind_records_its_moves_before_committing_and_its_printed_undo_puts_them_back() {
+    let TwoTopics {
+        a,
+        b,
+        group,
+        t,
+        before,
+        at_t,
+    } = two_topics_committed_at_their_ends("rewind-rec");
 
     let run = std::env::temp_dir().join(unique("rewind-rec-run"));
     let run_s = run.to_str().unwrap().to_owned();
@@ -394,6 +434,318 @@ fn a_rewind_records_its_moves_before_committing_and_its_printed_undo_puts_them_b
     );
     let out = kafka_tool("org.apache.kafka.tools.consumer.group.ConsumerGroupCommand")
         .args(undo.split_whitespace())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (text, undone) = committed_by_tool(&group);
+    assert_eq!(undone, before, "the undo put the old offsets back:\n{text}");
+    let _ = std::fs::remove_dir_all(&run);
+}
+
+/// Kafka's own `kafka-acls` (`AclCommand`) over the PLAINTEXT listener,
+/// whose User:ANONYMOUS is a super user (servers/kafka/start).
+fn acl_tool(args: &[&str]) -> std::io::Result<Output> {
+    kafka_tool("org.apache.kafka.tools.AclCommand")
+        .args(["--bootstrap-server", &kafka_bootstrap()])
+        .args(args)
+        .output()
+}
+
+/// The ACLs a test puts on a topic of its own, all removed when dropped
+/// (when the test fails too), so that the broker's other tests meet none:
+/// a resource without ACLs is open to everyone (servers/kafka/start).
+struct TopicAcls(String);
+
+impl TopicAcls {
+    /// Denies `principal` the `operation` on `topic`, and waits until the
+    /// broker's authorizer holds it: an ACL reaches it through the metadata
+    /// log, after `kafka-acls --add` has returned.
+    fn deny(topic: &str, principal: &str, operation: &str) -> TopicAcls {
+        let acls = TopicAcls(topic.to_owned());
+        let out = acl_tool(&[
+            "--add",
+            "--topic",
+            topic,
+            "--deny-principal",
+            principal,
+            "--operation",
+            operation,
+        ])
+        .unwrap();
+        assert!(
+            out.status.success(),
+            "kafka-acls --add: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let held = format!(
+            "principal={principal}, host=*, operation={}, permissionType=DENY",
+            operation.to_uppercase()
+        );
+        wait_for("the broker's authorizer to hold the ACL", 30, || {
+            acls.list().is_some_and(|l| l.contains(&held))
+        });
+        acls
+    }
+
+    /// What the broker's authorizer holds for the topic.
+    fn list(&self) -> Option<String> {
+        let out = acl_tool(&["--list", "--topic", &self.0]).ok()?;
+        out.status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+}
+
+impl Drop for TopicAcls {
+    fn drop(&mut self) {
+        let removed = acl_tool(&["--remove", "--force", "--topic", &self.0])
+            .is_ok_and(|o| o.status.success());
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut gone = false;
+        while removed && !gone && Instant::now() < deadline {
+            gone = self.list().is_some_and(|l| !l.contains("principal="));
+            if !gone {
+                std::thread::sleep(Duration::from_millis(300));
+            }
+        }
+        if !gone {
+            let msg = format!(
+                "the ACLs on topic {t} are still there: kafka-acls --remove --force --topic {t}",
+                t = self.0
+            );
+            if std::thread::panicking() {
+                eprintln!("{msg}");
+            } else {
+                panic!("{msg}");
+            }
+        }
+    }
+}
+
+/// Starts `cmd` with a full pipe for its stderr: its first write there
+/// blocks until the returned reader is read past the filler (the `usize`
+/// bytes). `kafka rewind --apply` first writes to stderr when it prints
+/// the moves it has just recorded, before it commits them, so this holds
+/// it between its record and its commit, for as long as the test needs.
+fn spawn_held_at_first_stderr_write(mut cmd: Command) -> (Child, PipeReader, usize) {
+    let (reader, mut writer) = std::io::pipe().unwrap();
+    // SAFETY: F_GETPIPE_SZ reads the capacity of a pipe this process owns.
+    let size = unsafe { libc::fcntl(writer.as_raw_fd(), libc::F_GETPIPE_SZ) };
+    let filler = usize::try_from(size)
+        .unwrap_or_else(|_| panic!("F_GETPIPE_SZ: {}", std::io::Error::last_os_error()));
+    // Exactly the capacity: this write fits, and the child's first blocks.
+    writer.write_all(&vec![b'.'; filler]).unwrap();
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(writer)
+        .spawn()
+        .expect("run reentry");
+    // `cmd` goes here, and with it this process's copy of the write end:
+    // the reader sees the end of the child's stderr when the child exits.
+    (child, reader, filler)
+}
+
+/// Lets a held child go on (reading its stderr) and waits for it, killed
+/// after 60 s: its exit and what it printed, less the filler.
+fn release(mut child: Child, mut reader: PipeReader, filler: usize) -> Output {
+    let drain = std::thread::spawn(move || {
+        let mut all = Vec::new();
+        let _ = reader.read_to_end(&mut all);
+        all
+    });
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let status = child.wait().unwrap();
+    let mut stdout = Vec::new();
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_end(&mut stdout)
+        .unwrap();
+    let all = drain.join().unwrap();
+    Output {
+        status,
+        stdout,
+        stderr: all.get(filler..).unwrap_or_default().to_vec(),
+    }
+}
+
+/// The finding (M10): a rewind whose commit fails on one topic must not
+/// lose the old offsets. The broker itself refuses: reentry, over SASL_SSL
+/// as the SCRAM user, is held between its record and its commit (an ACL
+/// on b from the start would stop it at planning, as it reads b's records
+/// to count those consumed again), and Kafka's own authorizer is then told
+/// to deny that user READ on b, which an OffsetCommit needs. Effects are
+/// counted in Kafka's own record (`kafka-consumer-groups`).
+#[test]
+fn a_rewind_whose_commit_is_refused_on_one_topic_leaves_the_undo_on_disk_and_fails() {
+    let TwoTopics {
+        a,
+        b,
+        group,
+        t,
+        before,
+        at_t,
+    } = two_topics_committed_at_their_ends("rewind-refused");
+    let s = scram();
+    let run = std::env::temp_dir().join(unique("rewind-refused-run"));
+    let run_s = run.to_str().unwrap().to_owned();
+    let to = rfc3339(t);
+    let mut cmd = Command::new(reentry_bin());
+    cmd.args(["kafka", "rewind", &group, "--topic", &a, "--topic", &b])
+        .args(["--to", &to, "--apply", "--run-dir", &run_s])
+        .args([
+            "--bootstrap",
+            &s.bootstrap,
+            "--security-protocol",
+            "SASL_SSL",
+        ])
+        .args([
+            "--sasl-mechanism",
+            "SCRAM-SHA-512",
+            "--sasl-username",
+            &s.user,
+        ])
+        .args(["--ssl-ca", &s.ca])
+        .env("REENTRY_KAFKA_SASL_PASSWORD", &s.password);
+    let (mut child, reader, filler) = spawn_held_at_first_stderr_write(cmd);
+
+    // Held once its journal has a line: the moves are on disk, and the
+    // broker has committed none of them.
+    let journal = run.join("kafka-rewind.jsonl");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !std::fs::read_to_string(&journal).is_ok_and(|j| j.ends_with('\n')) {
+        if child.try_wait().unwrap().is_some() || Instant::now() > deadline {
+            let _ = child.kill();
+            let out = release(child, reader, filler);
+            panic!(
+                "reentry recorded no move in {} ({}):\n{}{}",
+                journal.display(),
+                out.status,
+                stderr(&out),
+                stdout(&out)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (text, now) = committed_by_tool(&group);
+    assert_eq!(
+        now, before,
+        "the moves were on disk before anything was committed:\n{text}"
+    );
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "reentry is held before its commit"
+    );
+
+    let acls = TopicAcls::deny(&b, &format!("User:{}", s.user), "Read");
+    let out = release(child, reader, filler);
+
+    // It fails, and says why: b's authorization error.
+    assert_exit(&out, 2);
+    let err = stderr(&out);
+    assert!(
+        err.contains(&format!("commit offsets for group {group}"))
+            && err.contains("Topic authorization failed"),
+        "{err}"
+    );
+    // Kafka's record: the broker committed a's partitions and refused b's
+    // (it authorizes an OffsetCommit topic by topic); b has not moved.
+    let (text, now) = committed_by_tool(&group);
+    let mut expected = before.clone();
+    for (k, o) in &at_t {
+        if k.0 == a {
+            expected.insert(k.clone(), *o);
+        }
+    }
+    for (k, o) in &before {
+        if k.0 == b {
+            assert_eq!(now.get(k), Some(o), "{b} did not move:\n{text}");
+        }
+    }
+    assert_eq!(now, expected, "{a} moved to T, {b} stayed:\n{text}");
+
+    // The journal: every old offset, of both topics, then the failure.
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&journal)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2, "{lines:#?}");
+    assert_eq!(lines[0]["state"], "moving", "{lines:#?}");
+    assert_eq!(lines[1]["state"], "failed", "{lines:#?}");
+    assert!(
+        lines[1]["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("Topic authorization failed")),
+        "{lines:#?}"
+    );
+    for ((tp, p), old) in &before {
+        assert_eq!(
+            lines[0]["moves"][tp][p.to_string()],
+            serde_json::json!([old, at_t[&(tp.clone(), *p)]]),
+            "{lines:#?}"
+        );
+        // And on stderr, for the operator watching.
+        let new = at_t[&(tp.clone(), *p)].unwrap();
+        assert!(
+            err.contains(&format!("{tp}/{p}: {} → {new}", old.unwrap())),
+            "{err}"
+        );
+    }
+    // The undo file, in the form Kafka's own tool reads: every old offset.
+    let undo_file = lines[0]["undo-file"].as_str().unwrap();
+    let csv: BTreeSet<String> = std::fs::read_to_string(undo_file)
+        .unwrap_or_else(|e| panic!("the undo file {undo_file}: {e}"))
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    let olds: BTreeSet<String> = before
+        .iter()
+        .map(|((tp, p), o)| format!("{tp},{p},{}", o.unwrap()))
+        .collect();
+    assert_eq!(csv, olds, "{undo_file}");
+    let undo = err
+        .lines()
+        .find_map(|l| {
+            l.split_once("kafka-consumer-groups.sh ")
+                .map(|(_, r)| r.to_owned())
+        })
+        .unwrap_or_else(|| panic!("no undo command printed:\n{err}"));
+    assert_eq!(
+        lines[0]["undo-command"].as_str().unwrap(),
+        format!("kafka-consumer-groups.sh {undo}")
+    );
+
+    // Once b's ACL is gone, the printed undo, run as printed (the SASL_SSL
+    // listener, the same user) with Kafka's own tool, puts back what moved.
+    drop(acls);
+    let config = run.join("client.properties");
+    write_secret(
+        &config,
+        &format!(
+            "security.protocol=SASL_SSL\nsasl.mechanism=SCRAM-SHA-512\n\
+             sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required username=\"{}\" password=\"{}\";\n\
+             ssl.truststore.type=PEM\nssl.truststore.location={}\n",
+            s.user, s.password, s.ca
+        ),
+    );
+    let out = kafka_tool("org.apache.kafka.tools.consumer.group.ConsumerGroupCommand")
+        .args(undo.split_whitespace())
+        .arg("--command-config")
+        .arg(&config)
         .output()
         .unwrap();
     assert!(

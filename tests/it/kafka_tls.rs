@@ -15,14 +15,16 @@ use crate::common::services::{address, kafka_bootstrap};
 use crate::common::{assert_exit, reentry_bin, stderr, stdout};
 use crate::reconcile::{ts, World};
 
-struct Scram {
-    bootstrap: String,
-    ca: String,
-    user: String,
-    password: String,
+/// The SASL_SSL listener and its SCRAM-SHA-512 user (also used by
+/// `kafka.rs`, whose ACL test refuses this user alone).
+pub(crate) struct Scram {
+    pub(crate) bootstrap: String,
+    pub(crate) ca: String,
+    pub(crate) user: String,
+    pub(crate) password: String,
 }
 
-fn scram() -> Scram {
+pub(crate) fn scram() -> Scram {
     Scram {
         bootstrap: address("REENTRY_TEST_KAFKA_SASL_SSL", "Kafka's SASL_SSL listener"),
         ca: address("REENTRY_TEST_KAFKA_CA", "the Kafka test CA"),
