@@ -235,22 +235,18 @@ impl Identities {
     /// Reads an age identity file: one `AGE-SECRET-KEY-1…` per line,
     /// `#` comments and blank lines allowed, as `age-keygen` writes it.
     pub fn from_file(path: &Path) -> Result<Identities, CryptError> {
-        use std::os::unix::fs::PermissionsExt;
-        let read_err = |source| CryptError::IdentityFile {
-            path: path.to_owned(),
-            source,
-        };
-        let mut file = std::fs::File::open(path).map_err(read_err)?;
+        use crate::fsutil::SecretFile;
         // As ssh does with its keys: a secret others can read is refused.
-        let mode = file.metadata().map_err(read_err)?.permissions().mode() & 0o7777;
-        if mode & 0o077 != 0 {
-            return Err(CryptError::IdentityExposed {
+        let text = crate::fsutil::read_secret(path).map_err(|e| match e {
+            SecretFile::Exposed(mode) => CryptError::IdentityExposed {
                 path: path.to_owned(),
                 mode,
-            });
-        }
-        let mut text = String::new();
-        file.read_to_string(&mut text).map_err(read_err)?;
+            },
+            SecretFile::Io(source) => CryptError::IdentityFile {
+                path: path.to_owned(),
+                source,
+            },
+        })?;
         let mut keys = Vec::new();
         for (n, line) in text.lines().enumerate() {
             let line = line.trim();

@@ -75,6 +75,34 @@ pub fn private_options() -> fs::OpenOptions {
     o
 }
 
+/// A secret's file, as ssh reads its keys.
+#[derive(Debug)]
+pub enum SecretFile {
+    Io(io::Error),
+    /// Its group or others may read or write it: its mode.
+    Exposed(u32),
+}
+
+/// The text of the secret at `path`, refused when anyone but its owner
+/// may read or write it.
+pub fn read_secret(path: &Path) -> Result<String, SecretFile> {
+    use std::io::Read;
+    use std::os::unix::fs::PermissionsExt;
+    let mut file = File::open(path).map_err(SecretFile::Io)?;
+    let mode = file
+        .metadata()
+        .map_err(SecretFile::Io)?
+        .permissions()
+        .mode()
+        & 0o7777;
+    if mode & 0o077 != 0 {
+        return Err(SecretFile::Exposed(mode));
+    }
+    let mut text = String::new();
+    file.read_to_string(&mut text).map_err(SecretFile::Io)?;
+    Ok(text)
+}
+
 /// A name beside `target` that no other process or thread will pick.
 pub fn temp_path_beside(target: &Path) -> PathBuf {
     static SEQ: AtomicU32 = AtomicU32::new(0);

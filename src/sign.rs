@@ -21,7 +21,7 @@
 //! digits; its key id is the first 8 bytes of its SHA-256, in hex.
 
 use std::fmt;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use ring::signature::{Ed25519KeyPair, KeyPair, UnparsedPublicKey, ED25519};
@@ -135,25 +135,21 @@ impl fmt::Debug for SigningKey {
 impl SigningKey {
     /// Reads a PKCS#8 PEM file, refused when others can read it.
     pub fn from_file(path: &Path) -> Result<SigningKey, SignError> {
-        use std::os::unix::fs::PermissionsExt;
-        let read_err = |source| SignError::Read {
-            path: path.to_owned(),
-            source,
-        };
-        let mut file = std::fs::File::open(path).map_err(read_err)?;
-        let mode = file.metadata().map_err(read_err)?.permissions().mode() & 0o7777;
-        if mode & 0o077 != 0 {
-            return Err(SignError::Exposed {
+        use crate::fsutil::SecretFile;
+        let text = crate::fsutil::read_secret(path).map_err(|e| match e {
+            SecretFile::Exposed(mode) => SignError::Exposed {
                 path: path.to_owned(),
                 mode,
-            });
-        }
-        let mut text = String::new();
-        file.read_to_string(&mut text)
-            .map_err(|e| SignError::BadKey {
+            },
+            SecretFile::Io(e) if e.kind() == std::io::ErrorKind::InvalidData => SignError::BadKey {
                 path: path.to_owned(),
                 why: e.to_string(),
-            })?;
+            },
+            SecretFile::Io(source) => SignError::Read {
+                path: path.to_owned(),
+                source,
+            },
+        })?;
         let bad = |why: &str| SignError::BadKey {
             path: path.to_owned(),
             why: why.to_owned(),
