@@ -143,6 +143,8 @@ pub enum PlanError {
     /// A schema of reentry's name that reentry does not own.
     #[error("{0}")]
     Foreign(String),
+    #[error("databases.{database}: {tables}")]
+    Legacy { database: String, tables: String },
     #[error("databases.restored is the cluster with system identifier {found}, but the manifest {manifest} describes {expected}: the playbook points at the wrong server")]
     WrongCluster {
         manifest: String,
@@ -173,6 +175,7 @@ impl PlanError {
             PlanError::Manifest { .. } => Exit::Config,
             PlanError::InRecovery { .. }
             | PlanError::Foreign(_)
+            | PlanError::Legacy { .. }
             | PlanError::WrongCluster { .. }
             | PlanError::SameDatabase { .. }
             | PlanError::NotRestored { .. } => Exit::Refused,
@@ -351,6 +354,17 @@ fn preconditions(
                     d, schema, &why,
                 )));
             }
+        }
+        // What an earlier release staged under names this build no longer
+        // reads: a new run would stage (and compensate) it all again.
+        let legacy = crate::reentry::owned::legacy(db)
+            .on(d)
+            .map_err(|e| step_err(d, e))?;
+        if !legacy.is_empty() {
+            return Err(PlanError::Legacy {
+                database: d.to_owned(),
+                tables: legacy.join("; "),
+            });
         }
     }
     let cur = Identity::read(env, "current").map_err(|e| step_err("current", e))?;

@@ -110,7 +110,7 @@ pub enum RunError {
     WayBackChanged { then: WayBack, now: WayBack },
     #[error("run directory {dir} is not safe to run from: {why}. Whoever can write there can replace the plan a resumed run walks; use a directory of your own, mode 0700")]
     UnsafeDir { dir: String, why: String },
-    #[error("{dir}'s journal records no sha256 of its plan (an older reentry started it), so the plan cannot be checked before it runs again: start a new run in an empty directory")]
+    #[error("{dir}'s journal records no sha256 of its plan (an older reentry started it), so the plan cannot be checked before it runs again: finish it with the build that started it, or start a new run in an empty directory. A new run refuses while that build's staging tables hold rows (public.reentry_orphan_event, reentry_idempotency_review, reentry_idempotency_tombstone, reentry_repair tables with _run_id): it would stage those orphans again and re-send their compensating events; check and move them out of the way first")]
     PlanUnchecked { dir: String },
     #[error(transparent)]
     Plan(#[from] PlanError),

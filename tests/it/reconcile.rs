@@ -1389,3 +1389,336 @@ fn a_compensation_the_broker_refuses_fails_the_step_and_stays_unsent() {
         "nothing is counted as sent: {journal}"
     );
 }
+
+/// Review #11: what the application role may do to reentry's staging
+/// table. `app` is no superuser; `appfn.record()` writes who ran it into
+/// `appfn.fired`, a side table of the application's.
+fn arm_the_app_role(o: &Orphan) {
+    o.cluster
+        .db_client("res")
+        .batch_execute(
+            "CREATE ROLE app LOGIN;
+             CREATE SCHEMA appfn AUTHORIZATION app;
+             ALTER DEFAULT PRIVILEGES FOR ROLE postgres GRANT ALL ON TABLES TO app;
+             ALTER DEFAULT PRIVILEGES FOR ROLE postgres GRANT ALL ON SCHEMAS TO app;",
+        )
+        .unwrap();
+    o.cluster
+        .db_client_as("res", "app")
+        .batch_execute(
+            "CREATE TABLE appfn.fired (who text, superuser boolean);
+             GRANT INSERT ON appfn.fired TO PUBLIC;
+             CREATE FUNCTION appfn.record() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN
+               INSERT INTO appfn.fired SELECT current_user, rolsuper FROM pg_roles WHERE rolname = current_user;
+               RETURN NEW;
+             END $$;",
+        )
+        .unwrap();
+}
+
+/// Runs `apply` while a session holds SHARE on the outbox table, so that
+/// reentry waits at its first write there (after its checks); `meanwhile`
+/// runs once it waits, then the lock goes and the run ends.
+fn apply_paused_at_the_outbox(
+    o: &Orphan,
+    run: &str,
+    meanwhile: impl FnOnce(),
+) -> std::process::Output {
+    let mut holder = o.cluster.db_client("res");
+    let mut tx = holder.transaction().unwrap();
+    tx.batch_execute("LOCK TABLE outbox_event IN SHARE MODE")
+        .unwrap();
+    let child = Command::new(reentry_bin())
+        .arg("apply")
+        .arg(o.playbook())
+        .arg("--run-dir")
+        .arg(o.dir.join(run))
+        .arg("--apply")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut watch = o.cluster.db_client("res");
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let waiting: i64 = watch
+            .query_one(
+                "SELECT count(*) FROM pg_locks WHERE NOT granted AND relation = 'outbox_event'::regclass",
+                &[],
+            )
+            .unwrap()
+            .get(0);
+        if waiting > 0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "reentry never reached the outbox"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    meanwhile();
+    tx.commit().unwrap();
+    child.wait_with_output().unwrap()
+}
+
+/// What ran `appfn.record()`, and the triggers on reentry's table, as
+/// PostgreSQL's catalog has them.
+fn fired_and_triggers(o: &Orphan) -> (Vec<String>, Vec<String>) {
+    let mut c = o.cluster.db_client("res");
+    let fired = c
+        .query(
+            "SELECT who || ' superuser=' || superuser FROM appfn.fired",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let triggers = c
+        .query(
+            "SELECT tgname::text FROM pg_trigger WHERE tgrelid = to_regclass('reentry.orphan_event') AND NOT tgisinternal",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    (fired, triggers)
+}
+
+/// Review #11: `ALTER DEFAULT PRIVILEGES ... GRANT ALL ON TABLES TO app`
+/// gave the application role TRIGGER on reentry.orphan_event as reentry
+/// made it, before the insert that stages the orphan; a trigger the role
+/// added then ran as reentry's superuser. reentry now takes back every
+/// privilege on what it creates, in the transaction that creates it, and
+/// a TRIGGER granted later is refused by the plan, naming the grant.
+#[test]
+fn default_privileges_give_the_application_role_no_trigger_on_reentrys_tables() {
+    let o = Orphan::new("case-1", r#"{"entity":"{{key}}"}"#);
+    arm_the_app_role(&o);
+    let mut tried = None;
+    let out = apply_paused_at_the_outbox(&o, "run", || {
+        tried = Some(
+            o.cluster
+                .db_client_as("res", "app")
+                .batch_execute(
+                    "CREATE TRIGGER record BEFORE INSERT ON reentry.orphan_event
+                         FOR EACH ROW EXECUTE FUNCTION appfn.record()",
+                )
+                .map_err(|e| e.to_string()),
+        );
+    });
+    assert_exit(&out, 0);
+    let (fired, triggers) = fired_and_triggers(&o);
+    assert_eq!(fired, Vec::<String>::new(), "the application's trigger ran");
+    assert_eq!(triggers, Vec::<String>::new(), "{tried:?}");
+    assert_eq!(o.orphans(), (1, 1));
+    // In PostgreSQL's catalog: no privilege of app's on reentry's schema
+    // or tables, whatever the default privileges say.
+    let mut c = o.cluster.db_client("res");
+    let held: Vec<String> = c
+        .query(
+            "SELECT c.relname || ':' || a.privilege_type
+               FROM pg_class c, aclexplode(c.relacl) a
+              WHERE c.relnamespace = 'reentry'::regnamespace AND a.grantee <> c.relowner
+             UNION ALL
+             SELECT 'schema:' || a.privilege_type FROM pg_namespace n, aclexplode(n.nspacl) a
+              WHERE n.nspname = 'reentry' AND a.grantee <> n.nspowner",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(held, Vec::<String>::new());
+    // Even with USAGE on the schema (to read what is staged), app cannot
+    // put a trigger there.
+    c.batch_execute("GRANT USAGE ON SCHEMA reentry TO app")
+        .unwrap();
+    let err = o
+        .cluster
+        .db_client_as("res", "app")
+        .batch_execute(
+            "CREATE TRIGGER record BEFORE INSERT ON reentry.orphan_event
+                 FOR EACH ROW EXECUTE FUNCTION appfn.record()",
+        )
+        .unwrap_err();
+    let err = err.as_db_error().unwrap().message().to_owned();
+    assert_eq!(err, "permission denied for table orphan_event");
+
+    // A TRIGGER someone grants later: the plan refuses, naming it.
+    c.batch_execute("GRANT TRIGGER ON reentry.orphan_event TO app")
+        .unwrap();
+    let out = o.apply("run2");
+    assert_exit(&out, 3);
+    assert!(
+        stderr(&out).contains(
+            "databases.restored: reentry will not use schema reentry: TRIGGER on reentry.orphan_event is granted to app"
+        ),
+        "{}",
+        stderr(&out)
+    );
+}
+
+/// Review #11: the check ran in a transaction of its own, before the
+/// writes. A trigger the application role put on reentry's table after
+/// it (with a TRIGGER granted meanwhile) ran on the insert that staged
+/// the orphan, with reentry's rights. The check is made again in the
+/// transaction that writes, with the table locked against CREATE TRIGGER.
+#[test]
+fn a_trigger_added_between_reentrys_check_and_its_write_is_refused_and_never_runs() {
+    let o = Orphan::new("case-1", r#"{"entity":"{{key}}"}"#);
+    arm_the_app_role(&o);
+    // reentry's own schema and table, from an earlier run: clean.
+    let mut c = o.cluster.db_client("res");
+    c.batch_execute(&format!(
+        "ALTER DEFAULT PRIVILEGES FOR ROLE postgres REVOKE ALL ON TABLES FROM app;
+         ALTER DEFAULT PRIVILEGES FOR ROLE postgres REVOKE ALL ON SCHEMAS FROM app;
+         CREATE SCHEMA reentry; {}",
+        include_str!("../../sql/reentry_staging.sql")
+    ))
+    .unwrap();
+    let out = apply_paused_at_the_outbox(&o, "run", || {
+        o.cluster
+            .db_client("res")
+            .batch_execute(
+                "GRANT USAGE ON SCHEMA reentry TO app; GRANT TRIGGER ON reentry.orphan_event TO app",
+            )
+            .unwrap();
+        o.cluster
+            .db_client_as("res", "app")
+            .batch_execute(
+                "CREATE TRIGGER record BEFORE INSERT ON reentry.orphan_event
+                     FOR EACH ROW EXECUTE FUNCTION appfn.record()",
+            )
+            .unwrap();
+    });
+    let (fired, triggers) = fired_and_triggers(&o);
+    assert_eq!(
+        fired,
+        Vec::<String>::new(),
+        "the application's trigger ran as reentry"
+    );
+    assert_eq!(triggers, ["record"]);
+    // Refused by the step, under the lock, in the transaction that writes:
+    // the run stops there (exit 2), and resumes once the trigger is gone.
+    assert_exit(&out, 2);
+    let said = format!("{}{}", stdout(&out), stderr(&out));
+    assert!(
+        said.contains("stopped: outbox:case-events: databases.restored: reentry will not use schema reentry: reentry.orphan_event has trigger(s) record; TRIGGER on reentry.orphan_event is granted to app"),
+        "{said}"
+    );
+    assert_eq!(o.orphans(), (0, 0), "nothing staged");
+    assert_eq!(o.compensations(), Vec::<String>::new(), "nothing sent");
+}
+
+/// The lock fact `owned::guard` relies on: CREATE TRIGGER takes SHARE ROW
+/// EXCLUSIVE (PostgreSQL 15 and 18), which conflicts with the ROW
+/// EXCLUSIVE reentry holds on its tables while it writes them.
+#[test]
+fn create_trigger_waits_for_a_row_exclusive_lock_on_15_and_18() {
+    for v in [Version::V15, Version::V18] {
+        let mut cluster = Cluster::init(v);
+        cluster.start();
+        let mut a = cluster.client();
+        a.batch_execute(
+            "CREATE TABLE t (x int);
+             CREATE FUNCTION f() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN RETURN NEW; END $$;",
+        )
+        .unwrap();
+        let mut tx = a.transaction().unwrap();
+        tx.batch_execute("CREATE TRIGGER g BEFORE INSERT ON t FOR EACH ROW EXECUTE FUNCTION f()")
+            .unwrap();
+        let mut b = cluster.client();
+        let mode: String = b
+            .query_one(
+                "SELECT mode FROM pg_locks WHERE relation = 't'::regclass AND granted",
+                &[],
+            )
+            .unwrap()
+            .get(0);
+        assert_eq!(mode, "ShareRowExclusiveLock", "{v:?}");
+        tx.rollback().unwrap();
+        let mut tx = a.transaction().unwrap();
+        tx.batch_execute("LOCK TABLE t IN ROW EXCLUSIVE MODE")
+            .unwrap();
+        b.batch_execute("SET lock_timeout = '200ms'").unwrap();
+        let err = b
+            .batch_execute("CREATE TRIGGER g BEFORE INSERT ON t FOR EACH ROW EXECUTE FUNCTION f()")
+            .unwrap_err();
+        let err = err.as_db_error().unwrap().message().to_owned();
+        assert!(err.contains("lock timeout"), "{v:?}: {err}");
+        tx.rollback().unwrap();
+    }
+}
+
+/// Review #5: an earlier release staged orphans in an unqualified
+/// `reentry_orphan_event` (public), and may have sent some of their
+/// compensating events before it died. This build cannot resume that
+/// journal; a new run staged the orphans again, with compensated_at NULL,
+/// and sent their compensations again. While such a table holds rows,
+/// plan and apply refuse, naming it and what to do, and write nothing.
+#[test]
+fn an_earlier_releases_staging_table_with_rows_makes_plan_and_apply_refuse() {
+    let o = Orphan::new("case-1", r#"{"entity":"{{key}}"}"#);
+    let mut c = o.cluster.db_client("res");
+    c.batch_execute(&format!(
+        "CREATE TABLE public.reentry_orphan_event (
+             run_id text NOT NULL, outbox text NOT NULL, event_id text NOT NULL, topic text NOT NULL,
+             partition integer NOT NULL, \"offset\" bigint NOT NULL, event_time timestamptz,
+             key bytea, payload bytea, headers jsonb, staged_at timestamptz NOT NULL DEFAULT now(),
+             compensated_at timestamptz, PRIMARY KEY (topic, partition, \"offset\"));
+         INSERT INTO public.reentry_orphan_event (run_id, outbox, event_id, topic, partition, \"offset\", compensated_at)
+              VALUES ('old-run', 'case-events', '{}', '{}', 0, 0, now());",
+        uuid(1),
+        o.topic
+    ))
+    .unwrap();
+    let said = |out: &std::process::Output| format!("{}{}", stdout(out), stderr(out));
+    let want = "databases.restored: public.reentry_orphan_event holds orphan events staged by an earlier reentry";
+    let out = run(&[&"plan", &o.playbook()]);
+    assert_exit(&out, 3);
+    assert!(said(&out).contains(want), "{}", said(&out));
+    assert!(
+        said(&out).contains("Finish that run with the reentry build that started it"),
+        "{}",
+        said(&out)
+    );
+    let out = o.apply("run");
+    assert_exit(&out, 3);
+    assert!(said(&out).contains(want), "{}", said(&out));
+    // Nothing written: no schema of reentry's, no gate closed, nothing sent.
+    let gone: bool = c
+        .query_one("SELECT to_regnamespace('reentry') IS NULL", &[])
+        .unwrap()
+        .get(0);
+    assert!(gone, "reentry's schema was made");
+    for db in ["cur", "res"] {
+        let open: bool = o
+            .cluster
+            .db_client(db)
+            .query_one(
+                "SELECT enabled FROM system_gate WHERE gate_name = 'outbox-relay'",
+                &[],
+            )
+            .unwrap()
+            .get(0);
+        assert!(open, "a gate closed on {db}");
+    }
+    assert_eq!(o.compensations(), Vec::<String>::new());
+    // Emptied, it is no longer in the way; renamed once checked, neither.
+    c.batch_execute("DELETE FROM public.reentry_orphan_event")
+        .unwrap();
+    let out = run(&[&"plan", &o.playbook()]);
+    assert!(matches!(out.status.code(), Some(0 | 1)), "{}", said(&out));
+    c.batch_execute(
+        "INSERT INTO public.reentry_orphan_event (run_id, outbox, event_id, topic, partition, \"offset\")
+              VALUES ('old-run', 'case-events', 'x', 'y', 0, 0);
+         ALTER TABLE public.reentry_orphan_event RENAME TO orphan_event_checked",
+    )
+    .unwrap();
+    assert_exit(&o.apply("run2"), 0);
+    assert_eq!(o.orphans(), (1, 1));
+}

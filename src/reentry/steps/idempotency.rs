@@ -483,11 +483,17 @@ impl Step for Keys {
         let run_id = env.run_id.clone();
         let database = self.database.clone();
         let db = env.db(&database)?;
-        crate::reentry::owned::staging_tables(db, &database)?;
         let keys: Vec<&str> = f.missing.iter().map(|m| m.0.as_str()).collect();
         let times: Vec<Option<i64>> = f.missing.iter().map(|m| m.1).collect();
         let sources: Vec<&str> = f.missing.iter().map(|m| m.2).collect();
+        let ledger = if self.action == "review" {
+            "reentry.idempotency_review"
+        } else {
+            "reentry.idempotency_tombstone"
+        };
         let n = db.transaction("BEGIN", |db| -> Result<u64, StepError> {
+            // reentry's table, locked against new triggers, checked again.
+            crate::reentry::owned::staging_tables(db, &database, &[ledger])?;
             if self.action == "review" {
                 return db
                     .execute(

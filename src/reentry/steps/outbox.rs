@@ -1068,7 +1068,6 @@ impl Step for Reconcile {
         let run_id = env.run_id.clone();
         let database = self.database.clone();
         let db = env.db(&database)?;
-        crate::reentry::owned::staging_tables(db, &database)?;
         let t = db.table(&l.table).on(&database)?;
         let ty = Column::of(db, &l.table, &l.id).on(&database)?.ty;
         let (published_n, unpublished_n) = db.transaction("BEGIN", |db| -> Result<(u64, u64), StepError> {
@@ -1112,6 +1111,10 @@ impl Step for Reconcile {
             };
             Ok((p, u))
         })?;
+        // Staged in one transaction that first makes sure reentry's table
+        // is its own and locks it against new triggers (owned::guard).
+        let staged = db.transaction("BEGIN", |db| -> Result<u64, StepError> {
+        crate::reentry::owned::staging_tables(db, &database, &[ORPHANS])?;
         let mut staged = 0;
         for (s, m) in &fetched {
             let (key, payload, headers) = match m {
@@ -1136,6 +1139,8 @@ impl Step for Reconcile {
                 )
                 .on(&database)?;
         }
+        Ok(staged)
+        })?;
         // Compensations: at least once; each carries the orphan's id in a
         // header, so a consumer can drop a repeat.
         let mut compensated = 0;
@@ -1191,19 +1196,33 @@ impl Step for Reconcile {
             // rest stay uncompensated, and a resume sends them again.
             let delivered = kafka.produce_each(&self.topic, &messages)?;
             let mut undelivered = Vec::new();
+            let (mut ps, mut os) = (Vec::new(), Vec::new());
             for ((p, o), d) in done.iter().zip(delivered) {
                 match d {
                     Ok(()) => {
-                        compensated += db
-                            .execute(
-                                "record a compensation",
-                                "UPDATE reentry.orphan_event SET compensated_at = now() WHERE topic = $1 AND partition = $2 AND \"offset\" = $3",
-                                &[&self.topic, p, o],
-                            )
-                            .on(&database)?;
+                        ps.push(*p);
+                        os.push(*o);
                     }
                     Err(e) => undelivered.push(e),
                 }
+            }
+            if !ps.is_empty() {
+                compensated = db.transaction("BEGIN", |db| -> Result<u64, StepError> {
+                    crate::reentry::owned::guard(
+                        db,
+                        &database,
+                        crate::reentry::owned::SCHEMA,
+                        &[ORPHANS],
+                    )?;
+                    db.execute(
+                        "record the compensations",
+                        "UPDATE reentry.orphan_event AS e SET compensated_at = now()
+                           FROM unnest($2::int4[], $3::int8[]) AS v(p, o)
+                          WHERE e.topic = $1 AND e.partition = v.p AND e.\"offset\" = v.o",
+                        &[&self.topic, &ps, &os],
+                    )
+                    .on(&database)
+                })?;
             }
             // The first failure names the broker's error; a resume sends
             // every undelivered one again.

@@ -314,7 +314,8 @@ impl Stage {
                 c.ty
             ));
         }
-        db.batch("create the staging table", &ddl).on(target)?;
+        crate::reentry::owned::create(db, target, SCHEMA, &ddl)?;
+        crate::reentry::owned::guard(db, target, SCHEMA, &[&st, STAGES])?;
         db.batch("set up the session", CANONICAL_LOCAL).on(target)?;
         // A stage killed before its commit left nothing; one that
         // committed is not run again. Rows of this run are made afresh.
@@ -1079,15 +1080,18 @@ impl Step for Apply {
             "source-wins" => "staged",
             _ => "review",
         };
-        db.execute(
-            "mark the conflicts the playbook leaves alone",
-            &format!(
-                "UPDATE {st} AS s SET \"reentry$status\" = $2 WHERE s.\"reentry$run_id\" = $1 AND s.\"reentry$status\" = 'staged'
-                   AND s.\"reentry$class\" = 'conflict' AND s.\"reentry$would\" IN ('{want}') AND $2 <> 'staged'"
-            ),
-            &[&run_id, &conflict_status],
-        )
-        .on(&target)?;
+        db.transaction("BEGIN", |db| -> Result<u64, StepError> {
+            crate::reentry::owned::guard(db, &target, SCHEMA, &[&st])?;
+            db.execute(
+                "mark the conflicts the playbook leaves alone",
+                &format!(
+                    "UPDATE {st} AS s SET \"reentry$status\" = $2 WHERE s.\"reentry$run_id\" = $1 AND s.\"reentry$status\" = 'staged'
+                       AND s.\"reentry$class\" = 'conflict' AND s.\"reentry$would\" IN ('{want}') AND $2 <> 'staged'"
+                ),
+                &[&run_id, &conflict_status],
+            )
+            .on(&target)
+        })?;
         if self.deletes && !self.allow_delete {
             return Err(StepError::Config(
                 "rows-delete without allow-delete: the plan is not this build's".into(),
@@ -1125,7 +1129,11 @@ impl Step for Apply {
             }
             let step_id = rec.step.to_owned();
             let first = batches == 0;
-            let counts = db.transaction("BEGIN", |db| {
+            let counts = db.transaction("BEGIN", |db| -> Result<_, StepError> {
+                // The staging table and the audit log, locked against new
+                // triggers and checked again before this batch writes them.
+                crate::reentry::owned::guard(db, &target, SCHEMA, &[&st, AUDIT])?;
+                let batch = |db: &mut Db| {
                 let mut setup = CANONICAL_LOCAL.to_owned();
                 if self.disable_triggers {
                     setup.push_str(" SET LOCAL session_replication_role = replica;");
@@ -1248,8 +1256,10 @@ impl Step for Apply {
                     .collect();
                 c.insert("conflict".into(), conflicts);
                 Ok::<_, PgError>(c)
+                };
+                batch(db).on(&target)
             });
-            let counts = counts.on(&target)?;
+            let counts = counts?;
             batches += 1;
             rec.prior_keyed(&format!("{}#batch-{batches}", rec.step), &counts)?;
         }
