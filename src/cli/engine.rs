@@ -361,6 +361,7 @@ pub fn apply(ctx: &Context, a: ApplyArgs) -> Result<Exit, Error> {
     Ok(match result.status {
         Status::Finished if result.would_fail() > 0 => Exit::Negative,
         Status::Finished | Status::Paused => Exit::Ok,
+        Status::Failed if result.refused => Exit::Refused,
         Status::Failed | Status::Interrupted => Exit::Failure,
     })
 }

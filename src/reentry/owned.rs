@@ -8,7 +8,8 @@
 //! on reentry's first insert. So reentry uses a schema only when the role
 //! it connects as owns it and every relation in it, no relation in it has
 //! a trigger, and no other role holds a privilege that lets it add code
-//! there: TRIGGER on a relation, CREATE on the schema. Else it refuses,
+//! there: TRIGGER on a relation, CREATE on the schema, membership of the
+//! owning role (which brings the owner's rights). Else it refuses,
 //! naming what it found, and changes nothing. What it creates, it creates
 //! itself, without `IF NOT EXISTS` adopting someone else's, and takes
 //! back at once every privilege that default privileges
@@ -41,7 +42,11 @@ pub fn foreign(db: &mut Db, schema: &str) -> Result<Option<String>, PgError> {
                 "SELECT pg_get_userbyid(n.nspowner)::text, current_user::text, n.oid,
                         coalesce((SELECT string_agg(DISTINCT {GRANTEE}, ', ')
                                     FROM aclexplode(n.nspacl) a
-                                   WHERE a.grantee <> n.nspowner AND a.privilege_type = 'CREATE'), '')
+                                   WHERE a.grantee <> n.nspowner AND a.privilege_type = 'CREATE'), ''),
+                        coalesce((SELECT string_agg(r.rolname::text, ', ' ORDER BY r.rolname)
+                                    FROM pg_roles r
+                                   WHERE r.oid <> n.nspowner AND NOT r.rolsuper
+                                     AND pg_has_role(r.oid, n.nspowner, 'MEMBER')), '')
                    FROM pg_namespace n WHERE n.nspname = $1"
             ),
             &[&schema],
@@ -59,7 +64,15 @@ pub fn foreign(db: &mut Db, schema: &str) -> Result<Option<String>, PgError> {
     }
     let oid: tokio_postgres::types::Oid = row.get(2);
     let creators: String = row.get(3);
+    let members: String = row.get(4);
     let mut problems = Vec::new();
+    // A member of the owning role may do what its owner may: add a trigger.
+    // (Superusers may anyway: they are not counted.)
+    if !members.is_empty() {
+        problems.push(format!(
+            "role(s) {members} are members of {me}, which owns it, and may do what {me} may (REVOKE {me} FROM ...)"
+        ));
+    }
     if !creators.is_empty() {
         problems.push(format!(
             "CREATE on schema {schema} is granted to {creators} (REVOKE CREATE ON SCHEMA {schema} FROM ...)"

@@ -71,6 +71,10 @@ pub struct RunResult {
     pub steps: Vec<StepLine>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// The step that stopped the run refused to protect data (exit 3), as
+    /// opposed to failing (exit 2).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub refused: bool,
 }
 
 impl RunResult {
@@ -426,6 +430,7 @@ pub fn run(
         status: Status::Finished,
         steps: Vec::new(),
         error: None,
+        refused: false,
     };
     let mut push = |result: &mut RunResult, line: StepLine| {
         show(&line);
@@ -580,6 +585,7 @@ pub fn run(
                     line(Outcome::Failed, message.clone(), 0, Some(seconds)),
                 );
                 result.status = Status::Failed;
+                result.refused = matches!(e, StepError::Refused(_));
                 result.error = Some(format!("{}: {message}", s.id));
                 break;
             }

@@ -1560,6 +1560,27 @@ fn default_privileges_give_the_application_role_no_trigger_on_reentrys_tables() 
         "{}",
         stderr(&out)
     );
+    // A member of the role that owns reentry's schema has its owner's
+    // rights, a trigger among them: refused too, naming the member.
+    c.batch_execute("REVOKE TRIGGER ON reentry.orphan_event FROM app; GRANT postgres TO app")
+        .unwrap();
+    let out = o.apply("run3");
+    assert_exit(&out, 3);
+    assert!(
+        stderr(&out).contains(
+            "databases.restored: reentry will not use schema reentry: role(s) app are members of postgres, which owns it"
+        ),
+        "{}",
+        stderr(&out)
+    );
+    let err = o.cluster.db_client_as("res", "app").batch_execute(
+        "CREATE TRIGGER record BEFORE INSERT ON reentry.orphan_event
+                 FOR EACH ROW EXECUTE FUNCTION appfn.record()",
+    );
+    assert!(
+        err.is_ok(),
+        "membership did not give the owner's rights: {err:?}"
+    );
 }
 
 /// Review #11: the check ran in a transaction of its own, before the
@@ -1603,8 +1624,9 @@ fn a_trigger_added_between_reentrys_check_and_its_write_is_refused_and_never_run
     );
     assert_eq!(triggers, ["record"]);
     // Refused by the step, under the lock, in the transaction that writes:
-    // the run stops there (exit 2), and resumes once the trigger is gone.
-    assert_exit(&out, 2);
+    // the run stops there, refusing (exit 3), and resumes once the trigger
+    // is gone.
+    assert_exit(&out, 3);
     let said = format!("{}{}", stdout(&out), stderr(&out));
     assert!(
         said.contains("stopped: outbox:case-events: databases.restored: reentry will not use schema reentry: reentry.orphan_event has trigger(s) record; TRIGGER on reentry.orphan_event is granted to app"),
@@ -1713,6 +1735,30 @@ fn an_earlier_releases_staging_table_with_rows_makes_plan_and_apply_refuse() {
         .unwrap();
     let out = run(&[&"plan", &o.playbook()]);
     assert!(matches!(out.status.code(), Some(0 | 1)), "{}", said(&out));
+    // The earlier release's other staging tables, each with a row: the
+    // idempotency tombstones (by name) and a repair's staging table (by
+    // its bookkeeping columns, in reentry_repair).
+    for (plant, want, clear) in [
+        (
+            "CREATE TABLE public.reentry_idempotency_tombstone (run_id text, key text, source text, recorded_at timestamptz);
+             INSERT INTO public.reentry_idempotency_tombstone VALUES ('old-run', 'k1', 'src', now());",
+            "public.reentry_idempotency_tombstone holds the tombstones an earlier reentry recorded",
+            "DROP TABLE public.reentry_idempotency_tombstone",
+        ),
+        (
+            "CREATE SCHEMA reentry_repair;
+             CREATE TABLE reentry_repair.orders_1 (id int, _run_id text, _status text, _class text);
+             INSERT INTO reentry_repair.orders_1 VALUES (1, 'old-run', 'staged', 'missing');",
+            "reentry_repair.orders_1 holds rows an earlier reentry staged for a repair",
+            "DROP SCHEMA reentry_repair CASCADE",
+        ),
+    ] {
+        c.batch_execute(plant).unwrap();
+        let out = run(&[&"plan", &o.playbook()]);
+        assert_exit(&out, 3);
+        assert!(said(&out).contains(want), "{}", said(&out));
+        c.batch_execute(clear).unwrap();
+    }
     c.batch_execute(
         "INSERT INTO public.reentry_orphan_event (run_id, outbox, event_id, topic, partition, \"offset\")
               VALUES ('old-run', 'case-events', 'x', 'y', 0, 0);

@@ -1192,38 +1192,44 @@ impl Step for Reconcile {
                 });
                 done.push((s.partition, s.offset));
             }
-            // Only what the broker acknowledged is recorded as sent; the
-            // rest stay uncompensated, and a resume sends them again.
-            let delivered = kafka.produce_each(&self.topic, &messages)?;
-            let mut undelivered = Vec::new();
-            let (mut ps, mut os) = (Vec::new(), Vec::new());
-            for ((p, o), d) in done.iter().zip(delivered) {
-                match d {
-                    Ok(()) => {
-                        ps.push(*p);
-                        os.push(*o);
-                    }
-                    Err(e) => undelivered.push(e),
-                }
-            }
-            if !ps.is_empty() {
-                compensated = db.transaction("BEGIN", |db| -> Result<u64, StepError> {
+            // Sent inside the transaction that records them, with reentry's
+            // table locked against new triggers and checked first
+            // (owned::guard): a refusal comes before anything is sent, never
+            // after the broker took it. Only what the broker acknowledged is
+            // recorded as sent; the rest stay uncompensated, and a resume
+            // sends them again.
+            let undelivered;
+            (compensated, undelivered) =
+                db.transaction("BEGIN", |db| -> Result<(u64, Vec<_>), StepError> {
                     crate::reentry::owned::guard(
                         db,
                         &database,
                         crate::reentry::owned::SCHEMA,
                         &[ORPHANS],
                     )?;
-                    db.execute(
-                        "record the compensations",
-                        "UPDATE reentry.orphan_event AS e SET compensated_at = now()
-                           FROM unnest($2::int4[], $3::int8[]) AS v(p, o)
-                          WHERE e.topic = $1 AND e.partition = v.p AND e.\"offset\" = v.o",
-                        &[&self.topic, &ps, &os],
-                    )
-                    .on(&database)
+                    let delivered = kafka.produce_each(&self.topic, &messages)?;
+                    let mut undelivered = Vec::new();
+                    let (mut ps, mut os) = (Vec::new(), Vec::new());
+                    for ((p, o), d) in done.iter().zip(delivered) {
+                        match d {
+                            Ok(()) => {
+                                ps.push(*p);
+                                os.push(*o);
+                            }
+                            Err(e) => undelivered.push(e),
+                        }
+                    }
+                    let n = db
+                        .execute(
+                            "record the compensations",
+                            "UPDATE reentry.orphan_event AS e SET compensated_at = now()
+                               FROM unnest($2::int4[], $3::int8[]) AS v(p, o)
+                              WHERE e.topic = $1 AND e.partition = v.p AND e.\"offset\" = v.o",
+                            &[&self.topic, &ps, &os],
+                        )
+                        .on(&database)?;
+                    Ok((n, undelivered))
                 })?;
-            }
             // The first failure names the broker's error; a resume sends
             // every undelivered one again.
             if let Some(first) = undelivered.into_iter().next() {
