@@ -639,18 +639,22 @@ fn a_library_that_database_or_role_settings_preload_is_refused_and_never_loaded(
     let (c, repo) = archiving(Version::V18, "", &[]);
     let evil = "/nonexistent/reentry-test-evil.so";
     let mut db = c.client();
-    db.batch_execute(&format!(
-        "CREATE DATABASE app; ALTER DATABASE app SET session_preload_libraries = '{evil}'; \
-         CREATE ROLE jobs LOGIN; ALTER ROLE jobs SET dynamic_library_path = '/srv/app/lib'"
-    ))
-    .unwrap();
+    // One statement each: CREATE DATABASE runs outside a transaction.
+    for sql in [
+        "CREATE DATABASE app".to_owned(),
+        format!("ALTER DATABASE app SET session_preload_libraries = '{evil}'"),
+        "CREATE ROLE jobs LOGIN".to_owned(),
+        "ALTER ROLE jobs SET dynamic_library_path = '/srv/app/lib'".to_owned(),
+    ] {
+        db.batch_execute(&sql).unwrap();
+    }
     // A plain session of `app` tries to load it (and fails: it does not
     // exist); one with reentry's startup options does not.
     let plain = postgres::Client::connect(&c.db_conninfo("app"), postgres::NoTls);
-    let err = plain
-        .err()
-        .expect("a plain session loads the library")
-        .to_string();
+    let err = format!(
+        "{:?}",
+        plain.err().expect("a plain session loads the library")
+    );
     assert!(err.contains("reentry-test-evil"), "{err}");
     let mut guarded = postgres::Client::connect(
         &format!(
