@@ -682,7 +682,8 @@ fn a_library_that_database_or_role_settings_preload_is_refused_and_never_loaded(
     assert_exit(&out, 3);
     let said = stderr(&out);
     assert!(
-        said.contains(&format!("app/*: session_preload_libraries={evil}"))
+        // PostgreSQL stores a list setting's entries quoted.
+        said.contains(&format!("app/*: session_preload_libraries=\"{evil}\""))
             && said.contains("*/jobs: dynamic_library_path=/srv/app/lib")
             && said.contains("the copy was stopped"),
         "{said}"
