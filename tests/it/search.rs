@@ -989,11 +989,7 @@ fn a_rebuild_hook_past_its_timeout_is_killed_with_its_children() {
         said.contains("the rebuild hook of hooked ran longer than 2s and was killed"),
         "{said}"
     );
-    let left = std::process::Command::new("pgrep")
-        .args(["-f", "sleep 4711.5"])
-        .output()
-        .unwrap();
-    assert!(left.stdout.is_empty(), "still running: {}", stdout(&left));
+    assert!(!running("sleep 4711.5"), "the hook's sleep still runs");
 }
 
 /// Whether a process whose command line holds `pattern` runs (pgrep).
