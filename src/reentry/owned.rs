@@ -6,10 +6,13 @@
 //! application's. A schema or table of these names that another role made
 //! could carry a trigger, a rule or a default that runs with those rights
 //! on reentry's first insert. So reentry uses a schema only when the role
-//! it connects as owns it and every relation in it, no relation in it has
-//! a trigger, and no other role holds a privilege that lets it add code
-//! there: TRIGGER on a relation, CREATE on the schema, membership of the
-//! owning role (which brings the owner's rights). Else it refuses,
+//! it connects as owns it and every relation in it; no relation in it has
+//! a trigger, a rule, row security, or a default, constraint or index
+//! calling a function outside pg_catalog; and no other role holds a
+//! privilege that lets it add code there or change what reentry reads
+//! back: TRIGGER, INSERT, UPDATE, DELETE or TRUNCATE on a relation, CREATE
+//! on the schema, membership of the owning role (which brings the owner's
+//! rights). Superusers can do all of it anyway. Else it refuses,
 //! naming what it found, and changes nothing. What it creates, it creates
 //! itself, without `IF NOT EXISTS` adopting someone else's, and takes
 //! back at once every privilege that default privileges
@@ -78,33 +81,81 @@ pub fn foreign(db: &mut Db, schema: &str) -> Result<Option<String>, PgError> {
             "CREATE on schema {schema} is granted to {creators} (REVOKE CREATE ON SCHEMA {schema} FROM ...)"
         ));
     }
+    // Per relation: its owner; its triggers; who else may change it or add
+    // code to it; rules and row security (their expressions run on reentry's
+    // reads and writes); functions and operators outside pg_catalog in its
+    // defaults, constraints and indexes (they run on reentry's inserts); in
+    // `reentry`, whose columns reentry typed itself, types outside
+    // pg_catalog (a domain's CHECK runs a function). A repair's staging
+    // table takes the application's column types as they are.
     for r in db.query(
         "look over reentry's schema",
         &format!(
             "SELECT c.relname::text, pg_get_userbyid(c.relowner)::text,
                     coalesce((SELECT string_agg(g.tgname::text, ', ' ORDER BY g.tgname)
                                 FROM pg_trigger g WHERE g.tgrelid = c.oid AND NOT g.tgisinternal), ''),
-                    coalesce((SELECT string_agg(DISTINCT {GRANTEE}, ', ')
-                                FROM aclexplode(c.relacl) a
-                               WHERE a.grantee <> c.relowner AND a.privilege_type = 'TRIGGER'), '')
+                    coalesce((SELECT string_agg(x, ', ' ORDER BY x)
+                                FROM (SELECT string_agg(a.privilege_type, ', ' ORDER BY a.privilege_type) || ' to ' || {GRANTEE} AS x
+                                        FROM aclexplode(c.relacl) a
+                                       WHERE a.grantee <> c.relowner
+                                         AND a.privilege_type IN ('INSERT', 'UPDATE', 'DELETE', 'TRUNCATE', 'TRIGGER')
+                                       GROUP BY a.grantee) g), ''),
+                    coalesce((SELECT string_agg(w.rulename::text, ', ' ORDER BY w.rulename)
+                                FROM pg_rewrite w WHERE w.ev_class = c.oid AND c.relkind IN ('r', 'p')), ''),
+                    c.relrowsecurity OR EXISTS (SELECT FROM pg_policy p WHERE p.polrelid = c.oid),
+                    coalesce((SELECT string_agg(DISTINCT pg_describe_object(d.refclassid, d.refobjid, 0), ', ')
+                                FROM pg_depend d
+                               WHERE ((d.classid = 'pg_attrdef'::regclass
+                                       AND d.objid IN (SELECT f.oid FROM pg_attrdef f WHERE f.adrelid = c.oid))
+                                   OR (d.classid = 'pg_constraint'::regclass
+                                       AND d.objid IN (SELECT k.oid FROM pg_constraint k WHERE k.conrelid = c.oid))
+                                   OR (d.classid = 'pg_class'::regclass
+                                       AND d.objid IN (SELECT i.indexrelid FROM pg_index i WHERE i.indrelid = c.oid)))
+                                 AND ((d.refclassid = 'pg_proc'::regclass
+                                       AND NOT EXISTS (SELECT FROM pg_proc f WHERE f.oid = d.refobjid
+                                                          AND f.pronamespace = 'pg_catalog'::regnamespace))
+                                   OR (d.refclassid = 'pg_operator'::regclass
+                                       AND NOT EXISTS (SELECT FROM pg_operator o WHERE o.oid = d.refobjid
+                                                          AND o.oprnamespace = 'pg_catalog'::regnamespace)))), ''),
+                    coalesce((SELECT string_agg(DISTINCT format_type(t.oid, NULL), ', ')
+                                FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid
+                               WHERE $2 AND a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
+                                 AND t.typnamespace <> 'pg_catalog'::regnamespace), '')
                FROM pg_class c
               WHERE c.relnamespace = $1 AND c.relkind IN ('r', 'p', 'v', 'm', 'f')
               ORDER BY 1"
         ),
-        &[&oid],
+        &[&oid, &(schema == SCHEMA)],
     )? {
-        let (name, owner, triggers, grantees): (String, String, String, String) =
+        let (name, owner, triggers, grants): (String, String, String, String) =
             (r.get(0), r.get(1), r.get(2), r.get(3));
+        let (rules, secured, code, types): (String, bool, String, String) =
+            (r.get(4), r.get(5), r.get(6), r.get(7));
+        let rel = format!("{schema}.{name}");
         if owner != me {
-            problems.push(format!("{schema}.{name} is owned by role {owner}"));
+            problems.push(format!("{rel} is owned by role {owner}"));
         }
         if !triggers.is_empty() {
-            problems.push(format!("{schema}.{name} has trigger(s) {triggers}"));
+            problems.push(format!("{rel} has trigger(s) {triggers}"));
         }
-        if !grantees.is_empty() {
+        if !grants.is_empty() {
             problems.push(format!(
-                "TRIGGER on {schema}.{name} is granted to {grantees} (REVOKE TRIGGER ON {schema}.{name} FROM ...)"
+                "{rel} grants {grants} (REVOKE INSERT, UPDATE, DELETE, TRUNCATE, TRIGGER ON {rel} FROM ...)"
             ));
+        }
+        if !rules.is_empty() {
+            problems.push(format!("{rel} has rule(s) {rules}"));
+        }
+        if secured {
+            problems.push(format!("{rel} has row security or policies"));
+        }
+        if !code.is_empty() {
+            problems.push(format!(
+                "{rel}'s defaults, constraints or indexes call {code}, outside pg_catalog"
+            ));
+        }
+        if !types.is_empty() {
+            problems.push(format!("{rel} has columns of type(s) {types}, outside pg_catalog"));
         }
     }
     Ok((!problems.is_empty()).then(|| problems.join("; ")))
@@ -113,11 +164,11 @@ pub fn foreign(db: &mut Db, schema: &str) -> Result<Option<String>, PgError> {
 /// The refusal, said once for the plan and the step alike.
 pub fn refusal(database: &str, schema: &str, why: &str) -> String {
     format!(
-        "databases.{database}: reentry will not use schema {schema}: {why}. What another role made or may add there would run with reentry's rights: look at it, then drop it (reentry makes its own) or give it to the role reentry connects as, without triggers or grants of TRIGGER or CREATE to other roles"
+        "databases.{database}: reentry will not use schema {schema}: {why}. What another role made or may add there would run with reentry's rights: look at it, then drop it (reentry makes its own) or give it to the role reentry connects as, without triggers, rules, policies or code of another's, and with no other role holding more than SELECT on it or CREATE on the schema, or membership of the owning role"
     )
 }
 
-fn refuse_foreign(db: &mut Db, database: &str, schema: &str) -> Result<(), StepError> {
+pub fn refuse_foreign(db: &mut Db, database: &str, schema: &str) -> Result<(), StepError> {
     match foreign(db, schema).on(database)? {
         None => Ok(()),
         Some(why) => Err(StepError::Refused(refusal(database, schema, &why))),
@@ -220,9 +271,29 @@ pub fn create(db: &mut Db, database: &str, schema: &str, ddl: &str) -> Result<()
 /// none can be added until this transaction ends, and checks the schema
 /// again under the lock. The lock is the one the writes take anyway.
 pub fn guard(db: &mut Db, database: &str, schema: &str, tables: &[&str]) -> Result<(), StepError> {
+    // Bounded: a session holding a conflicting lock on reentry's own table
+    // stops the step with PostgreSQL's error instead of hanging it. The
+    // transaction's own lock_timeout is put back for what follows.
+    let before: String = db
+        .query_one(
+            "read lock_timeout",
+            "SELECT current_setting('lock_timeout')",
+            &[],
+        )
+        .on(database)?
+        .get(0);
     db.batch(
         "lock reentry's tables against new triggers",
-        &format!("LOCK TABLE {} IN ROW EXCLUSIVE MODE", tables.join(", ")),
+        &format!(
+            "SET LOCAL lock_timeout = '10s'; LOCK TABLE {} IN ROW EXCLUSIVE MODE",
+            tables.join(", ")
+        ),
+    )
+    .on(database)?;
+    db.execute(
+        "put lock_timeout back",
+        "SELECT set_config('lock_timeout', $1, true)",
+        &[&before],
     )
     .on(database)?;
     refuse_foreign(db, database, schema)

@@ -1417,17 +1417,18 @@ fn arm_the_app_role(o: &Orphan) {
         .unwrap();
 }
 
-/// Runs `apply` while a session holds SHARE on the outbox table, so that
-/// reentry waits at its first write there (after its checks); `meanwhile`
-/// runs once it waits, then the lock goes and the run ends.
-fn apply_paused_at_the_outbox(
+/// Runs `apply` while a session holds SHARE on `table`, so that reentry
+/// waits at its first lock there; `meanwhile` runs once it waits, in the
+/// transaction that holds the lock; then that commits and the run ends.
+fn apply_paused_at(
     o: &Orphan,
     run: &str,
-    meanwhile: impl FnOnce(),
+    table: &str,
+    meanwhile: impl FnOnce(&mut postgres::Transaction),
 ) -> std::process::Output {
     let mut holder = o.cluster.db_client("res");
     let mut tx = holder.transaction().unwrap();
-    tx.batch_execute("LOCK TABLE outbox_event IN SHARE MODE")
+    tx.batch_execute(&format!("LOCK TABLE {table} IN SHARE MODE"))
         .unwrap();
     let child = Command::new(reentry_bin())
         .arg("apply")
@@ -1444,8 +1445,8 @@ fn apply_paused_at_the_outbox(
     loop {
         let waiting: i64 = watch
             .query_one(
-                "SELECT count(*) FROM pg_locks WHERE NOT granted AND relation = 'outbox_event'::regclass",
-                &[],
+                "SELECT count(*) FROM pg_locks WHERE NOT granted AND relation = $1::text::regclass",
+                &[&table],
             )
             .unwrap()
             .get(0);
@@ -1454,11 +1455,11 @@ fn apply_paused_at_the_outbox(
         }
         assert!(
             std::time::Instant::now() < deadline,
-            "reentry never reached the outbox"
+            "reentry never reached {table}"
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-    meanwhile();
+    meanwhile(&mut tx);
     tx.commit().unwrap();
     child.wait_with_output().unwrap()
 }
@@ -1498,22 +1499,7 @@ fn fired_and_triggers(o: &Orphan) -> (Vec<String>, Vec<String>) {
 fn default_privileges_give_the_application_role_no_trigger_on_reentrys_tables() {
     let o = Orphan::new("case-1", r#"{"entity":"{{key}}"}"#);
     arm_the_app_role(&o);
-    let mut tried = None;
-    let out = apply_paused_at_the_outbox(&o, "run", || {
-        tried = Some(
-            o.cluster
-                .db_client_as("res", "app")
-                .batch_execute(
-                    "CREATE TRIGGER record BEFORE INSERT ON reentry.orphan_event
-                         FOR EACH ROW EXECUTE FUNCTION appfn.record()",
-                )
-                .map_err(|e| e.to_string()),
-        );
-    });
-    assert_exit(&out, 0);
-    let (fired, triggers) = fired_and_triggers(&o);
-    assert_eq!(fired, Vec::<String>::new(), "the application's trigger ran");
-    assert_eq!(triggers, Vec::<String>::new(), "{tried:?}");
+    assert_exit(&o.apply("run"), 0);
     assert_eq!(o.orphans(), (1, 1));
     // In PostgreSQL's catalog: no privilege of app's on reentry's schema
     // or tables, whatever the default privileges say.
@@ -1548,22 +1534,26 @@ fn default_privileges_give_the_application_role_no_trigger_on_reentrys_tables() 
     let err = err.as_db_error().unwrap().message().to_owned();
     assert_eq!(err, "permission denied for table orphan_event");
 
-    // A TRIGGER someone grants later: the plan refuses, naming it.
-    c.batch_execute("GRANT TRIGGER ON reentry.orphan_event TO app")
+    // What someone grants later (or an earlier build's table kept from
+    // default privileges): the plan refuses, naming it. INSERT would let
+    // app stage an orphan of its choosing, which reentry then compensates.
+    c.batch_execute("GRANT INSERT, TRIGGER ON reentry.orphan_event TO app")
         .unwrap();
     let out = o.apply("run2");
     assert_exit(&out, 3);
     assert!(
         stderr(&out).contains(
-            "databases.restored: reentry will not use schema reentry: TRIGGER on reentry.orphan_event is granted to app"
+            "databases.restored: reentry will not use schema reentry: reentry.orphan_event grants INSERT, TRIGGER to app"
         ),
         "{}",
         stderr(&out)
     );
     // A member of the role that owns reentry's schema has its owner's
     // rights, a trigger among them: refused too, naming the member.
-    c.batch_execute("REVOKE TRIGGER ON reentry.orphan_event FROM app; GRANT postgres TO app")
-        .unwrap();
+    c.batch_execute(
+        "REVOKE INSERT, TRIGGER ON reentry.orphan_event FROM app; GRANT postgres TO app",
+    )
+    .unwrap();
     let out = o.apply("run3");
     assert_exit(&out, 3);
     assert!(
@@ -1601,26 +1591,22 @@ fn a_trigger_added_between_reentrys_check_and_its_write_is_refused_and_never_run
         include_str!("../../sql/reentry_staging.sql")
     ))
     .unwrap();
-    let out = apply_paused_at_the_outbox(&o, "run", || {
-        o.cluster
-            .db_client("res")
-            .batch_execute(
-                "GRANT USAGE ON SCHEMA reentry TO app; GRANT TRIGGER ON reentry.orphan_event TO app",
-            )
-            .unwrap();
-        o.cluster
-            .db_client_as("res", "app")
-            .batch_execute(
-                "CREATE TRIGGER record BEFORE INSERT ON reentry.orphan_event
-                     FOR EACH ROW EXECUTE FUNCTION appfn.record()",
-            )
-            .unwrap();
+    // reentry has checked the schema (before the outbox, and again before
+    // it locks its table) and waits for its lock; the trigger is added and
+    // committed meanwhile, before the lock is granted. Checked only before
+    // the lock, the insert that staged the orphan would run it.
+    let out = apply_paused_at(&o, "run", "reentry.orphan_event", |tx| {
+        tx.batch_execute(
+            "CREATE TRIGGER record BEFORE INSERT ON reentry.orphan_event
+                 FOR EACH ROW EXECUTE FUNCTION appfn.record()",
+        )
+        .unwrap();
     });
     let (fired, triggers) = fired_and_triggers(&o);
     assert_eq!(
         fired,
         Vec::<String>::new(),
-        "the application's trigger ran as reentry"
+        "the trigger ran with reentry's rights"
     );
     assert_eq!(triggers, ["record"]);
     // Refused by the step, under the lock, in the transaction that writes:
@@ -1629,11 +1615,80 @@ fn a_trigger_added_between_reentrys_check_and_its_write_is_refused_and_never_run
     assert_exit(&out, 3);
     let said = format!("{}{}", stdout(&out), stderr(&out));
     assert!(
-        said.contains("stopped: outbox:case-events: databases.restored: reentry will not use schema reentry: reentry.orphan_event has trigger(s) record; TRIGGER on reentry.orphan_event is granted to app"),
+        said.contains("stopped: outbox:case-events: databases.restored: reentry will not use schema reentry: reentry.orphan_event has trigger(s) record"),
         "{said}"
     );
     assert_eq!(o.orphans(), (0, 0), "nothing staged");
     assert_eq!(o.compensations(), Vec::<String>::new(), "nothing sent");
+    c.batch_execute("DROP TRIGGER record ON reentry.orphan_event")
+        .unwrap();
+    let out = run(&[
+        &"apply",
+        &o.playbook(),
+        &"--run-dir",
+        &o.dir.join("run"),
+        &"--apply",
+        &"--resume",
+    ]);
+    assert_exit(&out, 0);
+    assert_eq!(o.orphans(), (1, 1));
+    assert_eq!(fired_and_triggers(&o).0, Vec::<String>::new());
+}
+
+/// Code that a role could plant on reentry's own table while it was a
+/// member of the owning role, and that would run on reentry's insert: a
+/// rule, row security, a default calling the application's function. Each
+/// is refused at plan, naming it; each gone, the plan passes.
+#[test]
+fn a_rule_a_policy_or_a_default_of_anothers_on_reentrys_table_is_refused() {
+    let o = Orphan::new("case-1", r#"{"entity":"{{key}}"}"#);
+    arm_the_app_role(&o);
+    let mut c = o.cluster.db_client("res");
+    c.batch_execute(&format!(
+        "ALTER DEFAULT PRIVILEGES FOR ROLE postgres REVOKE ALL ON TABLES FROM app;
+         ALTER DEFAULT PRIVILEGES FOR ROLE postgres REVOKE ALL ON SCHEMAS FROM app;
+         CREATE SCHEMA reentry; {}
+         CREATE FUNCTION appfn.stamp() RETURNS timestamptz LANGUAGE plpgsql AS $$
+         BEGIN
+           INSERT INTO appfn.fired SELECT current_user, rolsuper FROM pg_roles WHERE rolname = current_user;
+           RETURN now();
+         END $$;",
+        include_str!("../../sql/reentry_staging.sql")
+    ))
+    .unwrap();
+    let said = |out: &std::process::Output| format!("{}{}", stdout(out), stderr(out));
+    for (plant, want, undo) in [
+        (
+            "CREATE RULE copy AS ON INSERT TO reentry.orphan_event DO ALSO INSERT INTO appfn.fired VALUES (current_user, false)",
+            "reentry.orphan_event has rule(s) copy",
+            "DROP RULE copy ON reentry.orphan_event",
+        ),
+        (
+            "ALTER TABLE reentry.orphan_event ENABLE ROW LEVEL SECURITY",
+            "reentry.orphan_event has row security or policies",
+            "ALTER TABLE reentry.orphan_event DISABLE ROW LEVEL SECURITY",
+        ),
+        (
+            "ALTER TABLE reentry.orphan_event ALTER COLUMN staged_at SET DEFAULT appfn.stamp()",
+            "reentry.orphan_event's defaults, constraints or indexes call function appfn.stamp(), outside pg_catalog",
+            "ALTER TABLE reentry.orphan_event ALTER COLUMN staged_at SET DEFAULT now()",
+        ),
+    ] {
+        c.batch_execute(plant).unwrap();
+        let out = run(&[&"plan", &o.playbook()]);
+        assert_exit(&out, 3);
+        assert!(
+            said(&out).contains(&format!(
+                "databases.restored: reentry will not use schema reentry: {want}"
+            )),
+            "{}",
+            said(&out)
+        );
+        c.batch_execute(undo).unwrap();
+    }
+    assert_exit(&o.apply("run"), 0);
+    assert_eq!(o.orphans(), (1, 1));
+    assert_eq!(fired_and_triggers(&o).0, Vec::<String>::new());
 }
 
 /// The lock fact `owned::guard` relies on: CREATE TRIGGER takes SHARE ROW

@@ -1068,6 +1068,10 @@ impl Step for Reconcile {
         let run_id = env.run_id.clone();
         let database = self.database.clone();
         let db = env.db(&database)?;
+        // Checked before the outbox is marked too, so that a refusal comes
+        // before this step's first change (and again, under a lock, where
+        // reentry's table is written).
+        crate::reentry::owned::refuse_foreign(db, &database, crate::reentry::owned::SCHEMA)?;
         let t = db.table(&l.table).on(&database)?;
         let ty = Column::of(db, &l.table, &l.id).on(&database)?.ty;
         let (published_n, unpublished_n) = db.transaction("BEGIN", |db| -> Result<(u64, u64), StepError> {
