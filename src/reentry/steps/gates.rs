@@ -1659,8 +1659,7 @@ impl Verify {
         db: &mut Db,
         prior: &GateState,
         found: &mut BTreeMap<String, LockRow>,
-        released: &mut BTreeSet<String>,
-        seen: &mut Checkins,
+        (released, seen): (&mut BTreeSet<String>, &mut Checkins),
         marker: &str,
     ) -> Result<Pass, PgError> {
         let mut p = Pass::default();
@@ -1909,7 +1908,7 @@ impl Step for Verify {
                 let rel = released.entry(c.step.clone()).or_default();
                 let p = env.db(&database)?.transaction("BEGIN", |db| {
                     let p = self
-                        .pass(c, db, &prior, &mut found, rel, &mut seen, &marker)
+                        .pass(c, db, &prior, &mut found, (rel, &mut seen), &marker)
                         .on(&database)?;
                     // Journaled before the commit that freezes them: the
                     // re-open restores what the job had written.
