@@ -844,11 +844,19 @@ fn resume_quartz(
         .collect();
     let (mut app_g, mut app_n) = (Vec::new(), Vec::new());
     for tr in &prior.triggers {
+        // Paused as every other close on the scheduler found it; one that
+        // covers its group and did not see it at all saw it made since
+        // (a recovery trigger filed paused because a group was held):
+        // not the application's.
         let everywhere = sharers.priors.iter().all(|q| {
-            q.triggers
+            match q
+                .triggers
                 .iter()
                 .find(|x| x.group == tr.group && x.name == tr.name)
-                .is_none_or(|x| paused_state(&x.state))
+            {
+                Some(x) => paused_state(&x.state),
+                None => !covers(q, &tr.group),
+            }
         });
         if paused_state(&tr.state) && everywhere {
             app_g.push(tr.group.clone());
@@ -1545,10 +1553,11 @@ struct FiredRow {
 /// the clock the check-in was written with. reentry has no such clock: it
 /// watches the check-in instead (`unchanged_ms`, by its own monotonic
 /// clock). A live instance advances it every interval; one that has not for
-/// interval + 7.5 s is failed, as Quartz reckons. The database's clock only
-/// shortens that, to one interval unchanged, where it too says failed: alone
-/// it would count every live instance failed when it runs ahead of the
-/// application's hosts. An instance with fired rows and no check-in row is
+/// interval + 7.5 s is failed, as Quartz reckons. The database's clock
+/// plays no part: it would count every live instance failed when it runs
+/// ahead of the application's hosts, and even shortening the watch where it
+/// agrees drops Quartz's grace for a check-in written a little late. An
+/// instance with fired rows and no check-in row is
 /// failed (`findOrphanedFailedInstances`). A store with no check-in row at
 /// all is not clustered: nothing there says whether its one scheduler still
 /// runs the job, so it is waited for.
@@ -1578,9 +1587,10 @@ fn judge(
     }
     let interval_ms = interval.max(0);
     let failed_after = checkin + interval_ms + QUARTZ_FAILED_GRACE_MS;
-    // At least a second look, whatever the interval says.
-    let stale = unchanged_ms >= interval_ms.max(1)
-        && (failed_after < now_ms || unchanged_ms >= interval_ms + QUARTZ_FAILED_GRACE_MS);
+    // Quartz's own rule, timed by reentry's clock: the database's clock
+    // plays no part (a check-in written once an interval, a little late,
+    // must not look failed to a clock that runs ahead).
+    let stale = unchanged_ms >= interval_ms + QUARTZ_FAILED_GRACE_MS;
     stale.then(|| GhostWhy::Failed {
         checkin: millis_utc(checkin),
         interval_ms: interval,
@@ -2683,9 +2693,9 @@ mod tests {
         let row = fired(T + 60_000, Some((T + 100_000, 20_000)));
         // check-in + interval + 7.5 s = T + 127 500: not before, as Quartz
         // compares (`calcFailedIfAfter(rec) < timeNow`).
-        // Seen unchanged for an interval, the database's clock decides.
-        assert_eq!(judge(&row, false, Some(T), true, T + 127_500, 20_000), None);
-        let why = judge(&row, false, Some(T), true, T + 127_501, 20_000).unwrap();
+        // By reentry's watch: unchanged for interval + 7.5 s.
+        assert_eq!(judge(&row, false, Some(T), true, T + 127_501, 27_499), None);
+        let why = judge(&row, false, Some(T), true, T + 127_501, 27_500).unwrap();
         assert!(
             matches!(
                 why,
@@ -2704,7 +2714,7 @@ mod tests {
         );
         assert!(
             why.describe()
-                .contains("the check-in did not advance in 20.0 s reentry watched it"),
+                .contains("the check-in did not advance in 27.5 s reentry watched it"),
             "{}",
             why.describe()
         );
@@ -2729,12 +2739,14 @@ mod tests {
         let ahead = T + 100_000 + 3_600_000;
         assert_eq!(judge(&row, false, None, true, ahead, 0), None);
         assert_eq!(judge(&row, false, None, true, ahead, 999), None);
-        // Not advanced for an interval while the database's clock says
-        // failed: a second look agrees.
+        // Not advanced for an interval, a check-in a little late: still
+        // Quartz's grace, whatever the database's clock says.
+        assert_eq!(judge(&row, false, None, true, ahead, 1_000), None);
+        assert_eq!(judge(&row, false, None, true, ahead, 8_499), None);
         assert!(matches!(
-            judge(&row, false, None, true, ahead, 1_000),
+            judge(&row, false, None, true, ahead, 8_500),
             Some(GhostWhy::Failed {
-                unchanged_ms: 1_000,
+                unchanged_ms: 8_500,
                 ..
             })
         ));
