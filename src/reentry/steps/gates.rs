@@ -2708,7 +2708,7 @@ mod tests {
         );
         assert!(
             why.describe()
-                .contains("failed after 2025-11-25T12:02:07.500Z"),
+                .contains("check-in + interval + 7.5 s, 2025-11-25T12:02:07.500Z"),
             "{}",
             why.describe()
         );
