@@ -171,6 +171,22 @@ pub struct Reopen {
     pub database: String,
     /// The close step whose journaled prior state this restores.
     pub close_step: String,
+    /// The other Quartz gates of this plan on the same scheduler (database,
+    /// table prefix and scheduler name): what they hold while closed, this
+    /// re-open leaves paused.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub shares_scheduler: Vec<Sharer>,
+}
+
+/// Another Quartz gate on the scheduler a re-open resumes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct Sharer {
+    pub gate: Gate,
+    pub close_step: String,
+    /// `None`: the plan never re-opens it on this database.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reopen_step: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -769,6 +785,21 @@ fn millis_utc(ms: i64) -> String {
     humantime::format_rfc3339_millis(t).to_string()
 }
 
+/// What the plan's other Quartz gates on the same scheduler hold when one
+/// re-opens.
+#[derive(Debug, Default)]
+struct Sharers {
+    /// Their closes' prior states.
+    priors: Vec<QuartzState>,
+    /// The groups (as their playbook names them; `None`: every group) of
+    /// those still closed.
+    closed: Vec<Option<Vec<String>>>,
+}
+
+fn paused_state(state: &str) -> bool {
+    matches!(state, "PAUSED" | "PAUSED_BLOCKED")
+}
+
 /// Resumes a Quartz gate the way Quartz's `resumeTriggerGroup` (and, for a
 /// gate over every group, `resumeAll`) does, except for the groups and
 /// triggers the application had paused itself before the run (the close's
@@ -778,29 +809,72 @@ fn millis_utc(ms: i64) -> String {
 /// trigger whose next fire time is older than the misfire threshold; here
 /// those triggers are reported instead, with the time by which Quartz's
 /// misfire handler, which looks at least once per threshold, applies it.
+///
+/// Gates on one scheduler share groups: every gate that names groups holds
+/// `RECOVERING_JOBS`, and groups may overlap. Quartz keeps one paused row
+/// per group, and `storeTrigger` files a recovery trigger paused only while
+/// that row is there; nothing in a recovery trigger's columns says which
+/// gate's group its job was fired from (the original trigger is only in its
+/// job data, and may be gone). So a group another gate of the run still
+/// holds stays paused, and is resumed by the last of them to re-open. What
+/// one close found paused because an earlier close of the run had paused it
+/// is not the application's: the application's is what every close found.
 fn resume_quartz(
     db: &mut Db,
     t: &QuartzTables,
     scheduler: &str,
     named: &Option<Vec<String>>,
     prior: &QuartzState,
+    sharers: &Sharers,
     misfire_ms: u64,
 ) -> Result<(Vec<String>, Vec<Misfire>), PgError> {
-    let app_groups: BTreeSet<String> = prior.paused_groups.iter().cloned().collect();
+    let covers = |q: &QuartzState, g: &str| {
+        q.groups.iter().any(|x| x == g) || (g == QUARTZ_ALL_GROUPS && q.all_groups)
+    };
+    let app_groups: BTreeSet<String> = prior
+        .paused_groups
+        .iter()
+        .filter(|g| {
+            sharers
+                .priors
+                .iter()
+                .all(|q| !covers(q, g) || q.paused_groups.contains(g))
+        })
+        .cloned()
+        .collect();
     let (mut app_g, mut app_n) = (Vec::new(), Vec::new());
     for tr in &prior.triggers {
-        if matches!(tr.state.as_str(), "PAUSED" | "PAUSED_BLOCKED") {
+        // Paused as every other close on the scheduler found it; one that
+        // covers its group and did not see it at all saw it made since
+        // (a recovery trigger filed paused because a group was held):
+        // not the application's.
+        let everywhere = sharers.priors.iter().all(|q| {
+            match q
+                .triggers
+                .iter()
+                .find(|x| x.group == tr.group && x.name == tr.name)
+            {
+                Some(x) => paused_state(&x.state),
+                None => !covers(q, &tr.group),
+            }
+        });
+        if paused_state(&tr.state) && everywhere {
             app_g.push(tr.group.clone());
             app_n.push(tr.name.clone());
         }
     }
+    let mut held: BTreeSet<String> = BTreeSet::new();
+    for g in &sharers.closed {
+        held.extend(quartz_groups(db, t, scheduler, g)?);
+    }
+    let held_all = sharers.closed.iter().any(Option::is_none);
     let all = prior.all_groups;
     let groups: Vec<String> = quartz_groups(db, t, scheduler, named)?
         .into_iter()
-        .filter(|g| !app_groups.contains(g))
+        .filter(|g| !app_groups.contains(g) && !held.contains(g))
         .collect();
     let mut unmark = groups.clone();
-    if all && !app_groups.contains(QUARTZ_ALL_GROUPS) {
+    if all && !held_all && !app_groups.contains(QUARTZ_ALL_GROUPS) {
         unmark.push(QUARTZ_ALL_GROUPS.to_owned());
     }
     db.execute(
@@ -872,6 +946,7 @@ fn reopen(
     gate: &Gate,
     prior: &GateState,
     found: &BTreeMap<String, LockRow>,
+    sharers: &Sharers,
     marker: &str,
 ) -> Result<(u64, Vec<String>, Vec<Misfire>), PgError> {
     match gate {
@@ -950,7 +1025,7 @@ fn reopen(
                 return Ok((0, Vec::new(), Vec::new()));
             };
             let (ids, misfired) =
-                resume_quartz(db, &t, scheduler, groups, q, *misfire_threshold_ms)?;
+                resume_quartz(db, &t, scheduler, groups, q, sharers, *misfire_threshold_ms)?;
             Ok((ids.len() as u64, ids, misfired))
         }
     }
@@ -1164,6 +1239,33 @@ fn not_restored(gate: &Gate) -> Vec<&'static str> {
     }
 }
 
+impl Reopen {
+    /// The other gates on this scheduler, from the journal: a gate whose
+    /// close journaled its prior state holds its groups until its re-open
+    /// is done. A re-open run again after a crash finds the same.
+    fn sharers(&self, rec: &Recorder) -> Result<Sharers, StepError> {
+        let mut out = Sharers::default();
+        for s in &self.shares_scheduler {
+            let Some(prior) = rec.prior_of::<GateState>(&s.close_step)? else {
+                continue;
+            };
+            if let (GateState::Quartz(q), Gate::Quartz { groups, .. }) =
+                (state_of(&s.gate, prior, &s.close_step)?, &s.gate)
+            {
+                out.priors.push(q);
+                let reopened = s
+                    .reopen_step
+                    .as_deref()
+                    .is_some_and(|r| rec.done_at(r).is_some());
+                if !reopened {
+                    out.closed.push(groups.clone());
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
 impl Step for Reopen {
     fn nature(&self) -> Nature {
         Nature::Changes
@@ -1196,12 +1298,14 @@ impl Step for Reopen {
         };
         let prior = state_of(&self.gate, prior, &self.close_step)?;
         let found = found_by_verify(rec, &self.close_step)?;
+        let sharers = self.sharers(rec)?;
         let marker = env.marker();
         let database = self.database.clone();
         let gate = &self.gate;
         env.db(&database)?.transaction("BEGIN", |db| {
             let before = rec.prior(|| read_state(db, gate, true).on(&database))?;
-            let (count, items, misfired) = reopen(db, gate, &prior, &found, &marker).on(&database)?;
+            let (count, items, misfired) =
+                reopen(db, gate, &prior, &found, &sharers, &marker).on(&database)?;
             let after = read_state(db, gate, false).on(&database)?;
             let mut summary = format!(
                 "re-opened {} `{}` on {database}: {count} row(s) restored",
@@ -1295,6 +1399,27 @@ struct Pass {
     running: Vec<String>,
     /// Quartz runs listed as executing that no live scheduler runs.
     ghosts: Vec<Ghost>,
+    /// Entry ids of the Quartz runs waited for.
+    waited_entries: Vec<String>,
+}
+
+/// Each Quartz instance's check-in as the verify step last read it (by
+/// database, fired-triggers table, scheduler and instance), with when it
+/// first read that value, by its own monotonic clock.
+type Checkins = BTreeMap<(String, String, String, String), (i64, Instant)>;
+
+/// How long `checkin` has been seen unchanged, as of `looked`.
+fn unchanged_for(
+    seen: &mut Checkins,
+    key: (String, String, String, String),
+    checkin: i64,
+    looked: Instant,
+) -> i64 {
+    let e = seen.entry(key).or_insert((checkin, looked));
+    if e.0 != checkin {
+        *e = (checkin, looked);
+    }
+    looked.saturating_duration_since(e.1).as_millis() as i64
 }
 
 /// The playbook's name for the restored copy (see `plan::survivor`).
@@ -1315,14 +1440,22 @@ pub enum GhostWhy {
     /// A clustered store, and the instance has no check-in row, which a
     /// clustered scheduler writes before it fires anything.
     NoCheckin,
-    /// Quartz counts the instance failed: its check-in is older than its
-    /// interval plus 7.5 s, by the database's clock.
+    /// Quartz counts the instance failed: its check-in did not advance
+    /// while reentry watched it, for its interval plus 7.5 s, or for its
+    /// interval once the database's clock is past check-in + interval +
+    /// 7.5 s. The check-in is the instance's JVM clock: compared with the
+    /// database's alone, a database clock running ahead would make every
+    /// live instance look failed.
     #[serde(rename_all = "kebab-case")]
     Failed {
         checkin: String,
         interval_ms: i64,
         failed_after: String,
         now: String,
+        /// How long reentry saw the check-in unchanged, by its own
+        /// monotonic clock.
+        #[serde(default)]
+        unchanged_ms: i64,
     },
 }
 
@@ -1351,8 +1484,9 @@ impl GhostWhy {
                 "a ghost of T: its instance last checked in on the restored copy at {checkin}, before T ({t}), so no scheduler of it has run there since"
             ),
             GhostWhy::NoCheckin => "its instance has no check-in row in SCHEDULER_STATE, which a clustered scheduler writes before it fires anything: Quartz counts it failed (orphaned fired triggers)".into(),
-            GhostWhy::Failed { checkin, interval_ms, failed_after, now } => format!(
-                "Quartz counts its instance failed: last check-in {checkin}, interval {interval_ms} ms, so failed after {failed_after} (check-in + interval + 7.5 s, as Quartz's ClusterManager reckons); the database's clock says {now}"
+            GhostWhy::Failed { checkin, interval_ms, failed_after, now, unchanged_ms } => format!(
+                "Quartz counts its instance failed: last check-in {checkin}, interval {interval_ms} ms, and the check-in did not advance in {:.1} s reentry watched it (Quartz's ClusterManager counts an instance failed after check-in + interval + 7.5 s, {failed_after}; the database's clock says {now})",
+                *unchanged_ms as f64 / 1000.0
             ),
         }
     }
@@ -1413,19 +1547,27 @@ struct FiredRow {
 /// On the restored copy, a run fired by T, or of an instance whose last
 /// check-in there is from T, is T's: nobody runs it there. Elsewhere (and
 /// on the copy, for a scheduler started there since the restore) Quartz's
-/// own rule decides, on the database's clock: `findFailedInstances` counts
-/// an instance failed once `calcFailedIfAfter` = check-in + max(interval,
-/// the checker's own time since its last check-in) + 7.5 s is past. The
-/// checker here has just checked in: the interval counts. An instance with
-/// fired rows and no check-in row is failed too (`findOrphanedFailedInstances`).
-/// A store with no check-in row at all is not clustered: nothing there says
-/// whether its one scheduler still runs the job, so it is waited for.
+/// own rule decides: `findFailedInstances` counts an instance failed once
+/// `calcFailedIfAfter` = check-in + max(interval, the checker's own time
+/// since its last check-in) + 7.5 s is past, on the checker's JVM clock,
+/// the clock the check-in was written with. reentry has no such clock: it
+/// watches the check-in instead (`unchanged_ms`, by its own monotonic
+/// clock). A live instance advances it every interval; one that has not for
+/// interval + 7.5 s is failed, as Quartz reckons. The database's clock
+/// plays no part: it would count every live instance failed when it runs
+/// ahead of the application's hosts, and even shortening the watch where it
+/// agrees drops Quartz's grace for a check-in written a little late. An
+/// instance with fired rows and no check-in row is
+/// failed (`findOrphanedFailedInstances`). A store with no check-in row at
+/// all is not clustered: nothing there says whether its one scheduler still
+/// runs the job, so it is waited for.
 fn judge(
     row: &FiredRow,
     restored_copy: bool,
     t_ms: Option<i64>,
     clustered: bool,
     now_ms: i64,
+    unchanged_ms: i64,
 ) -> Option<GhostWhy> {
     let t = t_ms.filter(|_| restored_copy);
     if let Some(t) = t.filter(|t| row.fired_ms <= *t) {
@@ -1443,12 +1585,18 @@ fn judge(
             t: millis_utc(t),
         });
     }
-    let failed_after = checkin + interval.max(0) + QUARTZ_FAILED_GRACE_MS;
-    (failed_after < now_ms).then(|| GhostWhy::Failed {
+    let interval_ms = interval.max(0);
+    let failed_after = checkin + interval_ms + QUARTZ_FAILED_GRACE_MS;
+    // Quartz's own rule, timed by reentry's clock: the database's clock
+    // plays no part (a check-in written once an interval, a little late,
+    // must not look failed to a clock that runs ahead).
+    let stale = unchanged_ms >= interval_ms + QUARTZ_FAILED_GRACE_MS;
+    stale.then(|| GhostWhy::Failed {
         checkin: millis_utc(checkin),
         interval_ms: interval,
         failed_after: millis_utc(failed_after),
         now: millis_utc(now_ms),
+        unchanged_ms,
     })
 }
 
@@ -1521,7 +1669,7 @@ impl Verify {
         db: &mut Db,
         prior: &GateState,
         found: &mut BTreeMap<String, LockRow>,
-        released: &mut BTreeSet<String>,
+        (released, seen): (&mut BTreeSet<String>, &mut Checkins),
         marker: &str,
     ) -> Result<Pass, PgError> {
         let mut p = Pass::default();
@@ -1590,7 +1738,8 @@ impl Verify {
                         // job_name, job_group and the two flags may be
                         // NULL in Quartz's own DDL (a trigger fired for a
                         // job since deleted); Quartz reads a NULL flag as
-                        // false. The clock is the database's.
+                        // false. The database's clock is for the
+                        // restored copy's T, and as a hint (see `judge`).
                         "SELECT f.entry_id::text, f.trigger_group::text || '.' || f.trigger_name::text,
                                 coalesce(f.job_group::text, '?') || '.' || coalesce(f.job_name::text, '?'),
                                 f.instance_name::text, f.fired_time,
@@ -1607,6 +1756,7 @@ impl Verify {
                     ),
                     &[scheduler, &now],
                 )?;
+                let looked = Instant::now();
                 let restored_copy = c.at.database == RESTORED;
                 let retired = self.retired.as_deref() == Some(c.at.database.as_str());
                 for r in &rows {
@@ -1621,14 +1771,33 @@ impl Verify {
                         checkin: r.get::<_, Option<i64>>(7).zip(r.get::<_, Option<i64>>(8)),
                     };
                     let (clustered, now_ms): (bool, i64) = (r.get(9), r.get(10));
-                    match judge(&row, restored_copy, self.t_ms, clustered, now_ms) {
-                        None => p.running.push(format!(
-                            "{} (job {} on {}, fired {})",
-                            row.trigger,
-                            row.job,
-                            row.instance,
-                            millis_utc(row.fired_ms)
-                        )),
+                    let unchanged_ms = row.checkin.map_or(0, |(checkin, _)| {
+                        let key = (
+                            c.at.database.clone(),
+                            t.fired.clone(),
+                            scheduler.clone(),
+                            row.instance.clone(),
+                        );
+                        unchanged_for(seen, key, checkin, looked)
+                    });
+                    match judge(
+                        &row,
+                        restored_copy,
+                        self.t_ms,
+                        clustered,
+                        now_ms,
+                        unchanged_ms,
+                    ) {
+                        None => {
+                            p.running.push(format!(
+                                "{} (job {} on {}, fired {})",
+                                row.trigger,
+                                row.job,
+                                row.instance,
+                                millis_utc(row.fired_ms)
+                            ));
+                            p.waited_entries.push(row.entry_id);
+                        }
                         Some(why) => p.ghosts.push(Ghost {
                             gate: c.at.gate.name().to_owned(),
                             database: c.at.database.clone(),
@@ -1735,6 +1904,7 @@ impl Step for Verify {
         // By gate, database and entry: a run waited for may turn out a
         // ghost once Quartz counts its instance failed.
         let mut ghosts: BTreeMap<(String, String, String), Ghost> = BTreeMap::new();
+        let mut seen = Checkins::new();
         loop {
             let mut running = Vec::new();
             for c in &self.closed {
@@ -1748,7 +1918,7 @@ impl Step for Verify {
                 let rel = released.entry(c.step.clone()).or_default();
                 let p = env.db(&database)?.transaction("BEGIN", |db| {
                     let p = self
-                        .pass(c, db, &prior, &mut found, rel, &marker)
+                        .pass(c, db, &prior, &mut found, (rel, &mut seen), &marker)
                         .on(&database)?;
                     // Journaled before the commit that freezes them: the
                     // re-open restores what the job had written.
@@ -1764,6 +1934,10 @@ impl Step for Verify {
                 for g in p.ghosts {
                     let key = (g.gate.clone(), g.database.clone(), g.entry_id.clone());
                     ghosts.insert(key, g);
+                }
+                // Its check-in advanced again: live after all.
+                for e in p.waited_entries {
+                    ghosts.remove(&(c.at.gate.name().to_owned(), database.clone(), e));
                 }
             }
             waited_for.extend(running.iter().cloned());
@@ -2007,11 +2181,54 @@ fn plan(p: &Playbook, ctx: &PlanCtx) -> Vec<PlannedStep> {
                     gate: gate.clone(),
                     database: d.clone(),
                     close_step: format!("close:{name}@{d}"),
+                    shares_scheduler: sharers(&all, gate, d, &p.gates.reopen_order),
                 }),
             ));
         }
     }
     out
+}
+
+/// The same Quartz scheduler: one database, table prefix and scheduler name.
+fn same_scheduler(a: &Gate, b: &Gate) -> bool {
+    match (a, b) {
+        (
+            Gate::Quartz {
+                table_prefix: pa,
+                scheduler: sa,
+                ..
+            },
+            Gate::Quartz {
+                table_prefix: pb,
+                scheduler: sb,
+                ..
+            },
+        ) => pa == pb && sa == sb,
+        _ => false,
+    }
+}
+
+/// The other Quartz gates on `gate`'s scheduler on `database`, with the
+/// steps that close and re-open them.
+fn sharers(
+    all: &[(Gate, Vec<String>, Option<Check>)],
+    gate: &Gate,
+    database: &str,
+    order: &[String],
+) -> Vec<Sharer> {
+    all.iter()
+        .filter(|(g, dbs, _)| {
+            g.name() != gate.name() && same_scheduler(g, gate) && dbs.iter().any(|d| d == database)
+        })
+        .map(|(g, _, _)| Sharer {
+            gate: g.clone(),
+            close_step: format!("close:{}@{database}", g.name()),
+            reopen_step: order
+                .iter()
+                .any(|n| n == g.name())
+                .then(|| format!("reopen:{}@{database}", g.name())),
+        })
+        .collect()
 }
 
 fn no_time(_: &Playbook) -> bool {
@@ -2037,6 +2254,23 @@ fn notes(p: &Playbook, ctx: &PlanCtx) -> Vec<String> {
             "gates stay closed on {retired} ({way}): {}",
             stay.join(", ")
         ));
+    }
+    let mut told = BTreeSet::new();
+    for (g, dbs, _) in &all {
+        for d in dbs {
+            let mut names: Vec<&str> = all
+                .iter()
+                .filter(|(o, odbs, _)| same_scheduler(o, g) && odbs.contains(d))
+                .map(|(o, _, _)| o.name())
+                .collect();
+            names.sort_unstable();
+            if names.len() > 1 && told.insert((d.clone(), names.clone())) {
+                out.push(format!(
+                    "Quartz gates {} share a scheduler on {d}: a group more than one of them holds ({QUARTZ_RECOVERY_GROUP} for every gate that names groups) stays paused until the last of them re-opens",
+                    names.iter().map(|n| format!("`{n}`")).collect::<Vec<_>>().join(", ")
+                ));
+            }
+        }
     }
     for (g, _, _) in &all {
         if let Gate::Quartz {
@@ -2459,8 +2693,9 @@ mod tests {
         let row = fired(T + 60_000, Some((T + 100_000, 20_000)));
         // check-in + interval + 7.5 s = T + 127 500: not before, as Quartz
         // compares (`calcFailedIfAfter(rec) < timeNow`).
-        assert_eq!(judge(&row, false, Some(T), true, T + 127_500), None);
-        let why = judge(&row, false, Some(T), true, T + 127_501).unwrap();
+        // By reentry's watch: unchanged for interval + 7.5 s.
+        assert_eq!(judge(&row, false, Some(T), true, T + 127_501, 27_499), None);
+        let why = judge(&row, false, Some(T), true, T + 127_501, 27_500).unwrap();
         assert!(
             matches!(
                 why,
@@ -2473,19 +2708,83 @@ mod tests {
         );
         assert!(
             why.describe()
-                .contains("failed after 2025-11-25T12:02:07.500Z"),
+                .contains("check-in + interval + 7.5 s, 2025-11-25T12:02:07.500Z"),
+            "{}",
+            why.describe()
+        );
+        assert!(
+            why.describe()
+                .contains("the check-in did not advance in 27.5 s reentry watched it"),
             "{}",
             why.describe()
         );
         // No check-in row in a clustered store: an orphan, as Quartz says.
         assert_eq!(
-            judge(&fired(T, None), false, None, true, T),
+            judge(&fired(T, None), false, None, true, T, 0),
             Some(GhostWhy::NoCheckin)
         );
         // No check-in row at all: not clustered, nothing says it stopped.
         assert_eq!(
-            judge(&fired(T, None), false, None, false, T + 3_600_000),
+            judge(&fired(T, None), false, None, false, T + 3_600_000, 0),
             None
+        );
+    }
+
+    #[test]
+    fn an_instance_is_failed_by_its_check_in_not_advancing_not_by_the_databases_clock_alone() {
+        let row = fired(T + 60_000, Some((T + 100_000, 1_000)));
+        // The database's clock an hour ahead of the JVM's: the check-in
+        // looks 8.5 s stale at once, but a live instance advances it every
+        // second, so it is never seen unchanged for its interval.
+        let ahead = T + 100_000 + 3_600_000;
+        assert_eq!(judge(&row, false, None, true, ahead, 0), None);
+        assert_eq!(judge(&row, false, None, true, ahead, 999), None);
+        // Not advanced for an interval, a check-in a little late: still
+        // Quartz's grace, whatever the database's clock says.
+        assert_eq!(judge(&row, false, None, true, ahead, 1_000), None);
+        assert_eq!(judge(&row, false, None, true, ahead, 8_499), None);
+        assert!(matches!(
+            judge(&row, false, None, true, ahead, 8_500),
+            Some(GhostWhy::Failed {
+                unchanged_ms: 8_500,
+                ..
+            })
+        ));
+        // The database's clock behind: only interval + 7.5 s unchanged,
+        // watched by reentry's own clock, counts.
+        let behind = T;
+        assert_eq!(judge(&row, false, None, true, behind, 8_499), None);
+        assert!(matches!(
+            judge(&row, false, None, true, behind, 8_500),
+            Some(GhostWhy::Failed { .. })
+        ));
+    }
+
+    #[test]
+    fn a_check_in_is_unchanged_from_when_its_value_was_first_read() {
+        let mut seen = Checkins::new();
+        let key = || {
+            (
+                "d".to_owned(),
+                "f".to_owned(),
+                "s".to_owned(),
+                "i".to_owned(),
+            )
+        };
+        let t0 = Instant::now();
+        assert_eq!(unchanged_for(&mut seen, key(), 5, t0), 0);
+        assert_eq!(
+            unchanged_for(&mut seen, key(), 5, t0 + Duration::from_millis(700)),
+            700
+        );
+        // Advanced (any change: a check-in is the instance's, not ours).
+        assert_eq!(
+            unchanged_for(&mut seen, key(), 6, t0 + Duration::from_millis(900)),
+            0
+        );
+        assert_eq!(
+            unchanged_for(&mut seen, key(), 6, t0 + Duration::from_millis(1_000)),
+            100
         );
     }
 
@@ -2494,16 +2793,16 @@ mod tests {
         // Fired by T: the old primary's, whatever the check-ins say.
         let old = fired(T - 5_000, Some((T - 1_000, 7_500)));
         assert!(matches!(
-            judge(&old, true, Some(T), true, T + 1_000),
+            judge(&old, true, Some(T), true, T + 1_000, 0),
             Some(GhostWhy::FiredBeforeT { .. })
         ));
         assert!(matches!(
-            judge(&fired(T - 5_000, None), true, Some(T), false, T + 1_000),
+            judge(&fired(T - 5_000, None), true, Some(T), false, T + 1_000, 0),
             Some(GhostWhy::FiredBeforeT { .. })
         ));
         // The same row on current is a run to wait for while its instance
         // checks in.
-        assert_eq!(judge(&old, false, Some(T), true, T + 1_000), None);
+        assert_eq!(judge(&old, false, Some(T), true, T + 1_000, 0), None);
         // A check-in from T on the copy: no scheduler of it runs there.
         assert!(matches!(
             judge(
@@ -2511,15 +2810,16 @@ mod tests {
                 true,
                 Some(T),
                 true,
-                T + 20
+                T + 20,
+                0
             ),
             Some(GhostWhy::CheckinBeforeT { .. })
         ));
         // A scheduler started on the copy since, checking in: waited for.
         let live = fired(T + 60_000, Some((T + 61_000, 1_000)));
-        assert_eq!(judge(&live, true, Some(T), true, T + 62_000), None);
+        assert_eq!(judge(&live, true, Some(T), true, T + 62_000, 0), None);
         // Without T, only Quartz's rule.
-        assert_eq!(judge(&old, true, None, true, T + 1_000), None);
+        assert_eq!(judge(&old, true, None, true, T + 1_000, 0), None);
     }
 
     #[test]
