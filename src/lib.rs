@@ -134,7 +134,8 @@ fn repo_exit(e: &backup::repo::RepoError) -> Exit {
     match e {
         backup::repo::RepoError::UnknownBackup { .. } => Exit::Usage,
         backup::repo::RepoError::BackupExists { .. }
-        | backup::repo::RepoError::Untrusted { .. } => Exit::Refused,
+        | backup::repo::RepoError::Untrusted { .. }
+        | backup::repo::RepoError::NotVouched { .. } => Exit::Refused,
         backup::repo::RepoError::BadBackupId { .. } => Exit::Usage,
         backup::repo::RepoError::NeedVerifyKey { .. } => Exit::Config,
         backup::repo::RepoError::Archive(e) => e.exit(),

@@ -378,7 +378,7 @@ fn copy_and_settle(
     };
     let data = match &scratch {
         Some(s) => s.path().join("data"),
-        None => repo.backup_data(&label.id)?.expect("a local repository"),
+        None => repo.backup_dir(&label.id)?.join("data"),
     };
     let mut cmd = opts.pg_bin.command("pg_basebackup");
     cmd.arg("-D")
@@ -413,7 +413,7 @@ fn copy_and_settle(
     // manifest through a scratch file.
     let mut parent_scratch = None;
     if let Some(p) = parent {
-        let manifest = match repo.backup_data(&p.id)? {
+        let manifest = match repo.backup_data(p)? {
             Some(d) => d.join("backup_manifest"),
             None => {
                 let s: &ScratchDir = parent_scratch.insert(
@@ -470,6 +470,16 @@ fn copy_and_settle(
         label.encryption = repo.keys().to.as_ref().map(|r| r.describe());
         label.objects = up.objects;
     } else {
+        // A plain backup's manifest, as its (signed) label vouches for it:
+        // `Repo::backup_data` refuses any other, and pg_verifybackup checks
+        // the files against it.
+        let manifest = data.join(packed::MANIFEST_FILE);
+        let bytes =
+            std::fs::read(&manifest).map_err(crate::backup::repo::io_err("read", &manifest))?;
+        label.objects = std::collections::BTreeMap::from([(
+            packed::MANIFEST_FILE.to_owned(),
+            crate::backup::stored::Checksum::of(crate::backup::stored::Algorithm::Sha256, &bytes),
+        )]);
         repo.save_label(label)?;
     }
     wait_for_wal(repo, label, opts.archive_timeout)?;

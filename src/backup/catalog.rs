@@ -66,7 +66,7 @@ pub fn sync(repo: &Repo, labels: &[BackupLabel], conninfo: &str) -> Result<Synce
     let usable: Vec<&BackupLabel> = labels.iter().filter(|l| l.is_usable()).collect();
     for l in &usable {
         // The labels checked out (`Repo::label`): their ids are well formed.
-        let (storage, manifest) = match repo.backup_data(&l.id).ok().flatten() {
+        let (storage, manifest) = match repo.backup_data(l).ok().flatten() {
             Some(data) => (
                 format!("file://{}", data.display()),
                 format!("file://{}", data.join("backup_manifest").display()),

@@ -209,6 +209,14 @@ pub fn copy(
         }
     }
     to_pack.retain(|id| ready.iter().any(|l| backup_of(&l.key) == Some(id)));
+    // A local backup's data is what its label says: a plain directory
+    // beside a packed backup's label, or a manifest it does not record,
+    // stops the copy before anything is sent (or packed and signed anew).
+    if from.local_root().is_some() {
+        for label in trusted.values() {
+            from.backup_data(label)?;
+        }
+    }
     // Nothing of a backup still being taken, or left by one that died.
     let copying = |id: &str| ready.iter().any(|l| backup_of(&l.key) == Some(id));
     objects.retain(|o| backup_of(&o.key).is_none_or(|id| labelled(id) || copying(id)));
@@ -339,7 +347,9 @@ pub fn copy(
             for o in dst.list(&Repo::backup_key(id, ""))? {
                 dst.delete(&o.key)?;
             }
-            let data = from.backup_data(id)?.expect("a local backup");
+            let data = from
+                .backup_data(&trusted[id])?
+                .expect("a plain local backup: checked above");
             let up = packed::upload(dst, id, &data, form, to.keys(), jobs, progress)?;
             report.bytes += up.index.stored_bytes();
             report.packed.push(id.to_owned());

@@ -76,6 +76,11 @@ pub enum RepoError {
          `reentry repo keygen` printed on the backup host"
     )]
     NeedVerifyKey { repo: String },
+    #[error(
+        "{location}: {detail}; refused: a person must look, as it may have been planted \
+         to be restored in place of the backup"
+    )]
+    NotVouched { location: String, detail: String },
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error(transparent)]
@@ -224,16 +229,78 @@ impl Repo {
     }
 
     /// A local backup's data directory, as pg_basebackup wrote it; none
-    /// on object storage, or for a packed backup copied from there.
-    pub fn backup_data(&self, id: &str) -> Result<Option<PathBuf>, RepoError> {
+    /// on object storage, or for a packed backup (encrypted, or copied
+    /// from object storage). The label decides which, not what is on
+    /// disk: beside a label that records a packed backup (its encryption,
+    /// its stored bytes, or the checksum of its `files.json`), a `data/`
+    /// directory is refused, as whoever can write into the repository may
+    /// have put it there after removing `files.json`. A plain backup's
+    /// `backup_manifest` is refused unless it is the one the label records
+    /// (one signed by the backup host records it); pg_verifybackup then
+    /// checks the files against it. Only a label that is not signed, and
+    /// records neither, is judged by its directory: nobody vouches for it.
+    pub fn backup_data(&self, label: &BackupLabel) -> Result<Option<PathBuf>, RepoError> {
+        use crate::backup::packed::{INDEX_FILE, MANIFEST_FILE};
         if self.local.is_none() {
             return Ok(None);
         }
-        let dir = self.backup_dir(id)?;
-        if dir.join(crate::backup::packed::INDEX_FILE).exists() {
+        let dir = self.backup_dir(&label.id)?;
+        let data = dir.join("data");
+        let refuse = |location: &Path, detail: String| RepoError::NotVouched {
+            location: location.display().to_string(),
+            detail,
+        };
+        let packed = packed_by_label(label).or_else(|| {
+            (label.signature.is_none() && label.objects.is_empty() && dir.join(INDEX_FILE).exists())
+                .then(|| format!("its label, unsigned, records nothing of it, and a {INDEX_FILE} is beside it"))
+        });
+        if let Some(what) = packed {
+            if fs::symlink_metadata(&data).is_ok() {
+                return Err(refuse(
+                    &data,
+                    format!(
+                        "backup {} is packed ({what}), so a plain data directory beside it is \
+                         none of the backup's",
+                        label.id
+                    ),
+                ));
+            }
             return Ok(None);
         }
-        Ok(Some(dir.join("data")))
+        let manifest = data.join(MANIFEST_FILE);
+        match label.objects.get(MANIFEST_FILE) {
+            Some(want) => {
+                let bytes = match fs::read(&manifest) {
+                    Ok(b) => b,
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                        return Err(refuse(
+                            &manifest,
+                            "it is missing, and the label records its checksum".into(),
+                        ))
+                    }
+                    Err(e) => return Err(io_err("read", &manifest)(e)),
+                };
+                let got = crate::backup::stored::Checksum::of(want.algorithm, &bytes);
+                if got != *want {
+                    return Err(refuse(
+                        &manifest,
+                        format!("its checksum is {got}, and the label records {want}"),
+                    ));
+                }
+            }
+            None if label.signature.is_some() => {
+                return Err(refuse(
+                    &manifest,
+                    format!(
+                        "backup {}'s signed label records no checksum of it (a backup taken \
+                         before reentry recorded one), so nothing vouches for the data beside it",
+                        label.id
+                    ),
+                ))
+            }
+            None => {}
+        }
+        Ok(Some(data))
     }
 
     /// Whether anything of backup `id` is stored.
@@ -454,6 +521,17 @@ impl Repo {
         Ok(label)
     }
 
+    /// The label at `key` (`backup/ID/backup.json`) read as it is, vouched
+    /// for by nobody: only for what expire keeps for a label it ignores.
+    /// None when it does not read as a label of its key.
+    pub fn unvouched_label(&self, key: &str) -> Option<BackupLabel> {
+        let id = key
+            .strip_prefix(&format!("{BACKUP_DIR}/"))?
+            .strip_suffix(&format!("/{LABEL_FILE}"))?;
+        let text = self.store.get(key).ok()??;
+        label::parse(id, &text).ok()
+    }
+
     /// Records the label, signed when this host has a signing key, and
     /// returns it as recorded. Locally it is rewritten as the backup goes;
     /// on object storage it is written once, when the backup has ended.
@@ -573,6 +651,23 @@ impl Repo {
                 Ok(())
             }
         }
+    }
+}
+
+/// Why `label` is of a packed backup, by what it records; none when it
+/// records nothing of one.
+pub fn packed_by_label(label: &BackupLabel) -> Option<String> {
+    use crate::backup::packed::INDEX_FILE;
+    if let Some(e) = &label.encryption {
+        Some(format!("its label records encryption, key id {}", e.key_id))
+    } else if label.objects.contains_key(INDEX_FILE) {
+        Some(format!(
+            "its label records the checksum of its {INDEX_FILE}"
+        ))
+    } else {
+        label
+            .stored_bytes
+            .map(|b| format!("its label records {b} bytes stored in objects"))
     }
 }
 

@@ -455,7 +455,7 @@ pub fn last_commit_time(
 /// The NextXID of backup `id`'s checkpoint: from its pg_control, which on
 /// object storage is the one file downloaded.
 fn next_xid_of(repo: &Repo, pg_bin: &PgBin, label: &BackupLabel) -> Result<u32, RestoreError> {
-    if let Some(data) = repo.backup_data(&label.id)? {
+    if let Some(data) = repo.backup_data(label)? {
         return next_xid(pg_bin, &data);
     }
     let scratch = ScratchDir::new("reentry-control").map_err(io_err(
@@ -512,7 +512,7 @@ pub fn restore(repo: &Repo, opts: &RestoreOptions) -> Result<RestoreManifest, Re
     // be decrypted would look missing, and recovery would end early. An
     // index that would write outside the target is refused now too.
     for b in &chain {
-        if repo.backup_data(&b.id)?.is_none() {
+        if repo.backup_data(b)?.is_none() {
             packed::manifest(repo.store(), b, repo.keys())?;
             packed::checked_index(repo.store(), b)?;
         }
@@ -521,7 +521,7 @@ pub fn restore(repo: &Repo, opts: &RestoreOptions) -> Result<RestoreManifest, Re
     // them) links to the source's directories: restoring it would have the
     // copy write into production's files.
     for b in &chain {
-        let Some(data) = repo.backup_data(&b.id)? else {
+        let Some(data) = repo.backup_data(b)? else {
             continue;
         };
         let links: Vec<String> = match fs::read_dir(data.join("pg_tblspc")) {
@@ -544,6 +544,38 @@ pub fn restore(repo: &Repo, opts: &RestoreOptions) -> Result<RestoreManifest, Re
         }
         // Nor any other link: configuring the copy would write through it.
         fence::check_plain(&b.id, &data)?;
+        // A signed label vouches for the manifest (`backup_data` checked
+        // it); pg_verifybackup checks every file against it, and finds
+        // any file added: a plain directory is writable by whoever can
+        // write into the repository.
+        if b.signature.is_some() {
+            let out = opts
+                .pg_bin
+                .command("pg_verifybackup")
+                .args(["--no-parse-wal", "--quiet"])
+                .arg(&data)
+                .output()
+                .map_err(|source| ToolError::Spawn {
+                    program: opts.pg_bin.program("pg_verifybackup"),
+                    source,
+                })?;
+            if !out.status.success() {
+                let said: Vec<String> = String::from_utf8_lossy(&out.stderr)
+                    .lines()
+                    .map(|l| l.trim_start_matches("pg_verifybackup: ").trim().to_owned())
+                    .filter(|l| !l.is_empty() && !l.starts_with("hint:"))
+                    .collect();
+                return Err(RepoError::NotVouched {
+                    location: data.display().to_string(),
+                    detail: format!(
+                        "pg_verifybackup finds it is not what the manifest its signed label \
+                         vouches for lists: {}",
+                        said.join("; ")
+                    ),
+                }
+                .into());
+            }
+        }
     }
     {
         let archive = repo.archive();
@@ -600,7 +632,7 @@ pub fn restore(repo: &Repo, opts: &RestoreOptions) -> Result<RestoreManifest, Re
         ));
     }
     let t = Instant::now();
-    match (chain.len(), repo.backup_data(&backup.id)?) {
+    match (chain.len(), repo.backup_data(&backup)?) {
         (1, Some(data)) => {
             // check_plain refused links before anything was copied;
             // copy_tree refuses them again, in case one appeared since.
@@ -625,7 +657,7 @@ pub fn restore(repo: &Repo, opts: &RestoreOptions) -> Result<RestoreManifest, Re
             // there: a private directory, like the target.
             let data: Vec<Option<PathBuf>> = chain
                 .iter()
-                .map(|b| repo.backup_data(&b.id))
+                .map(|b| repo.backup_data(b))
                 .collect::<Result<_, _>>()?;
             let scratch = ScratchDir::beside(&to)
                 .map_err(io_err("create a scratch directory beside", &to))?;

@@ -309,8 +309,24 @@ fn expire_cmd(ctx: &Context, repo: &Repo, a: ExpireArgs) -> Result<Exit, Error> 
         }
         for r in &plan.ignored {
             out.push_str(&format!(
-                "ignore  {r} (not written by the backup host: not counted, not deleted; a person must look)\n"
+                "ignore  {r} (no verify key vouches for it: not counted, not deleted, its WAL \
+                 kept; a person must look)\n"
             ));
+        }
+        for w in &plan.ignored_wal {
+            match &w.kept_from {
+                Some(from) => out.push_str(&format!(
+                    "keep    WAL from {from} on, for ignored label {}: not vouched for, but \
+                     deleting WAL cannot be undone, and it may be a backup taken before labels \
+                     were signed (a planted label can only make expire keep more, never \
+                     delete more)\n",
+                    w.key
+                )),
+                None => out.push_str(&format!(
+                    "keep    no WAL for ignored label {}: it does not read as a label\n",
+                    w.key
+                )),
+            }
         }
         for a in &plan.abandoned {
             let what = format!(

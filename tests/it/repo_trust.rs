@@ -317,3 +317,215 @@ fn with_a_verify_key_an_unsigned_label_is_ignored_by_expire_and_deletes_nothing_
         assert!(after.contains(f), "{f} was deleted");
     }
 }
+
+/// `reentry --repo REPO --json --verify-key KEY ARGS…` as the server user
+/// (restore refuses to run as root).
+fn as_server(c: &Cluster, repo: &Path, verify: &str, args: &[&str]) -> Output {
+    let mut all = vec!["--verify-key", verify];
+    all.extend_from_slice(args);
+    crate::common::restored::run(c, repo, &all)
+}
+
+/// Review #1, a plain local backup: its signed label records the SHA-256
+/// of its `backup_manifest`. A changed manifest is refused by restore,
+/// verify and copy, naming it; a changed file that the manifest still
+/// lists as it was is refused by restore's pg_verifybackup. Nothing is
+/// restored or copied.
+#[test]
+fn a_signed_plain_backups_changed_manifest_or_file_is_refused() {
+    let (c, repo) = archiving(Version::V18, "", &[]);
+    c.client()
+        .batch_execute("CREATE TABLE t AS SELECT g AS id FROM generate_series(1, 1000) g")
+        .unwrap();
+    let (signing, verify) = crate::common::signing_key(&c.dir("keys"));
+    let out = crate::common::restored::run(
+        &c,
+        &repo,
+        &["--signing-key", signing.to_str().unwrap(), "backup"],
+    );
+    assert_exit(&out, 0);
+    let b: Value = serde_json::from_str(&stdout(&out)).unwrap();
+    let id = b["id"].as_str().unwrap().to_owned();
+    assert_eq!(
+        b["objects"]["backup_manifest"]["algorithm"], "sha256",
+        "{b}"
+    );
+    switch_and_wait_archived(&c);
+    let data = repo.join("backup").join(&id).join("data");
+    let manifest = data.join("backup_manifest");
+    let genuine = std::fs::read(&manifest).unwrap();
+    // The manifest of a changed backup: one byte more.
+    let mut changed = genuine.clone();
+    changed.push(b'\n');
+    std::fs::write(&manifest, &changed).unwrap();
+    let names = format!("{}: its checksum is", manifest.display());
+    let to = c.root().join("restored");
+    let empty = |d: &Path| !d.exists() || std::fs::read_dir(d).unwrap().next().is_none();
+    for args in [
+        vec!["restore", "--latest", "--to", to.to_str().unwrap()],
+        vec!["backup", "verify", &id],
+    ] {
+        let out = as_server(&c, &repo, &verify, &args);
+        assert_exit(&out, REFUSED);
+        assert!(stderr(&out).contains(&names), "{args:?}: {}", stderr(&out));
+    }
+    assert!(empty(&to), "restore wrote into its target");
+    let second = c.dir("second");
+    let out = as_server(
+        &c,
+        &repo,
+        &verify,
+        &[
+            "--signing-key",
+            signing.to_str().unwrap(),
+            "repo",
+            "copy",
+            "--to",
+            second.to_str().unwrap(),
+        ],
+    );
+    assert_exit(&out, REFUSED);
+    assert!(stderr(&out).contains(&names), "{}", stderr(&out));
+    assert!(!second.join("backup").exists(), "copy wrote a backup");
+
+    // The manifest as signed, a file changed under it: pg_verifybackup.
+    std::fs::write(&manifest, &genuine).unwrap();
+    let version = data.join("PG_VERSION");
+    let mut text = std::fs::read(&version).unwrap();
+    text[0] = if text[0] == b'9' { b'8' } else { b'9' };
+    std::fs::write(&version, &text).unwrap();
+    let out = as_server(
+        &c,
+        &repo,
+        &verify,
+        &["restore", "--latest", "--to", to.to_str().unwrap()],
+    );
+    assert_exit(&out, REFUSED);
+    let err = stderr(&out);
+    assert!(
+        err.contains(&format!("{}: pg_verifybackup finds", data.display()))
+            && err.contains("PG_VERSION"),
+        "{err}"
+    );
+    assert!(empty(&to), "restore wrote into its target");
+}
+
+/// Review #4: a backup taken before labels were signed is ignored once a
+/// verify key is set, yet its WAL is kept: `expire --retain-full 1
+/// --apply` after a signed backup deletes none of the WAL from the older
+/// backup's start on (counted in the archive on disk), and says which WAL
+/// it keeps for which ignored label.
+#[test]
+fn expire_keeps_the_wal_of_a_backup_taken_before_labels_were_signed() {
+    let (c, repo) = archiving(Version::V18, "", &[]);
+    c.client()
+        .batch_execute("CREATE TABLE t AS SELECT g AS id FROM generate_series(1, 1000) g")
+        .unwrap();
+    let (conninfo, bin) = (c.conninfo(), c.version.bin_dir());
+    let backup = |more: &[&str]| {
+        let mut args: Vec<&str> = more.to_vec();
+        args.extend([
+            "backup",
+            "--db",
+            &conninfo,
+            "--pg-bin",
+            bin.to_str().unwrap(),
+        ]);
+        let out = run(&repo, &args);
+        assert_exit(&out, 0);
+        serde_json::from_str::<Value>(&stdout(&out)).unwrap()
+    };
+    let old = backup(&[]);
+    let oid = old["id"].as_str().unwrap().to_owned();
+    assert!(old.get("signature").is_none(), "{old}");
+    switch_and_wait_archived(&c);
+    switch_and_wait_archived(&c);
+    let (signing, verify) = crate::common::signing_key(&c.dir("keys"));
+    // Ids are to the second.
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    let new = backup(&["--signing-key", signing.to_str().unwrap()]);
+    let nid = new["id"].as_str().unwrap().to_owned();
+    switch_and_wait_archived(&c);
+    let segment = |lsn: &str| {
+        let (hi, lo) = lsn.split_once('/').unwrap();
+        let segno = ((u64::from_str_radix(hi, 16).unwrap() << 32)
+            | u64::from_str_radix(lo, 16).unwrap())
+            >> 24;
+        format!("{:08X}{:08X}{:08X}", 1, segno >> 8, segno & 0xff)
+    };
+    let old_first = segment(old["wal_ranges"][0]["start_lsn"].as_str().unwrap());
+    let new_first = segment(new["wal_ranges"][0]["start_lsn"].as_str().unwrap());
+    assert!(old_first < new_first, "{old_first} {new_first}");
+    let segments = |from: &str| -> Vec<String> {
+        files(&repo.join("archive"))
+            .into_iter()
+            .filter(|f| {
+                let name = f.rsplit('/').next().unwrap();
+                name.len() >= 24
+                    && name[..24].chars().all(|ch| ch.is_ascii_hexdigit())
+                    && name[..24] >= *from
+            })
+            .collect()
+    };
+    let old_wal = segments(&old_first);
+    let between: Vec<&String> = old_wal
+        .iter()
+        .filter(|f| f.rsplit('/').next().unwrap()[..24] < *new_first)
+        .collect();
+    assert!(
+        !between.is_empty(),
+        "the older backup's WAL before the newer"
+    );
+
+    let dry = reentry(
+        false,
+        &[
+            "--repo",
+            repo.to_str().unwrap(),
+            "--verify-key",
+            &verify,
+            "backup",
+            "expire",
+            "--retain-full",
+            "1",
+        ],
+    );
+    assert_exit(&dry, 0);
+    let text = stdout(&dry);
+    assert!(
+        text.contains(&format!(
+            "keep    WAL from {old_first} on, for ignored label backup/{oid}/backup.json"
+        )),
+        "{text}"
+    );
+    let out = run(
+        &repo,
+        &[
+            "--verify-key",
+            &verify,
+            "backup",
+            "expire",
+            "--retain-full",
+            "1",
+            "--apply",
+        ],
+    );
+    assert_exit(&out, 0);
+    let p: Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(p["keep"][0]["id"], nid.as_str(), "{p}");
+    assert_eq!(
+        p["ignored"][0]["key"],
+        format!("backup/{oid}/backup.json"),
+        "{p}"
+    );
+    assert_eq!(
+        p["ignored_wal"],
+        serde_json::json!([{"key": format!("backup/{oid}/backup.json"), "kept_from": old_first}]),
+        "{p}"
+    );
+    let after = segments(&old_first);
+    for f in &old_wal {
+        assert!(after.contains(f), "{f} was deleted: {p}");
+    }
+    assert!(repo.join("backup").join(&oid).join("data").is_dir());
+}

@@ -1393,6 +1393,100 @@ fn a_local_encrypted_repository_holds_no_plaintext_and_restores() {
     );
 }
 
+/// Review #1: in a local encrypted repository, whoever can write removes a
+/// backup's `files.json` and puts a plain `data/` of another cluster (with
+/// its own `backup_manifest`) beside its signed label. The label says the
+/// backup is packed: restore, verify and copy each refuse the planted
+/// directory, naming it, and nothing of it is restored or copied.
+#[test]
+fn a_planted_plain_data_directory_beside_an_encrypted_backups_label_is_refused() {
+    let (secret, public) = age_key();
+    let mut c = Cluster::init(Version::V18);
+    let repo = c.dir("repo");
+    c.append_conf(&[
+        ("archive_mode", "on".to_string()),
+        (
+            "archive_command",
+            format!(
+                "'REENTRY_AGE_RECIPIENTS={public} {} --repo {} wal push %p'",
+                reentry_bin().display(),
+                repo.display()
+            ),
+        ),
+    ]);
+    c.start();
+    c.client()
+        .batch_execute("CREATE TABLE t AS SELECT g AS id FROM generate_series(1, 1000) g")
+        .unwrap();
+    let identity = c.dir("keys").join("identity");
+    crate::common::write_secret(&identity, &secret);
+    crate::common::give_to_server_user(&identity);
+    let (signing, _) = crate::common::signing_key(&c.dir("keys"));
+    let reentry = |args: &[&str]| {
+        let mut cmd = command(&c, &repo, args);
+        cmd.env("REENTRY_AGE_RECIPIENTS", &public)
+            .env("REENTRY_AGE_IDENTITY_FILE", &identity)
+            .env("REENTRY_SIGNING_KEY_FILE", &signing);
+        cmd.output().unwrap()
+    };
+    let b = ok_json(&reentry(&["backup"]));
+    let id = b["id"].as_str().unwrap().to_owned();
+    switch_and_wait_archived(&c);
+
+    // Another cluster's plain backup, with its own manifest, planted.
+    let mut other = Cluster::init(Version::V18);
+    other.start();
+    other
+        .client()
+        .batch_execute("CREATE TABLE planted AS SELECT 1 AS id")
+        .unwrap();
+    let dir = repo.join("backup").join(&id);
+    std::fs::remove_file(dir.join("files.json")).unwrap();
+    let data = dir.join("data");
+    other.run_ok(
+        other
+            .cmd("pg_basebackup")
+            .args(["-X", "stream", "-c", "fast", "-D"])
+            .arg(&data),
+    );
+    assert!(data.join("backup_manifest").is_file());
+    let names = format!("{}: backup {id} is packed", data.display());
+
+    let to = c.root().join("restored");
+    let out = reentry(&["restore", "--latest", "--to", to.to_str().unwrap()]);
+    assert_exit(&out, 3);
+    assert!(stderr(&out).contains(&names), "{}", stderr(&out));
+    assert!(
+        !to.exists() || std::fs::read_dir(&to).unwrap().next().is_none(),
+        "restore wrote into its target"
+    );
+    let out = reentry(&["restore", "--backup", &id, "--to", to.to_str().unwrap()]);
+    assert_exit(&out, 3);
+
+    let label_before = std::fs::read(dir.join("backup.json")).unwrap();
+    let out = reentry(&["backup", "verify", &id]);
+    assert_exit(&out, 3);
+    assert!(stderr(&out).contains(&names), "{}", stderr(&out));
+    assert_eq!(
+        std::fs::read(dir.join("backup.json")).unwrap(),
+        label_before,
+        "verify recorded a verification"
+    );
+
+    let second = c.dir("second");
+    let out = reentry(&["repo", "copy", "--to", second.to_str().unwrap()]);
+    assert_exit(&out, 3);
+    assert!(stderr(&out).contains(&names), "{}", stderr(&out));
+    assert!(
+        !second.join("backup").exists(),
+        "copy wrote a backup: {:?}",
+        std::fs::read_dir(second.join("backup")).map(|d| d
+            .filter_map(Result::ok)
+            .map(|e| e.path())
+            .collect::<Vec<_>>())
+    );
+}
+
 #[test]
 fn s3_check_fails_on_a_store_that_overwrites_a_create_only_write() {
     let (name, s) = bucket("probe", "repo");
