@@ -1460,7 +1460,14 @@ fn a_planted_plain_data_directory_beside_an_encrypted_backups_label_is_refused()
         !to.exists() || std::fs::read_dir(&to).unwrap().next().is_none(),
         "restore wrote into its target"
     );
-    let out = reentry(&["restore", "--backup", &id, "--to", to.to_str().unwrap()]);
+    let out = reentry(&[
+        "restore",
+        "--backup",
+        &id,
+        "--latest",
+        "--to",
+        to.to_str().unwrap(),
+    ]);
     assert_exit(&out, 3);
 
     let label_before = std::fs::read(dir.join("backup.json")).unwrap();
