@@ -343,10 +343,11 @@ type Validated = (String, Vec<String>, Vec<Extension>, Vec<CheckResult>);
 fn validate(m: &RestoreManifest, user: &[Check]) -> Result<Validated, DrillError> {
     let connect = |db: &str| {
         Db::connect(Some(&format!(
-            "host={} port={} dbname={}",
+            "host={} port={} dbname={} {}",
             crate::pg::conn::quote_value(&m.socket_dir),
             m.port,
-            crate::pg::conn::quote_value(db)
+            crate::pg::conn::quote_value(db),
+            crate::backup::fence::SESSION_OPTIONS
         )))
     };
     let mut main = connect("postgres")?;

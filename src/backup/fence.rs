@@ -89,6 +89,14 @@ pub enum FenceError {
         path: PathBuf,
         to: String,
     },
+    #[error(
+        "the copy's databases or roles set {} (ALTER DATABASE/ROLE … SET): every session \
+         opened on the copy would load code from wherever it points, on this host, which holds \
+         the identity. reentry's own sessions override it; the copy was stopped. Reset it on \
+         the source (ALTER DATABASE … RESET …), take a new backup, or restore by hand",
+        found.join("; ")
+    )]
+    RoleSettings { found: Vec<String> },
     #[error("cannot {op} {}: {source}", path.display())]
     Io {
         op: &'static str,
@@ -336,10 +344,42 @@ pub fn check_config(
     Ok(Checked { cron })
 }
 
-/// Checks a started copy before it is used: pg_cron's switch is a setting
-/// the loaded library defined (a placeholder is not in pg_settings), and
-/// it is off.
+/// Startup options for every session reentry opens on a copy: settings a
+/// session receives when it starts outrank those of `ALTER DATABASE` and
+/// `ALTER ROLE … SET`, which the copy's configuration cannot reach, so no
+/// library they name is loaded into reentry's sessions. A superuser's:
+/// `session_preload_libraries` and `dynamic_library_path` are theirs to set.
+pub const SESSION_OPTIONS: &str = "options='-c session_preload_libraries= -c local_preload_libraries= -c dynamic_library_path=$libdir'";
+
+/// The settings of the copy's databases and roles (`pg_db_role_setting`)
+/// that load code from a path into every session: a preloaded library
+/// named with a `/` or a `$`, or a `dynamic_library_path` other than
+/// `$libdir`. Each as `database/role: name=value`.
+fn role_settings(db: &mut Db) -> Result<Vec<String>, FenceError> {
+    let rows = db.query(
+        "read the databases' and roles' settings",
+        "SELECT coalesce(d.datname, '*') || '/' || coalesce(r.rolname, '*') || ': ' || c
+           FROM pg_catalog.pg_db_role_setting s
+           LEFT JOIN pg_catalog.pg_database d ON d.oid = s.setdatabase
+           LEFT JOIN pg_catalog.pg_roles r ON r.oid = s.setrole,
+                pg_catalog.unnest(s.setconfig) c
+          WHERE (c ~* '^(session|local)_preload_libraries=' AND c ~ '[/$]')
+             OR (c ~* '^dynamic_library_path=' AND c !~* '^dynamic_library_path=[$]libdir$')
+          ORDER BY 1",
+        &[],
+    )?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
+}
+
+/// Checks a started copy before it is used: no database or role setting
+/// loads code from a path into its sessions; and pg_cron's switch is a
+/// setting the loaded library defined (a placeholder is not in
+/// pg_settings), and it is off.
 pub fn check_running(db: &mut Db, checked: &Checked) -> Result<(), FenceError> {
+    let found = role_settings(db)?;
+    if !found.is_empty() {
+        return Err(FenceError::RoleSettings { found });
+    }
     if !checked.cron {
         return Ok(());
     }

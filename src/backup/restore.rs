@@ -1239,8 +1239,9 @@ fn replay(
             .output();
     };
     let conninfo = format!(
-        "host={} port={port} dbname=postgres connect_timeout=2",
-        crate::pg::conn::quote_value(&socket.display().to_string())
+        "host={} port={port} dbname=postgres connect_timeout=2 {}",
+        crate::pg::conn::quote_value(&socket.display().to_string()),
+        fence::SESSION_OPTIONS
     );
     // The fence's checks of a started copy, on its first answer: pg_cron's
     // launcher starts only once recovery has ended.
@@ -1287,7 +1288,15 @@ fn replay(
             );
             last_report = Instant::now();
         }
-        if let Ok(mut db) = Db::connect(Some(&conninfo)) {
+        let conn = Db::connect(Some(&conninfo));
+        if let Err(e) = &conn {
+            // fence::SESSION_OPTIONS are a superuser's to set.
+            if e.to_string().contains("permission denied to set parameter") {
+                stop();
+                return Err(FenceError::Pg(conn.err().expect("an error")).into());
+            }
+        }
+        if let Ok(mut db) = conn {
             if !fence_checked {
                 match fence::check_running(&mut db, checked) {
                     Ok(()) => fence_checked = true,

@@ -420,6 +420,14 @@ struct RewindRecord<'a> {
     undo_command: &'a str,
     #[serde(skip_serializing_if = "Option::is_none")]
     error: Option<String>,
+    /// After a failed commit: the partitions (`topic/partition`) whose
+    /// committed offset, read back, is the new one. A commit succeeds or
+    /// fails partition by partition.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    moved: Option<Vec<String>>,
+    /// After a failed commit: those that still hold another offset.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    not_moved: Option<Vec<String>>,
 }
 
 fn default_rewind_dir() -> Result<PathBuf, Error> {
@@ -496,6 +504,8 @@ fn commit_recorded(
         undo_file: &undo_file,
         undo_command: &undo_command,
         error: None,
+        moved: None,
+        not_moved: None,
     };
     let append = |r: &RewindRecord| -> std::io::Result<()> {
         let mut f = crate::fsutil::open_private_append(&journal)?;
@@ -529,6 +539,44 @@ fn commit_recorded(
     let committed = k.commit_all(group, &offsets);
     record.state = if committed.is_ok() { "moved" } else { "failed" };
     record.error = committed.as_ref().err().map(|e| e.to_string());
+    if committed.is_err() {
+        // Which moved, by the group's offsets read back: the broker
+        // commits partition by partition.
+        let (mut moved, mut not_moved) = (Vec::new(), Vec::new());
+        for (topic, parts) in &offsets {
+            let ids: Vec<i32> = parts.keys().copied().collect();
+            let now = k.committed(group, topic, &ids);
+            for (p, new) in parts {
+                let name = format!("{topic}/{p}");
+                match &now {
+                    Ok(now) if now.get(p) == Some(&Some(*new)) => moved.push(name),
+                    Ok(_) => not_moved.push(name),
+                    Err(e) => {
+                        eprintln!("reentry: cannot read back the offsets of {topic}: {e}");
+                        not_moved.push(format!("{name} (unknown)"));
+                    }
+                }
+            }
+        }
+        eprintln!(
+            "reentry: the commit failed; moved: {}; not moved: {}",
+            if moved.is_empty() {
+                "none".into()
+            } else {
+                moved.join(", ")
+            },
+            if not_moved.is_empty() {
+                "none".into()
+            } else {
+                not_moved.join(", ")
+            },
+        );
+        if !moved.is_empty() {
+            record.state = "partly-moved";
+        }
+        record.moved = Some(moved);
+        record.not_moved = Some(not_moved);
+    }
     if let Err(e) = append(&record) {
         eprintln!(
             "reentry: cannot record the outcome in {}: {e}",

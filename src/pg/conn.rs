@@ -185,17 +185,42 @@ pub fn config(conninfo: Option<&str>) -> Result<(Config, Tls), PgError> {
 /// `DO`, `SET`, `LOAD`) start otherwise; a WITH that writes is stopped by
 /// the transaction. Checked before the server parses anything.
 pub fn is_query(sql: &str) -> bool {
-    let mut rest = sql;
+    // As PostgreSQL's lexer (scan.l) reads it: its whitespace, `--` to the
+    // end of the line (`\n` or `\r`), and block comments, which nest.
+    let b = sql.as_bytes();
+    let mut i = 0;
     loop {
-        rest = rest.trim_start_matches(|c: char| c.is_whitespace() || c == '(');
-        if let Some(r) = rest.strip_prefix("--") {
-            rest = r.split_once('\n').map_or("", |(_, after)| after);
-        } else if let Some(r) = rest.strip_prefix("/*") {
-            rest = r.split_once("*/").map_or("", |(_, after)| after);
+        while i < b.len() && matches!(b[i], b' ' | b'\t' | b'\n' | b'\r' | 0x0b | 0x0c | b'(') {
+            i += 1;
+        }
+        if b[i..].starts_with(b"--") {
+            while i < b.len() && !matches!(b[i], b'\n' | b'\r') {
+                i += 1;
+            }
+        } else if b[i..].starts_with(b"/*") {
+            let mut depth = 0usize;
+            loop {
+                if i >= b.len() {
+                    // Unterminated: the server would refuse it anyway.
+                    return false;
+                } else if b[i..].starts_with(b"/*") {
+                    depth += 1;
+                    i += 2;
+                } else if b[i..].starts_with(b"*/") {
+                    depth -= 1;
+                    i += 2;
+                    if depth == 0 {
+                        break;
+                    }
+                } else {
+                    i += 1;
+                }
+            }
         } else {
             break;
         }
     }
+    let rest = &sql[i..];
     let word: String = rest
         .chars()
         .take_while(|c| c.is_ascii_alphabetic())
@@ -251,6 +276,8 @@ fn passfile_match(text: &str, want: [&str; 4]) -> Option<String> {
                 match ch {
                     '\\' => cur.extend(chars.next()),
                     ':' if fields.len() < 4 => fields.push(std::mem::take(&mut cur)),
+                    // As libpq: the password ends at an unescaped `:` too.
+                    ':' => break,
                     _ => cur.push(ch),
                 }
             }
@@ -946,6 +973,9 @@ mod tests {
             "-- why\n/* what */ WITH a AS (SELECT 1) SELECT * FROM a",
             "VALUES (1)",
             "TABLE t",
+            "/* a /* nested */ comment */ SELECT 1",
+            "/**/SELECT 1",
+            "--\rSELECT 1",
         ] {
             assert!(is_query(q), "{q}");
         }
@@ -956,6 +986,11 @@ mod tests {
             "SET ROLE x",
             "selection",
             "",
+            // Block comments nest: the SELECT is inside one.
+            "/* /* */ SELECT */ COPY (SELECT 1) TO PROGRAM 'id'",
+            // A `--` comment ends at a carriage return too.
+            "--\rCOPY (\nSELECT 1) TO PROGRAM 'id'",
+            "/* unterminated SELECT 1",
         ] {
             assert!(!is_query(q), "{q}");
         }
@@ -980,6 +1015,11 @@ mod tests {
             Some("fallback")
         );
         assert_eq!(passfile_match("h:1:d:u\n", ["h", "1", "d", "u"]), None);
+        // libpq ends the password at an unescaped `:`.
+        assert_eq!(
+            passfile_match("h:1:d:u:pw:trailing\n", ["h", "1", "d", "u"]).as_deref(),
+            Some("pw")
+        );
     }
 
     #[test]

@@ -628,3 +628,68 @@ fn a_drill_reaches_its_socket_in_a_tmpdir_with_a_quote_and_removes_it() {
     );
     assert_eq!(files_in(&tmp), Vec::<String>::new(), "left in $TMPDIR");
 }
+
+/// Settings of a database or role (`ALTER DATABASE … SET`) outrank the
+/// copy's configuration, and `postgres -C` does not see them: a session
+/// of the copy would load a library from wherever they point. reentry's
+/// own sessions override them at connection start, and a copy whose
+/// databases or roles set one is stopped and refused.
+#[test]
+fn a_library_that_database_or_role_settings_preload_is_refused_and_never_loaded() {
+    let (c, repo) = archiving(Version::V18, "", &[]);
+    let evil = "/nonexistent/reentry-test-evil.so";
+    let mut db = c.client();
+    // One statement each: CREATE DATABASE runs outside a transaction.
+    for sql in [
+        "CREATE DATABASE app".to_owned(),
+        format!("ALTER DATABASE app SET session_preload_libraries = '{evil}'"),
+        "CREATE ROLE jobs LOGIN".to_owned(),
+        "ALTER ROLE jobs SET dynamic_library_path = '/srv/app/lib'".to_owned(),
+    ] {
+        db.batch_execute(&sql).unwrap();
+    }
+    // A plain session of `app` tries to load it (and fails: it does not
+    // exist); one with reentry's startup options does not.
+    let plain = postgres::Client::connect(&c.db_conninfo("app"), postgres::NoTls);
+    let err = format!(
+        "{:?}",
+        plain.err().expect("a plain session loads the library")
+    );
+    assert!(err.contains("reentry-test-evil"), "{err}");
+    let mut guarded = postgres::Client::connect(
+        &format!(
+            "{} {}",
+            c.db_conninfo("app"),
+            reentry::backup::fence::SESSION_OPTIONS
+        ),
+        postgres::NoTls,
+    )
+    .expect("reentry's session loads nothing");
+    let loaded: String = guarded
+        .query_one("SHOW session_preload_libraries", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(loaded, "");
+
+    ok_json(&run(&c, &repo, &["backup"]));
+    switch_and_wait_archived(&c);
+    let to = c.root().join("copy");
+    let out = run(
+        &c,
+        &repo,
+        &["restore", "--to", to.to_str().unwrap(), "--immediate"],
+    );
+    assert_exit(&out, 3);
+    let said = stderr(&out);
+    assert!(
+        // PostgreSQL stores a list setting's entries quoted.
+        said.contains(&format!("app/*: session_preload_libraries=\"{evil}\""))
+            && said.contains("*/jobs: dynamic_library_path=/srv/app/lib")
+            && said.contains("the copy was stopped"),
+        "{said}"
+    );
+    assert!(
+        !to.join("postmaster.pid").exists(),
+        "the refused copy is still running"
+    );
+}

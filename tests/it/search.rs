@@ -932,6 +932,17 @@ fn a_rebuild_hook_gets_no_credentials_and_its_output_is_redacted() {
         "strategy = \"rebuild-hook\"\napi-key = \"${HOOK_SEARCH_KEY}\"\nhook-env = [\"HOOK_SEARCH_KEY\"]\nrebuild-hook = \"env; echo key=$HOOK_SEARCH_KEY\"",
     ));
     let run = w.dir.join("run");
+    // What it is handed is named where it is allowed.
+    let refused = apply_cmd(&pb, &run, &[])
+        .env("HOOK_SEARCH_KEY", "search-s3cr3t-hook-test")
+        .output()
+        .unwrap();
+    assert_exit(&refused, 64);
+    assert!(
+        stderr(&refused).contains("echo key=$HOOK_SEARCH_KEY (with HOOK_SEARCH_KEY)"),
+        "{}",
+        stderr(&refused)
+    );
     let out = apply_cmd(&pb, &run, &["--allow-hooks"])
         .env("AWS_SECRET_ACCESS_KEY", "aws-s3cr3t-hook-test")
         .env("HOOK_SEARCH_KEY", "search-s3cr3t-hook-test")
@@ -978,11 +989,7 @@ fn a_rebuild_hook_past_its_timeout_is_killed_with_its_children() {
         said.contains("the rebuild hook of hooked ran longer than 2s and was killed"),
         "{said}"
     );
-    let left = std::process::Command::new("pgrep")
-        .args(["-f", "sleep 4711.5"])
-        .output()
-        .unwrap();
-    assert!(left.stdout.is_empty(), "still running: {}", stdout(&left));
+    assert!(!running("sleep 4711.5"), "the hook's sleep still runs");
 }
 
 /// Whether a process whose command line holds `pattern` runs (pgrep).
@@ -1064,6 +1071,55 @@ fn a_second_ctrl_c_leaves_no_rebuild_hook_behind() {
     );
     assert!(stderr(&out).contains("stopping now"), "{}", stderr(&out));
     assert!(!running("sleep 4714.5"), "the hook outlived reentry");
+}
+
+/// A hook runs in a process group of its own, so a reentry killed outright
+/// (SIGKILL, the OOM killer) leaves it running. The resumed run stops it
+/// before it starts the hook again: two rebuilds never race.
+#[test]
+fn a_resumed_run_stops_the_hook_a_killed_run_left_running() {
+    let w = CacheWorld::new("search-hook-kill");
+    let url = crate::common::search::search_url();
+    let pb = w.playbook(&search_toml(
+        &url,
+        "hooked",
+        "cases",
+        "strategy = \"rebuild-hook\"\nrebuild-hook = \"if [ -e hook-ran ]; then echo second; else touch hook-ran; sleep 4716.5; fi\"",
+    ));
+    let run = w.dir.join("run");
+    let mut child = apply_cmd(&pb, &run, &["--allow-hooks"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let since = Instant::now();
+    while !running("sleep 4716.5") {
+        assert!(
+            since.elapsed() < Duration::from_secs(120),
+            "the hook never started"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(running("sleep 4716.5"), "the killed run's hook runs on");
+
+    let out = apply_cmd(&pb, &run, &["--allow-hooks", "--resume"])
+        .output()
+        .unwrap();
+    let left = running("sleep 4716.5");
+    let _ = Command::new("pkill")
+        .args(["-9", "-f", "sleep 4716.5"])
+        .status();
+    assert_exit(&out, 0);
+    assert!(!left, "the first hook still runs beside the second");
+    let e = done_effect(&run, "search-hook:hooked");
+    let output = e["detail"]["output"].as_str().unwrap();
+    assert!(
+        output.starts_with("[stopped what an earlier attempt's hook left running: process group ")
+            && output.contains("second"),
+        "{output}"
+    );
 }
 
 /// A hook that leaves a process in the background holding its output

@@ -5,6 +5,9 @@
 //! - stopped on Ctrl-C (the run's `interrupted` flag: SIGTERM, then
 //!   SIGKILL after `GRACE`), at its timeout, and, should reentry be told to
 //!   stop at once (a second Ctrl-C), by `kill_running` before it exits;
+//! - journaled by its process group as soon as it starts (`Group`), so that
+//!   a run resumed after reentry itself was killed stops a hook the dead
+//!   run left behind (`stop_left`) before it starts another;
 //! - its output read while it runs, up to `KEPT` bytes of each stream (the
 //!   rest is drained, so a chatty hook never blocks on a full pipe), and no
 //!   longer than `LINGER` after it exits: a process it left in the
@@ -37,6 +40,87 @@ pub fn kill_running() {
         // SAFETY: kill(2) with a negative pid signals that process group.
         unsafe { libc::kill(-group, libc::SIGKILL) };
     }
+}
+
+/// A hook's process group, as it can be told apart from a later one with
+/// the same number: its leader's start time (clock ticks since boot) and
+/// the boot.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Group {
+    pub pgid: i32,
+    pub leader_start: u64,
+    pub boot_id: String,
+}
+
+fn boot_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_default()
+}
+
+/// Fields of `/proc/PID/stat` after the command's closing parenthesis:
+/// [0] is the state, [2] the process group, [19] the start time.
+fn stat(pid: i32) -> Option<Vec<String>> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = text.rsplit_once(')')?.1;
+    Some(rest.split_whitespace().map(str::to_owned).collect())
+}
+
+impl Group {
+    fn of(pid: i32) -> Option<Group> {
+        let f = stat(pid)?;
+        Some(Group {
+            pgid: pid,
+            leader_start: f.get(19)?.parse().ok()?,
+            boot_id: boot_id(),
+        })
+    }
+
+    /// The live processes of this group (zombies aside): none when it is
+    /// gone, or when its number now belongs to another group (its leader
+    /// started at another time, or the machine booted since).
+    fn members(&self) -> Vec<i32> {
+        if self.boot_id != boot_id() {
+            return Vec::new();
+        }
+        // While any process is in a group, the kernel gives nobody else
+        // its number: with the leader gone, the members are this group's.
+        if let Some(f) = stat(self.pgid) {
+            if f.get(19).and_then(|t| t.parse::<u64>().ok()) != Some(self.leader_start) {
+                return Vec::new();
+            }
+        }
+        let Ok(dir) = std::fs::read_dir("/proc") else {
+            return Vec::new();
+        };
+        dir.flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+            .filter(|&pid| {
+                stat(pid).is_some_and(|f| {
+                    f.first().map(String::as_str) != Some("Z")
+                        && f.get(2).and_then(|g| g.parse::<i32>().ok()) == Some(self.pgid)
+                })
+            })
+            .collect()
+    }
+}
+
+/// Stops what is left of `group` (a hook of a run that died), SIGTERM then
+/// SIGKILL after `GRACE`; whether anything was.
+pub fn stop_left(group: &Group) -> bool {
+    if group.members().is_empty() {
+        return false;
+    }
+    // SAFETY: kill(2) of a process group that is, by `members`, this one.
+    unsafe { libc::kill(-group.pgid, libc::SIGTERM) };
+    let since = Instant::now();
+    while since.elapsed() < GRACE && !group.members().is_empty() {
+        std::thread::sleep(POLL);
+    }
+    if !group.members().is_empty() {
+        unsafe { libc::kill(-group.pgid, libc::SIGKILL) };
+    }
+    true
 }
 
 /// How a hook ended.
@@ -95,13 +179,15 @@ fn stop(child: &mut Child) {
 }
 
 /// Runs `sh -c command` in `dir` with no environment but `env`, stdin
-/// closed, until it exits, `timeout` passes or `interrupted` is set.
+/// closed, until it exits, `timeout` passes or `interrupted` is set;
+/// `started` is given its process group first thing (to journal it).
 pub fn run(
     command: &str,
     dir: &std::path::Path,
     env: &[(String, std::ffi::OsString)],
     timeout: Duration,
     interrupted: &AtomicBool,
+    started: impl FnOnce(&Group) -> std::io::Result<()>,
 ) -> std::io::Result<Ran> {
     let mut cmd = Command::new("sh");
     cmd.arg("-c")
@@ -115,6 +201,16 @@ pub fn run(
         .stderr(Stdio::piped());
     let mut child = cmd.spawn()?;
     RUNNING.store(child.id() as i32, Ordering::SeqCst);
+    let group = Group::of(child.id() as i32).unwrap_or(Group {
+        pgid: child.id() as i32,
+        leader_start: 0,
+        boot_id: boot_id(),
+    });
+    if let Err(e) = started(&group) {
+        stop(&mut child);
+        RUNNING.store(0, Ordering::SeqCst);
+        return Err(e);
+    }
     let (out, out_done) = reader(child.stdout.take().expect("piped"));
     let (err, err_done) = reader(child.stderr.take().expect("piped"));
     let started = Instant::now();
@@ -183,6 +279,7 @@ mod tests {
             &path(),
             Duration::from_secs(60),
             &AtomicBool::new(false),
+            |_| Ok(()),
         )
         .unwrap();
         assert!(matches!(ran.end, End::Exited(s) if s.success()), "{ran:?}");
@@ -203,7 +300,15 @@ mod tests {
             std::thread::sleep(Duration::from_millis(500));
             set.store(true, Ordering::SeqCst);
         });
-        let ran = run(&script, &dir, &path(), Duration::from_secs(60), &flag).unwrap();
+        let ran = run(
+            &script,
+            &dir,
+            &path(),
+            Duration::from_secs(60),
+            &flag,
+            |_| Ok(()),
+        )
+        .unwrap();
         assert!(matches!(ran.end, End::Interrupted), "{ran:?}");
         let pid: i32 = std::fs::read_to_string(&marker)
             .unwrap()
@@ -226,10 +331,38 @@ mod tests {
             &path(),
             Duration::from_secs(60),
             &AtomicBool::new(false),
+            |_| Ok(()),
         )
         .unwrap();
         assert!(matches!(ran.end, End::Exited(s) if s.success()), "{ran:?}");
         assert_eq!(ran.output.len(), KEPT + "done\n".len());
         assert!(ran.output.ends_with("done\n"));
+    }
+
+    /// A group left by a run that died is found by what was journaled and
+    /// stopped; one whose number was reused is not this one.
+    #[test]
+    fn a_group_left_behind_is_stopped_and_a_reused_number_is_not_it() {
+        use std::os::unix::process::CommandExt;
+        let mut child = std::process::Command::new("sh")
+            .args(["-c", "sleep 300 & wait"])
+            .process_group(0)
+            .spawn()
+            .unwrap();
+        let group = Group::of(child.id() as i32).unwrap();
+        std::thread::sleep(Duration::from_millis(200));
+        assert_eq!(group.members().len(), 2, "sh and its sleep");
+        let other = Group {
+            leader_start: group.leader_start + 1,
+            ..group.clone()
+        };
+        assert!(
+            other.members().is_empty(),
+            "another start time, another group"
+        );
+        assert!(stop_left(&group));
+        let _ = child.wait();
+        assert!(group.members().is_empty());
+        assert!(!stop_left(&group), "nothing left the second time");
     }
 }

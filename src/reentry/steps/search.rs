@@ -123,14 +123,19 @@ pub fn indexes(p: &Playbook) -> Vec<SearchIndex> {
 }
 
 /// The playbook's shell commands: each `[[search]]` rebuild hook, as
-/// `search[i].rebuild-hook` (its place in the playbook) and the command.
+/// `search[i].rebuild-hook` (its place in the playbook) and the command,
+/// followed by the variables of reentry's environment `hook-env` hands it.
 pub fn hooks(p: &Playbook) -> Vec<(String, String)> {
     indexes(p)
         .iter()
         .enumerate()
         .filter(|(_, s)| s.strategy == "rebuild-hook")
         .filter_map(|(i, s)| {
-            let command = s.rebuild_hook.clone()?;
+            let mut command = s.rebuild_hook.clone()?;
+            // What it is handed of reentry's environment is part of what it does.
+            if let Some(names) = s.hook_env.as_ref().filter(|n| !n.is_empty()) {
+                command.push_str(&format!(" (with {})", names.join(", ")));
+            }
             Some((
                 format!("search[{}].rebuild-hook ({})", i + 1, s.name),
                 command,
@@ -1076,13 +1081,32 @@ impl SearchStep {
         } else {
             dir
         };
-        let ran = hook::run(command, &dir, &vars, timeout, rec.interrupted).map_err(|source| {
-            StepError::Io {
-                what: "run the rebuild hook",
-                source,
+        // A hook a run that died left running (it is in a process group
+        // of its own, so nothing killed it) goes before another starts.
+        let key = format!("{}#hook/", rec.step);
+        let mut stopped = Vec::new();
+        for (_, left) in rec.priors_under::<hook::Group>(&key)? {
+            if hook::stop_left(&left) {
+                stopped.push(left.pgid.to_string());
             }
+        }
+        let interrupted = rec.interrupted;
+        let ran = hook::run(command, &dir, &vars, timeout, interrupted, |g| {
+            rec.prior_keyed(&format!("{key}{}-{}", g.pgid, g.leader_start), g)
+                .map_err(std::io::Error::other)
+        })
+        .map_err(|source| StepError::Io {
+            what: "run the rebuild hook",
+            source,
         })?;
-        let mut text = ran.output;
+        let mut text = String::new();
+        if !stopped.is_empty() {
+            text.push_str(&format!(
+                "[stopped what an earlier attempt's hook left running: process group {}]\n",
+                stopped.join(", ")
+            ));
+        }
+        text.push_str(&ran.output);
         if ran.left_running {
             text.push_str(
                 "\n[the hook exited; a process it started in the background still holds its \
