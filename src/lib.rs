@@ -135,7 +135,8 @@ fn repo_exit(e: &backup::repo::RepoError) -> Exit {
         backup::repo::RepoError::UnknownBackup { .. } => Exit::Usage,
         backup::repo::RepoError::BackupExists { .. }
         | backup::repo::RepoError::Untrusted { .. }
-        | backup::repo::RepoError::NotVouched { .. } => Exit::Refused,
+        | backup::repo::RepoError::NotVouched { .. }
+        | backup::repo::RepoError::Unvouched { .. } => Exit::Refused,
         backup::repo::RepoError::BadBackupId { .. } => Exit::Usage,
         backup::repo::RepoError::NeedVerifyKey { .. } => Exit::Config,
         backup::repo::RepoError::Archive(e) => e.exit(),

@@ -34,6 +34,7 @@ use sha2::Digest;
 
 use crate::backup::archive::Archive;
 use crate::backup::label::{self, is_backup_id, BackupLabel, LabelProblem, LABEL_FILE};
+use crate::backup::vouched::Vouched;
 use crate::crypt::Keys;
 use crate::fsutil;
 use crate::pg::lsn::Lsn;
@@ -81,10 +82,33 @@ pub enum RepoError {
          to be restored in place of the backup"
     )]
     NotVouched { location: String, detail: String },
+    #[error(
+        "{}: backup {id}'s signed label records no checksum of its backup_manifest (it was \
+         taken before reentry recorded one), so nothing vouches for the files beside it, and \
+         reentry neither restores nor copies it. Take a new full backup (`reentry backup`) and \
+         use that one. To judge this one by hand before you decide: `pg_verifybackup \
+         --no-parse-wal {}` checks the files its manifest lists, but not postgresql.auto.conf, \
+         pg_wal/ or *.signal, which a restore would use: compare those with the source yourself",
+        data.display(),
+        data.display()
+    )]
+    Unvouched { id: String, data: PathBuf },
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error(transparent)]
     Archive(#[from] Box<crate::backup::archive::ArchiveError>),
+}
+
+impl RepoError {
+    /// Whether it refuses a backup's files (`Repo::plain_backup`, and the
+    /// checks against a vouched manifest): a backup to leave out, not a
+    /// repository that cannot be read.
+    pub fn refuses_files(&self) -> bool {
+        matches!(
+            self,
+            RepoError::NotVouched { .. } | RepoError::Unvouched { .. }
+        )
+    }
 }
 
 pub fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> RepoError + 'a {
@@ -119,6 +143,15 @@ impl std::fmt::Display for Refused {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}: {}", self.key, self.problem)
     }
+}
+
+/// A local plain backup: its data directory, and with a signed label the
+/// manifest the label vouches for, read once.
+pub struct PlainBackup {
+    pub data: PathBuf,
+    /// None: the label is not signed, and nobody vouches for the files.
+    /// Some: every file used is checked against it as it is read.
+    pub vouched: Option<Vouched>,
 }
 
 /// Every label of a repository, those that check out apart from those
@@ -229,17 +262,24 @@ impl Repo {
     }
 
     /// A local backup's data directory, as pg_basebackup wrote it; none
-    /// on object storage, or for a packed backup (encrypted, or copied
-    /// from object storage). The label decides which, not what is on
-    /// disk: beside a label that records a packed backup (its encryption,
-    /// its stored bytes, or the checksum of its `files.json`), a `data/`
-    /// directory is refused, as whoever can write into the repository may
-    /// have put it there after removing `files.json`. A plain backup's
-    /// `backup_manifest` is refused unless it is the one the label records
-    /// (one signed by the backup host records it); pg_verifybackup then
-    /// checks the files against it. Only a label that is not signed, and
-    /// records neither, is judged by its directory: nobody vouches for it.
+    /// on object storage, or for a packed backup. See `plain_backup`.
     pub fn backup_data(&self, label: &BackupLabel) -> Result<Option<PathBuf>, RepoError> {
+        Ok(self.plain_backup(label)?.map(|p| p.data))
+    }
+
+    /// A local plain backup, as its label has it; none on object storage,
+    /// or for a packed backup (encrypted, or copied from object storage).
+    /// The label decides which, not what is on disk: beside a label that
+    /// records a packed backup (its encryption, its stored bytes, or the
+    /// checksum of its `files.json`), a `data/` directory is refused, as
+    /// whoever can write into the repository may have put it there after
+    /// removing `files.json`. A plain backup's `backup_manifest` is read
+    /// once, and refused unless it is the one the label records; a signed
+    /// label's is kept (`PlainBackup::vouched`), to check each file against
+    /// as it is read (vouched.rs), and a signed label that records none is
+    /// refused. Only a label that is not signed, and records neither, is
+    /// judged by its directory: nobody vouches for it.
+    pub fn plain_backup(&self, label: &BackupLabel) -> Result<Option<PlainBackup>, RepoError> {
         use crate::backup::packed::{INDEX_FILE, MANIFEST_FILE};
         if self.local.is_none() {
             return Ok(None);
@@ -268,6 +308,7 @@ impl Repo {
             return Ok(None);
         }
         let manifest = data.join(MANIFEST_FILE);
+        let mut vouched = None;
         match label.objects.get(MANIFEST_FILE) {
             Some(want) => {
                 let bytes = match fs::read(&manifest) {
@@ -287,20 +328,19 @@ impl Repo {
                         format!("its checksum is {got}, and the label records {want}"),
                     ));
                 }
+                if label.signature.is_some() {
+                    vouched = Some(Vouched::parse(&label.id, &data, bytes)?);
+                }
             }
             None if label.signature.is_some() => {
-                return Err(refuse(
-                    &manifest,
-                    format!(
-                        "backup {}'s signed label records no checksum of it (a backup taken \
-                         before reentry recorded one), so nothing vouches for the data beside it",
-                        label.id
-                    ),
-                ))
+                return Err(RepoError::Unvouched {
+                    id: label.id.clone(),
+                    data,
+                })
             }
             None => {}
         }
-        Ok(Some(data))
+        Ok(Some(PlainBackup { data, vouched }))
     }
 
     /// Whether anything of backup `id` is stored.
