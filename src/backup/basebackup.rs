@@ -410,12 +410,18 @@ fn copy_and_settle(
         None => None,
     };
     // A packed parent (on object storage, or copied from there) lends its
-    // manifest through a scratch file.
+    // manifest through a scratch file; so does a signed plain one, the
+    // manifest its label vouches for, as read once: the repository's file
+    // may have changed since.
     let mut parent_scratch = None;
     if let Some(p) = parent {
-        let manifest = match repo.backup_data(p)? {
-            Some(d) => d.join("backup_manifest"),
-            None => {
+        let plain = repo.plain_backup(p)?;
+        let manifest = match &plain {
+            Some(crate::backup::repo::PlainBackup {
+                data,
+                vouched: None,
+            }) => data.join("backup_manifest"),
+            _ => {
                 let s: &ScratchDir = parent_scratch.insert(
                     ScratchDir::new("reentry-parent").map_err(crate::backup::repo::io_err(
                         "create a scratch directory in",
@@ -423,7 +429,13 @@ fn copy_and_settle(
                     ))?,
                 );
                 let m = s.path().join("backup_manifest");
-                packed::fetch_manifest(repo.store(), p, &m, repo.keys())?;
+                match &plain {
+                    Some(crate::backup::repo::PlainBackup {
+                        vouched: Some(v), ..
+                    }) => std::fs::write(&m, v.bytes())
+                        .map_err(crate::backup::repo::io_err("write", &m))?,
+                    _ => packed::fetch_manifest(repo.store(), p, &m, repo.keys())?,
+                }
                 m
             }
         };
