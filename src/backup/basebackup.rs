@@ -469,6 +469,9 @@ fn copy_and_settle(
             repo.store(),
             &label.id,
             &data,
+            // Written just now by pg_basebackup, in a private scratch
+            // directory.
+            None,
             Form {
                 compression: Compression::Zstd,
                 level: opts.level,
@@ -483,8 +486,8 @@ fn copy_and_settle(
         label.objects = up.objects;
     } else {
         // A plain backup's manifest, as its (signed) label vouches for it:
-        // `Repo::backup_data` refuses any other, and pg_verifybackup checks
-        // the files against it.
+        // `Repo::plain_backup` refuses any other, and restore and copy
+        // check each file against it as they read it (vouched.rs).
         let manifest = data.join(packed::MANIFEST_FILE);
         let bytes =
             std::fs::read(&manifest).map_err(crate::backup::repo::io_err("read", &manifest))?;
