@@ -98,6 +98,7 @@ impl Error {
             Error::Pg(e) => pg_exit(e),
             Error::Catalog(backup::catalog::CatalogError::NotARepository { .. }) => Exit::Refused,
             Error::Catalog(backup::catalog::CatalogError::Archive(e)) => e.exit(),
+            Error::Catalog(backup::catalog::CatalogError::Repo(e)) => repo_exit(e),
             Error::Catalog(backup::catalog::CatalogError::Pg(e)) => pg_exit(e),
             Error::Restore(e) => restore_exit(e),
             Error::Drill(backup::drill::DrillError::Restore(e)) => restore_exit(e),

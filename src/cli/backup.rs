@@ -199,6 +199,10 @@ fn list(ctx: &Context, repo: &Repo, a: ListArgs) -> Result<Exit, Error> {
     }
     if let Some(conninfo) = &a.sync_catalog {
         let synced = catalog::sync(repo, &labels, conninfo)?;
+        for (id, why) in &synced.refused {
+            tracing::warn!(backup = %id, problem = %why,
+                "backup refused: backup_catalog has no row of it; a person must look");
+        }
         for (id, at) in &synced.elsewhere {
             tracing::warn!(backup = %id, row = %at,
                 "backup_catalog's row of this backup is another repository's (a copy's?): left as it is");
