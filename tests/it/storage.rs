@@ -10,7 +10,7 @@ use reentry::storage::{Cloud, Put, S3Config, Store};
 
 use serde_json::Value;
 
-use crate::common::archiving::switch_and_wait_archived;
+use crate::common::archiving::{archiving, switch_and_wait_archived};
 use crate::common::pg::{Cluster, Version};
 use crate::common::restored::{command, ok_json, Restored};
 use crate::common::s3proxy::{Fault, S3Proxy};
@@ -1492,6 +1492,116 @@ fn a_planted_plain_data_directory_beside_an_encrypted_backups_label_is_refused()
             .map(|e| e.path())
             .collect::<Vec<_>>())
     );
+}
+
+/// `repo copy` to object storage packs a signed plain local backup anew,
+/// its files' checksums in a new signed index: each file is checked
+/// against the manifest the label vouches for in the read that packs it.
+/// A byte changed in a relation file that spans pieces, or a file the
+/// manifest does not list, is refused (exit 3, naming it), and nothing of
+/// the backup is left in the bucket. The genuine backup is copied without
+/// what a writer put in its `pg_wal/` (restore fetches WAL from the
+/// archive), and restores from the bucket.
+#[test]
+fn s3_repo_copy_checks_a_signed_plain_backups_files_in_the_read_that_packs_them() {
+    let (name, s) = bucket("plain-copy", "repo");
+    let (c, repo) = archiving(Version::V18, "", &[]);
+    c.client()
+        .batch_execute(
+            "CREATE TABLE t AS SELECT g AS id, repeat('x', 100) AS pad \
+             FROM generate_series(1, 250000) g",
+        )
+        .unwrap();
+    let file: String = c
+        .client()
+        .query_one("SELECT pg_relation_filepath('t')", &[])
+        .unwrap()
+        .get(0);
+    let (signing, verify) = crate::common::signing_key(&c.dir("keys"));
+    let reentry = |args: &[&str]| {
+        let mut cmd = command(&c, &repo, args);
+        cmd.env("REENTRY_SIGNING_KEY_FILE", &signing)
+            .env("REENTRY_VERIFY_KEYS", &verify);
+        for (k, v) in s3_env() {
+            cmd.env(k, v);
+        }
+        cmd.output().unwrap()
+    };
+    let b = ok_json(&reentry(&["backup"]));
+    let id = b["id"].as_str().unwrap().to_owned();
+    switch_and_wait_archived(&c);
+    let data = repo.join("backup").join(&id).join("data");
+    let relation = data.join(&file);
+    let genuine = std::fs::read(&relation).unwrap();
+    assert!(
+        genuine.len() > 16 << 20,
+        "the table spans pieces: {} bytes",
+        genuine.len()
+    );
+    let to = format!("s3://{name}/repo");
+    let backup_keys = || -> Vec<String> {
+        bucket_keys(&name)
+            .into_iter()
+            .filter(|k| k.starts_with("backup/"))
+            .collect()
+    };
+
+    // One byte near the end, in the file's last piece.
+    let mut changed = genuine.clone();
+    let at = changed.len() - 100;
+    changed[at] ^= 0x20;
+    std::fs::write(&relation, &changed).unwrap();
+    let out = reentry(&["repo", "copy", "--to", &to]);
+    assert_exit(&out, 3);
+    assert!(
+        stderr(&out).contains(&format!("{}: its SHA-256 is", relation.display())),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(backup_keys(), Vec::<String>::new(), "the backup was copied");
+    std::fs::write(&relation, &genuine).unwrap();
+
+    let planted = data.join("base").join("planted");
+    std::fs::write(&planted, "x").unwrap();
+    let out = reentry(&["repo", "copy", "--to", &to]);
+    assert_exit(&out, 3);
+    assert!(
+        stderr(&out).contains(&format!("{}: the manifest", planted.display()))
+            && stderr(&out).contains("does not list it"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(backup_keys(), Vec::<String>::new(), "the backup was copied");
+    std::fs::remove_file(&planted).unwrap();
+
+    // Genuine, with a timeline history planted in pg_wal/.
+    std::fs::write(
+        data.join("pg_wal").join("00000009.history"),
+        "1\t0/1000000\tplanted\n",
+    )
+    .unwrap();
+    let done = ok_json(&reentry(&["repo", "copy", "--to", &to]));
+    assert_eq!(done["packed"][0], id.as_str(), "{done}");
+    let index: Value =
+        serde_json::from_slice(&s.get(&format!("backup/{id}/files.json")).unwrap().unwrap())
+            .unwrap();
+    let wal: Vec<&Value> = index["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["kind"] == "file" && e["path"].as_str().unwrap().starts_with("pg_wal/"))
+        .collect();
+    assert_eq!(wal, Vec::<&Value>::new(), "pg_wal/ was packed");
+    let dir = c.root().join("from-copy");
+    let mut cmd = s3_at(
+        &c,
+        &name,
+        &["restore", "--latest", "--to", dir.to_str().unwrap()],
+    );
+    cmd.env("REENTRY_VERIFY_KEYS", &verify);
+    let r = Restored::from_output(&c, dir, &cmd.output().unwrap());
+    assert_eq!(r.manifest["backup_id"], id.as_str());
+    assert_eq!(r.count("t"), 250000);
 }
 
 #[test]
