@@ -98,6 +98,7 @@ impl Error {
             Error::Pg(e) => pg_exit(e),
             Error::Catalog(backup::catalog::CatalogError::NotARepository { .. }) => Exit::Refused,
             Error::Catalog(backup::catalog::CatalogError::Archive(e)) => e.exit(),
+            Error::Catalog(backup::catalog::CatalogError::Repo(e)) => repo_exit(e),
             Error::Catalog(backup::catalog::CatalogError::Pg(e)) => pg_exit(e),
             Error::Restore(e) => restore_exit(e),
             Error::Drill(backup::drill::DrillError::Restore(e)) => restore_exit(e),
@@ -134,7 +135,9 @@ fn repo_exit(e: &backup::repo::RepoError) -> Exit {
     match e {
         backup::repo::RepoError::UnknownBackup { .. } => Exit::Usage,
         backup::repo::RepoError::BackupExists { .. }
-        | backup::repo::RepoError::Untrusted { .. } => Exit::Refused,
+        | backup::repo::RepoError::Untrusted { .. }
+        | backup::repo::RepoError::NotVouched { .. }
+        | backup::repo::RepoError::Unvouched { .. } => Exit::Refused,
         backup::repo::RepoError::BadBackupId { .. } => Exit::Usage,
         backup::repo::RepoError::NeedVerifyKey { .. } => Exit::Config,
         backup::repo::RepoError::Archive(e) => e.exit(),

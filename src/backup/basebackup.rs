@@ -378,7 +378,7 @@ fn copy_and_settle(
     };
     let data = match &scratch {
         Some(s) => s.path().join("data"),
-        None => repo.backup_data(&label.id)?.expect("a local repository"),
+        None => repo.backup_dir(&label.id)?.join("data"),
     };
     let mut cmd = opts.pg_bin.command("pg_basebackup");
     cmd.arg("-D")
@@ -410,12 +410,18 @@ fn copy_and_settle(
         None => None,
     };
     // A packed parent (on object storage, or copied from there) lends its
-    // manifest through a scratch file.
+    // manifest through a scratch file; so does a signed plain one, the
+    // manifest its label vouches for, as read once: the repository's file
+    // may have changed since.
     let mut parent_scratch = None;
     if let Some(p) = parent {
-        let manifest = match repo.backup_data(&p.id)? {
-            Some(d) => d.join("backup_manifest"),
-            None => {
+        let plain = repo.plain_backup(p)?;
+        let manifest = match &plain {
+            Some(crate::backup::repo::PlainBackup {
+                data,
+                vouched: None,
+            }) => data.join("backup_manifest"),
+            _ => {
                 let s: &ScratchDir = parent_scratch.insert(
                     ScratchDir::new("reentry-parent").map_err(crate::backup::repo::io_err(
                         "create a scratch directory in",
@@ -423,7 +429,13 @@ fn copy_and_settle(
                     ))?,
                 );
                 let m = s.path().join("backup_manifest");
-                packed::fetch_manifest(repo.store(), p, &m, repo.keys())?;
+                match &plain {
+                    Some(crate::backup::repo::PlainBackup {
+                        vouched: Some(v), ..
+                    }) => std::fs::write(&m, v.bytes())
+                        .map_err(crate::backup::repo::io_err("write", &m))?,
+                    _ => packed::fetch_manifest(repo.store(), p, &m, repo.keys())?,
+                }
                 m
             }
         };
@@ -457,6 +469,9 @@ fn copy_and_settle(
             repo.store(),
             &label.id,
             &data,
+            // Written just now by pg_basebackup, in a private scratch
+            // directory.
+            None,
             Form {
                 compression: Compression::Zstd,
                 level: opts.level,
@@ -470,6 +485,16 @@ fn copy_and_settle(
         label.encryption = repo.keys().to.as_ref().map(|r| r.describe());
         label.objects = up.objects;
     } else {
+        // A plain backup's manifest, as its (signed) label vouches for it:
+        // `Repo::plain_backup` refuses any other, and restore and copy
+        // check each file against it as they read it (vouched.rs).
+        let manifest = data.join(packed::MANIFEST_FILE);
+        let bytes =
+            std::fs::read(&manifest).map_err(crate::backup::repo::io_err("read", &manifest))?;
+        label.objects = std::collections::BTreeMap::from([(
+            packed::MANIFEST_FILE.to_owned(),
+            crate::backup::stored::Checksum::of(crate::backup::stored::Algorithm::Sha256, &bytes),
+        )]);
         repo.save_label(label)?;
     }
     wait_for_wal(repo, label, opts.archive_timeout)?;

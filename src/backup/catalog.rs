@@ -3,7 +3,7 @@
 
 use crate::backup::archive::ArchiveError;
 use crate::backup::label::{BackupLabel, BackupType};
-use crate::backup::repo::{Repo, BACKUP_DIR};
+use crate::backup::repo::{Repo, RepoError, BACKUP_DIR};
 use crate::pg::conn::{Db, PgError};
 
 pub const SCHEMA: &str = include_str!("../../sql/backup_catalog.sql");
@@ -20,6 +20,8 @@ pub enum CatalogError {
     Archive(#[from] ArchiveError),
     #[error(transparent)]
     Pg(#[from] PgError),
+    #[error(transparent)]
+    Repo(#[from] RepoError),
 }
 
 /// What a sync did.
@@ -31,6 +33,12 @@ pub struct Synced {
     /// copy's, `repo copy`, with the same ids): the backup id and where
     /// the row points. Left as they are: a row names one place.
     pub elsewhere: Vec<(String, String)>,
+    /// Backups whose files their label does not vouch for (a plain
+    /// directory changed or planted, or a signed label that records no
+    /// manifest checksum): the backup id and why. No row: restore would
+    /// refuse them, and the table lists what can be restored; a row a
+    /// sync wrote before goes.
+    pub refused: Vec<(String, String)>,
 }
 
 /// Upserts every usable backup and deletes rows of this repository's
@@ -66,12 +74,17 @@ pub fn sync(repo: &Repo, labels: &[BackupLabel], conninfo: &str) -> Result<Synce
     let usable: Vec<&BackupLabel> = labels.iter().filter(|l| l.is_usable()).collect();
     for l in &usable {
         // The labels checked out (`Repo::label`): their ids are well formed.
-        let (storage, manifest) = match repo.backup_data(&l.id).ok().flatten() {
-            Some(data) => (
+        let (storage, manifest) = match repo.backup_data(l) {
+            Ok(Some(data)) => (
                 format!("file://{}", data.display()),
                 format!("file://{}", data.join("backup_manifest").display()),
             ),
-            None => {
+            Err(e) if e.refuses_files() => {
+                synced.refused.push((l.id.clone(), e.to_string()));
+                continue;
+            }
+            Err(e) => return Err(e.into()),
+            Ok(None) => {
                 let dir = format!("{}/{}", repo.location(), Repo::backup_key(&l.id, ""));
                 let manifest = format!("{dir}{}", crate::backup::packed::MANIFEST_FILE);
                 (dir, manifest)
@@ -114,7 +127,11 @@ pub fn sync(repo: &Repo, labels: &[BackupLabel], conninfo: &str) -> Result<Synce
             synced.written += 1;
         }
     }
-    let ids: Vec<String> = usable.iter().map(|l| l.id.clone()).collect();
+    let ids: Vec<String> = usable
+        .iter()
+        .filter(|l| synced.refused.iter().all(|(id, _)| *id != l.id))
+        .map(|l| l.id.clone())
+        .collect();
     db.query(
         "delete expired rows from backup_catalog",
         "DELETE FROM backup_catalog WHERE NOT backup_id = ANY($1)

@@ -18,7 +18,8 @@
 //! Each run is recorded in the source (`copies/<destination>.json`), which
 //! `status` reads to show how far the copy is behind.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
@@ -28,8 +29,9 @@ use crate::backup::basebackup::now_rfc3339;
 use crate::backup::label::LABEL_FILE;
 use crate::backup::packed::{self, PackError};
 use crate::backup::parts::{self, Manifest};
-use crate::backup::repo::{Repo, BACKUP_DIR, RESTORE_POINTS_DIR, RESTORE_POINTS_FILE};
+use crate::backup::repo::{Repo, RepoError, BACKUP_DIR, RESTORE_POINTS_DIR, RESTORE_POINTS_FILE};
 use crate::backup::stored::{self, Algorithm, Checksum, Compression, Form};
+use crate::backup::vouched::Vouched;
 use crate::fsutil::TEMP_PREFIX;
 use crate::progress::Progress;
 use crate::reentry::steps::pause_point;
@@ -108,6 +110,13 @@ fn backup_of(key: &str) -> Option<&str> {
         .next()
 }
 
+/// The backup `key` is in the data directory of, and its path there.
+fn data_path(key: &str) -> Option<(&str, PathBuf)> {
+    let id = backup_of(key)?;
+    let rel = key.strip_prefix(&Repo::backup_key(id, "data/"))?;
+    Some((id, PathBuf::from(rel)))
+}
+
 pub fn record_key(to: &str) -> String {
     let name: String = to
         .chars()
@@ -153,6 +162,8 @@ pub fn copy(
     let mut objects = Vec::new();
     let mut labels = Vec::new();
     let mut to_pack = Vec::new();
+    // The files of each local backup's data directory, and their sizes.
+    let mut data_files: BTreeMap<String, Vec<(PathBuf, u64)>> = BTreeMap::new();
     for o in src.list("")? {
         let name = o.key.rsplit('/').next().unwrap_or_default();
         if name.starts_with(TEMP_PREFIX)
@@ -174,6 +185,12 @@ pub fn copy(
                 // The backup is there whole.
                 continue;
             }
+            if let Some(rel) = o.key.strip_prefix(&Repo::backup_key(id, "data/")) {
+                data_files
+                    .entry(id.clone())
+                    .or_default()
+                    .push((PathBuf::from(rel), o.size));
+            }
             if pack && o.key.starts_with(&Repo::backup_key(id, "data/")) {
                 if !to_pack.contains(id) {
                     to_pack.push(id.clone());
@@ -188,7 +205,7 @@ pub fn copy(
     // Labels only of backups that are complete at the source, and that
     // check out there: a planted one is named, never spread.
     let mut ready = Vec::new();
-    let mut trusted = std::collections::BTreeMap::new();
+    let mut trusted = BTreeMap::new();
     for l in labels {
         let id = backup_of(&l.key).unwrap_or_default().to_owned();
         match from.trusted_label(&id) {
@@ -209,6 +226,42 @@ pub fn copy(
         }
     }
     to_pack.retain(|id| ready.iter().any(|l| backup_of(&l.key) == Some(id)));
+    // A local backup's data is what its label says: a plain directory
+    // beside a packed backup's label, or a manifest it does not record,
+    // stops the copy before anything is sent (or packed and signed anew).
+    // A signed plain backup's manifest is read once, here: each of its
+    // files is checked against it in the read that packs or sends it
+    // (vouched.rs), and its pg_wal/ stays behind, as restore leaves it.
+    let mut plains = BTreeMap::new();
+    if from.local_root().is_some() {
+        for (id, label) in &trusted {
+            if let Some(p) = from.plain_backup(label)? {
+                plains.insert(id.clone(), p);
+            }
+        }
+    }
+    // Sent as they are (to a local directory): no file the manifest does
+    // not list, none it lists missing, before anything is sent.
+    let checked: BTreeMap<&str, &Vouched> = plains
+        .iter()
+        .filter(|(id, _)| !to_pack.contains(*id))
+        .filter_map(|(id, p)| Some((id.as_str(), p.vouched.as_ref()?)))
+        .collect();
+    for (id, v) in &checked {
+        let mut seen = BTreeSet::new();
+        for (rel, size) in data_files.get(*id).into_iter().flatten() {
+            if Vouched::left_out(rel) || rel == Path::new(packed::MANIFEST_FILE) {
+                continue;
+            }
+            v.size(rel, *size).map_err(RepoError::from)?;
+            seen.insert(rel.clone());
+        }
+        v.all_present(&seen).map_err(RepoError::from)?;
+    }
+    objects.retain(|o| {
+        !data_path(&o.key)
+            .is_some_and(|(id, rel)| checked.contains_key(id) && Vouched::left_out(&rel))
+    });
     // Nothing of a backup still being taken, or left by one that died.
     let copying = |id: &str| ready.iter().any(|l| backup_of(&l.key) == Some(id));
     objects.retain(|o| backup_of(&o.key).is_none_or(|id| labelled(id) || copying(id)));
@@ -247,6 +300,10 @@ pub fn copy(
             // Gone since the listing (expired): nothing to copy.
             return Ok(());
         };
+        if let Some((v, rel)) = data_path(key).and_then(|(id, rel)| Some((*checked.get(id)?, rel)))
+        {
+            v.check_whole(&rel, &body).map_err(RepoError::from)?;
+        }
         if is_stored(key) {
             // A manifest of parts is checked as one; its parts, which went
             // before it, each as a stored file.
@@ -339,8 +396,18 @@ pub fn copy(
             for o in dst.list(&Repo::backup_key(id, ""))? {
                 dst.delete(&o.key)?;
             }
-            let data = from.backup_data(id)?.expect("a local backup");
-            let up = packed::upload(dst, id, &data, form, to.keys(), jobs, progress)?;
+            let plain = &plains[id];
+            let up = packed::upload(
+                dst,
+                id,
+                &plain.data,
+                plain.vouched.as_ref(),
+                form,
+                to.keys(),
+                jobs,
+                progress,
+            )
+            .map_err(|e| refused(dst, id, e))?;
             report.bytes += up.index.stored_bytes();
             report.packed.push(id.to_owned());
             let label = trusted.get_mut(id).expect("a ready backup's label");
@@ -351,7 +418,8 @@ pub fn copy(
                 .iter()
                 .filter(|o| backup_of(&o.key) == Some(id))
                 .collect();
-            packed::parallel(mine.len(), jobs, |i| send(&mine[i].key))?;
+            packed::parallel(mine.len(), jobs, |i| send(&mine[i].key))
+                .map_err(|e| refused(dst, id, e))?;
         }
         if std::mem::take(&mut first_label) {
             pause_point("copy", "labels");
@@ -400,6 +468,23 @@ pub fn copy(
     text.push(b'\n');
     src.put(&record_key(&dst.location()), &text)?;
     Ok(report)
+}
+
+/// A refusal of backup `id`'s files (vouched.rs) removes what of the
+/// backup reached `dst`: without its label none of it is of use, and
+/// nothing of a refused backup is left to be taken for one.
+fn refused(dst: &dyn Store, id: &str, e: PackError) -> CopyError {
+    match e {
+        PackError::Repo(e) if e.refuses_files() => {
+            if let Ok(objects) = dst.list(&Repo::backup_key(id, "")) {
+                for o in objects {
+                    let _ = dst.delete(&o.key);
+                }
+            }
+            CopyError::Repo(e)
+        }
+        e => e.into(),
+    }
 }
 
 /// The copies recorded in `repo`, newest run of each destination.

@@ -14,7 +14,7 @@ use crate::backup::label::{BackupLabel, BackupStatus, BackupType};
 use crate::backup::packed;
 use crate::backup::repo::{io_err, Refused, Repo, RepoError, BACKUP_DIR};
 use crate::fsutil;
-use crate::pg::wal::WalFileName;
+use crate::pg::wal::{SegmentName, WalFileName};
 
 #[derive(Debug, Clone, Default)]
 pub struct Policy {
@@ -70,10 +70,28 @@ pub struct ExpirePlan {
     /// On object storage: objects of backups that never got their label,
     /// or lost it to an expire that died; deleted with the plan.
     pub abandoned: Vec<Abandoned>,
-    /// Labels no verify key vouches for: not written by the backup host.
-    /// Left alone: neither deleted nor counted, their WAL not kept for them.
+    /// Labels no verify key vouches for: not written by the backup host
+    /// as far as this host can tell (or written before it signed labels).
+    /// Left alone: neither deleted nor counted; their WAL is kept
+    /// (`ignored_wal`).
     pub ignored: Vec<Refused>,
+    /// The WAL kept for each ignored label: from the first segment it
+    /// needs on. Not vouched for, but deleting WAL cannot be undone, and
+    /// it may be a genuine backup's taken before labels were signed; a
+    /// planted label can only make expire keep more, never delete more.
+    pub ignored_wal: Vec<IgnoredWal>,
     pub applied: bool,
+}
+
+/// The WAL kept for a label that is ignored.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct IgnoredWal {
+    /// Where the label is.
+    pub key: String,
+    /// The first segment its backup needs: it and every later one are
+    /// kept. None when its text does not read as a label at all: no
+    /// reentry could restore it.
+    pub kept_from: Option<String>,
 }
 
 /// A backup's objects without its label: invisible to every command, and
@@ -349,6 +367,7 @@ pub fn plan(
     Ok(ExpirePlan {
         abandoned: Vec::new(),
         ignored: Vec::new(),
+        ignored_wal: Vec::new(),
         keep,
         expire,
         expire_wal,
@@ -431,7 +450,7 @@ pub fn plan_for(repo: &Repo, policy: &Policy) -> Result<ExpirePlan, ExpireError>
     }
     for r in &ignored {
         tracing::warn!(repo = %repo.location(), label = %r.key, problem = %r.problem,
-            "backup label ignored: no verify key vouches for it; not counted, not deleted; a person must look");
+            "backup label ignored: no verify key vouches for it; not counted, not deleted, its WAL kept; a person must look");
     }
     let mut p = plan(
         &survey.labels,
@@ -440,6 +459,7 @@ pub fn plan_for(repo: &Repo, policy: &Policy) -> Result<ExpirePlan, ExpireError>
         policy,
         now,
     )?;
+    keep_wal_of_ignored(repo, &mut p, &ignored, seg_size);
     p.ignored = ignored;
     let protection = repo.store().protection().map_err(RepoError::from)?;
     if repo.local_root().is_none() {
@@ -499,6 +519,58 @@ pub fn plan_for(repo: &Repo, policy: &Policy) -> Result<ExpirePlan, ExpireError>
     }
     p.protection = Some(protection);
     Ok(p)
+}
+
+/// Keeps the WAL each ignored label needs: every segment from its start
+/// on (whatever the timeline: more is kept, never less). Its text is
+/// read as a label, unvouched, only for where its WAL starts.
+fn keep_wal_of_ignored(repo: &Repo, p: &mut ExpirePlan, ignored: &[Refused], seg_size: u32) {
+    let mut floor: Option<SegmentName> = None;
+    for r in ignored {
+        let start = repo.unvouched_label(&r.key).and_then(|l| {
+            let ranges = l.wal_ranges.iter().map(|w| (w.timeline, w.start_lsn));
+            let start = l.timeline.zip(l.start_lsn);
+            ranges
+                .chain(start)
+                .map(|(tli, lsn)| SegmentName::from_segno(tli, lsn.segno(seg_size), seg_size))
+                .min_by_key(|s| s.segno(seg_size))
+        });
+        if let Some(s) = start {
+            if floor.is_none_or(|f| s.segno(seg_size) < f.segno(seg_size)) {
+                floor = Some(s);
+            }
+        }
+        p.ignored_wal.push(IgnoredWal {
+            key: r.key.clone(),
+            kept_from: start.map(|s| s.to_string()),
+        });
+    }
+    let Some(floor) = floor else { return };
+    let n = floor.segno(seg_size);
+    p.expire_wal.retain(|name| {
+        let Ok(w) = WalFileName::parse(name) else {
+            return false;
+        };
+        let s = w.segment_with_header().or(match w {
+            WalFileName::Backup(s, _) => Some(s),
+            _ => None,
+        });
+        s.is_some_and(|s| s.segno(seg_size) < n)
+    });
+    let lower = p.wal_kept_from.as_deref().and_then(|k| {
+        let k = WalFileName::parse(k).ok()?.segment_with_header()?;
+        Some(k.segno(seg_size) > n)
+    });
+    if !lower.unwrap_or(true) {
+        return;
+    }
+    p.wal_kept_from = Some(floor.to_string());
+    p.wal_rule = format!(
+        "{}; none from {floor} on, the start of the oldest ignored label's WAL: it is not \
+         vouched for, but deleting WAL cannot be undone (a planted label can only make \
+         expire keep more, never delete more)",
+        p.wal_rule
+    );
 }
 
 /// On object storage, the backups whose objects have no label and none

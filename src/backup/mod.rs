@@ -18,4 +18,5 @@ pub mod restore_point;
 pub mod status;
 pub mod stored;
 pub mod verify;
+pub mod vouched;
 pub mod walchain;

@@ -33,13 +33,15 @@ use std::io::{self, Read, Seek, SeekFrom};
 use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::Mutex;
+use std::sync::{Condvar, Mutex};
 
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 
 use crate::backup::label::BackupLabel;
 use crate::backup::repo::{Repo, RepoError};
 use crate::backup::stored::{self, Algorithm, Checksum, Compression, Form, ReadError};
+use crate::backup::vouched::Vouched;
 use crate::crypt::{CryptError, Identities, Keys};
 use crate::progress::Progress;
 use crate::storage::{Put, Store, StoreError};
@@ -278,15 +280,92 @@ pub fn piece_key(id: &str, piece: usize) -> String {
 /// What one piece is made of: byte ranges of files, in order.
 #[derive(Debug, Default)]
 struct Plan {
-    ranges: Vec<(PathBuf, u64, u64)>,
+    ranges: Vec<Range>,
     len: u64,
 }
 
+/// `len` bytes at `offset` of the file at `path`, or of the vouched
+/// manifest held in memory; with `check`, the file's index in the
+/// `Checks` that hash it.
+#[derive(Debug)]
+struct Range {
+    path: PathBuf,
+    offset: u64,
+    len: u64,
+    manifest: bool,
+    check: Option<usize>,
+}
+
+/// The files of a signed plain backup, each hashed as the pieces that
+/// hold it read it, and checked against the vouched manifest once all of
+/// it is read. A file larger than a piece is read by several pieces, on
+/// any thread: its parts are hashed in order, each waiting for the one
+/// before it. That one is in the piece before, which `parallel` handed
+/// out first, and which only ever waits for the piece before it in turn.
+struct Checks<'a> {
+    vouched: &'a Vouched,
+    files: Vec<FileHash>,
+    /// A piece failed: no part before a waiting one may come.
+    stopped: AtomicBool,
+}
+
+struct FileHash {
+    rel: PathBuf,
+    size: u64,
+    /// The hash so far, and how many bytes it has taken.
+    state: Mutex<(Sha256, u64)>,
+    turn: Condvar,
+}
+
+impl Checks<'_> {
+    /// Hashes `bytes`, read at `offset` of file `i`, once what comes
+    /// before them is hashed; with its last byte, the file is checked.
+    fn feed(&self, i: usize, offset: u64, bytes: &[u8]) -> Result<(), PackError> {
+        let f = &self.files[i];
+        let mut state = f.state.lock().expect("no panic holding it");
+        while state.1 != offset {
+            if self.stopped.load(Ordering::Relaxed) {
+                return Err(PackError::Io {
+                    op: "pack",
+                    path: f.rel.clone(),
+                    source: io::Error::other("stopped: another piece failed"),
+                });
+            }
+            state = f
+                .turn
+                .wait_timeout(state, std::time::Duration::from_millis(100))
+                .expect("no panic holding it")
+                .0;
+        }
+        state.0.update(bytes);
+        state.1 += bytes.len() as u64;
+        let whole = (state.1 == f.size).then(|| std::mem::take(&mut state.0).finalize());
+        drop(state);
+        f.turn.notify_all();
+        if let Some(digest) = whole {
+            self.vouched
+                .check(&f.rel, f.size, &digest)
+                .map_err(RepoError::from)?;
+        }
+        Ok(())
+    }
+}
+
 /// Walks `dir` and lays its files out in pieces: small files end to end
-/// until a piece is full, a large file in parts of `PIECE` bytes.
-fn lay_out(dir: &Path) -> Result<(Vec<Entry>, Vec<Plan>), PackError> {
+/// until a piece is full, a large file in parts of `PIECE` bytes. With
+/// `vouched` (a signed plain backup), no file of `pg_wal/` is packed,
+/// the manifest is the one vouched for, and every other file must be one
+/// it lists, of the size it lists (the content is checked as it is
+/// packed, `Checks`); one it lists must not be missing.
+fn lay_out<'v>(dir: &Path, vouched: Option<&'v Vouched>) -> Result<Layout<'v>, PackError> {
     let mut entries = Vec::new();
     let mut plans: Vec<Plan> = vec![Plan::default()];
+    let mut checks = vouched.map(|v| Checks {
+        vouched: v,
+        files: Vec::new(),
+        stopped: AtomicBool::new(false),
+    });
+    let mut seen = std::collections::BTreeSet::new();
     let mut stack = vec![PathBuf::new()];
     while let Some(rel) = stack.pop() {
         let abs = dir.join(&rel);
@@ -304,6 +383,17 @@ fn lay_out(dir: &Path) -> Result<(Vec<Entry>, Vec<Plan>), PackError> {
             let mode = meta.permissions().mode() & 0o7777;
             if meta.file_type().is_symlink() {
                 let target = fs::read_link(&abs).map_err(io_err("read", &abs))?;
+                if vouched.is_some() {
+                    return Err(RepoError::NotVouched {
+                        location: abs.display().to_string(),
+                        detail: format!(
+                            "it is a link (to {}), and a signed backup's manifest vouches for \
+                             files only",
+                            target.display()
+                        ),
+                    }
+                    .into());
+                }
                 entries.push(Entry::Link {
                     path: shown,
                     target: target.to_string_lossy().into_owned(),
@@ -312,7 +402,32 @@ fn lay_out(dir: &Path) -> Result<(Vec<Entry>, Vec<Plan>), PackError> {
                 entries.push(Entry::Dir { path: shown, mode });
                 subdirs.push(path);
             } else {
-                let size = meta.len();
+                let mut size = meta.len();
+                let manifest = vouched.is_some() && path == Path::new(MANIFEST_FILE);
+                let mut check = None;
+                if let (Some(v), Some(c)) = (vouched, checks.as_mut()) {
+                    if Vouched::left_out(&path) {
+                        continue;
+                    }
+                    if manifest {
+                        size = v.bytes().len() as u64;
+                    } else {
+                        v.size(&path, size).map_err(RepoError::from)?;
+                        seen.insert(path.clone());
+                        if size == 0 {
+                            v.check(&path, 0, &Sha256::digest(b""))
+                                .map_err(RepoError::from)?;
+                        } else {
+                            check = Some(c.files.len());
+                            c.files.push(FileHash {
+                                rel: path.clone(),
+                                size,
+                                state: Mutex::new((Sha256::new(), 0)),
+                                turn: Condvar::new(),
+                            });
+                        }
+                    }
+                }
                 let mut parts = Vec::new();
                 let mut at = 0;
                 while at < size {
@@ -332,7 +447,13 @@ fn lay_out(dir: &Path) -> Result<(Vec<Entry>, Vec<Plan>), PackError> {
                         offset: last.len,
                         len,
                     });
-                    last.ranges.push((abs.clone(), at, len));
+                    last.ranges.push(Range {
+                        path: abs.clone(),
+                        offset: at,
+                        len,
+                        manifest,
+                        check,
+                    });
                     last.len += len;
                     at += len;
                 }
@@ -347,10 +468,32 @@ fn lay_out(dir: &Path) -> Result<(Vec<Entry>, Vec<Plan>), PackError> {
         // Depth first, in name order.
         stack.extend(subdirs.into_iter().rev());
     }
+    if let Some(v) = vouched {
+        v.all_present(&seen).map_err(RepoError::from)?;
+        if !entries.iter().any(|e| e.path() == MANIFEST_FILE) {
+            return Err(RepoError::from(crate::backup::vouched::Mismatch {
+                location: dir.join(MANIFEST_FILE),
+                detail: "it is missing, and the backup's signed label vouches for it".into(),
+            })
+            .into());
+        }
+    }
     if plans.last().is_some_and(|p| p.ranges.is_empty()) {
         plans.pop();
     }
-    Ok((entries, plans))
+    Ok(Layout {
+        entries,
+        plans,
+        checks,
+    })
+}
+
+/// What `lay_out` found: the index's entries, the pieces, and with a
+/// vouched manifest the files' checks.
+struct Layout<'v> {
+    entries: Vec<Entry>,
+    plans: Vec<Plan>,
+    checks: Option<Checks<'v>>,
 }
 
 /// Runs `work(i)` for every i below `n` on `jobs` threads; the first error
@@ -409,33 +552,49 @@ pub struct Uploaded {
 }
 
 /// Packs directory `dir` (a backup pg_basebackup wrote) into backup `id`'s
-/// objects and writes its index and its manifest.
+/// objects and writes its index and its manifest. With `vouched` (a
+/// signed plain backup's manifest), each file is checked against it in
+/// the read that packs it, and the first that differs, or that it does
+/// not list, stops the upload before the index is written (see
+/// `lay_out`): the caller removes what was written.
+#[allow(clippy::too_many_arguments)]
 pub fn upload(
     store: &dyn Store,
     id: &str,
     dir: &Path,
+    vouched: Option<&Vouched>,
     form: Form,
     keys: &Keys,
     jobs: usize,
     progress: &dyn Progress,
 ) -> Result<Uploaded, PackError> {
     let to = keys.to.as_ref();
-    let (entries, plans) = lay_out(dir)?;
+    let Layout {
+        entries,
+        plans,
+        checks,
+    } = lay_out(dir, vouched)?;
     let total: u64 = plans.iter().map(|p| p.len).sum();
     progress.stage("uploading", Some(total));
     let done = AtomicU64::new(0);
-    let pieces = parallel(plans.len(), jobs, |i| {
+    let pack = |i: usize| -> Result<Piece, PackError> {
         let plan = &plans[i];
         let mut raw = Vec::with_capacity(plan.len as usize);
-        for (path, offset, len) in &plan.ranges {
-            let mut f = File::open(path).map_err(io_err("read", path))?;
-            f.seek(SeekFrom::Start(*offset))
-                .map_err(io_err("read", path))?;
+        for r in &plan.ranges {
+            let (path, offset, len) = (&r.path, r.offset, r.len);
             let before = raw.len();
-            f.take(*len)
-                .read_to_end(&mut raw)
-                .map_err(io_err("read", path))?;
-            if (raw.len() - before) as u64 != *len {
+            if r.manifest {
+                let bytes = vouched.expect("a manifest range is vouched for").bytes();
+                raw.extend_from_slice(&bytes[offset as usize..(offset + len) as usize]);
+            } else {
+                let mut f = File::open(path).map_err(io_err("read", path))?;
+                f.seek(SeekFrom::Start(offset))
+                    .map_err(io_err("read", path))?;
+                f.take(len)
+                    .read_to_end(&mut raw)
+                    .map_err(io_err("read", path))?;
+            }
+            if (raw.len() - before) as u64 != len {
                 return Err(PackError::Io {
                     op: "read",
                     path: path.clone(),
@@ -444,6 +603,10 @@ pub fn upload(
                         "the file shrank while it was packed",
                     ),
                 });
+            }
+            // What is packed is what is hashed: one read.
+            if let (Some(c), Some(checks)) = (r.check, &checks) {
+                checks.feed(c, offset, &raw[before..])?;
             }
         }
         let (body, header) = stored::encode_sealed(&raw, &mut io::empty(), form, to)
@@ -461,6 +624,13 @@ pub fn upload(
             stored_len: body.len() as u64,
             checksum: header.checksum,
         })
+    };
+    let pieces = parallel(plans.len(), jobs, |i| {
+        let r = pack(i);
+        if let (Err(_), Some(c)) = (&r, &checks) {
+            c.stopped.store(true, Ordering::Relaxed);
+        }
+        r
     })?;
     progress.finish();
     let index = Index {
@@ -473,9 +643,13 @@ pub fn upload(
     text.push(b'\n');
     put_new(store, &Repo::backup_key(id, INDEX_FILE), &text)?;
     let manifest = dir.join(MANIFEST_FILE);
-    let mut f = File::open(&manifest).map_err(io_err("read", &manifest))?;
-    let (body, _) =
-        stored::encode_sealed(&[], &mut f, form, to).map_err(io_err("read", &manifest))?;
+    let (body, _) = match vouched {
+        Some(v) => stored::encode_sealed(v.bytes(), &mut io::empty(), form, to),
+        None => {
+            File::open(&manifest).and_then(|mut f| stored::encode_sealed(&[], &mut f, form, to))
+        }
+    }
+    .map_err(io_err("read", &manifest))?;
     put_new(store, &Repo::backup_key(id, MANIFEST_FILE), &body)?;
     let objects = BTreeMap::from([
         (
@@ -1042,7 +1216,7 @@ mod tests {
         fs::write(d.join("base/big"), vec![2u8; (PIECE * 2 + 5) as usize]).unwrap();
         fs::write(d.join("base/small"), vec![3u8; 10]).unwrap();
         std::os::unix::fs::symlink("/elsewhere", d.join("pg_tblspc")).unwrap();
-        let (entries, plans) = lay_out(d).unwrap();
+        let Layout { entries, plans, .. } = lay_out(d, None).unwrap();
         let sizes: Vec<u64> = plans.iter().map(|p| p.len).collect();
         // a (100) with the first PIECE-100 bytes of big, then the rest of
         // big, then its tail with small.

@@ -34,6 +34,7 @@ use sha2::Digest;
 
 use crate::backup::archive::Archive;
 use crate::backup::label::{self, is_backup_id, BackupLabel, LabelProblem, LABEL_FILE};
+use crate::backup::vouched::Vouched;
 use crate::crypt::Keys;
 use crate::fsutil;
 use crate::pg::lsn::Lsn;
@@ -76,10 +77,38 @@ pub enum RepoError {
          `reentry repo keygen` printed on the backup host"
     )]
     NeedVerifyKey { repo: String },
+    #[error(
+        "{location}: {detail}; refused: a person must look, as it may have been planted \
+         to be restored in place of the backup"
+    )]
+    NotVouched { location: String, detail: String },
+    #[error(
+        "{}: backup {id}'s signed label records no checksum of its backup_manifest (it was \
+         taken before reentry recorded one), so nothing vouches for the files beside it, and \
+         reentry neither restores nor copies it. Take a new full backup (`reentry backup`) and \
+         use that one. To judge this one by hand before you decide: `pg_verifybackup \
+         --no-parse-wal {}` checks the files its manifest lists, but not postgresql.auto.conf, \
+         pg_wal/ or *.signal, which a restore would use: compare those with the source yourself",
+        data.display(),
+        data.display()
+    )]
+    Unvouched { id: String, data: PathBuf },
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error(transparent)]
     Archive(#[from] Box<crate::backup::archive::ArchiveError>),
+}
+
+impl RepoError {
+    /// Whether it refuses a backup's files (`Repo::plain_backup`, and the
+    /// checks against a vouched manifest): a backup to leave out, not a
+    /// repository that cannot be read.
+    pub fn refuses_files(&self) -> bool {
+        matches!(
+            self,
+            RepoError::NotVouched { .. } | RepoError::Unvouched { .. }
+        )
+    }
 }
 
 pub fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> RepoError + 'a {
@@ -114,6 +143,15 @@ impl std::fmt::Display for Refused {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}: {}", self.key, self.problem)
     }
+}
+
+/// A local plain backup: its data directory, and with a signed label the
+/// manifest the label vouches for, read once.
+pub struct PlainBackup {
+    pub data: PathBuf,
+    /// None: the label is not signed, and nobody vouches for the files.
+    /// Some: every file used is checked against it as it is read.
+    pub vouched: Option<Vouched>,
 }
 
 /// Every label of a repository, those that check out apart from those
@@ -224,16 +262,85 @@ impl Repo {
     }
 
     /// A local backup's data directory, as pg_basebackup wrote it; none
-    /// on object storage, or for a packed backup copied from there.
-    pub fn backup_data(&self, id: &str) -> Result<Option<PathBuf>, RepoError> {
+    /// on object storage, or for a packed backup. See `plain_backup`.
+    pub fn backup_data(&self, label: &BackupLabel) -> Result<Option<PathBuf>, RepoError> {
+        Ok(self.plain_backup(label)?.map(|p| p.data))
+    }
+
+    /// A local plain backup, as its label has it; none on object storage,
+    /// or for a packed backup (encrypted, or copied from object storage).
+    /// The label decides which, not what is on disk: beside a label that
+    /// records a packed backup (its encryption, its stored bytes, or the
+    /// checksum of its `files.json`), a `data/` directory is refused, as
+    /// whoever can write into the repository may have put it there after
+    /// removing `files.json`. A plain backup's `backup_manifest` is read
+    /// once, and refused unless it is the one the label records; a signed
+    /// label's is kept (`PlainBackup::vouched`), to check each file against
+    /// as it is read (vouched.rs), and a signed label that records none is
+    /// refused. Only a label that is not signed, and records neither, is
+    /// judged by its directory: nobody vouches for it.
+    pub fn plain_backup(&self, label: &BackupLabel) -> Result<Option<PlainBackup>, RepoError> {
+        use crate::backup::packed::{INDEX_FILE, MANIFEST_FILE};
         if self.local.is_none() {
             return Ok(None);
         }
-        let dir = self.backup_dir(id)?;
-        if dir.join(crate::backup::packed::INDEX_FILE).exists() {
+        let dir = self.backup_dir(&label.id)?;
+        let data = dir.join("data");
+        let refuse = |location: &Path, detail: String| RepoError::NotVouched {
+            location: location.display().to_string(),
+            detail,
+        };
+        let packed = packed_by_label(label).or_else(|| {
+            (label.signature.is_none() && label.objects.is_empty() && dir.join(INDEX_FILE).exists())
+                .then(|| format!("its label, unsigned, records nothing of it, and a {INDEX_FILE} is beside it"))
+        });
+        if let Some(what) = packed {
+            if fs::symlink_metadata(&data).is_ok() {
+                return Err(refuse(
+                    &data,
+                    format!(
+                        "backup {} is packed ({what}), so a plain data directory beside it is \
+                         none of the backup's",
+                        label.id
+                    ),
+                ));
+            }
             return Ok(None);
         }
-        Ok(Some(dir.join("data")))
+        let manifest = data.join(MANIFEST_FILE);
+        let mut vouched = None;
+        match label.objects.get(MANIFEST_FILE) {
+            Some(want) => {
+                let bytes = match fs::read(&manifest) {
+                    Ok(b) => b,
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                        return Err(refuse(
+                            &manifest,
+                            "it is missing, and the label records its checksum".into(),
+                        ))
+                    }
+                    Err(e) => return Err(io_err("read", &manifest)(e)),
+                };
+                let got = crate::backup::stored::Checksum::of(want.algorithm, &bytes);
+                if got != *want {
+                    return Err(refuse(
+                        &manifest,
+                        format!("its checksum is {got}, and the label records {want}"),
+                    ));
+                }
+                if label.signature.is_some() {
+                    vouched = Some(Vouched::parse(&label.id, &data, bytes)?);
+                }
+            }
+            None if label.signature.is_some() => {
+                return Err(RepoError::Unvouched {
+                    id: label.id.clone(),
+                    data,
+                })
+            }
+            None => {}
+        }
+        Ok(Some(PlainBackup { data, vouched }))
     }
 
     /// Whether anything of backup `id` is stored.
@@ -454,6 +561,17 @@ impl Repo {
         Ok(label)
     }
 
+    /// The label at `key` (`backup/ID/backup.json`) read as it is, vouched
+    /// for by nobody: only for what expire keeps for a label it ignores.
+    /// None when it does not read as a label of its key.
+    pub fn unvouched_label(&self, key: &str) -> Option<BackupLabel> {
+        let id = key
+            .strip_prefix(&format!("{BACKUP_DIR}/"))?
+            .strip_suffix(&format!("/{LABEL_FILE}"))?;
+        let text = self.store.get(key).ok()??;
+        label::parse(id, &text).ok()
+    }
+
     /// Records the label, signed when this host has a signing key, and
     /// returns it as recorded. Locally it is rewritten as the backup goes;
     /// on object storage it is written once, when the backup has ended.
@@ -573,6 +691,23 @@ impl Repo {
                 Ok(())
             }
         }
+    }
+}
+
+/// Why `label` is of a packed backup, by what it records; none when it
+/// records nothing of one.
+pub fn packed_by_label(label: &BackupLabel) -> Option<String> {
+    use crate::backup::packed::INDEX_FILE;
+    if let Some(e) = &label.encryption {
+        Some(format!("its label records encryption, key id {}", e.key_id))
+    } else if label.objects.contains_key(INDEX_FILE) {
+        Some(format!(
+            "its label records the checksum of its {INDEX_FILE}"
+        ))
+    } else {
+        label
+            .stored_bytes
+            .map(|b| format!("its label records {b} bytes stored in objects"))
     }
 }
 

@@ -18,7 +18,8 @@ use crate::backup::basebackup::now_rfc3339;
 use crate::backup::fence::{self, FenceError};
 use crate::backup::label::BackupLabel;
 use crate::backup::packed::{self, PackError};
-use crate::backup::repo::{io_err, Repo, RepoError};
+use crate::backup::repo::{io_err, PlainBackup, Repo, RepoError};
+use crate::backup::vouched::{Mismatch, Vouched, MANIFEST_FILE as BACKUP_MANIFEST, WAL_DIR};
 use crate::backup::walchain::ChainIndex;
 use crate::fsutil::{self, ScratchDir};
 use crate::pg::conn::{Db, PgError};
@@ -455,13 +456,33 @@ pub fn last_commit_time(
 /// The NextXID of backup `id`'s checkpoint: from its pg_control, which on
 /// object storage is the one file downloaded.
 fn next_xid_of(repo: &Repo, pg_bin: &PgBin, label: &BackupLabel) -> Result<u32, RestoreError> {
-    if let Some(data) = repo.backup_data(&label.id)? {
-        return next_xid(pg_bin, &data);
+    let plain = repo.plain_backup(label)?;
+    if let Some(PlainBackup {
+        data,
+        vouched: None,
+    }) = &plain
+    {
+        return next_xid(pg_bin, data);
     }
     let scratch = ScratchDir::new("reentry-control").map_err(io_err(
         "create a scratch directory in",
         &std::env::temp_dir(),
     ))?;
+    if let Some(PlainBackup {
+        data,
+        vouched: Some(v),
+    }) = &plain
+    {
+        // Read once, checked, and read from the scratch copy alone.
+        let rel = Path::new("global/pg_control");
+        let bytes = fs::read(data.join(rel)).map_err(io_err("read", &data.join(rel)))?;
+        v.check_whole(rel, &bytes).map_err(RepoError::from)?;
+        let copy = scratch.path().join(rel);
+        fs::create_dir(scratch.path().join("global"))
+            .and_then(|()| fs::write(&copy, &bytes))
+            .map_err(io_err("write", &copy))?;
+        return next_xid(pg_bin, scratch.path());
+    }
     packed::materialise(
         repo.store(),
         label,
@@ -506,13 +527,20 @@ pub fn restore(repo: &Repo, opts: &RestoreOptions) -> Result<RestoreManifest, Re
     };
     let (chain, target) = plan(repo, opts)?;
     let backup = chain.last().expect("a chain has its backup").clone();
+    // Each backup's layout, as its label has it, and a signed plain one's
+    // manifest: read once, and every file is checked against it as it is
+    // copied out of the repository, never read from there again.
+    let plains: Vec<Option<PlainBackup>> = chain
+        .iter()
+        .map(|b| repo.plain_backup(b))
+        .collect::<Result<_, _>>()?;
     // A wrong or missing key fails before anything is written: every
     // backup of the chain, the first WAL segment it needs and the newest
     // one archived are read. Under restore_command a segment that cannot
     // be decrypted would look missing, and recovery would end early. An
     // index that would write outside the target is refused now too.
-    for b in &chain {
-        if repo.backup_data(&b.id)?.is_none() {
+    for (b, plain) in chain.iter().zip(&plains) {
+        if plain.is_none() {
             packed::manifest(repo.store(), b, repo.keys())?;
             packed::checked_index(repo.store(), b)?;
         }
@@ -520,8 +548,8 @@ pub fn restore(repo: &Repo, opts: &RestoreOptions) -> Result<RestoreManifest, Re
     // A backup of a cluster with tablespaces (taken before backups refused
     // them) links to the source's directories: restoring it would have the
     // copy write into production's files.
-    for b in &chain {
-        let Some(data) = repo.backup_data(&b.id)? else {
+    for (b, plain) in chain.iter().zip(&plains) {
+        let Some(PlainBackup { data, .. }) = plain else {
             continue;
         };
         let links: Vec<String> = match fs::read_dir(data.join("pg_tblspc")) {
@@ -543,7 +571,7 @@ pub fn restore(repo: &Repo, opts: &RestoreOptions) -> Result<RestoreManifest, Re
             });
         }
         // Nor any other link: configuring the copy would write through it.
-        fence::check_plain(&b.id, &data)?;
+        fence::check_plain(&b.id, data)?;
     }
     {
         let archive = repo.archive();
@@ -600,11 +628,17 @@ pub fn restore(repo: &Repo, opts: &RestoreOptions) -> Result<RestoreManifest, Re
         ));
     }
     let t = Instant::now();
-    match (chain.len(), repo.backup_data(&backup.id)?) {
-        (1, Some(data)) => {
+    let copied = |e: TreeError, into: &Path| -> RestoreError {
+        match e {
+            TreeError::Io(e) => io_err("copy the backup into", into)(e).into(),
+            TreeError::Refused(m) => RepoError::from(m).into(),
+        }
+    };
+    match (chain.len(), plains.last().expect("a chain has its backup")) {
+        (1, Some(plain)) => {
             // check_plain refused links before anything was copied;
             // copy_tree refuses them again, in case one appeared since.
-            copy_tree(&data, &to).map_err(io_err("copy the backup into", &to))?;
+            copy_tree(&plain.data, &to, plain.vouched.as_ref()).map_err(|e| copied(e, &to))?;
             durations.copy_seconds = t.elapsed().as_secs_f64();
         }
         (1, None) => {
@@ -621,21 +655,28 @@ pub fn restore(repo: &Repo, opts: &RestoreOptions) -> Result<RestoreManifest, Re
         }
         _ => {
             // A packed backup (on object storage, or copied from there) is
-            // downloaded beside the target first, and the chain combined
-            // there: a private directory, like the target.
-            let data: Vec<Option<PathBuf>> = chain
-                .iter()
-                .map(|b| repo.backup_data(&b.id))
-                .collect::<Result<_, _>>()?;
+            // downloaded beside the target first, and a signed plain one
+            // copied there, checked as it is copied; the chain is combined
+            // from there: a private directory, like the target.
             let scratch = ScratchDir::beside(&to)
                 .map_err(io_err("create a scratch directory beside", &to))?;
             let mut dirs = Vec::new();
-            for (b, data) in chain.iter().zip(data) {
-                dirs.push(match data {
-                    Some(d) => d,
+            for (b, plain) in chain.iter().zip(&plains) {
+                if let Some(PlainBackup {
+                    data,
+                    vouched: None,
+                }) = plain
+                {
+                    dirs.push(data.clone());
+                    continue;
+                }
+                let d = scratch.path().join(&b.id);
+                fsutil::create_private_dir_all(&d).map_err(io_err("create", &d))?;
+                match plain {
+                    Some(PlainBackup { data, vouched }) => {
+                        copy_tree(data, &d, vouched.as_ref()).map_err(|e| copied(e, &d))?
+                    }
                     None => {
-                        let d = scratch.path().join(&b.id);
-                        fsutil::create_private_dir_all(&d).map_err(io_err("create", &d))?;
                         packed::materialise(
                             repo.store(),
                             b,
@@ -645,9 +686,9 @@ pub fn restore(repo: &Repo, opts: &RestoreOptions) -> Result<RestoreManifest, Re
                             opts.jobs,
                             &*opts.progress,
                         )?;
-                        d
                     }
-                });
+                }
+                dirs.push(d);
             }
             durations.copy_seconds = t.elapsed().as_secs_f64();
             let t = Instant::now();
@@ -887,14 +928,43 @@ fn private_tree(dir: &Path) -> io::Result<()> {
     Ok(())
 }
 
-/// Copies a plain backup directory, file contents through copy_file_range,
-/// two files at a time (the machine's two cores keep two requests in
-/// flight). Every directory and file is created with its owner's
-/// permissions only, and nothing but directories and regular files is
-/// copied: a link would be followed by the writes that configure the copy.
-fn copy_tree(from: &Path, to: &Path) -> io::Result<()> {
+/// Why `copy_tree` stopped: an I/O error, or a file its vouched manifest
+/// refuses.
+enum TreeError {
+    Io(io::Error),
+    Refused(Mismatch),
+}
+
+impl From<io::Error> for TreeError {
+    fn from(e: io::Error) -> TreeError {
+        TreeError::Io(e)
+    }
+}
+
+impl From<Mismatch> for TreeError {
+    fn from(m: Mismatch) -> TreeError {
+        TreeError::Refused(m)
+    }
+}
+
+/// Copies a plain backup directory, two files at a time (the machine's
+/// two cores keep two requests in flight). Every directory and file is
+/// created with its owner's permissions only, and nothing but
+/// directories and regular files is copied: a link would be followed by
+/// the writes that configure the copy.
+///
+/// With `vouched` (a signed backup's manifest, see vouched.rs) each file
+/// is hashed as it is copied, and refused unless its size and SHA-256 are
+/// what the manifest lists; a file it does not list is refused before
+/// anything is copied, one it lists that is missing after. No file of
+/// `pg_wal/` is copied (recovery fetches WAL from the archive), and the
+/// manifest written is the one the label vouched for. What was copied
+/// stays for the caller to remove.
+fn copy_tree(from: &Path, to: &Path, vouched: Option<&Vouched>) -> Result<(), TreeError> {
+    use std::io::{Read, Write};
     use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
     let mut files = Vec::new();
+    let mut seen = std::collections::BTreeSet::new();
     let mut dirs = vec![(from.to_owned(), to.to_owned())];
     while let Some((src, dst)) = dirs.pop() {
         if dst != to {
@@ -910,49 +980,93 @@ fn copy_tree(from: &Path, to: &Path) -> io::Result<()> {
                 dirs.push((entry.path(), target));
             } else if kind.is_file() {
                 let meta = entry.metadata()?;
+                let path = entry.path();
+                let rel = path
+                    .strip_prefix(from)
+                    .expect("below the backup")
+                    .to_owned();
+                if let Some(v) = vouched {
+                    if Vouched::left_out(&rel) || rel == Path::new(BACKUP_MANIFEST) {
+                        continue;
+                    }
+                    v.size(&rel, meta.len())?;
+                    seen.insert(rel.clone());
+                }
                 files.push((
                     meta.len(),
                     meta.permissions().mode() & 0o700,
-                    entry.path(),
+                    path,
                     target,
+                    rel,
                 ));
             } else {
                 return Err(io::Error::other(format!(
                     "{} is not a directory or a regular file: a restore copies no link",
                     entry.path().display()
-                )));
+                ))
+                .into());
             }
         }
     }
-    let copy = |mode: u32, src: &Path, dst: &Path| -> io::Result<()> {
-        let mut r = fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(src)?;
-        let mut w = fs::OpenOptions::new()
+    if let Some(v) = vouched {
+        v.all_present(&seen)?;
+    }
+    let create = |mode: u32, dst: &Path| -> io::Result<fs::File> {
+        let w = fs::OpenOptions::new()
             .write(true)
             .create_new(true)
             .mode(mode)
             .custom_flags(libc::O_NOFOLLOW)
             .open(dst)?;
         w.set_permissions(fs::Permissions::from_mode(mode))?;
-        io::copy(&mut r, &mut w)?;
+        Ok(w)
+    };
+    let copy = |mode: u32, src: &Path, dst: &Path, rel: &Path| -> Result<(), TreeError> {
+        let mut r = fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(src)?;
+        let mut w = create(mode, dst)?;
+        let Some(v) = vouched else {
+            io::copy(&mut r, &mut w)?;
+            return Ok(());
+        };
+        // What is written is what was hashed: one read.
+        let mut reading = v.reading(rel);
+        let mut buf = vec![0; 1 << 20];
+        loop {
+            let n = match r.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e.into()),
+            };
+            reading.update(&buf[..n]);
+            w.write_all(&buf[..n])?;
+        }
+        reading.finish()?;
         Ok(())
     };
     // Largest first, so the two workers finish together.
     files.sort_by_key(|f| std::cmp::Reverse(f.0));
     let next = std::sync::atomic::AtomicUsize::new(0);
+    let failed = std::sync::atomic::AtomicBool::new(false);
     std::thread::scope(|s| {
         let workers: Vec<_> = (0..2)
             .map(|_| {
-                s.spawn(|| -> io::Result<()> {
-                    loop {
+                s.spawn(|| -> Result<(), TreeError> {
+                    // The first refusal stops the other worker too.
+                    while !failed.load(std::sync::atomic::Ordering::Relaxed) {
                         let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        let Some((_, mode, src, dst)) = files.get(i) else {
+                        let Some((_, mode, src, dst, rel)) = files.get(i) else {
                             return Ok(());
                         };
-                        copy(*mode, src, dst)?;
+                        if let Err(e) = copy(*mode, src, dst, rel) {
+                            failed.store(true, std::sync::atomic::Ordering::Relaxed);
+                            return Err(e);
+                        }
                     }
+                    Ok(())
                 })
             })
             .collect();
@@ -960,8 +1074,20 @@ fn copy_tree(from: &Path, to: &Path) -> io::Result<()> {
             .into_iter()
             .try_for_each(|w| w.join().expect("copy worker panicked"))
     })?;
+    if let Some(v) = vouched {
+        create(0o600, &to.join(BACKUP_MANIFEST))?.write_all(v.bytes())?;
+        // The server needs pg_wal/ and its archive_status/ (and makes the
+        // rest), whatever the repository held there.
+        for d in [to.join(WAL_DIR), to.join(WAL_DIR).join("archive_status")] {
+            match fs::DirBuilder::new().mode(0o700).create(&d) {
+                Err(e) if e.kind() != io::ErrorKind::AlreadyExists => return Err(e.into()),
+                _ => {}
+            }
+        }
+    }
     // One sync for the whole tree rather than one per file.
-    fsutil::sync_dir(to)
+    fsutil::sync_dir(to)?;
+    Ok(())
 }
 
 /// Where a restored copy can be reached.

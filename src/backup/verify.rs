@@ -113,7 +113,7 @@ fn verify_one(
     let segments = label.required_segments();
     // pg_verifybackup parses the WAL it is given; checked only against
     // the archive's checksums, the WAL is not fetched (nor decrypted).
-    let parse_wal = repo.backup_data(id)?.is_some() || opts.materialise;
+    let parse_wal = repo.backup_data(label)?.is_some() || opts.materialise;
     for seg in &segments {
         let name = WalFileName::Segment(*seg).to_string();
         let got = match parse_wal {
@@ -133,7 +133,7 @@ fn verify_one(
             Err(e) => return Err(e.into()),
         }
     }
-    let data = match repo.backup_data(id)? {
+    let data = match repo.backup_data(label)? {
         Some(d) => d,
         None => {
             let checked =

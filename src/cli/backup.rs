@@ -199,6 +199,10 @@ fn list(ctx: &Context, repo: &Repo, a: ListArgs) -> Result<Exit, Error> {
     }
     if let Some(conninfo) = &a.sync_catalog {
         let synced = catalog::sync(repo, &labels, conninfo)?;
+        for (id, why) in &synced.refused {
+            tracing::warn!(backup = %id, problem = %why,
+                "backup refused: backup_catalog has no row of it; a person must look");
+        }
         for (id, at) in &synced.elsewhere {
             tracing::warn!(backup = %id, row = %at,
                 "backup_catalog's row of this backup is another repository's (a copy's?): left as it is");
@@ -309,8 +313,24 @@ fn expire_cmd(ctx: &Context, repo: &Repo, a: ExpireArgs) -> Result<Exit, Error> 
         }
         for r in &plan.ignored {
             out.push_str(&format!(
-                "ignore  {r} (not written by the backup host: not counted, not deleted; a person must look)\n"
+                "ignore  {r} (no verify key vouches for it: not counted, not deleted, its WAL \
+                 kept; a person must look)\n"
             ));
+        }
+        for w in &plan.ignored_wal {
+            match &w.kept_from {
+                Some(from) => out.push_str(&format!(
+                    "keep    WAL from {from} on, for ignored label {}: not vouched for, but \
+                     deleting WAL cannot be undone, and it may be a backup taken before labels \
+                     were signed (a planted label can only make expire keep more, never \
+                     delete more)\n",
+                    w.key
+                )),
+                None => out.push_str(&format!(
+                    "keep    no WAL for ignored label {}: it does not read as a label\n",
+                    w.key
+                )),
+            }
         }
         for a in &plan.abandoned {
             let what = format!(

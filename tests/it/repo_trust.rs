@@ -317,3 +317,453 @@ fn with_a_verify_key_an_unsigned_label_is_ignored_by_expire_and_deletes_nothing_
         assert!(after.contains(f), "{f} was deleted");
     }
 }
+
+/// `reentry --repo REPO --json --verify-key KEY ARGS…` as the server user
+/// (restore refuses to run as root).
+fn as_server(c: &Cluster, repo: &Path, verify: &str, args: &[&str]) -> Output {
+    let mut all = vec!["--verify-key", verify];
+    all.extend_from_slice(args);
+    crate::common::restored::run(c, repo, &all)
+}
+
+/// Review #1, a plain local backup: its signed label records the SHA-256
+/// of its `backup_manifest`. A changed manifest is refused by restore,
+/// verify and copy, naming it, and a catalog sync records no row of the
+/// refused backup; a changed file that the manifest still lists as it was
+/// is refused by restore and by copy, in the read that copies it, naming
+/// the file. Nothing is restored or copied.
+#[test]
+fn a_signed_plain_backups_changed_manifest_or_file_is_refused() {
+    let (c, repo) = archiving(Version::V18, "", &[]);
+    c.client()
+        .batch_execute("CREATE TABLE t AS SELECT g AS id FROM generate_series(1, 1000) g")
+        .unwrap();
+    let (signing, verify) = crate::common::signing_key(&c.dir("keys"));
+    let out = crate::common::restored::run(
+        &c,
+        &repo,
+        &["--signing-key", signing.to_str().unwrap(), "backup"],
+    );
+    assert_exit(&out, 0);
+    let b: Value = serde_json::from_str(&stdout(&out)).unwrap();
+    let id = b["id"].as_str().unwrap().to_owned();
+    assert!(
+        b["objects"]["backup_manifest"]
+            .as_str()
+            .is_some_and(|c| c.starts_with("sha256:")),
+        "{b}"
+    );
+    switch_and_wait_archived(&c);
+    let data = repo.join("backup").join(&id).join("data");
+    let manifest = data.join("backup_manifest");
+    let genuine = std::fs::read(&manifest).unwrap();
+    // The manifest of a changed backup: one byte more.
+    let mut changed = genuine.clone();
+    changed.push(b'\n');
+    std::fs::write(&manifest, &changed).unwrap();
+    let names = format!("{}: its checksum is", manifest.display());
+    let to = c.root().join("restored");
+    let empty = |d: &Path| !d.exists() || std::fs::read_dir(d).unwrap().next().is_none();
+    for args in [
+        vec!["restore", "--latest", "--to", to.to_str().unwrap()],
+        vec!["backup", "verify", &id],
+    ] {
+        let out = as_server(&c, &repo, &verify, &args);
+        assert_exit(&out, REFUSED);
+        assert!(stderr(&out).contains(&names), "{args:?}: {}", stderr(&out));
+    }
+    assert!(empty(&to), "restore wrote into its target");
+    let second = c.dir("second");
+    let out = as_server(
+        &c,
+        &repo,
+        &verify,
+        &[
+            "--signing-key",
+            signing.to_str().unwrap(),
+            "repo",
+            "copy",
+            "--to",
+            second.to_str().unwrap(),
+        ],
+    );
+    assert_exit(&out, REFUSED);
+    assert!(stderr(&out).contains(&names), "{}", stderr(&out));
+    assert!(!second.join("backup").exists(), "copy wrote a backup");
+    // A catalog sync names the refused backup and records no row of it.
+    let out = as_server(
+        &c,
+        &repo,
+        &verify,
+        &["backup", "list", "--sync-catalog", &c.conninfo()],
+    );
+    assert_exit(&out, 0);
+    assert!(stderr(&out).contains(&names), "{}", stderr(&out));
+    let rows: i64 = c
+        .client()
+        .query_one(
+            "SELECT count(*) FROM backup_catalog WHERE backup_id = $1",
+            &[&id],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(rows, 0, "a refused backup was catalogued");
+
+    // The manifest as signed, a file changed under it (same size): each
+    // file is checked as it is copied.
+    std::fs::write(&manifest, &genuine).unwrap();
+    let version = data.join("PG_VERSION");
+    let mut text = std::fs::read(&version).unwrap();
+    text[0] = if text[0] == b'9' { b'8' } else { b'9' };
+    std::fs::write(&version, &text).unwrap();
+    let names = format!("{}: its SHA-256 is", version.display());
+    let out = as_server(
+        &c,
+        &repo,
+        &verify,
+        &["restore", "--latest", "--to", to.to_str().unwrap()],
+    );
+    assert_exit(&out, REFUSED);
+    let err = stderr(&out);
+    assert!(
+        err.contains(&names) && err.contains(&format!("backup {id}'s signed label vouches for")),
+        "{err}"
+    );
+    assert!(empty(&to), "restore wrote into its target");
+    let out = as_server(
+        &c,
+        &repo,
+        &verify,
+        &[
+            "--signing-key",
+            signing.to_str().unwrap(),
+            "repo",
+            "copy",
+            "--to",
+            second.to_str().unwrap(),
+        ],
+    );
+    assert_exit(&out, REFUSED);
+    assert!(stderr(&out).contains(&names), "{}", stderr(&out));
+    let there = second.join("backup");
+    assert!(
+        !there.exists() || files(&there).is_empty(),
+        "copy left the refused backup's files: {:?}",
+        files(&there)
+    );
+}
+
+/// The brief: a signed plain backup, against PostgreSQL 18. What restore
+/// copies is checked file by file against the manifest the signed label
+/// vouches for, with no ignore list: a recovery target planted in
+/// `postgresql.auto.conf` (which pg_verifybackup skips, and reentry's own
+/// settings are appended to) is refused, naming the file, and never
+/// reaches a running copy; so is a `standby.signal` the manifest does not
+/// list. Nothing of `pg_wal/` is copied: WAL comes from the archive only,
+/// and the untampered backup restores to the latest WAL through it.
+#[test]
+fn a_setting_planted_in_a_signed_plain_backup_never_reaches_a_copy_and_its_pg_wal_is_not_copied() {
+    let (c, repo) = archiving(Version::V18, "", &[]);
+    c.client()
+        .batch_execute("CREATE TABLE t AS SELECT g AS id FROM generate_series(1, 1000) g")
+        .unwrap();
+    let (signing, verify) = crate::common::signing_key(&c.dir("keys"));
+    let out = crate::common::restored::run(
+        &c,
+        &repo,
+        &["--signing-key", signing.to_str().unwrap(), "backup"],
+    );
+    assert_exit(&out, 0);
+    let b: Value = serde_json::from_str(&stdout(&out)).unwrap();
+    let id = b["id"].as_str().unwrap().to_owned();
+    let stop: String = c
+        .client()
+        .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
+        .unwrap()
+        .get(0);
+    c.client()
+        .batch_execute("INSERT INTO t SELECT g FROM generate_series(1001, 2000) g")
+        .unwrap();
+    switch_and_wait_archived(&c);
+    let data = repo.join("backup").join(&id).join("data");
+    let manifest = std::fs::read_to_string(data.join("backup_manifest")).unwrap();
+    assert!(
+        manifest.contains("\"Path\": \"postgresql.auto.conf\""),
+        "reentry's backups list postgresql.auto.conf in their manifest"
+    );
+    let to = c.root().join("restored");
+    let empty = |d: &Path| !d.exists() || std::fs::read_dir(d).unwrap().next().is_none();
+    let restore = || {
+        let out = as_server(
+            &c,
+            &repo,
+            &verify,
+            &["restore", "--latest", "--to", to.to_str().unwrap()],
+        );
+        // Stops a copy that started, whatever the test finds.
+        let guard = crate::common::restored::Restored {
+            manifest: Value::Null,
+            dir: to.clone(),
+            bin: c.version.bin_dir(),
+        };
+        (out, guard)
+    };
+
+    // Stop just after the backup and open there: without the check the
+    // copy has 1000 rows, not 2000, and is promoted where the planter chose.
+    let auto = data.join("postgresql.auto.conf");
+    let genuine = std::fs::read(&auto).unwrap();
+    let mut planted = genuine.clone();
+    planted.extend(
+        format!("recovery_target_lsn = '{stop}'\nrecovery_target_action = 'promote'\n").bytes(),
+    );
+    std::fs::write(&auto, &planted).unwrap();
+    let (out, guard) = restore();
+    assert_exit(&out, REFUSED);
+    let err = stderr(&out);
+    assert!(
+        err.contains(&format!("{}: ", auto.display()))
+            && err.contains(&format!("backup {id}'s signed label vouches for")),
+        "{err}"
+    );
+    assert!(empty(&to), "restore wrote into its target");
+    drop(guard);
+    std::fs::write(&auto, &genuine).unwrap();
+
+    // A signal file the manifest does not list.
+    let signal = data.join("standby.signal");
+    std::fs::write(&signal, "").unwrap();
+    let (out, guard) = restore();
+    assert_exit(&out, REFUSED);
+    let err = stderr(&out);
+    assert!(
+        err.contains(&format!("{}: the manifest", signal.display()))
+            && err.contains("does not list it"),
+        "{err}"
+    );
+    assert!(empty(&to), "restore wrote into its target");
+    drop(guard);
+    std::fs::remove_file(&signal).unwrap();
+
+    // A timeline history planted in pg_wal/: not copied, not used.
+    let history = data.join("pg_wal").join("00000009.history");
+    std::fs::write(&history, "1\t0/1000000\tplanted\n").unwrap();
+    let (out, mut r) = restore();
+    assert_exit(&out, 0);
+    r.manifest = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(r.count("t"), 2000);
+    assert_eq!(r.manifest["timeline"], 2, "{}", r.manifest);
+    let copied: Vec<String> = std::fs::read_dir(to.join("pg_wal"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        !copied.iter().any(|f| f == "00000009.history"),
+        "the planted history was copied: {copied:?}"
+    );
+    assert!(
+        r.manifest["wal_segments_replayed"].as_u64().unwrap() >= 1,
+        "WAL came from the archive: {}",
+        r.manifest
+    );
+}
+
+/// An incremental chain of signed plain backups (PostgreSQL 18) is
+/// combined from copies checked as they were made, never from the
+/// repository: it restores, and a setting planted in the incremental
+/// backup's `postgresql.auto.conf` is refused, naming it.
+#[test]
+fn a_signed_plain_incremental_chain_is_combined_from_checked_copies() {
+    let (c, repo) = archiving(Version::V18, "", &[("summarize_wal", "on")]);
+    c.client()
+        .batch_execute("CREATE TABLE t AS SELECT g AS id FROM generate_series(1, 1000) g")
+        .unwrap();
+    let (signing, verify) = crate::common::signing_key(&c.dir("keys"));
+    let backup = |more: &[&str]| {
+        let mut args = vec!["--signing-key", signing.to_str().unwrap(), "backup"];
+        args.extend_from_slice(more);
+        let out = crate::common::restored::run(&c, &repo, &args);
+        assert_exit(&out, 0);
+        serde_json::from_str::<Value>(&stdout(&out)).unwrap()
+    };
+    backup(&[]);
+    c.client()
+        .batch_execute("INSERT INTO t SELECT g FROM generate_series(1001, 1500) g")
+        .unwrap();
+    let inc = backup(&["--incremental"]);
+    let iid = inc["id"].as_str().unwrap().to_owned();
+    c.client()
+        .batch_execute("INSERT INTO t SELECT g FROM generate_series(1501, 2000) g")
+        .unwrap();
+    switch_and_wait_archived(&c);
+
+    let to = c.root().join("restored");
+    let auto = repo
+        .join("backup")
+        .join(&iid)
+        .join("data")
+        .join("postgresql.auto.conf");
+    let genuine = std::fs::read(&auto).unwrap();
+    let mut planted = genuine.clone();
+    planted.extend(
+        format!(
+            "recovery_target_lsn = '{}'\nrecovery_target_action = 'promote'\n",
+            inc["stop_lsn"].as_str().unwrap()
+        )
+        .bytes(),
+    );
+    std::fs::write(&auto, &planted).unwrap();
+    let out = as_server(
+        &c,
+        &repo,
+        &verify,
+        &["restore", "--latest", "--to", to.to_str().unwrap()],
+    );
+    let guard = crate::common::restored::Restored {
+        manifest: Value::Null,
+        dir: to.clone(),
+        bin: c.version.bin_dir(),
+    };
+    assert_exit(&out, REFUSED);
+    assert!(
+        stderr(&out).contains(&format!("{}: ", auto.display())),
+        "{}",
+        stderr(&out)
+    );
+    assert!(
+        !to.exists() || std::fs::read_dir(&to).unwrap().next().is_none(),
+        "restore wrote into its target"
+    );
+    drop(guard);
+
+    std::fs::write(&auto, &genuine).unwrap();
+    let out = as_server(
+        &c,
+        &repo,
+        &verify,
+        &["restore", "--latest", "--to", to.to_str().unwrap()],
+    );
+    let r = crate::common::restored::Restored::from_output(&c, to.clone(), &out);
+    assert_eq!(r.manifest["backup_chain"].as_array().unwrap().len(), 2);
+    assert_eq!(r.count("t"), 2000);
+}
+
+/// Review #4: a backup taken before labels were signed is ignored once a
+/// verify key is set, yet its WAL is kept: `expire --retain-full 1
+/// --apply` after a signed backup deletes none of the WAL from the older
+/// backup's start on (counted in the archive on disk), and says which WAL
+/// it keeps for which ignored label.
+#[test]
+fn expire_keeps_the_wal_of_a_backup_taken_before_labels_were_signed() {
+    let (c, repo) = archiving(Version::V18, "", &[]);
+    c.client()
+        .batch_execute("CREATE TABLE t AS SELECT g AS id FROM generate_series(1, 1000) g")
+        .unwrap();
+    let (conninfo, bin) = (c.conninfo(), c.version.bin_dir());
+    let backup = |more: &[&str]| {
+        let mut args: Vec<&str> = more.to_vec();
+        args.extend([
+            "backup",
+            "--db",
+            &conninfo,
+            "--pg-bin",
+            bin.to_str().unwrap(),
+        ]);
+        let out = run(&repo, &args);
+        assert_exit(&out, 0);
+        serde_json::from_str::<Value>(&stdout(&out)).unwrap()
+    };
+    let old = backup(&[]);
+    let oid = old["id"].as_str().unwrap().to_owned();
+    assert!(old.get("signature").is_none(), "{old}");
+    switch_and_wait_archived(&c);
+    switch_and_wait_archived(&c);
+    let (signing, verify) = crate::common::signing_key(&c.dir("keys"));
+    // Ids are to the second.
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    let new = backup(&["--signing-key", signing.to_str().unwrap()]);
+    let nid = new["id"].as_str().unwrap().to_owned();
+    switch_and_wait_archived(&c);
+    let segment = |lsn: &str| {
+        let (hi, lo) = lsn.split_once('/').unwrap();
+        let segno = ((u64::from_str_radix(hi, 16).unwrap() << 32)
+            | u64::from_str_radix(lo, 16).unwrap())
+            >> 24;
+        format!("{:08X}{:08X}{:08X}", 1, segno >> 8, segno & 0xff)
+    };
+    let old_first = segment(old["wal_ranges"][0]["start_lsn"].as_str().unwrap());
+    let new_first = segment(new["wal_ranges"][0]["start_lsn"].as_str().unwrap());
+    assert!(old_first < new_first, "{old_first} {new_first}");
+    let segments = |from: &str| -> Vec<String> {
+        files(&repo.join("archive"))
+            .into_iter()
+            .filter(|f| {
+                let name = f.rsplit('/').next().unwrap();
+                name.len() >= 24
+                    && name[..24].chars().all(|ch| ch.is_ascii_hexdigit())
+                    && name[..24] >= *from
+            })
+            .collect()
+    };
+    let old_wal = segments(&old_first);
+    let between: Vec<&String> = old_wal
+        .iter()
+        .filter(|f| f.rsplit('/').next().unwrap()[..24] < *new_first)
+        .collect();
+    assert!(
+        !between.is_empty(),
+        "the older backup's WAL before the newer"
+    );
+
+    let dry = reentry(
+        false,
+        &[
+            "--repo",
+            repo.to_str().unwrap(),
+            "--verify-key",
+            &verify,
+            "backup",
+            "expire",
+            "--retain-full",
+            "1",
+        ],
+    );
+    assert_exit(&dry, 0);
+    let text = stdout(&dry);
+    assert!(
+        text.contains(&format!(
+            "keep    WAL from {old_first} on, for ignored label backup/{oid}/backup.json"
+        )),
+        "{text}"
+    );
+    let out = run(
+        &repo,
+        &[
+            "--verify-key",
+            &verify,
+            "backup",
+            "expire",
+            "--retain-full",
+            "1",
+            "--apply",
+        ],
+    );
+    assert_exit(&out, 0);
+    let p: Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(p["keep"][0]["id"], nid.as_str(), "{p}");
+    assert_eq!(
+        p["ignored"][0]["key"],
+        format!("backup/{oid}/backup.json"),
+        "{p}"
+    );
+    assert_eq!(
+        p["ignored_wal"],
+        serde_json::json!([{"key": format!("backup/{oid}/backup.json"), "kept_from": old_first}]),
+        "{p}"
+    );
+    let after = segments(&old_first);
+    for f in &old_wal {
+        assert!(after.contains(f), "{f} was deleted: {p}");
+    }
+    assert!(repo.join("backup").join(&oid).join("data").is_dir());
+}

@@ -10,7 +10,7 @@ use reentry::storage::{Cloud, Put, S3Config, Store};
 
 use serde_json::Value;
 
-use crate::common::archiving::switch_and_wait_archived;
+use crate::common::archiving::{archiving, switch_and_wait_archived};
 use crate::common::pg::{Cluster, Version};
 use crate::common::restored::{command, ok_json, Restored};
 use crate::common::s3proxy::{Fault, S3Proxy};
@@ -1391,6 +1391,217 @@ fn a_local_encrypted_repository_holds_no_plaintext_and_restores() {
         r.count("secret_notes WHERE note LIKE 'plaintext-marker-%'"),
         20000
     );
+}
+
+/// Review #1: in a local encrypted repository, whoever can write removes a
+/// backup's `files.json` and puts a plain `data/` of another cluster (with
+/// its own `backup_manifest`) beside its signed label. The label says the
+/// backup is packed: restore, verify and copy each refuse the planted
+/// directory, naming it, and nothing of it is restored or copied.
+#[test]
+fn a_planted_plain_data_directory_beside_an_encrypted_backups_label_is_refused() {
+    let (secret, public) = age_key();
+    let mut c = Cluster::init(Version::V18);
+    let repo = c.dir("repo");
+    c.append_conf(&[
+        ("archive_mode", "on".to_string()),
+        (
+            "archive_command",
+            format!(
+                "'REENTRY_AGE_RECIPIENTS={public} {} --repo {} wal push %p'",
+                reentry_bin().display(),
+                repo.display()
+            ),
+        ),
+    ]);
+    c.start();
+    c.client()
+        .batch_execute("CREATE TABLE t AS SELECT g AS id FROM generate_series(1, 1000) g")
+        .unwrap();
+    let identity = c.dir("keys").join("identity");
+    crate::common::write_secret(&identity, &secret);
+    crate::common::give_to_server_user(&identity);
+    let (signing, _) = crate::common::signing_key(&c.dir("keys"));
+    let reentry = |args: &[&str]| {
+        let mut cmd = command(&c, &repo, args);
+        cmd.env("REENTRY_AGE_RECIPIENTS", &public)
+            .env("REENTRY_AGE_IDENTITY_FILE", &identity)
+            .env("REENTRY_SIGNING_KEY_FILE", &signing);
+        cmd.output().unwrap()
+    };
+    let b = ok_json(&reentry(&["backup"]));
+    let id = b["id"].as_str().unwrap().to_owned();
+    switch_and_wait_archived(&c);
+
+    // Another cluster's plain backup, with its own manifest, planted.
+    let mut other = Cluster::init(Version::V18);
+    other.start();
+    other
+        .client()
+        .batch_execute("CREATE TABLE planted AS SELECT 1 AS id")
+        .unwrap();
+    let dir = repo.join("backup").join(&id);
+    std::fs::remove_file(dir.join("files.json")).unwrap();
+    let data = dir.join("data");
+    other.run_ok(
+        other
+            .cmd("pg_basebackup")
+            .args(["-X", "stream", "-c", "fast", "-D"])
+            .arg(&data),
+    );
+    assert!(data.join("backup_manifest").is_file());
+    let names = format!("{}: backup {id} is packed", data.display());
+
+    let to = c.root().join("restored");
+    let out = reentry(&["restore", "--latest", "--to", to.to_str().unwrap()]);
+    assert_exit(&out, 3);
+    assert!(stderr(&out).contains(&names), "{}", stderr(&out));
+    assert!(
+        !to.exists() || std::fs::read_dir(&to).unwrap().next().is_none(),
+        "restore wrote into its target"
+    );
+    let out = reentry(&[
+        "restore",
+        "--backup",
+        &id,
+        "--latest",
+        "--to",
+        to.to_str().unwrap(),
+    ]);
+    assert_exit(&out, 3);
+
+    let label_before = std::fs::read(dir.join("backup.json")).unwrap();
+    let out = reentry(&["backup", "verify", &id]);
+    assert_exit(&out, 3);
+    assert!(stderr(&out).contains(&names), "{}", stderr(&out));
+    assert_eq!(
+        std::fs::read(dir.join("backup.json")).unwrap(),
+        label_before,
+        "verify recorded a verification"
+    );
+
+    let second = c.dir("second");
+    let out = reentry(&["repo", "copy", "--to", second.to_str().unwrap()]);
+    assert_exit(&out, 3);
+    assert!(stderr(&out).contains(&names), "{}", stderr(&out));
+    assert!(
+        !second.join("backup").exists(),
+        "copy wrote a backup: {:?}",
+        std::fs::read_dir(second.join("backup")).map(|d| d
+            .filter_map(Result::ok)
+            .map(|e| e.path())
+            .collect::<Vec<_>>())
+    );
+}
+
+/// `repo copy` to object storage packs a signed plain local backup anew,
+/// its files' checksums in a new signed index: each file is checked
+/// against the manifest the label vouches for in the read that packs it.
+/// A byte changed in a relation file that spans pieces, or a file the
+/// manifest does not list, is refused (exit 3, naming it), and nothing of
+/// the backup is left in the bucket. The genuine backup is copied without
+/// what a writer put in its `pg_wal/` (restore fetches WAL from the
+/// archive), and restores from the bucket.
+#[test]
+fn s3_repo_copy_checks_a_signed_plain_backups_files_in_the_read_that_packs_them() {
+    let (name, s) = bucket("plain-copy", "repo");
+    let (c, repo) = archiving(Version::V18, "", &[]);
+    c.client()
+        .batch_execute(
+            "CREATE TABLE t AS SELECT g AS id, repeat('x', 100) AS pad \
+             FROM generate_series(1, 250000) g",
+        )
+        .unwrap();
+    let file: String = c
+        .client()
+        .query_one("SELECT pg_relation_filepath('t')", &[])
+        .unwrap()
+        .get(0);
+    let (signing, verify) = crate::common::signing_key(&c.dir("keys"));
+    let reentry = |args: &[&str]| {
+        let mut cmd = command(&c, &repo, args);
+        cmd.env("REENTRY_SIGNING_KEY_FILE", &signing)
+            .env("REENTRY_VERIFY_KEYS", &verify);
+        for (k, v) in s3_env() {
+            cmd.env(k, v);
+        }
+        cmd.output().unwrap()
+    };
+    let b = ok_json(&reentry(&["backup"]));
+    let id = b["id"].as_str().unwrap().to_owned();
+    switch_and_wait_archived(&c);
+    let data = repo.join("backup").join(&id).join("data");
+    let relation = data.join(&file);
+    let genuine = std::fs::read(&relation).unwrap();
+    assert!(
+        genuine.len() > 16 << 20,
+        "the table spans pieces: {} bytes",
+        genuine.len()
+    );
+    let to = format!("s3://{name}/repo");
+    let backup_keys = || -> Vec<String> {
+        bucket_keys(&name)
+            .into_iter()
+            .filter(|k| k.starts_with("backup/"))
+            .collect()
+    };
+
+    // One byte near the end, in the file's last piece.
+    let mut changed = genuine.clone();
+    let at = changed.len() - 100;
+    changed[at] ^= 0x20;
+    std::fs::write(&relation, &changed).unwrap();
+    let out = reentry(&["repo", "copy", "--to", &to]);
+    assert_exit(&out, 3);
+    assert!(
+        stderr(&out).contains(&format!("{}: its SHA-256 is", relation.display())),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(backup_keys(), Vec::<String>::new(), "the backup was copied");
+    std::fs::write(&relation, &genuine).unwrap();
+
+    let planted = data.join("base").join("planted");
+    std::fs::write(&planted, "x").unwrap();
+    let out = reentry(&["repo", "copy", "--to", &to]);
+    assert_exit(&out, 3);
+    assert!(
+        stderr(&out).contains(&format!("{}: the manifest", planted.display()))
+            && stderr(&out).contains("does not list it"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(backup_keys(), Vec::<String>::new(), "the backup was copied");
+    std::fs::remove_file(&planted).unwrap();
+
+    // Genuine, with a timeline history planted in pg_wal/.
+    std::fs::write(
+        data.join("pg_wal").join("00000009.history"),
+        "1\t0/1000000\tplanted\n",
+    )
+    .unwrap();
+    let done = ok_json(&reentry(&["repo", "copy", "--to", &to]));
+    assert_eq!(done["packed"][0], id.as_str(), "{done}");
+    let index: Value =
+        serde_json::from_slice(&s.get(&format!("backup/{id}/files.json")).unwrap().unwrap())
+            .unwrap();
+    let wal: Vec<&Value> = index["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["kind"] == "file" && e["path"].as_str().unwrap().starts_with("pg_wal/"))
+        .collect();
+    assert_eq!(wal, Vec::<&Value>::new(), "pg_wal/ was packed");
+    let dir = c.root().join("from-copy");
+    let mut cmd = s3_at(
+        &c,
+        &name,
+        &["restore", "--latest", "--to", dir.to_str().unwrap()],
+    );
+    cmd.env("REENTRY_VERIFY_KEYS", &verify);
+    let r = Restored::from_output(&c, dir, &cmd.output().unwrap());
+    assert_eq!(r.manifest["backup_id"], id.as_str());
+    assert_eq!(r.count("t"), 250000);
 }
 
 #[test]
