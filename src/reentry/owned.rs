@@ -197,26 +197,14 @@ pub fn ensure(db: &mut Db, database: &str, schema: &str) -> Result<(), StepError
         )
         .on(database)?;
         // Default privileges for schemas may have granted some.
-        let revokes: Vec<String> = db
-            .query(
-                "look up the grants on reentry's new schema",
-                "SELECT DISTINCT format('REVOKE ALL ON SCHEMA %I FROM %s CASCADE', n.nspname,
-                            CASE WHEN a.grantee = 0 THEN 'PUBLIC' ELSE quote_ident(pg_get_userbyid(a.grantee)) END)
-                       FROM pg_namespace n, aclexplode(n.nspacl) a
-                      WHERE n.nspname = $1 AND a.grantee <> n.nspowner",
-                &[&schema],
-            )
-            .on(database)?
-            .iter()
-            .map(|r| r.get(0))
-            .collect();
-        if !revokes.is_empty() {
-            db.batch(
-                "take back the grants on reentry's schema",
-                &revokes.join("; "),
-            )
-            .on(database)?;
-        }
+        take_back(
+            db,
+            database,
+            "SELECT DISTINCT format('REVOKE ALL ON SCHEMA %I FROM %s CASCADE', n.nspname, {REVOKEE})
+               FROM pg_namespace n, aclexplode(n.nspacl) a
+              WHERE n.nspname = $1 AND a.grantee <> n.nspowner",
+            &[&schema],
+        )?;
         return Ok(());
     }
     refuse_foreign(db, database, schema)
@@ -241,24 +229,42 @@ pub fn create(db: &mut Db, database: &str, schema: &str, ddl: &str) -> Result<()
     };
     let before = relations(db)?;
     db.batch("create reentry's tables", ddl).on(database)?;
-    let revokes: Vec<String> = db
+    take_back(
+        db,
+        database,
+        "SELECT DISTINCT format('REVOKE ALL ON TABLE %s FROM %s CASCADE', c.oid::regclass, {REVOKEE})
+           FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace, aclexplode(c.relacl) a
+          WHERE n.nspname = $1 AND c.oid <> ALL($2) AND a.grantee <> c.relowner
+            AND c.relkind IN ('r', 'p', 'v', 'm', 'f')",
+        &[&schema, &before],
+    )?;
+    Ok(())
+}
+
+/// Runs `revokes`, a query giving one `REVOKE` statement a row (`{REVOKEE}`
+/// in it stands for the grantee, quoted, or PUBLIC), then those statements.
+fn take_back(
+    db: &mut Db,
+    database: &str,
+    revokes: &str,
+    params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+) -> Result<(), StepError> {
+    const REVOKEE: &str =
+        "CASE WHEN a.grantee = 0 THEN 'PUBLIC' ELSE quote_ident(pg_get_userbyid(a.grantee)) END";
+    let statements: Vec<String> = db
         .query(
-            "look up the grants on reentry's new tables",
-            "SELECT DISTINCT format('REVOKE ALL ON TABLE %s FROM %s CASCADE', c.oid::regclass,
-                        CASE WHEN a.grantee = 0 THEN 'PUBLIC' ELSE quote_ident(pg_get_userbyid(a.grantee)) END)
-                   FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace, aclexplode(c.relacl) a
-                  WHERE n.nspname = $1 AND c.oid <> ALL($2) AND a.grantee <> c.relowner
-                    AND c.relkind IN ('r', 'p', 'v', 'm', 'f')",
-            &[&schema, &before],
+            "look up the grants on reentry's new objects",
+            &revokes.replace("{REVOKEE}", REVOKEE),
+            params,
         )
         .on(database)?
         .iter()
         .map(|r| r.get(0))
         .collect();
-    if !revokes.is_empty() {
+    if !statements.is_empty() {
         db.batch(
-            "take back the grants on reentry's tables",
-            &revokes.join("; "),
+            "take back the grants on reentry's new objects",
+            &statements.join("; "),
         )
         .on(database)?;
     }
