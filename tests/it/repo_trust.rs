@@ -243,13 +243,21 @@ fn with_a_verify_key_an_unsigned_label_is_ignored_by_expire_and_deletes_nothing_
         .query_one("SELECT pg_current_wal_lsn()::text", &[])
         .unwrap()
         .get(0);
-    let now = std::time::SystemTime::now();
-    let digits: String = humantime::format_rfc3339_seconds(now)
-        .to_string()
-        .chars()
-        .filter(char::is_ascii_digit)
-        .collect();
-    let fake = format!("{}-{}F", &digits[..8], &digits[8..14]);
+    // The planted label's id is the second it is made in: not the genuine
+    // backup's second, which it would overwrite on a fast machine.
+    let (now, fake) = loop {
+        let now = std::time::SystemTime::now();
+        let digits: String = humantime::format_rfc3339_seconds(now)
+            .to_string()
+            .chars()
+            .filter(char::is_ascii_digit)
+            .collect();
+        let fake = format!("{}-{}F", &digits[..8], &digits[8..14]);
+        if fake != gid {
+            break (now, fake);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
     let mut planted = genuine.clone();
     planted.as_object_mut().unwrap().remove("signature");
     let when = humantime::format_rfc3339_millis(now).to_string();
