@@ -37,6 +37,12 @@ fn count(bootstrap: &str, topic: &str, partitions: &[i32]) -> u64 {
             None => panic!("no answer for 30 s"),
         }
     }
+    // Closed as reentry closes its consumers: rust-rdkafka's drop polls
+    // 100 ms at a time until the close is served, which no floor should pay.
+    c.close_queue().unwrap();
+    while !c.closed() {
+        c.poll(Duration::from_millis(1));
+    }
     n
 }
 

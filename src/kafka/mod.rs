@@ -8,7 +8,7 @@ pub mod security;
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, OnceLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
@@ -222,7 +222,38 @@ pub struct Kafka {
     /// One client for metadata and offset lookups, made at first use and
     /// shared by clones: making a client costs a connection and its
     /// handshakes, and a scan asks three questions before it reads.
-    meta: Arc<OnceLock<BaseConsumer>>,
+    meta: Arc<OnceLock<Closing>>,
+}
+
+/// A consumer that leaves its group at once when dropped.
+///
+/// rust-rdkafka closes a consumer with a `group.id` on drop by polling its
+/// queue 100 ms at a time until librdkafka says it is closed; the close is
+/// served in a millisecond, but no event wakes that poll, so every consumer
+/// took 100 ms to drop: a tenth of a scan of a million events, spent after
+/// the last message (bench/outbox). reentry's consumers commit nothing and
+/// hold no subscription, so the close has nothing to wait for but librdkafka.
+pub struct Closing(BaseConsumer);
+
+impl std::ops::Deref for Closing {
+    type Target = BaseConsumer;
+
+    fn deref(&self) -> &BaseConsumer {
+        &self.0
+    }
+}
+
+impl Drop for Closing {
+    fn drop(&mut self) {
+        if self.0.close_queue().is_err() {
+            // rust-rdkafka's own drop tries again, as it would have.
+            return;
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !self.0.closed() && Instant::now() < deadline {
+            self.0.poll(Duration::from_millis(1));
+        }
+    }
 }
 
 /// How topic scans use the machine: the playbook's `[kafka]` settings,
@@ -373,15 +404,16 @@ impl Kafka {
 
     /// A consumer that never joins its group: it reads assigned partitions,
     /// and reads or writes the group's committed offsets.
-    pub fn consumer(&self, group: &str) -> Result<BaseConsumer, KafkaError> {
+    pub fn consumer(&self, group: &str) -> Result<Closing, KafkaError> {
         self.probe()?;
         self.config(group)
             .create()
+            .map(Closing)
             .map_err(self.err("create a consumer"))
     }
 
     /// The shared client for metadata and offset lookups.
-    fn meta(&self) -> Result<&BaseConsumer, KafkaError> {
+    fn meta(&self) -> Result<&Closing, KafkaError> {
         if let Some(c) = self.meta.get() {
             return Ok(c);
         }
