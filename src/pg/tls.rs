@@ -25,9 +25,18 @@
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
+use std::error::Error;
+use std::fmt::Debug;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, OnceLock};
+
 use openssl::pkey::PKey;
 use openssl::ssl::{SslConnector, SslMethod, SslVerifyMode};
-use postgres_openssl::MakeTlsConnector;
+use openssl::x509::store::X509StoreBuilder;
+use postgres_openssl::{MakeTlsConnector, TlsStream};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio_postgres::tls::{MakeTlsConnect, TlsConnect};
 
 /// The conninfo keys this module reads; the rest go to tokio-postgres.
 pub const KEYS: &[&str] = &[
@@ -200,14 +209,36 @@ impl Tls {
         })
     }
 
-    /// The connector for tokio-postgres: the chain verified when there is a
-    /// root certificate, the host name (or IP address) too in verify-full.
-    pub fn connector(&self) -> Result<MakeTlsConnector, String> {
+    /// The connector for tokio-postgres. Where TLS is certain (`require`
+    /// or stronger, or a root certificate to verify against) it is built
+    /// now, so that a bad file is named before any connection. Under
+    /// `prefer` and `allow` it is built when a server first takes TLS:
+    /// building one costs OpenSSL's load of the system's trust store, about
+    /// 25 ms, which a server without TLS never needs.
+    pub fn connector(&self) -> Result<Connector, String> {
+        let built = Arc::new(OnceLock::new());
+        if self.mode >= Mode::Require || self.root.is_some() || self.direct {
+            let _ = built.set(Ok(self.build()?));
+        }
+        Ok(Connector {
+            tls: Arc::new(self.clone()),
+            built,
+        })
+    }
+
+    /// The chain verified when there is a root certificate, against that
+    /// root alone; the host name (or IP address) too in verify-full.
+    fn build(&self) -> Result<MakeTlsConnector, String> {
         let ssl = |what: &str| {
             let what = what.to_owned();
             move |e: openssl::error::ErrorStack| format!("{what}: {e}")
         };
         let mut b = SslConnector::builder(SslMethod::tls_client()).map_err(ssl("OpenSSL"))?;
+        // The builder trusts the system's store; libpq trusts only what
+        // sslrootcert names (the system's store only for `system`). Without
+        // this, a root file given to pin a private CA would also let in any
+        // certificate a public CA signed.
+        b.set_cert_store(X509StoreBuilder::new().map_err(ssl("OpenSSL"))?.build());
         match &self.root {
             Some(Root::File(p)) => b.set_ca_file(p).map_err(ssl(&format!(
                 "could not read root certificate file \"{}\"",
@@ -278,6 +309,59 @@ impl Tls {
 
 /// libpq's rule for a private key file: u=rw (0600) or less when the
 /// current user owns it, u=rw,g=r (0640) or less when root does.
+/// tokio-postgres's connector for a connection's settings, built once, at
+/// the first TLS handshake if not before (`Tls::connector`).
+#[derive(Clone)]
+pub struct Connector {
+    tls: Arc<Tls>,
+    built: Arc<OnceLock<Result<MakeTlsConnector, String>>>,
+}
+
+/// One host's handshake, which builds the connector if it is the first.
+pub struct Handshake {
+    connector: Connector,
+    domain: String,
+}
+
+type BoxError = Box<dyn Error + Send + Sync>;
+
+impl<S> MakeTlsConnect<S> for Connector
+where
+    S: AsyncRead + AsyncWrite + Unpin + Debug + Send + Sync + 'static,
+{
+    type Stream = TlsStream<S>;
+    type TlsConnect = Handshake;
+    type Error = BoxError;
+
+    fn make_tls_connect(&mut self, domain: &str) -> Result<Handshake, BoxError> {
+        Ok(Handshake {
+            connector: self.clone(),
+            domain: domain.to_owned(),
+        })
+    }
+}
+
+impl<S> TlsConnect<S> for Handshake
+where
+    S: AsyncRead + AsyncWrite + Unpin + Debug + Send + Sync + 'static,
+{
+    type Stream = TlsStream<S>;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<TlsStream<S>, BoxError>> + Send>>;
+
+    fn connect(self, stream: S) -> Self::Future {
+        let c = &self.connector;
+        let made = c.built.get_or_init(|| c.tls.build()).clone();
+        let handshake = made.map_err(BoxError::from).and_then(|mut m| {
+            MakeTlsConnect::<S>::make_tls_connect(&mut m, &self.domain).map_err(BoxError::from)
+        });
+        match handshake {
+            Ok(h) => Box::pin(TlsConnect::connect(h, stream)),
+            Err(e) => Box::pin(std::future::ready(Err(e))),
+        }
+    }
+}
+
 fn check_key_file(key: &Path) -> Result<(), String> {
     let meta = std::fs::metadata(key)
         .map_err(|e| format!("could not open private key file \"{}\": {e}", key.display()))?;

@@ -156,6 +156,17 @@ fn status(conninfo: &str) -> Output {
     )
 }
 
+/// `status` with OpenSSL's system trust store being `store`.
+fn status_trusting(conninfo: &str, store: &str) -> Output {
+    let repo = tempfile::tempdir().unwrap();
+    Command::new(crate::common::reentry_bin())
+        .env("SSL_CERT_FILE", store)
+        .args(["--repo", repo.path().to_str().unwrap(), "status", "--db"])
+        .arg(conninfo)
+        .output()
+        .unwrap()
+}
+
 #[track_caller]
 fn connects(conninfo: &str, major: u32) {
     let out = status(conninfo);
@@ -306,6 +317,26 @@ fn reached_and_refused(version: Version) {
             &format!("does not verify against sslrootcert={other}"),
         );
     }
+    // The root file is all that is trusted, as in libpq: not the system's
+    // store too, here made to hold the server's CA (OpenSSL reads
+    // SSL_CERT_FILE as the system's store).
+    let out = status_trusting(
+        &pg.conninfo(
+            "127.0.0.1",
+            &format!("sslmode=verify-ca sslrootcert={other}"),
+        ),
+        &ca,
+    );
+    let err = stderr(&out);
+    assert!(
+        err.contains("cannot connect")
+            && err.contains(&format!("does not verify against sslrootcert={other}")),
+        "a server whose CA only the system's store holds was let in: {err}\n{}",
+        stdout(&out)
+    );
+    // With sslrootcert=system, that store is what is trusted.
+    let system = pg.conninfo("localhost", "sslmode=verify-full sslrootcert=system");
+    assert_exit(&status_trusting(&system, &ca), 0);
     // The URL form and the environment say the same.
     let url = format!(
         "postgresql://postgres@localhost:{}/postgres?sslmode=verify-full&sslrootcert={}",
