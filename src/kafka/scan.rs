@@ -381,8 +381,43 @@ fn consumers(partitions: usize, cap: usize) -> usize {
     partitions.min(cap).max(1)
 }
 
+/// Where a scan's events go as they arrive.
+pub trait Sink {
+    /// The scan expects about `n` events (from the partitions' offsets).
+    fn expect(&mut self, _n: usize) {}
+    fn take(&mut self, events: Vec<Seen>) -> io::Result<()>;
+}
+
+impl Sink for Sorter {
+    fn expect(&mut self, n: usize) {
+        self.reserve(n);
+    }
+
+    fn take(&mut self, events: Vec<Seen>) -> io::Result<()> {
+        self.extend(events)
+    }
+}
+
 /// Scans the topic and returns its events sorted by id.
 pub fn scan(k: &Kafka, o: &ScanOptions) -> Result<(Sorted, ScanStats), KafkaError> {
+    let t0 = Instant::now();
+    let mut sorter = Sorter::new(k.tuning.sort_chunk);
+    let mut stats = scan_into(k, o, &mut sorter)?;
+    let sorted = sorter.finish().map_err(|e| spill_error(k, e))?;
+    stats.seconds = t0.elapsed().as_secs_f64();
+    Ok((sorted, stats))
+}
+
+fn spill_error(k: &Kafka, e: io::Error) -> KafkaError {
+    KafkaError::Other {
+        bootstrap: k.shown.clone(),
+        what: format!("cannot spill the sorted scan to disk: {e}"),
+    }
+}
+
+/// Scans the topic, handing its events to `sink` in batches as they
+/// arrive, in no order.
+pub fn scan_into(k: &Kafka, o: &ScanOptions, sink: &mut dyn Sink) -> Result<ScanStats, KafkaError> {
     let t0 = Instant::now();
     let started_ms = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -399,11 +434,6 @@ pub fn scan(k: &Kafka, o: &ScanOptions) -> Result<(Sorted, ScanStats), KafkaErro
     };
     let counter = AtomicU64::new(0);
     let (tx, rx) = mpsc::sync_channel::<Vec<Seen>>(16);
-    let io_err = |e: io::Error| KafkaError::Other {
-        bootstrap: k.shown.clone(),
-        what: format!("cannot spill the sorted scan to disk: {e}"),
-    };
-    let mut sorter = Sorter::new(k.tuning.sort_chunk);
     // Partitions with something to read, dealt round-robin to the consumers.
     let readable: Vec<(i32, i64)> = partitions
         .iter()
@@ -419,7 +449,7 @@ pub fn scan(k: &Kafka, o: &ScanOptions) -> Result<(Sorted, ScanStats), KafkaErro
             (high - start).max(0)
         })
         .sum();
-    sorter.reserve(usize::try_from(expected).unwrap_or(0));
+    sink.expect(usize::try_from(expected).unwrap_or(0));
     let n = consumers(readable.len(), k.tuning.scan_consumers);
     let shares: Vec<Vec<(i32, i64)>> = (0..n)
         .map(|i| readable.iter().skip(i).step_by(n).copied().collect())
@@ -439,7 +469,7 @@ pub fn scan(k: &Kafka, o: &ScanOptions) -> Result<(Sorted, ScanStats), KafkaErro
         let mut last = Instant::now();
         let mut sort_err = None;
         for batch in rx {
-            if let Err(e) = sorter.extend(batch) {
+            if let Err(e) = sink.take(batch) {
                 sort_err = Some(e);
                 break;
             }
@@ -458,7 +488,7 @@ pub fn scan(k: &Kafka, o: &ScanOptions) -> Result<(Sorted, ScanStats), KafkaErro
     });
     let (results, sort_err) = results;
     if let Some(e) = sort_err {
-        return Err(io_err(e));
+        return Err(spill_error(k, e));
     }
     let mut stats = ScanStats {
         topic: o.topic.to_owned(),
@@ -502,9 +532,8 @@ pub fn scan(k: &Kafka, o: &ScanOptions) -> Result<(Sorted, ScanStats), KafkaErro
         stats.gone_before_ms = stats.gone_before_ms.max(ps.gone_before_ms);
         stats.partitions.insert(*p, ps);
     }
-    let sorted = sorter.finish().map_err(io_err)?;
     stats.seconds = t0.elapsed().as_secs_f64();
-    Ok((sorted, stats))
+    Ok(stats)
 }
 
 /// External sort of events by id: sorted runs of `chunk` events spilled to

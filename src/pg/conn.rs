@@ -824,6 +824,33 @@ impl Db {
         })
     }
 
+    /// `COPY … TO STDOUT`, each message handed to `f` as it arrives
+    /// (PostgreSQL sends one a row).
+    pub fn copy_out_each<E: From<PgError>>(
+        &mut self,
+        context: &str,
+        sql: &str,
+        mut f: impl FnMut(&[u8]) -> Result<(), E>,
+    ) -> Result<(), E> {
+        use futures_util::StreamExt;
+        let target = self.target.clone();
+        let wrap = |e: tokio_postgres::Error| PgError::Query {
+            target: target.clone(),
+            context: context.to_owned(),
+            detail: describe(&e),
+            code: e.code().cloned(),
+        };
+        let client = &self.client;
+        self.rt.block_on(async {
+            let stream = client.copy_out(sql).await.map_err(wrap)?;
+            futures_util::pin_mut!(stream);
+            while let Some(chunk) = stream.next().await {
+                f(&chunk.map_err(wrap)?)?;
+            }
+            Ok(())
+        })
+    }
+
     /// `COPY … TO STDOUT` here, into `COPY … FROM STDIN` on `dst`, a
     /// message at a time: memory holds about one row, however wide the
     /// rows and however many (PostgreSQL sends a message per row). A
@@ -960,9 +987,168 @@ fn unpinned_function(db: &tokio_postgres::error::DbError) -> Option<String> {
     ))
 }
 
+/// The tuples of a `COPY … (FORMAT binary)` stream, fed the stream's bytes
+/// in whatever pieces they come: each tuple's fields (`None` for NULL).
+#[derive(Default)]
+pub struct BinaryCopy {
+    buf: Vec<u8>,
+    at: usize,
+    header: bool,
+    ended: bool,
+}
+
+impl BinaryCopy {
+    const SIGNATURE: &'static [u8] = b"PGCOPY\n\xff\r\n\0";
+
+    pub fn feed(
+        &mut self,
+        bytes: &[u8],
+        mut tuple: impl FnMut(&[Option<&[u8]>]) -> Result<(), String>,
+    ) -> Result<(), String> {
+        if self.at == self.buf.len() {
+            self.buf.clear();
+            self.at = 0;
+        }
+        self.buf.extend_from_slice(bytes);
+        const MAX: usize = 8;
+        loop {
+            let b = &self.buf[self.at..];
+            if !self.header {
+                // Signature, flags, then the header extension's length.
+                let seen = b.len().min(Self::SIGNATURE.len());
+                if b[..seen] != Self::SIGNATURE[..seen] {
+                    return Err("not a binary COPY stream".into());
+                }
+                let Some(ext) = b.get(15..19) else {
+                    break;
+                };
+                let skip = 19 + u32::from_be_bytes(ext.try_into().expect("4 bytes")) as usize;
+                if b.len() < skip {
+                    break;
+                }
+                self.at += skip;
+                self.header = true;
+                continue;
+            }
+            let Some(n) = b.get(..2) else {
+                break;
+            };
+            let n = i16::from_be_bytes(n.try_into().expect("2 bytes"));
+            if n == -1 {
+                self.ended = true;
+                self.at = self.buf.len();
+                break;
+            }
+            if self.ended {
+                return Err("data after the end of a binary COPY".into());
+            }
+            let n = usize::try_from(n).map_err(|_| format!("a tuple of {n} fields"))?;
+            if n > MAX {
+                return Err(format!(
+                    "a tuple of {n} fields, where at most {MAX} are read"
+                ));
+            }
+            let mut fields: [Option<&[u8]>; MAX] = [None; MAX];
+            let mut p = 2usize;
+            let mut whole = true;
+            for field in fields.iter_mut().take(n) {
+                let Some(len) = b.get(p..p + 4) else {
+                    whole = false;
+                    break;
+                };
+                let len = i32::from_be_bytes(len.try_into().expect("4 bytes"));
+                p += 4;
+                if len < 0 {
+                    continue;
+                }
+                let end = p + len as usize;
+                if b.len() < end {
+                    whole = false;
+                    break;
+                }
+                *field = Some(&b[p..end]);
+                p = end;
+            }
+            if !whole {
+                break;
+            }
+            tuple(&fields[..n])?;
+            self.at += p;
+        }
+        Ok(())
+    }
+
+    /// Whether the stream's trailer came: a stream cut short has none.
+    pub fn ended(&self) -> bool {
+        self.ended
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A binary COPY of `tuples`, as PostgreSQL writes one.
+    fn copy_bytes(tuples: &[Vec<Option<&[u8]>>]) -> Vec<u8> {
+        let mut b = b"PGCOPY\n\xff\r\n\0".to_vec();
+        b.extend_from_slice(&0u32.to_be_bytes());
+        b.extend_from_slice(&3u32.to_be_bytes());
+        b.extend_from_slice(b"ext");
+        for t in tuples {
+            b.extend_from_slice(&(t.len() as i16).to_be_bytes());
+            for f in t {
+                match f {
+                    None => b.extend_from_slice(&(-1i32).to_be_bytes()),
+                    Some(v) => {
+                        b.extend_from_slice(&(v.len() as i32).to_be_bytes());
+                        b.extend_from_slice(v);
+                    }
+                }
+            }
+        }
+        b.extend_from_slice(&(-1i16).to_be_bytes());
+        b
+    }
+
+    #[test]
+    fn a_binary_copy_reads_the_same_tuples_however_its_bytes_are_cut() {
+        let tuples: Vec<Vec<Option<&[u8]>>> = vec![
+            vec![Some(b"a"), None, Some(b"")],
+            vec![Some(b"bcd"), Some(&[1, 2, 3, 4, 5, 6, 7, 8]), None],
+            vec![None, None, Some(b"last")],
+        ];
+        let bytes = copy_bytes(&tuples);
+        let want: Vec<Vec<Option<Vec<u8>>>> = tuples
+            .iter()
+            .map(|t| t.iter().map(|f| f.map(<[u8]>::to_vec)).collect())
+            .collect();
+        for piece in 1..=bytes.len() {
+            let mut c = BinaryCopy::default();
+            let mut got = Vec::new();
+            for chunk in bytes.chunks(piece) {
+                c.feed(chunk, |f| {
+                    got.push(f.iter().map(|f| f.map(<[u8]>::to_vec)).collect::<Vec<_>>());
+                    Ok(())
+                })
+                .unwrap();
+            }
+            assert_eq!(got, want, "in pieces of {piece}");
+            assert!(c.ended(), "in pieces of {piece}");
+        }
+    }
+
+    #[test]
+    fn a_binary_copy_cut_short_or_not_binary_is_told() {
+        let bytes = copy_bytes(&[vec![Some(b"x")]]);
+        let mut c = BinaryCopy::default();
+        c.feed(&bytes[..bytes.len() - 2], |_| Ok(())).unwrap();
+        assert!(!c.ended(), "no trailer yet");
+        let mut text = BinaryCopy::default();
+        let err = text
+            .feed(b"1\tabc\n2\tdef\n3\tghi\n", |_| Ok(()))
+            .unwrap_err();
+        assert!(err.contains("not a binary COPY"), "{err}");
+    }
 
     #[test]
     fn a_query_is_known_by_its_first_word() {
