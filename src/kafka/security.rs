@@ -340,9 +340,13 @@ pub fn probe(config: &ClientConfig, security: &Security, timeout: Duration) -> R
     let deadline = Instant::now() + timeout;
     loop {
         let got = c.fetch_metadata(None, Duration::from_millis(500));
-        // Errors are events: polling serves them to `Watch`.
+        // Errors are events: polling serves them to `Watch`, one a poll.
+        // Every queued one is served: under load a failed connection
+        // queues several a second (transport failures, all brokers down)
+        // and one a fetch left the TLS or SASL failure behind them for
+        // longer than the timeout.
         if got.is_err() {
-            let _ = c.poll(Duration::ZERO);
+            while c.poll(Duration::ZERO).is_some() {}
         }
         let fatal = c
             .context()

@@ -804,24 +804,12 @@ impl Db {
     /// `COPY … TO STDOUT`: the bytes it sends, whole (callers bound its
     /// size by what they ask for).
     pub fn copy_out(&mut self, context: &str, sql: &str) -> Result<Vec<u8>, PgError> {
-        use futures_util::StreamExt;
-        let target = self.target.clone();
-        let wrap = |e: tokio_postgres::Error| PgError::Query {
-            target: target.clone(),
-            context: context.to_owned(),
-            detail: describe(&e),
-            code: e.code().cloned(),
-        };
-        let client = &self.client;
-        self.rt.block_on(async {
-            let stream = client.copy_out(sql).await.map_err(wrap)?;
-            futures_util::pin_mut!(stream);
-            let mut out = Vec::new();
-            while let Some(chunk) = stream.next().await {
-                out.extend_from_slice(&chunk.map_err(wrap)?);
-            }
-            Ok(out)
-        })
+        let mut out = Vec::new();
+        self.copy_out_each(context, sql, |chunk| -> Result<(), PgError> {
+            out.extend_from_slice(chunk);
+            Ok(())
+        })?;
+        Ok(out)
     }
 
     /// `COPY … TO STDOUT`, each message handed to `f` as it arrives
