@@ -1017,9 +1017,9 @@ pub fn classify(
 ) -> Result<Classes, StepError> {
     let kafka = env.kafka()?;
     let compare_ms = r.from_ms + SKEW_MS.min((r.t_ms - r.from_ms) / 2);
-    // The compared window's start, written into the SQL: COPY takes no
-    // parameters, and the number is reentry's own.
-    let at = format!("({compare_ms})::int8");
+    // The compared window's start, as the session's `reentry.compare_ms`:
+    // COPY takes no parameters, and no value is spliced into SQL text.
+    let at = "pg_catalog.current_setting('reentry.compare_ms')::int8";
     let l = &r.layout;
     let id = quote_qualified(&l.id);
     let (published, published_at, window) = match &l.published {
@@ -1059,6 +1059,12 @@ pub fn classify(
     };
     let limit = kafka.tuning.sort_chunk;
     let db = env.db(&r.database)?;
+    db.execute(
+        "set the compared window's start",
+        "SELECT pg_catalog.set_config('reentry.compare_ms', $1, false)",
+        &[&compare_ms.to_string()],
+    )
+    .on(&r.database)?;
     let t = db.table(&l.table).on(&r.database)?;
     let id_col = Column::of(db, &l.table, &l.id).on(&r.database)?;
     // A uuid id and a timestamp marker (the common outbox) travel in binary.
