@@ -993,10 +993,9 @@ impl BinaryCopy {
         bytes: &[u8],
         mut tuple: impl FnMut(&[Option<&[u8]>]) -> Result<(), String>,
     ) -> Result<(), String> {
-        if self.at == self.buf.len() {
-            self.buf.clear();
-            self.at = 0;
-        }
+        // What was read goes; a partial tuple left at the end stays.
+        self.buf.drain(..self.at);
+        self.at = 0;
         self.buf.extend_from_slice(bytes);
         const MAX: usize = 8;
         loop {
@@ -1010,6 +1009,13 @@ impl BinaryCopy {
                 let Some(ext) = b.get(15..19) else {
                     break;
                 };
+                // Bit 16: each tuple carries an OID; 17-31: critical, unknown.
+                let flags = u32::from_be_bytes(b[11..15].try_into().expect("4 bytes"));
+                if flags >> 16 != 0 {
+                    return Err(format!(
+                        "a binary COPY with flags {flags:#x}, not read here"
+                    ));
+                }
                 let skip = 19 + u32::from_be_bytes(ext.try_into().expect("4 bytes")) as usize;
                 if b.len() < skip {
                     break;

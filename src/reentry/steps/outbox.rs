@@ -571,44 +571,61 @@ impl std::hash::Hasher for Fx {
 /// rows no event matched are left to classify.
 struct Probe {
     rows: Rows,
-    /// Row indices, hashed by key: 4 bytes a slot.
+    /// Row indices, hashed by key: 4 bytes a slot. A key several rows
+    /// share (an id column without a unique constraint) indexes its first.
     index: hashbrown::HashTable<u32>,
+    /// The later rows of a shared key, each with the row that holds it.
+    shared: std::collections::HashMap<u32, u32>,
+    /// The rows that hold a shared key.
+    holders: std::collections::HashSet<u32>,
     uuid: bool,
     compare_ms: i64,
     hit: Vec<bool>,
-    /// The earliest event of each matched row that is not published: the
-    /// time `mark-published` reports.
+    /// The earliest event of each matched key that an unpublished row (or
+    /// a shared key) needs: the time `mark-published` reports.
     earliest: std::collections::HashMap<u32, i64>,
-    /// Events no row matched, in arrival order; orphan candidates.
+    /// Events no row matched, one per key (the earliest), in arrival
+    /// order: orphan candidates.
     unmatched: Vec<Seen>,
+    unmatched_index: hashbrown::HashTable<u32>,
     duplicates: u64,
+}
+
+/// Whether `a` is an earlier message than `b`: by time, then position.
+fn earlier(a: &Seen, b: &Seen) -> bool {
+    (a.ts, a.partition, a.offset) < (b.ts, b.partition, b.offset)
 }
 
 impl Probe {
     fn new(rows: Rows, uuid: bool, compare_ms: i64) -> Probe {
         let hasher = BuildHasherDefault::<Fx>::default();
         let mut index = hashbrown::HashTable::<u32>::with_capacity(rows.len());
+        let mut shared = std::collections::HashMap::new();
         for i in 0..rows.len() as u32 {
             let k = rows.key(i as usize, uuid);
             let h = hasher.hash_one(k);
-            // An id is unique in the outbox (its primary key); a duplicate
-            // would keep the first row, as the database returned it.
-            if index
-                .find(h, |j| rows.key(*j as usize, uuid) == k)
-                .is_none()
-            {
-                index.insert_unique(h, i, |j| hasher.hash_one(rows.key(*j as usize, uuid)));
+            match index.find(h, |j| rows.key(*j as usize, uuid) == k) {
+                Some(&first) => {
+                    shared.insert(i, first);
+                }
+                None => {
+                    index.insert_unique(h, i, |j| hasher.hash_one(rows.key(*j as usize, uuid)));
+                }
             }
         }
         let n = rows.len();
+        let holders = shared.values().copied().collect();
         Probe {
             rows,
             index,
+            shared,
+            holders,
             uuid,
             compare_ms,
             hit: vec![false; n],
             earliest: std::collections::HashMap::new(),
             unmatched: Vec::new(),
+            unmatched_index: hashbrown::HashTable::new(),
             duplicates: 0,
         }
     }
@@ -620,29 +637,51 @@ impl Probe {
         let hasher = BuildHasherDefault::<Fx>::default();
         let (rows, uuid) = (&self.rows, self.uuid);
         let k = key_of(&e.id, uuid);
-        match self
-            .index
-            .find(hasher.hash_one(k), |j| rows.key(*j as usize, uuid) == k)
-        {
+        let h = hasher.hash_one(k);
+        match self.index.find(h, |j| rows.key(*j as usize, uuid) == k) {
             Some(&i) => {
-                let first = !std::mem::replace(&mut self.hit[i as usize], true);
-                if !first {
+                if std::mem::replace(&mut self.hit[i as usize], true) {
                     self.duplicates += 1;
                 }
-                if !rows.mark(i as usize).published() {
+                // A shared key's later rows may be unpublished though its
+                // first is not: they need the time too.
+                let shared = !self.holders.is_empty() && self.holders.contains(&i);
+                if !rows.mark(i as usize).published() || shared {
                     let t = self.earliest.entry(i).or_insert(e.ts);
                     *t = (*t).min(e.ts);
                 }
             }
-            None => self.unmatched.push(e),
+            None => {
+                let seen = &mut self.unmatched;
+                let at = self
+                    .unmatched_index
+                    .find(h, |j| key_of(&seen[*j as usize].id, uuid) == k)
+                    .copied();
+                match at {
+                    Some(j) => {
+                        self.duplicates += 1;
+                        if earlier(&e, &seen[j as usize]) {
+                            seen[j as usize] = e;
+                        }
+                    }
+                    None => {
+                        seen.push(e);
+                        let j = (seen.len() - 1) as u32;
+                        self.unmatched_index.insert_unique(h, j, |j| {
+                            hasher.hash_one(key_of(&seen[*j as usize].id, uuid))
+                        });
+                    }
+                }
+            }
         }
     }
 
     /// Classifies every row, and returns the events no row matched, one per
-    /// id (the earliest), in id order.
+    /// key (the earliest), in id order.
     fn finish(self, l: &Layout, c: &mut Classes) -> Vec<Seen> {
         let Probe {
             rows,
+            shared,
             hit,
             earliest,
             unmatched: mut candidates,
@@ -650,10 +689,11 @@ impl Probe {
             compare_ms,
             ..
         } = self;
-        let mut i = 0usize;
+        let mut i = 0u32;
         rows.for_each(|row| {
-            if hit[i] {
-                let ts = earliest.get(&(i as u32)).copied().unwrap_or(compare_ms);
+            let holder = shared.get(&i).copied().unwrap_or(i);
+            if hit[holder as usize] {
+                let ts = earliest.get(&holder).copied().unwrap_or(compare_ms);
                 matched(row, ts, l, c);
             } else {
                 unmatched(row, l, compare_ms, c);
@@ -662,9 +702,6 @@ impl Probe {
         });
         c.duplicates += duplicates;
         candidates.sort_unstable();
-        let before = candidates.len();
-        candidates.dedup_by(|later, first| later.id == first.id);
-        c.duplicates += (before - candidates.len()) as u64;
         candidates
     }
 }
@@ -804,7 +841,7 @@ fn join_streamed(
             db.stream_rows(
                 "read the outbox",
                 q.select,
-                &[],
+                &[&compare_ms],
                 10_000,
                 |rows| -> Result<(), StepError> {
                     for r in rows {
@@ -859,7 +896,7 @@ fn join_streamed(
             db.stream_rows(
                 "read the outbox",
                 &ordered,
-                &[],
+                &[&compare_ms],
                 10_000,
                 |rows| -> Result<(), StepError> {
                     'rows: for r in rows {
@@ -1017,54 +1054,51 @@ pub fn classify(
 ) -> Result<Classes, StepError> {
     let kafka = env.kafka()?;
     let compare_ms = r.from_ms + SKEW_MS.min((r.t_ms - r.from_ms) / 2);
-    // The compared window's start, as the session's `reentry.compare_ms`:
-    // COPY takes no parameters, and no value is spliced into SQL text.
-    let at = "pg_catalog.current_setting('reentry.compare_ms')::int8";
     let l = &r.layout;
     let id = quote_qualified(&l.id);
-    let (published, published_at, window) = match &l.published {
-        Published::At(c) => {
-            let c = quote_qualified(c);
-            let created = l.created_at.as_deref().map(quote_qualified);
-            let w = match created {
-                Some(cr) => format!("{cr} >= to_timestamp({at} / 1000.0) OR {c} >= to_timestamp({at} / 1000.0) OR {c} IS NULL"),
-                None => "true".into(),
-            };
-            (
-                format!("{c} IS NOT NULL"),
-                format!("(extract(epoch FROM {c}) * 1000)::int8"),
-                w,
-            )
-        }
-        Published::Flag(c) => {
-            // A NULL flag (gruelbox's column admits it) is not published.
-            let c = format!("coalesce({}, false)", quote_qualified(c));
-            let created = l.created_at.as_deref().map(quote_qualified);
-            let (w, at) = match &created {
-                Some(cr) => (
-                    format!("{cr} >= to_timestamp({at} / 1000.0) OR NOT {c}"),
-                    format!("(extract(epoch FROM {cr}) * 1000)::int8"),
-                ),
-                None => ("true".into(), "NULL::int8".into()),
-            };
-            (c, at, w)
-        }
-        Published::InTopicOnly => {
-            let w = match l.created_at.as_deref().map(quote_qualified) {
-                Some(cr) => format!("{cr} >= to_timestamp({at} / 1000.0)"),
-                None => "true".into(),
-            };
-            ("true".into(), "NULL::int8".into(), w)
+    // The columns, and the compared window with its start as `at`: a bound
+    // parameter, except in the COPY, which takes none.
+    let clauses = |at: &str| -> (String, String, String) {
+        match &l.published {
+            Published::At(c) => {
+                let c = quote_qualified(c);
+                let created = l.created_at.as_deref().map(quote_qualified);
+                let w = match created {
+                    Some(cr) => format!("{cr} >= to_timestamp({at} / 1000.0) OR {c} >= to_timestamp({at} / 1000.0) OR {c} IS NULL"),
+                    None => format!("{at} IS NOT NULL"),
+                };
+                (
+                    format!("{c} IS NOT NULL"),
+                    format!("(extract(epoch FROM {c}) * 1000)::int8"),
+                    w,
+                )
+            }
+            Published::Flag(c) => {
+                // A NULL flag (gruelbox's column admits it) is not published.
+                let c = format!("coalesce({}, false)", quote_qualified(c));
+                let created = l.created_at.as_deref().map(quote_qualified);
+                let (w, published_at) = match &created {
+                    Some(cr) => (
+                        format!("{cr} >= to_timestamp({at} / 1000.0) OR NOT {c}"),
+                        format!("(extract(epoch FROM {cr}) * 1000)::int8"),
+                    ),
+                    None => (format!("{at} IS NOT NULL"), "NULL::int8".into()),
+                };
+                (c, published_at, w)
+            }
+            Published::InTopicOnly => {
+                let w = match l.created_at.as_deref().map(quote_qualified) {
+                    Some(cr) => format!("{cr} >= to_timestamp({at} / 1000.0)"),
+                    None => format!("{at} IS NOT NULL"),
+                };
+                ("true".into(), "NULL::int8".into(), w)
+            }
         }
     };
-    let limit = kafka.tuning.sort_chunk;
+    let (published, published_at, window) = clauses("$1::int8");
+    // Rows are indexed by u32, and the COPY asks for one more than this.
+    let limit = kafka.tuning.sort_chunk.min(u32::MAX as usize - 1);
     let db = env.db(&r.database)?;
-    db.execute(
-        "set the compared window's start",
-        "SELECT pg_catalog.set_config('reentry.compare_ms', $1, false)",
-        &[&compare_ms.to_string()],
-    )
-    .on(&r.database)?;
     let t = db.table(&l.table).on(&r.database)?;
     let id_col = Column::of(db, &l.table, &l.id).on(&r.database)?;
     // A uuid id and a timestamp marker (the common outbox) travel in binary.
@@ -1079,7 +1113,7 @@ pub fn classify(
             .query_one(
                 "count outbox rows without an id",
                 &format!("SELECT count(*) FROM {t} WHERE {id} IS NULL AND ({window})"),
-                &[],
+                &[&compare_ms],
             )
             .on(&r.database)?
             .get(0);
@@ -1087,11 +1121,18 @@ pub fn classify(
     } else {
         0
     };
-    let window = format!("({window}) AND {id} IS NOT NULL");
-    let select = match &binary {
-        Some(c) => format!("SELECT {id}, {c} FROM {t} WHERE {window}"),
-        None => format!("SELECT {id}::text, {published}, {published_at} FROM {t} WHERE {window}"),
+    let select = |window: &str| {
+        match &binary {
+        Some(c) => format!("SELECT {id}, {c} FROM {t} WHERE ({window}) AND {id} IS NOT NULL"),
+        None => format!(
+            "SELECT {id}::text, {published}, {published_at} FROM {t} WHERE ({window}) AND {id} IS NOT NULL"
+        ),
+    }
     };
+    // COPY takes no parameters: its window's start is written into it, an
+    // integer reentry computed, where every other statement binds it.
+    let copy_select = select(&clauses(&format!("({compare_ms})::int8")).2);
+    let select = select(&window);
     let uuid = binary.is_some();
     let row_of = |r: &tokio_postgres::Row| {
         if uuid {
@@ -1122,7 +1163,7 @@ pub fn classify(
             // most one row past the limit is asked for, so that an outbox
             // too large to hold stops at once.
             let copy = format!(
-                "COPY ({select} LIMIT {}) TO STDOUT (FORMAT binary)",
+                "COPY ({copy_select} LIMIT {}) TO STDOUT (FORMAT binary)",
                 limit.saturating_add(1)
             );
             let mut tuples = crate::pg::conn::BinaryCopy::default();
@@ -1772,6 +1813,65 @@ mod tests {
             gate: None,
             compensation_template: None,
         }
+    }
+
+    fn seen(id: &str, ts: i64, offset: i64) -> Seen {
+        Seen {
+            id: Id::from(id),
+            ts,
+            partition: 0,
+            offset,
+        }
+    }
+
+    #[test]
+    fn the_streaming_probe_matches_every_row_of_a_shared_id_and_keeps_one_candidate_a_key() {
+        let row = |id: &str, published: bool| Row {
+            id: Id::from(id),
+            published: Mark::new(published, published.then_some(1)),
+        };
+        // Two rows share id a (no unique constraint): the first published,
+        // the second not. b has no event; c has two and no row.
+        let rows = Rows::Text(vec![row("a", true), row("a", false), row("b", false)]);
+        let mut p = Probe::new(rows, false, 0);
+        for e in [
+            seen("a", 10, 1),
+            seen("c", 7, 2),
+            seen("a", 5, 3),
+            seen("c", 6, 4),
+            seen("old", -1, 5),
+        ] {
+            p.probe(e);
+        }
+        let l = Layout::of(&outbox("generic", Some("outbox_event"), None));
+        let mut c = Classes::default();
+        let candidates = p.finish(&l, &mut c);
+        assert_eq!(c.in_sync, 1, "the published row of a");
+        assert_eq!(
+            c.mark_published,
+            vec![("a".to_owned(), 5)],
+            "the other, at a's earliest event"
+        );
+        assert_eq!(c.pending, 1, "b");
+        assert_eq!(c.duplicates, 2, "a's second message and c's");
+        assert_eq!(
+            candidates,
+            vec![seen("c", 6, 4)],
+            "c once, its earliest; nothing before the window"
+        );
+    }
+
+    #[test]
+    fn candidates_are_one_a_uuid_however_its_text_is_written() {
+        let mut p = Probe::new(Rows::Uuid(Vec::new()), true, 0);
+        p.probe(seen("0a1b2c3d-0000-4000-8000-000000000001", 3, 1));
+        p.probe(seen("0A1B2C3D-0000-4000-8000-000000000001", 2, 2));
+        let l = Layout::of(&outbox("generic", Some("outbox_event"), None));
+        let mut c = Classes::default();
+        let candidates = p.finish(&l, &mut c);
+        assert_eq!(candidates.len(), 1);
+        assert_eq!(candidates[0].ts, 2);
+        assert_eq!(c.duplicates, 1);
     }
 
     #[test]
