@@ -645,7 +645,7 @@ impl Probe {
                 }
                 // A shared key's later rows may be unpublished though its
                 // first is not: they need the time too.
-                let shared = !self.holders.is_empty() && self.holders.contains(&i);
+                let shared = self.holders.contains(&i);
                 if !rows.mark(i as usize).published() || shared {
                     let t = self.earliest.entry(i).or_insert(e.ts);
                     *t = (*t).min(e.ts);
@@ -709,20 +709,19 @@ impl Probe {
 /// The scan's sink for the outbox join: events wait in a sorter until the
 /// outbox reader hands over its index, and are probed from then on. When
 /// the outbox is too large to hold, they stay in the sorter for the merge.
-struct Streaming<'s, R> {
-    reader: Option<R>,
+struct Streaming<'s> {
+    reader: Option<Reader<'s>>,
     probe: Option<Probe>,
     /// The reader's outcome when it was not an index: too large, or an error.
     outcome: Option<Result<(), StepError>>,
     sorter: scan::Sorter,
     chunk: usize,
-    _scope: std::marker::PhantomData<&'s ()>,
 }
 
 /// The outbox reader: its rows indexed, `None` when they did not fit.
 type Reader<'s> = std::thread::ScopedJoinHandle<'s, Result<Option<Probe>, StepError>>;
 
-impl<'s> Streaming<'s, Reader<'s>> {
+impl<'s> Streaming<'s> {
     fn new(reader: Reader<'s>, chunk: usize) -> Self {
         Streaming {
             reader: Some(reader),
@@ -730,7 +729,6 @@ impl<'s> Streaming<'s, Reader<'s>> {
             outcome: None,
             sorter: scan::Sorter::new(chunk),
             chunk,
-            _scope: std::marker::PhantomData,
         }
     }
 
@@ -765,7 +763,7 @@ impl<'s> Streaming<'s, Reader<'s>> {
     }
 }
 
-impl<'s> scan::Sink for Streaming<'s, Reader<'s>> {
+impl scan::Sink for Streaming<'_> {
     /// Room for every event at once, as the sorter alone would make: a
     /// vector that doubles as it fills copies itself, and held both copies
     /// at once (12 MiB more at the peak in bench/outbox). Pages never
