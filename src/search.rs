@@ -619,6 +619,55 @@ impl Search {
         .map(|_| ())
     }
 
+    /// The refresh interval each index behind `index` sets for itself
+    /// (index → value); none where it is unset and the server's default
+    /// (1s, or none for an index no search has touched lately) applies.
+    pub fn refresh_intervals(
+        &self,
+        index: &str,
+    ) -> Result<std::collections::BTreeMap<String, Option<String>>, SearchError> {
+        let (_, v) = self.call(
+            index,
+            "_settings",
+            reqwest::Method::GET,
+            // Unfiltered: asked for one setting, the server leaves out
+            // every index that does not set it.
+            &format!("/{}/_settings", seg(index)),
+            None,
+            false,
+        )?;
+        Ok(v.as_object()
+            .into_iter()
+            .flatten()
+            .map(|(name, i)| {
+                let value = i["settings"]["index"]["refresh_interval"]
+                    .as_str()
+                    .map(str::to_owned);
+                (name.clone(), value)
+            })
+            .collect())
+    }
+
+    /// Sets one index's refresh interval; none: unset, back to the
+    /// server's default.
+    pub fn set_refresh_interval(
+        &self,
+        index: &str,
+        value: Option<&str>,
+    ) -> Result<(), SearchError> {
+        self.call(
+            index,
+            "_settings",
+            reqwest::Method::PUT,
+            &format!("/{}/_settings", seg(index)),
+            Some(Body::Json(
+                json!({ "index": { "refresh_interval": value } }),
+            )),
+            false,
+        )
+        .map(|_| ())
+    }
+
     /// The indices `alias` points to; none when it is no alias.
     pub fn alias(&self, alias: &str) -> Result<Vec<String>, SearchError> {
         let (status, v) = self.call(

@@ -293,6 +293,114 @@ fn delete_by_query_killed_mid_task_is_resumed_on_the_same_task_and_never_started
     assert_eq!(done["response"]["deleted"], 3000, "{done}");
 }
 
+/// Each index's own `refresh_interval`, as the node keeps it (none: unset).
+fn refresh_interval(node: &Node, index: &str) -> Option<String> {
+    let v = node.ok("GET", &format!("/{index}/_settings"), None);
+    v[index]["settings"]["index"]["refresh_interval"]
+        .as_str()
+        .map(str::to_owned)
+}
+
+#[test]
+fn delete_by_query_pauses_refresh_and_puts_each_indexs_own_interval_back_after_a_crash() {
+    let w = CacheWorld::new("search-dbq-refresh");
+    let ix = Indexes::new("search-dbq-refresh");
+    let node = ix.node.clone();
+    // Behind one alias: an index refreshing every 7s, and one with no
+    // interval of its own (the server's default).
+    let (set, unset, alias) = (ix.name("events-a"), ix.name("events-b"), ix.name("events"));
+    events(&node, &set, w.t, 30, 1500, 1);
+    events(&node, &unset, w.t, 30, 1500, 1);
+    let settings = |index: &str, value: Value| {
+        node.ok(
+            "PUT",
+            &format!("/{index}/_settings"),
+            Some(json!({ "index": { "refresh_interval": value } })),
+        );
+    };
+    settings(&set, json!("7s"));
+    settings(&unset, Value::Null);
+    node.ok(
+        "POST",
+        "/_aliases",
+        Some(json!({ "actions": [
+            { "add": { "index": set, "alias": alias } },
+            { "add": { "index": unset, "alias": alias } },
+        ] })),
+    );
+    assert_eq!(refresh_interval(&node, &set).as_deref(), Some("7s"));
+    assert_eq!(refresh_interval(&node, &unset), None);
+    let toml = |rest: &str| {
+        search_toml(
+            &node.url,
+            "events",
+            &alias,
+            &format!("strategy = \"delete-by-query\"\ntimestamp-field = \"at\"\nrequests-per-second = 500\nbatch-size = 500\n{rest}"),
+        )
+    };
+    let pb = w.playbook(&toml(""));
+    let plan = plan_steps(&pb);
+    let preview = &step(&plan, "search-delete-by-query:events")["preview"];
+    assert!(
+        preview["summary"].as_str().unwrap().contains("refresh off"),
+        "{preview}"
+    );
+
+    // Killed while its task runs: both indexes have refresh off.
+    let run = w.dir.join("run");
+    crate::common::kill_at_pause(
+        apply_cmd(&pb, &run, &[]),
+        "search-delete-by-query:events:task",
+    );
+    let journal = std::fs::read_to_string(run.join("journal.jsonl")).unwrap();
+    let all = node.ok("GET", &format!("/{alias}/_settings"), None);
+    assert_eq!(
+        refresh_interval(&node, &set).as_deref(),
+        Some("-1"),
+        "{all}\n{journal}"
+    );
+    assert_eq!(refresh_interval(&node, &unset).as_deref(), Some("-1"));
+    // Resumed: the intervals journaled before the change come back, not
+    // the -1 the resumed run found.
+    let out = apply_cmd(&pb, &run, &["--resume"]).output().unwrap();
+    assert_exit(&out, 0);
+    assert_eq!(refresh_interval(&node, &set).as_deref(), Some("7s"));
+    assert_eq!(refresh_interval(&node, &unset), None);
+    assert_eq!(node.count(&alias, after_t(w.t)), 0);
+    assert_eq!(node.count_all(&alias), 60);
+
+    // pause-refresh = false: refresh stays as it was during the task.
+    for index in [&set, &unset] {
+        node.ok("DELETE", &format!("/{index}"), None);
+    }
+    events(&node, &set, w.t, 30, 1500, 1);
+    settings(&set, json!("7s"));
+    node.ok(
+        "POST",
+        "/_aliases",
+        Some(json!({ "actions": [{ "add": { "index": set, "alias": alias } }] })),
+    );
+    let kept = w.dir.join("kept.toml");
+    std::fs::write(
+        &kept,
+        std::fs::read_to_string(&pb).unwrap().replace(
+            "batch-size = 500\n",
+            "batch-size = 500\npause-refresh = false\n",
+        ),
+    )
+    .unwrap();
+    let run = w.dir.join("run-kept");
+    crate::common::kill_at_pause(
+        apply_cmd(&kept, &run, &[]),
+        "search-delete-by-query:events:task",
+    );
+    assert_eq!(refresh_interval(&node, &set).as_deref(), Some("7s"));
+    let out = apply_cmd(&kept, &run, &["--resume"]).output().unwrap();
+    assert_exit(&out, 0);
+    assert_eq!(refresh_interval(&node, &set).as_deref(), Some("7s"));
+    assert_eq!(node.count(&alias, after_t(w.t)), 0);
+}
+
 #[test]
 fn delete_by_query_killed_before_its_task_id_is_journaled_finds_its_task_and_starts_no_second() {
     let w = CacheWorld::new("search-dbq-unjournaled");
