@@ -621,7 +621,8 @@ impl Search {
 
     /// The refresh interval each index behind `index` sets for itself
     /// (index → value); none where it is unset and the server's default
-    /// (1s, or none for an index no search has touched lately) applies.
+    /// (`cluster.default.index.refresh_interval`, 1s unless changed; none
+    /// for a shard no search has touched lately) applies.
     pub fn refresh_intervals(
         &self,
         index: &str,
@@ -636,25 +637,20 @@ impl Search {
             None,
             false,
         )?;
-        Ok(v.as_object()
-            .into_iter()
-            .flatten()
-            .map(|(name, i)| {
-                let value = i["settings"]["index"]["refresh_interval"]
-                    .as_str()
-                    .map(str::to_owned);
-                (name.clone(), value)
-            })
-            .collect())
+        Ok(per_index(&v, |i| {
+            i["settings"]["index"]["refresh_interval"]
+                .as_str()
+                .map(str::to_owned)
+        }))
     }
 
     /// Sets one index's refresh interval; none: unset, back to the
-    /// server's default.
+    /// server's default. False when there is no such index (any more).
     pub fn set_refresh_interval(
         &self,
         index: &str,
         value: Option<&str>,
-    ) -> Result<(), SearchError> {
+    ) -> Result<bool, SearchError> {
         self.call(
             index,
             "_settings",
@@ -663,9 +659,9 @@ impl Search {
             Some(Body::Json(
                 json!({ "index": { "refresh_interval": value } }),
             )),
-            false,
+            true,
         )
-        .map(|_| ())
+        .map(|(status, _)| status != 404)
     }
 
     /// The indices `alias` points to; none when it is no alias.
@@ -752,16 +748,11 @@ impl Search {
             false,
         )?;
         let leaf = field.rsplit('.').next().unwrap_or(field);
-        Ok(v.as_object()
-            .into_iter()
-            .flatten()
-            .map(|(name, m)| {
-                let t = m["mappings"][field]["mapping"][leaf]["type"]
-                    .as_str()
-                    .map(str::to_owned);
-                (name.clone(), t)
-            })
-            .collect())
+        Ok(per_index(&v, |m| {
+            m["mappings"][field]["mapping"][leaf]["type"]
+                .as_str()
+                .map(str::to_owned)
+        }))
     }
 
     /// A new index with `settings` (see `copied_settings`) and `mappings`.
@@ -802,6 +793,20 @@ impl Search {
         )
         .map(|_| ())
     }
+}
+
+/// An answer keyed by index name (`_settings`, `_mapping`, ...), one value
+/// read from each index's part.
+fn per_index<T>(
+    answer: &Value,
+    read: impl Fn(&Value) -> T,
+) -> std::collections::BTreeMap<String, T> {
+    answer
+        .as_object()
+        .into_iter()
+        .flatten()
+        .map(|(name, part)| (name.clone(), read(part)))
+        .collect()
 }
 
 enum Body {

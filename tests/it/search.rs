@@ -352,14 +352,20 @@ fn delete_by_query_pauses_refresh_and_puts_each_indexs_own_interval_back_after_a
         apply_cmd(&pb, &run, &[]),
         "search-delete-by-query:events:task",
     );
-    let journal = std::fs::read_to_string(run.join("journal.jsonl")).unwrap();
-    let all = node.ok("GET", &format!("/{alias}/_settings"), None);
-    assert_eq!(
-        refresh_interval(&node, &set).as_deref(),
-        Some("-1"),
-        "{all}\n{journal}"
-    );
+    assert_eq!(refresh_interval(&node, &set).as_deref(), Some("-1"));
     assert_eq!(refresh_interval(&node, &unset).as_deref(), Some("-1"));
+    // What it will put back, journaled before the first change.
+    let text = std::fs::read_to_string(run.join("journal.jsonl")).unwrap();
+    let journaled = text
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .find(|r| r["event"] == "prior" && r["step"] == "search-delete-by-query:events")
+        .unwrap_or_else(|| panic!("no prior: {text}"));
+    assert_eq!(
+        journaled["data"]["refresh"],
+        json!({ set.clone(): "7s", unset.clone(): null }),
+        "{journaled}"
+    );
     // Resumed: the intervals journaled before the change come back, not
     // the -1 the resumed run found.
     let out = apply_cmd(&pb, &run, &["--resume"]).output().unwrap();
@@ -398,6 +404,29 @@ fn delete_by_query_pauses_refresh_and_puts_each_indexs_own_interval_back_after_a
     let out = apply_cmd(&kept, &run, &["--resume"]).output().unwrap();
     assert_exit(&out, 0);
     assert_eq!(refresh_interval(&node, &set).as_deref(), Some("7s"));
+    assert_eq!(node.count(&alias, after_t(w.t)), 0);
+
+    // Refresh already off (the user's choice, or an abandoned run's): left
+    // off, and said so, not taken for the interval to put back.
+    node.ok("DELETE", &format!("/{set}"), None);
+    events(&node, &set, w.t, 30, 1500, 1);
+    node.ok(
+        "POST",
+        "/_aliases",
+        Some(json!({ "actions": [{ "add": { "index": set, "alias": alias } }] })),
+    );
+    let run = w.dir.join("run-off");
+    let out = apply_cmd(&pb, &run, &[]).output().unwrap();
+    assert_exit(&out, 0);
+    assert_eq!(refresh_interval(&node, &set).as_deref(), Some("-1"));
+    let e = done_effect(&run, "search-delete-by-query:events");
+    assert!(
+        e["summary"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("refresh_interval was already -1 on {set}")),
+        "{e:#}"
+    );
     assert_eq!(node.count(&alias, after_t(w.t)), 0);
 }
 
@@ -1309,6 +1338,11 @@ fn a_delete_by_query_task_that_outlasts_task_timeout_fails_the_step_naming_it_an
     let node = ix.node.clone();
     let index = ix.name("events");
     events(&node, &index, w.t, 30, 3000, 1);
+    node.ok(
+        "PUT",
+        &format!("/{index}/_settings"),
+        Some(json!({ "index": { "refresh_interval": "7s" } })),
+    );
     // 3000 documents at 100 a second: half a minute, against a 1 s wait.
     let pb = w.playbook(&search_toml(
         &node.url,
@@ -1331,6 +1365,8 @@ fn a_delete_by_query_task_that_outlasts_task_timeout_fails_the_step_naming_it_an
         node.running_delete_by_query(&index),
         std::slice::from_ref(&task)
     );
+    // and the index refreshes again as it did before the step.
+    assert_eq!(refresh_interval(&node, &index).as_deref(), Some("7s"));
     node.ok("POST", &format!("/_tasks/{task}/_cancel"), None);
 }
 

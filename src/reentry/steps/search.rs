@@ -441,6 +441,17 @@ struct DbqPrior {
     refresh: Option<std::collections::BTreeMap<String, Option<String>>>,
 }
 
+/// The indexes of a delete-by-query whose refresh it pauses and puts back:
+/// not those whose refresh was off already.
+fn paused_here(
+    paused: &std::collections::BTreeMap<String, Option<String>>,
+) -> impl Iterator<Item = &String> {
+    paused
+        .iter()
+        .filter(|(_, was)| was.as_deref() != Some("-1"))
+        .map(|(name, _)| name)
+}
+
 /// Journaled under `STEP#task` once the task has started.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -585,17 +596,26 @@ impl SearchStep {
         // The intervals as they were are journaled above, before the first
         // change: a resumed run puts those back, not the -1 it finds.
         let paused = prior.refresh.clone().unwrap_or_default();
-        let result = self.pause_refresh(s, &paused).and_then(|()| {
-            self.run_dbq(s, rec, prior, &q, scroll_size, requests_per_second, timeout)
-        });
+        // An index whose refresh was already off is left as it is, and
+        // said so: it may be the user's choice, or what an abandoned run
+        // left, and only the user knows which.
+        let already_off: Vec<&str> = paused
+            .iter()
+            .filter(|(_, was)| was.as_deref() == Some("-1"))
+            .map(|(name, _)| name.as_str())
+            .collect();
+        self.pause_refresh(s, &paused);
+        let result = self.run_dbq(s, rec, prior, &q, scroll_size, requests_per_second, timeout);
         let restored = self.restore_refresh(s, &paused);
         let response = match (result, restored) {
             (Ok(r), Ok(())) => r,
             (Err(e), Ok(())) | (Ok(_), Err(e)) => return Err(e),
-            (Err(e), Err(r)) => {
+            // Interrupted: --resume puts it back; the log says it now.
+            (Err(StepError::Interrupted), Err(r)) => {
                 tracing::error!(error = %r, "could not put the refresh interval back");
-                return Err(e);
+                return Err(StepError::Interrupted);
             }
+            (Err(e), Err(r)) => return Err(self.err(format!("{e}; and {r}"))),
         };
         let (task, before, response) = response;
         s.refresh(index)?;
@@ -616,9 +636,17 @@ impl SearchStep {
                 d.newer_kept
             )));
         }
+        let left_off = if already_off.is_empty() {
+            String::new()
+        } else {
+            format!(
+                "; refresh_interval was already -1 on {} before the step, and is left so: set it back if an earlier run left it",
+                already_off.join(", ")
+            )
+        };
         Ok(self.effect(
             format!(
-                "deleted {} document(s) with {field} after T from {index} (task {task})",
+                "deleted {} document(s) with {field} after T from {index} (task {task}){left_off}",
                 d.acted
             ),
             d,
@@ -631,32 +659,59 @@ impl SearchStep {
     /// snapshot anyway. On OpenSearch 2.19 (2 cores) the node spent a
     /// fifth less CPU per deleted document, and searches meanwhile were
     /// faster at p99. Searches see the index as it was until the step
-    /// refreshes it at the end.
+    /// refreshes it at the end. The pause only saves work: an index that
+    /// refuses it (a settings block, a role without
+    /// `indices:admin/settings/update`, gone since) keeps its refresh,
+    /// with a warning, and the task runs all the same.
     fn pause_refresh(
         &self,
         s: &Search,
         paused: &std::collections::BTreeMap<String, Option<String>>,
-    ) -> Result<(), StepError> {
-        for name in paused.keys() {
-            s.set_refresh_interval(name, Some("-1"))?;
+    ) {
+        for name in paused_here(paused) {
+            match s.set_refresh_interval(name, Some("-1")) {
+                Ok(true) => {}
+                Ok(false) => {
+                    tracing::warn!(index = %name, "gone from the cluster: its refresh is not paused")
+                }
+                Err(e) => {
+                    tracing::warn!(index = %name, error = %e, "could not pause refresh: the task runs with it on")
+                }
+            }
         }
-        Ok(())
     }
 
-    /// Each index of `paused` back to the interval it had before.
+    /// Each index of `paused` back to the interval it had before. One gone
+    /// since has nothing to put back; one that refuses fails the step,
+    /// naming the request that puts it back by hand (`--resume` tries
+    /// again).
     fn restore_refresh(
         &self,
         s: &Search,
         paused: &std::collections::BTreeMap<String, Option<String>>,
     ) -> Result<(), StepError> {
-        let mut first = Ok(());
-        for (name, was) in paused {
-            if let Err(e) = s.set_refresh_interval(name, was.as_deref()) {
-                tracing::error!(index = %name, error = %e, "could not put the refresh interval back");
-                first = first.and(Err(StepError::from(e)));
+        let mut failed = Vec::new();
+        for name in paused_here(paused) {
+            let was = paused[name].as_deref();
+            match s.set_refresh_interval(name, was) {
+                Ok(true) => {}
+                Ok(false) => {
+                    tracing::warn!(index = %name, "gone from the cluster: no refresh interval to put back")
+                }
+                Err(e) => failed.push(format!(
+                    "{e}; its refresh is still off: put it back with PUT /{name}/_settings {}",
+                    json!({ "index": { "refresh_interval": was } })
+                )),
             }
         }
-        first
+        if failed.is_empty() {
+            Ok(())
+        } else {
+            Err(self.err(format!(
+                "could not put the refresh interval back: {}",
+                failed.join("; ")
+            )))
+        }
     }
 
     /// Starts the task (or finds the one this step started) and waits for
