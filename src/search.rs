@@ -627,21 +627,26 @@ impl Search {
         &self,
         index: &str,
     ) -> Result<std::collections::BTreeMap<String, Option<String>>, SearchError> {
-        let (_, v) = self.call(
-            index,
-            "_settings",
-            reqwest::Method::GET,
-            // Unfiltered: asked for one setting, the server leaves out
-            // every index that does not set it.
-            &format!("/{}/_settings", seg(index)),
-            None,
-            false,
-        )?;
-        Ok(per_index(&v, |i| {
+        Ok(per_index(&self.settings(index)?, |i| {
             i["settings"]["index"]["refresh_interval"]
                 .as_str()
                 .map(str::to_owned)
         }))
+    }
+
+    /// The settings of each index behind `index`, keyed by index name.
+    /// Unfiltered: asked for one setting, the server leaves out every
+    /// index that does not set it.
+    fn settings(&self, index: &str) -> Result<Value, SearchError> {
+        self.call(
+            index,
+            "_settings",
+            reqwest::Method::GET,
+            &format!("/{}/_settings", seg(index)),
+            None,
+            false,
+        )
+        .map(|(_, v)| v)
     }
 
     /// Sets one index's refresh interval; none: unset, back to the
@@ -704,15 +709,8 @@ impl Search {
     /// replicas, refresh interval, analysis. Not those the server sets
     /// itself (uuid, creation date, version), which a new index refuses.
     pub fn copied_settings(&self, index: &str) -> Result<Value, SearchError> {
-        let (_, v) = self.call(
-            index,
-            "_settings",
-            reqwest::Method::GET,
-            &format!("/{}/_settings", seg(index)),
-            None,
-            false,
-        )?;
-        let all = v
+        let all = self
+            .settings(index)?
             .as_object()
             .and_then(|o| o.values().next())
             .map(|i| i["settings"]["index"].clone())
